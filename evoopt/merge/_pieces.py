@@ -1,0 +1,164 @@
+"""Shared pieces that the named merge methods are composed of.
+
+Everything here is a pure function over tensors: no I/O, no device moves, no
+global RNG, and arguments are never mutated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merges are computed in: float64 stays float64, all else float32."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"merging needs floating-point tensors, got dtype {dtype}")
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stream_key(seed: int, name: str, model_index: int = 0) -> int:
+    """A 64-bit key for the random stream of one (seed, tensor name, model) triple.
+
+    The key is a hash, so streams of different tensors and models are
+    independent and do not depend on the order in which tensors are merged.
+    """
+    digest = hashlib.sha256(f"{seed}\x00{name}\x00{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _as_signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; mask the sign bits back out.
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_stream(key: int, numel: int, *, start: int = 0) -> torch.Tensor:
+    """Uniform draws in [0, 1) for elements ``start .. start+numel-1`` of stream ``key``.
+
+    A counter-based generator (SplitMix64 finaliser applied to ``key + (i+1)*golden``):
+    element i's draw depends only on (key, i), never on chunking, threads or device,
+    so the fused CPU kernel and this reference produce the same masks. Draws have
+    24 bits, exact in float32.
+    """
+    index = torch.arange(start + 1, start + numel + 1, dtype=torch.int64)
+    z = index * _as_signed(_GOLDEN) + _as_signed(key)
+    z = (z ^ _shr(z, 30)) * _as_signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _as_signed(_MIX2)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """tau_m = theta_m - theta_base (Ilharco et al. 2023), in the compute dtype."""
+    dtype = compute_dtype(base.dtype)
+    base_c = base.to(dtype)
+    return [t.to(dtype) - base_c for t in tensors]
+
+
+def trim_count(numel: int, density: float) -> int:
+    """How many entries TIES' magnitude trimming keeps: max(1, floor(density * n))."""
+    return max(1, int(density * numel))
+
+
+def rank_window(numel: int, density: float, *, gamma: float = 0.0) -> tuple[int, int]:
+    """Ascending magnitude ranks [lo, hi) that a sparsifier keeps.
+
+    gamma = 0: magnitude trimming (TIES, Yadav et al. 2023), the top
+    ``trim_count`` entries. gamma > 0: Model Breadcrumbs (Davari & Belilovsky
+    2023), drop the top gamma*n outliers and then the smallest entries so that
+    floor(density * n) remain.
+    """
+    if gamma == 0.0:
+        return numel - trim_count(numel, density), numel
+    keep = int(density * numel)
+    top = int(gamma * numel)
+    bottom = max(0, numel - keep - top)
+    return bottom, min(numel, bottom + keep)
+
+
+def window_bounds(sorted_abs: torch.Tensor, window: tuple[int, int]) -> tuple[float, float]:
+    """Magnitude bounds (lo, hi) so that lo <= |x| <= hi selects the rank window.
+
+    Exact except when magnitudes tie at a bound, where all tied entries are kept
+    (mergekit keeps an arbitrary subset of them). Ties at zero do not matter: a
+    zero delta contributes nothing.
+    """
+    lo, hi = window
+    if hi <= lo:
+        return math.inf, -math.inf
+    return float(sorted_abs[lo]), float(sorted_abs[hi - 1])
+
+
+def sparsify_mask(
+    delta: torch.Tensor, density: float, *, gamma: float = 0.0
+) -> torch.Tensor:
+    """Boolean keep-mask of magnitude trimming (gamma=0) or breadcrumbs (gamma>0).
+
+    density >= 1 keeps everything, as in the papers.
+    """
+    if density >= 1.0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    magnitude = delta.abs()
+    sorted_abs = magnitude.flatten().sort().values
+    lo, hi = window_bounds(sorted_abs, rank_window(delta.numel(), density, gamma=gamma))
+    return (magnitude >= lo) & (magnitude <= hi)
+
+
+def dare_mask(shape: torch.Size | tuple[int, ...], density: float, key: int) -> torch.Tensor:
+    """DARE's random keep-mask (Yu et al. 2024): keep each entry with probability density."""
+    numel = math.prod(shape)
+    if density >= 1.0:
+        return torch.ones(shape, dtype=torch.bool)
+    threshold = torch.tensor(density, dtype=torch.float32)
+    return (uniform_stream(key, numel) < threshold).reshape(shape)
+
+
+def elect_sign(contributions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election: +1 where the sum of weighted deltas is >= 0, else -1.
+
+    This is the "sum" rule of the TIES paper (eq. 'elect'): the sign of the
+    total mass, not the majority count.
+    """
+    total = contributions[0].clone()
+    for c in contributions[1:]:
+        total = total + c
+    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+
+
+def disjoint_sum(
+    contributions: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    elected: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numerator and divisor of TIES' disjoint mean.
+
+    With ``elected`` given, only contributions whose sign equals it count, and the
+    divisor is the sum of the weights of those that count (a zero contribution
+    never counts). Without it, every contribution counts and the divisor is the
+    plain sum of weights. Summation is in model order, so results are
+    reproducible to the bit.
+    """
+    numerator = torch.zeros_like(contributions[0])
+    divisor = torch.zeros_like(contributions[0])
+    for c, w in zip(contributions, weights):
+        if elected is None:
+            numerator = numerator + c
+            divisor = divisor + w
+        else:
+            agree = torch.sign(c) == elected
+            numerator = numerator + torch.where(agree, c, 0.0)
+            divisor = divisor + torch.where(agree, w, 0.0)
+    return numerator, divisor

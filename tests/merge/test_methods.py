@@ -1,0 +1,188 @@
+"""Hand-computed merges on tiny tensors; the arithmetic is in the comments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evoopt import merge as M
+from evoopt.merge import get_method
+
+from ._helpers import run
+
+T = torch.tensor
+
+
+def test_linear_weighted_average() -> None:
+    # (1*[1, 2] + 3*[5, 6]) / 4 = [16/4, 20/4] = [4, 5]
+    out = M.linear([T([1.0, 2.0]), T([5.0, 6.0])], weights=[1.0, 3.0])
+    torch.testing.assert_close(out, T([4.0, 5.0]))
+    # without normalisation: [1 + 15, 2 + 18]
+    torch.testing.assert_close(M.linear([T([1.0, 2.0]), T([5.0, 6.0])], weights=[1.0, 3.0], normalize=False),
+                               T([16.0, 20.0]))
+
+
+def test_linear_rejects_zero_weight_sum() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        M.linear([T([1.0]), T([2.0])], weights=[1.0, -1.0])
+
+
+def test_task_arithmetic() -> None:
+    # base [1, 1]; tau_1 = [1, -1], tau_2 = [2, 0]; 1 + 0.5*(0.5*1 + 1*2) = 2.25 ; 1 + 0.5*(-0.5) = 0.75
+    base = T([1.0, 1.0])
+    out = M.task_arithmetic(base, [T([2.0, 0.0]), T([3.0, 1.0])], weights=[0.5, 1.0], scale=0.5)
+    torch.testing.assert_close(out, T([2.25, 0.75]))
+
+
+def test_ties_trim_elect_disjoint_mean() -> None:
+    base = torch.zeros(4)
+    a = T([3.0, -1.0, 0.5, -2.0])
+    b = T([1.0, 2.0, -4.0, -1.0])
+    # density 0.5 keeps the top 2 magnitudes: a -> [3, 0, 0, -2], b -> [0, 2, -4, 0]
+    # elected signs (sum of weighted): [3, 2, -4, -2] -> [+, +, -, -]
+    # disjoint mean with unit weights: [3/1, 2/1, -4/1, -2/1]
+    out = M.ties(base, [a, b], weights=[1.0, 1.0], densities=[0.5, 0.5])
+    torch.testing.assert_close(out, T([3.0, 2.0, -4.0, -2.0]))
+
+
+def test_ties_sign_tie_counts_as_positive() -> None:
+    # contributions +1 and -1 sum to 0 -> elected +; only the +1 agrees -> 1 / 1
+    out = M.ties(torch.zeros(1), [T([1.0]), T([-1.0])], weights=[1.0, 1.0], densities=[1.0, 1.0])
+    torch.testing.assert_close(out, T([1.0]))
+
+
+def test_ties_weights_in_disjoint_mean() -> None:
+    # weights 0.25, 0.75 on agreeing [2], [4]: (0.5 + 3) / (0.25 + 0.75) = 3.5
+    out = M.ties(torch.zeros(1), [T([2.0]), T([4.0])], weights=[0.25, 0.75], densities=[1.0, 1.0])
+    torch.testing.assert_close(out, T([3.5]))
+
+
+def test_ties_smallest_density_keeps_one_entry() -> None:
+    # max(1, floor(0.01 * 3)) = 1 entry: the largest magnitude, -5
+    out = M.ties(torch.zeros(3), [T([1.0, -5.0, 2.0])], weights=[1.0], densities=[0.01])
+    torch.testing.assert_close(out, T([0.0, -5.0, 0.0]))
+
+
+def test_zero_deltas_return_base() -> None:
+    base = T([0.3, -0.7])
+    for name in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs"):
+        out = run(name, base, [base.clone(), base.clone()],
+                                     {"weight": [1.0, 1.0], "density": [0.5, 0.5], "gamma": [0.0, 0.0]},
+                                     seed=1, name="x")
+        torch.testing.assert_close(out, base, msg=name)
+
+
+def test_size_one_tensor() -> None:
+    out = M.ties(T([1.0]), [T([2.0]), T([4.0])], weights=[1.0, 1.0], densities=[0.1, 0.1])
+    # both deltas (1, 3) kept (k = 1 of 1), both positive: (1 + 3) / 2 = 2 -> 1 + 2
+    torch.testing.assert_close(out, T([3.0]))
+
+
+def test_dare_rescales_kept_entries_by_inverse_density() -> None:
+    base = torch.zeros(10_000)
+    expert = torch.ones(10_000)
+    out = M.dare(base, [expert], weights=[1.0], densities=[0.25], consensus=False, seed=3, name="w")
+    kept = out != 0
+    # kept entries are 1 / 0.25 = 4; about a quarter are kept
+    assert torch.all(out[kept] == 4.0)
+    assert abs(kept.float().mean().item() - 0.25) < 0.02
+
+
+def test_dare_mask_is_a_function_of_seed_and_name() -> None:
+    a = M.dare_mask((1000,), 0.5, M.stream_key(0, "layers.0.w"))
+    assert torch.equal(a, M.dare_mask((1000,), 0.5, M.stream_key(0, "layers.0.w")))
+    assert not torch.equal(a, M.dare_mask((1000,), 0.5, M.stream_key(1, "layers.0.w")))
+    assert not torch.equal(a, M.dare_mask((1000,), 0.5, M.stream_key(0, "layers.1.w")))
+
+
+def test_uniform_stream_is_uniform_and_chunk_independent() -> None:
+    key = M.stream_key(7, "t")
+    u = M.uniform_stream(key, 100_000)
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.01
+    torch.testing.assert_close(M.uniform_stream(key, 100, start=500), u[500:600], rtol=0, atol=0)
+
+
+def test_breadcrumbs_drops_outliers_and_small() -> None:
+    # |tau| = 1..10; gamma 0.1 drops the top 1 (10), density 0.5 keeps 5: ranks 4..8 -> 5, 6, 7, 8, 9
+    tau = torch.arange(1.0, 11.0)
+    out = M.breadcrumbs(torch.zeros(10), [tau], weights=[1.0], densities=[0.5], gammas=[0.1])
+    expected = torch.where((tau >= 5) & (tau <= 9), tau, 0.0)
+    torch.testing.assert_close(out, expected)
+
+
+def test_slerp_endpoints_and_orthogonal_midpoint() -> None:
+    a, b = T([1.0, 0.0]), T([0.0, 1.0])
+    torch.testing.assert_close(M.slerp(a, b, t=0.0), a)
+    torch.testing.assert_close(M.slerp(a, b, t=1.0), b)
+    # Omega = pi/2: sin(pi/4)/1 * (a + b) = [0.7071, 0.7071], unit norm (a straight lerp would give 0.5s)
+    s = math.sqrt(0.5)
+    torch.testing.assert_close(M.slerp(a, b, t=0.5), T([s, s]))
+
+
+def test_slerp_collinear_falls_back_to_lerp() -> None:
+    torch.testing.assert_close(M.slerp(T([1.0, 1.0]), T([3.0, 3.0]), t=0.25), T([1.5, 1.5]))
+
+
+def test_model_stock_orthogonal_deltas_keep_base() -> None:
+    # tau_1 = [1, 0], tau_2 = [0, 1]: cos = 0 -> t = 0 -> base
+    base = T([1.0, 1.0])
+    torch.testing.assert_close(M.model_stock(base, [T([2.0, 1.0]), T([1.0, 2.0])]), base)
+
+
+def test_model_stock_equal_deltas_take_average() -> None:
+    # cos = 1, k = 2: t = 2 / (1 + 1) = 1 -> the average [3, 1]
+    base = T([1.0, 1.0])
+    torch.testing.assert_close(M.model_stock(base, [T([3.0, 1.0]), T([3.0, 1.0])]), T([3.0, 1.0]))
+
+
+def test_model_stock_hand_computed_angle() -> None:
+    # tau_1 = [1, 0], tau_2 = [1, 1]: cos = 1/sqrt(2); t = 2c / (1 + c) = 0.828427
+    # average = [1 + 1, 0.5] relative to base 0 -> [1, 0.5]; result = t * [1, 0.5]
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    out = M.model_stock(torch.zeros(2), [T([1.0, 0.0]), T([1.0, 1.0])])
+    torch.testing.assert_close(out, T([t * 1.0, t * 0.5]))
+
+
+def test_fisher_weighting() -> None:
+    # element 0: (1*1*2 + 1*3*6) / (1 + 3) = 20/4 = 5 ; element 1: Fisher zero on model 2 -> model 1's 4
+    out = M.fisher([T([2.0, 4.0]), T([6.0, 8.0])], fishers=[T([1.0, 1.0]), T([3.0, 0.0])],
+                   weights=[1.0, 1.0], epsilon=0.0)
+    torch.testing.assert_close(out, T([5.0, 4.0]))
+
+
+def test_regmean_equal_grams_average_and_alpha_zero_is_diagonal() -> None:
+    w1, w2 = T([[1.0, 2.0]]), T([[3.0, 6.0]])
+    g = T([[2.0, 1.0], [1.0, 2.0]])
+    torch.testing.assert_close(M.regmean([w1, w2], grams=[g, g]), T([[2.0, 4.0]]))
+    # alpha 0, diagonal grams diag(1, 1) and diag(3, 1): per input column a Gram-weighted mean
+    # column 0: (1*1 + 3*3) / 4 = 2.5 ; column 1: (2 + 6) / 2 = 4
+    out = M.regmean([w1, w2], grams=[T([[1.0, 5.0], [5.0, 1.0]]), T([[3.0, 0.0], [0.0, 1.0]])], alpha=0.0)
+    torch.testing.assert_close(out, T([[2.5, 4.0]]))
+
+
+def test_registry_refuses_duplicates_and_lists_known() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        M.register(get_method("ties"))
+    with pytest.raises(ValueError, match="known methods: .*ties"):
+        get_method("tiess")
+    assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "slerp",
+            "model_stock", "fisher", "regmean"} <= set(M.available_methods())
+
+
+def test_inputs_are_not_mutated() -> None:
+    base, a, b = T([1.0, 2.0]), T([3.0, -1.0]), T([0.0, 5.0])
+    copies = [x.clone() for x in (base, a, b)]
+    for name in M.available_methods():
+        method = get_method(name)
+        if method.statistic:
+            continue
+        tensors = [a] if method.max_models == 1 else [a, b]
+        coefs = {k: [v or 0.5] * len(tensors) for k, v in method.per_model.items()}
+        coefs.update({k: v for k, v in method.shared.items()})
+        method.apply(base, tensors, coefs, seed=0, name="x")
+    for x, c in zip((base, a, b), copies):
+        assert torch.equal(x, c)

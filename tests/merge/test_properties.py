@@ -1,0 +1,93 @@
+"""Property tests of the merge methods (hypothesis)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evoopt import merge as M
+from evoopt.merge import PreparedTensor, merge_prepared
+
+from ._helpers import run
+
+sizes = st.integers(min_value=1, max_value=64)
+seeds = st.integers(min_value=0, max_value=2**31)
+weights = st.floats(min_value=0.05, max_value=2.0)
+densities = st.floats(min_value=0.01, max_value=1.0)
+
+
+def _tensors(seed: int, n: int, count: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    return base.to(dtype), [(base + torch.randn(n, generator=g)).to(dtype) for _ in range(count)]
+
+
+@given(seed=seeds, n=sizes)
+def test_one_model_with_weight_one_returns_it(seed: int, n: int) -> None:
+    base, (x,) = _tensors(seed, n, 1)
+    for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
+        out = run(name, base, [x], {"weight": [1.0], "density": [1.0]}, name="p")
+        torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@given(seed=seeds, n=sizes, w=st.lists(weights, min_size=3, max_size=3), d=st.lists(densities, min_size=3, max_size=3))
+def test_order_of_models_does_not_matter(seed: int, n: int, w: list[float], d: list[float]) -> None:
+    base, xs = _tensors(seed, n, 3)
+    order = [2, 0, 1]
+    for name in ("linear", "task_arithmetic", "ties", "breadcrumbs"):
+        coefs = {"weight": w, "density": d, "gamma": [0.0] * 3}
+        permuted = {k: [v[i] for i in order] for k, v in coefs.items()}
+        a = run(name, base, xs, coefs)
+        b = run(name, base, [xs[i] for i in order], permuted)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@given(seed=seeds, n=sizes, w1=st.lists(weights, min_size=2, max_size=2), w2=st.lists(weights, min_size=2, max_size=2))
+def test_task_arithmetic_is_linear_in_weights(seed: int, n: int, w1: list[float], w2: list[float]) -> None:
+    base, xs = _tensors(seed, n, 2)
+    ta = lambda w: M.task_arithmetic(base, xs, weights=w) - base  # noqa: E731
+    summed = ta([a + b for a, b in zip(w1, w2)])
+    torch.testing.assert_close(summed, ta(w1) + ta(w2), rtol=1e-4, atol=1e-4)
+
+
+@given(seed=seeds, n=sizes)
+def test_dare_at_density_one_is_task_arithmetic(seed: int, n: int) -> None:
+    base, xs = _tensors(seed, n, 2)
+    out = M.dare(base, xs, weights=[0.3, 0.6], densities=[1.0, 1.0], consensus=False, seed=seed, name="x")
+    torch.testing.assert_close(out, M.task_arithmetic(base, xs, weights=[0.3, 0.6]))
+
+
+@settings(max_examples=20)
+@given(seed=seeds, dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+def test_dtype_in_is_dtype_out(seed: int, dtype: torch.dtype) -> None:
+    base, xs = _tensors(seed, 8, 2, dtype)
+    for name in ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "model_stock"):
+        coefs = {"weight": [0.5, 0.5], "density": [0.5, 0.5], "gamma": [0.0, 0.0], "normalize": True}
+        assert run(name, base, xs, coefs, name="x").dtype == dtype, name
+    assert M.slerp(base, xs[0], t=0.3).dtype == dtype
+
+
+@settings(max_examples=30)
+@given(seed=seeds, n=st.integers(1, 3000), w=st.lists(weights, min_size=3, max_size=3),
+       d=st.lists(densities, min_size=3, max_size=3),
+       mode=st.sampled_from([("none", False), ("magnitude", True), ("random", True), ("random", False),
+                             ("breadcrumbs", False), ("breadcrumbs", True), ("magnitude", False)]),
+       normalize=st.booleans(), scale=st.floats(0.1, 2.0))
+def test_prepared_fast_path_gives_the_same_bytes(seed: int, n: int, w: list[float], d: list[float],
+                                                 mode: tuple[str, bool], normalize: bool, scale: float) -> None:
+    base, xs = _tensors(seed, n, 3)
+    sparsification, consensus = mode
+    kwargs = dict(weights=w, densities=d, gammas=[0.05, 0.0, 0.1], sparsification=sparsification,
+                  consensus=consensus, normalize=normalize, scale=scale, seed=seed)
+    expected = M.generalized_task_arithmetic(base, xs, name="layer.w", **kwargs)  # type: ignore[arg-type]
+    out = torch.empty(n)
+    merge_prepared(PreparedTensor.build("layer.w", base, xs, magnitudes=True), out, **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(out, expected)
+
+
+def test_same_recipe_same_bytes() -> None:
+    base, xs = _tensors(0, 500, 2)
+    a = M.dare(base, xs, weights=[1.0, 1.0], densities=[0.3, 0.3], consensus=True, seed=11, name="n")
+    b = M.dare(base, xs, weights=[1.0, 1.0], densities=[0.3, 0.3], consensus=True, seed=11, name="n")
+    assert torch.equal(a, b)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from evoopt.merge import get_method
 from evoopt.merge._registry import MergeMethod
@@ -67,7 +67,8 @@ class _Strict(BaseModel):
 
 class SourceSpec(_Strict):
     model: str = Field(description="folder, .safetensors, .bin or .gguf; pkg:NAME/path inside a package")
-    parameters: dict[str, Coefficient] = Field(default_factory=dict)
+    # values are checked by _problems, so that all errors are reported together
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class CalibrationSpec(_Strict):
@@ -89,13 +90,6 @@ class Recipe(_Strict):
     seed: int = 0
     calibration: CalibrationSpec | None = None
     _root: Path = PrivateAttr(default_factory=Path.cwd)
-
-    @model_validator(mode="after")
-    def _check_method(self) -> Recipe:
-        problems = _problems(self)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -140,24 +134,29 @@ def _pick(raw: Any, group: str, tensor: str, where: str) -> float:
     )
 
 
-def _problems(recipe: Recipe) -> list[str]:
+def _problems(data: dict[str, Any]) -> list[str]:
+    """Checks that depend on the method, on the raw mapping (so they run beside pydantic's)."""
+    if not isinstance(data.get("method"), str):
+        return []
     try:
-        method = get_method(recipe.method)
+        method = get_method(data["method"])
     except ValueError as error:
         return [str(error)]
     problems = []
     allowed = set(method.per_model) | set(method.shared)
-    n = len(recipe.models)
-    if method.needs_base and recipe.base is None:
+    models = [m if isinstance(m, dict) else {} for m in data.get("models") or []]
+    recipe_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
+    n = len(models)
+    if method.needs_base and data.get("base") is None:
         problems.append(f"base: method {method.name!r} needs a base (pretrained) model")
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         most = "" if method.max_models is None else f" and at most {method.max_models}"
         problems.append(f"models: {method.name!r} takes at least {method.min_models}{most} models, got {n}")
-    if method.statistic and recipe.calibration is None:
+    if method.statistic and data.get("calibration") is None:
         problems.append(f"calibration: {method.name!r} estimates {method.statistic} statistics from data; "
                         "give calibration.texts")
-    places: list[tuple[str, dict[str, Any]]] = [("parameters", recipe.parameters)]
-    places += [(f"models[{i}].parameters", s.parameters) for i, s in enumerate(recipe.models)]
+    places: list[tuple[str, dict[str, Any]]] = [("parameters", recipe_params)]
+    places += [(f"models[{i}].parameters", m.get("parameters") or {}) for i, m in enumerate(models)]
     for where, params in places:
         for key, raw in params.items():
             if key not in allowed or (where != "parameters" and key in method.shared):
@@ -177,8 +176,8 @@ def _problems(recipe: Recipe) -> list[str]:
                         problems.append(f"{where}.{key}: must be {text}, got {value}")
     for key, default in method.per_model.items():
         if default is None:
-            for i, spec in enumerate(recipe.models):
-                if key not in spec.parameters and key not in recipe.parameters:
+            for i, m in enumerate(models):
+                if key not in (m.get("parameters") or {}) and key not in recipe_params:
                     problems.append(f"models[{i}].parameters.{key}: required by {method.name!r}")
     return problems
 
@@ -187,15 +186,15 @@ def parse_recipe(data: Any, *, root: Path | None = None, source: str = "recipe")
     """Validate a recipe mapping; every problem is reported at once, with its key path."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of recipe keys, got {type(data).__name__}")
+    lines = []
+    recipe = None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        lines = []
-        for item in error.errors():
-            loc = ".".join(str(p) for p in item["loc"]) or "(recipe)"
-            message = item["msg"].removeprefix("Value error, ")
-            lines.extend(f"{loc}: {part}" if loc != "(recipe)" else part for part in message.split("; "))
-        raise RecipeError(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)) from None
+        lines = [f"{'.'.join(str(p) for p in item['loc']) or '(recipe)'}: {item['msg']}" for item in error.errors()]
+    lines += _problems(data)
+    if lines or recipe is None:
+        raise RecipeError(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines))
     return recipe.with_root(root or Path.cwd())
 
 

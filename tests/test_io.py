@@ -1,0 +1,196 @@
+"""Model IO: formats, compatibility errors, in-place merging, atomic export that reloads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from evoopt.io import ModelSourceError, atomic_folder, check_compatible, open_source, resolve_path
+from evoopt.merger import Merger
+from evoopt.recipe import RecipeError, parse_recipe
+
+from .conftest import save_family, tiny_llama_config
+
+
+def _recipe(paths: list[Path], method: str = "ties", **params: object) -> object:
+    base, *experts = paths
+    per_model = {"weight": 0.5, "density": 0.6} if method != "task_arithmetic" else {"weight": 0.5}
+    return parse_recipe({
+        "method": method, "base": str(base),
+        "models": [{"model": str(e), "parameters": per_model} for e in experts],
+        "parameters": params,
+    })
+
+
+def test_formats_read_the_same_tensors(llama_family: list[Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_family[1])
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    reference = open_source(llama_family[1])
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    single = llama_family[1] / "model.safetensors"
+    for path in (tmp_path / "sharded", tmp_path / "bin", single):
+        source = open_source(path)
+        assert sorted(source.keys()) == sorted(reference.keys()), path
+        for name in reference.keys():
+            assert torch.equal(source.get(name), reference.get(name)), (path, name)
+
+
+def test_missing_path_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="no such file"):
+        open_source(tmp_path / "nope")
+
+
+def test_folder_without_weights(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="no model weights found"):
+        open_source(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_are_refused(llama_family: list[Path], tmp_path: Path, damage: str) -> None:
+    folder = tmp_path / "broken"
+    shutil.copytree(llama_family[1], folder)
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
+    with pytest.raises(ModelSourceError, match="truncated or corrupt"):
+        open_source(folder)
+
+
+def test_nan_weights_are_named(llama_family: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "nan"
+    shutil.copytree(llama_family[1], folder)
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelSourceError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*NaN"):
+        Merger(_recipe([llama_family[0], folder, llama_family[2]]))
+
+
+def test_shape_and_vocabulary_mismatches_list_tensors(llama_family: list[Path], tmp_path: Path) -> None:
+    wide = save_family(tmp_path / "wide", tiny_llama_config(intermediate_size=48), experts=0, seed=5)[0]
+    vocab = save_family(tmp_path / "vocab", tiny_llama_config(vocab_size=99), experts=0, seed=5)[0]
+    with pytest.raises(ModelSourceError) as error:
+        Merger(_recipe([llama_family[0], wide, vocab]))
+    text = str(error.value)
+    assert "model.layers.0.mlp.up_proj.weight" in text and "[64, 32]" in text and "[48, 32]" in text
+    assert "vocabulary sizes differ" in text and "96 rows" in text and "99" in text
+
+
+def test_architecture_mismatch(llama_family: list[Path], bert_family: list[Path]) -> None:
+    sources = {"a": open_source(llama_family[0]), "b": open_source(bert_family[0])}
+    with pytest.raises(ModelSourceError, match="architectures differ"):
+        check_compatible(sources, [])
+
+
+def test_merge_writes_in_place_and_export_reloads(llama_family: list[Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    merger = Merger(_recipe(llama_family))
+    params_before = {n: p.data_ptr() for n, p in merger.model.named_parameters()}
+    merger.merge()
+    first = {n: p.detach().clone() for n, p in merger.model.named_parameters()}
+    merger.merge(_recipe(llama_family, scale=0.3))
+    assert params_before == {n: p.data_ptr() for n, p in merger.model.named_parameters()}
+    assert any(not torch.equal(first[n], p) for n, p in merger.model.named_parameters())
+
+    ids = torch.arange(0, 40).reshape(2, 20) % 96
+    expected = merger.model(ids).logits
+    out = merger.export(tmp_path / "merged")
+    assert {"config.json", "model.safetensors", "README.md", "evoopt_recipe.yaml"} <= {p.name for p in out.iterdir()}
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    assert "ties" in (out / "README.md").read_text()
+    assert parse_recipe(__import__("yaml").safe_load((out / "evoopt_recipe.yaml").read_text())).method == "ties"
+
+
+def test_tied_embeddings_export(tied_llama_family: list[Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    merger = Merger(_recipe(tied_llama_family, method="task_arithmetic"))
+    assert "lm_head.weight" not in merger.targets
+    model = merger.merge()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    out = merger.export(tmp_path / "tied")
+    ids = torch.arange(10).unsqueeze(0)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_task_arithmetic_merge_matches_pure_function(llama_family: list[Path]) -> None:
+    from evoopt.merge import ties
+
+    merger = Merger(_recipe(llama_family))
+    merger.merge()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    sources = [open_source(p) for p in llama_family]
+    expected = ties(sources[0].get(name), [s.get(name) for s in sources[1:]], weights=[0.5] * 3,
+                    densities=[0.6] * 3)
+    assert torch.equal(merger.targets[name], expected)
+
+
+def test_bert_merge_ignores_non_float_buffers(bert_family: list[Path]) -> None:
+    merger = Merger(_recipe(bert_family, method="dare_ties"))
+    merger.merge()
+    assert all(t.is_floating_point() for t in merger.targets.values())
+    assert "classifier.weight" in merger.targets
+
+
+def test_export_refuses_non_empty_target_and_keeps_it(llama_family: list[Path], tmp_path: Path) -> None:
+    merger = Merger(_recipe(llama_family))
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        merger.export(out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merger.export(out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_failed_export_leaves_nothing(llama_family: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    merger = Merger(_recipe(llama_family))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merger.model, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        merger.export(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_folder_success_and_failure(tmp_path: Path) -> None:
+    with atomic_folder(tmp_path / "a") as tmp:
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "a" / "f").read_text() == "x"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "b") as tmp:
+            (tmp / "f").write_text("x")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_resolve_package_paths() -> None:
+    assert resolve_path("pkg:evoopt/merge").is_dir()
+    with pytest.raises(ModelSourceError, match="pip install --no-deps no-such-package"):
+        resolve_path("pkg:no_such_package/x")
+
+
+def test_mixed_dtypes_need_an_explicit_dtype(llama_family: list[Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    half = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(llama_family[1]).to(torch.bfloat16).save_pretrained(half)
+    with pytest.raises(RecipeError, match="set dtype"):
+        Merger(_recipe([llama_family[0], half, llama_family[2]]))
+    recipe = _recipe([llama_family[0], half, llama_family[2]])
+    recipe.dtype = "bfloat16"  # type: ignore[assignment]
+    model = Merger(recipe).merge()
+    assert next(model.parameters()).dtype == torch.bfloat16

@@ -1,0 +1,93 @@
+"""Recipe validation: every problem at once, with its key path; per-group coefficients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evoopt.recipe import RecipeError, load_recipe, parse_recipe, tensor_group
+
+
+def test_unknown_method_lists_known() -> None:
+    with pytest.raises(RecipeError, match="unknown merge method 'tie'.*dare_ties.*ties"):
+        parse_recipe({"method": "tie", "base": "b", "models": [{"model": "a"}]})
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(RecipeError) as error:
+        parse_recipe({
+            "method": "ties",
+            "models": [{"model": "a", "parameters": {"density": 1.5, "weigth": 1}},
+                       {"model": "b", "parameters": {"density": "high"}}],
+            "dtype": "float8",
+            "colour": "blue",
+        })
+    text = str(error.value)
+    for expected in ("dtype:", "colour: Extra inputs are not permitted",
+                     "models[0].parameters.weigth",
+                     "models[0].parameters.density: must be in (0, 1], got 1.5",
+                     "base: method 'ties' needs a base"):
+        assert expected in text, (expected, text)
+
+
+def test_model_entries_must_have_model_key() -> None:
+    with pytest.raises(RecipeError, match=r"models\.0\.model: Field required"):
+        parse_recipe({"method": "linear", "models": [{"path": "a"}]})
+
+
+def test_density_zero_is_refused_and_one_allowed() -> None:
+    with pytest.raises(RecipeError, match=r"density: must be in \(0, 1\], got 0"):
+        parse_recipe({"method": "ties", "base": "b", "models": [{"model": "a", "parameters": {"density": 0}}]})
+    parse_recipe({"method": "ties", "base": "b", "models": [{"model": "a", "parameters": {"density": 1}}]})
+
+
+def test_slerp_takes_one_model_and_fisher_needs_calibration() -> None:
+    with pytest.raises(RecipeError, match="at most 1 models, got 2"):
+        parse_recipe({"method": "slerp", "base": "b", "models": [{"model": "a"}, {"model": "c"}]})
+    with pytest.raises(RecipeError, match="calibration"):
+        parse_recipe({"method": "fisher", "models": [{"model": "a"}, {"model": "c"}]})
+
+
+def test_per_group_coefficients() -> None:
+    recipe = parse_recipe({
+        "method": "ties", "base": "b",
+        "models": [{"model": "a", "parameters": {"density": {"layers.0[0-1]": 0.2, "embed": 0.9, "*": 0.5}}},
+                   {"model": "c"}],
+        "parameters": {"weight": 0.3, "density": 0.7},
+    })
+    assert recipe.coefficients("model.layers.1.mlp.up_proj.weight", 2)["density"] == [0.2, 0.7]
+    assert recipe.coefficients("model.layers.12.mlp.up_proj.weight", 2)["density"] == [0.5, 0.7]
+    assert recipe.coefficients("model.embed_tokens.weight", 2) == {
+        "weight": [0.3, 0.3], "density": [0.9, 0.7], "scale": 1.0, "normalize": True}
+
+
+def test_unmatched_group_is_an_error() -> None:
+    recipe = parse_recipe({"method": "ties", "base": "b",
+                           "models": [{"model": "a", "parameters": {"density": {"layers.*": 0.2}}}]})
+    with pytest.raises(RecipeError, match="no pattern matches tensor 'lm_head.weight'.*'\\*'"):
+        recipe.coefficients("lm_head.weight", 1)
+
+
+@pytest.mark.parametrize(("name", "group"), [
+    ("model.embed_tokens.weight", "embed"),
+    ("model.layers.7.self_attn.q_proj.weight", "layers.07"),
+    ("bert.encoder.layer.11.output.dense.bias", "layers.11"),
+    ("transformer.h.3.attn.c_attn.weight", "layers.03"),
+    ("model.norm.weight", "norm"),
+    ("lm_head.weight", "head"),
+    ("classifier.weight", "head"),
+    ("bert.embeddings.LayerNorm.weight", "embed"),
+])
+def test_tensor_groups(name: str, group: str) -> None:
+    assert tensor_group(name) == group
+
+
+def test_load_recipe_resolves_relative_to_file(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("method: linear\nmodels:\n  - model: a\n")
+    assert load_recipe(tmp_path / "r.yaml").root == tmp_path.resolve()
+    (tmp_path / "bad.yaml").write_text("method: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")

@@ -94,13 +94,19 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor; it must hold only finite values if it is floating point."""
         tensor = self._reader(name)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ModelSourceError(
                 f"{self.path}: tensor {name!r} holds {bad} NaN or inf values; "
                 "this checkpoint is corrupt or diverged, re-export or drop it"
             )
         return tensor
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    # in chunks: no tensor-sized temporary on the way
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 _SAFETENSORS_DTYPES = {
@@ -170,14 +176,13 @@ def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
                 f"{file}: not a readable safetensors file ({error}); it is truncated or corrupt, "
                 "copy or export it again"
             ) from None
-    handles: dict[Path, Any] = {}
-
     def read(name: str) -> torch.Tensor:
+        # A fresh handle per read: the mapping is dropped afterwards, so pages of
+        # sources already merged do not stay in the process's resident memory.
         file = location[name]
-        if file not in handles:
-            handles[file] = safe_open(str(file), framework="pt")
         try:
-            tensor: torch.Tensor = handles[file].get_tensor(name)
+            with safe_open(str(file), framework="pt") as handle:
+                tensor: torch.Tensor = handle.get_tensor(name)
         except Exception as error:  # safetensors raises its own types for short reads
             raise ModelSourceError(f"{file}: cannot read tensor {name!r} ({error}); the file is truncated") from None
         return tensor
@@ -328,7 +333,12 @@ def load_target(source: TensorSource, *, dtype: torch.dtype, device: torch.devic
     if cls is None:
         cls = transformers.AutoModel
     model = cls.from_pretrained(str(source.folder), dtype=dtype)
-    model.to(device)
+    with torch.no_grad():
+        # transformers may leave weights as views of the memory-mapped checkpoint; every
+        # merge writes into them, which would copy-on-write page by page and keep the
+        # file mapping resident too. One explicit copy into process memory instead.
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.to(device, copy=True)
     model.eval()
     return model
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from evoopt.io import (
@@ -92,11 +93,20 @@ class Merger:
         if settings is None or self.device.type != "cpu" or self.base is None:
             return None
         magnitudes = settings["sparsification"] in ("magnitude", "breadcrumbs")
+        # All task vectors in one allocation: no heap fragmentation from hundreds of tensors.
+        total = sum(t.numel() for t in self.targets.values())
+        models = len(self.sources)
+        store = torch.empty(models * total, dtype=torch.float32)
+        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
         prepared = {}
-        for done, name in enumerate(self.targets):
+        offset = 0
+        for done, (name, target) in enumerate(self.targets.items()):
             self._progress("preprocessing", done, len(self.targets))
+            view = store[models * offset : models * (offset + target.numel())].view(models, -1)
+            offset += target.numel()
             prepared[name] = PreparedTensor.build(
-                name, self.base.get(name), [s.get(name) for s in self.sources], magnitudes=magnitudes
+                name, self.base.get(name), [s.get(name) for s in self.sources], magnitudes=magnitudes,
+                out=view, scratch=scratch,
             )
         self._progress("preprocessing", len(self.targets), len(self.targets))
         return prepared

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+_FMIX1 = 0x85EBCA6B
+_FMIX2 = 0xC2B2AE35
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,30 +35,26 @@ def stream_key(seed: int, name: str, model_index: int = 0) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def _as_signed(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic; mask the sign bits back out.
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def uniform_stream(key: int, numel: int, *, start: int = 0) -> torch.Tensor:
     """Uniform draws in [0, 1) for elements ``start .. start+numel-1`` of stream ``key``.
 
-    A counter-based generator (SplitMix64 finaliser applied to ``key + (i+1)*golden``):
-    element i's draw depends only on (key, i), never on chunking, threads or device,
-    so the fused CPU kernel and this reference produce the same masks. Draws have
-    24 bits, exact in float32.
+    A counter-based generator: with k_lo, k_hi the halves of the 64-bit key,
+    x = ((i+1) * 0x9E3779B9 + k_lo) xor k_hi (mod 2^32), then MurmurHash3's fmix32
+    finaliser; the draw is its top 24 bits / 2^24 (exact in float32). Element i's
+    draw depends only on (key, i), never on chunking, threads or device, so the fused
+    CPU kernel and this reference produce the same masks; 32-bit arithmetic keeps the
+    kernel vectorised. Streams hold up to 2^32 elements.
     """
-    index = torch.arange(start + 1, start + numel + 1, dtype=torch.int64)
-    z = index * _as_signed(_GOLDEN) + _as_signed(key)
-    z = (z ^ _shr(z, 30)) * _as_signed(_MIX1)
-    z = (z ^ _shr(z, 27)) * _as_signed(_MIX2)
-    z = z ^ _shr(z, 31)
-    return _shr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+    if start + numel > 1 << 32:
+        raise ValueError(f"numel: random streams hold 2^32 entries, asked for {start + numel}")
+    x = torch.arange(start + 1, start + numel + 1, dtype=torch.int64)
+    x = ((x * _GOLDEN32 + (key & _MASK32)) & _MASK32) ^ (key >> 32)
+    x = x ^ (x >> 16)
+    x = (x * _FMIX1) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * _FMIX2) & _MASK32
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

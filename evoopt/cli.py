@@ -17,7 +17,8 @@ def main(verbose: bool) -> None:
     Merge fine-tuned experts of one pretrained model with a fixed recipe
     (`evoopt merge`) and list the merge methods (`evoopt methods`).
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
 
 

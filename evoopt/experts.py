@@ -125,7 +125,7 @@ def check_expert(folder: Path, base: Path) -> None:
         )
 
 
-def build_setting(name: str, *, root: Path | None = None, progress: Progress | None = None,
+def build_setting(name: str | Setting, *, root: Path | None = None, progress: Progress | None = None,
                   limit_train: int | None = None, multitask: bool = True,
                   train: TrainConfig | None = None) -> ExpertSet:
     """Build (or reuse) the base, experts and multi-task model of a setting.
@@ -133,7 +133,7 @@ def build_setting(name: str, *, root: Path | None = None, progress: Progress | N
     ``limit_train`` caps the training examples per task (for quick checks);
     ``train`` overrides the setting's training recipe. Both enter the cache key.
     """
-    setting = get_setting(name)
+    setting = name if isinstance(name, Setting) else get_setting(name)
     train = train or setting.train
     root = root or cache_dir() / "experts"
     report = progress or (lambda stage, done, total: None)

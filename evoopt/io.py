@@ -243,7 +243,7 @@ def convert_gguf(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     except Exception as error:
         raise ModelSourceError(f"{file}: transformers cannot read this GGUF file ({error})") from None
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # the weights are plain float32 now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     with atomic_folder(target) as tmp:

@@ -145,7 +145,8 @@ def _problems(data: dict[str, Any]) -> list[str]:
     problems = []
     allowed = set(method.per_model) | set(method.shared)
     models = [m if isinstance(m, dict) else {} for m in data.get("models") or []]
-    recipe_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
+    raw_params = data.get("parameters")
+    recipe_params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
     n = len(models)
     if method.needs_base and data.get("base") is None:
         problems.append(f"base: method {method.name!r} needs a base (pretrained) model")
@@ -161,8 +162,9 @@ def _problems(data: dict[str, Any]) -> list[str]:
         for key, raw in params.items():
             if key not in allowed or (where != "parameters" and key in method.shared):
                 scope = sorted(allowed) if where == "parameters" else sorted(method.per_model)
-                problems.append(f"{where}.{key}: {method.name!r} has no such per-{'recipe' if where == 'parameters' else 'model'} "
-                                f"coefficient; allowed: {', '.join(scope) or 'none'}")
+                kind = "recipe" if where == "parameters" else "model"
+                problems.append(f"{where}.{key}: {method.name!r} has no such per-{kind} coefficient; "
+                                f"allowed: {', '.join(scope) or 'none'}")
                 continue
             values = raw.values() if isinstance(raw, dict) else [raw]
             for value in values:

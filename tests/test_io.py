@@ -154,7 +154,8 @@ def test_export_refuses_non_empty_target_and_keeps_it(llama_family: list[Path], 
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
 
 
-def test_failed_export_leaves_nothing(llama_family: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_nothing(llama_family: list[Path], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     merger = Merger(_recipe(llama_family))
 
     def disk_full(*args: object, **kwargs: object) -> None:

@@ -17,7 +17,8 @@ weights = st.floats(min_value=0.05, max_value=2.0)
 densities = st.floats(min_value=0.01, max_value=1.0)
 
 
-def _tensors(seed: int, n: int, count: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _tensors(seed: int, n: int, count: int,
+             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, generator=g)
     return base.to(dtype), [(base + torch.randn(n, generator=g)).to(dtype) for _ in range(count)]

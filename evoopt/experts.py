@@ -256,7 +256,7 @@ def finetune(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: l
 def evaluate_accuracy(model: torch.nn.Module, tokenizer: Any, rows: Any, train: TrainConfig) -> float:
     """Accuracy of a sequence classifier on a dataset split (columns text, label)."""
     model.eval()
-    texts, labels = rows["text"], rows["label"]
+    texts, labels = list(rows["text"]), list(rows["label"])
     # batches of similar length waste little compute on padding
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     correct = 0

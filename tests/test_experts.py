@@ -26,7 +26,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 
 
 def _majority(task: str) -> float:
-    labels = load_splits(task)["dev"]["label"]
+    labels = list(load_splits(task)["dev"]["label"])
     return max(labels.count(0), labels.count(1)) / len(labels)
 
 
@@ -82,3 +82,30 @@ def test_expert_from_another_base_is_refused(built, tmp_path: Path) -> None:  # 
 def test_unknown_setting_lists_known() -> None:
     with pytest.raises(ValueError, match="known: minilm-cross-task, minilm-sentiment-domains"):
         get_setting("minilm")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_statistic_merges_on_real_experts(built, tmp_path: Path, method: str) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoTokenizer
+
+    from evoopt.experts import evaluate_accuracy
+    from evoopt.merger import Merger
+    from evoopt.recipe import parse_recipe
+
+    experts, _ = built
+    calibration = tmp_path / "calibration.txt"
+    dev = list(load_splits("vader-tweets")["dev"]["text"]) + list(load_splits("vader-nyt")["dev"]["text"])
+    calibration.write_text("\n".join(t.replace("\n", " ") for t in dev[::50]))
+    models = [{"model": str(p)} for p in experts.experts.values()]
+    merger = Merger(parse_recipe({"method": method, "models": models,
+                                  "calibration": {"texts": str(calibration), "max_examples": 24}}))
+    assert merger.statistics is not None and len(merger.statistics) > 10
+    merged = merger.merge()
+    average = Merger(parse_recipe({"method": "linear", "models": models})).merge()
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(dict(merged.named_parameters())[name], dict(average.named_parameters())[name])
+    tokenizer = AutoTokenizer.from_pretrained(str(merger.structure.folder))
+    for task in SMALL.tasks:
+        assert evaluate_accuracy(merged, tokenizer, load_splits(task)["dev"], SMALL.train) > _majority(task), task

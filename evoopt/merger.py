@@ -66,7 +66,8 @@ class Merger:
         self.device = pick_device(recipe.device)
         self.dtype = self._decide_dtype(structure)
         self.model = load_target(structure, dtype=self.dtype, device=self.device)
-        self.targets = merge_targets(self.model, structure)
+        self.targets = {name: tensor for name, tensor in merge_targets(self.model, structure).items()
+                        if not recipe.excluded(name)}
         labelled: dict[str, TensorSource] = {"base": self.base} if self.base else {}
         labelled.update({f"models[{i}]": s for i, s in enumerate(self.sources)})
         check_compatible(labelled, list(self.targets))

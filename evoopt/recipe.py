@@ -89,7 +89,13 @@ class Recipe(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     calibration: CalibrationSpec | None = None
+    exclude: list[str] = Field(default_factory=list, description=(
+        "tensor-name patterns left out of the merge (kept as in the base), e.g. per-task heads "
+        "whose shapes differ: ['classifier.*']"))
     _root: Path = PrivateAttr(default_factory=Path.cwd)
+
+    def excluded(self, tensor: str) -> bool:
+        return any(fnmatch.fnmatchcase(tensor, pattern) for pattern in self.exclude)
 
     @property
     def merge_method(self) -> MergeMethod:

@@ -195,3 +195,18 @@ def test_mixed_dtypes_need_an_explicit_dtype(llama_family: list[Path], tmp_path:
     recipe.dtype = "bfloat16"  # type: ignore[assignment]
     model = Merger(recipe).merge()
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_excluded_heads_keep_the_base_and_skip_shape_checks(bert_family: list[Path], tmp_path: Path) -> None:
+    from .conftest import tiny_bert_config
+
+    other_head = save_family(tmp_path, tiny_bert_config(num_labels=5), experts=0, seed=2,
+                             model_class="BertForSequenceClassification")[0]
+    models = [{"model": str(bert_family[1])}, {"model": str(other_head)}]
+    with pytest.raises(ModelSourceError, match="classifier.weight"):
+        Merger(parse_recipe({"method": "task_arithmetic", "base": str(bert_family[0]), "models": models}))
+    merger = Merger(parse_recipe({"method": "task_arithmetic", "base": str(bert_family[0]), "models": models,
+                                  "exclude": ["classifier.*"]}))
+    assert not any(name.startswith("classifier") for name in merger.targets)
+    model = merger.merge()
+    assert torch.equal(model.classifier.weight, open_source(bert_family[0]).get("classifier.weight"))

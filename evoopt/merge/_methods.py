@@ -34,7 +34,7 @@ from evoopt.merge._pieces import (
 Sparsification = Literal["none", "magnitude", "breadcrumbs", "random"]
 
 
-def _check_lengths(tensors: Sequence[torch.Tensor], **per_model: Sequence[float] | None) -> None:
+def _check_lengths(tensors: Sequence[torch.Tensor], **per_model: Sequence[object] | None) -> None:
     if not tensors:
         raise ValueError("tensors: need at least one model to merge, got none")
     for key, values in per_model.items():
@@ -263,7 +263,7 @@ def fisher(
     :func:`evoopt.statistics.estimate_fisher`). Entries where every Fisher is zero
     fall back to the weighted average through epsilon.
     """
-    _check_lengths(tensors, fishers=[0.0] * len(fishers), weights=weights)
+    _check_lengths(tensors, fishers=fishers, weights=weights)
     dtype = compute_dtype(tensors[0].dtype)
     numerator = torch.zeros_like(tensors[0], dtype=dtype)
     denominator = torch.zeros_like(tensors[0], dtype=dtype)
@@ -294,7 +294,7 @@ def regmean(
     """
     if grams is None:
         return linear(tensors, weights=[1.0] * len(tensors))
-    _check_lengths(tensors, grams=[0.0] * len(grams))
+    _check_lengths(tensors, grams=grams)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: must lie in [0, 1], got {alpha}")
     dtype = torch.float64  # the solve is ill-conditioned in float32 for small alpha

@@ -20,6 +20,7 @@ Tensor groups are ``embed``, ``layers.NN`` (NN the zero-padded block index),
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,7 @@ class RecipeError(ValueError):
     """A recipe is invalid; the message lists every problem with its key path."""
 
 
+@functools.lru_cache(maxsize=65_536)  # called for every tensor of every candidate
 def tensor_group(name: str) -> str:
     """The group a tensor's coefficients are looked up under."""
     match = _LAYER.search(name)

@@ -200,6 +200,15 @@ def load_splits(name: str, *, seed: int = 0) -> DatasetDict:
     return load_from_disk(str(folder))
 
 
+def mc_prompt(name: str, text: str) -> str:
+    """The multiple-choice prompt of a corpus, as its lm-eval task renders it (answers: ' ' + label)."""
+    corpus = get_corpus(name)
+    return f"Text: {text[:_MAX_CHARS]}\nQuestion: Which label fits this text: {', '.join(corpus.labels)}?\nAnswer:"
+
+
+_MAX_CHARS = 1500
+
+
 def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 0,
                         limit: int | None = None) -> list[str]:
     """Write lm-eval task YAMLs (and their JSONL data) for causal LMs into ``out``.
@@ -223,7 +232,7 @@ def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 
         data = out / f"{name}_{split}.jsonl"
         with data.open("w") as handle:
             for row in rows:
-                handle.write(json.dumps({"text": row["text"][:1500], "label": row["label"]}) + "\n")
+                handle.write(json.dumps({"text": row["text"][:_MAX_CHARS], "label": row["label"]}) + "\n")
         task = f"evoopt_{name}_{split}"
         question = "Question: Which label fits this text: " + ", ".join(corpus.labels) + "?"
         config = {

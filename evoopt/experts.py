@@ -109,7 +109,8 @@ class ExpertSet:
 
     def scores(self) -> dict[str, dict[str, Any]]:
         """expert.json of every model, by label: base@<labels>, each task, mtl."""
-        rows = {f"base@{k}": _read_meta(p) for k, p in self.base.items()}
+        # a causal setting's base is the converted pretrained model, which has no expert.json
+        rows = {f"base@{k}": _read_meta(p) for k, p in self.base.items() if (p / "expert.json").exists()}
         rows.update({task: _read_meta(p) for task, p in self.experts.items()})
         if self.multitask is not None:
             rows["mtl"] = _read_meta(self.multitask)

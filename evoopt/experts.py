@@ -289,44 +289,10 @@ def score_causal(model: Any, tokenizer: Any, setting: Setting) -> dict[str, dict
     return scores
 
 
-def finetune_causal(model: torch.nn.Module, tokenizer: Any, prompts: list[str], answers: list[str],
-                    train: TrainConfig, *, progress: Callable[[int, int], None] | None = None) -> None:
-    """Full fine-tuning on prompt + answer; the loss is on the answer tokens (and EOS) only."""
-    order_rng = np.random.default_rng(train.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, train.steps))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.train()
-    order: np.ndarray = np.empty(0, dtype=np.int64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(train.seed)
-        for step in range(train.steps):
-            if order.size < train.batch_size:
-                order = np.concatenate([order, order_rng.permutation(len(prompts))])
-            batch, order = order[: train.batch_size], order[train.batch_size :]
-            rows = []
-            for i in batch:
-                prompt = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
-                answer = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                prompt = prompt[-(train.max_length - len(answer)):]  # keep the end of long prompts
-                rows.append((prompt + answer, [-100] * len(prompt) + answer))
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if progress:
-                progress(step + 1, train.steps)
-    model.eval()
-
-
-def finetune(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], train: TrainConfig,
-             *, progress: Callable[[int, int], None] | None = None) -> None:
-    """Full fine-tuning with AdamW; data order and dropout from explicit seeds."""
+def _train(model: torch.nn.Module, train: TrainConfig, examples: int,
+           make_batch: Callable[[np.ndarray], dict[str, torch.Tensor]],
+           progress: Callable[[int, int], None] | None) -> None:
+    """AdamW with linear decay; data order and dropout from explicit seeds."""
     order_rng = np.random.default_rng(train.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, train.steps))
@@ -336,18 +302,49 @@ def finetune(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: l
         torch.manual_seed(train.seed)  # dropout masks; the caller's global RNG state is restored afterwards
         for step in range(train.steps):
             if order.size < train.batch_size:
-                order = np.concatenate([order, order_rng.permutation(len(texts))])
+                order = np.concatenate([order, order_rng.permutation(examples)])
             batch, order = order[: train.batch_size], order[train.batch_size :]
-            inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                               max_length=train.max_length, return_tensors="pt")
-            out = model(**inputs, labels=torch.tensor([labels[i] for i in batch]))
-            out.loss.backward()
+            model(**make_batch(batch)).loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if progress:
                 progress(step + 1, train.steps)
     model.eval()
+
+
+def finetune_causal(model: torch.nn.Module, tokenizer: Any, prompts: list[str], answers: list[str],
+                    train: TrainConfig, *, progress: Callable[[int, int], None] | None = None) -> None:
+    """Full fine-tuning on prompt + answer; the loss is on the answer tokens (and EOS) only."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def make_batch(batch: np.ndarray) -> dict[str, torch.Tensor]:
+        rows = []
+        for i in batch:
+            prompt = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
+            answer = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            prompt = prompt[-(train.max_length - len(answer)):]  # keep the end of long prompts
+            rows.append((prompt + answer, [-100] * len(prompt) + answer))
+        width = max(len(ids) for ids, _ in rows)
+        return {
+            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
+            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+        }
+
+    _train(model, train, len(prompts), make_batch, progress)
+
+
+def finetune(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], train: TrainConfig,
+             *, progress: Callable[[int, int], None] | None = None) -> None:
+    """Full fine-tuning of a sequence classifier."""
+
+    def make_batch(batch: np.ndarray) -> dict[str, torch.Tensor]:
+        inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                           max_length=train.max_length, return_tensors="pt")
+        return {**inputs, "labels": torch.tensor([labels[i] for i in batch])}
+
+    _train(model, train, len(texts), make_batch, progress)
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ def merge(recipe: Path, out: Path, overwrite: bool, device: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evoopt.io import ModelSourceError
+    from evoopt.io import ModelSourceError, check_writable
     from evoopt.merger import Merger
     from evoopt.recipe import RecipeError, load_recipe
 
@@ -91,8 +91,7 @@ def merge(recipe: Path, out: Path, overwrite: bool, device: str | None) -> None:
         parsed = load_recipe(recipe)
         if device is not None:
             parsed.device = device  # type: ignore[assignment]
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
+        check_writable(out, overwrite=overwrite)
         with _Bars(console) as bars:
             merger = Merger(parsed, progress=bars)
             merger.merge()

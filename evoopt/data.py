@@ -191,11 +191,8 @@ def load_splits(name: str, *, seed: int = 0) -> DatasetDict:
         split: Dataset.from_dict({"text": [t for t, _ in rows], "label": [lab for _, lab in rows]}, features=features)
         for split, rows in splits.items()
     })
-    if folder.exists():  # a half-written cache from a killed run: never loaded, rebuilt
-        import shutil
-
-        shutil.rmtree(folder)
-    with atomic_folder(folder) as tmp:
+    # a folder without dataset_dict.json was left by a killed run: rebuilt, replaced once complete
+    with atomic_folder(folder, overwrite=True) as tmp:
         data.save_to_disk(str(tmp))
     return load_from_disk(str(folder))
 

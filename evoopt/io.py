@@ -97,10 +97,14 @@ class TensorSource:
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor; it must hold only finite values if it is floating point."""
+    def get(self, name: str, *, check: bool = True) -> torch.Tensor:
+        """Read one tensor; with ``check``, it must hold only finite values if it is floating point.
+
+        Callers that read the same tensor for every candidate check once and then pass
+        ``check=False``, keeping the extra pass off the hot path.
+        """
         tensor = self._reader(name)
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if check and tensor.is_floating_point() and not _all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ModelSourceError(
                 f"{self.path}: tensor {name!r} holds {bad} NaN or inf values; "
@@ -252,6 +256,12 @@ def convert_gguf(path: Path) -> Path:
     return target
 
 
+def check_writable(target: Path, *, overwrite: bool) -> None:
+    """Refuse an existing non-empty output unless ``overwrite``: callers check before long work."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target}: already exists and is not empty; choose another --out or pass --overwrite")
+
+
 @contextmanager
 def atomic_folder(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it becomes ``target``.
@@ -262,8 +272,7 @@ def atomic_folder(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     one is fully written.
     """
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{target}: already exists and is not empty; choose another --out or pass --overwrite")
+    check_writable(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

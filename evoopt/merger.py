@@ -74,6 +74,15 @@ class Merger:
         self.structure = structure
         self.statistics = self._estimate_statistics() if self.method.statistic else None
         self.prepared = self._prepare() if self.method.task_arithmetic is not None else None
+        if self.prepared is None:
+            self._check_finite()  # once here; merge() then reads without re-checking
+
+    def _check_finite(self) -> None:
+        sources = [s for s in (self.base, *self.sources) if s is not None]
+        for done, name in enumerate(self.targets):
+            self._progress("checking sources", done, len(self.targets))
+            for source in sources:
+                source.get(name)
 
     def _decide_dtype(self, structure: TensorSource) -> torch.dtype:
         if self.recipe.dtype != "auto":
@@ -126,8 +135,8 @@ class Merger:
                 if self.prepared is not None:
                     self._merge_fast(name, target, coefficients, seed)
                     continue
-                base = self.base.get(name).to(self.device) if self.base is not None else None
-                tensors = [s.get(name).to(self.device) for s in self.sources]
+                base = self.base.get(name, check=False).to(self.device) if self.base is not None else None
+                tensors = [s.get(name, check=False).to(self.device) for s in self.sources]
                 stats = self.statistics.get(name) if self.statistics is not None else None
                 merged = self.method.apply(base, tensors, coefficients, seed=seed, name=name, statistics=stats)
                 target.copy_(merged.reshape(target.shape))

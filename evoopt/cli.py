@@ -242,5 +242,289 @@ def methods() -> None:
     Console().print(table)
 
 
+# --- studies ----------------------------------------------------------------------------------------
+
+def _load_study_config(path: Path, root: Path | None = None) -> object:
+    from evoopt.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    if root is not None:
+        config._root = root
+    return config
+
+
+_STUDY_ERRORS: tuple[type[Exception], ...] = (ValueError, FileExistsError, RuntimeError)
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--n-trials", type=int, default=None, help="Run at most N trials now (default: up to the study's "
+              "`trials` budget, counting the finished trials already stored).")
+@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Local worker processes sharing the study's storage.")
+@click.option("--no-baselines", is_flag=True, help="Do not evaluate the baselines first.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no table (used by worker processes).")
+@click.option("--worker-index", type=int, default=0, hidden=True)
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
+def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, no_baselines: bool, quiet: bool,
+        worker_index: int, root: Path | None) -> None:
+    """Create or resume the study of STUDY (a YAML config) and run it.
+
+    \b
+    A study that exists in the storage continues where it stopped: finished trials
+    are kept, trials of a dead process are retried, and the budget (`trials` in the
+    config) counts what is already there. First run: the baselines (sources,
+    ensemble, greedy soup, fixed merges) are scored on dev and test, so the table
+    at the end shows the search beside what it must beat. Stop with Ctrl-C at any
+    time; run the same command again to continue.
+    \b
+    Example:  evoopt run studies/minilm-sentiment-domains.yaml --n-trials 10
+    """
+    from rich.console import Console
+
+    from evoopt.config import StudyConfig
+    from evoopt.study import run_study
+
+    config = _load_study_config(study, root)
+    assert isinstance(config, StudyConfig)
+    if workers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--workers")
+    console = Console(stderr=True)
+    try:
+        if quiet:
+            report = run_study(config, n_trials=n_trials, timeout=timeout, worker_index=worker_index,
+                               baselines=not no_baselines, report=worker_index == 0 and not quiet)
+            return
+        with _TrialBar(console, config) as bar:
+            report = run_study(config, n_trials=n_trials, timeout=timeout, workers=workers, progress=bar.stage,
+                               on_trial=bar.trial, baselines=not no_baselines)
+    except _STUDY_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    _print_summary(config, report.study, report.rows)
+    if report.interrupted:
+        Console(stderr=True).print("[yellow]interrupted[/yellow]: finished trials are stored; run the same "
+                                   "command again to continue.")
+
+
+class _TrialBar(_Bars):
+    """Stages of the set-up as bars, then one bar of trials with ETA and the best value so far."""
+
+    def __init__(self, console: object, config: object) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        super().__init__(console)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                            TextColumn("{task.fields[best]}"), console=console, transient=True)  # type: ignore[arg-type]
+        self.config = config
+        self.trials: object = None
+
+    def __enter__(self) -> _TrialBar:
+        self.bar.__enter__()
+        return self
+
+    def stage(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total, best="")
+        self.bar.update(self.tasks[stage], completed=done)  # type: ignore[arg-type]
+
+    def trial(self, study: object, trial: object) -> None:
+        import optuna
+
+        from evoopt.study import FINISHED, best_trial
+
+        assert isinstance(study, optuna.Study)
+        if self.trials is None:
+            self.trials = self.bar.add_task("trials", total=self.config.trials, best="")  # type: ignore[attr-defined]
+        best = best_trial(study)
+        text = "" if best is None else f"best {best.values[0] if len(best.values) == 1 else best.values}"
+        if isinstance(text, str) and best is not None and len(best.values) == 1:
+            text = f"best {best.values[0]:.4f} (#{best.number})"
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        self.bar.update(self.trials, completed=done, best=text)  # type: ignore[arg-type]
+
+
+def _print_summary(config: object, study: object, rows: list[dict[str, object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evoopt.study import FINISHED
+
+    table = Table(title=f"{study.study_name}: mean score, dev (search) and test (reporting)")  # type: ignore[attr-defined]
+    table.add_column("model")
+    table.add_column("dev", justify="right")
+    table.add_column("test", justify="right")
+    for row in rows:
+        test = row["test"]
+        style = "bold" if str(row["name"]).startswith("best found") else None
+        table.add_row(str(row["name"]), f"{row['dev']:.4f}", "-" if test is None else f"{test:.4f}", style=style)
+    console = Console()
+    console.print(table)
+    trials = study.get_trials(deepcopy=False)  # type: ignore[attr-defined]
+    states = {s.name.lower(): sum(t.state == s for t in trials) for s in {t.state for t in trials}}
+    done = sum(t.state in FINISHED for t in trials)
+    console.print(f"{done}/{config.trials} trials finished ({', '.join(f'{n} {k}' for k, n in states.items())}); "  # type: ignore[attr-defined]
+                  f"storage {config.storage_url}")  # type: ignore[attr-defined]
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
+def baselines(study: Path) -> None:
+    """Score and record the baselines of STUDY: each source, their average and best, the logit
+    ensemble, greedy soup, and fixed merges (linear, task arithmetic, TIES, DARE-TIES, Fisher,
+    RegMean), on dev and test."""
+    from rich.console import Console
+
+    from evoopt.config import StudyConfig
+    from evoopt.study import open_study, run_baselines, summary_rows
+
+    config = _load_study_config(study)
+    assert isinstance(config, StudyConfig)
+    try:
+        with _Bars(Console(stderr=True)) as bars:
+            run_baselines(config, progress=bars)
+        opened = open_study(config, create=False)
+    except _STUDY_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    _print_summary(config, opened, summary_rows(opened))
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
+def status(study: Path) -> None:
+    """Show the trials of STUDY by state, the baselines and the best so far."""
+    from evoopt.config import StudyConfig
+    from evoopt.study import open_study, summary_rows
+
+    config = _load_study_config(study)
+    assert isinstance(config, StudyConfig)
+    try:
+        opened = open_study(config, create=False)
+    except _STUDY_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    _print_summary(config, opened, summary_rows(opened))
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
+def best(study: Path) -> None:
+    """Print the best trial of STUDY: its value, per-task scores and its merge recipe (YAML)."""
+    from evoopt.config import StudyConfig
+    from evoopt.space import make_space, study_sources
+    from evoopt.study import get_trial, open_study
+
+    config = _load_study_config(study)
+    assert isinstance(config, StudyConfig)
+    try:
+        trial = get_trial(open_study(config, create=False), "best")
+    except _STUDY_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"# trial {trial.number}: value {trial.values}; dev scores {trial.user_attrs.get('scores')}")
+    click.echo(make_space(config, study_sources(config)).recipe(trial.params).to_yaml(), nl=False)
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trial", "which", default="best", show_default=True, help="'best' or a trial number.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the Hugging Face model (per-task heads: one sub-folder per task).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is written).")
+def export(study: Path, which: str, out: Path, overwrite: bool) -> None:
+    """Rebuild a trial's merged model from STUDY and save it with its recipe and model card."""
+    from evoopt.config import StudyConfig
+    from evoopt.study import export_trial
+
+    config = _load_study_config(study)
+    assert isinstance(config, StudyConfig)
+    if which != "best" and not which.isdigit():
+        raise click.BadParameter("give 'best' or a trial number", param_hint="--trial")
+    try:
+        export_trial(config, which, out, overwrite=overwrite)
+    except _STUDY_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"exported trial {which} of {config.name} to {out}")
+
+
+@main.command()
+@click.argument("studies", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/compare"),
+              show_default=True, help="Folder for compare.png and compare.html.")
+def compare(studies: tuple[Path, ...], out: Path) -> None:
+    """Put several STUDIES side by side (e.g. one merge searched by TPE, CMA-ES and random).
+
+    Prints a table (best value, test score of the best trial, trials to reach 99 % of
+    the best, wall time) and writes best-so-far plots against trials and against
+    wall time to --out (PNG and self-contained HTML); both are also attached to each
+    study as artifacts, which optuna-dashboard shows.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from evoopt.config import StudyConfig
+    from evoopt.report import compare_studies
+
+    configs = [_load_study_config(p) for p in studies]
+    try:
+        rows, files = compare_studies([c for c in configs if isinstance(c, StudyConfig)], out)
+    except _STUDY_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    table = Table(title="evoopt compare")
+    for column in ("study", "sampler", "space", "finished", "best (dev)", "test", "trials to 99 %", "wall time"):
+        table.add_column(column, justify="left" if column in ("study", "sampler", "space") else "right")
+    for row in rows:
+        test = "-" if row["test"] is None else f"{row['test']:.4f}"
+        table.add_row(row["name"], row["sampler"], row["space"], str(row["finished"]), f"{row['best']:.4f}", test,
+                      str(row["trials_to_99"]), f"{row['wall_seconds']:.0f} s")
+    console = Console()
+    console.print(table)
+    console.print("plots: " + ", ".join(str(f) for f in files))
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; the default is reachable from this machine only.")
+@click.option("--port", default=8080, show_default=True, type=int)
+def dashboard(study: Path, host: str, port: int) -> None:
+    """Serve optuna-dashboard on STUDY's storage and artifact store (Ctrl-C stops it).
+
+    Every trial shows its merge recipe, per-task scores and timings (user attributes);
+    the study's note lists sources, baselines and the best so far; the best recipe and
+    the `evoopt compare` plots are attached as artifacts.
+    """
+    from evoopt.config import StudyConfig
+    from evoopt.report import dashboard_command, serve_dashboard
+
+    config = _load_study_config(study)
+    assert isinstance(config, StudyConfig)
+    click.echo(f"serving {config.storage_url} on http://{host}:{port}  (same as: "
+               f"{' '.join(dashboard_command(config, host, port))})")
+    serve_dashboard(config, host=host, port=port)
+
+
+@main.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def lm_eval_command(ctx: click.Context) -> None:
+    """lm-evaluation-harness with evoopt's model: `evoopt lm-eval --model evoopt --model_args ...`.
+
+    \b
+    Every lm_eval argument works; the evoopt model builds the merged model in memory:
+      --model_args recipe=RECIPE.yaml
+      --model_args config=STUDY.yaml,trial=best     (or study=NAME,storage=URL,trial=N)
+    Example:
+      evoopt lm-eval --model evoopt --model_args recipe=r.yaml --tasks TASK --include_path DIR
+    (lm-eval has no plugin discovery, so plain `lm_eval` does not know `--model evoopt`;
+    from Python, `import evoopt.lm_eval_model` registers it for lm_eval.simple_evaluate.)
+    """
+    from evoopt.lm_eval_model import main as lm_eval_main
+
+    lm_eval_main(list(ctx.args))
+
+
 if __name__ == "__main__":
     main()

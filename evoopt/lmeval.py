@@ -11,6 +11,25 @@ from pathlib import Path
 from typing import Any
 
 
+def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, batch_size: int = 16,
+                seed: int = 0, limit: int | None = None) -> dict[str, float]:
+    """``{task: accuracy, or exact match for generative tasks}`` of ``model`` as it is in memory."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, cache_requests=False,
+                              use_cache=None, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed, verbosity="ERROR")
+    scores = {}
+    for name in tasks:
+        metrics = results["results"][name]
+        key = next((k for k in ("acc,none", "acc_norm,none") if k in metrics), None)
+        key = key or next(k for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
+        scores[name] = float(metrics[key])
+    return scores
+
+
 def evaluate_tasks(model: Any, tokenizer: Any, corpora: list[str], *, split: str, limit: int | None = None,
                    batch_size: int = 16, seed: int = 0) -> dict[str, float]:
     """Accuracy (exact match for generative tasks) of a causal LM on evoopt's local tasks.
@@ -19,21 +38,11 @@ def evaluate_tasks(model: Any, tokenizer: Any, corpora: list[str], *, split: str
     written as lm-eval tasks into a temporary folder and evaluated on ``model``
     as it is in memory. Returns ``{task name: score}``.
     """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from evoopt.data import write_lm_eval_tasks
 
     with tempfile.TemporaryDirectory(prefix="evoopt-tasks-") as folder:
         names = write_lm_eval_tasks(corpora, Path(folder), split=split, seed=seed, limit=limit)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=folder),
-                                  cache_requests=False, use_cache=None, random_seed=seed, numpy_random_seed=seed,
-                                  torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR")
-    scores = {}
-    for name in names:
-        metrics = results["results"][name]
-        key = "acc,none" if "acc,none" in metrics else next(k for k in metrics if k.startswith("exact_match"))
-        scores[name] = float(metrics[key])
-    return scores
+        return run_lm_eval(model, tokenizer, names, TaskManager(include_path=folder), batch_size=batch_size,
+                           seed=seed)

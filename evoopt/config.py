@@ -1,0 +1,254 @@
+"""Study configs: one YAML file says what to merge, how to search, and how to score.
+
+::
+
+    name: minilm-sentiment-ties
+    setting: minilm-sentiment-domains   # or sources: {base: ..., models: [...], tasks: [...]}
+    space: {kind: global, method: ties, search: {weight: [0.0, 1.5], density: [0.1, 1.0]}}
+    sampler: {name: TPESampler}
+    objective: {kind: dev, metric: accuracy, limit: 300}
+    trials: 30
+
+Every problem (unknown keys, wrong types, unknown sampler, inverted bounds, a test
+split as the objective) is reported at once, with the key path of each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from evoopt.recipe import RecipeError
+
+# what may change between runs of one study without making it a different study
+RUNTIME_KEYS = ("trials", "timeout", "device", "storage", "artifacts", "heartbeat_interval", "grace_period")
+MINIMIZE = ("mse", "perplexity")
+
+
+class ConfigError(RecipeError):
+    """A study config is invalid; the message lists every problem with its key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourcesSpec(_Strict):
+    """Models named directly instead of through a benchmark setting."""
+
+    base: str | None = Field(None, description="the pretrained model the experts were fine-tuned from")
+    models: list[str] = Field(min_length=2)
+    tasks: list[str] = Field(default_factory=list, description="corpora to score on (evoopt.data names)")
+
+
+class SpaceSpec(_Strict):
+    kind: Literal["global"] = Field("global", description="global: one value per model and coefficient")
+    method: str = "ties"
+    search: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)},
+        description="per-model coefficients searched, with their [low, high] bounds")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="recipe parameters that are not searched")
+    log: list[str] = Field(default_factory=list, description="coefficients searched on a log scale")
+
+
+class SamplerSpec(_Strict):
+    name: str = Field("TPESampler", description="any optuna.samplers class name, e.g. TPESampler, RandomSampler")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrunerSpec(_Strict):
+    name: str = Field("NopPruner", description="any optuna.pruners class name, e.g. MedianPruner, HyperbandPruner")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ObjectiveSpec(_Strict):
+    kind: Literal["dev", "lm-eval"] = Field(
+        "dev", description="dev: evoopt's own batched scoring; lm-eval: lm-evaluation-harness tasks")
+    metric: Literal["accuracy", "macro_f1", "mse", "perplexity"] = "accuracy"
+    split: Literal["dev", "test"] = "dev"
+    allow_test: bool = Field(False, description="allow searching on the test split (never do this for reporting)")
+    limit: int | None = Field(300, gt=0, description="examples per task (a fixed, seeded subset)")
+    test_limit: int | None = Field(None, gt=0, description="examples per task for test reporting (default all)")
+    fidelities: list[int] = Field(default_factory=list, description=(
+        "growing numbers of examples per task at which intermediate scores are reported to the pruner"))
+    batch_size: int = Field(64, gt=0)
+    max_length: int = Field(128, gt=0)
+    multi_objective: bool = Field(False, description="one objective per task (for NSGA-II and friends)")
+    tasks: list[str] = Field(default_factory=list, description=(
+        "lm-eval: registered task names or tasks of include_path; default the setting's local tasks"))
+    include_path: str | None = None
+    weights: dict[str, float] = Field(default_factory=dict, description="task weights of the score (default 1)")
+
+
+class StudyConfig(_Strict):
+    name: str = Field(min_length=1)
+    setting: str | None = Field(None, description="a benchmark setting of `evoopt experts`")
+    sources: SourcesSpec | None = None
+    space: SpaceSpec = Field(default_factory=lambda: SpaceSpec())
+    sampler: SamplerSpec = Field(default_factory=lambda: SamplerSpec())
+    objective: ObjectiveSpec = Field(default_factory=lambda: ObjectiveSpec())
+    pruner: PrunerSpec = Field(default_factory=lambda: PrunerSpec())
+    trials: int = Field(30, gt=0, description="finished trials the study should have")
+    timeout: float | None = Field(None, gt=0, description="seconds for one `run`")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    storage: str | None = Field(None, description="an Optuna storage URL; default sqlite in the artifacts folder")
+    artifacts: str = Field("out/studies", description="folder for the default storage, artifacts and plots")
+    baselines: list[str] = Field(
+        default_factory=lambda: ["sources", "ensemble", "greedy-soup", "linear", "task_arithmetic", "ties",
+                                 "dare_ties", "fisher", "regmean"],
+        description="what `baselines` evaluates")
+    heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
+    grace_period: int = Field(60, gt=0, description="seconds without heartbeat before a trial counts as dead")
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def root(self) -> Path:
+        """The config file's folder: relative source paths are relative to it."""
+        return self._root
+
+    @property
+    def artifact_dir(self) -> Path:
+        return Path(self.artifacts) / self.name
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{(self.artifact_dir / 'evoopt.db').as_posix()}"
+
+    @property
+    def directions(self) -> list[Literal["minimize", "maximize"]]:
+        minimize = self.objective.metric in MINIMIZE
+        direction: Literal["minimize", "maximize"] = "minimize" if minimize else "maximize"
+        return [direction] * (len(self.task_names) if self.objective.multi_objective else 1)
+
+    @property
+    def task_names(self) -> list[str]:
+        if self.objective.kind == "lm-eval" and self.objective.tasks:
+            return list(self.objective.tasks)
+        if self.sources is not None:
+            return list(self.sources.tasks)
+        from evoopt.experts import get_setting
+
+        return list(get_setting(self.setting or "").tasks)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two configs the same study: everything but the run-time keys."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _problems(config: StudyConfig) -> list[str]:
+    import optuna
+
+    from evoopt.merge import get_method
+
+    problems = []
+    if (config.setting is None) == (config.sources is None):
+        problems.append("setting / sources: give exactly one (a benchmark setting name, or sources: base + models)")
+    if config.setting is not None:
+        from evoopt.experts import SETTINGS
+
+        if config.setting not in SETTINGS:
+            problems.append(f"setting: unknown benchmark setting {config.setting!r}; known: {', '.join(SETTINGS)}")
+    if config.sources is not None and not config.sources.tasks and not config.objective.tasks:
+        problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
+    try:
+        method = get_method(config.space.method)
+        allowed = set(method.per_model)
+        for key in config.space.search:
+            if key not in allowed:
+                problems.append(f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
+                                f"allowed: {', '.join(sorted(allowed)) or 'none'}")
+    except ValueError as error:
+        problems.append(f"space.method: {error}")
+    for key, (low, high) in config.space.search.items():
+        if not low < high:
+            problems.append(f"space.search.{key}: bounds must be [low, high] with low < high, got [{low}, {high}]")
+        if key in config.space.log and low <= 0:
+            problems.append(f"space.search.{key}: a log-scale coefficient needs low > 0, got {low}")
+    for key in config.space.log:
+        if key not in config.space.search:
+            problems.append(f"space.log: {key!r} is not searched (space.search has {', '.join(config.space.search)})")
+    if not _known(config.sampler.name, optuna.samplers):
+        from evoopt.samplers import SAMPLERS
+
+        if config.sampler.name not in SAMPLERS:
+            known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler")] + list(SAMPLERS))
+            problems.append(f"sampler.name: unknown sampler {config.sampler.name!r}; known: {', '.join(known)}")
+    if not _known(config.pruner.name, optuna.pruners):
+        known = sorted(n for n in dir(optuna.pruners) if n.endswith("Pruner") and n != "BasePruner")
+        problems.append(f"pruner.name: unknown pruner {config.pruner.name!r}; known: {', '.join(known)}")
+    objective = config.objective
+    if objective.split == "test" and not objective.allow_test:
+        problems.append("objective.split: 'test' is for reporting, not search; use 'dev' "
+                        "(or set objective.allow_test: true if you really mean it)")
+    limit = objective.limit or float("inf")
+    if objective.fidelities:
+        if sorted(set(objective.fidelities)) != objective.fidelities or objective.fidelities[0] <= 0:
+            problems.append(f"objective.fidelities: must be increasing positive numbers, got {objective.fidelities}")
+        elif objective.fidelities[-1] > limit:
+            problems.append(f"objective.fidelities: {objective.fidelities[-1]} is more than objective.limit ({limit})")
+        if objective.kind == "lm-eval":
+            problems.append("objective.fidelities: only the dev objective reports intermediate scores")
+    if objective.multi_objective and objective.fidelities:
+        problems.append("objective.fidelities: Optuna prunes single-objective studies only")
+    if objective.kind == "dev" and objective.metric == "perplexity" and config.setting is not None:
+        from evoopt.experts import SETTINGS
+
+        if config.setting in SETTINGS and SETTINGS[config.setting].kind != "causal":
+            problems.append("objective.metric: perplexity needs a causal LM setting")
+    return problems
+
+
+def _known(name: str, module: Any) -> bool:
+    return isinstance(getattr(module, name, None), type)
+
+
+def parse_config(data: Any, *, root: Path | None = None, source: str = "study") -> StudyConfig:
+    """Validate a study config mapping; every problem is reported at once, with its key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of study keys, got {type(data).__name__}")
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as error:
+        lines = [f"{'.'.join(str(p) for p in item['loc']) or '(study)'}: {item['msg']}" for item in error.errors()]
+        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)) from None
+    lines = _problems(config)
+    if lines:
+        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines))
+    config._root = root or Path.cwd()
+    return config
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study config not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    return parse_config(data, root=path.resolve().parent, source=str(path))
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Key paths where two config identities differ."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: stored {json.dumps(a)}, now {json.dumps(b)}")
+    return out

@@ -1,0 +1,207 @@
+"""Scoring a candidate model: dev-set metrics per task, batched, on the model as it is in memory.
+
+A scorer is built once per worker (data read and tokenised once) and called for
+every candidate. :class:`ClassifierScorer` scores sequence classifiers (accuracy,
+macro-F1, MSE) on fixed subsets of each task and can yield intermediate scores on
+growing subsets for pruning; :class:`LmEvalScorer` scores causal LMs through
+lm-evaluation-harness (evoopt's local multiple-choice tasks, or any task by name);
+:class:`PerplexityScorer` scores causal LMs by perplexity on the tasks' texts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evoopt.data import load_splits
+
+Scores = dict[str, float]
+
+
+def macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
+    classes = np.unique(labels)
+    f1 = []
+    for c in classes:
+        tp = float(np.sum((predicted == c) & (labels == c)))
+        fp = float(np.sum((predicted == c) & (labels != c)))
+        fn = float(np.sum((predicted != c) & (labels == c)))
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(f1))
+
+
+def combine(scores: Scores, weights: dict[str, float] | None = None) -> float:
+    """The study's value: the (weighted) mean of the per-task scores."""
+    weights = weights or {}
+    total = sum(weights.get(t, 1.0) for t in scores)
+    return sum(weights.get(t, 1.0) * s for t, s in scores.items()) / total
+
+
+class ClassifierScorer:
+    """Sequence-classifier scores on the first ``limit`` examples of each task's split.
+
+    The splits are already a seeded shuffle, so the first ``limit`` rows are a fixed
+    random subset. ``heads`` maps a task to the head tensors written into the model
+    before it is scored on that task (settings with per-task heads).
+    """
+
+    def __init__(self, tokenizer: Any, tasks: Sequence[str], *, split: str, limit: int | None = None,
+                 stages: Sequence[int] = (), batch_size: int = 64, max_length: int = 128,
+                 metric: str = "accuracy", seed: int = 0, heads: dict[str, dict[str, torch.Tensor]] | None = None,
+                 device: torch.device | None = None) -> None:
+        self.tasks = list(tasks)
+        self.metric = metric
+        self.heads = heads or {}
+        self.device = device or torch.device("cpu")
+        self.labels: dict[str, np.ndarray] = {}
+        # per task, per stage: batches (input tensors, positions of its rows)
+        self.batches: dict[str, list[list[tuple[dict[str, torch.Tensor], np.ndarray]]]] = {}
+        for task in self.tasks:
+            rows = load_splits(task, seed=seed)[split]
+            n = min(limit or len(rows), len(rows))
+            if n == 0:
+                raise ValueError(f"objective: task {task!r} has no examples in its {split} split")
+            texts = rows.select(range(n))["text"]
+            self.labels[task] = np.asarray(rows.select(range(n))["label"])
+            cuts = [0, *[s for s in stages if s < n], n]
+            staged = []
+            for lo, hi in zip(cuts, cuts[1:]):
+                order = sorted(range(lo, hi), key=lambda i: len(texts[i]))  # little padding per batch
+                stage = []
+                for start in range(0, len(order), batch_size):
+                    chosen = np.asarray(order[start : start + batch_size])
+                    inputs = tokenizer([texts[i] for i in chosen], padding=True, truncation=True,
+                                       max_length=max_length, return_tensors="pt")
+                    stage.append(({k: v.to(self.device) for k, v in inputs.items()}, chosen))
+                staged.append(stage)
+            self.batches[task] = staged
+
+    def size(self, task: str) -> int:
+        return len(self.labels[task])
+
+    def _metric(self, outputs: np.ndarray, labels: np.ndarray) -> float:
+        if self.metric == "mse":
+            return float(np.mean((outputs[:, 0] - labels) ** 2))
+        predicted = outputs.argmax(-1)
+        if self.metric == "macro_f1":
+            return macro_f1(predicted, labels)
+        return float(np.mean(predicted == labels))
+
+    @torch.no_grad()
+    def staged_scores(self, model: torch.nn.Module | Sequence[torch.nn.Module]) -> Iterator[tuple[int, Scores]]:
+        """Scores after each stage: (examples per task so far, {task: score}).
+
+        A sequence of models is scored as their ensemble (mean of probabilities).
+        """
+        models = list(model) if isinstance(model, Sequence) else [model]
+        for m in models:
+            m.eval()
+        outputs = {t: np.zeros((self.size(t), 0), dtype=np.float32) for t in self.tasks}
+        stages = max(len(s) for s in self.batches.values())
+        for stage in range(stages):
+            for task in self.tasks:
+                if stage >= len(self.batches[task]):
+                    continue
+                for m in models:
+                    self._use_head(m, task)
+                for inputs, rows in self.batches[task][stage]:
+                    out = torch.stack([self._forward(m, inputs) for m in models]).mean(0).float().cpu().numpy()
+                    if outputs[task].shape[1] == 0:
+                        outputs[task] = np.zeros((self.size(task), out.shape[1]), dtype=np.float32)
+                    outputs[task][rows] = out
+            seen = {t: sum(len(r) for b in self.batches[t][: stage + 1] for _, r in b) for t in self.tasks}
+            yield max(seen.values()), {t: self._metric(outputs[t][: seen[t]], self.labels[t][: seen[t]])
+                                       for t in self.tasks}
+
+    def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(**inputs).logits
+        return logits if self.metric == "mse" else torch.softmax(logits.float(), -1)
+
+    def _use_head(self, model: torch.nn.Module, task: str) -> None:
+        head = self.heads.get(task)
+        if head:
+            params = dict(model.named_parameters())
+            for name, tensor in head.items():
+                params[name].data = tensor  # heads of different tasks differ in shape: swapped, not copied
+
+    def scores(self, model: torch.nn.Module | Sequence[torch.nn.Module]) -> Scores:
+        *_, (_, last) = self.staged_scores(model)
+        return last
+
+
+def _lm_eval_name(task: str, split: str) -> str:
+    """evoopt_sms-spam_dev -> sms-spam; other tasks keep their names."""
+    return task.removeprefix("evoopt_").removesuffix(f"_{split}")
+
+
+class LmEvalScorer:
+    """Causal-LM scores through lm-evaluation-harness on the in-memory model.
+
+    ``corpora`` are written once as local tasks into ``folder``; ``tasks`` adds
+    registered tasks (or tasks of ``include_path``) by name.
+    """
+
+    def __init__(self, tokenizer: Any, *, split: str, folder: Path, corpora: Sequence[str] = (),
+                 tasks: Sequence[str] = (), include_path: str | None = None, limit: int | None = None,
+                 batch_size: int = 16, seed: int = 0) -> None:
+        from lm_eval.tasks import TaskManager
+
+        from evoopt.data import write_lm_eval_tasks
+
+        self.tokenizer = tokenizer
+        self.split = split
+        self.limit = limit
+        self.batch_size = batch_size
+        self.seed = seed
+        folder = folder / split
+        self.names = list(write_lm_eval_tasks(list(corpora), folder, split=split, seed=seed, limit=limit))
+        self.names += list(tasks)
+        paths = [str(folder)] + ([include_path] if include_path else [])
+        self.manager = TaskManager(include_path=paths)
+
+    def scores(self, model: torch.nn.Module) -> Scores:
+        from evoopt.lmeval import run_lm_eval
+
+        results = run_lm_eval(model, self.tokenizer, self.names, self.manager, batch_size=self.batch_size,
+                              seed=self.seed, limit=self.limit)
+        return {_lm_eval_name(name, self.split): score for name, score in results.items()}
+
+
+class PerplexityScorer:
+    """Perplexity of a causal LM on the texts of each task's split (lower is better)."""
+
+    def __init__(self, tokenizer: Any, tasks: Sequence[str], *, split: str, limit: int | None = None,
+                 batch_size: int = 16, max_length: int = 128, seed: int = 0,
+                 device: torch.device | None = None) -> None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.device = device or torch.device("cpu")
+        self.batches: dict[str, list[dict[str, torch.Tensor]]] = {}
+        for task in tasks:
+            rows = load_splits(task, seed=seed)[split]
+            texts = rows.select(range(min(limit or len(rows), len(rows))))["text"]
+            self.batches[task] = [
+                {k: v.to(self.device) for k, v in tokenizer(list(texts[i : i + batch_size]), padding=True,
+                                                             truncation=True, max_length=max_length,
+                                                             return_tensors="pt").items()}
+                for i in range(0, len(texts), batch_size)
+            ]
+
+    @torch.no_grad()
+    def scores(self, model: torch.nn.Module) -> Scores:
+        model.eval()
+        out = {}
+        for task, batches in self.batches.items():
+            total, count = 0.0, 0
+            for inputs in batches:
+                logits = model(**inputs).logits[:, :-1].float()
+                target = inputs["input_ids"][:, 1:]
+                mask = inputs["attention_mask"][:, 1:].bool()
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+                total += float(nll[mask].sum())
+                count += int(mask.sum())
+            out[task] = float(np.exp(total / max(1, count)))
+        return out

@@ -1,0 +1,202 @@
+"""Comparing studies, and serving them in optuna-dashboard.
+
+:func:`compare_studies` puts several studies side by side (say TPE against random
+search on one merge): a table of their best values, time and trials to converge,
+and their best-so-far curves against trials and against wall-clock seconds, as
+``compare.png`` (matplotlib) and ``compare.html`` (plotly, self-contained: works
+offline). Both files are also uploaded as artifacts to every compared study, so
+optuna-dashboard shows them. :func:`serve_dashboard` runs optuna-dashboard on a
+study's storage and artifact store.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from evoopt.config import StudyConfig
+from evoopt.study import FINISHED, best_trial, open_study, summary_rows
+
+CONVERGED = 0.99  # a study has converged once its best so far is within 1% of its final best
+
+
+@dataclass
+class Curve:
+    """Best value so far of one study: after each completed trial (by number), and over wall-clock seconds."""
+
+    name: str
+    trials: list[int]  # trial number + 1: trials run so far, pruned and failed ones included
+    by_trial: list[float]
+    seconds: list[float]  # since the study's first trial started
+    by_time: list[float]
+
+
+def _value(trial: FrozenTrial) -> float:
+    """One number per trial; multi-objective studies sum their objectives, like `summary_rows`."""
+    values = trial.values or []
+    return float(values[0]) if len(values) == 1 else float(sum(values))
+
+
+def _cumulative(values: list[float], maximize: bool) -> list[float]:
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else (max if maximize else min)(out[-1], v))
+    return out
+
+
+def best_so_far(study: optuna.Study) -> Curve:
+    """The cumulative best (max or min, by the study's direction) of its completed trials."""
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    trials = study.get_trials(deepcopy=False)
+    start = min(t.datetime_start for t in trials if t.datetime_start is not None)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]  # in number order
+    ends = {t.number: t.datetime_complete or start for t in complete}
+    timed = sorted(complete, key=lambda t: ends[t.number])  # in the order they finished
+    return Curve(name=study.study_name, trials=[t.number + 1 for t in complete],
+                 by_trial=_cumulative([_value(t) for t in complete], maximize),
+                 seconds=[(ends[t.number] - start).total_seconds() for t in timed],
+                 by_time=_cumulative([_value(t) for t in timed], maximize))
+
+
+def _row(config: StudyConfig, study: optuna.Study, curve: Curve) -> dict[str, Any]:
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    best = study.best_value if len(study.directions) == 1 else curve.by_trial[-1]
+    margin = (1 - CONVERGED) * abs(best)
+    reached = next(n for n, v in zip(curve.trials, curve.by_trial)
+                   if (v >= best - margin if maximize else v <= best + margin))
+    trials = study.get_trials(deepcopy=False)
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
+    summary = summary_rows(study)[-1]  # the best trial's row comes last
+    return {"name": study.study_name, "sampler": config.sampler.name,
+            "space": f"{config.space.kind} {config.space.method}",
+            "direction": "maximize" if maximize else "minimize",
+            "finished": len(study.get_trials(deepcopy=False, states=FINISHED)), "best": best,
+            "wall_seconds": (max(ends) - min(starts)).total_seconds(), "trials_to_99": reached,
+            "test": summary["test"]}
+
+
+def _load(config: StudyConfig) -> optuna.Study:
+    study = open_study(config, create=False)  # ConfigError (a ValueError) if there is no such study
+    if best_trial(study) is None:
+        raise ValueError(f"study {config.name!r} in {config.storage_url} has no completed trial; run it first")
+    return study
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # created with the umask's mode
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _png(curves: list[Curve], file: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)  # the Agg backend, without touching pyplot's global one
+    by_trial, by_time = figure.subplots(1, 2)
+    for c in curves:
+        by_trial.step(c.trials, c.by_trial, where="post", marker=".", label=c.name)
+        by_time.step(c.seconds, c.by_time, where="post", marker=".", label=c.name)
+    by_trial.set(title="Best so far by trial", xlabel="trial", ylabel="best value")
+    by_time.set(title="Best so far by wall-clock time", xlabel="seconds since the first trial started",
+                ylabel="best value")
+    for axes in (by_trial, by_time):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.savefig(file, format="png", dpi=100)
+
+
+def _html(curves: list[Curve], rows: list[dict[str, Any]], file: Path) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("Best so far by trial", "Best so far by wall-clock time"))
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for i, c in enumerate(curves):
+        style = {"name": c.name, "legendgroup": c.name, "mode": "lines+markers", "line_shape": "hv",
+                 "line_color": colors[i % len(colors)]}
+        figure.add_trace(go.Scatter(x=c.trials, y=c.by_trial, **style), row=1, col=1)
+        figure.add_trace(go.Scatter(x=c.seconds, y=c.by_time, showlegend=False, **style), row=1, col=2)
+    figure.update_xaxes(title_text="trial", row=1, col=1)
+    figure.update_xaxes(title_text="seconds since the first trial started", row=1, col=2)
+    figure.update_yaxes(title_text="best value")
+    keys = list(rows[0])
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(_text(r[k]))}</td>" for k in keys) + "</tr>" for r in rows)
+    table = f"<table><tr>{''.join(f'<th>{html.escape(k)}</th>' for k in keys)}</tr>{cells}</table>"
+    plot = figure.to_html(include_plotlyjs=True, full_html=False)  # plotly.js inline: no internet needed
+    file.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>evoopt: study comparison</title>"
+                    "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style>"
+                    f"</head><body><h1>Study comparison</h1>{table}{plot}</body></html>\n", encoding="utf-8")
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _upload(config: StudyConfig, study: optuna.Study, files: list[Path]) -> None:
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    folder = config.artifact_dir / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(folder))
+    for file in files:
+        upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=study, storage=study._storage)
+
+
+def compare_studies(configs: list[StudyConfig], out: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Compare studies: a row each, ``out/compare.png`` and ``out/compare.html``, uploaded to every study.
+
+    A row has the study's name, sampler, search space, finished trials, best value, wall time (first
+    trial start to last trial end, seconds), the trial by which its best so far came within 1% of
+    its final best, and the test score of its best trial where `report_best` stored one.
+    """
+    if not configs:
+        raise ValueError("compare: give at least one study")
+    studies = [_load(c) for c in configs]
+    curves = [best_so_far(s) for s in studies]
+    rows = [_row(c, s, curve) for c, s, curve in zip(configs, studies, curves)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [_atomic(out / "compare.png", lambda f: _png(curves, f)),
+             _atomic(out / "compare.html", lambda f: _html(curves, rows, f))]
+    for config, study in zip(configs, studies):
+        _upload(config, study, files)
+    return rows, files
+
+
+# --- optuna-dashboard --------------------------------------------------------------------------------
+
+def dashboard_command(config: StudyConfig, host: str = "127.0.0.1", port: int = 8080) -> list[str]:
+    """The `optuna-dashboard` command line that serves this study like :func:`serve_dashboard`."""
+    storage = config.storage_url.removeprefix("journal:")  # the CLI takes a journal file by its path
+    return ["optuna-dashboard", storage, "--artifact-dir", str(config.artifact_dir / "artifacts"),
+            "--host", host, "--port", str(port)]
+
+
+def serve_dashboard(config: StudyConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Run optuna-dashboard on the study's storage and artifact store until interrupted."""
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import run_server
+
+    from evoopt.study import open_storage
+
+    folder = config.artifact_dir / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    run_server(open_storage(config), host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))

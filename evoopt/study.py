@@ -1,0 +1,593 @@
+"""Merging as a resumable Optuna study.
+
+A :class:`Worker` holds what one process needs to score candidates, built once:
+the sources, the evaluation model (a :class:`~evoopt.merger.Merger` writes each
+candidate into it in place) and the tokenised dev data. :func:`run_study` creates
+or resumes the study in its storage and runs trials until the config's budget;
+:func:`run_baselines` records what the search must beat; :func:`export_trial`
+rebuilds any trial's model from its parameters.
+
+Storage: the default is a SQLite file in the artifacts folder (several local
+workers, opens in optuna-dashboard). With any RDB storage, running trials send
+heartbeats; a trial whose process died is failed after ``grace_period`` seconds
+and retried with the same parameters. A study remembers its config: resuming
+with a different one is refused, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from evoopt.config import ConfigError, StudyConfig, differences
+from evoopt.merger import Merger, pick_device
+from evoopt.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
+from evoopt.recipe import Recipe
+from evoopt.samplers import make_pruner, make_sampler
+from evoopt.space import Sources, fixed_recipe, make_space, study_sources
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CONFIG_ATTR = "evoopt:config"
+
+
+class EvaluationError(RuntimeError):
+    """A candidate could not be scored (out of memory, ...): its trial fails, the worker goes on."""
+
+
+# --- storage ----------------------------------------------------------------------------------------
+
+def open_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
+    """The config's storage, checked to be reachable before any work."""
+    return storage_from_url(config.storage_url, heartbeat_interval=config.heartbeat_interval,
+                            grace_period=config.grace_period)
+
+
+def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                     create: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna storage: ``journal:PATH`` (or a .log/.journal file), else an RDB URL (sqlite, PostgreSQL, ...).
+
+    With a heartbeat interval, RDB trials of dead processes are failed after
+    ``grace_period`` and retried with the same parameters. ``create=False``
+    refuses a file storage that does not exist yet instead of making it.
+    """
+    journal = url.startswith("journal:") or url.endswith((".log", ".journal"))
+    path = Path(url.removeprefix("journal:")) if journal else None
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+    if path is not None and not create and not path.is_file():
+        raise ConfigError(f"storage: no such file {path}; give the storage URL the study was run with")
+    try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if journal:
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite:///"):
+            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several local workers share the file
+        if heartbeat_interval is not None:
+            kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(3))
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as error:  # noqa: BLE001  (SQLAlchemy, driver and file errors alike)
+        raise ConfigError(f"storage: cannot open {url!r}: {type(error).__name__}: {error}; "
+                          "check the URL, that the server is up, and the credentials") from None
+
+
+def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True) -> optuna.Study:
+    """Create the study, or load it and check it was made from the same config."""
+    storage = open_storage(config)
+    sampler = make_sampler(config.sampler, config.seed + worker)
+    pruner = make_pruner(config.pruner.name, config.pruner.options)
+    if not create:
+        try:
+            return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
+        except KeyError:
+            raise ConfigError(f"name: no study {config.name!r} in {config.storage_url}; run it first") from None
+    study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                                directions=config.directions, load_if_exists=True)
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        study.set_user_attr(CONFIG_ATTR, config.identity())
+        study.set_user_attr("evoopt:root", str(config.root))
+    elif stored != config.identity():
+        changed = differences(stored, config.identity())
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made from another config; "
+                          "give this one a new name, or restore the old values:\n  - " + "\n  - ".join(changed))
+    return study
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+# --- the worker -------------------------------------------------------------------------------------
+
+class Worker:
+    """Sources, evaluation model and dev data of one process, built once and reused by every trial."""
+
+    def __init__(self, config: StudyConfig, *, progress: Progress | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.progress = progress
+        self.sources: Sources = study_sources(config)
+        self.space = make_space(config, self.sources)
+        self.merger = Merger(self.space.default(), progress=progress)
+        self.model = self.merger.model
+        self.device = pick_device(config.device)
+        folder = self.merger.structure.folder
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.heads = self._task_heads() if self.sources.per_task_heads else None
+        self._scorers: dict[str, Any] = {}
+
+    def _task_heads(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each task's own head, from its expert (settings whose heads differ in shape)."""
+        from evoopt.io import open_source, resolve_path
+
+        heads = {}
+        for task, model in zip(self.sources.tasks, self.sources.models):
+            source = open_source(resolve_path(model, self.sources.root))
+            names = [n for n in source.keys() if self.merger.recipe.excluded(n) and source.dtype(n).is_floating_point]
+            heads[task] = {n: source.get(n).to(self.device) for n in names}
+        return heads
+
+    def scorer(self, split: str) -> Any:
+        """The scorer of a split, built on first use (the test scorer only ever for reporting)."""
+        if split not in self._scorers:
+            o = self.config.objective
+            folder = self.config.artifact_dir / "tasks"
+            search = split == o.split
+            limit = o.limit if search else o.test_limit
+            if self.sources.kind == "causal" and o.metric == "perplexity":
+                scorer: Any = PerplexityScorer(self.tokenizer, self.sources.tasks, split=split, limit=limit,
+                                               batch_size=o.batch_size, max_length=o.max_length,
+                                               seed=self.config.seed, device=self.device)
+            elif self.sources.kind == "causal" or o.kind == "lm-eval":
+                scorer = LmEvalScorer(self.tokenizer, split=split, folder=folder,
+                                      corpora=[] if o.tasks else self.sources.tasks, tasks=o.tasks,
+                                      include_path=o.include_path, limit=limit, batch_size=o.batch_size,
+                                      seed=self.config.seed)
+            else:
+                scorer = ClassifierScorer(self.tokenizer, self.sources.tasks, split=split,
+                                          limit=limit,
+                                          stages=o.fidelities if search else (), batch_size=o.batch_size,
+                                          max_length=o.max_length, metric=o.metric, seed=self.config.seed,
+                                          heads=self.heads, device=self.device)
+            self._scorers[split] = scorer
+        return self._scorers[split]
+
+    def value(self, scores: Scores) -> float | list[float]:
+        if self.config.objective.multi_objective:
+            return [scores[t] for t in sorted(scores)]
+        return combine(scores, self.config.objective.weights)
+
+    def score(self, model: torch.nn.Module | list[torch.nn.Module], split: str,
+              trial: optuna.Trial | None = None) -> Scores:
+        """Per-task scores; with a trial, intermediate values go to its pruner."""
+        scorer = self.scorer(split)
+        try:
+            if trial is None or not isinstance(scorer, ClassifierScorer) or len(self.config.objective.fidelities) == 0:
+                result: Scores = scorer.scores(model)
+                return result
+            stages = list(scorer.staged_scores(model))
+            for n, scores in stages[:-1]:  # pragma: no branch
+                trial.report(combine(scores, self.config.objective.weights), n)
+                if trial.should_prune():
+                    trial.set_user_attr("scores", scores)
+                    trial.set_user_attr("pruned_at", n)
+                    raise optuna.TrialPruned(f"pruned after {n} examples per task")
+            return stages[-1][1]
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise EvaluationError("out of memory while scoring; lower objective.batch_size or "
+                                  "objective.max_length, or set dtype: bfloat16") from None
+
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
+        started = time.perf_counter()
+        recipe = self.space.suggest(trial)
+        trial.set_user_attr("recipe", recipe.model_dump(mode="json", exclude_defaults=True))
+        self.merger.merge(recipe)
+        merged = time.perf_counter()
+        trial.set_user_attr("merge_seconds", round(merged - started, 4))
+        scores = self.score(self.model, self.config.objective.split, trial)
+        trial.set_user_attr("eval_seconds", round(time.perf_counter() - merged, 4))
+        trial.set_user_attr("scores", scores)
+        value = self.value(scores)
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
+            trial.set_user_attr("fail_reason", f"the objective is not finite: {scores}")
+            raise EvaluationError(f"trial {trial.number}: the score is not finite ({scores}); trial failed")
+        return value
+
+    def merged(self, recipe: Recipe) -> torch.nn.Module:
+        self.merger.merge(recipe)
+        return self.model
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+@dataclass
+class RunReport:
+    study: optuna.Study
+    ran: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
+              workers: int = 1, worker_index: int = 0, progress: Progress | None = None,
+              on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+              baselines: bool = True, report: bool = True) -> RunReport:
+    """Create or resume the study and run it until it has ``config.trials`` finished trials.
+
+    ``n_trials`` caps the trials this call runs; ``workers`` > 1 runs that many
+    local worker processes on the same storage. At the end (unless ``report`` is
+    off) the best trial is scored on the test split, for reporting only.
+    """
+    study = open_study(config, worker=worker_index)
+    started = time.perf_counter()
+    run = RunReport(study)
+    if baselines and config.baselines and "evoopt:baselines" not in study.user_attrs and worker_index == 0:
+        run_baselines(config, progress=progress)
+    before = finished_trials(study)
+    remaining = max(0, config.trials - before)
+    if n_trials is not None:
+        remaining = min(remaining, n_trials)
+    timeout = timeout if timeout is not None else config.timeout
+    worker = None
+    if remaining and workers > 1:
+        run.interrupted = _run_workers(config, workers, remaining, timeout, study, on_trial)
+    elif remaining:
+        worker = Worker(config, progress=progress)
+        callbacks = [optuna.study.MaxTrialsCallback(config.trials, states=FINISHED)]
+        if on_trial is not None:
+            callbacks.append(on_trial)  # type: ignore[arg-type]
+        try:
+            # failed trials do not count towards the budget: go on while trials finish
+            while remaining > 0 and (timeout is None or time.perf_counter() - started < timeout):
+                done = finished_trials(study)
+                left = None if timeout is None else timeout - (time.perf_counter() - started)
+                study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
+                               catch=(EvaluationError,), gc_after_trial=False)
+                progress_made = finished_trials(study) - done
+                if progress_made == 0:
+                    break  # every trial of this round failed: stop rather than fail forever
+                remaining = min(remaining - progress_made, config.trials - finished_trials(study))
+        except KeyboardInterrupt:
+            run.interrupted = True  # Optuna has failed the running trial; everything finished is stored
+    run.ran = finished_trials(study) - before
+    run.seconds = time.perf_counter() - started
+    if report and worker_index == 0 and not run.interrupted:
+        report_best(config, study, worker)
+        update_note(config, study)
+    run.rows = summary_rows(study)
+    return run
+
+
+def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: float | None, study: optuna.Study,
+                 on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None) -> bool:
+    """Local worker processes on the study's storage; returns whether it was interrupted."""
+    config_file = config.artifact_dir / "config.json"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    data = {**config.model_dump(mode="json"), "storage": config.storage_url}
+    tmp = config_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(config_file)
+    command = [sys.executable, "-m", "evoopt.cli", "run", str(config_file), "--root", str(config.root),
+               "--no-baselines", "--quiet", "--n-trials", str(remaining)]
+    if timeout is not None:
+        command += ["--timeout", str(timeout)]
+    processes = [subprocess.Popen([*command, "--worker-index", str(i)], env=dict(os.environ))
+                 for i in range(workers)]
+    seen: set[int] = set()
+    try:
+        while any(p.poll() is None for p in processes):
+            time.sleep(1.0)
+            for trial in study.get_trials(deepcopy=False, states=FINISHED):
+                if trial.number not in seen:
+                    seen.add(trial.number)
+                    if on_trial is not None:
+                        on_trial(study, trial)
+    except KeyboardInterrupt:
+        for p in processes:
+            p.terminate()  # each worker fails its running trial and exits
+        for p in processes:
+            p.wait()
+        return True
+    failed = [p.returncode for p in processes if p.returncode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {workers} worker processes failed (exit codes {failed}); "
+                           "see their output above")
+    return False
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    if len(study.directions) > 1:
+        front = study.best_trials
+        return max(front, key=lambda t: float(sum(t.values))) if front else None
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def get_trial(study: optuna.Study, which: str | int) -> optuna.trial.FrozenTrial:
+    if which == "best":
+        trial = best_trial(study)
+        if trial is None:
+            raise ConfigError(f"trial: study {study.study_name!r} has no completed trial yet")
+        return trial
+    number = int(which)
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise ConfigError(f"trial: study {study.study_name!r} has trials 0..{len(trials) - 1}, not {number}")
+    if trials[number].state != TrialState.COMPLETE:
+        raise ConfigError(f"trial: trial {number} is {trials[number].state.name}, not COMPLETE")
+    return trials[number]
+
+
+def report_best(config: StudyConfig, study: optuna.Study, worker: Worker | None = None) -> None:
+    """Score the best trial on dev (again, full) and test, for reporting only; stored on the study."""
+    trial = best_trial(study)
+    if trial is None:
+        return
+    reports = dict(study.user_attrs.get("evoopt:test", {}))
+    if str(trial.number) in reports:
+        return
+    worker = worker or Worker(config)
+    model = worker.merged(worker.space.recipe(trial.params))
+    reports[str(trial.number)] = {"test": worker.score(model, "test"), "dev": trial.user_attrs.get("scores", {})}
+    study.set_user_attr("evoopt:test", reports)
+    _upload_recipe(config, study, trial, worker)
+
+
+def _upload_recipe(config: StudyConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                   worker: Worker) -> None:
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    recipe = worker.space.recipe(trial.params)
+    folder = config.artifact_dir / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    file = config.artifact_dir / f"best-trial-{trial.number}.yaml"
+    file.write_text(recipe.to_yaml())
+    upload_artifact(artifact_store=FileSystemArtifactStore(str(folder)), file_path=str(file),
+                    study_or_trial=study, storage=study._storage)
+
+
+# --- baselines --------------------------------------------------------------------------------------
+
+def calibration_file(config: StudyConfig, sources: Sources, per_task: int = 8) -> str:
+    """Training texts (never dev or test) for the statistics of Fisher and RegMean."""
+    from evoopt.data import load_splits
+
+    file = config.artifact_dir / "calibration.txt"
+    lines = []
+    for task in sources.tasks:
+        lines += [" ".join(t.split()) for t in load_splits(task, seed=config.seed)["train"]["text"][:per_task]]
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text("\n".join(lines) + "\n")
+    return str(file.resolve())
+
+
+def run_baselines(config: StudyConfig, *, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Score the sources, their ensemble, greedy soup and the fixed-recipe merges on dev and test."""
+    study = open_study(config)
+    worker_progress = progress or (lambda stage, done, total: None)
+    sources = study_sources(config)
+    rows: list[dict[str, Any]] = []
+    base = _Baselines(config, sources, rows, worker_progress)
+    base.run()
+    study.set_user_attr("evoopt:baselines", rows)
+    update_note(config, study)
+    return rows
+
+
+class _Baselines:
+    def __init__(self, config: StudyConfig, sources: Sources, rows: list[dict[str, Any]], progress: Progress):
+        self.config, self.sources, self.rows, self.progress = config, sources, rows, progress
+        self.worker = Worker(_linear_config(config))
+        self.weights = config.objective.weights
+
+    def _row(self, name: str, model: Any, started: float, **extra: Any) -> dict[str, Any]:
+        dev = self.worker.score(model, self.config.objective.split)
+        test = self.worker.score(model, "test")
+        row = {"name": name, "dev": dev, "test": test, "dev_value": combine(dev, self.weights),
+               "test_value": combine(test, self.weights), "seconds": round(time.perf_counter() - started, 2), **extra}
+        self.rows.append(row)
+        return row
+
+    def _linear(self, weights: list[float]) -> Any:
+        recipe = fixed_recipe(self.sources, "linear", {}, [{"weight": w} for w in weights], config=self.config)
+        return self.worker.merged(recipe)
+
+    def run(self) -> None:
+        wanted = self.config.baselines
+        n = len(self.sources.models)
+        steps = len(wanted) + (n - 1 if "sources" in wanted else 0)
+        done = 0
+        sources: list[dict[str, Any]] = []
+        if "sources" in wanted or "greedy-soup" in wanted:
+            for i, label in enumerate(self.sources.labels):
+                self.progress("baselines: sources", done, steps)
+                started = time.perf_counter()
+                sources.append(self._row(f"source {label}", self._linear([float(i == j) for j in range(n)]),
+                                         started, kind="source"))
+                done += 1
+            if "sources" in wanted:
+                for name, pick in (("average of sources", None), ("best source (by dev)", "best")):
+                    if pick is None:
+                        row = {"name": name, "kind": "source",
+                               "dev_value": sum(r["dev_value"] for r in sources) / n,
+                               "test_value": sum(r["test_value"] for r in sources) / n,
+                               "dev": {}, "test": {}, "seconds": 0.0}
+                    else:
+                        best = max(sources, key=lambda r: r["dev_value"])
+                        row = {**best, "name": f"best source ({best['name'].removeprefix('source ')}, by dev)"}
+                    self.rows.append(row)
+            else:
+                del self.rows[:]  # greedy soup alone needs the scores, not the rows
+        for name in wanted:
+            self.progress(f"baselines: {name}", done, steps)
+            done += 1
+            started = time.perf_counter()
+            if name == "ensemble":
+                if self.sources.kind == "causal" or self.sources.per_task_heads:
+                    continue  # logit ensembles of classifiers that share a head only
+                models = self._load_sources()
+                self._row("logit ensemble", models, started, kind="ensemble")
+                del models
+            elif name == "greedy-soup":
+                self._greedy_soup(sources, started)
+            elif name != "sources":
+                self._merge(name, started)
+        self.progress("baselines", steps, steps)
+
+    def _load_sources(self) -> list[torch.nn.Module]:
+        from evoopt.io import load_target, open_source, resolve_path
+
+        return [load_target(open_source(resolve_path(m, self.sources.root)), dtype=self.worker.merger.dtype,
+                            device=self.worker.device) for m in self.sources.models]
+
+    def _greedy_soup(self, sources: list[dict[str, Any]], started: float) -> None:
+        """Wortsman et al.: add models by decreasing dev score while the uniform soup's dev score improves."""
+        order = sorted(range(len(sources)), key=lambda i: -sources[i]["dev_value"])
+        soup = [order[0]]
+        best = sources[order[0]]["dev_value"]
+        for i in order[1:]:
+            weights = [float(j in soup or j == i) for j in range(len(sources))]
+            value = combine(self.worker.score(self._linear(weights), self.config.objective.split), self.weights)
+            if value > best:
+                soup.append(i)
+                best = value
+        labels = [self.sources.labels[i] for i in sorted(soup)]
+        self._row(f"greedy soup ({', '.join(labels)})", self._linear([float(j in soup) for j in
+                                                                      range(len(sources))]), started, kind="soup")
+
+    def _merge(self, method: str, started: float) -> None:
+        params, per_model = _BASELINE_RECIPES.get(method, ({}, {}))
+        calibration = None
+        from evoopt.merge import get_method
+
+        if get_method(method).statistic:
+            calibration = calibration_file(self.config, self.sources)
+        recipe = fixed_recipe(self.sources, method, params, [dict(per_model)] * len(self.sources.models),
+                              config=self.config, calibration=calibration)
+        merger = Merger(recipe)
+        merged = merger.merge()
+        own = self.worker.merger.model
+        with torch.no_grad():  # score through the worker's model (its head handling and device)
+            own.load_state_dict(merged.state_dict())
+        self._row(f"{method} (fixed)", own, started, kind="merge", recipe=recipe.model_dump(
+            mode="json", exclude_defaults=True))
+        del merger, merged
+
+
+# fixed recipes of the merge baselines: (shared parameters, per-model parameters)
+_BASELINE_RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "linear": ({}, {"weight": 1.0}),
+    "task_arithmetic": ({"scale": 0.5}, {"weight": 1.0}),
+    "ties": ({}, {"weight": 1.0, "density": 0.5}),
+    "dare_ties": ({"normalize": True}, {"weight": 1.0, "density": 0.5}),
+    "fisher": ({}, {"weight": 1.0}),
+    "regmean": ({}, {}),
+}
+
+
+def _linear_config(config: StudyConfig) -> StudyConfig:
+    """The same study with a linear space: its Merger makes sources (one-hot weights) and soups."""
+    space = config.space.model_copy(update={"method": "linear", "search": {"weight": (0.0, 1.0)}, "fixed": {},
+                                            "log": []})
+    copy = config.model_copy(update={"space": space})
+    copy._root = config.root
+    return copy
+
+
+# --- reporting --------------------------------------------------------------------------------------
+
+def summary_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """Baselines and the best trial found: name, dev and test values."""
+    rows = [{"name": r["name"], "dev": r["dev_value"], "test": r["test_value"]}
+            for r in study.user_attrs.get("evoopt:baselines", [])]
+    trial = best_trial(study)
+    if trial is not None:
+        report = study.user_attrs.get("evoopt:test", {}).get(str(trial.number))
+        dev = trial.value if trial.values and len(trial.values) == 1 else float(sum(trial.values or [0.0]))
+        test = None
+        if report:
+            test = combine(report["test"], _weights(study))
+        rows.append({"name": f"best found (trial {trial.number})", "dev": dev, "test": test})
+    return rows
+
+
+def _weights(study: optuna.Study) -> dict[str, float]:
+    config = study.user_attrs.get(CONFIG_ATTR, {})
+    weights: dict[str, float] = config.get("objective", {}).get("weights", {})
+    return weights
+
+
+def update_note(config: StudyConfig, study: optuna.Study) -> None:
+    """The study's Markdown note in optuna-dashboard: sources, baselines, best so far."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    sources = study_sources(config)
+    lines = [f"# {config.name}", "", f"Search space: {config.space.kind} {config.space.method}; sampler "
+             f"{config.sampler.name}; objective {config.objective.kind} {config.objective.metric} on "
+             f"{config.objective.split} (test is for reporting only).", "", "## Sources", ""]
+    lines += [f"- base: `{sources.base}`"] if sources.base else []
+    lines += [f"- `{m}`" for m in sources.models]
+    lines += ["", "## Baselines vs best found", "", "| | dev | test |", "|---|---|---|"]
+    for row in summary_rows(study):
+        test = "" if row["test"] is None else f"{row['test']:.4f}"
+        lines.append(f"| {row['name']} | {row['dev']:.4f} | {test} |")
+    save_note(study, "\n".join(lines) + "\n")
+
+
+def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
+    """Rebuild a trial's merged model from its parameters and save it (per-task heads: one folder per task)."""
+    from evoopt.io import check_writable
+
+    check_writable(out, overwrite=overwrite)
+    study = open_study(config, create=False)
+    trial = get_trial(study, which)
+    sources = study_sources(config)
+    recipe = make_space(config, sources).recipe(trial.params)
+    merger = Merger(recipe)
+    merger.merge()
+    if not sources.per_task_heads:
+        return merger.export(out, overwrite=overwrite)
+    from evoopt.io import atomic_folder
+
+    heads = Worker.__new__(Worker)
+    heads.sources, heads.merger, heads.device = sources, merger, torch.device("cpu")
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        params = dict(merger.model.named_parameters())
+        for task, head in heads._task_heads().items():
+            for name, tensor in head.items():
+                params[name].data = tensor
+            labels = next(t.shape[0] for t in head.values())
+            merger.model.config.num_labels = labels
+            merger.export(tmp / task)
+    return out

@@ -1,0 +1,222 @@
+"""The study engine on real MiniLM experts: run, resume, crash, refuse, export, prune."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from optuna.trial import TrialState
+
+from evoopt.cli import main
+from evoopt.config import ConfigError, parse_config
+from evoopt.study import Worker, export_trial, open_study, run_study
+
+
+def _config(root: Path, experts: Any, **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "small-ties",
+        "sources": {"base": str(next(iter(experts.base.values()))),
+                    "models": [str(p) for p in experts.experts.values()],
+                    "tasks": list(experts.experts)},
+        "space": {"method": "ties", "search": {"weight": [0.2, 1.2], "density": [0.2, 1.0]}},
+        "sampler": {"name": "RandomSampler"},
+        "objective": {"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48},
+        "trials": 4,
+        "seed": 0,
+        "artifacts": str(root / "artifacts"),
+        "baselines": [],
+        "heartbeat_interval": 1,
+        "grace_period": 2,
+    }
+    data.update(overrides)
+    return data
+
+
+def _write(root: Path, data: dict[str, Any]) -> Path:
+    path = root / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_config_reports_every_problem_with_its_path() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "trials": "many", "sampler": {"nme": 1}})
+    text = str(error.value)
+    assert "trials:" in text and "sampler.nme:" in text and "2 problem(s)" in text
+    with pytest.raises(ConfigError) as error:
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "sampler": {"name": "Nope"},
+                      "space": {"search": {"weight": [1.0, 0.5], "gamma": [0.1, 0.2]}},
+                      "objective": {"split": "test"}, "pruner": {"name": "Sometimes"}})
+    text = str(error.value)
+    for expected in ("sampler.name: unknown sampler 'Nope'", "TPESampler", "space.search.weight: bounds",
+                     "space.search.gamma: 'ties' has no per-model coefficient", "objective.split: 'test' is for "
+                     "reporting", "pruner.name: unknown pruner 'Sometimes'"):
+        assert expected in text, text
+    assert parse_config({"name": "x", "setting": "minilm-sentiment-domains",
+                         "objective": {"split": "test", "allow_test": True}}).objective.split == "test"
+
+
+def test_unreachable_storage_is_a_clear_error_before_any_work(small_experts: Any, tmp_path: Path) -> None:
+    experts, _ = small_experts
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config = parse_config(_config(tmp_path, experts, storage=f"sqlite:///{blocker}/sub/x.db"))
+    with pytest.raises(ConfigError, match="storage: cannot open"):
+        run_study(config)
+
+
+@pytest.fixture(scope="module")
+def finished(small_experts: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, optuna.Study]:
+    experts, _ = small_experts
+    root = tmp_path_factory.mktemp("study")
+    config = parse_config(_config(root, experts, baselines=["sources", "greedy-soup", "ties"],
+                                  objective={"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48,
+                                             "fidelities": [20]},
+                                  pruner={"name": "MedianPruner", "options": {"n_startup_trials": 1}}))
+    report = run_study(config)
+    return config, report.study
+
+
+def test_a_study_runs_to_its_budget_and_records_everything(finished: Any) -> None:
+    config, study = finished
+    trials = study.get_trials()
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for trial in complete:
+        assert set(trial.user_attrs["scores"]) == {"vader-tweets", "vader-nyt"}
+        assert trial.value == pytest.approx(sum(trial.user_attrs["scores"].values()) / 2)
+        assert trial.user_attrs["recipe"]["method"] == "ties"
+        assert trial.user_attrs["merge_seconds"] > 0 and trial.user_attrs["eval_seconds"] > 0
+        assert list(trial.intermediate_values) == [20]  # multi-fidelity: the pruner saw the 20-example score
+    names = [row["name"] for row in study.user_attrs["evoopt:baselines"]]
+    assert names[0].startswith("source vader-tweets") and names[1].startswith("source vader-nyt")
+    assert any(n.startswith("greedy soup") for n in names) and "ties (fixed)" in names
+    best = study.best_trial
+    assert set(study.user_attrs["evoopt:test"][str(best.number)]["test"]) == {"vader-tweets", "vader-nyt"}
+    from optuna_dashboard._note import get_note_from_system_attrs  # the note optuna-dashboard shows
+
+    note = get_note_from_system_attrs(study._storage.get_study_system_attrs(study._study_id), None)["body"]
+    assert "best found (trial" in note and "ties (fixed)" in note
+    artifacts = optuna.artifacts.get_all_artifact_meta(study, storage=study._storage)
+    assert any(a.filename == f"best-trial-{best.number}.yaml" for a in artifacts)
+
+
+def test_specialists_are_beaten_where_they_are_weak(finished: Any) -> None:
+    """The search must at least match the best source on the mean over domains (dev)."""
+    _, study = finished
+    sources = [r for r in study.user_attrs["evoopt:baselines"] if r["name"].startswith("source ")]
+    assert study.best_value >= max(r["dev_value"] for r in sources) - 0.05
+
+
+def test_rerun_with_another_config_is_refused_naming_the_difference(finished: Any) -> None:
+    config, _ = finished
+    other = config.model_copy(update={"seed": 7})
+    with pytest.raises(ConfigError, match=r"seed: stored 0, now 7"):
+        open_study(other)
+
+
+def test_export_reloads_with_identical_logits(finished: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    config, study = finished
+    out = export_trial(config, "best", tmp_path / "best")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    worker = Worker(config)
+    model = worker.merged(worker.space.recipe(study.best_trial.params))
+    inputs = worker.tokenizer(["a quietly wonderful film", "the worst editorial"], return_tensors="pt",
+                              padding=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
+    assert (out / "evoopt_recipe.yaml").exists()
+    with pytest.raises(FileExistsError):
+        export_trial(config, "best", out)
+
+
+def test_resume_continues_and_keeps_finished_trials(small_experts: Any, tmp_path: Path) -> None:
+    experts, _ = small_experts
+    config = parse_config(_config(tmp_path, experts, name="resume"))
+    first = run_study(config, n_trials=2, report=False)
+    before = [(t.number, t.params) for t in first.study.get_trials()]
+    assert len(before) == 2
+    second = run_study(config)
+    after = second.study.get_trials()
+    assert len(after) == 4 and [(t.number, t.params) for t in after[:2]] == before
+    assert second.ran == 2
+
+
+def test_non_finite_score_fails_the_trial_and_the_study_goes_on(small_experts: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    experts, _ = small_experts
+    config = parse_config(_config(tmp_path, experts, name="nan", trials=3))
+    real = Worker.score
+    calls = {"n": 0}
+
+    def sometimes_nan(self: Worker, model: Any, split: str, trial: Any = None) -> dict[str, float]:
+        calls["n"] += 1
+        scores = real(self, model, split, trial)
+        return {k: float("nan") for k in scores} if calls["n"] == 2 else scores
+
+    monkeypatch.setattr(Worker, "score", sometimes_nan)
+    study = run_study(config, report=False).study
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
+    failed = next(t for t in study.get_trials() if t.state == TrialState.FAIL)
+    assert "not finite" in failed.user_attrs["fail_reason"]
+
+
+def test_killed_study_resumes_without_losing_trials(small_experts: Any, tmp_path: Path) -> None:
+    """SIGKILL mid-study: the dead trial is detected by its stopped heartbeat and retried."""
+    experts, _ = small_experts
+    path = _write(tmp_path, _config(tmp_path, experts, name="killed", trials=5))
+    config = parse_config(yaml.safe_load(path.read_text()), root=tmp_path)
+    command = [sys.executable, "-m", "evoopt.cli", "run", str(path), "--quiet", "--no-baselines"]
+    process = subprocess.Popen(command, env=dict(os.environ))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = open_study(config).get_trials()
+            except Exception:  # noqa: BLE001  (the database may not exist yet)
+                continue
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and trials[-1].state == TrialState.RUNNING:
+                break
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    trials = open_study(config).get_trials()
+    completed = {t.number: t.params for t in trials if t.state == TrialState.COMPLETE}
+    assert len(completed) >= 2 and any(t.state == TrialState.RUNNING for t in trials)
+    time.sleep(config.grace_period + 1)
+    result = CliRunner().invoke(main, ["run", str(path), "--no-baselines"])
+    assert result.exit_code == 0, result.output
+    trials = open_study(config).get_trials()
+    assert {t.number: t.params for t in trials if t.number in completed} == completed
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 5
+    dead = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(dead) == 1
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead[0].number]
+    assert retry and retry[0].params == dead[0].params and retry[0].state == TrialState.COMPLETE
+    assert "best found" in result.output
+
+
+def test_two_workers_share_one_study(small_experts: Any, tmp_path: Path) -> None:
+    experts, _ = small_experts
+    path = _write(tmp_path, _config(tmp_path, experts, name="workers", trials=4))
+    result = CliRunner().invoke(main, ["run", str(path), "--workers", "2", "--no-baselines"])
+    assert result.exit_code == 0, result.output
+    config = parse_config(yaml.safe_load(path.read_text()), root=tmp_path)
+    trials = open_study(config).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 4  # workers stop at the budget
+    assert len({t.number for t in trials}) == len(trials)

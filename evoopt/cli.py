@@ -19,11 +19,18 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    _quiet_libraries(verbose)
 
 
-def _quiet_libraries() -> None:
-    """The CLI draws its own progress bars; silence the libraries' per-file ones."""
+def _quiet_libraries(verbose: bool = False) -> None:
+    """The CLI draws its own progress bars and tables; silence the libraries' per-file and per-trial logs."""
+    import warnings
+
+    import optuna
+
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     try:
         import datasets
         import transformers
@@ -172,55 +179,36 @@ def _print_expert_scores(built: object, cross: object) -> None:
 
 
 @main.command()
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("studies/minilm-sentiment-ties.yaml"), show_default=True,
-              help="A merge recipe over the minilm-sentiment-domains models.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo-ties"),
-              show_default=True, help="Where to export the merged model.")
-def demo(recipe: Path, out: Path) -> None:
-    """The main job: build the MiniLM sentiment-domain experts, merge them with TIES, score the merge.
+@click.option("--study", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("studies/minilm-sentiment-domains.yaml"), show_default=True,
+              help="The study config to run.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo-best"),
+              show_default=True, help="Where to export the best merged model.")
+@click.pass_context
+def demo(ctx: click.Context, study: Path, out: Path) -> None:
+    """The main job: build the MiniLM sentiment-domain experts, search their TIES merge, export the best.
 
-    Runs studies/minilm-sentiment-ties.yaml: fine-tunes one expert per VADER domain
-    (cached after the first run), merges them into the shared base with a fixed
-    TIES recipe, exports the merged model to --out, and prints dev and test
-    accuracy of base, experts, multi-task model and merge on every domain.
+    Fine-tunes one expert per VADER domain (cached after the first run), runs the
+    default study on the embedded SQLite storage (out/studies/NAME/evoopt.db; a
+    second run resumes it), prints baselines vs the best merge found on dev and
+    test, and exports the best merged model to --out.
     """
     from rich.console import Console
-    from rich.table import Table
 
-    from evoopt.experts import build_setting, cross_scores, evaluate_accuracy
-    from evoopt.merger import Merger
-    from evoopt.recipe import load_recipe
+    from evoopt.config import StudyConfig
+    from evoopt.experts import build_setting
+    from evoopt.study import export_trial
 
-    console = Console(stderr=True)
-    with _Bars(console) as bars:
-        built = build_setting("minilm-sentiment-domains", progress=bars, multitask=False)
-        merger = Merger(load_recipe(recipe), progress=bars)
-        model = merger.merge()
-        merger.export(out, overwrite=True)
-    from transformers import AutoTokenizer
-
-    from evoopt.data import load_splits
-
-    tokenizer = AutoTokenizer.from_pretrained(str(merger.structure.folder))
-    setting = built.setting
-    for split in ("dev", "test"):
-        rows = cross_scores(built, split)
-        rows["merged"] = {t: evaluate_accuracy(model, tokenizer, load_splits(t)[split], setting.train)
-                          for t in setting.tasks}
-        title = "search and selection" if split == "dev" else "reporting only"
-        table = Table(title=f"{merger.recipe.method} merge of {len(setting.tasks)} domain experts: "
-                            f"accuracy on {split} ({title})")
-        table.add_column("model")
-        for t in setting.tasks:
-            table.add_column(t.removeprefix("vader-"), justify="right")
-        table.add_column("mean", justify="right")
-        for label, row in rows.items():
-            mean = sum(row.values()) / len(row)
-            style = "bold" if label == "merged" else None
-            table.add_row(label, *[f"{row[t]:.3f}" for t in setting.tasks], f"{mean:.3f}", style=style)
-        Console().print(table)
-    Console().print(f"merged model written to {out}")
+    config = _load_study_config(study)
+    assert isinstance(config, StudyConfig)
+    with _Bars(Console(stderr=True)) as bars:
+        build_setting(config.setting or "minilm-sentiment-domains", progress=bars, multitask=False)
+    ctx.invoke(run, study=study)
+    try:
+        export_trial(config, "best", out, overwrite=True)
+    except _STUDY_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    Console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
 
 
 @main.command()

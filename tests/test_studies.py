@@ -1,25 +1,34 @@
-"""Every recipe in studies/ validates, and its expert: references name real settings and members."""
+"""Every file in studies/ validates: merge recipes and study configs, naming real settings and members."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
+from evoopt.config import load_config
 from evoopt.experts import get_setting
 from evoopt.recipe import load_recipe
+from evoopt.space import make_space, study_sources
 
 STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
-def test_study_recipe_is_valid(path: Path) -> None:
-    recipe = load_recipe(path)
+def test_study_file_is_valid(path: Path) -> None:
+    if "method" in yaml.safe_load(path.read_text()):  # a merge recipe (`evoopt merge`)
+        recipe = load_recipe(path)
+    else:  # a study config (`evoopt run`): its space decodes to a recipe without opening any model
+        config = load_config(path)
+        recipe = make_space(config, study_sources(config)).default()
+        assert config.objective.split == "dev"
     for reference in [recipe.base or "", *(m.model for m in recipe.models)]:
         if reference.startswith("expert:"):
             setting, _, member = reference.removeprefix("expert:").partition("/")
             assert member in ("base", "mtl", *get_setting(setting).tasks), reference
 
 
-def test_there_are_studies() -> None:
-    assert STUDIES
+def test_there_are_studies_on_both_main_settings() -> None:
+    settings = {yaml.safe_load(p.read_text()).get("setting") for p in STUDIES}
+    assert {"minilm-sentiment-domains", "smollm2-tasks"} <= settings

@@ -220,3 +220,25 @@ def test_two_workers_share_one_study(small_experts: Any, tmp_path: Path) -> None
     trials = open_study(config).get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) >= 4  # workers stop at the budget
     assert len({t.number for t in trials}) == len(trials)
+
+
+def test_cli_status_best_compare_and_bad_trial(finished: Any, tmp_path: Path) -> None:
+    config, study = finished
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    runner = CliRunner()
+    status = runner.invoke(main, ["status", str(path)])
+    assert status.exit_code == 0 and f"best found (trial {study.best_trial.number})" in status.output
+    best = runner.invoke(main, ["best", str(path)])
+    assert best.exit_code == 0 and "method: ties" in best.output and "density" in best.output
+    compare = runner.invoke(main, ["compare", str(path), "--out", str(tmp_path / "compare")])
+    assert compare.exit_code == 0, compare.output
+    assert (tmp_path / "compare" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    bad = runner.invoke(main, ["export", str(path), "--trial", "first", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--trial" in bad.output and not (tmp_path / "x").exists()
+    missing = runner.invoke(main, ["status", str(path).replace("study.yaml", "nope.yaml")])
+    assert missing.exit_code == 1 and "study config not found" in missing.output
+    other = yaml.safe_load(path.read_text()) | {"name": "never-run"}
+    path.write_text(yaml.safe_dump(other))
+    unknown = runner.invoke(main, ["status", str(path)])
+    assert unknown.exit_code == 1 and "no study 'never-run'" in unknown.output

@@ -21,8 +21,9 @@ trials (outside any trial's time), so that the load of the machine drifts alike 
 both. One warm-up trial and one warm-up evaluation are not counted. Prints medians
 and their ratio (machines are noisy: compare the ratio, not seconds); the target is
 a ratio <= 1.10, i.e. merge and bookkeeping cost less than 10 % of evaluation.
-Afterwards the measured trials' recipes are merged again alone, to split
-``merge_seconds`` into sampling and recipe bookkeeping and the merge itself.
+The same callback merges each trial's recipe again alone (same weights), to split the
+trial's ``merge_seconds`` into the merge itself and the rest: sampling the parameters
+(each one a storage write) and storing the recipe.
 
     python benchmarks/trial_overhead.py [--trials 20] [--repeats 2] [--device auto]
                                         [--sampler TPESampler] [--limit 300] [--json OUT]
@@ -108,16 +109,27 @@ class Bench:
         self.evaluations_per_gap = evaluations
         self.walls: list[float] = []
         self.plains: list[float] = []
+        self.recipes: list[float] = []
+        self.merges: list[float] = []
         self.numbers: list[int] = []
         self._start = 0.0
         # the callbacks run_study passes, then ours last: it sees the end of everything a trial costs
         self.callbacks = [optuna.study.MaxTrialsCallback(config.trials, states=FINISHED), self._between]
 
     def _between(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """End of a trial (its callbacks included): stamp it, evaluate the fixed model, start the next."""
+        """End of a trial (its callbacks included): stamp it; merge its recipe again alone (the same
+        weights: the worker's model is left as the trial made it) and evaluate the fixed model; start the next.
+        """
         sync(self.device)
         self.walls.append(time.perf_counter() - self._start)
         self.numbers.append(trial.number)
+        t0 = time.perf_counter()
+        recipe = self.worker.space.recipe(trial.params)
+        t1 = time.perf_counter()
+        self.worker.merger.merge(recipe)
+        sync(self.device)
+        self.recipes.append(t1 - t0)
+        self.merges.append(time.perf_counter() - t1)
         self.plains += self.evaluations(self.evaluations_per_gap)
         self._start = time.perf_counter()
 
@@ -137,19 +149,6 @@ class Bench:
         self.study.optimize(self.worker.objective, n_trials=count, callbacks=self.callbacks,
                             catch=(EvaluationError,), gc_after_trial=False)
 
-    def merges(self, trials: list[optuna.trial.FrozenTrial]) -> tuple[list[float], list[float]]:
-        """The trials' recipes built again from their parameters, and merged: (recipe, merge) seconds."""
-        recipes, merges = [], []
-        for trial in trials:
-            t0 = time.perf_counter()
-            recipe = self.worker.space.recipe(trial.params)
-            t1 = time.perf_counter()
-            self.worker.merger.merge(recipe)
-            sync(self.device)
-            recipes.append(t1 - t0)
-            merges.append(time.perf_counter() - t1)
-        return recipes, merges
-
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
@@ -161,7 +160,7 @@ def measure(config: StudyConfig, trials: int, repeats: int, evaluations: int) ->
     setup = time.perf_counter() - t0
     bench.evaluations(1)  # warm-up: first forward passes
     bench.trials(1)  # warm-up: first merge (kernel compilation), first storage writes
-    bench.walls, bench.plains, bench.numbers = [], [], []
+    bench.walls, bench.plains, bench.numbers, bench.recipes, bench.merges = [], [], [], [], []
     rounds = []
     for size in blocks(trials, repeats):
         done, evaluated = len(bench.walls), len(bench.plains)
@@ -178,7 +177,8 @@ def measure(config: StudyConfig, trials: int, repeats: int, evaluations: int) ->
     by_number = dict(zip(bench.numbers, walls))
     rest = [by_number[t.number] - float(t.user_attrs["merge_seconds"]) - float(t.user_attrs["eval_seconds"])
             for t in complete]
-    recipes, pure = bench.merges(complete)
+    pure = dict(zip(bench.numbers, bench.merges))
+    suggest = [float(t.user_attrs["merge_seconds"]) - pure[t.number] for t in complete]
     wall, plain = median(walls), median(plains)
     per = evaluations
     paired = [w / median(plains[i * per : (i + 1) * per]) for i, w in enumerate(walls)]
@@ -192,7 +192,9 @@ def measure(config: StudyConfig, trials: int, repeats: int, evaluations: int) ->
         "ratio": wall / plain, "ratio_span": median(spans) / plain, "ratio_paired": median(paired),
         "round_ratios": rounds,
         "median_merge_s": median(merges), "median_eval_s": median(evals), "eval_vs_plain": median(evals) / plain,
-        "median_rest_s": median(rest), "median_pure_merge_s": median(pure), "median_recipe_s": median(recipes),
+        "median_rest_s": median(rest), "median_pure_merge_s": median(bench.merges),
+        "median_recipe_s": median(bench.recipes),
+        "median_suggest_s": median(suggest),
         "min_trial_wall_s": min(walls), "min_plain_eval_s": min(plains), "ratio_of_minima": min(walls) / min(plains),
         "trial_walls_s": walls, "plain_evals_s": plains,
     }
@@ -239,10 +241,12 @@ def main() -> None:
           "per optimize call " + ", ".join(f"{x:.3f}" for x in r["round_ratios"])
           + f"; of the minima ({r['min_trial_wall_s']:.3f} s / {r['min_plain_eval_s']:.3f} s) "
           f"{r['ratio_of_minima']:.3f}")
-    print(f"  inside a trial, medians: merge_seconds {r['median_merge_s']:.3f} s (the merge alone, redone "
-          f"afterwards: {r['median_pure_merge_s']:.3f} s; recipe from parameters {r['median_recipe_s'] * 1e3:.1f} ms), "
-          f"eval_seconds {r['median_eval_s']:.3f} s ({r['eval_vs_plain']:.3f} x the plain evaluation), "
-          f"the rest (storage, heartbeat, stale-trial check, callbacks) {r['median_rest_s']:.3f} s")
+    print(f"  inside a trial, medians: merge_seconds {r['median_merge_s']:.3f} s, of which the merge alone "
+          f"(redone between trials) {r['median_pure_merge_s']:.3f} s and the rest (sampling and storing the "
+          f"parameters and recipe; per-trial difference) {r['median_suggest_s']:.3f} s; "
+          f"eval_seconds {r['median_eval_s']:.3f} s ({r['eval_vs_plain']:.3f} x the "
+          f"plain evaluation); the rest (ask, tell, user attrs, heartbeat, stale-trial check, callbacks) "
+          f"{r['median_rest_s']:.3f} s")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
 

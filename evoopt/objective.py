@@ -160,7 +160,7 @@ class LmEvalScorer:
         self.names = list(write_lm_eval_tasks(list(corpora), folder, split=split, seed=seed, limit=limit))
         self.names += list(tasks)
         paths = [str(folder)] + ([include_path] if include_path else [])
-        self.manager = TaskManager(include_path=paths)
+        self.manager = TaskManager(include_path=paths, include_defaults=bool(tasks))  # the bundled index is slow
 
     def scores(self, model: torch.nn.Module) -> Scores:
         from evoopt.lmeval import run_lm_eval

@@ -385,16 +385,23 @@ def baselines(study: Path) -> None:
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
 def status(study: Path) -> None:
     """Show the trials of STUDY by state, the baselines and the best so far."""
-    from evoopt.config import StudyConfig
-    from evoopt.study import open_study, summary_rows
+    from evoopt.study import summary_rows
 
-    config = _load_study_config(study)
+    config, opened = _existing_study(study)
+    _print_summary(config, opened, summary_rows(opened))  # type: ignore[arg-type]
+
+
+def _existing_study(path: Path) -> tuple[object, object]:
+    """The config of PATH and its study, which must exist in the storage."""
+    from evoopt.config import StudyConfig
+    from evoopt.study import open_study
+
+    config = _load_study_config(path)
     assert isinstance(config, StudyConfig)
     try:
-        opened = open_study(config, create=False)
+        return config, open_study(config, create=False)
     except _STUDY_ERRORS as error:
         raise click.ClickException(str(error)) from None
-    _print_summary(config, opened, summary_rows(opened))
 
 
 @main.command()
@@ -403,12 +410,12 @@ def best(study: Path) -> None:
     """Print the best trial of STUDY: its value, per-task scores and its merge recipe (YAML)."""
     from evoopt.config import StudyConfig
     from evoopt.space import make_space, study_sources
-    from evoopt.study import get_trial, open_study
+    from evoopt.study import get_trial
 
-    config = _load_study_config(study)
+    config, opened = _existing_study(study)
     assert isinstance(config, StudyConfig)
     try:
-        trial = get_trial(open_study(config, create=False), "best")
+        trial = get_trial(opened, "best")  # type: ignore[arg-type]
     except _STUDY_ERRORS as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"# trial {trial.number}: value {trial.values}; dev scores {trial.user_attrs.get('scores')}")

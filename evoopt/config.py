@@ -15,7 +15,6 @@ split as the objective) is reported at once, with the key path of each.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -143,8 +142,6 @@ class StudyConfig(_Strict):
         """What makes two configs the same study: everything but the run-time keys."""
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _problems(config: StudyConfig) -> list[str]:

@@ -119,6 +119,18 @@ def finished_trials(study: optuna.Study) -> int:
 
 # --- the worker -------------------------------------------------------------------------------------
 
+def task_heads(sources: Sources, recipe: Recipe, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's own head (the tensors the recipe excludes), from its expert: heads that differ in shape."""
+    from evoopt.io import open_source, resolve_path
+
+    heads = {}
+    for task, model in zip(sources.tasks, sources.models):
+        source = open_source(resolve_path(model, sources.root))
+        names = [n for n in source.keys() if recipe.excluded(n) and source.dtype(n).is_floating_point]
+        heads[task] = {n: source.get(n).to(device) for n in names}
+    return heads
+
+
 class Worker:
     """Sources, evaluation model and dev data of one process, built once and reused by every trial."""
 
@@ -126,7 +138,6 @@ class Worker:
         from transformers import AutoTokenizer
 
         self.config = config
-        self.progress = progress
         self.sources: Sources = study_sources(config)
         self.space = make_space(config, self.sources)
         self.merger = Merger(self.space.default(), progress=progress)
@@ -136,19 +147,8 @@ class Worker:
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.heads = self._task_heads() if self.sources.per_task_heads else None
+        self.heads = task_heads(self.sources, self.merger.recipe, self.device) if self.sources.per_task_heads else None
         self._scorers: dict[str, Any] = {}
-
-    def _task_heads(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Each task's own head, from its expert (settings whose heads differ in shape)."""
-        from evoopt.io import open_source, resolve_path
-
-        heads = {}
-        for task, model in zip(self.sources.tasks, self.sources.models):
-            source = open_source(resolve_path(model, self.sources.root))
-            names = [n for n in source.keys() if self.merger.recipe.excluded(n) and source.dtype(n).is_floating_point]
-            heads[task] = {n: source.get(n).to(self.device) for n in names}
-        return heads
 
     def scorer(self, split: str) -> Any:
         """The scorer of a split, built on first use (the test scorer only ever for reporting)."""
@@ -189,7 +189,7 @@ class Worker:
                 result: Scores = scorer.scores(model)
                 return result
             stages = list(scorer.staged_scores(model))
-            for n, scores in stages[:-1]:  # pragma: no branch
+            for n, scores in stages[:-1]:
                 trial.report(combine(scores, self.config.objective.weights), n)
                 if trial.should_prune():
                     trial.set_user_attr("scores", scores)
@@ -203,9 +203,9 @@ class Worker:
                                   "objective.max_length, or set dtype: bfloat16") from None
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
-        started = time.perf_counter()
         recipe = self.space.suggest(trial)
         trial.set_user_attr("recipe", recipe.model_dump(mode="json", exclude_defaults=True))
+        started = time.perf_counter()  # the merge alone: sampling and storage writes are not in it
         self.merger.merge(recipe)
         merged = time.perf_counter()
         trial.set_user_attr("merge_seconds", round(merged - started, 4))
@@ -230,7 +230,6 @@ class Worker:
 class RunReport:
     study: optuna.Study
     ran: int = 0
-    seconds: float = 0.0
     interrupted: bool = False
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -277,7 +276,6 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
         except KeyboardInterrupt:
             run.interrupted = True  # Optuna has failed the running trial; everything finished is stored
     run.ran = finished_trials(study) - before
-    run.seconds = time.perf_counter() - started
     if report and worker_index == 0 and not run.interrupted:
         report_best(config, study, worker)
         update_note(config, study)
@@ -580,11 +578,9 @@ def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite:
         return merger.export(out, overwrite=overwrite)
     from evoopt.io import atomic_folder
 
-    heads = Worker.__new__(Worker)
-    heads.sources, heads.merger, heads.device = sources, merger, torch.device("cpu")
     with atomic_folder(out, overwrite=overwrite) as tmp:
         params = dict(merger.model.named_parameters())
-        for task, head in heads._task_heads().items():
+        for task, head in task_heads(sources, recipe, torch.device("cpu")).items():
             for name, tensor in head.items():
                 params[name].data = tensor
             labels = next(t.shape[0] for t in head.values())

@@ -46,13 +46,17 @@ class SourcesSpec(_Strict):
 
 
 class SpaceSpec(_Strict):
-    kind: Literal["global"] = Field("global", description="global: one value per model and coefficient")
+    kind: Literal["global", "layerwise"] = Field("global", description=(
+        "global: one value per model and coefficient; layerwise: one per model, coefficient and layer "
+        "group (embeddings, each group of blocks, final norm and head are groups of their own)"))
     method: str = "ties"
     search: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)},
         description="per-model coefficients searched, with their [low, high] bounds")
     fixed: dict[str, Any] = Field(default_factory=dict, description="recipe parameters that are not searched")
     log: list[str] = Field(default_factory=list, description="coefficients searched on a log scale")
+    layers_per_group: int = Field(1, gt=0, description="layerwise: consecutive blocks that share coefficients")
+    split_blocks: bool = Field(False, description="layerwise: a block's attention and MLP as separate groups")
 
 
 class SamplerSpec(_Strict):
@@ -143,7 +147,6 @@ class StudyConfig(_Strict):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
 
 
-
 def _problems(config: StudyConfig) -> list[str]:
     import optuna
 
@@ -173,6 +176,8 @@ def _problems(config: StudyConfig) -> list[str]:
             problems.append(f"space.search.{key}: bounds must be [low, high] with low < high, got [{low}, {high}]")
         if key in config.space.log and low <= 0:
             problems.append(f"space.search.{key}: a log-scale coefficient needs low > 0, got {low}")
+    if config.space.kind == "global" and (config.space.layers_per_group != 1 or config.space.split_blocks):
+        problems.append("space.layers_per_group / space.split_blocks: only for space.kind layerwise")
     for key in config.space.log:
         if key not in config.space.search:
             problems.append(f"space.log: {key!r} is not searched (space.search has {', '.join(config.space.search)})")
@@ -236,6 +241,19 @@ def load_config(path: str | Path) -> StudyConfig:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     return parse_config(data, root=path.resolve().parent, source=str(path))
+
+
+def same_study(stored: dict[str, Any], config: StudyConfig) -> list[str]:
+    """Key paths where a study's stored config identity differs from ``config``'s.
+
+    The stored identity is read through today's schema first, so keys added to the schema
+    since (with their defaults) are no difference.
+    """
+    try:
+        stored = StudyConfig.model_validate({"name": config.name, **stored}).identity()
+    except ValidationError:
+        pass  # a key the schema no longer has: compare as stored, and name it
+    return differences(stored, config.identity())
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

@@ -145,7 +145,7 @@ def resolve_recipe(*, recipe: str | None = None, study: str | None = None, stora
 
 def _trial_recipe(study: str | None, storage: str | None, trial: str | int | None,
                   config: str | None) -> tuple[Recipe, str]:
-    from evoopt.config import StudyConfig, differences, load_config, parse_config
+    from evoopt.config import StudyConfig, load_config, parse_config, same_study
     from evoopt.space import make_space, study_sources
     from evoopt.study import CONFIG_ATTR, get_trial
 
@@ -170,8 +170,7 @@ def _trial_recipe(study: str | None, storage: str | None, trial: str | int | Non
     if loaded is None:
         root = Path(found.user_attrs.get("evoopt:root") or Path.cwd())
         loaded = parse_config(stored, root=root, source=f"study {name!r} (its stored config)")
-    elif stored != loaded.identity():
-        changed = differences(stored, loaded.identity())
+    elif changed := same_study(stored, loaded):
         raise ModelArgsError(f"config={config}: study {name!r} in {url} was made from another config; restore "
                              "the old values or give study=NAME,storage=URL:\n  - " + "\n  - ".join(changed))
     frozen = get_trial(found, which)

@@ -13,8 +13,11 @@ so a layer-wise merge is the same recipe with more numbers::
         parameters: {weight: 0.4, density: 0.5}
     parameters: {scale: 1.0}
 
-Tensor groups are ``embed``, ``layers.NN`` (NN the zero-padded block index),
-``norm``, ``head`` and ``other`` (see :func:`tensor_group`).
+Tensor groups are ``embed``, ``layers.NN`` (NN the zero-padded block index;
+``decoder.layers.NN`` for the decoder stack of an encoder-decoder such as T5),
+``norm``, ``head`` and ``other`` (see :func:`tensor_group`). Patterns may also name
+a block's attention or the rest of it (MLP): ``layers.NN.attn``, ``layers.NN.mlp``
+(see :func:`tensor_block`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from evoopt.merge._registry import MergeMethod
 
 Coefficient = float | dict[str, float]
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_ATTENTION_HINTS = ("attn", "attention")
 _HEAD_HINTS = ("lm_head", "classifier", "score.", "pooler", "qa_outputs")
 _EMBED_HINTS = ("embed", "wte.", "wpe.", "shared.")
 # valid ranges of coefficients: name -> (low, high, low_inclusive, text)
@@ -53,14 +57,30 @@ def tensor_group(name: str) -> str:
     """The group a tensor's coefficients are looked up under."""
     match = _LAYER.search(name)
     if match:
-        return f"layers.{int(match.group(1)):02d}"
+        stack = "decoder." if "decoder." in name[: match.start() + 1] else ""
+        return f"{stack}layers.{int(match.group(1)):02d}"
     if any(h in name for h in _HEAD_HINTS):
         return "head"
     if any(h in name for h in _EMBED_HINTS):
         return "embed"
-    if "norm" in name.lower():
+    if "norm" in name.lower() or ".ln_f." in name:
         return "norm"
     return "other"
+
+
+@functools.lru_cache(maxsize=65_536)
+def tensor_block(name: str) -> str:
+    """A layer tensor's group with its part, ``layers.NN.attn`` or ``layers.NN.mlp``; else its group.
+
+    Attention is every tensor whose name within the block says so (``self_attn``, ``attention``,
+    ``attn``, ``EncDecAttention``); the rest of the block (MLP, its norms) is ``mlp``.
+    """
+    group = tensor_group(name)
+    match = _LAYER.search(name)
+    if match is None:
+        return group
+    inner = name[match.end():].lower()
+    return f"{group}.{'attn' if any(h in inner for h in _ATTENTION_HINTS) else 'mlp'}"
 
 
 class _Strict(BaseModel):
@@ -114,31 +134,34 @@ class Recipe(_Strict):
     def coefficients(self, tensor: str, models: int) -> dict[str, Any]:
         """All coefficients of the method for one tensor: per-model lists and shared values."""
         method = self.merge_method
-        group = tensor_group(tensor)
+        names = (tensor_block(tensor), tensor_group(tensor), tensor)
         resolved: dict[str, Any] = {}
         for key, default in method.per_model.items():
             values = []
             for index, spec in enumerate(self.models[:models]):
                 raw = spec.parameters.get(key, self.parameters.get(key, default))
-                values.append(_pick(raw, group, tensor, f"models[{index}].parameters.{key}"))
+                values.append(_pick(raw, names, f"models[{index}].parameters.{key}"))
             resolved[key] = values
         for key, default in method.shared.items():
             raw = self.parameters.get(key, default)
-            resolved[key] = raw if isinstance(raw, bool) else _pick(raw, group, tensor, f"parameters.{key}")
+            resolved[key] = raw if isinstance(raw, bool) else _pick(raw, names, f"parameters.{key}")
         return resolved
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
 
 
-def _pick(raw: Any, group: str, tensor: str, where: str) -> float:
+def _pick(raw: Any, names: tuple[str, str, str], where: str) -> float:
+    """The value of the first pattern that matches the tensor's block, group or name."""
     if not isinstance(raw, dict):
         return float(raw)
     for pattern, value in raw.items():
-        if fnmatch.fnmatchcase(group, pattern) or fnmatch.fnmatchcase(tensor, pattern):
+        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
             return float(value)
+    block, group, tensor = names
     raise RecipeError(
-        f"{where}: no pattern matches tensor {tensor!r} (group {group!r}); add a '*' entry as the default"
+        f"{where}: no pattern matches tensor {tensor!r} (group {group!r}, block {block!r}); "
+        "add a '*' entry as the default"
     )
 
 

@@ -1,6 +1,7 @@
 """Search spaces: a trial's parameters decode to a plain merge recipe.
 
-A space names its Optuna parameters readably (``vader-tweets.weight``), samples
+A space names its Optuna parameters readably (``vader-tweets.weight``, or
+``vader-tweets.layers.02.density`` for the layer-wise space of Akiba et al. 2024), samples
 them from the distributions' own bounds, and turns any parameter mapping (a live
 trial's, or a finished trial's ``params``) into a :class:`~evoopt.recipe.Recipe`
 that ``evoopt merge`` and ``evoopt export`` accept.
@@ -8,6 +9,7 @@ that ``evoopt merge`` and ``evoopt export`` accept.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import optuna
 
 from evoopt.config import StudyConfig
 from evoopt.experts import HEAD_PATTERNS
-from evoopt.recipe import Recipe, parse_recipe
+from evoopt.recipe import Recipe, RecipeError, parse_recipe, tensor_block, tensor_group
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,69 @@ def fixed_recipe(sources: Sources, method: str, parameters: dict[str, Any] | Non
     return parse_recipe(data, root=sources.root, source=f"{method} recipe")
 
 
-class GlobalSpace:
-    """One value per model for each searched coefficient (what OptunaHub's evo_merge searches)."""
+@dataclass(frozen=True)
+class Unit:
+    """A group of tensors that shares one value of each searched coefficient per model."""
 
-    def __init__(self, config: StudyConfig, sources: Sources) -> None:
+    name: str  # readable, in parameter names: "layers.00-01", "embed"; "" for the global space
+    patterns: tuple[str, ...]  # recipe patterns of its tensors ("*" for the global space)
+    tensor: str  # one of its tensors, to read a recipe's value for it back
+
+
+_LOOKED_FOR = ("tensor names with a block index after 'layers.', 'layer.', 'h.', 'blocks.' or 'block.' "
+               "(Llama/Mistral/Qwen/Gemma model.layers.N, GPT-2 transformer.h.N, BERT encoder.layer.N, "
+               "T5 encoder.block.N and decoder.block.N)")
+_ORDER = {"embed": 0, "norm": 2, "head": 3, "other": 4}
+
+
+def layer_units(names: list[str], *, per_group: int = 1, split: bool = False, model: str = "the model") -> list[Unit]:
+    """Embeddings, groups of ``per_group`` consecutive blocks (optionally attention and MLP apart), norm, head."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        blocks.setdefault(tensor_block(name) if split else tensor_group(name), []).append(name)
+    layered = {b: t for b, t in blocks.items() if _BLOCK.fullmatch(b)}
+    if not layered:
+        raise RecipeError(f"space.kind layerwise: no transformer blocks found in {model}: looked for {_LOOKED_FOR}; "
+                          f"its tensors are named like {', '.join(names[:3])}")
+    units = [Unit(b, (b,), t[0]) for b, t in blocks.items() if b not in layered]
+    by_stack: dict[tuple[str, str], list[int]] = {}
+    for block in layered:
+        stack, index, part = _BLOCK.fullmatch(block).groups()  # type: ignore[union-attr]
+        by_stack.setdefault((stack or "", part or ""), []).append(int(index))
+    for (stack, part), indices in by_stack.items():
+        indices.sort()
+        for i in range(0, len(indices), per_group):
+            chunk = indices[i: i + per_group]
+            span = f"{chunk[0]:02d}" if len(chunk) == 1 else f"{chunk[0]:02d}-{chunk[-1]:02d}"
+            patterns = tuple(f"{stack}layers.{j:02d}{part}" for j in chunk)
+            units.append(Unit(f"{stack}layers.{span}{part}", patterns, layered[patterns[0]][0]))
+    return sorted(units, key=lambda u: (_ORDER.get(u.name, 1), u.name.startswith("decoder."), u.name))
+
+
+_BLOCK = re.compile(r"(decoder\.)?layers\.(\d+)(\.attn|\.mlp)?")
+
+
+class Space:
+    """Searched coefficients per model and unit: one unit (global) or one per layer group (layerwise).
+
+    Parameters are named ``<model>.<coefficient>`` (global) or ``<model>.<unit>.<coefficient>``
+    (layerwise, e.g. ``vader-tweets.layers.02.density``), with the bounds of ``space.search``.
+    """
+
+    def __init__(self, config: StudyConfig, sources: Sources, units: list[Unit] | None = None) -> None:
         self.config = config
         self.sources = sources
+        self.units = units or [Unit("", ("*",), "")]
+        self.layerwise = units is not None
+        spec = config.space
+        self.names: dict[str, tuple[int, Unit, str]] = {}  # parameter -> (model index, unit, coefficient)
+        for index, label in enumerate(sources.labels):
+            for unit in self.units:
+                for key in spec.search:
+                    self.names[".".join(p for p in (label, unit.name, key) if p)] = (index, unit, key)
         self.distributions = {
-            f"{label}.{key}": optuna.distributions.FloatDistribution(low, high, log=key in config.space.log)
-            for label in sources.labels for key, (low, high) in config.space.search.items()
+            name: optuna.distributions.FloatDistribution(*spec.search[key], log=key in spec.log)
+            for name, (_, _, key) in self.names.items()
         }
 
     def suggest(self, trial: optuna.Trial) -> Recipe:
@@ -86,10 +142,31 @@ class GlobalSpace:
                             for name, d in self.distributions.items()})
 
     def recipe(self, params: dict[str, Any]) -> Recipe:
-        per_model = [{key: params[f"{label}.{key}"] for key in self.config.space.search}
-                     for label in self.sources.labels]
+        """The plain recipe of a parameter mapping (a live trial's, or a finished trial's ``params``)."""
+        per_model: list[dict[str, Any]] = [{} for _ in self.sources.labels]
+        for name, (index, unit, key) in self.names.items():
+            if not self.layerwise:
+                per_model[index][key] = params[name]
+                continue
+            values = per_model[index].setdefault(key, {})
+            values.update(dict.fromkeys(unit.patterns, params[name]))
         return fixed_recipe(self.sources, self.config.space.method, self.config.space.fixed, per_model,
                             config=self.config)
+
+    def params(self, recipe: Recipe) -> dict[str, float]:
+        """The parameters that decode to ``recipe``'s coefficients (a warm start from a recipe)."""
+        count = len(self.sources.labels)
+        if len(recipe.models) != count:
+            raise RecipeError(f"recipe: has {len(recipe.models)} models, the study merges {count}")
+        params = {}
+        for name, (index, unit, key) in self.names.items():
+            value = recipe.coefficients(unit.tensor or "x", count)[key][index]
+            low, high = self.distributions[name].low, self.distributions[name].high
+            if not low <= value <= high:
+                raise RecipeError(f"recipe: {key} of models[{index}] ({unit.name or 'all tensors'}) is {value}, "
+                                  f"outside space.search.{key} [{low}, {high}]")
+            params[name] = value
+        return params
 
     def default(self) -> Recipe:
         """The centre of the space: what the evaluation model is built from before any trial."""
@@ -98,5 +175,15 @@ class GlobalSpace:
         return self.recipe(mid)
 
 
-def make_space(config: StudyConfig, sources: Sources) -> GlobalSpace:
-    return GlobalSpace(config, sources)
+def make_space(config: StudyConfig, sources: Sources) -> Space:
+    if config.space.kind == "global":
+        return Space(config, sources)
+    from evoopt.io import open_source, resolve_path
+
+    structure = sources.base or sources.models[0]
+    source = open_source(resolve_path(structure, sources.root))
+    probe = fixed_recipe(sources, config.space.method, config=config)
+    names = [n for n in source.keys() if source.dtype(n).is_floating_point and not probe.excluded(n)]
+    units = layer_units(names, per_group=config.space.layers_per_group, split=config.space.split_blocks,
+                        model=structure)
+    return Space(config, sources, units)

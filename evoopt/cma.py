@@ -1,0 +1,338 @@
+"""evoopt's CMA-ES sampler: the ``cmaes`` optimizers, with the study's trials as their only state.
+
+The search distribution is a pure function of the finished trials: they are told to the
+optimizer in the order they finished (finish time, then number), ``popsize`` at a time,
+restarts included. So
+
+- a study resumes in a fresh process with the same distribution (it is rebuilt from storage);
+- parallel workers never corrupt anything (there is no shared mutable state to write), and
+  every finished trial is told, whichever distribution it was sampled from: none is thrown
+  away, unlike Optuna's ``CmaEsSampler`` under parallelism;
+- each trial's sample is drawn from a generator seeded by (seed, trial number): a study
+  replays exactly.
+
+Each process caches the optimizer and tells it only the trials that finished since; the
+cache is rebuilt when the order it saw is not a prefix of the stored one.
+
+Set-up of Akiba et al. (2024): every parameter is searched in [0, 1] (its distribution's
+bounds, on a log scale where the distribution has ``log=True``), x0 = 0.5, sigma0 = 1/6.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import optuna
+from cmaes import CMA, CMAwM, SepCMA, get_warm_start_mgd
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.search_space import IntersectionSearchSpace
+from optuna.trial import FrozenTrial, TrialState
+
+Optimizer: TypeAlias = CMA | SepCMA | CMAwM
+_X_ATTR = "evoopt:cma:x"  # name -> the continuous sample a CMA-with-margin trial is told with
+
+
+@dataclass
+class _State:
+    """One process's view: the optimizer after telling ``told`` (trial numbers, in order)."""
+
+    optimizer: Optimizer
+    told: list[int] = field(default_factory=list)
+    pending: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    restarts: int = 0
+    large_restarts: int = 0
+    small_budget: int = 0  # BIPOP: evaluations spent in the regimes
+    large_budget: int = 0
+    regime: str = "large"
+
+
+class EvoCmaSampler(optuna.samplers.BaseSampler):
+    """CMA-ES over an Optuna search space, resumable and safe with parallel workers.
+
+    Args:
+        search_space: the distributions to search from the first trial on (the study engine
+            passes its space's); default: the intersection of the finished trials' spaces.
+        x0: the initial mean in [0, 1] coordinates, one number for all parameters, or a
+            mapping from parameter names to values in their own units (others 0.5).
+        sigma0: the initial step size in [0, 1] coordinates.
+        popsize: the population size (default the cmaes library's 4 + 3 ln d).
+        restart: None, ``"ipop"`` (population grows by ``inc_popsize`` on each restart) or
+            ``"bipop"`` (alternates large and small populations, Hansen 2009).
+        separable: diagonal covariance (sep-CMA): linear cost in the dimension, for large spaces.
+        with_margin: CMA-ES with margin for integer and stepped parameters (binary masks);
+            default: whenever the space has any.
+        warm_start_study: a finished study (same storage unless ``warm_start_storage``) whose
+            best trials set the initial mean and covariance (Nomura et al. 2021).
+        consider_pruned_trials: tell pruned trials with their last intermediate value.
+        seed: seeds every draw; trial n's sample comes from a generator seeded by (seed, n).
+        independent_sampler: for parameters outside the searched space (default random).
+    """
+
+    def __init__(
+        self,
+        *,
+        search_space: dict[str, BaseDistribution] | None = None,
+        x0: float | dict[str, float] = 0.5,
+        sigma0: float = 1 / 6,
+        popsize: int | None = None,
+        restart: Literal["ipop", "bipop"] | None = None,
+        inc_popsize: int = 2,
+        separable: bool = False,
+        with_margin: bool | None = None,
+        warm_start_study: str | None = None,
+        warm_start_storage: str | None = None,
+        warm_start_gamma: float = 0.1,
+        consider_pruned_trials: bool = False,
+        seed: int | None = None,
+        independent_sampler: optuna.samplers.BaseSampler | None = None,
+    ) -> None:
+        problems = []
+        if isinstance(x0, (int, float)) and not 0 <= x0 <= 1:
+            problems.append(f"x0: a number is a point in [0, 1] coordinates, got {x0}")
+        if not 0 < sigma0 <= 1:
+            problems.append(f"sigma0: must be in (0, 1] ([0, 1] coordinates), got {sigma0}")
+        if popsize is not None and popsize < 2:
+            problems.append(f"popsize: must be at least 2, got {popsize}")
+        if restart not in (None, "ipop", "bipop"):
+            problems.append(f"restart: None, 'ipop' or 'bipop', got {restart!r}")
+        if inc_popsize < 1:
+            problems.append(f"inc_popsize: must be at least 1, got {inc_popsize}")
+        if separable and with_margin:
+            problems.append("separable / with_margin: the cmaes library has no separable CMA with margin")
+        if not 0 < warm_start_gamma <= 1:
+            problems.append(f"warm_start_gamma: the share of best source trials, in (0, 1], got {warm_start_gamma}")
+        if problems:
+            raise ValueError("EvoCmaSampler: " + "; ".join(problems))
+        self._search_space = search_space
+        self._x0 = x0
+        self._sigma0 = sigma0
+        self._popsize = popsize
+        self._restart = restart
+        self._inc_popsize = inc_popsize
+        self._separable = separable
+        self._with_margin = with_margin
+        self._warm_start = (warm_start_study, warm_start_storage, warm_start_gamma)
+        self._consider_pruned = consider_pruned_trials
+        self._seed: int = int(np.random.SeedSequence().entropy) if seed is None else seed  # type: ignore[arg-type]
+        self._independent = independent_sampler or optuna.samplers.RandomSampler(seed=seed)
+        self._intersection = IntersectionSearchSpace()
+        self._states: dict[tuple[int, tuple[str, ...]], _State] = {}
+        self._lock = threading.Lock()
+
+    # --- Optuna's sampler interface ---------------------------------------------------------------
+
+    def reseed_rng(self) -> None:
+        self._independent.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        _single_objective(study)
+        space = self._search_space or self._intersection.calculate(study)
+        return {name: d for name, d in space.items() if _searchable(d)}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        _single_objective(study)
+        rng = np.random.default_rng([self._seed, trial.number])
+        params: dict[str, Any] = {}
+        numeric = {}
+        for name, d in search_space.items():
+            if isinstance(d, CategoricalDistribution):  # CMA-ES is for numbers: drawn uniformly
+                params[name] = d.choices[int(rng.integers(len(d.choices)))]
+            elif _searchable(d):  # (a single-value distribution is left to the independent sampler)
+                numeric[name] = d
+        if not numeric:
+            return params
+        names = tuple(sorted(numeric))
+        with self._lock:  # threads of one process (n_jobs > 1) share the cached optimizer
+            state = self._state(study, names, [numeric[n] for n in names])
+            state.optimizer.reseed_rng(int(rng.integers(2**31)))
+            x_tell = None
+            if isinstance(state.optimizer, CMAwM):
+                x, x_tell = state.optimizer.ask()
+            else:
+                x = state.optimizer.ask()
+            info = {"restart": state.restarts, "generation": state.optimizer.generation,
+                    "popsize": state.optimizer.population_size}
+        if x_tell is not None:
+            study._storage.set_trial_system_attr(
+                trial._trial_id, _X_ATTR, {n: float(v) for n, v in zip(names, x_tell)})
+        study._storage.set_trial_system_attr(trial._trial_id, "evoopt:cma", info)
+        for name, value in zip(names, x):
+            params[name] = _decode(float(value), numeric[name])
+        return params
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        _single_objective(study)
+        return self._independent.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._independent.after_trial(study, trial, state, values)
+
+    # --- the distribution, rebuilt from the finished trials ---------------------------------------------
+
+    def _state(self, study: optuna.Study, names: tuple[str, ...], dists: list[BaseDistribution]) -> _State:
+        key = (study._study_id, names)
+        solutions = self._solutions(study, names, dists)
+        numbers = [number for number, _, _ in solutions]
+        state = self._states.get(key)
+        if state is None or numbers[: len(state.told)] != state.told:
+            state = _State(self._initial(study, names, dists))
+            self._states[key] = state
+        for number, x, y in solutions[len(state.told):]:
+            state.told.append(number)
+            state.pending.append((x, y))
+            if len(state.pending) == state.optimizer.population_size:
+                state.optimizer.tell(state.pending)
+                state.pending = []
+                if self._restart and state.optimizer.should_stop():
+                    self._restart_optimizer(state, names, dists)
+        return state
+
+    def _solutions(self, study: optuna.Study, names: tuple[str, ...],
+                   dists: list[BaseDistribution]) -> list[tuple[int, np.ndarray, float]]:
+        """(number, x in [0, 1] coordinates, value to minimise) of every finished trial, in finishing order."""
+        states = (TrialState.COMPLETE, TrialState.PRUNED) if self._consider_pruned else (TrialState.COMPLETE,)
+        sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        out = []
+        for trial in study._get_trials(deepcopy=False, states=states, use_cache=True):
+            if trial.state == TrialState.COMPLETE:
+                value = trial.value
+            elif trial.intermediate_values:
+                value = trial.intermediate_values[max(trial.intermediate_values)]
+            else:
+                continue
+            x = _encode_trial(trial, names, dists)
+            if x is None or value is None or not math.isfinite(value):
+                continue
+            out.append((trial.datetime_complete, trial.number, x, sign * value))
+        out.sort(key=lambda s: (s[0], s[1]))
+        return [(number, x, y) for _, number, x, y in out]
+
+    def _initial(self, study: optuna.Study, names: tuple[str, ...], dists: list[BaseDistribution]) -> Optimizer:
+        mean = self._mean(names, dists)
+        sigma, cov = self._sigma0, None
+        study_name, storage, gamma = self._warm_start
+        if study_name is not None:
+            source = optuna.load_study(study_name=study_name, storage=storage or study._storage)
+            sign = -1.0 if source.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+            found = [(x, sign * t.value) for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.value is not None and (x := _encode_trial(t, names, dists)) is not None]
+            if math.floor(len(found) * gamma) < 1:
+                raise ValueError(f"warm_start_study: {study_name!r} has {len(found)} finished trial(s) over these "
+                                 f"parameters; warm_start_gamma={gamma} needs at least {math.ceil(1 / gamma)}")
+            mean, sigma, cov = get_warm_start_mgd(found, gamma=gamma)
+            mean = np.clip(mean, 0.0, 1.0)
+        return self._optimizer(mean, sigma, self._popsize, cov, dists, seed=0)
+
+    def _optimizer(self, mean: np.ndarray, sigma: float, popsize: int | None, cov: np.ndarray | None,
+                   dists: list[BaseDistribution], *, seed: int) -> Optimizer:
+        bounds = np.array([[0.0, 1.0]] * len(dists))
+        steps = np.array([_step(d) for d in dists])
+        margin = self._with_margin if self._with_margin is not None else bool((steps > 0).any())
+        if self._separable:
+            return SepCMA(mean, sigma, bounds=bounds, seed=seed, population_size=popsize)
+        if margin:
+            return CMAwM(mean, sigma, bounds=bounds, steps=steps, seed=seed, population_size=popsize, cov=cov)
+        return CMA(mean, sigma, bounds=bounds, seed=seed, population_size=popsize, cov=cov)
+
+    def _mean(self, names: tuple[str, ...], dists: list[BaseDistribution]) -> np.ndarray:
+        if not isinstance(self._x0, dict):
+            return np.full(len(names), float(self._x0))
+        unknown = sorted(set(self._x0) - set(names))
+        if unknown:
+            raise ValueError(f"x0: no parameter(s) {', '.join(unknown)} in the searched space")
+        mean = np.full(len(names), 0.5)
+        for i, (name, d) in enumerate(zip(names, dists)):
+            if name in self._x0:
+                if not d._contains(d.to_internal_repr(self._x0[name])):  # type: ignore[arg-type]
+                    raise ValueError(f"x0: {name}={self._x0[name]} is outside its distribution {d}")
+                mean[i] = _encode(float(self._x0[name]), d)
+        return mean
+
+    def _restart_optimizer(self, state: _State, names: tuple[str, ...], dists: list[BaseDistribution]) -> None:
+        """IPOP: a bigger population from a random mean; BIPOP: alternate large and small regimes."""
+        state.restarts += 1
+        rng = np.random.default_rng([self._seed, 7919, state.restarts])
+        mean = rng.uniform(0.0, 1.0, len(names))
+        base = self._popsize or 4 + math.floor(3 * math.log(len(names)))
+        spent = state.optimizer.population_size * state.optimizer.generation
+        sigma = self._sigma0
+        if self._restart == "ipop":
+            popsize = base * self._inc_popsize ** state.restarts
+        else:
+            if state.regime == "large":
+                state.large_budget += spent
+            else:
+                state.small_budget += spent
+            if state.restarts == 1 or state.small_budget >= state.large_budget:
+                state.regime, state.large_restarts = "large", state.large_restarts + 1
+                popsize = base * self._inc_popsize ** state.large_restarts
+            else:
+                state.regime = "small"
+                u = rng.uniform()
+                large = base * self._inc_popsize ** state.large_restarts
+                popsize = max(2, math.floor(base * (0.5 * large / base) ** (u**2)))
+                sigma = self._sigma0 * 10 ** (-2 * rng.uniform())
+        state.optimizer = self._optimizer(mean, sigma, popsize, None, dists, seed=state.restarts)
+        state.pending = []
+
+
+def _single_objective(study: optuna.Study) -> None:
+    if len(study.directions) > 1:
+        raise ValueError("EvoCmaSampler: CMA-ES optimises one objective; use NSGAIISampler for multi-objective studies")
+
+
+def _searchable(d: BaseDistribution) -> bool:
+    return isinstance(d, (FloatDistribution, IntDistribution)) and d.high > d.low
+
+
+def _encode(value: float, d: BaseDistribution) -> float:
+    assert isinstance(d, (FloatDistribution, IntDistribution))
+    if d.log:
+        return (math.log(value) - math.log(d.low)) / (math.log(d.high) - math.log(d.low))
+    return (value - d.low) / (d.high - d.low)
+
+
+def _decode(u: float, d: BaseDistribution) -> float | int:
+    """A point of [0, 1] back to the distribution's value (on its grid for steps and integers)."""
+    assert isinstance(d, (FloatDistribution, IntDistribution))
+    u = min(max(u, 0.0), 1.0)  # only floating-point error: samples are inside [0, 1]
+    if d.log:
+        value = math.exp(math.log(d.low) + u * (math.log(d.high) - math.log(d.low)))
+    else:
+        value = d.low + u * (d.high - d.low)
+    if d.step is not None:
+        value = d.low + round((value - d.low) / d.step) * d.step
+    value = min(max(value, d.low), d.high)
+    return int(round(value)) if isinstance(d, IntDistribution) else float(value)
+
+
+def _step(d: BaseDistribution) -> float:
+    """The grid step in [0, 1] coordinates (0: continuous); log-scale integers are searched as continuous."""
+    assert isinstance(d, (FloatDistribution, IntDistribution))
+    if d.step is None or d.log:
+        return 0.0
+    return float(d.step) / (d.high - d.low)
+
+
+def _encode_trial(trial: FrozenTrial, names: tuple[str, ...], dists: list[BaseDistribution]) -> np.ndarray | None:
+    """A trial's point in [0, 1] coordinates, or None when it lacks a parameter or lies outside."""
+    if any(name not in trial.params for name in names):
+        return None
+    told = trial.system_attrs.get(_X_ATTR)
+    if isinstance(told, dict) and all(name in told for name in names):
+        return np.array([told[name] for name in names], dtype=float)
+    x = []
+    for name, d in zip(names, dists):
+        value = trial.params[name]
+        if not d._contains(d.to_internal_repr(value)):
+            return None
+        x.append(_encode(value, d))
+    return np.array(x, dtype=float)

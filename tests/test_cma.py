@@ -1,0 +1,172 @@
+"""evoopt's CMA-ES sampler: Optuna's sampler contract suites, convergence, resume, parallel workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from cmaes import CMAwM
+from optuna.testing.pytest_samplers import BasicSamplerTestCase, RelativeSamplerTestCase, SingleOnlySamplerTestCase
+
+from evoopt.cma import EvoCmaSampler
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class TestContract(BasicSamplerTestCase, RelativeSamplerTestCase, SingleOnlySamplerTestCase):
+    @pytest.fixture
+    def sampler(self) -> Callable[[], optuna.samplers.BaseSampler]:
+        return lambda: EvoCmaSampler(seed=0)
+
+
+class TestContractWithMargin(RelativeSamplerTestCase):
+    @pytest.fixture
+    def sampler(self) -> Callable[[], optuna.samplers.BaseSampler]:
+        return lambda: EvoCmaSampler(seed=0, with_margin=True)
+
+
+def sphere(trial: optuna.Trial, dim: int = 5) -> float:
+    return sum(trial.suggest_float(f"x{i}", -5, 5) ** 2 for i in range(dim))
+
+
+def rosenbrock(trial: optuna.Trial) -> float:
+    x, y = trial.suggest_float("x", -2, 2), trial.suggest_float("y", -2, 2)
+    return 100 * (y - x**2) ** 2 + (1 - x) ** 2
+
+
+@pytest.mark.parametrize(("objective", "options", "budget", "target"), [
+    (sphere, {}, 300, 1e-2),
+    (rosenbrock, {}, 400, 1e-3),
+    (lambda t: sphere(t, 20), {"separable": True}, 600, 1.0),
+    (rosenbrock, {"restart": "ipop"}, 600, 1e-6),
+    (rosenbrock, {"restart": "bipop"}, 600, 1e-6),
+])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_converges_within_budget(objective: Callable[[optuna.Trial], float], options: dict[str, object],
+                                 budget: int, target: float, seed: int) -> None:
+    study = optuna.create_study(sampler=EvoCmaSampler(seed=seed, **options))  # type: ignore[arg-type]
+    study.optimize(objective, n_trials=budget)
+    assert study.best_value < target
+
+
+def test_random_search_does_not_reach_the_sphere_target() -> None:
+    """The convergence targets above are not met by chance."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(sphere, n_trials=300)
+    assert study.best_value > 1e-2
+
+
+def test_search_space_given_first_trial_comes_from_x0() -> None:
+    space = {"a": optuna.distributions.FloatDistribution(0, 10), "b": optuna.distributions.FloatDistribution(0, 1)}
+    sampler = EvoCmaSampler(search_space=space, x0={"a": 2.0}, sigma0=1e-9, seed=0)
+    study = optuna.create_study(sampler=sampler)
+    trial = study.ask(space)
+    assert trial.params["a"] == pytest.approx(2.0, abs=1e-6)
+    assert trial.params["b"] == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="x0: no parameter"):
+        optuna.create_study(sampler=EvoCmaSampler(search_space=space, x0={"c": 1.0})).ask(space)
+    with pytest.raises(ValueError, match="sigma0"):
+        EvoCmaSampler(sigma0=0)
+
+
+def flat(trial: optuna.Trial) -> float:
+    """A plateau: CMA-ES stops (no progress in the values) and, with a restart strategy, restarts."""
+    trial.suggest_float("x", -1, 1)
+    trial.suggest_float("y", -1, 1)
+    return 1.0
+
+
+def test_ipop_restarts_grow_the_population() -> None:
+    study = optuna.create_study(sampler=EvoCmaSampler(seed=0, restart="ipop", popsize=6))
+    study.optimize(flat, n_trials=300)
+    infos = [t.system_attrs["evoopt:cma"] for t in study.trials if "evoopt:cma" in t.system_attrs]
+    assert max(i["restart"] for i in infos) >= 1
+    assert {i["popsize"] for i in infos if i["restart"] == 1} == {12}
+    plain = optuna.create_study(sampler=EvoCmaSampler(seed=0, popsize=6))
+    plain.optimize(flat, n_trials=100)
+    assert {t.system_attrs["evoopt:cma"]["restart"] for t in plain.trials[1:]} == {0}
+
+
+def test_bipop_alternates_population_sizes() -> None:
+    study = optuna.create_study(sampler=EvoCmaSampler(seed=0, restart="bipop", popsize=6))
+    study.optimize(flat, n_trials=600)
+    sizes = [t.system_attrs["evoopt:cma"]["popsize"] for t in study.trials[1:]]
+    assert max(sizes) > 6 and min(sizes[sizes.index(max(sizes)):]) < max(sizes)  # a small regime after a large
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_margin_searches_binary_masks(seed: int) -> None:
+    """CMA-ES with margin on a 20-bit OneMax: at least 19 bits in 300 trials (random search: p < 1 %)."""
+    def onemax(trial: optuna.Trial) -> float:
+        return sum(trial.suggest_int(f"b{i:02d}", 0, 1) for i in range(20))
+
+    sampler = EvoCmaSampler(seed=seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(onemax, n_trials=300)
+    assert study.best_value >= 19
+    assert all(v in (0, 1) and isinstance(v, int) for t in study.trials for v in t.params.values())
+    (state,) = sampler._states.values()
+    assert isinstance(state.optimizer, CMAwM)  # chosen for a discrete space
+    told = study.trials[-1].system_attrs["evoopt:cma:x"]  # told with the continuous sample, not the bits
+    assert set(told) == set(study.trials[-1].params) and any(v not in (0.0, 1.0) for v in told.values())
+
+
+def test_warm_start_moves_the_initial_mean() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    source = optuna.create_study(study_name="source", storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
+    source.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.9) ** 2 + (t.suggest_float("y", 0, 1) - 0.1) ** 2,
+                    n_trials=60)
+    space = {n: optuna.distributions.FloatDistribution(0, 1) for n in ("x", "y")}
+    target = optuna.create_study(study_name="target", storage=storage,
+                                 sampler=EvoCmaSampler(search_space=space, warm_start_study="source", seed=0))
+    first = [target.ask(space).params for _ in range(8)]
+    assert np.mean([p["x"] for p in first]) > 0.7 and np.mean([p["y"] for p in first]) < 0.3
+    with pytest.raises(ValueError, match="warm_start_study"):
+        optuna.create_study(storage=storage, sampler=EvoCmaSampler(search_space=space, warm_start_study="target",
+                                                                   warm_start_gamma=0.01)).ask(space)
+
+
+def test_every_finished_trial_is_told_under_parallel_workers() -> None:
+    sampler = EvoCmaSampler(seed=0, popsize=4)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(sphere, n_trials=40, n_jobs=2)
+    space = sampler.infer_relative_search_space(study, study.trials[-1])
+    sampler.sample_relative(study, study.ask()._cached_frozen_trial, space)
+    (state,) = sampler._states.values()
+    complete = {t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert set(state.told) == complete and len(complete) == 40
+
+
+_RUN = textwrap.dedent("""
+    import sys, optuna
+    from evoopt.cma import EvoCmaSampler
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, n = sys.argv[1], int(sys.argv[2])
+    storage = url if url.startswith("sqlite") else optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(url))
+    study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True,
+                                sampler=EvoCmaSampler(seed=3, popsize=5))
+    study.optimize(lambda t: sum((t.suggest_float(f"x{i}", -1, 1) - 0.3) ** 2 for i in range(4)), n_trials=n)
+    print(repr([t.params for t in study.trials]))
+""")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_resume_in_a_fresh_process_continues_the_same_search(tmp_path: Path, kind: str) -> None:
+    """12 trials, then 11 more in a new process, sample exactly what one process running 23 samples."""
+    def run(name: str, n: int) -> list[dict[str, float]]:
+        url = f"sqlite:///{tmp_path / name}.db" if kind == "sqlite" else str(tmp_path / f"{name}.log")
+        out = subprocess.run([sys.executable, "-c", _RUN, url, str(n)], capture_output=True, text=True, check=True)
+        return eval(out.stdout)  # noqa: S307  (our own repr of floats)
+
+    run("resumed", 12)
+    resumed = run("resumed", 11)
+    straight = run("straight", 23)
+    assert len(resumed) == len(straight) == 23
+    assert resumed == straight

@@ -96,8 +96,8 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
             problems.append(f"x0: a number is a point in [0, 1] coordinates, got {x0}")
         if not 0 < sigma0 <= 1:
             problems.append(f"sigma0: must be in (0, 1] ([0, 1] coordinates), got {sigma0}")
-        if popsize is not None and popsize < 2:
-            problems.append(f"popsize: must be at least 2, got {popsize}")
+        if popsize is not None and popsize < 4:  # fewer leaves the rank-mu update without a learning rate
+            problems.append(f"popsize: must be at least 4, got {popsize}")
         if restart not in (None, "ipop", "bipop"):
             problems.append(f"restart: None, 'ipop' or 'bipop', got {restart!r}")
         if inc_popsize < 1:
@@ -278,7 +278,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
                 state.regime = "small"
                 u = rng.uniform()
                 large = base * self._inc_popsize ** state.large_restarts
-                popsize = max(2, math.floor(base * (0.5 * large / base) ** (u**2)))
+                popsize = max(4, math.floor(base * (0.5 * large / base) ** (u**2)))
                 sigma = self._sigma0 * 10 ** (-2 * rng.uniform())
         state.optimizer = self._optimizer(mean, sigma, popsize, None, dists, seed=state.restarts)
         state.pending = []

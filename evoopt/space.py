@@ -175,15 +175,17 @@ class Space:
         return self.recipe(mid)
 
 
-def make_space(config: StudyConfig, sources: Sources) -> Space:
+def make_space(config: StudyConfig, sources: Sources, names: list[str] | None = None) -> Space:
+    """The study's space; a layer-wise one groups ``names`` (default: the base model's tensors)."""
     if config.space.kind == "global":
         return Space(config, sources)
-    from evoopt.io import open_source, resolve_path
-
     structure = sources.base or sources.models[0]
-    source = open_source(resolve_path(structure, sources.root))
+    if names is None:
+        from evoopt.io import open_source, resolve_path
+
+        source = open_source(resolve_path(structure, sources.root))
+        names = [n for n in source.keys() if source.dtype(n).is_floating_point]
     probe = fixed_recipe(sources, config.space.method, config=config)
-    names = [n for n in source.keys() if source.dtype(n).is_floating_point and not probe.excluded(n)]
-    units = layer_units(names, per_group=config.space.layers_per_group, split=config.space.split_blocks,
-                        model=structure)
+    units = layer_units([n for n in names if not probe.excluded(n)], per_group=config.space.layers_per_group,
+                        split=config.space.split_blocks, model=structure)
     return Space(config, sources, units)

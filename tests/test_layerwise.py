@@ -116,3 +116,26 @@ def test_layerwise_cma_study_runs_and_resumes(small_experts: Any, tmp_path: Path
     assert state.told == list(range(9)) and state.optimizer.generation == 2 and len(state.pending) == 1
     fresh.tell(probe, state=TrialState.FAIL)
     assert isinstance(sampler, optuna.samplers.BaseSampler)
+
+
+@pytest.mark.parametrize("sampler", [
+    optuna.samplers.TPESampler(seed=0, n_startup_trials=3), optuna.samplers.GPSampler(seed=0, n_startup_trials=3),
+    optuna.samplers.RandomSampler(seed=0), optuna.samplers.CmaEsSampler(seed=0, n_startup_trials=3),
+    optuna.samplers.NSGAIISampler(seed=0, population_size=4),
+], ids=lambda s: type(s).__name__)
+def test_optunas_samplers_search_the_same_space(sampler: optuna.samplers.BaseSampler, tmp_path: Path) -> None:
+    """Every Optuna sampler draws the layer-wise space's parameters and they decode to recipes."""
+    paths = save_family(tmp_path, tiny_llama_config(num_hidden_layers=4), experts=2, seed=0)
+    config = _layerwise(tmp_path, paths, layers_per_group=2)
+    space = make_space(config, study_sources(config))
+    multi = isinstance(sampler, optuna.samplers.NSGAIISampler)
+
+    def objective(trial: optuna.Trial) -> Any:
+        recipe = space.suggest(trial)
+        weights = [sum(m.parameters["weight"].values()) for m in recipe.models]
+        return tuple(weights) if multi else -sum((w - 2.0) ** 2 for w in weights)
+
+    study = optuna.create_study(sampler=sampler, directions=["maximize"] * (2 if multi else 1))
+    study.optimize(objective, n_trials=8)
+    assert all(set(t.params) == set(space.distributions) for t in study.trials)
+    assert all(space.params(space.recipe(t.params)) == t.params for t in study.trials)

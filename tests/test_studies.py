@@ -9,6 +9,7 @@ import yaml
 
 from evoopt.config import load_config
 from evoopt.experts import get_setting
+from evoopt.io import open_source, resolve_path
 from evoopt.recipe import load_recipe
 from evoopt.space import make_space, study_sources
 
@@ -19,9 +20,13 @@ STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
 def test_study_file_is_valid(path: Path) -> None:
     if "method" in yaml.safe_load(path.read_text()):  # a merge recipe (`evoopt merge`)
         recipe = load_recipe(path)
-    else:  # a study config (`evoopt run`): its space decodes to a recipe without opening any model
+    else:  # a study config (`evoopt run`): its space decodes to a recipe without building any expert
         config = load_config(path)
-        recipe = make_space(config, study_sources(config)).default()
+        names = None
+        if config.space.kind == "layerwise":  # the blocks of the setting's pretrained model, plus a head
+            pretrained = open_source(resolve_path(get_setting(config.setting or "").base))
+            names = [*pretrained.keys(), "classifier.weight"]
+        recipe = make_space(config, study_sources(config), names).default()
         assert config.objective.split == "dev"
     for reference in [recipe.base or "", *(m.model for m in recipe.models)]:
         if reference.startswith("expert:"):

@@ -58,7 +58,7 @@ def _layerwise(root: Path, paths: list[Path], **space: Any) -> Any:
     return parse_config({
         "name": "lw", "sources": {"base": str(paths[0]), "models": [str(p) for p in paths[1:]], "tasks": ["x"]},
         "space": {"kind": "layerwise", "method": "task_arithmetic", "search": {"weight": [0.0, 1.0]}, **space},
-        "objective": {"kind": "dev", "metric": "perplexity"}, "artifacts": str(root)})
+        "objective": {"kind": "dev", "metric": "perplexity"}, "artifacts": str(root)}, root=root)
 
 
 def test_parameters_decode_to_a_recipe_that_merges_layer_by_layer(tmp_path: Path) -> None:
@@ -79,6 +79,24 @@ def test_parameters_decode_to_a_recipe_that_merges_layer_by_layer(tmp_path: Path
     tau = sum(open_source(p).get(name_3) - base.get(name_3) for p in paths[1:])
     torch.testing.assert_close(merged[name_3], base.get(name_3) + 0.7 * tau)
     assert expert.get(name_3).shape == merged[name_3].shape
+
+
+def test_cma_starts_from_a_recipe_file(tmp_path: Path) -> None:
+    from evoopt.config import SamplerSpec
+    from evoopt.samplers import make_sampler
+
+    paths = save_family(tmp_path, tiny_llama_config(num_hidden_layers=4), experts=2, seed=0)
+    config = _layerwise(tmp_path, paths, layers_per_group=2)
+    space = make_space(config, study_sources(config))
+    params = {name: 0.1 if name.startswith("expert_0") else 0.9 for name in space.distributions}
+    (tmp_path / "start.yaml").write_text(space.recipe(params).to_yaml())
+    sampler = make_sampler(SamplerSpec(name="EvoCmaSampler", options={"x0": "start.yaml", "sigma0": 1e-9}), 0, space)
+    study = optuna.create_study(sampler=sampler)
+    trial = study.ask()
+    assert {name: trial._suggest(name, d) for name, d in space.distributions.items()} == pytest.approx(params)
+    (tmp_path / "outside.yaml").write_text(space.recipe({n: 0.5 for n in params}).to_yaml().replace("0.5", "1.5"))
+    with pytest.raises(RecipeError, match="outside space.search.weight"):
+        make_sampler(SamplerSpec(name="EvoCmaSampler", options={"x0": "outside.yaml"}), 0, space)
 
 
 def test_layerwise_cma_study_runs_and_resumes(small_experts: Any, tmp_path: Path) -> None:

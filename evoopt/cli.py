@@ -270,7 +270,13 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     at the end shows the search beside what it must beat. Stop with Ctrl-C at any
     time; run the same command again to continue.
     \b
+    Spaces (space.kind): global, one coefficient per model; layerwise, one per
+    model and layer group (Akiba et al. 2024). Samplers (sampler.name): any
+    optuna.samplers class, or EvoCmaSampler, evoopt's CMA-ES, whose state is the
+    stored trials (resumable, safe with --workers, IPOP/BIPOP, sep-CMA, margin).
+    \b
     Example:  evoopt run studies/minilm-sentiment-domains.yaml --n-trials 10
+              evoopt run studies/minilm-sentiment-layerwise.yaml --workers 2
     """
     from rich.console import Console
 

@@ -34,7 +34,7 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import FrozenTrial, TrialState
 
 Optimizer: TypeAlias = CMA | SepCMA | CMAwM
-_X_ATTR = "evoopt:cma:x"  # name -> the continuous sample a CMA-with-margin trial is told with
+_ATTR = "evoopt:cma"  # per trial: restart, generation, popsize; x, the continuous sample (with margin)
 
 
 @dataclass
@@ -122,6 +122,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         self._independent = independent_sampler or optuna.samplers.RandomSampler(seed=seed)
         self._intersection = IntersectionSearchSpace()
         self._states: dict[tuple[int, tuple[str, ...]], _State] = {}
+        self._encoded: dict[tuple[int, tuple[str, ...]], dict[int, np.ndarray | None]] = {}
         self._lock = threading.Lock()
 
     # --- Optuna's sampler interface ---------------------------------------------------------------
@@ -156,12 +157,11 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
                 x, x_tell = state.optimizer.ask()
             else:
                 x = state.optimizer.ask()
-            info = {"restart": state.restarts, "generation": state.optimizer.generation,
-                    "popsize": state.optimizer.population_size}
-        if x_tell is not None:
-            study._storage.set_trial_system_attr(
-                trial._trial_id, _X_ATTR, {n: float(v) for n, v in zip(names, x_tell)})
-        study._storage.set_trial_system_attr(trial._trial_id, "evoopt:cma", info)
+            info: dict[str, Any] = {"restart": state.restarts, "generation": state.optimizer.generation,
+                                    "popsize": state.optimizer.population_size}
+        if x_tell is not None:  # CMA with margin is told the continuous sample, not the grid value
+            info["x"] = {n: float(v) for n, v in zip(names, x_tell)}
+        study._storage.set_trial_system_attr(trial._trial_id, _ATTR, info)  # one storage write
         for name, value in zip(names, x):
             params[name] = _decode(float(value), numeric[name])
         return params
@@ -179,7 +179,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
 
     def _state(self, study: optuna.Study, names: tuple[str, ...], dists: list[BaseDistribution]) -> _State:
         key = (study._study_id, names)
-        solutions = self._solutions(study, names, dists)
+        solutions = self._solutions(study, self._encoded.setdefault(key, {}), names, dists)
         numbers = [number for number, _, _ in solutions]
         state = self._states.get(key)
         if state is None or numbers[: len(state.told)] != state.told:
@@ -195,9 +195,12 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
                     self._restart_optimizer(state, names, dists)
         return state
 
-    def _solutions(self, study: optuna.Study, names: tuple[str, ...],
+    def _solutions(self, study: optuna.Study, encoded: dict[int, np.ndarray | None], names: tuple[str, ...],
                    dists: list[BaseDistribution]) -> list[tuple[int, np.ndarray, float]]:
-        """(number, x in [0, 1] coordinates, value to minimise) of every finished trial, in finishing order."""
+        """(number, x in [0, 1] coordinates, value to minimise) of every finished trial, in finishing order.
+
+        ``encoded`` caches each finished trial's point (finished trials do not change).
+        """
         states = (TrialState.COMPLETE, TrialState.PRUNED) if self._consider_pruned else (TrialState.COMPLETE,)
         sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         out = []
@@ -208,7 +211,9 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
                 value = trial.intermediate_values[max(trial.intermediate_values)]
             else:
                 continue
-            x = _encode_trial(trial, names, dists)
+            if trial.number not in encoded:
+                encoded[trial.number] = _encode_trial(trial, names, dists)
+            x = encoded[trial.number]
             if x is None or value is None or not math.isfinite(value):
                 continue
             out.append((trial.datetime_complete, trial.number, x, sign * value))
@@ -326,7 +331,7 @@ def _encode_trial(trial: FrozenTrial, names: tuple[str, ...], dists: list[BaseDi
     """A trial's point in [0, 1] coordinates, or None when it lacks a parameter or lies outside."""
     if any(name not in trial.params for name in names):
         return None
-    told = trial.system_attrs.get(_X_ATTR)
+    told = trial.system_attrs.get(_ATTR, {}).get("x")
     if isinstance(told, dict) and all(name in told for name in names):
         return np.array([told[name] for name in names], dtype=float)
     x = []

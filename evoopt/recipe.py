@@ -55,10 +55,10 @@ class RecipeError(ValueError):
 @functools.lru_cache(maxsize=65_536)  # called for every tensor of every candidate
 def tensor_group(name: str) -> str:
     """The group a tensor's coefficients are looked up under."""
-    match = _LAYER.search(name)
-    if match:
-        stack = "decoder." if "decoder." in name[: match.start() + 1] else ""
-        return f"{stack}layers.{int(match.group(1)):02d}"
+    position = block_position(name)
+    if position is not None:
+        stack, index, _ = position
+        return f"{stack}layers.{index:02d}"
     if any(h in name for h in _HEAD_HINTS):
         return "head"
     if any(h in name for h in _EMBED_HINTS):
@@ -69,18 +69,26 @@ def tensor_group(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=65_536)
-def tensor_block(name: str) -> str:
-    """A layer tensor's group with its part, ``layers.NN.attn`` or ``layers.NN.mlp``; else its group.
+def block_position(name: str) -> tuple[str, int, str] | None:
+    """Where a tensor sits in the transformer blocks: (stack, block index, part), or None outside them.
 
-    Attention is every tensor whose name within the block says so (``self_attn``, ``attention``,
-    ``attn``, ``EncDecAttention``); the rest of the block (MLP, its norms) is ``mlp``.
+    The stack is ``"decoder."`` for the decoder of an encoder-decoder (T5), else ``""``; the part
+    is ``attn`` for every tensor whose name within the block says so (``self_attn``,
+    ``attention``, ``attn``, ``EncDecAttention``), else ``mlp`` (the MLP and its norms).
     """
-    group = tensor_group(name)
     match = _LAYER.search(name)
     if match is None:
-        return group
+        return None
+    stack = "decoder." if "decoder." in name[: match.start() + 1] else ""
     inner = name[match.end():].lower()
-    return f"{group}.{'attn' if any(h in inner for h in _ATTENTION_HINTS) else 'mlp'}"
+    return stack, int(match.group(1)), "attn" if any(h in inner for h in _ATTENTION_HINTS) else "mlp"
+
+
+@functools.lru_cache(maxsize=65_536)
+def tensor_block(name: str) -> str:
+    """A block tensor's group with its part, ``layers.NN.attn`` or ``layers.NN.mlp``; else its group."""
+    position = block_position(name)
+    return tensor_group(name) if position is None else f"{tensor_group(name)}.{position[2]}"
 
 
 class _Strict(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -17,26 +18,35 @@ if TYPE_CHECKING:
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCmaSampler}
 
 
-def make_sampler(spec: SamplerSpec, seed: int, space: Space | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: SamplerSpec, seed: int,
+                 space: Callable[[], Space] | None = None) -> optuna.samplers.BaseSampler:
     """Instantiate a sampler; ``seed`` is passed when the sampler takes one and the options do not set it.
 
-    A sampler that takes ``search_space`` is given the study's space, so that it samples the
-    first trial too; an ``x0`` that is a string is a recipe file, read into the space's parameters.
+    A sampler that takes ``search_space`` is given the study's space (``space()`` is only built
+    then), so that it samples the first trial too; an ``x0`` that is a string is a recipe file,
+    read into the space's parameters.
     """
     cls = SAMPLERS.get(spec.name) or getattr(optuna.samplers, spec.name)
     options: dict[str, Any] = dict(spec.options)
     accepted = inspect.signature(cls).parameters
     if "seed" in accepted:
         options.setdefault("seed", seed)
-    if space is not None and "search_space" in accepted:
-        options.setdefault("search_space", dict(space.distributions))
-    if space is not None and isinstance(options.get("x0"), str):
+    if space is None or "search_space" not in accepted:
+        return _instantiate(spec, cls, options)
+    built = space()
+    options.setdefault("search_space", dict(built.distributions))
+    if isinstance(options.get("x0"), str):
         from evoopt.io import resolve_path
         from evoopt.recipe import load_recipe
 
-        options["x0"] = space.params(load_recipe(resolve_path(options["x0"], space.sources.root)))
+        options["x0"] = built.params(load_recipe(resolve_path(options["x0"], built.sources.root)))
+    return _instantiate(spec, cls, options)
+
+
+def _instantiate(spec: SamplerSpec, cls: Any, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
     try:
-        return cls(**options)
+        sampler: optuna.samplers.BaseSampler = cls(**options)
+        return sampler
     except (TypeError, ValueError) as error:
         raise ConfigError(f"sampler.options: {spec.name} does not accept these options ({error})") from None
 

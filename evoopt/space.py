@@ -9,7 +9,6 @@ that ``evoopt merge`` and ``evoopt export`` accept.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import optuna
 
 from evoopt.config import StudyConfig
 from evoopt.experts import HEAD_PATTERNS
-from evoopt.recipe import Recipe, RecipeError, parse_recipe, tensor_block, tensor_group
+from evoopt.recipe import Recipe, RecipeError, block_position, parse_recipe, tensor_group
 
 
 @dataclass(frozen=True)
@@ -89,29 +88,27 @@ _ORDER = {"embed": 0, "norm": 2, "head": 3, "other": 4}
 
 def layer_units(names: list[str], *, per_group: int = 1, split: bool = False, model: str = "the model") -> list[Unit]:
     """Embeddings, groups of ``per_group`` consecutive blocks (optionally attention and MLP apart), norm, head."""
-    blocks: dict[str, list[str]] = {}
+    others: dict[str, str] = {}  # group outside the blocks -> its first tensor
+    blocks: dict[tuple[str, str], dict[int, str]] = {}  # (stack, part) -> block index -> its first tensor
     for name in names:
-        blocks.setdefault(tensor_block(name) if split else tensor_group(name), []).append(name)
-    layered = {b: t for b, t in blocks.items() if _BLOCK.fullmatch(b)}
-    if not layered:
+        position = block_position(name)
+        if position is None:
+            others.setdefault(tensor_group(name), name)
+        else:
+            stack, index, part = position
+            blocks.setdefault((stack, f".{part}" if split else ""), {}).setdefault(index, name)
+    if not blocks:
         raise RecipeError(f"space.kind layerwise: no transformer blocks found in {model}: looked for {_LOOKED_FOR}; "
                           f"its tensors are named like {', '.join(names[:3])}")
-    units = [Unit(b, (b,), t[0]) for b, t in blocks.items() if b not in layered]
-    by_stack: dict[tuple[str, str], list[int]] = {}
-    for block in layered:
-        stack, index, part = _BLOCK.fullmatch(block).groups()  # type: ignore[union-attr]
-        by_stack.setdefault((stack or "", part or ""), []).append(int(index))
-    for (stack, part), indices in by_stack.items():
-        indices.sort()
+    units = [Unit(group, (group,), tensor) for group, tensor in others.items()]
+    for (stack, part), first in blocks.items():
+        indices = sorted(first)
         for i in range(0, len(indices), per_group):
             chunk = indices[i: i + per_group]
             span = f"{chunk[0]:02d}" if len(chunk) == 1 else f"{chunk[0]:02d}-{chunk[-1]:02d}"
             patterns = tuple(f"{stack}layers.{j:02d}{part}" for j in chunk)
-            units.append(Unit(f"{stack}layers.{span}{part}", patterns, layered[patterns[0]][0]))
+            units.append(Unit(f"{stack}layers.{span}{part}", patterns, first[chunk[0]]))
     return sorted(units, key=lambda u: (_ORDER.get(u.name, 1), u.name.startswith("decoder."), u.name))
-
-
-_BLOCK = re.compile(r"(decoder\.)?layers\.(\d+)(\.attn|\.mlp)?")
 
 
 class Space:
@@ -160,7 +157,7 @@ class Space:
             raise RecipeError(f"recipe: has {len(recipe.models)} models, the study merges {count}")
         params = {}
         for name, (index, unit, key) in self.names.items():
-            value = recipe.coefficients(unit.tensor or "x", count)[key][index]
+            value = recipe.coefficients(unit.tensor, count)[key][index]
             low, high = self.distributions[name].low, self.distributions[name].high
             if not low <= value <= high:
                 raise RecipeError(f"recipe: {key} of models[{index}] ({unit.name or 'all tensors'}) is {value}, "

@@ -16,7 +16,6 @@ with a different one is refused, naming the keys that differ.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -37,8 +36,8 @@ from evoopt.config import ConfigError, StudyConfig, same_study
 from evoopt.merger import Merger, pick_device
 from evoopt.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
 from evoopt.recipe import Recipe
-from evoopt.samplers import SAMPLERS, make_pruner, make_sampler
-from evoopt.space import Sources, Space, fixed_recipe, make_space, study_sources
+from evoopt.samplers import make_pruner, make_sampler
+from evoopt.space import Sources, fixed_recipe, make_space, study_sources
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -94,7 +93,7 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
 def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True) -> optuna.Study:
     """Create the study, or load it and check it was made from the same config."""
     storage = open_storage(config)
-    sampler = make_sampler(config.sampler, config.seed + worker, _sampler_space(config))
+    sampler = make_sampler(config.sampler, config.seed + worker, lambda: make_space(config, study_sources(config)))
     pruner = make_pruner(config.pruner.name, config.pruner.options)
     if not create:
         try:
@@ -111,14 +110,6 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True) -> 
         raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made from another config; "
                           "give this one a new name, or restore the old values:\n  - " + "\n  - ".join(changed))
     return study
-
-
-def _sampler_space(config: StudyConfig) -> Space | None:
-    """The study's space, for samplers that take it (they then sample the first trials too)."""
-    cls = SAMPLERS.get(config.sampler.name)
-    if cls is None or "search_space" not in inspect.signature(cls).parameters:
-        return None
-    return make_space(config, study_sources(config))
 
 
 def finished_trials(study: optuna.Study) -> int:

@@ -113,7 +113,7 @@ def test_margin_searches_binary_masks(seed: int) -> None:
     assert all(v in (0, 1) and isinstance(v, int) for t in study.trials for v in t.params.values())
     (state,) = sampler._states.values()
     assert isinstance(state.optimizer, CMAwM)  # chosen for a discrete space
-    told = study.trials[-1].system_attrs["evoopt:cma:x"]  # told with the continuous sample, not the bits
+    told = study.trials[-1].system_attrs["evoopt:cma"]["x"]  # told with the continuous sample, not the bits
     assert set(told) == set(study.trials[-1].params) and any(v not in (0.0, 1.0) for v in told.values())
 
 

@@ -90,13 +90,14 @@ def test_cma_starts_from_a_recipe_file(tmp_path: Path) -> None:
     space = make_space(config, study_sources(config))
     params = {name: 0.1 if name.startswith("expert_0") else 0.9 for name in space.distributions}
     (tmp_path / "start.yaml").write_text(space.recipe(params).to_yaml())
-    sampler = make_sampler(SamplerSpec(name="EvoCmaSampler", options={"x0": "start.yaml", "sigma0": 1e-9}), 0, space)
+    spec = SamplerSpec(name="EvoCmaSampler", options={"x0": "start.yaml", "sigma0": 1e-9})
+    sampler = make_sampler(spec, 0, lambda: space)
     study = optuna.create_study(sampler=sampler)
     trial = study.ask()
     assert {name: trial._suggest(name, d) for name, d in space.distributions.items()} == pytest.approx(params)
     (tmp_path / "outside.yaml").write_text(space.recipe({n: 0.5 for n in params}).to_yaml().replace("0.5", "1.5"))
     with pytest.raises(RecipeError, match="outside space.search.weight"):
-        make_sampler(SamplerSpec(name="EvoCmaSampler", options={"x0": "outside.yaml"}), 0, space)
+        make_sampler(SamplerSpec(name="EvoCmaSampler", options={"x0": "outside.yaml"}), 0, lambda: space)
 
 
 def test_layerwise_cma_study_runs_and_resumes(small_experts: Any, tmp_path: Path) -> None:

@@ -46,10 +46,11 @@ class SourcesSpec(_Strict):
 
 
 class SpaceSpec(_Strict):
-    kind: Literal["global", "layerwise"] = Field("global", description=(
+    kind: Literal["global", "layerwise", "evolver"] = Field("global", description=(
         "global: one value per model and coefficient; layerwise: one per model, coefficient and layer "
-        "group (embeddings, each group of blocks, final norm and head are groups of their own)"))
-    method: str = "ties"
+        "group (embeddings, each group of blocks, final norm and head are groups of their own); "
+        "evolver: the experts' weights themselves, evolved by EvolverSampler (Du et al. 2024)"))
+    method: str = Field("ties", description="the merge method; evolver: X of X_Evolver, or 'none' for plain Evolver")
     search: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)},
         description="per-model coefficients searched, with their [low, high] bounds")
@@ -57,6 +58,8 @@ class SpaceSpec(_Strict):
     log: list[str] = Field(default_factory=list, description="coefficients searched on a log scale")
     layers_per_group: int = Field(1, gt=0, description="layerwise: consecutive blocks that share coefficients")
     split_blocks: bool = Field(False, description="layerwise: a block's attention and MLP as separate groups")
+    population: Literal["memory", "mmap"] = Field("memory", description=(
+        "evolver: keep the individuals in RAM, or in memory-mapped safetensors files in the artifacts folder"))
 
 
 class SamplerSpec(_Strict):
@@ -152,7 +155,7 @@ def _problems(config: StudyConfig) -> list[str]:
 
     from evoopt.merge import get_method
 
-    problems = []
+    problems = _evolver_problems(config)
     if (config.setting is None) == (config.sources is None):
         problems.append("setting / sources: give exactly one (a benchmark setting name, or sources: base + models)")
     if config.setting is not None:
@@ -163,6 +166,8 @@ def _problems(config: StudyConfig) -> list[str]:
     if config.sources is not None and not config.sources.tasks and not config.objective.tasks:
         problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
     try:
+        if config.space.kind == "evolver":
+            raise LookupError  # its method was checked above
         method = get_method(config.space.method)
         allowed = set(method.per_model)
         for key in config.space.search:
@@ -171,6 +176,8 @@ def _problems(config: StudyConfig) -> list[str]:
                                 f"allowed: {', '.join(sorted(allowed)) or 'none'}")
     except ValueError as error:
         problems.append(f"space.method: {error}")
+    except LookupError:
+        pass
     for key, (low, high) in config.space.search.items():
         if not low < high:
             problems.append(f"space.search.{key}: bounds must be [low, high] with low < high, got [{low}, {high}]")
@@ -209,6 +216,31 @@ def _problems(config: StudyConfig) -> list[str]:
 
         if config.setting in SETTINGS and SETTINGS[config.setting].kind != "causal":
             problems.append("objective.metric: perplexity needs a causal LM setting")
+    return problems
+
+
+def _evolver_problems(config: StudyConfig) -> list[str]:
+    """The Evolver's space and sampler go together; its X must be a method of the weights alone."""
+    from evoopt.merge import get_method
+
+    space, problems = config.space, []
+    if (space.kind == "evolver") != (config.sampler.name == "EvolverSampler"):
+        problems.append("space.kind / sampler.name: space.kind evolver and sampler EvolverSampler go together "
+                        f"(got {space.kind} and {config.sampler.name})")
+    if space.kind != "evolver":
+        return problems
+    if space.method != "none":
+        try:
+            if get_method(space.method).statistic is not None:
+                problems.append(f"space.method: {space.method!r} needs per-model data statistics, which Evolver does "
+                                "not recompute for offspring; use none, linear, task_arithmetic, ties, dare_ties, ...")
+        except ValueError as error:
+            problems.append(f"space.method: {error}; or 'none' for the plain Evolver")
+    if "search" in space.model_fields_set or space.log:
+        problems.append("space.search / space.log: the Evolver searches the weights themselves; "
+                        "give X's coefficients in space.fixed")
+    if config.objective.multi_objective:
+        problems.append("objective.multi_objective: the Evolver's greedy selection needs one objective")
     return problems
 
 

@@ -20,11 +20,19 @@ exactly from its move and the population.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import optuna
 import torch
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
 
 STRATEGIES = ("paper", "released", "rand1", "best1")
 
@@ -77,3 +85,222 @@ def offspring_tensor(move: Move, tensors: Sequence[torch.Tensor], index: int) ->
     generator = torch.Generator().manual_seed(move.seed * 1_000_003 + index)
     take = torch.rand(target.shape, generator=generator) < move.cr
     return torch.where(take.to(target.device), mutant(move, tensors), target.float()).to(target.dtype)
+
+
+# --- the population's history, replayed from the study's trials ------------------------------------
+
+ATTR = "evoopt:evolver"  # trial system attribute: {"generation": g, "target": i, "strategy": s}
+PARAMS = ("target", "donor_1", "donor_2", "donor_3", "F", "Cr", "seed")
+_LIVE = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def slots(generation: int, size: int, integrated: bool) -> int:
+    """Trials in a generation: generation 0 scores the initial population (one merge when integrated)."""
+    return 1 if generation == 0 and integrated else size
+
+
+@dataclass
+class History:
+    """What the finished trials say about the population.
+
+    Generation 0 scores the experts (or, merge-integrated, their merge); generation g >= 1 holds one
+    offspring per target, built from the population P_{g-1}; P_g keeps each target or its offspring,
+    whichever scored better (synchronous greedy selection, ties keep the parent).
+
+    Attributes:
+        generation: the first generation whose trials are not all finished.
+        fitness: each individual's score in P_{generation-1} (None before generation 0 is done).
+        f, cr: each individual's F and Cr (jDE adapts them; otherwise the configured values).
+        accepted: accepted[g] = the offspring that replaced their targets in generation g.
+        taken: targets of ``generation`` that a live trial already holds.
+    """
+
+    generation: int
+    fitness: list[float | None]
+    f: list[float]
+    cr: list[float]
+    accepted: list[list[Move]]
+    taken: set[int]
+    maximize: bool = True
+
+    @property
+    def best(self) -> int:
+        """The fittest individual (the lowest index among equals); 0 before any score."""
+        sign = 1.0 if self.maximize else -1.0
+        scores = [-math.inf if s is None else sign * s for s in self.fitness]
+        return int(np.argmax(scores))
+
+
+def move_of(params: dict[str, Any], strategy: str) -> Move:
+    """The offspring a generation >= 1 trial's parameters describe."""
+    donors = tuple(int(params[f"donor_{k}"]) for k in (1, 2, 3) if f"donor_{k}" in params)
+    return Move(strategy, int(params["target"]), donors, float(params["F"]), float(params["Cr"]), int(params["seed"]))
+
+
+def replay(trials: Sequence[FrozenTrial], *, size: int, integrated: bool, maximize: bool, f: float, cr: float,
+           exclude: int | None = None) -> History:
+    """The population's history from the study's trials (``exclude``: a trial number to ignore)."""
+    by_slot: dict[tuple[int, int], list[FrozenTrial]] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        slot = trial.system_attrs.get(ATTR)
+        if slot is not None and trial.number != exclude and trial.state in _LIVE:
+            by_slot.setdefault((int(slot["generation"]), int(slot["target"])), []).append(trial)
+    sign = 1.0 if maximize else -1.0
+    history = History(0, [None] * size, [f] * size, [cr] * size, [[]], set(), maximize)
+    while True:
+        g = history.generation
+        found = {i: by_slot.get((g, i), []) for i in range(slots(g, size, integrated))}
+        done = {i: next((t for t in ts if t.state in _DONE), None) for i, ts in found.items()}
+        finished = {i: t for i, t in done.items() if t is not None}
+        if len(finished) < len(done):
+            history.taken = {i for i, ts in found.items() if ts}
+            return history
+        if g == 0:
+            values = [t.value if t.state == TrialState.COMPLETE else None for t in finished.values()]
+            history.fitness = values * size if integrated else values
+        else:
+            accepted = []
+            for i, trial in finished.items():
+                parent = history.fitness[i]
+                if trial.state == TrialState.COMPLETE and trial.value is not None and (
+                        parent is None or sign * trial.value > sign * parent):
+                    move = move_of(trial.params, trial.system_attrs[ATTR]["strategy"])
+                    accepted.append(move)
+                    history.fitness[i], history.f[i], history.cr[i] = trial.value, move.f, move.cr
+            history.accepted.append(accepted)
+        history.generation += 1
+
+
+# --- the sampler --------------------------------------------------------------------------------------
+
+class EvolverSampler(optuna.samplers.BaseSampler):
+    """Evolver (Du et al. 2024) as an Optuna sampler: each trial is one offspring.
+
+    The sampler decides a trial's generation and target (its *slot*, stored as a system
+    attribute) and draws the offspring's move, which becomes the trial's parameters:
+    ``target``, ``donor_1..3``, ``F``, ``Cr`` and the crossover ``seed``. The objective
+    (:class:`evoopt.population.Population`) builds the offspring from those parameters and the
+    population ``P_{g-1}``, which it replays from the study's finished trials; so does the
+    sampler, for the fitness. There is no other state: a study resumes in a fresh process,
+    and several workers share one study.
+
+    Generations are synchronous: generation g's offspring are all built from ``P_{g-1}`` and
+    selected together, so a run reaches the same population whatever the number of workers
+    or interruptions. A worker that asks for a trial while all of the current generation's
+    slots are held by running trials waits (``poll`` seconds between looks, failing stale
+    trials of dead workers on the way) for the generation to finish. A failed trial frees its
+    slot: the next trial takes it and, drawn from the same generator, the same move.
+
+    Each move comes from a generator seeded by (seed, generation, target).
+
+    Args:
+        population: the number of individuals N (the study engine passes the number of experts).
+        integrated: merge-integrated Evolver (X_Evolver): generation 0 is one trial, the merge
+            of the initial population.
+        strategy: ``paper``, ``released``, ``rand1`` or ``best1`` (see :mod:`evoopt.evolver`).
+        F, Cr: the differential weight and crossover rate (the paper: 0.5 and 0.5).
+        adapt: ``jde`` for self-adaptive F and Cr per individual (Brest et al. 2006): with
+            probability 0.1 each, an offspring draws F in [0.1, 1] and Cr in [0, 1] and its
+            target adopts them when it wins; None keeps F and Cr fixed.
+        generations: the planned number of generations G (the ``released`` strategy's schedule; part
+            of the study's config, so that a resumed run draws the same moves).
+        seed: seeds every draw.
+        poll: seconds between looks at the storage while waiting for a generation.
+        wait_timeout: seconds to wait for a generation before failing with an error.
+    """
+
+    def __init__(self, *, population: int, integrated: bool = False, strategy: str = "paper", F: float = 0.5,
+                 Cr: float = 0.5, adapt: str | None = None, generations: int = 10, seed: int | None = None,
+                 poll: float = 0.5, wait_timeout: float = 3600.0) -> None:
+        problems = []
+        if strategy not in STRATEGIES:
+            problems.append(f"strategy: one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        elif population < (needed := {"released": 2, "paper": 3, "rand1": 4, "best1": 4}[strategy]):
+            problems.append(f"population: strategy {strategy!r} needs at least {needed} individuals, got {population}")
+        if not 0 < F <= 2:
+            problems.append(f"F: the differential weight must be in (0, 2], got {F}")
+        if not 0 <= Cr <= 1:
+            problems.append(f"Cr: the crossover rate must be in [0, 1], got {Cr}")
+        if adapt not in (None, "jde"):
+            problems.append(f"adapt: None or 'jde', got {adapt!r}")
+        if generations < 1:
+            problems.append(f"generations: must be at least 1, got {generations}")
+        if problems:
+            raise ValueError("EvolverSampler: " + "; ".join(problems))
+        self.population, self.integrated, self.strategy = population, integrated, strategy
+        self.F, self.Cr, self.adapt, self.generations = F, Cr, adapt, generations
+        self.seed: int = int(np.random.default_rng().integers(2**31)) if seed is None else seed
+        self.poll, self.wait_timeout = poll, wait_timeout
+
+    def history(self, study: optuna.Study, exclude: int | None = None) -> History:
+        """The population's history as the study's trials say it now."""
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return replay(study.get_trials(deepcopy=False), size=self.population, integrated=self.integrated,
+                      maximize=maximize, f=self.F, cr=self.Cr, exclude=exclude)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        if len(study.directions) > 1:
+            raise ValueError("EvolverSampler: greedy selection needs one objective; "
+                             "set objective.multi_objective false")
+        last = self.population - 1
+        return {"target": IntDistribution(0, last), **{f"donor_{k}": IntDistribution(0, last) for k in (1, 2, 3)},
+                "F": FloatDistribution(0.0, 2.0), "Cr": FloatDistribution(0.0, 1.0),
+                "seed": IntDistribution(0, 2**31 - 1)}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        if trial.system_attrs.get(ATTR):  # a trial that already holds a slot (its parameters are stored)
+            return {}
+        generation, target, history = self._claim(study, trial)
+        if generation == 0:
+            return {"target": target}
+        rng = np.random.default_rng([self.seed, generation, target])
+        f, cr = history.f[target], history.cr[target]
+        if self.adapt == "jde":  # Brest et al. 2006, tau1 = tau2 = 0.1, F in [Fl, Fl + Fu] = [0.1, 1]
+            f = 0.1 + 0.9 * float(rng.uniform()) if rng.uniform() < 0.1 else f
+            cr = float(rng.uniform()) if rng.uniform() < 0.1 else cr
+        move = draw_move(rng, self.strategy, target=target, size=self.population, best=history.best, f=f, cr=cr,
+                         generation=generation - 1, generations=self.generations)
+        donors = {f"donor_{k}": d for k, d in enumerate(move.donors, start=1)}
+        return {"target": target, **donors, "F": move.f, "Cr": move.cr, "seed": move.seed}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        raise ValueError(f"EvolverSampler: the Evolver decides every parameter of a trial; {param_name!r} is not one "
+                         f"of {', '.join(PARAMS)} (use space.kind evolver with this sampler)")
+
+    def _claim(self, study: optuna.Study, trial: FrozenTrial) -> tuple[int, int, History]:
+        """Take the first free slot of the current generation, waiting while the generation runs.
+
+        A claim is written, then kept only if no other live trial claims the slot: of two claims,
+        the one checked later sees the earlier, so at most one keeps it. One that sees a rival
+        withdraws and tries again after a short seeded jitter.
+        """
+        storage = study._storage
+        jitter = np.random.default_rng([self.seed, trial.number])
+        waited = 0.0
+        while True:
+            history = self.history(study, exclude=trial.number)
+            g = history.generation
+            free = [i for i in range(slots(g, self.population, self.integrated)) if i not in history.taken]
+            if free:
+                slot: dict[str, Any] = {"generation": g, "target": free[0], "strategy": self.strategy}
+                storage.set_trial_system_attr(trial._trial_id, ATTR, slot)
+                rivals = [t.number for t in study.get_trials(deepcopy=False, states=_LIVE) if t.number != trial.number
+                          and (t.system_attrs.get(ATTR) or {}).get("generation") == g
+                          and t.system_attrs[ATTR]["target"] == free[0]]
+                if not rivals:
+                    return g, free[0], history
+                storage.set_trial_system_attr(trial._trial_id, ATTR, None)
+                time.sleep(float(jitter.uniform(0, self.poll)))
+                continue
+            if waited >= self.wait_timeout:
+                raise RuntimeError(f"EvolverSampler: generation {g} has run for {waited:.0f} s in other trials; "
+                                   "are its workers alive? (journal storages have no heartbeats to fail dead ones)")
+            time.sleep(self.poll)
+            waited += self.poll
+            if is_heartbeat_enabled(storage):
+                fail_stale_trials(study)

@@ -185,13 +185,18 @@ class Merger:
         names = set(per_model[0])
         return {n: [stats[n] for stats in per_model] for n in names if all(n in s for s in per_model)}
 
-    def export(self, out: Path, *, overwrite: bool = False) -> Path:
-        """Save the current merged model, with tokenizer, model card and recipe, atomically."""
+    def export(self, out: Path, *, overwrite: bool = False, card: tuple[str, str] | None = None) -> Path:
+        """Save the current merged model, with tokenizer, model card and recipe, atomically.
+
+        ``card``: (how the weights were made, as YAML; model card) when the recipe does not say it
+        (the Evolver's models).
+        """
         if self.structure.folder is None:
             raise ModelSourceError(f"{self.structure.path}: export needs the base model's folder for its tokenizer")
+        recipe_yaml, card_text = card or (self.recipe.to_yaml(), model_card(self.recipe))
         return export_model(
-            self.model, out, tokenizer_from=self.structure.folder, recipe_yaml=self.recipe.to_yaml(),
-            model_card=model_card(self.recipe), overwrite=overwrite,
+            self.model, out, tokenizer_from=self.structure.folder, recipe_yaml=recipe_yaml,
+            model_card=card_text, overwrite=overwrite,
         )
 
 

@@ -10,32 +10,38 @@ import optuna
 
 from evoopt.cma import EvoCmaSampler
 from evoopt.config import ConfigError, SamplerSpec
+from evoopt.evolver import EvolverSampler
 
 if TYPE_CHECKING:
-    from evoopt.space import Space
+    from evoopt.space import EvolverSpace, Space
 
 # evoopt's samplers, name -> class
-SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCmaSampler}
+SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCmaSampler,
+                                                          "EvolverSampler": EvolverSampler}
+# what a space tells the samplers that take it (Space.sampler_options, EvolverSpace.sampler_options)
+_FROM_SPACE = {"search_space", "population", "integrated"}
 
 
 def make_sampler(spec: SamplerSpec, seed: int,
-                 space: Callable[[], Space] | None = None) -> optuna.samplers.BaseSampler:
+                 space: Callable[[], Space | EvolverSpace] | None = None) -> optuna.samplers.BaseSampler:
     """Instantiate a sampler; ``seed`` is passed when the sampler takes one and the options do not set it.
 
-    A sampler that takes ``search_space`` is given the study's space (``space()`` is only built
-    then), so that it samples the first trial too; an ``x0`` that is a string is a recipe file,
-    read into the space's parameters.
+    A sampler that takes ``search_space`` (or, the Evolver's, ``population``) is given what the
+    study's space says (``space()`` is only built then), so that it samples the first trial too;
+    an ``x0`` that is a string is a recipe file, read into the space's parameters.
     """
     cls = SAMPLERS.get(spec.name) or getattr(optuna.samplers, spec.name)
     options: dict[str, Any] = dict(spec.options)
     accepted = inspect.signature(cls).parameters
     if "seed" in accepted:
         options.setdefault("seed", seed)
-    if space is None or "search_space" not in accepted:
+    if space is None or not _FROM_SPACE & set(accepted):
         return _instantiate(spec, cls, options)
     built = space()
-    options.setdefault("search_space", dict(built.distributions))
-    if isinstance(options.get("x0"), str):
+    for key, value in built.sampler_options().items():
+        if key in accepted:
+            options.setdefault(key, value)
+    if isinstance(options.get("x0"), str) and hasattr(built, "params"):
         from evoopt.io import resolve_path
         from evoopt.recipe import load_recipe
 

@@ -16,7 +16,9 @@ from typing import Any
 import optuna
 
 from evoopt.config import StudyConfig
+from evoopt.evolver import ATTR, Move, move_of
 from evoopt.experts import HEAD_PATTERNS
+from evoopt.merge import get_method
 from evoopt.recipe import Recipe, RecipeError, block_position, parse_recipe, tensor_group
 
 
@@ -172,8 +174,86 @@ class Space:
         return self.recipe(mid)
 
 
-def make_space(config: StudyConfig, sources: Sources, names: list[str] | None = None) -> Space:
+    def sampler_options(self) -> dict[str, Any]:
+        """What a sampler that takes them is given: the distributions, so it samples the first trial too."""
+        return {"search_space": dict(self.distributions)}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One Evolver trial: generation 0 scores an initial individual (or their merge), later ones an offspring."""
+
+    generation: int
+    target: int
+    move: Move | None
+
+
+class EvolverSpace:
+    """``space.kind: evolver``: a trial is one offspring of the Evolver's population (Du et al. 2024).
+
+    :class:`~evoopt.evolver.EvolverSampler` decides every parameter; the individuals are the
+    experts, and ``space.method`` is X of X_Evolver (``none``: the plain Evolver), with the
+    coefficients of ``space.fixed``.
+    """
+
+    def __init__(self, config: StudyConfig, sources: Sources) -> None:
+        self.config, self.sources = config, sources
+        self.method = None if config.space.method == "none" else config.space.method
+        self.size = len(sources.models)
+
+    def sampler_options(self) -> dict[str, Any]:
+        # (not the planned generations of the released strategy: they would follow `trials`, which may
+        # change between runs of one study, and so would the moves)
+        return {"population": self.size, "integrated": self.method is not None}
+
+    def default(self) -> Recipe:
+        """The evaluation model's recipe: a plain average, which needs no preprocessing."""
+        return fixed_recipe(self.sources, "linear", {}, [{"weight": 1.0}] * self.size, config=self.config)
+
+    def merge_recipe(self) -> Recipe | None:
+        """X's recipe over the experts (its coefficients apply to any population), or None for plain Evolver."""
+        if self.method is None:
+            return None
+        per_model = {k: v for k, v in self.config.space.fixed.items() if k in get_method(self.method).per_model}
+        shared = {k: v for k, v in self.config.space.fixed.items() if k not in per_model}
+        return fixed_recipe(self.sources, self.method, shared, [per_model] * self.size, config=self.config)
+
+    def suggest(self, trial: optuna.Trial) -> Candidate:
+        """Read the trial's move (the sampler chose it when the first parameter was asked for)."""
+        target = trial.suggest_int("target", 0, self.size - 1)
+        slot = trial.study._storage.get_trial_system_attrs(trial._trial_id).get(ATTR)
+        if slot is None:
+            raise ValueError("space.kind evolver: the trial has no generation; sampler.name must be EvolverSampler")
+        generation = int(slot["generation"])
+        if generation == 0:
+            return Candidate(0, target, None)
+        donors = 1 if slot["strategy"] == "released" else 3
+        params: dict[str, Any] = {"target": target, "F": trial.suggest_float("F", 0.0, 2.0),
+                                  "Cr": trial.suggest_float("Cr", 0.0, 1.0),
+                                  "seed": trial.suggest_int("seed", 0, 2**31 - 1)}
+        for k in range(1, donors + 1):
+            params[f"donor_{k}"] = trial.suggest_int(f"donor_{k}", 0, self.size - 1)
+        return Candidate(generation, target, move_of(params, slot["strategy"]))
+
+    def recipe(self, params: dict[str, Any]) -> Recipe:
+        """An Evolver candidate is weights, not coefficients: there is no recipe to give."""
+        raise RecipeError("trial: an Evolver trial's model is made of evolved weights, not a recipe; "
+                          "save it with `evoopt export STUDY --trial best --out DIR` and use that folder")
+
+    def candidate(self, trial: optuna.trial.FrozenTrial) -> Candidate:
+        """A finished trial's candidate, from its stored parameters."""
+        slot = trial.system_attrs.get(ATTR)
+        if slot is None:
+            raise ValueError(f"trial {trial.number} is not an Evolver trial (it has no {ATTR!r} attribute)")
+        generation = int(slot["generation"])
+        move = move_of(trial.params, slot["strategy"]) if generation else None
+        return Candidate(generation, int(trial.params.get("target", 0)), move)
+
+
+def make_space(config: StudyConfig, sources: Sources, names: list[str] | None = None) -> Space | EvolverSpace:
     """The study's space; a layer-wise one groups ``names`` (default: the base model's tensors)."""
+    if config.space.kind == "evolver":
+        return EvolverSpace(config, sources)
     if config.space.kind == "global":
         return Space(config, sources)
     structure = sources.base or sources.models[0]

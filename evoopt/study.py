@@ -33,11 +33,13 @@ import torch
 from optuna.trial import TrialState
 
 from evoopt.config import ConfigError, StudyConfig, same_study
+from evoopt.evolver import EvolverSampler, History
 from evoopt.merger import Merger, pick_device
 from evoopt.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
+from evoopt.population import Population
 from evoopt.recipe import Recipe
 from evoopt.samplers import make_pruner, make_sampler
-from evoopt.space import Sources, fixed_recipe, make_space, study_sources
+from evoopt.space import EvolverSpace, Sources, fixed_recipe, make_space, study_sources
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -53,16 +55,18 @@ class EvaluationError(RuntimeError):
 
 def open_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
     """The config's storage, checked to be reachable before any work."""
+    # An Evolver trial that died frees its slot, and the next trial takes it with the same move: a
+    # retried copy of it as well would be a duplicate offspring.
     return storage_from_url(config.storage_url, heartbeat_interval=config.heartbeat_interval,
-                            grace_period=config.grace_period)
+                            grace_period=config.grace_period, retry=config.space.kind != "evolver")
 
 
 def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                     create: bool = True) -> optuna.storages.BaseStorage:
+                     create: bool = True, retry: bool = True) -> optuna.storages.BaseStorage:
     """An Optuna storage: ``journal:PATH`` (or a .log/.journal file), else an RDB URL (sqlite, PostgreSQL, ...).
 
     With a heartbeat interval, RDB trials of dead processes are failed after
-    ``grace_period`` and retried with the same parameters. ``create=False``
+    ``grace_period`` and (``retry``) retried with the same parameters. ``create=False``
     refuses a file storage that does not exist yet instead of making it.
     """
     journal = url.startswith("journal:") or url.endswith((".log", ".journal"))
@@ -83,7 +87,7 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several local workers share the file
         if heartbeat_interval is not None:
             kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(3))
+                          heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(3) if retry else None)
         return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as error:  # noqa: BLE001  (SQLAlchemy, driver and file errors alike)
         raise ConfigError(f"storage: cannot open {url!r}: {type(error).__name__}: {error}; "
@@ -93,7 +97,9 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
 def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True) -> optuna.Study:
     """Create the study, or load it and check it was made from the same config."""
     storage = open_storage(config)
-    sampler = make_sampler(config.sampler, config.seed + worker, lambda: make_space(config, study_sources(config)))
+    # Evolver: every worker draws the moves of one run (its generators are keyed by generation and target)
+    seed = config.seed if config.space.kind == "evolver" else config.seed + worker
+    sampler = make_sampler(config.sampler, seed, lambda: make_space(config, study_sources(config)))
     pruner = make_pruner(config.pruner.name, config.pruner.options)
     if not create:
         try:
@@ -148,6 +154,37 @@ class Worker:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.heads = task_heads(self.sources, self.merger.recipe, self.device) if self.sources.per_task_heads else None
         self._scorers: dict[str, Any] = {}
+        self.population = self._population() if isinstance(self.space, EvolverSpace) else None
+
+    def _population(self) -> Population:
+        assert isinstance(self.space, EvolverSpace)
+        x = self.space.merge_recipe()
+        folder = None
+        if self.config.space.population == "mmap":
+            import tempfile
+
+            self.config.artifact_dir.mkdir(parents=True, exist_ok=True)
+            self._population_dir = tempfile.TemporaryDirectory(prefix="population-", dir=self.config.artifact_dir)
+            folder = Path(self._population_dir.name)
+        return Population(self.merger.sources, list(self.merger.targets), dtype=self.merger.dtype, folder=folder,
+                          device=self.device, method=x.merge_method if x else None, base=self.merger.base,
+                          coefficients=x.coefficients if x else None, seed=self.config.seed)
+
+    def evolver_history(self, study: optuna.Study) -> History:
+        sampler = study.sampler
+        if not isinstance(sampler, EvolverSampler):
+            raise ConfigError("sampler.name: space.kind evolver needs EvolverSampler")
+        return sampler.history(study)
+
+    def write_result(self, study: optuna.Study) -> tuple[History, torch.nn.Module]:
+        """The Evolver's answer (the fittest individual, or X of the population) from the study's last generation."""
+        assert self.population is not None
+        history = self.evolver_history(study)
+        if history.generation == 0:
+            raise ConfigError(f"trial: study {study.study_name!r} has not scored its initial population yet")
+        self.population.advance(history, history.generation - 1)
+        self.population.write_result(self.merger.targets, history)
+        return history, self.model
 
     def scorer(self, split: str) -> Any:
         """The scorer of a split, built on first use (the test scorer only ever for reporting)."""
@@ -202,10 +239,13 @@ class Worker:
                                   "objective.max_length, or set dtype: bfloat16") from None
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
-        recipe = self.space.suggest(trial)
-        trial.set_user_attr("recipe", recipe.model_dump(mode="json", exclude_defaults=True))
-        started = time.perf_counter()  # the merge alone: sampling and storage writes are not in it
-        self.merger.merge(recipe)
+        if isinstance(self.space, EvolverSpace):
+            started = self._write_offspring(trial)
+        else:
+            recipe = self.space.suggest(trial)
+            trial.set_user_attr("recipe", recipe.model_dump(mode="json", exclude_defaults=True))
+            started = time.perf_counter()  # the merge alone: sampling and storage writes are not in it
+            self.merger.merge(recipe)
         merged = time.perf_counter()
         trial.set_user_attr("merge_seconds", round(merged - started, 4))
         scores = self.score(self.model, self.config.objective.split, trial)
@@ -217,6 +257,17 @@ class Worker:
             trial.set_user_attr("fail_reason", f"the objective is not finite: {scores}")
             raise EvaluationError(f"trial {trial.number}: the score is not finite ({scores}); trial failed")
         return value
+
+    def _write_offspring(self, trial: optuna.Trial) -> float:
+        """Bring the population to P_{g-1} and write the trial's candidate into the model; returns when it began."""
+        assert isinstance(self.space, EvolverSpace) and self.population is not None
+        candidate = self.space.suggest(trial)
+        trial.set_user_attr("generation", candidate.generation)
+        history = self.evolver_history(trial.study)
+        started = time.perf_counter()
+        self.population.advance(history, max(candidate.generation - 1, 0))
+        self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
+        return started
 
     def merged(self, recipe: Recipe) -> torch.nn.Module:
         self.merger.merge(recipe)
@@ -346,6 +397,8 @@ def get_trial(study: optuna.Study, which: str | int) -> optuna.trial.FrozenTrial
 
 def report_best(config: StudyConfig, study: optuna.Study, worker: Worker | None = None) -> None:
     """Score the best trial on dev (again, full) and test, for reporting only; stored on the study."""
+    if config.space.kind == "evolver":
+        return report_result(config, study, worker)
     trial = best_trial(study)
     if trial is None:
         return
@@ -357,6 +410,19 @@ def report_best(config: StudyConfig, study: optuna.Study, worker: Worker | None 
     reports[str(trial.number)] = {"test": worker.score(model, "test"), "dev": trial.user_attrs.get("scores", {})}
     study.set_user_attr("evoopt:test", reports)
     _upload_recipe(config, study, trial, worker)
+
+
+def report_result(config: StudyConfig, study: optuna.Study, worker: Worker | None = None) -> None:
+    """Score the Evolver's answer for the last finished generation on dev and test; stored on the study."""
+    worker = worker or Worker(config)
+    history = worker.evolver_history(study)
+    if history.generation == 0 or study.user_attrs.get("evoopt:result", {}).get("generation") == history.generation - 1:
+        return
+    history, model = worker.write_result(study)
+    split = config.objective.split
+    study.set_user_attr("evoopt:result", {
+        "generation": history.generation - 1, "best": history.best, "method": config.space.method,
+        "dev": worker.score(model, split), "test": worker.score(model, "test")})
 
 
 def _upload_recipe(config: StudyConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial,
@@ -534,6 +600,11 @@ def summary_rows(study: optuna.Study) -> list[dict[str, Any]]:
         if report:
             test = combine(report["test"], _weights(study))
         rows.append({"name": f"best found (trial {trial.number})", "dev": dev, "test": test})
+    if result := study.user_attrs.get("evoopt:result"):
+        weights = _weights(study)
+        what = "fittest individual" if result["method"] == "none" else f"{result['method']} of the population"
+        rows.append({"name": f"Evolver result ({what}, generation {result['generation']})",
+                     "dev": combine(result["dev"], weights), "test": combine(result["test"], weights)})
     return rows
 
 
@@ -568,21 +639,53 @@ def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite:
 
     check_writable(out, overwrite=overwrite)
     study = open_study(config, create=False)
-    trial = get_trial(study, which)
     sources = study_sources(config)
-    recipe = make_space(config, sources).recipe(trial.params)
-    merger = Merger(recipe)
-    merger.merge()
+    if config.space.kind == "evolver":
+        merger, card = _evolver_model(config, study, which)
+    else:
+        trial = get_trial(study, which)
+        merger = Merger(make_space(config, sources).recipe(trial.params))  # type: ignore[union-attr]
+        merger.merge()
+        card = None
     if not sources.per_task_heads:
-        return merger.export(out, overwrite=overwrite)
+        return merger.export(out, overwrite=overwrite, card=card)
     from evoopt.io import atomic_folder
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
         params = dict(merger.model.named_parameters())
-        for task, head in task_heads(sources, recipe, torch.device("cpu")).items():
+        for task, head in task_heads(sources, merger.recipe, torch.device("cpu")).items():
             for name, tensor in head.items():
                 params[name].data = tensor
             labels = next(t.shape[0] for t in head.values())
             merger.model.config.num_labels = labels
-            merger.export(tmp / task)
+            merger.export(tmp / task, card=card)
     return out
+
+
+def _evolver_model(config: StudyConfig, study: optuna.Study, which: str | int) -> tuple[Merger, tuple[str, str]]:
+    """The Evolver's answer (``best``: the fittest individual or X of the last population) or a trial's
+    candidate, in a Worker's model on the CPU; with the history that rebuilds it, as YAML, and a model card."""
+    import yaml
+
+    worker = Worker(config.model_copy(update={"device": "cpu"}))
+    history = worker.evolver_history(study)
+    if which in ("best", "result"):
+        history, _ = worker.write_result(study)
+        what = f"generation {history.generation - 1}: " + (
+            f"individual {history.best}, the fittest" if config.space.method == "none"
+            else f"{config.space.method} of the population")
+    else:
+        assert isinstance(worker.space, EvolverSpace) and worker.population is not None
+        candidate = worker.space.candidate(get_trial(study, which))
+        worker.population.advance(history, max(candidate.generation - 1, 0))
+        worker.population.write(worker.merger.targets, candidate.move, individual=candidate.target)
+        kind = "offspring of individual" if candidate.move else "initial individual"
+        what = f"trial {which}: generation {candidate.generation}, {kind} {candidate.target}"
+    rebuild = {"study": config.name, "evolver": what, "seed": config.seed, "method": config.space.method,
+               "experts": list(worker.sources.models), "fitness": history.fitness,
+               "accepted": {g: [vars(m) for m in moves] for g, moves in enumerate(history.accepted) if moves}}
+    text = yaml.safe_dump(rebuild, sort_keys=False)
+    card = "\n".join(["---", "library_name: transformers", "tags: [merge, evoopt, evolver]", "---", "",
+                      f"# {config.name}: Evolver", "", f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.",
+                      "", "```yaml", text.rstrip(), "```", ""])
+    return worker.merger, (text, card)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import optuna
 import pytest
 import torch
+from optuna.trial import FrozenTrial, TrialState
 
-from evoopt.evolver import STRATEGIES, Move, draw_move, mutant, offspring_tensor
+from evoopt.evolver import ATTR, STRATEGIES, Move, draw_move, mutant, offspring_tensor, replay
 
 # three individuals' copies of one tensor
 X = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([2.0, 4.0, 6.0, 8.0])]
@@ -65,3 +70,210 @@ def test_released_reference_is_random_early_and_best_late() -> None:
     late = [draw_move(rng, "released", target=0, size=6, best=5, generation=9, generations=10).donors[0]
             for _ in range(2000)]
     assert abs(np.mean(np.array(late) == 5) - 1 / 5) < 0.03
+
+
+# --- replay: the population's history from trials, by hand ----------------------------------------------
+
+def _trial(number: int, generation: int, slot: int, value: float | None, state: Any = None,
+           **params: Any) -> FrozenTrial:
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    dists = {k: IntDistribution(0, 2**31 - 1) if k != "F" and k != "Cr" else FloatDistribution(0, 2) for k in params}
+    state = TrialState.COMPLETE if state is None else state  # (RUNNING is 0: falsy)
+    finished = state in (TrialState.COMPLETE, TrialState.PRUNED)
+    trial = optuna.trial.create_trial(state=state, value=value if finished else None, params=params,
+                                      distributions=dists,
+                                      system_attrs={ATTR: {"generation": generation, "target": slot,
+                                                           "strategy": "paper"}})
+    trial.number = number
+    return trial
+
+
+def _move(target: int, seed: int, f: float = 0.5) -> dict[str, Any]:
+    return {"target": target, "donor_1": target, "donor_2": (target + 1) % 3, "donor_3": (target + 2) % 3,
+            "F": f, "Cr": 0.5, "seed": seed}
+
+
+def test_replay_selects_greedily_per_generation_by_hand() -> None:
+    trials = [_trial(0, 0, 0, 0.6, target=0), _trial(1, 0, 1, 0.8, target=1), _trial(2, 0, 2, 0.7, target=2),
+              # generation 1: offspring of 0 beats 0.6, of 1 ties 0.8 (the parent stays), of 2 loses
+              _trial(3, 1, 0, 0.65, **_move(0, 11, f=0.9)), _trial(4, 1, 1, 0.8, **_move(1, 12)),
+              _trial(5, 1, 2, 0.5, **_move(2, 13)),
+              # generation 2: target 1 done, target 0 failed (its slot is free again), target 2 running
+              _trial(6, 2, 1, 0.9, **_move(1, 14)), _trial(7, 2, 0, None, TrialState.FAIL, **_move(0, 15)),
+              _trial(8, 2, 2, None, TrialState.RUNNING, **_move(2, 16))]
+    history = replay(trials, size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
+    assert history.generation == 2  # generation 2 is not finished: its selection has not happened
+    assert history.fitness == [0.65, 0.8, 0.7]
+    assert history.f == [0.9, 0.5, 0.5]  # the winner's F is its individual's now (jDE reads it)
+    assert [[m.target for m in moves] for moves in history.accepted] == [[], [0]]
+    assert history.accepted[1][0].seed == 11
+    assert history.taken == {1, 2} and history.best == 1
+    # minimising, the same trials select the other way
+    low = replay(trials[:6], size=3, integrated=False, maximize=False, f=0.5, cr=0.5)
+    assert low.fitness == [0.6, 0.8, 0.5] and low.best == 2
+    # merge-integrated: generation 0 is one trial, every individual's fitness is that merge's score
+    merged = replay([_trial(0, 0, 0, 0.7, target=0)], size=3, integrated=True, maximize=True, f=0.5, cr=0.5)
+    assert merged.generation == 1 and merged.fitness == [0.7, 0.7, 0.7] and merged.taken == set()
+
+
+def test_population_applies_a_generation_from_the_same_parents(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from evoopt.io import open_source
+    from evoopt.population import Population
+
+    paths = []
+    for i, x in enumerate(X):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": x}, str(paths[-1]))
+    sources = [open_source(p) for p in paths]
+    for folder in (None, tmp_path / "mapped"):
+        population = Population(sources, ["w"], dtype=torch.float32, folder=folder)
+        a, b = Move("paper", 0, (0, 1, 2), 0.5, 1.0, 1), Move("paper", 1, (1, 2, 0), 0.5, 1.0, 2)
+        history = replay([], size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
+        history.accepted = [[], [a, b]]
+        population.advance(history, 1)
+        # both children come from P_0: u_0 = x0 + .5 (x1 - x2) = [0,0,0,0]; u_1 = x1 + .5 (x2 - x0) = .5 x0
+        assert torch.equal(population.tensors("w")[0], torch.zeros(4))
+        assert torch.equal(population.tensors("w")[1], 0.5 * X[0])
+        assert torch.equal(population.tensors("w")[2], X[2])
+        out = {"w": torch.empty(4)}
+        population.write(out, individual=1)
+        assert torch.equal(out["w"], 0.5 * X[0])
+
+
+def test_integrated_candidate_is_the_merge_with_the_offspring_in_place(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from evoopt.io import open_source
+    from evoopt.merge import get_method
+    from evoopt.population import Population
+
+    paths = []
+    for i, x in enumerate([torch.zeros(4), *X]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": x}, str(paths[-1]))
+    base, *experts = (open_source(p) for p in paths)
+    method = get_method("task_arithmetic")
+    population = Population(experts, ["w"], dtype=torch.float32, method=method, base=base,
+                            coefficients=lambda name, n: {"weight": [1.0] * n, "scale": 1.0})
+    out = {"w": torch.empty(4)}
+    population.write(out)  # X(P_0): base + sum of task vectors = x0 + x1 + x2 = [3,6,9,12]
+    assert torch.equal(out["w"], torch.tensor([3.0, 6.0, 9.0, 12.0]))
+    population.write(out, Move("paper", 1, (1, 0, 2), 0.5, 1.0, 0))
+    # offspring of 1: x1 + .5 (x0 - x2) = [-.5,-1,-1.5,-2]; X = x0 + u + x2 = [2.5,5,7.5,10]
+    assert torch.equal(out["w"], torch.tensor([2.5, 5.0, 7.5, 10.0]))
+    with pytest.raises(ValueError, match="per-model data statistics"):
+        Population(experts, ["w"], dtype=torch.float32, method=get_method("fisher"))
+
+
+# --- determinism: a resumed study and parallel workers reach the population of one process ------------------
+
+GENERATIONS = 4  # after generation 0 (three experts) and four generations of three offspring: 15 trials
+
+
+def _tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.0) -> None:
+    """An Evolver study over three tiny Llama experts; fitness: closeness of the candidate to the experts' mean.
+
+    The fitness is real and cheap (no data): the same evolution code as a study's, another objective.
+    """
+    import time
+
+    from evoopt.config import parse_config
+    from evoopt.io import open_source
+    from evoopt.population import Population
+    from evoopt.samplers import make_sampler
+    from evoopt.space import EvolverSpace, make_space, study_sources
+
+    config = parse_config({"name": "tiny-evolver", "sources": {"base": paths[0], "models": paths[1:],
+                                                               "tasks": ["vader-tweets"]},
+                           "space": {"kind": "evolver", "method": "none"},
+                           "sampler": {"name": "EvolverSampler", "options": {"poll": 0.05, "F": 0.8, "Cr": 0.6,
+                                                                           "strategy": "released"}},
+                           "trials": trials, "seed": 3})
+    sources = study_sources(config)
+    space = make_space(config, sources)
+    assert isinstance(space, EvolverSpace)
+    sampler = make_sampler(config.sampler, config.seed, lambda: space)
+    experts = [open_source(Path(p)) for p in paths[1:]]
+    names = sorted(experts[0].keys())
+    goal = {n: sum(e.get(n) for e in experts) / 3 for n in names}
+    population = Population(experts, names, dtype=torch.float32)
+    out = {n: torch.empty(experts[0].shape(n)) for n in names}
+
+    def objective(trial: optuna.Trial) -> float:
+        candidate = space.suggest(trial)
+        population.advance(sampler.history(trial.study), max(candidate.generation - 1, 0))  # type: ignore[attr-defined]
+        population.write(out, candidate.move, individual=candidate.target)
+        time.sleep(sleep)
+        return -float(sum(((out[n] - goal[n]) ** 2).sum() for n in names))
+
+    study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, direction="maximize",
+                                load_if_exists=True)
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    left = trials - len(study.get_trials(states=done))
+    if left > 0:
+        study.optimize(objective, n_trials=left, callbacks=[optuna.study.MaxTrialsCallback(trials, states=done)])
+
+
+def _population_after(storage: str, paths: list[str], generation: int) -> tuple[Any, list[torch.Tensor]]:
+    """The history up to ``generation`` and the population P_generation it gives, from the stored trials."""
+    from evoopt.io import open_source
+    from evoopt.population import Population
+
+    study = optuna.load_study(study_name="tiny-evolver", storage=storage)
+    trials = [t for t in study.get_trials() if t.system_attrs.get(ATTR, {}).get("generation", 99) <= generation]
+    history = replay(trials, size=3, integrated=False, maximize=True, f=0.8, cr=0.6)
+    assert history.generation == generation + 1, "the study did not finish the generations compared"
+    experts = [open_source(Path(p)) for p in paths[1:]]
+    population = Population(experts, sorted(experts[0].keys()), dtype=torch.float32)
+    population.advance(history, generation)
+    return history, [torch.cat([t.flatten() for t in population.tensors(n)]) for n in population.names]
+
+
+def _in_process(storage: str, paths: list[Path], trials: int, sleep: float = 0.0) -> Any:
+    import subprocess
+    import sys
+
+    code = (f"from tests.test_evolver import _tiny_study; _tiny_study({storage!r}, {[str(p) for p in paths]!r}, "
+            f"trials={trials}, sleep={sleep})")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_family: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[torch.Tensor]]:
+    """One uninterrupted process."""
+    storage = f"sqlite:///{tmp_path_factory.mktemp('one')}/study.db"
+    _tiny_study(storage, [str(p) for p in llama_family], trials=15)
+    return _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
+
+
+def test_evolution_improves_and_is_replayed_exactly(reference: Any) -> None:
+    history, population = reference
+    assert sum(len(moves) for moves in history.accepted) >= 3  # offspring won their places
+    assert history.fitness[history.best] > -1e9
+    assert all(m.donors[0] != m.target and m.strategy == "released" for moves in history.accepted for m in moves)
+
+
+def test_resumed_in_a_fresh_process_reaches_the_same_population(llama_family: list[Path], tmp_path: Path,
+                                                                reference: Any) -> None:
+    storage = f"sqlite:///{tmp_path}/study.db"
+    assert _in_process(storage, llama_family, 7).wait() == 0  # stops inside generation 2
+    assert _in_process(storage, llama_family, 15).wait() == 0  # a fresh process replays and goes on
+    history, population = _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
+    assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
+    assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
+
+
+def test_four_workers_reach_the_same_population(llama_family: list[Path], tmp_path: Path, reference: Any) -> None:
+    storage = f"sqlite:///{tmp_path}/study.db"
+    optuna.create_study(study_name="tiny-evolver", storage=storage, direction="maximize")
+    workers = [_in_process(storage, llama_family, 15, sleep=0.2) for _ in range(4)]  # 4 workers, 3 slots a generation
+    assert [w.wait() for w in workers] == [0, 0, 0, 0]
+    study = optuna.load_study(study_name="tiny-evolver", storage=storage)
+    slots_taken = [tuple(t.system_attrs[ATTR].values())[:2] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert len(slots_taken) == len(set(slots_taken)), "two trials evaluated one offspring"
+    history, population = _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
+    assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
+    assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))

@@ -277,3 +277,50 @@ def test_four_workers_reach_the_same_population(llama_family: list[Path], tmp_pa
     history, population = _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
     assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
     assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
+
+
+# --- the study engine: Evolver and TIES_Evolver on real MiniLM experts ----------------------------------------
+
+@pytest.mark.parametrize("method", ["none", "ties"])
+def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
+        method: str, small_experts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from evoopt.config import parse_config
+    from evoopt.objective import ClassifierScorer
+    from evoopt.study import Worker, export_trial, report_result, run_study, summary_rows
+    from tests.test_study import _config
+
+    built: list[str] = []
+    original = ClassifierScorer.__init__
+
+    def spy(self: ClassifierScorer, *args: Any, split: str, **kwargs: Any) -> None:
+        built.append(split)
+        original(self, *args, split=split, **kwargs)
+
+    monkeypatch.setattr(ClassifierScorer, "__init__", spy)
+    experts, _ = small_experts  # two experts: the released code's strategy needs two individuals
+    space = {"kind": "evolver", "method": method, "fixed": {"weight": 1.0, "density": 0.5} if method == "ties" else {}}
+    config = parse_config(_config(tmp_path, experts, name=f"evolver-{method}", space=space, trials=5,
+                                  sampler={"name": "EvolverSampler",
+                                           "options": {"strategy": "released", "generations": 2}}))
+    study = run_study(config, report=False).study
+    assert built == ["dev"], "the search read another split than dev"
+    trials = study.get_trials()
+    generations = [t.user_attrs["generation"] for t in trials]
+    initial = 2 if method == "none" else 1  # the experts, or their merge
+    assert generations == [0] * initial + [1, 1] + [2] * (5 - initial - 2)
+    if method == "none":  # greedy selection: the answer is at least the better expert, on dev
+        assert max(t.value for t in trials) >= max(t.value for t in trials[:2])
+
+    report_result(config, study)
+    assert built[-1] == "test" and "test" not in built[:-1]  # test: reporting, after the search
+    result = study.user_attrs["evoopt:result"]
+    assert result["generation"] >= 1 and set(result["test"]) == {"vader-tweets", "vader-nyt"}
+    assert any(row["name"].startswith("Evolver result") for row in summary_rows(study))
+
+    out = export_trial(config, "best", tmp_path / "answer")
+    assert "accepted" in (out / "evoopt_recipe.yaml").read_text()
+    worker = Worker(config)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert worker.score(reloaded, "dev") == result["dev"]  # the exported model is the one that was scored

@@ -231,9 +231,7 @@ def _evolver_problems(config: StudyConfig) -> list[str]:
         return problems
     if space.method != "none":
         try:
-            if get_method(space.method).statistic is not None:
-                problems.append(f"space.method: {space.method!r} needs per-model data statistics, which Evolver does "
-                                "not recompute for offspring; use none, linear, task_arithmetic, ties, dare_ties, ...")
+            get_method(space.method)
         except ValueError as error:
             problems.append(f"space.method: {error}; or 'none' for the plain Evolver")
     if "search" in space.model_fields_set or space.log:

@@ -154,27 +154,10 @@ class Merger:
         )
 
     def _estimate_statistics(self) -> dict[str, list[torch.Tensor]]:
-        from transformers import AutoTokenizer
-
         from evoopt.statistics import estimate_fisher, gram_matrices
 
-        calibration = self.recipe.calibration
-        assert calibration is not None  # the recipe validator requires it for these methods
-        path = resolve_path(calibration.texts, self.recipe.root)
-        if not path.is_file():
-            raise RecipeError(f"calibration.texts: {path} does not exist")
-        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        texts = texts[: calibration.max_examples]
-        if not texts:
-            raise RecipeError(f"calibration.texts: {path} holds no non-empty lines")
-        tokenizer = AutoTokenizer.from_pretrained(str(self.structure.folder))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        batches = [
-            dict(tokenizer(texts[i : i + calibration.batch_size], return_tensors="pt", padding=True,
-                           truncation=True, max_length=calibration.max_length))
-            for i in range(0, len(texts), calibration.batch_size)
-        ]
+        assert self.structure.folder is not None
+        batches = calibration_batches(self.recipe, self.structure.folder)
         estimate = estimate_fisher if self.method.statistic == "fisher" else gram_matrices
         per_model: list[dict[str, torch.Tensor]] = []
         for i, source in enumerate(self.sources):
@@ -198,6 +181,30 @@ class Merger:
             self.model, out, tokenizer_from=self.structure.folder, recipe_yaml=recipe_yaml,
             model_card=card_text, overwrite=overwrite,
         )
+
+
+def calibration_batches(recipe: Recipe, tokenizer_folder: Path) -> list[dict[str, torch.Tensor]]:
+    """The recipe's calibration texts (training data, never dev or test), tokenised in batches."""
+    from transformers import AutoTokenizer
+
+    calibration = recipe.calibration
+    if calibration is None:
+        raise RecipeError(f"calibration: {recipe.method!r} needs calibration texts (calibration.texts)")
+    path = resolve_path(calibration.texts, recipe.root)
+    if not path.is_file():
+        raise RecipeError(f"calibration.texts: {path} does not exist")
+    texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    texts = texts[: calibration.max_examples]
+    if not texts:
+        raise RecipeError(f"calibration.texts: {path} holds no non-empty lines")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return [
+        dict(tokenizer(texts[i : i + calibration.batch_size], return_tensors="pt", padding=True,
+                       truncation=True, max_length=calibration.max_length))
+        for i in range(0, len(texts), calibration.batch_size)
+    ]
 
 
 def model_card(recipe: Recipe) -> str:

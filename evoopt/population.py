@@ -10,14 +10,16 @@ model's tensors, one tensor at a time; the offspring is never a flattened copy o
 Memory: N individuals + the base (merge-integrated only) + the evaluation model, i.e. at most
 (N + 2) x the model's size, plus one tensor's worth of scratch. With ``folder``, the
 individuals live in memory-mapped safetensors files there instead of RAM (models for which
-N copies do not fit).
+N copies do not fit). Fisher_Evolver and RegMean_Evolver also keep each individual's
+statistics (Fisher: one more model's size per individual; RegMean: a Gram matrix per linear
+layer) and an offspring's whole weights while its statistics are estimated.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from evoopt.io import TensorSource
 from evoopt.merge import MergeMethod
 
 logger = logging.getLogger(__name__)
+Estimate = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
 class Population:
@@ -46,19 +49,25 @@ class Population:
         base: the base model, for methods that need one.
         coefficients: X's coefficients for one tensor name (a recipe's ``coefficients``).
         seed: X's seed (DARE's masks).
+        statistics: for X that needs per-model statistics (Fisher, RegMean): estimates them for an
+            individual's weights (the study engine writes them into its model and runs the
+            calibration texts through it).
     """
 
     def __init__(self, sources: Sequence[TensorSource], names: Sequence[str], *, dtype: torch.dtype,
                  folder: Path | None = None, device: torch.device | None = None, method: MergeMethod | None = None,
-                 base: TensorSource | None = None, coefficients: Any = None, seed: int = 0) -> None:
-        if method is not None and method.statistic is not None:
-            raise ValueError(f"method: {method.name!r} needs per-model data statistics, which Evolver does not "
-                             "recompute for offspring yet; use linear, task_arithmetic, ties, dare_ties or breadcrumbs")
+                 base: TensorSource | None = None, coefficients: Any = None, seed: int = 0,
+                 statistics: Estimate | None = None) -> None:
+        if method is not None and method.statistic is not None and statistics is None:
+            raise ValueError(f"statistics: {method.name!r} needs per-model data statistics; give the function "
+                             "that estimates them for an individual's weights")
         if method is not None and method.needs_base and base is None:
             raise ValueError(f"method: {method.name!r} needs a base model; give the study's sources a base")
         self.sources, self.names, self.dtype, self.folder = list(sources), list(names), dtype, folder
         self.device = torch.device("cpu") if folder is not None or device is None else device
         self.method, self.coefficients, self.seed = method, coefficients, seed
+        self.estimate = statistics if method is not None and method.statistic is not None else None
+        self.statistics: list[Mapping[str, torch.Tensor]] = []
         self.base = {n: base.get(n, check=False).to(self.device, dtype) for n in self.names} \
             if method and method.needs_base and base is not None else None
         self.individuals: list[dict[str, torch.Tensor]] = []
@@ -77,6 +86,8 @@ class Population:
                 tensors = _memory_mapped(tensors, self.folder / f"individual-{i}.safetensors")
             self.individuals.append(tensors)
         self.generation = 0
+        if self.estimate is not None:
+            self.statistics = [self.estimate(individual) for individual in self.individuals]
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         return [individual[name] for individual in self.individuals]
@@ -98,6 +109,9 @@ class Population:
                         children = [offspring_tensor(m, tensors, index) for m in moves]  # all from P_{g-1}
                         for move, child in zip(moves, children):
                             self.individuals[move.target][name].copy_(child)
+                if self.estimate is not None:
+                    for move in moves:
+                        self.statistics[move.target] = self.estimate(self.individuals[move.target])
             self.generation = g
 
     def write(self, targets: Mapping[str, torch.Tensor], move: Move | None = None, *,
@@ -107,10 +121,16 @@ class Population:
         Plain Evolver: the offspring of ``move``, or ``individual`` as it is. Merge-integrated: X of
         the population, with the offspring in its target's place when a move is given.
         """
+        statistics, offspring = self.statistics, None
+        if self.estimate is not None and move is not None:  # the offspring's own statistics first
+            with torch.no_grad():
+                offspring = {n: offspring_tensor(move, self.tensors(n), i) for i, n in enumerate(self.names)}
+            statistics = [self.estimate(offspring) if j == move.target else s for j, s in enumerate(statistics)]
         with torch.no_grad():
             for index, name in enumerate(self.names):
                 tensors = self.tensors(name)
-                child = offspring_tensor(move, tensors, index) if move is not None else None
+                child = offspring[name] if offspring is not None else (
+                    offspring_tensor(move, tensors, index) if move is not None else None)
                 if self.method is None:
                     picked = child if child is not None else tensors[individual if individual is not None else 0]
                     targets[name].copy_(picked.reshape(targets[name].shape))
@@ -118,8 +138,9 @@ class Population:
                 if child is not None and move is not None:
                     tensors = [child if j == move.target else t for j, t in enumerate(tensors)]
                 base = self.base[name] if self.base is not None else None
+                stats = [s[name] for s in statistics] if statistics and all(name in s for s in statistics) else None
                 merged = self.method.apply(base, tensors, self.coefficients(name, len(tensors)), seed=self.seed,
-                                           name=name)
+                                           name=name, statistics=stats)
                 targets[name].copy_(merged.reshape(targets[name].shape))
 
     def write_result(self, targets: Mapping[str, torch.Tensor], history: History) -> None:

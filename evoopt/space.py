@@ -210,13 +210,17 @@ class EvolverSpace:
         """The evaluation model's recipe: a plain average, which needs no preprocessing."""
         return fixed_recipe(self.sources, "linear", {}, [{"weight": 1.0}] * self.size, config=self.config)
 
-    def merge_recipe(self) -> Recipe | None:
-        """X's recipe over the experts (its coefficients apply to any population), or None for plain Evolver."""
+    def merge_recipe(self, calibration: str | None = None) -> Recipe | None:
+        """X's recipe over the experts (its coefficients apply to any population), or None for plain Evolver.
+
+        ``calibration``: a file of training texts, for X that needs statistics (Fisher, RegMean).
+        """
         if self.method is None:
             return None
         per_model = {k: v for k, v in self.config.space.fixed.items() if k in get_method(self.method).per_model}
         shared = {k: v for k, v in self.config.space.fixed.items() if k not in per_model}
-        return fixed_recipe(self.sources, self.method, shared, [per_model] * self.size, config=self.config)
+        return fixed_recipe(self.sources, self.method, shared, [per_model] * self.size, config=self.config,
+                            calibration=calibration)
 
     def suggest(self, trial: optuna.Trial) -> Candidate:
         """Read the trial's move (the sampler chose it when the first parameter was asked for)."""

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 
 from evoopt.config import ConfigError, StudyConfig, same_study
 from evoopt.evolver import EvolverSampler, History
+from evoopt.merge import get_method
 from evoopt.merger import Merger, pick_device
 from evoopt.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
 from evoopt.population import Population
@@ -158,7 +159,9 @@ class Worker:
 
     def _population(self) -> Population:
         assert isinstance(self.space, EvolverSpace)
-        x = self.space.merge_recipe()
+        method = self.space.method and get_method(self.space.method)
+        calibration = calibration_file(self.config, self.sources) if method and method.statistic else None
+        x = self.space.merge_recipe(calibration)
         folder = None
         if self.config.space.population == "mmap":
             import tempfile
@@ -168,7 +171,26 @@ class Worker:
             folder = Path(self._population_dir.name)
         return Population(self.merger.sources, list(self.merger.targets), dtype=self.merger.dtype, folder=folder,
                           device=self.device, method=x.merge_method if x else None, base=self.merger.base,
-                          coefficients=x.coefficients if x else None, seed=self.config.seed)
+                          coefficients=x.coefficients if x else None, seed=self.config.seed,
+                          statistics=self._estimator(x) if calibration and x else None)
+
+    def _estimator(self, recipe: Recipe) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Fisher or RegMean statistics of an individual: its weights written into the model, calibration run."""
+        from evoopt.merger import calibration_batches
+        from evoopt.statistics import estimate_fisher, gram_matrices
+
+        assert self.merger.structure.folder is not None
+        batches = [{k: v.to(self.device) for k, v in b.items()}
+                   for b in calibration_batches(recipe, self.merger.structure.folder)]
+        estimate = estimate_fisher if recipe.merge_method.statistic == "fisher" else gram_matrices
+
+        def statistics(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    self.merger.targets[name].copy_(tensor)
+            return estimate(self.model, batches)
+
+        return statistics
 
     def evolver_history(self, study: optuna.Study) -> History:
         sampler = study.sampler

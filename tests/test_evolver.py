@@ -281,7 +281,7 @@ def test_four_workers_reach_the_same_population(llama_family: list[Path], tmp_pa
 
 # --- the study engine: Evolver and TIES_Evolver on real MiniLM experts ----------------------------------------
 
-@pytest.mark.parametrize("method", ["none", "ties"])
+@pytest.mark.parametrize("method", ["none", "ties", "fisher"])
 def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
         method: str, small_experts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForSequenceClassification
@@ -324,3 +324,35 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
     worker = Worker(config)
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     assert worker.score(reloaded, "dev") == result["dev"]  # the exported model is the one that was scored
+
+
+def test_fisher_evolver_estimates_the_offspring_statistics(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from evoopt.io import open_source
+    from evoopt.merge import get_method
+    from evoopt.population import Population
+
+    paths = []
+    for i, x in enumerate(X):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": x}, str(paths[-1]))
+    seen: list[torch.Tensor] = []
+
+    def estimate(weights: Any) -> dict[str, torch.Tensor]:  # a stand-in statistic: |w| + 1
+        seen.append(weights["w"].clone())
+        return {"w": weights["w"].abs() + 1}
+
+    population = Population([open_source(p) for p in paths], ["w"], dtype=torch.float32,
+                            method=get_method("fisher"), coefficients=lambda name, n: {"weight": [1.0] * n},
+                            statistics=estimate)
+    assert len(seen) == 3  # one estimate per expert
+    out = {"w": torch.empty(4)}
+    population.write(out)
+    # element 0: x = 1, 0, 2; F = 2, 1, 3; Fisher merge = (2*1 + 1*0 + 3*2) / (2 + 1 + 3) = 8/6
+    assert out["w"][0].item() == pytest.approx(8 / 6)
+    move = Move("paper", 1, (1, 0, 2), 0.5, 1.0, 0)  # u_1 = x1 + .5 (x0 - x2) = [-.5, -1, -1.5, -2]
+    population.write(out, move)
+    assert torch.equal(seen[-1], torch.tensor([-0.5, -1.0, -1.5, -2.0]))  # the offspring's own statistics
+    # element 0: x = 1, -.5, 2; F = 2, 1.5, 3: (2 - .75 + 6) / 6.5
+    assert out["w"][0].item() == pytest.approx(7.25 / 6.5)

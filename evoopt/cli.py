@@ -271,12 +271,17 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     time; run the same command again to continue.
     \b
     Spaces (space.kind): global, one coefficient per model; layerwise, one per
-    model and layer group (Akiba et al. 2024). Samplers (sampler.name): any
-    optuna.samplers class, or EvoCmaSampler, evoopt's CMA-ES, whose state is the
-    stored trials (resumable, safe with --workers, IPOP/BIPOP, sep-CMA, margin).
+    model and layer group (Akiba et al. 2024); evolver, the experts' weights
+    themselves, with sampler EvolverSampler (Du et al. 2024: one offspring a
+    trial, synchronous generations replayed from the storage; space.method none
+    for the plain Evolver, or ties, dare_ties, fisher, regmean... for X_Evolver).
+    Samplers (sampler.name): any optuna.samplers class, or EvoCmaSampler,
+    evoopt's CMA-ES, whose state is the stored trials (resumable, safe with
+    --workers, IPOP/BIPOP, sep-CMA, margin).
     \b
     Example:  evoopt run studies/minilm-sentiment-domains.yaml --n-trials 10
               evoopt run studies/minilm-sentiment-layerwise.yaml --workers 2
+              evoopt run studies/minilm-sentiment-evolver.yaml --workers 4
     """
     from rich.console import Console
 
@@ -413,13 +418,18 @@ def _existing_study(path: Path) -> tuple[object, object]:
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
 def best(study: Path) -> None:
-    """Print the best trial of STUDY: its value, per-task scores and its merge recipe (YAML)."""
+    """Print the best trial of STUDY: its value, per-task scores and its merge recipe (YAML).
+
+    An Evolver study: each individual's fitness, the fittest, and the answer's scores.
+    """
     from evoopt.config import StudyConfig
     from evoopt.space import make_space, study_sources
     from evoopt.study import get_trial
 
     config, opened = _existing_study(study)
     assert isinstance(config, StudyConfig)
+    if config.space.kind == "evolver":
+        return _evolver_best(config, opened)
     try:
         trial = get_trial(opened, "best")  # type: ignore[arg-type]
     except _STUDY_ERRORS as error:
@@ -428,9 +438,33 @@ def best(study: Path) -> None:
     click.echo(make_space(config, study_sources(config)).recipe(trial.params).to_yaml(), nl=False)
 
 
+def _evolver_best(config: object, study: object) -> None:
+    """The Evolver's population: each individual's fitness, the answer and its scores when reported."""
+    import optuna
+
+    from evoopt.evolver import EvolverSampler
+
+    assert isinstance(study, optuna.Study) and isinstance(study.sampler, EvolverSampler)
+    history = study.sampler.history(study)
+    if history.generation == 0:
+        raise click.ClickException(f"study {study.study_name!r} has not scored its initial population yet")
+    fitness = ", ".join("-" if f is None else f"{f:.4f}" for f in history.fitness)
+    accepted = sum(len(moves) for moves in history.accepted)
+    click.echo(f"# population after generation {history.generation - 1}: fitness (dev) {fitness}; "
+               f"{accepted} offspring accepted; fittest: individual {history.best}")
+    result = study.user_attrs.get("evoopt:result")
+    if result:
+        for split in ("dev", "test"):
+            scores = ", ".join(f"{task} {value:.4f}" for task, value in result[split].items())
+            click.echo(f"# answer of generation {result['generation']}, {split}: {scores}")
+    click.echo(f"# save it: evoopt export {getattr(config, 'name', 'STUDY')}.yaml --trial best --out DIR")
+
+
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--trial", "which", default="best", show_default=True, help="'best' or a trial number.")
+@click.option("--trial", "which", default="best", show_default=True,
+              help="'best' (an Evolver study: its answer, the fittest individual or X of the population) "
+                   "or a trial number.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the Hugging Face model (per-task heads: one sub-folder per task).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is written).")

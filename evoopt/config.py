@@ -175,7 +175,7 @@ def _problems(config: StudyConfig) -> list[str]:
                 problems.append(f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
                                 f"allowed: {', '.join(sorted(allowed)) or 'none'}")
     except ValueError as error:
-        problems.append(f"space.method: {error}")
+        problems.append(f"space.method: {str(error).removeprefix('method: ')}")
     except LookupError:
         pass
     for key, (low, high) in config.space.search.items():
@@ -233,7 +233,7 @@ def _evolver_problems(config: StudyConfig) -> list[str]:
         try:
             get_method(space.method)
         except ValueError as error:
-            problems.append(f"space.method: {error}; or 'none' for the plain Evolver")
+            problems.append(f"space.method: {str(error).removeprefix('method: ')}; or 'none' for the plain Evolver")
     if "search" in space.model_fields_set or space.log:
         problems.append("space.search / space.log: the Evolver searches the weights themselves; "
                         "give X's coefficients in space.fixed")

@@ -319,6 +319,17 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
     assert result["generation"] >= 1 and set(result["test"]) == {"vader-tweets", "vader-nyt"}
     assert any(row["name"].startswith("Evolver result") for row in summary_rows(study))
 
+    from click.testing import CliRunner
+
+    from evoopt.cli import main
+    from tests.test_study import _write
+
+    printed = CliRunner().invoke(main, ["best", str(_write(tmp_path, _config(
+        tmp_path, experts, name=f"evolver-{method}", space=space, trials=5,
+        sampler={"name": "EvolverSampler", "options": {"strategy": "released", "generations": 2}})))])
+    assert printed.exit_code == 0, printed.output
+    assert "fittest: individual" in printed.output and "answer of generation" in printed.output
+
     out = export_trial(config, "best", tmp_path / "answer")
     assert "accepted" in (out / "evoopt_recipe.yaml").read_text()
     worker = Worker(config)
@@ -356,3 +367,24 @@ def test_fisher_evolver_estimates_the_offspring_statistics(tmp_path: Path) -> No
     assert torch.equal(seen[-1], torch.tensor([-0.5, -1.0, -1.5, -2.0]))  # the offspring's own statistics
     # element 0: x = 1, -.5, 2; F = 2, 1.5, 3: (2 - .75 + 6) / 6.5
     assert out["w"][0].item() == pytest.approx(7.25 / 6.5)
+
+
+def test_evolver_config_problems_are_named() -> None:
+    from evoopt.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as error:
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains",
+                      "space": {"kind": "evolver", "method": "tiess", "search": {"weight": [0, 1]}},
+                      "sampler": {"name": "TPESampler"}, "objective": {"multi_objective": True}})
+    text = str(error.value)
+    for expected in ("space.kind / sampler.name: space.kind evolver and sampler EvolverSampler go together",
+                     "space.method: unknown merge method 'tiess'", "or 'none' for the plain Evolver",
+                     "space.search / space.log: the Evolver searches the weights themselves",
+                     "objective.multi_objective: the Evolver's greedy selection needs one objective"):
+        assert expected in text, text
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "sampler": {"name": "EvolverSampler"}})
+    from evoopt.evolver import EvolverSampler
+
+    with pytest.raises(ValueError, match="strategy 'paper' needs at least 3 individuals, got 2.*F: the differential"):
+        EvolverSampler(population=2, F=3.0)

@@ -309,6 +309,48 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
                                    "command again to continue.")
 
 
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--storage", default=None, help="The shared Optuna storage URL (postgresql://USER@HOST/DB, "
+              "mysql://..., or journal:PATH on a shared file system); default: the config's `storage`.")
+@click.option("--n-trials", type=int, default=None, help="Run at most N trials in this worker.")
+@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
+@click.option("--index", type=int, default=None,
+              help="This worker's number (seeds samplers that draw per process, e.g. TPE); default from the pid.")
+def worker(study: Path, storage: str | None, n_trials: int | None, timeout: float | None, index: int | None) -> None:
+    """Run trials of STUDY as one of many workers on a shared storage.
+
+    \b
+    Start any number of these, on any number of machines, against one database:
+    each takes trials until the study has its `trials` budget of finished
+    trials (never more), sharing the sampler's state through the storage. One
+    GPU per worker: set CUDA_VISIBLE_DEVICES for each (CPU without one). A
+    worker killed mid-trial loses nothing: its trial is failed after the
+    config's grace_period and taken again. Baselines and the test report are
+    left to `evoopt run` / `evoopt baselines`.
+    \b
+    Example:  evoopt worker studies/minilm-sentiment-evolver.yaml \\
+                  --storage postgresql://evoopt@db-host/evoopt
+    """
+    import os
+
+    from evoopt.config import StudyConfig
+    from evoopt.study import run_study
+
+    config = _load_study_config(study)
+    assert isinstance(config, StudyConfig)
+    if storage is not None:
+        root = config.root
+        config = config.model_copy(update={"storage": storage})
+        config._root = root
+    try:
+        run = run_study(config, n_trials=n_trials, timeout=timeout, baselines=False, report=False,
+                        worker_index=os.getpid() if index is None else index)
+    except _STUDY_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"worker done: {run.ran} trials finished while it ran; the study has {len(run.study.trials)} trials")
+
+
 class _TrialBar(_Bars):
     """Stages of the set-up as bars, then one bar of trials with ETA and the best value so far."""
 

@@ -52,6 +52,10 @@ class EvaluationError(RuntimeError):
     """A candidate could not be scored (out of memory, ...): its trial fails, the worker goes on."""
 
 
+class BudgetReached(RuntimeError):
+    """The study has its budget of trials: this trial fails without running and the worker stops."""
+
+
 # --- storage ----------------------------------------------------------------------------------------
 
 def open_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
@@ -87,12 +91,29 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
         if url.startswith("sqlite:///"):
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several local workers share the file
         if heartbeat_interval is not None:
+            retried = optuna.storages.RetryHeartbeatStaleTrialCallback(3) if retry else None
             kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                          heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(3) if retry else None)
-        return optuna.storages.RDBStorage(url, **kwargs)
+                          heartbeat_stale_trial_callback=retried)
+        return _rdb_storage(url, kwargs)
     except Exception as error:  # noqa: BLE001  (SQLAlchemy, driver and file errors alike)
         raise ConfigError(f"storage: cannot open {url!r}: {type(error).__name__}: {error}; "
                           "check the URL, that the server is up, and the credentials") from None
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Workers started together on an empty database race to create Optuna's tables: the losers,
+    refused with a duplicate table or type, open it again once the winner has made them."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError) as error:
+            if attempt == attempts - 1 or "already exists" not in str(error):
+                raise
+            logger.info("storage: another worker is creating the schema; opening again")
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True) -> optuna.Study:
@@ -261,6 +282,7 @@ class Worker:
                                   "objective.max_length, or set dtype: bfloat16") from None
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
+        self._check_budget(trial)
         if isinstance(self.space, EvolverSpace):
             started = self._write_offspring(trial)
         else:
@@ -279,6 +301,21 @@ class Worker:
             trial.set_user_attr("fail_reason", f"the objective is not finite: {scores}")
             raise EvaluationError(f"trial {trial.number}: the score is not finite ({scores}); trial failed")
         return value
+
+    def _check_budget(self, trial: optuna.Trial) -> None:
+        """Fail this trial unrun if trials before it already make the budget (finished or still running).
+
+        Several workers may each start a trial when one is left; this check puts the trials in
+        number order, so exactly the first ``trials`` of them run. (A running trial whose worker
+        died counts until it is failed; its retry comes later and runs in its place.)
+        """
+        live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        before = sum(1 for t in trial.study.get_trials(deepcopy=False, states=live) if t.number < trial.number)
+        if before >= self.config.trials:
+            trial.set_user_attr("fail_reason", f"budget reached: the study had its {self.config.trials} trials "
+                                "when this one began; it did not run")
+            trial.study.stop()
+            raise BudgetReached(f"trial {trial.number}: the study has its budget of {self.config.trials} trials")
 
     def _write_offspring(self, trial: optuna.Trial) -> float:
         """Bring the population to P_{g-1} and write the trial's candidate into the model; returns when it began."""
@@ -340,7 +377,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
                 done = finished_trials(study)
                 left = None if timeout is None else timeout - (time.perf_counter() - started)
                 study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
-                               catch=(EvaluationError,), gc_after_trial=False)
+                               catch=(EvaluationError, BudgetReached), gc_after_trial=False)
                 progress_made = finished_trials(study) - done
                 if progress_made == 0:
                     break  # every trial of this round failed: stop rather than fail forever

@@ -97,3 +97,59 @@ def small_experts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     # EVOOPT_TEST_EXPERTS: a folder to keep them in between runs (content-addressed, so always current)
     root = Path(os.environ.get("EVOOPT_TEST_EXPERTS") or tmp_path_factory.mktemp("experts"))
     return build_setting(SMALL, root=root, limit_train=400, multitask=False), root
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster: initdb in a temporary folder, a free loopback port, stopped afterwards.
+
+    Runs as the ``postgres`` system user when the tests run as root (the server refuses root).
+    Yields ``postgresql+psycopg2://postgres@127.0.0.1:PORT``; see ``postgres_url`` for a database.
+    """
+    import glob
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1:]), None)
+    if found is None:
+        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are needed: apt-get install postgresql")
+    bindir = Path(found).parent
+    root = Path(tempfile.mkdtemp(prefix="evoopt-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = root / "data"
+    run = lambda *args: subprocess.run([*prefix, *map(str, args)], check=True, capture_output=True)  # noqa: E731
+    run(bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    run(bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_url(postgres_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the throwaway server, named after the test."""
+    import re
+
+    import sqlalchemy
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    engine = sqlalchemy.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return f"{postgres_server}/{name}"

@@ -1,0 +1,70 @@
+"""Distributed studies on a real PostgreSQL server (started by a fixture): four worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from evoopt.evolver import ATTR
+from tests.test_evolver import GENERATIONS, _in_process, _population_after, reference  # noqa: F401
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_the_server_is_real(postgres_url: str) -> None:
+    storage = optuna.storages.RDBStorage(postgres_url)
+    assert storage.engine.dialect.name == "postgresql"
+
+
+def test_four_evolver_workers_on_postgresql_reach_the_single_process_population(
+        llama_family: list[Path], postgres_url: str, reference: Any) -> None:  # noqa: F811
+    optuna.create_study(study_name="tiny-evolver", storage=postgres_url, direction="maximize")
+    workers = [_in_process(postgres_url, llama_family, 15, sleep=0.2) for _ in range(4)]
+    assert [w.wait() for w in workers] == [0, 0, 0, 0]
+    study = optuna.load_study(study_name="tiny-evolver", storage=postgres_url)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    slots = [(t.system_attrs[ATTR]["generation"], t.system_attrs[ATTR]["target"]) for t in complete]
+    assert len(slots) == len(set(slots)), "two trials evaluated one offspring"
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING)), "a trial was left behind"
+    history, population = _population_after(postgres_url, [str(p) for p in llama_family], GENERATIONS)
+    assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
+    assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
+
+
+def test_four_cma_workers_through_the_engine_keep_the_budget_and_tell_every_trial(
+        small_experts: Any, postgres_url: str, tmp_path: Path) -> None:
+    """`evoopt worker` x 4 on one PostgreSQL study of real MiniLM experts, evoopt's CMA-ES."""
+    from evoopt.cma import EvoCmaSampler
+    from tests.test_study import _config, _write
+
+    experts, _ = small_experts
+    budget = 10
+    path = _write(tmp_path, _config(tmp_path, experts, name="pg-cma", trials=budget,
+                                    sampler={"name": "EvoCmaSampler", "options": {"popsize": 4}},
+                                    objective={"limit": 20, "test_limit": 20, "batch_size": 20, "max_length": 48}))
+    command = [sys.executable, "-m", "evoopt.cli", "worker", str(path), "--storage", postgres_url]
+    workers = [subprocess.Popen([*command, "--index", str(i)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    outputs = [w.communicate()[0] for w in workers]
+    assert [w.returncode for w in workers] == [0] * 4, "\n".join(o[-3000:] for o in outputs)
+    study = optuna.load_study(study_name="pg-cma", storage=postgres_url)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == budget  # the budget, not one more
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    over = study.get_trials(states=(TrialState.FAIL,))
+    assert all("budget" in t.user_attrs.get("fail_reason", "") for t in over), [  # only trials that never ran
+        (t.number, t.user_attrs, t.system_attrs) for t in over]
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == budget  # none sampled twice
+    # the sampler's state: a fresh sampler rebuilt from the storage has told every finished trial
+    sampler = EvoCmaSampler(seed=0, popsize=4)
+    fresh = optuna.load_study(study_name="pg-cma", storage=postgres_url, sampler=sampler)
+    space = sampler.infer_relative_search_space(fresh, complete[-1])
+    sampler._state(fresh, tuple(sorted(space)), [space[n] for n in sorted(space)])
+    (state,) = sampler._states.values()
+    assert sorted(state.told) == sorted(t.number for t in complete)

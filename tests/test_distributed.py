@@ -68,3 +68,49 @@ def test_four_cma_workers_through_the_engine_keep_the_budget_and_tell_every_tria
     sampler._state(fresh, tuple(sorted(space)), [space[n] for n in sorted(space)])
     (state,) = sampler._states.values()
     assert sorted(state.told) == sorted(t.number for t in complete)
+
+
+def test_killed_five_times_at_random_moments_the_study_loses_nothing(llama_family: list[Path], tmp_path: Path,
+                                                                     reference: Any) -> None:  # noqa: F811
+    """SIGKILL mid-merge, mid-evaluation or mid-write (seeded random moments), resume each time."""
+    import signal
+    import time
+
+    import numpy as np
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    optuna.create_study(study_name="tiny-evolver", storage=storage, direction="maximize")
+    rng = np.random.default_rng(0)
+    seen: dict[int, float] = {}  # completed trials before each kill: number -> value
+    kills = 0
+    while kills < 5:
+        process = _in_process(storage, llama_family, 15, sleep=0.3)
+        started = len(_trials(storage))
+        while len(_trials(storage)) == started and process.poll() is None:  # its first trial has begun
+            time.sleep(0.05)
+        time.sleep(float(rng.uniform(0.0, 1.5)))
+        if process.poll() is not None:
+            break  # it finished the study before this kill
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        seen.update({t.number: t.value for t in _trials(storage) if t.state == TrialState.COMPLETE})
+    assert kills == 5
+    assert _in_process(storage, llama_family, 15).wait() == 0  # the last run finishes the study
+    final = _trials(storage)  # the storage is readable
+    complete = {t.number: t.value for t in final if t.state == TrialState.COMPLETE}
+    assert all(complete.get(n) == v for n, v in seen.items()), "a completed trial was lost"
+    failed = [t for t in final if t.state == TrialState.FAIL]
+    assert failed, "no kill landed inside a trial"
+    done = {(t.system_attrs[ATTR]["generation"], t.system_attrs[ATTR]["target"]) for t in final
+            if t.state == TrialState.COMPLETE}
+    for trial in failed:  # every killed trial's offspring was evaluated again
+        slot = trial.system_attrs.get(ATTR)
+        assert slot is None or (slot["generation"], slot["target"]) in done
+    history, population = _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
+    assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
+    assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
+
+
+def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="tiny-evolver", storage=storage).get_trials()

@@ -209,7 +209,11 @@ def _tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0
         time.sleep(sleep)
         return -float(sum(((out[n] - goal[n]) ** 2).sum() for n in names))
 
-    study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, direction="maximize",
+    from evoopt.study import storage_from_url
+
+    # heartbeats as in a study: a trial of a killed process is failed after 2 s and its slot taken again
+    opened = storage_from_url(storage, heartbeat_interval=1, grace_period=2, retry=False)
+    study = optuna.create_study(study_name=config.name, storage=opened, sampler=sampler, direction="maximize",
                                 load_if_exists=True)
     done = (TrialState.COMPLETE, TrialState.PRUNED)
     left = trials - len(study.get_trials(states=done))

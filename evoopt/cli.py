@@ -232,15 +232,18 @@ def methods() -> None:
 
 # --- studies ----------------------------------------------------------------------------------------
 
-def _load_study_config(path: Path, root: Path | None = None) -> object:
+def _load_study_config(path: Path, root: Path | None = None, storage: str | None = None) -> object:
+    """The study config of ``path``; ``storage`` replaces its storage URL (a run-time key: same study)."""
     from evoopt.config import ConfigError, load_config
 
     try:
         config = load_config(path)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    if root is not None:
-        config._root = root
+    root = root or config.root
+    if storage is not None:
+        config = config.model_copy(update={"storage": storage})
+    config._root = root
     return config
 
 
@@ -254,12 +257,14 @@ _STUDY_ERRORS: tuple[type[Exception], ...] = (ValueError, FileExistsError, Runti
 @click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Local worker processes sharing the study's storage.")
+@click.option("--storage", default=None, help="An Optuna storage URL instead of the config's `storage` "
+              "(postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH).")
 @click.option("--no-baselines", is_flag=True, help="Do not evaluate the baselines first.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table (used by worker processes).")
 @click.option("--worker-index", type=int, default=0, hidden=True)
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
-def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, no_baselines: bool, quiet: bool,
-        worker_index: int, root: Path | None) -> None:
+def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, storage: str | None,
+        no_baselines: bool, quiet: bool, worker_index: int, root: Path | None) -> None:
     """Create or resume the study of STUDY (a YAML config) and run it.
 
     \b
@@ -288,7 +293,7 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     from evoopt.config import StudyConfig
     from evoopt.study import run_study
 
-    config = _load_study_config(study, root)
+    config = _load_study_config(study, root, storage)
     assert isinstance(config, StudyConfig)
     if workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--workers")
@@ -337,12 +342,8 @@ def worker(study: Path, storage: str | None, n_trials: int | None, timeout: floa
     from evoopt.config import StudyConfig
     from evoopt.study import run_study
 
-    config = _load_study_config(study)
+    config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
-    if storage is not None:
-        root = config.root
-        config = config.model_copy(update={"storage": storage})
-        config._root = root
     try:
         run = run_study(config, n_trials=n_trials, timeout=timeout, baselines=False, report=False,
                         worker_index=os.getpid() if index is None else index)

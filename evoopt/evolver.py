@@ -72,11 +72,15 @@ def draw_move(rng: np.random.Generator, strategy: str, *, target: int, size: int
 
 
 def mutant(move: Move, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``v`` for one tensor; ``tensors[j]`` is individual j's copy of it (computed in float32)."""
-    x = [tensors[j].float() for j in (move.target, *move.donors)]
-    if move.strategy == "released":
-        return x[0] + move.f * (x[1] - x[0])
-    return x[1] + move.f * (x[2] - x[3])
+    """``v`` for one tensor; ``tensors[j]`` is individual j's copy of it (computed in float32).
+
+    One new tensor: the difference, then scaled and shifted in place (the same roundings as
+    ``x + F (a - b)``).
+    """
+    x = [tensors[j] for j in (move.target, *move.donors)]
+    start, a, b = (x[0], x[1], x[0]) if move.strategy == "released" else (x[1], x[2], x[3])
+    v = a.float() - b.float()  # (float() of a float32 tensor is the tensor itself: no copy)
+    return v.mul_(move.f).add_(start.float())
 
 
 def offspring_tensor(move: Move, tensors: Sequence[torch.Tensor], index: int) -> torch.Tensor:
@@ -84,7 +88,8 @@ def offspring_tensor(move: Move, tensors: Sequence[torch.Tensor], index: int) ->
     target = tensors[move.target]
     generator = torch.Generator().manual_seed(move.seed * 1_000_003 + index)
     take = torch.rand(target.shape, generator=generator) < move.cr
-    return torch.where(take.to(target.device), mutant(move, tensors), target.float()).to(target.dtype)
+    v = mutant(move, tensors)
+    return torch.where(take.to(target.device), v, target.float(), out=v).to(target.dtype)
 
 
 # --- the population's history, replayed from the study's trials ------------------------------------

@@ -83,13 +83,28 @@ def mutant(move: Move, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return v.mul_(move.f).add_(start.float())
 
 
-def offspring_tensor(move: Move, tensors: Sequence[torch.Tensor], index: int) -> torch.Tensor:
-    """Crossover of the mutant with the target for tensor number ``index``, in the target's dtype."""
+def offspring_tensor(move: Move, tensors: Sequence[torch.Tensor], index: int, *, out: torch.Tensor | None = None,
+                     chunk: int = 1 << 20) -> torch.Tensor:
+    """Crossover of the mutant with the target for tensor number ``index``, in the target's dtype.
+
+    Built ``chunk`` elements at a time into ``out`` (a new tensor by default; the evaluation
+    model's own tensor when given), so no tensor-sized temporary is ever allocated. The
+    crossover draws come from one generator seeded by (move seed, tensor index), consumed in
+    order: the same move gives the same offspring.
+    """
     target = tensors[move.target]
+    out = torch.empty_like(target) if out is None else out
+    if out.shape != target.shape or not out.is_contiguous():
+        raise ValueError(f"out: a contiguous tensor of shape {tuple(target.shape)}, got {tuple(out.shape)}")
     generator = torch.Generator().manual_seed(move.seed * 1_000_003 + index)
-    take = torch.rand(target.shape, generator=generator) < move.cr
-    v = mutant(move, tensors)
-    return torch.where(take.to(target.device), v, target.float(), out=v).to(target.dtype)
+    flat = [t.reshape(-1) for t in tensors]
+    destination = out.view(-1)
+    for start in range(0, destination.numel(), chunk):
+        part = [f[start : start + chunk] for f in flat]
+        take = torch.rand(part[0].numel(), generator=generator) < move.cr
+        v = mutant(move, part)
+        destination[start : start + chunk] = torch.where(take.to(v.device), v, part[move.target].float(), out=v)
+    return out
 
 
 # --- the population's history, replayed from the study's trials ------------------------------------

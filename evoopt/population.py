@@ -129,6 +129,10 @@ class Population:
         with torch.no_grad():
             for index, name in enumerate(self.names):
                 tensors = self.tensors(name)
+                if self.method is None and move is not None and targets[name].shape == tensors[0].shape \
+                        and targets[name].device == tensors[0].device:
+                    offspring_tensor(move, tensors, index, out=targets[name])  # straight into the model
+                    continue
                 child = offspring[name] if offspring is not None else (
                     offspring_tensor(move, tensors, index) if move is not None else None)
                 if self.method is None:

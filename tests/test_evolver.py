@@ -42,6 +42,13 @@ def test_crossover_takes_cr_of_the_elements_and_is_rebuilt_exactly() -> None:
     assert torch.equal(offspring_tensor(Move("paper", 0, (0, 1, 2), 0.5, 0.0, 7), big, 4), big[0])  # Cr = 0
     half = [t.to(torch.bfloat16) for t in big]
     assert offspring_tensor(move, half, 4).dtype == torch.bfloat16
+    into = torch.empty(200, 100)
+    assert offspring_tensor(move, big, 4, out=into) is into and torch.equal(into, child)  # written in place
+    small = offspring_tensor(move, big, 4, chunk=999)  # chunks of another size: other draws, same rules
+    kept = torch.isclose(small, big[0])
+    assert torch.equal(small, offspring_tensor(move, big, 4, chunk=999)) and 0.65 < kept.float().mean() < 0.75
+    with pytest.raises(ValueError, match=r"out: a contiguous tensor of shape \(200, 100\)"):
+        offspring_tensor(move, big, 4, out=torch.empty(100, 200))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -1,0 +1,117 @@
+"""Data-flow-space merging (Akiba et al., "Evolutionary Optimization of Model Merging Recipes", 2024).
+
+The weights stay as they are; a *path* decides which layers, of which models of a pool, a
+token passes through, in which order, and a scale multiplies the hidden state entering each
+layer (the paper's W[i, j] for the transition from layer i to layer j; on the first hop, the
+embeddings entering the first layer). Embeddings, final norm and output head come from the
+pool's first model, A.
+
+:func:`path_model` builds such a model for Hugging Face decoders that keep their blocks in
+``model.layers`` (Llama, Mistral, Qwen2, Gemma...) without copying a weight: it is a shallow
+copy of A whose layer list holds shallow copies of the pool's layers. Each hop's attention
+has its own ``layer_idx``, so a layer that appears several times on the path gets a key/value
+cache slot per appearance; masks, rotary positions, batching and ``generate`` are the
+model's own.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    """The layers a token passes through: ``hops[t] = (model, layer)`` with ``scales[t]`` on the way in."""
+
+    hops: tuple[tuple[int, int], ...]
+    scales: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.hops:
+            raise ValueError("hops: a path needs at least one layer")
+        if len(self.scales) != len(self.hops):
+            raise ValueError(f"scales: one per hop ({len(self.hops)}), got {len(self.scales)}")
+
+
+class ScaledLayer(torch.nn.Module):
+    """A decoder layer that first multiplies the hidden state entering it by ``scale``."""
+
+    def __init__(self, layer: torch.nn.Module, scale: float) -> None:
+        super().__init__()
+        self.layer = layer
+        self.scale = float(scale)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.layer(hidden_states * self.scale, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # the model may read its layers' attributes (attention_type...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+
+def decoder_layers(model: torch.nn.Module, label: str = "model") -> torch.nn.ModuleList:
+    """The blocks of a decoder that keeps them in ``model.layers``."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{label}: {type(model).__name__} keeps no decoder blocks in model.layers; data-flow "
+                        "merging supports Llama, Mistral, Qwen2, Gemma and other decoders built that way")
+    return layers
+
+
+def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
+    """A model of ``pool[0]``'s class running ``path``; it shares every weight with the pool.
+
+    The pool's models are not changed. Their hidden sizes must agree; the result has
+    ``config.num_hidden_layers == len(path.hops)``.
+    """
+    if not pool:
+        raise ValueError("pool: give at least one model")
+    first = pool[0]
+    blocks = [decoder_layers(m, f"pool[{i}]") for i, m in enumerate(pool)]
+    sizes = {i: m.config.hidden_size for i, m in enumerate(pool)}  # type: ignore[union-attr]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"pool: hidden sizes differ ({sizes}); a path can only join models of one width")
+    for t, (m, layer) in enumerate(path.hops):
+        if not 0 <= m < len(pool):
+            raise ValueError(f"hops[{t}]: model {m} is not in the pool (0..{len(pool) - 1})")
+        if not 0 <= layer < len(blocks[m]):
+            raise ValueError(f"hops[{t}]: model {m} has layers 0..{len(blocks[m]) - 1}, not {layer}")
+    config = copy.deepcopy(first.config)
+    config.num_hidden_layers = len(path.hops)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [pool[m].config.layer_types[layer] for m, layer in path.hops]  # type: ignore[union-attr]
+    hops = []
+    for t, ((m, layer), scale) in enumerate(zip(path.hops, path.scales)):
+        block = _shallow(blocks[m][layer])
+        attention = getattr(block, "self_attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention = _shallow(attention)
+            attention.layer_idx = t  # its own key/value cache slot
+            block.self_attn = attention
+        hops.append(ScaledLayer(block, scale))
+    inner = _shallow(first.model)  # type: ignore[arg-type]
+    inner.config = config
+    inner.layers = torch.nn.ModuleList(hops)
+    model = _shallow(first)
+    model.config = config
+    model.model = inner
+    return model
+
+
+def _shallow(module: torch.nn.Module) -> Any:
+    """A new module object over the same parameters and submodules (their containers copied, hooks not)."""
+    clone = copy.copy(module)
+    for key, value in list(vars(clone).items()):
+        if key in ("_modules", "_parameters", "_buffers"):
+            setattr(clone, key, OrderedDict(value))
+        elif "hook" in key and isinstance(value, dict):
+            setattr(clone, key, OrderedDict())
+    return clone

@@ -1,0 +1,97 @@
+"""Data-flow-space path models on tiny Llama models: against materialised references, with caches and padding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evoopt.dfs import LayerPath, decoder_layers, path_model
+from tests.conftest import tiny_llama_config
+
+
+def _pool(llama_family: list[Path]) -> list[torch.nn.Module]:
+    from transformers import LlamaForCausalLM
+
+    return [LlamaForCausalLM.from_pretrained(str(p)).eval() for p in llama_family[1:3]]
+
+
+def _materialised(pool: list[torch.nn.Module], path: LayerPath) -> torch.nn.Module:
+    """The reference: a plain Llama with copies of the path's layers, scales as forward pre-hooks."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=len(path.hops))).eval()
+    state = {k: v for k, v in pool[0].state_dict().items() if not k.startswith("model.layers.")}
+    for t, (m, layer) in enumerate(path.hops):
+        prefix = f"model.layers.{layer}."
+        state.update({f"model.layers.{t}.{k.removeprefix(prefix)}": v for k, v in pool[m].state_dict().items()
+                      if k.startswith(prefix)})
+    model.load_state_dict(state)
+    for block, scale in zip(model.model.layers, path.scales):
+        block.register_forward_pre_hook(lambda mod, args, kwargs, s=scale: ((args[0] * s, *args[1:]), kwargs)
+                                        if args else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}),
+                                        with_kwargs=True)
+    return model
+
+
+IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 60, 2]])
+PATH = LayerPath(hops=((0, 0), (1, 0), (0, 1), (1, 0), (1, 1)), scales=(1.0, 0.8, 1.3, 0.5, 1.1))
+
+
+def test_own_layers_in_order_are_the_model_itself(llama_family: list[Path]) -> None:
+    pool = _pool(llama_family)
+    model = path_model(pool, LayerPath(((0, 0), (0, 1)), (1.0, 1.0)))
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, pool[0](IDS).logits)
+
+
+def test_a_path_across_models_with_repeats_and_scales_matches_its_materialised_model(llama_family: list[Path]) -> None:
+    pool = _pool(llama_family)
+    model = path_model(pool, PATH)
+    reference = _materialised(pool, PATH)
+    with torch.no_grad():
+        got, want = model(IDS).logits, reference(IDS).logits
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, pool[0](IDS).logits, atol=1e-3)  # (the path does change the model)
+    # no weight copied, the pool untouched
+    assert model.model.layers[1].layer.self_attn.q_proj.weight is decoder_layers(pool[1])[0].self_attn.q_proj.weight
+    assert model.model.layers[3].layer.self_attn.layer_idx == 3 and decoder_layers(pool[1])[0].self_attn.layer_idx == 0
+    assert pool[0].config.num_hidden_layers == 2 and len(decoder_layers(pool[0])) == 2
+
+
+def test_cache_slots_per_hop_give_the_uncached_tokens(llama_family: list[Path]) -> None:
+    pool = _pool(llama_family)
+    model = path_model(pool, PATH)
+    with torch.no_grad():
+        cached = model.generate(IDS, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = model.generate(IDS, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+        assert torch.equal(cached, uncached)
+        # one step with the cache of the prefix equals the full forward's last position
+        prefix = model(IDS[:, :-1], use_cache=True)
+        step = model(IDS[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+        assert torch.allclose(step, model(IDS).logits[:, -1], atol=1e-5)
+
+
+def test_left_padded_batch_matches_single_examples(llama_family: list[Path]) -> None:
+    pool = _pool(llama_family)
+    model = path_model(pool, PATH)
+    short = torch.tensor([[9, 4, 33]])
+    batch = torch.tensor([[0] * 5 + [9, 4, 33], IDS[0].tolist()])
+    mask = torch.tensor([[0] * 5 + [1] * 3, [1] * 8])
+    with torch.no_grad():
+        both = model(batch, attention_mask=mask).logits
+        assert torch.allclose(both[0, 5:], model(short).logits[0], atol=1e-5)
+        assert torch.allclose(both[1], model(IDS).logits[0], atol=1e-5)
+
+
+def test_bad_paths_are_named(llama_family: list[Path]) -> None:
+    pool = _pool(llama_family)
+    with pytest.raises(ValueError, match=r"hops\[1\]: model 0 has layers 0..1, not 5"):
+        path_model(pool, LayerPath(((0, 0), (0, 5)), (1.0, 1.0)))
+    with pytest.raises(ValueError, match=r"hops\[0\]: model 3 is not in the pool"):
+        path_model(pool, LayerPath(((3, 0),), (1.0,)))
+    with pytest.raises(ValueError, match="scales: one per hop"):
+        LayerPath(((0, 0),), (1.0, 2.0))
+    with pytest.raises(TypeError, match="keeps no decoder blocks in model.layers"):
+        path_model([torch.nn.Linear(2, 2)], LayerPath(((0, 0),), (1.0,)))

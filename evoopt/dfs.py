@@ -84,10 +84,10 @@ def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
             raise ValueError(f"hops[{t}]: model {m} is not in the pool (0..{len(pool) - 1})")
         if not 0 <= layer < len(blocks[m]):
             raise ValueError(f"hops[{t}]: model {m} has layers 0..{len(blocks[m]) - 1}, not {layer}")
-    config = copy.deepcopy(first.config)
+    config: Any = copy.deepcopy(first.config)
     config.num_hidden_layers = len(path.hops)
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [pool[m].config.layer_types[layer] for m, layer in path.hops]  # type: ignore[union-attr]
+        config.layer_types = [getattr(pool[m], "config").layer_types[layer] for m, layer in path.hops]
     hops = []
     for t, ((m, layer), scale) in enumerate(zip(path.hops, path.scales)):
         block = _shallow(blocks[m][layer])

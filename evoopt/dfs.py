@@ -76,7 +76,8 @@ def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
         raise ValueError("pool: give at least one model")
     first = pool[0]
     blocks = [decoder_layers(m, f"pool[{i}]") for i, m in enumerate(pool)]
-    sizes = {i: m.config.hidden_size for i, m in enumerate(pool)}  # type: ignore[union-attr]
+    configs: list[Any] = [m.config for m in pool]
+    sizes = {i: c.hidden_size for i, c in enumerate(configs)}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"pool: hidden sizes differ ({sizes}); a path can only join models of one width")
     for t, (m, layer) in enumerate(path.hops):
@@ -87,7 +88,7 @@ def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
     config: Any = copy.deepcopy(first.config)
     config.num_hidden_layers = len(path.hops)
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [getattr(pool[m], "config").layer_types[layer] for m, layer in path.hops]
+        config.layer_types = [configs[m].layer_types[layer] for m, layer in path.hops]
     hops = []
     for t, ((m, layer), scale) in enumerate(zip(path.hops, path.scales)):
         block = _shallow(blocks[m][layer])

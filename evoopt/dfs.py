@@ -11,7 +11,8 @@ pool's first model, A.
 copy of A whose layer list holds shallow copies of the pool's layers. Each hop's attention
 has its own ``layer_idx``, so a layer that appears several times on the path gets a key/value
 cache slot per appearance; masks, rotary positions, batching and ``generate`` are the
-model's own.
+model's own. :func:`decode_path` reads a path from the paper's search space: an indicator per
+slot of the layout repeated r times, and a scaling matrix.
 """
 
 from __future__ import annotations
@@ -55,6 +56,32 @@ class ScaledLayer(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["layer"], name)
+
+
+def decode_path(indicators: Sequence[float], scales: Sequence[Sequence[float]], layers: Sequence[int]) -> LayerPath:
+    """The path that an indicator array and a scaling matrix describe (the paper's I and W).
+
+    Args:
+        indicators: one number per slot; T = M x r slots, where M = sum(layers) and the layout
+            (all of model 0's layers, then model 1's, ...) is repeated r times. The layer in slot t
+            is on the path when ``indicators[t] > 0``.
+        scales: an (M + 1) x M matrix: ``scales[i][j]`` multiplies the hidden state that goes from
+            layer i to layer j (global indices in the layout); row M is the embeddings, for the
+            first hop. Only the transitions the path takes are read.
+        layers: the number of layers of each model of the pool.
+    """
+    layout = [(m, layer) for m, count in enumerate(layers) for layer in range(count)]
+    total = len(layout)
+    if total == 0 or len(indicators) % total:
+        raise ValueError(f"indicators: a multiple of M = {total} slots (the layout repeated r times), "
+                         f"got {len(indicators)}")
+    if len(scales) != total + 1 or any(len(row) != total for row in scales):
+        raise ValueError(f"scales: an (M + 1) x M = {total + 1} x {total} matrix (row M: the embeddings)")
+    chosen = [t % total for t, on in enumerate(indicators) if on > 0]
+    if not chosen:
+        raise ValueError("indicators: no slot is on the path (every value <= 0)")
+    previous = [total, *chosen[:-1]]
+    return LayerPath(tuple(layout[j] for j in chosen), tuple(float(scales[i][j]) for i, j in zip(previous, chosen)))
 
 
 def decoder_layers(model: torch.nn.Module, label: str = "model") -> torch.nn.ModuleList:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoopt.dfs import LayerPath, decoder_layers, path_model
+from evoopt.dfs import LayerPath, decode_path, decoder_layers, path_model
 from tests.conftest import tiny_llama_config
 
 
@@ -95,3 +95,19 @@ def test_bad_paths_are_named(llama_family: list[Path]) -> None:
         LayerPath(((0, 0),), (1.0, 2.0))
     with pytest.raises(TypeError, match="keeps no decoder blocks in model.layers"):
         path_model([torch.nn.Linear(2, 2)], LayerPath(((0, 0),), (1.0,)))
+
+
+def test_indicators_and_scaling_matrix_decode_to_a_path_by_hand() -> None:
+    # two models of two layers: M = 4, layout (0,0) (0,1) (1,0) (1,1), repeated r = 2 times: T = 8 slots
+    indicators = [1.0, -1.0, 0.5, 0.0, -1.0, 2.0, 1.0, -0.5]  # slots 0, 2, 5, 6 -> layers 0, 2, 1, 2
+    scales = [[10 * i + j for j in range(4)] for i in range(5)]  # scales[i][j] = 10 i + j; row 4: embeddings
+    path = decode_path(indicators, scales, [2, 2])
+    assert path.hops == ((0, 0), (1, 0), (0, 1), (1, 0))
+    # embeddings -> 0: W[4][0] = 40; 0 -> 2: W[0][2] = 2; 2 -> 1: W[2][1] = 21; 1 -> 2: W[1][2] = 12
+    assert path.scales == (40.0, 2.0, 21.0, 12.0)
+    with pytest.raises(ValueError, match="no slot is on the path"):
+        decode_path([-1.0] * 8, scales, [2, 2])
+    with pytest.raises(ValueError, match="a multiple of M = 4"):
+        decode_path([1.0] * 6, scales, [2, 2])
+    with pytest.raises(ValueError, match=r"an \(M \+ 1\) x M = 5 x 4 matrix"):
+        decode_path([1.0] * 8, scales[:4], [2, 2])

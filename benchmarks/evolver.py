@@ -10,7 +10,8 @@ domain experts; `minilm-cross-task`: four tasks with per-task heads), measured i
     coefficients), each a study searched on dev for ``--seeds`` sampler seeds.
 
 Every row: the in-domain macro-average on test (the mean over tasks of each model's own-task
-accuracy; test is read only to report), on dev, wall time and dev evaluations. Evolver rows
+accuracy; test is read only to report), on dev, seconds (baselines: to score the row; Evolver:
+the trials' own durations) and dev evaluations. A rerun with the same ``--workdir`` resumes. Evolver rows
 are medians over seeds (min-max). The dev and test subsets are the same for every row
 (data seed 0); only the Evolver's sampler seed varies.
 
@@ -56,9 +57,13 @@ def in_domain(scores: dict[str, float]) -> float:
 
 def run_baselines(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from evoopt.config import parse_config
+    from evoopt.study import open_study
     from evoopt.study import run_baselines as score_baselines
 
     config = parse_config(base_config(args, work, "baselines"))
+    stored = open_study(config).user_attrs.get("evoopt:baselines")
+    if stored:  # a rerun with the same --workdir: scored already
+        return list(stored)
     started = time.perf_counter()
     rows = score_baselines(config)
     print(f"baselines: {time.perf_counter() - started:.0f} s", flush=True)
@@ -110,11 +115,12 @@ def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, s
         space={"kind": "evolver", "method": method, "fixed": {**shared, **per_model}},
         sampler={"name": "EvolverSampler", "options": {"strategy": args.strategy, "seed": seed}},
         trials=initial + size * args.generations))
-    started = time.perf_counter()
-    study = run_study(config, baselines=False).study
-    seconds = time.perf_counter() - started
+    study = run_study(config, baselines=False).study  # a rerun with the same --workdir resumes it
     result = study.user_attrs["evoopt:result"]
     trials = [t for t in study.get_trials() if t.value is not None]
+    # the trials' own durations (sampling, merge, statistics, scoring), so that a resumed run counts right
+    seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                  if t.datetime_complete and t.datetime_start)
     accepted = sum(1 for t in trials if t.user_attrs.get("generation", 0) > 0)
     print(f"{label} seed {seed}: dev {in_domain(result['dev']):.4f} test {in_domain(result['test']):.4f} "
           f"({seconds:.0f} s, {len(trials)} evaluations, best trial dev {study.best_value:.4f})", flush=True)

@@ -276,7 +276,8 @@ def main() -> None:
           f"{args.generations} generations, strategy {args.strategy}, {args.seeds} seeds\n")
     print(table(rows, evolver))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "evolver": evolver}, indent=1))
+        settings = {k: v for k, v in vars(args).items() if k != "workdir"}  # (a machine's own path)
+        Path(args.json).write_text(json.dumps({"args": settings, "rows": rows, "evolver": evolver}, indent=1))
 
 
 if __name__ == "__main__":

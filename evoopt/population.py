@@ -74,9 +74,6 @@ class Population:
         self.generation = 0
         self.reset()
 
-    def __len__(self) -> int:
-        return len(self.sources)
-
     def reset(self) -> None:
         """Back to P_0, the experts."""
         self.individuals = []

@@ -140,6 +140,14 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True) -> 
     return study
 
 
+def evolver_history(study: optuna.Study) -> History:
+    """An Evolver study's population history, replayed from its trials by its sampler."""
+    sampler = study.sampler
+    if not isinstance(sampler, EvolverSampler):
+        raise ConfigError("sampler.name: space.kind evolver needs EvolverSampler")
+    return sampler.history(study)
+
+
 def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
@@ -213,21 +221,14 @@ class Worker:
 
         return statistics
 
-    def evolver_history(self, study: optuna.Study) -> History:
-        sampler = study.sampler
-        if not isinstance(sampler, EvolverSampler):
-            raise ConfigError("sampler.name: space.kind evolver needs EvolverSampler")
-        return sampler.history(study)
-
-    def write_result(self, study: optuna.Study) -> tuple[History, torch.nn.Module]:
-        """The Evolver's answer (the fittest individual, or X of the population) from the study's last generation."""
+    def write_result(self, history: History) -> torch.nn.Module:
+        """The Evolver's answer (the fittest individual, or X of the population) of the history's last generation."""
         assert self.population is not None
-        history = self.evolver_history(study)
         if history.generation == 0:
-            raise ConfigError(f"trial: study {study.study_name!r} has not scored its initial population yet")
+            raise ConfigError("trial: the study has not scored its initial population yet")
         self.population.advance(history, history.generation - 1)
         self.population.write_result(self.merger.targets, history)
-        return history, self.model
+        return self.model
 
     def scorer(self, split: str) -> Any:
         """The scorer of a split, built on first use (the test scorer only ever for reporting)."""
@@ -322,7 +323,7 @@ class Worker:
         assert isinstance(self.space, EvolverSpace) and self.population is not None
         candidate = self.space.suggest(trial)
         trial.set_user_attr("generation", candidate.generation)
-        history = self.evolver_history(trial.study)
+        history = evolver_history(trial.study)
         started = time.perf_counter()
         self.population.advance(history, max(candidate.generation - 1, 0))
         self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
@@ -473,11 +474,11 @@ def report_best(config: StudyConfig, study: optuna.Study, worker: Worker | None 
 
 def report_result(config: StudyConfig, study: optuna.Study, worker: Worker | None = None) -> None:
     """Score the Evolver's answer for the last finished generation on dev and test; stored on the study."""
-    worker = worker or Worker(config)
-    history = worker.evolver_history(study)
+    history = evolver_history(study)
     if history.generation == 0 or study.user_attrs.get("evoopt:result", {}).get("generation") == history.generation - 1:
-        return
-    history, model = worker.write_result(study)
+        return  # nothing scored yet, or this generation's answer is reported: no worker to build
+    worker = worker or Worker(config)
+    model = worker.write_result(history)
     split = config.objective.split
     study.set_user_attr("evoopt:result", {
         "generation": history.generation - 1, "best": history.best, "method": config.space.method,
@@ -727,9 +728,9 @@ def _evolver_model(config: StudyConfig, study: optuna.Study, which: str | int) -
     import yaml
 
     worker = Worker(config.model_copy(update={"device": "cpu"}))
-    history = worker.evolver_history(study)
+    history = evolver_history(study)
     if which in ("best", "result"):
-        history, _ = worker.write_result(study)
+        worker.write_result(history)
         what = f"generation {history.generation - 1}: " + (
             f"individual {history.best}, the fittest" if config.space.method == "none"
             else f"{config.space.method} of the population")

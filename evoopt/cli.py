@@ -279,7 +279,10 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     model and layer group (Akiba et al. 2024); evolver, the experts' weights
     themselves, with sampler EvolverSampler (Du et al. 2024: one offspring a
     trial, synchronous generations replayed from the storage; space.method none
-    for the plain Evolver, or ties, dare_ties, fisher, regmean... for X_Evolver).
+    for the plain Evolver, or ties, dare_ties, fisher, regmean... for X_Evolver);
+    dfs, the data-flow space (Akiba et al. 2024): which layers of which models of
+    space.pool a token passes through, with scales; a pool entry study:OTHER.yaml
+    is the best model of another study (PS+DFS).
     Samplers (sampler.name): any optuna.samplers class, or EvoCmaSampler,
     evoopt's CMA-ES, whose state is the stored trials (resumable, safe with
     --workers, IPOP/BIPOP, sep-CMA, margin).
@@ -287,6 +290,7 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     Example:  evoopt run studies/minilm-sentiment-domains.yaml --n-trials 10
               evoopt run studies/minilm-sentiment-layerwise.yaml --workers 2
               evoopt run studies/minilm-sentiment-evolver.yaml --workers 4
+              evoopt run studies/smollm2-dfs.yaml
     """
     from rich.console import Console
 
@@ -464,9 +468,10 @@ def best(study: Path) -> None:
     """Print the best trial of STUDY: its value, per-task scores and its merge recipe (YAML).
 
     An Evolver study: each individual's fitness, the fittest, and the answer's scores.
+    A data-flow study: the best trial's path (hops and scales) instead of a recipe.
     """
     from evoopt.config import StudyConfig
-    from evoopt.space import make_space, study_sources
+    from evoopt.space import DfsSpace, make_space, study_sources
     from evoopt.study import get_trial
 
     config, opened = _existing_study(study)
@@ -478,7 +483,13 @@ def best(study: Path) -> None:
     except _STUDY_ERRORS as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"# trial {trial.number}: value {trial.values}; dev scores {trial.user_attrs.get('scores')}")
-    click.echo(make_space(config, study_sources(config)).recipe(trial.params).to_yaml(), nl=False)
+    space = make_space(config, study_sources(config))
+    if isinstance(space, DfsSpace):
+        from evoopt.study import dfs_yaml
+
+        click.echo(dfs_yaml(space, trial), nl=False)
+        return
+    click.echo(space.recipe(trial.params).to_yaml(), nl=False)
 
 
 def _evolver_best(config: object, study: object) -> None:
@@ -512,7 +523,12 @@ def _evolver_best(config: object, study: object) -> None:
               help="Folder for the Hugging Face model (per-task heads: one sub-folder per task).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is written).")
 def export(study: Path, which: str, out: Path, overwrite: bool) -> None:
-    """Rebuild a trial's merged model from STUDY and save it with its recipe and model card."""
+    """Rebuild a trial's merged model from STUDY and save it with its recipe and model card.
+
+    A data-flow study's model is saved with its layers in path order and a small modeling
+    file that applies the scales: load it with AutoModelForCausalLM.from_pretrained(DIR,
+    trust_remote_code=True).
+    """
     from evoopt.config import StudyConfig
     from evoopt.study import export_trial
 

@@ -46,10 +46,11 @@ class SourcesSpec(_Strict):
 
 
 class SpaceSpec(_Strict):
-    kind: Literal["global", "layerwise", "evolver"] = Field("global", description=(
+    kind: Literal["global", "layerwise", "evolver", "dfs"] = Field("global", description=(
         "global: one value per model and coefficient; layerwise: one per model, coefficient and layer "
         "group (embeddings, each group of blocks, final norm and head are groups of their own); "
-        "evolver: the experts' weights themselves, evolved by EvolverSampler (Du et al. 2024)"))
+        "evolver: the experts' weights themselves, evolved by EvolverSampler (Du et al. 2024); "
+        "dfs: the path of layers a token takes through the pool's models, with scales (Akiba et al. 2024)"))
     method: str = Field("ties", description="the merge method; evolver: X of X_Evolver, or 'none' for plain Evolver")
     search: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)},
@@ -60,6 +61,17 @@ class SpaceSpec(_Strict):
     split_blocks: bool = Field(False, description="layerwise: a block's attention and MLP as separate groups")
     population: Literal["memory", "mmap"] = Field("memory", description=(
         "evolver: keep the individuals in RAM, or in memory-mapped safetensors files in the artifacts folder"))
+    pool: list[str] = Field(default_factory=list, description=(
+        "dfs: the models whose layers the path may take, A first (its embeddings, final norm and head are "
+        "used); 'study:OTHER.yaml' is the best model of another study (PS+DFS). Default: the sources"))
+    repeats: int = Field(3, gt=0, description="dfs: r, how many times the layout of all layers is repeated")
+    scaling: Literal["function", "matrix"] = Field("function", description=(
+        "dfs: 'matrix': a free scale W[i, j] per pair of layers (and the embeddings), as in the paper; "
+        "'function': one scale per pair of models for every transition but the model's own next layer "
+        "(which keeps 1): (K + 1) x K parameters for K models instead of (M + 1) x M"))
+    scales: tuple[float, float] = Field((0.0, 2.0), description="dfs: the bounds of every scale")
+    binary: bool = Field(False, description=(
+        "dfs: indicators as 0/1 integers (CMA-ES with margin) instead of continuous values on when > 0"))
 
 
 class SamplerSpec(_Strict):
@@ -155,7 +167,7 @@ def _problems(config: StudyConfig) -> list[str]:
 
     from evoopt.merge import get_method
 
-    problems = _evolver_problems(config)
+    problems = _evolver_problems(config) + _dfs_problems(config)
     if (config.setting is None) == (config.sources is None):
         problems.append("setting / sources: give exactly one (a benchmark setting name, or sources: base + models)")
     if config.setting is not None:
@@ -166,8 +178,8 @@ def _problems(config: StudyConfig) -> list[str]:
     if config.sources is not None and not config.sources.tasks and not config.objective.tasks:
         problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
     try:
-        if config.space.kind == "evolver":
-            raise LookupError  # its method was checked above
+        if config.space.kind in ("evolver", "dfs"):
+            raise LookupError  # evolver: its method was checked above; dfs: no merge method
         method = get_method(config.space.method)
         allowed = set(method.per_model)
         for key in config.space.search:
@@ -239,6 +251,34 @@ def _evolver_problems(config: StudyConfig) -> list[str]:
                         "give X's coefficients in space.fixed")
     if config.objective.multi_objective:
         problems.append("objective.multi_objective: the Evolver's greedy selection needs one objective")
+    return problems
+
+
+def _dfs_problems(config: StudyConfig) -> list[str]:
+    """A data-flow space searches paths through causal LMs; its keys belong to it alone."""
+    space, problems = config.space, []
+    dfs_keys = ("pool", "repeats", "scaling", "scales", "binary")
+    if space.kind != "dfs":
+        given = [k for k in dfs_keys if k in space.model_fields_set]
+        if given:
+            problems.append(f"space.{' / space.'.join(given)}: only for space.kind dfs")
+        return problems
+    if "search" in space.model_fields_set or space.log or "method" in space.model_fields_set:
+        problems.append("space.search / space.log / space.method: a data-flow space searches the path and its "
+                        "scales, not merge coefficients; remove them")
+    if config.objective.kind != "lm-eval" and config.objective.metric != "perplexity":
+        problems.append("objective: space.kind dfs runs causal LMs; use objective.kind lm-eval or metric perplexity")
+    low, high = space.scales
+    if not low < high:
+        problems.append(f"space.scales: bounds must be [low, high] with low < high, got [{low}, {high}]")
+    elif not low <= 1.0 <= high:
+        problems.append(f"space.scales: [{low}, {high}] must contain 1 (the scale of an unchanged transition)")
+    for i, ref in enumerate(space.pool):
+        if ref.startswith("study:") and not ref.removeprefix("study:").endswith((".yaml", ".yml")):
+            problems.append(f"space.pool[{i}]: 'study:' names a study config file (study:OTHER.yaml), got {ref!r}")
+    if len(space.pool) == 1 and space.repeats == 1:
+        problems.append("space.pool / space.repeats: one model laid out once can only drop layers; "
+                        "give a second model or repeats > 1")
     return problems
 
 

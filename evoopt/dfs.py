@@ -143,3 +143,98 @@ def _shallow(module: torch.nn.Module) -> Any:
         elif "hook" in key and isinstance(value, dict):
             setattr(clone, key, OrderedDict())
     return clone
+
+
+def path_parameters(pool: Sequence[torch.nn.Module], path: LayerPath) -> int:
+    """Parameters of the path's model as exported: A's embeddings, norm and head, and a copy of each hop's layer."""
+    blocks = [decoder_layers(m, f"pool[{i}]") for i, m in enumerate(pool)]
+    inside = {id(p) for layers in blocks for layer in layers for p in layer.parameters()}
+    outside = sum(p.numel() for p in pool[0].parameters() if id(p) not in inside)  # (tied weights once)
+    return outside + sum(p.numel() for m, layer in path.hops for p in blocks[m][layer].parameters())
+
+
+MODELING_FILE = "modeling_evoopt_dfs.py"
+MODEL_TYPE = "evoopt_dfs"
+_MODELING = '''"""A data-flow-space model written by evoopt: {model_class} layers on a path, each entered scaled.
+
+The checkpoint stores the path's layers in path order (a layer the path takes twice is stored
+twice); ``config.dfs_scales[t]`` multiplies the hidden state entering layer t, and
+``config.dfs_path`` says which model of ``config.dfs_pool`` and which of its layers each one
+is. Load with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+"""
+
+from transformers import {config_class}, {model_class}
+
+
+class EvooptDfsConfig({config_class}):
+    model_type = "{model_type}"
+
+
+class EvooptDfsForCausalLM({model_class}):
+    config_class = EvooptDfsConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer, scale in zip(self.model.layers, config.dfs_scales):
+            if scale != 1.0:
+                layer.register_forward_pre_hook(_Scale(scale), with_kwargs=True)
+
+
+class _Scale:
+    """Multiplies the hidden state entering a layer (passed by position or by name)."""
+
+    def __init__(self, scale):
+        self.scale = float(scale)
+
+    def __call__(self, module, args, kwargs):
+        if args:
+            return (args[0] * self.scale, *args[1:]), kwargs
+        return args, {{**kwargs, "hidden_states": kwargs["hidden_states"] * self.scale}}
+'''
+
+
+def export_path(pool: Sequence[torch.nn.Module], path: LayerPath, out: Any, *, tokenizer_from: Any,
+                card: str, info: dict[str, Any], overwrite: bool = False) -> Any:
+    """Save the path's model as a Hugging Face folder that reloads with ``trust_remote_code=True``.
+
+    The layers are materialised in path order (an ordinary checkpoint of ``pool[0]``'s class with
+    ``len(path.hops)`` layers); the scales, the path and ``info`` (the pool, where it came from) go
+    into config.json, and a small modeling file applies the scales. Written atomically.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from evoopt.io import TOKENIZER_FILES, atomic_folder
+
+    model = path_model(pool, path)
+    cls = type(pool[0])
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.layers."):
+            _, _, t, _, rest = name.split(".", 4)  # model.layers.<t>.layer.<rest>: ScaledLayer's wrapping
+            name = f"model.layers.{t}.{rest}"
+        state[name] = tensor
+    config = copy.deepcopy(model.config)
+    config.architectures = ["EvooptDfsForCausalLM"]
+    config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.EvooptDfsConfig",
+                       "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.EvooptDfsForCausalLM"}
+    config.dfs_path = [list(hop) for hop in path.hops]
+    config.dfs_scales = list(path.scales)
+    config.dfs_pool = info
+    materialised: Any = cls(config)
+    materialised.load_state_dict(state, strict=True)  # copies: a layer on the path twice is stored twice
+    materialised.to(next(pool[0].parameters()).dtype).eval()
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+        materialised.save_pretrained(tmp, max_shard_size="2GB")
+        saved = json.loads((tmp / "config.json").read_text())
+        saved["model_type"] = MODEL_TYPE  # without trust_remote_code, transformers refuses it (never runs it unscaled)
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        (tmp / MODELING_FILE).write_text(_MODELING.format(config_class=type(pool[0].config).__name__,
+                                                          model_class=cls.__name__, model_type=MODEL_TYPE))
+        if tokenizer_from is not None:
+            for file in TOKENIZER_FILES:
+                if (Path(tokenizer_from) / file).exists():
+                    shutil.copy2(Path(tokenizer_from) / file, tmp / file)
+        (tmp / "README.md").write_text(card)
+    return out

@@ -20,6 +20,9 @@ model_args, with exactly one of ``recipe``, ``study`` and ``config``:
   config stored with the study decodes the trial's parameters to a recipe.
 - ``config=STUDY.yaml[,trial=best|N]``: the same, the study found through its config file (and
   its storage, unless ``storage=`` is given).
+- a data-flow study (``space.kind: dfs``) through ``study=`` or ``config=``: the trial's path
+  through the pool's models, built in memory (no weight copied). An exported data-flow model
+  is an ordinary folder for lm-eval's ``hf`` model with ``trust_remote_code=True``.
 - ``tokenizer=PATH``: default the tokenizer in the merged model's base folder.
 - ``device``, ``dtype``: where and in which dtype to merge and score (default: the recipe's).
 - the HFLM arguments that apply to a loaded model: ``batch_size``, ``max_length``, ``add_bos_token``...
@@ -74,19 +77,25 @@ class EvooptLM(HFLM):
                    else "evoopt takes recipe, study, storage, trial, config, tokenizer, device, dtype and "
                         f"these HFLM arguments: {', '.join(sorted(_passthrough()))}")
             raise ModelArgsError(f"model_args: {', '.join(unknown)} not understood by the evoopt model; {fix}")
-        built, source = resolve_recipe(recipe=recipe, study=study, storage=storage, trial=trial, config=config)
-        built, target = _placed(built, device, dtype)
-        from evoopt.merger import Merger
+        path = _dfs_trial(study, storage, trial, config, device, dtype) if recipe is None else None
+        if path is not None:  # a data-flow study's trial: its path through the pool's models
+            model, folder, source, info = path
+            loaded = _load_tokenizer(tokenizer, folder, model)
+        else:
+            built, source = resolve_recipe(recipe=recipe, study=study, storage=storage, trial=trial, config=config)
+            built, target = _placed(built, device, dtype)
+            from evoopt.merger import Merger
 
-        merger = Merger(built)
-        if not merger.model.can_generate():
-            raise ModelArgsError(f"{source}: the merged model is a {type(merger.model).__name__}, not a language "
-                                 "model; lm-eval scores causal (or seq2seq) LMs")
-        loaded = _load_tokenizer(tokenizer, merger.structure.folder, merger.model)
-        model = merger.merge()
-        if target is not None:
-            torch.nn.Module.to(model, target)  # (PreTrainedModel.to is wrapped; mypy misreads it)
-        del merger  # task vectors and sources: only the merged model is needed from here on
+            merger = Merger(built)
+            if not merger.model.can_generate():
+                raise ModelArgsError(f"{source}: the merged model is a {type(merger.model).__name__}, not a "
+                                     "language model; lm-eval scores causal (or seq2seq) LMs")
+            loaded = _load_tokenizer(tokenizer, merger.structure.folder, merger.model)
+            model = merger.merge()
+            if target is not None:
+                torch.nn.Module.to(model, target)  # (PreTrainedModel.to is wrapped; mypy misreads it)
+            del merger  # task vectors and sources: only the merged model is needed from here on
+            info = built.model_dump(mode="json", exclude_defaults=True)
         hf_logger = logging.getLogger("lm_eval.models.huggingface")
         quiet = _Drop("`pretrained` model kwarg is not of type")  # yes: the model is in memory on purpose
         hf_logger.addFilter(quiet)
@@ -94,7 +103,7 @@ class EvooptLM(HFLM):
             super().__init__(pretrained=model, tokenizer=loaded, **kwargs)
         finally:
             hf_logger.removeFilter(quiet)
-        self.recipe = built
+        self.recipe = info
         self.source = source
 
     def get_model_info(self) -> dict[str, Any]:
@@ -103,7 +112,7 @@ class EvooptLM(HFLM):
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.dtype),
             "evoopt_source": self.source,
-            "evoopt_recipe": self.recipe.model_dump(mode="json", exclude_defaults=True),
+            "evoopt_recipe": self.recipe,
         }
 
 
@@ -145,8 +154,43 @@ def resolve_recipe(*, recipe: str | None = None, study: str | None = None, stora
 
 def _trial_recipe(study: str | None, storage: str | None, trial: str | int | None,
                   config: str | None) -> tuple[Recipe, str]:
+    from evoopt.space import Space, make_space, study_sources
+
+    loaded, _, frozen, url = _study_trial(study, storage, trial, config)
+    space = make_space(loaded, study_sources(loaded))
+    assert isinstance(space, Space)  # (an Evolver study's model is weights, not a recipe: recipe() says so)
+    return space.recipe(frozen.params), f"study {loaded.name!r} trial {frozen.number} ({url})"
+
+
+def _dfs_trial(study: str | None, storage: str | None, trial: str | int | None, config: str | None,
+               device: str | None, dtype: Any) -> tuple[Any, Path | None, str, dict[str, Any]] | None:
+    """A data-flow study's trial as (path model, tokenizer folder, source line, path), or None for other studies."""
+    if study is None and config is None or study is not None and config is not None:
+        return None  # resolve_recipe names the problem
+    loaded, found, frozen, url = _study_trial(study, storage, trial, config)
+    if loaded.space.kind != "dfs":
+        return None
+    import yaml
+
+    from evoopt.space import DfsSpace
+    from evoopt.study import Worker, dfs_yaml
+
+    updates: dict[str, Any] = {}
+    if dtype is not None and str(dtype) != "auto":
+        updates["dtype"] = str(dtype).removeprefix("torch.")
+    if device is not None and str(device) != "auto":
+        updates["device"] = "cuda" if str(device).startswith("cuda") and torch.cuda.is_available() else "cpu"
+    worker = Worker(loaded.model_copy(update=updates), study=found)
+    assert isinstance(worker.space, DfsSpace)
+    text = dfs_yaml(worker.space, frozen)
+    return (worker.trial_model(frozen.params), worker.tokenizer_folder,
+            f"study {loaded.name!r} trial {frozen.number} ({url})", yaml.safe_load(text))
+
+
+def _study_trial(study: str | None, storage: str | None, trial: str | int | None,
+                 config: str | None) -> tuple[Any, Any, Any, str]:
+    """(config, study, trial, storage URL) that study= or config= (with trial=) name."""
     from evoopt.config import StudyConfig, load_config, parse_config, same_study
-    from evoopt.space import make_space, study_sources
     from evoopt.study import CONFIG_ATTR, get_trial
 
     which = _which(trial)
@@ -173,9 +217,7 @@ def _trial_recipe(study: str | None, storage: str | None, trial: str | int | Non
     elif changed := same_study(stored, loaded):
         raise ModelArgsError(f"config={config}: study {name!r} in {url} was made from another config; restore "
                              "the old values or give study=NAME,storage=URL:\n  - " + "\n  - ".join(changed))
-    frozen = get_trial(found, which)
-    recipe = make_space(loaded, study_sources(loaded)).recipe(frozen.params)
-    return recipe, f"study {name!r} trial {frozen.number} ({url})"
+    return loaded, found, get_trial(found, which), url
 
 
 def _which(trial: str | int | None) -> str | int:

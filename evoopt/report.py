@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.config import StudyConfig
-from evoopt.study import FINISHED, best_trial, open_study, summary_rows
+from evoopt.study import FINISHED, best_trial, open_study, space_name, summary_rows
 
 CONVERGED = 0.99  # a study has converged once its best so far is within 1% of its final best
 
@@ -77,7 +77,7 @@ def _row(config: StudyConfig, study: optuna.Study, curve: Curve) -> dict[str, An
     ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
     summary = summary_rows(study)[-1]  # the best trial's row comes last
     return {"name": study.study_name, "sampler": config.sampler.name,
-            "space": f"{config.space.kind} {config.space.method}",
+            "space": space_name(config),
             "direction": "maximize" if maximize else "minimize",
             "finished": len(study.get_trials(deepcopy=False, states=FINISHED)), "best": best,
             "wall_seconds": (max(ends) - min(starts)).total_seconds(), "trials_to_99": reached,

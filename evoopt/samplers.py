@@ -13,17 +13,17 @@ from evoopt.config import ConfigError, SamplerSpec
 from evoopt.evolver import EvolverSampler
 
 if TYPE_CHECKING:
-    from evoopt.space import EvolverSpace, Space
+    from evoopt.space import DfsSpace, EvolverSpace, Space
 
 # evoopt's samplers, name -> class
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCmaSampler,
                                                           "EvolverSampler": EvolverSampler}
-# what a space tells the samplers that take it (Space.sampler_options, EvolverSpace.sampler_options)
+# what a space tells the samplers that take it (Space / EvolverSpace / DfsSpace.sampler_options)
 _FROM_SPACE = {"search_space", "population", "integrated"}
 
 
 def make_sampler(spec: SamplerSpec, seed: int,
-                 space: Callable[[], Space | EvolverSpace] | None = None) -> optuna.samplers.BaseSampler:
+                 space: Callable[[], Space | EvolverSpace | DfsSpace] | None = None) -> optuna.samplers.BaseSampler:
     """Instantiate a sampler; ``seed`` is passed when the sampler takes one and the options do not set it.
 
     A sampler that takes ``search_space`` (or, the Evolver's, ``population``) is given what the

@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 
 from evoopt.config import StudyConfig
+from evoopt.dfs import LayerPath, decode_path
 from evoopt.evolver import ATTR, Move, move_of
 from evoopt.experts import HEAD_PATTERNS
 from evoopt.merge import get_method
@@ -254,10 +255,118 @@ class EvolverSpace:
         return Candidate(generation, int(trial.params.get("target", 0)), move)
 
 
-def make_space(config: StudyConfig, sources: Sources, names: list[str] | None = None) -> Space | EvolverSpace:
+class DfsSpace:
+    """``space.kind: dfs``: which layers of which pool models a token passes through, with scales.
+
+    Akiba et al. (2024)'s data-flow space: the pool's layers laid out in order (all of A's,
+    then B's, ...) and repeated ``space.repeats`` times make T = M x r slots; parameter
+    ``I.<t>`` puts slot t's layer on the path when it is > 0 (or 1, ``space.binary``). The
+    scales are ``W.<i>.<j>`` per pair of layers (``W.<M>.<j>``: the embeddings) with
+    ``space.scaling: matrix``, or ``W.<from>.<to>`` per pair of models (``from`` may be
+    ``embed``) with ``function``, where a model's own next layer keeps scale 1.
+    Models are named A, B, C... in the pool's order.
+    """
+
+    def __init__(self, config: StudyConfig, sources: Sources) -> None:
+        self.config, self.sources = config, sources
+        spec = config.space
+        self.pool = tuple(spec.pool or sources.models)
+        self.labels = tuple(chr(ord("A") + i) for i in range(len(self.pool)))
+        self.layers = tuple(pool_layers(ref, config.root) for ref in self.pool)
+        self.size = sum(self.layers)  # M
+        self.slots = self.size * spec.repeats  # T
+        self.layout = [(m, layer) for m, count in enumerate(self.layers) for layer in range(count)]
+        dists = optuna.distributions
+        indicator = dists.IntDistribution(0, 1) if spec.binary else dists.FloatDistribution(-1, 1)
+        self.distributions: dict[str, dists.BaseDistribution] = {f"I.{t:03d}": indicator for t in range(self.slots)}
+        scale = dists.FloatDistribution(*spec.scales)
+        if spec.scaling == "matrix":
+            pairs = [(f"{i:03d}", f"{j:03d}") for i in range(self.size + 1) for j in range(self.size)]
+        else:
+            pairs = [(a, b) for a in ("embed", *self.labels) for b in self.labels]
+        self.distributions.update({f"W.{a}.{b}": scale for a, b in pairs})
+
+    def sampler_options(self) -> dict[str, Any]:
+        """The distributions, and A's own path (every layer once, scales 1) as CMA-ES's initial mean."""
+        return {"search_space": dict(self.distributions), "x0": self.identity()}
+
+    def identity(self) -> dict[str, float]:
+        """Parameters of A's own path: the first layout's A slots on (at 0.75, or 1), the rest off, scales 1."""
+        on, off = (1, 0) if self.config.space.binary else (0.75, -0.75)
+        params: dict[str, float] = {name: 1.0 for name in self.distributions if name.startswith("W.")}
+        params.update({f"I.{t:03d}": on if t < self.layers[0] else off for t in range(self.slots)})
+        return params
+
+    def suggest(self, trial: optuna.Trial) -> LayerPath:
+        params: dict[str, Any] = {}
+        for name, d in self.distributions.items():
+            if isinstance(d, optuna.distributions.IntDistribution):
+                params[name] = trial.suggest_int(name, d.low, d.high)
+            elif isinstance(d, optuna.distributions.FloatDistribution):
+                params[name] = trial.suggest_float(name, d.low, d.high)
+        return self.path(params)
+
+    def path(self, params: dict[str, Any]) -> LayerPath:
+        """The path a parameter mapping describes (a live trial's, or a finished trial's ``params``)."""
+        indicators = [params[f"I.{t:03d}"] - (0.5 if self.config.space.binary else 0.0) for t in range(self.slots)]
+        return decode_path(indicators, self.scales(params), self.layers)
+
+    def scales(self, params: dict[str, Any]) -> list[list[float]]:
+        """The (M + 1) x M scaling matrix (row M: the embeddings)."""
+        if self.config.space.scaling == "matrix":
+            return [[params[f"W.{i:03d}.{j:03d}"] for j in range(self.size)] for i in range(self.size + 1)]
+        source = [*self.layout, (0, -1)]  # row M: the embeddings, which flow naturally into A's first layer
+        rows = []
+        for i, (m, layer) in enumerate(source):
+            row = []
+            for n, other in self.layout:
+                natural = (m, layer + 1) == (n, other)
+                name = "embed" if i == self.size else self.labels[m]
+                row.append(1.0 if natural else params[f"W.{name}.{self.labels[n]}"])
+            rows.append(row)
+        return rows
+
+    def describe(self, path: LayerPath) -> str:
+        """A path as runs of consecutive layers, ``A0-11 B12-29 A5-9``, with the scales that are not 1."""
+        runs: list[list[int]] = []  # [model, first, last, start hop]
+        for t, (m, layer) in enumerate(path.hops):
+            if runs and runs[-1][0] == m and runs[-1][2] + 1 == layer:
+                runs[-1][2] = layer
+            else:
+                runs.append([m, layer, layer, t])
+        text = " ".join(f"{self.labels[m]}{a}" + (f"-{b}" if b > a else "") for m, a, b, _ in runs)
+        scaled = [f"{t}:{s:.3g}" for t, s in enumerate(path.scales) if s != 1.0]
+        return f"{text} ({len(path.hops)} layers" + (f"; scales at hops {', '.join(scaled)})" if scaled else ")")
+
+    def default(self) -> Recipe:
+        """A's own weights (what the Worker's evaluation model is built from for baselines)."""
+        return fixed_recipe(self.sources, "linear", {}, [{"weight": float(i == 0)} for i in
+                                                          range(len(self.sources.models))], config=self.config)
+
+
+def pool_layers(reference: str, root: Path) -> int:
+    """The number of decoder layers of a pool model (``study:OTHER.yaml``: of that study's sources)."""
+    from evoopt.io import open_source, resolve_path
+
+    if reference.startswith("study:"):
+        from evoopt.config import load_config
+
+        other = load_config(resolve_path(reference.removeprefix("study:"), root))
+        return pool_layers(study_sources(other).models[0], other.root)
+    config = open_source(resolve_path(reference, root)).config or {}
+    if "num_hidden_layers" not in config:
+        raise RecipeError(f"space.pool: {reference} has no num_hidden_layers in its config.json; a data-flow "
+                          "space needs decoder models (Llama, Mistral, Qwen2, Gemma...)")
+    return int(config["num_hidden_layers"])
+
+
+def make_space(config: StudyConfig, sources: Sources,
+               names: list[str] | None = None) -> Space | EvolverSpace | DfsSpace:
     """The study's space; a layer-wise one groups ``names`` (default: the base model's tensors)."""
     if config.space.kind == "evolver":
         return EvolverSpace(config, sources)
+    if config.space.kind == "dfs":
+        return DfsSpace(config, sources)
     if config.space.kind == "global":
         return Space(config, sources)
     structure = sources.base or sources.models[0]

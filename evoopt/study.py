@@ -33,6 +33,7 @@ import torch
 from optuna.trial import TrialState
 
 from evoopt.config import ConfigError, StudyConfig, same_study
+from evoopt.dfs import path_model
 from evoopt.evolver import EvolverSampler, History
 from evoopt.merge import get_method
 from evoopt.merger import Merger, pick_device
@@ -40,7 +41,7 @@ from evoopt.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, S
 from evoopt.population import Population
 from evoopt.recipe import Recipe
 from evoopt.samplers import make_pruner, make_sampler
-from evoopt.space import EvolverSpace, Sources, fixed_recipe, make_space, study_sources
+from evoopt.space import DfsSpace, EvolverSpace, Sources, Space, fixed_recipe, make_space, study_sources
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -169,16 +170,29 @@ def task_heads(sources: Sources, recipe: Recipe, device: torch.device) -> dict[s
 class Worker:
     """Sources, evaluation model and dev data of one process, built once and reused by every trial."""
 
-    def __init__(self, config: StudyConfig, *, progress: Progress | None = None) -> None:
+    def __init__(self, config: StudyConfig, *, progress: Progress | None = None,
+                 study: optuna.Study | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
         self.sources: Sources = study_sources(config)
         self.space = make_space(config, self.sources)
-        self.merger = Merger(self.space.default(), progress=progress)
-        self.model = self.merger.model
         self.device = pick_device(config.device)
-        folder = self.merger.structure.folder
+        self.pool: list[torch.nn.Module] = []
+        if isinstance(self.space, DfsSpace):  # the pool's models, as they are: a path shares their weights
+            from evoopt.io import load_target, open_source
+
+            dtype = {"auto": torch.float32, "float32": torch.float32, "float16": torch.float16,
+                     "bfloat16": torch.bfloat16}[config.dtype]
+            opened = [open_source(folder) for folder in dfs_pool(config, study)]
+            self.pool = [load_target(source, dtype=dtype, device=self.device) for source in opened]
+            self.model = self.pool[0]
+            folder = opened[0].folder
+        else:
+            self.merger = Merger(self.space.default(), progress=progress)
+            self.model = self.merger.model
+            folder = self.merger.structure.folder
+        self.tokenizer_folder = folder
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -284,8 +298,19 @@ class Worker:
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         self._check_budget(trial)
+        model = self.model
         if isinstance(self.space, EvolverSpace):
             started = self._write_offspring(trial)
+        elif isinstance(self.space, DfsSpace):
+            try:
+                path = self.space.suggest(trial)
+            except ValueError as error:  # e.g. no slot on the path
+                trial.set_user_attr("fail_reason", str(error))
+                raise EvaluationError(f"trial {trial.number}: {error}") from None
+            trial.set_user_attr("path", self.space.describe(path))
+            trial.set_user_attr("path_length", len(path.hops))
+            started = time.perf_counter()
+            model = path_model(self.pool, path)
         else:
             recipe = self.space.suggest(trial)
             trial.set_user_attr("recipe", recipe.model_dump(mode="json", exclude_defaults=True))
@@ -293,7 +318,7 @@ class Worker:
             self.merger.merge(recipe)
         merged = time.perf_counter()
         trial.set_user_attr("merge_seconds", round(merged - started, 4))
-        scores = self.score(self.model, self.config.objective.split, trial)
+        scores = self.score(model, self.config.objective.split, trial)
         trial.set_user_attr("eval_seconds", round(time.perf_counter() - merged, 4))
         trial.set_user_attr("scores", scores)
         value = self.value(scores)
@@ -333,6 +358,47 @@ class Worker:
         self.merger.merge(recipe)
         return self.model
 
+    def trial_model(self, params: dict[str, Any]) -> torch.nn.Module:
+        """The model of a finished trial's parameters: its merge, or (data-flow space) its path's model."""
+        if isinstance(self.space, DfsSpace):
+            return path_model(self.pool, self.space.path(params))
+        assert isinstance(self.space, Space)
+        return self.merged(self.space.recipe(params))
+
+
+def dfs_pool(config: StudyConfig, study: optuna.Study | None = None) -> list[Path]:
+    """The folders of a data-flow study's pool (default: its sources).
+
+    ``study:OTHER.yaml`` is that study's best trial (PS+DFS: the best parameter-space model
+    as A), exported once into this study's artifacts folder. The trial is pinned in ``study``
+    (user attribute ``evoopt:pool``): a better trial found there later does not change this
+    study's pool under its trials.
+    """
+    from evoopt.config import load_config
+    from evoopt.io import resolve_path
+
+    refs = config.space.pool or list(study_sources(config).models)
+    pinned: dict[str, int] = dict(study.user_attrs.get("evoopt:pool", {})) if study is not None else {}
+    folders = []
+    for ref in refs:
+        if not ref.startswith("study:"):
+            folders.append(resolve_path(ref, config.root))
+            continue
+        other = load_config(resolve_path(ref.removeprefix("study:"), config.root))
+        if ref not in pinned:
+            pinned[ref] = get_trial(open_study(other, create=False), "best").number
+        folder = config.artifact_dir / "pool" / f"{other.name}-trial-{pinned[ref]}"
+        if not folder.exists():
+            try:
+                export_trial(other, pinned[ref], folder)
+            except (FileExistsError, OSError):
+                if not folder.exists():  # (another worker exporting the same folder at once is fine)
+                    raise
+        folders.append(folder)
+    if study is not None and pinned and pinned != study.user_attrs.get("evoopt:pool"):
+        study.set_user_attr("evoopt:pool", pinned)
+    return folders
+
 
 # --- running ----------------------------------------------------------------------------------------
 
@@ -368,7 +434,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
     if remaining and workers > 1:
         run.interrupted = _run_workers(config, workers, remaining, timeout, study, on_trial)
     elif remaining:
-        worker = Worker(config, progress=progress)
+        worker = Worker(config, progress=progress, study=study)
         callbacks = [optuna.study.MaxTrialsCallback(config.trials, states=FINISHED)]
         if on_trial is not None:
             callbacks.append(on_trial)  # type: ignore[arg-type]
@@ -465,8 +531,8 @@ def report_best(config: StudyConfig, study: optuna.Study, worker: Worker | None 
     reports = dict(study.user_attrs.get("evoopt:test", {}))
     if str(trial.number) in reports:
         return
-    worker = worker or Worker(config)
-    model = worker.merged(worker.space.recipe(trial.params))
+    worker = worker or Worker(config, study=study)
+    model = worker.trial_model(trial.params)
     reports[str(trial.number)] = {"test": worker.score(model, "test"), "dev": trial.user_attrs.get("scores", {})}
     study.set_user_attr("evoopt:test", reports)
     _upload_recipe(config, study, trial, worker)
@@ -489,11 +555,14 @@ def _upload_recipe(config: StudyConfig, study: optuna.Study, trial: optuna.trial
                    worker: Worker) -> None:
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-    recipe = worker.space.recipe(trial.params)
+    if isinstance(worker.space, DfsSpace):
+        text = dfs_yaml(worker.space, trial)
+    else:
+        text = worker.space.recipe(trial.params).to_yaml()  # type: ignore[union-attr]
     folder = config.artifact_dir / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     file = config.artifact_dir / f"best-trial-{trial.number}.yaml"
-    file.write_text(recipe.to_yaml())
+    file.write_text(text)
     upload_artifact(artifact_store=FileSystemArtifactStore(str(folder)), file_path=str(file),
                     study_or_trial=study, storage=study._storage)
 
@@ -640,7 +709,8 @@ _BASELINE_RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 def _linear_config(config: StudyConfig) -> StudyConfig:
     """The same study with a linear space: its Merger makes sources (one-hot weights) and soups."""
     space = config.space.model_copy(update={"method": "linear", "search": {"weight": (0.0, 1.0)}, "fixed": {},
-                                            "log": []})
+                                            "log": [], "kind": "global" if config.space.kind == "dfs" else
+                                            config.space.kind})
     copy = config.model_copy(update={"space": space})
     copy._root = config.root
     return copy
@@ -681,7 +751,7 @@ def update_note(config: StudyConfig, study: optuna.Study) -> None:
     except ImportError:
         return
     sources = study_sources(config)
-    lines = [f"# {config.name}", "", f"Search space: {config.space.kind} {config.space.method}; sampler "
+    lines = [f"# {config.name}", "", f"Search space: {space_name(config)}; sampler "
              f"{config.sampler.name}; objective {config.objective.kind} {config.objective.metric} on "
              f"{config.objective.split} (test is for reporting only).", "", "## Sources", ""]
     lines += [f"- base: `{sources.base}`"] if sources.base else []
@@ -700,6 +770,8 @@ def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite:
     check_writable(out, overwrite=overwrite)
     study = open_study(config, create=False)
     sources = study_sources(config)
+    if config.space.kind == "dfs":
+        return _export_dfs(config, study, which, out, overwrite=overwrite)
     if config.space.kind == "evolver":
         merger, card = _evolver_model(config, study, which)
     else:
@@ -749,3 +821,42 @@ def _evolver_model(config: StudyConfig, study: optuna.Study, which: str | int) -
                       f"# {config.name}: Evolver", "", f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.",
                       "", "```yaml", text.rstrip(), "```", ""])
     return worker.merger, (text, card)
+
+
+def dfs_yaml(space: DfsSpace, trial: optuna.trial.FrozenTrial) -> str:
+    """A data-flow trial's path as YAML: the pool, the hops (model, layer) and their scales."""
+    import yaml
+
+    path = space.path(trial.params)
+    return yaml.safe_dump({
+        "trial": trial.number, "path": space.describe(path), "length": len(path.hops),
+        "pool": {label: ref for label, ref in zip(space.labels, space.pool)},
+        "hops": [[space.labels[m], layer] for m, layer in path.hops], "scales": list(path.scales)},
+        sort_keys=False)
+
+
+def _export_dfs(config: StudyConfig, study: optuna.Study, which: str | int, out: Path, *,
+                overwrite: bool) -> Path:
+    """Save a data-flow trial's model (its layers in path order, the scales applied by remote code)."""
+    from evoopt.dfs import export_path, path_parameters
+
+    trial = get_trial(study, which)
+    worker = Worker(config.model_copy(update={"device": "cpu"}), study=study)
+    assert isinstance(worker.space, DfsSpace)
+    path = worker.space.path(trial.params)
+    text = dfs_yaml(worker.space, trial)
+    info = {"study": config.name, "trial": trial.number, "models": dict(zip(worker.space.labels, worker.space.pool)),
+            "pinned": study.user_attrs.get("evoopt:pool", {})}
+    card = "\n".join(["---", "library_name: transformers", "tags: [merge, evoopt, data-flow-space]", "---", "",
+                      f"# {config.name}: data-flow-space merge", "",
+                      f"Trial {trial.number} of an evoopt data-flow study (Akiba et al. 2024): "
+                      f"{len(path.hops)} layers, {path_parameters(worker.pool, path):,} parameters. Load it with "
+                      "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (a small modeling "
+                      "file applies the scales).", "", "```yaml", text.rstrip(), "```", ""])
+    return Path(export_path(worker.pool, path, out, tokenizer_from=worker.tokenizer_folder, card=card, info=info,
+                            overwrite=overwrite))
+
+
+def space_name(config: StudyConfig) -> str:
+    """The space in a line: ``layerwise ties``; a data-flow space has no merge method."""
+    return "dfs (data-flow)" if config.space.kind == "dfs" else f"{config.space.kind} {config.space.method}"

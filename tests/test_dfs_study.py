@@ -109,6 +109,11 @@ def test_export_reloads_with_transformers_and_identical_logits(family: list[Path
     assert saved["dfs_path"] == [[0, 0], [1, 1], [1, 1], [0, 1], [1, 0]] and saved["dfs_scales"][1] == 0.6
     assert sum(p.numel() for p in reloaded.parameters()) == path_parameters(pool, path)
     assert (out / "tokenizer.json").exists() and (out / "README.md").read_text() == "# card\n"
+    from lm_eval.models.huggingface import HFLM  # lm-eval's own hf model loads it from the folder
+
+    lm = HFLM(pretrained=str(out), trust_remote_code=True, batch_size=2, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(lm.model(IDS).logits, model(IDS).logits)
     with pytest.raises(ValueError, match="custom code"):  # never silently loaded without its scales
         AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
     assert [p.name for p in tmp_path.iterdir()] == ["dfs"]  # (written atomically: no temporary left)

@@ -7,8 +7,9 @@ embeddings entering the first layer). Embeddings, final norm and output head com
 pool's first model, A.
 
 :func:`path_model` builds such a model for Hugging Face decoders that keep their blocks in
-``model.layers`` (Llama, Mistral, Qwen2, Gemma...) without copying a weight: it is a shallow
-copy of A whose layer list holds shallow copies of the pool's layers. Each hop's attention
+``model.layers`` (Llama, Mistral, Qwen2, Gemma...) or ``transformer.h`` (GPT-2) without
+copying a weight: it is a shallow copy of A whose layer list holds shallow copies of the
+pool's layers. Each hop's attention
 has its own ``layer_idx``, so a layer that appears several times on the path gets a key/value
 cache slot per appearance; masks, rotary positions, batching and ``generate`` are the
 model's own. :func:`decode_path` reads a path from the paper's search space: an indicator per
@@ -84,12 +85,22 @@ def decode_path(indicators: Sequence[float], scales: Sequence[Sequence[float]], 
     return LayerPath(tuple(layout[j] for j in chosen), tuple(float(scales[i][j]) for i, j in zip(previous, chosen)))
 
 
+_STACKS = (("model", "layers"), ("transformer", "h"))  # Llama/Mistral/Qwen2/Gemma; GPT-2
+
+
+def _stack(model: torch.nn.Module, label: str = "model") -> tuple[str, str]:
+    """Where a decoder keeps its blocks: (inner module, list attribute)."""
+    for inner, attribute in _STACKS:
+        if isinstance(getattr(getattr(model, inner, None), attribute, None), torch.nn.ModuleList):
+            return inner, attribute
+    raise TypeError(f"{label}: {type(model).__name__} keeps no decoder blocks in model.layers or transformer.h; "
+                    "data-flow merging supports Llama, Mistral, Qwen2, Gemma, GPT-2 and decoders built that way")
+
+
 def decoder_layers(model: torch.nn.Module, label: str = "model") -> torch.nn.ModuleList:
-    """The blocks of a decoder that keeps them in ``model.layers``."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"{label}: {type(model).__name__} keeps no decoder blocks in model.layers; data-flow "
-                        "merging supports Llama, Mistral, Qwen2, Gemma and other decoders built that way")
+    """The blocks of a decoder that keeps them in ``model.layers`` (or GPT-2's ``transformer.h``)."""
+    inner, attribute = _stack(model, label)
+    layers: torch.nn.ModuleList = getattr(getattr(model, inner), attribute)
     return layers
 
 
@@ -119,18 +130,20 @@ def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
     hops = []
     for t, ((m, layer), scale) in enumerate(zip(path.hops, path.scales)):
         block = _shallow(blocks[m][layer])
-        attention = getattr(block, "self_attn", None)
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention = _shallow(attention)
-            attention.layer_idx = t  # its own key/value cache slot
-            block.self_attn = attention
+        for name in ("self_attn", "attn"):
+            attention = getattr(block, name, None)
+            if attention is not None and hasattr(attention, "layer_idx"):
+                attention = _shallow(attention)
+                attention.layer_idx = t  # its own key/value cache slot
+                setattr(block, name, attention)
         hops.append(ScaledLayer(block, scale))
-    inner = _shallow(first.model)  # type: ignore[arg-type]
+    where, attribute = _stack(first)
+    inner = _shallow(getattr(first, where))
     inner.config = config
-    inner.layers = torch.nn.ModuleList(hops)
+    setattr(inner, attribute, torch.nn.ModuleList(hops))
     model = _shallow(first)
     model.config = config
-    model.model = inner
+    setattr(model, where, inner)
     return model
 
 
@@ -175,7 +188,8 @@ class EvooptDfsForCausalLM({model_class}):
 
     def __init__(self, config):
         super().__init__(config)
-        for layer, scale in zip(self.model.layers, config.dfs_scales):
+        blocks = self.model.layers if hasattr(self, "model") else self.transformer.h
+        for layer, scale in zip(blocks, config.dfs_scales):
             if scale != 1.0:
                 layer.register_forward_pre_hook(_Scale(scale), with_kwargs=True)
 
@@ -209,11 +223,12 @@ def export_path(pool: Sequence[torch.nn.Module], path: LayerPath, out: Any, *, t
 
     model = path_model(pool, path)
     cls = type(pool[0])
+    prefix = ".".join(_stack(pool[0])) + "."
     state = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith("model.layers."):
-            _, _, t, _, rest = name.split(".", 4)  # model.layers.<t>.layer.<rest>: ScaledLayer's wrapping
-            name = f"model.layers.{t}.{rest}"
+        if name.startswith(prefix):  # <prefix><t>.layer.<rest>: ScaledLayer's wrapping
+            t, _, rest = name.removeprefix(prefix).split(".", 2)
+            name = f"{prefix}{t}.{rest}"
         state[name] = tensor
     config = copy.deepcopy(model.config)
     config.architectures = ["EvooptDfsForCausalLM"]

@@ -111,3 +111,36 @@ def test_indicators_and_scaling_matrix_decode_to_a_path_by_hand() -> None:
         decode_path([1.0] * 6, scales, [2, 2])
     with pytest.raises(ValueError, match=r"an \(M \+ 1\) x M = 5 x 4 matrix"):
         decode_path([1.0] * 8, scales[:4], [2, 2])
+
+
+def test_gpt2_paths_match_a_materialised_model_with_and_without_cache(tmp_path: Path) -> None:
+    """GPT-2 keeps its blocks in transformer.h and adds positions before them: the same path model works."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from evoopt.dfs import export_path
+
+    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    pool = [GPT2LMHeadModel(config).eval() for _ in range(2)]
+    model = path_model(pool, PATH)
+    reference = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=len(PATH.hops), n_head=4,
+                                           n_positions=64)).eval()
+    state = {k: v for k, v in pool[0].state_dict().items() if not k.startswith("transformer.h.")}
+    for t, (m, layer) in enumerate(PATH.hops):
+        prefix = f"transformer.h.{layer}."
+        state.update({f"transformer.h.{t}.{k.removeprefix(prefix)}": v for k, v in pool[m].state_dict().items()
+                      if k.startswith(prefix)})
+    reference.load_state_dict(state, strict=False)
+    for block, scale in zip(reference.transformer.h, PATH.scales):
+        block.register_forward_pre_hook(lambda mod, args, kwargs, s=scale: ((args[0] * s, *args[1:]), kwargs)
+                                        if args else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}),
+                                        with_kwargs=True)
+    with torch.no_grad():
+        assert torch.allclose(model(IDS).logits, reference(IDS).logits, atol=1e-6, rtol=1e-5)
+        cached = model.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        assert torch.equal(cached, model.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=False,
+                                                  pad_token_id=0))
+    out = export_path(pool, PATH, tmp_path / "gpt2", tokenizer_from=None, card="", info={})
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, model(IDS).logits)

@@ -246,7 +246,7 @@ def _evolver_problems(config: StudyConfig) -> list[str]:
             get_method(space.method)
         except ValueError as error:
             problems.append(f"space.method: {str(error).removeprefix('method: ')}; or 'none' for the plain Evolver")
-    if "search" in space.model_fields_set or space.log:
+    if _changed(space, "search", "log"):
         problems.append("space.search / space.log: the Evolver searches the weights themselves; "
                         "give X's coefficients in space.fixed")
     if config.objective.multi_objective:
@@ -257,13 +257,12 @@ def _evolver_problems(config: StudyConfig) -> list[str]:
 def _dfs_problems(config: StudyConfig) -> list[str]:
     """A data-flow space searches paths through causal LMs; its keys belong to it alone."""
     space, problems = config.space, []
-    dfs_keys = ("pool", "repeats", "scaling", "scales", "binary")
+    given = _changed(space, "pool", "repeats", "scaling", "scales", "binary")
     if space.kind != "dfs":
-        given = [k for k in dfs_keys if k in space.model_fields_set]
         if given:
             problems.append(f"space.{' / space.'.join(given)}: only for space.kind dfs")
         return problems
-    if "search" in space.model_fields_set or space.log or "method" in space.model_fields_set:
+    if _changed(space, "search", "log", "method"):
         problems.append("space.search / space.log / space.method: a data-flow space searches the path and its "
                         "scales, not merge coefficients; remove them")
     if config.objective.kind != "lm-eval" and config.objective.metric != "perplexity":
@@ -280,6 +279,12 @@ def _dfs_problems(config: StudyConfig) -> list[str]:
         problems.append("space.pool / space.repeats: one model laid out once can only drop layers; "
                         "give a second model or repeats > 1")
     return problems
+
+
+def _changed(space: SpaceSpec, *keys: str) -> list[str]:
+    """The keys whose values are not their defaults (a stored config spells every default out)."""
+    defaults = SpaceSpec().model_dump()
+    return [key for key in keys if space.model_dump()[key] != defaults[key]]
 
 
 def _known(name: str, module: Any) -> bool:

@@ -78,6 +78,7 @@ class EvooptLM(HFLM):
                         f"these HFLM arguments: {', '.join(sorted(_passthrough()))}")
             raise ModelArgsError(f"model_args: {', '.join(unknown)} not understood by the evoopt model; {fix}")
         path = _dfs_trial(study, storage, trial, config, device, dtype) if recipe is None else None
+        built: Recipe | None = None
         if path is not None:  # a data-flow study's trial: its path through the pool's models
             model, folder, source, info = path
             loaded = _load_tokenizer(tokenizer, folder, model)
@@ -95,7 +96,7 @@ class EvooptLM(HFLM):
             if target is not None:
                 torch.nn.Module.to(model, target)  # (PreTrainedModel.to is wrapped; mypy misreads it)
             del merger  # task vectors and sources: only the merged model is needed from here on
-            info = built.model_dump(mode="json", exclude_defaults=True)
+            info = None
         hf_logger = logging.getLogger("lm_eval.models.huggingface")
         quiet = _Drop("`pretrained` model kwarg is not of type")  # yes: the model is in memory on purpose
         hf_logger.addFilter(quiet)
@@ -103,7 +104,8 @@ class EvooptLM(HFLM):
             super().__init__(pretrained=model, tokenizer=loaded, **kwargs)
         finally:
             hf_logger.removeFilter(quiet)
-        self.recipe = info
+        self.recipe = built
+        self.path = info  # a data-flow trial's path (hops, scales, pool), or None
         self.source = source
 
     def get_model_info(self) -> dict[str, Any]:
@@ -112,7 +114,8 @@ class EvooptLM(HFLM):
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.dtype),
             "evoopt_source": self.source,
-            "evoopt_recipe": self.recipe,
+            **({"evoopt_recipe": self.recipe.model_dump(mode="json", exclude_defaults=True)} if self.recipe
+               else {"evoopt_path": self.path}),
         }
 
 

@@ -79,7 +79,7 @@ def test_dfs_config_problems_are_named(family: list[Path], tmp_path: Path) -> No
         ({"space": {"kind": "global", "pool": ["a"], "repeats": 2}},
          "space.pool / space.repeats: only for space.kind dfs"),
         ({"space": {"kind": "dfs"}}, "space.kind dfs runs causal LMs"),
-        ({"space": {"kind": "dfs", "method": "ties"}, "objective": {"kind": "lm-eval"}}, "not merge coefficients"),
+        ({"space": {"kind": "dfs", "method": "linear"}, "objective": {"kind": "lm-eval"}}, "not merge coefficients"),
         ({"space": {"kind": "dfs", "scales": [1.5, 2.0]}, "objective": {"kind": "lm-eval"}}, "must contain 1"),
         ({"space": {"kind": "dfs", "pool": ["study:other"]}, "objective": {"kind": "lm-eval"}},
          "'study:' names a study config file"),
@@ -192,4 +192,11 @@ def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(
     lm = plugin.EvooptLM(config=str(tmp_path / "study.yaml"), trial="best", batch_size=8)
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, model(ids).logits)
-    assert lm.get_model_info()["evoopt_recipe"]["length"] == best.user_attrs["path_length"]
+    assert lm.get_model_info()["evoopt_path"]["length"] == best.user_attrs["path_length"]
+
+
+def test_a_stored_dfs_config_reads_back(family: list[Path], tmp_path: Path) -> None:
+    """A study stores its config with every default spelled out; reading it back is no error."""
+    config = _config(family, tmp_path, scaling="matrix")
+    again = parse_config({"name": config.name, **config.identity()}, root=tmp_path)
+    assert again.identity() == config.identity()

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def pick_device(name: str) -> torch.device:
@@ -86,7 +86,7 @@ class Merger:
 
     def _decide_dtype(self, structure: TensorSource) -> torch.dtype:
         if self.recipe.dtype != "auto":
-            return _DTYPES[self.recipe.dtype]
+            return DTYPES[self.recipe.dtype]
         found: dict[str, Counter[torch.dtype]] = {}
         for label, source in [("base", self.base), *((f"models[{i}]", s) for i, s in enumerate(self.sources))]:
             if source is not None:

@@ -36,7 +36,7 @@ from evoopt.config import ConfigError, StudyConfig, same_study
 from evoopt.dfs import path_model
 from evoopt.evolver import EvolverSampler, History
 from evoopt.merge import get_method
-from evoopt.merger import Merger, pick_device
+from evoopt.merger import DTYPES, Merger, pick_device
 from evoopt.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
 from evoopt.population import Population
 from evoopt.recipe import Recipe
@@ -182,8 +182,7 @@ class Worker:
         if isinstance(self.space, DfsSpace):  # the pool's models, as they are: a path shares their weights
             from evoopt.io import load_target, open_source
 
-            dtype = {"auto": torch.float32, "float32": torch.float32, "float16": torch.float16,
-                     "bfloat16": torch.bfloat16}[config.dtype]
+            dtype = DTYPES.get(config.dtype, torch.float32)  # (auto: float32)
             opened = [open_source(folder) for folder in dfs_pool(config, study)]
             self.pool = [load_target(source, dtype=dtype, device=self.device) for source in opened]
             self.model = self.pool[0]

@@ -185,6 +185,14 @@ def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == best.user_attrs["path_length"]
+    from click.testing import CliRunner
+
+    from evoopt.cli import main
+
+    shown = CliRunner().invoke(main, ["best", str(tmp_path / "study.yaml")])
+    assert shown.exit_code == 0, shown.output
+    printed = yaml.safe_load(shown.output.split("\n", 1)[1])  # after the "# trial N: value ..." line
+    assert printed["length"] == best.user_attrs["path_length"] and printed["path"] == best.user_attrs["path"]
     # the lm-eval plugin builds the same path model from the study
     import evoopt.lm_eval_model as plugin
 

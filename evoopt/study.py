@@ -185,6 +185,10 @@ class Worker:
             dtype = DTYPES.get(config.dtype, torch.float32)  # (auto: float32)
             opened = [open_source(folder) for folder in dfs_pool(config, study)]
             self.pool = [load_target(source, dtype=dtype, device=self.device) for source in opened]
+            try:  # models of other widths, or not decoders: said before any trial
+                path_model(self.pool, self.space.path(self.space.identity()))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"space.pool: {error}") from None
             self.model = self.pool[0]
             folder = opened[0].folder
         else:

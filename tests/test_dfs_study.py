@@ -203,6 +203,17 @@ def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(
     assert lm.get_model_info()["evoopt_path"]["length"] == best.user_attrs["path_length"]
 
 
+def test_a_pool_of_other_widths_is_refused_before_any_trial(family: list[Path], tmp_path: Path) -> None:
+    from evoopt.study import Worker
+
+    wide = save_family(tmp_path / "wide", tiny_llama_config(hidden_size=64, vocab_size=49152), experts=0, seed=0)[0]
+    for name in TOKENIZER_FILES:
+        if (family[1] / name).exists():
+            shutil.copy2(family[1] / name, wide / name)
+    with pytest.raises(ConfigError, match=r"space.pool: pool: hidden sizes differ \({0: 32, 1: 64}\)"):
+        Worker(_config(family, tmp_path, pool=[str(family[1]), str(wide)]))
+
+
 def test_a_stored_dfs_config_reads_back(family: list[Path], tmp_path: Path) -> None:
     """A study stores its config with every default spelled out; reading it back is no error."""
     config = _config(family, tmp_path, scaling="matrix")

@@ -22,6 +22,9 @@ def test_study_file_is_valid(path: Path) -> None:
         recipe = load_recipe(path)
     else:  # a study config (`evoopt run`): its space decodes to a recipe without building any expert
         config = load_config(path)
+        if config.space.kind == "dfs":  # its pool: experts of the setting, or other studies' files
+            _check_pool(config, path)
+            return
         names = None
         if config.space.kind == "layerwise":  # the blocks of the setting's pretrained model, plus a head
             pretrained = open_source(resolve_path(get_setting(config.setting or "").base))
@@ -32,6 +35,18 @@ def test_study_file_is_valid(path: Path) -> None:
         if reference.startswith("expert:"):
             setting, _, member = reference.removeprefix("expert:").partition("/")
             assert member in ("base", "mtl", *get_setting(setting).tasks), reference
+
+
+def _check_pool(config, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Names only: DfsSpace reads each pool model's layer count, which would build the experts."""
+    assert config.objective.split == "dev" and config.space.pool
+    for reference in config.space.pool:
+        if reference.startswith("study:"):
+            other = load_config(path.parent / reference.removeprefix("study:"))
+            assert other.setting == config.setting and other.space.kind != "dfs", reference
+        else:
+            setting, _, member = reference.removeprefix("expert:").partition("/")
+            assert reference.startswith("expert:") and member in get_setting(setting).tasks, reference
 
 
 def test_there_are_studies_on_both_main_settings() -> None:

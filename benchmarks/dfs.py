@@ -89,7 +89,7 @@ def best_row(name: str, config: Any, study: Any, spent: tuple[int, float]) -> di
 def table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
     head = "| model | " + " | ".join(f"test {t}" for t in tasks) + " | test mean | dev mean | layers | parameters " \
            "| evaluations | seconds |"
-    lines = [head, "|" + "---|" * (len(tasks) + 8)]
+    lines = [head, "|---|" + "---:|" * (len(tasks) + 7)]
     for r in rows:
         cells = [f"{r['test'].get(t, float('nan')):.4f}" for t in tasks]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['test_mean']:.4f} | {r['dev_mean']:.4f} | "

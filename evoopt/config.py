@@ -283,8 +283,8 @@ def _dfs_problems(config: StudyConfig) -> list[str]:
 
 def _changed(space: SpaceSpec, *keys: str) -> list[str]:
     """The keys whose values are not their defaults (a stored config spells every default out)."""
-    defaults = SpaceSpec().model_dump()
-    return [key for key in keys if space.model_dump()[key] != defaults[key]]
+    values, defaults = space.model_dump(), SpaceSpec().model_dump()
+    return [key for key in keys if values[key] != defaults[key]]
 
 
 def _known(name: str, module: Any) -> bool:

@@ -328,20 +328,15 @@ class DfsSpace:
 
     def describe(self, path: LayerPath) -> str:
         """A path as runs of consecutive layers, ``A0-11 B12-29 A5-9``, with the scales that are not 1."""
-        runs: list[list[int]] = []  # [model, first, last, start hop]
-        for t, (m, layer) in enumerate(path.hops):
+        runs: list[list[int]] = []  # [model, first layer, last layer]
+        for m, layer in path.hops:
             if runs and runs[-1][0] == m and runs[-1][2] + 1 == layer:
                 runs[-1][2] = layer
             else:
-                runs.append([m, layer, layer, t])
-        text = " ".join(f"{self.labels[m]}{a}" + (f"-{b}" if b > a else "") for m, a, b, _ in runs)
+                runs.append([m, layer, layer])
+        text = " ".join(f"{self.labels[m]}{a}" + (f"-{b}" if b > a else "") for m, a, b in runs)
         scaled = [f"{t}:{s:.3g}" for t, s in enumerate(path.scales) if s != 1.0]
         return f"{text} ({len(path.hops)} layers" + (f"; scales at hops {', '.join(scaled)})" if scaled else ")")
-
-    def default(self) -> Recipe:
-        """A's own weights (what the Worker's evaluation model is built from for baselines)."""
-        return fixed_recipe(self.sources, "linear", {}, [{"weight": float(i == 0)} for i in
-                                                          range(len(self.sources.models))], config=self.config)
 
 
 def pool_layers(reference: str, root: Path) -> int:

@@ -485,9 +485,9 @@ def best(study: Path) -> None:
     click.echo(f"# trial {trial.number}: value {trial.values}; dev scores {trial.user_attrs.get('scores')}")
     space = make_space(config, study_sources(config))
     if isinstance(space, DfsSpace):
-        from evoopt.study import dfs_yaml
+        from evoopt.study import dfs_record, dfs_yaml
 
-        click.echo(dfs_yaml(space, trial), nl=False)
+        click.echo(dfs_yaml(dfs_record(space, trial)), nl=False)
         return
     click.echo(space.recipe(trial.params).to_yaml(), nl=False)
 

@@ -77,13 +77,16 @@ class EvooptLM(HFLM):
                    else "evoopt takes recipe, study, storage, trial, config, tokenizer, device, dtype and "
                         f"these HFLM arguments: {', '.join(sorted(_passthrough()))}")
             raise ModelArgsError(f"model_args: {', '.join(unknown)} not understood by the evoopt model; {fix}")
-        path = _dfs_trial(study, storage, trial, config, device, dtype) if recipe is None else None
+        chosen = _study_trial(study, storage, trial, config) if recipe is None and (study is None) != (
+            config is None) else None  # (anything else: resolve_recipe names the problem)
         built: Recipe | None = None
-        if path is not None:  # a data-flow study's trial: its path through the pool's models
-            model, folder, source, info = path
+        info: dict[str, Any] | None = None
+        if chosen is not None and chosen[0].space.kind == "dfs":  # a data-flow trial: its path through the pool
+            model, folder, source, info = _dfs_model(*chosen, device, dtype)
             loaded = _load_tokenizer(tokenizer, folder, model)
         else:
-            built, source = resolve_recipe(recipe=recipe, study=study, storage=storage, trial=trial, config=config)
+            built, source = _recipe_of(*chosen) if chosen is not None else resolve_recipe(
+                recipe=recipe, study=study, storage=storage, trial=trial, config=config)
             built, target = _placed(built, device, dtype)
             from evoopt.merger import Merger
 
@@ -96,7 +99,6 @@ class EvooptLM(HFLM):
             if target is not None:
                 torch.nn.Module.to(model, target)  # (PreTrainedModel.to is wrapped; mypy misreads it)
             del merger  # task vectors and sources: only the merged model is needed from here on
-            info = None
         hf_logger = logging.getLogger("lm_eval.models.huggingface")
         quiet = _Drop("`pretrained` model kwarg is not of type")  # yes: the model is in memory on purpose
         hf_logger.addFilter(quiet)
@@ -157,37 +159,29 @@ def resolve_recipe(*, recipe: str | None = None, study: str | None = None, stora
 
 def _trial_recipe(study: str | None, storage: str | None, trial: str | int | None,
                   config: str | None) -> tuple[Recipe, str]:
+    return _recipe_of(*_study_trial(study, storage, trial, config))
+
+
+def _recipe_of(loaded: Any, found: Any, frozen: Any, url: str) -> tuple[Recipe, str]:
+    """A study trial's recipe, and where it came from."""
     from evoopt.space import Space, make_space, study_sources
 
-    loaded, _, frozen, url = _study_trial(study, storage, trial, config)
     space = make_space(loaded, study_sources(loaded))
     assert isinstance(space, Space)  # (an Evolver study's model is weights, not a recipe: recipe() says so)
     return space.recipe(frozen.params), f"study {loaded.name!r} trial {frozen.number} ({url})"
 
 
-def _dfs_trial(study: str | None, storage: str | None, trial: str | int | None, config: str | None,
-               device: str | None, dtype: Any) -> tuple[Any, Path | None, str, dict[str, Any]] | None:
-    """A data-flow study's trial as (path model, tokenizer folder, source line, path), or None for other studies."""
-    if study is None and config is None or study is not None and config is not None:
-        return None  # resolve_recipe names the problem
-    loaded, found, frozen, url = _study_trial(study, storage, trial, config)
-    if loaded.space.kind != "dfs":
-        return None
-    import yaml
-
+def _dfs_model(loaded: Any, found: Any, frozen: Any, url: str, device: str | None,
+               dtype: Any) -> tuple[Any, Path | None, str, dict[str, Any]]:
+    """A data-flow trial as (path model, tokenizer folder, source line, its path record)."""
     from evoopt.space import DfsSpace
-    from evoopt.study import Worker, dfs_yaml
+    from evoopt.study import Worker, dfs_record
 
-    updates: dict[str, Any] = {}
-    if dtype is not None and str(dtype) != "auto":
-        updates["dtype"] = str(dtype).removeprefix("torch.")
-    if device is not None and str(device) != "auto":
-        updates["device"] = "cuda" if str(device).startswith("cuda") and torch.cuda.is_available() else "cpu"
+    updates, _ = _placement(device, dtype)
     worker = Worker(loaded.model_copy(update=updates), study=found)
     assert isinstance(worker.space, DfsSpace)
-    text = dfs_yaml(worker.space, frozen)
     return (worker.trial_model(frozen.params), worker.tokenizer_folder,
-            f"study {loaded.name!r} trial {frozen.number} ({url})", yaml.safe_load(text))
+            f"study {loaded.name!r} trial {frozen.number} ({url})", dfs_record(worker.space, frozen))
 
 
 def _study_trial(study: str | None, storage: str | None, trial: str | int | None,
@@ -252,6 +246,14 @@ def _load_study(name: str, url: str) -> Any:
 
 def _placed(recipe: Recipe, device: str | None, dtype: Any) -> tuple[Recipe, torch.device | None]:
     """The recipe merging on ``device`` in ``dtype`` (when given), and the device to move the model to."""
+    updates, target = _placement(device, dtype)
+    if not updates:
+        return recipe, None
+    return recipe.model_copy(update=updates).with_root(recipe.root), target
+
+
+def _placement(device: str | None, dtype: Any) -> tuple[dict[str, str], torch.device | None]:
+    """``device`` and ``dtype`` checked: the recipe or study-config keys they set, and the device to use."""
     updates: dict[str, str] = {}
     if dtype is not None and str(dtype) != "auto":
         name = str(dtype).removeprefix("torch.")
@@ -268,9 +270,7 @@ def _placed(recipe: Recipe, device: str | None, dtype: Any) -> tuple[Recipe, tor
             logger.info("device=%s: no CUDA device is visible; merging and scoring on the CPU", device)
             target = torch.device("cpu")
         updates["device"] = "cuda" if target.type == "cuda" else "cpu"
-    if not updates:
-        return recipe, None
-    return recipe.model_copy(update=updates).with_root(recipe.root), target
+    return updates, target
 
 
 def _load_tokenizer(tokenizer: Any, folder: Path | None, model: PreTrainedModel) -> Any:

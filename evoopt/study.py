@@ -33,7 +33,7 @@ import torch
 from optuna.trial import TrialState
 
 from evoopt.config import ConfigError, StudyConfig, same_study
-from evoopt.dfs import path_model
+from evoopt.dfs import LayerPath, path_model
 from evoopt.evolver import EvolverSampler, History
 from evoopt.merge import get_method
 from evoopt.merger import DTYPES, Merger, pick_device
@@ -183,7 +183,7 @@ class Worker:
             from evoopt.io import load_target, open_source
 
             dtype = DTYPES.get(config.dtype, torch.float32)  # (auto: float32)
-            opened = [open_source(folder) for folder in dfs_pool(config, study)]
+            opened = [open_source(folder) for folder in dfs_pool(self.space, study)]
             self.pool = [load_target(source, dtype=dtype, device=self.device) for source in opened]
             try:  # models of other widths, or not decoders: said before any trial
                 path_model(self.pool, self.space.path(self.space.identity()))
@@ -369,8 +369,8 @@ class Worker:
         return self.merged(self.space.recipe(params))
 
 
-def dfs_pool(config: StudyConfig, study: optuna.Study | None = None) -> list[Path]:
-    """The folders of a data-flow study's pool (default: its sources).
+def dfs_pool(space: DfsSpace, study: optuna.Study | None = None) -> list[Path]:
+    """The folders of a data-flow study's pool.
 
     ``study:OTHER.yaml`` is that study's best trial (PS+DFS: the best parameter-space model
     as A), exported once into this study's artifacts folder. The trial is pinned in ``study``
@@ -380,10 +380,10 @@ def dfs_pool(config: StudyConfig, study: optuna.Study | None = None) -> list[Pat
     from evoopt.config import load_config
     from evoopt.io import resolve_path
 
-    refs = config.space.pool or list(study_sources(config).models)
+    config = space.config
     pinned: dict[str, int] = dict(study.user_attrs.get("evoopt:pool", {})) if study is not None else {}
     folders = []
-    for ref in refs:
+    for ref in space.pool:
         if not ref.startswith("study:"):
             folders.append(resolve_path(ref, config.root))
             continue
@@ -559,7 +559,7 @@ def _upload_recipe(config: StudyConfig, study: optuna.Study, trial: optuna.trial
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
     if isinstance(worker.space, DfsSpace):
-        text = dfs_yaml(worker.space, trial)
+        text = dfs_yaml(dfs_record(worker.space, trial))
     else:
         text = worker.space.recipe(trial.params).to_yaml()  # type: ignore[union-attr]
     folder = config.artifact_dir / "artifacts"
@@ -826,16 +826,18 @@ def _evolver_model(config: StudyConfig, study: optuna.Study, which: str | int) -
     return worker.merger, (text, card)
 
 
-def dfs_yaml(space: DfsSpace, trial: optuna.trial.FrozenTrial) -> str:
-    """A data-flow trial's path as YAML: the pool, the hops (model, layer) and their scales."""
+def dfs_record(space: DfsSpace, trial: optuna.trial.FrozenTrial, path: LayerPath | None = None) -> dict[str, Any]:
+    """A data-flow trial's path: the pool, the hops (model, layer) and their scales (``path``: already decoded)."""
+    path = path or space.path(trial.params)
+    return {"trial": trial.number, "path": space.describe(path), "length": len(path.hops),
+            "pool": dict(zip(space.labels, space.pool)),
+            "hops": [[space.labels[m], layer] for m, layer in path.hops], "scales": list(path.scales)}
+
+
+def dfs_yaml(record: dict[str, Any]) -> str:
     import yaml
 
-    path = space.path(trial.params)
-    return yaml.safe_dump({
-        "trial": trial.number, "path": space.describe(path), "length": len(path.hops),
-        "pool": {label: ref for label, ref in zip(space.labels, space.pool)},
-        "hops": [[space.labels[m], layer] for m, layer in path.hops], "scales": list(path.scales)},
-        sort_keys=False)
+    return yaml.safe_dump(record, sort_keys=False)
 
 
 def _export_dfs(config: StudyConfig, study: optuna.Study, which: str | int, out: Path, *,
@@ -847,7 +849,7 @@ def _export_dfs(config: StudyConfig, study: optuna.Study, which: str | int, out:
     worker = Worker(config.model_copy(update={"device": "cpu"}), study=study)
     assert isinstance(worker.space, DfsSpace)
     path = worker.space.path(trial.params)
-    text = dfs_yaml(worker.space, trial)
+    text = dfs_yaml(dfs_record(worker.space, trial, path))
     info = {"study": config.name, "trial": trial.number, "models": dict(zip(worker.space.labels, worker.space.pool)),
             "pinned": study.user_attrs.get("evoopt:pool", {})}
     card = "\n".join(["---", "library_name: transformers", "tags: [merge, evoopt, data-flow-space]", "---", "",

@@ -190,7 +190,10 @@ def test_killed_study_resumes_without_losing_trials(small_experts: Any, tmp_path
                 trials = open_study(config).get_trials()
             except Exception:  # noqa: BLE001  (the database may not exist yet)
                 continue
-            if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and trials[-1].state == TrialState.RUNNING:
+            # kill it while a trial evaluates: all its parameters sampled (its recipe is recorded after them;
+            # a trial killed between two suggestions is retried with those it had, the rest sampled again)
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and trials[-1].state == TrialState.RUNNING \
+                    and "recipe" in trials[-1].user_attrs:
                 break
         process.send_signal(signal.SIGKILL)
     finally:

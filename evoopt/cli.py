@@ -9,6 +9,27 @@ from pathlib import Path
 import click
 
 
+class _Seconds(click.ParamType):
+    """A positive, finite number of seconds (click's FloatRange lets nan and inf through)."""
+
+    name = "seconds"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        import math
+
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not (math.isfinite(seconds) and seconds > 0):
+            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        return seconds
+
+
+_COUNT = click.IntRange(min=1)  # counts of trials, workers, examples, steps: zero or less is a mistake
+_SECONDS = _Seconds()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
 def main(verbose: bool) -> None:
@@ -43,26 +64,64 @@ def _quiet_libraries(verbose: bool = False) -> None:
 
 
 class _Bars:
-    """A rich progress display fed by the library's ``progress(stage, done, total)`` callbacks."""
+    """Progress fed by the library's ``progress(stage, done, total)`` callbacks.
+
+    On a terminal: rich progress bars. Otherwise (a log file, a pipe, a batch job): one line
+    per finished stage with its time, and one for each phase ("baselines") with its total.
+    """
 
     def __init__(self, console: object) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+        assert isinstance(console, Console)
+        self.console = console
+        self.log = not console.is_terminal
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), console=console, transient=True)  # type: ignore[arg-type]
+                            TimeElapsedColumn(), console=console, transient=True)
         self.tasks: dict[str, object] = {}
+        self.current: str | None = None  # log mode: the stage under way, since when, and each phase's start
+        self.since = 0.0
+        self.phases: dict[str, float] = {}
 
     def __enter__(self) -> _Bars:
-        self.bar.__enter__()
+        if not self.log:
+            self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)  # type: ignore[arg-type]
+        if self.log:
+            self._end(time.perf_counter())
+        else:
+            self.bar.__exit__(*exc)  # type: ignore[arg-type]
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.log:
+            return self._line(stage, done, total)
         if stage not in self.tasks:
             self.tasks[stage] = self.bar.add_task(stage, total=total)
         self.bar.update(self.tasks[stage], completed=done)  # type: ignore[arg-type]
+
+    def echo(self, text: str) -> None:
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+    def _line(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        phase = stage.partition(":")[0]
+        if stage != self.current:
+            self._end(now)
+            if stage == phase and phase in self.phases and done >= total:  # "baselines" closing its stages
+                self.echo(f"{phase}: done in {now - self.phases.pop(phase):.1f} s")
+                return
+            self.phases.setdefault(phase, now)
+            self.current, self.since = stage, now
+        if total and done >= total:
+            self._end(now)
+
+    def _end(self, now: float) -> None:
+        if self.current is not None:
+            self.echo(f"{self.current}: {now - self.since:.1f} s")
+            self.current = None
 
 
 @main.command()
@@ -119,8 +178,8 @@ def merge(recipe: Path, out: Path, overwrite: bool, device: str | None) -> None:
 
 @main.command()
 @click.argument("setting")
-@click.option("--limit-train", type=int, default=None, help="Use at most N training examples per task (quick runs).")
-@click.option("--steps", type=int, default=None, help="Override the number of training steps per expert.")
+@click.option("--limit-train", type=_COUNT, default=None, help="Use at most N training examples per task (quick runs).")
+@click.option("--steps", type=_COUNT, default=None, help="Override the number of training steps per expert.")
 @click.option("--no-multitask", is_flag=True, help="Skip the multi-task reference model.")
 def experts(setting: str, limit_train: int | None, steps: int | None, no_multitask: bool) -> None:
     """Fine-tune (or reuse) the experts of a benchmark SETTING and show their scores.
@@ -201,8 +260,10 @@ def demo(ctx: click.Context, study: Path, out: Path) -> None:
 
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
+    started = time.perf_counter()
     with _Bars(Console(stderr=True)) as bars:
         build_setting(config.setting or "minilm-sentiment-domains", progress=bars, multitask=False)
+        bars.echo(f"experts: ready in {time.perf_counter() - started:.1f} s")
     ctx.invoke(run, study=study)
     try:
         export_trial(config, "best", out, overwrite=True)
@@ -252,16 +313,16 @@ _STUDY_ERRORS: tuple[type[Exception], ...] = (ValueError, FileExistsError, Runti
 
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--n-trials", type=int, default=None, help="Run at most N trials now (default: up to the study's "
+@click.option("--n-trials", type=_COUNT, default=None, help="Run at most N trials now (default: up to the study's "
               "`trials` budget, counting the finished trials already stored).")
-@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds.")
+@click.option("--workers", type=_COUNT, default=1, show_default=True,
               help="Local worker processes sharing the study's storage.")
 @click.option("--storage", default=None, help="An Optuna storage URL instead of the config's `storage` "
               "(postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH).")
 @click.option("--no-baselines", is_flag=True, help="Do not evaluate the baselines first.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table (used by worker processes).")
-@click.option("--worker-index", type=int, default=0, hidden=True)
+@click.option("--worker-index", type=click.IntRange(min=0), default=0, hidden=True)
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
 def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, storage: str | None,
         no_baselines: bool, quiet: bool, worker_index: int, root: Path | None) -> None:
@@ -299,8 +360,6 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
 
     config = _load_study_config(study, root, storage)
     assert isinstance(config, StudyConfig)
-    if workers < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--workers")
     console = Console(stderr=True)
     try:
         if quiet:
@@ -322,9 +381,9 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--storage", default=None, help="The shared Optuna storage URL (postgresql://USER@HOST/DB, "
               "mysql://..., or journal:PATH on a shared file system); default: the config's `storage`.")
-@click.option("--n-trials", type=int, default=None, help="Run at most N trials in this worker.")
-@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
-@click.option("--index", type=int, default=None,
+@click.option("--n-trials", type=_COUNT, default=None, help="Run at most N trials in this worker.")
+@click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds.")
+@click.option("--index", type=click.IntRange(min=0), default=None,
               help="This worker's number (seeds samplers that draw per process, e.g. TPE); default from the pid.")
 def worker(study: Path, storage: str | None, n_trials: int | None, timeout: float | None, index: int | None) -> None:
     """Run trials of STUDY as one of many workers on a shared storage.
@@ -357,7 +416,8 @@ def worker(study: Path, storage: str | None, n_trials: int | None, timeout: floa
 
 
 class _TrialBar(_Bars):
-    """Stages of the set-up as bars, then one bar of trials with ETA and the best value so far."""
+    """Stages of the set-up, then the trials: one bar with ETA and the best value so far, or (not a
+    terminal) one line per trial and the phase's time at the end."""
 
     def __init__(self, console: object, config: object) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -365,15 +425,26 @@ class _TrialBar(_Bars):
         super().__init__(console)
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                            TextColumn("{task.fields[best]}"), console=console, transient=True)  # type: ignore[arg-type]
+                            TextColumn("{task.fields[best]}"), console=self.console, transient=True)
         self.config = config
         self.trials: object = None
+        self.trials_started = 0.0
+        self.ran = 0
 
     def __enter__(self) -> _TrialBar:
-        self.bar.__enter__()
+        super().__enter__()
         return self
 
+    def __exit__(self, *exc: object) -> None:
+        if self.log and self.trials is not None:
+            self.echo(f"trials: {self.ran} ran in {time.perf_counter() - self.trials_started:.1f} s")
+        super().__exit__(*exc)
+
     def stage(self, stage: str, done: int, total: int) -> None:
+        if self.log:
+            if self.trials is None:  # set-up phases; once trials run, their merges are part of each trial's line
+                self._line(stage, done, total)
+            return
         if stage not in self.tasks:
             self.tasks[stage] = self.bar.add_task(stage, total=total, best="")
         self.bar.update(self.tasks[stage], completed=done)  # type: ignore[arg-type]
@@ -383,14 +454,24 @@ class _TrialBar(_Bars):
 
         from evoopt.study import FINISHED, best_trial
 
-        assert isinstance(study, optuna.Study)
-        if self.trials is None:
-            self.trials = self.bar.add_task("trials", total=self.config.trials, best="")  # type: ignore[attr-defined]
+        assert isinstance(study, optuna.Study) and isinstance(trial, optuna.trial.FrozenTrial)
         best = best_trial(study)
         text = "" if best is None else f"best {best.values[0] if len(best.values) == 1 else best.values}"
-        if isinstance(text, str) and best is not None and len(best.values) == 1:
+        if best is not None and len(best.values) == 1:
             text = f"best {best.values[0]:.4f} (#{best.number})"
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        total = self.config.trials  # type: ignore[attr-defined]
+        if self.trials is None:
+            self._end(time.perf_counter())  # the set-up's last stage ends with the first trial
+            self.trials_started = time.perf_counter()
+            self.trials = self.bar.add_task("trials", total=total, best="")
+        if self.log:
+            self.ran += 1
+            value = "" if trial.values is None else " value " + ", ".join(f"{v:.4f}" for v in trial.values)
+            seconds = "" if trial.duration is None else f" in {trial.duration.total_seconds():.1f} s"
+            self.echo(f"trial {trial.number}: {trial.state.name.lower()}{value}{seconds}; {done}/{total} "
+                      f"finished; {text}")
+            return
         self.bar.update(self.trials, completed=done, best=text)  # type: ignore[arg-type]
 
 
@@ -414,7 +495,7 @@ def _print_summary(config: object, study: object, rows: list[dict[str, object]])
     states = {s.name.lower(): sum(t.state == s for t in trials) for s in {t.state for t in trials}}
     done = sum(t.state in FINISHED for t in trials)
     console.print(f"{done}/{config.trials} trials finished ({', '.join(f'{n} {k}' for k, n in states.items())}); "  # type: ignore[attr-defined]
-                  f"storage {config.storage_url}")  # type: ignore[attr-defined]
+                  f"storage {config.storage_url}", soft_wrap=True)  # type: ignore[attr-defined]
 
 
 @main.command()
@@ -582,7 +663,7 @@ def compare(studies: tuple[Path, ...], out: Path) -> None:
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; the default is reachable from this machine only.")
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 def dashboard(study: Path, host: str, port: int) -> None:
     """Serve optuna-dashboard on STUDY's storage and artifact store (Ctrl-C stops it).
 

@@ -92,6 +92,9 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         independent_sampler: optuna.samplers.BaseSampler | None = None,
     ) -> None:
         problems = []
+        if isinstance(x0, dict):
+            problems += [f"x0.{name}: must be a finite number, got {value}" for name, value in x0.items()
+                         if isinstance(value, (int, float)) and not math.isfinite(value)]
         if isinstance(x0, (int, float)) and not 0 <= x0 <= 1:
             problems.append(f"x0: a number is a point in [0, 1] coordinates, got {x0}")
         if not 0 < sigma0 <= 1:

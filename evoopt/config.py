@@ -16,6 +16,7 @@ split as the objective) is reported at once, with the key path of each.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +149,17 @@ class StudyConfig(_Strict):
         return [direction] * (len(self.task_names) if self.objective.multi_objective else 1)
 
     @property
+    def metric_names(self) -> list[str]:
+        """What each objective is, for optuna-dashboard and Optuna's plots (instead of "Objective 0")."""
+        o = self.objective
+        metric = f"{o.split} {o.metric}"
+        if o.multi_objective:
+            return [f"{metric} {task}" for task in sorted(self.task_names)]  # the order of Worker.value
+        tasks = len(self.task_names)
+        mean = "weighted mean" if o.weights else "mean"
+        return [f"{metric} ({mean} of {tasks} tasks)" if tasks > 1 else metric]
+
+    @property
     def task_names(self) -> list[str]:
         if self.objective.kind == "lm-eval" and self.objective.tasks:
             return list(self.objective.tasks)
@@ -191,10 +203,19 @@ def _problems(config: StudyConfig) -> list[str]:
     except LookupError:
         pass
     for key, (low, high) in config.space.search.items():
-        if not low < high:
+        if not (math.isfinite(low) and math.isfinite(high)):
+            problems.append(f"space.search.{key}: bounds must be finite numbers, got [{low}, {high}]")
+        elif not low < high:
             problems.append(f"space.search.{key}: bounds must be [low, high] with low < high, got [{low}, {high}]")
         if key in config.space.log and low <= 0:
             problems.append(f"space.search.{key}: a log-scale coefficient needs low > 0, got {low}")
+    problems += [f"space.fixed.{key}: must be a finite number, got {value}"
+                 for key, value in _numbers(config.space.fixed) if not math.isfinite(value)]
+    problems += [f"objective.weights.{task}: must be a finite number, got {weight}"
+                 for task, weight in config.objective.weights.items() if not math.isfinite(weight)]
+    x0 = config.sampler.options.get("x0")
+    problems += [f"sampler.options.x0{key and '.' + key}: must be a finite number, got {value}"
+                 for key, value in _numbers(x0 if isinstance(x0, dict) else {"": x0}) if not math.isfinite(value)]
     if config.space.kind == "global" and (config.space.layers_per_group != 1 or config.space.split_blocks):
         problems.append("space.layers_per_group / space.split_blocks: only for space.kind layerwise")
     for key in config.space.log:
@@ -268,7 +289,9 @@ def _dfs_problems(config: StudyConfig) -> list[str]:
     if config.objective.kind != "lm-eval" and config.objective.metric != "perplexity":
         problems.append("objective: space.kind dfs runs causal LMs; use objective.kind lm-eval or metric perplexity")
     low, high = space.scales
-    if not low < high:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        problems.append(f"space.scales: bounds must be finite numbers, got [{low}, {high}]")
+    elif not low < high:
         problems.append(f"space.scales: bounds must be [low, high] with low < high, got [{low}, {high}]")
     elif not low <= 1.0 <= high:
         problems.append(f"space.scales: [{low}, {high}] must contain 1 (the scale of an unchanged transition)")
@@ -285,6 +308,18 @@ def _changed(space: SpaceSpec, *keys: str) -> list[str]:
     """The keys whose values are not their defaults (a stored config spells every default out)."""
     values, defaults = space.model_dump(), SpaceSpec().model_dump()
     return [key for key in keys if values[key] != defaults[key]]
+
+
+def _numbers(values: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """The numbers among ``values`` (and in their per-group mappings), with their key paths."""
+    found: list[tuple[str, float]] = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found += _numbers(value, path + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.append((path, float(value)))
+    return found
 
 
 def _known(name: str, module: Any) -> bool:

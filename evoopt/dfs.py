@@ -167,20 +167,26 @@ def path_parameters(pool: Sequence[torch.nn.Module], path: LayerPath) -> int:
 
 
 MODELING_FILE = "modeling_evoopt_dfs.py"
-MODEL_TYPE = "evoopt_dfs"
 _MODELING = '''"""A data-flow-space model written by evoopt: {model_class} layers on a path, each entered scaled.
 
 The checkpoint stores the path's layers in path order (a layer the path takes twice is stored
 twice); ``config.dfs_scales[t]`` multiplies the hidden state entering layer t, and
 ``config.dfs_path`` says which model of ``config.dfs_pool`` and which of its layers each one
 is. Load with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+
+config.json keeps the source's model_type, so that the tokenizer (and AutoConfig) load without
+remote code and without a prompt; its MLP width is stored in ``dfs_guard`` and written as 0, so
+that the plain class, loaded without remote code, refuses the checkpoint (size mismatch) instead
+of running the path without its scales. This config class puts the width back.
 """
 
 from transformers import {config_class}, {model_class}
 
 
 class EvooptDfsConfig({config_class}):
-    model_type = "{model_type}"
+    def __init__(self, **kwargs):
+        kwargs.update(kwargs.pop("dfs_guard", None) or {{}})
+        super().__init__(**kwargs)
 
 
 class EvooptDfsForCausalLM({model_class}):
@@ -205,6 +211,8 @@ class _Scale:
             return (args[0] * self.scale, *args[1:]), kwargs
         return args, {{**kwargs, "hidden_states": kwargs["hidden_states"] * self.scale}}
 '''
+# the config key of the MLP width, by family: written as 0 so that only the remote-code class can load the folder
+_MLP_WIDTH = ("intermediate_size", "n_inner")
 
 
 def export_path(pool: Sequence[torch.nn.Module], path: LayerPath, out: Any, *, tokenizer_from: Any,
@@ -243,10 +251,15 @@ def export_path(pool: Sequence[torch.nn.Module], path: LayerPath, out: Any, *, t
     with atomic_folder(Path(out), overwrite=overwrite) as tmp:
         materialised.save_pretrained(tmp, max_shard_size="2GB")
         saved = json.loads((tmp / "config.json").read_text())
-        saved["model_type"] = MODEL_TYPE  # without trust_remote_code, transformers refuses it (never runs it unscaled)
+        # The source's model_type: AutoTokenizer reads config.json first, and a model_type transformers does not
+        # know makes it ask whether to run the custom code (a prompt that hangs a batch job). Without
+        # trust_remote_code the plain class then refuses the checkpoint: its MLP width reads 0 (the guard).
+        width = next(key for key in _MLP_WIDTH if key in saved)
+        saved["dfs_guard"] = {width: saved[width]}
+        saved[width] = 0
         (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         (tmp / MODELING_FILE).write_text(_MODELING.format(config_class=type(pool[0].config).__name__,
-                                                          model_class=cls.__name__, model_type=MODEL_TYPE))
+                                                          model_class=cls.__name__))
         if tokenizer_from is not None:
             for file in TOKENIZER_FILES:
                 if (Path(tokenizer_from) / file).exists():

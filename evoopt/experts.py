@@ -492,7 +492,9 @@ def _base_causal_scores(base: Path, setting: Setting) -> dict[str, dict[str, flo
 def resolve_expert(reference: str) -> Path:
     """``SETTING/TASK``, ``SETTING/base``, ``SETTING/mtl`` or ``SETTING/mtl/TASK`` to a model folder."""
     name, _, member = reference.partition("/")
-    experts = build_setting(name)
+    # the multi-task model only when it is the one asked for: it trains for minutes, and a study of the
+    # setting's experts (the main job) does not use it
+    experts = build_setting(name, multitask=member == "mtl" or member.startswith("mtl/"))
     if member == "base":
         return next(iter(experts.base.values()))
     if member == "mtl" and experts.multitask is not None:

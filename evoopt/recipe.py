@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -210,6 +211,9 @@ def _problems(data: dict[str, Any]) -> list[str]:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     if not (key == "normalize" and isinstance(value, bool)):
                         problems.append(f"{where}.{key}: expected a number, got {value!r}")
+                    continue
+                if not math.isfinite(value):  # a NaN passes every range check below and merges into NaN weights
+                    problems.append(f"{where}.{key}: must be a finite number, got {value}")
                     continue
                 if key in _RANGES:
                     low, high, inclusive, text = _RANGES[key]

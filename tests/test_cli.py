@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -52,3 +55,76 @@ def test_methods_lists_registry() -> None:
 def test_help_explains() -> None:
     result = CliRunner().invoke(main, ["merge", "--help"])
     assert result.exit_code == 0 and "--overwrite" in result.output and "pkg:" in result.output
+
+
+def test_a_nan_coefficient_is_refused_naming_the_key(llama_family: list[Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: linear\nmodels:\n  - model: {llama_family[1]}\n    parameters: {{weight: .nan}}\n"
+                      f"  - model: {llama_family[2]}\n    parameters: {{weight: 0.5}}\n")
+    result = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output  # today's main merged NaN weights and exited 0
+    assert "models[0].parameters.weight: must be a finite number, got nan" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--n-trials", "-3"], ["run", "--n-trials", "0"], ["run", "--timeout", "0"], ["run", "--timeout", "-5"],
+    ["run", "--timeout", "nan"], ["run", "--timeout", "inf"], ["run", "--workers", "0"],
+    ["worker", "--n-trials", "-1"], ["worker", "--timeout", "0"], ["worker", "--index", "-2"]])
+def test_non_positive_counts_and_timeouts_are_refused_naming_the_option(args: list[str], tmp_path: Path) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "never", "setting": "minilm-sentiment-domains",
+                                     "artifacts": str(tmp_path / "out")}))
+    command, option, value = args
+    result = CliRunner().invoke(main, [command, str(study), option, value])
+    assert result.exit_code == 2, result.output  # a usage error, before anything runs
+    assert f"Invalid value for '{option}'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["experts", "minilm-sentiment-domains", "--steps", "0"],
+                                  ["experts", "minilm-sentiment-domains", "--limit-train", "-1"],
+                                  ["dashboard", "study.yaml", "--port", "0"]])
+def test_other_counts_are_checked_too(args: list[str]) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and f"Invalid value for '{args[2]}'" in result.output
+
+
+def test_resolving_an_expert_builds_the_multitask_model_only_when_asked(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """The main job names its experts as expert:SETTING/TASK; building the setting for them trained the
+    multi-task model too (4.5 minutes on 2 cores) that nothing in the study used."""
+    import evoopt.experts as experts
+
+    asked: list[bool] = []
+
+    def build(name: str, **kwargs: object) -> experts.ExpertSet:
+        asked.append(bool(kwargs["multitask"]))
+        folder = tmp_path / name
+        return experts.ExpertSet(experts.get_setting(name), {2: folder / "base"}, {"vader-tweets": folder / "t"},
+                                 folder / "mtl" if kwargs["multitask"] else None, 0.0)
+
+    monkeypatch.setattr(experts, "build_setting", build)
+    assert experts.resolve_expert("minilm-sentiment-domains/vader-tweets").name == "t"
+    assert experts.resolve_expert("minilm-sentiment-domains/base").name == "base"
+    assert experts.resolve_expert("minilm-sentiment-domains/mtl").name == "mtl"
+    assert asked == [False, False, True]
+
+
+def test_a_run_logged_to_a_file_shows_each_phase_with_its_time(small_experts: Any, tmp_path: Path) -> None:
+    from tests.test_study import _config
+
+    experts, _ = small_experts
+    study = tmp_path / "logged.yaml"
+    study.write_text(yaml.safe_dump(_config(tmp_path, experts, name="logged", trials=2,
+                                            baselines=["sources", "ties"])))
+    result = CliRunner().invoke(main, ["run", str(study)])  # not a terminal: lines, not bars
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for expected in (r"baselines: sources: \d+\.\d s", r"baselines: ties: \d+\.\d s", r"baselines: done in \d+\.\d s",
+                     r"trial 0: complete value 0\.\d{4} in \d+\.\d s; 1/2 finished; best 0\.\d{4} \(#0\)",
+                     r"trial 1: complete .*; 2/2 finished; best .*", r"trials: 2 ran in \d+\.\d s"):
+        assert any(re.fullmatch(expected, line) for line in lines), (expected, result.output)
+    assert not [line for line in lines[lines.index(next(x for x in lines if x.startswith("trial 0:"))):]
+                if line.startswith("merging")]  # a trial's own merge is no phase of its own
+    assert "best found (trial" in result.output, result.output  # and the table at the end

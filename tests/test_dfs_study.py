@@ -14,7 +14,7 @@ import yaml
 
 from evoopt.config import ConfigError, load_config, parse_config
 from evoopt.dfs import LayerPath, export_path, path_model, path_parameters
-from evoopt.io import TOKENIZER_FILES, convert_gguf, resolve_path
+from evoopt.io import TOKENIZER_FILES
 from evoopt.space import DfsSpace, make_space, study_sources
 from tests.conftest import save_family, tiny_llama_config
 
@@ -23,20 +23,8 @@ IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 60, 2], [9, 4, 33, 1, 2, 3, 4, 5]])
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """A tiny Llama family (2 layers) with SmolLM2's real tokenizer: [base, expert_0, expert_1]."""
-    from transformers import AutoTokenizer
-
-    smollm = convert_gguf(resolve_path(SMOLLM2))
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm))
-    config = tiny_llama_config(vocab_size=len(tokenizer), max_position_embeddings=512,
-                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    paths = save_family(tmp_path_factory.mktemp("dfs-family"), config, experts=2, seed=3, noise=0.05)
-    for path in paths:
-        for name in TOKENIZER_FILES:
-            if (smollm / name).exists():
-                shutil.copy2(smollm / name, path / name)
-    return paths
+def family(smol_tiny_family: list[Path]) -> list[Path]:
+    return smol_tiny_family
 
 
 def _config(family: list[Path], root: Path, **space: Any) -> Any:
@@ -105,7 +93,8 @@ def test_export_reloads_with_transformers_and_identical_logits(family: list[Path
         cached = reloaded.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(cached, model.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=0))
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model_type"] == "evoopt_dfs" and saved["num_hidden_layers"] == 5
+    assert saved["model_type"] == "llama" and saved["num_hidden_layers"] == 5
+    assert saved["intermediate_size"] == 0 and saved["dfs_guard"] == {"intermediate_size": 64}
     assert saved["dfs_path"] == [[0, 0], [1, 1], [1, 1], [0, 1], [1, 0]] and saved["dfs_scales"][1] == 0.6
     assert sum(p.numel() for p in reloaded.parameters()) == path_parameters(pool, path)
     assert (out / "tokenizer.json").exists() and (out / "README.md").read_text() == "# card\n"
@@ -114,9 +103,31 @@ def test_export_reloads_with_transformers_and_identical_logits(family: list[Path
     lm = HFLM(pretrained=str(out), trust_remote_code=True, batch_size=2, device="cpu")
     with torch.no_grad():
         assert torch.equal(lm.model(IDS).logits, model(IDS).logits)
-    with pytest.raises(ValueError, match="custom code"):  # never silently loaded without its scales
+    with pytest.raises(RuntimeError, match="mismatch"):  # never silently loaded without its scales
         AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
+    _loads_without_a_prompt(out)
     assert [p.name for p in tmp_path.iterdir()] == ["dfs"]  # (written atomically: no temporary left)
+
+
+def _loads_without_a_prompt(out: Path) -> None:
+    """In a fresh process whose standard input stays open (a batch job, a cluster): the tokenizer loads with
+    no question asked, and the model without trust_remote_code is refused, also without a question."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "print('tokenizer', type(tokenizer).__name__, len(tokenizer), flush=True)\n"
+            "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "except Exception as error:\n    print('refused', type(error).__name__)\n")
+    process = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None and process.stdin is not None
+    output = process.stdout.read()  # stdin stays open, unwritten, until the process has ended
+    process.wait(timeout=300)
+    process.stdin.close()
+    assert "Do you wish to run the custom code" not in output, output  # today's main asked, then waited 15 s
+    assert process.returncode == 0 and "tokenizer " in output and "refused RuntimeError" in output, output
 
 
 def test_ps_dfs_takes_the_best_parameter_space_model_as_a_and_pins_it(family: list[Path], tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 import torch
 from optuna.trial import TrialState
 
@@ -17,9 +18,29 @@ from tests.test_evolver import GENERATIONS, _in_process, _population_after, refe
 ROOT = Path(__file__).parent.parent
 
 
-def test_the_server_is_real(postgres_url: str) -> None:
-    storage = optuna.storages.RDBStorage(postgres_url)
-    assert storage.engine.dialect.name == "postgresql"
+def test_the_server_is_real_and_the_documented_url_opens_it(postgres_url: str) -> None:
+    from evoopt.study import storage_from_url
+
+    assert postgres_url.startswith("postgresql://")  # as the README writes it, no +driver
+    storage = storage_from_url(postgres_url)
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    assert (storage.engine.dialect.name, storage.engine.dialect.driver) == ("postgresql", "psycopg")
+    optuna.create_study(study_name="opened", storage=storage)
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["opened"]
+
+
+def test_a_plain_url_takes_psycopg2_when_psycopg_is_not_installed(postgres_url: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from evoopt.study import storage_from_url
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "psycopg" else find_spec(name, *a))
+    storage = storage_from_url(postgres_url)
+    assert isinstance(storage, optuna.storages.RDBStorage) and storage.engine.dialect.driver == "psycopg2"
+    optuna.create_study(study_name="opened-by-psycopg2", storage=storage)
 
 
 def test_four_evolver_workers_on_postgresql_reach_the_single_process_population(

@@ -112,6 +112,20 @@ def test_a_study_runs_to_its_budget_and_records_everything(finished: Any) -> Non
     assert any(a.filename == f"best-trial-{best.number}.yaml" for a in artifacts)
 
 
+def test_the_objective_is_named_for_the_dashboard_in_new_and_resumed_studies(finished: Any) -> None:
+    config, study = finished
+    assert study.metric_names == ["dev accuracy (mean of 2 tasks)"]  # optuna-dashboard said "Objective 0"
+    # a study made before evoopt named its objectives: named when it is resumed
+    storage = optuna.storages.get_storage(config.storage_url)
+    storage.set_study_system_attr(study._study_id, "study:metric_names", None)
+    assert optuna.load_study(study_name=config.name, storage=storage).metric_names is None
+    assert open_study(config).metric_names == ["dev accuracy (mean of 2 tasks)"]
+    multi = parse_config({"name": "m", "setting": "minilm-sentiment-domains",
+                          "objective": {"multi_objective": True, "metric": "macro_f1"}})
+    assert multi.metric_names == [f"dev macro_f1 {t}" for t in ("vader-amazon", "vader-movies", "vader-nyt",
+                                                               "vader-tweets")]
+
+
 def test_specialists_are_beaten_where_they_are_weak(finished: Any) -> None:
     """The search must at least match the best source on the mean over domains (dev)."""
     _, study = finished

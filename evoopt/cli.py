@@ -67,8 +67,11 @@ class _Bars:
     """Progress fed by the library's ``progress(stage, done, total)`` callbacks.
 
     On a terminal: rich progress bars. Otherwise (a log file, a pipe, a batch job): one line
-    per finished stage with its time, and one for each phase ("baselines") with its total.
+    per finished stage with its time, and one for each phase ("baselines") with its total; a
+    stage still running after a minute says how far it is, once a minute.
     """
+
+    EVERY = 60.0
 
     def __init__(self, console: object) -> None:
         from rich.console import Console
@@ -81,7 +84,7 @@ class _Bars:
                             TimeElapsedColumn(), console=console, transient=True)
         self.tasks: dict[str, object] = {}
         self.current: str | None = None  # log mode: the stage under way, since when, and each phase's start
-        self.since = 0.0
+        self.since = self.shown = 0.0
         self.phases: dict[str, float] = {}
 
     def __enter__(self) -> _Bars:
@@ -114,9 +117,12 @@ class _Bars:
                 self.echo(f"{phase}: done in {now - self.phases.pop(phase):.1f} s")
                 return
             self.phases.setdefault(phase, now)
-            self.current, self.since = stage, now
+            self.current, self.since, self.shown = stage, now, now
         if total and done >= total:
             self._end(now)
+        elif now - self.shown > self.EVERY:  # a long stage says how far it is
+            self.echo(f"{stage}: {done}/{total} after {now - self.since:.0f} s")
+            self.shown = now
 
     def _end(self, now: float) -> None:
         if self.current is not None:

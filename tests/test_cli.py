@@ -128,3 +128,26 @@ def test_a_run_logged_to_a_file_shows_each_phase_with_its_time(small_experts: An
     assert not [line for line in lines[lines.index(next(x for x in lines if x.startswith("trial 0:"))):]
                 if line.startswith("merging")]  # a trial's own merge is no phase of its own
     assert "best found (trial" in result.output, result.output  # and the table at the end
+
+
+def test_log_lines_of_stages_phases_and_long_stages() -> None:
+    import io
+
+    from rich.console import Console
+
+    from evoopt.cli import _Bars
+
+    out = io.StringIO()
+    with _Bars(Console(file=out)) as bars:  # not a terminal
+        bars.EVERY = 0.0  # every update of a running stage says how far it is
+        bars("training a", 0, 2)
+        bars("training a", 1, 2)
+        bars("training a", 2, 2)
+        bars("baselines: sources", 0, 3)
+        bars("baselines: ties", 2, 3)
+        bars("baselines", 3, 3)
+        bars("merging", 0, 5)
+    lines = out.getvalue().splitlines()
+    assert [re.sub(r"\d+\.\d s|\d+ s", "T", line) for line in lines] == [
+        "training a: 1/2 after T", "training a: T", "baselines: sources: T", "baselines: ties: T",
+        "baselines: done in T", "merging: T"]

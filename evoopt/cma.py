@@ -33,6 +33,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import FrozenTrial, TrialState
 
+from evoopt.errors import ConfigError
+
 Optimizer: TypeAlias = CMA | SepCMA | CMAwM
 _ATTR = "evoopt:cma"  # per trial: restart, generation, popsize; x, the continuous sample (with margin)
 
@@ -110,7 +112,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         if not 0 < warm_start_gamma <= 1:
             problems.append(f"warm_start_gamma: the share of best source trials, in (0, 1], got {warm_start_gamma}")
         if problems:
-            raise ValueError("EvoCmaSampler: " + "; ".join(problems))
+            raise ConfigError("EvoCmaSampler: " + "; ".join(problems))
         self._search_space = search_space
         self._x0 = x0
         self._sigma0 = sigma0
@@ -233,7 +235,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
             found = [(x, sign * t.value) for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                      if t.value is not None and (x := _encode_trial(t, names, dists)) is not None]
             if math.floor(len(found) * gamma) < 1:
-                raise ValueError(f"warm_start_study: {study_name!r} has {len(found)} finished trial(s) over these "
+                raise ConfigError(f"warm_start_study: {study_name!r} has {len(found)} finished trial(s) over these "
                                  f"parameters; warm_start_gamma={gamma} needs at least {math.ceil(1 / gamma)}")
             mean, sigma, cov = get_warm_start_mgd(found, gamma=gamma)
             mean = np.clip(mean, 0.0, 1.0)
@@ -255,12 +257,12 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
             return np.full(len(names), float(self._x0))
         unknown = sorted(set(self._x0) - set(names))
         if unknown:
-            raise ValueError(f"x0: no parameter(s) {', '.join(unknown)} in the searched space")
+            raise ConfigError(f"x0: no parameter(s) {', '.join(unknown)} in the searched space")
         mean = np.full(len(names), 0.5)
         for i, (name, d) in enumerate(zip(names, dists)):
             if name in self._x0:
                 if not d._contains(d.to_internal_repr(self._x0[name])):  # type: ignore[arg-type]
-                    raise ValueError(f"x0: {name}={self._x0[name]} is outside its distribution {d}")
+                    raise ConfigError(f"x0: {name}={self._x0[name]} is outside its distribution {d}")
                 mean[i] = _encode(float(self._x0[name]), d)
         return mean
 
@@ -294,7 +296,8 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
 
 def _single_objective(study: optuna.Study) -> None:
     if len(study.directions) > 1:
-        raise ValueError("EvoCmaSampler: CMA-ES optimises one objective; use NSGAIISampler for multi-objective studies")
+        raise ConfigError("EvoCmaSampler: CMA-ES optimises one objective; use NSGAIISampler for multi-objective "
+                          "studies")
 
 
 def _searchable(d: BaseDistribution) -> bool:

@@ -23,15 +23,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from evoopt.recipe import RecipeError
+from evoopt.errors import ConfigError
 
 # what may change between runs of one study without making it a different study
 RUNTIME_KEYS = ("trials", "timeout", "device", "storage", "artifacts", "heartbeat_interval", "grace_period")
 MINIMIZE = ("mse", "perplexity")
-
-
-class ConfigError(RecipeError):
-    """A study config is invalid; the message lists every problem with its key path."""
 
 
 class _Strict(BaseModel):
@@ -165,7 +161,7 @@ class StudyConfig(_Strict):
             return list(self.objective.tasks)
         if self.sources is not None:
             return list(self.sources.tasks)
-        from evoopt.experts import get_setting
+        from evoopt.settings import get_setting
 
         return list(get_setting(self.setting or "").tasks)
 
@@ -183,7 +179,7 @@ def _problems(config: StudyConfig) -> list[str]:
     if (config.setting is None) == (config.sources is None):
         problems.append("setting / sources: give exactly one (a benchmark setting name, or sources: base + models)")
     if config.setting is not None:
-        from evoopt.experts import SETTINGS
+        from evoopt.settings import SETTINGS
 
         if config.setting not in SETTINGS:
             problems.append(f"setting: unknown benchmark setting {config.setting!r}; known: {', '.join(SETTINGS)}")
@@ -245,7 +241,7 @@ def _problems(config: StudyConfig) -> list[str]:
     if objective.multi_objective and objective.fidelities:
         problems.append("objective.fidelities: Optuna prunes single-objective studies only")
     if objective.kind == "dev" and objective.metric == "perplexity" and config.setting is not None:
-        from evoopt.experts import SETTINGS
+        from evoopt.settings import SETTINGS
 
         if config.setting in SETTINGS and SETTINGS[config.setting].kind != "causal":
             problems.append("objective.metric: perplexity needs a causal LM setting")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from evoopt.errors import ConfigError, MissingPackageError
 from evoopt.io import atomic_folder, cache_dir
 
 if TYPE_CHECKING:
@@ -41,10 +42,6 @@ SPLITS = ("train", "dev", "test")
 _FRACTIONS = (0.7, 0.15, 0.15)
 _VERSION = 2  # bump when a rule below changes, so cached splits are rebuilt
 Examples = list[tuple[str, int]]
-
-
-class MissingPackageError(RuntimeError):
-    """A corpus' package is not installed; the message says what to install."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,7 @@ CORPORA: dict[str, Corpus] = {c.name: c for c in [
 
 def get_corpus(name: str) -> Corpus:
     if name not in CORPORA:
-        raise ValueError(f"corpus: unknown corpus {name!r}; known: {', '.join(sorted(CORPORA))}")
+        raise ConfigError(f"corpus: unknown corpus {name!r}; known: {', '.join(sorted(CORPORA))}")
     return CORPORA[name]
 
 

@@ -34,6 +34,8 @@ from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from evoopt.errors import ConfigError, WorkerError
+
 STRATEGIES = ("paper", "released", "rand1", "best1")
 
 
@@ -247,7 +249,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
         if generations < 1:
             problems.append(f"generations: must be at least 1, got {generations}")
         if problems:
-            raise ValueError("EvolverSampler: " + "; ".join(problems))
+            raise ConfigError("EvolverSampler: " + "; ".join(problems))
         self.population, self.integrated, self.strategy = population, integrated, strategy
         self.F, self.Cr, self.adapt, self.generations = F, Cr, adapt, generations
         self.seed: int = int(np.random.default_rng().integers(2**31)) if seed is None else seed
@@ -261,7 +263,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if len(study.directions) > 1:
-            raise ValueError("EvolverSampler: greedy selection needs one objective; "
+            raise ConfigError("EvolverSampler: greedy selection needs one objective; "
                              "set objective.multi_objective false")
         last = self.population - 1
         return {"target": IntDistribution(0, last), **{f"donor_{k}": IntDistribution(0, last) for k in (1, 2, 3)},
@@ -289,7 +291,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        raise ValueError(f"EvolverSampler: the Evolver decides every parameter of a trial; {param_name!r} is not one "
+        raise ConfigError(f"EvolverSampler: the Evolver decides every parameter of a trial; {param_name!r} is not one "
                          f"of {', '.join(PARAMS)} (use space.kind evolver with this sampler)")
 
     def _claim(self, study: optuna.Study, trial: FrozenTrial) -> tuple[int, int, History]:
@@ -318,7 +320,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
                 time.sleep(float(jitter.uniform(0, self.poll)))
                 continue
             if waited >= self.wait_timeout:
-                raise RuntimeError(f"EvolverSampler: generation {g} has run for {waited:.0f} s in other trials; "
+                raise WorkerError(f"EvolverSampler: generation {g} has run for {waited:.0f} s in other trials; "
                                    "are its workers alive? (journal storages have no heartbeats to fail dead ones)")
             time.sleep(self.poll)
             waited += self.poll

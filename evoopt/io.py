@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from evoopt.errors import ModelSourceError, OutputExistsError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -35,8 +37,15 @@ _EMBEDDING_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "out
 _MAX_LISTED = 8
 
 
-class ModelSourceError(ValueError):
-    """A source model cannot be read, or sources cannot be merged with each other."""
+# reference schemes (``SCHEME:rest``) other layers own, registered by them: expert: by evoopt.experts
+SCHEMES: dict[str, Callable[[str], Path]] = {}
+
+
+def register_scheme(scheme: str, resolve: Callable[[str], Path]) -> None:
+    """Let ``SCHEME:rest`` references resolve through ``resolve(rest)``; a scheme is registered once."""
+    if scheme in SCHEMES and SCHEMES[scheme] is not resolve:
+        raise RuntimeError(f"reference scheme {scheme!r} is registered already, by {SCHEMES[scheme].__module__}")
+    SCHEMES[scheme] = resolve
 
 
 def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = None) -> Path:
@@ -45,14 +54,16 @@ def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = N
     ``pkg:NAME/sub/path`` points inside an installed Python package (how the real
     models that ship on PyPI are referenced, with no machine-specific path);
     ``expert:SETTING/TASK`` (or ``/base``, ``/mtl``) is a model of a benchmark setting,
-    built by :mod:`evoopt.experts` on first use and cached;
+    built by :mod:`evoopt.experts` on first use and cached (that module registers the scheme);
     relative paths are taken relative to ``relative_to`` (the recipe's folder).
     """
     text = str(reference)
+    scheme, colon, rest = text.partition(":")
+    if colon and scheme in SCHEMES:
+        return SCHEMES[scheme](rest)
     if text.startswith("expert:"):
-        from evoopt.experts import resolve_expert  # builds the setting's experts on first use
-
-        return resolve_expert(text[len("expert:"):])
+        raise ModelSourceError(f"{text}: the expert: scheme is registered by evoopt.experts; import it first "
+                               "(the command line and the study engine do)")
     if text.startswith("pkg:"):
         package, _, rest = text[4:].partition("/")
         spec = importlib.util.find_spec(package)
@@ -259,7 +270,7 @@ def convert_gguf(path: Path) -> Path:
 def check_writable(target: Path, *, overwrite: bool) -> None:
     """Refuse an existing non-empty output unless ``overwrite``: callers check before long work."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{target}: already exists and is not empty; choose another --out or pass --overwrite")
+        raise OutputExistsError(f"{target}: already exists and is not empty; choose another --out or pass --overwrite")
 
 
 @contextmanager

@@ -45,6 +45,7 @@ import torch
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
 
+import evoopt.experts  # noqa: F401  (registers the expert: references a recipe may use)
 from evoopt.io import ModelSourceError
 from evoopt.recipe import Recipe, RecipeError, load_recipe
 
@@ -80,25 +81,22 @@ class EvooptLM(HFLM):
         chosen = _study_trial(study, storage, trial, config) if recipe is None and (study is None) != (
             config is None) else None  # (anything else: resolve_recipe names the problem)
         built: Recipe | None = None
-        info: dict[str, Any] | None = None
-        if chosen is not None and chosen[0].space.kind == "dfs":  # a data-flow trial: its path through the pool
-            model, folder, source, info = _dfs_model(*chosen, device, dtype)
+        if chosen is not None:  # a study's trial, built by its kind (a merge, or a data-flow path)
+            model, folder, source, info, built = _trial_model(*chosen, device, dtype)
             loaded = _load_tokenizer(tokenizer, folder, model)
         else:
-            built, source = _recipe_of(*chosen) if chosen is not None else resolve_recipe(
-                recipe=recipe, study=study, storage=storage, trial=trial, config=config)
+            built, source = resolve_recipe(recipe=recipe, study=study, storage=storage, trial=trial, config=config)
             built, target = _placed(built, device, dtype)
             from evoopt.merger import Merger
 
             merger = Merger(built)
-            if not merger.model.can_generate():
-                raise ModelArgsError(f"{source}: the merged model is a {type(merger.model).__name__}, not a "
-                                     "language model; lm-eval scores causal (or seq2seq) LMs")
+            _check_lm(merger.model, source)
             loaded = _load_tokenizer(tokenizer, merger.structure.folder, merger.model)
             model = merger.merge()
             if target is not None:
                 torch.nn.Module.to(model, target)  # (PreTrainedModel.to is wrapped; mypy misreads it)
             del merger  # task vectors and sources: only the merged model is needed from here on
+            info = {"evoopt_recipe": built.model_dump(mode="json", exclude_defaults=True)}
         hf_logger = logging.getLogger("lm_eval.models.huggingface")
         quiet = _Drop("`pretrained` model kwarg is not of type")  # yes: the model is in memory on purpose
         hf_logger.addFilter(quiet)
@@ -106,8 +104,8 @@ class EvooptLM(HFLM):
             super().__init__(pretrained=model, tokenizer=loaded, **kwargs)
         finally:
             hf_logger.removeFilter(quiet)
-        self.recipe = built
-        self.path = info  # a data-flow trial's path (hops, scales, pool), or None
+        self.recipe = built  # the merge recipe, or None (a data-flow path, evolved weights)
+        self.info = info  # what lm-eval records: evoopt_recipe, or the kind's own record (evoopt_path, ...)
         self.source = source
 
     def get_model_info(self) -> dict[str, Any]:
@@ -116,8 +114,7 @@ class EvooptLM(HFLM):
             "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
             "model_dtype": str(self.model.dtype),
             "evoopt_source": self.source,
-            **({"evoopt_recipe": self.recipe.model_dump(mode="json", exclude_defaults=True)} if self.recipe
-               else {"evoopt_path": self.path}),
+            **self.info,
         }
 
 
@@ -164,24 +161,39 @@ def _trial_recipe(study: str | None, storage: str | None, trial: str | int | Non
 
 def _recipe_of(loaded: Any, found: Any, frozen: Any, url: str) -> tuple[Recipe, str]:
     """A study trial's recipe, and where it came from."""
-    from evoopt.space import Space, make_space, study_sources
+    from evoopt.kinds import make_kind
 
-    space = make_space(loaded, study_sources(loaded))
-    assert isinstance(space, Space)  # (an Evolver study's model is weights, not a recipe: recipe() says so)
-    return space.recipe(frozen.params), f"study {loaded.name!r} trial {frozen.number} ({url})"
+    recipe = make_kind(loaded).recipe(frozen.params)
+    if recipe is None:
+        raise ModelArgsError(f"study {loaded.name!r}: a {loaded.space.kind} trial is not a recipe; give study= or "
+                             "config= to the evoopt model (it builds the trial), or export the trial and use "
+                             "--model hf")
+    return recipe, f"study {loaded.name!r} trial {frozen.number} ({url})"
 
 
-def _dfs_model(loaded: Any, found: Any, frozen: Any, url: str, device: str | None,
-               dtype: Any) -> tuple[Any, Path | None, str, dict[str, Any]]:
-    """A data-flow trial as (path model, tokenizer folder, source line, its path record)."""
-    from evoopt.space import DfsSpace
-    from evoopt.study import Worker, dfs_record
+def _trial_model(loaded: Any, found: Any, frozen: Any, url: str, device: str | None,
+                 dtype: Any) -> tuple[Any, Path | None, str, dict[str, Any], Recipe | None]:
+    """A study trial's model, built by the study's kind: (model, tokenizer folder, source line, what lm-eval
+    records about it, its recipe if it has one)."""
+    from evoopt.kinds import make_kind
 
-    updates, _ = _placement(device, dtype)
-    worker = Worker(loaded.model_copy(update=updates), study=found)
-    assert isinstance(worker.space, DfsSpace)
-    return (worker.trial_model(frozen.params), worker.tokenizer_folder,
-            f"study {loaded.name!r} trial {frozen.number} ({url})", dfs_record(worker.space, frozen))
+    updates, target = _placement(device, dtype)
+    config = loaded.model_copy(update=updates)
+    config._root = loaded.root
+    kind = make_kind(config)
+    kind.built(found)
+    model = kind.trial_model(frozen.params)
+    source = f"study {loaded.name!r} trial {frozen.number} ({url})"
+    _check_lm(model, source)
+    if target is not None:
+        torch.nn.Module.to(model, target)
+    return model, kind.tokenizer_folder, source, kind.model_info(frozen), kind.recipe(frozen.params)
+
+
+def _check_lm(model: Any, source: str) -> None:
+    if not model.can_generate():
+        raise ModelArgsError(f"{source}: the merged model is a {type(model).__name__}, not a language model; "
+                             "lm-eval scores causal (or seq2seq) LMs")
 
 
 def _study_trial(study: str | None, storage: str | None, trial: str | int | None,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from evoopt.data import load_splits
+from evoopt.errors import ConfigError
 
 Scores = dict[str, float]
 
@@ -63,7 +64,7 @@ class ClassifierScorer:
             rows = load_splits(task, seed=seed)[split]
             n = min(limit or len(rows), len(rows))
             if n == 0:
-                raise ValueError(f"objective: task {task!r} has no examples in its {split} split")
+                raise ConfigError(f"objective: task {task!r} has no examples in its {split} split")
             texts = rows.select(range(n))["text"]
             self.labels[task] = np.asarray(rows.select(range(n))["label"])
             cuts = [0, *[s for s in stages if s < n], n]

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evoopt.errors import ConfigError
 from evoopt.evolver import History, Move, offspring_tensor
 from evoopt.io import TensorSource
 from evoopt.merge import MergeMethod
@@ -59,10 +60,10 @@ class Population:
                  base: TensorSource | None = None, coefficients: Any = None, seed: int = 0,
                  statistics: Estimate | None = None) -> None:
         if method is not None and method.statistic is not None and statistics is None:
-            raise ValueError(f"statistics: {method.name!r} needs per-model data statistics; give the function "
+            raise ConfigError(f"statistics: {method.name!r} needs per-model data statistics; give the function "
                              "that estimates them for an individual's weights")
         if method is not None and method.needs_base and base is None:
-            raise ValueError(f"method: {method.name!r} needs a base model; give the study's sources a base")
+            raise ConfigError(f"method: {method.name!r} needs a base model; give the study's sources a base")
         self.sources, self.names, self.dtype, self.folder = list(sources), list(names), dtype, folder
         self.device = torch.device("cpu") if folder is not None or device is None else device
         self.method, self.coefficients, self.seed = method, coefficients, seed

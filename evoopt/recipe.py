@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from evoopt.errors import RecipeError
 from evoopt.merge import get_method
 from evoopt.merge._registry import MergeMethod
 
@@ -47,10 +48,6 @@ _RANGES = {
     "t": (0.0, 1.0, True, "in [0, 1]"),
     "alpha": (0.0, 1.0, True, "in [0, 1]"),
 }
-
-
-class RecipeError(ValueError):
-    """A recipe is invalid; the message lists every problem with its key path."""
 
 
 @functools.lru_cache(maxsize=65_536)  # called for every tensor of every candidate

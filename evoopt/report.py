@@ -23,7 +23,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.config import StudyConfig
-from evoopt.study import FINISHED, best_trial, open_study, space_name, summary_rows
+from evoopt.errors import ConfigError
+from evoopt.kinds import Kind, make_kind
+from evoopt.objective import combine
+from evoopt.storage import CONFIG_ATTR, FINISHED, best_trial, load_study, storage_from_url
 
 CONVERGED = 0.99  # a study has converged once its best so far is within 1% of its final best
 
@@ -77,7 +80,7 @@ def _row(config: StudyConfig, study: optuna.Study, curve: Curve) -> dict[str, An
     ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
     summary = summary_rows(study)[-1]  # the best trial's row comes last
     return {"name": study.study_name, "sampler": config.sampler.name,
-            "space": space_name(config),
+            "space": make_kind(config).title(),
             "direction": "maximize" if maximize else "minimize",
             "finished": len(study.get_trials(deepcopy=False, states=FINISHED)), "best": best,
             "wall_seconds": (max(ends) - min(starts)).total_seconds(), "trials_to_99": reached,
@@ -85,9 +88,9 @@ def _row(config: StudyConfig, study: optuna.Study, curve: Curve) -> dict[str, An
 
 
 def _load(config: StudyConfig) -> optuna.Study:
-    study = open_study(config, create=False)  # ConfigError (a ValueError) if there is no such study
+    study = load_study(config.name, config.storage_url)  # read only: no sampler, no space, no model
     if best_trial(study) is None:
-        raise ValueError(f"study {config.name!r} in {config.storage_url} has no completed trial; run it first")
+        raise ConfigError(f"study {config.name!r} in {config.storage_url} has no completed trial; run it first")
     return study
 
 
@@ -168,7 +171,7 @@ def compare_studies(configs: list[StudyConfig], out: Path) -> tuple[list[dict[st
     its final best, and the test score of its best trial where `report_best` stored one.
     """
     if not configs:
-        raise ValueError("compare: give at least one study")
+        raise ConfigError("compare: give at least one study")
     studies = [_load(c) for c in configs]
     curves = [best_so_far(s) for s in studies]
     rows = [_row(c, s, curve) for c, s, curve in zip(configs, studies, curves)]
@@ -179,6 +182,54 @@ def compare_studies(configs: list[StudyConfig], out: Path) -> tuple[list[dict[st
     for config, study in zip(configs, studies):
         _upload(config, study, files)
     return rows, files
+
+
+# --- the study's table and note ----------------------------------------------------------------------
+
+def summary_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """Baselines and the best trial found: name, dev and test values."""
+    rows = [{"name": r["name"], "dev": r["dev_value"], "test": r["test_value"]}
+            for r in study.user_attrs.get("evoopt:baselines", [])]
+    trial = best_trial(study)
+    if trial is not None:
+        report = study.user_attrs.get("evoopt:test", {}).get(str(trial.number))
+        dev = trial.value if trial.values and len(trial.values) == 1 else float(sum(trial.values or [0.0]))
+        test = None
+        if report:
+            test = combine(report["test"], _weights(study))
+        rows.append({"name": f"best found (trial {trial.number})", "dev": dev, "test": test})
+    if result := study.user_attrs.get("evoopt:result"):
+        weights = _weights(study)
+        what = "fittest individual" if result["method"] == "none" else f"{result['method']} of the population"
+        rows.append({"name": f"Evolver result ({what}, generation {result['generation']})",
+                     "dev": combine(result["dev"], weights), "test": combine(result["test"], weights)})
+    return rows
+
+
+def _weights(study: optuna.Study) -> dict[str, float]:
+    config = study.user_attrs.get(CONFIG_ATTR, {})
+    weights: dict[str, float] = config.get("objective", {}).get("weights", {})
+    return weights
+
+
+def update_note(config: StudyConfig, study: optuna.Study, kind: Kind | None = None) -> None:
+    """The study's Markdown note in optuna-dashboard: sources, baselines, best so far."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    kind = kind or make_kind(config)
+    sources = kind.sources
+    lines = [f"# {config.name}", "", f"Search space: {kind.title()}; sampler "
+             f"{config.sampler.name}; objective {config.objective.kind} {config.objective.metric} on "
+             f"{config.objective.split} (test is for reporting only).", "", "## Sources", ""]
+    lines += [f"- base: `{sources.base}`"] if sources.base else []
+    lines += [f"- `{m}`" for m in sources.models]
+    lines += ["", "## Baselines vs best found", "", "| | dev | test |", "|---|---|---|"]
+    for row in summary_rows(study):
+        test = "" if row["test"] is None else f"{row['test']:.4f}"
+        lines.append(f"| {row['name']} | {row['dev']:.4f} | {test} |")
+    save_note(study, "\n".join(lines) + "\n")
 
 
 # --- optuna-dashboard --------------------------------------------------------------------------------
@@ -195,8 +246,7 @@ def serve_dashboard(config: StudyConfig, host: str = "127.0.0.1", port: int = 80
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
-    from evoopt.study import open_storage
-
     folder = config.artifact_dir / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
-    run_server(open_storage(config), host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))
+    run_server(storage_from_url(config.storage_url, create=False), host=host, port=port,
+               artifact_store=FileSystemArtifactStore(str(folder)))

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from evoopt.cma import EvoCmaSampler
-from evoopt.config import ConfigError, SamplerSpec
+from evoopt.errors import ConfigError
 from evoopt.evolver import EvolverSampler
 
 if TYPE_CHECKING:
+    from evoopt.config import SamplerSpec
     from evoopt.space import DfsSpace, EvolverSpace, Space
 
 # evoopt's samplers, name -> class

@@ -17,6 +17,7 @@ import optuna
 
 from evoopt.config import StudyConfig
 from evoopt.dfs import LayerPath, decode_path
+from evoopt.errors import ConfigError
 from evoopt.evolver import ATTR, Move, move_of
 from evoopt.experts import HEAD_PATTERNS
 from evoopt.merge import get_method
@@ -228,7 +229,7 @@ class EvolverSpace:
         target = trial.suggest_int("target", 0, self.size - 1)
         slot = trial.study._storage.get_trial_system_attrs(trial._trial_id).get(ATTR)
         if slot is None:
-            raise ValueError("space.kind evolver: the trial has no generation; sampler.name must be EvolverSampler")
+            raise ConfigError("space.kind evolver: the trial has no generation; sampler.name must be EvolverSampler")
         generation = int(slot["generation"])
         if generation == 0:
             return Candidate(0, target, None)
@@ -249,7 +250,7 @@ class EvolverSpace:
         """A finished trial's candidate, from its stored parameters."""
         slot = trial.system_attrs.get(ATTR)
         if slot is None:
-            raise ValueError(f"trial {trial.number} is not an Evolver trial (it has no {ATTR!r} attribute)")
+            raise ConfigError(f"trial {trial.number} is not an Evolver trial (it has no {ATTR!r} attribute)")
         generation = int(slot["generation"])
         move = move_of(trial.params, slot["strategy"]) if generation else None
         return Candidate(generation, int(trial.params.get("target", 0)), move)

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from evoopt.errors import RecipeError
+
 
 def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Log-likelihood loss of the model's own prediction (causal LM: the text itself)."""
@@ -49,7 +51,7 @@ def estimate_fisher(model: torch.nn.Module, batches: Iterable[Mapping[str, torch
             count += 1
     model.zero_grad(set_to_none=True)
     if count == 0:
-        raise ValueError("batches: the calibration set is empty; give at least one example")
+        raise RecipeError("batches: the calibration set is empty; give at least one example")
     return {name: f / count for name, f in fisher.items()}
 
 
@@ -91,5 +93,5 @@ def gram_matrices(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
         for handle in handles:
             handle.remove()
     if not counts:
-        raise ValueError("batches: the calibration set is empty; give at least one example")
+        raise RecipeError("batches: the calibration set is empty; give at least one example")
     return {name: g / counts[name] for name, g in grams.items()}

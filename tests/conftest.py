@@ -9,51 +9,12 @@ settings.load_profile("evoopt")
 import os  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
-def tiny_llama_config(**overrides: object):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig
-
-    settings = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                    tie_word_embeddings=False)
-    settings.update(overrides)
-    return LlamaConfig(**settings)
-
-
-def tiny_bert_config(**overrides: object):  # type: ignore[no-untyped-def]
-    from transformers import BertConfig
-
-    settings = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=64, num_labels=3)
-    settings.update(overrides)
-    return BertConfig(**settings)
-
-
-def save_family(root: Path, config: object, *, experts: int, seed: int, model_class: str = "LlamaForCausalLM",
-                noise: float = 0.02) -> list[Path]:
-    """Save a random base model and `experts` perturbed copies; returns [base, expert_0, ...]."""
-    import transformers
-
-    cls = getattr(transformers, model_class)
-    model = cls(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    paths = [root / "base"]
-    model.save_pretrained(paths[0])
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for i in range(experts):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(base_state[name] + torch.randn(p.shape, generator=g) * noise)
-        paths.append(root / f"expert_{i}")
-        model.save_pretrained(paths[-1])
-    return paths
+from tests.helpers.models import save_family, tiny_bert_config, tiny_llama_config  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -113,11 +74,21 @@ def small_experts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     Tweets are mostly positive, NYT editorials mostly negative: each expert is worse on the other domain.
     """
     from evoopt.experts import build_setting
-    from tests.small import SMALL
+    from tests.helpers.small import SMALL
 
     # EVOOPT_TEST_EXPERTS: a folder to keep them in between runs (content-addressed, so always current)
     root = Path(os.environ.get("EVOOPT_TEST_EXPERTS") or tmp_path_factory.mktemp("experts"))
     return build_setting(SMALL, root=root, limit_train=400, multitask=False), root
+
+
+@pytest.fixture(scope="module")
+def reference(llama_family: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[torch.Tensor]]:
+    """The tiny Evolver study (tests.helpers.evolver) run by one uninterrupted process: (history, population)."""
+    from tests.helpers.evolver import GENERATIONS, population_after, tiny_study
+
+    storage = f"sqlite:///{tmp_path_factory.mktemp('one')}/study.db"
+    tiny_study(storage, [str(p) for p in llama_family], trials=15)
+    return population_after(storage, [str(p) for p in llama_family], GENERATIONS)
 
 
 @pytest.fixture(scope="session")

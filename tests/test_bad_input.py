@@ -27,8 +27,10 @@ from evoopt.config import parse_config
 from evoopt.merger import Merger
 from evoopt.recipe import parse_recipe
 from evoopt.study import Worker, export_trial, open_study, run_study
-from tests.conftest import save_family, tiny_llama_config
-from tests.test_study import _config
+from tests.helpers.models import save_family, tiny_llama_config
+from tests.helpers.studies import small_study_config
+
+pytestmark = pytest.mark.slow  # every case runs beside a study of real MiniLM experts (``stored``)
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Stored:
 def stored(small_experts: Any, llama_family: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Stored:
     experts, _ = small_experts
     root = tmp_path_factory.mktemp("stored")
-    config = parse_config(_config(root, experts, name="kept", trials=2))
+    config = parse_config(small_study_config(root, experts, name="kept", trials=2))
     run_study(config, report=False)
     exported = export_trial(config, "best", root / "exported")
     return Stored(root, config, experts, llama_family, exported)
@@ -84,7 +86,7 @@ def _cli(s: Stored, command: str, *options: str) -> None:
     from evoopt.cli import main
 
     file = s.root / "kept.yaml"
-    file.write_text(yaml.safe_dump(_config(s.root, s.experts, name="kept", trials=2)))
+    file.write_text(yaml.safe_dump(small_study_config(s.root, s.experts, name="kept", trials=2)))
     try:
         result = CliRunner().invoke(main, [command, str(file), *options])
     finally:
@@ -105,7 +107,7 @@ def _other(s: Stored, tmp: Path, **config: Any) -> Path:
 
 
 def _study(s: Stored, **changes: Any) -> Any:
-    data = _config(s.root, s.experts, name="kept", trials=2)
+    data = small_study_config(s.root, s.experts, name="kept", trials=2)
     for key, value in changes.items():
         target = data
         *path, last = key.split(".")

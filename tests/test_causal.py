@@ -12,8 +12,9 @@ import torch
 from evoopt.data import get_corpus, load_splits, mc_prompt
 from evoopt.experts import TrainConfig, finetune_causal
 from evoopt.io import convert_gguf, resolve_path
+from tests.helpers.models import tiny_llama_config
 
-from .conftest import tiny_llama_config
+pytestmark = pytest.mark.slow  # SmolLM2's GGUF converted for its tokenizer; training, lm-eval
 
 
 @pytest.fixture(scope="module")

@@ -111,13 +111,14 @@ def test_resolving_an_expert_builds_the_multitask_model_only_when_asked(monkeypa
     assert asked == [False, False, True]
 
 
+@pytest.mark.slow
 def test_a_run_logged_to_a_file_shows_each_phase_with_its_time(small_experts: Any, tmp_path: Path) -> None:
-    from tests.test_study import _config
+    from tests.helpers.studies import small_study_config
 
     experts, _ = small_experts
     study = tmp_path / "logged.yaml"
-    study.write_text(yaml.safe_dump(_config(tmp_path, experts, name="logged", trials=2,
-                                            baselines=["sources", "ties"])))
+    study.write_text(yaml.safe_dump(small_study_config(tmp_path, experts, name="logged", trials=2,
+                                                       baselines=["sources", "ties"])))
     result = CliRunner().invoke(main, ["run", str(study)])  # not a terminal: lines, not bars
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -135,10 +136,10 @@ def test_log_lines_of_stages_phases_and_long_stages() -> None:
 
     from rich.console import Console
 
-    from evoopt.cli import _Bars
+    from evoopt.display import Bars
 
     out = io.StringIO()
-    with _Bars(Console(file=out)) as bars:  # not a terminal
+    with Bars(Console(file=out)) as bars:  # not a terminal
         bars.EVERY = 0.0  # every update of a running stage says how far it is
         bars("training a", 0, 2)
         bars("training a", 1, 2)
@@ -151,3 +152,22 @@ def test_log_lines_of_stages_phases_and_long_stages() -> None:
     assert [re.sub(r"\d+\.\d s|\d+ s", "T", line) for line in lines] == [
         "training a: 1/2 after T", "training a: T", "baselines: sources: T", "baselines: ties: T",
         "baselines: done in T", "merging: T"]
+
+
+def test_user_errors_are_one_message_and_bugs_keep_their_traceback(llama_family: list[Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from evoopt.errors import EvooptError
+
+    recipe = _write(tmp_path, {"method": "linear", "models": [{"model": str(p)} for p in llama_family[1:]]})
+    missing = CliRunner().invoke(main, ["merge", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out")])
+    assert missing.exit_code == 1 and "Error: " in missing.output and "recipe file not found" in missing.output
+    assert isinstance(missing.exception, SystemExit)  # printed by click, no traceback
+
+    def bug(self: object, *args: object, **kwargs: object) -> None:
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr("evoopt.merger.Merger.merge", bug)
+    result = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert isinstance(result.exception, ValueError) and not isinstance(result.exception, EvooptError)
+    assert "Error: a bug" not in result.output  # not passed off as a user error
+    assert not (tmp_path / "out").exists()

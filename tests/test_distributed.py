@@ -13,9 +13,13 @@ import torch
 from optuna.trial import TrialState
 
 from evoopt.evolver import ATTR
-from tests.test_evolver import GENERATIONS, _in_process, _population_after, reference  # noqa: F401
+from tests.helpers.evolver import GENERATIONS, in_process, population_after
+from tests.helpers.studies import small_study_config, write_study_config
 
 ROOT = Path(__file__).parent.parent
+
+# a PostgreSQL server, worker processes or real MiniLM experts in every test
+pytestmark = pytest.mark.slow
 
 
 def test_the_server_is_real_and_the_documented_url_opens_it(postgres_url: str) -> None:
@@ -44,16 +48,16 @@ def test_a_plain_url_takes_psycopg2_when_psycopg_is_not_installed(postgres_url: 
 
 
 def test_four_evolver_workers_on_postgresql_reach_the_single_process_population(
-        llama_family: list[Path], postgres_url: str, reference: Any) -> None:  # noqa: F811
+        llama_family: list[Path], postgres_url: str, reference: Any) -> None:
     optuna.create_study(study_name="tiny-evolver", storage=postgres_url, direction="maximize")
-    workers = [_in_process(postgres_url, llama_family, 15, sleep=0.2) for _ in range(4)]
+    workers = [in_process(postgres_url, llama_family, 15, sleep=0.2) for _ in range(4)]
     assert [w.wait() for w in workers] == [0, 0, 0, 0]
     study = optuna.load_study(study_name="tiny-evolver", storage=postgres_url)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     slots = [(t.system_attrs[ATTR]["generation"], t.system_attrs[ATTR]["target"]) for t in complete]
     assert len(slots) == len(set(slots)), "two trials evaluated one offspring"
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING)), "a trial was left behind"
-    history, population = _population_after(postgres_url, [str(p) for p in llama_family], GENERATIONS)
+    history, population = population_after(postgres_url, [str(p) for p in llama_family], GENERATIONS)
     assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
     assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
 
@@ -62,13 +66,12 @@ def test_four_cma_workers_through_the_engine_keep_the_budget_and_tell_every_tria
         small_experts: Any, postgres_url: str, tmp_path: Path) -> None:
     """`evoopt worker` x 4 on one PostgreSQL study of real MiniLM experts, evoopt's CMA-ES."""
     from evoopt.cma import EvoCmaSampler
-    from tests.test_study import _config, _write
 
     experts, _ = small_experts
     budget = 10
-    path = _write(tmp_path, _config(tmp_path, experts, name="pg-cma", trials=budget,
-                                    sampler={"name": "EvoCmaSampler", "options": {"popsize": 4}},
-                                    objective={"limit": 20, "test_limit": 20, "batch_size": 20, "max_length": 48}))
+    path = write_study_config(tmp_path, small_study_config(
+        tmp_path, experts, name="pg-cma", trials=budget, sampler={"name": "EvoCmaSampler", "options": {"popsize": 4}},
+        objective={"limit": 20, "test_limit": 20, "batch_size": 20, "max_length": 48}))
     command = [sys.executable, "-m", "evoopt.cli", "worker", str(path), "--storage", postgres_url]
     workers = [subprocess.Popen([*command, "--index", str(i)], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for i in range(4)]
@@ -92,7 +95,7 @@ def test_four_cma_workers_through_the_engine_keep_the_budget_and_tell_every_tria
 
 
 def test_killed_five_times_at_random_moments_the_study_loses_nothing(llama_family: list[Path], tmp_path: Path,
-                                                                     reference: Any) -> None:  # noqa: F811
+                                                                     reference: Any) -> None:
     """SIGKILL mid-merge, mid-evaluation or mid-write (seeded random moments), resume each time."""
     import signal
     import time
@@ -105,7 +108,7 @@ def test_killed_five_times_at_random_moments_the_study_loses_nothing(llama_famil
     seen: dict[int, float] = {}  # completed trials before each kill: number -> value
     kills = 0
     while kills < 5:
-        process = _in_process(storage, llama_family, 15, sleep=0.3)
+        process = in_process(storage, llama_family, 15, sleep=0.3)
         started = len(_trials(storage))
         while len(_trials(storage)) == started and process.poll() is None:  # its first trial has begun
             time.sleep(0.05)
@@ -117,7 +120,7 @@ def test_killed_five_times_at_random_moments_the_study_loses_nothing(llama_famil
         kills += 1
         seen.update({t.number: t.value for t in _trials(storage) if t.state == TrialState.COMPLETE})
     assert kills == 5
-    assert _in_process(storage, llama_family, 15).wait() == 0  # the last run finishes the study
+    assert in_process(storage, llama_family, 15).wait() == 0  # the last run finishes the study
     final = _trials(storage)  # the storage is readable
     complete = {t.number: t.value for t in final if t.state == TrialState.COMPLETE}
     assert all(complete.get(n) == v for n, v in seen.items()), "a completed trial was lost"
@@ -128,7 +131,7 @@ def test_killed_five_times_at_random_moments_the_study_loses_nothing(llama_famil
     for trial in failed:  # every killed trial's offspring was evaluated again
         slot = trial.system_attrs.get(ATTR)
         assert slot is None or (slot["generation"], slot["target"]) in done
-    history, population = _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
+    history, population = population_after(storage, [str(p) for p in llama_family], GENERATIONS)
     assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
     assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
 

@@ -12,6 +12,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.evolver import ATTR, STRATEGIES, Move, draw_move, mutant, offspring_tensor, replay
+from tests.helpers.evolver import GENERATIONS, in_process, population_after
 
 # three individuals' copies of one tensor
 X = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([2.0, 4.0, 6.0, 8.0])]
@@ -177,89 +178,6 @@ def test_integrated_candidate_is_the_merge_with_the_offspring_in_place(tmp_path:
 
 # --- determinism: a resumed study and parallel workers reach the population of one process ------------------
 
-GENERATIONS = 4  # after generation 0 (three experts) and four generations of three offspring: 15 trials
-
-
-def _tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.0) -> None:
-    """An Evolver study over three tiny Llama experts; fitness: closeness of the candidate to the experts' mean.
-
-    The fitness is real and cheap (no data): the same evolution code as a study's, another objective.
-    """
-    import time
-
-    from evoopt.config import parse_config
-    from evoopt.io import open_source
-    from evoopt.population import Population
-    from evoopt.samplers import make_sampler
-    from evoopt.space import EvolverSpace, make_space, study_sources
-
-    config = parse_config({"name": "tiny-evolver", "sources": {"base": paths[0], "models": paths[1:],
-                                                               "tasks": ["vader-tweets"]},
-                           "space": {"kind": "evolver", "method": "none"},
-                           "sampler": {"name": "EvolverSampler", "options": {"poll": 0.05, "F": 0.8, "Cr": 0.6,
-                                                                           "strategy": "released"}},
-                           "trials": trials, "seed": 3})
-    sources = study_sources(config)
-    space = make_space(config, sources)
-    assert isinstance(space, EvolverSpace)
-    sampler = make_sampler(config.sampler, config.seed, lambda: space)
-    experts = [open_source(Path(p)) for p in paths[1:]]
-    names = sorted(experts[0].keys())
-    goal = {n: sum(e.get(n) for e in experts) / 3 for n in names}
-    population = Population(experts, names, dtype=torch.float32)
-    out = {n: torch.empty(experts[0].shape(n)) for n in names}
-
-    def objective(trial: optuna.Trial) -> float:
-        candidate = space.suggest(trial)
-        population.advance(sampler.history(trial.study), max(candidate.generation - 1, 0))  # type: ignore[attr-defined]
-        population.write(out, candidate.move, individual=candidate.target)
-        time.sleep(sleep)
-        return -float(sum(((out[n] - goal[n]) ** 2).sum() for n in names))
-
-    from evoopt.study import storage_from_url
-
-    # heartbeats as in a study: a trial of a killed process is failed after 2 s and its slot taken again
-    opened = storage_from_url(storage, heartbeat_interval=1, grace_period=2, retry=False)
-    study = optuna.create_study(study_name=config.name, storage=opened, sampler=sampler, direction="maximize",
-                                load_if_exists=True)
-    done = (TrialState.COMPLETE, TrialState.PRUNED)
-    left = trials - len(study.get_trials(states=done))
-    if left > 0:
-        study.optimize(objective, n_trials=left, callbacks=[optuna.study.MaxTrialsCallback(trials, states=done)])
-
-
-def _population_after(storage: str, paths: list[str], generation: int) -> tuple[Any, list[torch.Tensor]]:
-    """The history up to ``generation`` and the population P_generation it gives, from the stored trials."""
-    from evoopt.io import open_source
-    from evoopt.population import Population
-
-    study = optuna.load_study(study_name="tiny-evolver", storage=storage)
-    trials = [t for t in study.get_trials() if t.system_attrs.get(ATTR, {}).get("generation", 99) <= generation]
-    history = replay(trials, size=3, integrated=False, maximize=True, f=0.8, cr=0.6)
-    assert history.generation == generation + 1, "the study did not finish the generations compared"
-    experts = [open_source(Path(p)) for p in paths[1:]]
-    population = Population(experts, sorted(experts[0].keys()), dtype=torch.float32)
-    population.advance(history, generation)
-    return history, [torch.cat([t.flatten() for t in population.tensors(n)]) for n in population.names]
-
-
-def _in_process(storage: str, paths: list[Path], trials: int, sleep: float = 0.0) -> Any:
-    import subprocess
-    import sys
-
-    code = (f"from tests.test_evolver import _tiny_study; _tiny_study({storage!r}, {[str(p) for p in paths]!r}, "
-            f"trials={trials}, sleep={sleep})")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
-
-
-@pytest.fixture(scope="module")
-def reference(llama_family: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[torch.Tensor]]:
-    """One uninterrupted process."""
-    storage = f"sqlite:///{tmp_path_factory.mktemp('one')}/study.db"
-    _tiny_study(storage, [str(p) for p in llama_family], trials=15)
-    return _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
-
-
 def test_evolution_improves_and_is_replayed_exactly(reference: Any) -> None:
     history, population = reference
     assert sum(len(moves) for moves in history.accepted) >= 3  # offspring won their places
@@ -267,31 +185,34 @@ def test_evolution_improves_and_is_replayed_exactly(reference: Any) -> None:
     assert all(m.donors[0] != m.target and m.strategy == "released" for moves in history.accepted for m in moves)
 
 
+@pytest.mark.slow
 def test_resumed_in_a_fresh_process_reaches_the_same_population(llama_family: list[Path], tmp_path: Path,
                                                                 reference: Any) -> None:
     storage = f"sqlite:///{tmp_path}/study.db"
-    assert _in_process(storage, llama_family, 7).wait() == 0  # stops inside generation 2
-    assert _in_process(storage, llama_family, 15).wait() == 0  # a fresh process replays and goes on
-    history, population = _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
+    assert in_process(storage, llama_family, 7).wait() == 0  # stops inside generation 2
+    assert in_process(storage, llama_family, 15).wait() == 0  # a fresh process replays and goes on
+    history, population = population_after(storage, [str(p) for p in llama_family], GENERATIONS)
     assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
     assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
 
 
+@pytest.mark.slow
 def test_four_workers_reach_the_same_population(llama_family: list[Path], tmp_path: Path, reference: Any) -> None:
     storage = f"sqlite:///{tmp_path}/study.db"
     optuna.create_study(study_name="tiny-evolver", storage=storage, direction="maximize")
-    workers = [_in_process(storage, llama_family, 15, sleep=0.2) for _ in range(4)]  # 4 workers, 3 slots a generation
+    workers = [in_process(storage, llama_family, 15, sleep=0.2) for _ in range(4)]  # 4 workers, 3 slots a generation
     assert [w.wait() for w in workers] == [0, 0, 0, 0]
     study = optuna.load_study(study_name="tiny-evolver", storage=storage)
     slots_taken = [tuple(t.system_attrs[ATTR].values())[:2] for t in study.get_trials(states=(TrialState.COMPLETE,))]
     assert len(slots_taken) == len(set(slots_taken)), "two trials evaluated one offspring"
-    history, population = _population_after(storage, [str(p) for p in llama_family], GENERATIONS)
+    history, population = population_after(storage, [str(p) for p in llama_family], GENERATIONS)
     assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
     assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
 
 
 # --- the study engine: Evolver and TIES_Evolver on real MiniLM experts ----------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "ties", "fisher"])
 def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
         method: str, small_experts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,7 +221,7 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
     from evoopt.config import parse_config
     from evoopt.objective import ClassifierScorer
     from evoopt.study import Worker, export_trial, report_result, run_study, summary_rows
-    from tests.test_study import _config
+    from tests.helpers.studies import small_study_config
 
     built: list[str] = []
     original = ClassifierScorer.__init__
@@ -312,9 +233,9 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
     monkeypatch.setattr(ClassifierScorer, "__init__", spy)
     experts, _ = small_experts  # two experts: the released code's strategy needs two individuals
     space = {"kind": "evolver", "method": method, "fixed": {"weight": 1.0, "density": 0.5} if method == "ties" else {}}
-    config = parse_config(_config(tmp_path, experts, name=f"evolver-{method}", space=space, trials=5,
-                                  sampler={"name": "EvolverSampler",
-                                           "options": {"strategy": "released", "generations": 2}}))
+    config = parse_config(small_study_config(tmp_path, experts, name=f"evolver-{method}", space=space, trials=5,
+                                             sampler={"name": "EvolverSampler",
+                                                      "options": {"strategy": "released", "generations": 2}}))
     study = run_study(config, report=False).study
     assert built == ["dev"], "the search read another split than dev"
     trials = study.get_trials()
@@ -333,9 +254,9 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
     from click.testing import CliRunner
 
     from evoopt.cli import main
-    from tests.test_study import _write
+    from tests.helpers.studies import write_study_config
 
-    printed = CliRunner().invoke(main, ["best", str(_write(tmp_path, _config(
+    printed = CliRunner().invoke(main, ["best", str(write_study_config(tmp_path, small_study_config(
         tmp_path, experts, name=f"evolver-{method}", space=space, trials=5,
         sampler={"name": "EvolverSampler", "options": {"strategy": "released", "generations": 2}})))])
     assert printed.exit_code == 0, printed.output

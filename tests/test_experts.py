@@ -14,7 +14,7 @@ import pytest
 
 from evoopt.data import load_splits
 from evoopt.experts import build_setting, check_expert, get_setting
-from tests.small import SMALL
+from tests.helpers.small import SMALL
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_half_written_expert_is_rebuilt_never_loaded(built, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_expert_from_another_base_is_refused(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     experts, _ = built
-    from tests.conftest import save_family, tiny_bert_config
+    from tests.helpers.models import save_family, tiny_bert_config
 
     other = save_family(tmp_path, tiny_bert_config(), experts=0, seed=0, model_class="BertForSequenceClassification")[0]
     with pytest.raises(ValueError, match="fine-tuned from another base model"):

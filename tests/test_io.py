@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 from evoopt.io import ModelSourceError, atomic_folder, check_compatible, open_source, resolve_path
 from evoopt.merger import Merger
 from evoopt.recipe import RecipeError, parse_recipe
-
-from .conftest import save_family, tiny_llama_config
+from tests.helpers.models import save_family, tiny_llama_config
 
 
 def _recipe(paths: list[Path], method: str = "ties", **params: object) -> object:
@@ -198,7 +197,7 @@ def test_mixed_dtypes_need_an_explicit_dtype(llama_family: list[Path], tmp_path:
 
 
 def test_excluded_heads_keep_the_base_and_skip_shape_checks(bert_family: list[Path], tmp_path: Path) -> None:
-    from .conftest import tiny_bert_config
+    from tests.helpers.models import tiny_bert_config
 
     other_head = save_family(tmp_path, tiny_bert_config(num_labels=5), experts=0, seed=2,
                              model_class="BertForSequenceClassification")[0]

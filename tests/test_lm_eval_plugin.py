@@ -214,6 +214,7 @@ def test_a_study_trial_is_merged_from_the_stored_config(plugin: ModuleType, stud
     assert not _same_weights(first.model, study["expected"][1])
 
 
+@pytest.mark.slow
 def test_a_study_found_through_its_config_file(plugin: ModuleType, study: dict[str, Any], tasks: Path) -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -13,6 +13,8 @@ import yaml
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 KERNEL = "evoopt-test-python"
 
+pytestmark = pytest.mark.slow  # the notebook trains experts and runs a study
+
 # Run after the notebook's own cells, in its kernel: facts about the objects the notebook made.
 CHECK = """
 import json as _json
@@ -53,7 +55,6 @@ def _shown(cells: list[Any], code: str) -> str:
     return "".join(_text(o) for o in found[0].outputs)
 
 
-@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import nbformat
     from nbclient import NotebookClient

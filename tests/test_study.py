@@ -20,32 +20,7 @@ from optuna.trial import TrialState
 from evoopt.cli import main
 from evoopt.config import ConfigError, parse_config
 from evoopt.study import Worker, export_trial, open_study, run_study
-
-
-def _config(root: Path, experts: Any, **overrides: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "name": "small-ties",
-        "sources": {"base": str(next(iter(experts.base.values()))),
-                    "models": [str(p) for p in experts.experts.values()],
-                    "tasks": list(experts.experts)},
-        "space": {"method": "ties", "search": {"weight": [0.2, 1.2], "density": [0.2, 1.0]}},
-        "sampler": {"name": "RandomSampler"},
-        "objective": {"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48},
-        "trials": 4,
-        "seed": 0,
-        "artifacts": str(root / "artifacts"),
-        "baselines": [],
-        "heartbeat_interval": 1,
-        "grace_period": 2,
-    }
-    data.update(overrides)
-    return data
-
-
-def _write(root: Path, data: dict[str, Any]) -> Path:
-    path = root / f"{data['name']}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+from tests.helpers.studies import small_study_config, write_study_config
 
 
 def test_config_reports_every_problem_with_its_path() -> None:
@@ -66,11 +41,12 @@ def test_config_reports_every_problem_with_its_path() -> None:
                          "objective": {"split": "test", "allow_test": True}}).objective.split == "test"
 
 
+@pytest.mark.slow
 def test_unreachable_storage_is_a_clear_error_before_any_work(small_experts: Any, tmp_path: Path) -> None:
     experts, _ = small_experts
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    config = parse_config(_config(tmp_path, experts, storage=f"sqlite:///{blocker}/sub/x.db"))
+    config = parse_config(small_study_config(tmp_path, experts, storage=f"sqlite:///{blocker}/sub/x.db"))
     with pytest.raises(ConfigError, match="storage: cannot open"):
         run_study(config)
 
@@ -79,14 +55,15 @@ def test_unreachable_storage_is_a_clear_error_before_any_work(small_experts: Any
 def finished(small_experts: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, optuna.Study]:
     experts, _ = small_experts
     root = tmp_path_factory.mktemp("study")
-    config = parse_config(_config(root, experts, baselines=["sources", "greedy-soup", "ties"],
-                                  objective={"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48,
-                                             "fidelities": [20]},
-                                  pruner={"name": "MedianPruner", "options": {"n_startup_trials": 1}}))
+    config = parse_config(small_study_config(root, experts, baselines=["sources", "greedy-soup", "ties"],
+                                             objective={"limit": 40, "test_limit": 40, "batch_size": 40,
+                                                        "max_length": 48, "fidelities": [20]},
+                                             pruner={"name": "MedianPruner", "options": {"n_startup_trials": 1}}))
     report = run_study(config)
     return config, report.study
 
 
+@pytest.mark.slow
 def test_a_study_runs_to_its_budget_and_records_everything(finished: Any) -> None:
     config, study = finished
     trials = study.get_trials()
@@ -112,6 +89,7 @@ def test_a_study_runs_to_its_budget_and_records_everything(finished: Any) -> Non
     assert any(a.filename == f"best-trial-{best.number}.yaml" for a in artifacts)
 
 
+@pytest.mark.slow
 def test_the_objective_is_named_for_the_dashboard_in_new_and_resumed_studies(finished: Any) -> None:
     config, study = finished
     assert study.metric_names == ["dev accuracy (mean of 2 tasks)"]  # optuna-dashboard said "Objective 0"
@@ -126,6 +104,7 @@ def test_the_objective_is_named_for_the_dashboard_in_new_and_resumed_studies(fin
                                                                "vader-tweets")]
 
 
+@pytest.mark.slow
 def test_specialists_are_beaten_where_they_are_weak(finished: Any) -> None:
     """The search must at least match the best source on the mean over domains (dev)."""
     _, study = finished
@@ -133,6 +112,7 @@ def test_specialists_are_beaten_where_they_are_weak(finished: Any) -> None:
     assert study.best_value >= max(r["dev_value"] for r in sources) - 0.05
 
 
+@pytest.mark.slow
 def test_rerun_with_another_config_is_refused_naming_the_difference(finished: Any) -> None:
     config, _ = finished
     other = config.model_copy(update={"seed": 7})
@@ -140,6 +120,7 @@ def test_rerun_with_another_config_is_refused_naming_the_difference(finished: An
         open_study(other)
 
 
+@pytest.mark.slow
 def test_export_reloads_with_identical_logits(finished: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -157,9 +138,10 @@ def test_export_reloads_with_identical_logits(finished: Any, tmp_path: Path) -> 
         export_trial(config, "best", out)
 
 
+@pytest.mark.slow
 def test_resume_continues_and_keeps_finished_trials(small_experts: Any, tmp_path: Path) -> None:
     experts, _ = small_experts
-    config = parse_config(_config(tmp_path, experts, name="resume"))
+    config = parse_config(small_study_config(tmp_path, experts, name="resume"))
     first = run_study(config, n_trials=2, report=False)
     before = [(t.number, t.params) for t in first.study.get_trials()]
     assert len(before) == 2
@@ -169,10 +151,11 @@ def test_resume_continues_and_keeps_finished_trials(small_experts: Any, tmp_path
     assert second.ran == 2
 
 
+@pytest.mark.slow
 def test_non_finite_score_fails_the_trial_and_the_study_goes_on(small_experts: Any, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     experts, _ = small_experts
-    config = parse_config(_config(tmp_path, experts, name="nan", trials=3))
+    config = parse_config(small_study_config(tmp_path, experts, name="nan", trials=3))
     real = Worker.score
     calls = {"n": 0}
 
@@ -189,10 +172,11 @@ def test_non_finite_score_fails_the_trial_and_the_study_goes_on(small_experts: A
     assert "not finite" in failed.user_attrs["fail_reason"]
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_losing_trials(small_experts: Any, tmp_path: Path) -> None:
     """SIGKILL mid-study: the dead trial is detected by its stopped heartbeat and retried."""
     experts, _ = small_experts
-    path = _write(tmp_path, _config(tmp_path, experts, name="killed", trials=5))
+    path = write_study_config(tmp_path, small_study_config(tmp_path, experts, name="killed", trials=5))
     config = parse_config(yaml.safe_load(path.read_text()), root=tmp_path)
     command = [sys.executable, "-m", "evoopt.cli", "run", str(path), "--quiet", "--no-baselines"]
     process = subprocess.Popen(command, env=dict(os.environ))
@@ -228,9 +212,10 @@ def test_killed_study_resumes_without_losing_trials(small_experts: Any, tmp_path
     assert "best found" in result.output
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(small_experts: Any, tmp_path: Path) -> None:
     experts, _ = small_experts
-    path = _write(tmp_path, _config(tmp_path, experts, name="workers", trials=4))
+    path = write_study_config(tmp_path, small_study_config(tmp_path, experts, name="workers", trials=4))
     result = CliRunner().invoke(main, ["run", str(path), "--workers", "2", "--no-baselines"])
     assert result.exit_code == 0, result.output
     config = parse_config(yaml.safe_load(path.read_text()), root=tmp_path)
@@ -239,6 +224,7 @@ def test_two_workers_share_one_study(small_experts: Any, tmp_path: Path) -> None
     assert len({t.number for t in trials}) == len(trials)
 
 
+@pytest.mark.slow
 def test_cli_status_best_compare_and_bad_trial(finished: Any, tmp_path: Path) -> None:
     config, study = finished
     path = tmp_path / "study.yaml"

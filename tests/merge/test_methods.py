@@ -9,8 +9,7 @@ import torch
 
 from evoopt import merge as M
 from evoopt.merge import get_method
-
-from ._helpers import run
+from tests.helpers.merge import run
 
 T = torch.tensor
 

@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from evoopt import merge as M
 from evoopt.merge import PreparedTensor, merge_prepared
-
-from ._helpers import run
+from tests.helpers.merge import run
 
 sizes = st.integers(min_value=1, max_value=64)
 seeds = st.integers(min_value=0, max_value=2**31)

@@ -1,0 +1,145 @@
+"""The interface of a search-space kind: what the engine, the CLI, the exporter and the lm-eval plugin call.
+
+A kind turns a study config into a search space, builds the evaluation model once per
+process, writes each trial's candidate into it, records and rebuilds trials, exports a
+trial or the study's answer, and reports the answer. Nothing above this layer asks which
+kind a study has: it calls these methods.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import optuna
+import torch
+
+from evoopt.config import StudyConfig
+from evoopt.recipe import Recipe
+from evoopt.space import Sources
+from evoopt.storage import best_trial, get_trial
+
+Progress = Callable[[str, int, int], None]
+Score = Callable[[torch.nn.Module, str], dict[str, float]]  # (model, split) -> per-task scores
+
+
+class Kind:
+    """One search-space kind (``space.kind``); subclasses are registered in :mod:`evoopt.kinds`.
+
+    The evaluation model is built by :meth:`build` (once per process); :meth:`candidate`
+    then writes each trial's candidate into it (or returns a model that shares its weights).
+    """
+
+    names: ClassVar[tuple[str, ...]]  # the space.kind values it serves
+    retry_failed: ClassVar[bool] = True  # a trial of a dead worker is retried with the same parameters
+    one_seed: ClassVar[bool] = False  # every worker's sampler draws from the study's seed (not seed + worker)
+
+    def __init__(self, config: StudyConfig, sources: Sources) -> None:
+        self.config, self.sources = config, sources
+        self.model: torch.nn.Module | None = None
+        self.tokenizer_folder: Path | None = None
+        self.device = torch.device("cpu")
+
+    # --- the config and the sampler -------------------------------------------------------------------
+
+    @staticmethod
+    def problems(config: StudyConfig) -> list[str]:
+        """Config problems of this kind, each with its key path (the config's own checks ran already)."""
+        return []
+
+    @property
+    def space(self) -> Any:
+        """The search space (built once): its ``sampler_options()`` are given to samplers that take them."""
+        if "_space" not in self.__dict__:
+            self.__dict__["_space"] = self.make_space()
+        return self.__dict__["_space"]
+
+    def make_space(self) -> Any:
+        """Build the search space from the config and the sources."""
+        raise NotImplementedError
+
+    def title(self) -> str:
+        """The space in a few words, for notes and tables: ``layerwise ties``."""
+        return f"{self.config.space.kind} {self.config.space.method}"
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+
+    def build(self, study: optuna.Study | None, device: torch.device,
+              progress: Progress | None = None) -> torch.nn.Module:
+        """The evaluation model, loaded once; sets ``model``, ``tokenizer_folder`` and ``device``."""
+        raise NotImplementedError
+
+    def built(self, study: optuna.Study | None) -> torch.nn.Module:
+        """The evaluation model, built now if it was not (reports and exports build only when needed)."""
+        if self.model is None:
+            from evoopt.merger import pick_device
+
+            return self.build(study, pick_device(self.config.device))
+        return self.model
+
+    def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
+        """Sample the trial's parameters, record what they mean (user attributes), and write the candidate
+        into the evaluation model; returns the model to score and when the writing began."""
+        raise NotImplementedError
+
+    def trial_model(self, params: Mapping[str, Any]) -> torch.nn.Module:
+        """A finished trial's model, rebuilt from its parameters (``trial.params``) in the evaluation model."""
+        raise NotImplementedError
+
+    # --- records, export, report ------------------------------------------------------------------------
+
+    def record(self, trial: optuna.trial.FrozenTrial) -> str:
+        """What a trial is, as YAML: its recipe (parameter spaces) or path (data-flow space)."""
+        raise NotImplementedError
+
+    def recipe(self, params: Mapping[str, Any]) -> Recipe | None:
+        """A trial's merge recipe, for kinds whose candidates are recipes (else None)."""
+        return None
+
+    def model_info(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        """What lm-eval records about a trial's model (``evoopt_...`` keys)."""
+        import yaml
+
+        return {f"evoopt_{self.config.space.kind}": yaml.safe_load(self.record(trial))}
+
+    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
+        """Save a trial's model (or, ``best``, the study's answer) as a Hugging Face folder."""
+        raise NotImplementedError
+
+    def report(self, study: optuna.Study, score: Score) -> bool:
+        """Score the study's answer on test (and dev) for reporting; store it on the study. Returns whether
+        anything new was reported. The default: the best trial, rebuilt."""
+        trial = best_trial(study)
+        reports = dict(study.user_attrs.get("evoopt:test", {}))
+        if trial is None or str(trial.number) in reports:
+            return False
+        self.built(study)
+        model = self.trial_model(trial.params)
+        reports[str(trial.number)] = {"test": score(model, "test"), "dev": trial.user_attrs.get("scores", {})}
+        study.set_user_attr("evoopt:test", reports)
+        self._upload(study, trial)
+        return True
+
+    def best_text(self, study: optuna.Study) -> str:
+        """What `evoopt best` prints: the best trial's value, scores and record."""
+        trial = get_trial(study, "best")
+        return (f"# trial {trial.number}: value {trial.values}; dev scores {trial.user_attrs.get('scores')}\n"
+                + self.record(trial))
+
+    def _upload(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """The trial's record, as an artifact optuna-dashboard shows."""
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        folder = self.config.artifact_dir / "artifacts"
+        folder.mkdir(parents=True, exist_ok=True)
+        file = self.config.artifact_dir / f"best-trial-{trial.number}.yaml"
+        file.write_text(self.record(trial))
+        upload_artifact(artifact_store=FileSystemArtifactStore(str(folder)), file_path=str(file),
+                        study_or_trial=study, storage=study._storage)
+
+
+def started() -> float:
+    """When a candidate's writing begins (sampling and storage writes are not in the merge time)."""
+    return time.perf_counter()

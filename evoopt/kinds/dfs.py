@@ -1,0 +1,137 @@
+"""Data-flow-space merging (Akiba et al. 2024): the path of layers a token takes through the pool's models,
+with scales; a trial's model is a path model that shares the pool's weights (nothing is merged)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from evoopt.dfs import LayerPath, export_path, path_model, path_parameters
+from evoopt.errors import ConfigError
+from evoopt.kinds.base import Kind, Progress, started
+from evoopt.merger import DTYPES
+from evoopt.space import DfsSpace
+from evoopt.storage import get_trial, load_study
+
+
+class DfsKind(Kind):
+    names = ("dfs",)
+
+    @property
+    def space(self) -> DfsSpace:
+        return super().space  # type: ignore[no-any-return]
+
+    def make_space(self) -> DfsSpace:
+        return DfsSpace(self.config, self.sources)
+
+    def title(self) -> str:
+        return "dfs (data-flow)"
+
+    def build(self, study: optuna.Study | None, device: torch.device,
+              progress: Progress | None = None) -> torch.nn.Module:
+        """The pool's models, as they are: a path shares their weights."""
+        from evoopt.io import load_target, open_source
+
+        dtype = DTYPES.get(self.config.dtype, torch.float32)  # (auto: float32)
+        opened = [open_source(folder) for folder in pool_folders(self.space, study)]
+        self.pool = [load_target(source, dtype=dtype, device=device) for source in opened]
+        try:  # models of other widths, or not decoders: said before any trial
+            path_model(self.pool, self.space.path(self.space.identity()))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"space.pool: {error}") from None
+        self.model, self.tokenizer_folder, self.device = self.pool[0], opened[0].folder, device
+        return self.model
+
+    def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
+        try:
+            path = self.space.suggest(trial)
+        except ValueError as error:  # e.g. no slot on the path
+            from evoopt.errors import EvaluationError
+
+            trial.set_user_attr("fail_reason", str(error))
+            raise EvaluationError(f"trial {trial.number}: {error}") from None
+        trial.set_user_attr("path", self.space.describe(path))
+        trial.set_user_attr("path_length", len(path.hops))
+        begun = started()
+        return path_model(self.pool, path), begun
+
+    def trial_model(self, params: Mapping[str, Any]) -> torch.nn.Module:
+        return path_model(self.pool, self.space.path(dict(params)))
+
+    def path_record(self, trial: optuna.trial.FrozenTrial, path: LayerPath | None = None) -> dict[str, Any]:
+        """A trial's path: the pool, the hops (model, layer) and their scales (``path``: already decoded)."""
+        space = self.space
+        path = path or space.path(trial.params)
+        return {"trial": trial.number, "path": space.describe(path), "length": len(path.hops),
+                "pool": dict(zip(space.labels, space.pool)),
+                "hops": [[space.labels[m], layer] for m, layer in path.hops], "scales": list(path.scales)}
+
+    def model_info(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return {"evoopt_path": self.path_record(trial)}
+
+    def record(self, trial: optuna.trial.FrozenTrial) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.path_record(trial), sort_keys=False)
+
+    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
+        """A trial's model: its layers in path order, the scales applied by a small modeling file."""
+        import yaml
+
+        trial = get_trial(study, which)
+        self.built(study)
+        path = self.space.path(trial.params)
+        text = yaml.safe_dump(self.path_record(trial, path), sort_keys=False)
+        info = {"study": self.config.name, "trial": trial.number,
+                "models": dict(zip(self.space.labels, self.space.pool)),
+                "pinned": study.user_attrs.get("evoopt:pool", {})}
+        card = "\n".join(["---", "library_name: transformers", "tags: [merge, evoopt, data-flow-space]", "---", "",
+                          f"# {self.config.name}: data-flow-space merge", "",
+                          f"Trial {trial.number} of an evoopt data-flow study (Akiba et al. 2024): "
+                          f"{len(path.hops)} layers, {path_parameters(self.pool, path):,} parameters. Load it with "
+                          "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (a small modeling "
+                          "file applies the scales).", "", "```yaml", text.rstrip(), "```", ""])
+        return Path(export_path(self.pool, path, out, tokenizer_from=self.tokenizer_folder, card=card, info=info,
+                                overwrite=overwrite))
+
+
+def pool_folders(space: DfsSpace, study: optuna.Study | None = None) -> list[Path]:
+    """The folders of a data-flow study's pool.
+
+    ``study:OTHER.yaml`` is that study's best trial (PS+DFS: the best parameter-space model
+    as A), exported once into this study's artifacts folder. The trial is pinned in ``study``
+    (user attribute ``evoopt:pool``): a better trial found there later does not change this
+    study's pool under its trials.
+    """
+    from evoopt.config import load_config
+    from evoopt.io import resolve_path
+    from evoopt.kinds import make_kind, on_cpu
+
+    config = space.config
+    pinned: dict[str, int] = dict(study.user_attrs.get("evoopt:pool", {})) if study is not None else {}
+    folders = []
+    for ref in space.pool:
+        if not ref.startswith("study:"):
+            folders.append(resolve_path(ref, config.root))
+            continue
+        other = load_config(resolve_path(ref.removeprefix("study:"), config.root))
+        opened = None
+        if ref not in pinned:
+            opened = load_study(other.name, other.storage_url)
+            pinned[ref] = get_trial(opened, "best").number
+        folder = config.artifact_dir / "pool" / f"{other.name}-trial-{pinned[ref]}"
+        if not folder.exists():
+            try:
+                opened = opened or load_study(other.name, other.storage_url)
+                make_kind(on_cpu(other)).export(opened, pinned[ref], folder)
+            except (FileExistsError, OSError):
+                if not folder.exists():  # (another worker exporting the same folder at once is fine)
+                    raise
+        folders.append(folder)
+    if study is not None and pinned and pinned != study.user_attrs.get("evoopt:pool"):
+        study.set_user_attr("evoopt:pool", pinned)
+    return folders

@@ -1,0 +1,191 @@
+"""The Evolver (Du et al. 2024, "Knowledge Fusion By Evolving Weights of Language Models"): a trial is one
+offspring of a population of the experts' weights; ``space.method`` is X of X_Evolver (``none``: plain)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from evoopt.errors import ConfigError
+from evoopt.evolver import EvolverSampler, History
+from evoopt.kinds.base import Kind, Progress, Score, started
+from evoopt.merge import get_method
+from evoopt.merger import Merger
+from evoopt.population import Population
+from evoopt.recipe import Recipe
+from evoopt.space import EvolverSpace
+from evoopt.storage import get_trial
+
+
+class EvolverKind(Kind):
+    names = ("evolver",)
+    retry_failed = False  # a dead offspring frees its slot and the next trial takes it with the same move
+    one_seed = True  # every worker draws the moves of one run (its generators are keyed by generation and target)
+
+    @property
+    def space(self) -> EvolverSpace:
+        return super().space  # type: ignore[no-any-return]
+
+    def make_space(self) -> EvolverSpace:
+        return EvolverSpace(self.config, self.sources)
+
+    def title(self) -> str:
+        return "evolver " + ("(plain)" if self.config.space.method == "none" else self.config.space.method)
+
+    def history(self, study: optuna.Study) -> History:
+        """The population's history, replayed from the study's trials (by the config's own sampler settings,
+        so a study opened only to read it needs no EvolverSampler of its own)."""
+        if not hasattr(self, "_sampler"):
+            from evoopt.samplers import make_sampler
+
+            sampler = make_sampler(self.config.sampler, self.config.seed, lambda: self.space)
+            if not isinstance(sampler, EvolverSampler):
+                raise ConfigError("sampler.name: space.kind evolver needs EvolverSampler")
+            self._sampler = sampler
+        return self._sampler.history(study)
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+
+    def build(self, study: optuna.Study | None, device: torch.device,
+              progress: Progress | None = None) -> torch.nn.Module:
+        self.merger = Merger(self.space.default(), progress=progress)
+        self.model, self.tokenizer_folder, self.device = self.merger.model, self.merger.structure.folder, device
+        self.population = self._population()
+        return self.model
+
+    def _population(self) -> Population:
+        from evoopt.evaluator import calibration_file
+
+        method = self.space.method and get_method(self.space.method)
+        calibration = calibration_file(self.config, self.sources) if method and method.statistic else None
+        x = self.space.merge_recipe(calibration)
+        folder = None
+        if self.config.space.population == "mmap":
+            import tempfile
+
+            self.config.artifact_dir.mkdir(parents=True, exist_ok=True)
+            self._population_dir = tempfile.TemporaryDirectory(prefix="population-", dir=self.config.artifact_dir)
+            folder = Path(self._population_dir.name)
+        return Population(self.merger.sources, list(self.merger.targets), dtype=self.merger.dtype, folder=folder,
+                          device=self.device, method=x.merge_method if x else None, base=self.merger.base,
+                          coefficients=x.coefficients if x else None, seed=self.config.seed,
+                          statistics=self._estimator(x) if calibration and x else None)
+
+    def _estimator(self, recipe: Recipe) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Fisher or RegMean statistics of an individual: its weights written into the model, calibration run."""
+        from evoopt.merger import calibration_batches
+        from evoopt.statistics import estimate_fisher, gram_matrices
+
+        assert self.merger.structure.folder is not None and self.model is not None
+        model = self.model
+        batches = [{k: v.to(self.device) for k, v in b.items()}
+                   for b in calibration_batches(recipe, self.merger.structure.folder)]
+        estimate = estimate_fisher if recipe.merge_method.statistic == "fisher" else gram_matrices
+
+        def statistics(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    self.merger.targets[name].copy_(tensor)
+            return estimate(model, batches)
+
+        return statistics
+
+    def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
+        """Bring the population to P_{g-1} and write the trial's offspring (or initial individual) into the model."""
+        candidate = self.space.suggest(trial)
+        trial.set_user_attr("generation", candidate.generation)
+        history = self.history(trial.study)
+        begun = started()
+        self.population.advance(history, max(candidate.generation - 1, 0))
+        self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
+        assert self.model is not None
+        return self.model, begun
+
+    def trial_model(self, params: Mapping[str, Any]) -> torch.nn.Module:
+        """An Evolver trial's model is evolved weights, rebuilt from the study's history: see :meth:`export`."""
+        raise ConfigError("trial: an Evolver trial's model is made of evolved weights, not a recipe; save it with "
+                          "`evoopt export STUDY --trial N --out DIR` and use that folder")
+
+    def answer(self, history: History) -> torch.nn.Module:
+        """The Evolver's answer (the fittest individual, or X of the population) of the last generation."""
+        if history.generation == 0:
+            raise ConfigError("trial: the study has not scored its initial population yet")
+        self.population.advance(history, history.generation - 1)
+        self.population.write_result(self.merger.targets, history)
+        assert self.model is not None
+        return self.model
+
+    # --- records, export, report ------------------------------------------------------------------------
+
+    def record(self, trial: optuna.trial.FrozenTrial) -> str:
+        import yaml
+
+        candidate = self.space.candidate(trial)
+        move = vars(candidate.move) if candidate.move else None
+        return yaml.safe_dump({"trial": trial.number, "generation": candidate.generation,
+                               "target": candidate.target, "move": move}, sort_keys=False)
+
+    def report(self, study: optuna.Study, score: Score) -> bool:
+        """Score the answer of the last finished generation on dev and test; stored on the study."""
+        history = self.history(study)
+        reported = study.user_attrs.get("evoopt:result", {}).get("generation")
+        if history.generation == 0 or reported == history.generation - 1:
+            return False  # nothing scored yet, or this generation's answer is reported
+        self.built(study)
+        model = self.answer(history)
+        study.set_user_attr("evoopt:result", {
+            "generation": history.generation - 1, "best": history.best, "method": self.config.space.method,
+            "dev": score(model, self.config.objective.split), "test": score(model, "test")})
+        return True
+
+    def best_text(self, study: optuna.Study) -> str:
+        """The population: each individual's fitness, the answer and its scores when reported."""
+        history = self.history(study)
+        if history.generation == 0:
+            raise ConfigError(f"trial: study {study.study_name!r} has not scored its initial population yet")
+        fitness = ", ".join("-" if f is None else f"{f:.4f}" for f in history.fitness)
+        accepted = sum(len(moves) for moves in history.accepted)
+        lines = [f"# population after generation {history.generation - 1}: fitness (dev) {fitness}; "
+                 f"{accepted} offspring accepted; fittest: individual {history.best}"]
+        result = study.user_attrs.get("evoopt:result")
+        if result:
+            for split in ("dev", "test"):
+                scores = ", ".join(f"{task} {value:.4f}" for task, value in result[split].items())
+                lines.append(f"# answer of generation {result['generation']}, {split}: {scores}")
+        lines.append(f"# save it: evoopt export {self.config.name}.yaml --trial best --out DIR")
+        return "\n".join(lines) + "\n"
+
+    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
+        """The answer (``best``: the fittest individual or X of the last population) or a trial's candidate,
+        with the history that rebuilds it (YAML) in its model card."""
+        import yaml
+
+        from evoopt.kinds.parameter import export_merged
+
+        self.built(study)
+        history = self.history(study)
+        if which in ("best", "result"):
+            self.answer(history)
+            what = f"generation {history.generation - 1}: " + (
+                f"individual {history.best}, the fittest" if self.config.space.method == "none"
+                else f"{self.config.space.method} of the population")
+        else:
+            candidate = self.space.candidate(get_trial(study, which))
+            self.population.advance(history, max(candidate.generation - 1, 0))
+            self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
+            kind = "offspring of individual" if candidate.move else "initial individual"
+            what = f"trial {which}: generation {candidate.generation}, {kind} {candidate.target}"
+        rebuild: dict[str, Any] = {
+            "study": self.config.name, "evolver": what, "seed": self.config.seed, "method": self.config.space.method,
+            "experts": list(self.sources.models), "fitness": history.fitness,
+            "accepted": {g: [vars(m) for m in moves] for g, moves in enumerate(history.accepted) if moves}}
+        text = yaml.safe_dump(rebuild, sort_keys=False)
+        card = "\n".join(["---", "library_name: transformers", "tags: [merge, evoopt, evolver]", "---", "",
+                          f"# {self.config.name}: Evolver", "",
+                          f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.", "", "```yaml", text.rstrip(),
+                          "```", ""])
+        return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card))

@@ -1,0 +1,83 @@
+"""Parameter-space merging: a merge method's coefficients, one per model (``global``) or per model and
+layer group (``layerwise``, Akiba et al. 2024), written into the evaluation model by a Merger."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from evoopt.kinds.base import Kind, Progress, started
+from evoopt.merger import Merger
+from evoopt.recipe import Recipe
+from evoopt.space import Space, make_space
+from evoopt.storage import get_trial
+
+
+class ParameterKind(Kind):
+    names = ("global", "layerwise")
+
+    @property
+    def space(self) -> Space:
+        return super().space  # type: ignore[no-any-return]
+
+    def make_space(self) -> Space:
+        space = make_space(self.config, self.sources)
+        assert isinstance(space, Space)
+        return space
+
+    def build(self, study: optuna.Study | None, device: torch.device,
+              progress: Progress | None = None) -> torch.nn.Module:
+        self.merger = Merger(self.space.default(), progress=progress)
+        self.model, self.tokenizer_folder, self.device = self.merger.model, self.merger.structure.folder, device
+        return self.model
+
+    def merged(self, recipe: Recipe) -> torch.nn.Module:
+        """Any recipe over the sources (a baseline's, a trial's), written into the evaluation model."""
+        return self.merger.merge(recipe)
+
+    def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
+        recipe = self.space.suggest(trial)
+        trial.set_user_attr("recipe", recipe.model_dump(mode="json", exclude_defaults=True))
+        begun = started()
+        return self.merged(recipe), begun
+
+    def trial_model(self, params: Mapping[str, Any]) -> torch.nn.Module:
+        return self.merged(self.space.recipe(dict(params)))
+
+    def recipe(self, params: Mapping[str, Any]) -> Recipe:
+        return self.space.recipe(dict(params))
+
+    def model_info(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return {"evoopt_recipe": self.recipe(trial.params).model_dump(mode="json", exclude_defaults=True)}
+
+    def record(self, trial: optuna.trial.FrozenTrial) -> str:
+        return self.space.recipe(trial.params).to_yaml()
+
+    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
+        merger = Merger(self.space.recipe(get_trial(study, which).params))
+        merger.merge()
+        return export_merged(merger, self.sources, out, overwrite=overwrite)
+
+
+def export_merged(merger: Merger, sources: object, out: Path, *, overwrite: bool = False,
+                  card: tuple[str, str] | None = None) -> Path:
+    """A merged model in the Hugging Face layout; per-task heads: one folder per task, each with its head."""
+    from evoopt.evaluator import task_heads
+    from evoopt.io import atomic_folder
+    from evoopt.space import Sources
+
+    assert isinstance(sources, Sources)
+    if not sources.per_task_heads:
+        return merger.export(out, overwrite=overwrite, card=card)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        params = dict(merger.model.named_parameters())
+        for task, head in task_heads(sources, torch.device("cpu")).items():
+            for name, tensor in head.items():
+                params[name].data = tensor
+            merger.model.config.num_labels = next(t.shape[0] for t in head.values())
+            merger.export(tmp / task, card=card)
+    return out

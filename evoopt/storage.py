@@ -1,0 +1,195 @@
+"""Study storage: Optuna storages from URLs, studies opened for reading, trials looked up.
+
+The lowest layer of the study engine: it knows URLs, drivers and Optuna's storages, and
+nothing of search spaces, models or samplers (the engine, :mod:`evoopt.study`, opens a study
+with its sampler; :func:`load_study` opens one only to read it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from evoopt.errors import ConfigError, StorageError
+
+logger = logging.getLogger(__name__)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CONFIG_ATTR = "evoopt:config"
+
+
+def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                     create: bool = True, retry: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna storage: ``journal:PATH`` (or a .log/.journal file), else an RDB URL (sqlite, PostgreSQL, ...).
+
+    With a heartbeat interval, RDB trials of dead processes are failed after
+    ``grace_period`` and (``retry``) retried with the same parameters. ``create=False``
+    refuses a file storage that does not exist yet instead of making it. A server URL
+    without a driver (``postgresql://``) gets the installed one (see :func:`database_url`).
+    """
+    journal = url.startswith("journal:") or url.endswith((".log", ".journal"))
+    path = Path(url.removeprefix("journal:")) if journal else None
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+    if path is not None and not create and not path.is_file():
+        raise StorageError(f"storage: no such file {path}; give the storage URL the study was run with")
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"storage: cannot open {url!r}: cannot make its folder ({error}); "
+                              "give a storage file in a folder that can be written") from None
+    if journal:
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    shown = _shown(url)
+    url = database_url(url)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several local workers share the file
+    if heartbeat_interval is not None:
+        retried = optuna.storages.RetryHeartbeatStaleTrialCallback(3) if retry else None
+        kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                      heartbeat_stale_trial_callback=retried)
+    try:
+        return _rdb_storage(url, kwargs)
+    except ImportError as error:  # Optuna's "Failed to import DB access module", from the driver's ImportError
+        cause = error.__cause__ or error.__context__ or error
+        raise StorageError(f"storage: the database driver of {shown} is not installed ({cause}); install it, "
+                          "or name an installed one in the URL (dialect+driver://...)") from None
+    except OperationalError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise StorageError(f"storage: cannot connect to {shown}: {reason}; check that the server is up and "
+                          "reachable, the URL and the credentials") from None
+    except ArgumentError as error:
+        raise StorageError(f"storage: {shown} is not a storage URL SQLAlchemy knows ({error}); use sqlite:///FILE, "
+                          "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH") from None
+
+
+# a server URL without +driver gets the first installed of these (SQLAlchemy's own default varies by version:
+# psycopg2 before 2.1, psycopg from 2.1), so the documented postgresql:// works with either
+_DRIVERS = {"postgresql": (("psycopg", "psycopg"), ("psycopg2", "psycopg2")),
+            "mysql": (("mysqldb", "MySQLdb"), ("pymysql", "pymysql"))}
+
+
+_DRIVER_HINTS = {"postgresql": "pip install 'evoopt[postgres]' (psycopg)", "mysql": "pip install PyMySQL"}
+
+
+def database_url(url: str) -> str:
+    """``url`` with its driver named: ``postgresql://`` (or ``postgres://``) becomes ``postgresql+psycopg://``
+    when psycopg is installed, else ``postgresql+psycopg2://``; ``mysql://`` likewise with MySQLdb or PyMySQL.
+
+    A URL that names its driver, and every other URL, is returned as it is.
+    """
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"storage: {url!r} is not a storage URL; use sqlite:///FILE, postgresql://USER@HOST/DB, "
+                          "mysql://USER@HOST/DB or journal:PATH") from None
+    dialect = "postgresql" if parsed.drivername == "postgres" else parsed.drivername
+    if dialect not in _DRIVERS:
+        return url
+    for driver, module in _DRIVERS[dialect]:
+        if importlib.util.find_spec(module) is not None:
+            return parsed.set(drivername=f"{dialect}+{driver}").render_as_string(hide_password=False)
+    names = " or ".join(module for _, module in _DRIVERS[dialect])
+    raise StorageError(f"storage: the database driver of {_shown(url)} is not installed (no {names}); "
+                      f"{_DRIVER_HINTS[dialect]}")
+
+
+def _shown(url: str) -> str:
+    """The URL for messages, its password masked."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except ArgumentError:  # not a URL: as given
+        return repr(url)
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Workers started together on an empty database race to create Optuna's tables: the losers,
+    refused with a duplicate table or type, open it again once the winner has made them."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError) as error:
+            if attempt == attempts - 1 or "already exists" not in str(error):
+                raise
+            logger.info("storage: another worker is creating the schema; opening again")
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def load_study(name: str, url: str) -> optuna.Study:
+    """A stored study, opened to read it: no sampler or search space is built (``status``, ``best``, ``compare``)."""
+    file = url.removeprefix("sqlite:///").removeprefix("journal:")
+    if file != url and not Path(file).is_file():
+        raise ConfigError(f"name: no study {name!r} in {url} (the file does not exist); run it first, or give the "
+                          "storage URL it was run with")
+    storage = storage_from_url(url, create=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        raise ConfigError(f"name: no study {name!r} in {url}; run it first") from None
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    if len(study.directions) > 1:  # one objective per task, all in one direction: the best sum on the front
+        front = study.best_trials
+        if not front:
+            return None
+        maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        return front[best_index([float(sum(t.values)) for t in front], maximize=maximize)]
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def get_trial(study: optuna.Study, which: str | int) -> optuna.trial.FrozenTrial:
+    if which == "best":
+        trial = best_trial(study)
+        if trial is None:
+            raise ConfigError(f"trial: study {study.study_name!r} has no completed trial yet")
+        return trial
+    number = int(which)
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise ConfigError(f"trial: study {study.study_name!r} has trials 0..{len(trials) - 1}, not {number}")
+    if trials[number].state != TrialState.COMPLETE:
+        raise ConfigError(f"trial: trial {number} is {trials[number].state.name}, not COMPLETE")
+    return trials[number]
+
+
+def better(value: float, than: float, *, maximize: bool) -> bool:
+    """Whether ``value`` beats ``than`` in the study's direction (perplexity and mse are minimised)."""
+    return value > than if maximize else value < than
+
+
+def best_index(values: list[float], *, maximize: bool) -> int:
+    """The position of the best value in the study's direction; the first among equals."""
+    best = 0
+    for i, value in enumerate(values):
+        if better(value, values[best], maximize=maximize):
+            best = i
+    return best

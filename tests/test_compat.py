@@ -1,0 +1,57 @@
+"""Nothing breaks for users: a study database written by main before the architecture change
+(tests/data/made-by-main-b96d5a6, made by its make_db.py with that version's code) opens, resumes
+and is shown by today's code, and the first plan's public imports still work."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from evoopt.cli import main
+from evoopt.config import load_config
+
+MADE = Path(__file__).parent / "data" / "made-by-main-b96d5a6"
+
+
+@pytest.fixture()
+def old_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "made"
+    shutil.copytree(MADE, folder)
+    monkeypatch.chdir(folder)  # its storage URL is relative: sqlite:///study.db
+    return folder / "study.yaml"
+
+
+def test_a_database_made_by_the_previous_main_opens_and_resumes(old_study: Path) -> None:
+    from evoopt.report import summary_rows
+    from evoopt.study import open_study
+
+    config = load_config(old_study)
+    study = open_study(config)  # resumed: the stored config is the same study; today's keys take defaults
+    assert [t.value for t in study.trials] == [41.5, 39.25, 40.0]
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert study.metric_names == ["dev perplexity"]  # named on resume
+    assert summary_rows(study)[-1] == {"name": "best found (trial 1)", "dev": 39.25, "test": None}
+
+
+def test_status_and_best_read_it_without_building_models(old_study: Path) -> None:
+    status = CliRunner().invoke(main, ["status", str(old_study)])
+    assert status.exit_code == 0, status.output
+    assert "best found (trial 1)" in status.output and "3 complete" in status.output
+    best = CliRunner().invoke(main, ["best", str(old_study)])  # the models do not exist: nothing is loaded
+    assert best.exit_code == 0, best.output
+    assert "# trial 1: value [39.25]" in best.output and "method: task_arithmetic" in best.output
+    assert "weight: 0.9" in best.output and "weight: 0.1" in best.output
+
+
+def test_the_first_plans_imports_still_work() -> None:
+    from evoopt.merge import get_method, ties  # noqa: F401
+    from evoopt.samplers import EvoCmaSampler, EvolverSampler
+    from evoopt.study import EvaluationError, Worker, export_trial, open_study, run_baselines, run_study  # noqa: F401
+
+    assert issubclass(EvoCmaSampler, optuna.samplers.BaseSampler)
+    assert issubclass(EvolverSampler, optuna.samplers.BaseSampler)
+    assert issubclass(EvaluationError, RuntimeError)

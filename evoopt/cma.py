@@ -236,7 +236,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
                      if t.value is not None and (x := _encode_trial(t, names, dists)) is not None]
             if math.floor(len(found) * gamma) < 1:
                 raise ConfigError(f"warm_start_study: {study_name!r} has {len(found)} finished trial(s) over these "
-                                 f"parameters; warm_start_gamma={gamma} needs at least {math.ceil(1 / gamma)}")
+                                  f"parameters; warm_start_gamma={gamma} needs at least {math.ceil(1 / gamma)}")
             mean, sigma, cov = get_warm_start_mgd(found, gamma=gamma)
             mean = np.clip(mean, 0.0, 1.0)
         return self._optimizer(mean, sigma, self._popsize, cov, dists, seed=0)

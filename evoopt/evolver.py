@@ -264,7 +264,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if len(study.directions) > 1:
             raise ConfigError("EvolverSampler: greedy selection needs one objective; "
-                             "set objective.multi_objective false")
+                              "set objective.multi_objective false")
         last = self.population - 1
         return {"target": IntDistribution(0, last), **{f"donor_{k}": IntDistribution(0, last) for k in (1, 2, 3)},
                 "F": FloatDistribution(0.0, 2.0), "Cr": FloatDistribution(0.0, 1.0),
@@ -292,7 +292,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
         raise ConfigError(f"EvolverSampler: the Evolver decides every parameter of a trial; {param_name!r} is not one "
-                         f"of {', '.join(PARAMS)} (use space.kind evolver with this sampler)")
+                          f"of {', '.join(PARAMS)} (use space.kind evolver with this sampler)")
 
     def _claim(self, study: optuna.Study, trial: FrozenTrial) -> tuple[int, int, History]:
         """Take the first free slot of the current generation, waiting while the generation runs.
@@ -321,7 +321,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
                 continue
             if waited >= self.wait_timeout:
                 raise WorkerError(f"EvolverSampler: generation {g} has run for {waited:.0f} s in other trials; "
-                                   "are its workers alive? (journal storages have no heartbeats to fail dead ones)")
+                                  "are its workers alive? (journal storages have no heartbeats to fail dead ones)")
             time.sleep(self.poll)
             waited += self.poll
             if is_heartbeat_enabled(storage):

@@ -61,7 +61,7 @@ class Population:
                  statistics: Estimate | None = None) -> None:
         if method is not None and method.statistic is not None and statistics is None:
             raise ConfigError(f"statistics: {method.name!r} needs per-model data statistics; give the function "
-                             "that estimates them for an individual's weights")
+                              "that estimates them for an individual's weights")
         if method is not None and method.needs_base and base is None:
             raise ConfigError(f"method: {method.name!r} needs a base model; give the study's sources a base")
         self.sources, self.names, self.dtype, self.folder = list(sources), list(names), dtype, folder

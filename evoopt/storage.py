@@ -42,7 +42,7 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StorageError(f"storage: cannot open {url!r}: cannot make its folder ({error}); "
-                              "give a storage file in a folder that can be written") from None
+                               "give a storage file in a folder that can be written") from None
     if journal:
         from optuna.storages.journal import JournalFileBackend
 
@@ -63,14 +63,14 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
     except ImportError as error:  # Optuna's "Failed to import DB access module", from the driver's ImportError
         cause = error.__cause__ or error.__context__ or error
         raise StorageError(f"storage: the database driver of {shown} is not installed ({cause}); install it, "
-                          "or name an installed one in the URL (dialect+driver://...)") from None
+                           "or name an installed one in the URL (dialect+driver://...)") from None
     except OperationalError as error:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise StorageError(f"storage: cannot connect to {shown}: {reason}; check that the server is up and "
-                          "reachable, the URL and the credentials") from None
+                           "reachable, the URL and the credentials") from None
     except ArgumentError as error:
         raise StorageError(f"storage: {shown} is not a storage URL SQLAlchemy knows ({error}); use sqlite:///FILE, "
-                          "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH") from None
+                           "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH") from None
 
 
 # a server URL without +driver gets the first installed of these (SQLAlchemy's own default varies by version:
@@ -97,7 +97,7 @@ def database_url(url: str) -> str:
         parsed = make_url(url)
     except ArgumentError:
         raise StorageError(f"storage: {url!r} is not a storage URL; use sqlite:///FILE, postgresql://USER@HOST/DB, "
-                          "mysql://USER@HOST/DB or journal:PATH") from None
+                           "mysql://USER@HOST/DB or journal:PATH") from None
     dialect = "postgresql" if parsed.drivername == "postgres" else parsed.drivername
     if dialect not in _DRIVERS:
         return url
@@ -106,7 +106,7 @@ def database_url(url: str) -> str:
             return parsed.set(drivername=f"{dialect}+{driver}").render_as_string(hide_password=False)
     names = " or ".join(module for _, module in _DRIVERS[dialect])
     raise StorageError(f"storage: the database driver of {_shown(url)} is not installed (no {names}); "
-                      f"{_DRIVER_HINTS[dialect]}")
+                       f"{_DRIVER_HINTS[dialect]}")
 
 
 def _shown(url: str) -> str:

@@ -271,7 +271,7 @@ def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: flo
     failed = [p.returncode for p in processes if p.returncode]
     if failed:
         raise WorkerError(f"{len(failed)} of {workers} worker processes failed (exit codes {failed}); "
-                           "see their output above")
+                          "see their output above")
     return False
 
 

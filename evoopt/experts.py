@@ -30,7 +30,7 @@ import torch
 
 from evoopt.data import get_corpus, load_splits
 from evoopt.errors import ModelSourceError
-from evoopt.io import atomic_folder, cache_dir, register_scheme, resolve_path
+from evoopt.io import atomic_folder, atomic_write, cache_dir, register_scheme, resolve_path
 from evoopt.settings import HEAD_PATTERNS, SETTINGS, Setting, TrainConfig, get_setting  # noqa: F401  (re-exported)
 from evoopt.training import evaluate_accuracy, finetune, finetune_causal, score_causal, train_loop  # noqa: F401
 
@@ -155,6 +155,18 @@ def _ensure_base(pretrained: Path, identity: str, labels: int, seed: int, root: 
     return folder
 
 
+def _write_meta(folder: Path, setting: Setting, tasks: tuple[str, ...], identity: str, train: TrainConfig, *,
+                examples: int, limit_train: int | None, seconds: float, scores: Any, **extra: str) -> None:
+    """A trained model's expert.json: what made it (setting, base, training) and its dev/test scores."""
+    meta = {"kind": "multitask" if len(tasks) > 1 else "expert", "setting": setting.name, "tasks": list(tasks),
+            **{k: v for k, v in extra.items() if k == "heads"},
+            "base": str(resolve_path(setting.base)), "base_identity": identity,
+            **{k: v for k, v in extra.items() if k != "heads"},
+            "train": asdict(train), "train_examples": examples, "limit_train": limit_train,
+            "train_seconds": round(seconds, 1), "scores": scores}
+    (folder / "expert.json").write_text(json.dumps(meta, indent=2))
+
+
 def _clear_stale(folder: Path) -> None:
     """A folder without expert.json was left by a killed run of an older layout: remove it."""
     import shutil
@@ -196,11 +208,8 @@ def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, .
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"kind": "multitask" if len(tasks) > 1 else "expert", "setting": setting.name, "tasks": list(tasks),
-                "base": str(resolve_path(setting.base)), "base_identity": identity, "start": str(base),
-                "train": asdict(train), "train_examples": len(texts), "limit_train": limit_train,
-                "train_seconds": round(seconds, 1), "scores": scores}
-        (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
+        _write_meta(tmp, setting, tasks, identity, train, examples=len(texts), limit_train=limit_train,
+                    seconds=seconds, scores=scores, start=str(base))
     return folder
 
 
@@ -264,11 +273,8 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
         for t, model in models.items():
             model.save_pretrained(tmp / t)
             tokenizer.save_pretrained(tmp / t)
-        meta = {"kind": "multitask", "setting": setting.name, "tasks": list(setting.tasks), "heads": "per task",
-                "base": str(resolve_path(setting.base)), "base_identity": identity, "train": asdict(train),
-                "train_examples": len(rows), "limit_train": limit_train, "train_seconds": round(seconds, 1),
-                "scores": scores}
-        (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
+        _write_meta(tmp, setting, setting.tasks, identity, train, examples=len(rows), limit_train=limit_train,
+                    seconds=seconds, scores=scores, heads="per task")
     return folder
 
 
@@ -297,11 +303,8 @@ def _train_causal(folder: Path, base: Path, identity: str, tasks: tuple[str, ...
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"kind": "multitask" if len(tasks) > 1 else "expert", "setting": setting.name, "tasks": list(tasks),
-                "base": str(resolve_path(setting.base)), "base_identity": identity, "start": str(base),
-                "train": asdict(train), "train_examples": len(prompts),
-                "limit_train": limit_train, "train_seconds": round(seconds, 1), "scores": scores}
-        (tmp / "expert.json").write_text(json.dumps(meta, indent=2))
+        _write_meta(tmp, setting, tasks, identity, train, examples=len(prompts), limit_train=limit_train,
+                    seconds=seconds, scores=scores, start=str(base))
     return folder
 
 
@@ -345,10 +348,7 @@ def _base_causal_scores(base: Path, setting: Setting) -> dict[str, dict[str, flo
         return scores
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     scores = score_causal(model, AutoTokenizer.from_pretrained(str(base)), setting)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(scores, indent=2))
-    tmp.rename(file)
+    atomic_write(file, json.dumps(scores, indent=2))
     return scores
 
 

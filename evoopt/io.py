@@ -267,6 +267,30 @@ def convert_gguf(path: Path) -> Path:
     return target
 
 
+def atomic_write(path: Path, content: str | Callable[[Path], None]) -> Path:
+    """Write a file through a temporary one in the same folder, then rename: readers never see half a file.
+
+    ``content``: the text, or a function that writes the file it is given (a plot, a table).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # created with the umask's mode
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def card_header(title: str, tags: tuple[str, ...] = ()) -> list[str]:
+    """The first lines of a Hugging Face model card written by evoopt: metadata, then the title."""
+    return ["---", "library_name: transformers", f"tags: [{', '.join(('merge', 'evoopt', *tags))}]", "---", "",
+            f"# {title}", ""]
+
+
 def check_writable(target: Path, *, overwrite: bool) -> None:
     """Refuse an existing non-empty output unless ``overwrite``: callers check before long work."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:

@@ -20,6 +20,7 @@ import torch
 from evoopt.io import (
     ModelSourceError,
     TensorSource,
+    card_header,
     check_compatible,
     export_model,
     load_target,
@@ -211,8 +212,7 @@ def model_card(recipe: Recipe) -> str:
     """A Hugging Face model card naming the sources and the recipe."""
     method = recipe.merge_method
     lines = [
-        "---", "library_name: transformers", "tags: [merge, evoopt]", "---", "",
-        "# Merged model", "",
+        *card_header("Merged model"),
         f"Merged with [evoopt](https://pypi.org/project/evoopt/) using **{method.name}** ({method.paper}).", "",
         "## Sources", "",
     ]

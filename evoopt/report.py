@@ -12,9 +12,6 @@ study's storage and artifact store.
 from __future__ import annotations
 
 import html
-import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +21,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.config import StudyConfig
 from evoopt.errors import ConfigError
+from evoopt.io import atomic_write
 from evoopt.kinds import Kind, make_kind
 from evoopt.objective import combine
-from evoopt.storage import CONFIG_ATTR, FINISHED, best_trial, load_study, storage_from_url
+from evoopt.storage import CONFIG_ATTR, FINISHED, artifact_store, best_trial, load_study, storage_from_url
 
 CONVERGED = 0.99  # a study has converged once its best so far is within 1% of its final best
 
@@ -94,17 +92,6 @@ def _load(config: StudyConfig) -> optuna.Study:
     return study
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # created with the umask's mode
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _png(curves: list[Curve], file: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -154,11 +141,9 @@ def _text(value: Any) -> str:
 
 
 def _upload(config: StudyConfig, study: optuna.Study, files: list[Path]) -> None:
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+    from optuna.artifacts import upload_artifact
 
-    folder = config.artifact_dir / "artifacts"
-    folder.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(str(folder))
+    store = artifact_store(config)
     for file in files:
         upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=study, storage=study._storage)
 
@@ -177,8 +162,8 @@ def compare_studies(configs: list[StudyConfig], out: Path) -> tuple[list[dict[st
     rows = [_row(c, s, curve) for c, s, curve in zip(configs, studies, curves)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = [_atomic(out / "compare.png", lambda f: _png(curves, f)),
-             _atomic(out / "compare.html", lambda f: _html(curves, rows, f))]
+    files = [atomic_write(out / "compare.png", lambda f: _png(curves, f)),
+             atomic_write(out / "compare.html", lambda f: _html(curves, rows, f))]
     for config, study in zip(configs, studies):
         _upload(config, study, files)
     return rows, files
@@ -243,10 +228,7 @@ def dashboard_command(config: StudyConfig, host: str = "127.0.0.1", port: int = 
 
 def serve_dashboard(config: StudyConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Run optuna-dashboard on the study's storage and artifact store until interrupted."""
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
-    folder = config.artifact_dir / "artifacts"
-    folder.mkdir(parents=True, exist_ok=True)
     run_server(storage_from_url(config.storage_url, create=False), host=host, port=port,
-               artifact_store=FileSystemArtifactStore(str(folder)))
+               artifact_store=artifact_store(config))

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from evoopt.errors import ConfigError, StorageError
+
+if TYPE_CHECKING:
+    from evoopt.config import StudyConfig
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -147,6 +150,15 @@ def load_study(name: str, url: str) -> optuna.Study:
         return optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
     except KeyError:
         raise ConfigError(f"name: no study {name!r} in {url}; run it first") from None
+
+
+def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:
+    """The study's artifact store (recipes, plots), the folder optuna-dashboard is pointed at."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    folder = config.artifact_dir / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(folder))
 
 
 def finished_trials(study: optuna.Study) -> int:

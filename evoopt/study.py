@@ -36,6 +36,7 @@ from evoopt.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy
 from evoopt.config import StudyConfig, same_study
 from evoopt.errors import ConfigError, EvaluationError, WorkerError
 from evoopt.evaluator import Evaluator
+from evoopt.io import atomic_write
 from evoopt.kinds import Kind, make_kind, on_cpu
 from evoopt.merger import pick_device
 from evoopt.objective import Scores
@@ -242,11 +243,7 @@ def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: flo
                  on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None) -> bool:
     """Local worker processes on the study's storage; returns whether it was interrupted."""
     config_file = config.artifact_dir / "config.json"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    data = {**config.model_dump(mode="json"), "storage": config.storage_url}
-    tmp = config_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.rename(config_file)
+    atomic_write(config_file, json.dumps({**config.model_dump(mode="json"), "storage": config.storage_url}))
     command = [sys.executable, "-m", "evoopt.cli", "run", str(config_file), "--root", str(config.root),
                "--no-baselines", "--quiet", "--n-trials", str(remaining)]
     if timeout is not None:

@@ -17,9 +17,10 @@ import optuna
 import torch
 
 from evoopt.config import StudyConfig
+from evoopt.io import atomic_write
 from evoopt.recipe import Recipe
 from evoopt.space import Sources
-from evoopt.storage import best_trial, get_trial
+from evoopt.storage import artifact_store, best_trial, get_trial
 
 Progress = Callable[[str, int, int], None]
 Score = Callable[[torch.nn.Module, str], dict[str, float]]  # (model, split) -> per-task scores
@@ -130,14 +131,11 @@ class Kind:
 
     def _upload(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """The trial's record, as an artifact optuna-dashboard shows."""
-        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+        from optuna.artifacts import upload_artifact
 
-        folder = self.config.artifact_dir / "artifacts"
-        folder.mkdir(parents=True, exist_ok=True)
-        file = self.config.artifact_dir / f"best-trial-{trial.number}.yaml"
-        file.write_text(self.record(trial))
-        upload_artifact(artifact_store=FileSystemArtifactStore(str(folder)), file_path=str(file),
-                        study_or_trial=study, storage=study._storage)
+        file = atomic_write(self.config.artifact_dir / f"best-trial-{trial.number}.yaml", self.record(trial))
+        upload_artifact(artifact_store=artifact_store(self.config), file_path=str(file), study_or_trial=study,
+                        storage=study._storage)
 
 
 def started() -> float:

@@ -12,6 +12,7 @@ import torch
 
 from evoopt.dfs import LayerPath, export_path, path_model, path_parameters
 from evoopt.errors import ConfigError
+from evoopt.io import card_header
 from evoopt.kinds.base import Kind, Progress, started
 from evoopt.merger import DTYPES
 from evoopt.space import DfsSpace
@@ -89,8 +90,7 @@ class DfsKind(Kind):
         info = {"study": self.config.name, "trial": trial.number,
                 "models": dict(zip(self.space.labels, self.space.pool)),
                 "pinned": study.user_attrs.get("evoopt:pool", {})}
-        card = "\n".join(["---", "library_name: transformers", "tags: [merge, evoopt, data-flow-space]", "---", "",
-                          f"# {self.config.name}: data-flow-space merge", "",
+        card = "\n".join([*card_header(f"{self.config.name}: data-flow-space merge", ("data-flow-space",)),
                           f"Trial {trial.number} of an evoopt data-flow study (Akiba et al. 2024): "
                           f"{len(path.hops)} layers, {path_parameters(self.pool, path):,} parameters. Load it with "
                           "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (a small modeling "

@@ -12,6 +12,7 @@ import torch
 
 from evoopt.errors import ConfigError
 from evoopt.evolver import EvolverSampler, History
+from evoopt.io import card_header
 from evoopt.kinds.base import Kind, Progress, Score, started
 from evoopt.merge import get_method
 from evoopt.merger import Merger
@@ -184,8 +185,7 @@ class EvolverKind(Kind):
             "experts": list(self.sources.models), "fitness": history.fitness,
             "accepted": {g: [vars(m) for m in moves] for g, moves in enumerate(history.accepted) if moves}}
         text = yaml.safe_dump(rebuild, sort_keys=False)
-        card = "\n".join(["---", "library_name: transformers", "tags: [merge, evoopt, evolver]", "---", "",
-                          f"# {self.config.name}: Evolver", "",
+        card = "\n".join([*card_header(f"{self.config.name}: Evolver", ("evolver",)),
                           f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.", "", "```yaml", text.rstrip(),
                           "```", ""])
         return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card))

@@ -162,6 +162,4 @@ def _linear_config(config: StudyConfig) -> StudyConfig:
     """The same study with a linear space: its Merger makes sources (one-hot weights) and soups."""
     space = config.space.model_copy(update={"method": "linear", "search": {"weight": (0.0, 1.0)}, "fixed": {},
                                             "log": [], "kind": "global"})
-    copy = config.model_copy(update={"space": space})
-    copy._root = config.root
-    return copy
+    return config.model_copy(update={"space": space})

@@ -329,14 +329,13 @@ def baselines(study: Path) -> None:
 
     from evoopt.config import StudyConfig
     from evoopt.report import summary_rows
-    from evoopt.storage import load_study
-    from evoopt.study import run_baselines
+    from evoopt.study import open_study, run_baselines
 
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
+    opened = open_study(config)  # once: the rows are stored on it and the table read from it
     with Bars(Console(stderr=True)) as bars:
-        run_baselines(config, progress=bars)
-    opened = load_study(config.name, config.storage_url)
+        run_baselines(config, progress=bars, study=opened)
     print_summary(config, opened, summary_rows(opened))
 
 

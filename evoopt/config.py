@@ -199,10 +199,7 @@ def _problems(config: StudyConfig) -> list[str]:
     except LookupError:
         pass
     for key, (low, high) in config.space.search.items():
-        if not (math.isfinite(low) and math.isfinite(high)):
-            problems.append(f"space.search.{key}: bounds must be finite numbers, got [{low}, {high}]")
-        elif not low < high:
-            problems.append(f"space.search.{key}: bounds must be [low, high] with low < high, got [{low}, {high}]")
+        problems += _bounds(f"space.search.{key}", low, high)
         if key in config.space.log and low <= 0:
             problems.append(f"space.search.{key}: a log-scale coefficient needs low > 0, got {low}")
     problems += [f"space.fixed.{key}: must be a finite number, got {value}"
@@ -285,11 +282,9 @@ def _dfs_problems(config: StudyConfig) -> list[str]:
     if config.objective.kind != "lm-eval" and config.objective.metric != "perplexity":
         problems.append("objective: space.kind dfs runs causal LMs; use objective.kind lm-eval or metric perplexity")
     low, high = space.scales
-    if not (math.isfinite(low) and math.isfinite(high)):
-        problems.append(f"space.scales: bounds must be finite numbers, got [{low}, {high}]")
-    elif not low < high:
-        problems.append(f"space.scales: bounds must be [low, high] with low < high, got [{low}, {high}]")
-    elif not low <= 1.0 <= high:
+    bounds = _bounds("space.scales", low, high)
+    problems += bounds
+    if not bounds and not low <= 1.0 <= high:
         problems.append(f"space.scales: [{low}, {high}] must contain 1 (the scale of an unchanged transition)")
     for i, ref in enumerate(space.pool):
         if ref.startswith("study:") and not ref.removeprefix("study:").endswith((".yaml", ".yml")):
@@ -304,6 +299,15 @@ def _changed(space: SpaceSpec, *keys: str) -> list[str]:
     """The keys whose values are not their defaults (a stored config spells every default out)."""
     values, defaults = space.model_dump(), SpaceSpec().model_dump()
     return [key for key in keys if values[key] != defaults[key]]
+
+
+def _bounds(key: str, low: float, high: float) -> list[str]:
+    """The problem with a [low, high] pair of bounds, if any: not finite, or not low < high."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return [f"{key}: bounds must be finite numbers, got [{low}, {high}]"]
+    if not low < high:
+        return [f"{key}: bounds must be [low, high] with low < high, got [{low}, {high}]"]
+    return []
 
 
 def _numbers(values: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:

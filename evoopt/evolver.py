@@ -254,6 +254,12 @@ class EvolverSampler(optuna.samplers.BaseSampler):
         self.F, self.Cr, self.adapt, self.generations = F, Cr, adapt, generations
         self.seed: int = int(np.random.default_rng().integers(2**31)) if seed is None else seed
         self.poll, self.wait_timeout = poll, wait_timeout
+        self._claimed: dict[int, History] = {}  # trial number -> the history its slot was claimed from
+
+    def claimed(self, trial_number: int) -> History | None:
+        """The history a trial of this process claimed its slot from (generations before its own are complete
+        in it), once: the trial's candidate is built from it without replaying the study again."""
+        return self._claimed.pop(trial_number, None)
 
     def history(self, study: optuna.Study, exclude: int | None = None) -> History:
         """The population's history as the study's trials say it now."""
@@ -277,6 +283,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
         if trial.system_attrs.get(ATTR):  # a trial that already holds a slot (its parameters are stored)
             return {}
         generation, target, history = self._claim(study, trial)
+        self._claimed[trial.number] = history
         if generation == 0:
             return {"target": target}
         rng = np.random.default_rng([self.seed, generation, target])

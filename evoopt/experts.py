@@ -159,11 +159,9 @@ def _write_meta(folder: Path, setting: Setting, tasks: tuple[str, ...], identity
                 examples: int, limit_train: int | None, seconds: float, scores: Any, **extra: str) -> None:
     """A trained model's expert.json: what made it (setting, base, training) and its dev/test scores."""
     meta = {"kind": "multitask" if len(tasks) > 1 else "expert", "setting": setting.name, "tasks": list(tasks),
-            **{k: v for k, v in extra.items() if k == "heads"},
-            "base": str(resolve_path(setting.base)), "base_identity": identity,
-            **{k: v for k, v in extra.items() if k != "heads"},
-            "train": asdict(train), "train_examples": examples, "limit_train": limit_train,
-            "train_seconds": round(seconds, 1), "scores": scores}
+            "base": str(resolve_path(setting.base)), "base_identity": identity, **extra, "train": asdict(train),
+            "train_examples": examples, "limit_train": limit_train, "train_seconds": round(seconds, 1),
+            "scores": scores}
     (folder / "expert.json").write_text(json.dumps(meta, indent=2))
 
 

@@ -178,9 +178,7 @@ def _trial_model(loaded: Any, found: Any, frozen: Any, url: str, device: str | N
     from evoopt.kinds import make_kind
 
     updates, target = _placement(device, dtype)
-    config = loaded.model_copy(update=updates)
-    config._root = loaded.root
-    kind = make_kind(config)
+    kind = make_kind(loaded.model_copy(update=updates))  # (model_copy keeps the config's root)
     kind.built(found)
     model = kind.trial_model(frozen.params)
     source = f"study {loaded.name!r} trial {frozen.number} ({url})"

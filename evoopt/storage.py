@@ -35,9 +35,7 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
     without a driver (``postgresql://``) gets the installed one (see :func:`database_url`).
     """
     journal = url.startswith("journal:") or url.endswith((".log", ".journal"))
-    path = Path(url.removeprefix("journal:")) if journal else None
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
+    path = storage_file(url)
     if path is not None and not create and not path.is_file():
         raise StorageError(f"storage: no such file {path}; give the storage URL the study was run with")
     if path is not None:
@@ -74,6 +72,15 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
     except ArgumentError as error:
         raise StorageError(f"storage: {shown} is not a storage URL SQLAlchemy knows ({error}); use sqlite:///FILE, "
                            "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH") from None
+
+
+def storage_file(url: str) -> Path | None:
+    """The file behind a file storage (``sqlite:///FILE``, ``journal:FILE``, a .log/.journal file); else None."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        return Path(url.removeprefix("journal:"))
+    return None
 
 
 # a server URL without +driver gets the first installed of these (SQLAlchemy's own default varies by version:
@@ -141,8 +148,8 @@ def _rdb_storage(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.
 
 def load_study(name: str, url: str) -> optuna.Study:
     """A stored study, opened to read it: no sampler or search space is built (``status``, ``best``, ``compare``)."""
-    file = url.removeprefix("sqlite:///").removeprefix("journal:")
-    if file != url and not Path(file).is_file():
+    file = storage_file(url)
+    if file is not None and not file.is_file():
         raise ConfigError(f"name: no study {name!r} in {url} (the file does not exist); run it first, or give the "
                           "storage URL it was run with")
     storage = storage_from_url(url, create=False)

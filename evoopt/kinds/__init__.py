@@ -29,7 +29,5 @@ def make_kind(config: StudyConfig, sources: Sources | None = None) -> Kind:
 
 
 def on_cpu(config: StudyConfig) -> StudyConfig:
-    """The same study, its models on the CPU (export, reports away from the trials' GPU)."""
-    copy = config.model_copy(update={"device": "cpu"})
-    copy._root = config.root
-    return copy
+    """The same study (its root kept), its models on the CPU (export, away from the trials' GPU)."""
+    return config.model_copy(update={"device": "cpu"})

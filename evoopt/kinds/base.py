@@ -8,10 +8,10 @@ kind a study has: it calls these methods.
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import optuna
 import torch
@@ -26,7 +26,10 @@ Progress = Callable[[str, int, int], None]
 Score = Callable[[torch.nn.Module, str], dict[str, float]]  # (model, split) -> per-task scores
 
 
-class Kind:
+SpaceT = TypeVar("SpaceT")
+
+
+class Kind(Generic[SpaceT]):
     """One search-space kind (``space.kind``); subclasses are registered in :mod:`evoopt.kinds`.
 
     The evaluation model is built by :meth:`build` (once per process); :meth:`candidate`
@@ -45,19 +48,12 @@ class Kind:
 
     # --- the config and the sampler -------------------------------------------------------------------
 
-    @staticmethod
-    def problems(config: StudyConfig) -> list[str]:
-        """Config problems of this kind, each with its key path (the config's own checks ran already)."""
-        return []
-
-    @property
-    def space(self) -> Any:
+    @functools.cached_property
+    def space(self) -> SpaceT:
         """The search space (built once): its ``sampler_options()`` are given to samplers that take them."""
-        if "_space" not in self.__dict__:
-            self.__dict__["_space"] = self.make_space()
-        return self.__dict__["_space"]
+        return self.make_space()
 
-    def make_space(self) -> Any:
+    def make_space(self) -> SpaceT:
         """Build the search space from the config and the sources."""
         raise NotImplementedError
 
@@ -109,19 +105,18 @@ class Kind:
         """Save a trial's model (or, ``best``, the study's answer) as a Hugging Face folder."""
         raise NotImplementedError
 
-    def report(self, study: optuna.Study, score: Score) -> bool:
-        """Score the study's answer on test (and dev) for reporting; store it on the study. Returns whether
-        anything new was reported. The default: the best trial, rebuilt."""
+    def report(self, study: optuna.Study, score: Score) -> None:
+        """Score the study's answer on test for reporting (building the evaluation model only when there is
+        something new to report) and store it on the study. The default: the best trial, rebuilt."""
         trial = best_trial(study)
         reports = dict(study.user_attrs.get("evoopt:test", {}))
         if trial is None or str(trial.number) in reports:
-            return False
+            return
         self.built(study)
         model = self.trial_model(trial.params)
         reports[str(trial.number)] = {"test": score(model, "test"), "dev": trial.user_attrs.get("scores", {})}
         study.set_user_attr("evoopt:test", reports)
         self._upload(study, trial)
-        return True
 
     def best_text(self, study: optuna.Study) -> str:
         """What `evoopt best` prints: the best trial's value, scores and record."""
@@ -136,8 +131,3 @@ class Kind:
         file = atomic_write(self.config.artifact_dir / f"best-trial-{trial.number}.yaml", self.record(trial))
         upload_artifact(artifact_store=artifact_store(self.config), file_path=str(file), study_or_trial=study,
                         storage=study._storage)
-
-
-def started() -> float:
-    """When a candidate's writing begins (sampling and storage writes are not in the merge time)."""
-    return time.perf_counter()

@@ -3,6 +3,7 @@ with scales; a trial's model is a path model that shares the pool's weights (not
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,20 +12,16 @@ import optuna
 import torch
 
 from evoopt.dfs import LayerPath, export_path, path_model, path_parameters
-from evoopt.errors import ConfigError
+from evoopt.errors import ConfigError, EvaluationError
 from evoopt.io import card_header
-from evoopt.kinds.base import Kind, Progress, started
+from evoopt.kinds.base import Kind, Progress
 from evoopt.merger import DTYPES
 from evoopt.space import DfsSpace
 from evoopt.storage import get_trial, load_study
 
 
-class DfsKind(Kind):
+class DfsKind(Kind[DfsSpace]):
     names = ("dfs",)
-
-    @property
-    def space(self) -> DfsSpace:
-        return super().space  # type: ignore[no-any-return]
 
     def make_space(self) -> DfsSpace:
         return DfsSpace(self.config, self.sources)
@@ -51,13 +48,11 @@ class DfsKind(Kind):
         try:
             path = self.space.suggest(trial)
         except ValueError as error:  # e.g. no slot on the path
-            from evoopt.errors import EvaluationError
-
             trial.set_user_attr("fail_reason", str(error))
             raise EvaluationError(f"trial {trial.number}: {error}") from None
         trial.set_user_attr("path", self.space.describe(path))
         trial.set_user_attr("path_length", len(path.hops))
-        begun = started()
+        begun = time.perf_counter()
         return path_model(self.pool, path), begun
 
     def trial_model(self, params: Mapping[str, Any]) -> torch.nn.Module:

@@ -3,6 +3,7 @@ offspring of a population of the experts' weights; ``space.method`` is X of X_Ev
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,23 +14,19 @@ import torch
 from evoopt.errors import ConfigError
 from evoopt.evolver import EvolverSampler, History
 from evoopt.io import card_header
-from evoopt.kinds.base import Kind, Progress, Score, started
+from evoopt.kinds.base import Kind, Progress, Score
 from evoopt.merge import get_method
 from evoopt.merger import Merger
 from evoopt.population import Population
 from evoopt.recipe import Recipe
-from evoopt.space import EvolverSpace
+from evoopt.space import Candidate, EvolverSpace
 from evoopt.storage import get_trial
 
 
-class EvolverKind(Kind):
+class EvolverKind(Kind[EvolverSpace]):
     names = ("evolver",)
     retry_failed = False  # a dead offspring frees its slot and the next trial takes it with the same move
     one_seed = True  # every worker draws the moves of one run (its generators are keyed by generation and target)
-
-    @property
-    def space(self) -> EvolverSpace:
-        return super().space  # type: ignore[no-any-return]
 
     def make_space(self) -> EvolverSpace:
         return EvolverSpace(self.config, self.sources)
@@ -99,12 +96,18 @@ class EvolverKind(Kind):
         """Bring the population to P_{g-1} and write the trial's offspring (or initial individual) into the model."""
         candidate = self.space.suggest(trial)
         trial.set_user_attr("generation", candidate.generation)
-        history = self.history(trial.study)
-        begun = started()
+        sampler = trial.study.sampler  # it replayed the history to claim this slot: no second replay
+        history = sampler.claimed(trial.number) if isinstance(sampler, EvolverSampler) else None
+        history = history or self.history(trial.study)  # (a retried trial keeps its slot without a claim)
+        begun = time.perf_counter()
+        return self._write(history, candidate), begun
+
+    def _write(self, history: History, candidate: Candidate) -> torch.nn.Module:
+        """Bring the population to P_{g-1} and write the candidate (an offspring, or an initial individual)."""
         self.population.advance(history, max(candidate.generation - 1, 0))
         self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
         assert self.model is not None
-        return self.model, begun
+        return self.model
 
     def trial_model(self, params: Mapping[str, Any]) -> torch.nn.Module:
         """An Evolver trial's model is evolved weights, rebuilt from the study's history: see :meth:`export`."""
@@ -130,18 +133,17 @@ class EvolverKind(Kind):
         return yaml.safe_dump({"trial": trial.number, "generation": candidate.generation,
                                "target": candidate.target, "move": move}, sort_keys=False)
 
-    def report(self, study: optuna.Study, score: Score) -> bool:
+    def report(self, study: optuna.Study, score: Score) -> None:
         """Score the answer of the last finished generation on dev and test; stored on the study."""
         history = self.history(study)
         reported = study.user_attrs.get("evoopt:result", {}).get("generation")
         if history.generation == 0 or reported == history.generation - 1:
-            return False  # nothing scored yet, or this generation's answer is reported
+            return  # nothing scored yet, or this generation's answer is reported
         self.built(study)
         model = self.answer(history)
         study.set_user_attr("evoopt:result", {
             "generation": history.generation - 1, "best": history.best, "method": self.config.space.method,
             "dev": score(model, self.config.objective.split), "test": score(model, "test")})
-        return True
 
     def best_text(self, study: optuna.Study) -> str:
         """The population: each individual's fitness, the answer and its scores when reported."""
@@ -176,8 +178,7 @@ class EvolverKind(Kind):
                 else f"{self.config.space.method} of the population")
         else:
             candidate = self.space.candidate(get_trial(study, which))
-            self.population.advance(history, max(candidate.generation - 1, 0))
-            self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
+            self._write(history, candidate)
             kind = "offspring of individual" if candidate.move else "initial individual"
             what = f"trial {which}: generation {candidate.generation}, {kind} {candidate.target}"
         rebuild: dict[str, Any] = {

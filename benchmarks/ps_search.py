@@ -34,9 +34,9 @@ from typing import Any
 import optuna
 import transformers
 
-from evoopt.config import StudyConfig, parse_config
-from evoopt.objective import combine
-from evoopt.study import run_baselines, run_study
+from evoopt.data.objective import combine
+from evoopt.study.config import StudyConfig, parse_config
+from evoopt.study.run import run_baselines, run_study
 
 SETTING = "minilm-sentiment-domains"
 SEARCH = {"weight": [0.0, 1.0], "density": [0.1, 1.0]}

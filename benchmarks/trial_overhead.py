@@ -6,7 +6,7 @@ base), a TIES global space (per-expert weight and density), the dev objective on
 with heartbeats on (as by default). Measured in one run, on this machine:
 
   (a) study trials run through the engine exactly as ``run_study`` runs them: one
-      :class:`~evoopt.study.Worker`, ``study.optimize(worker.objective, ...)`` with
+      :class:`~evoopt.study.run.Worker`, ``study.optimize(worker.objective, ...)`` with
       the same callbacks, ``catch`` and ``gc_after_trial``. A trial's wall time
       runs from the end of the previous trial's callbacks (or the start of the
       ``optimize`` call) to the end of its own: stale-trial check, sampling, the
@@ -47,8 +47,8 @@ import optuna
 import torch
 import transformers
 
-from evoopt.config import StudyConfig, parse_config
-from evoopt.study import FINISHED, EvaluationError, Worker, open_study
+from evoopt.study.config import StudyConfig, parse_config
+from evoopt.study.run import FINISHED, EvaluationError, Worker, open_study
 
 SETTING = "minilm-sentiment-domains"
 SAMPLERS: dict[str, dict[str, Any]] = {

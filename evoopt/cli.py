@@ -101,10 +101,10 @@ def merge(recipe: Path, out: Path, overwrite: bool, device: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    import evoopt.experts  # noqa: F401  (registers the expert: references a recipe may use)
-    from evoopt.io import check_writable
-    from evoopt.merger import Merger
-    from evoopt.recipe import load_recipe
+    import evoopt.data.experts  # noqa: F401  (registers the expert: references a recipe may use)
+    from evoopt.merge.merger import Merger
+    from evoopt.merge.recipe import load_recipe
+    from evoopt.models.io import check_writable
 
     console = Console(stderr=True)
     started = time.perf_counter()
@@ -147,7 +147,7 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
 
     from rich.console import Console
 
-    from evoopt.experts import build_setting, cross_scores, get_setting
+    from evoopt.data.experts import build_setting, cross_scores, get_setting
 
     chosen = get_setting(setting)
     train = replace(chosen.train, steps=steps) if steps else None
@@ -173,9 +173,9 @@ def demo(ctx: click.Context, study: Path, out: Path) -> None:
     """
     from rich.console import Console
 
-    from evoopt.config import StudyConfig
-    from evoopt.experts import build_setting
-    from evoopt.study import export_trial
+    from evoopt.data.experts import build_setting
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.run import export_trial
 
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
@@ -211,7 +211,7 @@ def methods() -> None:
 
 def _load_study_config(path: Path, root: Path | None = None, storage: str | None = None) -> object:
     """The study config of ``path``; ``storage`` replaces its storage URL (a run-time key: same study)."""
-    from evoopt.config import load_config
+    from evoopt.study.config import load_config
 
     config = load_config(path)
     root = root or config.root
@@ -265,8 +265,8 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     """
     from rich.console import Console
 
-    from evoopt.config import StudyConfig
-    from evoopt.study import run_study
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.run import run_study
 
     config = _load_study_config(study, root, storage)
     assert isinstance(config, StudyConfig)
@@ -309,8 +309,8 @@ def worker(study: Path, storage: str | None, n_trials: int | None, timeout: floa
     """
     import os
 
-    from evoopt.config import StudyConfig
-    from evoopt.study import run_study
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.run import run_study
 
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
@@ -327,9 +327,9 @@ def baselines(study: Path) -> None:
     RegMean), on dev and test."""
     from rich.console import Console
 
-    from evoopt.config import StudyConfig
-    from evoopt.report import summary_rows
-    from evoopt.study import open_study, run_baselines
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.report import summary_rows
+    from evoopt.study.run import open_study, run_baselines
 
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
@@ -343,7 +343,7 @@ def baselines(study: Path) -> None:
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
 def status(study: Path) -> None:
     """Show the trials of STUDY by state, the baselines and the best so far."""
-    from evoopt.report import summary_rows
+    from evoopt.study.report import summary_rows
 
     config, opened = _existing_study(study)
     print_summary(config, opened, summary_rows(opened))  # type: ignore[arg-type]
@@ -351,8 +351,8 @@ def status(study: Path) -> None:
 
 def _existing_study(path: Path) -> tuple[object, object]:
     """The config of PATH and its study, which must exist in the storage: read only (no sampler, no model)."""
-    from evoopt.config import StudyConfig
-    from evoopt.storage import load_study
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.storage import load_study
 
     config = _load_study_config(path)
     assert isinstance(config, StudyConfig)
@@ -369,8 +369,8 @@ def best(study: Path) -> None:
     """
     import optuna
 
-    from evoopt.config import StudyConfig
-    from evoopt.kinds import make_kind
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.kinds import make_kind
 
     config, opened = _existing_study(study)
     assert isinstance(config, StudyConfig) and isinstance(opened, optuna.Study)
@@ -392,8 +392,8 @@ def export(study: Path, which: str, out: Path, overwrite: bool) -> None:
     file that applies the scales: load it with AutoModelForCausalLM.from_pretrained(DIR,
     trust_remote_code=True).
     """
-    from evoopt.config import StudyConfig
-    from evoopt.study import export_trial
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.run import export_trial
 
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
@@ -418,8 +418,8 @@ def compare(studies: tuple[Path, ...], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evoopt.config import StudyConfig
-    from evoopt.report import compare_studies
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.report import compare_studies
 
     configs = [_load_study_config(p) for p in studies]
     rows, files = compare_studies([c for c in configs if isinstance(c, StudyConfig)], out)
@@ -447,8 +447,8 @@ def dashboard(study: Path, host: str, port: int) -> None:
     the study's note lists sources, baselines and the best so far; the best recipe and
     the `evoopt compare` plots are attached as artifacts.
     """
-    from evoopt.config import StudyConfig
-    from evoopt.report import dashboard_command, serve_dashboard
+    from evoopt.study.config import StudyConfig
+    from evoopt.study.report import dashboard_command, serve_dashboard
 
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
@@ -470,9 +470,9 @@ def lm_eval_command(ctx: click.Context) -> None:
     Example:
       evoopt lm-eval --model evoopt --model_args recipe=r.yaml --tasks TASK --include_path DIR
     (lm-eval has no plugin discovery, so plain `lm_eval` does not know `--model evoopt`;
-    from Python, `import evoopt.lm_eval_model` registers it for lm_eval.simple_evaluate.)
+    from Python, `import evoopt.integrations.lm_eval` registers it for lm_eval.simple_evaluate.)
     """
-    from evoopt.lm_eval_model import main as lm_eval_main
+    from evoopt.integrations.lm_eval import main as lm_eval_main
 
     lm_eval_main(list(ctx.args))
 

@@ -109,7 +109,7 @@ class TrialBar(Bars):
     def trial(self, study: object, trial: object) -> None:
         import optuna
 
-        from evoopt.study import FINISHED, best_trial
+        from evoopt.study.run import FINISHED, best_trial
 
         assert isinstance(study, optuna.Study) and isinstance(trial, optuna.trial.FrozenTrial)
         best = best_trial(study)
@@ -136,7 +136,7 @@ def print_expert_scores(built: object, cross: object) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evoopt.experts import ExpertSet
+    from evoopt.data.experts import ExpertSet
 
     assert isinstance(built, ExpertSet)
     console = Console()
@@ -166,7 +166,7 @@ def print_summary(config: object, study: object, rows: list[dict[str, object]]) 
     from rich.console import Console
     from rich.table import Table
 
-    from evoopt.study import FINISHED
+    from evoopt.study.run import FINISHED
 
     table = Table(title=f"{study.study_name}: mean score, dev (search) and test (reporting)")  # type: ignore[attr-defined]
     table.add_column("model")

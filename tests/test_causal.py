@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evoopt.data import get_corpus, load_splits, mc_prompt
-from evoopt.experts import TrainConfig, finetune_causal
-from evoopt.io import convert_gguf, resolve_path
+from evoopt.data.corpora import get_corpus, load_splits, mc_prompt
+from evoopt.data.experts import TrainConfig, finetune_causal
+from evoopt.models.io import convert_gguf, resolve_path
 from tests.helpers.models import tiny_llama_config
 
 pytestmark = pytest.mark.slow  # SmolLM2's GGUF converted for its tokenizer; training, lm-eval
@@ -58,7 +58,7 @@ def test_answer_only_finetuning_learns_the_answers(tiny_lm) -> None:  # type: ig
 
 
 def test_lm_eval_scores_the_in_memory_model(tiny_lm) -> None:  # type: ignore[no-untyped-def]
-    from evoopt.lmeval import evaluate_tasks
+    from evoopt.data.lmeval import evaluate_tasks
 
     model, tokenizer = tiny_lm
     scores = evaluate_tasks(model, tokenizer, ["sms-spam", "trec-coarse"], split="dev", limit=8, batch_size=8)

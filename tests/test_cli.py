@@ -94,7 +94,7 @@ def test_resolving_an_expert_builds_the_multitask_model_only_when_asked(monkeypa
                                                                         tmp_path: Path) -> None:
     """The main job names its experts as expert:SETTING/TASK; building the setting for them trained the
     multi-task model too (4.5 minutes on 2 cores) that nothing in the study used."""
-    import evoopt.experts as experts
+    import evoopt.data.experts as experts
 
     asked: list[bool] = []
 
@@ -166,7 +166,7 @@ def test_user_errors_are_one_message_and_bugs_keep_their_traceback(llama_family:
     def bug(self: object, *args: object, **kwargs: object) -> None:
         raise ValueError("a bug, not the user's input")
 
-    monkeypatch.setattr("evoopt.merger.Merger.merge", bug)
+    monkeypatch.setattr("evoopt.merge.merger.Merger.merge", bug)
     result = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "out")])
     assert isinstance(result.exception, ValueError) and not isinstance(result.exception, EvooptError)
     assert "Error: a bug" not in result.output  # not passed off as a user error

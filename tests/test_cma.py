@@ -14,7 +14,7 @@ import pytest
 from cmaes import CMAwM
 from optuna.testing.pytest_samplers import BasicSamplerTestCase, RelativeSamplerTestCase, SingleOnlySamplerTestCase
 
-from evoopt.cma import EvoCmaSampler
+from evoopt.search.cma import EvoCmaSampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -145,7 +145,7 @@ def test_every_finished_trial_is_told_under_parallel_workers() -> None:
 
 _RUN = textwrap.dedent("""
     import sys, optuna
-    from evoopt.cma import EvoCmaSampler
+    from evoopt.search.cma import EvoCmaSampler
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, n = sys.argv[1], int(sys.argv[2])
     storage = url if url.startswith("sqlite") else optuna.storages.JournalStorage(

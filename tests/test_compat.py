@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from evoopt.cli import main
-from evoopt.config import load_config
+from evoopt.study.config import load_config
 
 MADE = Path(__file__).parent / "data" / "made-by-main-b96d5a6"
 
@@ -26,8 +26,8 @@ def old_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_database_made_by_the_previous_main_opens_and_resumes(old_study: Path) -> None:
-    from evoopt.report import summary_rows
-    from evoopt.study import open_study
+    from evoopt.study.report import summary_rows
+    from evoopt.study.run import open_study
 
     config = load_config(old_study)
     study = open_study(config)  # resumed: the stored config is the same study; today's keys take defaults
@@ -49,8 +49,8 @@ def test_status_and_best_read_it_without_building_models(old_study: Path) -> Non
 
 def test_the_first_plans_imports_still_work() -> None:
     from evoopt.merge import get_method, ties  # noqa: F401
-    from evoopt.samplers import EvoCmaSampler, EvolverSampler
-    from evoopt.study import EvaluationError, Worker, export_trial, open_study, run_baselines, run_study  # noqa: F401
+    from evoopt.search.samplers import EvoCmaSampler, EvolverSampler
+    from evoopt.study.run import EvaluationError, Worker, export_trial, open_study, run_baselines, run_study  # noqa: F401
 
     assert issubclass(EvoCmaSampler, optuna.samplers.BaseSampler)
     assert issubclass(EvolverSampler, optuna.samplers.BaseSampler)

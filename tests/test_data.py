@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from evoopt import data
-from evoopt.data import CORPORA, MissingPackageError, load_splits, read_corpus, split_examples
+from evoopt.data import corpora as data
+from evoopt.data.corpora import CORPORA, MissingPackageError, load_splits, read_corpus, split_examples
 
 
 @pytest.fixture(autouse=True)

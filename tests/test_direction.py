@@ -7,8 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from evoopt.config import parse_config
-from evoopt.study import best_index, best_trial, greedy_soup, open_study, run_baselines, summary_rows
+from evoopt.study.config import parse_config
+from evoopt.study.run import best_index, best_trial, greedy_soup, open_study, run_baselines, summary_rows
 
 
 def test_best_index_follows_the_direction_and_keeps_the_first_of_equals() -> None:

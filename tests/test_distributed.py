@@ -12,7 +12,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from evoopt.evolver import ATTR
+from evoopt.search.evolver import ATTR
 from tests.helpers.evolver import GENERATIONS, in_process, population_after
 from tests.helpers.studies import small_study_config, write_study_config
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_server_is_real_and_the_documented_url_opens_it(postgres_url: str) -> None:
-    from evoopt.study import storage_from_url
+    from evoopt.study.run import storage_from_url
 
     assert postgres_url.startswith("postgresql://")  # as the README writes it, no +driver
     storage = storage_from_url(postgres_url)
@@ -37,7 +37,7 @@ def test_a_plain_url_takes_psycopg2_when_psycopg_is_not_installed(postgres_url: 
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from evoopt.study import storage_from_url
+    from evoopt.study.run import storage_from_url
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -65,7 +65,7 @@ def test_four_evolver_workers_on_postgresql_reach_the_single_process_population(
 def test_four_cma_workers_through_the_engine_keep_the_budget_and_tell_every_trial(
         small_experts: Any, postgres_url: str, tmp_path: Path) -> None:
     """`evoopt worker` x 4 on one PostgreSQL study of real MiniLM experts, evoopt's CMA-ES."""
-    from evoopt.cma import EvoCmaSampler
+    from evoopt.search.cma import EvoCmaSampler
 
     experts, _ = small_experts
     budget = 10

@@ -11,7 +11,7 @@ import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from evoopt.evolver import ATTR, STRATEGIES, Move, draw_move, mutant, offspring_tensor, replay
+from evoopt.search.evolver import ATTR, STRATEGIES, Move, draw_move, mutant, offspring_tensor, replay
 from tests.helpers.evolver import GENERATIONS, in_process, population_after
 
 # three individuals' copies of one tensor
@@ -128,8 +128,8 @@ def test_replay_selects_greedily_per_generation_by_hand() -> None:
 def test_population_applies_a_generation_from_the_same_parents(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from evoopt.io import open_source
-    from evoopt.population import Population
+    from evoopt.models.io import open_source
+    from evoopt.search.population import Population
 
     paths = []
     for i, x in enumerate(X):
@@ -154,9 +154,9 @@ def test_population_applies_a_generation_from_the_same_parents(tmp_path: Path) -
 def test_integrated_candidate_is_the_merge_with_the_offspring_in_place(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from evoopt.io import open_source
     from evoopt.merge import get_method
-    from evoopt.population import Population
+    from evoopt.models.io import open_source
+    from evoopt.search.population import Population
 
     paths = []
     for i, x in enumerate([torch.zeros(4), *X]):
@@ -218,9 +218,9 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
         method: str, small_experts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from evoopt.config import parse_config
-    from evoopt.objective import ClassifierScorer
-    from evoopt.study import Worker, export_trial, report_result, run_study, summary_rows
+    from evoopt.data.objective import ClassifierScorer
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import Worker, export_trial, report_result, run_study, summary_rows
     from tests.helpers.studies import small_study_config
 
     built: list[str] = []
@@ -272,9 +272,9 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
 def test_fisher_evolver_estimates_the_offspring_statistics(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from evoopt.io import open_source
     from evoopt.merge import get_method
-    from evoopt.population import Population
+    from evoopt.models.io import open_source
+    from evoopt.search.population import Population
 
     paths = []
     for i, x in enumerate(X):
@@ -302,7 +302,7 @@ def test_fisher_evolver_estimates_the_offspring_statistics(tmp_path: Path) -> No
 
 
 def test_evolver_config_problems_are_named() -> None:
-    from evoopt.config import ConfigError, parse_config
+    from evoopt.study.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError) as error:
         parse_config({"name": "x", "setting": "minilm-sentiment-domains",
@@ -316,7 +316,7 @@ def test_evolver_config_problems_are_named() -> None:
         assert expected in text, text
     with pytest.raises(ConfigError, match="go together"):
         parse_config({"name": "x", "setting": "minilm-sentiment-domains", "sampler": {"name": "EvolverSampler"}})
-    from evoopt.evolver import EvolverSampler
+    from evoopt.search.evolver import EvolverSampler
 
     with pytest.raises(ValueError, match="strategy 'paper' needs at least 3 individuals, got 2.*F: the differential"):
         EvolverSampler(population=2, F=3.0)

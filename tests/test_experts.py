@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from evoopt.data import load_splits
-from evoopt.experts import build_setting, check_expert, get_setting
+from evoopt.data.corpora import load_splits
+from evoopt.data.experts import build_setting, check_expert, get_setting
 from tests.helpers.small import SMALL
 
 
@@ -30,7 +30,7 @@ def _majority(task: str) -> float:
 @pytest.mark.slow
 def test_each_expert_specialises_on_its_own_domain(built) -> None:  # type: ignore[no-untyped-def]
     experts, _ = built
-    from evoopt.experts import cross_scores
+    from evoopt.data.experts import cross_scores
 
     scores = cross_scores(experts, "dev")
     for task in SMALL.tasks:
@@ -87,9 +87,9 @@ def test_statistic_merges_on_real_experts(built, tmp_path: Path, method: str) ->
     import torch
     from transformers import AutoTokenizer
 
-    from evoopt.experts import evaluate_accuracy
-    from evoopt.merger import Merger
-    from evoopt.recipe import parse_recipe
+    from evoopt.data.experts import evaluate_accuracy
+    from evoopt.merge.merger import Merger
+    from evoopt.merge.recipe import parse_recipe
 
     experts, _ = built
     calibration = tmp_path / "calibration.txt"

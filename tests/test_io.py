@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evoopt.io import ModelSourceError, atomic_folder, check_compatible, open_source, resolve_path
-from evoopt.merger import Merger
-from evoopt.recipe import RecipeError, parse_recipe
+from evoopt.merge.merger import Merger
+from evoopt.merge.recipe import RecipeError, parse_recipe
+from evoopt.models.io import ModelSourceError, atomic_folder, check_compatible, open_source, resolve_path
 from tests.helpers.models import save_family, tiny_llama_config
 
 

@@ -11,12 +11,13 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from evoopt.config import parse_config
-from evoopt.io import open_source, resolve_path
-from evoopt.merger import Merger
-from evoopt.recipe import RecipeError, parse_recipe, tensor_block
-from evoopt.space import layer_units, make_space, study_sources
-from evoopt.study import open_study, run_study
+from evoopt.merge.merger import Merger
+from evoopt.merge.recipe import RecipeError, parse_recipe, tensor_block
+from evoopt.models.io import open_source, resolve_path
+from evoopt.study.config import parse_config
+from evoopt.study.kinds import make_kind
+from evoopt.study.run import open_study, run_study
+from evoopt.study.space import layer_units
 from tests.helpers.models import save_family, tiny_llama_config
 
 
@@ -65,7 +66,7 @@ def _layerwise(root: Path, paths: list[Path], **space: Any) -> Any:
 def test_parameters_decode_to_a_recipe_that_merges_layer_by_layer(tmp_path: Path) -> None:
     paths = save_family(tmp_path, tiny_llama_config(num_hidden_layers=4), experts=2, seed=0)
     config = _layerwise(tmp_path, paths, layers_per_group=2)
-    space = make_space(config, study_sources(config))
+    space = make_kind(config).space
     assert {"expert_0.embed.weight", "expert_1.layers.02-03.weight", "expert_1.norm.weight"} <= set(space.distributions)
     assert len(space.distributions) == 2 * 5  # embed, two groups of blocks, norm, head per model
     params = {name: 0.0 if "layers.00-01" in name else 0.7 for name in space.distributions}
@@ -83,12 +84,12 @@ def test_parameters_decode_to_a_recipe_that_merges_layer_by_layer(tmp_path: Path
 
 
 def test_cma_starts_from_a_recipe_file(tmp_path: Path) -> None:
-    from evoopt.config import SamplerSpec
-    from evoopt.samplers import make_sampler
+    from evoopt.search.samplers import make_sampler
+    from evoopt.study.config import SamplerSpec
 
     paths = save_family(tmp_path, tiny_llama_config(num_hidden_layers=4), experts=2, seed=0)
     config = _layerwise(tmp_path, paths, layers_per_group=2)
-    space = make_space(config, study_sources(config))
+    space = make_kind(config).space
     params = {name: 0.1 if name.startswith("expert_0") else 0.9 for name in space.distributions}
     (tmp_path / "start.yaml").write_text(space.recipe(params).to_yaml())
     spec = SamplerSpec(name="EvoCmaSampler", options={"x0": "start.yaml", "sigma0": 1e-9})
@@ -131,7 +132,7 @@ def test_layerwise_cma_study_runs_and_resumes(small_experts: Any, tmp_path: Path
     fresh = open_study(config)  # a fresh sampler rebuilds the same distribution
     sampler = fresh.sampler
     probe = fresh.ask()
-    name, distribution = next(iter(make_space(config, study_sources(config)).distributions.items()))
+    name, distribution = next(iter(make_kind(config).space.distributions.items()))
     probe._suggest(name, distribution)
     state = next(iter(sampler._states.values()))
     assert state.told == list(range(9)) and state.optimizer.generation == 2 and len(state.pending) == 1
@@ -148,7 +149,7 @@ def test_optunas_samplers_search_the_same_space(sampler: optuna.samplers.BaseSam
     """Every Optuna sampler draws the layer-wise space's parameters and they decode to recipes."""
     paths = save_family(tmp_path, tiny_llama_config(num_hidden_layers=4), experts=2, seed=0)
     config = _layerwise(tmp_path, paths, layers_per_group=2)
-    space = make_space(config, study_sources(config))
+    space = make_kind(config).space
     multi = isinstance(sampler, optuna.samplers.NSGAIISampler)
 
     def objective(trial: optuna.Trial) -> Any:

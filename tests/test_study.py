@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from evoopt.cli import main
-from evoopt.config import ConfigError, parse_config
-from evoopt.study import Worker, export_trial, open_study, run_study
+from evoopt.study.config import ConfigError, parse_config
+from evoopt.study.run import Worker, export_trial, open_study, run_study
 from tests.helpers.studies import small_study_config, write_study_config
 
 

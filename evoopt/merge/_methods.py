@@ -260,7 +260,7 @@ def fisher(
         theta = sum_m w_m F_m theta_m / sum_m w_m F_m     (element-wise, + epsilon)
 
     ``fishers`` are the per-model diagonal Fisher estimates of this tensor (see
-    :func:`evoopt.statistics.estimate_fisher`). Entries where every Fisher is zero
+    :func:`evoopt.models.statistics.estimate_fisher`). Entries where every Fisher is zero
     fall back to the weighted average through epsilon.
     """
     _check_lengths(tensors, fishers=fishers, weights=weights)

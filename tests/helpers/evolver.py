@@ -16,7 +16,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from evoopt.evolver import ATTR, replay
+from evoopt.search.evolver import ATTR, replay
 
 GENERATIONS = 4  # after generation 0 (three experts) and four generations of three offspring: 15 trials
 ROOT = Path(__file__).resolve().parents[2]  # the repository: `tests.helpers` imports from there
@@ -27,11 +27,12 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
 
     The fitness is real and cheap (no data): the same evolution code as a study's, another objective.
     """
-    from evoopt.config import parse_config
-    from evoopt.io import open_source
-    from evoopt.population import Population
-    from evoopt.samplers import make_sampler
-    from evoopt.space import EvolverSpace, make_space, study_sources
+    from evoopt.models.io import open_source
+    from evoopt.search.population import Population
+    from evoopt.search.samplers import make_sampler
+    from evoopt.study.config import parse_config
+    from evoopt.study.kinds import make_kind
+    from evoopt.study.space import EvolverSpace, study_sources
 
     config = parse_config({"name": "tiny-evolver", "sources": {"base": paths[0], "models": paths[1:],
                                                                "tasks": ["vader-tweets"]},
@@ -40,7 +41,7 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
                                                                            "strategy": "released"}},
                            "trials": trials, "seed": 3})
     sources = study_sources(config)
-    space = make_space(config, sources)
+    space = make_kind(config, sources).space
     assert isinstance(space, EvolverSpace)
     sampler = make_sampler(config.sampler, config.seed, lambda: space)
     experts = [open_source(Path(p)) for p in paths[1:]]
@@ -56,7 +57,7 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
         time.sleep(sleep)
         return -float(sum(((out[n] - goal[n]) ** 2).sum() for n in names))
 
-    from evoopt.study import storage_from_url
+    from evoopt.study.run import storage_from_url
 
     # heartbeats as in a study: a trial of a killed process is failed after 2 s and its slot taken again
     opened = storage_from_url(storage, heartbeat_interval=1, grace_period=2, retry=False)
@@ -70,8 +71,8 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
 
 def population_after(storage: str, paths: list[str], generation: int) -> tuple[Any, list[torch.Tensor]]:
     """The history up to ``generation`` and the population P_generation it gives, from the stored trials."""
-    from evoopt.io import open_source
-    from evoopt.population import Population
+    from evoopt.models.io import open_source
+    from evoopt.search.population import Population
 
     study = optuna.load_study(study_name="tiny-evolver", storage=storage)
     trials = [t for t in study.get_trials() if t.system_attrs.get(ATTR, {}).get("generation", 99) <= generation]

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from evoopt.io import (
+from evoopt.merge import PreparedTensor, merge_prepared
+from evoopt.merge.recipe import Recipe, RecipeError
+from evoopt.models.io import (
     ModelSourceError,
     TensorSource,
     card_header,
@@ -28,8 +30,6 @@ from evoopt.io import (
     open_source,
     resolve_path,
 )
-from evoopt.merge import PreparedTensor, merge_prepared
-from evoopt.recipe import Recipe, RecipeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -155,7 +155,7 @@ class Merger:
         )
 
     def _estimate_statistics(self) -> dict[str, list[torch.Tensor]]:
-        from evoopt.statistics import estimate_fisher, gram_matrices
+        from evoopt.models.statistics import estimate_fisher, gram_matrices
 
         assert self.structure.folder is not None
         batches = calibration_batches(self.recipe, self.structure.folder)

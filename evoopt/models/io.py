@@ -37,7 +37,7 @@ _EMBEDDING_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "out
 _MAX_LISTED = 8
 
 
-# reference schemes (``SCHEME:rest``) other layers own, registered by them: expert: by evoopt.experts
+# reference schemes (``SCHEME:rest``) other layers own, registered by them: expert: by evoopt.data.experts
 SCHEMES: dict[str, Callable[[str], Path]] = {}
 
 
@@ -54,7 +54,7 @@ def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = N
     ``pkg:NAME/sub/path`` points inside an installed Python package (how the real
     models that ship on PyPI are referenced, with no machine-specific path);
     ``expert:SETTING/TASK`` (or ``/base``, ``/mtl``) is a model of a benchmark setting,
-    built by :mod:`evoopt.experts` on first use and cached (that module registers the scheme);
+    built by :mod:`evoopt.data.experts` on first use and cached (that module registers the scheme);
     relative paths are taken relative to ``relative_to`` (the recipe's folder).
     """
     text = str(reference)
@@ -62,7 +62,7 @@ def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = N
     if colon and scheme in SCHEMES:
         return SCHEMES[scheme](rest)
     if text.startswith("expert:"):
-        raise ModelSourceError(f"{text}: the expert: scheme is registered by evoopt.experts; import it first "
+        raise ModelSourceError(f"{text}: the expert: scheme is registered by evoopt.data.experts; import it first "
                                "(the command line and the study engine do)")
     if text.startswith("pkg:"):
         package, _, rest = text[4:].partition("/")

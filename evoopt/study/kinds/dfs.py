@@ -11,17 +11,44 @@ from typing import Any
 import optuna
 import torch
 
-from evoopt.dfs import LayerPath, export_path, path_model, path_parameters
 from evoopt.errors import ConfigError, EvaluationError
-from evoopt.io import card_header
-from evoopt.kinds.base import Kind, Progress
-from evoopt.merger import DTYPES
-from evoopt.space import DfsSpace
-from evoopt.storage import get_trial, load_study
+from evoopt.merge.merger import DTYPES
+from evoopt.models.io import card_header
+from evoopt.models.paths import LayerPath, export_path, path_model, path_parameters
+from evoopt.study.config import StudyConfig, bounds_problems, changed_keys
+from evoopt.study.kinds.base import Kind, Progress
+from evoopt.study.space import DfsSpace
+from evoopt.study.storage import get_trial, load_study
 
 
 class DfsKind(Kind[DfsSpace]):
     names = ("dfs",)
+
+    @classmethod
+    def problems(cls, config: StudyConfig) -> list[str]:
+        """A data-flow space searches paths through causal LMs; its keys belong to it alone."""
+        space, problems = config.space, []
+        given = changed_keys(space, "pool", "repeats", "scaling", "scales", "binary")
+        if space.kind not in cls.names:
+            return [f"space.{' / space.'.join(given)}: only for space.kind dfs"] if given else []
+        if changed_keys(space, "search", "log", "method"):
+            problems.append("space.search / space.log / space.method: a data-flow space searches the path and its "
+                            "scales, not merge coefficients; remove them")
+        if config.objective.kind != "lm-eval" and config.objective.metric != "perplexity":
+            problems.append("objective: space.kind dfs runs causal LMs; "
+                            "use objective.kind lm-eval or metric perplexity")
+        low, high = space.scales
+        bounds = bounds_problems("space.scales", low, high)
+        problems += bounds
+        if not bounds and not low <= 1.0 <= high:
+            problems.append(f"space.scales: [{low}, {high}] must contain 1 (the scale of an unchanged transition)")
+        for i, ref in enumerate(space.pool):
+            if ref.startswith("study:") and not ref.removeprefix("study:").endswith((".yaml", ".yml")):
+                problems.append(f"space.pool[{i}]: 'study:' names a study config file (study:OTHER.yaml), got {ref!r}")
+        if len(space.pool) == 1 and space.repeats == 1:
+            problems.append("space.pool / space.repeats: one model laid out once can only drop layers; "
+                            "give a second model or repeats > 1")
+        return problems
 
     def make_space(self) -> DfsSpace:
         return DfsSpace(self.config, self.sources)
@@ -32,7 +59,7 @@ class DfsKind(Kind[DfsSpace]):
     def build(self, study: optuna.Study | None, device: torch.device,
               progress: Progress | None = None) -> torch.nn.Module:
         """The pool's models, as they are: a path shares their weights."""
-        from evoopt.io import load_target, open_source
+        from evoopt.models.io import load_target, open_source
 
         dtype = DTYPES.get(self.config.dtype, torch.float32)  # (auto: float32)
         opened = [open_source(folder) for folder in pool_folders(self.space, study)]
@@ -102,9 +129,9 @@ def pool_folders(space: DfsSpace, study: optuna.Study | None = None) -> list[Pat
     (user attribute ``evoopt:pool``): a better trial found there later does not change this
     study's pool under its trials.
     """
-    from evoopt.config import load_config
-    from evoopt.io import resolve_path
-    from evoopt.kinds import make_kind, on_cpu
+    from evoopt.models.io import resolve_path
+    from evoopt.study.config import load_config
+    from evoopt.study.kinds import make_kind, on_cpu
 
     config = space.config
     pinned: dict[str, int] = dict(study.user_attrs.get("evoopt:pool", {})) if study is not None else {}

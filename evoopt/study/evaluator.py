@@ -15,15 +15,15 @@ from typing import Any
 import optuna
 import torch
 
-from evoopt.config import StudyConfig
+from evoopt.data.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
 from evoopt.errors import EvaluationError
-from evoopt.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
-from evoopt.space import Sources
+from evoopt.study.config import StudyConfig
+from evoopt.study.space import Sources
 
 
 def task_heads(sources: Sources, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """Each task's own head (the tensors the sources exclude from merging), from its expert."""
-    from evoopt.io import open_source, resolve_path
+    from evoopt.models.io import open_source, resolve_path
 
     heads = {}
     for task, model in zip(sources.tasks, sources.models):
@@ -36,7 +36,7 @@ def task_heads(sources: Sources, device: torch.device) -> dict[str, dict[str, to
 
 def calibration_file(config: StudyConfig, sources: Sources, per_task: int = 8) -> str:
     """Training texts (never dev or test) for the statistics of Fisher and RegMean."""
-    from evoopt.data import load_splits
+    from evoopt.data.corpora import load_splits
 
     file = config.artifact_dir / "calibration.txt"
     lines = []

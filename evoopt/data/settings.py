@@ -1,6 +1,6 @@
 """Benchmark settings: a pretrained base, the tasks to make one expert each for, the training recipe.
 
-The registry (:data:`SETTINGS`) that study configs name with ``setting:``; :mod:`evoopt.experts`
+The registry (:data:`SETTINGS`) that study configs name with ``setting:``; :mod:`evoopt.data.experts`
 builds a setting's models.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from evoopt.data import get_corpus
+from evoopt.data.corpora import get_corpus
 from evoopt.errors import ConfigError
 
 HEAD_PATTERNS = ("classifier.*", "score.*")  # per-task heads: excluded from merges, each task keeps its own

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from evoopt.errors import ConfigError, MissingPackageError
-from evoopt.io import atomic_folder, cache_dir
+from evoopt.models.io import atomic_folder, cache_dir
 
 if TYPE_CHECKING:
     from datasets import DatasetDict

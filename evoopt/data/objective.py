@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evoopt.data import load_splits
+from evoopt.data.corpora import load_splits
 from evoopt.errors import ConfigError
 
 Scores = dict[str, float]
@@ -150,7 +150,7 @@ class LmEvalScorer:
                  batch_size: int = 16, seed: int = 0) -> None:
         from lm_eval.tasks import TaskManager
 
-        from evoopt.data import write_lm_eval_tasks
+        from evoopt.data.corpora import write_lm_eval_tasks
 
         self.tokenizer = tokenizer
         self.split = split
@@ -164,7 +164,7 @@ class LmEvalScorer:
         self.manager = TaskManager(include_path=paths, include_defaults=bool(tasks))  # the bundled index is slow
 
     def scores(self, model: torch.nn.Module) -> Scores:
-        from evoopt.lmeval import run_lm_eval
+        from evoopt.data.lmeval import run_lm_eval
 
         results = run_lm_eval(model, self.tokenizer, self.names, self.manager, batch_size=self.batch_size,
                               seed=self.seed, limit=self.limit)

@@ -202,7 +202,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
     The sampler decides a trial's generation and target (its *slot*, stored as a system
     attribute) and draws the offspring's move, which becomes the trial's parameters:
     ``target``, ``donor_1..3``, ``F``, ``Cr`` and the crossover ``seed``. The objective
-    (:class:`evoopt.population.Population`) builds the offspring from those parameters and the
+    (:class:`evoopt.search.population.Population`) builds the offspring from those parameters and the
     population ``P_{g-1}``, which it replays from the study's finished trials; so does the
     sampler, for the fitness. There is no other state: a study resumes in a fresh process,
     and several workers share one study.
@@ -220,7 +220,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
         population: the number of individuals N (the study engine passes the number of experts).
         integrated: merge-integrated Evolver (X_Evolver): generation 0 is one trial, the merge
             of the initial population.
-        strategy: ``paper``, ``released``, ``rand1`` or ``best1`` (see :mod:`evoopt.evolver`).
+        strategy: ``paper``, ``released``, ``rand1`` or ``best1`` (see :mod:`evoopt.search.evolver`).
         F, Cr: the differential weight and crossover rate (the paper: 0.5 and 0.5).
         adapt: ``jde`` for self-adaptive F and Cr per individual (Brest et al. 2006): with
             probability 0.1 each, an offspring draws F in [0.1, 1] and Cr in [0, 1] and its

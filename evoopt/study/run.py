@@ -1,8 +1,8 @@
 """Merging as a resumable Optuna study: the engine.
 
-A :class:`Worker` is the trial loop of one process: the study's kind (:mod:`evoopt.kinds`)
+A :class:`Worker` is the trial loop of one process: the study's kind (:mod:`evoopt.study.kinds`)
 builds the evaluation model once and writes each trial's candidate into it, and the
-:class:`~evoopt.evaluator.Evaluator` scores it on dev. :func:`run_study` creates or resumes
+:class:`~evoopt.study.evaluator.Evaluator` scores it on dev. :func:`run_study` creates or resumes
 the study in its storage and runs trials until the config's budget; :func:`run_baselines`
 records what the search must beat; :func:`export_trial` rebuilds any trial's model (or the
 study's answer) from its parameters.
@@ -32,19 +32,19 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from evoopt.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study users)
-from evoopt.config import StudyConfig, same_study
+from evoopt.data.objective import Scores
 from evoopt.errors import ConfigError, EvaluationError, WorkerError
-from evoopt.evaluator import Evaluator
-from evoopt.io import atomic_write
-from evoopt.kinds import Kind, make_kind, on_cpu
-from evoopt.merger import pick_device
-from evoopt.objective import Scores
-from evoopt.recipe import Recipe
-from evoopt.report import summary_rows, update_note
-from evoopt.samplers import make_pruner, make_sampler
-from evoopt.space import Sources
-from evoopt.storage import (  # noqa: F401  (re-exported: where evoopt.study users found them)
+from evoopt.merge.merger import pick_device
+from evoopt.merge.recipe import Recipe
+from evoopt.models.io import atomic_write
+from evoopt.search.samplers import make_pruner, make_sampler
+from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
+from evoopt.study.config import StudyConfig, same_study
+from evoopt.study.evaluator import Evaluator
+from evoopt.study.kinds import Kind, make_kind, on_cpu
+from evoopt.study.report import summary_rows, update_note
+from evoopt.study.space import Sources
+from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.study.run users found them)
     CONFIG_ATTR,
     FINISHED,
     best_index,
@@ -75,7 +75,7 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True, kin
     """Create the study with its sampler, or load it and check it was made from the same config.
 
     The sampler is given the kind's space (built once, and only for samplers that take it).
-    To read a study without building anything, use :func:`evoopt.storage.load_study`.
+    To read a study without building anything, use :func:`evoopt.study.storage.load_study`.
     """
     kind = kind or make_kind(config)
     storage = open_storage(config, kind)
@@ -276,7 +276,7 @@ def run_baselines(config: StudyConfig, *, progress: Progress | None = None, stud
                   sources: Sources | None = None) -> list[dict[str, Any]]:
     """Score the sources, their ensemble, greedy soup and the fixed-recipe merges on dev and test; stored on
     the study (made if it is new) and in its note."""
-    from evoopt.space import study_sources
+    from evoopt.study.space import study_sources
 
     study = study or open_study(config)
     rows = score_baselines(config, sources or study_sources(config), progress=progress)
@@ -309,7 +309,7 @@ def report_result(config: StudyConfig, study: optuna.Study, worker: Worker | Non
 
 def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
     """Rebuild a trial's model (``best``: the study's answer) from its parameters and save it, on the CPU."""
-    from evoopt.io import check_writable
+    from evoopt.models.io import check_writable
 
     check_writable(out, overwrite=overwrite)
     kind = make_kind(on_cpu(config))

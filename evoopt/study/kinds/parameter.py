@@ -11,20 +11,48 @@ from typing import Any
 import optuna
 import torch
 
-from evoopt.kinds.base import Kind, Progress
-from evoopt.merger import Merger
-from evoopt.recipe import Recipe
-from evoopt.space import Sources, Space, make_space
-from evoopt.storage import get_trial
+from evoopt.merge import get_method
+from evoopt.merge.merger import Merger
+from evoopt.merge.recipe import Recipe
+from evoopt.models.io import open_source, resolve_path
+from evoopt.study.config import StudyConfig, changed_keys
+from evoopt.study.kinds.base import Kind, Progress
+from evoopt.study.space import Sources, Space, fixed_recipe, layer_units
+from evoopt.study.storage import get_trial
 
 
 class ParameterKind(Kind[Space]):
     names = ("global", "layerwise")
 
-    def make_space(self) -> Space:
-        space = make_space(self.config, self.sources)
-        assert isinstance(space, Space)
-        return space
+    @classmethod
+    def problems(cls, config: StudyConfig) -> list[str]:
+        space, problems = config.space, []
+        if space.kind != "layerwise" and changed_keys(space, "layers_per_group", "split_blocks"):
+            problems.append("space.layers_per_group / space.split_blocks: only for space.kind layerwise")
+        if space.kind not in cls.names:
+            return problems
+        try:
+            method = get_method(space.method)
+        except ValueError as error:
+            return [*problems, f"space.method: {str(error).removeprefix('method: ')}"]
+        allowed = set(method.per_model)
+        allowed_text = ", ".join(sorted(allowed)) or "none"
+        return problems + [f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
+                           f"allowed: {allowed_text}" for key in space.search if key not in allowed]
+
+    def make_space(self, names: list[str] | None = None) -> Space:
+        """One value per model and coefficient (global), or per model, coefficient and layer group of
+        ``names`` (layerwise; default: the base model's floating-point tensors)."""
+        if self.config.space.kind == "global":
+            return Space(self.config, self.sources)
+        structure = self.sources.base or self.sources.models[0]
+        if names is None:
+            source = open_source(resolve_path(structure, self.sources.root))
+            names = [n for n in source.keys() if source.dtype(n).is_floating_point]
+        probe = fixed_recipe(self.sources, self.config.space.method, config=self.config)
+        units = layer_units([n for n in names if not probe.excluded(n)], per_group=self.config.space.layers_per_group,
+                            split=self.config.space.split_blocks, model=structure)
+        return Space(self.config, self.sources, units)
 
     def build(self, study: optuna.Study | None, device: torch.device,
               progress: Progress | None = None) -> torch.nn.Module:
@@ -63,8 +91,8 @@ class ParameterKind(Kind[Space]):
 def export_merged(merger: Merger, sources: Sources, out: Path, *, overwrite: bool = False,
                   card: tuple[str, str] | None = None) -> Path:
     """A merged model in the Hugging Face layout; per-task heads: one folder per task, each with its head."""
-    from evoopt.evaluator import task_heads
-    from evoopt.io import atomic_folder
+    from evoopt.models.io import atomic_folder
+    from evoopt.study.evaluator import task_heads
 
     if not sources.per_task_heads:
         return merger.export(out, overwrite=overwrite, card=card)

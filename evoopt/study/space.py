@@ -3,7 +3,7 @@
 A space names its Optuna parameters readably (``vader-tweets.weight``, or
 ``vader-tweets.layers.02.density`` for the layer-wise space of Akiba et al. 2024), samples
 them from the distributions' own bounds, and turns any parameter mapping (a live
-trial's, or a finished trial's ``params``) into a :class:`~evoopt.recipe.Recipe`
+trial's, or a finished trial's ``params``) into a :class:`~evoopt.merge.recipe.Recipe`
 that ``evoopt merge`` and ``evoopt export`` accept.
 """
 
@@ -15,13 +15,13 @@ from typing import Any
 
 import optuna
 
-from evoopt.config import StudyConfig
-from evoopt.dfs import LayerPath, decode_path
+from evoopt.data.experts import HEAD_PATTERNS
 from evoopt.errors import ConfigError
-from evoopt.evolver import ATTR, Move, move_of
-from evoopt.experts import HEAD_PATTERNS
 from evoopt.merge import get_method
-from evoopt.recipe import Recipe, RecipeError, block_position, parse_recipe, tensor_group
+from evoopt.merge.recipe import Recipe, RecipeError, block_position, parse_recipe, tensor_group
+from evoopt.models.paths import LayerPath, decode_path
+from evoopt.search.evolver import ATTR, Move, move_of
+from evoopt.study.config import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Sources:
 
 def study_sources(config: StudyConfig) -> Sources:
     if config.setting is not None:
-        from evoopt.experts import get_setting
+        from evoopt.data.experts import get_setting
 
         setting = get_setting(config.setting)
         return Sources(f"expert:{setting.name}/base", tuple(f"expert:{setting.name}/{t}" for t in setting.tasks),
@@ -193,7 +193,7 @@ class Candidate:
 class EvolverSpace:
     """``space.kind: evolver``: a trial is one offspring of the Evolver's population (Du et al. 2024).
 
-    :class:`~evoopt.evolver.EvolverSampler` decides every parameter; the individuals are the
+    :class:`~evoopt.search.evolver.EvolverSampler` decides every parameter; the individuals are the
     experts, and ``space.method`` is X of X_Evolver (``none``: the plain Evolver), with the
     coefficients of ``space.fixed``.
     """
@@ -342,10 +342,10 @@ class DfsSpace:
 
 def pool_layers(reference: str, root: Path) -> int:
     """The number of decoder layers of a pool model (``study:OTHER.yaml``: of that study's sources)."""
-    from evoopt.io import open_source, resolve_path
+    from evoopt.models.io import open_source, resolve_path
 
     if reference.startswith("study:"):
-        from evoopt.config import load_config
+        from evoopt.study.config import load_config
 
         other = load_config(resolve_path(reference.removeprefix("study:"), root))
         return pool_layers(study_sources(other).models[0], other.root)
@@ -354,24 +354,3 @@ def pool_layers(reference: str, root: Path) -> int:
         raise RecipeError(f"space.pool: {reference} has no num_hidden_layers in its config.json; a data-flow "
                           "space needs decoder models (Llama, Mistral, Qwen2, Gemma...)")
     return int(config["num_hidden_layers"])
-
-
-def make_space(config: StudyConfig, sources: Sources,
-               names: list[str] | None = None) -> Space | EvolverSpace | DfsSpace:
-    """The study's space; a layer-wise one groups ``names`` (default: the base model's tensors)."""
-    if config.space.kind == "evolver":
-        return EvolverSpace(config, sources)
-    if config.space.kind == "dfs":
-        return DfsSpace(config, sources)
-    if config.space.kind == "global":
-        return Space(config, sources)
-    structure = sources.base or sources.models[0]
-    if names is None:
-        from evoopt.io import open_source, resolve_path
-
-        source = open_source(resolve_path(structure, sources.root))
-        names = [n for n in source.keys() if source.dtype(n).is_floating_point]
-    probe = fixed_recipe(sources, config.space.method, config=config)
-    units = layer_units([n for n in names if not probe.excluded(n)], per_group=config.space.layers_per_group,
-                        split=config.space.split_blocks, model=structure)
-    return Space(config, sources, units)

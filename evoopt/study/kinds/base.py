@@ -16,11 +16,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 import optuna
 import torch
 
-from evoopt.config import StudyConfig
-from evoopt.io import atomic_write
-from evoopt.recipe import Recipe
-from evoopt.space import Sources
-from evoopt.storage import artifact_store, best_trial, get_trial
+from evoopt.merge.recipe import Recipe
+from evoopt.models.io import atomic_write
+from evoopt.study.config import StudyConfig
+from evoopt.study.space import Sources
+from evoopt.study.storage import artifact_store, best_trial, get_trial
 
 Progress = Callable[[str, int, int], None]
 Score = Callable[[torch.nn.Module, str], dict[str, float]]  # (model, split) -> per-task scores
@@ -30,7 +30,7 @@ SpaceT = TypeVar("SpaceT")
 
 
 class Kind(Generic[SpaceT]):
-    """One search-space kind (``space.kind``); subclasses are registered in :mod:`evoopt.kinds`.
+    """One search-space kind (``space.kind``); subclasses are registered in :mod:`evoopt.study.kinds`.
 
     The evaluation model is built by :meth:`build` (once per process); :meth:`candidate`
     then writes each trial's candidate into it (or returns a model that shares its weights).
@@ -47,6 +47,12 @@ class Kind(Generic[SpaceT]):
         self.device = torch.device("cpu")
 
     # --- the config and the sampler -------------------------------------------------------------------
+
+    @classmethod
+    def problems(cls, config: StudyConfig) -> list[str]:
+        """This kind's config problems, with their key paths. It runs on every study's config: a kind
+        checks its own keys in its own studies and refuses them in the other kinds' studies."""
+        return []
 
     @functools.cached_property
     def space(self) -> SpaceT:
@@ -71,7 +77,7 @@ class Kind(Generic[SpaceT]):
     def built(self, study: optuna.Study | None) -> torch.nn.Module:
         """The evaluation model, built now if it was not (reports and exports build only when needed)."""
         if self.model is None:
-            from evoopt.merger import pick_device
+            from evoopt.merge.merger import pick_device
 
             return self.build(study, pick_device(self.config.device))
         return self.model

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from evoopt.config import StudyConfig
-from evoopt.evaluator import Evaluator, calibration_file
-from evoopt.kinds.parameter import ParameterKind
-from evoopt.merger import Merger, pick_device
-from evoopt.objective import combine
-from evoopt.space import Sources, fixed_recipe
-from evoopt.storage import best_index, better
+from evoopt.data.objective import combine
+from evoopt.merge.merger import Merger, pick_device
+from evoopt.study.config import StudyConfig
+from evoopt.study.evaluator import Evaluator, calibration_file
+from evoopt.study.kinds.parameter import ParameterKind
+from evoopt.study.space import Sources, fixed_recipe
+from evoopt.study.storage import best_index, better
 
 Progress = Callable[[str, int, int], None]
 
@@ -98,7 +98,7 @@ class _Baselines:
         self.progress("baselines", steps, steps)
 
     def _load_sources(self) -> list[torch.nn.Module]:
-        from evoopt.io import load_target, open_source, resolve_path
+        from evoopt.models.io import load_target, open_source, resolve_path
 
         return [load_target(open_source(resolve_path(m, self.sources.root)), dtype=self.kind.merger.dtype,
                             device=self.kind.device) for m in self.sources.models]

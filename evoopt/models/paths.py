@@ -227,7 +227,7 @@ def export_path(pool: Sequence[torch.nn.Module], path: LayerPath, out: Any, *, t
     import shutil
     from pathlib import Path
 
-    from evoopt.io import TOKENIZER_FILES, atomic_folder
+    from evoopt.models.io import TOKENIZER_FILES, atomic_folder
 
     model = path_model(pool, path)
     cls = type(pool[0])

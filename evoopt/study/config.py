@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,12 @@ from evoopt.errors import ConfigError
 RUNTIME_KEYS = ("trials", "timeout", "device", "storage", "artifacts", "heartbeat_interval", "grace_period")
 MINIMIZE = ("mse", "perplexity")
 
+Check = Callable[["StudyConfig"], list[str]]
+# space.kind -> the kind's own config check; filled by evoopt.study.kinds, which the evoopt.study package
+# imports first, so the checks are registered whenever this module is used. Every kind's check runs on
+# every config (a kind also refuses its keys in another kind's study).
+KIND_CHECKS: dict[str, Check] = {}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -39,15 +46,16 @@ class SourcesSpec(_Strict):
 
     base: str | None = Field(None, description="the pretrained model the experts were fine-tuned from")
     models: list[str] = Field(min_length=2)
-    tasks: list[str] = Field(default_factory=list, description="corpora to score on (evoopt.data names)")
+    tasks: list[str] = Field(default_factory=list, description="corpora to score on (evoopt.data.corpora names)")
 
 
 class SpaceSpec(_Strict):
-    kind: Literal["global", "layerwise", "evolver", "dfs"] = Field("global", description=(
+    kind: str = Field("global", description=(
         "global: one value per model and coefficient; layerwise: one per model, coefficient and layer "
         "group (embeddings, each group of blocks, final norm and head are groups of their own); "
         "evolver: the experts' weights themselves, evolved by EvolverSampler (Du et al. 2024); "
-        "dfs: the path of layers a token takes through the pool's models, with scales (Akiba et al. 2024)"))
+        "dfs: the path of layers a token takes through the pool's models, with scales (Akiba et al. 2024); "
+        "the kinds are registered in evoopt.study.kinds"))
     method: str = Field("ties", description="the merge method; evolver: X of X_Evolver, or 'none' for plain Evolver")
     search: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"weight": (0.0, 1.5), "density": (0.1, 1.0)},
@@ -161,7 +169,7 @@ class StudyConfig(_Strict):
             return list(self.objective.tasks)
         if self.sources is not None:
             return list(self.sources.tasks)
-        from evoopt.settings import get_setting
+        from evoopt.data.settings import get_setting
 
         return list(get_setting(self.setting or "").tasks)
 
@@ -173,33 +181,22 @@ class StudyConfig(_Strict):
 def _problems(config: StudyConfig) -> list[str]:
     import optuna
 
-    from evoopt.merge import get_method
-
-    problems = _evolver_problems(config) + _dfs_problems(config)
+    problems: list[str] = []
+    if config.space.kind not in KIND_CHECKS:
+        problems.append(f"space.kind: unknown kind {config.space.kind!r}; known: {', '.join(KIND_CHECKS)}")
+    for check in dict.fromkeys(KIND_CHECKS.values()):
+        problems += check(config)
     if (config.setting is None) == (config.sources is None):
         problems.append("setting / sources: give exactly one (a benchmark setting name, or sources: base + models)")
     if config.setting is not None:
-        from evoopt.settings import SETTINGS
+        from evoopt.data.settings import SETTINGS
 
         if config.setting not in SETTINGS:
             problems.append(f"setting: unknown benchmark setting {config.setting!r}; known: {', '.join(SETTINGS)}")
     if config.sources is not None and not config.sources.tasks and not config.objective.tasks:
         problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
-    try:
-        if config.space.kind in ("evolver", "dfs"):
-            raise LookupError  # evolver: its method was checked above; dfs: no merge method
-        method = get_method(config.space.method)
-        allowed = set(method.per_model)
-        for key in config.space.search:
-            if key not in allowed:
-                problems.append(f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
-                                f"allowed: {', '.join(sorted(allowed)) or 'none'}")
-    except ValueError as error:
-        problems.append(f"space.method: {str(error).removeprefix('method: ')}")
-    except LookupError:
-        pass
     for key, (low, high) in config.space.search.items():
-        problems += _bounds(f"space.search.{key}", low, high)
+        problems += bounds_problems(f"space.search.{key}", low, high)
         if key in config.space.log and low <= 0:
             problems.append(f"space.search.{key}: a log-scale coefficient needs low > 0, got {low}")
     problems += [f"space.fixed.{key}: must be a finite number, got {value}"
@@ -209,13 +206,11 @@ def _problems(config: StudyConfig) -> list[str]:
     x0 = config.sampler.options.get("x0")
     problems += [f"sampler.options.x0{key and '.' + key}: must be a finite number, got {value}"
                  for key, value in _numbers(x0 if isinstance(x0, dict) else {"": x0}) if not math.isfinite(value)]
-    if config.space.kind == "global" and (config.space.layers_per_group != 1 or config.space.split_blocks):
-        problems.append("space.layers_per_group / space.split_blocks: only for space.kind layerwise")
     for key in config.space.log:
         if key not in config.space.search:
             problems.append(f"space.log: {key!r} is not searched (space.search has {', '.join(config.space.search)})")
     if not _known(config.sampler.name, optuna.samplers):
-        from evoopt.samplers import SAMPLERS
+        from evoopt.search.samplers import SAMPLERS
 
         if config.sampler.name not in SAMPLERS:
             known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler")] + list(SAMPLERS))
@@ -238,70 +233,20 @@ def _problems(config: StudyConfig) -> list[str]:
     if objective.multi_objective and objective.fidelities:
         problems.append("objective.fidelities: Optuna prunes single-objective studies only")
     if objective.kind == "dev" and objective.metric == "perplexity" and config.setting is not None:
-        from evoopt.settings import SETTINGS
+        from evoopt.data.settings import SETTINGS
 
         if config.setting in SETTINGS and SETTINGS[config.setting].kind != "causal":
             problems.append("objective.metric: perplexity needs a causal LM setting")
     return problems
 
 
-def _evolver_problems(config: StudyConfig) -> list[str]:
-    """The Evolver's space and sampler go together; its X must be a method of the weights alone."""
-    from evoopt.merge import get_method
-
-    space, problems = config.space, []
-    if (space.kind == "evolver") != (config.sampler.name == "EvolverSampler"):
-        problems.append("space.kind / sampler.name: space.kind evolver and sampler EvolverSampler go together "
-                        f"(got {space.kind} and {config.sampler.name})")
-    if space.kind != "evolver":
-        return problems
-    if space.method != "none":
-        try:
-            get_method(space.method)
-        except ValueError as error:
-            problems.append(f"space.method: {str(error).removeprefix('method: ')}; or 'none' for the plain Evolver")
-    if _changed(space, "search", "log"):
-        problems.append("space.search / space.log: the Evolver searches the weights themselves; "
-                        "give X's coefficients in space.fixed")
-    if config.objective.multi_objective:
-        problems.append("objective.multi_objective: the Evolver's greedy selection needs one objective")
-    return problems
-
-
-def _dfs_problems(config: StudyConfig) -> list[str]:
-    """A data-flow space searches paths through causal LMs; its keys belong to it alone."""
-    space, problems = config.space, []
-    given = _changed(space, "pool", "repeats", "scaling", "scales", "binary")
-    if space.kind != "dfs":
-        if given:
-            problems.append(f"space.{' / space.'.join(given)}: only for space.kind dfs")
-        return problems
-    if _changed(space, "search", "log", "method"):
-        problems.append("space.search / space.log / space.method: a data-flow space searches the path and its "
-                        "scales, not merge coefficients; remove them")
-    if config.objective.kind != "lm-eval" and config.objective.metric != "perplexity":
-        problems.append("objective: space.kind dfs runs causal LMs; use objective.kind lm-eval or metric perplexity")
-    low, high = space.scales
-    bounds = _bounds("space.scales", low, high)
-    problems += bounds
-    if not bounds and not low <= 1.0 <= high:
-        problems.append(f"space.scales: [{low}, {high}] must contain 1 (the scale of an unchanged transition)")
-    for i, ref in enumerate(space.pool):
-        if ref.startswith("study:") and not ref.removeprefix("study:").endswith((".yaml", ".yml")):
-            problems.append(f"space.pool[{i}]: 'study:' names a study config file (study:OTHER.yaml), got {ref!r}")
-    if len(space.pool) == 1 and space.repeats == 1:
-        problems.append("space.pool / space.repeats: one model laid out once can only drop layers; "
-                        "give a second model or repeats > 1")
-    return problems
-
-
-def _changed(space: SpaceSpec, *keys: str) -> list[str]:
+def changed_keys(space: SpaceSpec, *keys: str) -> list[str]:
     """The keys whose values are not their defaults (a stored config spells every default out)."""
     values, defaults = space.model_dump(), SpaceSpec().model_dump()
     return [key for key in keys if values[key] != defaults[key]]
 
 
-def _bounds(key: str, low: float, high: float) -> list[str]:
+def bounds_problems(key: str, low: float, high: float) -> list[str]:
     """The problem with a [low, high] pair of bounds, if any: not finite, or not low < high."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return [f"{key}: bounds must be finite numbers, got [{low}, {high}]"]

@@ -12,21 +12,43 @@ import optuna
 import torch
 
 from evoopt.errors import ConfigError
-from evoopt.evolver import EvolverSampler, History
-from evoopt.io import card_header
-from evoopt.kinds.base import Kind, Progress, Score
 from evoopt.merge import get_method
-from evoopt.merger import Merger
-from evoopt.population import Population
-from evoopt.recipe import Recipe
-from evoopt.space import Candidate, EvolverSpace
-from evoopt.storage import get_trial
+from evoopt.merge.merger import Merger
+from evoopt.merge.recipe import Recipe
+from evoopt.models.io import card_header
+from evoopt.search.evolver import EvolverSampler, History
+from evoopt.search.population import Population
+from evoopt.study.config import StudyConfig, changed_keys
+from evoopt.study.kinds.base import Kind, Progress, Score
+from evoopt.study.space import Candidate, EvolverSpace
+from evoopt.study.storage import get_trial
 
 
 class EvolverKind(Kind[EvolverSpace]):
     names = ("evolver",)
     retry_failed = False  # a dead offspring frees its slot and the next trial takes it with the same move
     one_seed = True  # every worker draws the moves of one run (its generators are keyed by generation and target)
+
+    @classmethod
+    def problems(cls, config: StudyConfig) -> list[str]:
+        """The Evolver's space and sampler go together; its X must be a method of the weights alone."""
+        space, problems = config.space, []
+        if (space.kind == "evolver") != (config.sampler.name == "EvolverSampler"):
+            problems.append("space.kind / sampler.name: space.kind evolver and sampler EvolverSampler go together "
+                            f"(got {space.kind} and {config.sampler.name})")
+        if space.kind not in cls.names:
+            return problems
+        if space.method != "none":
+            try:
+                get_method(space.method)
+            except ValueError as error:
+                problems.append(f"space.method: {str(error).removeprefix('method: ')}; or 'none' for the plain Evolver")
+        if changed_keys(space, "search", "log"):
+            problems.append("space.search / space.log: the Evolver searches the weights themselves; "
+                            "give X's coefficients in space.fixed")
+        if config.objective.multi_objective:
+            problems.append("objective.multi_objective: the Evolver's greedy selection needs one objective")
+        return problems
 
     def make_space(self) -> EvolverSpace:
         return EvolverSpace(self.config, self.sources)
@@ -38,7 +60,7 @@ class EvolverKind(Kind[EvolverSpace]):
         """The population's history, replayed from the study's trials (by the config's own sampler settings,
         so a study opened only to read it needs no EvolverSampler of its own)."""
         if not hasattr(self, "_sampler"):
-            from evoopt.samplers import make_sampler
+            from evoopt.search.samplers import make_sampler
 
             sampler = make_sampler(self.config.sampler, self.config.seed, lambda: self.space)
             if not isinstance(sampler, EvolverSampler):
@@ -56,7 +78,7 @@ class EvolverKind(Kind[EvolverSpace]):
         return self.model
 
     def _population(self) -> Population:
-        from evoopt.evaluator import calibration_file
+        from evoopt.study.evaluator import calibration_file
 
         method = self.space.method and get_method(self.space.method)
         calibration = calibration_file(self.config, self.sources) if method and method.statistic else None
@@ -75,8 +97,8 @@ class EvolverKind(Kind[EvolverSpace]):
 
     def _estimator(self, recipe: Recipe) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
         """Fisher or RegMean statistics of an individual: its weights written into the model, calibration run."""
-        from evoopt.merger import calibration_batches
-        from evoopt.statistics import estimate_fisher, gram_matrices
+        from evoopt.merge.merger import calibration_batches
+        from evoopt.models.statistics import estimate_fisher, gram_matrices
 
         assert self.merger.structure.folder is not None and self.model is not None
         model = self.model
@@ -167,7 +189,7 @@ class EvolverKind(Kind[EvolverSpace]):
         with the history that rebuilds it (YAML) in its model card."""
         import yaml
 
-        from evoopt.kinds.parameter import export_merged
+        from evoopt.study.kinds.parameter import export_merged
 
         self.built(study)
         history = self.history(study)

@@ -1,7 +1,7 @@
 """Study storage: Optuna storages from URLs, studies opened for reading, trials looked up.
 
 The lowest layer of the study engine: it knows URLs, drivers and Optuna's storages, and
-nothing of search spaces, models or samplers (the engine, :mod:`evoopt.study`, opens a study
+nothing of search spaces, models or samplers (the engine, :mod:`evoopt.study.run`, opens a study
 with its sampler; :func:`load_study` opens one only to read it).
 """
 
@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from evoopt.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
-    from evoopt.config import StudyConfig
+    from evoopt.study.config import StudyConfig
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from evoopt.data import get_corpus, load_splits
+from evoopt.data.corpora import get_corpus, load_splits
+from evoopt.data.settings import HEAD_PATTERNS, SETTINGS, Setting, TrainConfig, get_setting  # noqa: F401  (re-exported)
+from evoopt.data.training import evaluate_accuracy, finetune, finetune_causal, score_causal, train_loop  # noqa: F401
 from evoopt.errors import ModelSourceError
-from evoopt.io import atomic_folder, atomic_write, cache_dir, register_scheme, resolve_path
-from evoopt.settings import HEAD_PATTERNS, SETTINGS, Setting, TrainConfig, get_setting  # noqa: F401  (re-exported)
-from evoopt.training import evaluate_accuracy, finetune, finetune_causal, score_causal, train_loop  # noqa: F401
+from evoopt.models.io import atomic_folder, atomic_write, cache_dir, register_scheme, resolve_path
 
 logger = logging.getLogger(__name__)
 _VERSION = 1
@@ -101,7 +101,7 @@ def build_setting(name: str | Setting, *, root: Path | None = None, progress: Pr
     identity = _base_identity(pretrained)
     started = time.perf_counter()
     if setting.kind == "causal":
-        from evoopt.io import convert_gguf
+        from evoopt.models.io import convert_gguf
 
         label_counts = [0]  # no head: the answer is text
         bases = {0: convert_gguf(pretrained) if pretrained.suffix == ".gguf" else pretrained}
@@ -280,7 +280,7 @@ def _train_causal(folder: Path, base: Path, identity: str, tasks: tuple[str, ...
                   train: TrainConfig, limit_train: int | None, report: Progress) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evoopt.data import mc_prompt
+    from evoopt.data.corpora import mc_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)

@@ -1,7 +1,7 @@
 """The Evolver's population of weights in one process, and the candidates it writes into a model.
 
 A :class:`Population` holds one copy of every merged tensor per individual, starting from
-the experts (``P_0``). It follows a study's :class:`~evoopt.evolver.History`: to reach
+the experts (``P_0``). It follows a study's :class:`~evoopt.search.evolver.History`: to reach
 ``P_g`` it applies each generation's accepted offspring, tensor by tensor (all of one
 generation's offspring are built from the same ``P_{g-1}``, so the new tensors of one name are
 computed before any is written back). A candidate is written straight into the evaluation
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from evoopt.errors import ConfigError
-from evoopt.evolver import History, Move, offspring_tensor
-from evoopt.io import TensorSource
 from evoopt.merge import MergeMethod
+from evoopt.models.io import TensorSource
+from evoopt.search.evolver import History, Move, offspring_tensor
 
 logger = logging.getLogger(__name__)
 Estimate = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]

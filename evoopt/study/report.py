@@ -19,12 +19,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evoopt.config import StudyConfig
+from evoopt.data.objective import combine
 from evoopt.errors import ConfigError
-from evoopt.io import atomic_write
-from evoopt.kinds import Kind, make_kind
-from evoopt.objective import combine
-from evoopt.storage import CONFIG_ATTR, FINISHED, artifact_store, best_trial, load_study, storage_from_url
+from evoopt.models.io import atomic_write
+from evoopt.study.config import StudyConfig
+from evoopt.study.kinds import Kind, make_kind
+from evoopt.study.storage import CONFIG_ATTR, FINISHED, artifact_store, best_trial, load_study, storage_from_url
 
 CONVERGED = 0.99  # a study has converged once its best so far is within 1% of its final best
 

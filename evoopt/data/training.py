@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from evoopt.settings import Setting, TrainConfig
+from evoopt.data.settings import Setting, TrainConfig
 
 
 def score_causal(model: Any, tokenizer: Any, setting: Setting) -> dict[str, dict[str, float]]:
     """lm-eval scores on every task of the setting, dev and test: {task: {split: score}}."""
-    from evoopt.lmeval import evaluate_tasks
+    from evoopt.data.lmeval import evaluate_tasks
 
     scores: dict[str, dict[str, float]] = {}
     for split in ("dev", "test"):

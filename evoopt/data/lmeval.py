@@ -34,13 +34,13 @@ def evaluate_tasks(model: Any, tokenizer: Any, corpora: list[str], *, split: str
                    batch_size: int = 16, seed: int = 0) -> dict[str, float]:
     """Accuracy (exact match for generative tasks) of a causal LM on evoopt's local tasks.
 
-    ``corpora`` are corpus names (see :mod:`evoopt.data`); their ``split`` is
+    ``corpora`` are corpus names (see :mod:`evoopt.data.corpora`); their ``split`` is
     written as lm-eval tasks into a temporary folder and evaluated on ``model``
     as it is in memory. Returns ``{task name: score}``.
     """
     from lm_eval.tasks import TaskManager
 
-    from evoopt.data import write_lm_eval_tasks
+    from evoopt.data.corpora import write_lm_eval_tasks
 
     with tempfile.TemporaryDirectory(prefix="evoopt-tasks-") as folder:
         names = write_lm_eval_tasks(corpora, Path(folder), split=split, seed=seed, limit=limit)

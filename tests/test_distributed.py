@@ -13,6 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 from evoopt.search.evolver import ATTR
+from evoopt.study.storage import trial_outcomes
 from tests.helpers.evolver import GENERATIONS, in_process, population_after
 from tests.helpers.studies import small_study_config, write_study_config
 
@@ -85,6 +86,10 @@ def test_four_cma_workers_through_the_engine_keep_the_budget_and_tell_every_tria
     assert all("budget" in t.user_attrs.get("fail_reason", "") for t in over), [  # only trials that never ran
         (t.number, t.user_attrs, t.system_attrs) for t in over]
     assert len({tuple(sorted(t.params.items())) for t in complete}) == budget  # none sampled twice
+    for trial in complete:  # each worker kept its trials' per-example outcomes in the shared storage
+        outcomes = trial_outcomes(trial)
+        assert outcomes is not None and outcomes.size == 40
+        assert outcomes.scores() == pytest.approx(trial.user_attrs["scores"])
     # the sampler's state: a fresh sampler rebuilt from the storage has told every finished trial
     sampler = EvoCmaSampler(seed=0, popsize=4)
     fresh = optuna.load_study(study_name="pg-cma", storage=postgres_url, sampler=sampler)

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from evoopt.cli import main
 from evoopt.study.config import ConfigError, parse_config
 from evoopt.study.run import Worker, export_trial, open_study, run_study
+from evoopt.study.storage import OUTCOMES_ATTR, baseline_outcomes, trial_outcomes
 from tests.helpers.studies import small_study_config, write_study_config
 
 
@@ -76,7 +77,19 @@ def test_a_study_runs_to_its_budget_and_records_everything(finished: Any) -> Non
         assert trial.user_attrs["recipe"]["method"] == "ties"
         assert trial.user_attrs["merge_seconds"] > 0 and trial.user_attrs["eval_seconds"] > 0
         assert list(trial.intermediate_values) == [20]  # multi-fidelity: the pruner saw the 20-example score
+        outcomes = trial_outcomes(trial)  # every scored example's result, kept with the trial
+        assert outcomes is not None and outcomes.scores() == pytest.approx(trial.user_attrs["scores"])
+        assert [t.ids.tolist() for t in outcomes.tasks.values()] == [list(range(40))] * 2
+    for trial in study.get_trials(states=(TrialState.PRUNED,)):  # the examples it was scored on before pruning
+        outcomes = trial_outcomes(trial)
+        assert outcomes is not None and [len(t.ids) for t in outcomes.tasks.values()] == [20, 20]
+        assert outcomes.scores() == pytest.approx(trial.user_attrs["scores"])
     names = [row["name"] for row in study.user_attrs["evoopt:baselines"]]
+    kept = baseline_outcomes(study)  # the sources' and baselines' too
+    for row in study.user_attrs["evoopt:baselines"]:
+        if row["name"] in kept:
+            assert kept[row["name"]].scores() == pytest.approx(row["dev"])
+    assert {n for n in names if not n.startswith(("best source", "average"))} == set(kept)
     assert names[0].startswith("source vader-tweets") and names[1].startswith("source vader-nyt")
     assert any(n.startswith("greedy soup") for n in names) and "ties (fixed)" in names
     best = study.best_trial
@@ -145,9 +158,12 @@ def test_resume_continues_and_keeps_finished_trials(small_experts: Any, tmp_path
     first = run_study(config, n_trials=2, report=False)
     before = [(t.number, t.params) for t in first.study.get_trials()]
     assert len(before) == 2
+    kept = [t.system_attrs[OUTCOMES_ATTR] for t in first.study.get_trials()]
     second = run_study(config)
     after = second.study.get_trials()
     assert len(after) == 4 and [(t.number, t.params) for t in after[:2]] == before
+    assert [t.system_attrs[OUTCOMES_ATTR] for t in after[:2]] == kept  # outcomes survive the resume
+    assert all(trial_outcomes(t) is not None for t in after)
     assert second.ran == 2
 
 

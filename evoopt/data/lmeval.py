@@ -10,24 +10,40 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, batch_size: int = 16,
                 seed: int = 0, limit: int | None = None) -> dict[str, float]:
     """``{task: accuracy, or exact match for generative tasks}`` of ``model`` as it is in memory."""
+    return lm_eval_examples(model, tokenizer, tasks, manager, batch_size=batch_size, seed=seed, limit=limit)[0]
+
+
+def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, batch_size: int = 16,
+                     seed: int = 0, limit: int | None = None, samples: dict[str, list[int]] | None = None,
+                     ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The scores, and per task each example's ``doc_id`` and value of the scored metric (lm-eval's
+    per-sample log). ``samples`` scores only those doc ids of each task (instead of ``limit``)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, cache_requests=False,
-                              use_cache=None, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=None if samples else limit,
+                              samples=samples, cache_requests=False, use_cache=None, log_samples=True,
+                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed, verbosity="ERROR")
-    scores = {}
+    scores, examples = {}, {}
     for name in tasks:
         metrics = results["results"][name]
         key = next((k for k in ("acc,none", "acc_norm,none") if k in metrics), None)
         key = key or next(k for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
         scores[name] = float(metrics[key])
-    return scores
+        metric, _, filter_key = key.partition(",")
+        logged = sorted((s["doc_id"], float(s[metric])) for s in results["samples"][name]
+                        if s.get("filter", filter_key) == filter_key)
+        examples[name] = (np.asarray([d for d, _ in logged], dtype=np.int64),
+                          np.asarray([v for _, v in logged], dtype=np.float32))
+    return scores, examples
 
 
 def evaluate_tasks(model: Any, tokenizer: Any, corpora: list[str], *, split: str, limit: int | None = None,

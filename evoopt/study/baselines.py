@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from evoopt.data.objective import combine
+from evoopt.data.outcomes import Outcomes
 from evoopt.merge.merger import Merger, pick_device
 from evoopt.study.config import StudyConfig
 from evoopt.study.evaluator import Evaluator, calibration_file
@@ -23,16 +26,46 @@ from evoopt.study.storage import best_index, better
 Progress = Callable[[str, int, int], None]
 
 
-def score_baselines(config: StudyConfig, sources: Sources, *, progress: Progress | None = None) -> list[dict[str, Any]]:
+@dataclass
+class Scored:
+    """The baselines' rows; each scored row's per-example outcomes on dev, by name; and the bfloat16 check
+    (``objective.precision: auto``: the sources scored on dev in both precisions)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: dict[str, Outcomes] = field(default_factory=dict)
+    precision: dict[str, Any] | None = None
+
+
+def score_baselines(config: StudyConfig, sources: Sources, *, progress: Progress | None = None) -> Scored:
     """Score the sources, their ensemble, greedy soup and the fixed-recipe merges on dev and test: one row each."""
-    rows: list[dict[str, Any]] = []
-    _Baselines(config, sources, rows, progress or (lambda stage, done, total: None)).run()
-    return rows
+    scored = Scored()
+    _Baselines(config, sources, scored, progress or (lambda stage, done, total: None)).run()
+    return scored
+
+
+# bfloat16 is taken where it keeps the sources' dev results: this share of examples unchanged, and no
+# task's score moved by more than this (accuracy: points / 100; losses: relative)
+AGREEMENT, LARGEST_CHANGE = 0.99, 0.01
+
+
+def precision_verdict(checks: list[tuple[float, float, float, float]]) -> dict[str, Any] | None:
+    """bfloat16 if every checked source kept its dev results (agreement, largest change of a task's score,
+    float32 seconds, bfloat16 seconds per source); None if no source was checked."""
+    if not checks:
+        return None
+    agreement, change = min(c[0] for c in checks), max(c[1] for c in checks)
+    holds = agreement >= AGREEMENT and change <= LARGEST_CHANGE
+    return {"precision": "bfloat16" if holds else "float32", "agreement": round(agreement, 5),
+            "largest_change": round(change, 5), "sources": len(checks),
+            "speedup": round(sum(c[2] for c in checks) / sum(c[3] for c in checks), 2),
+            "rule": f"agreement >= {AGREEMENT} and largest change <= {LARGEST_CHANGE}"}
 
 
 class _Baselines:
-    def __init__(self, config: StudyConfig, sources: Sources, rows: list[dict[str, Any]], progress: Progress):
-        self.config, self.sources, self.rows, self.progress = config, sources, rows, progress
+    def __init__(self, config: StudyConfig, sources: Sources, scored: Scored, progress: Progress):
+        self.config, self.sources, self.scored, self.progress = config, sources, scored, progress
+        self.rows, self.outcomes = scored.rows, scored.outcomes
+        self.checks: list[tuple[float, float, float, float]] = []  # agreement, change, float32 s, bfloat16 s
         self.kind = ParameterKind(_linear_config(config), sources)  # sources (one-hot weights) and soups
         self.kind.build(None, pick_device(config.device))
         assert self.kind.tokenizer_folder is not None
@@ -41,12 +74,33 @@ class _Baselines:
         self.maximize = config.directions[0] == "maximize"  # perplexity and mse: lower is better
 
     def _row(self, name: str, model: Any, started: float, **extra: Any) -> dict[str, Any]:
+        scoring = time.perf_counter()
         dev = self.evaluator.score(model, self.config.objective.split)
+        scoring = time.perf_counter() - scoring
+        kept = self.evaluator.outcomes(self.config.objective.split)
+        if kept is not None:
+            self.outcomes[name] = kept
+            if extra.get("kind") == "source" and self.config.objective.precision == "auto":
+                self._check_precision(model, dev, kept, scoring)
         test = self.evaluator.score(model, "test")
         row = {"name": name, "dev": dev, "test": test, "dev_value": combine(dev, self.weights),
                "test_value": combine(test, self.weights), "seconds": round(time.perf_counter() - started, 2), **extra}
         self.rows.append(row)
         return row
+
+    def _check_precision(self, model: Any, dev: dict[str, float], reference: Outcomes, seconds: float) -> None:
+        """Score the source on dev again under bfloat16 autocast; compare with its float32 results."""
+        split = self.config.objective.split
+        started = time.perf_counter()
+        lower = self.evaluator.score(model, split, autocast=True)
+        took = time.perf_counter() - started
+        fast = self.evaluator.outcomes(split)
+        assert fast is not None
+        same = [np.mean(np.isclose(fast.tasks[t].values, reference.tasks[t].values, rtol=1e-2, atol=1e-3))
+                for t in reference.tasks]
+        relative = self.config.objective.metric in ("mse", "perplexity")
+        change = max(abs(lower[t] - dev[t]) / (abs(dev[t]) if relative else 1.0) for t in dev)
+        self.checks.append((float(np.mean(same)), float(change), seconds, took))
 
     def _linear(self, weights: list[float]) -> Any:
         recipe = fixed_recipe(self.sources, "linear", {}, [{"weight": w} for w in weights], config=self.config)
@@ -96,6 +150,7 @@ class _Baselines:
             else:
                 self._merge(name, started)
         self.progress("baselines", steps, steps)
+        self.scored.precision = precision_verdict(self.checks)
 
     def _load_sources(self) -> list[torch.nn.Module]:
         from evoopt.models.io import load_target, open_source, resolve_path

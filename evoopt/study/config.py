@@ -89,6 +89,15 @@ class PrunerSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class EstimateSpec(_Strict):
+    """Estimated fitness: each trial is scored on a few informative dev examples (evoopt.data.estimate)."""
+
+    method: Literal["anchor", "irt", "random"] = Field("anchor", description=(
+        "anchor: anchor points (clusters of the baselines' results, medoids weighted by cluster size); "
+        "irt: item response theory anchors and the p-IRT estimate (accuracy only); random: a random subset"))
+    fraction: float = Field(0.1, gt=0, le=1, description="the share of each task's dev examples a trial is scored on")
+
+
 class ObjectiveSpec(_Strict):
     kind: Literal["dev", "lm-eval"] = Field(
         "dev", description="dev: evoopt's own batched scoring; lm-eval: lm-evaluation-harness tasks")
@@ -106,6 +115,12 @@ class ObjectiveSpec(_Strict):
         "lm-eval: registered task names or tasks of include_path; default the setting's local tasks"))
     include_path: str | None = None
     weights: dict[str, float] = Field(default_factory=dict, description="task weights of the score (default 1)")
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "trials' scoring precision; auto: bfloat16 autocast where the sources' dev results under it match "
+        "float32 (checked with the baselines, kept in the study), else float32; baselines and reports: float32"))
+    estimate: EstimateSpec | None = Field(None, description=(
+        "score trials on a few dev examples and estimate their full-dev score; fitted once per study from the "
+        "baselines' per-example results on dev (needs baselines), stored in the study"))
 
 
 class StudyConfig(_Strict):
@@ -232,6 +247,18 @@ def _problems(config: StudyConfig) -> list[str]:
             problems.append("objective.fidelities: only the dev objective reports intermediate scores")
     if objective.multi_objective and objective.fidelities:
         problems.append("objective.fidelities: Optuna prunes single-objective studies only")
+    if objective.estimate is not None:
+        if objective.metric == "macro_f1":
+            problems.append("objective.estimate: macro-F1 is not a mean over examples; use accuracy")
+        elif objective.estimate.method == "irt" and objective.metric in MINIMIZE:
+            problems.append(f"objective.estimate.method: irt models right-or-wrong results; use anchor or random "
+                            f"with metric {objective.metric}")
+        if objective.fidelities:
+            problems.append("objective.estimate / objective.fidelities: a trial is scored on the estimator's "
+                            "examples; use one or the other")
+        if not config.baselines:
+            problems.append("objective.estimate: the estimator is fitted on the baselines' results on dev; "
+                            "give baselines (at least [sources])")
     if objective.kind == "dev" and objective.metric == "perplexity" and config.setting is not None:
         from evoopt.data.settings import SETTINGS
 

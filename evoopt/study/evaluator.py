@@ -15,10 +15,13 @@ from typing import Any
 import optuna
 import torch
 
+from evoopt.data.estimate import Estimator
 from evoopt.data.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
+from evoopt.data.outcomes import Outcomes
 from evoopt.errors import EvaluationError
 from evoopt.study.config import StudyConfig
 from evoopt.study.space import Sources
+from evoopt.study.storage import record_outcomes
 
 
 def task_heads(sources: Sources, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
@@ -48,42 +51,51 @@ def calibration_file(config: StudyConfig, sources: Sources, per_task: int = 8) -
 
 
 class Evaluator:
-    """The objective of a study: its tokenizer, per-task heads and scorers, each built on first use."""
+    """The objective of a study: its tokenizer, per-task heads and scorers, each built on first use.
+
+    With an ``estimator`` (``objective.estimate``), trials are scored on its examples of the search
+    split and their full-dev scores estimated; with ``autocast``, trials are scored under bfloat16
+    autocast. Scoring without a trial (baselines, reports) reads the whole split in float32.
+    """
 
     def __init__(self, config: StudyConfig, sources: Sources, tokenizer_folder: Path | str,
-                 device: torch.device) -> None:
+                 device: torch.device, estimator: Estimator | None = None, *, autocast: bool = False) -> None:
         from transformers import AutoTokenizer
 
-        self.config, self.sources, self.device = config, sources, device
+        self.config, self.sources, self.device, self.estimator = config, sources, device, estimator
+        self.autocast = autocast
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.heads = task_heads(sources, device) if sources.per_task_heads else None
         self._scorers: dict[str, Any] = {}
 
-    def scorer(self, split: str) -> Any:
-        """The scorer of a split, built on first use (the test scorer only ever for reporting)."""
-        if split not in self._scorers:
+    def scorer(self, split: str, *, estimated: bool = False) -> Any:
+        """The scorer of a split, built on first use (the test scorer only ever for reporting); ``estimated``:
+        the one of the estimator's examples."""
+        key = f"{split}:estimated" if estimated else split
+        if key not in self._scorers:
             o = self.config.objective
-            folder = self.config.artifact_dir / "tasks"
+            folder = self.config.artifact_dir / ("tasks-estimated" if estimated else "tasks")
             search = split == o.split
             limit = o.limit if search else o.test_limit
+            rows = self.estimator.rows if estimated and self.estimator is not None else None
             if self.sources.kind == "causal" and o.metric == "perplexity":
                 scorer: Any = PerplexityScorer(self.tokenizer, self.sources.tasks, split=split, limit=limit,
                                                batch_size=o.batch_size, max_length=o.max_length,
-                                               seed=self.config.seed, device=self.device)
+                                               seed=self.config.seed, device=self.device, rows=rows)
             elif self.sources.kind == "causal" or o.kind == "lm-eval":
                 scorer = LmEvalScorer(self.tokenizer, split=split, folder=folder,
                                       corpora=[] if o.tasks else self.sources.tasks, tasks=o.tasks,
                                       include_path=o.include_path, limit=limit, batch_size=o.batch_size,
-                                      seed=self.config.seed)
+                                      seed=self.config.seed, rows=rows)
             else:
                 scorer = ClassifierScorer(self.tokenizer, self.sources.tasks, split=split, limit=limit,
                                           stages=o.fidelities if search else (), batch_size=o.batch_size,
                                           max_length=o.max_length, metric=o.metric, seed=self.config.seed,
-                                          heads=self.heads, device=self.device)
-            self._scorers[split] = scorer
-        return self._scorers[split]
+                                          heads=self.heads, device=self.device, rows=rows)
+            self._scorers[key] = scorer
+        return self._scorers[key]
 
     def value(self, scores: Scores) -> float | list[float]:
         """The objective's value: the (weighted) mean over tasks, or one value per task (multi-objective)."""
@@ -91,24 +103,57 @@ class Evaluator:
             return [scores[t] for t in sorted(scores)]
         return combine(scores, self.config.objective.weights)
 
+    def outcomes(self, split: str) -> Outcomes | None:
+        """The per-example outcomes of the last model scored on ``split`` (of the examples scored so far)."""
+        return self.scorer(split).outcomes if split in self._scorers else None
+
     def score(self, model: torch.nn.Module | list[torch.nn.Module], split: str,
-              trial: optuna.Trial | None = None) -> Scores:
-        """Per-task scores; with a trial, intermediate values go to its pruner."""
+              trial: optuna.Trial | None = None, *, autocast: bool | None = None) -> Scores:
+        """Per-task scores; with a trial, intermediate values go to its pruner, and the trial keeps its
+        per-example outcomes (those scored before a pruning too). ``autocast`` overrides the precision
+        (default: the study's for trials, float32 otherwise)."""
+        autocast = (self.autocast and trial is not None) if autocast is None else autocast
+        if trial is not None and autocast:
+            trial.set_user_attr("precision", "bfloat16")
+        if trial is not None and self.estimator is not None and split == self.config.objective.split:
+            return self._estimated(model, split, trial, autocast)
         scorer = self.scorer(split)
+        scorer.autocast = autocast
         try:
             if trial is None or not isinstance(scorer, ClassifierScorer) or len(self.config.objective.fidelities) == 0:
                 result: Scores = scorer.scores(model)
+                if trial is not None:
+                    record_outcomes(trial, scorer.outcomes)
                 return result
-            stages = list(scorer.staged_scores(model))
-            for n, scores in stages[:-1]:
+            # stage by stage: a pruned trial scores no further examples
+            staged = scorer.staged_scores(model)
+            n, scores = next(staged)
+            for following in staged:
                 trial.report(combine(scores, self.config.objective.weights), n)
                 if trial.should_prune():
+                    record_outcomes(trial, scorer.outcomes)
                     trial.set_user_attr("scores", scores)
                     trial.set_user_attr("pruned_at", n)
                     raise optuna.TrialPruned(f"pruned after {n} examples per task")
-            return stages[-1][1]
+                n, scores = following
+            record_outcomes(trial, scorer.outcomes)
+            return scores
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise EvaluationError("out of memory while scoring; lower objective.batch_size or "
                                   "objective.max_length, or set dtype: bfloat16") from None
+
+    def _estimated(self, model: torch.nn.Module | list[torch.nn.Module], split: str, trial: optuna.Trial,
+                   autocast: bool) -> Scores:
+        """Score the estimator's examples; the trial keeps their outcomes, the raw subset scores and how it
+        was scored, and its scores are the estimated full-split ones."""
+        assert self.estimator is not None
+        scorer = self.scorer(split, estimated=True)
+        scorer.autocast = autocast
+        subset = scorer.scores(model)
+        record_outcomes(trial, scorer.outcomes)
+        trial.set_user_attr("subset_scores", subset)
+        trial.set_user_attr("estimated", {"method": self.estimator.method, "examples": self.estimator.size,
+                                          "of": sum(t.size for t in self.estimator.tasks.values())})
+        return self.estimator.estimate(scorer.outcomes)

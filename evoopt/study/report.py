@@ -179,10 +179,13 @@ def summary_rows(study: optuna.Study) -> list[dict[str, Any]]:
     if trial is not None:
         report = study.user_attrs.get("evoopt:test", {}).get(str(trial.number))
         dev = trial.value if trial.values and len(trial.values) == 1 else float(sum(trial.values or [0.0]))
-        test = None
+        test, name = None, f"best found (trial {trial.number})"
         if report:
             test = combine(report["test"], _weights(study))
-        rows.append({"name": f"best found (trial {trial.number})", "dev": dev, "test": test})
+            if "estimated" in trial.user_attrs and report["dev"]:  # chosen by its estimate, shown by its whole dev
+                name = f"best found (trial {trial.number}, estimated dev {dev:.4f})"
+                dev = combine(report["dev"], _weights(study))
+        rows.append({"name": name, "dev": dev, "test": test})
     if result := study.user_attrs.get("evoopt:result"):
         weights = _weights(study)
         what = "fittest individual" if result["method"] == "none" else f"{result['method']} of the population"

@@ -41,6 +41,7 @@ from evoopt.search.samplers import make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
 from evoopt.study.config import StudyConfig, same_study
 from evoopt.study.evaluator import Evaluator
+from evoopt.study.fitness import PRECISION_ATTR, study_autocast, study_estimator
 from evoopt.study.kinds import Kind, make_kind, on_cpu
 from evoopt.study.report import summary_rows, update_note
 from evoopt.study.space import Sources
@@ -53,6 +54,7 @@ from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.stu
     finished_trials,
     get_trial,
     load_study,
+    record_baseline_outcomes,
     storage_from_url,
 )
 
@@ -117,7 +119,8 @@ class Worker:
         self.model = self.kind.build(study, self.device, progress)
         assert self.kind.tokenizer_folder is not None
         self.tokenizer_folder = self.kind.tokenizer_folder
-        self.evaluator = Evaluator(config, self.sources, self.tokenizer_folder, self.device)
+        self.evaluator = Evaluator(config, self.sources, self.tokenizer_folder, self.device,
+                                   study_estimator(config, study), autocast=study_autocast(config, study))
         self.tokenizer = self.evaluator.tokenizer
 
     @property
@@ -205,6 +208,8 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
     run = RunReport(study)
     if baselines and config.baselines and "evoopt:baselines" not in study.user_attrs and worker_index == 0:
         run_baselines(config, progress=progress, study=study, sources=kind.sources)
+    if worker_index == 0:
+        study_estimator(config, study)  # fitted once, before any worker needs it
     before = finished_trials(study)
     remaining = max(0, config.trials - before)
     if n_trials is not None:
@@ -279,10 +284,15 @@ def run_baselines(config: StudyConfig, *, progress: Progress | None = None, stud
     from evoopt.study.space import study_sources
 
     study = study or open_study(config)
-    rows = score_baselines(config, sources or study_sources(config), progress=progress)
-    study.set_user_attr("evoopt:baselines", rows)
+    scored = score_baselines(config, sources or study_sources(config), progress=progress)
+    for name, kept in scored.outcomes.items():
+        record_baseline_outcomes(study, name, kept)
+    decided = study._storage.get_study_system_attrs(study._study_id)
+    if scored.precision is not None and PRECISION_ATTR not in decided:  # one precision for all of a study's trials
+        study._storage.set_study_system_attr(study._study_id, PRECISION_ATTR, scored.precision)
+    study.set_user_attr("evoopt:baselines", scored.rows)
     update_note(config, study)
-    return rows
+    return scored.rows
 
 
 def report_best(config: StudyConfig, study: optuna.Study, worker: Worker | None = None, *,

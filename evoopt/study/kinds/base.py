@@ -120,7 +120,10 @@ class Kind(Generic[SpaceT]):
             return
         self.built(study)
         model = self.trial_model(trial.params)
-        reports[str(trial.number)] = {"test": score(model, "test"), "dev": trial.user_attrs.get("scores", {})}
+        # an estimated trial's dev scores are estimates: the answer is scored on the whole dev split too
+        dev = score(model, self.config.objective.split) if "estimated" in trial.user_attrs else trial.user_attrs.get(
+            "scores", {})
+        reports[str(trial.number)] = {"test": score(model, "test"), "dev": dev}
         study.set_user_attr("evoopt:test", reports)
         self._upload(study, trial)
 

@@ -1,0 +1,281 @@
+"""Estimated fitness: score a candidate on a few informative dev examples, estimate its full-dev score.
+
+Fitted once per study from the per-example outcomes of reference models on the whole dev set
+(the sources and baselines, :mod:`evoopt.data.outcomes`), per task; then every candidate is
+scored on the chosen examples only. Three estimators:
+
+``random``
+    A uniform random subset of ``k`` examples, each of weight 1: the reference every other
+    estimator must beat.
+
+``anchor``
+    Anchor points (Vivek et al., "Anchor Points: Benchmarking Models with Much Fewer Examples",
+    EACL 2024, Sec. 3; used by tinyBenchmarks, Polo et al., ICML 2024, Sec. 3.1): each example is
+    embedded by the reference models' results on it, the examples are clustered (k-means), and
+    each cluster is represented by its medoid, weighted by the cluster's size; the estimate is the
+    weighted score of the anchors (Eq. 1 of Vivek et al.). Deliberate difference: with few
+    reference models many examples share one pattern, so there are fewer distinct clusters than
+    anchors; the ``k`` anchor slots are then shared out among the clusters in proportion to their
+    size (largest remainder), the medoid first and the rest drawn at random from the cluster, each
+    anchor weighted by its cluster's size over its slots. With ``k`` distinct clusters this is
+    exactly one medoid per cluster.
+
+``irt``
+    Item response theory (tinyBenchmarks, Polo et al. 2024, Sec. 3.2-3.3): a two-parameter
+    logistic model ``P(example j right | model i) = sigmoid(alpha_j * theta_i - beta_j)`` fitted
+    to the reference outcomes (maximum a posteriori, standard normal priors on theta and beta,
+    log-normal on alpha, by Adam in torch; a small fit of our own, tested on simulated data with
+    known parameters); anchors are chosen by clustering the examples' (alpha, beta), and a
+    candidate's score is the p-IRT estimate (their Eq. 3.3): with ``lambda = |S| / N``,
+    ``lambda * mean_S(y) + (1 - lambda) * mean_{j not in S} sigmoid(alpha_j theta_hat - beta_j)``,
+    ``theta_hat`` the candidate's ability fitted on the anchors' results ``y``. Correctness only.
+
+Fitting reads dev only; the fitted estimator (its examples, weights and item parameters) is
+plain data (:meth:`Estimator.to_dict`), stored once in the study so every worker and a resumed
+study use the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from evoopt.data.outcomes import Outcomes
+from evoopt.errors import ConfigError
+
+METHODS = ("anchor", "irt", "random")
+
+
+@dataclass
+class TaskEstimator:
+    """One task's chosen examples (positions in its split) and their weights; for IRT, every example's item
+    parameters."""
+
+    ids: np.ndarray
+    weights: np.ndarray
+    size: int  # examples of the task's full dev set
+    alpha: np.ndarray | None = None  # irt: per example of the full dev set, aligned with all_ids
+    beta: np.ndarray | None = None
+    all_ids: np.ndarray | None = None  # irt: the full dev set's ids, aligned with alpha and beta
+
+
+@dataclass
+class Estimator:
+    method: str
+    tasks: dict[str, TaskEstimator] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> dict[str, list[int]]:
+        """The examples to score, per task (what a scorer's ``rows`` takes)."""
+        return {task: t.ids.tolist() for task, t in self.tasks.items()}
+
+    @property
+    def size(self) -> int:
+        return sum(len(t.ids) for t in self.tasks.values())
+
+    def estimate(self, outcomes: Outcomes) -> dict[str, float]:
+        """Per task, the estimated full-dev score of a candidate from its outcomes on the chosen examples."""
+        scores = {}
+        for task, t in self.tasks.items():
+            observed = outcomes.select({task: t.ids})
+            if self.method != "irt":
+                scores[task] = observed.score(task, t.weights)
+                continue
+            assert t.alpha is not None and t.beta is not None and t.all_ids is not None
+            y = observed.tasks[task].values.astype(np.float64)
+            seen = np.isin(t.all_ids, t.ids)
+            where = {int(i): k for k, i in enumerate(t.all_ids)}
+            index = np.asarray([where[int(i)] for i in t.ids])
+            theta = fit_ability(y, t.alpha[index], t.beta[index])
+            scores[task] = p_irt(y, theta, t.alpha[~seen], t.beta[~seen])
+        return scores
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "tasks": {}}
+        for task, t in self.tasks.items():
+            item: dict[str, Any] = {"ids": t.ids.tolist(), "weights": np.round(t.weights, 6).tolist(), "size": t.size}
+            if t.alpha is not None and t.beta is not None and t.all_ids is not None:
+                item.update(alpha=np.round(t.alpha, 5).tolist(), beta=np.round(t.beta, 5).tolist(),
+                            all_ids=t.all_ids.tolist())
+            out["tasks"][task] = item
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Estimator:
+        tasks = {}
+        for task, item in data["tasks"].items():
+            irt = {k: np.asarray(item[k], dtype=np.float64) for k in ("alpha", "beta") if k in item}
+            tasks[task] = TaskEstimator(np.asarray(item["ids"], dtype=np.int64),
+                                        np.asarray(item["weights"], dtype=np.float64), int(item["size"]),
+                                        irt.get("alpha"), irt.get("beta"),
+                                        np.asarray(item["all_ids"], dtype=np.int64) if "all_ids" in item else None)
+        return cls(str(data["method"]), tasks)
+
+
+# --- fitting ---------------------------------------------------------------------------------------------
+
+def fit_estimator(method: str, references: list[Outcomes], *, fraction: float, seed: int) -> Estimator:
+    """Choose ``fraction`` of each task's dev examples (at least one) from the reference models' outcomes.
+
+    ``references`` are outcomes on the whole dev set (every one on the same examples per task).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"objective.estimate.method: unknown estimator {method!r}; known: {', '.join(METHODS)}")
+    if not references:
+        raise ConfigError("objective.estimate: no reference outcomes to fit the estimator on; keep the "
+                          "'sources' baseline (baselines: [sources, ...])")
+    rng = np.random.default_rng(seed)
+    estimator = Estimator(method)
+    for task in references[0].tasks:
+        ids = references[0].tasks[task].ids
+        matrix = np.stack([r.select({task: ids}).tasks[task].values.astype(np.float64) for r in references])
+        k = max(1, min(len(ids), round(fraction * len(ids))))
+        if method == "random":
+            chosen = np.sort(rng.choice(len(ids), size=k, replace=False))
+            estimator.tasks[task] = TaskEstimator(ids[chosen], np.ones(k), len(ids))
+        elif method == "anchor":
+            embedding = matrix.T  # an example: the reference models' results on it
+            if references[0].metric in ("mse", "perplexity"):
+                tokens = references[0].tasks[task].weights
+                per_token = embedding / tokens[:, None] if tokens is not None else embedding
+                embedding = (per_token - per_token.mean(0)) / (per_token.std(0) + 1e-12)
+            chosen, weights = anchors(embedding, k, rng)
+            estimator.tasks[task] = TaskEstimator(ids[chosen], weights, len(ids))
+        else:
+            if references[0].metric in ("mse", "perplexity") or not all(
+                    r.tasks[task].values.dtype == np.bool_ for r in references):
+                raise ConfigError("objective.estimate.method: irt models right-or-wrong outcomes; "
+                                  f"use anchor or random with metric {references[0].metric}")
+            alpha, beta, _ = fit_irt(matrix, seed=seed)
+            chosen, weights = anchors(np.stack([alpha, beta], 1), k, rng)
+            estimator.tasks[task] = TaskEstimator(ids[chosen], weights, len(ids), alpha, beta, ids.copy())
+    return estimator
+
+
+def anchors(embedding: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` anchor examples (sorted positions) and their weights (the examples each stands for; sum = N)."""
+    n = len(embedding)
+    patterns, inverse, counts = np.unique(embedding, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    centres = min(k, len(patterns))
+    labels_of_pattern = _kmeans(patterns, counts.astype(np.float64), centres, rng)
+    label = labels_of_pattern[inverse]
+    sizes = np.bincount(label, minlength=centres)
+    spread = np.array([embedding[label == c].std(0).mean() for c in range(centres)])
+    slots = _shares(sizes, k, sizes * (spread + 0.05))
+    chosen, weights = [], []
+    for c in range(centres):
+        members = np.flatnonzero(label == c)
+        if slots[c] == 0:
+            continue
+        centre = embedding[members].mean(0)
+        medoid = members[np.argmin(((embedding[members] - centre) ** 2).sum(1))]
+        rest = rng.permutation(members[members != medoid])[: slots[c] - 1]
+        picked = [medoid, *rest]
+        chosen += picked
+        weights += [sizes[c] / len(picked)] * len(picked)
+    order = np.argsort(chosen)
+    weights_array = np.asarray(weights, dtype=np.float64)[order]
+    assert abs(weights_array.sum() - n) < 1e-6
+    return np.asarray(chosen, dtype=np.int64)[order], weights_array
+
+
+def _shares(sizes: np.ndarray, k: int, need: np.ndarray | None = None) -> np.ndarray:
+    """``k`` slots shared among clusters in proportion to ``need`` (default: their sizes): at least one each,
+    largest remainder, never more than a cluster's members."""
+    need = sizes if need is None else need
+    slots = np.minimum(sizes, 1)
+    left = k - int(slots.sum())
+    if left > 0:
+        want = need / need.sum() * k - slots
+        for _ in range(left):
+            room = np.where(slots < sizes, want, -np.inf)
+            if not np.isfinite(room).any():
+                break
+            i = int(np.argmax(room))
+            slots[i] += 1
+            want[i] -= 1
+    return slots
+
+
+def _kmeans(points: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator,
+            iterations: int = 50) -> np.ndarray:
+    """Weighted k-means (k-means++ start, Lloyd steps) on distinct points; returns each point's cluster."""
+    if k >= len(points):
+        return np.arange(len(points))
+    centres = [points[rng.choice(len(points), p=weights / weights.sum())]]
+    for _ in range(1, k):
+        distance = np.min([((points - c) ** 2).sum(1) for c in centres], axis=0)
+        p = weights * distance
+        centres.append(points[rng.choice(len(points), p=p / p.sum())] if p.sum() > 0 else points[len(centres)])
+    centre = np.stack(centres)
+    label = np.zeros(len(points), dtype=np.int64)
+    for _ in range(iterations):
+        label = ((points[:, None, :] - centre[None]) ** 2).sum(-1).argmin(1)
+        moved = centre.copy()
+        for c in range(k):
+            mine = label == c
+            if mine.any():
+                moved[c] = np.average(points[mine], axis=0, weights=weights[mine])
+        if np.allclose(moved, centre):
+            break
+        centre = moved
+    used = np.unique(label)  # drop empty clusters: labels 0..c-1
+    return np.searchsorted(used, label)
+
+
+# --- item response theory ---------------------------------------------------------------------------
+
+def fit_irt(responses: np.ndarray, *, seed: int = 0, steps: int = 600,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit a 2PL model to ``responses`` (models x examples, 0/1): returns (alpha, beta, theta).
+
+    ``P(y_ij = 1) = sigmoid(alpha_j * theta_i - beta_j)``; maximum a posteriori with theta ~ N(0, 1),
+    beta ~ N(0, 2^2), log alpha ~ N(0, 0.5^2) (the priors keep items that every reference model got
+    right, or wrong, finite), by Adam on the mean negative log posterior.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.as_tensor(responses, dtype=torch.float64)
+    models, items = y.shape
+    theta = (torch.randn(models, generator=generator, dtype=torch.float64) * 0.1).requires_grad_()
+    log_alpha = torch.zeros(items, dtype=torch.float64, requires_grad=True)
+    beta = torch.zeros(items, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.Adam([theta, log_alpha, beta], lr=0.05)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        logits = log_alpha.exp()[None] * theta[:, None] - beta[None]
+        nll = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        prior = (theta**2).sum() / 2 + (beta**2).sum() / (2 * 4.0) + (log_alpha**2).sum() / (2 * 0.25)
+        loss = (nll + prior) / (models * items)
+        loss.backward()
+        optimiser.step()
+    return (log_alpha.exp().detach().numpy(), beta.detach().numpy(), theta.detach().numpy())
+
+
+def fit_ability(y: np.ndarray, alpha: np.ndarray, beta: np.ndarray, *, prior: float = 1.0) -> float:
+    """A candidate's ability from its 0/1 results on some items: the maximum of the log posterior
+    (theta ~ N(0, prior^2)) by Newton's method (the log posterior is concave in theta)."""
+    theta = 0.0
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(alpha * theta - beta)))
+        gradient = float(np.sum(alpha * (y - p))) - theta / prior**2
+        curvature = -float(np.sum(alpha**2 * p * (1 - p))) - 1 / prior**2
+        step = gradient / curvature
+        theta -= step
+        if abs(step) < 1e-10:
+            break
+    return theta
+
+
+def p_irt(y: np.ndarray, theta: float, alpha_unseen: np.ndarray, beta_unseen: np.ndarray) -> float:
+    """The p-IRT estimate (Polo et al. 2024, Eq. 3.3): the anchors' observed mean and the model's predicted
+    mean on the other examples, weighted by their shares of the dev set."""
+    seen, unseen = len(y), len(alpha_unseen)
+    lam = seen / (seen + unseen)
+    predicted = float(np.mean(1 / (1 + np.exp(-(alpha_unseen * theta - beta_unseen))))) if unseen else 0.0
+    return lam * float(np.mean(y)) + (1 - lam) * predicted

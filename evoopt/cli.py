@@ -257,6 +257,12 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     Samplers (sampler.name): any optuna.samplers class, or EvoCmaSampler,
     evoopt's CMA-ES, whose state is the stored trials (resumable, safe with
     --workers, IPOP/BIPOP, sep-CMA, margin).
+    Fitness: every trial keeps its per-example dev results. objective.estimate
+    {method: anchor|irt|random, fraction: 0.1} scores trials on a few examples
+    fitted from the baselines and estimates the full dev score; pruner
+    RacingPruner with objective.fidelities stops a trial once a paired test on
+    the same examples finds it worse than the best; objective.precision auto
+    (default) scores trials in bfloat16 where the sources keep their results.
     \b
     Example:  evoopt run studies/minilm-sentiment-domains.yaml --n-trials 10
               evoopt run studies/minilm-sentiment-layerwise.yaml --workers 2

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import optuna
 
 from evoopt.errors import EvooptError
 
@@ -160,3 +161,20 @@ def decode(data: Mapping[str, Any]) -> Outcomes:
                    if "tokens" in item else None)
         tasks[task] = TaskOutcomes(ids, values, weights)
     return Outcomes(str(data["metric"]), tasks)
+
+
+# --- on a trial --------------------------------------------------------------------------------------
+
+OUTCOMES_ATTR = "evoopt:outcomes"  # a trial's per-example outcomes on the search split (a system attribute)
+
+
+def record_outcomes(trial: optuna.Trial, outcomes: Outcomes | None) -> None:
+    """Keep a trial's per-example outcomes (a system attribute: compact, not shown as a user attribute)."""
+    if outcomes is not None:
+        trial.study._storage.set_trial_system_attr(trial._trial_id, OUTCOMES_ATTR, encode(outcomes))
+
+
+def trial_outcomes(trial: optuna.trial.FrozenTrial) -> Outcomes | None:
+    """The trial's per-example outcomes, if it kept them (trials of studies made before they were kept do not)."""
+    stored = trial.system_attrs.get(OUTCOMES_ATTR)
+    return None if stored is None else decode(stored)

@@ -11,6 +11,7 @@ import optuna
 from evoopt.errors import ConfigError
 from evoopt.search.cma import EvoCmaSampler
 from evoopt.search.evolver import EvolverSampler
+from evoopt.search.racing import RacingPruner
 
 if TYPE_CHECKING:
     from evoopt.study.config import SamplerSpec
@@ -58,9 +59,12 @@ def _instantiate(spec: SamplerSpec, cls: Any, options: dict[str, Any]) -> optuna
         raise ConfigError(f"sampler.options: {spec.name} does not accept these options ({error})") from None
 
 
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {"RacingPruner": RacingPruner}
+
+
 def make_pruner(name: str, options: dict[str, Any]) -> optuna.pruners.BasePruner:
     try:
-        pruner: optuna.pruners.BasePruner = getattr(optuna.pruners, name)(**options)
+        pruner: optuna.pruners.BasePruner = (PRUNERS.get(name) or getattr(optuna.pruners, name))(**options)
     except TypeError as error:
         raise ConfigError(f"pruner.options: {name} does not accept these options ({error})") from None
     return pruner

@@ -85,7 +85,8 @@ class SamplerSpec(_Strict):
 
 
 class PrunerSpec(_Strict):
-    name: str = Field("NopPruner", description="any optuna.pruners class name, e.g. MedianPruner, HyperbandPruner")
+    name: str = Field("NopPruner", description=(
+        "any optuna.pruners class name (MedianPruner, HyperbandPruner...), or evoopt's RacingPruner"))
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -196,6 +197,8 @@ class StudyConfig(_Strict):
 def _problems(config: StudyConfig) -> list[str]:
     import optuna
 
+    from evoopt.search.samplers import PRUNERS, SAMPLERS
+
     problems: list[str] = []
     if config.space.kind not in KIND_CHECKS:
         problems.append(f"space.kind: unknown kind {config.space.kind!r}; known: {', '.join(KIND_CHECKS)}")
@@ -225,14 +228,16 @@ def _problems(config: StudyConfig) -> list[str]:
         if key not in config.space.search:
             problems.append(f"space.log: {key!r} is not searched (space.search has {', '.join(config.space.search)})")
     if not _known(config.sampler.name, optuna.samplers):
-        from evoopt.search.samplers import SAMPLERS
 
         if config.sampler.name not in SAMPLERS:
             known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler")] + list(SAMPLERS))
             problems.append(f"sampler.name: unknown sampler {config.sampler.name!r}; known: {', '.join(known)}")
-    if not _known(config.pruner.name, optuna.pruners):
-        known = sorted(n for n in dir(optuna.pruners) if n.endswith("Pruner") and n != "BasePruner")
+    if not _known(config.pruner.name, optuna.pruners) and config.pruner.name not in PRUNERS:
+        known = sorted([n for n in dir(optuna.pruners) if n.endswith("Pruner") and n != "BasePruner"] + list(PRUNERS))
         problems.append(f"pruner.name: unknown pruner {config.pruner.name!r}; known: {', '.join(known)}")
+    if config.pruner.name == "RacingPruner" and not config.objective.fidelities:
+        problems.append("pruner.name: RacingPruner tests a trial at objective.fidelities (growing numbers of "
+                        "examples per task); give them, e.g. [50, 100, 200]")
     objective = config.objective
     if objective.split == "test" and not objective.allow_test:
         problems.append("objective.split: 'test' is for reporting, not search; use 'dev' "

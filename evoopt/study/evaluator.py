@@ -126,17 +126,16 @@ class Evaluator:
                     record_outcomes(trial, scorer.outcomes)
                 return result
             # stage by stage: a pruned trial scores no further examples
-            staged = scorer.staged_scores(model)
-            n, scores = next(staged)
-            for following in staged:
+            last = max(len(stages) for stages in scorer.batches.values()) - 1
+            for stage, (n, scores) in enumerate(scorer.staged_scores(model)):
+                record_outcomes(trial, scorer.outcomes)  # what a paired pruner (RacingPruner) compares
+                if stage == last:
+                    break
                 trial.report(combine(scores, self.config.objective.weights), n)
                 if trial.should_prune():
-                    record_outcomes(trial, scorer.outcomes)
                     trial.set_user_attr("scores", scores)
                     trial.set_user_attr("pruned_at", n)
                     raise optuna.TrialPruned(f"pruned after {n} examples per task")
-                n, scores = following
-            record_outcomes(trial, scorer.outcomes)
             return scores
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():

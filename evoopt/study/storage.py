@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from evoopt.data.outcomes import Outcomes, decode, encode
+from evoopt.data.outcomes import (  # noqa: F401  (trial helpers re-exported beside the study's)
+    OUTCOMES_ATTR,
+    Outcomes,
+    decode,
+    encode,
+    record_outcomes,
+    trial_outcomes,
+)
 from evoopt.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
@@ -217,20 +224,7 @@ def best_index(values: list[float], *, maximize: bool) -> int:
 
 # --- per-example outcomes (evoopt.data.outcomes) ------------------------------------------------------
 
-OUTCOMES_ATTR = "evoopt:outcomes"  # a trial's per-example outcomes on the search split
 BASELINE_OUTCOMES_ATTR = "evoopt:outcomes:"  # + a baseline row's name: its outcomes on the search split
-
-
-def record_outcomes(trial: optuna.Trial, outcomes: Outcomes | None) -> None:
-    """Keep a trial's per-example outcomes (a system attribute: compact, not shown as a user attribute)."""
-    if outcomes is not None:
-        trial.study._storage.set_trial_system_attr(trial._trial_id, OUTCOMES_ATTR, encode(outcomes))
-
-
-def trial_outcomes(trial: optuna.trial.FrozenTrial) -> Outcomes | None:
-    """The trial's per-example outcomes, if it kept them (trials of studies made before they were kept do not)."""
-    stored = trial.system_attrs.get(OUTCOMES_ATTR)
-    return None if stored is None else decode(stored)
 
 
 def record_baseline_outcomes(study: optuna.Study, name: str, outcomes: Outcomes) -> None:

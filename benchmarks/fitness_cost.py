@@ -1,0 +1,175 @@
+"""Estimated fitness: how well a few dev examples stand for the whole dev set, on real merge candidates.
+
+Per setting (``--settings``): the baselines (the sources, linear, task arithmetic, TIES, DARE-TIES)
+are scored on dev with their per-example outcomes kept; then two real searches with full-dev
+fitness draw the candidates, each trial keeping its per-example outcomes: layer-wise TIES with
+evoopt's CMA-ES (``--cma`` trials) and TIES_Evolver (``--evolver`` trials). Every figure below is
+then computed from the stored outcomes, without scoring anything again:
+
+- the candidates' spread (standard deviation and range of their full-dev scores) and the split-half
+  Kendall tau of dev itself (two random disjoint halves of each task's examples; median of 20);
+- per estimator (anchor points, IRT with p-IRT, a random subset) and share of dev (5 %, 10 %, 20 %;
+  random also 50 %): Kendall tau and mean absolute error of the estimated against the full-dev score
+  over all candidates, each estimator fitted on the baselines' dev outcomes only (what a study does),
+  median over ``--draws`` seeds of the subset.
+
+The goal (issue 16): at 10 % of dev an estimator ranks candidates at least as well as a random 50 %
+subset (tau against full dev) in every setting, with a mean absolute error of at most 1 point.
+The studies live in ``--workdir`` and are resumed by a second run (only the missing trials run).
+
+    python benchmarks/fitness_cost.py [--settings minilm-sentiment-domains minilm-cross-task]
+        [--cma 60] [--evolver 41] [--draws 10] [--workdir out/fitness_cost] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import transformers
+from scipy.stats import kendalltau
+
+from evoopt.data.estimate import fit_estimator
+from evoopt.data.objective import combine
+from evoopt.data.outcomes import Outcomes
+from evoopt.study.config import StudyConfig, parse_config
+from evoopt.study.run import run_study
+from evoopt.study.storage import baseline_outcomes, trial_outcomes
+
+LIMITS = {"minilm-sentiment-domains": None, "minilm-cross-task": 300}  # dev examples per task (None: all)
+FRACTIONS = (0.05, 0.1, 0.2)
+METHODS = ("anchor", "irt", "random")
+
+
+def study_config(folder: Path, setting: str, name: str, trials: int, **overrides: Any) -> StudyConfig:
+    data: dict[str, Any] = {
+        "name": name, "setting": setting, "seed": 0, "trials": trials, "artifacts": str(folder),
+        "objective": {"limit": LIMITS.get(setting, 300), "test_limit": 500, "max_length": 128},
+        "baselines": ["sources", "linear", "task_arithmetic", "ties", "dare_ties"],
+    }
+    data.update(overrides)
+    return parse_config(data)
+
+
+def candidates(folder: Path, setting: str, args: argparse.Namespace) -> tuple[list[Outcomes], list[Outcomes]]:
+    """The baselines' dev outcomes (the estimators' references) and the searches' candidates' outcomes."""
+    layerwise = study_config(folder, setting, "layerwise-cma", args.cma,
+                             space={"kind": "layerwise", "method": "ties", "layers_per_group": 2,
+                                    "search": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
+                             sampler={"name": "EvoCmaSampler", "options": {"x0": 0.5, "sigma0": 0.1667}})
+    first = run_study(layerwise, report=False).study
+    references = baseline_outcomes(first)
+    evolver = study_config(folder, setting, "ties-evolver", args.evolver,
+                           space={"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
+                           sampler={"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}},
+                           baselines=[])
+    second = run_study(evolver, report=False).study
+    found = []
+    for study in (first, second):
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            outcomes = trial_outcomes(trial)
+            if outcomes is not None:
+                found.append(outcomes)
+    return [references[name] for name in sorted(references)], found
+
+
+def _value(scores: dict[str, float]) -> float:
+    return combine(scores)
+
+
+def split_half(candidates: list[Outcomes], draws: int) -> float:
+    """Kendall tau between the candidates' scores on two random disjoint halves of dev (median over draws)."""
+    taus = []
+    for seed in range(draws):
+        rng = np.random.default_rng(seed)
+        halves: list[dict[str, np.ndarray]] = [{}, {}]
+        for task, t in candidates[0].tasks.items():
+            order = rng.permutation(t.ids)
+            halves[0][task], halves[1][task] = order[: len(order) // 2], order[len(order) // 2:]
+        a = [_value(c.select(halves[0]).scores()) for c in candidates]
+        b = [_value(c.select(halves[1]).scores()) for c in candidates]
+        taus.append(float(kendalltau(a, b)[0]))
+    return statistics.median(taus)
+
+
+def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fraction: float,
+             draws: int) -> dict[str, Any]:
+    full = [_value(c.scores()) for c in found]
+    taus, errors, examples = [], [], 0
+    for seed in range(draws):
+        estimator = fit_estimator(method, references, fraction=fraction, seed=seed)
+        estimated = [_value(estimator.estimate(c.select(estimator.rows))) for c in found]
+        taus.append(float(kendalltau(estimated, full)[0]))
+        errors.append(float(np.mean(np.abs(np.asarray(estimated) - full))))
+        examples = estimator.size
+    return {"method": method, "fraction": fraction, "examples": examples, "tau": statistics.median(taus),
+            "tau_spread": [min(taus), max(taus)], "mae_points": 100 * statistics.median(errors)}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(results)
+    figure, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        result = results[setting]
+        for method, marker in zip(METHODS, "osd"):
+            rows = [r for r in result["estimators"] if r["method"] == method]
+            ax.plot([100 * r["fraction"] for r in rows], [r["tau"] for r in rows], marker=marker, label=method)
+        ax.axhline(result["random_50"]["tau"], color="grey", linestyle="--", label="random 50 %")
+        ax.axhline(result["split_half_tau"], color="black", linestyle=":", label="split halves of dev")
+        ax.set(title=f"{setting}\n{result['candidates']} candidates, sd {result['spread_sd_points']:.1f} points",
+               xlabel="% of dev scored", ylabel="Kendall tau against full dev", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=list(LIMITS))
+    parser.add_argument("--cma", type=int, default=60, help="layer-wise CMA-ES trials per setting")
+    parser.add_argument("--evolver", type=int, default=41, help="TIES_Evolver trials per setting")
+    parser.add_argument("--draws", type=int, default=10, help="seeds of each estimator's subset")
+    parser.add_argument("--workdir", type=Path, default=Path("out/fitness_cost"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results: dict[str, Any] = {}
+    for setting in args.settings:
+        references, found = candidates(args.workdir / setting, setting, args)
+        full = [_value(c.scores()) for c in found]
+        result = {"candidates": len(found), "references": len(references),
+                  "dev_examples": found[0].size, "spread_sd_points": 100 * float(np.std(full)),
+                  "range": [min(full), max(full)], "split_half_tau": split_half(found, 2 * args.draws),
+                  "estimators": [fidelity(references, found, m, f, args.draws) for m in METHODS for f in FRACTIONS],
+                  "random_50": fidelity(references, found, "random", 0.5, args.draws)}
+        results[setting] = result
+        print(f"\n{setting}: {len(found)} candidates (dev {result['dev_examples']} examples; full-dev scores "
+              f"{result['range'][0]:.4f}..{result['range'][1]:.4f}, sd {result['spread_sd_points']:.2f} points); "
+              f"split-half tau of dev {result['split_half_tau']:.2f}; random 50 %: tau "
+              f"{result['random_50']['tau']:.2f}, MAE {result['random_50']['mae_points']:.2f} points")
+        print(f"{'estimator':<10}{'share':>7}{'examples':>10}{'tau':>7}{'vs random 50 %':>16}{'MAE (points)':>14}")
+        for row in result["estimators"]:
+            ratio = row["tau"] / result["random_50"]["tau"] if result["random_50"]["tau"] else float("nan")
+            print(f"{row['method']:<10}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
+                  f"{ratio:>16.2f}{row['mae_points']:>14.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fitness_cost.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "fitness_cost.png")
+    print(f"\nwrote {args.out / 'fitness_cost.json'} and {args.out / 'fitness_cost.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Racing: the paired test by hand, and the pruner on crafted outcomes in a real Optuna study."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+
+from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, TaskOutcomes, encode, record_outcomes
+from evoopt.errors import ConfigError
+from evoopt.search.racing import RacingPruner, paired_test
+
+
+def _right(values: list[int], start: int = 0) -> Outcomes:
+    return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(start, start + len(values)), np.asarray(values, bool))})
+
+
+def test_paired_test_by_hand() -> None:
+    # d = candidate - incumbent = [0, -1, 0, -1]: mean -0.5, sample variance 1/3, variance of the mean 1/12;
+    # z = 0.5 / sqrt(1/12) = 1.7321, P(Z >= z) = 0.041632
+    p, better, shared = paired_test(_right([1, 0, 1, 0]), _right([1, 1, 1, 1]), maximize=True)
+    assert (better, shared) == (-0.5, 4)
+    assert p == pytest.approx(0.5 * math.erfc(0.5 / math.sqrt(1 / 12) / math.sqrt(2)))
+    assert p == pytest.approx(0.041632, abs=1e-6)
+    # the same numbers as losses of a minimised score: the candidate is better, far from pruned
+    losses = [Outcomes("mse", {"t": TaskOutcomes(np.arange(4), np.asarray(v, np.float32))})
+              for v in ([1, 0, 1, 0], [1, 1, 1, 1])]
+    p, better, _ = paired_test(*losses, maximize=False)
+    assert better == 0.5 and p == pytest.approx(1 - 0.041632, abs=1e-6)
+    # only the examples both scored count: the incumbent scored 0..5, the candidate 4..7
+    p, better, shared = paired_test(_right([0, 0, 1, 1], start=4), _right([1, 1, 1, 1, 1, 1]), maximize=True)
+    assert shared == 2 and better == -1.0 and p == 0.0  # wrong on both, no variance: surely worse
+    # two tasks, weights 3 and 1: D = 3/4 * (-0.5) + 1/4 * 0
+    two = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(4), np.array([1, 0, 1, 0], bool)),
+                                "b": TaskOutcomes(np.arange(2), np.array([1, 1], bool))})
+    top = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(4), np.ones(4, bool)),
+                                "b": TaskOutcomes(np.arange(2), np.ones(2, bool))})
+    assert paired_test(two, top, maximize=True, weights={"a": 3, "b": 1})[1] == pytest.approx(-0.375)
+
+
+def _study_with_incumbent(direction: str = "maximize") -> optuna.Study:
+    study = optuna.create_study(direction=direction, pruner=RacingPruner(alpha=0.05, min_examples=20))
+    incumbent = _right([1] * 90 + [0] * 10)
+    study.add_trial(optuna.trial.create_trial(value=0.9, system_attrs={OUTCOMES_ATTR: encode(incumbent)}))
+    study.add_trial(optuna.trial.create_trial(value=0.5, system_attrs={OUTCOMES_ATTR: encode(_right([1, 0] * 50))}))
+    return study
+
+
+@pytest.mark.parametrize(("scored", "pruned"), [
+    ([1, 0] * 20, True),  # 50 % where the incumbent has 90 %, on 40 shared examples
+    ([1] * 39 + [0], False),  # one example worse of 40: z = 1, p = 0.16, not sure enough
+    ([0] * 10, False),  # worse, but fewer examples than min_examples: not tested yet
+])
+def test_the_pruner_stops_a_trial_surely_worse_than_the_incumbent(scored: list[int], pruned: bool) -> None:
+    study = _study_with_incumbent()
+    trial = study.ask()
+    record_outcomes(trial, _right(scored))
+    assert trial.should_prune() is pruned
+    race: dict[str, Any] | None = study._storage.get_trial(trial._trial_id).user_attrs.get("race")
+    if len(scored) < 20:
+        assert race is None
+    else:
+        assert race is not None and race["against"] == 0 and race["examples"] == len(scored)
+        assert race["decided"] == ("pruned" if pruned else "go on") and (race["p"] < 0.05) is pruned
+
+
+def test_the_pruner_follows_the_direction_and_needs_outcomes() -> None:
+    study = optuna.create_study(direction="minimize", pruner=RacingPruner(min_examples=5))
+    losses = Outcomes("mse", {"t": TaskOutcomes(np.arange(40), np.full(40, 0.1, np.float32))})
+    study.add_trial(optuna.trial.create_trial(value=0.1, system_attrs={OUTCOMES_ATTR: encode(losses)}))
+    trial = study.ask()
+    assert trial.should_prune() is False  # no outcomes yet: nothing to compare
+    rng = np.random.default_rng(0)
+    record_outcomes(trial, Outcomes("mse", {"t": TaskOutcomes(np.arange(40), (0.5 + rng.random(40) * 0.1)
+                                                                 .astype(np.float32))}))
+    assert trial.should_prune() is True  # a much larger loss than the incumbent's
+    with pytest.raises(ConfigError, match="alpha"):
+        RacingPruner(alpha=1.5)
+
+
+@pytest.mark.slow
+def test_a_raced_study_records_each_decision(small_experts: Any, tmp_path: Any) -> None:
+    """Real MiniLM experts: each trial after the first is tested at 20 and 30 examples per task against the
+    best complete trial; a pruned trial stopped scoring there, and kept the outcomes it was judged on."""
+    from optuna.trial import TrialState
+
+    from evoopt.data.outcomes import trial_outcomes
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import run_study
+    from tests.helpers.studies import small_study_config
+
+    experts, _ = small_experts
+    config = parse_config(small_study_config(
+        tmp_path, experts, name="raced", trials=6, space={"method": "ties", "search": {"weight": [0.0, 1.2],
+                                                                                      "density": [0.2, 1.0]}},
+        objective={"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48, "fidelities": [20, 30]},
+        pruner={"name": "RacingPruner", "options": {"alpha": 0.2, "min_examples": 10}}))
+    trials = run_study(config, report=False).study.get_trials()
+    assert "race" not in trials[0].user_attrs and trials[0].state == TrialState.COMPLETE  # nothing to race yet
+    for trial in trials[1:]:
+        race = trial.user_attrs["race"]
+        pruned = trial.state == TrialState.PRUNED
+        assert (race["decided"] == "pruned") is pruned and (race["p"] < 0.2) is pruned
+        outcomes = trial_outcomes(trial)
+        assert outcomes is not None
+        assert outcomes.size == (2 * trial.user_attrs["pruned_at"] if pruned else 80)
+        assert race["examples"] == (trial.user_attrs["pruned_at"] if pruned else 30)

@@ -26,6 +26,7 @@ def old_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_database_made_by_the_previous_main_opens_and_resumes(old_study: Path) -> None:
+    from evoopt.study.fitness import PRECISION_ATTR, study_autocast
     from evoopt.study.report import summary_rows
     from evoopt.study.run import open_study
 
@@ -35,6 +36,10 @@ def test_a_database_made_by_the_previous_main_opens_and_resumes(old_study: Path)
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     assert study.metric_names == ["dev perplexity"]  # named on resume
     assert summary_rows(study)[-1] == {"name": "best found (trial 1)", "dev": 39.25, "test": None}
+    # made before the bfloat16 check: its later trials stay in float32 too, and so does every other worker
+    assert study_autocast(config, study) is False
+    assert study_autocast(config, open_study(config)) is False
+    assert study._storage.get_study_system_attrs(study._study_id)[PRECISION_ATTR]["precision"] == "float32"
 
 
 def test_status_and_best_read_it_without_building_models(old_study: Path) -> None:
@@ -48,9 +53,12 @@ def test_status_and_best_read_it_without_building_models(old_study: Path) -> Non
 
 
 def test_the_first_plans_imports_still_work() -> None:
+    """The import paths of the first plan, from before the layered subpackages."""
+    import evoopt.lm_eval_model  # noqa: F401  (registers lm-eval's evoopt model)
+    from evoopt.data import write_lm_eval_tasks  # noqa: F401
     from evoopt.merge import get_method, ties  # noqa: F401
-    from evoopt.search.samplers import EvoCmaSampler, EvolverSampler
-    from evoopt.study.run import EvaluationError, Worker, export_trial, open_study, run_baselines, run_study  # noqa: F401
+    from evoopt.samplers import EvoCmaSampler, EvolverSampler
+    from evoopt.study import EvaluationError, Worker, export_trial, open_study, run_baselines, run_study  # noqa: F401
 
     assert issubclass(EvoCmaSampler, optuna.samplers.BaseSampler)
     assert issubclass(EvolverSampler, optuna.samplers.BaseSampler)

@@ -8,6 +8,7 @@ configuration checks :func:`~evoopt.study.config.parse_config` runs.
 
 from __future__ import annotations
 
+from evoopt.errors import EvaluationError
 from evoopt.study.run import (
     BudgetReached,
     RunReport,
@@ -21,5 +22,5 @@ from evoopt.study.run import (
     run_study,
 )
 
-__all__ = ["BudgetReached", "RunReport", "Worker", "export_trial", "open_storage", "open_study", "report_best",
-           "report_result", "run_baselines", "run_study"]
+__all__ = ["BudgetReached", "EvaluationError", "RunReport", "Worker", "export_trial", "open_storage", "open_study",
+           "report_best", "report_result", "run_baselines", "run_study"]

@@ -125,6 +125,43 @@ def test_replay_selects_greedily_per_generation_by_hand() -> None:
     assert merged.generation == 1 and merged.fitness == [0.7, 0.7, 0.7] and merged.taken == set()
 
 
+def test_replay_follows_the_paired_rule_where_a_trial_recorded_it() -> None:
+    """``selection: paired``: an offspring that scored higher but was not found better stays out; one whose
+    paired test accepted it goes in. The holders are the trials whose outcomes the next generation compares."""
+    trials = [_trial(0, 0, 0, 0.6, target=0), _trial(1, 0, 1, 0.8, target=1), _trial(2, 0, 2, 0.7, target=2),
+              _trial(3, 1, 0, 0.65, **_move(0, 11)), _trial(4, 1, 1, 0.81, **_move(1, 12)),
+              _trial(5, 1, 2, 0.5, TrialState.PRUNED, **_move(2, 13))]
+    trials[3].user_attrs["selection"] = {"decided": "accepted"}
+    trials[4].user_attrs["selection"] = {"decided": "rejected"}  # higher, but not significantly
+    trials[5].user_attrs["selection"] = {"decided": "rejected"}  # stopped early: worse
+    history = replay(trials, size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
+    assert history.fitness == [0.65, 0.8, 0.7] and history.holders == [3, 1, 2]
+    assert [[m.target for m in moves] for moves in history.accepted] == [[], [0]]
+    merged = replay([_trial(0, 0, 0, 0.7, target=0)], size=3, integrated=True, maximize=True, f=0.5, cr=0.5)
+    assert merged.holders == [0, 0, 0]  # X_Evolver: every individual is judged by the merge's trial
+
+
+def test_paired_rule_by_hand() -> None:
+    from evoopt.data.outcomes import Outcomes, TaskOutcomes, paired_decision
+
+    def right(values: list[int]) -> Outcomes:
+        return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(len(values)), np.asarray(values, bool))})
+
+    target = right([1] * 30 + [0] * 30)
+    # worse on 10 of the first 40 examples, better on none: d mean -0.25, z = 0.25 / sqrt(0.1923 / 40) = 3.61
+    decided, record = paired_decision(right([1] * 20 + [0] * 20), target, maximize=True, alpha=0.05, final=False)
+    assert decided == "rejected" and record["p_worse"] < 0.001 and record["examples"] == 40
+    # better on 2 of 60, worse on none: p_better = P(Z >= 0.0333 / sqrt(0.0328 / 60)) = P(Z >= 1.43) = 0.077
+    better = right([1] * 32 + [0] * 28)
+    assert paired_decision(better, target, maximize=True, alpha=0.05, final=False)[0] is None  # score more
+    decided, record = paired_decision(better, target, maximize=True, alpha=0.05, final=True)
+    assert decided == "rejected" and record["p_better"] == pytest.approx(0.0768, abs=1e-3)  # not sure enough
+    decided, _ = paired_decision(better, target, maximize=True, alpha=0.1, final=True)
+    assert decided == "accepted"  # at level 0.1 it is
+    decided, _ = paired_decision(right([1] * 40 + [0] * 20), target, maximize=True, alpha=0.05, final=True)
+    assert decided == "accepted"  # better on 10 of 60
+
+
 def test_population_applies_a_generation_from_the_same_parents(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -320,3 +357,39 @@ def test_evolver_config_problems_are_named() -> None:
 
     with pytest.raises(ValueError, match="strategy 'paper' needs at least 3 individuals, got 2.*F: the differential"):
         EvolverSampler(population=2, F=3.0)
+
+
+@pytest.mark.slow
+def test_paired_selection_on_real_experts_records_each_decision(small_experts: Any, tmp_path: Path) -> None:
+    """Two real MiniLM experts, the plain Evolver with ``selection: paired``: each offspring is scored against
+    its target's trial on the same examples (20, then 40 per task); the stored decisions are the selection."""
+    from evoopt.data.outcomes import trial_outcomes
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import run_study
+    from tests.helpers.studies import small_study_config
+
+    experts, _ = small_experts
+    config = parse_config(small_study_config(
+        tmp_path, experts, name="paired-evolver", trials=6, space={"kind": "evolver", "method": "none"},
+        sampler={"name": "EvolverSampler", "options": {"strategy": "released", "selection": "paired",
+                                                        "alpha": 0.3, "poll": 0.05}},
+        objective={"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48, "fidelities": [20]}))
+    trials = run_study(config, report=False).study.get_trials()
+    assert all("selection" not in t.user_attrs for t in trials[:2])  # generation 0: the experts themselves
+    offspring = trials[2:]
+    assert len(offspring) == 4
+    for trial in offspring:
+        decision = trial.user_attrs["selection"]
+        assert decision["decided"] in ("accepted", "rejected") and decision["alpha"] == 0.3
+        if trial.state == TrialState.PRUNED:  # rejected at 20 examples per task: scored no further
+            assert decision["decided"] == "rejected" and decision["p_worse"] < 0.3 and decision["examples"] == 20
+        else:
+            assert decision["examples"] == 40
+            assert (decision["decided"] == "accepted") is (decision["p_better"] < 0.3 and decision["p_worse"] >= 0.3)
+        outcomes = trial_outcomes(trial)
+        assert outcomes is not None and outcomes.size == 2 * decision["examples"]
+        assert trial.user_attrs["target_trial"] in [t.number for t in trials[: trial.number]]
+    history = replay(trials, size=2, integrated=False, maximize=True, f=0.5, cr=0.5)
+    accepted = {(g, m.target) for g, moves in enumerate(history.accepted) for m in moves}
+    assert accepted == {(t.user_attrs["generation"], t.params["target"]) for t in offspring
+                        if t.user_attrs["selection"]["decided"] == "accepted"}

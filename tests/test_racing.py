@@ -9,9 +9,9 @@ import numpy as np
 import optuna
 import pytest
 
-from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, TaskOutcomes, encode, record_outcomes
+from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, TaskOutcomes, encode, paired_test, record_outcomes
 from evoopt.errors import ConfigError
-from evoopt.search.racing import RacingPruner, paired_test
+from evoopt.search.racing import RacingPruner
 
 
 def _right(values: list[int], start: int = 0) -> Outcomes:

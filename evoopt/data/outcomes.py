@@ -21,6 +21,7 @@ losses (6.4 kB with perplexity's token counts), in JSON-safe base64.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,44 @@ def paired(a: Outcomes, b: Outcomes) -> dict[str, tuple[np.ndarray, np.ndarray]]
         out[task] = (a.tasks[task].select(keep).values.astype(np.float64),
                      b.tasks[task].select(keep).values.astype(np.float64))
     return out
+
+
+def paired_test(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
+                weights: dict[str, float] | None = None) -> tuple[float, float, int]:
+    """A one-sided paired z-test on the examples both scored (see :mod:`evoopt.search.racing` for its
+    derivation): the p-value that ``candidate`` is worse than ``incumbent`` on the examples both scored, with the
+    estimated difference of their scores (positive: candidate better in the study's direction) and the
+    number of shared examples per task (the smallest)."""
+    pairs = paired(candidate, incumbent)
+    if not pairs:
+        return 1.0, 0.0, 0
+    given = weights or {}
+    total = sum(given.get(t, 1.0) for t in pairs)
+    difference, variance = 0.0, 0.0
+    for task, (c, b) in pairs.items():
+        w = given.get(task, 1.0) / total
+        d = c - b
+        difference += w * float(d.mean())
+        variance += w**2 * (float(d.var(ddof=1)) / len(d) if len(d) > 1 else 0.0)
+    better = difference if maximize else -difference
+    if variance == 0.0:
+        p = 0.0 if better < 0 else (0.5 if better == 0 else 1.0)
+    else:
+        z = -better / math.sqrt(variance)  # positive: worse
+        p = 0.5 * math.erfc(z / math.sqrt(2))  # P(Z >= z)
+    return p, better, min(len(c) for c, _ in pairs.values())
+
+
+def paired_decision(candidate: Outcomes, rival: Outcomes, *, maximize: bool, alpha: float, final: bool,
+                    weights: dict[str, float] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The paired selection rule after a stage of scoring: ``rejected`` as soon as the candidate is worse than
+    its rival at level ``alpha``; at the final stage ``accepted`` only if it is better at that level, else
+    ``rejected``; None: score more examples. Returns the decision and its record."""
+    p_worse, better, shared = paired_test(candidate, rival, maximize=maximize, weights=weights)
+    p_better = paired_test(rival, candidate, maximize=maximize, weights=weights)[0]
+    decided = "rejected" if p_worse < alpha else ("accepted" if p_better < alpha else "rejected") if final else None
+    return decided, {"decided": decided, "examples": shared, "difference": round(better, 6),
+                     "p_worse": round(p_worse, 6), "p_better": round(p_better, 6), "alpha": alpha}
 
 
 # --- storage: JSON-safe and compact ------------------------------------------------------------------

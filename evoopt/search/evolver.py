@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -115,6 +115,9 @@ ATTR = "evoopt:evolver"  # trial system attribute: {"generation": g, "target": i
 PARAMS = ("target", "donor_1", "donor_2", "donor_3", "F", "Cr", "seed")
 _LIVE = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+# greedy: the paper's rule (the offspring replaces its target when it scores better); paired: only when a paired
+# test on the same dev examples finds it better at level alpha (the trial records the decision, "selection")
+SELECTIONS = ("greedy", "paired")
 
 
 def slots(generation: int, size: int, integrated: bool) -> int:
@@ -136,6 +139,7 @@ class History:
         f, cr: each individual's F and Cr (jDE adapts them; otherwise the configured values).
         accepted: accepted[g] = the offspring that replaced their targets in generation g.
         taken: targets of ``generation`` that a live trial already holds.
+        holders: each individual's trial (whose per-example outcomes a paired selection compares with).
     """
 
     generation: int
@@ -145,6 +149,7 @@ class History:
     accepted: list[list[Move]]
     taken: set[int]
     maximize: bool = True
+    holders: list[int | None] = field(default_factory=list)
 
     @property
     def best(self) -> int:
@@ -181,15 +186,20 @@ def replay(trials: Sequence[FrozenTrial], *, size: int, integrated: bool, maximi
         if g == 0:
             values = [t.value if t.state == TrialState.COMPLETE else None for t in finished.values()]
             history.fitness = values * size if integrated else values
+            numbers = [t.number for t in finished.values()]
+            history.holders = list(numbers * size if integrated else numbers)
         else:
             accepted = []
             for i, trial in finished.items():
                 parent = history.fitness[i]
+                decided = trial.user_attrs.get("selection")  # the paired rule's decision, where it was used
                 if trial.state == TrialState.COMPLETE and trial.value is not None and (
+                        decided["decided"] == "accepted" if decided else
                         parent is None or sign * trial.value > sign * parent):
                     move = move_of(trial.params, trial.system_attrs[ATTR]["strategy"])
                     accepted.append(move)
                     history.fitness[i], history.f[i], history.cr[i] = trial.value, move.f, move.cr
+                    history.holders[i] = trial.number
             history.accepted.append(accepted)
         history.generation += 1
 
@@ -228,14 +238,25 @@ class EvolverSampler(optuna.samplers.BaseSampler):
         generations: the planned number of generations G (the ``released`` strategy's schedule; part
             of the study's config, so that a resumed run draws the same moves).
         seed: seeds every draw.
+        selection: ``greedy`` (the paper's rule: the offspring replaces its target when it scores
+            better) or ``paired``: the offspring is scored stage by stage (``objective.fidelities``)
+            against its target on the same dev examples, rejected as soon as a paired test finds it
+            worse at level ``alpha``, and accepted at the end only when the test finds it better
+            (the study's kind runs the test; the trial records ``selection``).
+        alpha: the paired rule's test level.
         poll: seconds between looks at the storage while waiting for a generation.
         wait_timeout: seconds to wait for a generation before failing with an error.
     """
 
     def __init__(self, *, population: int, integrated: bool = False, strategy: str = "paper", F: float = 0.5,
                  Cr: float = 0.5, adapt: str | None = None, generations: int = 10, seed: int | None = None,
-                 poll: float = 0.5, wait_timeout: float = 3600.0) -> None:
+                 poll: float = 0.5, wait_timeout: float = 3600.0, selection: str = "greedy",
+                 alpha: float = 0.05) -> None:
         problems = []
+        if selection not in SELECTIONS:
+            problems.append(f"selection: one of {', '.join(SELECTIONS)}, got {selection!r}")
+        if not 0 < alpha < 1:
+            problems.append(f"alpha: a test level in (0, 1), got {alpha}")
         if strategy not in STRATEGIES:
             problems.append(f"strategy: one of {', '.join(STRATEGIES)}, got {strategy!r}")
         elif population < (needed := {"released": 2, "paper": 3, "rand1": 4, "best1": 4}[strategy]):
@@ -254,6 +275,7 @@ class EvolverSampler(optuna.samplers.BaseSampler):
         self.F, self.Cr, self.adapt, self.generations = F, Cr, adapt, generations
         self.seed: int = int(np.random.default_rng().integers(2**31)) if seed is None else seed
         self.poll, self.wait_timeout = poll, wait_timeout
+        self.selection, self.alpha = selection, alpha
         self._claimed: dict[int, History] = {}  # trial number -> the history its slot was claimed from
 
     def claimed(self, trial_number: int) -> History | None:

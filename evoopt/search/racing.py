@@ -20,39 +20,13 @@ records its last decision in the user attribute ``race``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evoopt.data.outcomes import Outcomes, paired, trial_outcomes
+from evoopt.data.outcomes import Outcomes, paired_test, trial_outcomes
 from evoopt.errors import ConfigError
-
-
-def paired_test(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
-                weights: dict[str, float] | None = None) -> tuple[float, float, int]:
-    """One-sided p-value that ``candidate`` is worse than ``incumbent`` on the examples both scored, with the
-    estimated difference of their scores (positive: candidate better in the study's direction) and the
-    number of shared examples per task (the smallest)."""
-    pairs = paired(candidate, incumbent)
-    if not pairs:
-        return 1.0, 0.0, 0
-    given = weights or {}
-    total = sum(given.get(t, 1.0) for t in pairs)
-    difference, variance = 0.0, 0.0
-    for task, (c, b) in pairs.items():
-        w = given.get(task, 1.0) / total
-        d = c - b
-        difference += w * float(d.mean())
-        variance += w**2 * (float(d.var(ddof=1)) / len(d) if len(d) > 1 else 0.0)
-    better = difference if maximize else -difference
-    if variance == 0.0:
-        p = 0.0 if better < 0 else (0.5 if better == 0 else 1.0)
-    else:
-        z = -better / math.sqrt(variance)  # positive: worse
-        p = 0.5 * math.erfc(z / math.sqrt(2))  # P(Z >= z)
-    return p, better, min(len(c) for c, _ in pairs.values())
 
 
 class RacingPruner(optuna.pruners.BasePruner):

@@ -17,7 +17,7 @@ import torch
 
 from evoopt.data.estimate import Estimator
 from evoopt.data.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
-from evoopt.data.outcomes import Outcomes
+from evoopt.data.outcomes import Outcomes, paired_decision
 from evoopt.errors import EvaluationError
 from evoopt.study.config import StudyConfig
 from evoopt.study.space import Sources
@@ -108,15 +108,19 @@ class Evaluator:
         return self.scorer(split).outcomes if split in self._scorers else None
 
     def score(self, model: torch.nn.Module | list[torch.nn.Module], split: str,
-              trial: optuna.Trial | None = None, *, autocast: bool | None = None) -> Scores:
+              trial: optuna.Trial | None = None, *, autocast: bool | None = None,
+              rival: tuple[Outcomes, float] | None = None) -> Scores:
         """Per-task scores; with a trial, intermediate values go to its pruner, and the trial keeps its
         per-example outcomes (those scored before a pruning too). ``autocast`` overrides the precision
-        (default: the study's for trials, float32 otherwise)."""
+        (default: the study's for trials, float32 otherwise). ``rival`` (its outcomes and a test level):
+        the paired selection rule against it decides the trial (see :func:`paired_decision`)."""
         autocast = (self.autocast and trial is not None) if autocast is None else autocast
         if trial is not None and autocast:
             trial.set_user_attr("precision", "bfloat16")
         if trial is not None and self.estimator is not None and split == self.config.objective.split:
             return self._estimated(model, split, trial, autocast)
+        if trial is not None and rival is not None:
+            return self._selected(model, split, trial, autocast, *rival)
         scorer = self.scorer(split)
         scorer.autocast = autocast
         try:
@@ -142,6 +146,30 @@ class Evaluator:
                 torch.cuda.empty_cache()
             raise EvaluationError("out of memory while scoring; lower objective.batch_size or "
                                   "objective.max_length, or set dtype: bfloat16") from None
+
+    def _selected(self, model: torch.nn.Module | list[torch.nn.Module], split: str, trial: optuna.Trial,
+                  autocast: bool, rival: Outcomes, alpha: float) -> Scores:
+        """Score stage by stage against the rival on the same examples: a trial found worse stops (pruned),
+        one that reaches the whole split is accepted only if found better. The trial records ``selection``."""
+        scorer = self.scorer(split)
+        scorer.autocast = autocast
+        maximize = self.config.directions[0] == "maximize"
+        staged = isinstance(scorer, ClassifierScorer)
+        last = max(len(stages) for stages in scorer.batches.values()) - 1 if staged else 0
+        results = scorer.staged_scores(model) if staged else iter([(0, scorer.scores(model))])
+        for stage, (n, scores) in enumerate(results):
+            record_outcomes(trial, scorer.outcomes)
+            decided, record = paired_decision(scorer.outcomes, rival, maximize=maximize, alpha=alpha,
+                                              final=stage == last, weights=self.config.objective.weights)
+            if decided is not None:
+                trial.set_user_attr("selection", record)
+            if decided == "rejected" and stage < last:
+                trial.set_user_attr("scores", scores)
+                trial.set_user_attr("pruned_at", n)
+                raise optuna.TrialPruned(f"rejected after {n} examples per task: worse than its target")
+            if stage == last:
+                return scores
+        raise AssertionError("unreachable: the scorer yields a last stage")
 
     def _estimated(self, model: torch.nn.Module | list[torch.nn.Module], split: str, trial: optuna.Trial,
                    autocast: bool) -> Scores:

@@ -148,7 +148,7 @@ class Worker:
         model, started = self.kind.candidate(trial)
         merged = time.perf_counter()
         trial.set_user_attr("merge_seconds", round(merged - started, 4))
-        scores = self.score(model, self.config.objective.split, trial)
+        scores = self.evaluator.score(model, self.config.objective.split, trial, rival=self.kind.rival(trial))
         trial.set_user_attr("eval_seconds", round(time.perf_counter() - merged, 4))
         trial.set_user_attr("scores", scores)
         value = self.value(scores)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import optuna
 import torch
 
+from evoopt.data.outcomes import Outcomes
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write
 from evoopt.study.config import StudyConfig
@@ -81,6 +82,11 @@ class Kind(Generic[SpaceT]):
 
             return self.build(study, pick_device(self.config.device))
         return self.model
+
+    def rival(self, trial: optuna.Trial) -> tuple[Outcomes, float] | None:
+        """What the trial's candidate must beat on the same examples, with the test level, when the kind selects
+        by a paired test (the Evolver's ``selection: paired``); None: the trial is scored plainly."""
+        return None
 
     def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
         """Sample the trial's parameters, record what they mean (user attributes), and write the candidate

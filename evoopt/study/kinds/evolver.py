@@ -11,7 +11,8 @@ from typing import Any
 import optuna
 import torch
 
-from evoopt.errors import ConfigError
+from evoopt.data.outcomes import Outcomes, trial_outcomes
+from evoopt.errors import ConfigError, EvaluationError
 from evoopt.merge import get_method
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe
@@ -48,6 +49,9 @@ class EvolverKind(Kind[EvolverSpace]):
                             "give X's coefficients in space.fixed")
         if config.objective.multi_objective:
             problems.append("objective.multi_objective: the Evolver's greedy selection needs one objective")
+        if config.sampler.options.get("selection") == "paired" and config.objective.estimate is not None:
+            problems.append("sampler.options.selection / objective.estimate: the paired rule compares offspring and "
+                            "target on the same scored examples; use one or the other")
         return problems
 
     def make_space(self) -> EvolverSpace:
@@ -121,8 +125,23 @@ class EvolverKind(Kind[EvolverSpace]):
         sampler = trial.study.sampler  # it replayed the history to claim this slot: no second replay
         history = sampler.claimed(trial.number) if isinstance(sampler, EvolverSampler) else None
         history = history or self.history(trial.study)  # (a retried trial keeps its slot without a claim)
+        holder = history.holders[candidate.target] if candidate.generation > 0 and history.holders else None
+        if holder is not None:
+            trial.set_user_attr("target_trial", holder)
         begun = time.perf_counter()
         return self._write(history, candidate), begun
+
+    def rival(self, trial: optuna.Trial) -> tuple[Outcomes, float] | None:
+        """``selection: paired``: the offspring against its target, on the examples of the target's trial."""
+        options = self.config.sampler.options
+        holder = trial.user_attrs.get("target_trial")
+        if options.get("selection", "greedy") != "paired" or holder is None:
+            return None
+        outcomes = trial_outcomes(get_trial(trial.study, int(holder)))
+        if outcomes is None:
+            raise EvaluationError(f"trial {trial.number}: its target's trial {holder} kept no per-example outcomes; "
+                                  "the paired rule needs them")
+        return outcomes, float(options.get("alpha", 0.05))
 
     def _write(self, history: History, candidate: Candidate) -> torch.nn.Module:
         """Bring the population to P_{g-1} and write the candidate (an offspring, or an initial individual)."""

@@ -39,6 +39,7 @@ from evoopt.data.estimate import fit_estimator
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import Outcomes
 from evoopt.study.config import StudyConfig, parse_config
+from evoopt.study.fitness import PRECISION_ATTR
 from evoopt.study.run import run_study
 from evoopt.study.storage import baseline_outcomes, trial_outcomes
 
@@ -57,18 +58,23 @@ def study_config(folder: Path, setting: str, name: str, trials: int, **overrides
     return parse_config(data)
 
 
-def candidates(folder: Path, setting: str, args: argparse.Namespace) -> tuple[list[Outcomes], list[Outcomes]]:
-    """The baselines' dev outcomes (the estimators' references) and the searches' candidates' outcomes."""
+def candidates(folder: Path, setting: str, args: argparse.Namespace,
+               ) -> tuple[list[Outcomes], list[Outcomes], dict[str, Any]]:
+    """The baselines' dev outcomes (the estimators' references), the searches' candidates' outcomes, and the
+    study's bfloat16 check on the sources (agreement with float32 and speed-up)."""
     layerwise = study_config(folder, setting, "layerwise-cma", args.cma,
                              space={"kind": "layerwise", "method": "ties", "layers_per_group": 2,
                                     "search": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
                              sampler={"name": "EvoCmaSampler", "options": {"x0": 0.5, "sigma0": 0.1667}})
     first = run_study(layerwise, report=False).study
     references = baseline_outcomes(first)
+    check = first._storage.get_study_system_attrs(first._study_id).get(PRECISION_ATTR, {})
+    print(f"{setting}: bfloat16 check on the sources: {check}")
+    objective = {**layerwise.objective.model_dump(exclude={"estimate"}), "precision": check.get("precision", "float32")}
     evolver = study_config(folder, setting, "ties-evolver", args.evolver,
                            space={"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
                            sampler={"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}},
-                           baselines=[])
+                           baselines=[], objective=objective)
     second = run_study(evolver, report=False).study
     found = []
     for study in (first, second):
@@ -76,7 +82,7 @@ def candidates(folder: Path, setting: str, args: argparse.Namespace) -> tuple[li
             outcomes = trial_outcomes(trial)
             if outcomes is not None:
                 found.append(outcomes)
-    return [references[name] for name in sorted(references)], found
+    return [references[name] for name in sorted(references)], found, check
 
 
 def _value(scores: dict[str, float]) -> float:
@@ -148,13 +154,13 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results: dict[str, Any] = {}
     for setting in args.settings:
-        references, found = candidates(args.workdir / setting, setting, args)
+        references, found, check = candidates(args.workdir / setting, setting, args)
         full = [_value(c.scores()) for c in found]
         result = {"candidates": len(found), "references": len(references),
                   "dev_examples": found[0].size, "spread_sd_points": 100 * float(np.std(full)),
                   "range": [min(full), max(full)], "split_half_tau": split_half(found, 2 * args.draws),
                   "estimators": [fidelity(references, found, m, f, args.draws) for m in METHODS for f in FRACTIONS],
-                  "random_50": fidelity(references, found, "random", 0.5, args.draws)}
+                  "random_50": fidelity(references, found, "random", 0.5, args.draws), "precision_check": check}
         results[setting] = result
         print(f"\n{setting}: {len(found)} candidates (dev {result['dev_examples']} examples; full-dev scores "
               f"{result['range'][0]:.4f}..{result['range'][1]:.4f}, sd {result['spread_sd_points']:.2f} points); "

@@ -205,3 +205,15 @@ def test_autocast_scores_each_task_with_its_own_head() -> None:
     lower = scorer.scores(model)
     for task in heads:
         assert abs(lower[task] - reference[task]) <= 2 / 64, (task, lower, reference)
+
+
+def test_an_estimated_study_without_baselines_says_what_to_run(tmp_path: Path) -> None:
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import run_study
+
+    config = parse_config({"name": "no-references", "sources": {"base": "b", "models": ["m1", "m2"],
+                                                                "tasks": ["vader-tweets"]},
+                           "baselines": ["sources"], "artifacts": str(tmp_path),
+                           "objective": {"estimate": {"method": "random"}}})
+    with pytest.raises(ConfigError, match="has no baselines' results to fit the estimator on; run `evoopt baselines`"):
+        run_study(config, baselines=False)

@@ -50,8 +50,10 @@ def study_estimator(config: StudyConfig, study: optuna.Study | None, *, wait: fl
                                   "results (scored before they were kept); run `evoopt baselines` on it again")
             break
         if time.monotonic() >= deadline:
+            waited = f" after {wait:.0f} s" if wait else ""
             raise ConfigError(f"objective.estimate: study {config.name!r} has no baselines' results to fit the "
-                              f"estimator on after {wait:.0f} s; run `evoopt baselines` on it first")
+                              f"estimator on{waited}; run `evoopt baselines` on it first (or run without "
+                              "--no-baselines)")
         _log.info("waiting for the baselines of study %s (the estimator is fitted on them)", config.name)
         time.sleep(poll)
     # fitting is deterministic (the references by name, the study's seed): workers racing here store one estimator

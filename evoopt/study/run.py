@@ -209,7 +209,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
     if baselines and config.baselines and "evoopt:baselines" not in study.user_attrs and worker_index == 0:
         run_baselines(config, progress=progress, study=study, sources=kind.sources)
     if worker_index == 0:
-        study_estimator(config, study)  # fitted once, before any worker needs it
+        study_estimator(config, study, wait=0.0)  # fitted once, before any worker needs it
     before = finished_trials(study)
     remaining = max(0, config.trials - before)
     if n_trials is not None:

@@ -25,8 +25,11 @@ The same callback merges each trial's recipe again alone (same weights), to spli
 trial's ``merge_seconds`` into the merge itself and the rest: sampling the parameters
 (each one a storage write) and storing the recipe.
 
+With ``--precision bfloat16`` the trials are scored under bfloat16 autocast (``objective.precision``)
+while the plain loop stays the float32 reference: the ratio then shows what the precision saves.
+
     python benchmarks/trial_overhead.py [--trials 20] [--repeats 2] [--device auto]
-                                        [--sampler TPESampler] [--limit 300] [--json OUT]
+                                        [--sampler TPESampler] [--limit 300] [--precision float32] [--json OUT]
 """
 
 from __future__ import annotations
@@ -57,13 +60,14 @@ SAMPLERS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(folder: Path, *, device: str, sampler: str, trials: int, limit: int = 300) -> StudyConfig:
+def make_config(folder: Path, *, device: str, sampler: str, trials: int, limit: int = 300,
+                precision: str = "float32") -> StudyConfig:
     """The benchmark study: the demo's space and objective without fidelities, pruner or baselines."""
     data = {
         "name": "bench-trial-overhead", "setting": SETTING,
         "space": {"kind": "global", "method": "ties", "search": {"weight": [0.0, 1.5], "density": [0.1, 1.0]}},
         "sampler": SAMPLERS[sampler],
-        "objective": {"kind": "dev", "metric": "accuracy", "limit": limit},
+        "objective": {"kind": "dev", "metric": "accuracy", "limit": limit, "precision": precision},
         "trials": trials, "seed": 0, "device": device, "baselines": [],
         "storage": f"sqlite:///{(folder / 'evoopt.db').as_posix()}", "artifacts": str(folder),
     }
@@ -135,6 +139,7 @@ class Bench:
 
     def evaluations(self, count: int) -> list[float]:
         times = []
+        self.scorer.autocast = False  # the reference: the plain float32 loop, whatever the trials' precision
         for _ in range(count):
             t0 = time.perf_counter()
             self.scorer.scores(self.reference)
@@ -212,6 +217,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300, help="dev examples per task (default 300, as the issue)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="TPESampler")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="the trials' scoring precision (objective.precision); the plain loop stays float32")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if min(args.trials, args.repeats, args.evaluations, args.limit) < 1:
@@ -224,12 +231,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="evoopt-bench-trials-") as folder:
         # budget: the measured trials and the warm-up, so MaxTrialsCallback never stops a round early
         config = make_config(Path(folder), device=args.device, sampler=args.sampler, trials=args.trials + 1,
-                             limit=args.limit)
+                             limit=args.limit, precision=args.precision)
         r = measure(config, args.trials, args.repeats, args.evaluations)
     r["load_average_before"] = list(load_before)
     r["load_average_after"] = list(os.getloadavg())
 
-    print(f"{SETTING}: TIES global space, {r['sampler']}, {r['tasks']} tasks x {r['examples_per_task']} dev "
+    r["precision"] = args.precision
+    print(f"{SETTING}: TIES global space, {r['sampler']}, trials in {args.precision} (the plain loop in float32), "
+          f"{r['tasks']} tasks x {r['examples_per_task']} dev "
           f"examples, SQLite storage with heartbeats; {r['device']}, torch {r['torch']}, optuna {r['optuna']}")
     print("load average (1, 5, 15 min): before " + ", ".join(f"{x:.2f}" for x in r["load_average_before"])
           + "; after " + ", ".join(f"{x:.2f}" for x in r["load_average_after"]))

@@ -10,6 +10,9 @@ so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 
 class EvooptError(Exception):
     """A problem the user can fix; its message names the argument or key, the value and the fix."""
@@ -45,3 +48,27 @@ class EvaluationError(EvooptError, RuntimeError):
 
 class WorkerError(EvooptError, RuntimeError):
     """A worker cannot go on: worker processes failed, or a generation run elsewhere never ends."""
+
+
+# --- files of keys (recipes, study configs): every problem at once, with its key path -------------------
+
+def problems(error: type[EvooptError], source: str, lines: list[str]) -> EvooptError:
+    """One error listing every problem: ``{source}: N problem(s):`` and a line each."""
+    return error(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines))
+
+
+def schema_problems(error: Any, top: str) -> list[str]:
+    """A pydantic ``ValidationError``'s problems, each with its key path (``top`` for the whole mapping)."""
+    return [f"{'.'.join(str(p) for p in item['loc']) or top}: {item['msg']}" for item in error.errors()]
+
+
+def read_yaml(path: Path, error: type[EvooptError], what: str) -> Any:
+    """The YAML file's data; a missing file or invalid YAML is ``error``, naming the file."""
+    import yaml
+
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as problem:
+        raise error(f"{path}: not valid YAML ({problem})") from None

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from evoopt.errors import RecipeError
+from evoopt.errors import RecipeError, problems, read_yaml, schema_problems
 from evoopt.merge import get_method
 from evoopt.merge._registry import MergeMethod
 
@@ -233,20 +233,14 @@ def parse_recipe(data: Any, *, root: Path | None = None, source: str = "recipe")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        lines = [f"{'.'.join(str(p) for p in item['loc']) or '(recipe)'}: {item['msg']}" for item in error.errors()]
+        lines = schema_problems(error, "(recipe)")
     lines += _problems(data)
     if lines or recipe is None:
-        raise RecipeError(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines))
+        raise problems(RecipeError, source, lines)
     return recipe.with_root(root or Path.cwd())
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file; relative model paths are relative to it."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML ({error})") from None
-    return parse_recipe(data, root=path.resolve().parent, source=str(path))
+    return parse_recipe(read_yaml(path, RecipeError, "recipe file"), root=path.resolve().parent, source=str(path))

@@ -21,10 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from evoopt.errors import ConfigError
+from evoopt.errors import ConfigError, problems, read_yaml, schema_problems
 
 # what may change between runs of one study without making it a different study
 RUNTIME_KEYS = ("trials", "timeout", "device", "storage", "artifacts", "heartbeat_interval", "grace_period")
@@ -310,24 +309,17 @@ def parse_config(data: Any, *, root: Path | None = None, source: str = "study") 
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as error:
-        lines = [f"{'.'.join(str(p) for p in item['loc']) or '(study)'}: {item['msg']}" for item in error.errors()]
-        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)) from None
+        raise problems(ConfigError, source, schema_problems(error, "(study)")) from None
     lines = _problems(config)
     if lines:
-        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines))
+        raise problems(ConfigError, source, lines)
     config._root = root or Path.cwd()
     return config
 
 
 def load_config(path: str | Path) -> StudyConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: study config not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    return parse_config(data, root=path.resolve().parent, source=str(path))
+    return parse_config(read_yaml(path, ConfigError, "study config"), root=path.resolve().parent, source=str(path))
 
 
 def same_study(stored: dict[str, Any], config: StudyConfig) -> list[str]:

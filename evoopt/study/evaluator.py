@@ -117,13 +117,13 @@ class Evaluator:
         autocast = (self.autocast and trial is not None) if autocast is None else autocast
         if trial is not None and autocast:
             trial.set_user_attr("precision", "bfloat16")
-        if trial is not None and self.estimator is not None and split == self.config.objective.split:
-            return self._estimated(model, split, trial, autocast)
-        if trial is not None and rival is not None:
-            return self._selected(model, split, trial, autocast, *rival)
         scorer = self.scorer(split)
         scorer.autocast = autocast
         try:
+            if trial is not None and self.estimator is not None and split == self.config.objective.split:
+                return self._estimated(model, split, trial, autocast)
+            if trial is not None and rival is not None:
+                return self._selected(model, split, trial, autocast, *rival)
             if trial is None or not isinstance(scorer, ClassifierScorer) or len(self.config.objective.fidelities) == 0:
                 result: Scores = scorer.scores(model)
                 if trial is not None:

@@ -18,7 +18,7 @@ subset (tau against full dev) in every setting, with a mean absolute error of at
 The studies live in ``--workdir`` and are resumed by a second run (only the missing trials run).
 
     python benchmarks/fitness_cost.py [--settings minilm-sentiment-domains minilm-cross-task]
-        [--cma 60] [--evolver 41] [--draws 10] [--workdir out/fitness_cost] [--out benchmarks/results]
+        [--cma 87] [--evolver 13] [--draws 10] [--workdir out/fitness_cost] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(LIMITS))
-    parser.add_argument("--cma", type=int, default=60, help="layer-wise CMA-ES trials per setting")
-    parser.add_argument("--evolver", type=int, default=41, help="TIES_Evolver trials per setting")
+    parser.add_argument("--cma", type=int, default=87, help="layer-wise CMA-ES trials per setting")
+    parser.add_argument("--evolver", type=int, default=13, help="TIES_Evolver trials per setting")
     parser.add_argument("--draws", type=int, default=10, help="seeds of each estimator's subset")
     parser.add_argument("--workdir", type=Path, default=Path("out/fitness_cost"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

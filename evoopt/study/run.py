@@ -140,15 +140,16 @@ class Worker:
 
     def score(self, model: torch.nn.Module | list[torch.nn.Module], split: str,
               trial: optuna.Trial | None = None) -> Scores:
-        """Per-task scores; with a trial, intermediate values go to its pruner."""
-        return self.evaluator.score(model, split, trial)
+        """Per-task scores; with a trial, intermediate values go to its pruner, and the kind's rival (the
+        Evolver's paired rule) decides it."""
+        return self.evaluator.score(model, split, trial, rival=None if trial is None else self.kind.rival(trial))
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         self._check_budget(trial)
         model, started = self.kind.candidate(trial)
         merged = time.perf_counter()
         trial.set_user_attr("merge_seconds", round(merged - started, 4))
-        scores = self.evaluator.score(model, self.config.objective.split, trial, rival=self.kind.rival(trial))
+        scores = self.score(model, self.config.objective.split, trial)
         trial.set_user_attr("eval_seconds", round(time.perf_counter() - merged, 4))
         trial.set_user_attr("scores", scores)
         value = self.value(scores)

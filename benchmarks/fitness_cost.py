@@ -6,6 +6,7 @@ fitness draw the candidates, each trial keeping its per-example outcomes: layer-
 evoopt's CMA-ES (``--cma`` trials) and TIES_Evolver (``--evolver`` trials). Every figure below is
 then computed from the stored outcomes, without scoring anything again:
 
+- the size of a trial's stored per-example outcomes (median JSON bytes);
 - the candidates' spread (standard deviation and range of their full-dev scores) and the split-half
   Kendall tau of dev itself (two random disjoint halves of each task's examples; median of 20);
 - per estimator (anchor points, IRT with p-IRT, a random subset) and share of dev (5 %, 10 %, 20 %;
@@ -37,11 +38,11 @@ from scipy.stats import kendalltau
 
 from evoopt.data.estimate import fit_estimator
 from evoopt.data.objective import combine
-from evoopt.data.outcomes import Outcomes
+from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, trial_outcomes
 from evoopt.study.config import StudyConfig, parse_config
 from evoopt.study.fitness import PRECISION_ATTR
 from evoopt.study.run import run_study
-from evoopt.study.storage import baseline_outcomes, trial_outcomes
+from evoopt.study.storage import baseline_outcomes
 
 LIMITS = {"minilm-sentiment-domains": None, "minilm-cross-task": 300}  # dev examples per task (None: all)
 FRACTIONS = (0.05, 0.1, 0.2)
@@ -61,7 +62,8 @@ def study_config(folder: Path, setting: str, name: str, trials: int, **overrides
 def candidates(folder: Path, setting: str, args: argparse.Namespace,
                ) -> tuple[list[Outcomes], list[Outcomes], dict[str, Any]]:
     """The baselines' dev outcomes (the estimators' references), the searches' candidates' outcomes, and the
-    study's bfloat16 check on the sources (agreement with float32 and speed-up)."""
+    study's bfloat16 check on the sources (agreement with float32 and speed-up) with the median size of a
+    trial's stored outcomes (JSON bytes; the issue: a few kB at most for 1,200 examples)."""
     layerwise = study_config(folder, setting, "layerwise-cma", args.cma,
                              space={"kind": "layerwise", "method": "ties", "layers_per_group": 2,
                                     "search": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
@@ -76,12 +78,14 @@ def candidates(folder: Path, setting: str, args: argparse.Namespace,
                            sampler={"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}},
                            baselines=[], objective=objective)
     second = run_study(evolver, report=False).study
-    found = []
+    found, stored = [], []
     for study in (first, second):
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             outcomes = trial_outcomes(trial)
             if outcomes is not None:
                 found.append(outcomes)
+                stored.append(len(json.dumps(trial.system_attrs[OUTCOMES_ATTR])))  # what a trial keeps
+    check = {**check, "outcomes_bytes_per_trial": statistics.median(stored)}
     return [references[name] for name in sorted(references)], found, check
 
 
@@ -165,7 +169,8 @@ def main() -> None:
         print(f"\n{setting}: {len(found)} candidates (dev {result['dev_examples']} examples; full-dev scores "
               f"{result['range'][0]:.4f}..{result['range'][1]:.4f}, sd {result['spread_sd_points']:.2f} points); "
               f"split-half tau of dev {result['split_half_tau']:.2f}; random 50 %: tau "
-              f"{result['random_50']['tau']:.2f}, MAE {result['random_50']['mae_points']:.2f} points")
+              f"{result['random_50']['tau']:.2f}, MAE {result['random_50']['mae_points']:.2f} points; a trial's "
+              f"outcomes take {check['outcomes_bytes_per_trial']:.0f} bytes stored")
         print(f"{'estimator':<10}{'share':>7}{'examples':>10}{'tau':>7}{'vs random 50 %':>16}{'MAE (points)':>14}")
         for row in result["estimators"]:
             ratio = row["tau"] / result["random_50"]["tau"] if result["random_50"]["tau"] else float("nan")

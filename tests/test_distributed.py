@@ -12,8 +12,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from evoopt.data.outcomes import trial_outcomes
 from evoopt.search.evolver import ATTR
-from evoopt.study.storage import trial_outcomes
 from tests.helpers.evolver import GENERATIONS, in_process, population_after
 from tests.helpers.studies import small_study_config, write_study_config
 

@@ -131,10 +131,10 @@ def test_an_estimated_study_scores_few_examples_the_same_ones_in_every_worker(sm
     from optuna.trial import TrialState
 
     from evoopt.cli import main
+    from evoopt.data.outcomes import trial_outcomes
     from evoopt.study.config import parse_config
     from evoopt.study.fitness import stored_estimator
     from evoopt.study.run import run_study
-    from evoopt.study.storage import trial_outcomes
     from tests.helpers.studies import small_study_config, write_study_config
 
     experts, _ = small_experts

@@ -115,6 +115,15 @@ def test_perplexity_outcomes_give_the_same_perplexity(smol_tiny_family: list[Pat
     assert scorer.outcomes.score("sms-spam") == pytest.approx(scores["sms-spam"], rel=1e-5)
     stored = decode(encode(scorer.outcomes))  # float16 sums: close, not exact
     assert stored.score("sms-spam") == pytest.approx(scores["sms-spam"], rel=2e-3)
+    # one example against transformers' own loss: exp(mean token loss) of that text alone
+    from evoopt.data.corpora import load_splits
+
+    text = load_splits("sms-spam", seed=0)["dev"][3]["text"]
+    inputs = tokenizer(text, truncation=True, max_length=48, return_tensors="pt")
+    with torch.no_grad():
+        expected = math.exp(float(model(**inputs, labels=inputs["input_ids"]).loss))
+    alone = PerplexityScorer(tokenizer, ["sms-spam"], split="dev", rows={"sms-spam": [3]}, max_length=48)
+    assert alone.scores(model)["sms-spam"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow

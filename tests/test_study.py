@@ -18,9 +18,10 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from evoopt.cli import main
+from evoopt.data.outcomes import OUTCOMES_ATTR, trial_outcomes
 from evoopt.study.config import ConfigError, parse_config
 from evoopt.study.run import Worker, export_trial, open_study, run_study
-from evoopt.study.storage import OUTCOMES_ATTR, baseline_outcomes, trial_outcomes
+from evoopt.study.storage import baseline_outcomes
 from tests.helpers.studies import small_study_config, write_study_config
 
 

@@ -16,8 +16,10 @@ scored on the chosen examples only. Three estimators:
     weighted score of the anchors (Eq. 1 of Vivek et al.). Deliberate difference: with few
     reference models many examples share one pattern, so there are fewer distinct clusters than
     anchors; the ``k`` anchor slots are then shared out among the clusters in proportion to their
-    size (largest remainder), the medoid first and the rest drawn at random from the cluster, each
-    anchor weighted by its cluster's size over its slots. With ``k`` distinct clusters this is
+    size times the spread of the references' results inside them, plus 0.05 so that a cluster
+    every reference agrees on still counts (Neyman allocation of stratified sampling; at least one
+    slot each, largest remainder), the medoid first and the rest drawn at random from the cluster,
+    each anchor weighted by its cluster's size over its slots. With ``k`` distinct clusters this is
     exactly one medoid per cluster.
 
 ``irt``
@@ -43,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from evoopt.data.outcomes import Outcomes
+from evoopt.data.outcomes import LOSSES, Outcomes
 from evoopt.errors import ConfigError
 
 METHODS = ("anchor", "irt", "random")
@@ -86,11 +88,12 @@ class Estimator:
                 continue
             assert t.alpha is not None and t.beta is not None and t.all_ids is not None
             y = observed.tasks[task].values.astype(np.float64)
-            seen = np.isin(t.all_ids, t.ids)
-            where = {int(i): k for k, i in enumerate(t.all_ids)}
-            index = np.asarray([where[int(i)] for i in t.ids])
+            order = np.argsort(t.all_ids)
+            index = order[np.searchsorted(t.all_ids, t.ids, sorter=order)]  # the anchors among all examples
+            unseen = np.ones(len(t.all_ids), dtype=bool)
+            unseen[index] = False
             theta = fit_ability(y, t.alpha[index], t.beta[index])
-            scores[task] = p_irt(y, theta, t.alpha[~seen], t.beta[~seen])
+            scores[task] = p_irt(y, theta, t.alpha[unseen], t.beta[unseen])
         return scores
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,14 +141,14 @@ def fit_estimator(method: str, references: list[Outcomes], *, fraction: float, s
             estimator.tasks[task] = TaskEstimator(ids[chosen], np.ones(k), len(ids))
         elif method == "anchor":
             embedding = matrix.T  # an example: the reference models' results on it
-            if references[0].metric in ("mse", "perplexity"):
+            if references[0].metric in LOSSES:
                 tokens = references[0].tasks[task].weights
                 per_token = embedding / tokens[:, None] if tokens is not None else embedding
                 embedding = (per_token - per_token.mean(0)) / (per_token.std(0) + 1e-12)
             chosen, weights = anchors(embedding, k, rng)
             estimator.tasks[task] = TaskEstimator(ids[chosen], weights, len(ids))
         else:
-            if references[0].metric in ("mse", "perplexity") or not all(
+            if references[0].metric in LOSSES or not all(
                     r.tasks[task].values.dtype == np.bool_ for r in references):
                 raise ConfigError("objective.estimate.method: irt models right-or-wrong outcomes; "
                                   f"use anchor or random with metric {references[0].metric}")

@@ -165,6 +165,15 @@ def _write_meta(folder: Path, setting: Setting, tasks: tuple[str, ...], identity
     (folder / "expert.json").write_text(json.dumps(meta, indent=2))
 
 
+def _save_trained(folder: Path, model: Any, tokenizer: Any, *meta: Any, **extra: Any) -> Path:
+    """A trained model, its tokenizer and its expert.json (:func:`_write_meta`), written atomically."""
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_meta(tmp, *meta, **extra)
+    return folder
+
+
 def _clear_stale(folder: Path) -> None:
     """A folder without expert.json was left by a killed run of an older layout: remove it."""
     import shutil
@@ -203,12 +212,8 @@ def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, .
                                      train) for split in ("dev", "test")}
         for t in setting.tasks if len(get_corpus(t).labels) == model.config.num_labels
     }
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_meta(tmp, setting, tasks, identity, train, examples=len(texts), limit_train=limit_train,
-                    seconds=seconds, scores=scores, start=str(base))
-    return folder
+    return _save_trained(folder, model, tokenizer, setting, tasks, identity, train, examples=len(texts),
+                         limit_train=limit_train, seconds=seconds, scores=scores, start=str(base))
 
 
 class _SharedEncoder(torch.nn.Module):
@@ -298,12 +303,8 @@ def _train_causal(folder: Path, base: Path, identity: str, tasks: tuple[str, ...
                     progress=lambda d, n: report(f"training {label}", d, n))
     seconds = time.perf_counter() - started
     scores = score_causal(model, tokenizer, setting)
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_meta(tmp, setting, tasks, identity, train, examples=len(prompts), limit_train=limit_train,
-                    seconds=seconds, scores=scores, start=str(base))
-    return folder
+    return _save_trained(folder, model, tokenizer, setting, tasks, identity, train, examples=len(prompts),
+                         limit_train=limit_train, seconds=seconds, scores=scores, start=str(base))
 
 
 def cross_scores(experts: ExpertSet, split: str = "dev") -> dict[str, dict[str, float]]:

@@ -114,12 +114,9 @@ class ClassifierScorer:
         return len(self.labels[task])
 
     def _metric(self, outputs: np.ndarray, labels: np.ndarray) -> float:
-        if self.metric == "mse":
-            return float(np.mean((outputs[:, 0] - labels) ** 2))
-        predicted = outputs.argmax(-1)
         if self.metric == "macro_f1":
-            return macro_f1(predicted, labels)
-        return float(np.mean(predicted == labels))
+            return macro_f1(outputs.argmax(-1), labels)
+        return float(np.mean(self._per_example(outputs, labels)))  # accuracy, mse
 
     @torch.no_grad()
     def staged_scores(self, model: torch.nn.Module | Sequence[torch.nn.Module]) -> Iterator[tuple[int, Scores]]:
@@ -152,8 +149,9 @@ class ClassifierScorer:
                                        for t in self.tasks}
 
     def _per_example(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Each example's squared error (mse) or whether it was right (every other metric)."""
         if self.metric == "mse":
-            return ((outputs[:, 0] - labels) ** 2).astype(np.float32)
+            return np.asarray((outputs[:, 0] - labels) ** 2)
         return np.asarray(outputs.argmax(-1) == labels)
 
     def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -249,22 +247,18 @@ class PerplexityScorer:
     @torch.no_grad()
     def scores(self, model: torch.nn.Module) -> Scores:
         model.eval()
-        out, examples = {}, {}
+        examples = {}
         for task, batches in self.batches.items():
-            total, count = 0.0, 0
-            sums, tokens = [], []
+            sums, tokens = [], []  # per example: summed token loss, and its tokens
             for inputs in batches:
                 with precision(self.autocast, self.device):
                     logits = model(**inputs).logits[:, :-1].float()
                 target = inputs["input_ids"][:, 1:]
                 mask = inputs["attention_mask"][:, 1:].bool()
                 nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-                total += float(nll[mask].sum())
-                count += int(mask.sum())
                 sums.append((nll * mask).sum(1).cpu().numpy())
                 tokens.append(mask.sum(1).cpu().numpy())
-            out[task] = float(np.exp(total / max(1, count)))
             examples[task] = TaskOutcomes(self.ids[task], np.concatenate(sums).astype(np.float32),
                                           np.concatenate(tokens).astype(np.float64))
         self.outcomes = Outcomes("perplexity", examples)
-        return out
+        return self.outcomes.scores()  # exp(total loss / total tokens) per task

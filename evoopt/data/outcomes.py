@@ -80,7 +80,8 @@ class Outcomes:
         w = np.ones(len(t.ids)) if weights is None else np.asarray(weights, dtype=np.float64)
         if self.metric == "perplexity":
             assert t.weights is not None
-            return float(np.exp(np.sum(w * t.values) / np.sum(w * t.weights)))
+            tokens = np.sum(w * t.weights)
+            return float(np.exp(np.sum(w * t.values) / tokens)) if tokens else 1.0  # no token, no loss
         if self.metric == "macro_f1":
             raise EvooptError("outcomes: macro-F1 cannot be recomputed from per-example correctness")
         return float(np.sum(w * t.values.astype(np.float64)) / np.sum(w))
@@ -101,10 +102,10 @@ def paired(a: Outcomes, b: Outcomes) -> dict[str, tuple[np.ndarray, np.ndarray]]
     """Per task, the values of ``a`` and ``b`` on the examples both scored (in ``a``'s order)."""
     out = {}
     for task in a.tasks.keys() & b.tasks.keys():
-        shared = np.intersect1d(a.tasks[task].ids, b.tasks[task].ids)
-        keep = a.tasks[task].ids[np.isin(a.tasks[task].ids, shared)]
-        out[task] = (a.tasks[task].select(keep).values.astype(np.float64),
-                     b.tasks[task].select(keep).values.astype(np.float64))
+        mine = a.tasks[task]
+        both = np.isin(mine.ids, b.tasks[task].ids)
+        out[task] = (mine.values[both].astype(np.float64),
+                     b.tasks[task].select(mine.ids[both]).values.astype(np.float64))
     return out
 
 
@@ -140,7 +141,7 @@ def paired_decision(candidate: Outcomes, rival: Outcomes, *, maximize: bool, alp
     its rival at level ``alpha``; at the final stage ``accepted`` only if it is better at that level, else
     ``rejected``; None: score more examples. Returns the decision and its record."""
     p_worse, better, shared = paired_test(candidate, rival, maximize=maximize, weights=weights)
-    p_better = paired_test(rival, candidate, maximize=maximize, weights=weights)[0]
+    p_better = 1.0 - p_worse  # the same z-test, the other tail
     decided = "rejected" if p_worse < alpha else ("accepted" if p_better < alpha else "rejected") if final else None
     return decided, {"decided": decided, "examples": shared, "difference": round(better, 6),
                      "p_worse": round(p_worse, 6), "p_better": round(p_better, 6), "alpha": alpha}

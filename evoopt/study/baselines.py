@@ -17,7 +17,7 @@ import torch
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import Outcomes
 from evoopt.merge.merger import Merger, pick_device
-from evoopt.study.config import StudyConfig
+from evoopt.study.config import MINIMIZE, StudyConfig
 from evoopt.study.evaluator import Evaluator, calibration_file
 from evoopt.study.kinds.parameter import ParameterKind
 from evoopt.study.space import Sources, fixed_recipe
@@ -64,7 +64,7 @@ def precision_verdict(checks: list[tuple[float, float, float, float]]) -> dict[s
 class _Baselines:
     def __init__(self, config: StudyConfig, sources: Sources, scored: Scored, progress: Progress):
         self.config, self.sources, self.scored, self.progress = config, sources, scored, progress
-        self.rows, self.outcomes = scored.rows, scored.outcomes
+        self.rows = scored.rows
         self.checks: list[tuple[float, float, float, float]] = []  # agreement, change, float32 s, bfloat16 s
         self.kind = ParameterKind(_linear_config(config), sources)  # sources (one-hot weights) and soups
         self.kind.build(None, pick_device(config.device))
@@ -79,7 +79,7 @@ class _Baselines:
         scoring = time.perf_counter() - scoring
         kept = self.evaluator.outcomes(self.config.objective.split)
         if kept is not None:
-            self.outcomes[name] = kept
+            self.scored.outcomes[name] = kept
             if extra.get("kind") == "source" and self.config.objective.precision == "auto":
                 self._check_precision(model, dev, kept, scoring)
         test = self.evaluator.score(model, "test")
@@ -96,11 +96,11 @@ class _Baselines:
         took = time.perf_counter() - started
         fast = self.evaluator.outcomes(split)
         assert fast is not None
-        same = [np.mean(np.isclose(fast.tasks[t].values, reference.tasks[t].values, rtol=1e-2, atol=1e-3))
-                for t in reference.tasks]
-        relative = self.config.objective.metric in ("mse", "perplexity")
+        same = np.concatenate([np.isclose(fast.tasks[t].values, reference.tasks[t].values, rtol=1e-2, atol=1e-3)
+                               for t in reference.tasks])  # per example, over every task
+        relative = self.config.objective.metric in MINIMIZE
         change = max(abs(lower[t] - dev[t]) / (abs(dev[t]) if relative else 1.0) for t in dev)
-        self.checks.append((float(np.mean(same)), float(change), seconds, took))
+        self.checks.append((float(same.mean()), float(change), seconds, took))
 
     def _linear(self, weights: list[float]) -> Any:
         recipe = fixed_recipe(self.sources, "linear", {}, [{"weight": w} for w in weights], config=self.config)

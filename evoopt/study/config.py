@@ -23,11 +23,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from evoopt.data.outcomes import LOSSES
 from evoopt.errors import ConfigError, problems, read_yaml, schema_problems
 
 # what may change between runs of one study without making it a different study
 RUNTIME_KEYS = ("trials", "timeout", "device", "storage", "artifacts", "heartbeat_interval", "grace_period")
-MINIMIZE = ("mse", "perplexity")
+MINIMIZE = LOSSES  # metrics that are per-example losses are minimised
 
 Check = Callable[["StudyConfig"], list[str]]
 # space.kind -> the kind's own config check; filled by evoopt.study.kinds, which the evoopt.study package
@@ -226,11 +227,9 @@ def _problems(config: StudyConfig) -> list[str]:
     for key in config.space.log:
         if key not in config.space.search:
             problems.append(f"space.log: {key!r} is not searched (space.search has {', '.join(config.space.search)})")
-    if not _known(config.sampler.name, optuna.samplers):
-
-        if config.sampler.name not in SAMPLERS:
-            known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler")] + list(SAMPLERS))
-            problems.append(f"sampler.name: unknown sampler {config.sampler.name!r}; known: {', '.join(known)}")
+    if not _known(config.sampler.name, optuna.samplers) and config.sampler.name not in SAMPLERS:
+        known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler")] + list(SAMPLERS))
+        problems.append(f"sampler.name: unknown sampler {config.sampler.name!r}; known: {', '.join(known)}")
     if not _known(config.pruner.name, optuna.pruners) and config.pruner.name not in PRUNERS:
         known = sorted([n for n in dir(optuna.pruners) if n.endswith("Pruner") and n != "BasePruner"] + list(PRUNERS))
         problems.append(f"pruner.name: unknown pruner {config.pruner.name!r}; known: {', '.join(known)}")

@@ -17,11 +17,10 @@ import torch
 
 from evoopt.data.estimate import Estimator
 from evoopt.data.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
-from evoopt.data.outcomes import Outcomes, paired_decision
+from evoopt.data.outcomes import Outcomes, paired_decision, record_outcomes
 from evoopt.errors import EvaluationError
 from evoopt.study.config import StudyConfig
 from evoopt.study.space import Sources
-from evoopt.study.storage import record_outcomes
 
 
 def task_heads(sources: Sources, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
@@ -115,60 +114,48 @@ class Evaluator:
         (default: the study's for trials, float32 otherwise). ``rival`` (its outcomes and a test level):
         the paired selection rule against it decides the trial (see :func:`paired_decision`)."""
         autocast = (self.autocast and trial is not None) if autocast is None else autocast
-        if trial is not None and autocast:
-            trial.set_user_attr("precision", "bfloat16")
-        scorer = self.scorer(split)
-        scorer.autocast = autocast
         try:
             if trial is not None and self.estimator is not None and split == self.config.objective.split:
                 return self._estimated(model, split, trial, autocast)
-            if trial is not None and rival is not None:
-                return self._selected(model, split, trial, autocast, *rival)
-            if trial is None or not isinstance(scorer, ClassifierScorer) or len(self.config.objective.fidelities) == 0:
+            scorer = self.scorer(split)
+            scorer.autocast = autocast
+            if trial is None:
                 result: Scores = scorer.scores(model)
-                if trial is not None:
-                    record_outcomes(trial, scorer.outcomes)
                 return result
-            # stage by stage: a pruned trial scores no further examples
-            last = max(len(stages) for stages in scorer.batches.values()) - 1
-            for stage, (n, scores) in enumerate(scorer.staged_scores(model)):
-                record_outcomes(trial, scorer.outcomes)  # what a paired pruner (RacingPruner) compares
-                if stage == last:
-                    break
-                trial.report(combine(scores, self.config.objective.weights), n)
-                if trial.should_prune():
-                    trial.set_user_attr("scores", scores)
-                    trial.set_user_attr("pruned_at", n)
-                    raise optuna.TrialPruned(f"pruned after {n} examples per task")
-            return scores
+            return self._staged(scorer, model, trial, rival)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise EvaluationError("out of memory while scoring; lower objective.batch_size or "
                                   "objective.max_length, or set dtype: bfloat16") from None
 
-    def _selected(self, model: torch.nn.Module | list[torch.nn.Module], split: str, trial: optuna.Trial,
-                  autocast: bool, rival: Outcomes, alpha: float) -> Scores:
-        """Score stage by stage against the rival on the same examples: a trial found worse stops (pruned),
-        one that reaches the whole split is accepted only if found better. The trial records ``selection``."""
-        scorer = self.scorer(split)
-        scorer.autocast = autocast
-        maximize = self.config.directions[0] == "maximize"
+    def _staged(self, scorer: Any, model: torch.nn.Module | list[torch.nn.Module], trial: optuna.Trial,
+                rival: tuple[Outcomes, float] | None) -> Scores:
+        """Score a trial stage by stage (``objective.fidelities``; one stage without them, or for scorers
+        without stages), keeping the outcomes scored so far on the trial. After each stage but the last,
+        the trial stops (pruned, scoring nothing more) when its pruner says so, or, with a ``rival``, once
+        the paired rule rejects it; at the last stage the paired rule accepts or rejects it (``selection``)."""
         staged = isinstance(scorer, ClassifierScorer)
         last = max(len(stages) for stages in scorer.batches.values()) - 1 if staged else 0
         results = scorer.staged_scores(model) if staged else iter([(0, scorer.scores(model))])
+        maximize = self.config.directions[0] == "maximize"
         for stage, (n, scores) in enumerate(results):
-            record_outcomes(trial, scorer.outcomes)
-            decided, record = paired_decision(scorer.outcomes, rival, maximize=maximize, alpha=alpha,
-                                              final=stage == last, weights=self.config.objective.weights)
-            if decided is not None:
-                trial.set_user_attr("selection", record)
-            if decided == "rejected" and stage < last:
-                trial.set_user_attr("scores", scores)
-                trial.set_user_attr("pruned_at", n)
-                raise optuna.TrialPruned(f"rejected after {n} examples per task: worse than its target")
+            record_outcomes(trial, scorer.outcomes)  # what a paired pruner (RacingPruner) or rule compares
+            if rival is not None:
+                decided, record = paired_decision(scorer.outcomes, rival[0], maximize=maximize, alpha=rival[1],
+                                                  final=stage == last, weights=self.config.objective.weights)
+                if decided is not None:
+                    trial.set_user_attr("selection", record)
+                stop, why = decided == "rejected", f"rejected after {n} examples per task: worse than its target"
+            elif stage < last:
+                trial.report(combine(scores, self.config.objective.weights), n)
+                stop, why = trial.should_prune(), f"pruned after {n} examples per task"
             if stage == last:
                 return scores
+            if stop:
+                trial.set_user_attr("scores", scores)
+                trial.set_user_attr("pruned_at", n)
+                raise optuna.TrialPruned(why)
         raise AssertionError("unreachable: the scorer yields a last stage")
 
     def _estimated(self, model: torch.nn.Module | list[torch.nn.Module], split: str, trial: optuna.Trial,

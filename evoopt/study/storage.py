@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from evoopt.data.outcomes import (  # noqa: F401  (trial helpers re-exported beside the study's)
-    OUTCOMES_ATTR,
-    Outcomes,
-    decode,
-    encode,
-    record_outcomes,
-    trial_outcomes,
-)
+from evoopt.data.outcomes import Outcomes, decode, encode
 from evoopt.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:

@@ -125,23 +125,22 @@ class EvolverKind(Kind[EvolverSpace]):
         sampler = trial.study.sampler  # it replayed the history to claim this slot: no second replay
         history = sampler.claimed(trial.number) if isinstance(sampler, EvolverSampler) else None
         history = history or self.history(trial.study)  # (a retried trial keeps its slot without a claim)
-        holder = history.holders[candidate.target] if candidate.generation > 0 and history.holders else None
-        if holder is not None:
-            trial.set_user_attr("target_trial", holder)
+        if _paired(sampler) and candidate.generation > 0:  # the trial its offspring is compared with
+            trial.set_user_attr("target_trial", history.holders[candidate.target])
         begun = time.perf_counter()
         return self._write(history, candidate), begun
 
     def rival(self, trial: optuna.Trial) -> tuple[Outcomes, float] | None:
         """``selection: paired``: the offspring against its target, on the examples of the target's trial."""
-        options = self.config.sampler.options
-        holder = trial.user_attrs.get("target_trial")
-        if options.get("selection", "greedy") != "paired" or holder is None:
+        sampler = _paired(trial.study.sampler)
+        if sampler is None or trial.user_attrs.get("target_trial") is None:
             return None
-        outcomes = trial_outcomes(get_trial(trial.study, int(holder)))
+        holder = int(trial.user_attrs["target_trial"])
+        outcomes = trial_outcomes(get_trial(trial.study, holder))
         if outcomes is None:
             raise EvaluationError(f"trial {trial.number}: its target's trial {holder} kept no per-example outcomes; "
                                   "the paired rule needs them")
-        return outcomes, float(options.get("alpha", 0.05))
+        return outcomes, sampler.alpha
 
     def _write(self, history: History, candidate: Candidate) -> torch.nn.Module:
         """Bring the population to P_{g-1} and write the candidate (an offspring, or an initial individual)."""
@@ -231,3 +230,8 @@ class EvolverKind(Kind[EvolverSpace]):
                           f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.", "", "```yaml", text.rstrip(),
                           "```", ""])
         return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card))
+
+
+def _paired(sampler: optuna.samplers.BaseSampler) -> EvolverSampler | None:
+    """The study's Evolver sampler if it selects by the paired rule (it holds the validated options)."""
+    return sampler if isinstance(sampler, EvolverSampler) and sampler.selection == "paired" else None

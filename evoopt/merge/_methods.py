@@ -29,6 +29,7 @@ from evoopt.merge._pieces import (
     sparsify_mask,
     stream_key,
     task_vectors,
+    uniform_stream,
 )
 
 Sparsification = Literal["none", "magnitude", "breadcrumbs", "random"]
@@ -314,3 +315,235 @@ def regmean(
         total_rhs = total_rhs + rhs
     merged_t = torch.linalg.lstsq(total_gram, total_rhs).solution
     return merged_t.T.contiguous().to(tensors[0].dtype)
+
+
+def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MAGPRUNE keep probabilities (Deep et al. 2024, Sec. 3, step 1 "Drop"), per row.
+
+    Within each row (a 1-D tensor is one row; a tensor of more dimensions is flattened to
+    ``(shape[0], -1)``) the entries are ranked by magnitude, r = 0 the smallest, r = n - 1 the
+    largest, and kept with probability
+
+        p_r = (d - eps) + 2 eps * r / (n - 1)
+
+    so the mean keep rate is d and larger magnitudes are kept more often (p_r = d for a row of
+    one entry). Ties in magnitude are ranked in index order. As in mergekit, ``d - eps`` and
+    ``d + eps`` must lie in (0, 1).
+    """
+    if not (0.0 < density - epsilon and density + epsilon < 1.0):
+        raise ValueError(f"epsilon: density - epsilon and density + epsilon must lie in (0, 1); got density "
+                         f"{density} and epsilon {epsilon}")
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(compute_dtype(delta.dtype))
+    spread = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + 2 * epsilon * spread).reshape(delta.shape)
+
+
+def della(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    epsilons: Sequence[float],
+    consensus: bool = True,
+    normalize: bool = True,
+    scale: float = 1.0,
+    seed: int = 0,
+    name: str = "",
+) -> torch.Tensor:
+    """DELLA-Merging (Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling", 2024, Sec. 3): Drop, Elect, Fuse.
+
+        Drop:  k_m ~ Bernoulli(p_m) with p_m of :func:`magprune_probabilities`,
+               c_m = w_m * k_m * tau_m / p_m          (each kept entry rescaled by 1 / p)
+        Elect: s = sign(sum_m c_m)                    (consensus; >= 0 counts as +)
+        Fuse:  delta = sum_m [sign(c_m) = s] c_m / sum_m [sign(c_m) = s] w_m   (normalize)
+        theta = theta_base + scale * delta            (the paper's lambda)
+
+    consensus=False, normalize=False is mergekit's ``della_linear``. The draws are evoopt's
+    counter-based stream keyed by ``(seed, name, model index)``: the same call gives the same bytes.
+
+    Deliberate difference from mergekit 0.1.5: the kept entries are rescaled by 1 / p per entry,
+    as the paper does (and as evoopt's DARE does), where mergekit rescales the whole tensor to its
+    L1 norm before the drop. The keep probabilities agree with mergekit's (tested).
+    """
+    _check_lengths(tensors, weights=weights, densities=densities, epsilons=epsilons)
+    contributions = []
+    for m, (delta, w, d, eps) in enumerate(zip(task_vectors(base, tensors), weights, densities, epsilons)):
+        scaled = delta * torch.tensor(float(w), dtype=delta.dtype)
+        if d < 1.0:
+            p = magprune_probabilities(delta, d, eps)
+            u = uniform_stream(stream_key(seed, name, m), delta.numel()).reshape(delta.shape).to(p.dtype)
+            scaled = torch.where(u < p, scaled / p, 0.0)
+        contributions.append(scaled)
+    elected = elect_sign(contributions) if consensus else None
+    numerator, divisor = disjoint_sum(contributions, weights, elected)
+    mixed = numerator
+    if normalize:
+        zero = divisor == 0 if consensus else divisor.abs() < 1e-8
+        mixed = numerator / torch.where(zero, 1.0, divisor)
+    return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
+
+
+def sce(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    select_topk: float = 1.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """SCE (Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024, Sec. 3.3): Select,
+    Calculate, Erase, over the weighted task vectors c_m = w_m tau_m (w_m = 1 is the paper's and
+    mergekit's method; the weights let a search scale each model).
+
+        Select:    keep the entries whose variance across models, Var_m(c_m), is among the top
+                   ``select_topk`` share of the nonzero variances (ties at the cut are kept)
+        Calculate: lambda_m = mean(c_m^2) / sum_j mean(c_j^2)   (the matrix-level weights)
+        Erase:     s = sign(sum_m c_m); drop the entries of c_m whose sign is not s
+        theta = theta_base + scale * sum_m lambda_m c_m [sign c_m = s] / max(sum_m lambda_m [sign c_m = s], 1e-6)
+
+    The fused mean divides by the weights of the models that agree, as mergekit 0.1.5 does.
+    Deliberate difference: mergekit falls back to equal lambdas when sum_j mean(c_j^2) < 1e-6,
+    which fine-tuning deltas of 1e-3 already reach; here only an all-zero sum does.
+    """
+    _check_lengths(tensors, weights=weights)
+    contributions = [d * torch.tensor(float(w), dtype=d.dtype) for d, w in zip(task_vectors(base, tensors), weights)]
+    stacked = torch.stack(contributions)
+    if select_topk < 1.0:
+        variance = stacked.var(dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(variance)) * max(select_topk, 0.0))
+        if k == 0:
+            keep = torch.zeros_like(variance, dtype=torch.bool)
+        else:
+            cut = variance.flatten().kthvalue(variance.numel() - k + 1).values
+            keep = variance >= cut
+        stacked = torch.where(keep, stacked, 0.0)
+    energy = stacked.square().reshape(len(tensors), -1).mean(dim=1)
+    total = energy.sum()
+    lambdas = energy / total if total > 0 else torch.full_like(energy, 1.0 / len(tensors))
+    elected = elect_sign(list(stacked))
+    agree = torch.sign(stacked) == elected
+    shape = (-1,) + (1,) * (stacked.ndim - 1)
+    weighted = torch.where(agree, lambdas.reshape(shape), 0.0)
+    mixed = (stacked * weighted).sum(dim=0) / weighted.sum(dim=0).clamp(min=1e-6)
+    return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
+
+
+def _polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor P Q^T of ``matrix`` = P S Q^T: the nearest matrix with orthonormal columns
+    (or rows), which TSV-M and Iso-CTS use to orthogonalise the concatenated singular vectors."""
+    p, _, qt = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qt
+
+
+def _weighted_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor],
+                     weights: Sequence[float]) -> list[torch.Tensor]:
+    return [d * torch.tensor(float(w), dtype=d.dtype) for d, w in zip(task_vectors(base, tensors), weights)]
+
+
+def _mean_delta(base: torch.Tensor, deltas: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    """What the SVD methods do with tensors that are not matrices (biases, norms): the mean task vector."""
+    mixed = sum(deltas[1:], deltas[0]) / len(deltas)
+    return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
+
+
+def tsv_merge(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
+    CVPR 2025, Sec. 4), per matrix. With c_t = w_t tau_t = U_t S_t V_t^T (thin SVD), r = min(m, n) and
+    k = r // T components kept per task:
+
+        U = [U_1[:, :k] ... U_T[:, :k]], S = diag(S_1[:k] ... S_T[:k]), V = [V_1[:, :k] ... V_T[:, :k]]
+        (the last r - T k slots zero), U_perp = polar(U), V_perp = polar(V) (P Q^T of their SVDs)
+        theta = theta_base + scale * U_perp S V_perp^T
+
+    The per-task singular values are kept. Tensors that are not matrices take the mean task vector,
+    as in the authors' code (github.com/AntoAndGar/task_singular_vectors, ``compute_and_sum_svd_mem_reduction``);
+    with more tasks than r the matrix keeps the base (k = 0), as there. The weights w_t scale each task
+    vector before its SVD (FusionBench's per-task alpha; 1 in the paper); ``scale`` is the paper's alpha.
+    Deliberate difference: k is r // T, where the authors' int(r * (1 / T)) can round one below it.
+    """
+    _check_lengths(tensors, weights=weights)
+    deltas = _weighted_deltas(base, tensors, weights)
+    if base.ndim != 2:
+        return _mean_delta(base, deltas, scale)
+    tasks, r = len(deltas), min(base.shape)
+    k = r // tasks
+    if k == 0:
+        return base.clone()
+    dtype = deltas[0].dtype
+    u_cat = torch.zeros(base.shape[0], r, dtype=dtype)
+    s_cat = torch.zeros(r, dtype=dtype)
+    v_cat = torch.zeros(r, base.shape[1], dtype=dtype)
+    for t, delta in enumerate(deltas):
+        u, s, vt = torch.linalg.svd(delta, full_matrices=False)
+        u_cat[:, t * k:(t + 1) * k], s_cat[t * k:(t + 1) * k], v_cat[t * k:(t + 1) * k] = u[:, :k], s[:k], vt[:k]
+    mixed = _polar(u_cat) @ torch.diag(s_cat) @ _polar(v_cat)
+    return (base.to(dtype) + scale * mixed).to(base.dtype)
+
+
+def iso_merge(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    common_fraction: float | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Isotropic merging (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces", ICML 2025), per matrix, on the task-arithmetic matrix M = sum_t w_t tau_t
+    = U S V^T (thin SVD, r = min(m, n) singular values).
+
+    Iso-C (``common_fraction`` None, Sec. 4.1): a flat spectrum, every direction at the mean singular value,
+
+        theta = theta_base + scale * mean(S) U V^T
+
+    Iso-CTS (Sec. 4.2): k0 = int(r f), s = round((r - k0) / T) task-specific directions per task, k = r - T s
+    common ones (U_k, V_k: M's top k). Each task's own directions are the top s of its task vector with the
+    common subspace projected out on the left, (I - U_k U_k^T) c_t = U'_t S'_t V'_t^T; then
+
+        U = [U'_1[:, :s] ... U'_T[:, :s], U_k], V likewise, sigma = mean of their r singular values
+        theta = theta_base + scale * sigma polar(U) polar(V)^T
+
+    With s = 0 Iso-CTS is Iso-C. Tensors that are not matrices take the mean task vector, as in the authors'
+    code (github.com/danielm1405/iso-merging, ``src/utils/iso.py``; FusionBench agrees). Deliberate
+    difference: s is capped at (r - 1) // T so that at least one common direction remains (the authors'
+    rounding can ask for more task directions than r holds when f is small). Where M has zero singular
+    values, their directions (any orthonormal completion) enter at the mean, as in the authors' code.
+    """
+    _check_lengths(tensors, weights=weights)
+    deltas = _weighted_deltas(base, tensors, weights)
+    if base.ndim != 2:
+        return _mean_delta(base, deltas, scale)
+    tasks, r = len(deltas), min(base.shape)
+    total = sum(deltas[1:], deltas[0])
+    u, s, vt = torch.linalg.svd(total, full_matrices=False)
+    per_task = 0
+    if common_fraction is not None:
+        if not 0.0 < common_fraction <= 1.0:
+            raise ValueError(f"common_fraction: must lie in (0, 1], got {common_fraction}")
+        per_task = min(round((r - int(r * common_fraction)) / tasks), (r - 1) // tasks)
+    if per_task == 0:
+        mixed = s.mean() * (u @ vt)
+    else:
+        k = r - tasks * per_task
+        common_u = u[:, :k]
+        u_parts, s_parts, v_parts = [], [], []
+        for delta in deltas:
+            ut, st, vtt = torch.linalg.svd(delta - common_u @ (common_u.T @ delta), full_matrices=False)
+            u_parts.append(ut[:, :per_task])
+            s_parts.append(st[:per_task])
+            v_parts.append(vtt[:per_task])
+        u_cat = torch.cat([*u_parts, common_u], dim=1)
+        v_cat = torch.cat([*v_parts, vt[:k]], dim=0)
+        sigma = torch.cat([*s_parts, s[:k]]).mean()
+        mixed = sigma * (_polar(u_cat) @ _polar(v_cat))
+    return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)

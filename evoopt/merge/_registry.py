@@ -170,3 +170,47 @@ register(MergeMethod("fisher", "Matena & Raffel, Merging Models with Fisher-Weig
 register(MergeMethod("regmean", "Jin et al., Dataless Knowledge Fusion by Merging Weights of "
                      "Language Models (RegMean), ICLR 2023", _regmean, shared={"alpha": 0.9},
                      needs_base=False, min_models=2, statistic="gram"))
+
+
+def _della(consensus: bool) -> Callable[..., torch.Tensor]:
+    def run(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], *, seed: int, name: str,
+            **_: Any) -> torch.Tensor:
+        return m.della(base, tensors, weights=c["weight"], densities=c["density"], epsilons=c["epsilon"],
+                       consensus=consensus, normalize=c["normalize"], scale=c["scale"], seed=seed, name=name)
+
+    return run
+
+
+def _sce(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], **_: Any) -> torch.Tensor:
+    return m.sce(base, tensors, weights=c["weight"], select_topk=c["select_topk"], scale=c["scale"])
+
+
+_DELLA = "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling, 2024"
+register(MergeMethod("della", _DELLA, _della(True), per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+                     shared={"scale": 1.0, "normalize": True}))
+register(MergeMethod("della_linear", _DELLA, _della(False),
+                     per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+                     shared={"scale": 1.0, "normalize": False}))
+register(MergeMethod("sce", "Wan et al., FuseChat: Knowledge Fusion of Chat Models, 2024 (SCE)", _sce,
+                     per_model={"weight": 1.0}, shared={"select_topk": 1.0, "scale": 1.0}))
+
+
+def _tsv(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], **_: Any) -> torch.Tensor:
+    return m.tsv_merge(base, tensors, weights=c["weight"], scale=c["scale"])
+
+
+def _iso(task_specific: bool) -> Callable[..., torch.Tensor]:
+    def run(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], **_: Any) -> torch.Tensor:
+        fraction = c["common_fraction"] if task_specific else None
+        return m.iso_merge(base, tensors, weights=c["weight"], common_fraction=fraction, scale=c["scale"])
+
+    return run
+
+
+_ISO = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
+        "ICML 2025")
+register(MergeMethod("tsv", "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, "
+                     "CVPR 2025 (TSV-M)", _tsv, per_model={"weight": 1.0}, shared={"scale": 1.0}))
+register(MergeMethod("iso_c", _ISO, _iso(False), per_model={"weight": 1.0}, shared={"scale": 1.0}))
+register(MergeMethod("iso_cts", _ISO, _iso(True), per_model={"weight": 1.0},
+                     shared={"scale": 1.0, "common_fraction": 0.8}))

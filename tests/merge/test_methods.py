@@ -185,3 +185,117 @@ def test_inputs_are_not_mutated() -> None:
         method.apply(base, tensors, coefs, seed=0, name="x")
     for x, c in zip((base, a, b), copies):
         assert torch.equal(x, c)
+
+
+def test_magprune_probabilities_rank_magnitudes_per_row() -> None:
+    # row [0.1, -3, 2, 0.5]: ascending magnitude ranks 0, 3, 2, 1 of n - 1 = 3;
+    # p = (d - eps) + 2 eps r / 3 with d = 0.5, eps = 0.15: 0.35, 0.65, 0.55, 0.45
+    delta = T([[0.1, -3.0, 2.0, 0.5], [1.0, 2.0, 3.0, 4.0]])
+    p = M.magprune_probabilities(delta, 0.5, 0.15)
+    torch.testing.assert_close(p[0], T([0.35, 0.65, 0.55, 0.45]))
+    torch.testing.assert_close(p[1], T([0.35, 0.45, 0.55, 0.65]))
+    assert float(p.mean()) == pytest.approx(0.5)  # the mean keep rate is the density
+    assert M.magprune_probabilities(T([7.0]), 0.4, 0.1).tolist() == pytest.approx([0.4])  # one entry: d
+    with pytest.raises(ValueError, match="epsilon"):
+        M.magprune_probabilities(delta, 0.9, 0.15)  # d + eps >= 1
+
+
+def test_della_drops_by_magprune_and_rescales_by_keep_probability() -> None:
+    # one model, no consensus, no normalize: theta = base + w k tau / p, k = u < p from the stream
+    base = torch.zeros(2, 5)
+    expert = T([[0.5, -1.0, 2.0, -4.0, 3.0], [1.0, 1.5, -0.5, 0.25, -2.0]])
+    out = get_method("della_linear").apply(base, [expert], {"weight": [2.0], "density": [0.5], "epsilon": [0.2]},
+                                           seed=3, name="w")
+    p = M.magprune_probabilities(expert, 0.5, 0.2)
+    u = M.uniform_stream(M.stream_key(3, "w", 0), 10).reshape(2, 5)
+    torch.testing.assert_close(out, torch.where(u < p, 2.0 * expert / p, 0.0))
+    again = get_method("della_linear").apply(base, [expert], {"weight": [2.0], "density": [0.5], "epsilon": [0.2]},
+                                             seed=3, name="w")
+    assert torch.equal(out, again)  # the same bytes from (seed, name, model)
+    # at density 1 DELLA is TIES without trimming
+    experts = [expert, -0.5 * expert + 1.0]
+    torch.testing.assert_close(get_method("della").apply(base, experts, {"weight": [0.6, 1.2]}),
+                               get_method("ties").apply(base, experts, {"weight": [0.6, 1.2]}))
+
+
+def test_sce_select_calculate_erase_by_hand() -> None:
+    # c_1 = [2, 0, -1, 4], c_2 = [0, 0, 1, 2] (base 0, weights 1)
+    # Select top 50 % of the nonzero variances: var = [1, 0, 1, 1] (three nonzero): int(3 * 0.5) = 1
+    # entry; ties at the cut are kept, so entries 0, 2, 3 stay.
+    # Calculate: mean squares 21/4 and 5/4 -> lambda = 21/26, 5/26
+    # Erase: sums [2, 0, 0, 6] -> signs +, +, +, +; entry 2: c_1 = -1 disagrees, c_2 = 1 agrees
+    # entry 0: (21/26 * 2) / (21/26) = 2; entry 2: (5/26 * 1) / (5/26) = 1;
+    # entry 3: (21/26 * 4 + 5/26 * 2) / 1 = 94/26
+    base = torch.zeros(4)
+    experts = [T([2.0, 0.0, -1.0, 4.0]), T([0.0, 0.0, 1.0, 2.0])]
+    out = get_method("sce").apply(base, experts, {"select_topk": 0.5})
+    torch.testing.assert_close(out, T([2.0, 0.0, 1.0, 94 / 26]))
+    # select_topk 1 keeps everything; scale multiplies the fused delta
+    plain = get_method("sce").apply(base, experts, {"scale": 0.5})
+    torch.testing.assert_close(plain, 0.5 * T([2.0, 0.0, 1.0, 94 / 26]))
+
+
+def _outer(scale: float, u: list[float], v: list[float]) -> torch.Tensor:
+    return scale * torch.outer(T(u), T(v))
+
+
+def test_tsv_merge_of_orthogonal_rank_one_tasks_is_their_sum() -> None:
+    # tau_1 = 3 e1 f1^T, tau_2 = 2 e2 f2^T: r = 2, T = 2, k = 1 per task; U = [e1 e2] and V = [f1 f2]
+    # are orthonormal already (their polar factors are themselves): delta = tau_1 + tau_2
+    base = torch.ones(2, 3)
+    experts = [base + _outer(3, [1, 0], [1, 0, 0]), base + _outer(2, [0, 1], [0, 0, 1])]
+    out = get_method("tsv").apply(base, experts, {"scale": 0.5})
+    torch.testing.assert_close(out, base + 0.5 * (_outer(3, [1, 0], [1, 0, 0]) + _outer(2, [0, 1], [0, 0, 1])))
+    # not a matrix: the mean task vector
+    torch.testing.assert_close(get_method("tsv").apply(torch.zeros(3), [T([1.0, 2, 3]), T([3.0, 0, 1])], {}),
+                               T([2.0, 1.0, 2.0]))
+    # more tasks than the rank: the base, as in the authors' code
+    assert torch.equal(get_method("tsv").apply(torch.zeros(2, 1), [torch.ones(2, 1)] * 2, {}), torch.zeros(2, 1))
+
+
+def test_tsv_merge_agrees_with_the_eigendecomposition_route() -> None:
+    # the authors' second variant orthogonalises by U (U^T U)^(-1/2) (eigh), the same polar factor
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    experts = [base + torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    weights = [0.7, 1.3]
+    k, us, ss, vs = 2, [], [], []
+    for expert, w in zip(experts, weights):
+        u, s, vt = torch.linalg.svd(w * (expert - base), full_matrices=False)
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vt[:k])
+    u, s, v = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 0)
+
+    def inverse_root(a: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(a)
+        return vectors @ torch.diag(values.rsqrt()) @ vectors.T
+
+    expected = base + (u @ inverse_root(u.T @ u)) @ torch.diag(s) @ (inverse_root(v @ v.T) @ v)
+    torch.testing.assert_close(get_method("tsv").apply(base, experts, {"weight": weights}), expected)
+
+
+def test_iso_c_flattens_the_spectrum_of_the_task_sum() -> None:
+    # M = diag(3, 1) + diag(0, 0): singular values 3, 1 -> both 2, directions kept
+    base = torch.zeros(2, 2)
+    out = get_method("iso_c").apply(base, [torch.diag(T([3.0, 0.0])), torch.diag(T([0.0, 1.0]))], {"scale": 1.5})
+    torch.testing.assert_close(out, 1.5 * torch.diag(T([2.0, 2.0])))
+    # a negative entry keeps its sign (U V^T), at the mean magnitude
+    out = get_method("iso_c").apply(base, [torch.diag(T([3.0, 0.0])), torch.diag(T([0.0, -1.0]))], {})
+    torch.testing.assert_close(out, torch.diag(T([2.0, -2.0])))
+
+
+def test_iso_cts_adds_each_tasks_own_directions() -> None:
+    # r = 4, T = 2, f = 0.5: k0 = 2, s = round(2 / 2) = 1 per task, k = 2 common directions.
+    # tau_1 = diag(4, 0, 1, 0), tau_2 = diag(0, 3, -0.5, 1): M = diag(4, 3, 0.5, 1).
+    # Iso-C: mean(4, 3, 1, 0.5) = 2.125 on every direction of M.
+    # Iso-CTS: common e1, e2 (4, 3); tau_1 without them: diag(0, 0, 1, 0) -> e3 (1);
+    # tau_2 without them: diag(0, 0, -0.5, 1) -> e4 (1); sigma = mean(1, 1, 4, 3) = 2.25 on e1..e4.
+    base = torch.zeros(4, 4)
+    experts = [torch.diag(T([4.0, 0, 1, 0])), torch.diag(T([0.0, 3, -0.5, 1]))]
+    torch.testing.assert_close(get_method("iso_c").apply(base, experts, {}), 2.125 * torch.eye(4))
+    out = get_method("iso_cts").apply(base, experts, {"common_fraction": 0.5})
+    torch.testing.assert_close(out, 2.25 * torch.eye(4))
+    # f = 1 leaves no task-specific directions: Iso-C
+    torch.testing.assert_close(get_method("iso_cts").apply(base, experts, {"common_fraction": 1.0}),
+                               2.125 * torch.eye(4))
+    with pytest.raises(ValueError, match="common_fraction"):
+        get_method("iso_cts").apply(base, experts, {"common_fraction": 0.0})

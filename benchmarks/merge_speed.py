@@ -9,12 +9,16 @@ tensor's standard deviation. Measured in one run, on this machine:
       one-time preprocessing a study reuses (task vectors, magnitude order stats);
   (b) the memory-bandwidth bound for the same bytes: (base + experts read, target
       written) in float32, divided by a copy bandwidth measured here;
-  (c) ``mergekit-yaml`` end to end with the same TIES recipe (merge to disk).
+  (c) ``mergekit-yaml`` end to end with the same TIES recipe (merge to disk);
+  (d) with ``--methods``, the same per-candidate figure for the newer methods (DELLA, SCE,
+      TSV-M with its singular basis computed once, Iso-C, Iso-CTS: the SVD of the weighted
+      task sum depends on the coefficients, so it is paid per candidate).
 
 Prints ratios (machines are noisy: compare ratios, not seconds) and peak memory
 against (sources + 2) x model size.
 
     python benchmarks/merge_speed.py [--candidates 7] [--workdir DIR] [--skip-mergekit]
+        [--methods della sce tsv iso_c iso_cts]
 """
 
 from __future__ import annotations
@@ -80,11 +84,16 @@ def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+DENSITY = {"ties", "dare_ties", "della"}  # the methods with a per-model density
+
+
 def recipe_for(method: str, base: Path, variants: list[Path], density: float, weights: list[float]) -> dict:
+    def parameters(weight: float) -> dict[str, float]:
+        return {"weight": weight, **({"density": density} if method in DENSITY else {})}
+
     return {
         "method": method, "base": str(base), "dtype": "float32", "device": "cpu",
-        "models": [{"model": str(v), "parameters": {"weight": w, "density": density}}
-                   for v, w in zip(variants, weights)],
+        "models": [{"model": str(v), "parameters": parameters(w)} for v, w in zip(variants, weights)],
     }
 
 
@@ -132,6 +141,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "evoopt-bench-merge")
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--methods", nargs="*", default=[], help="newer methods to time as well (no TIES "
+                        "reference needed: their ratios are to the same bound and to TIES of this run)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +156,7 @@ def main() -> None:
     sources = 1 + len(variants)
 
     results: dict[str, object] = {"model_bytes": model_bytes, "copy_bandwidth_GBps": bandwidth / 1e9}
-    for method in ("ties", "dare_ties"):
+    for method in ("ties", "dare_ties", *args.methods):
         r = time_candidates(method, base, variants, args.candidates)
         moved = (sources + 1) * r["params"] * 4  # base + experts read, target written, float32
         r["bound_s"] = moved / bandwidth
@@ -163,11 +174,12 @@ def main() -> None:
     print(f"SmolLM2-135M, {sources} sources ({model_bytes / 1e6:.0f} MB each in float32), "
           f"{os.cpu_count()} CPU threads, {torch.__version__}")
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
-    for method in ("ties", "dare_ties"):
+    for method in ("ties", "dare_ties", *args.methods):
         r = results[method]  # type: ignore[assignment]
         print(f"{method:>10}: per candidate {r['median_s']:.3f} s (median of {args.candidates}), "  # type: ignore[index]
               f"bound {r['bound_s']:.3f} s, ratio to bound {r['ratio_to_bound']:.2f}x "  # type: ignore[index]
-              f"(target <= 3x); one-time setup {r['setup_s']:.1f} s")  # type: ignore[index]
+              f"(target <= 3x), {r['median_s'] / results['ties']['median_s']:.1f}x TIES; "  # type: ignore[index]
+              f"one-time setup {r['setup_s']:.1f} s")  # type: ignore[index]
     if "mergekit" in results:
         mk = results["mergekit"]  # type: ignore[assignment]
         print(f"  mergekit: {mk['seconds']:.1f} s end to end, peak {mk['peak_bytes'] / 1e9:.2f} GB; "  # type: ignore[index]

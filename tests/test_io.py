@@ -209,3 +209,24 @@ def test_excluded_heads_keep_the_base_and_skip_shape_checks(bert_family: list[Pa
     assert not any(name.startswith("classifier") for name in merger.targets)
     model = merger.merge()
     assert torch.equal(model.classifier.weight, open_source(bert_family[0]).get("classifier.weight"))
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_cts", "della", "sce"])
+def test_newer_methods_merge_models_as_their_pure_functions(llama_family: list[Path], method: str) -> None:
+    """Through a Merger (TSV-M: its basis computed once, then one product per candidate) every tensor equals
+    the pure function's, for weights that include 0 and a negative one."""
+    from evoopt.merge import get_method
+
+    base, *experts = llama_family
+    weights = [0.8, 0.0, -0.4]
+    per_model = [{"weight": w, **({"density": 0.5} if method == "della" else {})} for w in weights]
+    recipe = parse_recipe({"method": method, "base": str(base), "seed": 3,
+                           "models": [{"model": str(e), "parameters": p} for e, p in zip(experts, per_model)]})
+    merger = Merger(recipe)
+    assert bool(merger.cached) == (method == "tsv")
+    merger.merge()
+    sources = [open_source(p) for p in llama_family]
+    for name, target in merger.targets.items():
+        expected = get_method(method).apply(sources[0].get(name), [s.get(name) for s in sources[1:]],
+                                            recipe.coefficients(name, 3), seed=3, name=name)
+        torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -11,11 +11,13 @@ tensor([1.0000, 2.0000, 0.5000, 0.0000])
 from __future__ import annotations
 
 from evoopt.merge._methods import (
+    SingularBasis,
     breadcrumbs,
     dare,
     della,
     fisher,
     generalized_task_arithmetic,
+    iso_merge,
     linear,
     magprune_probabilities,
     model_stock,
@@ -24,6 +26,8 @@ from evoopt.merge._methods import (
     slerp,
     task_arithmetic,
     ties,
+    tsv_basis,
+    tsv_merge,
 )
 from evoopt.merge._pieces import (
     dare_mask,
@@ -39,6 +43,7 @@ from evoopt.merge._registry import MergeMethod, available_methods, get_method, r
 __all__ = [
     "MergeMethod",
     "PreparedTensor",
+    "SingularBasis",
     "available_methods",
     "breadcrumbs",
     "dare",
@@ -47,6 +52,7 @@ __all__ = [
     "elect_sign",
     "fisher",
     "generalized_task_arithmetic",
+    "iso_merge",
     "get_method",
     "linear",
     "magprune_probabilities",
@@ -61,5 +67,7 @@ __all__ = [
     "task_arithmetic",
     "task_vectors",
     "ties",
+    "tsv_basis",
+    "tsv_merge",
     "uniform_stream",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -450,44 +451,71 @@ def _mean_delta(base: torch.Tensor, deltas: Sequence[torch.Tensor], scale: float
     return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
 
 
+@dataclass(frozen=True)
+class SingularBasis:
+    """What TSV-M keeps of one matrix, independent of the coefficients: the orthogonalised singular vectors
+    of every task (``u``: m x r, ``v``: r x n), their singular values ``s`` (r; task t in slots
+    t k .. t k + k - 1, the last r - T k zero) and ``k`` components per task."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    k: int
+
+
+def tsv_basis(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> SingularBasis | None:
+    """TSV-M's coefficient-independent part of a matrix (None for tensors that are not matrices)."""
+    if base.ndim != 2:
+        return None
+    deltas = task_vectors(base, tensors)
+    dtype, r = deltas[0].dtype, min(base.shape)
+    k = r // len(deltas)
+    u_cat = torch.zeros(base.shape[0], r, dtype=dtype)
+    s_cat = torch.zeros(r, dtype=dtype)
+    v_cat = torch.zeros(r, base.shape[1], dtype=dtype)
+    if k == 0:
+        return SingularBasis(u_cat, s_cat, v_cat, 0)
+    for t, delta in enumerate(deltas):
+        u, s, vt = torch.linalg.svd(delta, full_matrices=False)
+        u_cat[:, t * k:(t + 1) * k], s_cat[t * k:(t + 1) * k], v_cat[t * k:(t + 1) * k] = u[:, :k], s[:k], vt[:k]
+    return SingularBasis(_polar(u_cat), s_cat, _polar(v_cat), k)
+
+
 def tsv_merge(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
     *,
     weights: Sequence[float],
     scale: float = 1.0,
+    basis: SingularBasis | None = None,
 ) -> torch.Tensor:
     """TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
-    CVPR 2025, Sec. 4), per matrix. With c_t = w_t tau_t = U_t S_t V_t^T (thin SVD), r = min(m, n) and
+    CVPR 2025, Sec. 4), per matrix. With tau_t = U_t S_t V_t^T (thin SVD), r = min(m, n) and
     k = r // T components kept per task:
 
-        U = [U_1[:, :k] ... U_T[:, :k]], S = diag(S_1[:k] ... S_T[:k]), V = [V_1[:, :k] ... V_T[:, :k]]
+        U = [U_1[:, :k] ... U_T[:, :k]], S = diag(w_1 S_1[:k] ... w_T S_T[:k]), V = [V_1[:, :k] ... V_T[:, :k]]
         (the last r - T k slots zero), U_perp = polar(U), V_perp = polar(V) (P Q^T of their SVDs)
         theta = theta_base + scale * U_perp S V_perp^T
 
-    The per-task singular values are kept. Tensors that are not matrices take the mean task vector,
-    as in the authors' code (github.com/AntoAndGar/task_singular_vectors, ``compute_and_sum_svd_mem_reduction``);
-    with more tasks than r the matrix keeps the base (k = 0), as there. The weights w_t scale each task
-    vector before its SVD (FusionBench's per-task alpha; 1 in the paper); ``scale`` is the paper's alpha.
+    The per-task singular values are kept. Tensors that are not matrices take the mean of w_t tau_t, as
+    in the authors' code (github.com/AntoAndGar/task_singular_vectors, ``compute_and_sum_svd_mem_reduction``);
+    with more tasks than r the matrix keeps the base (k = 0), as there. ``scale`` is the paper's alpha;
+    the weights w_t (1 in the paper) scale each task's singular values, which for w_t > 0 is the SVD of
+    w_t tau_t (FusionBench's per-task alpha) and keeps the directions of a task at weight 0, so that the
+    basis (:func:`tsv_basis`) is computed once per study and every candidate is one product.
     Deliberate difference: k is r // T, where the authors' int(r * (1 / T)) can round one below it.
     """
     _check_lengths(tensors, weights=weights)
-    deltas = _weighted_deltas(base, tensors, weights)
     if base.ndim != 2:
-        return _mean_delta(base, deltas, scale)
-    tasks, r = len(deltas), min(base.shape)
-    k = r // tasks
-    if k == 0:
+        return _mean_delta(base, _weighted_deltas(base, tensors, weights), scale)
+    basis = basis if basis is not None else tsv_basis(base, tensors)
+    assert basis is not None
+    if basis.k == 0:
         return base.clone()
-    dtype = deltas[0].dtype
-    u_cat = torch.zeros(base.shape[0], r, dtype=dtype)
-    s_cat = torch.zeros(r, dtype=dtype)
-    v_cat = torch.zeros(r, base.shape[1], dtype=dtype)
-    for t, delta in enumerate(deltas):
-        u, s, vt = torch.linalg.svd(delta, full_matrices=False)
-        u_cat[:, t * k:(t + 1) * k], s_cat[t * k:(t + 1) * k], v_cat[t * k:(t + 1) * k] = u[:, :k], s[:k], vt[:k]
-    mixed = _polar(u_cat) @ torch.diag(s_cat) @ _polar(v_cat)
-    return (base.to(dtype) + scale * mixed).to(base.dtype)
+    slots = torch.zeros_like(basis.s)
+    slots[: len(weights) * basis.k] = torch.tensor(weights, dtype=basis.s.dtype).repeat_interleave(basis.k)
+    mixed = (basis.u * (basis.s * slots)) @ basis.v
+    return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
 
 
 def iso_merge(

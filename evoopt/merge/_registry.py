@@ -29,7 +29,11 @@ class MergeMethod:
         statistic: data statistic the method needs per model ("fisher", "gram").
         task_arithmetic: when set, the method is these settings of
             :func:`generalized_task_arithmetic`, which enables the fused fast path.
-        function: ``(base, tensors, coefficients, seed=, name=, statistics=)``.
+        function: ``(base, tensors, coefficients, seed=, name=, statistics=)``, and ``prepared=`` for
+            methods with ``prepare``.
+        prepare: ``(base, tensors)`` -> the method's coefficient-independent part of one tensor (TSV-M's
+            orthogonalised singular vectors), computed once by a :class:`~evoopt.merge.merger.Merger` and
+            handed to ``function`` as ``prepared`` on every merge.
     """
 
     name: str
@@ -42,6 +46,7 @@ class MergeMethod:
     max_models: int | None = None
     statistic: Statistic | None = None
     task_arithmetic: Mapping[str, Any] | None = None
+    prepare: Callable[[torch.Tensor, list[torch.Tensor]], Any] | None = None
 
     def apply(
         self,
@@ -52,10 +57,12 @@ class MergeMethod:
         seed: int = 0,
         name: str = "",
         statistics: Sequence[torch.Tensor] | None = None,
+        prepared: Any = None,
     ) -> torch.Tensor:
         """Merge one tensor. ``coefficients`` maps per-model names to lists, shared names to values.
 
-        Coefficients left out take the method's defaults; unknown names are an error.
+        Coefficients left out take the method's defaults; unknown names are an error. ``prepared``: what
+        ``prepare`` returned for these tensors (computed here when the method has one and it is not given).
         """
         unknown = set(coefficients) - set(self.per_model) - set(self.shared)
         if unknown:
@@ -67,7 +74,8 @@ class MergeMethod:
                 raise ValueError(f"coefficients: {self.name!r} needs {key!r}, one value per model")
             resolved[key] = [default] * len(tensors)
         resolved.update(coefficients)
-        return self.function(base, list(tensors), resolved, seed=seed, name=name, statistics=statistics)
+        extra = {"prepared": prepared} if prepared is not None else {}
+        return self.function(base, list(tensors), resolved, seed=seed, name=name, statistics=statistics, **extra)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -195,8 +203,9 @@ register(MergeMethod("sce", "Wan et al., FuseChat: Knowledge Fusion of Chat Mode
                      per_model={"weight": 1.0}, shared={"select_topk": 1.0, "scale": 1.0}))
 
 
-def _tsv(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], **_: Any) -> torch.Tensor:
-    return m.tsv_merge(base, tensors, weights=c["weight"], scale=c["scale"])
+def _tsv(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], *,
+         prepared: m.SingularBasis | None = None, **_: Any) -> torch.Tensor:
+    return m.tsv_merge(base, tensors, weights=c["weight"], scale=c["scale"], basis=prepared)
 
 
 def _iso(task_specific: bool) -> Callable[..., torch.Tensor]:
@@ -210,7 +219,8 @@ def _iso(task_specific: bool) -> Callable[..., torch.Tensor]:
 _ISO = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
         "ICML 2025")
 register(MergeMethod("tsv", "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, "
-                     "CVPR 2025 (TSV-M)", _tsv, per_model={"weight": 1.0}, shared={"scale": 1.0}))
+                     "CVPR 2025 (TSV-M)", _tsv, per_model={"weight": 1.0}, shared={"scale": 1.0},
+                     prepare=m.tsv_basis))
 register(MergeMethod("iso_c", _ISO, _iso(False), per_model={"weight": 1.0}, shared={"scale": 1.0}))
 register(MergeMethod("iso_cts", _ISO, _iso(True), per_model={"weight": 1.0},
                      shared={"scale": 1.0, "common_fraction": 0.8}))

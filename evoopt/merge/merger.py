@@ -75,6 +75,7 @@ class Merger:
         self.structure = structure
         self.statistics = self._estimate_statistics() if self.method.statistic else None
         self.prepared = self._prepare() if self.method.task_arithmetic is not None else None
+        self.cached = self._prepare_method() if self.method.prepare is not None else {}
         if self.prepared is None:
             self._check_finite()  # once here; merge() then reads without re-checking
 
@@ -122,6 +123,21 @@ class Merger:
         self._progress("preprocessing", len(self.targets), len(self.targets))
         return prepared
 
+    def _prepare_method(self) -> dict[str, Any]:
+        """The method's own coefficient-independent part of each tensor (``MergeMethod.prepare``), once."""
+        assert self.method.prepare is not None
+        if self.base is None:
+            return {}
+        cached = {}
+        for done, name in enumerate(self.targets):
+            self._progress("preprocessing", done, len(self.targets))
+            prepared = self.method.prepare(self.base.get(name).to(self.device),
+                                           [s.get(name).to(self.device) for s in self.sources])
+            if prepared is not None:
+                cached[name] = prepared
+        self._progress("preprocessing", len(self.targets), len(self.targets))
+        return cached
+
     def merge(self, recipe: Recipe | None = None, *, seed: int | None = None) -> PreTrainedModel:
         """Write the merge of ``recipe``'s coefficients (default: the constructor's) into the model."""
         recipe = recipe or self.recipe
@@ -139,7 +155,8 @@ class Merger:
                 base = self.base.get(name, check=False).to(self.device) if self.base is not None else None
                 tensors = [s.get(name, check=False).to(self.device) for s in self.sources]
                 stats = self.statistics.get(name) if self.statistics is not None else None
-                merged = self.method.apply(base, tensors, coefficients, seed=seed, name=name, statistics=stats)
+                merged = self.method.apply(base, tensors, coefficients, seed=seed, name=name, statistics=stats,
+                                           prepared=self.cached.get(name))
                 target.copy_(merged.reshape(target.shape))
         self._progress("merging", len(self.targets), len(self.targets))
         return self.model

@@ -171,3 +171,44 @@ def test_resume_in_a_fresh_process_continues_the_same_search(tmp_path: Path, kin
     straight = run("straight", 23)
     assert len(resumed) == len(straight) == 23
     assert resumed == straight
+
+
+def _branched(offsets: dict[str, float]) -> tuple[dict[str, optuna.distributions.BaseDistribution],
+                                                   dict[str, dict[str, list[str]]], Callable[[optuna.Trial], float]]:
+    """A choice ``m`` among offsets, each with its own two parameters; minimise offset + sphere."""
+    space: dict[str, optuna.distributions.BaseDistribution] = {
+        "m": optuna.distributions.CategoricalDistribution(list(offsets))}
+    branches: dict[str, list[str]] = {}
+    for c in offsets:
+        branches[c] = [f"{c}:x", f"{c}:y"]
+        space.update({n: optuna.distributions.FloatDistribution(-2, 2) for n in branches[c]})
+
+    def objective(trial: optuna.Trial) -> float:
+        c = str(trial.suggest_categorical("m", list(offsets)))
+        return offsets[c] + sum(trial.suggest_float(n, -2, 2) ** 2 for n in branches[c])
+
+    return space, {"m": branches}, objective
+
+
+def test_branches_run_one_cma_es_per_choice_and_reject_the_worst_each_round() -> None:
+    """Successive rejects with popsize 4: round 1 gives every choice 4 trials; then the worst (offset 3) is
+    dropped, round 2 gives the two others 4 more; then the worse of them (offset 1) is dropped and the best
+    choice runs alone. Each trial carries its choice's parameters only; a rerun replays every draw."""
+    space, branches, objective = _branched({"a": 1.0, "b": 0.0, "c": 3.0})
+
+    def run() -> optuna.Study:
+        study = optuna.create_study(sampler=EvoCmaSampler(search_space=space, branches=branches, popsize=4, seed=3))
+        study.optimize(objective, n_trials=30)
+        return study
+
+    study = run()
+    order = [t.params["m"] for t in study.trials]
+    assert sorted(order[:12]) == ["a"] * 4 + ["b"] * 4 + ["c"] * 4  # round 1
+    assert sorted(order[12:20]) == ["a"] * 4 + ["b"] * 4  # round 2: c rejected
+    assert order[20:] == ["b"] * 10  # a rejected: b alone
+    for trial in study.trials:
+        assert set(trial.params) == {"m", *branches["m"][trial.params["m"]]}
+    assert study.best_params["m"] == "b"
+    assert [t.params for t in run().trials] == [t.params for t in study.trials]
+    with pytest.raises(Exception, match="branches: one categorical parameter"):
+        EvoCmaSampler(branches={"m": {}})

@@ -165,6 +165,37 @@ def test_an_estimated_study_scores_few_examples_the_same_ones_in_every_worker(sm
     assert isinstance(optuna.load_study(study_name="estimated", storage=config.storage_url), optuna.Study)
 
 
+@pytest.mark.slow
+def test_reference_trials_join_the_baselines(small_experts: Any, tmp_path: Path) -> None:
+    """estimate.references: the first trials are scored on the whole dev set, then the estimator is fitted on
+    the baselines and those trials (by number) and every later trial is scored on its examples."""
+    from optuna.trial import TrialState
+
+    from evoopt.data.outcomes import trial_outcomes
+    from evoopt.study.config import parse_config
+    from evoopt.study.fitness import reference_trials, stored_estimator
+    from evoopt.study.run import run_study
+    from evoopt.study.storage import baseline_outcomes
+    from tests.helpers.studies import small_study_config
+
+    experts, _ = small_experts
+    data = small_study_config(tmp_path, experts, name="referenced", trials=4, baselines=["sources"],
+                              objective={"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48,
+                                         "estimate": {"method": "anchor", "fraction": 0.25, "references": 2}})
+    study = run_study(parse_config(data, root=tmp_path)).study
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert [("estimated" in t.user_attrs) for t in trials] == [False, False, True, True]
+    assert [trial_outcomes(t).size for t in trials] == [80, 80, 20, 20]  # type: ignore[union-attr]
+    early = reference_trials(study, 2)
+    assert early is not None and [o.size for o in early] == [80, 80]
+    assert reference_trials(study, 3) is None  # only two trials were scored on the whole dev set
+    references = baseline_outcomes(study)
+    refit = fit_estimator("anchor", [references[n] for n in sorted(references)] + early, fraction=0.25, seed=0)
+    stored = stored_estimator(study)
+    assert stored is not None and stored.rows == refit.rows
+    assert trials[3].user_attrs["scores"] == pytest.approx(stored.estimate(trial_outcomes(trials[3])))
+
+
 def test_bfloat16_is_taken_only_where_every_source_keeps_its_results() -> None:
     from evoopt.study.baselines import precision_verdict
 

@@ -54,9 +54,12 @@ class Merger:
     Args:
         recipe: sources, method and default coefficients.
         progress: called as ``progress(stage, done, total)`` during long steps.
+        model: the model to merge into (another Merger's, over the same sources: a method search keeps
+            one evaluation model for all its methods); default: loaded here.
     """
 
-    def __init__(self, recipe: Recipe, *, progress: Progress | None = None) -> None:
+    def __init__(self, recipe: Recipe, *, progress: Progress | None = None,
+                 model: PreTrainedModel | None = None) -> None:
         self.recipe = recipe
         self.method = recipe.merge_method
         self._progress = progress or (lambda stage, done, total: None)
@@ -66,7 +69,7 @@ class Merger:
         structure = self.base or self.sources[0]
         self.device = pick_device(recipe.device)
         self.dtype = self._decide_dtype(structure)
-        self.model = load_target(structure, dtype=self.dtype, device=self.device)
+        self.model = model if model is not None else load_target(structure, dtype=self.dtype, device=self.device)
         self.targets = {name: tensor for name, tensor in merge_targets(self.model, structure).items()
                         if not recipe.excluded(name)}
         labelled: dict[str, TensorSource] = {"base": self.base} if self.base else {}

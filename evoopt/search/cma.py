@@ -71,6 +71,13 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         warm_start_study: a finished study (same storage unless ``warm_start_storage``) whose
             best trials set the initial mean and covariance (Nomura et al. 2021).
         consider_pruned_trials: tell pruned trials with their last intermediate value.
+        branches: a categorical parameter whose choices bring their own parameters,
+            ``{"method": {"ties": [names...], "tsv": [names...]}}`` (the method search passes it): one
+            CMA-ES per choice over that choice's parameters, and the choices race by successive rejects
+            (Audibert & Bubeck 2010): each round, every remaining choice runs one generation (its
+            population size), then the one whose best value is worst is dropped, until one is left.
+            A round's drop waits until its trials have finished (with several workers, trials of the
+            next round start meanwhile).
         seed: seeds every draw; trial n's sample comes from a generator seeded by (seed, n).
         independent_sampler: for parameters outside the searched space (default random).
     """
@@ -92,8 +99,11 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         consider_pruned_trials: bool = False,
         seed: int | None = None,
         independent_sampler: optuna.samplers.BaseSampler | None = None,
+        branches: dict[str, dict[str, list[str]]] | None = None,
     ) -> None:
         problems = []
+        if branches is not None and (len(branches) != 1 or not next(iter(branches.values()))):
+            problems.append("branches: one categorical parameter with at least one choice")
         if isinstance(x0, dict):
             problems += [f"x0.{name}: must be a finite number, got {value}" for name, value in x0.items()
                          if isinstance(value, (int, float)) and not math.isfinite(value)]
@@ -129,6 +139,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         self._states: dict[tuple[int, tuple[str, ...]], _State] = {}
         self._encoded: dict[tuple[int, tuple[str, ...]], dict[int, np.ndarray | None]] = {}
         self._lock = threading.Lock()
+        self._branches = next(iter(branches.items())) if branches else None
 
     # --- Optuna's sampler interface ---------------------------------------------------------------
 
@@ -138,7 +149,8 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         _single_objective(study)
         space = self._search_space or self._intersection.calculate(study)
-        return {name: d for name, d in space.items() if _searchable(d)}
+        choice = self._branches[0] if self._branches is not None else None
+        return {name: d for name, d in space.items() if _searchable(d) or name == choice}
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -146,6 +158,10 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         rng = np.random.default_rng([self._seed, trial.number])
         params: dict[str, Any] = {}
         numeric = {}
+        if self._branches is not None:  # one CMA-ES per choice, over the choice's own parameters
+            key, branches = self._branches
+            params[key] = choice = self._branch(study, trial, key, branches)
+            search_space = {name: search_space[name] for name in branches[choice] if name in search_space}
         for name, d in search_space.items():
             if isinstance(d, CategoricalDistribution):  # CMA-ES is for numbers: drawn uniformly
                 params[name] = d.choices[int(rng.integers(len(d.choices)))]
@@ -179,6 +195,29 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
         self._independent.after_trial(study, trial, state, values)
+
+    def _branch(self, study: optuna.Study, trial: FrozenTrial, key: str, branches: dict[str, list[str]]) -> str:
+        """The choice of ``key`` for this trial: successive rejects over the trials so far (see ``branches``)."""
+        choices = list(branches)
+        sizes = {c: self._popsize or 4 + math.floor(3 * math.log(max(1, len(branches[c])))) for c in choices}
+        others = [t for t in study._get_trials(deepcopy=False, use_cache=True)
+                  if t.number != trial.number and t.params.get(key) in sizes]
+        assigned = {c: sum(1 for t in others if t.params[key] == c) for c in choices}
+        sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        best = {c: math.inf for c in choices}  # to minimise
+        for t in others:
+            if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
+                best[t.params[key]] = min(best[t.params[key]], sign * t.value)
+        settled = all(t.state.is_finished() for t in others)
+        survivors, round_ = choices, 1
+        while True:
+            behind = [c for c in survivors if assigned[c] < round_ * sizes[c]]
+            if behind or len(survivors) == 1 or not settled:
+                waiting = behind or survivors
+                return min(waiting, key=lambda c: (assigned[c] / sizes[c], choices.index(c)))
+            worst = max(survivors, key=lambda c: (best[c], choices.index(c)))
+            survivors = [c for c in survivors if c != worst]
+            round_ += 1
 
     # --- the distribution, rebuilt from the finished trials ---------------------------------------------
 

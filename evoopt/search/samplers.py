@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCmaSampler,
                                                           "EvolverSampler": EvolverSampler}
 # what a space tells the samplers that take it (Space / EvolverSpace / DfsSpace.sampler_options)
-_FROM_SPACE = {"search_space", "population", "integrated"}
+_FROM_SPACE = {"search_space", "population", "integrated", "branches"}
 
 
 def make_sampler(spec: SamplerSpec, seed: int,

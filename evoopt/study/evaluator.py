@@ -9,6 +9,7 @@ scores into the objective's value.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,12 @@ class Evaluator:
     """
 
     def __init__(self, config: StudyConfig, sources: Sources, tokenizer_folder: Path | str,
-                 device: torch.device, estimator: Estimator | None = None, *, autocast: bool = False) -> None:
+                 device: torch.device, estimator: Estimator | None = None, *, autocast: bool = False,
+                 pending: Callable[[], Estimator | None] | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.config, self.sources, self.device, self.estimator = config, sources, device, estimator
+        self._pending = pending  # the study's estimator once its reference trials are known
         self.autocast = autocast
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
         if self.tokenizer.pad_token is None:
@@ -115,7 +118,7 @@ class Evaluator:
         the paired selection rule against it decides the trial (see :func:`paired_decision`)."""
         autocast = (self.autocast and trial is not None) if autocast is None else autocast
         try:
-            if trial is not None and self.estimator is not None and split == self.config.objective.split:
+            if trial is not None and split == self.config.objective.split and self._estimator() is not None:
                 return self._estimated(model, split, trial, autocast)
             scorer = self.scorer(split)
             scorer.autocast = autocast
@@ -128,6 +131,11 @@ class Evaluator:
                 torch.cuda.empty_cache()
             raise EvaluationError("out of memory while scoring; lower objective.batch_size or "
                                   "objective.max_length, or set dtype: bfloat16") from None
+
+    def _estimator(self) -> Estimator | None:
+        if self.estimator is None and self._pending is not None:
+            self.estimator = self._pending()
+        return self.estimator
 
     def _staged(self, scorer: Any, model: torch.nn.Module | list[torch.nn.Module], trial: optuna.Trial,
                 rival: tuple[Outcomes, float] | None) -> Scores:

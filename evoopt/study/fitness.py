@@ -5,6 +5,9 @@ The estimator is fitted from the per-example outcomes of the study's baselines o
 the fixed merges, the soups: :func:`~evoopt.study.storage.baseline_outcomes`), never from test, and
 stored as a study system attribute: every worker, and the study resumed, scores its trials on the
 same examples with the same weights. Workers that start before the baselines are scored wait for them.
+With ``objective.estimate.references: N`` the study's first N complete trials are scored on the whole
+dev set and join the references (candidates of the search itself inform the anchors far better than
+the baselines alone); the estimator is fitted once they are all known.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import logging
 import time
 
 import optuna
+from optuna.trial import TrialState
 
 from evoopt.data.estimate import Estimator, fit_estimator
+from evoopt.data.outcomes import Outcomes, trial_outcomes
 from evoopt.errors import ConfigError
 from evoopt.study.config import StudyConfig
 from evoopt.study.storage import baseline_outcomes
@@ -31,8 +36,9 @@ def stored_estimator(study: optuna.Study) -> Estimator | None:
 
 def study_estimator(config: StudyConfig, study: optuna.Study | None, *, wait: float = 3600.0,
                     poll: float = 5.0) -> Estimator | None:
-    """The study's estimator (``None`` without ``objective.estimate``): read from the study, or fitted now
-    from its baselines' dev outcomes and stored. Waits up to ``wait`` seconds for the baselines."""
+    """The study's estimator: read from the study, or fitted now from its baselines' dev outcomes (and its
+    first ``references`` full-dev trials) and stored. ``None`` without ``objective.estimate``, or while the
+    reference trials are not all known. Waits up to ``wait`` seconds for the baselines."""
     spec = config.objective.estimate
     if spec is None:
         return None
@@ -56,11 +62,33 @@ def study_estimator(config: StudyConfig, study: optuna.Study | None, *, wait: fl
                               "--no-baselines)")
         _log.info("waiting for the baselines of study %s (the estimator is fitted on them)", config.name)
         time.sleep(poll)
-    # fitting is deterministic (the references by name, the study's seed): workers racing here store one estimator
-    estimator = fit_estimator(spec.method, [references[name] for name in sorted(references)],
-                              fraction=spec.fraction, seed=config.seed)
+    known = [references[name] for name in sorted(references)]
+    if spec.references:
+        early = reference_trials(study, spec.references)
+        if early is None:
+            return None  # not yet: trials are scored on the whole dev set until the references are known
+        known += early
+    # fitting is deterministic (the references by name and trial number, the study's seed): workers racing
+    # here store one estimator
+    estimator = fit_estimator(spec.method, known, fraction=spec.fraction, seed=config.seed)
     study._storage.set_study_system_attr(study._study_id, ESTIMATOR_ATTR, estimator.to_dict())
     return estimator
+
+
+def reference_trials(study: optuna.Study, count: int) -> list[Outcomes] | None:
+    """The per-example dev outcomes of the study's first ``count`` complete trials scored on the whole dev
+    set, by trial number; None until they are known (fewer of them, or an earlier trial still running),
+    so every worker takes the same ones."""
+    found: list[Outcomes] = []
+    for trial in study.get_trials(deepcopy=False):  # in number order
+        if not trial.state.is_finished():
+            return None
+        outcomes = trial_outcomes(trial) if trial.state == TrialState.COMPLETE else None
+        if outcomes is not None and "estimated" not in trial.user_attrs:
+            found.append(outcomes)
+            if len(found) == count:
+                return found
+    return None
 
 
 def study_autocast(config: StudyConfig, study: optuna.Study | None) -> bool:

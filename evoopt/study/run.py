@@ -16,6 +16,7 @@ that differ.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -119,8 +120,12 @@ class Worker:
         self.model = self.kind.build(study, self.device, progress)
         assert self.kind.tokenizer_folder is not None
         self.tokenizer_folder = self.kind.tokenizer_folder
-        self.evaluator = Evaluator(config, self.sources, self.tokenizer_folder, self.device,
-                                   study_estimator(config, study), autocast=study_autocast(config, study))
+        estimator = study_estimator(config, study)
+        pending = None  # with estimate.references, the estimator is fitted once the reference trials are known
+        if estimator is None and config.objective.estimate is not None and study is not None:
+            pending = functools.partial(study_estimator, config, study, wait=0.0)
+        self.evaluator = Evaluator(config, self.sources, self.tokenizer_folder, self.device, estimator,
+                                   autocast=study_autocast(config, study), pending=pending)
         self.tokenizer = self.evaluator.tokenizer
 
     @property
@@ -211,6 +216,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
         run_baselines(config, progress=progress, study=study, sources=kind.sources)
     if worker_index == 0:
         study_estimator(config, study, wait=0.0)  # fitted once, before any worker needs it
+        kind.start(study)
     before = finished_trials(study)
     remaining = max(0, config.trials - before)
     if n_trials is not None:

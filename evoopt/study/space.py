@@ -122,7 +122,8 @@ class Space:
     (layerwise, e.g. ``vader-tweets.layers.02.density``), with the bounds of ``space.search``.
     """
 
-    def __init__(self, config: StudyConfig, sources: Sources, units: list[Unit] | None = None) -> None:
+    def __init__(self, config: StudyConfig, sources: Sources, units: list[Unit] | None = None, *,
+                 prefix: str = "") -> None:
         self.config = config
         self.sources = sources
         self.units = units or [Unit("", ("*",), "")]
@@ -132,7 +133,7 @@ class Space:
         for index, label in enumerate(sources.labels):
             for unit in self.units:
                 for key in spec.search:
-                    self.names[".".join(p for p in (label, unit.name, key) if p)] = (index, unit, key)
+                    self.names[prefix + ".".join(p for p in (label, unit.name, key) if p)] = (index, unit, key)
         self.distributions = {
             name: optuna.distributions.FloatDistribution(*spec.search[key], log=key in spec.log)
             for name, (_, _, key) in self.names.items()

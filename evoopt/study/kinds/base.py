@@ -64,6 +64,10 @@ class Kind(Generic[SpaceT]):
         """Build the search space from the config and the sources."""
         raise NotImplementedError
 
+    def start(self, study: optuna.Study) -> None:
+        """Prepare a study before its first trial (worker 0, before other workers start): the method search
+        enqueues its known-good starts. Default: nothing."""
+
     def title(self) -> str:
         """The space in a few words, for notes and tables: ``layerwise ties``."""
         return f"{self.config.space.kind} {self.config.space.method}"

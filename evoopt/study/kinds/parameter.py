@@ -27,8 +27,9 @@ class ParameterKind(Kind[Space]):
     @classmethod
     def problems(cls, config: StudyConfig) -> list[str]:
         space, problems = config.space, []
-        if space.kind != "layerwise" and changed_keys(space, "layers_per_group", "split_blocks"):
-            problems.append("space.layers_per_group / space.split_blocks: only for space.kind layerwise")
+        if not space.kind.endswith("layerwise") and changed_keys(space, "layers_per_group", "split_blocks"):
+            problems.append("space.layers_per_group / space.split_blocks: only for space.kind layerwise "
+                            "(or methods-layerwise)")
         if space.kind not in cls.names:
             return problems
         try:

@@ -14,12 +14,17 @@ then computed from the stored outcomes, without scoring anything again:
   over all candidates, each estimator fitted on the baselines' dev outcomes only (what a study does),
   median over ``--draws`` seeds of the subset.
 
+With ``--references N`` (default 20) every estimator is also fitted on the baselines and the first N
+candidates (``objective.estimate.references``: a study's first N trials scored on the whole dev set) and
+judged on the other candidates, beside a random 50 % subset on those same candidates.
+
 The goal (issue 16): at 10 % of dev an estimator ranks candidates at least as well as a random 50 %
 subset (tau against full dev) in every setting, with a mean absolute error of at most 1 point.
 The studies live in ``--workdir`` and are resumed by a second run (only the missing trials run).
 
     python benchmarks/fitness_cost.py [--settings minilm-sentiment-domains minilm-cross-task]
-        [--cma 87] [--evolver 13] [--draws 10] [--workdir out/fitness_cost] [--out benchmarks/results]
+        [--cma 87] [--evolver 13] [--draws 10] [--references 20] [--workdir out/fitness_cost]
+        [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -132,9 +137,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         result = results[setting]
-        for method, marker in zip(METHODS, "osd"):
+        for (method, marker), colour in zip(zip(METHODS, "osd"), ("tab:blue", "tab:orange", "tab:green")):
             rows = [r for r in result["estimators"] if r["method"] == method]
-            ax.plot([100 * r["fraction"] for r in rows], [r["tau"] for r in rows], marker=marker, label=method)
+            ax.plot([100 * r["fraction"] for r in rows], [r["tau"] for r in rows], marker=marker, label=method,
+                    color=colour)
+            referenced = result.get("with_references")
+            if referenced and method != "random":  # a random subset does not use the references
+                rows = [r for r in referenced["estimators"] if r["method"] == method]
+                ax.plot([100 * r["fraction"] for r in rows], [r["tau"] for r in rows], marker=marker,
+                        linestyle="--", color=colour, label=f"{method} + first {referenced['trials']} trials")
         ax.axhline(result["random_50"]["tau"], color="grey", linestyle="--", label="random 50 %")
         ax.axhline(result["split_half_tau"], color="black", linestyle=":", label="split halves of dev")
         ax.set(title=f"{setting}\n{result['candidates']} candidates, sd {result['spread_sd_points']:.1f} points",
@@ -150,6 +161,8 @@ def main() -> None:
     parser.add_argument("--cma", type=int, default=87, help="layer-wise CMA-ES trials per setting")
     parser.add_argument("--evolver", type=int, default=13, help="TIES_Evolver trials per setting")
     parser.add_argument("--draws", type=int, default=10, help="seeds of each estimator's subset")
+    parser.add_argument("--references", type=int, default=20,
+                        help="also fit the estimators on the baselines and the first N candidates (0: no)")
     parser.add_argument("--workdir", type=Path, default=Path("out/fitness_cost"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -165,6 +178,13 @@ def main() -> None:
                   "range": [min(full), max(full)], "split_half_tau": split_half(found, 2 * args.draws),
                   "estimators": [fidelity(references, found, m, f, args.draws) for m in METHODS for f in FRACTIONS],
                   "random_50": fidelity(references, found, "random", 0.5, args.draws), "precision_check": check}
+        if args.references:
+            early, rest = found[: args.references], found[args.references:]
+            result["with_references"] = {
+                "trials": args.references, "candidates": len(rest),
+                "estimators": [fidelity(references + early, rest, m, f, args.draws)
+                               for m in METHODS for f in FRACTIONS],
+                "random_50": fidelity(references + early, rest, "random", 0.5, args.draws)}
         results[setting] = result
         print(f"\n{setting}: {len(found)} candidates (dev {result['dev_examples']} examples; full-dev scores "
               f"{result['range'][0]:.4f}..{result['range'][1]:.4f}, sd {result['spread_sd_points']:.2f} points); "
@@ -176,6 +196,15 @@ def main() -> None:
             ratio = row["tau"] / result["random_50"]["tau"] if result["random_50"]["tau"] else float("nan")
             print(f"{row['method']:<10}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
                   f"{ratio:>16.2f}{row['mae_points']:>14.2f}")
+        referenced = result.get("with_references")
+        if referenced:
+            r50 = referenced["random_50"]
+            print(f"fitted on the baselines and the first {referenced['trials']} candidates, judged on the other "
+                  f"{referenced['candidates']} (random 50 % there: tau {r50['tau']:.2f}, MAE {r50['mae_points']:.2f})")
+            for row in referenced["estimators"]:
+                ratio = row["tau"] / r50["tau"] if r50["tau"] else float("nan")
+                print(f"{row['method']:<10}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
+                      f"{ratio:>16.2f}{row['mae_points']:>14.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fitness_cost.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "fitness_cost.png")

@@ -117,6 +117,13 @@ def generalized_task_arithmetic(
             keep = sparsify_mask(delta, density, gamma=gamma)
         scaled = delta * torch.tensor(coef, dtype=delta.dtype)
         contributions.append(scaled if keep is None else torch.where(keep, scaled, 0.0))
+    return _fuse(base, contributions, weights, consensus=consensus, normalize=normalize, scale=scale)
+
+
+def _fuse(base: torch.Tensor, contributions: Sequence[torch.Tensor], weights: Sequence[float], *, consensus: bool,
+          normalize: bool, scale: float) -> torch.Tensor:
+    """The shared tail of the task-arithmetic family and DELLA: elect the sign (consensus), sum the agreeing
+    contributions, divide by their weights (normalize; a zero divisor counts as 1), scale, add to the base."""
     elected = elect_sign(contributions) if consensus else None
     numerator, divisor = disjoint_sum(contributions, weights, elected)
     mixed = numerator
@@ -379,13 +386,7 @@ def della(
             u = uniform_stream(stream_key(seed, name, m), delta.numel()).reshape(delta.shape).to(p.dtype)
             scaled = torch.where(u < p, scaled / p, 0.0)
         contributions.append(scaled)
-    elected = elect_sign(contributions) if consensus else None
-    numerator, divisor = disjoint_sum(contributions, weights, elected)
-    mixed = numerator
-    if normalize:
-        zero = divisor == 0 if consensus else divisor.abs() < 1e-8
-        mixed = numerator / torch.where(zero, 1.0, divisor)
-    return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
+    return _fuse(base, contributions, weights, consensus=consensus, normalize=normalize, scale=scale)
 
 
 def sce(

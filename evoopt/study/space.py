@@ -119,7 +119,8 @@ class Space:
     """Searched coefficients per model and unit: one unit (global) or one per layer group (layerwise).
 
     Parameters are named ``<model>.<coefficient>`` (global) or ``<model>.<unit>.<coefficient>``
-    (layerwise, e.g. ``vader-tweets.layers.02.density``), with the bounds of ``space.search``.
+    (layerwise, e.g. ``vader-tweets.layers.02.density``), with the bounds of ``space.search``, after
+    ``prefix`` (the method search's ``<method>:``).
     """
 
     def __init__(self, config: StudyConfig, sources: Sources, units: list[Unit] | None = None, *,

@@ -143,10 +143,11 @@ def main() -> None:
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--methods", nargs="*", default=[], help="newer methods to time as well (no TIES "
                         "reference needed: their ratios are to the same bound and to TIES of this run)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Python, torch, numba, transformers
 
     base = convert_gguf(resolve_path(GGUF))
@@ -172,7 +173,7 @@ def main() -> None:
 
     budget = (sources + 2) * model_bytes
     print(f"SmolLM2-135M, {sources} sources ({model_bytes / 1e6:.0f} MB each in float32), "
-          f"{os.cpu_count()} CPU threads, {torch.__version__}")
+          f"{args.threads} CPU threads, {torch.__version__}")
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
     for method in ("ties", "dare_ties", *args.methods):
         r = results[method]  # type: ignore[assignment]

@@ -135,6 +135,7 @@ def test_an_estimated_study_scores_few_examples_the_same_ones_in_every_worker(sm
     from evoopt.study.config import parse_config
     from evoopt.study.fitness import stored_estimator
     from evoopt.study.run import run_study
+    from evoopt.study.storage import best_trial
     from tests.helpers.studies import small_study_config, write_study_config
 
     experts, _ = small_experts
@@ -157,9 +158,16 @@ def test_an_estimated_study_scores_few_examples_the_same_ones_in_every_worker(sm
         assert trial.user_attrs["estimated"] == {"method": "anchor", "examples": 20, "of": 80}
         assert trial.user_attrs["scores"] == pytest.approx(estimator.estimate(outcomes))
         assert trial.value == pytest.approx(sum(trial.user_attrs["scores"].values()) / 2)
-    best = study.best_trial
+    # the answer: the best of the (up to 5) best estimates, by their whole-dev scores (estimate.confirm)
+    answer = study.user_attrs["evoopt:answer"]
+    assert sorted(answer["of"]) == [t.number for t in complete] and set(answer["dev"]) == {str(n) for n in answer["of"]}
+    whole = {int(n): sum(scores.values()) / 2 for n, scores in answer["dev"].items()}
+    assert answer["trial"] == max(sorted(whole), key=lambda n: whole[n])
+    best = best_trial(study)
+    assert best is not None and best.number == answer["trial"]
     reported = study.user_attrs["evoopt:test"][str(best.number)]
     assert set(reported["dev"]) == {"vader-tweets", "vader-nyt"}  # the answer on the whole dev split
+    assert reported["dev"] == answer["dev"][str(best.number)]  # scored once
     row = next(r for r in report.rows if r["name"].startswith("best found"))
     assert "estimated dev" in row["name"] and row["dev"] == pytest.approx(sum(reported["dev"].values()) / 2)
     assert isinstance(optuna.load_study(study_name="estimated", storage=config.storage_url), optuna.Study)

@@ -436,9 +436,28 @@ def sce(
 
 def _polar(matrix: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor P Q^T of ``matrix`` = P S Q^T: the nearest matrix with orthonormal columns
-    (or rows), which TSV-M and Iso-CTS use to orthogonalise the concatenated singular vectors."""
-    p, _, qt = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qt
+    (or rows), which TSV-M and Iso-CTS use to orthogonalise the concatenated singular vectors.
+
+    The concatenated vectors are nearly orthonormal already, so all their singular values are close to 1, and
+    LAPACK's divide-and-conquer SVD can fail to converge on such a matrix (seen on SmolLM2's matrices). Then the
+    same factor is computed as M (M^T M)^(-1/2) (the TSV authors' second route) in float64, through the
+    eigendecomposition of the Gram matrix; zero columns (TSV-M's unused slots) stay zero.
+    """
+    try:
+        p, _, qt = torch.linalg.svd(matrix, full_matrices=False)
+        return p @ qt
+    except torch.linalg.LinAlgError:
+        return _polar_by_gram(matrix)
+
+
+def _polar_by_gram(matrix: torch.Tensor) -> torch.Tensor:
+    wide = matrix.shape[0] < matrix.shape[1]
+    m = (matrix.T if wide else matrix).double()
+    values, vectors = torch.linalg.eigh(m.T @ m)
+    floor = values.max().clamp(min=0) * max(m.shape) * torch.finfo(torch.float64).eps
+    inverse_root = torch.where(values > floor, values.clamp(min=floor).rsqrt(), 0.0)
+    polar = (m @ (vectors * inverse_root) @ vectors.T).to(matrix.dtype)
+    return polar.T if wide else polar
 
 
 def _weighted_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor],

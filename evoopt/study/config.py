@@ -116,6 +116,10 @@ class EstimateSpec(_Strict):
         "the study's first N trials are scored on the whole dev set and join the baselines as the estimator's "
         "references (measured on minilm-sentiment-domains: anchor points at 10 % of dev ranked search candidates "
         "with Kendall tau .60 from the baselines alone and .82 with 20 such trials; 20 is a good start)"))
+    confirm: int = Field(5, ge=0, description=(
+        "at the end of a run, the N best trials by estimated score are scored on the whole dev set and the "
+        "study's answer is the best of them by that score (the best estimate is often an overestimate: the "
+        "winner's curse); 0: the answer is the best estimate"))
 
 
 class ObjectiveSpec(_Strict):

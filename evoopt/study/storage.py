@@ -173,7 +173,17 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+ANSWER_ATTR = "evoopt:answer"  # an estimated study's answer: the confirmed trial (objective.estimate.confirm)
+
+
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The study's answer: its best trial (the best sum on the front for several objectives), or, for an
+    estimated study whose best trials were confirmed on the whole dev set, the best of those."""
+    answer = study.user_attrs.get(ANSWER_ATTR)
+    if answer is not None:
+        trials = study.get_trials(deepcopy=False)
+        if answer["trial"] < len(trials) and trials[answer["trial"]].state == TrialState.COMPLETE:
+            return trials[answer["trial"]]
     if len(study.directions) > 1:  # one objective per task, all in one direction: the best sum on the front
         front = study.best_trials
         if not front:

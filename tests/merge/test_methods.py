@@ -299,3 +299,34 @@ def test_iso_cts_adds_each_tasks_own_directions() -> None:
                                2.125 * torch.eye(4))
     with pytest.raises(ValueError, match="common_fraction"):
         get_method("iso_cts").apply(base, experts, {"common_fraction": 0.0})
+
+
+def test_the_polar_factor_has_a_route_where_the_svd_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAPACK's SVD can fail on nearly orthonormal matrices (all singular values near 1): the Gram route gives
+    the same factor, tall or wide; a zero column (an unused slot, whose polar column is arbitrary and meets a
+    zero singular value) stays zero there."""
+    from evoopt.merge import _methods
+
+    g = torch.Generator().manual_seed(1)
+    tall = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_methods._polar_by_gram(tall), _methods._polar(tall))
+    torch.testing.assert_close(_methods._polar_by_gram(tall.T), _methods._polar(tall.T))
+    tall[:, 3] = 0.0
+    by_gram = _methods._polar_by_gram(tall)
+    torch.testing.assert_close(by_gram[:, :3], _methods._polar(tall)[:, :3])
+    assert torch.equal(by_gram[:, 3], torch.zeros(7, dtype=torch.float64))
+
+    base = torch.zeros(6, 4)
+    experts = [torch.randn(6, 4, generator=g) for _ in range(2)]
+    want = get_method("iso_cts").apply(base, experts, {"common_fraction": 0.5})
+    real_svd, calls = torch.linalg.svd, []
+
+    def svd(a: torch.Tensor, full_matrices: bool = True) -> object:
+        calls.append(a.shape)
+        if len(calls) == 4:  # M's and the two tasks' SVDs pass; the polar factor of U fails
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    torch.testing.assert_close(get_method("iso_cts").apply(base, experts, {"common_fraction": 0.5}), want)
+    assert len(calls) == 5  # the fourth failed and was computed by the Gram route

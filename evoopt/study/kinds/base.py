@@ -16,12 +16,13 @@ from typing import Any, ClassVar, Generic, TypeVar
 import optuna
 import torch
 
+from evoopt.data.objective import combine
 from evoopt.data.outcomes import Outcomes
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write
 from evoopt.study.config import StudyConfig
 from evoopt.study.space import Sources
-from evoopt.study.storage import artifact_store, best_trial, get_trial
+from evoopt.study.storage import ANSWER_ATTR, artifact_store, best_index, best_trial, get_trial
 
 Progress = Callable[[str, int, int], None]
 Score = Callable[[torch.nn.Module, str], dict[str, float]]  # (model, split) -> per-task scores
@@ -124,6 +125,7 @@ class Kind(Generic[SpaceT]):
     def report(self, study: optuna.Study, score: Score) -> None:
         """Score the study's answer on test for reporting (building the evaluation model only when there is
         something new to report) and store it on the study. The default: the best trial, rebuilt."""
+        self._confirm(study, score)
         trial = best_trial(study)
         reports = dict(study.user_attrs.get("evoopt:test", {}))
         if trial is None or str(trial.number) in reports:
@@ -131,11 +133,36 @@ class Kind(Generic[SpaceT]):
         self.built(study)
         model = self.trial_model(trial.params)
         # an estimated trial's dev scores are estimates: the answer is scored on the whole dev split too
-        dev = score(model, self.config.objective.split) if "estimated" in trial.user_attrs else trial.user_attrs.get(
-            "scores", {})
+        confirmed = study.user_attrs.get(ANSWER_ATTR, {}).get("dev", {}).get(str(trial.number))
+        dev = confirmed or (score(model, self.config.objective.split) if "estimated" in trial.user_attrs
+                            else trial.user_attrs.get("scores", {}))
         reports[str(trial.number)] = {"test": score(model, "test"), "dev": dev}
         study.set_user_attr("evoopt:test", reports)
         self._upload(study, trial)
+
+    def _confirm(self, study: optuna.Study, score: Score) -> None:
+        """``objective.estimate.confirm``: score the best estimated trials on the whole dev set (each once) and
+        make the best of them by that score the study's answer (``evoopt:answer``)."""
+        spec = self.config.objective.estimate
+        if spec is None or not spec.confirm or len(study.directions) > 1:
+            return
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        estimated = {t.number: (t, float(t.value)) for t in complete
+                     if "estimated" in t.user_attrs and t.value is not None}
+        ranked = sorted(estimated, key=lambda n: (-estimated[n][1] if maximize else estimated[n][1], n))
+        top = [estimated[n][0] for n in ranked[: spec.confirm]]
+        answer = dict(study.user_attrs.get(ANSWER_ATTR, {"dev": {}}))
+        dev = dict(answer["dev"])
+        if not top or all(str(t.number) in dev for t in top):
+            return
+        self.built(study)
+        for trial in top:
+            if str(trial.number) not in dev:
+                dev[str(trial.number)] = score(self.trial_model(trial.params), self.config.objective.split)
+        values = [combine(dev[str(t.number)], self.config.objective.weights) for t in top]
+        chosen = top[best_index(values, maximize=maximize)]
+        study.set_user_attr(ANSWER_ATTR, {"trial": chosen.number, "of": [t.number for t in top], "dev": dev})
 
     def best_text(self, study: optuna.Study) -> str:
         """What `evoopt best` prints: the best trial's value, scores and record."""

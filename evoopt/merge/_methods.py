@@ -325,27 +325,36 @@ def regmean(
     return merged_t.T.contiguous().to(tensors[0].dtype)
 
 
-def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def magnitude_spread(delta: torch.Tensor) -> torch.Tensor:
+    """Each entry's magnitude rank within its row, r / (n - 1) in [0, 1] (r = 0 the smallest; 0.5 for a row of
+    one entry; ties in index order). A 1-D tensor is one row; more dimensions are flattened to
+    ``(shape[0], -1)``. It does not depend on the coefficients: DELLA's ``prepare``."""
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    if n == 1:
+        return torch.full(delta.shape, 0.5, dtype=compute_dtype(delta.dtype))
+    order = rows.abs().argsort(dim=1, stable=True)  # one sort; the ranks are scattered back, not sorted again
+    positions = torch.arange(n, dtype=compute_dtype(delta.dtype)).div_(n - 1).expand(rows.shape[0], n)
+    return torch.empty(rows.shape, dtype=positions.dtype).scatter_(1, order, positions).reshape(delta.shape)
+
+
+def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float, *,
+                           spread: torch.Tensor | None = None) -> torch.Tensor:
     """DELLA's MAGPRUNE keep probabilities (Deep et al. 2024, Sec. 3, step 1 "Drop"), per row.
 
-    Within each row (a 1-D tensor is one row; a tensor of more dimensions is flattened to
-    ``(shape[0], -1)``) the entries are ranked by magnitude, r = 0 the smallest, r = n - 1 the
-    largest, and kept with probability
+    Within each row the entries are ranked by magnitude (:func:`magnitude_spread`, or ``spread`` when it
+    was computed before), r = 0 the smallest, r = n - 1 the largest, and kept with probability
 
         p_r = (d - eps) + 2 eps * r / (n - 1)
 
-    so the mean keep rate is d and larger magnitudes are kept more often (p_r = d for a row of
-    one entry). Ties in magnitude are ranked in index order. As in mergekit, ``d - eps`` and
-    ``d + eps`` must lie in (0, 1).
+    so the mean keep rate is d and larger magnitudes are kept more often (p_r = d for a row of one entry).
+    As in mergekit, ``d - eps`` and ``d + eps`` must lie in (0, 1).
     """
     if not (0.0 < density - epsilon and density + epsilon < 1.0):
         raise ValueError(f"epsilon: density - epsilon and density + epsilon must lie in (0, 1); got density "
                          f"{density} and epsilon {epsilon}")
-    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
-    n = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(compute_dtype(delta.dtype))
-    spread = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
-    return ((density - epsilon) + 2 * epsilon * spread).reshape(delta.shape)
+    spread = magnitude_spread(delta) if spread is None else spread
+    return (density - epsilon) + 2 * epsilon * spread
 
 
 def della(
@@ -360,6 +369,7 @@ def della(
     scale: float = 1.0,
     seed: int = 0,
     name: str = "",
+    spreads: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DELLA-Merging (Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
     Magnitude-Based Sampling", 2024, Sec. 3): Drop, Elect, Fuse.
@@ -375,14 +385,15 @@ def della(
 
     Deliberate difference from mergekit 0.1.5: the kept entries are rescaled by 1 / p per entry,
     as the paper does (and as evoopt's DARE does), where mergekit rescales the whole tensor to its
-    L1 norm before the drop. The keep probabilities agree with mergekit's (tested).
+    L1 norm before the drop. The keep probabilities agree with mergekit's (tested). ``spreads``: each
+    model's :func:`magnitude_spread`, computed once (``prepare``): a candidate is then elementwise work.
     """
     _check_lengths(tensors, weights=weights, densities=densities, epsilons=epsilons)
     contributions = []
     for m, (delta, w, d, eps) in enumerate(zip(task_vectors(base, tensors), weights, densities, epsilons)):
         scaled = delta * torch.tensor(float(w), dtype=delta.dtype)
         if d < 1.0:
-            p = magprune_probabilities(delta, d, eps)
+            p = magprune_probabilities(delta, d, eps, spread=spreads[m] if spreads is not None else None)
             u = uniform_stream(stream_key(seed, name, m), delta.numel()).reshape(delta.shape).to(p.dtype)
             scaled = torch.where(u < p, scaled / p, 0.0)
         contributions.append(scaled)
@@ -595,3 +606,8 @@ def iso_merge(
         sigma = torch.cat([*s_parts, s[:k]]).mean()
         mixed = sigma * (_polar(u_cat) @ _polar(v_cat))
     return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
+
+
+def della_spreads(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """DELLA's coefficient-independent part of one tensor: each model's magnitude ranks (:func:`magnitude_spread`)."""
+    return [magnitude_spread(delta) for delta in task_vectors(base, tensors)]

@@ -1,0 +1,229 @@
+"""Search outcome with cheap fitness: full-dev against estimated fitness at the same wall-clock budget.
+
+Per setting (``--settings``, default minilm-cross-task, where the candidates spread) and per search,
+layer-wise TIES with evoopt's CMA-ES and TIES_Evolver, two arms run for ``--budget`` seconds each,
+for ``--seeds`` study seeds (the sampler's and the estimator's subset):
+
+- ``full``: every trial scored on the whole dev set (the searches as they were);
+- ``anchor``: every trial scored on ``--fraction`` of dev chosen by anchor points and its full-dev
+  score estimated (``objective.estimate``; fitted on the baselines' dev outcomes, never test).
+
+Each run is stopped ``--stages`` times along its budget; at each stop its answer (the best trial, or
+the Evolver's population answer) is scored on the whole dev set and on test, for reporting only, and
+the dev examples its trials have scored so far are counted (from their stored per-example outcomes).
+The arms of one seed run one after the other (full, then anchor), so the machine's load falls on both.
+
+Printed and written: a table per search and arm (trials, dev examples scored, answer's test score:
+median, min and max over seeds, beside fixed TIES and the best source) and a plot of the answer's
+test score against dev examples scored. The baselines are scored once per setting, in the first study
+of fitness_cost.py in the same ``--workdir`` (made here when missing) and copied to every run, so no run
+pays for them; a rerun resumes every finished run from its database.
+
+    python benchmarks/fitness_search.py [--settings minilm-cross-task] [--budget 300] [--seeds 3]
+        [--fraction 0.2] [--stages 3] [--workdir out/fitness_cost] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import transformers
+from fitness_cost import study_config
+
+from evoopt.data.objective import combine
+from evoopt.data.outcomes import trial_outcomes
+from evoopt.study.fitness import PRECISION_ATTR
+from evoopt.study.run import open_study, report_best, run_baselines, run_study
+from evoopt.study.storage import ANSWER_ATTR, BASELINE_OUTCOMES_ATTR, FINISHED, best_trial
+
+SEARCHES: dict[str, dict[str, Any]] = {
+    "layerwise-cma": {
+        "space": {"kind": "layerwise", "method": "ties", "layers_per_group": 2,
+                  "search": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
+        "sampler": {"name": "EvoCmaSampler", "options": {"x0": 0.5, "sigma0": 0.1667}}},
+    "ties-evolver": {
+        "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
+        "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
+}
+ARMS = ("full", "anchor")
+MANY = 1_000_000  # trials: the budget is time
+
+
+def reference(folder: Path, setting: str) -> optuna.Study:
+    """The setting's study holding the baselines' scores and per-example dev outcomes (fitness_cost.py's first)."""
+    config = study_config(folder, setting, "layerwise-cma", 1, **SEARCHES["layerwise-cma"])
+    study = open_study(config)
+    if "evoopt:baselines" not in study.user_attrs:
+        run_baselines(config, study=study)
+    return study
+
+
+def copy_baselines(source: optuna.Study, study: optuna.Study) -> None:
+    """The baselines' rows, per-example dev outcomes and precision check, as `evoopt baselines` stores them."""
+    if "evoopt:baselines" in study.user_attrs:
+        return
+    attrs = source._storage.get_study_system_attrs(source._study_id)
+    for key, value in attrs.items():
+        if key.startswith(BASELINE_OUTCOMES_ATTR) or key == PRECISION_ATTR:
+            study._storage.set_study_system_attr(study._study_id, key, value)
+    study.set_user_attr("evoopt:baselines", source.user_attrs["evoopt:baselines"])
+
+
+def answer(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's reported answer: its whole-dev and test scores."""
+    result = study.user_attrs.get("evoopt:result")  # the Evolver's population answer
+    if result is not None:
+        return {"dev": result["dev"], "test": result["test"]}
+    best = best_trial(study)
+    return None if best is None else study.user_attrs.get("evoopt:test", {}).get(str(best.number))
+
+
+def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, base: optuna.Study,
+            args: argparse.Namespace) -> dict[str, Any]:
+    name = f"{search}-{arm}-seed{seed}"
+    objective: dict[str, Any] = {"precision": base._storage.get_study_system_attrs(base._study_id)
+                                 .get(PRECISION_ATTR, {}).get("precision", "float32")}
+    if arm != "full":
+        objective["estimate"] = {"method": arm, "fraction": args.fraction}
+    defaults = study_config(folder, setting, "x", 1).objective.model_dump(exclude={"estimate"})
+    config = study_config(folder, setting, name, MANY, seed=seed,
+                          objective={**defaults, **objective}, **SEARCHES[search])
+    study = open_study(config)
+    copy_baselines(base, study)
+    stages: list[dict[str, Any]] = study.user_attrs.get("bench:stages", [])
+    for stage in range(len(stages), args.stages):
+        started = time.perf_counter()
+        run_study(config, timeout=args.budget / args.stages, baselines=False)
+        seconds = time.perf_counter() - started  # the stage's trials, its kind build and the answer's report
+        trials = study.get_trials(deepcopy=False, states=FINISHED)
+        examples = scored_examples(study, trials)
+        found = answer(study)
+        stages.append({"stage": stage + 1, "trials": len(trials), "examples": examples,
+                       "trial_seconds": sum(t.duration.total_seconds() for t in trials if t.duration),
+                       "seconds": seconds, "dev": combine(found["dev"]) if found else None,
+                       "test": combine(found["test"]) if found else None})
+        study.set_user_attr("bench:stages", stages)
+        last = stages[-1]
+        print(f"  {name} stage {stage + 1}: {last['trials']} trials, {last['examples']} dev examples, answer "
+              f"dev {last['dev'] or float('nan'):.4f} test {last['test'] or float('nan'):.4f}", flush=True)
+    last = stages[-1]
+    if arm != "full" and search != "ties-evolver" and "confirmed_test" not in last:
+        # runs made before estimate.confirm: the confirmation of the last stage, done now
+        report_best(config, study)
+        found = answer(study)
+        assert found is not None
+        last.update(confirmed_dev=combine(found["dev"]), confirmed_test=combine(found["test"]),
+                    confirmed_examples=scored_examples(study, study.get_trials(deepcopy=False, states=FINISHED)))
+        study.set_user_attr("bench:stages", stages)
+        print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
+    return {"search": search, "arm": arm, "seed": seed, "stages": stages}
+
+
+def scored_examples(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> int:
+    """The dev examples a run has scored: its trials' (their stored outcomes) and the whole-dev scorings of the
+    best estimates that ``objective.estimate.confirm`` made."""
+    examples = sum(o.size for o in map(trial_outcomes, trials) if o is not None)
+    confirmed = study.user_attrs.get(ANSWER_ATTR, {}).get("dev", {})
+    whole = next((t.user_attrs["estimated"]["of"] for t in trials if "estimated" in t.user_attrs), 0)
+    return examples + len(confirmed) * whole
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for search in SEARCHES:
+        for arm in ARMS:
+            mine = [r["stages"][-1] for r in runs if r["search"] == search and r["arm"] == arm]
+            if not mine:
+                continue
+            tests = [s["test"] for s in mine if s["test"] is not None]
+            rows.append({"search": search, "arm": arm, "seeds": len(mine),
+                         "trials": statistics.median(s["trials"] for s in mine),
+                         "examples": statistics.median(s["examples"] for s in mine),
+                         "dev": statistics.median(s["dev"] for s in mine if s["dev"] is not None),
+                         "test": statistics.median(tests), "test_range": [min(tests), max(tests)]})
+            if all("confirmed_test" in s for s in mine):  # the answer after estimate.confirm
+                confirmed = [s["confirmed_test"] for s in mine]
+                rows.append({**rows[-1], "arm": f"{arm}+confirm",
+                             "examples": statistics.median(s["confirmed_examples"] for s in mine),
+                             "dev": statistics.median(s["confirmed_dev"] for s in mine),
+                             "test": statistics.median(confirmed), "test_range": [min(confirmed), max(confirmed)]})
+    return rows
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(setting, search) for setting in results for search in SEARCHES]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    colours = {"full": "tab:blue", "anchor": "tab:orange"}
+    for ax, (setting, search) in zip(axes[0], panels):
+        result = results[setting]
+        for run in (r for r in result["runs"] if r["search"] == search):
+            stages = [s for s in run["stages"] if s["test"] is not None]
+            label = f"{run['arm']} (seeds)" if run["seed"] == 0 else None
+            ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker="o",
+                    color=colours[run["arm"]], alpha=0.8, label=label)
+            last = run["stages"][-1]
+            if "confirmed_test" in last:  # the answer after confirming the 5 best estimates on the whole dev set
+                ax.plot([last["examples"] / 1000, last["confirmed_examples"] / 1000],
+                        [100 * last["test"], 100 * last["confirmed_test"]], linestyle=":", marker="*",
+                        markersize=10, color="tab:red", label="anchor + confirm (seeds)" if run["seed"] == 0 else None)
+        ax.axhline(100 * result["references"]["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
+        ax.set(title=f"{setting}: {search}\n{result['budget']:.0f} s per run, stops at each third",
+               xlabel="dev examples scored (thousands)", ylabel="answer's test score (%)")
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["minilm-cross-task"])
+    parser.add_argument("--searches", nargs="+", default=list(SEARCHES), choices=list(SEARCHES))
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds of search per run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--fraction", type=float, default=0.2, help="share of dev the estimated arm scores")
+    parser.add_argument("--stages", type=int, default=3, help="stops along the budget where the answer is scored")
+    parser.add_argument("--workdir", type=Path, default=Path("out/fitness_cost"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results: dict[str, Any] = {}
+    for setting in args.settings:
+        folder = args.workdir / setting
+        base = reference(folder, setting)
+        rows = {r["name"]: r for r in base.user_attrs["evoopt:baselines"]}
+        sources = [r["test_value"] for r in rows.values() if r.get("kind") == "source" and "dev" in r and r["dev"]]
+        references = {"ties (fixed)": rows["ties (fixed)"]["test_value"], "best source": max(sources)}
+        runs = [one_run(folder, setting, search, arm, seed, base, args)
+                for seed in range(args.seeds) for search in args.searches for arm in ARMS]
+        results[setting] = {"budget": args.budget, "fraction": args.fraction, "references": references,
+                            "runs": runs, "summary": summarise(runs)}
+        print(f"\n{setting}: {args.budget:.0f} s per run, {args.seeds} seeds; test: fixed TIES "
+              f"{references['ties (fixed)']:.4f}, best source {references['best source']:.4f}")
+        print(f"{'search':<15}{'arm':<8}{'trials':>8}{'dev examples':>14}{'answer dev':>12}{'answer test':>13}"
+              f"{'test min-max':>16}")
+        for row in results[setting]["summary"]:
+            low, high = row["test_range"]
+            print(f"{row['search']:<15}{row['arm']:<8}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
+                  f"{row['dev']:>12.4f}{row['test']:>13.4f}{f'{low:.4f}-{high:.4f}':>16}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fitness_search.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "fitness_search.png")
+    print(f"\nwrote {args.out / 'fitness_search.json'} and {args.out / 'fitness_search.png'}")
+
+
+if __name__ == "__main__":
+    main()

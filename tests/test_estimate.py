@@ -202,6 +202,11 @@ def test_reference_trials_join_the_baselines(small_experts: Any, tmp_path: Path)
     stored = stored_estimator(study)
     assert stored is not None and stored.rows == refit.rows
     assert trials[3].user_attrs["scores"] == pytest.approx(stored.estimate(trial_outcomes(trials[3])))
+    # the answer: the best by whole dev of the confirmed estimates (2, 3) and the reference trials (0, 1)
+    answer = study.user_attrs["evoopt:answer"]
+    assert answer["of"] == sorted(answer["of"], key=lambda n: -trials[n].value) and set(answer["of"]) == {2, 3}
+    whole = {n: sum(answer["dev"][str(n)].values()) / 2 for n in (2, 3)} | {n: trials[n].value for n in (0, 1)}
+    assert answer["trial"] == max(sorted(whole), key=lambda n: whole[n])
 
 
 def test_bfloat16_is_taken_only_where_every_source_keeps_its_results() -> None:

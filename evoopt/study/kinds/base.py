@@ -142,27 +142,34 @@ class Kind(Generic[SpaceT]):
 
     def _confirm(self, study: optuna.Study, score: Score) -> None:
         """``objective.estimate.confirm``: score the best estimated trials on the whole dev set (each once) and
-        make the best of them by that score the study's answer (``evoopt:answer``)."""
+        make the best of them by that score the study's answer (``evoopt:answer``), unless a trial scored on
+        the whole dev set from the start (a reference trial) is better still."""
         spec = self.config.objective.estimate
         if spec is None or not spec.confirm or len(study.directions) > 1:
             return
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        estimated = {t.number: (t, float(t.value)) for t in complete
-                     if "estimated" in t.user_attrs and t.value is not None}
-        ranked = sorted(estimated, key=lambda n: (-estimated[n][1] if maximize else estimated[n][1], n))
-        top = [estimated[n][0] for n in ranked[: spec.confirm]]
-        answer = dict(study.user_attrs.get(ANSWER_ATTR, {"dev": {}}))
-        dev = dict(answer["dev"])
-        if not top or all(str(t.number) in dev for t in top):
+        trials = study.get_trials(deepcopy=False)
+        values = {t.number: t.value for t in trials
+                  if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None}
+        estimated = [n for n in values if "estimated" in trials[n].user_attrs]
+        ranked = sorted(estimated, key=lambda n: (-values[n] if maximize else values[n], n))
+        top = [trials[n] for n in ranked[: spec.confirm]]
+        if not top:
             return
-        self.built(study)
-        for trial in top:
-            if str(trial.number) not in dev:
-                dev[str(trial.number)] = score(self.trial_model(trial.params), self.config.objective.split)
-        values = [combine(dev[str(t.number)], self.config.objective.weights) for t in top]
-        chosen = top[best_index(values, maximize=maximize)]
-        study.set_user_attr(ANSWER_ATTR, {"trial": chosen.number, "of": [t.number for t in top], "dev": dev})
+        stored = study.user_attrs.get(ANSWER_ATTR, {})
+        dev = dict(stored.get("dev", {}))
+        if any(str(t.number) not in dev for t in top):
+            self.built(study)
+            for trial in top:
+                if str(trial.number) not in dev:
+                    dev[str(trial.number)] = score(self.trial_model(trial.params), self.config.objective.split)
+        whole = {t.number: combine(dev[str(t.number)], self.config.objective.weights) for t in top}
+        whole.update({n: value for n, value in values.items() if "estimated" not in trials[n].user_attrs})
+        numbers = sorted(whole)
+        chosen = numbers[best_index([whole[n] for n in numbers], maximize=maximize)]
+        answer = {"trial": chosen, "of": [t.number for t in top], "dev": dev}
+        if answer != stored:
+            study.set_user_attr(ANSWER_ATTR, answer)
 
     def best_text(self, study: optuna.Study) -> str:
         """What `evoopt best` prints: the best trial's value, scores and record."""

@@ -253,13 +253,19 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     for the plain Evolver, or ties, dare_ties, fisher, regmean... for X_Evolver);
     dfs, the data-flow space (Akiba et al. 2024): which layers of which models of
     space.pool a token passes through, with scales; a pool entry study:OTHER.yaml
-    is the best model of another study (PS+DFS).
+    is the best model of another study (PS+DFS); methods / methods-layerwise,
+    the merge method searched too (space.methods: each method's coefficients;
+    each method first scored at its known-good start).
     Samplers (sampler.name): any optuna.samplers class, or EvoCmaSampler,
     evoopt's CMA-ES, whose state is the stored trials (resumable, safe with
-    --workers, IPOP/BIPOP, sep-CMA, margin).
+    --workers, IPOP/BIPOP, sep-CMA, margin; one CMA-ES per method in a method
+    search, the methods raced by successive rejects).
     Fitness: every trial keeps its per-example dev results. objective.estimate
-    {method: anchor|irt|random, fraction: 0.1} scores trials on a few examples
-    fitted from the baselines and estimates the full dev score; pruner
+    {method: anchor|irt|random, fraction: 0.1, references: 20, confirm: 5}
+    scores trials on a few examples fitted from the baselines (and the first
+    `references` trials, scored on all of dev) and estimates the full dev
+    score; the answer is the best of the `confirm` best estimates re-scored on
+    all of dev; pruner
     RacingPruner with objective.fidelities stops a trial once a paired test on
     the same examples finds it worse than the best; objective.precision auto
     (default) scores trials in bfloat16 where the sources keep their results.

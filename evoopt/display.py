@@ -109,10 +109,10 @@ class TrialBar(Bars):
     def trial(self, study: object, trial: object) -> None:
         import optuna
 
-        from evoopt.study.run import FINISHED, best_trial
+        from evoopt.study.storage import FINISHED, best_by_value
 
         assert isinstance(study, optuna.Study) and isinstance(trial, optuna.trial.FrozenTrial)
-        best = best_trial(study)
+        best = best_by_value(study)
         text = "" if best is None else f"best {best.values[0] if len(best.values) == 1 else best.values}"
         if best is not None and len(best.values) == 1:
             text = f"best {best.values[0]:.4f} (#{best.number})"

@@ -62,7 +62,7 @@ class MergeMethod:
         """Merge one tensor. ``coefficients`` maps per-model names to lists, shared names to values.
 
         Coefficients left out take the method's defaults; unknown names are an error. ``prepared``: what
-        ``prepare`` returned for these tensors (computed here when the method has one and it is not given).
+        ``prepare`` returned for these tensors (without it, the method's function computes what it needs).
         """
         unknown = set(coefficients) - set(self.per_model) - set(self.shared)
         if unknown:

@@ -160,7 +160,9 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         numeric = {}
         if self._branches is not None:  # one CMA-ES per choice, over the choice's own parameters
             key, branches = self._branches
-            params[key] = choice = self._branch(study, trial, key, branches)
+            params[key] = choice = self._branch(study, trial, key, {
+                c: [n for n in names if n in search_space and _searchable(search_space[n])]
+                for c, names in branches.items()})
             search_space = {name: search_space[name] for name in branches[choice] if name in search_space}
         for name, d in search_space.items():
             if isinstance(d, CategoricalDistribution):  # CMA-ES is for numbers: drawn uniformly
@@ -197,7 +199,8 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         self._independent.after_trial(study, trial, state, values)
 
     def _branch(self, study: optuna.Study, trial: FrozenTrial, key: str, branches: dict[str, list[str]]) -> str:
-        """The choice of ``key`` for this trial: successive rejects over the trials so far (see ``branches``)."""
+        """The choice of ``key`` for this trial: successive rejects over the trials so far (see ``branches``);
+        ``branches``: each choice's searched parameters, whose count sets its CMA-ES population size."""
         choices = list(branches)
         sizes = {c: self._popsize or 4 + math.floor(3 * math.log(max(1, len(branches[c])))) for c in choices}
         others = [t for t in study._get_trials(deepcopy=False, use_cache=True)

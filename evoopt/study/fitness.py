@@ -22,7 +22,7 @@ from evoopt.data.estimate import Estimator, fit_estimator
 from evoopt.data.outcomes import Outcomes, trial_outcomes
 from evoopt.errors import ConfigError
 from evoopt.study.config import StudyConfig
-from evoopt.study.storage import baseline_outcomes
+from evoopt.study.storage import BASELINE_OUTCOMES_ATTR, baseline_outcomes
 
 ESTIMATOR_ATTR = "evoopt:estimator"
 PRECISION_ATTR = "evoopt:precision"  # the bfloat16 check on the sources (objective.precision: auto)
@@ -50,10 +50,6 @@ def study_estimator(config: StudyConfig, study: optuna.Study | None, *, wait: fl
         if found is not None:
             return found
         if "evoopt:baselines" in study.user_attrs:  # written after every baseline's outcomes
-            references = baseline_outcomes(study)
-            if not references:
-                raise ConfigError(f"objective.estimate: study {config.name!r} has baselines without per-example "
-                                  "results (scored before they were kept); run `evoopt baselines` on it again")
             break
         if time.monotonic() >= deadline:
             waited = f" after {wait:.0f} s" if wait else ""
@@ -62,12 +58,18 @@ def study_estimator(config: StudyConfig, study: optuna.Study | None, *, wait: fl
                               "--no-baselines)")
         _log.info("waiting for the baselines of study %s (the estimator is fitted on them)", config.name)
         time.sleep(poll)
-    known = [references[name] for name in sorted(references)]
-    if spec.references:
-        early = reference_trials(study, spec.references)
-        if early is None:
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    if not any(key.startswith(BASELINE_OUTCOMES_ATTR) for key in attrs):
+        raise ConfigError(f"objective.estimate: study {config.name!r} has baselines without per-example "
+                          "results (scored before they were kept); run `evoopt baselines` on it again")
+    early: list[Outcomes] = []
+    if spec.references:  # checked before the baselines' outcomes are decoded: while pending, once per trial
+        found_early = reference_trials(study, spec.references)
+        if found_early is None:
             return None  # not yet: trials are scored on the whole dev set until the references are known
-        known += early
+        early = found_early
+    references = baseline_outcomes(study)
+    known = [references[name] for name in sorted(references)] + early
     # fitting is deterministic (the references by name and trial number, the study's seed): workers racing
     # here store one estimator
     estimator = fit_estimator(spec.method, known, fraction=spec.fraction, seed=config.seed)

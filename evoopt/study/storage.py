@@ -177,13 +177,19 @@ ANSWER_ATTR = "evoopt:answer"  # an estimated study's answer: the confirmed tria
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The study's answer: its best trial (the best sum on the front for several objectives), or, for an
-    estimated study whose best trials were confirmed on the whole dev set, the best of those."""
+    """The study's answer: for an estimated study whose best trials were confirmed on the whole dev set, the
+    best of those; else :func:`best_by_value`."""
     answer = study.user_attrs.get(ANSWER_ATTR)
     if answer is not None:
         trials = study.get_trials(deepcopy=False)
         if answer["trial"] < len(trials) and trials[answer["trial"]].state == TrialState.COMPLETE:
             return trials[answer["trial"]]
+    return best_by_value(study)
+
+
+def best_by_value(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The trial with the best value so far (the best sum on the front for several objectives): what the
+    progress line shows after each trial, with no read of the study's attributes."""
     if len(study.directions) > 1:  # one objective per task, all in one direction: the best sum on the front
         front = study.best_trials
         if not front:

@@ -1,14 +1,32 @@
-"""M2N2's moves on crafted cases, computed by hand (the arithmetic is in the comments)."""
+"""M2N2: its moves on crafted cases computed by hand (the arithmetic is in the comments), the archive's replay and
+weights, determinism across a resume and four workers, and a study on real experts."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import optuna
 import pytest
 import torch
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
 
-from evoopt.search.m2n2 import attraction, competition_fitness, crossover, pick_parents, replaced, slerp_angle
+from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, TaskOutcomes, encode, trial_outcomes
+from evoopt.search.m2n2 import (
+    ATTR,
+    attraction,
+    competition_fitness,
+    crossover,
+    pick_parents,
+    replaced,
+    replay,
+    resources,
+    slerp_angle,
+)
+from evoopt.study.kinds import make_kind
 
 # three members, three examples: member 2 alone solves example 2
 S = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]])
@@ -80,3 +98,182 @@ def test_crossover_tensor_by_tensor_equals_the_flat_parameter_vector() -> None:
     parts = [crossover(first[0], second[0], offset=0, split=4, ratio=0.3, omega=omega),
              crossover(first[1], second[1], offset=3, split=4, ratio=0.3, omega=omega)]
     torch.testing.assert_close(torch.cat([p.flatten() for p in parts]), whole)
+
+
+# --- the archive's history and weights --------------------------------------------------------------------
+
+def _outcomes(correct: list[int]) -> Outcomes:
+    return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(len(correct)), np.array(correct, dtype=bool))})
+
+
+def _trial(number: int, generation: int, slot: int, correct: list[int] | None, params: dict[str, Any],
+           state: TrialState = TrialState.COMPLETE) -> FrozenTrial:
+    distributions = {k: IntDistribution(0, 9) if isinstance(v, int) else FloatDistribution(0, 1)
+                     for k, v in params.items()}
+    attrs: dict[str, Any] = {ATTR: {"generation": generation, "slot": slot, "interpolation": "linear"}}
+    if correct is not None:
+        attrs[OUTCOMES_ATTR] = encode(_outcomes(correct))
+    trial = optuna.trial.create_trial(state=state, params=params, distributions=distributions, system_attrs=attrs,
+                                      value=None if state != TrialState.COMPLETE or correct is None
+                                      else float(np.mean(correct)))
+    trial.number = number
+    return trial
+
+
+def test_resources_are_the_examples_every_member_scored() -> None:
+    a = Outcomes("accuracy", {"t": TaskOutcomes(np.array([0, 1, 2]), np.array([True, False, True])),
+                              "u": TaskOutcomes(np.array([5]), np.array([True]))})
+    b = Outcomes("accuracy", {"t": TaskOutcomes(np.array([2, 1]), np.array([False, True]))})
+    assert resources([a, b]).tolist() == [[0.0, 1.0], [1.0, 0.0]]  # task t, examples 1 and 2; u only in a
+    # perplexity: an example's per-token likelihood, exp(-nll / tokens)
+    p = Outcomes("perplexity", {"t": TaskOutcomes(np.array([0, 1]), np.array([2.0, 0.0], dtype=np.float32),
+                                                  np.array([4.0, 3.0]))})
+    np.testing.assert_allclose(resources([p]), [[math.exp(-0.5), 1.0]])
+
+
+def test_replay_places_children_by_joining_then_competing_by_hand() -> None:
+    child = {"parent_a": 0, "parent_b": 1, "split": 0.5, "ratio": 0.5}
+    trials = [_trial(0, 0, 0, [1, 1, 0, 0], {"member": 0}), _trial(1, 0, 1, [0, 0, 1, 0], {"member": 1}),
+              # generation 1 (brood 2, archive 3): the first child joins; the second competes with the three:
+              # z = [2, 1, 1, 1] with it ([1, 0, 0, 1]); fitness .5+1, 1, .5, child .5+1: member 2 (.5, first of
+              # the ties with the child... the child is not strictly least fit) is replaced
+              _trial(2, 1, 0, [1, 0, 0, 0], child), _trial(3, 1, 1, [0, 0, 0, 1], child),
+              # generation 2: a child solving nothing is strictly the least fit; a pruned child never enters
+              _trial(4, 2, 0, [0, 0, 0, 0], child), _trial(5, 2, 1, None, child, TrialState.PRUNED),
+              _trial(6, 3, 0, None, child, TrialState.RUNNING)]
+    history = replay(trials, members=2, size=3, brood=2, alpha=1.0, maximize=True)
+    assert history.generation == 3 and history.taken == {0}
+    assert [p for _, p in history.placed[1]] == [2, 2] and history.placed[2] == []
+    assert history.holders == [0, 1, 3] and history.values == [0.5, 0.25, 0.25]
+    assert history.best == 0
+    # the same trials, minimised: the best is the lowest plain score (the first of the ties)
+    assert replay(trials, members=2, size=3, brood=2, alpha=1.0, maximize=False).best == 1
+
+
+def test_archive_builds_a_generation_from_the_archive_before_it(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from evoopt.models.io import open_source
+    from evoopt.search.archive import Archive
+    from evoopt.search.m2n2 import ArchiveHistory, Child
+
+    paths = []
+    for i, (w, b) in enumerate([(torch.zeros(3), torch.zeros(1)), (torch.ones(3), torch.full((1,), 4.0))]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": w, "b": b}, str(paths[-1]))
+    experts = [open_source(p) for p in paths]
+    for folder in (None, tmp_path / "mmap"):
+        archive = Archive(experts, ["w", "b"], dtype=torch.float32, linear=True, folder=folder)
+        assert archive.total == 4
+        # order w (entries 0-2) then b (entry 3); split .5 -> entry 2, w = .25: v = [.25, .25, .75 | .75]
+        first, second = Child(0, 1, 0.5, 0.25), Child(1, 0, 0.0, 1.0)  # second: v = 0 everywhere: member 1
+        history = ArchiveHistory(2, placed=[[], [(first, 2), (second, 0)]])
+        archive.advance(history, 1)
+        assert len(archive.members) == 3
+        torch.testing.assert_close(archive.members[2]["w"], torch.tensor([0.25, 0.25, 0.75]))
+        torch.testing.assert_close(archive.members[2]["b"], torch.tensor([3.0]))  # .75 x 4
+        torch.testing.assert_close(archive.members[0]["w"], torch.ones(3))  # built from member 1 before g = 1
+        out = {"w": torch.empty(3), "b": torch.empty(1)}
+        archive.write(out, Child(2, 1, 1.0, 0.5))  # v = .5 everywhere: the mean of members 2 and 1
+        torch.testing.assert_close(out["w"], torch.tensor([0.625, 0.625, 0.875]))
+        archive.write(out, member=1)
+        torch.testing.assert_close(out["b"], torch.tensor([4.0]))
+
+
+def test_sampler_config_problems_are_named() -> None:
+    from evoopt.errors import ConfigError
+    from evoopt.search.m2n2 import M2N2Sampler
+    from evoopt.study.config import parse_config
+
+    with pytest.raises(ConfigError, match="archive: at least the 3 experts.*brood.*interpolation"):
+        M2N2Sampler(members=3, archive=2, brood=0, interpolation="cubic")
+    with pytest.raises(ConfigError, match="space.kind m2n2 and sampler M2N2Sampler go together"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "m2n2"}})
+    with pytest.raises(ConfigError, match="(?s)space.method.*no merge method.*pruner.name"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "m2n2", "method": "dare"},
+                      "sampler": {"name": "M2N2Sampler"}, "pruner": {"name": "MedianPruner"}})
+
+
+# --- determinism: a resumed study and parallel workers reach the archive of one process ---------------------
+
+@pytest.fixture(scope="module")
+def archive_reference(llama_family: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.helpers.m2n2 import GENERATIONS, archive_after, tiny_study
+
+    storage = f"sqlite:///{tmp_path_factory.mktemp('m2n2')}/study.db"
+    tiny_study(storage, [str(p) for p in llama_family], trials=13)
+    return archive_after(storage, [str(p) for p in llama_family], GENERATIONS)
+
+
+def test_archive_improves_and_is_replayed_exactly(archive_reference: Any) -> None:
+    history, members = archive_reference
+    assert len(members) == 4 and sum(len(p) for p in history.placed) >= 4  # children joined, then won places
+    assert max(history.values) > 0.5  # better than every expert on the probes (each solves about half)
+
+
+@pytest.mark.slow
+def test_m2n2_resumed_in_a_fresh_process_reaches_the_same_archive(llama_family: list[Path], tmp_path: Path,
+                                                                 archive_reference: Any) -> None:
+    from tests.helpers.m2n2 import GENERATIONS, archive_after, in_process
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    assert in_process(storage, llama_family, 6).wait() == 0  # stops inside generation 2
+    assert in_process(storage, llama_family, 13).wait() == 0
+    history, members = archive_after(storage, [str(p) for p in llama_family], GENERATIONS)
+    assert history.placed == archive_reference[0].placed and history.values == archive_reference[0].values
+    assert all(torch.equal(a, b) for a, b in zip(members, archive_reference[1], strict=True))
+
+
+@pytest.mark.slow
+def test_m2n2_four_workers_reach_the_same_archive(llama_family: list[Path], tmp_path: Path,
+                                                 archive_reference: Any) -> None:
+    from tests.helpers.m2n2 import GENERATIONS, archive_after, in_process
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    optuna.create_study(study_name="tiny-m2n2", storage=storage, direction="maximize")
+    workers = [in_process(storage, llama_family, 13, sleep=0.2) for _ in range(4)]
+    assert [w.wait() for w in workers] == [0, 0, 0, 0]
+    study = optuna.load_study(study_name="tiny-m2n2", storage=storage)
+    slots = [tuple(t.system_attrs[ATTR].values())[:2] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert len(slots) == len(set(slots)), "two trials evaluated one child"
+    history, members = archive_after(storage, [str(p) for p in llama_family], GENERATIONS)
+    assert history.placed == archive_reference[0].placed and history.values == archive_reference[0].values
+    assert all(torch.equal(a, b) for a, b in zip(members, archive_reference[1], strict=True))
+
+
+# --- the study engine: M2N2 on real MiniLM experts --------------------------------------------------------
+
+@pytest.mark.slow
+def test_m2n2_study_on_real_experts_reports_and_exports_its_answer(small_experts: Any, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from transformers import AutoModelForSequenceClassification
+
+    from evoopt.cli import main
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import Worker, export_trial, report_result, run_study, summary_rows
+    from tests.helpers.studies import small_study_config, write_study_config
+
+    experts, _ = small_experts
+    data = small_study_config(tmp_path, experts, name="m2n2", space={"kind": "m2n2"}, trials=5,
+                              sampler={"name": "M2N2Sampler", "options": {"archive": 3, "poll": 0.05}})
+    config = parse_config(data)
+    study = run_study(config, report=False).study
+    trials = study.get_trials()
+    assert [t.user_attrs["generation"] for t in trials] == [0, 0, 1, 2, 3]
+    assert [t.params.get("member") for t in trials[:2]] == [0, 1]
+    assert all(set(t.params) == {"parent_a", "parent_b", "split", "ratio"} for t in trials[2:])
+    assert all(trial_outcomes(t) is not None for t in trials)
+    report_result(config, study)
+    result = study.user_attrs["evoopt:result"]
+    history = make_kind(config).history(study)  # type: ignore[attr-defined]
+    assert result["trial"] == history.holders[history.best] and result["generation"] == 3
+    assert study.trials[result["trial"]].value == max(history.values)  # the best by plain dev score
+    assert set(result["test"]) == {"vader-tweets", "vader-nyt"}
+    assert any(row["name"].startswith("M2N2 result") for row in summary_rows(study))
+    printed = CliRunner().invoke(main, ["best", str(write_study_config(tmp_path, data))])
+    assert printed.exit_code == 0, printed.output
+    assert "archive after generation 3" in printed.output and "answer of generation 3" in printed.output
+    out = export_trial(config, "best", tmp_path / "answer")
+    assert "placed" in (out / "evoopt_recipe.yaml").read_text()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert Worker(config).score(reloaded, "dev") == result["dev"]  # the exported model is the one scored

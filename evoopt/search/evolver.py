@@ -165,14 +165,21 @@ def move_of(params: dict[str, Any], strategy: str) -> Move:
     return Move(strategy, int(params["target"]), donors, float(params["F"]), float(params["Cr"]), int(params["seed"]))
 
 
+def slot_trials(trials: Sequence[FrozenTrial], attr: str, key: str = "target",
+                exclude: int | None = None) -> dict[tuple[int, int], list[FrozenTrial]]:
+    """The live trials of each slot (generation, index), by trial number (``exclude``: a trial number to ignore)."""
+    by_slot: dict[tuple[int, int], list[FrozenTrial]] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        slot = trial.system_attrs.get(attr)
+        if slot is not None and trial.number != exclude and trial.state in _LIVE:
+            by_slot.setdefault((int(slot["generation"]), int(slot[key])), []).append(trial)
+    return by_slot
+
+
 def replay(trials: Sequence[FrozenTrial], *, size: int, integrated: bool, maximize: bool, f: float, cr: float,
            exclude: int | None = None) -> History:
     """The population's history from the study's trials (``exclude``: a trial number to ignore)."""
-    by_slot: dict[tuple[int, int], list[FrozenTrial]] = {}
-    for trial in sorted(trials, key=lambda t: t.number):
-        slot = trial.system_attrs.get(ATTR)
-        if slot is not None and trial.number != exclude and trial.state in _LIVE:
-            by_slot.setdefault((int(slot["generation"]), int(slot["target"])), []).append(trial)
+    by_slot = slot_trials(trials, ATTR, exclude=exclude)
     sign = 1.0 if maximize else -1.0
     history = History(0, [None] * size, [f] * size, [cr] * size, [[]], set(), maximize)
     while True:
@@ -206,7 +213,72 @@ def replay(trials: Sequence[FrozenTrial], *, size: int, integrated: bool, maximi
 
 # --- the sampler --------------------------------------------------------------------------------------
 
-class EvolverSampler(optuna.samplers.BaseSampler):
+class SlotSampler(optuna.samplers.BaseSampler):
+    """A sampler of synchronous generations: each trial claims a slot (generation, index) of the generation
+    that the study's finished trials have reached, and waits while every slot of it is held by a running
+    trial. Shared by the Evolver and M2N2 (:mod:`evoopt.search.m2n2`); a subclass says where a slot is
+    stored (``attr``, the index under ``key``), how many slots a generation has and what the history is.
+    """
+
+    attr: str
+    key: str = "target"
+
+    def __init__(self, *, seed: int | None, poll: float, wait_timeout: float) -> None:
+        self.seed: int = int(np.random.default_rng().integers(2**31)) if seed is None else seed
+        self.poll, self.wait_timeout = poll, wait_timeout
+        self._claimed: dict[int, Any] = {}  # trial number -> the history its slot was claimed from
+
+    def claimed(self, trial_number: int) -> Any:
+        """The history a trial of this process claimed its slot from (generations before its own are complete
+        in it), once: the trial's candidate is built from it without replaying the study again."""
+        return self._claimed.pop(trial_number, None)
+
+    def history(self, study: optuna.Study, exclude: int | None = None) -> Any:
+        """What the study's trials say now: an object with ``generation`` and ``taken`` (the slots of that
+        generation held by live trials)."""
+        raise NotImplementedError
+
+    def slots(self, generation: int) -> int:
+        raise NotImplementedError
+
+    def slot(self, generation: int, index: int) -> dict[str, Any]:
+        """The slot's record (a trial system attribute)."""
+        return {"generation": generation, self.key: index}
+
+    def _claim(self, study: optuna.Study, trial: FrozenTrial) -> tuple[int, int, Any]:
+        """Take the first free slot of the current generation, waiting while the generation runs.
+
+        A claim is written, then kept only if no other live trial claims the slot: of two claims,
+        the one checked later sees the earlier, so at most one keeps it. One that sees a rival
+        withdraws and tries again after a short seeded jitter.
+        """
+        storage = study._storage
+        jitter = np.random.default_rng([self.seed, trial.number])
+        waited = 0.0
+        while True:
+            history = self.history(study, exclude=trial.number)
+            g = history.generation
+            free = [i for i in range(self.slots(g)) if i not in history.taken]
+            if free:
+                storage.set_trial_system_attr(trial._trial_id, self.attr, self.slot(g, free[0]))
+                rivals = [t.number for t in study.get_trials(deepcopy=False, states=_LIVE) if t.number != trial.number
+                          and (t.system_attrs.get(self.attr) or {}).get("generation") == g
+                          and t.system_attrs[self.attr][self.key] == free[0]]
+                if not rivals:
+                    return g, free[0], history
+                storage.set_trial_system_attr(trial._trial_id, self.attr, None)
+                time.sleep(float(jitter.uniform(0, self.poll)))
+                continue
+            if waited >= self.wait_timeout:
+                raise WorkerError(f"{type(self).__name__}: generation {g} has run for {waited:.0f} s in other trials; "
+                                  "are its workers alive? (journal storages have no heartbeats to fail dead ones)")
+            time.sleep(self.poll)
+            waited += self.poll
+            if is_heartbeat_enabled(storage):
+                fail_stale_trials(study)
+
+
+class EvolverSampler(SlotSampler):
     """Evolver (Du et al. 2024) as an Optuna sampler: each trial is one offspring.
 
     The sampler decides a trial's generation and target (its *slot*, stored as a system
@@ -248,6 +320,8 @@ class EvolverSampler(optuna.samplers.BaseSampler):
         wait_timeout: seconds to wait for a generation before failing with an error.
     """
 
+    attr = ATTR
+
     def __init__(self, *, population: int, integrated: bool = False, strategy: str = "paper", F: float = 0.5,
                  Cr: float = 0.5, adapt: str | None = None, generations: int = 10, seed: int | None = None,
                  poll: float = 0.5, wait_timeout: float = 3600.0, selection: str = "greedy",
@@ -273,15 +347,14 @@ class EvolverSampler(optuna.samplers.BaseSampler):
             raise ConfigError("EvolverSampler: " + "; ".join(problems))
         self.population, self.integrated, self.strategy = population, integrated, strategy
         self.F, self.Cr, self.adapt, self.generations = F, Cr, adapt, generations
-        self.seed: int = int(np.random.default_rng().integers(2**31)) if seed is None else seed
-        self.poll, self.wait_timeout = poll, wait_timeout
+        super().__init__(seed=seed, poll=poll, wait_timeout=wait_timeout)
         self.selection, self.alpha = selection, alpha
-        self._claimed: dict[int, History] = {}  # trial number -> the history its slot was claimed from
 
-    def claimed(self, trial_number: int) -> History | None:
-        """The history a trial of this process claimed its slot from (generations before its own are complete
-        in it), once: the trial's candidate is built from it without replaying the study again."""
-        return self._claimed.pop(trial_number, None)
+    def slots(self, generation: int) -> int:
+        return slots(generation, self.population, self.integrated)
+
+    def slot(self, generation: int, index: int) -> dict[str, Any]:
+        return {**super().slot(generation, index), "strategy": self.strategy}
 
     def history(self, study: optuna.Study, exclude: int | None = None) -> History:
         """The population's history as the study's trials say it now."""
@@ -322,36 +395,3 @@ class EvolverSampler(optuna.samplers.BaseSampler):
                            param_distribution: BaseDistribution) -> Any:
         raise ConfigError(f"EvolverSampler: the Evolver decides every parameter of a trial; {param_name!r} is not one "
                           f"of {', '.join(PARAMS)} (use space.kind evolver with this sampler)")
-
-    def _claim(self, study: optuna.Study, trial: FrozenTrial) -> tuple[int, int, History]:
-        """Take the first free slot of the current generation, waiting while the generation runs.
-
-        A claim is written, then kept only if no other live trial claims the slot: of two claims,
-        the one checked later sees the earlier, so at most one keeps it. One that sees a rival
-        withdraws and tries again after a short seeded jitter.
-        """
-        storage = study._storage
-        jitter = np.random.default_rng([self.seed, trial.number])
-        waited = 0.0
-        while True:
-            history = self.history(study, exclude=trial.number)
-            g = history.generation
-            free = [i for i in range(slots(g, self.population, self.integrated)) if i not in history.taken]
-            if free:
-                slot: dict[str, Any] = {"generation": g, "target": free[0], "strategy": self.strategy}
-                storage.set_trial_system_attr(trial._trial_id, ATTR, slot)
-                rivals = [t.number for t in study.get_trials(deepcopy=False, states=_LIVE) if t.number != trial.number
-                          and (t.system_attrs.get(ATTR) or {}).get("generation") == g
-                          and t.system_attrs[ATTR]["target"] == free[0]]
-                if not rivals:
-                    return g, free[0], history
-                storage.set_trial_system_attr(trial._trial_id, ATTR, None)
-                time.sleep(float(jitter.uniform(0, self.poll)))
-                continue
-            if waited >= self.wait_timeout:
-                raise WorkerError(f"EvolverSampler: generation {g} has run for {waited:.0f} s in other trials; "
-                                  "are its workers alive? (journal storages have no heartbeats to fail dead ones)")
-            time.sleep(self.poll)
-            waited += self.poll
-            if is_heartbeat_enabled(storage):
-                fail_stale_trials(study)

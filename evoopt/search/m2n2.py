@@ -21,15 +21,36 @@ Read from the authors' released code (github.com/SakanaAI/natural_niches, ``natu
 - **Replacement** (:func:`replaced`): the fitness of the archive and the child is recomputed together;
   the child takes the place of the least fit member when the child is not itself strictly the least fit
   (ties go to the child, as in the code).
+
+The search (:class:`M2N2Sampler`): generation 0 scores the experts, the archive's first members; every
+later generation holds ``brood`` children (1: the paper's one child per step), all drawn from the archive
+as the previous generation left it, then placed in turn: while the archive has fewer than ``archive``
+members a child joins it, afterwards it replaces the least fit when fitter (:func:`replaced`). Like the
+Evolver's, the archive is replayed from the study's trials (a child's parents, split and ratio are its
+trial's parameters), so a study resumes in a fresh process and several workers share it.
+
+Scores for the competition (:func:`resources`) are the trials' per-example outcomes on dev, on the examples
+every member scored: correctness as 0/1 (the paper's accuracy); a deliberate extension for the losses, the
+example's likelihood in (0, 1]: exp(-nll / tokens) for perplexity, exp(-squared error) for mse.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any
 
 import numpy as np
+import optuna
 import torch
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from evoopt.data.outcomes import Outcomes, trial_outcomes
+from evoopt.errors import ConfigError, EvaluationError
+from evoopt.search.evolver import SlotSampler, slot_trials
 
 SLERP_FLOOR = 1e-6  # below this sin(Omega) the parents are (anti)parallel: interpolate linearly
 
@@ -99,14 +120,220 @@ def crossover(a: torch.Tensor, b: torch.Tensor, *, offset: int, split: int, rati
               linear: bool = False) -> torch.Tensor:
     """One tensor of the child: ``a`` and ``b`` are the parents' tensor whose first entry is entry ``offset``
     of the parameters' order, ``split`` the split point in that order, ``ratio`` w, ``omega`` the parents'
-    angle (:func:`slerp_angle`)."""
+    angle (:func:`slerp_angle`). The split falls in at most one tensor: the others take one v throughout."""
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    index = torch.arange(offset, offset + a.numel(), dtype=torch.int64).reshape(a.shape)
-    v = torch.where(index < split, ratio, 1.0 - ratio).to(dtype)
-    a_, b_ = a.to(dtype), b.to(dtype)
+    cut = min(max(split - offset, 0), a.numel())  # entries of this tensor before the split
     sine = math.sin(omega)
-    if linear or sine <= SLERP_FLOOR:
-        child = (1.0 - v) * a_ + v * b_
-    else:
-        child = (torch.sin((1.0 - v) * omega) * a_ + torch.sin(v * omega) * b_) / sine
-    return child.to(a.dtype)
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    child = torch.empty(a.numel(), dtype=dtype, device=a.device)
+    for part, v in ((slice(0, cut), ratio), (slice(cut, a.numel()), 1.0 - ratio)):
+        a_, b_ = flat_a[part].to(dtype), flat_b[part].to(dtype)
+        if linear or sine <= SLERP_FLOOR:
+            child[part] = a_ * (1.0 - v) + b_ * v
+        else:
+            child[part] = (a_ * math.sin((1.0 - v) * omega) + b_ * math.sin(v * omega)) / sine
+    return child.to(a.dtype).reshape(a.shape)
+
+
+# --- the archive's history, replayed from the study's trials --------------------------------------
+
+ATTR = "evoopt:m2n2"  # trial system attribute: {"generation": g, "slot": i, "interpolation": "slerp" | "linear"}
+INTERPOLATIONS = ("slerp", "linear")
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class Child:
+    """One child: its parents (archive members), the split (a fraction of the parameters' order) and w."""
+
+    first: int
+    second: int
+    split: float
+    ratio: float
+
+
+def child_of(params: dict[str, Any]) -> Child:
+    return Child(int(params["parent_a"]), int(params["parent_b"]), float(params["split"]), float(params["ratio"]))
+
+
+def resources(outcomes: Sequence[Outcomes]) -> np.ndarray:
+    """S (members x examples): each member's result on the examples all of them scored, in [0, 1], higher
+    better (correctness; the likelihood of an example for the losses)."""
+    tasks = sorted(set.intersection(*(set(o.tasks) for o in outcomes))) if outcomes else []
+    rows: list[list[np.ndarray]] = [[] for _ in outcomes]
+    for task in tasks:
+        shared = reduce(np.intersect1d, [o.tasks[task].ids for o in outcomes])
+        for row, o in zip(rows, outcomes):
+            t = o.tasks[task].select(shared)
+            values = t.values.astype(np.float64)
+            if o.metric == "perplexity":
+                assert t.weights is not None
+                values = np.exp(-values / np.maximum(t.weights, 1.0))
+            elif o.metric == "mse":
+                values = np.exp(-values)
+            row.append(values)
+    return np.vstack([np.concatenate(r) if r else np.zeros(0) for r in rows]) if rows else np.zeros((0, 0))
+
+
+@dataclass
+class ArchiveHistory:
+    """What the finished trials say about the archive.
+
+    Attributes:
+        generation: the first generation whose trials are not all finished.
+        holders, values, outcomes: each member's trial, its plain dev score (the trial's value) and its
+            per-example outcomes, in the archive as ``generation - 1`` left it.
+        placed: placed[g] = the children of generation g that entered the archive, with the member each
+            replaced (or, equal to the archive's size then, joined as).
+        taken: slots of ``generation`` that a live trial already holds.
+    """
+
+    generation: int
+    holders: list[int] = field(default_factory=list)
+    values: list[float | None] = field(default_factory=list)
+    outcomes: list[Outcomes] = field(default_factory=list)
+    placed: list[list[tuple[Child, int]]] = field(default_factory=lambda: [[]])
+    taken: set[int] = field(default_factory=set)
+    maximize: bool = True
+
+    def scores(self) -> np.ndarray:
+        return resources(self.outcomes)
+
+    @property
+    def best(self) -> int:
+        """The member with the best plain dev score (the lowest index among equals): the search's answer."""
+        sign = 1.0 if self.maximize else -1.0
+        return int(np.argmax([-math.inf if v is None else sign * v for v in self.values]))
+
+
+def replay(trials: Sequence[FrozenTrial], *, members: int, size: int, brood: int, alpha: float, maximize: bool,
+           exclude: int | None = None) -> ArchiveHistory:
+    """The archive's history from the study's trials (``exclude``: a trial number to ignore).
+
+    A child enters when its trial completed with per-example outcomes; a pruned or failed child does not.
+    """
+    by_slot = slot_trials(trials, ATTR, "slot", exclude)
+    history = ArchiveHistory(0, maximize=maximize)
+    while True:
+        g = history.generation
+        found = {i: by_slot.get((g, i), []) for i in range(members if g == 0 else brood)}
+        finished = {i: next((t for t in ts if t.state in _DONE), None) for i, ts in found.items()}
+        if any(t is None for t in finished.values()):
+            history.taken = {i for i, ts in found.items() if ts}
+            return history
+        placed: list[tuple[Child, int]] = []
+        for i, trial in finished.items():
+            assert trial is not None
+            outcomes = trial_outcomes(trial)
+            if g == 0:
+                if outcomes is None or trial.state != TrialState.COMPLETE:
+                    raise EvaluationError(f"M2N2: expert {i}'s trial {trial.number} kept no per-example outcomes; "
+                                          "the competition needs every member's")
+                history.holders.append(trial.number)
+                history.values.append(trial.value)
+                history.outcomes.append(outcomes)
+                continue
+            if trial.state != TrialState.COMPLETE or trial.value is None or outcomes is None:
+                continue
+            place: int | None = len(history.holders)  # joins while the archive is not full
+            if len(history.holders) >= size:
+                together = resources([*history.outcomes, outcomes])
+                place = replaced(together[:-1], together[-1], alpha)
+            if place is None:
+                continue
+            if place == len(history.holders):
+                history.holders.append(trial.number)
+                history.values.append(trial.value)
+                history.outcomes.append(outcomes)
+            else:
+                history.holders[place], history.values[place], history.outcomes[place] = (
+                    trial.number, trial.value, outcomes)
+            placed.append((child_of(trial.params), place))
+        if g > 0:
+            history.placed.append(placed)
+        history.generation += 1
+
+
+# --- the sampler --------------------------------------------------------------------------------------
+
+class M2N2Sampler(SlotSampler):
+    """M2N2 (Abrantes et al. 2025) as an Optuna sampler: each trial is one child of the archive.
+
+    Generation 0 scores the experts (parameter ``member``); a child's parameters are its parents
+    ``parent_a`` (drawn by competition fitness) and ``parent_b`` (by attraction to A), the ``split``
+    (a fraction of the parameters' order) and the ``ratio`` w, drawn from a generator seeded by (seed,
+    generation, slot). Generations and slots work as the Evolver's (:class:`~evoopt.search.evolver.SlotSampler`):
+    the archive is replayed from the study's finished trials, so the same seed reaches the same archive
+    whatever the number of workers or interruptions.
+
+    Args:
+        members: the experts (the study engine passes their number).
+        archive: the archive's size (at least ``members``; default ``members``): children join until it is
+            full, then replace the least fit when fitter.
+        brood: children per generation, drawn from the same archive (1: the paper's steady state; more lets
+            as many workers run at once).
+        alpha: the competition's exponent (1: the paper; 0: plain accuracy).
+        attract: draw the second parent by attraction (False: by fitness, the paper's ablation).
+        interpolation: ``slerp`` (the code's) or ``linear``.
+        seed, poll, wait_timeout: as the Evolver's.
+    """
+
+    attr = ATTR
+    key = "slot"
+
+    def __init__(self, *, members: int, archive: int | None = None, brood: int = 1, alpha: float = 1.0,
+                 attract: bool = True, interpolation: str = "slerp", seed: int | None = None, poll: float = 0.5,
+                 wait_timeout: float = 3600.0) -> None:
+        size = members if archive is None else archive
+        problems = []
+        if members < 2:
+            problems.append(f"members: M2N2 needs at least 2 experts, got {members}")
+        if size < members:
+            problems.append(f"archive: at least the {members} experts it starts with, got {size}")
+        if brood < 1:
+            problems.append(f"brood: at least 1 child per generation, got {brood}")
+        if alpha < 0:
+            problems.append(f"alpha: the competition's exponent must be >= 0, got {alpha}")
+        if interpolation not in INTERPOLATIONS:
+            problems.append(f"interpolation: one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+        if problems:
+            raise ConfigError("M2N2Sampler: " + "; ".join(problems))
+        super().__init__(seed=seed, poll=poll, wait_timeout=wait_timeout)
+        self.members, self.size, self.brood, self.alpha = members, size, brood, alpha
+        self.attract, self.interpolation = attract, interpolation
+
+    def slots(self, generation: int) -> int:
+        return self.members if generation == 0 else self.brood
+
+    def slot(self, generation: int, index: int) -> dict[str, Any]:
+        return {**super().slot(generation, index), "interpolation": self.interpolation}
+
+    def history(self, study: optuna.Study, exclude: int | None = None) -> ArchiveHistory:
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return replay(study.get_trials(deepcopy=False), members=self.members, size=self.size, brood=self.brood,
+                      alpha=self.alpha, maximize=maximize, exclude=exclude)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        if len(study.directions) > 1:
+            raise ConfigError("M2N2Sampler: the archive's competition needs one objective; "
+                              "set objective.multi_objective false")
+        return {"member": IntDistribution(0, self.members - 1), "parent_a": IntDistribution(0, self.size - 1),
+                "parent_b": IntDistribution(0, self.size - 1), "split": FloatDistribution(0.0, 1.0),
+                "ratio": FloatDistribution(0.0, 1.0)}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space or trial.system_attrs.get(ATTR):  # (a trial holding a slot has its parameters)
+            return {}
+        generation, index, history = self._claim(study, trial)
+        self._claimed[trial.number] = history
+        if generation == 0:
+            return {"member": index}
+        rng = np.random.default_rng([self.seed, generation, index])
+        first, second = pick_parents(history.scores(), rng, alpha=self.alpha, attract=self.attract)
+        return {"parent_a": first, "parent_b": second, "split": float(rng.uniform()), "ratio": float(rng.uniform())}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        raise ConfigError(f"M2N2Sampler: M2N2 decides every parameter of a trial; {param_name!r} is not one of "
+                          "member, parent_a, parent_b, split, ratio (use space.kind m2n2 with this sampler)")

@@ -81,7 +81,7 @@ class Population:
         for i, source in enumerate(self.sources):
             tensors = {n: source.get(n, check=False).to(self.device, self.dtype).contiguous() for n in self.names}
             if self.folder is not None:
-                tensors = _memory_mapped(tensors, self.folder / f"individual-{i}.safetensors")
+                tensors = memory_mapped(tensors, self.folder / f"individual-{i}.safetensors")
             self.individuals.append(tensors)
         self.generation = 0
         if self.estimate is not None:
@@ -150,7 +150,7 @@ class Population:
         self.write(targets, individual=history.best if self.method is None else None)
 
 
-def _memory_mapped(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def memory_mapped(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Save ``tensors`` as a safetensors file and return writable views of it, memory-mapped."""
     from safetensors.torch import save_file
 

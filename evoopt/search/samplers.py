@@ -4,28 +4,38 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 
 from evoopt.errors import ConfigError
 from evoopt.search.cma import EvoCmaSampler
 from evoopt.search.evolver import EvolverSampler
+from evoopt.search.m2n2 import M2N2Sampler
 from evoopt.search.racing import RacingPruner
 
 if TYPE_CHECKING:
     from evoopt.study.config import SamplerSpec
-    from evoopt.study.space import DfsSpace, EvolverSpace, Space
+    from evoopt.study.space import Sources
+
+
+class SearchSpace(Protocol):
+    """What make_sampler reads of a study's space (each kind's space has these)."""
+
+    sources: Sources
+
+    def sampler_options(self) -> dict[str, Any]: ...
 
 # evoopt's samplers, name -> class
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCmaSampler,
-                                                          "EvolverSampler": EvolverSampler}
-# what a space tells the samplers that take it (Space / EvolverSpace / DfsSpace.sampler_options)
-_FROM_SPACE = {"search_space", "population", "integrated", "branches"}
+                                                          "EvolverSampler": EvolverSampler,
+                                                          "M2N2Sampler": M2N2Sampler}
+# what a space tells the samplers that take it (its sampler_options)
+_FROM_SPACE = {"search_space", "population", "integrated", "branches", "members"}
 
 
 def make_sampler(spec: SamplerSpec, seed: int,
-                 space: Callable[[], Space | EvolverSpace | DfsSpace] | None = None) -> optuna.samplers.BaseSampler:
+                 space: Callable[[], SearchSpace] | None = None) -> optuna.samplers.BaseSampler:
     """Instantiate a sampler; ``seed`` is passed when the sampler takes one and the options do not set it.
 
     A sampler that takes ``search_space`` (or, the Evolver's, ``population``) is given what the

@@ -188,8 +188,8 @@ def summary_rows(study: optuna.Study) -> list[dict[str, Any]]:
         rows.append({"name": name, "dev": dev, "test": test})
     if result := study.user_attrs.get("evoopt:result"):
         weights = _weights(study)
-        what = "fittest individual" if result["method"] == "none" else f"{result['method']} of the population"
-        rows.append({"name": f"Evolver result ({what}, generation {result['generation']})",
+        what = "fittest individual" if result.get("method") == "none" else f"{result.get('method')} of the population"
+        rows.append({"name": result.get("name") or f"Evolver result ({what}, generation {result['generation']})",
                      "dev": combine(result["dev"], weights), "test": combine(result["test"], weights)})
     return rows
 

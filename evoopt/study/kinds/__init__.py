@@ -11,6 +11,7 @@ from evoopt.study.config import KIND_CHECKS, StudyConfig
 from evoopt.study.kinds.base import Kind
 from evoopt.study.kinds.dfs import DfsKind
 from evoopt.study.kinds.evolver import EvolverKind
+from evoopt.study.kinds.m2n2 import M2N2Kind
 from evoopt.study.kinds.methods import MethodsKind
 from evoopt.study.kinds.parameter import ParameterKind
 from evoopt.study.space import Sources, study_sources
@@ -30,7 +31,7 @@ def register(kind: type[Kind]) -> type[Kind]:
     return kind
 
 
-for _kind in (ParameterKind, EvolverKind, DfsKind, MethodsKind):
+for _kind in (ParameterKind, EvolverKind, DfsKind, MethodsKind, M2N2Kind):
     register(_kind)
 
 

@@ -87,13 +87,7 @@ class EvolverKind(Kind[EvolverSpace]):
         method = self.space.method and get_method(self.space.method)
         calibration = calibration_file(self.config, self.sources) if method and method.statistic else None
         x = self.space.merge_recipe(calibration)
-        folder = None
-        if self.config.space.population == "mmap":
-            import tempfile
-
-            self.config.artifact_dir.mkdir(parents=True, exist_ok=True)
-            self._population_dir = tempfile.TemporaryDirectory(prefix="population-", dir=self.config.artifact_dir)
-            folder = Path(self._population_dir.name)
+        folder = scratch_folder(self, "population-") if self.config.space.population == "mmap" else None
         return Population(self.merger.sources, list(self.merger.targets), dtype=self.merger.dtype, folder=folder,
                           device=self.device, method=x.merge_method if x else None, base=self.merger.base,
                           coefficients=x.coefficients if x else None, seed=self.config.seed,
@@ -230,6 +224,16 @@ class EvolverKind(Kind[EvolverSpace]):
                           f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.", "", "```yaml", text.rstrip(),
                           "```", ""])
         return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card))
+
+
+def scratch_folder(kind: Kind, prefix: str) -> Path:
+    """A temporary folder in the study's artifacts folder, removed with the kind (memory-mapped individuals)."""
+    import tempfile
+
+    kind.config.artifact_dir.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory(prefix=prefix, dir=kind.config.artifact_dir)
+    kind._scratch = scratch  # type: ignore[attr-defined]  # (kept alive as long as the kind)
+    return Path(scratch.name)
 
 
 def _paired(sampler: optuna.samplers.BaseSampler) -> EvolverSampler | None:

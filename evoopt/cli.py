@@ -255,7 +255,11 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     space.pool a token passes through, with scales; a pool entry study:OTHER.yaml
     is the best model of another study (PS+DFS); methods / methods-layerwise,
     the merge method searched too (space.methods: each method's coefficients;
-    each method first scored at its known-good start).
+    each method first scored at its known-good start); m2n2, with sampler
+    M2N2Sampler (Abrantes et al. 2025): an archive seeded with the experts, one
+    child a trial by crossover at an evolved split, parents by resource
+    competition and attraction (options archive, brood, alpha, attract,
+    interpolation); the answer is the archive's best member by dev.
     Samplers (sampler.name): any optuna.samplers class, or EvoCmaSampler,
     evoopt's CMA-ES, whose state is the stored trials (resumable, safe with
     --workers, IPOP/BIPOP, sep-CMA, margin; one CMA-ES per method in a method

@@ -208,6 +208,8 @@ _BASELINE_RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "task_arithmetic": ({"scale": 0.5}, {"weight": 1.0}),
     "ties": ({}, {"weight": 1.0, "density": 0.5}),
     "dare_ties": ({"normalize": True}, {"weight": 1.0, "density": 0.5}),
+    "della": ({}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),  # the method search's known-good start
+    "della_linear": ({}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
     "fisher": ({}, {"weight": 1.0}),
     "regmean": ({}, {}),
 }

@@ -65,6 +65,7 @@ class SpaceSpec(_Strict):
         "global: one value per model and coefficient; layerwise: one per model, coefficient and layer "
         "group (embeddings, each group of blocks, final norm and head are groups of their own); "
         "evolver: the experts' weights themselves, evolved by EvolverSampler (Du et al. 2024); "
+        "m2n2: an archive of models evolved by M2N2Sampler (Abrantes et al. 2025); "
         "dfs: the path of layers a token takes through the pool's models, with scales (Akiba et al. 2024); "
         "methods / methods-layerwise: the merge method is searched too, each with its own coefficients "
         "(space.methods); the kinds are registered in evoopt.study.kinds"))
@@ -77,7 +78,8 @@ class SpaceSpec(_Strict):
     layers_per_group: int = Field(1, gt=0, description="layerwise: consecutive blocks that share coefficients")
     split_blocks: bool = Field(False, description="layerwise: a block's attention and MLP as separate groups")
     population: Literal["memory", "mmap"] = Field("memory", description=(
-        "evolver: keep the individuals in RAM, or in memory-mapped safetensors files in the artifacts folder"))
+        "evolver, m2n2: keep the individuals (the archive) in RAM, or in memory-mapped safetensors files in "
+        "the artifacts folder"))
     pool: list[str] = Field(default_factory=list, description=(
         "dfs: the models whose layers the path may take, A first (its embeddings, final norm and head are "
         "used); 'study:OTHER.yaml' is the best model of another study (PS+DFS). Default: the sources"))

@@ -1,0 +1,238 @@
+"""Beyond the anchors: the newest data-free merges and searches, at the same number of evaluations.
+
+Per setting (``--settings``, default minilm-cross-task: per-task heads, where fixed TIES leaves room):
+
+- fixed merges, one evaluation each, with their usual settings: TIES and DARE-TIES (weight 1, density .5),
+  DELLA (density .5, epsilon .1), SCE (mergekit's defaults), TSV-M and Iso-CTS (weight 1, as their papers);
+  beside the average of the experts and the task-specific experts (each on its own task);
+- searches, each given ``--evaluations`` trials scored on the whole dev set, ``--seeds`` seeds: the method
+  search (evoopt's CMA-ES, one per method, methods raced), layer-wise TIES with evoopt's CMA-ES,
+  TIES_Evolver and M2N2 (archive ``--archive``); each answer (the best trial, the Evolver's population
+  answer, M2N2's best member by dev) is scored on test after its search, for reporting only.
+
+Printed and written (``--out``): the table (median test over seeds with min-max, dev, gap closed between the
+average of the experts and the task-specific experts), the issue's goals checked, and a plot of the best
+dev score so far against evaluations per search beside the answers' test scores. Runs go ``--jobs`` at a
+time (one CPU thread each); a rerun resumes every run from its study in ``--workdir``.
+
+    python benchmarks/beyond.py [--settings minilm-cross-task] [--evaluations 40] [--seeds 3] [--jobs 2]
+        [--archive 8] [--workdir out/beyond] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import optuna
+from fitness_cost import study_config
+from fitness_search import answer
+
+from evoopt.data.objective import combine
+from evoopt.study.fitness import PRECISION_ATTR
+from evoopt.study.run import open_study, run_baselines, run_study
+from evoopt.study.storage import FINISHED
+
+FIXED = ["ties", "dare_ties", "della", "sce", "tsv", "iso_cts"]
+SEARCHES: dict[str, dict[str, Any]] = {
+    "method search": {"space": {"kind": "methods"}, "sampler": {"name": "EvoCmaSampler",
+                                                                "options": {"sigma0": 0.1667}}},
+    "layer-wise CMA-ES": {
+        "space": {"kind": "layerwise", "method": "ties", "layers_per_group": 2,
+                  "search": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
+        "sampler": {"name": "EvoCmaSampler", "options": {"x0": 0.5, "sigma0": 0.1667}}},
+    "TIES_Evolver": {
+        "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
+        "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
+    "M2N2": {"space": {"kind": "m2n2"}, "sampler": {"name": "M2N2Sampler", "options": {}}},
+}
+
+
+def baselines(folder: Path, setting: str) -> tuple[list[dict[str, Any]], str]:
+    """The fixed merges and the sources, scored once per setting (stored: a rerun reads them)."""
+    config = study_config(folder / "baselines", setting, "baselines", 1, baselines=["sources", "linear", *FIXED])
+    study = open_study(config)
+    if "evoopt:baselines" not in study.user_attrs:
+        run_baselines(config, study=study)
+    precision = study._storage.get_study_system_attrs(study._study_id).get(PRECISION_ATTR, {})
+    return study.user_attrs["evoopt:baselines"], precision.get("precision", "float32")
+
+
+def references(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Rows by name (dev, test), with the task-specific experts: each source scored on its own task."""
+    by_name = {r["name"]: {"dev": r["dev_value"], "test": r["test_value"]} for r in rows}
+    sources = {r["name"].removeprefix("source "): r for r in rows if r["name"].startswith("source ")}
+    by_name["task-specific experts"] = {split: statistics.mean(r[split][task] for task, r in sources.items())
+                                        for split in ("dev", "test")}
+    return by_name
+
+
+def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int, precision: str,
+            archive: int) -> dict[str, Any]:
+    """One search, one seed, in a worker process of one thread."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = f"{search.replace(' ', '-').replace('_', '-').lower()}-seed{seed}"
+    spec = json.loads(json.dumps(SEARCHES[search]))
+    if search == "M2N2":
+        spec["sampler"]["options"]["archive"] = archive
+    defaults = study_config(Path(folder), setting, "x", 1).objective.model_dump(exclude={"estimate"})
+    config = study_config(Path(folder) / name, setting, name, evaluations, seed=seed, baselines=[],
+                          objective={**defaults, "precision": precision}, **spec)
+    started = time.perf_counter()
+    study = run_study(config, baselines=False).study
+    seconds = time.perf_counter() - started
+    trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
+    found = answer(study)
+    assert found is not None, f"{name}: no answer"
+    values = [t.value for t in trials if t.value is not None]
+    return {"search": search, "seed": seed, "trials": len(trials), "seconds": round(seconds, 1),
+            "best_so_far": [max(values[: k + 1]) for k in range(len(values))],
+            "dev": combine(found["dev"]), "test": combine(found["test"])}
+
+
+def summarise(runs: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    low, high = refs["average of sources"]["test"], refs["task-specific experts"]["test"]
+    rows = []
+    for name, key in [("average of the experts", "average of sources"),
+                      ("task-specific experts (each on its own task)", "task-specific experts"),
+                      *[(f"{m} (fixed)", f"{m} (fixed)") for m in FIXED]]:
+        ref = refs[key]
+        rows.append({"name": name, "evaluations": 1 if "fixed" in name else 0, "dev": ref["dev"],
+                     "test": ref["test"], "test_range": None, "gap": (ref["test"] - low) / (high - low)})
+    for search in SEARCHES:
+        mine = [r for r in runs if r["search"] == search]
+        if mine:
+            tests = [r["test"] for r in mine]
+            rows.append({"name": search, "evaluations": statistics.median(r["trials"] for r in mine),
+                         "dev": statistics.median(r["dev"] for r in mine), "test": statistics.median(tests),
+                         "test_range": [min(tests), max(tests)],
+                         "gap": (statistics.median(tests) - low) / (high - low),
+                         "seconds": statistics.median(r["seconds"] for r in mine)})
+    return rows
+
+
+def goals(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals, checked on this run's figures."""
+    by = {r["name"]: r for r in rows}
+    searches = [r for r in rows if r["test_range"] is not None]
+    lines = []
+    for new in ("M2N2", "method search"):
+        if new not in by:
+            continue
+        others = [r for r in searches if r["name"] != new]
+        spread = max(r["test_range"][1] - r["test_range"][0] for r in searches)
+        margin = by[new]["test"] - max(r["test"] for r in others) if others else float("nan")
+        lines.append(f"{new} beats every other search by {100 * margin:+.2f} points (median test); the seeds' "
+                     f"largest spread is {100 * spread:.2f}: {'met' if margin > spread else 'not met'}")
+    ties = by["ties (fixed)"]["test"]
+    for method in ("tsv", "iso_cts"):
+        gain = by[f"{method} (fixed)"]["test"] - ties
+        lines.append(f"{method} (fixed) against fixed TIES: {100 * gain:+.2f} points of test: "
+                     f"{'met' if gain > 0 else 'not met'}")
+    best = max((r for r in rows if "task-specific" not in r["name"]), key=lambda r: r["test"])
+    lines.append(f"best answer {best['name']} closes {100 * best['gap']:.1f} % of the gap between the average of the "
+                 f"experts and the task-specific experts (goal 90 %): {'met' if best['gap'] >= 0.9 else 'not met'}")
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    settings = list(results)
+    figure, axes = plt.subplots(len(settings), 2, figsize=(13, 4.6 * len(settings)), squeeze=False)
+    colours = dict(zip(SEARCHES, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+    for (left, right), setting in zip(axes, settings):
+        result = results[setting]
+        for search, colour in colours.items():
+            curves = [r["best_so_far"] for r in result["runs"] if r["search"] == search]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            stacked = 100 * np.array([c[:n] for c in curves])
+            x = np.arange(1, n + 1)
+            left.plot(x, np.median(stacked, axis=0), color=colour, label=f"{search} (median of {len(curves)} seeds)")
+            left.fill_between(x, stacked.min(axis=0), stacked.max(axis=0), color=colour, alpha=0.15)
+        refs = result["references"]
+        for name, style in (("ties (fixed)", "--"), ("tsv (fixed)", ":"), ("iso_cts (fixed)", "-.")):
+            left.axhline(100 * refs[name]["dev"], color="grey", linestyle=style, label=f"{name}, dev")
+        left.set(title=f"{setting}: best dev score so far", xlabel="evaluations (trials)", ylabel="dev score (%)")
+        left.legend(fontsize=8)
+        rows = result["summary"]
+        names = [r["name"] for r in rows]
+        for i, row in enumerate(rows):
+            colour = colours.get(row["name"], "grey")
+            right.barh(i, 100 * row["test"], color=colour, alpha=0.6)
+            seeds = [r["test"] for r in result["runs"] if r["search"] == row["name"]]
+            right.plot([100 * s for s in seeds], [i] * len(seeds), "k.", markersize=6)
+        right.set_yticks(range(len(names)), names, fontsize=8)
+        right.set_xlim(100 * refs["average of sources"]["test"] - 5, 100 * refs["task-specific experts"]["test"] + 3)
+        right.axvline(100 * refs["task-specific experts"]["test"], color="black", linestyle=":")
+        right.set(title="test score of each answer (bars: median; dots: seeds)", xlabel="test score (%)")
+        right.invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["minilm-cross-task"])
+    parser.add_argument("--searches", nargs="+", default=list(SEARCHES), choices=list(SEARCHES))
+    parser.add_argument("--evaluations", type=int, default=40, help="trials per search run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--archive", type=int, default=8, help="M2N2's archive size")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
+    parser.add_argument("--workdir", type=Path, default=Path("out/beyond"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results: dict[str, Any] = {}
+    for setting in args.settings:
+        folder = args.workdir / setting
+        rows, precision = baselines(folder, setting)
+        refs = references(rows)
+        jobs = [(str(folder), setting, search, seed, args.evaluations, precision, args.archive)
+                for seed in range(args.seeds) for search in args.searches]
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(one_run, *job) for job in jobs]
+            runs = []
+            for future in futures:
+                runs.append(future.result())
+                last = runs[-1]
+                print(f"  {last['search']} seed {last['seed']}: {last['trials']} trials in {last['seconds']:.0f} s, "
+                      f"answer dev {last['dev']:.4f} test {last['test']:.4f}", flush=True)
+        summary = summarise(runs, refs)
+        results[setting] = {"evaluations": args.evaluations, "archive": args.archive, "precision": precision,
+                            "references": refs, "runs": runs, "summary": summary, "goals": goals(summary)}
+        print(f"\n{setting}: {args.evaluations} evaluations per search, {args.seeds} seeds (test: median, min-max)")
+        print(f"{'':<46}{'evals':>6}{'dev':>8}{'test':>8}{'test min-max':>16}{'gap closed':>12}")
+        for row in summary:
+            spread = f"{row['test_range'][0]:.4f}-{row['test_range'][1]:.4f}" if row["test_range"] else ""
+            print(f"{row['name']:<46}{row['evaluations']:>6.0f}{row['dev']:>8.4f}{row['test']:>8.4f}{spread:>16}"
+                  f"{100 * row['gap']:>11.1f}%")
+        print("\n".join(["", "goals:", *results[setting]["goals"]]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "beyond.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "beyond.png")
+    print(f"\nwrote {args.out / 'beyond.json'} and {args.out / 'beyond.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,12 @@ sorted magnitudes for trimming. Each candidate is then a single fused pass over
 memory (a numba kernel on CPU) that writes the merged tensor straight into the
 evaluation model's parameter.
 
+Stored-dtype state (``keep_dtype``): where the base and every source store a tensor in
+one 16-bit dtype (bfloat16, float16), the state keeps the sources themselves in that
+dtype instead of float32 task vectors, half the memory; each candidate then widens them
+to float32 chunk by chunk (:data:`CHUNK` entries) and subtracts the base there, which
+is exactly how the task vectors were computed, so the bytes do not change.
+
 The fused pass computes exactly the formula of
 :func:`evoopt.merge.generalized_task_arithmetic`, in the same float32 operation
 order, with the same counter-based random stream, so both give the same bytes.
@@ -29,6 +35,8 @@ from evoopt.merge._methods import Sparsification, generalized_task_arithmetic
 from evoopt.merge._pieces import rank_window, stream_key
 
 GRID_SIZE = 16_384
+CHUNK = 1 << 18  # entries widened to float32 at a time in the stored-dtype state (1 MiB per model)
+STORED = (torch.bfloat16, torch.float16)  # dtypes kept as they are stored
 _MODES = {"none": 0, "magnitude": 1, "breadcrumbs": 1, "random": 2}
 
 
@@ -38,8 +46,9 @@ class PreparedTensor:
 
     Attributes:
         name: the parameter's name (keys the random stream).
-        base: the base tensor, float32, flat.
-        deltas: task vectors, float32, shape (models, numel).
+        base: the base tensor, flat: float32, or its stored 16-bit dtype (``stored``).
+        deltas: task vectors, float32, shape (models, numel); ``stored``: the sources themselves, flat,
+            in the base's 16-bit dtype (their task vectors are computed per chunk, in float32).
         grid_stride: sorted magnitudes are kept at ranks 0, s, 2s, ... and n - 1.
         grid_values: sorted |delta| at those ranks, shape (models, grid points),
             or None when no magnitude sparsification is needed.
@@ -61,13 +70,17 @@ class PreparedTensor:
         magnitudes: bool,
         out: torch.Tensor | None = None,
         scratch: np.ndarray | None = None,
+        keep_dtype: bool = False,
     ) -> PreparedTensor:
         """Preprocess one parameter.
 
-        ``out``, if given, is a float32 (models, numel) view to hold the task vectors,
-        so that a caller can keep all of a model's task vectors in one allocation;
+        ``out``, if given, is a (models, numel) view to hold the task vectors (float32; the state's
+        dtype when stored), so that a caller can keep all of a model's state in one allocation;
         ``scratch``, a float32 buffer of at least numel entries, is reused for sorting.
+        ``keep_dtype``: keep the sources in their dtype where they and the base share one of ``STORED``.
         """
+        if keep_dtype and stored_dtype(base, tensors) is not None:
+            return cls._build_stored(name, base, tensors, magnitudes=magnitudes, out=out, scratch=scratch)
         if base.dtype != torch.float32 and base.dtype.is_floating_point:
             base32 = base.to(torch.float32)
         else:
@@ -79,22 +92,37 @@ class PreparedTensor:
             raise ValueError(f"out: need a float32 tensor of shape {shape}, got {tuple(deltas.shape)} {deltas.dtype}")
         for m, t in enumerate(tensors):
             torch.sub(t.reshape(-1).to(torch.float32), flat_base, out=deltas[m])
-        n = flat_base.numel()
-        stride = max(1, math.ceil(n / GRID_SIZE))
-        grid_values = None
-        if magnitudes:
-            ranks = np.unique(np.append(np.arange(0, n, stride), n - 1))
-            grid_values = np.empty((len(tensors), ranks.size), dtype=np.float32)
-            work = np.empty(n, dtype=np.float32) if scratch is None or scratch.size < n else scratch[:n]
-            for m in range(len(tensors)):
-                np.abs(deltas[m].numpy(), out=work)
-                work.sort()
-                grid_values[m] = work[ranks]
-        return cls(name, flat_base, deltas, stride, grid_values)
+        stride = max(1, math.ceil(flat_base.numel() / GRID_SIZE))
+        return cls(name, flat_base, deltas, stride, _grid(deltas, scratch) if magnitudes else None)
+
+    @classmethod
+    def _build_stored(cls, name: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], *, magnitudes: bool,
+                      out: torch.Tensor | None, scratch: np.ndarray | None) -> PreparedTensor:
+        flat_base = base.reshape(-1).contiguous()
+        shape = (len(tensors), flat_base.numel())
+        sources = torch.empty(shape, dtype=base.dtype) if out is None else out
+        if tuple(sources.shape) != shape or sources.dtype != base.dtype:
+            raise ValueError(f"out: need a {base.dtype} tensor of shape {shape}, got {tuple(sources.shape)} "
+                             f"{sources.dtype}")
+        for m, t in enumerate(tensors):
+            sources[m].copy_(t.reshape(-1))
+        stride = max(1, math.ceil(shape[1] / GRID_SIZE))
+        if not magnitudes:
+            return cls(name, flat_base, sources, stride, None)
+        delta = torch.empty(shape[1], dtype=torch.float32)
+        base32 = flat_base.to(torch.float32)
+        grids = [_grid(torch.sub(sources[m].to(torch.float32), base32, out=delta)[None], scratch)[0]
+                 for m in range(shape[0])]
+        return cls(name, flat_base, sources, stride, np.stack(grids))
 
     @property
     def numel(self) -> int:
         return self.base.numel()
+
+    @property
+    def stored(self) -> bool:
+        """The state holds the sources in their 16-bit dtype (task vectors computed per chunk)."""
+        return self.base.dtype in STORED
 
     def bounds(self, model: int, window: tuple[int, int]) -> tuple[float, float]:
         """Magnitude bounds of a rank window, with ranks rounded to the grid."""
@@ -107,6 +135,25 @@ class PreparedTensor:
         last = values.size - 1
         return float(values[min(round(lo / self.grid_stride), last)]), \
             float(values[min(round((hi - 1) / self.grid_stride), last)])
+
+
+def stored_dtype(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """The 16-bit dtype the base and every source share, if one of ``STORED`` (else None)."""
+    return base.dtype if base.dtype in STORED and all(t.dtype == base.dtype for t in tensors) else None
+
+
+def _grid(deltas: torch.Tensor, scratch: np.ndarray | None) -> np.ndarray:
+    """Sorted |delta| of each row of ``deltas`` (float32, (models, n)) at ranks 0, s, 2s, ... and n - 1."""
+    models, n = deltas.shape
+    stride = max(1, math.ceil(n / GRID_SIZE))
+    ranks = np.unique(np.append(np.arange(0, n, stride), n - 1))
+    grid_values = np.empty((models, ranks.size), dtype=np.float32)
+    work = np.empty(n, dtype=np.float32) if scratch is None or scratch.size < n else scratch[:n]
+    for m in range(models):
+        np.abs(deltas[m].numpy(), out=work)
+        work.sort()
+        grid_values[m] = work[ranks]
+    return grid_values
 
 
 def merge_prepared(
@@ -140,13 +187,35 @@ def merge_prepared(
                          normalize, scale, seed)
         return
     params = _kernel_params(prepared, weights, densities, gammas, sparsification, seed)
+    settings = (_MODES[sparsification], consensus, normalize, np.float32(scale))
+    if prepared.stored:
+        _merge_stored(prepared, out, params, settings)
+        return
     target = out if out.dtype == torch.float32 else torch.empty(prepared.numel, dtype=torch.float32)
-    _fused_kernel()(
-        target.view(-1).numpy(), prepared.base.numpy(), prepared.deltas.numpy(), *params,
-        _MODES[sparsification], consensus, normalize, np.float32(scale),
-    )
+    _fused_kernel()(target.view(-1).numpy(), prepared.base.numpy(), prepared.deltas.numpy(), *params, *settings, 0)
     if target is not out:
         out.view(-1).copy_(target)
+
+
+def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
+                  settings: tuple[Any, ...]) -> None:
+    """The fused pass over a stored-dtype state, CHUNK entries at a time: widen the sources and the base to
+    float32, subtract (the task vectors, exactly as ``build`` computes them), merge into float32 and write."""
+    models, n = prepared.deltas.shape
+    size = min(CHUNK, n)
+    deltas, base, merged = (torch.empty(models * size), torch.empty(size), torch.empty(size))
+    flat = out.view(-1)
+    kernel = _fused_kernel()
+    for start in range(0, n, size):
+        k = min(size, n - start)
+        chunk_base = base[:k].copy_(prepared.base[start : start + k])
+        chunk = deltas[: models * k].view(models, k)
+        for m in range(models):
+            chunk[m].copy_(prepared.deltas[m, start : start + k]).sub_(chunk_base)
+        target = flat[start : start + k] if out.dtype == torch.float32 else merged[:k]
+        kernel(target.numpy(), chunk_base.numpy(), chunk.numpy(), *params, *settings, start)
+        if out.dtype != torch.float32:
+            flat[start : start + k].copy_(target)
 
 
 def _kernel_params(
@@ -183,7 +252,9 @@ def _merge_reference(prepared: PreparedTensor, out: torch.Tensor, weights: Seque
                      sparsification: Sparsification, consensus: bool, normalize: bool,
                      scale: float, seed: int) -> None:
     base = prepared.base.to(out.device)
-    tensors = [base + prepared.deltas[m].to(out.device) for m in range(prepared.deltas.shape[0])]
+    models = prepared.deltas.shape[0]
+    tensors = [prepared.deltas[m].to(out.device) if prepared.stored else base + prepared.deltas[m].to(out.device)
+               for m in range(models)]
     merged = generalized_task_arithmetic(
         base, tensors, weights=weights, densities=densities, gammas=gammas,
         sparsification=sparsification, consensus=consensus, normalize=normalize, scale=scale,
@@ -243,7 +314,7 @@ def _compile() -> Any:
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
-               mode, consensus, normalize, scale):
+               mode, consensus, normalize, scale, offset):
         models, n = deltas.shape
         weight_sum = zero
         for m in range(models):
@@ -257,7 +328,7 @@ def _compile() -> Any:
             total = np.zeros(size, dtype=np.float32)
             for m in range(models):
                 contribute(contributions[m], total, deltas[m, start:stop], coefs[m], mode, lows[m], highs[m],
-                           thresholds[m], keys[m], start)
+                           thresholds[m], keys[m], start + offset)
             if consensus:
                 numerator = np.zeros(size, dtype=np.float32)
                 divisor = np.zeros(size, dtype=np.float32)

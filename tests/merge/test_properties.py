@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -91,3 +93,34 @@ def test_same_recipe_same_bytes() -> None:
     a = M.dare(base, xs, weights=[1.0, 1.0], densities=[0.3, 0.3], consensus=True, seed=11, name="n")
     b = M.dare(base, xs, weights=[1.0, 1.0], densities=[0.3, 0.3], consensus=True, seed=11, name="n")
     assert torch.equal(a, b)
+
+
+@settings(max_examples=30)
+@given(seed=seeds, n=st.integers(1, 3000), w=st.lists(weights, min_size=3, max_size=3),
+       d=st.lists(densities, min_size=3, max_size=3), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       mode=st.sampled_from([("none", False), ("magnitude", True), ("random", True), ("breadcrumbs", True)]),
+       normalize=st.booleans(), chunk=st.sampled_from([7, 64, 1 << 18]))
+def test_stored_dtype_state_gives_the_pure_functions_bytes(seed: int, n: int, w: list[float], d: list[float],
+                                                           dtype: torch.dtype, mode: tuple[str, bool],
+                                                           normalize: bool, chunk: int) -> None:
+    """16-bit sources kept as they are (half the state of float32 task vectors), widened chunk by chunk: the
+    same bytes as the pure function on the same 16-bit tensors, into a 16-bit and a float32 model."""
+    from evoopt.merge import _prepared
+
+    base, xs = _tensors(seed, n, 3, dtype)
+    sparsification, consensus = mode
+    kwargs = dict(weights=w, densities=d, gammas=[0.05, 0.0, 0.1], sparsification=sparsification,
+                  consensus=consensus, normalize=normalize, scale=1.0, seed=seed)
+    expected = M.generalized_task_arithmetic(base, xs, name="layer.w", **kwargs)  # type: ignore[arg-type]
+    prepared = PreparedTensor.build("layer.w", base, xs, magnitudes=True, keep_dtype=True)
+    assert prepared.stored and prepared.deltas.dtype == dtype  # 2 bytes per entry and model
+    float32 = PreparedTensor.build("layer.w", base, xs, magnitudes=True)
+    assert not float32.stored and np.array_equal(prepared.grid_values, float32.grid_values)
+    out, wide, reference = torch.empty(n, dtype=dtype), torch.empty(n), torch.empty(n)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_prepared, "CHUNK", chunk)  # chunks that split the tensor, and one that does not
+        merge_prepared(prepared, out, **kwargs)  # type: ignore[arg-type]
+        merge_prepared(prepared, wide, **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(out, expected)
+    merge_prepared(float32, reference, **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(wide, reference)

@@ -230,3 +230,31 @@ def test_newer_methods_merge_models_as_their_pure_functions(llama_family: list[P
         expected = get_method(method).apply(sources[0].get(name), [s.get(name) for s in sources[1:]],
                                             recipe.coefficients(name, 3), seed=3, name=name)
         torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_bfloat16_sources_keep_a_bfloat16_state_with_the_same_bytes(llama_family: list[Path], tmp_path: Path,
+                                                                    method: str) -> None:
+    """Sources stored in bfloat16: the fast path keeps them as they are (2 bytes per entry and model, not float32
+    task vectors) and merges into the model the bytes of the pure function on the same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from evoopt.merge import get_method
+
+    half = []
+    for path in llama_family:
+        half.append(tmp_path / path.name)
+        AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).save_pretrained(half[-1])
+    recipe = _recipe(half, method)
+    recipe.dtype = "float32"  # type: ignore[attr-defined]  # (a float32 model: the state stays bfloat16)
+    merger = Merger(recipe)  # type: ignore[arg-type]
+    assert merger.prepared is not None
+    assert all(p.stored and p.deltas.dtype == torch.bfloat16 for p in merger.prepared.values())
+    model = merger.merge()
+    base, sources = open_source(half[0]), [open_source(p) for p in half[1:]]
+    for name, target in merger.targets.items():  # the pure function on the same values, in float32
+        expected = get_method(method).apply(base.get(name).float(), [s.get(name).float() for s in sources],
+                                            recipe.coefficients(name, len(sources)),  # type: ignore[attr-defined]
+                                            seed=recipe.seed, name=name)  # type: ignore[attr-defined]
+        assert torch.equal(target, expected.reshape(target.shape)), name
+    assert next(model.parameters()).dtype == torch.float32

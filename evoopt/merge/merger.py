@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from evoopt.merge import PreparedTensor, merge_prepared
+from evoopt.merge._prepared import STORED
 from evoopt.merge.recipe import Recipe, RecipeError
 from evoopt.models.io import (
     ModelSourceError,
@@ -108,20 +109,27 @@ class Merger:
         if settings is None or self.device.type != "cpu" or self.base is None:
             return None
         magnitudes = settings["sparsification"] in ("magnitude", "breadcrumbs")
-        # All task vectors in one allocation: no heap fragmentation from hundreds of tensors.
-        total = sum(t.numel() for t in self.targets.values())
+        base = self.base
+        # The state's dtype per tensor: the sources' own where they and the base share a 16-bit one
+        # (stored-dtype state), else float32 task vectors.
+        dtypes = {name: (base.dtype(name) if base.dtype(name) in STORED
+                         and all(s.dtype(name) == base.dtype(name) for s in self.sources) else torch.float32)
+                  for name in self.targets}
+        # All of one dtype's state in one allocation: no heap fragmentation from hundreds of tensors.
         models = len(self.sources)
-        store = torch.empty(models * total, dtype=torch.float32)
+        stores = {dtype: torch.empty(models * sum(t.numel() for n, t in self.targets.items() if dtypes[n] == dtype),
+                                     dtype=dtype) for dtype in set(dtypes.values())}
+        offsets = dict.fromkeys(stores, 0)
         scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
         prepared = {}
-        offset = 0
         for done, (name, target) in enumerate(self.targets.items()):
             self._progress("preprocessing", done, len(self.targets))
-            view = store[models * offset : models * (offset + target.numel())].view(models, -1)
-            offset += target.numel()
+            dtype, offset = dtypes[name], offsets[dtypes[name]]
+            view = stores[dtype][models * offset : models * (offset + target.numel())].view(models, -1)
+            offsets[dtype] = offset + target.numel()
             prepared[name] = PreparedTensor.build(
-                name, self.base.get(name), [s.get(name) for s in self.sources], magnitudes=magnitudes,
-                out=view, scratch=scratch,
+                name, base.get(name), [s.get(name) for s in self.sources], magnitudes=magnitudes,
+                out=view, scratch=scratch, keep_dtype=dtype != torch.float32,
             )
         self._progress("preprocessing", len(self.targets), len(self.targets))
         return prepared

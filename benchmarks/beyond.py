@@ -15,7 +15,7 @@ average of the experts and the task-specific experts), the issue's goals checked
 dev score so far against evaluations per search beside the answers' test scores. Runs go ``--jobs`` at a
 time (one CPU thread each); a rerun resumes every run from its study in ``--workdir``.
 
-    python benchmarks/beyond.py [--settings minilm-cross-task] [--evaluations 40] [--seeds 3] [--jobs 2]
+    python benchmarks/beyond.py [--settings minilm-cross-task] [--evaluations 30] [--seeds 3] [--jobs 2]
         [--archive 8] [--workdir out/beyond] [--out benchmarks/results]
 """
 
@@ -194,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=["minilm-cross-task"])
     parser.add_argument("--searches", nargs="+", default=list(SEARCHES), choices=list(SEARCHES))
-    parser.add_argument("--evaluations", type=int, default=40, help="trials per search run")
+    parser.add_argument("--evaluations", type=int, default=30, help="trials per search run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--archive", type=int, default=8, help="M2N2's archive size")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")

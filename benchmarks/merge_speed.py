@@ -12,13 +12,16 @@ tensor's standard deviation. Measured in one run, on this machine:
   (c) ``mergekit-yaml`` end to end with the same TIES recipe (merge to disk);
   (d) with ``--methods``, the same per-candidate figure for the newer methods (DELLA, SCE,
       TSV-M with its singular basis computed once, Iso-C, Iso-CTS: the SVD of the weighted
-      task sum depends on the coefficients, so it is paid per candidate).
+      task sum depends on the coefficients, so it is paid per candidate);
+  (e) with ``--dtype bfloat16``, the three checkpoints stored in bfloat16: the fast path keeps
+      them as they are (stored-dtype state); its state's size against the bfloat16 model, and
+      TIES / DARE-TIES with the float32 state of before as the same run's reference.
 
 Prints ratios (machines are noisy: compare ratios, not seconds) and peak memory
 against (sources + 2) x model size.
 
     python benchmarks/merge_speed.py [--candidates 7] [--workdir DIR] [--skip-mergekit]
-        [--methods della sce tsv iso_c iso_cts]
+        [--methods della sce tsv iso_c iso_cts] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -72,6 +75,22 @@ def make_variants(base: Path, workdir: Path, count: int = 2, seed: int = 0) -> l
     return paths
 
 
+def as_bfloat16(folder: Path, workdir: Path) -> Path:
+    """A bfloat16 copy of a checkpoint folder (cached in workdir)."""
+    from safetensors.torch import load_file, save_file
+
+    out = workdir / f"{folder.name}-bfloat16"
+    if not (out / "model.safetensors").exists():
+        state = {n: t.to(torch.bfloat16) if t.is_floating_point() else t
+                 for n, t in load_file(folder / "model.safetensors").items()}
+        tmp = workdir / f".{out.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        tmp.rename(out)
+    return out
+
+
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
     """Bytes moved per second (read + write) by a large tensor copy, median of repeats."""
     src = torch.ones(nbytes // 4)
@@ -87,34 +106,37 @@ def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
 DENSITY = {"ties", "dare_ties", "della"}  # the methods with a per-model density
 
 
-def recipe_for(method: str, base: Path, variants: list[Path], density: float, weights: list[float]) -> dict:
+def recipe_for(method: str, base: Path, variants: list[Path], density: float, weights: list[float],
+               dtype: str = "float32") -> dict:
     def parameters(weight: float) -> dict[str, float]:
         return {"weight": weight, **({"density": density} if method in DENSITY else {})}
 
     return {
-        "method": method, "base": str(base), "dtype": "float32", "device": "cpu",
+        "method": method, "base": str(base), "dtype": dtype, "device": "cpu",
         "models": [{"model": str(v), "parameters": parameters(w)} for v, w in zip(variants, weights)],
     }
 
 
-def time_candidates(method: str, base: Path, variants: list[Path], candidates: int) -> dict[str, float]:
+def time_candidates(method: str, base: Path, variants: list[Path], candidates: int,
+                    dtype: str = "float32") -> dict[str, float]:
     t0 = time.perf_counter()
-    merger = Merger(parse_recipe(recipe_for(method, base, variants, 0.5, [0.5, 0.5])))
+    merger = Merger(parse_recipe(recipe_for(method, base, variants, 0.5, [0.5, 0.5], dtype)))
     setup = time.perf_counter() - t0
     merger.merge()  # first call compiles the fused kernel (cached on disk afterwards)
     times = []
     for c in range(candidates):
         density = 0.2 + 0.6 * c / max(1, candidates - 1)
-        recipe = parse_recipe(recipe_for(method, base, variants, density, [0.3 + 0.1 * c, 0.7]))
+        recipe = parse_recipe(recipe_for(method, base, variants, density, [0.3 + 0.1 * c, 0.7], dtype))
         t0 = time.perf_counter()
         merger.merge(recipe, seed=c)
         times.append(time.perf_counter() - t0)
     params = sum(t.numel() for t in merger.targets.values())
+    state = sum(p.base.nbytes + p.deltas.nbytes for p in (merger.prepared or {}).values())  # the fast path's
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del merger
     gc.collect()  # transformers models hold reference cycles; free before the next method
     return {"setup_s": setup, "median_s": statistics.median(times), "min_s": min(times), "params": params,
-            "peak_bytes_so_far": peak}
+            "state_bytes": state, "peak_bytes_so_far": peak}
 
 
 def run_mergekit(base: Path, variants: list[Path], workdir: Path) -> dict[str, float]:
@@ -144,6 +166,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=[], help="newer methods to time as well (no TIES "
                         "reference needed: their ratios are to the same bound and to TIES of this run)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the checkpoints' "
+                        "stored dtype; bfloat16 also times the float32 state of before as a reference")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -152,17 +176,32 @@ def main() -> None:
 
     base = convert_gguf(resolve_path(GGUF))
     variants = make_variants(base, args.workdir)
+    if args.dtype == "bfloat16":
+        base, variants = as_bfloat16(base, args.workdir), [as_bfloat16(v, args.workdir) for v in variants]
     model_bytes = (base / "model.safetensors").stat().st_size
+    width = 2 if args.dtype == "bfloat16" else 4
     bandwidth = copy_bandwidth()
     sources = 1 + len(variants)
 
     results: dict[str, object] = {"model_bytes": model_bytes, "copy_bandwidth_GBps": bandwidth / 1e9}
-    for method in ("ties", "dare_ties", *args.methods):
-        r = time_candidates(method, base, variants, args.candidates)
-        moved = (sources + 1) * r["params"] * 4  # base + experts read, target written, float32
+    timed = ["ties", "dare_ties", *args.methods]
+    for method in timed:
+        r = time_candidates(method, base, variants, args.candidates, args.dtype)
+        moved = (sources + 1) * r["params"] * width  # base + experts read, target written, in the stored dtype
         r["bound_s"] = moved / bandwidth
         r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
         results[method] = r
+    if args.dtype == "bfloat16":  # the same run's reference: the float32 state of before (STORED emptied)
+        import evoopt.merge.merger as merger_module
+
+        stored, merger_module.STORED = merger_module.STORED, ()  # type: ignore[assignment]
+        for method in ("ties", "dare_ties"):
+            r = time_candidates(method, base, variants, args.candidates, args.dtype)
+            r["bound_s"] = (sources + 1) * r["params"] * width / bandwidth
+            r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
+            results[f"{method} (float32 state)"] = r
+            timed.append(f"{method} (float32 state)")
+        merger_module.STORED = stored  # type: ignore[assignment]
     evoopt_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results["evoopt_peak_bytes"] = evoopt_peak
     results["runtime_bytes"] = runtime
@@ -172,11 +211,14 @@ def main() -> None:
         results["speedup_vs_mergekit"] = mk["seconds"] / results["ties"]["median_s"]  # type: ignore[index]
 
     budget = (sources + 2) * model_bytes
-    print(f"SmolLM2-135M, {sources} sources ({model_bytes / 1e6:.0f} MB each in float32), "
+    print(f"SmolLM2-135M, {sources} sources ({model_bytes / 1e6:.0f} MB each in {args.dtype}), "
           f"{args.threads} CPU threads, {torch.__version__}")
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
-    for method in ("ties", "dare_ties", *args.methods):
+    for method in timed:
         r = results[method]  # type: ignore[assignment]
+        if r["state_bytes"]:  # type: ignore[index]
+            print(f"{method}: fast-path state {r['state_bytes'] / 1e6:.0f} MB = "  # type: ignore[index]
+                  f"{r['state_bytes'] / model_bytes:.2f} x the {args.dtype} model (sources + 1 = {sources})")  # type: ignore[index]
         print(f"{method:>10}: per candidate {r['median_s']:.3f} s (median of {args.candidates}), "  # type: ignore[index]
               f"bound {r['bound_s']:.3f} s, ratio to bound {r['ratio_to_bound']:.2f}x "  # type: ignore[index]
               f"(target <= 3x), {r['median_s'] / results['ties']['median_s']:.1f}x TIES; "  # type: ignore[index]

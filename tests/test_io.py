@@ -246,15 +246,14 @@ def test_bfloat16_sources_keep_a_bfloat16_state_with_the_same_bytes(llama_family
         half.append(tmp_path / path.name)
         AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).save_pretrained(half[-1])
     recipe = _recipe(half, method)
-    recipe.dtype = "float32"  # type: ignore[attr-defined]  # (a float32 model: the state stays bfloat16)
-    merger = Merger(recipe)  # type: ignore[arg-type]
+    recipe.dtype = "float32"  # a float32 model: the state stays bfloat16
+    merger = Merger(recipe)
     assert merger.prepared is not None
     assert all(p.stored and p.deltas.dtype == torch.bfloat16 for p in merger.prepared.values())
     model = merger.merge()
     base, sources = open_source(half[0]), [open_source(p) for p in half[1:]]
     for name, target in merger.targets.items():  # the pure function on the same values, in float32
         expected = get_method(method).apply(base.get(name).float(), [s.get(name).float() for s in sources],
-                                            recipe.coefficients(name, len(sources)),  # type: ignore[attr-defined]
-                                            seed=recipe.seed, name=name)  # type: ignore[attr-defined]
+                                            recipe.coefficients(name, len(sources)), seed=recipe.seed, name=name)
         assert torch.equal(target, expected.reshape(target.shape)), name
     assert next(model.parameters()).dtype == torch.float32

@@ -188,19 +188,29 @@ def merge_prepared(
         return
     params = _kernel_params(prepared, weights, densities, gammas, sparsification, seed)
     settings = (_MODES[sparsification], consensus, normalize, np.float32(scale))
-    if prepared.stored:
+    if prepared.stored and prepared.base.dtype != torch.bfloat16:
         _merge_stored(prepared, out, params, settings)
         return
+    if prepared.base.dtype == torch.bfloat16:  # the kernel widens their bits itself
+        base, deltas = _bits(prepared.base), _bits(prepared.deltas)
+    else:
+        base, deltas = prepared.base.numpy(), prepared.deltas.numpy()
     target = out if out.dtype == torch.float32 else torch.empty(prepared.numel, dtype=torch.float32)
-    _fused_kernel()(target.view(-1).numpy(), prepared.base.numpy(), prepared.deltas.numpy(), *params, *settings, 0)
+    _fused_kernel()(target.view(-1).numpy(), base, deltas, *params, *settings, 0)
     if target is not out:
         out.view(-1).copy_(target)
 
 
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's bits as uint16 (numpy has no bfloat16): the float32 value is the bits << 16."""
+    return tensor.view(torch.int16).numpy().view(np.uint16)
+
+
 def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
                   settings: tuple[Any, ...]) -> None:
-    """The fused pass over a stored-dtype state, CHUNK entries at a time: widen the sources and the base to
-    float32, subtract (the task vectors, exactly as ``build`` computes them), merge into float32 and write."""
+    """The fused pass over a float16 state, CHUNK entries at a time: widen the sources and the base to float32,
+    subtract (the task vectors, exactly as ``build`` computes them), merge into float32 and write. (A bfloat16
+    state is widened inside the kernel, block by block.)"""
     models, n = prepared.deltas.shape
     size = min(CHUNK, n)
     deltas, base, merged = (torch.empty(models * size), torch.empty(size), torch.empty(size))
@@ -275,8 +285,40 @@ def _fused_kernel() -> Any:
     return _KERNEL
 
 
+def _block(base: Any, deltas: Any, start: int, stop: int) -> Any:
+    """The base and the task vectors of entries start..stop, float32 (typed per dtype by ``_compile``)."""
+    raise NotImplementedError  # (numba only: see the overload in _compile)
+
+
 def _compile() -> Any:
     import numba
+    from numba import types
+    from numba.extending import overload
+
+    @overload(_block, inline="always")
+    def _block_typed(base, deltas, start, stop):  # type: ignore[no-untyped-def]
+        if base.dtype == types.float32:  # the float32 state: views, no copy
+            return lambda base, deltas, start, stop: (base[start:stop], deltas[:, start:stop])
+        if base.dtype == types.uint16:  # the bfloat16 state (its bits): widened exactly, then subtracted
+
+            def widen(base, deltas, start, stop):  # type: ignore[no-untyped-def]
+                size = stop - start
+                bits = np.empty(size, dtype=np.uint32)
+                for j in range(size):
+                    bits[j] = np.uint32(base[start + j]) << np.uint32(16)
+                base32 = bits.view(np.float32).copy()
+                models = deltas.shape[0]
+                delta = np.empty((models, size), dtype=np.float32)
+                wide = bits.view(np.float32)
+                for m in range(models):
+                    for j in range(size):
+                        bits[j] = np.uint32(deltas[m, start + j]) << np.uint32(16)
+                    for j in range(size):
+                        delta[m, j] = wide[j] - base32[j]
+                return base32, delta
+
+            return widen
+        return None
 
     golden = np.uint64(0x9E3779B9)
     fmix1, fmix2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)
@@ -324,10 +366,11 @@ def _compile() -> Any:
         for b in numba.prange((n + block - 1) // block):
             start, stop = b * block, min(n, (b + 1) * block)
             size = stop - start
+            base_block, delta_block = _block(base, deltas, start, stop)
             contributions = np.empty((models, size), dtype=np.float32)
             total = np.zeros(size, dtype=np.float32)
             for m in range(models):
-                contribute(contributions[m], total, deltas[m, start:stop], coefs[m], mode, lows[m], highs[m],
+                contribute(contributions[m], total, delta_block[m], coefs[m], mode, lows[m], highs[m],
                            thresholds[m], keys[m], start + offset)
             if consensus:
                 numerator = np.zeros(size, dtype=np.float32)
@@ -351,6 +394,6 @@ def _compile() -> Any:
                 for j in range(size):
                     numerator[j] = numerator[j] * scale
             for j in range(size):
-                out[start + j] = base[start + j] + numerator[j]
+                out[start + j] = base_block[j] + numerator[j]
 
     return kernel

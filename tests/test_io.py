@@ -257,3 +257,30 @@ def test_bfloat16_sources_keep_a_bfloat16_state_with_the_same_bytes(llama_family
                                             recipe.coefficients(name, len(sources)), seed=recipe.seed, name=name)
         assert torch.equal(target, expected.reshape(target.shape)), name
     assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_memory_budget_streams_the_sources_with_the_same_bytes(llama_family: list[Path], tmp_path: Path,
+                                                                 dtype: torch.dtype) -> None:
+    """A budget smaller than the fast path's state: the state is memory-mapped views of the sources' files (only
+    the magnitude grids kept), and each merge gives the in-memory merge's bytes."""
+    from transformers import AutoModelForCausalLM
+
+    paths = llama_family
+    if dtype != torch.float32:
+        paths = [tmp_path / p.name for p in llama_family]
+        for path, out in zip(llama_family, paths):
+            AutoModelForCausalLM.from_pretrained(path).to(dtype).save_pretrained(out)
+    for method in ("ties", "dare_ties", "task_arithmetic"):
+        in_memory = Merger(_recipe(paths, method))
+        streamed = Merger(_recipe(paths, method).model_copy(update={"memory_budget": 1e-6}))  # 1 KiB
+        assert not in_memory.streamed and streamed.streamed
+        assert streamed.prepared is not None and all(p.streamed_state for p in streamed.prepared.values())
+        for seed, weight in ((0, 0.5), (3, 0.9)):
+            recipe = _recipe(paths, method)
+            for spec in recipe.models:
+                spec.parameters["weight"] = weight
+            in_memory.merge(recipe, seed=seed)
+            streamed.merge(recipe, seed=seed)
+            for name, target in in_memory.targets.items():
+                assert torch.equal(streamed.targets[name], target), (method, name)

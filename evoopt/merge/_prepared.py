@@ -13,6 +13,11 @@ dtype instead of float32 task vectors, half the memory; each candidate then wide
 to float32 chunk by chunk (:data:`CHUNK` entries) and subtracts the base there, which
 is exactly how the task vectors were computed, so the bytes do not change.
 
+Streamed state (:meth:`PreparedTensor.streamed`): where even that does not fit the memory
+budget, the state is memory-mapped views of the base and the sources' files (the page
+cache's, not the process's memory) and only the small magnitude grid is kept; each
+candidate reads them chunk by chunk, widened and subtracted as above: the same bytes again.
+
 The fused pass computes exactly the formula of
 :func:`evoopt.merge.generalized_task_arithmetic`, in the same float32 operation
 order, with the same counter-based random stream, so both give the same bytes.
@@ -48,7 +53,8 @@ class PreparedTensor:
         name: the parameter's name (keys the random stream).
         base: the base tensor, flat: float32, or its stored 16-bit dtype (``stored``).
         deltas: task vectors, float32, shape (models, numel); ``stored``: the sources themselves, flat,
-            in the base's 16-bit dtype (their task vectors are computed per chunk, in float32).
+            in the base's 16-bit dtype (their task vectors are computed per chunk, in float32);
+            ``streamed``: a tuple of the sources' flat memory-mapped views (any dtype).
         grid_stride: sorted magnitudes are kept at ranks 0, s, 2s, ... and n - 1.
         grid_values: sorted |delta| at those ranks, shape (models, grid points),
             or None when no magnitude sparsification is needed.
@@ -56,7 +62,7 @@ class PreparedTensor:
 
     name: str
     base: torch.Tensor
-    deltas: torch.Tensor
+    deltas: torch.Tensor | tuple[torch.Tensor, ...]
     grid_stride: int
     grid_values: np.ndarray | None
 
@@ -115,14 +121,38 @@ class PreparedTensor:
                  for m in range(shape[0])]
         return cls(name, flat_base, sources, stride, np.stack(grids))
 
+    @classmethod
+    def streamed(cls, name: str, base: torch.Tensor, sources: Sequence[torch.Tensor], *, magnitudes: bool,
+                 scratch: np.ndarray | None = None) -> PreparedTensor:
+        """The state of a streamed merge: ``base`` and ``sources`` are flat views (memory-mapped files) kept as
+        they are; only the magnitude grid is computed (one tensor's float32 task vector at a time)."""
+        flat_base = base.reshape(-1)
+        stride = max(1, math.ceil(flat_base.numel() / GRID_SIZE))
+        grid = None
+        if magnitudes:
+            delta = torch.empty(flat_base.numel(), dtype=torch.float32)
+            base32 = flat_base.to(torch.float32)
+            grid = np.stack([_grid(torch.sub(t.reshape(-1).to(torch.float32), base32, out=delta)[None], scratch)[0]
+                             for t in sources])
+        return cls(name, flat_base, tuple(t.reshape(-1) for t in sources), stride, grid)
+
     @property
     def numel(self) -> int:
         return self.base.numel()
 
     @property
+    def models(self) -> int:
+        return len(self.deltas)
+
+    @property
+    def streamed_state(self) -> bool:
+        """The state is views of the sources' files (chunk by chunk merges)."""
+        return isinstance(self.deltas, tuple)
+
+    @property
     def stored(self) -> bool:
         """The state holds the sources in their 16-bit dtype (task vectors computed per chunk)."""
-        return self.base.dtype in STORED
+        return self.base.dtype in STORED and not self.streamed_state
 
     def bounds(self, model: int, window: tuple[int, int]) -> tuple[float, float]:
         """Magnitude bounds of a rank window, with ranks rounded to the grid."""
@@ -175,7 +205,7 @@ def merge_prepared(
     fused kernel writes in place; otherwise the reference function runs and its
     result is copied into ``out`` (cast to ``out``'s dtype).
     """
-    models = prepared.deltas.shape[0]
+    models = prepared.models
     densities = list(densities) if densities is not None else [1.0] * models
     gammas = list(gammas) if gammas is not None else [0.0] * models
     if len(weights) != models or len(densities) != models or len(gammas) != models:
@@ -188,7 +218,7 @@ def merge_prepared(
         return
     params = _kernel_params(prepared, weights, densities, gammas, sparsification, seed)
     settings = (_MODES[sparsification], consensus, normalize, np.float32(scale))
-    if prepared.stored and prepared.base.dtype != torch.bfloat16:
+    if isinstance(prepared.deltas, tuple) or prepared.stored and prepared.base.dtype != torch.bfloat16:
         _merge_stored(prepared, out, params, settings)
         return
     if prepared.base.dtype == torch.bfloat16:  # the kernel widens their bits itself
@@ -208,10 +238,10 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
 
 def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
                   settings: tuple[Any, ...]) -> None:
-    """The fused pass over a float16 state, CHUNK entries at a time: widen the sources and the base to float32,
-    subtract (the task vectors, exactly as ``build`` computes them), merge into float32 and write. (A bfloat16
-    state is widened inside the kernel, block by block.)"""
-    models, n = prepared.deltas.shape
+    """The fused pass over a float16 or streamed state, CHUNK entries at a time: widen the sources and the base
+    to float32, subtract (the task vectors, exactly as ``build`` computes them), merge into float32 and write.
+    (A bfloat16 state in memory is widened inside the kernel, block by block.)"""
+    models, n = prepared.models, prepared.numel
     size = min(CHUNK, n)
     deltas, base, merged = (torch.empty(models * size), torch.empty(size), torch.empty(size))
     flat = out.view(-1)
@@ -221,7 +251,7 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
         chunk_base = base[:k].copy_(prepared.base[start : start + k])
         chunk = deltas[: models * k].view(models, k)
         for m in range(models):
-            chunk[m].copy_(prepared.deltas[m, start : start + k]).sub_(chunk_base)
+            chunk[m].copy_(prepared.deltas[m][start : start + k]).sub_(chunk_base)
         target = flat[start : start + k] if out.dtype == torch.float32 else merged[:k]
         kernel(target.numpy(), chunk_base.numpy(), chunk.numpy(), *params, *settings, start)
         if out.dtype != torch.float32:
@@ -262,9 +292,9 @@ def _merge_reference(prepared: PreparedTensor, out: torch.Tensor, weights: Seque
                      sparsification: Sparsification, consensus: bool, normalize: bool,
                      scale: float, seed: int) -> None:
     base = prepared.base.to(out.device)
-    models = prepared.deltas.shape[0]
-    tensors = [prepared.deltas[m].to(out.device) if prepared.stored else base + prepared.deltas[m].to(out.device)
-               for m in range(models)]
+    direct = prepared.stored or prepared.streamed_state  # the sources themselves, not task vectors
+    tensors = [prepared.deltas[m].to(out.device) if direct else base + prepared.deltas[m].to(out.device)
+               for m in range(prepared.models)]
     merged = generalized_task_arithmetic(
         base, tensors, weights=weights, densities=densities, gammas=gammas,
         sparsification=sparsification, consensus=consensus, normalize=normalize, scale=scale,

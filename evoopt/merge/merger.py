@@ -78,6 +78,7 @@ class Merger:
         check_compatible(labelled, list(self.targets))
         self.structure = structure
         self.statistics = self._estimate_statistics() if self.method.statistic else None
+        self.streamed = False  # the fast path's state is memory-mapped views of the sources (set by _prepare)
         self.prepared = self._prepare() if self.method.task_arithmetic is not None else None
         self.cached = self._prepare_method() if self.method.prepare is not None else {}
         if self.prepared is None:
@@ -115,6 +116,10 @@ class Merger:
         dtypes = {name: (base.dtype(name) if base.dtype(name) in STORED
                          and all(s.dtype(name) == base.dtype(name) for s in self.sources) else torch.float32)
                   for name in self.targets}
+        state = sum(t.numel() * dtypes[n].itemsize * (len(self.sources) + 1) for n, t in self.targets.items())
+        budget = self.recipe.memory_budget * 2**30 if self.recipe.memory_budget else available_memory()
+        if state > budget:
+            return self._prepare_streamed(magnitudes, state, budget)
         # All of one dtype's state in one allocation: no heap fragmentation from hundreds of tensors.
         models = len(self.sources)
         stores = {dtype: torch.empty(models * sum(t.numel() for n, t in self.targets.items() if dtypes[n] == dtype),
@@ -131,6 +136,22 @@ class Merger:
                 name, base.get(name), [s.get(name) for s in self.sources], magnitudes=magnitudes,
                 out=view, scratch=scratch, keep_dtype=dtype != torch.float32,
             )
+        self._progress("preprocessing", len(self.targets), len(self.targets))
+        return prepared
+
+    def _prepare_streamed(self, magnitudes: bool, state: int, budget: float) -> dict[str, PreparedTensor]:
+        """The state as memory-mapped views of the sources' files: only the magnitude grids are kept."""
+        assert self.base is not None
+        logger.info("merge: the preprocessed state (%.2f GiB) exceeds the memory budget (%.2f GiB): streaming the "
+                    "sources from their files", state / 2**30, budget / 2**30)
+        self.streamed = True
+        self._check_finite()  # (the views are read as they are, unchecked, for every candidate)
+        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
+        prepared = {}
+        for done, name in enumerate(self.targets):
+            self._progress("preprocessing", done, len(self.targets))
+            views = [_view(s, name) for s in (self.base, *self.sources)]
+            prepared[name] = PreparedTensor.streamed(name, views[0], views[1:], magnitudes=magnitudes, scratch=scratch)
         self._progress("preprocessing", len(self.targets), len(self.targets))
         return prepared
 
@@ -210,6 +231,23 @@ class Merger:
             self.model, out, tokenizer_from=self.structure.folder, recipe_yaml=recipe_yaml,
             model_card=card_text, overwrite=overwrite,
         )
+
+
+def available_memory() -> float:
+    """Bytes of memory available to a new allocation now (Linux: MemAvailable), or infinity where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _view(source: TensorSource, name: str) -> torch.Tensor:
+    """A tensor's memory-mapped view where its format has one, else the tensor read into memory."""
+    mapped = source.mapped(name)
+    return mapped if mapped is not None else source.get(name, check=False)
 
 
 def calibration_batches(recipe: Recipe, tokenizer_folder: Path) -> list[dict[str, torch.Tensor]]:

@@ -117,6 +117,9 @@ class Recipe(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     calibration: CalibrationSpec | None = None
+    memory_budget: float | None = Field(None, gt=0, description=(
+        "GiB the fast path's preprocessed state may take (task arithmetic, TIES, DARE...); a larger state "
+        "is streamed from the sources' memory-mapped files instead. Default: the memory available at the start"))
     exclude: list[str] = Field(default_factory=list, description=(
         "tensor-name patterns left out of the merge (kept as in the base), e.g. per-task heads "
         "whose shapes differ: ['classifier.*']"))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from evoopt.errors import ModelSourceError, OutputExistsError
@@ -95,6 +96,7 @@ class TensorSource:
     _shapes: dict[str, tuple[int, ...]] = field(repr=False)
     _dtypes: dict[str, torch.dtype] = field(repr=False)
     _reader: Callable[[str], torch.Tensor] = field(repr=False)
+    _mapper: Callable[[str], torch.Tensor] | None = field(default=None, repr=False)
 
     def keys(self) -> list[str]:
         return list(self._shapes)
@@ -122,6 +124,11 @@ class TensorSource:
                 "this checkpoint is corrupt or diverged, re-export or drop it"
             )
         return tensor
+
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """A read-only, memory-mapped view of one tensor, flat (its pages are the file's page cache, not the
+        process's own memory), or None where the format has no such view (.bin checkpoints)."""
+        return None if self._mapper is None else self._mapper(name)
 
 
 def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
@@ -208,7 +215,21 @@ def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
             raise ModelSourceError(f"{file}: cannot read tensor {name!r} ({error}); the file is truncated") from None
         return tensor
 
-    return TensorSource(path, folder, config, shapes, dtypes, read)
+    maps: dict[Path, tuple[np.memmap, int, dict[str, Any]]] = {}
+
+    def mapped(name: str) -> torch.Tensor:
+        # Copy-on-write pages: writable for torch, but nothing is ever written back (nor written at all here).
+        file = location[name]
+        if file not in maps:
+            with file.open("rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            maps[file] = (np.memmap(file, dtype=np.uint8, mode="c"), 8 + length, header)
+        data, offset, header = maps[file]
+        start, end = header[name]["data_offsets"]
+        return torch.from_numpy(data[offset + start : offset + end]).view(dtypes[name])
+
+    return TensorSource(path, folder, config, shapes, dtypes, read, mapped)
 
 
 def _open_bin(path: Path, files: list[Path], *, folder: Path | None,

@@ -27,7 +27,8 @@ from evoopt.data.outcomes import LOSSES
 from evoopt.errors import ConfigError, problems, read_yaml, schema_problems
 
 # what may change between runs of one study without making it a different study
-RUNTIME_KEYS = ("trials", "timeout", "device", "storage", "artifacts", "heartbeat_interval", "grace_period")
+RUNTIME_KEYS = ("trials", "timeout", "device", "storage", "artifacts", "heartbeat_interval", "grace_period",
+                "memory_budget")
 MINIMIZE = LOSSES  # metrics that are per-example losses are minimised
 
 Check = Callable[["StudyConfig"], list[str]]
@@ -162,6 +163,9 @@ class StudyConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    memory_budget: float | None = Field(None, gt=0, description=(
+        "GiB the merges' preprocessed state may take; larger, the sources are streamed from their files "
+        "(default: the memory available when a worker starts)"))
     storage: str | None = Field(None, description="an Optuna storage URL; default sqlite in the artifacts folder")
     artifacts: str = Field("out/studies", description="folder for the default storage, artifacts and plots")
     baselines: list[str] = Field(

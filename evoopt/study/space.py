@@ -67,6 +67,7 @@ def fixed_recipe(sources: Sources, method: str, parameters: dict[str, Any] | Non
                    for i, m in enumerate(sources.models)],
         "parameters": dict(parameters or {}),
         "seed": config.seed, "dtype": config.dtype, "device": config.device, "exclude": sources.exclude,
+        "memory_budget": config.memory_budget,
     }
     if sources.base is not None:
         data["base"] = sources.base

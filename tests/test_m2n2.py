@@ -178,6 +178,12 @@ def test_archive_builds_a_generation_from_the_archive_before_it(tmp_path: Path) 
         torch.testing.assert_close(out["w"], torch.tensor([0.625, 0.625, 0.875]))
         archive.write(out, member=1)
         torch.testing.assert_close(out["b"], torch.tensor([4.0]))
+    seed = {"w": torch.full((3,), 0.5), "b": torch.full((1,), 2.0)}  # a merge of the experts joins them
+    seeded = Archive(experts, ["w", "b"], dtype=torch.float32, linear=True, seeds=[seed])
+    assert len(seeded.members) == 3 and torch.equal(seeded.members[2]["w"], seed["w"])
+    seeded.members[2]["w"].add_(1.0)
+    seeded.reset()  # the archive's members are copies: a rebuild starts from the seed again
+    assert torch.equal(seeded.members[2]["w"], torch.full((3,), 0.5))
 
 
 def test_sampler_config_problems_are_named() -> None:
@@ -189,9 +195,12 @@ def test_sampler_config_problems_are_named() -> None:
         M2N2Sampler(members=3, archive=2, brood=0, interpolation="cubic")
     with pytest.raises(ConfigError, match="space.kind m2n2 and sampler M2N2Sampler go together"):
         parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "m2n2"}})
-    with pytest.raises(ConfigError, match="(?s)space.method.*no merge method.*pruner.name"):
-        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "m2n2", "method": "dare"},
+    with pytest.raises(ConfigError, match="(?s)space.method.*no merge method.*space.seeds: 'slerp' not.*pruner.name"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains",
+                      "space": {"kind": "m2n2", "method": "dare", "seeds": ["ties", "slerp"]},
                       "sampler": {"name": "M2N2Sampler"}, "pruner": {"name": "MedianPruner"}})
+    with pytest.raises(ConfigError, match="space.seeds: the first archive's merges are for space.kind m2n2 only"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"seeds": ["ties"]}})
 
 
 # --- determinism: a resumed study and parallel workers reach the archive of one process ---------------------
@@ -254,25 +263,27 @@ def test_m2n2_study_on_real_experts_reports_and_exports_its_answer(small_experts
     from tests.helpers.studies import small_study_config, write_study_config
 
     experts, _ = small_experts
-    data = small_study_config(tmp_path, experts, name="m2n2", space={"kind": "m2n2"}, trials=5,
-                              sampler={"name": "M2N2Sampler", "options": {"archive": 3, "poll": 0.05}})
+    data = small_study_config(tmp_path, experts, name="m2n2", space={"kind": "m2n2", "seeds": ["ties"]}, trials=5,
+                              sampler={"name": "M2N2Sampler", "options": {"archive": 4, "poll": 0.05}})
     config = parse_config(data)
     study = run_study(config, report=False).study
     trials = study.get_trials()
-    assert [t.user_attrs["generation"] for t in trials] == [0, 0, 1, 2, 3]
-    assert [t.params.get("member") for t in trials[:2]] == [0, 1]
-    assert all(set(t.params) == {"parent_a", "parent_b", "split", "ratio"} for t in trials[2:])
+    assert [t.user_attrs["generation"] for t in trials] == [0, 0, 0, 1, 2]  # two experts and their TIES merge
+    assert [t.params.get("member") for t in trials[:3]] == [0, 1, 2]
+    kind = make_kind(config)
+    assert "seed merge: ties" in kind.record(trials[2]) and "expert: 1" in kind.record(trials[1])
+    assert all(set(t.params) == {"parent_a", "parent_b", "split", "ratio"} for t in trials[3:])
     assert all(trial_outcomes(t) is not None for t in trials)
     report_result(config, study)
     result = study.user_attrs["evoopt:result"]
-    history = make_kind(config).history(study)  # type: ignore[attr-defined]
-    assert result["trial"] == history.holders[history.best] and result["generation"] == 3
+    history = kind.history(study)  # type: ignore[attr-defined]
+    assert result["trial"] == history.holders[history.best] and result["generation"] == 2
     assert study.trials[result["trial"]].value == max(history.values)  # the best by plain dev score
     assert set(result["test"]) == {"vader-tweets", "vader-nyt"}
     assert any(row["name"].startswith("M2N2 result") for row in summary_rows(study))
     printed = CliRunner().invoke(main, ["best", str(write_study_config(tmp_path, data))])
     assert printed.exit_code == 0, printed.output
-    assert "archive after generation 3" in printed.output and "answer of generation 3" in printed.output
+    assert "archive after generation 2" in printed.output and "answer of generation 2" in printed.output
     out = export_trial(config, "best", tmp_path / "answer")
     assert "placed" in (out / "evoopt_recipe.yaml").read_text()
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()

@@ -32,11 +32,13 @@ class Archive:
         folder: keep the members in memory-mapped safetensors files in this folder.
         device: where the members live when not memory-mapped.
         linear: interpolate linearly instead of spherically.
+        seeds: more first members after the experts (merges of them), each the tensors ``names``.
     """
 
     def __init__(self, sources: Sequence[TensorSource], names: Sequence[str], *, dtype: torch.dtype,
-                 folder: Path | None = None, device: torch.device | None = None, linear: bool = False) -> None:
-        self.sources, self.names, self.dtype = list(sources), list(names), dtype
+                 folder: Path | None = None, device: torch.device | None = None, linear: bool = False,
+                 seeds: Sequence[Mapping[str, torch.Tensor]] = ()) -> None:
+        self.sources, self.names, self.dtype, self.seeds = list(sources), list(names), dtype, list(seeds)
         self.folder, self.linear = folder, linear
         self.device = torch.device("cpu") if folder is not None or device is None else device
         self.members: list[dict[str, torch.Tensor]] = []
@@ -50,10 +52,11 @@ class Archive:
         self.reset()
 
     def reset(self) -> None:
-        """Back to the experts."""
-        self.members = [self._member({n: source.get(n, check=False).to(self.device, self.dtype).contiguous()
-                                      for n in self.names}, i) for i, source in enumerate(self.sources)]
+        """Back to the experts (and the seed merges)."""
         self.generation = 0
+        first = [{n: source.get(n, check=False) for n in self.names} for source in self.sources] + self.seeds
+        self.members = [self._member({n: t[n].to(self.device, self.dtype, copy=True).contiguous() for n in self.names},
+                                     i) for i, t in enumerate(first)]
 
     def _member(self, tensors: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
         if self.folder is None:

@@ -92,6 +92,9 @@ class SpaceSpec(_Strict):
     scales: tuple[float, float] = Field((0.0, 2.0), description="dfs: the bounds of every scale")
     binary: bool = Field(False, description=(
         "dfs: indicators as 0/1 integers (CMA-ES with margin) instead of continuous values on when > 0"))
+    seeds: list[str] = Field(default_factory=list, description=(
+        "m2n2: merges of the experts that join them in the first archive, by method name (ties, dare_ties, "
+        "della, tsv, iso_cts, with the method search's known-good coefficients), e.g. [ties]"))
     methods: dict[str, MethodChoice] = Field(default_factory=dict, description=(
         "methods: the methods searched, each with its coefficients (default: ties, dare_ties, della, tsv, iso_cts "
         "with the bounds and known-good starts of evoopt.study.kinds.methods.DEFAULT_METHODS)"))

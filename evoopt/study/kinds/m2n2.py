@@ -41,7 +41,8 @@ class M2N2Space:
 
     def __init__(self, config: StudyConfig, sources: Sources) -> None:
         self.config, self.sources = config, sources
-        self.members = len(sources.models)
+        self.experts = len(sources.models)
+        self.members = self.experts + len(config.space.seeds)  # the first archive: experts, then seed merges
         self.size = int(config.sampler.options.get("archive") or self.members)
 
     def sampler_options(self) -> dict[str, Any]:
@@ -49,7 +50,18 @@ class M2N2Space:
 
     def default(self) -> Recipe:
         """The evaluation model's recipe: a plain average, which needs no preprocessing."""
-        return fixed_recipe(self.sources, "linear", {}, [{"weight": 1.0}] * self.members, config=self.config)
+        return fixed_recipe(self.sources, "linear", {}, [{"weight": 1.0}] * self.experts, config=self.config)
+
+    def seed_recipes(self) -> list[Recipe]:
+        """The seed merges' recipes: each method at the method search's known-good coefficients."""
+        from evoopt.study.kinds.methods import DEFAULT_METHODS
+
+        recipes = []
+        for method in self.config.space.seeds:
+            spec = DEFAULT_METHODS[method]
+            recipes.append(fixed_recipe(self.sources, method, dict(spec.get("fixed", {})),
+                                        [dict(spec["start"])] * self.experts, config=self.config))
+        return recipes
 
     def suggest(self, trial: optuna.Trial) -> Offspring:
         """Read the trial's child (the sampler chose it when the first parameter was asked for)."""
@@ -89,12 +101,18 @@ class M2N2Kind(Kind[M2N2Space]):
             problems.append("space.kind / sampler.name: space.kind m2n2 and sampler M2N2Sampler go together "
                             f"(got {space.kind} and {config.sampler.name})")
         if space.kind not in cls.names:
+            if space.seeds:
+                problems.append("space.seeds: the first archive's merges are for space.kind m2n2 only")
             return problems
         if changed := changed_keys(space, "method", "search", "fixed", "log"):
             problems.append(f"space.{' / space.'.join(changed)}: M2N2 evolves the weights themselves by crossover; "
                             "it takes no merge method or coefficients (leave them out)")
         if config.objective.multi_objective:
             problems.append("objective.multi_objective: M2N2's competition needs one objective")
+        from evoopt.study.kinds.methods import DEFAULT_METHODS
+
+        if unknown := [m for m in space.seeds if m not in DEFAULT_METHODS]:
+            problems.append(f"space.seeds: {', '.join(map(repr, unknown))} not among {', '.join(DEFAULT_METHODS)}")
         if config.pruner.name != "NopPruner":
             problems.append(f"pruner.name: M2N2's competition compares every member on the same examples, so a "
                             f"child is scored whole; leave out the pruner (got {config.pruner.name})")
@@ -127,8 +145,15 @@ class M2N2Kind(Kind[M2N2Space]):
         self.merger = Merger(self.space.default(), progress=progress)
         self.model, self.tokenizer_folder, self.device = self.merger.model, self.merger.structure.folder, device
         folder = scratch_folder(self, "archive-") if self.config.space.population == "mmap" else None
+        seeds = []
+        for recipe in self.space.seed_recipes():  # merged once, kept as the first archive's members
+            merged = Merger(recipe, progress=progress)
+            merged.merge()
+            seeds.append({name: merged.targets[name].detach().clone() for name in self.merger.targets})
+            del merged
         self.archive = Archive(self.merger.sources, list(self.merger.targets), dtype=self.merger.dtype,
-                               folder=folder, device=device, linear=self.sampler().interpolation == "linear")
+                               folder=folder, device=device, linear=self.sampler().interpolation == "linear",
+                               seeds=seeds)
         return self.model
 
     def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
@@ -167,7 +192,12 @@ class M2N2Kind(Kind[M2N2Space]):
 
         offspring = self.space.offspring(trial)
         what: dict[str, Any] = {"trial": trial.number, "generation": offspring.generation}
-        what.update({"child": vars(offspring.child)} if offspring.child else {"expert": offspring.member})
+        if offspring.child:
+            what["child"] = vars(offspring.child)
+        elif offspring.member < self.space.experts:
+            what["expert"] = offspring.member
+        else:
+            what["seed merge"] = self.config.space.seeds[offspring.member - self.space.experts]
         return yaml.safe_dump(what, sort_keys=False)
 
     def report(self, study: optuna.Study, score: Score) -> None:
@@ -217,9 +247,10 @@ class M2N2Kind(Kind[M2N2Space]):
             offspring = self.space.offspring(get_trial(study, which))
             self._write(history, offspring)
             what = f"trial {which}: generation {offspring.generation}, " + (
-                "a child" if offspring.child else f"expert {offspring.member}")
+                "a child" if offspring.child else f"first member {offspring.member}")
         rebuild: dict[str, Any] = {
             "study": self.config.name, "m2n2": what, "seed": self.config.seed, "experts": list(self.sources.models),
+            "seed merges": list(self.config.space.seeds),
             "interpolation": "linear" if self.archive.linear else "slerp", "archive": history.holders,
             "placed": {g: [{**vars(c), "place": p} for c, p in placed]
                        for g, placed in enumerate(history.placed) if placed}}

@@ -7,7 +7,8 @@ Per setting (``--settings``, default minilm-cross-task: per-task heads, where fi
   beside the average of the experts and the task-specific experts (each on its own task);
 - searches, each given ``--evaluations`` trials scored on the whole dev set, ``--seeds`` seeds: the method
   search (evoopt's CMA-ES, one per method, methods raced), layer-wise TIES with evoopt's CMA-ES,
-  TIES_Evolver and M2N2 (archive ``--archive``); each answer (the best trial, the Evolver's population
+  TIES_Evolver and M2N2 (archive ``--archive``), from the experts and with their TIES merge as one more
+  first member (``space.seeds``); each answer (the best trial, the Evolver's population
   answer, M2N2's best member by dev) is scored on test after its search, for reporting only.
 
 Printed and written (``--out``): the table (median test over seeds with min-max, dev, gap closed between the
@@ -52,6 +53,8 @@ SEARCHES: dict[str, dict[str, Any]] = {
         "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
         "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
     "M2N2": {"space": {"kind": "m2n2"}, "sampler": {"name": "M2N2Sampler", "options": {}}},
+    "M2N2 + TIES seed": {"space": {"kind": "m2n2", "seeds": ["ties"]}, "sampler": {"name": "M2N2Sampler",
+                                                                                 "options": {}}},
 }
 
 
@@ -86,7 +89,7 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = f"{search.replace(' ', '-').replace('_', '-').lower()}-seed{seed}"
     spec = json.loads(json.dumps(SEARCHES[search]))
-    if search == "M2N2":
+    if search.startswith("M2N2"):
         spec["sampler"]["options"]["archive"] = archive
     defaults = study_config(Path(folder), setting, "x", 1).objective.model_dump(exclude={"estimate"})
     config = study_config(Path(folder) / name, setting, name, evaluations, seed=seed, baselines=[],
@@ -129,7 +132,7 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     by = {r["name"]: r for r in rows}
     searches = [r for r in rows if r["test_range"] is not None]
     lines = []
-    for new in ("M2N2", "method search"):
+    for new in ("M2N2", "M2N2 + TIES seed", "method search"):
         if new not in by:
             continue
         others = [r for r in searches if r["name"] != new]
@@ -157,7 +160,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     settings = list(results)
     figure, axes = plt.subplots(len(settings), 2, figsize=(13, 4.6 * len(settings)), squeeze=False)
-    colours = dict(zip(SEARCHES, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+    colours = dict(zip(SEARCHES, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")))
     for (left, right), setting in zip(axes, settings):
         result = results[setting]
         for search, colour in colours.items():

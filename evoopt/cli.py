@@ -259,7 +259,8 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     M2N2Sampler (Abrantes et al. 2025): an archive seeded with the experts, one
     child a trial by crossover at an evolved split, parents by resource
     competition and attraction (options archive, brood, alpha, attract,
-    interpolation); the answer is the archive's best member by dev.
+    interpolation; space.seeds, e.g. [ties], adds merges of the experts to the
+    first archive); the answer is the archive's best member by dev.
     Samplers (sampler.name): any optuna.samplers class, or EvoCmaSampler,
     evoopt's CMA-ES, whose state is the stored trials (resumable, safe with
     --workers, IPOP/BIPOP, sep-CMA, margin; one CMA-ES per method in a method

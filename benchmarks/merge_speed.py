@@ -15,13 +15,15 @@ tensor's standard deviation. Measured in one run, on this machine:
       task sum depends on the coefficients, so it is paid per candidate);
   (e) with ``--dtype bfloat16``, the three checkpoints stored in bfloat16: the fast path keeps
       them as they are (stored-dtype state); its state's size against the bfloat16 model, and
-      TIES / DARE-TIES with the float32 state of before as the same run's reference.
+      TIES / DARE-TIES with the float32 state of before as the same run's reference;
+  (f) with ``--stream``, TIES and DARE-TIES streamed from the sources' memory-mapped files (a memory
+      budget of 1 KiB), with the private memory each Merger added (the mapped files do not count).
 
 Prints ratios (machines are noisy: compare ratios, not seconds) and peak memory
 against (sources + 2) x model size.
 
     python benchmarks/merge_speed.py [--candidates 7] [--workdir DIR] [--skip-mergekit]
-        [--methods della sce tsv iso_c iso_cts] [--dtype bfloat16]
+        [--methods della sce tsv iso_c iso_cts] [--dtype bfloat16] [--stream]
 """
 
 from __future__ import annotations
@@ -117,12 +119,24 @@ def recipe_for(method: str, base: Path, variants: list[Path], density: float, we
     }
 
 
+def private_bytes() -> int:
+    """The process's private (anonymous) resident memory now: what memory-mapped files do not count in."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def time_candidates(method: str, base: Path, variants: list[Path], candidates: int,
-                    dtype: str = "float32") -> dict[str, float]:
+                    dtype: str = "float32", budget: float | None = None) -> dict[str, float]:
+    gc.collect()
+    before = private_bytes()
     t0 = time.perf_counter()
-    merger = Merger(parse_recipe(recipe_for(method, base, variants, 0.5, [0.5, 0.5], dtype)))
+    merger = Merger(parse_recipe({**recipe_for(method, base, variants, 0.5, [0.5, 0.5], dtype),
+                                  "memory_budget": budget}))
     setup = time.perf_counter() - t0
     merger.merge()  # first call compiles the fused kernel (cached on disk afterwards)
+    private = private_bytes() - before  # the model and the state (and what the first merge allocates)
     times = []
     for c in range(candidates):
         density = 0.2 + 0.6 * c / max(1, candidates - 1)
@@ -133,10 +147,12 @@ def time_candidates(method: str, base: Path, variants: list[Path], candidates: i
     params = sum(t.numel() for t in merger.targets.values())
     state = sum(p.base.nbytes + p.deltas.nbytes for p in (merger.prepared or {}).values())  # the fast path's
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    streamed = merger.streamed
     del merger
     gc.collect()  # transformers models hold reference cycles; free before the next method
     return {"setup_s": setup, "median_s": statistics.median(times), "min_s": min(times), "params": params,
-            "state_bytes": state, "peak_bytes_so_far": peak}
+            "state_bytes": 0 if streamed else state, "private_bytes": private, "streamed": streamed,
+            "peak_bytes_so_far": peak}
 
 
 def run_mergekit(base: Path, variants: list[Path], workdir: Path) -> dict[str, float]:
@@ -168,6 +184,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the checkpoints' "
                         "stored dtype; bfloat16 also times the float32 state of before as a reference")
+    parser.add_argument("--stream", action="store_true", help="also time TIES and DARE-TIES streamed from the "
+                        "sources' files (a memory budget of 1 KiB)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +220,13 @@ def main() -> None:
             results[f"{method} (float32 state)"] = r
             timed.append(f"{method} (float32 state)")
         merger_module.STORED = stored  # type: ignore[assignment]
+    if args.stream:  # a budget of 1 KiB: the sources streamed from their files
+        for method in ("ties", "dare_ties"):
+            r = time_candidates(method, base, variants, args.candidates, args.dtype, budget=1e-6)
+            r["bound_s"] = (sources + 1) * r["params"] * width / bandwidth
+            r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
+            results[f"{method} (streamed)"] = r
+            timed.append(f"{method} (streamed)")
     evoopt_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results["evoopt_peak_bytes"] = evoopt_peak
     results["runtime_bytes"] = runtime
@@ -219,6 +244,8 @@ def main() -> None:
         if r["state_bytes"]:  # type: ignore[index]
             print(f"{method}: fast-path state {r['state_bytes'] / 1e6:.0f} MB = "  # type: ignore[index]
                   f"{r['state_bytes'] / model_bytes:.2f} x the {args.dtype} model (sources + 1 = {sources})")  # type: ignore[index]
+        print(f"{method}: private memory the Merger added (model, state, scratch): "
+              f"{r['private_bytes'] / 1e6:.0f} MB = {r['private_bytes'] / model_bytes:.2f} x the model")  # type: ignore[index]
         print(f"{method:>10}: per candidate {r['median_s']:.3f} s (median of {args.candidates}), "  # type: ignore[index]
               f"bound {r['bound_s']:.3f} s, ratio to bound {r['ratio_to_bound']:.2f}x "  # type: ignore[index]
               f"(target <= 3x), {r['median_s'] / results['ties']['median_s']:.1f}x TIES; "  # type: ignore[index]

@@ -57,11 +57,16 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
         time.sleep(sleep)
         return -float(sum(((out[n] - goal[n]) ** 2).sum() for n in names))
 
+    run_until(storage, config.name, sampler, objective, trials)
+
+
+def run_until(storage: str, name: str, sampler: optuna.samplers.BaseSampler, objective: Any, trials: int) -> None:
+    """Create or resume the study and run it until it has ``trials`` finished trials."""
     from evoopt.study.run import storage_from_url
 
     # heartbeats as in a study: a trial of a killed process is failed after 2 s and its slot taken again
     opened = storage_from_url(storage, heartbeat_interval=1, grace_period=2, retry=False)
-    study = optuna.create_study(study_name=config.name, storage=opened, sampler=sampler, direction="maximize",
+    study = optuna.create_study(study_name=name, storage=opened, sampler=sampler, direction="maximize",
                                 load_if_exists=True)
     done = (TrialState.COMPLETE, TrialState.PRUNED)
     left = trials - len(study.get_trials(states=done))

@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.trial import TrialState
 
 from evoopt.search.m2n2 import ATTR, replay
-from tests.helpers.evolver import ROOT
+from tests.helpers.evolver import ROOT, run_until
 
 GENERATIONS = 5  # generation 0 (three experts), then five generations of two children: 13 trials
 OPTIONS = {"archive": 4, "brood": 2, "poll": 0.05}  # children join until 4 members, then compete
@@ -37,7 +36,6 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
     from evoopt.search.samplers import make_sampler
     from evoopt.study.config import parse_config
     from evoopt.study.kinds import make_kind
-    from evoopt.study.run import storage_from_url
 
     config = parse_config({"name": "tiny-m2n2", "sources": {"base": paths[0], "models": paths[1:],
                                                             "tasks": ["vader-tweets"]},
@@ -63,13 +61,7 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
         time.sleep(sleep)
         return float(solved.mean())
 
-    opened = storage_from_url(storage, heartbeat_interval=1, grace_period=2, retry=False)
-    study = optuna.create_study(study_name=config.name, storage=opened, sampler=sampler, direction="maximize",
-                                load_if_exists=True)
-    done = (TrialState.COMPLETE, TrialState.PRUNED)
-    left = trials - len(study.get_trials(states=done))
-    if left > 0:
-        study.optimize(objective, n_trials=left, callbacks=[optuna.study.MaxTrialsCallback(trials, states=done)])
+    run_until(storage, config.name, sampler, objective, trials)
 
 
 def archive_after(storage: str, paths: list[str], generation: int) -> tuple[Any, list[torch.Tensor]]:

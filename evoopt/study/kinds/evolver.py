@@ -188,13 +188,7 @@ class EvolverKind(Kind[EvolverSpace]):
         accepted = sum(len(moves) for moves in history.accepted)
         lines = [f"# population after generation {history.generation - 1}: fitness (dev) {fitness}; "
                  f"{accepted} offspring accepted; fittest: individual {history.best}"]
-        result = study.user_attrs.get("evoopt:result")
-        if result:
-            for split in ("dev", "test"):
-                scores = ", ".join(f"{task} {value:.4f}" for task, value in result[split].items())
-                lines.append(f"# answer of generation {result['generation']}, {split}: {scores}")
-        lines.append(f"# save it: evoopt export {self.config.name}.yaml --trial best --out DIR")
-        return "\n".join(lines) + "\n"
+        return "\n".join([*lines, *answer_lines(study, self.config.name)]) + "\n"
 
     def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
         """The answer (``best``: the fittest individual or X of the last population) or a trial's candidate,
@@ -224,6 +218,16 @@ class EvolverKind(Kind[EvolverSpace]):
                           f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.", "", "```yaml", text.rstrip(),
                           "```", ""])
         return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card))
+
+
+def answer_lines(study: optuna.Study, name: str) -> list[str]:
+    """The reported answer's scores on dev and test, and how to save it (`evoopt best` of the population kinds)."""
+    lines = []
+    if result := study.user_attrs.get("evoopt:result"):
+        for split in ("dev", "test"):
+            scores = ", ".join(f"{task} {value:.4f}" for task, value in result[split].items())
+            lines.append(f"# answer of generation {result['generation']}, {split}: {scores}")
+    return [*lines, f"# save it: evoopt export {name}.yaml --trial best --out DIR"]
 
 
 def scratch_folder(kind: Kind, prefix: str) -> Path:

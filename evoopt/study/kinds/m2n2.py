@@ -21,7 +21,7 @@ from evoopt.search.archive import Archive
 from evoopt.search.m2n2 import ATTR, ArchiveHistory, Child, M2N2Sampler, child_of
 from evoopt.study.config import StudyConfig, changed_keys
 from evoopt.study.kinds.base import Kind, Progress, Score
-from evoopt.study.kinds.evolver import scratch_folder
+from evoopt.study.kinds.evolver import answer_lines, scratch_folder
 from evoopt.study.space import Sources, fixed_recipe
 from evoopt.study.storage import get_trial
 
@@ -223,13 +223,7 @@ class M2N2Kind(Kind[M2N2Space]):
         placed = sum(len(p) for p in history.placed)
         lines = [f"# archive after generation {history.generation - 1}: {members}; {placed} children entered; "
                  f"best: member {history.best} (trial {history.holders[history.best]})"]
-        result = study.user_attrs.get("evoopt:result")
-        if result:
-            for split in ("dev", "test"):
-                scores = ", ".join(f"{task} {value:.4f}" for task, value in result[split].items())
-                lines.append(f"# answer of generation {result['generation']}, {split}: {scores}")
-        lines.append(f"# save it: evoopt export {self.config.name}.yaml --trial best --out DIR")
-        return "\n".join(lines) + "\n"
+        return "\n".join([*lines, *answer_lines(study, self.config.name)]) + "\n"
 
     def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
         """The answer (``best``) or a trial's child, with the history that rebuilds it (YAML) in its model card."""

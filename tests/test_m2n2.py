@@ -270,6 +270,9 @@ def test_m2n2_study_on_real_experts_reports_and_exports_its_answer(small_experts
     trials = study.get_trials()
     assert [t.user_attrs["generation"] for t in trials] == [0, 0, 0, 1, 2]  # two experts and their TIES merge
     assert [t.params.get("member") for t in trials[:3]] == [0, 1, 2]
+    first = [t.user_attrs["first member"] for t in trials[:3]]  # (an expert's label: its folder's name)
+    assert first[0].startswith("expert vader-tweets") and first[1].startswith("expert vader-nyt")
+    assert first[2] == "ties merge of the experts"
     kind = make_kind(config)
     assert "seed merge: ties" in kind.record(trials[2]) and "expert: 1" in kind.record(trials[1])
     assert all(set(t.params) == {"parent_a", "parent_b", "split", "ratio"} for t in trials[3:])

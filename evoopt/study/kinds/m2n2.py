@@ -160,6 +160,11 @@ class M2N2Kind(Kind[M2N2Space]):
         """Bring the archive to where the previous generation left it and write the trial's child into the model."""
         offspring = self.space.suggest(trial)
         trial.set_user_attr("generation", offspring.generation)
+        if offspring.child is None:  # which first member, by name (the dashboard shows it beside `member`)
+            experts = self.space.experts
+            trial.set_user_attr("first member", f"expert {self.sources.labels[offspring.member]}"
+                                if offspring.member < experts else
+                                f"{self.config.space.seeds[offspring.member - experts]} merge of the experts")
         sampler = trial.study.sampler  # it replayed the history to claim this slot: no second replay
         history = sampler.claimed(trial.number) if isinstance(sampler, M2N2Sampler) else None
         history = history or self.history(trial.study)

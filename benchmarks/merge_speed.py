@@ -145,13 +145,14 @@ def time_candidates(method: str, base: Path, variants: list[Path], candidates: i
         merger.merge(recipe, seed=c)
         times.append(time.perf_counter() - t0)
     params = sum(t.numel() for t in merger.targets.values())
-    state = sum(p.base.nbytes + p.deltas.nbytes for p in (merger.prepared or {}).values())  # the fast path's
+    state = 0 if merger.streamed else sum(p.base.nbytes + p.deltas.nbytes  # type: ignore[union-attr]
+                                          for p in (merger.prepared or {}).values())  # the fast path's state
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     streamed = merger.streamed
     del merger
     gc.collect()  # transformers models hold reference cycles; free before the next method
     return {"setup_s": setup, "median_s": statistics.median(times), "min_s": min(times), "params": params,
-            "state_bytes": 0 if streamed else state, "private_bytes": private, "streamed": streamed,
+            "state_bytes": state, "private_bytes": private, "streamed": streamed,
             "peak_bytes_so_far": peak}
 
 

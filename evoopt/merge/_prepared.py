@@ -126,15 +126,24 @@ class PreparedTensor:
                  scratch: np.ndarray | None = None) -> PreparedTensor:
         """The state of a streamed merge: ``base`` and ``sources`` are flat views (memory-mapped files) kept as
         they are; only the magnitude grid is computed (one tensor's float32 task vector at a time)."""
-        flat_base = base.reshape(-1)
-        stride = max(1, math.ceil(flat_base.numel() / GRID_SIZE))
-        grid = None
-        if magnitudes:
-            delta = torch.empty(flat_base.numel(), dtype=torch.float32)
-            base32 = flat_base.to(torch.float32)
-            grid = np.stack([_grid(torch.sub(t.reshape(-1).to(torch.float32), base32, out=delta)[None], scratch)[0]
-                             for t in sources])
-        return cls(name, flat_base, tuple(t.reshape(-1) for t in sources), stride, grid)
+        flat_base, flat = base.reshape(-1), tuple(t.reshape(-1) for t in sources)
+        n = flat_base.numel()
+        stride = max(1, math.ceil(n / GRID_SIZE))
+        if not magnitudes:
+            return cls(name, flat_base, flat, stride, None)
+        # |task vector| written chunk by chunk into the sorting buffer: no tensor-sized temporary but that one
+        work = np.empty(n, dtype=np.float32) if scratch is None or scratch.size < n else scratch[:n]
+        ranks = np.unique(np.append(np.arange(0, n, stride), n - 1))
+        grid = np.empty((len(flat), ranks.size), dtype=np.float32)
+        view, wide = torch.from_numpy(work), torch.empty(min(CHUNK, n))
+        for m, t in enumerate(flat):
+            for start in range(0, n, CHUNK):
+                part = view[start : start + CHUNK]
+                part.copy_(t[start : start + CHUNK]).sub_(wide[: part.numel()].copy_(flat_base[start : start + CHUNK]))
+                part.abs_()
+            work.sort()
+            grid[m] = work[ranks]
+        return cls(name, flat_base, flat, stride, grid)
 
     @property
     def numel(self) -> int:

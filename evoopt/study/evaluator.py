@@ -44,7 +44,7 @@ def calibration_file(config: StudyConfig, sources: Sources, per_task: int = 8) -
     file = config.artifact_dir / "calibration.txt"
     lines = []
     for task in sources.tasks:
-        lines += [" ".join(t.split()) for t in load_splits(task, seed=config.seed)["train"]["text"][:per_task]]
+        lines += [" ".join(t.split()) for t in load_splits(task, seed=sources.data_seed)["train"]["text"][:per_task]]
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text("\n".join(lines) + "\n")
     return str(file.resolve())
@@ -85,16 +85,16 @@ class Evaluator:
             if self.sources.kind == "causal" and o.metric == "perplexity":
                 scorer: Any = PerplexityScorer(self.tokenizer, self.sources.tasks, split=split, limit=limit,
                                                batch_size=o.batch_size, max_length=o.max_length,
-                                               seed=self.config.seed, device=self.device, rows=rows)
+                                               seed=self.sources.data_seed, device=self.device, rows=rows)
             elif self.sources.kind == "causal" or o.kind == "lm-eval":
                 scorer = LmEvalScorer(self.tokenizer, split=split, folder=folder,
                                       corpora=[] if o.tasks else self.sources.tasks, tasks=o.tasks,
                                       include_path=o.include_path, limit=limit, batch_size=o.batch_size,
-                                      seed=self.config.seed, rows=rows)
+                                      seed=self.sources.data_seed, rows=rows)
             else:
                 scorer = ClassifierScorer(self.tokenizer, self.sources.tasks, split=split, limit=limit,
                                           stages=o.fidelities if search else (), batch_size=o.batch_size,
-                                          max_length=o.max_length, metric=o.metric, seed=self.config.seed,
+                                          max_length=o.max_length, metric=o.metric, seed=self.sources.data_seed,
                                           heads=self.heads, device=self.device, rows=rows)
             self._scorers[key] = scorer
         return self._scorers[key]

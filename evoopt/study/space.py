@@ -35,6 +35,9 @@ class Sources:
     per_task_heads: bool
     kind: str  # encoder or causal
     root: Path
+    # the seed of the corpora's train/dev/test split the experts were trained on: dev and test are scored on
+    # that split whatever the study's seed (another seed's dev and test would hold the experts' training rows)
+    data_seed: int = 0
 
     @property
     def exclude(self) -> list[str]:
@@ -47,7 +50,8 @@ def study_sources(config: StudyConfig) -> Sources:
 
         setting = get_setting(config.setting)
         return Sources(f"expert:{setting.name}/base", tuple(f"expert:{setting.name}/{t}" for t in setting.tasks),
-                       setting.tasks, setting.tasks, not setting.shared_head, setting.kind, config.root)
+                       setting.tasks, setting.tasks, not setting.shared_head, setting.kind, config.root,
+                       setting.data_seed)
     assert config.sources is not None
     labels = tuple(Path(m.split(":")[-1]).name or f"m{i}" for i, m in enumerate(config.sources.models))
     if len(set(labels)) < len(labels):

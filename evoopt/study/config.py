@@ -163,7 +163,9 @@ class StudyConfig(_Strict):
     pruner: PrunerSpec = Field(default_factory=lambda: PrunerSpec())
     trials: int = Field(30, gt=0, description="finished trials the study should have")
     timeout: float | None = Field(None, gt=0, description="seconds for one `run`")
-    seed: int = 0
+    seed: int = Field(0, description=(
+        "seeds the sampler and the merges' random draws (DARE's masks); dev and test are always the experts' "
+        "own split (the setting's data seed), whatever this seed"))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     memory_budget: float | None = Field(None, gt=0, description=(

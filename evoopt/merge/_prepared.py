@@ -98,8 +98,7 @@ class PreparedTensor:
             raise ValueError(f"out: need a float32 tensor of shape {shape}, got {tuple(deltas.shape)} {deltas.dtype}")
         for m, t in enumerate(tensors):
             torch.sub(t.reshape(-1).to(torch.float32), flat_base, out=deltas[m])
-        stride = max(1, math.ceil(flat_base.numel() / GRID_SIZE))
-        return cls(name, flat_base, deltas, stride, _grid(deltas, scratch) if magnitudes else None)
+        return cls(name, flat_base, deltas, _stride(flat_base.numel()), _grid(deltas, scratch) if magnitudes else None)
 
     @classmethod
     def _build_stored(cls, name: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], *, magnitudes: bool,
@@ -112,14 +111,8 @@ class PreparedTensor:
                              f"{sources.dtype}")
         for m, t in enumerate(tensors):
             sources[m].copy_(t.reshape(-1))
-        stride = max(1, math.ceil(shape[1] / GRID_SIZE))
-        if not magnitudes:
-            return cls(name, flat_base, sources, stride, None)
-        delta = torch.empty(shape[1], dtype=torch.float32)
-        base32 = flat_base.to(torch.float32)
-        grids = [_grid(torch.sub(sources[m].to(torch.float32), base32, out=delta)[None], scratch)[0]
-                 for m in range(shape[0])]
-        return cls(name, flat_base, sources, stride, np.stack(grids))
+        grid = _grid_of_sources(flat_base, list(sources), scratch) if magnitudes else None
+        return cls(name, flat_base, sources, _stride(shape[1]), grid)
 
     @classmethod
     def streamed(cls, name: str, base: torch.Tensor, sources: Sequence[torch.Tensor], *, magnitudes: bool,
@@ -127,23 +120,8 @@ class PreparedTensor:
         """The state of a streamed merge: ``base`` and ``sources`` are flat views (memory-mapped files) kept as
         they are; only the magnitude grid is computed (one tensor's float32 task vector at a time)."""
         flat_base, flat = base.reshape(-1), tuple(t.reshape(-1) for t in sources)
-        n = flat_base.numel()
-        stride = max(1, math.ceil(n / GRID_SIZE))
-        if not magnitudes:
-            return cls(name, flat_base, flat, stride, None)
-        # |task vector| written chunk by chunk into the sorting buffer: no tensor-sized temporary but that one
-        work = np.empty(n, dtype=np.float32) if scratch is None or scratch.size < n else scratch[:n]
-        ranks = np.unique(np.append(np.arange(0, n, stride), n - 1))
-        grid = np.empty((len(flat), ranks.size), dtype=np.float32)
-        view, wide = torch.from_numpy(work), torch.empty(min(CHUNK, n))
-        for m, t in enumerate(flat):
-            for start in range(0, n, CHUNK):
-                part = view[start : start + CHUNK]
-                part.copy_(t[start : start + CHUNK]).sub_(wide[: part.numel()].copy_(flat_base[start : start + CHUNK]))
-                part.abs_()
-            work.sort()
-            grid[m] = work[ranks]
-        return cls(name, flat_base, flat, stride, grid)
+        grid = _grid_of_sources(flat_base, flat, scratch) if magnitudes else None
+        return cls(name, flat_base, flat, _stride(flat_base.numel()), grid)
 
     @property
     def numel(self) -> int:
@@ -181,18 +159,43 @@ def stored_dtype(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.d
     return base.dtype if base.dtype in STORED and all(t.dtype == base.dtype for t in tensors) else None
 
 
-def _grid(deltas: torch.Tensor, scratch: np.ndarray | None) -> np.ndarray:
-    """Sorted |delta| of each row of ``deltas`` (float32, (models, n)) at ranks 0, s, 2s, ... and n - 1."""
-    models, n = deltas.shape
-    stride = max(1, math.ceil(n / GRID_SIZE))
-    ranks = np.unique(np.append(np.arange(0, n, stride), n - 1))
-    grid_values = np.empty((models, ranks.size), dtype=np.float32)
+def _stride(n: int) -> int:
+    """The grid keeps the sorted magnitudes at ranks 0, s, 2s, ... and n - 1."""
+    return max(1, math.ceil(n / GRID_SIZE))
+
+
+def _ranked(rows: Sequence[Any], n: int, scratch: np.ndarray | None) -> np.ndarray:
+    """The magnitude grid of each row: ``rows[m](work)`` writes that row's |task vector| (float32, n entries)
+    into ``work``, which is then sorted in place and read at the grid's ranks."""
+    ranks = np.unique(np.append(np.arange(0, n, _stride(n)), n - 1))
+    grid = np.empty((len(rows), ranks.size), dtype=np.float32)
     work = np.empty(n, dtype=np.float32) if scratch is None or scratch.size < n else scratch[:n]
-    for m in range(models):
-        np.abs(deltas[m].numpy(), out=work)
+    for m, write in enumerate(rows):
+        write(work)
         work.sort()
-        grid_values[m] = work[ranks]
-    return grid_values
+        grid[m] = work[ranks]
+    return grid
+
+
+def _grid(deltas: torch.Tensor, scratch: np.ndarray | None) -> np.ndarray:
+    """The grid of float32 task vectors, shape (models, n)."""
+    return _ranked([lambda work, d=d: np.abs(d.numpy(), out=work) for d in deltas], deltas.shape[1], scratch)
+
+
+def _grid_of_sources(base: torch.Tensor, sources: Sequence[torch.Tensor], scratch: np.ndarray | None) -> np.ndarray:
+    """The grid of flat sources in any dtype (16-bit, memory-mapped): each |task vector| is written chunk by chunk,
+    widened to float32 and subtracted as ``build`` does, so no tensor-sized temporary but the sorting buffer."""
+    n = base.numel()
+    wide = torch.empty(min(CHUNK, n))
+
+    def write(source: torch.Tensor, work: np.ndarray) -> None:
+        view = torch.from_numpy(work)
+        for start in range(0, n, CHUNK):
+            part = view[start : start + CHUNK]
+            part.copy_(source[start : start + CHUNK]).sub_(wide[: part.numel()].copy_(base[start : start + CHUNK]))
+            part.abs_()
+
+    return _ranked([lambda work, t=t: write(t, work) for t in sources], n, scratch)
 
 
 def merge_prepared(

@@ -101,8 +101,9 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
     found = answer(study)
     assert found is not None, f"{name}: no answer"
     values = [t.value for t in trials if t.value is not None]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE  # (the settings here: accuracy)
     return {"search": search, "seed": seed, "trials": len(trials), "seconds": round(seconds, 1),
-            "best_so_far": [max(values[: k + 1]) for k in range(len(values))],
+            "best_so_far": [(max if maximize else min)(values[: k + 1]) for k in range(len(values))],
             "dev": combine(found["dev"]), "test": combine(found["test"])}
 
 

@@ -6,12 +6,16 @@ for ``--seeds`` study seeds (the sampler's and the estimator's subset):
 
 - ``full``: every trial scored on the whole dev set (the searches as they were);
 - ``anchor``: every trial scored on ``--fraction`` of dev chosen by anchor points and its full-dev
-  score estimated (``objective.estimate``; fitted on the baselines' dev outcomes, never test).
+  score estimated (``objective.estimate``; fitted on the baselines' dev outcomes, never test);
+- ``raced``: every trial scored stage by stage (``objective.fidelities``: ``--fidelities`` examples per
+  task) and stopped once a paired test on the same examples finds it worse at level 0.05: the racing
+  pruner against the best complete trial (CMA-ES), the paired selection rule against its target
+  (TIES_Evolver).
 
 Each run is stopped ``--stages`` times along its budget; at each stop its answer (the best trial, or
 the Evolver's population answer) is scored on the whole dev set and on test, for reporting only, and
 the dev examples its trials have scored so far are counted (from their stored per-example outcomes).
-The arms of one seed run one after the other (full, then anchor), so the machine's load falls on both.
+The arms of one seed run one after the other (full, anchor, raced), so the machine's load falls on all.
 
 Printed and written: a table per search and arm (trials, dev examples scored, answer's test score:
 median, min and max over seeds, beside fixed TIES and the best source) and a plot of the answer's
@@ -20,7 +24,8 @@ of fitness_cost.py in the same ``--workdir`` (made here when missing) and copied
 pays for them; a rerun resumes every finished run from its database.
 
     python benchmarks/fitness_search.py [--settings minilm-cross-task] [--budget 300] [--seeds 3]
-        [--fraction 0.2] [--stages 3] [--workdir out/fitness_cost] [--out benchmarks/results]
+        [--fraction 0.2] [--fidelities 50 100 200] [--stages 3] [--workdir out/fitness_cost]
+        [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ SEARCHES: dict[str, dict[str, Any]] = {
         "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
         "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
 }
-ARMS = ("full", "anchor")
+ARMS = ("full", "anchor", "raced")
 MANY = 1_000_000  # trials: the budget is time
 
 
@@ -90,11 +95,19 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, base: 
     name = f"{search}-{arm}-seed{seed}"
     objective: dict[str, Any] = {"precision": base._storage.get_study_system_attrs(base._study_id)
                                  .get(PRECISION_ATTR, {}).get("precision", "float32")}
-    if arm != "full":
+    overrides = dict(SEARCHES[search])
+    if arm == "anchor":
         objective["estimate"] = {"method": arm, "fraction": args.fraction}
+    elif arm == "raced":
+        objective["fidelities"] = args.fidelities
+        if search == "ties-evolver":  # the paired rule replaces the greedy one
+            sampler = overrides["sampler"]
+            overrides["sampler"] = {**sampler, "options": {**sampler["options"], "selection": "paired", "alpha": 0.05}}
+        else:
+            overrides["pruner"] = {"name": "RacingPruner", "options": {"alpha": 0.05}}
     defaults = study_config(folder, setting, "x", 1).objective.model_dump(exclude={"estimate"})
     config = study_config(folder, setting, name, MANY, seed=seed,
-                          objective={**defaults, **objective}, **SEARCHES[search])
+                          objective={**defaults, **objective}, **overrides)
     study = open_study(config)
     copy_baselines(base, study)
     stages: list[dict[str, Any]] = study.user_attrs.get("bench:stages", [])
@@ -114,7 +127,7 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, base: 
         print(f"  {name} stage {stage + 1}: {last['trials']} trials, {last['examples']} dev examples, answer "
               f"dev {last['dev'] or float('nan'):.4f} test {last['test'] or float('nan'):.4f}", flush=True)
     last = stages[-1]
-    if arm != "full" and search != "ties-evolver" and "confirmed_test" not in last:
+    if arm == "anchor" and search != "ties-evolver" and "confirmed_test" not in last:
         # runs made before estimate.confirm: the confirmation of the last stage, done now
         report_best(config, study)
         found = answer(study)
@@ -165,7 +178,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     panels = [(setting, search) for setting in results for search in SEARCHES]
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    colours = {"full": "tab:blue", "anchor": "tab:orange"}
+    colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green"}
     for ax, (setting, search) in zip(axes[0], panels):
         result = results[setting]
         for run in (r for r in result["runs"] if r["search"] == search):
@@ -193,6 +206,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of search per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.2, help="share of dev the estimated arm scores")
+    parser.add_argument("--fidelities", type=int, nargs="+", default=[50, 100, 200],
+                        help="examples per task at which the raced arm tests a trial")
     parser.add_argument("--stages", type=int, default=3, help="stops along the budget where the answer is scored")
     parser.add_argument("--workdir", type=Path, default=Path("out/fitness_cost"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

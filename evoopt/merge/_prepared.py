@@ -328,7 +328,8 @@ def _fused_kernel() -> Any:
 
 
 def _block(base: Any, deltas: Any, start: int, stop: int) -> Any:
-    """The base and the task vectors of entries start..stop, float32 (typed per dtype by ``_compile``)."""
+    """The base of entries start..stop and the task vectors holding them, float32, with the column where they
+    start: ``deltas[m, first : first + stop - start]`` (typed per dtype by ``_compile``)."""
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
@@ -339,8 +340,9 @@ def _compile() -> Any:
 
     @overload(_block, inline="always")
     def _block_typed(base, deltas, start, stop):  # type: ignore[no-untyped-def]
-        if base.dtype == types.float32:  # the float32 state: views, no copy
-            return lambda base, deltas, start, stop: (base[start:stop], deltas[:, start:stop])
+        if base.dtype == types.float32:  # the float32 state: views, no copy (rows sliced as deltas[m, a:b]
+            # stay contiguous, which LLVM vectorises; deltas[:, a:b][m] does not)
+            return lambda base, deltas, start, stop: (base[start:stop], deltas, start)
         if base.dtype == types.uint16:  # the bfloat16 state (its bits): widened exactly, then subtracted
 
             def widen(base, deltas, start, stop):  # type: ignore[no-untyped-def]
@@ -357,7 +359,7 @@ def _compile() -> Any:
                         bits[j] = np.uint32(deltas[m, start + j]) << np.uint32(16)
                     for j in range(size):
                         delta[m, j] = wide[j] - base32[j]
-                return base32, delta
+                return base32, delta, 0
 
             return widen
         return None
@@ -389,7 +391,8 @@ def _compile() -> Any:
                 x = (x * fmix2) & mask
                 x = x ^ (x >> s16)
                 # u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
-                c[j] = d[j] * coef if (x >> s8) < threshold else zero
+                v = d[j]  # loaded unconditionally, so that the choice is a select, not a branch
+                c[j] = v * coef if (x >> s8) < threshold else zero
                 total[j] = total[j] + c[j]
         else:
             for j in range(c.size):
@@ -408,12 +411,12 @@ def _compile() -> Any:
         for b in numba.prange((n + block - 1) // block):
             start, stop = b * block, min(n, (b + 1) * block)
             size = stop - start
-            base_block, delta_block = _block(base, deltas, start, stop)
+            base_block, delta_block, first = _block(base, deltas, start, stop)
             contributions = np.empty((models, size), dtype=np.float32)
             total = np.zeros(size, dtype=np.float32)
             for m in range(models):
-                contribute(contributions[m], total, delta_block[m], coefs[m], mode, lows[m], highs[m],
-                           thresholds[m], keys[m], start + offset)
+                contribute(contributions[m], total, delta_block[m, first : first + size], coefs[m], mode, lows[m],
+                           highs[m], thresholds[m], keys[m], start + offset)
             if consensus:
                 numerator = np.zeros(size, dtype=np.float32)
                 divisor = np.zeros(size, dtype=np.float32)

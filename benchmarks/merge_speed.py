@@ -85,14 +85,18 @@ def as_bfloat16(folder: Path, workdir: Path) -> Path:
     return rewritten(folder, workdir / f"{folder.name}-bfloat16", lambda _, t: t.to(torch.bfloat16))
 
 
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
-    """Bytes moved per second (read + write) by a large tensor copy, median of repeats."""
-    src = torch.ones(nbytes // 4)
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, device: str = "cpu") -> float:
+    """Bytes moved per second (read + write) by a large tensor copy on ``device``, median of repeats."""
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         dst.copy_(src)
+        if device != "cpu":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times)
 
@@ -101,12 +105,12 @@ DENSITY = {"ties", "dare_ties", "della"}  # the methods with a per-model density
 
 
 def recipe_for(method: str, base: Path, variants: list[Path], density: float, weights: list[float],
-               dtype: str = "float32") -> dict:
+               dtype: str = "float32", device: str = "cpu") -> dict:
     def parameters(weight: float) -> dict[str, float]:
         return {"weight": weight, **({"density": density} if method in DENSITY else {})}
 
     return {
-        "method": method, "base": str(base), "dtype": dtype, "device": "cpu",
+        "method": method, "base": str(base), "dtype": dtype, "device": device,
         "models": [{"model": str(v), "parameters": parameters(w)} for v, w in zip(variants, weights)],
     }
 
@@ -148,11 +152,14 @@ def time_candidates(method: str, base: Path, variants: list[Path], candidates: i
             "peak_bytes_so_far": peak}
 
 
-def run_mergekit(base: Path, variants: list[Path], workdir: Path) -> dict[str, float]:
+def run_mergekit(base: Path, variants: list[Path], workdir: Path, dtype: str = "float32",
+                 weights: list[float] | None = None) -> dict[str, float]:
+    """``mergekit-yaml`` end to end on a TIES recipe (density 0.5; weights 0.5 each unless given): seconds, peak."""
     config = {
-        "merge_method": "ties", "base_model": str(base), "dtype": "float32",
+        "merge_method": "ties", "base_model": str(base), "dtype": dtype,
         "parameters": {"normalize": True},
-        "models": [{"model": str(v), "parameters": {"weight": 0.5, "density": 0.5}} for v in variants],
+        "models": [{"model": str(v), "parameters": {"weight": w, "density": 0.5}}
+                   for v, w in zip(variants, weights or [0.5] * len(variants))],
     }
     cfg = workdir / "mergekit.yml"
     cfg.write_text(yaml.safe_dump(config))

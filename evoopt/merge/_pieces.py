@@ -45,16 +45,22 @@ def uniform_stream(key: int, numel: int, *, start: int = 0) -> torch.Tensor:
     CPU kernel and this reference produce the same masks; 32-bit arithmetic keeps the
     kernel vectorised. Streams hold up to 2^32 elements.
     """
+    return stream_bits(key, numel, start=start).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def stream_bits(key: int, numel: int, *, start: int = 0, device: torch.device | None = None) -> torch.Tensor:
+    """The 24-bit integers (int64) behind :func:`uniform_stream`'s draws, computed on ``device``: a draw is
+    below a density d exactly when its integer is below ceil(d * 2^24), which is how the merge kernels test it."""
     if start + numel > 1 << 32:
         raise ValueError(f"numel: random streams hold 2^32 entries, asked for {start + numel}")
-    x = torch.arange(start + 1, start + numel + 1, dtype=torch.int64)
+    x = torch.arange(start + 1, start + numel + 1, dtype=torch.int64, device=device)
     x = ((x * _GOLDEN32 + (key & _MASK32)) & _MASK32) ^ (key >> 32)
     x = x ^ (x >> 16)
     x = (x * _FMIX1) & _MASK32
     x = x ^ (x >> 13)
     x = (x * _FMIX2) & _MASK32
     x = x ^ (x >> 16)
-    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return x >> 8
 
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -18,6 +18,10 @@ budget, the state is memory-mapped views of the base and the sources' files (the
 cache's, not the process's memory) and only the small magnitude grid is kept; each
 candidate reads them chunk by chunk, widened and subtracted as above: the same bytes again.
 
+On the GPU (or any device but the CPU) the same pass runs as plain torch operations
+(:func:`_merge_torch`), with the state on that device when it fits, else copied there
+chunk by chunk from (pinned) host memory.
+
 The fused pass computes exactly the formula of
 :func:`evoopt.merge.generalized_task_arithmetic`, in the same float32 operation
 order, with the same counter-based random stream, so both give the same bytes.
@@ -30,18 +34,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from evoopt.merge._methods import Sparsification, generalized_task_arithmetic
-from evoopt.merge._pieces import rank_window, stream_key
+from evoopt.merge._methods import Sparsification
+from evoopt.merge._pieces import rank_window, stream_bits, stream_key
 
 GRID_SIZE = 16_384
 CHUNK = 1 << 18  # entries widened to float32 at a time in the stored-dtype state (1 MiB per model)
 STORED = (torch.bfloat16, torch.float16)  # dtypes kept as they are stored
+TORCH_CHUNK = 1 << 22  # entries merged at a time by the torch path (the GPU's), a few float32 scratch tensors each
 _MODES = {"none": 0, "magnitude": 1, "breadcrumbs": 1, "random": 2}
 
 
@@ -122,6 +127,11 @@ class PreparedTensor:
         flat_base, flat = base.reshape(-1), tuple(t.reshape(-1) for t in sources)
         grid = _grid_of_sources(flat_base, flat, scratch) if magnitudes else None
         return cls(name, flat_base, flat, _stride(flat_base.numel()), grid)
+
+    def to(self, device: torch.device) -> PreparedTensor:
+        """The state on ``device`` (the GPU path keeps it there when it fits); streamed views stay mapped."""
+        deltas = self.deltas if isinstance(self.deltas, tuple) else self.deltas.to(device)
+        return replace(self, base=self.base.to(device), deltas=deltas)
 
     @property
     def numel(self) -> int:
@@ -213,9 +223,9 @@ def merge_prepared(
 ) -> None:
     """Write ``generalized_task_arithmetic`` of the prepared tensor into ``out``.
 
-    ``out`` must have ``prepared.numel`` entries. On CPU with float32 ``out`` the
-    fused kernel writes in place; otherwise the reference function runs and its
-    result is copied into ``out`` (cast to ``out``'s dtype).
+    ``out`` must have ``prepared.numel`` entries. On CPU the fused numba kernel writes
+    into it (through a float32 buffer when ``out`` is 16-bit); on another device (the GPU),
+    or where ``out`` is not contiguous, the same pass in torch operations: the same bytes.
     """
     models = prepared.models
     densities = list(densities) if densities is not None else [1.0] * models
@@ -224,12 +234,11 @@ def merge_prepared(
         raise ValueError(f"weights/densities/gammas: need {models} values each")
     if out.numel() != prepared.numel:
         raise ValueError(f"out: has {out.numel()} entries, tensor {prepared.name!r} has {prepared.numel}")
-    if out.device.type != "cpu" or not out.is_contiguous():
-        _merge_reference(prepared, out, weights, densities, gammas, sparsification, consensus,
-                         normalize, scale, seed)
-        return
     params = _kernel_params(prepared, weights, densities, gammas, sparsification, seed)
     settings = (_MODES[sparsification], consensus, normalize, np.float32(scale))
+    if out.device.type != "cpu" or not out.is_contiguous():
+        _merge_torch(prepared, out, params, settings)
+        return
     if isinstance(prepared.deltas, tuple) or prepared.stored and prepared.base.dtype != torch.bfloat16:
         _merge_stored(prepared, out, params, settings)
         return
@@ -299,21 +308,62 @@ def _kernel_params(
     return coefs, weight_arr, lows, highs, thresholds, keys
 
 
-def _merge_reference(prepared: PreparedTensor, out: torch.Tensor, weights: Sequence[float],
-                     densities: Sequence[float], gammas: Sequence[float],
-                     sparsification: Sparsification, consensus: bool, normalize: bool,
-                     scale: float, seed: int) -> None:
-    base = prepared.base.to(out.device)
+def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
+                 settings: tuple[Any, ...]) -> None:
+    """The fused pass in plain torch operations, for ``out`` on any device (the GPU path: no numba), ``chunk``
+    entries at a time: the kernel's float32 operations in the kernel's order, so the same bytes. The state is
+    read where it is: on ``out``'s device, or copied there chunk by chunk (pinned or mapped host memory)."""
+    coefs, weights, lows, highs, thresholds, keys = params
+    mode, consensus, normalize, scale = settings
+    device, n, models = out.device, prepared.numel, prepared.models
     direct = prepared.stored or prepared.streamed_state  # the sources themselves, not task vectors
-    tensors = [prepared.deltas[m].to(out.device) if direct else base + prepared.deltas[m].to(out.device)
-               for m in range(prepared.models)]
-    merged = generalized_task_arithmetic(
-        base, tensors, weights=weights, densities=densities, gammas=gammas,
-        sparsification=sparsification, consensus=consensus, normalize=normalize, scale=scale,
-        seed=seed, name=prepared.name,
-    )
-    with torch.no_grad():
-        out.view(-1).copy_(merged)
+    weight_sum = np.float32(0.0)
+    for w in weights:  # in model order, in float32, as the kernel sums them
+        weight_sum = np.float32(weight_sum + w)
+    if abs(weight_sum) < np.float32(1e-8):
+        weight_sum = np.float32(1.0)
+
+    def scalar(value: Any) -> torch.Tensor:
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+    chunk = TORCH_CHUNK
+    in_place = out.is_contiguous()
+    target = out.view(-1) if in_place else torch.empty(n, dtype=out.dtype, device=device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        base = prepared.base[start:stop].to(device, non_blocking=True).to(torch.float32)
+        total = torch.zeros(stop - start, device=device)
+        contributions = []
+        for m in range(models):
+            d = prepared.deltas[m][start:stop].to(device, non_blocking=True)
+            d = d.to(torch.float32) - base if direct else d
+            c = d * scalar(coefs[m])
+            if mode == 1:
+                a = d.abs()
+                c = torch.where((a >= float(lows[m])) & (a <= float(highs[m])), c, 0.0)
+            elif mode == 2 and thresholds[m] < 1 << 24:
+                keep = stream_bits(int(keys[m]), stop - start, start=start, device=device) < int(thresholds[m])
+                c = torch.where(keep, c, 0.0)
+            total = total + c
+            contributions.append(c)
+        if consensus:
+            positive = total >= 0
+            numerator = torch.zeros_like(total)
+            divisor = torch.zeros_like(total)
+            for c, w in zip(contributions, weights):
+                agree = torch.where(positive, c > 0, c < 0)
+                numerator = numerator + torch.where(agree, c, 0.0)
+                divisor = divisor + torch.where(agree, scalar(w), 0.0)
+            divisor = torch.where(divisor == 0, 1.0, divisor)
+        else:
+            numerator, divisor = total, scalar(weight_sum)
+        if normalize:
+            numerator = numerator / divisor
+        if scale != np.float32(1.0):
+            numerator = numerator * scalar(scale)
+        target[start:stop].copy_(base + numerator)
+    if not in_place:
+        out.copy_(target.view(out.shape))
 
 
 _KERNEL: Any = None

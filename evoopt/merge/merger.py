@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GPU_SHARE = 0.75  # the share of the GPU's free memory the fast path's state may take (the rest: evaluation)
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,7 +108,7 @@ class Merger:
 
     def _prepare(self) -> dict[str, PreparedTensor] | None:
         settings = self.method.task_arithmetic
-        if settings is None or self.device.type != "cpu" or self.base is None:
+        if settings is None or self.base is None:
             return None
         magnitudes = settings["sparsification"] in ("magnitude", "breadcrumbs")
         base = self.base
@@ -120,10 +121,17 @@ class Merger:
         budget = self.recipe.memory_budget * 2**30 if self.recipe.memory_budget else available_memory()
         if state > budget:
             return self._prepare_streamed(magnitudes, state, budget)
+        # The GPU path: the state on the GPU when it fits in GPU_SHARE of its free memory (the rest is the
+        # evaluation's), else in pinned host memory, copied to the GPU chunk by chunk for each candidate.
+        on_device = self.device.type == "cuda" and state <= GPU_SHARE * torch.cuda.mem_get_info(self.device)[0]
+        if self.device.type == "cuda" and not on_device:
+            logger.info("merge: the preprocessed state (%.2f GiB) does not fit the GPU: kept in pinned host memory",
+                        state / 2**30)
         # All of one dtype's state in one allocation: no heap fragmentation from hundreds of tensors.
         models = len(self.sources)
         stores = {dtype: torch.empty(models * sum(t.numel() for n, t in self.targets.items() if dtypes[n] == dtype),
-                                     dtype=dtype) for dtype in set(dtypes.values())}
+                                     dtype=dtype, pin_memory=self.device.type == "cuda" and not on_device)
+                  for dtype in set(dtypes.values())}
         offsets = dict.fromkeys(stores, 0)
         scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
         prepared = {}
@@ -137,7 +145,7 @@ class Merger:
                 out=view, scratch=scratch, keep_dtype=dtype != torch.float32,
             )
         self._progress("preprocessing", len(self.targets), len(self.targets))
-        return prepared
+        return {name: p.to(self.device) for name, p in prepared.items()} if on_device else prepared
 
     def _prepare_streamed(self, magnitudes: bool, state: int, budget: float) -> dict[str, PreparedTensor]:
         """The state as memory-mapped views of the sources' files: only the magnitude grids are kept."""

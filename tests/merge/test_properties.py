@@ -124,3 +124,37 @@ def test_stored_dtype_state_gives_the_pure_functions_bytes(seed: int, n: int, w:
     assert torch.equal(out, expected)
     merge_prepared(float32, reference, **kwargs)  # type: ignore[arg-type]
     assert torch.equal(wide, reference)
+
+
+@settings(max_examples=40)
+@given(seed=seeds, n=st.integers(2, 3000), w=st.lists(weights, min_size=3, max_size=3),
+       d=st.lists(densities, min_size=3, max_size=3),
+       state=st.sampled_from(["float32", "bfloat16", "float16", "streamed"]),
+       mode=st.sampled_from([("none", False), ("magnitude", True), ("random", True), ("random", False),
+                             ("breadcrumbs", True)]),
+       normalize=st.booleans(), scale=st.sampled_from([1.0, 0.7]), chunk=st.sampled_from([7, 64, 1 << 22]))
+def test_the_gpu_paths_torch_merge_gives_the_kernels_bytes(seed: int, n: int, w: list[float], d: list[float],
+                                                            state: str, mode: tuple[str, bool], normalize: bool,
+                                                            scale: float, chunk: int) -> None:
+    """The GPU path merges in plain torch operations (no numba); here on CPU tensors, reached through an ``out``
+    that is not contiguous: the same bytes as the fused kernel and as the pure function, for each kind of state
+    and chunk sizes that split the tensor."""
+    from evoopt.merge import _prepared
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(state, torch.float32)
+    base, xs = _tensors(seed, n, 3, dtype)
+    sparsification, consensus = mode
+    kwargs = dict(weights=w, densities=d, gammas=[0.05, 0.0, 0.1], sparsification=sparsification,
+                  consensus=consensus, normalize=normalize, scale=scale, seed=seed)
+    expected = M.generalized_task_arithmetic(base, xs, name="layer.w", **kwargs)  # type: ignore[arg-type]
+    prepared = (PreparedTensor.streamed("layer.w", base, xs, magnitudes=True) if state == "streamed"
+                else PreparedTensor.build("layer.w", base, xs, magnitudes=True, keep_dtype=True))
+    kernel = torch.empty(n, dtype=dtype)
+    merge_prepared(prepared, kernel, **kwargs)  # type: ignore[arg-type]
+    strided = torch.full((2 * n,), 9.0, dtype=dtype)[::2]  # not contiguous (n > 1): the torch path
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_prepared, "TORCH_CHUNK", chunk)
+        patch.setattr(_prepared, "_fused_kernel", None)  # the torch path must not reach numba
+        merge_prepared(prepared, strided, **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(strided, kernel)
+    assert torch.equal(strided, expected)

@@ -15,7 +15,9 @@ Measured in the same run, each configuration in a fresh process (its private mem
       that process;
   (b) peak private memory: the process's anonymous resident memory (``RssAnon``: the mapped files and
       the page cache do not count), sampled every 10 ms, above what it had before the Merger was built,
-      against the size of one bfloat16 model;
+      against the size of one bfloat16 model; and the bytes read from storage per candidate
+      (``/proc/self/io``) and the major page faults: none when the page cache holds the sources, as the
+      bound assumes;
   (c) ``mergekit-yaml`` end to end on the same TIES recipe (bfloat16), its peak resident memory;
   (d) one study trial (``evoopt``'s own ``run_study``: global TIES over the three experts, perplexity
       on 16 dev texts of sms-spam, 64 tokens), in memory: the Merger's build, the merge and the scoring.
@@ -33,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -115,6 +118,14 @@ def build(folder: Path, expert: int | None, tokenizer: Path) -> Path:
     return folder
 
 
+def storage_reads() -> int:
+    """Bytes this process has had read from storage (not from the page cache) so far (Linux: /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
 class PeakPrivate:
     """The peak of the process's private resident memory, sampled every 10 ms while inside the block."""
 
@@ -155,7 +166,7 @@ def child_merge(name: str, folders: list[Path], candidates: int, device: str = "
                                       "memory_budget": budget}))
         setup = time.perf_counter() - started
         merger.merge()  # the first merge compiles the kernel (cached on disk) and warms the page cache
-        times = []
+        times, read, faults = [], storage_reads(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         for c in range(candidates):
             density = 0.2 + 0.6 * c / max(1, candidates - 1)
             recipe = parse_recipe(recipe_for(method, base, experts, density, [0.3 + 0.1 * c, 0.3, 0.3], "bfloat16",
@@ -165,11 +176,13 @@ def child_merge(name: str, folders: list[Path], candidates: int, device: str = "
             if device != "cpu":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+    read, faults = storage_reads() - read, resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
     params = sum(t.numel() for t in merger.targets.values())
     moved = (len(experts) + 2) * params * 2  # base + sources read, target written, in bfloat16
     return {"method": method, "streamed": merger.streamed, "setup_s": setup, "median_s": statistics.median(times),
             "times_s": times, "params": params, "bound_s": moved / bandwidth, "copy_bandwidth_GBps": bandwidth / 1e9,
-            "peak_private_bytes": peak.peak - before}
+            "peak_private_bytes": peak.peak - before, "storage_read_bytes_per_candidate": read / candidates,
+            "major_faults_per_candidate": faults / candidates}
 
 
 def child_trial(folders: list[Path], workdir: Path) -> dict[str, Any]:
@@ -255,7 +268,8 @@ def main() -> None:
               f"(target <= 3x); peak private memory {r['peak_private_bytes'] / 1e9:.2f} GB = "
               f"{r['private_x_model']:.2f} x one model (streamed target <= 1.5x); setup {r['setup_s']:.0f} s"
               + (f"; {r['x_faster_than_mergekit']:.0f}x faster than mergekit (target >= 20x)" if "mergekit" in results
-                 else ""),
+                 else "") + f"; read from storage per candidate {r['storage_read_bytes_per_candidate'] / 1e9:.2f} GB "
+              f"({r['major_faults_per_candidate']:.0f} major page faults)",
               flush=True)
     if not args.skip_trial:
         t = in_child("--child", "trial", "--workdir", str(args.workdir))

@@ -11,7 +11,9 @@ Stored-dtype state (``keep_dtype``): where the base and every source store a ten
 one 16-bit dtype (bfloat16, float16), the state keeps the sources themselves in that
 dtype instead of float32 task vectors, half the memory; each candidate then widens them
 to float32 chunk by chunk (:data:`CHUNK` entries) and subtracts the base there, which
-is exactly how the task vectors were computed, so the bytes do not change.
+is exactly how the task vectors were computed, so the bytes do not change. A bfloat16
+model is written by the kernel itself, each float32 result rounded to nearest even as
+torch rounds it (no float32 copy of the tensor, no second pass).
 
 Streamed state (:meth:`PreparedTensor.streamed`): where even that does not fit the memory
 budget, the state is memory-mapped views of the base and the sources' files (the page
@@ -246,15 +248,23 @@ def merge_prepared(
         base, deltas = _bits(prepared.base), _bits(prepared.deltas)
     else:
         base, deltas = prepared.base.numpy(), prepared.deltas.numpy()
-    target = out if out.dtype == torch.float32 else torch.empty(prepared.numel, dtype=torch.float32)
-    _fused_kernel()(target.view(-1).numpy(), base, deltas, *params, *settings, 0)
-    if target is not out:
-        out.view(-1).copy_(target)
+    _into(out.view(-1), lambda target: _fused_kernel()(target, base, deltas, *params, *settings, 0))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
     """A bfloat16 tensor's bits as uint16 (numpy has no bfloat16): the float32 value is the bits << 16."""
     return tensor.view(torch.int16).numpy().view(np.uint16)
+
+
+def _into(flat: torch.Tensor, write: Any) -> None:
+    """Let the kernel ``write(target)`` into a flat CPU tensor: float32 and bfloat16 (its bits, rounded in the
+    kernel as torch rounds) directly, any other dtype through a float32 buffer, cast by torch."""
+    if flat.dtype in (torch.float32, torch.bfloat16):
+        write(flat.numpy() if flat.dtype == torch.float32 else _bits(flat))
+        return
+    buffer = torch.empty(flat.numel())
+    write(buffer.numpy())
+    flat.copy_(buffer)
 
 
 def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
@@ -264,7 +274,7 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
     (A bfloat16 state in memory is widened inside the kernel, block by block.)"""
     models, n = prepared.models, prepared.numel
     size = min(CHUNK, n)
-    deltas, base, merged = (torch.empty(models * size), torch.empty(size), torch.empty(size))
+    deltas, base = torch.empty(models * size), torch.empty(size)
     flat = out.view(-1)
     kernel = _fused_kernel()
     for start in range(0, n, size):
@@ -273,10 +283,8 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
         chunk = deltas[: models * k].view(models, k)
         for m in range(models):
             chunk[m].copy_(prepared.deltas[m][start : start + k]).sub_(chunk_base)
-        target = flat[start : start + k] if out.dtype == torch.float32 else merged[:k]
-        kernel(target.numpy(), chunk_base.numpy(), chunk.numpy(), *params, *settings, start)
-        if out.dtype != torch.float32:
-            flat[start : start + k].copy_(target)
+        _into(flat[start : start + k], lambda target, b=chunk_base.numpy(), d=chunk.numpy(), s=start:
+              kernel(target, b, d, *params, *settings, s))
 
 
 def _kernel_params(
@@ -383,10 +391,37 @@ def _block(base: Any, deltas: Any, start: int, stop: int) -> Any:
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
+def _store(out: Any, start: int, values: Any) -> None:
+    """Write a block of float32 ``values`` at ``out[start:]``: float32, or bfloat16 bits rounded to nearest even
+    as torch rounds them (typed per dtype by ``_compile``)."""
+    raise NotImplementedError  # (numba only: see the overload in _compile)
+
+
 def _compile() -> Any:
     import numba
     from numba import types
     from numba.extending import overload
+
+    @overload(_store, inline="always")
+    def _store_typed(out, start, values):  # type: ignore[no-untyped-def]
+        if out.dtype == types.float32:
+
+            def store(out, start, values):  # type: ignore[no-untyped-def]
+                for j in range(values.size):
+                    out[start + j] = values[j]
+
+            return store
+        if out.dtype == types.uint16:  # a bfloat16 model: torch's round_to_nearest_even, NaN as 0x7FC0
+
+            def store16(out, start, values):  # type: ignore[no-untyped-def]
+                bits = values.view(np.uint32)
+                for j in range(values.size):
+                    b = bits[j]
+                    rounded = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+                    out[start + j] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+
+            return store16
+        return None
 
     @overload(_block, inline="always")
     def _block_typed(base, deltas, start, stop):  # type: ignore[no-untyped-def]
@@ -396,19 +431,20 @@ def _compile() -> Any:
         if base.dtype == types.uint16:  # the bfloat16 state (its bits): widened exactly, then subtracted
 
             def widen(base, deltas, start, stop):  # type: ignore[no-untyped-def]
-                size = stop - start
-                bits = np.empty(size, dtype=np.uint32)
+                size, models = stop - start, deltas.shape[0]
+                base32 = np.empty(size, dtype=np.float32)
+                bits = base32.view(np.uint32)
+                source = base[start:stop]
                 for j in range(size):
-                    bits[j] = np.uint32(base[start + j]) << np.uint32(16)
-                base32 = bits.view(np.float32).copy()
-                models = deltas.shape[0]
+                    bits[j] = np.uint32(source[j]) << np.uint32(16)
                 delta = np.empty((models, size), dtype=np.float32)
-                wide = bits.view(np.float32)
                 for m in range(models):
+                    row, source = delta[m], deltas[m, start:stop]  # contiguous rows: vectorised loops
+                    bits = row.view(np.uint32)
                     for j in range(size):
-                        bits[j] = np.uint32(deltas[m, start + j]) << np.uint32(16)
+                        bits[j] = np.uint32(source[j]) << np.uint32(16)
                     for j in range(size):
-                        delta[m, j] = wide[j] - base32[j]
+                        row[j] = row[j] - base32[j]
                 return base32, delta, 0
 
             return widen
@@ -489,6 +525,7 @@ def _compile() -> Any:
                 for j in range(size):
                     numerator[j] = numerator[j] * scale
             for j in range(size):
-                out[start + j] = base_block[j] + numerator[j]
+                numerator[j] = base_block[j] + numerator[j]
+            _store(out, start, numerator)
 
     return kernel

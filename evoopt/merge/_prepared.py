@@ -241,14 +241,19 @@ def merge_prepared(
     if out.device.type != "cpu" or not out.is_contiguous():
         _merge_torch(prepared, out, params, settings)
         return
-    if isinstance(prepared.deltas, tuple) or prepared.stored and prepared.base.dtype != torch.bfloat16:
+    # What the kernel reads as it is: float32, and bfloat16 as its bits (widened in the kernel); a streamed
+    # state as a tuple of the files' flat views, all of one dtype.
+    base = _readable(prepared.base)
+    if isinstance(prepared.deltas, tuple):
+        dtypes = {d.dtype for d in prepared.deltas}
+        deltas: Any = tuple(_readable(d) for d in prepared.deltas) if len(dtypes) == 1 else None
+        deltas = None if deltas is None or deltas[0] is None else deltas
+    else:
+        deltas = _readable(prepared.deltas)
+    if base is None or deltas is None:  # float16, or streamed sources of mixed dtypes
         _merge_stored(prepared, out, params, settings)
         return
-    if prepared.base.dtype == torch.bfloat16:  # the kernel widens their bits itself
-        base, deltas = _bits(prepared.base), _bits(prepared.deltas)
-    else:
-        base, deltas = prepared.base.numpy(), prepared.deltas.numpy()
-    _into(out.view(-1), lambda target: _fused_kernel()(target, base, deltas, *params, *settings, 0))
+    _into(out.view(-1), _fused_kernel(), (base, deltas, *params, *settings, 0))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -256,22 +261,31 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(torch.int16).numpy().view(np.uint16)
 
 
-def _into(flat: torch.Tensor, write: Any) -> None:
-    """Let the kernel ``write(target)`` into a flat CPU tensor: float32 and bfloat16 (its bits, rounded in the
+def _readable(tensor: torch.Tensor) -> np.ndarray | None:
+    """A tensor as the kernel reads it: float32 as is, bfloat16 as its bits; None for other dtypes."""
+    if tensor.dtype == torch.float32:
+        return tensor.numpy()
+    return _bits(tensor) if tensor.dtype == torch.bfloat16 else None
+
+
+def _into(flat: torch.Tensor, kernel: Any, args: tuple[Any, ...]) -> None:
+    """Run ``kernel(target, *args)`` into a flat CPU tensor: float32 and bfloat16 (its bits, rounded in the
     kernel as torch rounds) directly, any other dtype through a float32 buffer, cast by torch."""
-    if flat.dtype in (torch.float32, torch.bfloat16):
-        write(flat.numpy() if flat.dtype == torch.float32 else _bits(flat))
+    target = _readable(flat)
+    if target is not None:
+        kernel(target, *args)
         return
     buffer = torch.empty(flat.numel())
-    write(buffer.numpy())
+    kernel(buffer.numpy(), *args)
     flat.copy_(buffer)
 
 
 def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
                   settings: tuple[Any, ...]) -> None:
-    """The fused pass over a float16 or streamed state, CHUNK entries at a time: widen the sources and the base
-    to float32, subtract (the task vectors, exactly as ``build`` computes them), merge into float32 and write.
-    (A bfloat16 state in memory is widened inside the kernel, block by block.)"""
+    """The fused pass over a float16 state (or streamed sources of mixed dtypes), CHUNK entries at a time: widen
+    the sources and the base to float32, subtract (the task vectors, exactly as ``build`` computes them), merge
+    into float32 and write. (float32 and bfloat16 sources, in memory or streamed, are widened inside the kernel,
+    block by block.)"""
     models, n = prepared.models, prepared.numel
     size = min(CHUNK, n)
     deltas, base = torch.empty(models * size), torch.empty(size)
@@ -283,8 +297,7 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
         chunk = deltas[: models * k].view(models, k)
         for m in range(models):
             chunk[m].copy_(prepared.deltas[m][start : start + k]).sub_(chunk_base)
-        _into(flat[start : start + k], lambda target, b=chunk_base.numpy(), d=chunk.numpy(), s=start:
-              kernel(target, b, d, *params, *settings, s))
+        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), *params, *settings, start))
 
 
 def _kernel_params(
@@ -391,6 +404,11 @@ def _block(base: Any, deltas: Any, start: int, stop: int) -> Any:
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
+def _widen(row: Any, source: Any) -> None:
+    """Write ``source`` (float32, or bfloat16 bits) into the float32 ``row`` (typed per dtype by ``_compile``)."""
+    raise NotImplementedError  # (numba only: see the overload in _compile)
+
+
 def _store(out: Any, start: int, values: Any) -> None:
     """Write a block of float32 ``values`` at ``out[start:]``: float32, or bfloat16 bits rounded to nearest even
     as torch rounds them (typed per dtype by ``_compile``)."""
@@ -401,6 +419,8 @@ def _compile() -> Any:
     import numba
     from numba import types
     from numba.extending import overload
+
+    bias, sixteen, nan16 = np.uint32(0x7FFF), np.uint32(16), np.uint16(0x7FC0)
 
     @overload(_store, inline="always")
     def _store_typed(out, start, values):  # type: ignore[no-untyped-def]
@@ -417,38 +437,53 @@ def _compile() -> Any:
                 bits = values.view(np.uint32)
                 for j in range(values.size):
                     b = bits[j]
-                    rounded = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-                    out[start + j] = np.uint16(0x7FC0) if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+                    rounded = np.uint16((b + bias + ((b >> sixteen) & np.uint32(1))) >> sixteen)
+                    out[start + j] = nan16 if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
 
             return store16
         return None
 
+    @overload(_widen, inline="always")
+    def _widen_typed(row, source):  # type: ignore[no-untyped-def]
+        if source.dtype == types.float32:
+
+            def copy(row, source):  # type: ignore[no-untyped-def]
+                for j in range(row.size):
+                    row[j] = source[j]
+
+            return copy
+        if source.dtype == types.uint16:  # bfloat16 bits: the float32 value is the bits << 16, exactly
+
+            def shift(row, source):  # type: ignore[no-untyped-def]
+                bits = row.view(np.uint32)
+                for j in range(row.size):
+                    bits[j] = np.uint32(source[j]) << np.uint32(16)
+
+            return shift
+        return None
+
     @overload(_block, inline="always")
     def _block_typed(base, deltas, start, stop):  # type: ignore[no-untyped-def]
-        if base.dtype == types.float32:  # the float32 state: views, no copy (rows sliced as deltas[m, a:b]
-            # stay contiguous, which LLVM vectorises; deltas[:, a:b][m] does not)
+        if base.dtype == types.float32 and not isinstance(deltas, types.BaseTuple):
+            # the float32 state: views, no copy (rows sliced as deltas[m, a:b] stay contiguous, which LLVM
+            # vectorises; deltas[:, a:b][m] does not)
             return lambda base, deltas, start, stop: (base[start:stop], deltas, start)
-        if base.dtype == types.uint16:  # the bfloat16 state (its bits): widened exactly, then subtracted
 
-            def widen(base, deltas, start, stop):  # type: ignore[no-untyped-def]
-                size, models = stop - start, deltas.shape[0]
-                base32 = np.empty(size, dtype=np.float32)
-                bits = base32.view(np.uint32)
-                source = base[start:stop]
+        # the sources themselves (the bfloat16 state's rows, or a tuple of the streamed files' flat views):
+        # widened exactly into float32, then the base subtracted, as the task vectors are computed
+        def widen(base, deltas, start, stop):  # type: ignore[no-untyped-def]
+            size, models = stop - start, len(deltas)
+            base32 = np.empty(size, dtype=np.float32)
+            _widen(base32, base[start:stop])
+            delta = np.empty((models, size), dtype=np.float32)
+            for m in range(models):
+                row = delta[m]  # contiguous rows: vectorised loops
+                _widen(row, deltas[m][start:stop])
                 for j in range(size):
-                    bits[j] = np.uint32(source[j]) << np.uint32(16)
-                delta = np.empty((models, size), dtype=np.float32)
-                for m in range(models):
-                    row, source = delta[m], deltas[m, start:stop]  # contiguous rows: vectorised loops
-                    bits = row.view(np.uint32)
-                    for j in range(size):
-                        bits[j] = np.uint32(source[j]) << np.uint32(16)
-                    for j in range(size):
-                        row[j] = row[j] - base32[j]
-                return base32, delta, 0
+                    row[j] = row[j] - base32[j]
+            return base32, delta, 0
 
-            return widen
-        return None
+        return widen
 
     golden = np.uint64(0x9E3779B9)
     fmix1, fmix2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)
@@ -488,7 +523,7 @@ def _compile() -> Any:
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
                mode, consensus, normalize, scale, offset):
-        models, n = deltas.shape
+        models, n = len(deltas), base.size
         weight_sum = zero
         for m in range(models):
             weight_sum = weight_sum + weights[m]

@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -190,39 +189,30 @@ def memory_child(args: argparse.Namespace) -> None:
     from evoopt.search.population import Population
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from merge_speed import GGUF, make_variants
+    from merge_speed import GGUF, PeakPrivate, make_variants
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     base = convert_gguf(resolve_path(GGUF))
     variants = make_variants(base, work, count=3)  # made by the parent: nothing is loaded here
-    runtime, runtime_anonymous = _rss_peak(), _rss_anon()
-    sampled = [runtime_anonymous]
-    done = threading.Event()
-
-    def sample() -> None:  # the kernel keeps no peak of private memory: sample it
-        while not done.wait(0.005):
-            sampled.append(_rss_anon())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    merger = Merger(parse_recipe({"method": "linear", "models": [{"model": str(v)} for v in variants]}))
-    model_bytes = sum(t.numel() * t.element_size() for t in merger.targets.values())
-    folder = Path(tempfile.mkdtemp(dir=work)) if args.population == "mmap" else None
-    population = Population([open_source(v) for v in variants], list(merger.targets), dtype=merger.dtype,
-                            folder=folder)
-    history = replay([], size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
-    moves = [Move("paper", i, (i, (i + 1) % 3, (i + 2) % 3), 0.5, 0.5, i) for i in range(3)]
-    started = time.perf_counter()
-    for move in moves:  # a generation of offspring written into the model, then selected
-        population.write(merger.targets, move)
-    seconds = (time.perf_counter() - started) / len(moves)
-    history.accepted = [[], moves]
-    population.advance(history, 1)
-    done.set()
-    sampler.join()
+    runtime = _rss_peak()
+    with PeakPrivate(interval=0.005) as peak_private:
+        runtime_anonymous = peak_private.peak
+        merger = Merger(parse_recipe({"method": "linear", "models": [{"model": str(v)} for v in variants]}))
+        model_bytes = sum(t.numel() * t.element_size() for t in merger.targets.values())
+        folder = Path(tempfile.mkdtemp(dir=work)) if args.population == "mmap" else None
+        population = Population([open_source(v) for v in variants], list(merger.targets), dtype=merger.dtype,
+                                folder=folder)
+        history = replay([], size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
+        moves = [Move("paper", i, (i, (i + 1) % 3, (i + 2) % 3), 0.5, 0.5, i) for i in range(3)]
+        started = time.perf_counter()
+        for move in moves:  # a generation of offspring written into the model, then selected
+            population.write(merger.targets, move)
+        seconds = (time.perf_counter() - started) / len(moves)
+        history.accepted = [[], moves]
+        population.advance(history, 1)
     peak = _rss_peak()
-    private = max(sampled) - runtime_anonymous
+    private = peak_private.peak - runtime_anonymous
     print(f"population in {args.population}: model {model_bytes / 2**30:.2f} GiB, N = 3; offspring written in "
           f"{seconds:.2f} s each; peak private (anonymous) memory above the libraries {private / 2**30:.2f} GiB = "
           f"{private / model_bytes:.2f} x model (bound N + 2 = 5); peak resident, with the file pages of the "
@@ -232,13 +222,6 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss_anon() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:

@@ -41,13 +41,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from merge_speed import copy_bandwidth, private_bytes, recipe_for, run_mergekit
+from merge_speed import PeakPrivate, copy_bandwidth, private_bytes, recipe_for, run_mergekit
 
 SEED = 0
 EXPERTS = 3
@@ -124,28 +123,6 @@ def storage_reads() -> int:
         if line.startswith("read_bytes:"):
             return int(line.split()[1])
     return 0
-
-
-class PeakPrivate:
-    """The peak of the process's private resident memory, sampled every 10 ms while inside the block."""
-
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, private_bytes())
-
-    def __enter__(self) -> PeakPrivate:
-        self.peak = private_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, private_bytes())
 
 
 def child_merge(name: str, folders: list[Path], candidates: int, device: str = "cpu") -> dict[str, Any]:

@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,6 +122,29 @@ def private_bytes() -> int:
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+class PeakPrivate:
+    """The peak of the process's private resident memory while inside the block, sampled every ``interval``
+    seconds (the kernel keeps no peak of private memory)."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.peak, self.interval, self._stop = 0, interval, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, private_bytes())
+
+    def __enter__(self) -> PeakPrivate:
+        self.peak = private_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, private_bytes())
 
 
 def time_candidates(method: str, base: Path, variants: list[Path], candidates: int,

@@ -245,9 +245,8 @@ def merge_prepared(
     # state as a tuple of the files' flat views, all of one dtype.
     base = _readable(prepared.base)
     if isinstance(prepared.deltas, tuple):
-        dtypes = {d.dtype for d in prepared.deltas}
-        deltas: Any = tuple(_readable(d) for d in prepared.deltas) if len(dtypes) == 1 else None
-        deltas = None if deltas is None or deltas[0] is None else deltas
+        views = tuple(_readable(d) for d in prepared.deltas)
+        deltas: Any = views if views[0] is not None and len({d.dtype for d in prepared.deltas}) == 1 else None
     else:
         deltas = _readable(prepared.deltas)
     if base is None or deltas is None:  # float16, or streamed sources of mixed dtypes
@@ -331,9 +330,10 @@ def _kernel_params(
 
 def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
                  settings: tuple[Any, ...]) -> None:
-    """The fused pass in plain torch operations, for ``out`` on any device (the GPU path: no numba), ``chunk``
-    entries at a time: the kernel's float32 operations in the kernel's order, so the same bytes. The state is
-    read where it is: on ``out``'s device, or copied there chunk by chunk (pinned or mapped host memory)."""
+    """The fused pass in plain torch operations, for ``out`` on any device (the GPU path: no numba),
+    :data:`TORCH_CHUNK` entries at a time: the kernel's float32 operations in the kernel's order, so the same
+    bytes. The state is read where it is: on ``out``'s device, or copied there chunk by chunk (pinned or mapped
+    host memory)."""
     coefs, weights, lows, highs, thresholds, keys = params
     mode, consensus, normalize, scale = settings
     device, n, models = out.device, prepared.numel, prepared.models
@@ -344,9 +344,11 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
     if abs(weight_sum) < np.float32(1e-8):
         weight_sum = np.float32(1.0)
 
-    def scalar(value: Any) -> torch.Tensor:
+    def scalar(value: Any) -> torch.Tensor:  # float32 on the device, made once per call (a copy there each)
         return torch.tensor(float(value), dtype=torch.float32, device=device)
 
+    coef_t, weight_t, scale_t, weight_sum_t = [scalar(c) for c in coefs], [scalar(w) for w in weights], \
+        scalar(scale), scalar(weight_sum)
     chunk = TORCH_CHUNK
     in_place = out.is_contiguous()
     target = out.view(-1) if in_place else torch.empty(n, dtype=out.dtype, device=device)
@@ -358,7 +360,7 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
         for m in range(models):
             d = prepared.deltas[m][start:stop].to(device, non_blocking=True)
             d = d.to(torch.float32) - base if direct else d
-            c = d * scalar(coefs[m])
+            c = d * coef_t[m]
             if mode == 1:
                 a = d.abs()
                 c = torch.where((a >= float(lows[m])) & (a <= float(highs[m])), c, 0.0)
@@ -371,17 +373,17 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
             positive = total >= 0
             numerator = torch.zeros_like(total)
             divisor = torch.zeros_like(total)
-            for c, w in zip(contributions, weights):
+            for c, w in zip(contributions, weight_t):
                 agree = torch.where(positive, c > 0, c < 0)
                 numerator = numerator + torch.where(agree, c, 0.0)
-                divisor = divisor + torch.where(agree, scalar(w), 0.0)
+                divisor = divisor + torch.where(agree, w, 0.0)
             divisor = torch.where(divisor == 0, 1.0, divisor)
         else:
-            numerator, divisor = total, scalar(weight_sum)
+            numerator, divisor = total, weight_sum_t
         if normalize:
             numerator = numerator / divisor
         if scale != np.float32(1.0):
-            numerator = numerator * scalar(scale)
+            numerator = numerator * scale_t
         target[start:stop].copy_(base + numerator)
     if not in_place:
         out.copy_(target.view(out.shape))

@@ -252,7 +252,7 @@ def merge_prepared(
     if base is None or deltas is None:  # float16, or streamed sources of mixed dtypes
         _merge_stored(prepared, out, params, settings)
         return
-    _into(out.view(-1), _fused_kernel(), (base, deltas, *params, *settings, 0))
+    _into(out.view(-1), _fused_kernel(), (base, deltas, *params, *settings, 0, _threads()))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -296,7 +296,8 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
         chunk = deltas[: models * k].view(models, k)
         for m in range(models):
             chunk[m].copy_(prepared.deltas[m][start : start + k]).sub_(chunk_base)
-        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), *params, *settings, start))
+        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), *params, *settings, start,
+                                                   _threads()))
 
 
 def _kernel_params(
@@ -392,6 +393,13 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
 _KERNEL: Any = None
 
 
+def _threads() -> int:
+    """numba's threads: the kernel splits a tensor's blocks into one contiguous run per thread."""
+    import numba
+
+    return int(numba.get_num_threads())
+
+
 def _fused_kernel() -> Any:
     """Compile (once per process, cached on disk by numba) the fused merge pass."""
     global _KERNEL
@@ -400,9 +408,21 @@ def _fused_kernel() -> Any:
     return _KERNEL
 
 
-def _block(base: Any, deltas: Any, start: int, stop: int) -> Any:
-    """The base of entries start..stop and the task vectors holding them, float32, with the column where they
-    start: ``deltas[m, first : first + stop - start]`` (typed per dtype by ``_compile``)."""
+def _base_block(base: Any, start: int, stop: int, buffer: Any) -> Any:
+    """The base of entries start..stop as float32: a view of a float32 base, else widened into ``buffer``
+    (typed per dtype by ``_compile``)."""
+    raise NotImplementedError  # (numba only: see the overload in _compile)
+
+
+def _source_row(deltas: Any, m: int, start: int, stop: int, buffer: Any) -> Any:
+    """Row ``m`` of entries start..stop as float32: a view of the float32 task vectors, else source ``m``
+    widened into ``buffer`` (typed per dtype by ``_compile``)."""
+    raise NotImplementedError  # (numba only: see the overload in _compile)
+
+
+def _subtracts(deltas: Any) -> bool:
+    """Whether the rows of ``_source_row`` are the sources (the base to subtract) rather than task vectors: a
+    constant per type, so that the kernel's loops carry no branch (typed by ``_compile``)."""
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
@@ -464,28 +484,42 @@ def _compile() -> Any:
             return shift
         return None
 
-    @overload(_block, inline="always")
-    def _block_typed(base, deltas, start, stop):  # type: ignore[no-untyped-def]
-        if base.dtype == types.float32 and not isinstance(deltas, types.BaseTuple):
-            # the float32 state: views, no copy (rows sliced as deltas[m, a:b] stay contiguous, which LLVM
-            # vectorises; deltas[:, a:b][m] does not)
-            return lambda base, deltas, start, stop: (base[start:stop], deltas, start)
+    def _task_vectors(deltas):  # type: ignore[no-untyped-def]
+        """The float32 state: task vectors, read in place (rows sliced as deltas[m, a:b] stay contiguous,
+        which LLVM vectorises; deltas[:, a:b][m] does not)."""
+        return not isinstance(deltas, types.BaseTuple) and deltas.dtype == types.float32
 
-        # the sources themselves (the bfloat16 state's rows, or a tuple of the streamed files' flat views):
-        # widened exactly into float32, then the base subtracted, as the task vectors are computed
-        def widen(base, deltas, start, stop):  # type: ignore[no-untyped-def]
-            size, models = stop - start, len(deltas)
-            base32 = np.empty(size, dtype=np.float32)
-            _widen(base32, base[start:stop])
-            delta = np.empty((models, size), dtype=np.float32)
-            for m in range(models):
-                row = delta[m]  # contiguous rows: vectorised loops
-                _widen(row, deltas[m][start:stop])
-                for j in range(size):
-                    row[j] = row[j] - base32[j]
-            return base32, delta, 0
+    @overload(_base_block, inline="always")
+    def _base_block_typed(base, start, stop, buffer):  # type: ignore[no-untyped-def]
+        if base.dtype == types.float32:
+            return lambda base, start, stop, buffer: base[start:stop]
+
+        def widen(base, start, stop, buffer):  # type: ignore[no-untyped-def]
+            row = buffer[: stop - start]
+            _widen(row, base[start:stop])
+            return row
 
         return widen
+
+    @overload(_source_row, inline="always")
+    def _source_row_typed(deltas, m, start, stop, buffer):  # type: ignore[no-untyped-def]
+        if _task_vectors(deltas):
+            return lambda deltas, m, start, stop, buffer: deltas[m, start:stop]
+
+        # the sources themselves (the bfloat16 state's rows, or a tuple of the streamed files' flat views):
+        # widened exactly into float32; the kernel subtracts the base, as the task vectors are computed
+        def widen(deltas, m, start, stop, buffer):  # type: ignore[no-untyped-def]
+            row = buffer[: stop - start]
+            _widen(row, deltas[m][start:stop])
+            return row
+
+        return widen
+
+    @overload(_subtracts, inline="always")
+    def _subtracts_typed(deltas):  # type: ignore[no-untyped-def]
+        if _task_vectors(deltas):
+            return lambda deltas: False
+        return lambda deltas: True
 
     golden = np.uint64(0x9E3779B9)
     fmix1, fmix2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)
@@ -494,13 +528,14 @@ def _compile() -> Any:
     zero, one = np.float32(0.0), np.float32(1.0)
     block = 8_192
 
-    # One small loop per sparsification mode, each branch-free so that LLVM vectorises
-    # it: writes the contributions c_m of one block and adds them to the running total.
+    # One small loop per sparsification mode, each branch-free so that LLVM vectorises it: the task vector's
+    # entries d (the row itself, or the source row minus the base: the same float32 subtraction as ``build``),
+    # their contributions c_m written and added to the running total.
     @numba.njit(inline="always")
-    def contribute(c, total, d, coef, mode, lo, hi, threshold, key, start):  # type: ignore[no-untyped-def]
+    def contribute(c, total, row, base, subtract, coef, mode, lo, hi, threshold, key, start):  # type: ignore[no-untyped-def]
         if mode == 1:
             for j in range(c.size):
-                x = d[j]
+                x = row[j] - base[j] if subtract else row[j]
                 a = abs(x)
                 c[j] = x * coef if (a >= lo) & (a <= hi) else zero
                 total[j] = total[j] + c[j]
@@ -514,55 +549,67 @@ def _compile() -> Any:
                 x = (x * fmix2) & mask
                 x = x ^ (x >> s16)
                 # u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
-                v = d[j]  # loaded unconditionally, so that the choice is a select, not a branch
+                v = row[j] - base[j] if subtract else row[j]  # loaded unconditionally: a select, not a branch
                 c[j] = v * coef if (x >> s8) < threshold else zero
                 total[j] = total[j] + c[j]
         else:
             for j in range(c.size):
-                c[j] = d[j] * coef
+                x = row[j] - base[j] if subtract else row[j]
+                c[j] = x * coef
                 total[j] = total[j] + c[j]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
-               mode, consensus, normalize, scale, offset):
+               mode, consensus, normalize, scale, offset, threads):
         models, n = len(deltas), base.size
+        subtract = _subtracts(deltas)
         weight_sum = zero
         for m in range(models):
             weight_sum = weight_sum + weights[m]
         if abs(weight_sum) < np.float32(1e-8):
             weight_sum = one
-        for b in numba.prange((n + block - 1) // block):
-            start, stop = b * block, min(n, (b + 1) * block)
-            size = stop - start
-            base_block, delta_block, first = _block(base, deltas, start, stop)
-            contributions = np.empty((models, size), dtype=np.float32)
-            total = np.zeros(size, dtype=np.float32)
-            for m in range(models):
-                contribute(contributions[m], total, delta_block[m, first : first + size], coefs[m], mode, lows[m],
-                           highs[m], thresholds[m], keys[m], start + offset)
-            if consensus:
-                numerator = np.zeros(size, dtype=np.float32)
-                divisor = np.zeros(size, dtype=np.float32)
+        blocks = (n + block - 1) // block
+        workers = max(1, min(threads, blocks))
+        for w in numba.prange(workers):
+            # each worker's scratch, allocated once: a contiguous run of blocks per worker
+            base_buffer = np.empty(block, dtype=np.float32)
+            row_buffer = np.empty(block, dtype=np.float32)
+            contributions = np.empty((models, block), dtype=np.float32)
+            total = np.empty(block, dtype=np.float32)
+            numerator = np.empty(block, dtype=np.float32)
+            divisor = np.empty(block, dtype=np.float32)
+            for b in range(w * blocks // workers, (w + 1) * blocks // workers):
+                start, stop = b * block, min(n, (b + 1) * block)
+                size = stop - start
+                base_block = _base_block(base, start, stop, base_buffer)
+                t = total[:size]
+                t[:] = zero
                 for m in range(models):
-                    c, w = contributions[m], weights[m]
-                    for j in range(size):
-                        # agree: c has the elected sign, + where the total is >= 0
-                        agree = (c[j] > zero) if total[j] >= zero else (c[j] < zero)
-                        numerator[j] = numerator[j] + (c[j] if agree else zero)
-                        divisor[j] = divisor[j] + (w if agree else zero)
+                    row = _source_row(deltas, m, start, stop, row_buffer)
+                    contribute(contributions[m, :size], t, row, base_block, subtract, coefs[m], mode, lows[m],
+                               highs[m], thresholds[m], keys[m], start + offset)
+                num, div = numerator[:size], divisor[:size]
+                if consensus:
+                    num[:] = zero
+                    div[:] = zero
+                    for m in range(models):
+                        c, wm = contributions[m, :size], weights[m]
+                        for j in range(size):
+                            # agree: c has the elected sign, + where the total is >= 0
+                            agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
+                            num[j] = num[j] + (c[j] if agree else zero)
+                            div[j] = div[j] + (wm if agree else zero)
+                else:
+                    num[:] = t
+                    div[:] = weight_sum
+                # one pass: normalise (a divisor of 0 counts as 1), scale, add the base
                 for j in range(size):
-                    divisor[j] = one if divisor[j] == zero else divisor[j]
-            else:
-                numerator = total
-                divisor = np.full(size, weight_sum, dtype=np.float32)
-            if normalize:
-                for j in range(size):
-                    numerator[j] = numerator[j] / divisor[j]
-            if scale != one:
-                for j in range(size):
-                    numerator[j] = numerator[j] * scale
-            for j in range(size):
-                numerator[j] = base_block[j] + numerator[j]
-            _store(out, start, numerator)
+                    v = num[j]
+                    if normalize:
+                        v = v / (one if div[j] == zero else div[j])
+                    if scale != one:
+                        v = v * scale
+                    num[j] = base_block[j] + v
+                _store(out, start, num)
 
     return kernel

@@ -171,3 +171,34 @@ def test_a_bfloat16_model_is_written_rounded_as_torch_rounds() -> None:
     merge_prepared(prepared, out, weights=[1.0])
     assert torch.equal(out.view(torch.int16), (base + values).to(torch.bfloat16).view(torch.int16))
     assert out[0] == 1.0 and out[1] == 1 + 2**-6 and torch.isinf(out[5])  # ties to even; overflow
+
+
+@pytest.mark.parametrize("state", ["float32", "bfloat16", "streamed"])
+@pytest.mark.parametrize("n", [3 * 8_192 + 17, 5 * 8_192])
+def test_the_kernel_over_many_blocks_and_threads_gives_the_same_bytes(state: str, n: int) -> None:
+    """Tensors of several of the kernel's blocks, split between its threads in uneven runs (and one thread): the
+    random stream's offsets, each worker's scratch and the last partial block give the bytes of the torch path
+    (the same magnitude grid) and, where no magnitude cut is rounded to the grid, of the pure function."""
+    import numba
+
+    dtype = torch.bfloat16 if state == "bfloat16" else torch.float32
+    base, xs = _tensors(n, n, 3, dtype)
+    prepared = (PreparedTensor.streamed("layer.w", base, xs, magnitudes=True) if state == "streamed"
+                else PreparedTensor.build("layer.w", base, xs, magnitudes=True, keep_dtype=True))
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            for sparsification, consensus in [("magnitude", True), ("random", True), ("none", False)]:
+                kwargs = dict(weights=[1.0, 0.7, 0.4], densities=[0.5, 0.3, 0.9], sparsification=sparsification,
+                              consensus=consensus, normalize=True, scale=0.9, seed=3)
+                out = torch.empty(n, dtype=dtype)
+                merge_prepared(prepared, out, **kwargs)  # type: ignore[arg-type]
+                strided = torch.empty(2 * n, dtype=dtype)[::2]  # the torch path
+                merge_prepared(prepared, strided, **kwargs)  # type: ignore[arg-type]
+                assert torch.equal(out, strided), (threads, sparsification)
+                if sparsification != "magnitude":
+                    pure = M.generalized_task_arithmetic(base, xs, name="layer.w", **kwargs)  # type: ignore[arg-type]
+                    assert torch.equal(out, pure), (threads, sparsification)
+    finally:
+        numba.set_num_threads(before)

@@ -57,6 +57,13 @@ def test_help_explains() -> None:
     assert result.exit_code == 0 and "--overwrite" in result.output and "pkg:" in result.output
 
 
+def test_experts_help_names_every_setting() -> None:
+    from evoopt.data.settings import SETTINGS
+
+    result = CliRunner().invoke(main, ["experts", "--help"])
+    assert result.exit_code == 0 and all(name in result.output for name in SETTINGS), result.output
+
+
 def test_a_nan_coefficient_is_refused_naming_the_key(llama_family: list[Path], tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"method: linear\nmodels:\n  - model: {llama_family[1]}\n    parameters: {{weight: .nan}}\n"

@@ -1,6 +1,7 @@
 """Estimated fitness: how well a few dev examples stand for the whole dev set, on real merge candidates.
 
-Per setting (``--settings``): the baselines (the sources, linear, task arithmetic, TIES, DARE-TIES)
+Per setting (``--settings``; the MiniLM ones scored by evoopt's dev scorer, smollm2-tasks through lm-eval on
+its local multiple-choice tasks, 100 dev examples per task): the baselines (the sources, linear, task arithmetic, TIES, DARE-TIES)
 are scored on dev with their per-example outcomes kept; then two real searches with full-dev
 fitness draw the candidates, each trial keeping its per-example outcomes: layer-wise TIES with
 evoopt's CMA-ES (``--cma`` trials) and TIES_Evolver (``--evolver`` trials). Every figure below is
@@ -22,7 +23,7 @@ The goal (issue 16): at 10 % of dev an estimator ranks candidates at least as we
 subset (tau against full dev) in every setting, with a mean absolute error of at most 1 point.
 The studies live in ``--workdir`` and are resumed by a second run (only the missing trials run).
 
-    python benchmarks/fitness_cost.py [--settings minilm-sentiment-domains minilm-cross-task]
+    python benchmarks/fitness_cost.py [--settings minilm-sentiment-domains minilm-cross-task smollm2-tasks]
         [--cma 87] [--evolver 13] [--draws 10] [--references 20] [--workdir out/fitness_cost]
         [--out benchmarks/results]
 """
@@ -49,7 +50,13 @@ from evoopt.study.fitness import PRECISION_ATTR
 from evoopt.study.run import run_study
 from evoopt.study.storage import baseline_outcomes
 
-LIMITS = {"minilm-sentiment-domains": None, "minilm-cross-task": 300}  # dev examples per task (None: all)
+# each setting's objective: dev examples per task (None: all), test examples per task for reporting; the causal
+# setting is scored through lm-eval on its local multiple-choice tasks
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "minilm-sentiment-domains": {"limit": None, "test_limit": 500, "max_length": 128},
+    "minilm-cross-task": {"limit": 300, "test_limit": 500, "max_length": 128},
+    "smollm2-tasks": {"kind": "lm-eval", "limit": 100, "test_limit": 200, "batch_size": 16},
+}
 FRACTIONS = (0.05, 0.1, 0.2)
 METHODS = ("anchor", "irt", "random")
 
@@ -57,7 +64,7 @@ METHODS = ("anchor", "irt", "random")
 def study_config(folder: Path, setting: str, name: str, trials: int, **overrides: Any) -> StudyConfig:
     data: dict[str, Any] = {
         "name": name, "setting": setting, "seed": 0, "trials": trials, "artifacts": str(folder),
-        "objective": {"limit": LIMITS.get(setting, 300), "test_limit": 500, "max_length": 128},
+        "objective": OBJECTIVES[setting],
         "baselines": ["sources", "linear", "task_arithmetic", "ties", "dare_ties"],
     }
     data.update(overrides)
@@ -157,7 +164,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=list(LIMITS))
+    parser.add_argument("--settings", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--cma", type=int, default=87, help="layer-wise CMA-ES trials per setting")
     parser.add_argument("--evolver", type=int, default=13, help="TIES_Evolver trials per setting")
     parser.add_argument("--draws", type=int, default=10, help="seeds of each estimator's subset")

@@ -1,9 +1,9 @@
 """Estimated fitness: how well a few dev examples stand for the whole dev set, on real merge candidates.
 
 Per setting (``--settings``; the MiniLM ones scored by evoopt's dev scorer, smollm2-tasks through lm-eval on
-its local multiple-choice tasks, 100 dev examples per task): the baselines (the sources, linear, task arithmetic, TIES, DARE-TIES)
-are scored on dev with their per-example outcomes kept; then two real searches with full-dev
-fitness draw the candidates, each trial keeping its per-example outcomes: layer-wise TIES with
+its local multiple-choice tasks, 100 dev examples per task): the baselines (the sources, linear, task
+arithmetic, TIES, DARE-TIES) are scored on dev with their per-example outcomes kept; then two real searches
+with full-dev fitness draw the candidates, each trial keeping its per-example outcomes: layer-wise TIES with
 evoopt's CMA-ES (``--cma`` trials) and TIES_Evolver (``--evolver`` trials). Every figure below is
 then computed from the stored outcomes, without scoring anything again:
 

@@ -45,6 +45,7 @@ from scipy.stats import kendalltau
 from evoopt.data.estimate import fit_estimator
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, trial_outcomes
+from evoopt.data.settings import get_setting
 from evoopt.study.config import StudyConfig, parse_config
 from evoopt.study.fitness import PRECISION_ATTR
 from evoopt.study.run import run_study
@@ -85,9 +86,12 @@ def candidates(folder: Path, setting: str, args: argparse.Namespace,
     check = first._storage.get_study_system_attrs(first._study_id).get(PRECISION_ATTR, {})
     print(f"{setting}: bfloat16 check on the sources: {check}")
     objective = {**layerwise.objective.model_dump(exclude={"estimate"}), "precision": check.get("precision", "float32")}
+    # the paper's mutation x_i + F (x_r1 - x_r2) needs three individuals; with two experts (smollm2-tasks), the
+    # authors' released code's x_i + F (x_ref - x_i)
+    strategy = "paper" if len(get_setting(setting).tasks) >= 3 else "released"
     evolver = study_config(folder, setting, "ties-evolver", args.evolver,
                            space={"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
-                           sampler={"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}},
+                           sampler={"name": "EvolverSampler", "options": {"strategy": strategy, "F": 0.5, "Cr": 0.5}},
                            baselines=[], objective=objective)
     second = run_study(evolver, report=False).study
     found, stored = [], []

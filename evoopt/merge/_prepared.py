@@ -528,48 +528,35 @@ def _compile() -> Any:
     zero, one = np.float32(0.0), np.float32(1.0)
     block = 8_192
 
-    # The contribution c_m of one entry: the task vector's entry x (the row itself, or the source row minus the
-    # base: the same float32 subtraction as ``build``), trimmed (mode 1), dropped at random (mode 2) or kept (0),
-    # times the coefficient.
+    # One small loop per sparsification mode, each branch-free so that LLVM vectorises it: the task vector's
+    # entries d (the row itself, or the source row minus the base: the same float32 subtraction as ``build``),
+    # their contributions c_m written and added to the running total.
     @numba.njit(inline="always")
-    def part(mode, x, coef, lo, hi, threshold, k_lo, k_hi, index):  # type: ignore[no-untyped-def]
+    def contribute(c, total, row, base, subtract, coef, mode, lo, hi, threshold, key, start):  # type: ignore[no-untyped-def]
         if mode == 1:
-            a = abs(x)
-            return x * coef if (a >= lo) & (a <= hi) else zero
-        if mode == 2:
-            h = (((np.uint64(index) * golden) + k_lo) & mask) ^ k_hi
-            h = h ^ (h >> s16)
-            h = (h * fmix1) & mask
-            h = h ^ (h >> s13)
-            h = (h * fmix2) & mask
-            h = h ^ (h >> s16)
-            # u = (h >> 8) / 2^24 < density  <=>  (h >> 8) < ceil(density * 2^24): exact, integer-only; x is
-            # computed either way, so that the choice is a select, not a branch
-            return x * coef if (h >> s8) < threshold else zero
-        return x * coef
-
-    # One loop per mode and consensus, each branch-free so that LLVM vectorises it (``mode`` is a constant at
-    # each call): adds c_m to the running total and, for the sign consensus, to the sums of the positive and of
-    # the negative contributions and of their models' weights. Each sum adds c (or +0) in model order, exactly
-    # the sum over the models that agree with the elected sign, whichever sign that turns out to be.
-    @numba.njit(inline="always")
-    def accumulate(mode, consensus, sums, row, base, subtract, coef, weight, lo, hi, threshold, key, start):  # type: ignore[no-untyped-def]
-        total, positive, negative, weight_up, weight_down = sums  # a tuple of 1-d (contiguous) arrays
-        k_lo, k_hi = key & mask, key >> s32
-        if consensus:
-            for j in range(total.size):
-                c = part(mode, row[j] - base[j] if subtract else row[j], coef, lo, hi, threshold, k_lo, k_hi,
-                         start + j + 1)
-                total[j] = total[j] + c
-                positive[j] = positive[j] + (c if c > zero else zero)
-                negative[j] = negative[j] + (c if c < zero else zero)
-                weight_up[j] = weight_up[j] + (weight if c > zero else zero)
-                weight_down[j] = weight_down[j] + (weight if c < zero else zero)
+            for j in range(c.size):
+                x = row[j] - base[j] if subtract else row[j]
+                a = abs(x)
+                c[j] = x * coef if (a >= lo) & (a <= hi) else zero
+                total[j] = total[j] + c[j]
+        elif mode == 2:
+            k_lo, k_hi = key & mask, key >> s32
+            for j in range(c.size):
+                x = (((np.uint64(start + j + 1) * golden) + k_lo) & mask) ^ k_hi
+                x = x ^ (x >> s16)
+                x = (x * fmix1) & mask
+                x = x ^ (x >> s13)
+                x = (x * fmix2) & mask
+                x = x ^ (x >> s16)
+                # u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
+                v = row[j] - base[j] if subtract else row[j]  # loaded unconditionally: a select, not a branch
+                c[j] = v * coef if (x >> s8) < threshold else zero
+                total[j] = total[j] + c[j]
         else:
-            for j in range(total.size):
-                c = part(mode, row[j] - base[j] if subtract else row[j], coef, lo, hi, threshold, k_lo, k_hi,
-                         start + j + 1)
-                total[j] = total[j] + c
+            for j in range(c.size):
+                x = row[j] - base[j] if subtract else row[j]
+                c[j] = x * coef
+                total[j] = total[j] + c[j]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
@@ -587,46 +574,42 @@ def _compile() -> Any:
             # each worker's scratch, allocated once: a contiguous run of blocks per worker
             base_buffer = np.empty(block, dtype=np.float32)
             row_buffer = np.empty(block, dtype=np.float32)
-            # the running total, the sums of the positive and of the negative contributions, and their weights
-            total_buffer, positive_buffer = np.empty(block, dtype=np.float32), np.empty(block, dtype=np.float32)
-            negative_buffer, up_buffer = np.empty(block, dtype=np.float32), np.empty(block, dtype=np.float32)
-            down_buffer = np.empty(block, dtype=np.float32)
+            contributions = np.empty((models, block), dtype=np.float32)
+            total = np.empty(block, dtype=np.float32)
+            numerator = np.empty(block, dtype=np.float32)
+            divisor = np.empty(block, dtype=np.float32)
             for b in range(w * blocks // workers, (w + 1) * blocks // workers):
                 start, stop = b * block, min(n, (b + 1) * block)
                 size = stop - start
                 base_block = _base_block(base, start, stop, base_buffer)
-                total, positive, negative = total_buffer[:size], positive_buffer[:size], negative_buffer[:size]
-                weight_up, weight_down = up_buffer[:size], down_buffer[:size]
-                total[:] = zero
-                if consensus:
-                    positive[:] = zero
-                    negative[:] = zero
-                    weight_up[:] = zero
-                    weight_down[:] = zero
+                t = total[:size]
+                t[:] = zero
                 for m in range(models):
                     row = _source_row(deltas, m, start, stop, row_buffer)
-                    sums = (total, positive, negative, weight_up, weight_down)
-                    c, wm, lo, hi, t, k = coefs[m], weights[m], lows[m], highs[m], thresholds[m], keys[m]
-                    if mode == 1:
-                        accumulate(1, consensus, sums, row, base_block, subtract, c, wm, lo, hi, t, k, start + offset)
-                    elif mode == 2:
-                        accumulate(2, consensus, sums, row, base_block, subtract, c, wm, lo, hi, t, k, start + offset)
-                    else:
-                        accumulate(0, consensus, sums, row, base_block, subtract, c, wm, lo, hi, t, k, start + offset)
-                # one pass: the elected sign's sums (+ where the total is >= 0), normalised (a divisor of 0 counts
-                # as 1), scaled, the base added; written over the total, then stored
+                    contribute(contributions[m, :size], t, row, base_block, subtract, coefs[m], mode, lows[m],
+                               highs[m], thresholds[m], keys[m], start + offset)
+                num, div = numerator[:size], divisor[:size]
+                if consensus:
+                    num[:] = zero
+                    div[:] = zero
+                    for m in range(models):
+                        c, wm = contributions[m, :size], weights[m]
+                        for j in range(size):
+                            # agree: c has the elected sign, + where the total is >= 0
+                            agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
+                            num[j] = num[j] + (c[j] if agree else zero)
+                            div[j] = div[j] + (wm if agree else zero)
+                else:
+                    num[:] = t
+                    div[:] = weight_sum
+                # one pass: normalise (a divisor of 0 counts as 1), scale, add the base
                 for j in range(size):
-                    if consensus:
-                        up = total[j] >= zero
-                        v = positive[j] if up else negative[j]
-                        d = weight_up[j] if up else weight_down[j]
-                    else:
-                        v, d = total[j], weight_sum
+                    v = num[j]
                     if normalize:
-                        v = v / (one if d == zero else d)
+                        v = v / (one if div[j] == zero else div[j])
                     if scale != one:
                         v = v * scale
-                    total[j] = base_block[j] + v
-                _store(out, start, total)
+                    num[j] = base_block[j] + v
+                _store(out, start, num)
 
     return kernel

@@ -252,7 +252,7 @@ def merge_prepared(
     if base is None or deltas is None:  # float16, or streamed sources of mixed dtypes
         _merge_stored(prepared, out, params, settings)
         return
-    _into(out.view(-1), _fused_kernel(), (base, deltas, *params, *settings, 0, _threads()))
+    _into(out.view(-1), _fused_kernel(), (base, deltas, *params, *settings, 0))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -268,14 +268,19 @@ def _readable(tensor: torch.Tensor) -> np.ndarray | None:
 
 
 def _into(flat: torch.Tensor, kernel: Any, args: tuple[Any, ...]) -> None:
-    """Run ``kernel(target, *args)`` into a flat CPU tensor: float32 and bfloat16 (its bits, rounded in the
-    kernel as torch rounds) directly, any other dtype through a float32 buffer, cast by torch."""
+    """Run ``kernel(target, *args, threads)`` into a flat CPU tensor: float32 and bfloat16 (its bits, rounded in
+    the kernel as torch rounds) directly, any other dtype through a float32 buffer, cast by torch. ``threads``:
+    numba's, among which the kernel splits the tensor's blocks (asked here: numba cannot cache a kernel that
+    asks itself)."""
+    import numba
+
+    threads = numba.get_num_threads()
     target = _readable(flat)
     if target is not None:
-        kernel(target, *args)
+        kernel(target, *args, threads)
         return
     buffer = torch.empty(flat.numel())
-    kernel(buffer.numpy(), *args)
+    kernel(buffer.numpy(), *args, threads)
     flat.copy_(buffer)
 
 
@@ -296,8 +301,7 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
         chunk = deltas[: models * k].view(models, k)
         for m in range(models):
             chunk[m].copy_(prepared.deltas[m][start : start + k]).sub_(chunk_base)
-        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), *params, *settings, start,
-                                                   _threads()))
+        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), *params, *settings, start))
 
 
 def _kernel_params(
@@ -348,8 +352,8 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
     def scalar(value: Any) -> torch.Tensor:  # float32 on the device, made once per call (a copy there each)
         return torch.tensor(float(value), dtype=torch.float32, device=device)
 
-    coef_t, weight_t, scale_t, weight_sum_t = [scalar(c) for c in coefs], [scalar(w) for w in weights], \
-        scalar(scale), scalar(weight_sum)
+    coef_t, weight_t = [scalar(c) for c in coefs], [scalar(w) for w in weights]
+    scale_t, weight_sum_t = scalar(scale), scalar(weight_sum)
     chunk = TORCH_CHUNK
     in_place = out.is_contiguous()
     target = out.view(-1) if in_place else torch.empty(n, dtype=out.dtype, device=device)
@@ -391,13 +395,6 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
 
 
 _KERNEL: Any = None
-
-
-def _threads() -> int:
-    """numba's threads: the kernel splits a tensor's blocks into one contiguous run per thread."""
-    import numba
-
-    return int(numba.get_num_threads())
 
 
 def _fused_kernel() -> Any:
@@ -489,6 +486,10 @@ def _compile() -> Any:
         which LLVM vectorises; deltas[:, a:b][m] does not)."""
         return not isinstance(deltas, types.BaseTuple) and deltas.dtype == types.float32
 
+    def _float32_views(deltas):  # type: ignore[no-untyped-def]
+        """Streamed float32 sources: the files' views, read in place (no copy to widen)."""
+        return isinstance(deltas, types.BaseTuple) and deltas[0].dtype == types.float32
+
     @overload(_base_block, inline="always")
     def _base_block_typed(base, start, stop, buffer):  # type: ignore[no-untyped-def]
         if base.dtype == types.float32:
@@ -505,6 +506,8 @@ def _compile() -> Any:
     def _source_row_typed(deltas, m, start, stop, buffer):  # type: ignore[no-untyped-def]
         if _task_vectors(deltas):
             return lambda deltas, m, start, stop, buffer: deltas[m, start:stop]
+        if _float32_views(deltas):
+            return lambda deltas, m, start, stop, buffer: deltas[m][start:stop]
 
         # the sources themselves (the bfloat16 state's rows, or a tuple of the streamed files' flat views):
         # widened exactly into float32; the kernel subtracts the base, as the task vectors are computed

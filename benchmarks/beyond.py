@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from fitness_cost import study_config
+from fitness_cost import evolver_strategy, study_config
 from fitness_search import answer
 
 from evoopt.data.objective import combine
-from evoopt.data.settings import get_setting
 from evoopt.study.fitness import PRECISION_ATTR
 from evoopt.study.run import open_study, run_baselines, run_study
 from evoopt.study.storage import FINISHED
@@ -92,8 +91,8 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
     spec = json.loads(json.dumps(SEARCHES[search]))
     if search.startswith("M2N2"):
         spec["sampler"]["options"]["archive"] = archive
-    if search == "TIES_Evolver" and len(get_setting(setting).tasks) < 3:  # the paper's mutation needs three
-        spec["sampler"]["options"]["strategy"] = "released"
+    if search == "TIES_Evolver":
+        spec["sampler"]["options"]["strategy"] = evolver_strategy(setting)
     defaults = study_config(Path(folder), setting, "x", 1).objective.model_dump(exclude={"estimate"})
     config = study_config(Path(folder) / name, setting, name, evaluations, seed=seed, baselines=[],
                           objective={**defaults, "precision": precision}, **spec)

@@ -72,6 +72,12 @@ def study_config(folder: Path, setting: str, name: str, trials: int, **overrides
     return parse_config(data)
 
 
+def evolver_strategy(setting: str) -> str:
+    """The Evolver's mutation for a setting: the paper's x_i + F (x_r1 - x_r2) needs three individuals; with two
+    experts (smollm2-tasks), the authors' released code's x_i + F (x_ref - x_i)."""
+    return "paper" if len(get_setting(setting).tasks) >= 3 else "released"
+
+
 def candidates(folder: Path, setting: str, args: argparse.Namespace,
                ) -> tuple[list[Outcomes], list[Outcomes], dict[str, Any]]:
     """The baselines' dev outcomes (the estimators' references), the searches' candidates' outcomes, and the
@@ -86,12 +92,10 @@ def candidates(folder: Path, setting: str, args: argparse.Namespace,
     check = first._storage.get_study_system_attrs(first._study_id).get(PRECISION_ATTR, {})
     print(f"{setting}: bfloat16 check on the sources: {check}")
     objective = {**layerwise.objective.model_dump(exclude={"estimate"}), "precision": check.get("precision", "float32")}
-    # the paper's mutation x_i + F (x_r1 - x_r2) needs three individuals; with two experts (smollm2-tasks), the
-    # authors' released code's x_i + F (x_ref - x_i)
-    strategy = "paper" if len(get_setting(setting).tasks) >= 3 else "released"
     evolver = study_config(folder, setting, "ties-evolver", args.evolver,
                            space={"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
-                           sampler={"name": "EvolverSampler", "options": {"strategy": strategy, "F": 0.5, "Cr": 0.5}},
+                           sampler={"name": "EvolverSampler",
+                                    "options": {"strategy": evolver_strategy(setting), "F": 0.5, "Cr": 0.5}},
                            baselines=[], objective=objective)
     second = run_study(evolver, report=False).study
     found, stored = [], []

@@ -411,9 +411,15 @@ def _base_block(base: Any, start: int, stop: int, buffer: Any) -> Any:
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
-def _source_row(deltas: Any, m: int, start: int, stop: int, buffer: Any) -> Any:
-    """Row ``m`` of entries start..stop as float32: a view of the float32 task vectors, else source ``m``
-    widened into ``buffer`` (typed per dtype by ``_compile``)."""
+def _source_row(deltas: Any, m: int, start: int, stop: int) -> Any:
+    """Row ``m`` of entries start..stop as stored: a view of the float32 task vectors, of the sources kept in
+    bfloat16 (their bits), or of source ``m``'s file (typed per state by ``_compile``)."""
+    raise NotImplementedError  # (numba only: see the overload in _compile)
+
+
+def _value(row: Any, j: int) -> Any:
+    """Entry ``j`` of a row as float32: the entry itself, or the bfloat16 bits << 16, reinterpreted (exactly the
+    float32 value; read where it is used, so that no widened copy is written; typed by ``_compile``)."""
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
@@ -423,72 +429,58 @@ def _subtracts(deltas: Any) -> bool:
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
-def _widen(row: Any, source: Any) -> None:
-    """Write ``source`` (float32, or bfloat16 bits) into the float32 ``row`` (typed per dtype by ``_compile``)."""
-    raise NotImplementedError  # (numba only: see the overload in _compile)
-
-
-def _store(out: Any, start: int, values: Any) -> None:
-    """Write a block of float32 ``values`` at ``out[start:]``: float32, or bfloat16 bits rounded to nearest even
-    as torch rounds them (typed per dtype by ``_compile``)."""
+def _store(out: Any, i: int, value: Any) -> None:
+    """Write the float32 ``value`` at ``out[i]``: float32, or bfloat16 bits rounded to nearest even as torch rounds
+    them (typed per dtype by ``_compile``)."""
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
 def _compile() -> Any:
     import numba
     from numba import types
-    from numba.extending import overload
+    from numba.extending import intrinsic, overload
 
     bias, sixteen, nan16 = np.uint32(0x7FFF), np.uint32(16), np.uint16(0x7FC0)
 
+    @intrinsic
+    def _as_float32(typingctx, bits):  # type: ignore[no-untyped-def]
+        """The float32 whose bits are ``bits`` (a uint32): one bitcast, which LLVM vectorises."""
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _as_uint32(typingctx, value):  # type: ignore[no-untyped-def]
+        """The bits of the float32 ``value``."""
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+        return types.uint32(types.float32), codegen
+
     @overload(_store, inline="always")
-    def _store_typed(out, start, values):  # type: ignore[no-untyped-def]
+    def _store_typed(out, i, value):  # type: ignore[no-untyped-def]
         if out.dtype == types.float32:
 
-            def store(out, start, values):  # type: ignore[no-untyped-def]
-                for j in range(values.size):
-                    out[start + j] = values[j]
+            def store(out, i, value):  # type: ignore[no-untyped-def]
+                out[i] = value
 
             return store
         if out.dtype == types.uint16:  # a bfloat16 model: torch's round_to_nearest_even, NaN as 0x7FC0
 
-            def store16(out, start, values):  # type: ignore[no-untyped-def]
-                bits = values.view(np.uint32)
-                for j in range(values.size):
-                    b = bits[j]
-                    rounded = np.uint16((b + bias + ((b >> sixteen) & np.uint32(1))) >> sixteen)
-                    out[start + j] = nan16 if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+            def store16(out, i, value):  # type: ignore[no-untyped-def]
+                b = _as_uint32(value)
+                rounded = np.uint16((b + bias + ((b >> sixteen) & np.uint32(1))) >> sixteen)
+                out[i] = nan16 if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
 
             return store16
         return None
 
-    @overload(_widen, inline="always")
-    def _widen_typed(row, source):  # type: ignore[no-untyped-def]
-        if source.dtype == types.float32:
-
-            def copy(row, source):  # type: ignore[no-untyped-def]
-                for j in range(row.size):
-                    row[j] = source[j]
-
-            return copy
-        if source.dtype == types.uint16:  # bfloat16 bits: the float32 value is the bits << 16, exactly
-
-            def shift(row, source):  # type: ignore[no-untyped-def]
-                bits = row.view(np.uint32)
-                for j in range(row.size):
-                    bits[j] = np.uint32(source[j]) << np.uint32(16)
-
-            return shift
-        return None
-
     def _task_vectors(deltas):  # type: ignore[no-untyped-def]
-        """The float32 state: task vectors, read in place (rows sliced as deltas[m, a:b] stay contiguous,
-        which LLVM vectorises; deltas[:, a:b][m] does not)."""
+        """The float32 state: task vectors (the other states hold the sources, from which the base is subtracted)."""
         return not isinstance(deltas, types.BaseTuple) and deltas.dtype == types.float32
-
-    def _float32_views(deltas):  # type: ignore[no-untyped-def]
-        """Streamed float32 sources: the files' views, read in place (no copy to widen)."""
-        return isinstance(deltas, types.BaseTuple) and deltas[0].dtype == types.float32
 
     @overload(_base_block, inline="always")
     def _base_block_typed(base, start, stop, buffer):  # type: ignore[no-untyped-def]
@@ -497,26 +489,26 @@ def _compile() -> Any:
 
         def widen(base, start, stop, buffer):  # type: ignore[no-untyped-def]
             row = buffer[: stop - start]
-            _widen(row, base[start:stop])
+            for j in range(row.size):
+                row[j] = _value(base, start + j)
             return row
 
         return widen
 
     @overload(_source_row, inline="always")
-    def _source_row_typed(deltas, m, start, stop, buffer):  # type: ignore[no-untyped-def]
-        if _task_vectors(deltas):
-            return lambda deltas, m, start, stop, buffer: deltas[m, start:stop]
-        if _float32_views(deltas):
-            return lambda deltas, m, start, stop, buffer: deltas[m][start:stop]
+    def _source_row_typed(deltas, m, start, stop):  # type: ignore[no-untyped-def]
+        if isinstance(deltas, types.BaseTuple):  # the streamed files' flat views
+            return lambda deltas, m, start, stop: deltas[m][start:stop]
+        # rows sliced as deltas[m, a:b] stay contiguous, which LLVM vectorises; deltas[:, a:b][m] does not
+        return lambda deltas, m, start, stop: deltas[m, start:stop]
 
-        # the sources themselves (the bfloat16 state's rows, or a tuple of the streamed files' flat views):
-        # widened exactly into float32; the kernel subtracts the base, as the task vectors are computed
-        def widen(deltas, m, start, stop, buffer):  # type: ignore[no-untyped-def]
-            row = buffer[: stop - start]
-            _widen(row, deltas[m][start:stop])
-            return row
-
-        return widen
+    @overload(_value, inline="always")
+    def _value_typed(row, j):  # type: ignore[no-untyped-def]
+        if row.dtype == types.float32:
+            return lambda row, j: row[j]
+        if row.dtype == types.uint16:
+            return lambda row, j: _as_float32(np.uint32(row[j]) << sixteen)
+        return None
 
     @overload(_subtracts, inline="always")
     def _subtracts_typed(deltas):  # type: ignore[no-untyped-def]
@@ -533,15 +525,18 @@ def _compile() -> Any:
 
     # One small loop per sparsification mode, each branch-free so that LLVM vectorises it: the task vector's
     # entries d (the row itself, or the source row minus the base: the same float32 subtraction as ``build``),
-    # their contributions c_m written and added to the running total.
+    # their contributions c_m added to the running total (and kept for the sign consensus, where there is one).
     @numba.njit(inline="always")
-    def contribute(c, total, row, base, subtract, coef, mode, lo, hi, threshold, key, start):  # type: ignore[no-untyped-def]
+    def contribute(c, keep, total, row, base, subtract, coef, mode, lo, hi, threshold, key, start):  # type: ignore[no-untyped-def]
         if mode == 1:
             for j in range(c.size):
-                x = row[j] - base[j] if subtract else row[j]
+                v = _value(row, j)
+                x = v - base[j] if subtract else v
                 a = abs(x)
-                c[j] = x * coef if (a >= lo) & (a <= hi) else zero
-                total[j] = total[j] + c[j]
+                y = x * coef if (a >= lo) & (a <= hi) else zero
+                if keep:
+                    c[j] = y
+                total[j] = total[j] + y
         elif mode == 2:
             k_lo, k_hi = key & mask, key >> s32
             for j in range(c.size):
@@ -552,14 +547,27 @@ def _compile() -> Any:
                 x = (x * fmix2) & mask
                 x = x ^ (x >> s16)
                 # u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
-                v = row[j] - base[j] if subtract else row[j]  # loaded unconditionally: a select, not a branch
-                c[j] = v * coef if (x >> s8) < threshold else zero
-                total[j] = total[j] + c[j]
+                v = _value(row, j)
+                v = v - base[j] if subtract else v  # loaded unconditionally: a select, not a branch
+                y = v * coef if (x >> s8) < threshold else zero
+                if keep:
+                    c[j] = y
+                total[j] = total[j] + y
         else:
             for j in range(c.size):
-                x = row[j] - base[j] if subtract else row[j]
-                c[j] = x * coef
-                total[j] = total[j] + c[j]
+                v = _value(row, j)
+                x = v - base[j] if subtract else v
+                y = x * coef
+                if keep:
+                    c[j] = y
+                total[j] = total[j] + y
+
+    @numba.njit(inline="always")
+    def finish(v, divisor, normalize, scale):  # type: ignore[no-untyped-def]
+        """Normalise (a divisor of 0 counts as 1) and scale."""
+        if normalize:
+            v = v / (one if divisor == zero else divisor)
+        return v * scale if scale != one else v
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
@@ -576,7 +584,6 @@ def _compile() -> Any:
         for w in numba.prange(workers):
             # each worker's scratch, allocated once: a contiguous run of blocks per worker
             base_buffer = np.empty(block, dtype=np.float32)
-            row_buffer = np.empty(block, dtype=np.float32)
             contributions = np.empty((models, block), dtype=np.float32)
             total = np.empty(block, dtype=np.float32)
             numerator = np.empty(block, dtype=np.float32)
@@ -588,11 +595,11 @@ def _compile() -> Any:
                 t = total[:size]
                 t[:] = zero
                 for m in range(models):
-                    row = _source_row(deltas, m, start, stop, row_buffer)
-                    contribute(contributions[m, :size], t, row, base_block, subtract, coefs[m], mode, lows[m],
-                               highs[m], thresholds[m], keys[m], start + offset)
-                num, div = numerator[:size], divisor[:size]
+                    row = _source_row(deltas, m, start, stop)
+                    contribute(contributions[m, :size], consensus, t, row, base_block, subtract, coefs[m], mode,
+                               lows[m], highs[m], thresholds[m], keys[m], start + offset)
                 if consensus:
+                    num, div = numerator[:size], divisor[:size]
                     num[:] = zero
                     div[:] = zero
                     for m in range(models):
@@ -602,17 +609,10 @@ def _compile() -> Any:
                             agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
                             num[j] = num[j] + (c[j] if agree else zero)
                             div[j] = div[j] + (wm if agree else zero)
+                    for j in range(size):
+                        _store(out, start + j, base_block[j] + finish(num[j], div[j], normalize, scale))
                 else:
-                    num[:] = t
-                    div[:] = weight_sum
-                # one pass: normalise (a divisor of 0 counts as 1), scale, add the base
-                for j in range(size):
-                    v = num[j]
-                    if normalize:
-                        v = v / (one if div[j] == zero else div[j])
-                    if scale != one:
-                        v = v * scale
-                    num[j] = base_block[j] + v
-                _store(out, start, num)
+                    for j in range(size):
+                        _store(out, start + j, base_block[j] + finish(t[j], weight_sum, normalize, scale))
 
     return kernel

@@ -472,8 +472,10 @@ def _compile() -> Any:
 
             def store16(out, i, value):  # type: ignore[no-untyped-def]
                 b = _as_uint32(value)
+                nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
                 rounded = np.uint16((b + bias + ((b >> sixteen) & np.uint32(1))) >> sixteen)
-                out[i] = nan16 if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+                out[i] = np.uint16(nan) * nan16 + np.uint16(not nan) * rounded  # no branch (numba's inliner
+                # loses a conditional expression's variable here: a NumbaIRAssumptionWarning)
 
             return store16
         return None

@@ -7,9 +7,10 @@ Per setting (``--settings``, default minilm-cross-task: per-task heads, where fi
   beside the average of the experts and the task-specific experts (each on its own task);
 - searches, each given ``--evaluations`` trials scored on the whole dev set, ``--seeds`` seeds: the method
   search (evoopt's CMA-ES, one per method, methods raced), layer-wise TIES with evoopt's CMA-ES,
-  TIES_Evolver and M2N2 (archive ``--archive``), from the experts and with their TIES merge as one more
-  first member (``space.seeds``); each answer (the best trial, the Evolver's population
-  answer, M2N2's best member by dev) is scored on test after its search, for reporting only.
+  TIES_Evolver, M2N2 (archive ``--archive``), from the experts and with their TIES merge as one more
+  first member (``space.seeds``), and TSV-M's per-model weights searched from the paper's weight 1; each
+  answer (the best trial, the Evolver's population answer, M2N2's best member by dev) is scored on test after
+  its search, for reporting only.
 
 Printed and written (``--out``): the table (median test over seeds with min-max, dev, gap closed between the
 average of the experts and the task-specific experts), the issue's goals checked, and a plot of the best
@@ -55,6 +56,11 @@ SEARCHES: dict[str, dict[str, Any]] = {
     "M2N2": {"space": {"kind": "m2n2"}, "sampler": {"name": "M2N2Sampler", "options": {}}},
     "M2N2 + TIES seed": {"space": {"kind": "m2n2", "seeds": ["ties"]}, "sampler": {"name": "M2N2Sampler",
                                                                                  "options": {}}},
+    # TSV-M's per-model weights searched (its basis is cached, so a candidate costs what TIES does): the method
+    # search with TSV-M alone, first at the paper's weight 1, then evoopt's CMA-ES around it
+    "TSV-M, weights searched": {
+        "space": {"kind": "methods", "methods": {"tsv": {"search": {"weight": [0.0, 1.5]}, "start": {"weight": 1.0}}}},
+        "sampler": {"name": "EvoCmaSampler", "options": {"sigma0": 0.1667}}},
 }
 
 
@@ -135,7 +141,7 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     by = {r["name"]: r for r in rows}
     searches = [r for r in rows if r["test_range"] is not None]
     lines = []
-    for new in ("M2N2", "M2N2 + TIES seed", "method search"):
+    for new in ("M2N2", "M2N2 + TIES seed", "method search", "TSV-M, weights searched"):
         if new not in by:
             continue
         others = [r for r in searches if r["name"] != new]
@@ -163,7 +169,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     settings = list(results)
     figure, axes = plt.subplots(len(settings), 2, figsize=(13, 4.6 * len(settings)), squeeze=False)
-    colours = dict(zip(SEARCHES, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")))
+    colours = dict(zip(SEARCHES, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")))
     for (left, right), setting in zip(axes, settings):
         result = results[setting]
         for search, colour in colours.items():

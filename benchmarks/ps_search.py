@@ -107,7 +107,7 @@ def plot(results: list[dict[str, Any]], out: Path, trials: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     for result in results:
         if result["curves"]:
             curve = median_curve(result["curves"])
@@ -119,7 +119,7 @@ def plot(results: list[dict[str, Any]], out: Path, trials: int) -> None:
     ax.set_xlabel("evaluations (trials)")
     ax.set_ylabel("best dev accuracy so far (median over seeds)")
     ax.set_title(f"{SETTING}: TIES coefficient search")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not over them
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

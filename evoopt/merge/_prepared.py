@@ -288,8 +288,8 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
                   settings: tuple[Any, ...]) -> None:
     """The fused pass over a float16 state (or streamed sources of mixed dtypes), CHUNK entries at a time: widen
     the sources and the base to float32, subtract (the task vectors, exactly as ``build`` computes them), merge
-    into float32 and write. (float32 and bfloat16 sources, in memory or streamed, are widened inside the kernel,
-    block by block.)"""
+    into float32 and write. (float32 and bfloat16 sources, in memory or streamed, are read by the kernel itself,
+    widened where each entry is used.)"""
     models, n = prepared.models, prepared.numel
     size = min(CHUNK, n)
     deltas, base = torch.empty(models * size), torch.empty(size)

@@ -75,10 +75,17 @@ def baselines(folder: Path, setting: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def references(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Rows by name (dev, test), with the task-specific experts: each source scored on its own task."""
+    """Rows by name (dev, test), with the task-specific experts: each task scored by its own expert (the source
+    named after it; ``trec-coarse_gen`` is the ``trec-coarse`` expert's too), averaged over every task of the
+    objective, as the merges' scores are."""
     by_name = {r["name"]: {"dev": r["dev_value"], "test": r["test_value"]} for r in rows}
     sources = {r["name"].removeprefix("source "): r for r in rows if r["name"].startswith("source ")}
-    by_name["task-specific experts"] = {split: statistics.mean(r[split][task] for task, r in sources.items())
+
+    def owner(task: str) -> dict[str, Any]:
+        return next(r for name, r in sources.items() if task == name or task.startswith(f"{name}_"))
+
+    tasks = list(next(iter(sources.values()))["dev"])
+    by_name["task-specific experts"] = {split: statistics.mean(owner(task)[split][task] for task in tasks)
                                         for split in ("dev", "test")}
     return by_name
 

@@ -64,14 +64,16 @@ SEARCHES: dict[str, dict[str, Any]] = {
 }
 
 
-def baselines(folder: Path, setting: str) -> tuple[list[dict[str, Any]], str]:
-    """The fixed merges and the sources, scored once per setting (stored: a rerun reads them)."""
+def baselines(folder: Path, setting: str) -> tuple[list[dict[str, Any]], str, float]:
+    """The fixed merges and the sources, scored once per setting (stored: a rerun reads them); the precision and
+    the study's sign (+1 where scores are maximised, -1 where minimised, as perplexity)."""
     config = study_config(folder / "baselines", setting, "baselines", 1, baselines=["sources", "linear", *FIXED])
     study = open_study(config)
     if "evoopt:baselines" not in study.user_attrs:
         run_baselines(config, study=study)
     precision = study._storage.get_study_system_attrs(study._study_id).get(PRECISION_ATTR, {})
-    return study.user_attrs["evoopt:baselines"], precision.get("precision", "float32")
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return study.user_attrs["evoopt:baselines"], precision.get("precision", "float32"), sign
 
 
 def references(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -143,8 +145,9 @@ def summarise(runs: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> 
     return rows
 
 
-def goals(rows: list[dict[str, Any]]) -> list[str]:
-    """The issue's goals, checked on this run's figures."""
+def goals(rows: list[dict[str, Any]], sign: float) -> list[str]:
+    """The issue's goals, checked on this run's figures (``sign``: +1 where higher scores are better, -1 where
+    lower are; the gap closed is a fraction either way)."""
     by = {r["name"]: r for r in rows}
     searches = [r for r in rows if r["test_range"] is not None]
     lines = []
@@ -153,15 +156,15 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
             continue
         others = [r for r in searches if r["name"] != new]
         spread = max(r["test_range"][1] - r["test_range"][0] for r in searches)
-        margin = by[new]["test"] - max(r["test"] for r in others) if others else float("nan")
+        margin = sign * by[new]["test"] - max(sign * r["test"] for r in others) if others else float("nan")
         lines.append(f"{new} beats every other search by {100 * margin:+.2f} points (median test); the seeds' "
                      f"largest spread is {100 * spread:.2f}: {'met' if margin > spread else 'not met'}")
     ties = by["ties (fixed)"]["test"]
     for method in ("tsv", "iso_cts"):
-        gain = by[f"{method} (fixed)"]["test"] - ties
+        gain = sign * (by[f"{method} (fixed)"]["test"] - ties)
         lines.append(f"{method} (fixed) against fixed TIES: {100 * gain:+.2f} points of test: "
                      f"{'met' if gain > 0 else 'not met'}")
-    best = max((r for r in rows if "task-specific" not in r["name"]), key=lambda r: r["test"])
+    best = max((r for r in rows if "task-specific" not in r["name"]), key=lambda r: r["gap"])
     lines.append(f"best answer {best['name']} closes {100 * best['gap']:.1f} % of the gap between the average of the "
                  f"experts and the task-specific experts (goal 90 %): {'met' if best['gap'] >= 0.9 else 'not met'}")
     return lines
@@ -225,7 +228,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for setting in args.settings:
         folder = args.workdir / setting
-        rows, precision = baselines(folder, setting)
+        rows, precision, sign = baselines(folder, setting)
         refs = references(rows)
         jobs = [(str(folder), setting, search, seed, args.evaluations, precision, args.archive)
                 for seed in range(args.seeds) for search in args.searches]
@@ -239,7 +242,7 @@ def main() -> None:
                       f"answer dev {last['dev']:.4f} test {last['test']:.4f}", flush=True)
         summary = summarise(runs, refs)
         results[setting] = {"evaluations": args.evaluations, "archive": args.archive, "precision": precision,
-                            "references": refs, "runs": runs, "summary": summary, "goals": goals(summary)}
+                            "references": refs, "runs": runs, "summary": summary, "goals": goals(summary, sign)}
         print(f"\n{setting}: {args.evaluations} evaluations per search, {args.seeds} seeds (test: median, min-max)")
         print(f"{'':<46}{'evals':>6}{'dev':>8}{'test':>8}{'test min-max':>16}{'gap closed':>12}")
         for row in summary:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, batch_size: int = 16,
@@ -21,13 +22,20 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, b
 
 def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, batch_size: int = 16,
                      seed: int = 0, limit: int | None = None, samples: dict[str, list[int]] | None = None,
+                     autocast: bool = False,
                      ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """The scores, and per task each example's ``doc_id`` and value of the scored metric (lm-eval's
-    per-sample log). ``samples`` scores only those doc ids of each task (instead of ``limit``)."""
+    per-sample log). ``samples`` scores only those doc ids of each task (instead of ``limit``).
+
+    ``autocast``: the forward passes and generation under bfloat16 autocast. It has to be lm-eval's own
+    (``mixed_precision_dtype``): HFLM wraps every model call in ``torch.autocast(enabled=False)`` when that
+    is unset, which switches off an autocast entered around ``simple_evaluate`` (measured: 0.96 x the
+    float32 time, results identical, on SmolLM2-135M)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              mixed_precision_dtype=torch.bfloat16 if autocast else None)
     results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=None if samples else limit,
                               samples=samples, cache_requests=False, use_cache=None, log_samples=True,
                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

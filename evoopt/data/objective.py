@@ -204,15 +204,14 @@ class LmEvalScorer:
         self.samples = None if rows is None else {n: [int(i) for i in rows[_lm_eval_name(n, split)]]
                                                   for n in self.names if _lm_eval_name(n, split) in rows}
         self.outcomes: Outcomes | None = None
-        self.autocast = False  # bfloat16 autocast (see precision())
+        self.autocast = False  # bfloat16 autocast (lm-eval's own: see lm_eval_examples)
 
     def scores(self, model: torch.nn.Module) -> Scores:
         from evoopt.data.lmeval import lm_eval_examples
 
-        with precision(self.autocast, next(model.parameters()).device):
-            results, examples = lm_eval_examples(model, self.tokenizer, self.names, self.manager,
-                                                 batch_size=self.batch_size, seed=self.seed, limit=self.limit,
-                                                 samples=self.samples)
+        results, examples = lm_eval_examples(model, self.tokenizer, self.names, self.manager,
+                                             batch_size=self.batch_size, seed=self.seed, limit=self.limit,
+                                             samples=self.samples, autocast=self.autocast)
         self.outcomes = Outcomes("accuracy", {
             _lm_eval_name(name, self.split): TaskOutcomes(ids, values.astype(bool) if np.isin(values, (0, 1)).all()
                                                           else values)

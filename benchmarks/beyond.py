@@ -15,10 +15,15 @@ Per setting (``--settings``, default minilm-cross-task: per-task heads, where fi
 Printed and written (``--out``): the table (median test over seeds with min-max, dev, gap closed between the
 average of the experts and the task-specific experts), the issue's goals checked, and a plot of the best
 dev score so far against evaluations per search beside the answers' test scores. Runs go ``--jobs`` at a
-time (one CPU thread each); a rerun resumes every run from its study in ``--workdir``.
+time (one CPU thread each); a rerun resumes every run from its study in ``--workdir``. ``--estimate anchor``
+scores the searches' trials on ``--fraction`` of dev with the estimated fitness of ``objective.estimate``
+(fitted on the baselines' dev outcomes; every search alike, so the evaluations stay equal and each costs a
+fraction of one on the whole dev set); the answers are still scored on the whole dev and test sets. A setting's
+results replace its own entry in ``beyond.json``; the other settings' are kept.
 
     python benchmarks/beyond.py [--settings minilm-cross-task] [--evaluations 30] [--seeds 3] [--jobs 2]
-        [--archive 8] [--workdir out/beyond] [--out benchmarks/results]
+        [--archive 8] [--estimate anchor --fraction 0.2] [--precision float32] [--workdir out/beyond]
+        [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any
 
 import optuna
 from fitness_cost import evolver_strategy, study_config
-from fitness_search import answer
+from fitness_search import answer, copy_baselines
 
 from evoopt.data.objective import combine
 from evoopt.study.fitness import PRECISION_ATTR
@@ -64,11 +69,17 @@ SEARCHES: dict[str, dict[str, Any]] = {
 }
 
 
+def baseline_study(folder: Path, setting: str) -> optuna.Study:
+    """The setting's study of the fixed merges and the sources (their rows and per-example dev outcomes)."""
+    return open_study(study_config(folder / "baselines", setting, "baselines", 1,
+                                   baselines=["sources", "linear", *FIXED]))
+
+
 def baselines(folder: Path, setting: str) -> tuple[list[dict[str, Any]], str, float]:
     """The fixed merges and the sources, scored once per setting (stored: a rerun reads them); the precision and
     the study's sign (+1 where scores are maximised, -1 where minimised, as perplexity)."""
     config = study_config(folder / "baselines", setting, "baselines", 1, baselines=["sources", "linear", *FIXED])
-    study = open_study(config)
+    study = baseline_study(folder, setting)
     if "evoopt:baselines" not in study.user_attrs:
         run_baselines(config, study=study)
     precision = study._storage.get_study_system_attrs(study._study_id).get(PRECISION_ATTR, {})
@@ -93,8 +104,9 @@ def references(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int, precision: str,
-            archive: int) -> dict[str, Any]:
-    """One search, one seed, in a worker process of one thread."""
+            archive: int, estimate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One search, one seed, in a worker process of one thread; ``estimate``: the trials' fitness estimated
+    from a few dev examples (``objective.estimate``, fitted on the baselines' dev outcomes)."""
     import torch
     import transformers
 
@@ -103,15 +115,20 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
     transformers.logging.set_verbosity_error()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = f"{search.replace(' ', '-').replace('_', '-').lower()}-seed{seed}"
+    if estimate:
+        name += f"-{estimate['method']}{round(100 * estimate['fraction'])}"
     spec = json.loads(json.dumps(SEARCHES[search]))
     if search.startswith("M2N2"):
         spec["sampler"]["options"]["archive"] = archive
     if search == "TIES_Evolver":
         spec["sampler"]["options"]["strategy"] = evolver_strategy(setting)
     defaults = study_config(Path(folder), setting, "x", 1).objective.model_dump(exclude={"estimate"})
-    config = study_config(Path(folder) / name, setting, name, evaluations, seed=seed, baselines=[],
-                          objective={**defaults, "precision": precision}, **spec)
+    objective = {**defaults, "precision": precision, **({"estimate": estimate} if estimate else {})}
+    config = study_config(Path(folder) / name, setting, name, evaluations, seed=seed,
+                          baselines=["sources", "linear", *FIXED] if estimate else [], objective=objective, **spec)
     started = time.perf_counter()
+    if estimate:  # the estimator's references: the baselines' per-example dev outcomes
+        copy_baselines(baseline_study(Path(folder), setting), open_study(config))
     study = run_study(config, baselines=False).study
     seconds = time.perf_counter() - started
     trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
@@ -220,6 +237,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--archive", type=int, default=8, help="M2N2's archive size")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
+    parser.add_argument("--estimate", choices=["anchor", "irt", "random"], help=(
+        "score the searches' trials on --fraction of dev and estimate the whole-dev score (objective.estimate, "
+        "fitted on the baselines' dev outcomes; no confirmation: the answer is the best estimate, scored on the "
+        "whole dev and test afterwards); default: the whole dev set"))
+    parser.add_argument("--fraction", type=float, default=0.2, help="share of dev an estimated trial is scored on")
+    parser.add_argument("--precision", choices=["float32", "bfloat16"],
+                        help="the searches' precision (default: the baselines study's bfloat16 check)")
     parser.add_argument("--workdir", type=Path, default=Path("out/beyond"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -229,8 +253,10 @@ def main() -> None:
     for setting in args.settings:
         folder = args.workdir / setting
         rows, precision, sign = baselines(folder, setting)
+        precision = args.precision or precision
         refs = references(rows)
-        jobs = [(str(folder), setting, search, seed, args.evaluations, precision, args.archive)
+        estimate = {"method": args.estimate, "fraction": args.fraction, "confirm": 0} if args.estimate else None
+        jobs = [(str(folder), setting, search, seed, args.evaluations, precision, args.archive, estimate)
                 for seed in range(args.seeds) for search in args.searches]
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(one_run, *job) for job in jobs]
@@ -242,8 +268,11 @@ def main() -> None:
                       f"answer dev {last['dev']:.4f} test {last['test']:.4f}", flush=True)
         summary = summarise(runs, refs)
         results[setting] = {"evaluations": args.evaluations, "archive": args.archive, "precision": precision,
+                            "estimate": estimate,
                             "references": refs, "runs": runs, "summary": summary, "goals": goals(summary, sign)}
-        print(f"\n{setting}: {args.evaluations} evaluations per search, {args.seeds} seeds (test: median, min-max)")
+        scored = f"on {100 * args.fraction:.0f} % of dev, {args.estimate}-estimated" if estimate else "on the whole dev"
+        print(f"\n{setting}: {args.evaluations} evaluations per search {scored}, {args.seeds} seeds "
+              "(test: median, min-max)")
         print(f"{'':<46}{'evals':>6}{'dev':>8}{'test':>8}{'test min-max':>16}{'gap closed':>12}")
         for row in summary:
             spread = f"{row['test_range'][0]:.4f}-{row['test_range'][1]:.4f}" if row["test_range"] else ""
@@ -251,7 +280,9 @@ def main() -> None:
                   f"{100 * row['gap']:>11.1f}%")
         print("\n".join(["", "goals:", *results[setting]["goals"]]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "beyond.json").write_text(json.dumps(results, indent=2) + "\n")
+    path = args.out / "beyond.json"
+    results = {**(json.loads(path.read_text()) if path.exists() else {}), **results}  # other settings kept
+    path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "beyond.png")
     print(f"\nwrote {args.out / 'beyond.json'} and {args.out / 'beyond.png'}")
 

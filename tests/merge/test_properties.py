@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -207,3 +208,26 @@ def test_the_kernel_over_many_blocks_and_threads_gives_the_same_bytes(state: str
                     assert torch.equal(out, pure), (threads, sparsification)
     finally:
         numba.set_num_threads(before)
+
+
+def test_the_kernel_keeps_torchs_thread_count() -> None:
+    """numba's first launch of its OpenMP pool set the process's OpenMP thread count, which torch reads as its own:
+    a worker given one torch thread scored on all cores after its first merge. In a fresh interpreter (the pool
+    starts once per process), torch keeps the count it was given."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from evoopt.merge import PreparedTensor, merge_prepared\n"
+        "n = 50_000\n"
+        "xs = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i in range(3)]\n"
+        "prepared = PreparedTensor.build('l.w', xs[0], xs[1:], magnitudes=True, keep_dtype=True)\n"
+        "merge_prepared(prepared, torch.empty(n), weights=[1.0, 1.0], densities=[0.5, 0.5], sparsification='magnitude',"
+        " consensus=True, normalize=True, scale=1.0, seed=0)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True,
+                          env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    assert done.stdout.split()[-1] == "1", done.stdout + done.stderr

@@ -229,7 +229,8 @@ def _load_study_config(path: Path, root: Path | None = None, storage: str | None
               "`trials` budget, counting the finished trials already stored).")
 @click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds.")
 @click.option("--workers", type=_COUNT, default=1, show_default=True,
-              help="Local worker processes sharing the study's storage.")
+              help="Local worker processes sharing the study's storage and the machine's cores (each gets "
+              "cores / N threads unless OMP_NUM_THREADS is set).")
 @click.option("--storage", default=None, help="An Optuna storage URL instead of the config's `storage` "
               "(postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH).")
 @click.option("--no-baselines", is_flag=True, help="Do not evaluate the baselines first.")

@@ -241,6 +241,22 @@ def test_two_workers_share_one_study(small_experts: Any, tmp_path: Path) -> None
     assert len({t.number for t in trials}) == len(trials)
 
 
+
+def test_local_workers_share_the_cores() -> None:
+    """Each of N local workers gets cores / N of torch's and numba's threads (at least one), unless the user set
+    OMP_NUM_THREADS; the rest of the environment passes through."""
+    import os
+
+    from evoopt.study.run import worker_env
+
+    cores = len(os.sched_getaffinity(0))
+    env = worker_env(2, {"PATH": "/bin"})
+    assert env["OMP_NUM_THREADS"] == env["NUMBA_NUM_THREADS"] == str(max(1, cores // 2)) and env["PATH"] == "/bin"
+    assert worker_env(4 * cores, {})["OMP_NUM_THREADS"] == "1"
+    assert worker_env(2, {"OMP_NUM_THREADS": "3"}) == {"OMP_NUM_THREADS": "3"}
+    assert worker_env(1, {"NUMBA_NUM_THREADS": "1"})["NUMBA_NUM_THREADS"] == "1"
+
+
 @pytest.mark.slow
 def test_cli_status_best_compare_and_bad_trial(finished: Any, tmp_path: Path) -> None:
     config, study = finished

@@ -461,6 +461,28 @@ def _polar(matrix: torch.Tensor) -> torch.Tensor:
         return _polar_by_gram(matrix)
 
 
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reduced SVD ``(U, S, V^T)``, descending. LAPACK's divide-and-conquer SVD can fail to converge (seen on
+    Iso-CTS's residual of a SmolLM2 matrix once the common subspace is projected out, in a method search): then
+    it is computed in float64, and if that fails too, from the eigendecomposition of the Gram matrix in float64
+    (accurate for the leading directions, the ones TSV-M and Iso-CTS keep)."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    wide = matrix.shape[0] < matrix.shape[1]
+    m = (matrix.T if wide else matrix).double()
+    try:
+        u, s, vt = torch.linalg.svd(m, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        values, vectors = torch.linalg.eigh(m.T @ m)  # ascending: flipped
+        s, vectors = values.flip(0).clamp(min=0).sqrt(), vectors.flip(1)
+        u, vt = m @ vectors / torch.where(s > 0, s, 1.0), vectors.T
+    if wide:
+        u, vt = vt.T, u.T
+    return u.to(matrix.dtype), s.to(matrix.dtype), vt.to(matrix.dtype)
+
+
 def _polar_by_gram(matrix: torch.Tensor) -> torch.Tensor:
     wide = matrix.shape[0] < matrix.shape[1]
     m = (matrix.T if wide else matrix).double()
@@ -507,7 +529,7 @@ def tsv_basis(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> SingularBa
     if k == 0:
         return SingularBasis(u_cat, s_cat, v_cat, 0)
     for t, delta in enumerate(deltas):
-        u, s, vt = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vt = _svd(delta)
         u_cat[:, t * k:(t + 1) * k], s_cat[t * k:(t + 1) * k], v_cat[t * k:(t + 1) * k] = u[:, :k], s[:k], vt[:k]
     return SingularBasis(_polar(u_cat), s_cat, _polar(v_cat), k)
 
@@ -584,7 +606,7 @@ def iso_merge(
         return _mean_delta(base, deltas, scale)
     tasks, r = len(deltas), min(base.shape)
     total = sum(deltas[1:], deltas[0])
-    u, s, vt = torch.linalg.svd(total, full_matrices=False)
+    u, s, vt = _svd(total)
     per_task = 0
     if common_fraction is not None:
         if not 0.0 < common_fraction <= 1.0:
@@ -597,7 +619,7 @@ def iso_merge(
         common_u = u[:, :k]
         u_parts, s_parts, v_parts = [], [], []
         for delta in deltas:
-            ut, st, vtt = torch.linalg.svd(delta - common_u @ (common_u.T @ delta), full_matrices=False)
+            ut, st, vtt = _svd(delta - common_u @ (common_u.T @ delta))
             u_parts.append(ut[:, :per_task])
             s_parts.append(st[:per_task])
             v_parts.append(vtt[:per_task])

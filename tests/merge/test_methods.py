@@ -330,3 +330,30 @@ def test_the_polar_factor_has_a_route_where_the_svd_fails(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.linalg, "svd", svd)
     torch.testing.assert_close(get_method("iso_cts").apply(base, experts, {"common_fraction": 0.5}), want)
     assert len(calls) == 5  # the fourth failed and was computed by the Gram route
+
+
+@pytest.mark.parametrize("fails", ["float32", "both"])
+def test_iso_cts_where_lapacks_svd_fails_to_converge(monkeypatch: pytest.MonkeyPatch, fails: str) -> None:
+    """Seen in a SmolLM2 method search: LAPACK's SVD failed on Iso-CTS's residual of a task (its common directions
+    projected out), and the trial's exception ended the study. The SVD is retried in float64, then taken from the
+    Gram matrix's eigendecomposition: the same merge either way, wide and tall matrices alike."""
+    g = torch.Generator().manual_seed(2)
+    for shape in [(6, 9), (9, 6)]:
+        base = torch.randn(*shape, generator=g)
+        experts = [base + torch.randn(*shape, generator=g) for _ in range(3)]
+        settings = {"common_fraction": 0.5, "weight": [1.0, 0.7, 0.4]}
+        want = get_method("iso_cts").apply(base, experts, settings)
+        residuals: list[torch.dtype] = []
+
+        def svd(a: torch.Tensor, full_matrices: bool = True, real: object = torch.linalg.svd,
+                seen: list[torch.dtype] = residuals) -> object:
+            seen.append(a.dtype)
+            if len(seen) >= 2 and (fails == "both" or a.dtype == torch.float32):  # the first task's residual on
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+            return real(a, full_matrices=full_matrices)  # type: ignore[operator]
+
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.linalg, "svd", svd)
+            got = get_method("iso_cts").apply(base, experts, settings)
+        assert torch.float64 in residuals
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -136,7 +136,9 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
     assert found is not None, f"{name}: no answer"
     values = [t.value for t in trials if t.value is not None]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE  # (the settings here: accuracy)
-    return {"search": search, "seed": seed, "trials": len(trials), "seconds": round(seconds, 1),
+    search_seconds = sum(t.duration.total_seconds() for t in trials if t.duration is not None)
+    return {"search": search, "seed": seed, "trials": len(trials), "seconds": round(search_seconds, 1),
+            "run_seconds": round(seconds, 1),  # this call's: a resumed run's is only what was left
             "best_so_far": [(max if maximize else min)(values[: k + 1]) for k in range(len(values))],
             "dev": combine(found["dev"]), "test": combine(found["test"])}
 
@@ -211,7 +213,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         refs = result["references"]
         for name, style in (("ties (fixed)", "--"), ("tsv (fixed)", ":"), ("iso_cts (fixed)", "-.")):
             left.axhline(100 * refs[name]["dev"], color="grey", linestyle=style, label=f"{name}, dev")
-        left.set(title=f"{setting}: best dev score so far", xlabel="evaluations (trials)", ylabel="dev score (%)")
+        estimate = result.get("estimate")
+        scored = f", estimated from {100 * estimate['fraction']:.0f} % of dev" if estimate else ""
+        left.set(title=f"{setting}: best dev score so far{scored}", xlabel="evaluations (trials)",
+                 ylabel="dev score (%)")
         left.legend(fontsize=8)
         rows = result["summary"]
         names = [r["name"] for r in rows]
@@ -221,7 +226,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             seeds = [r["test"] for r in result["runs"] if r["search"] == row["name"]]
             right.plot([100 * s for s in seeds], [i] * len(seeds), "k.", markersize=6)
         right.set_yticks(range(len(names)), names, fontsize=8)
-        right.set_xlim(100 * refs["average of sources"]["test"] - 5, 100 * refs["task-specific experts"]["test"] + 3)
+        tests = [r["test"] for r in rows] + [r["test"] for r in result["runs"]]  # (the references are rows)
+        right.set_xlim(100 * min(tests) - 3, 100 * max(tests) + 3)
         right.axvline(100 * refs["task-specific experts"]["test"], color="black", linestyle=":")
         right.set(title="test score of each answer (bars: median; dots: seeds)", xlabel="test score (%)")
         right.invert_yaxis()
@@ -264,7 +270,7 @@ def main() -> None:
             for future in futures:
                 runs.append(future.result())
                 last = runs[-1]
-                print(f"  {last['search']} seed {last['seed']}: {last['trials']} trials in {last['seconds']:.0f} s, "
+                print(f"  {last['search']} seed {last['seed']}: {last['trials']} trials ({last['seconds']:.0f} s), "
                       f"answer dev {last['dev']:.4f} test {last['test']:.4f}", flush=True)
         summary = summarise(runs, refs)
         results[setting] = {"evaluations": args.evaluations, "archive": args.archive, "precision": precision,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -63,3 +64,25 @@ def test_the_first_plans_imports_still_work() -> None:
     assert issubclass(EvoCmaSampler, optuna.samplers.BaseSampler)
     assert issubclass(EvolverSampler, optuna.samplers.BaseSampler)
     assert issubclass(EvaluationError, RuntimeError)
+
+
+def test_an_lm_eval_study_checked_before_lm_evals_autocast_fix_stays_in_float32(tmp_path: Path) -> None:
+    """lm-eval switched evoopt's autocast off, so an lm-eval study's bfloat16 check compared float32 with float32
+    and its trials were scored in float32 whatever it recorded: such a study (its check without a version) stays
+    in float32; a check made since (version 2) decides as recorded."""
+    from evoopt.study.baselines import precision_verdict
+    from evoopt.study.config import parse_config
+    from evoopt.study.fitness import PRECISION_ATTR, study_autocast
+
+    def config(kind: str) -> Any:
+        return parse_config({"name": "lm", "sources": {"base": "b", "models": ["m1", "m2"], "tasks": ["sms-spam"]},
+                             "objective": {"kind": kind}, "artifacts": str(tmp_path)}, root=tmp_path)
+
+    verdict = precision_verdict([(1.0, 0.0, 4.0, 2.0)])
+    assert verdict is not None and verdict["precision"] == "bfloat16" and verdict["version"] == 2
+    old = {k: v for k, v in verdict.items() if k != "version"}
+    for check, lm_eval, dev in [(old, False, True), (verdict, True, True)]:
+        study = optuna.create_study()
+        study._storage.set_study_system_attr(study._study_id, PRECISION_ATTR, check)
+        assert study_autocast(config("lm-eval"), study) is lm_eval
+        assert study_autocast(config("dev"), study) is dev  # evoopt's own scoring had bfloat16 all along

@@ -97,7 +97,8 @@ def study_autocast(config: StudyConfig, study: optuna.Study | None) -> bool:
     """Whether trials are scored under bfloat16 autocast: ``objective.precision`` bfloat16, or auto where the
     study's check on its sources held. The first worker to find no check (a study made before the check
     existed, run without baselines, or a worker that started before them) records float32, so every trial
-    of a study is scored in one precision."""
+    of a study is scored in one precision. An lm-eval study checked before lm-eval's autocast was fixed (its
+    check has no version) stays in float32, the precision its trials were really scored in."""
     wanted = config.objective.precision
     if wanted != "auto" or study is None:
         return wanted == "bfloat16"
@@ -105,4 +106,6 @@ def study_autocast(config: StudyConfig, study: optuna.Study | None) -> bool:
     if check is None:
         check = {"precision": "float32", "reason": "no bfloat16 check on the sources before the first trial"}
         study._storage.set_study_system_attr(study._study_id, PRECISION_ATTR, check)
+    if config.objective.kind == "lm-eval" and check.get("version", 1) < 2:
+        return False  # its check compared float32 with float32, and its trials were scored in float32: kept so
     return bool(check["precision"] == "bfloat16")

@@ -69,17 +69,16 @@ SEARCHES: dict[str, dict[str, Any]] = {
 }
 
 
-def baseline_study(folder: Path, setting: str) -> optuna.Study:
+def baseline_config(folder: Path, setting: str) -> Any:
     """The setting's study of the fixed merges and the sources (their rows and per-example dev outcomes)."""
-    return open_study(study_config(folder / "baselines", setting, "baselines", 1,
-                                   baselines=["sources", "linear", *FIXED]))
+    return study_config(folder / "baselines", setting, "baselines", 1, baselines=["sources", "linear", *FIXED])
 
 
 def baselines(folder: Path, setting: str) -> tuple[list[dict[str, Any]], str, float]:
     """The fixed merges and the sources, scored once per setting (stored: a rerun reads them); the precision and
     the study's sign (+1 where scores are maximised, -1 where minimised, as perplexity)."""
-    config = study_config(folder / "baselines", setting, "baselines", 1, baselines=["sources", "linear", *FIXED])
-    study = baseline_study(folder, setting)
+    config = baseline_config(folder, setting)
+    study = open_study(config)
     if "evoopt:baselines" not in study.user_attrs:
         run_baselines(config, study=study)
     precision = study._storage.get_study_system_attrs(study._study_id).get(PRECISION_ATTR, {})
@@ -128,7 +127,7 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
                           baselines=["sources", "linear", *FIXED] if estimate else [], objective=objective, **spec)
     started = time.perf_counter()
     if estimate:  # the estimator's references: the baselines' per-example dev outcomes
-        copy_baselines(baseline_study(Path(folder), setting), open_study(config))
+        copy_baselines(open_study(baseline_config(Path(folder), setting)), open_study(config))
     study = run_study(config, baselines=False).study
     seconds = time.perf_counter() - started
     trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)

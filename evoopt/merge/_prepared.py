@@ -272,7 +272,9 @@ def _into(flat: torch.Tensor, kernel: Any, args: tuple[Any, ...]) -> None:
     the kernel as torch rounds) directly, any other dtype through a float32 buffer, cast by torch. ``threads``:
     numba's, among which the kernel splits the tensor's blocks (asked here: numba cannot cache a kernel that
     asks itself)."""
-    threads = _numba_threads()
+    import numba
+
+    threads = numba.get_num_threads()
     target = _readable(flat)
     if target is not None:
         kernel(target, *args, threads)
@@ -280,19 +282,6 @@ def _into(flat: torch.Tensor, kernel: Any, args: tuple[Any, ...]) -> None:
     buffer = torch.empty(flat.numel())
     kernel(buffer.numpy(), *args, threads)
     flat.copy_(buffer)
-
-
-def _numba_threads() -> int:
-    """numba's thread count, its OpenMP pool started with torch's thread count kept: the pool's launch sets the
-    process's OpenMP thread count to numba's, which torch reads as its own (measured: a study worker given one
-    torch thread scored every trial after its first merge on two, beside another such worker on 2 cores)."""
-    import numba
-
-    torch_threads = torch.get_num_threads()
-    threads = int(numba.get_num_threads())
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
-    return threads
 
 
 def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
@@ -413,7 +402,20 @@ def _fused_kernel() -> Any:
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _compile()
+        _start_numba_threads()
     return _KERNEL
+
+
+def _start_numba_threads() -> None:
+    """Start numba's OpenMP pool, once per process, keeping torch's thread count: the pool's launch sets the
+    process's OpenMP thread count to numba's, which torch reads as its own (measured: a study worker given one
+    torch thread scored every trial after its first merge on two, beside another such worker on 2 cores)."""
+    import numba
+
+    torch_threads = torch.get_num_threads()
+    numba.get_num_threads()  # (launches the pool)
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
 def _base_block(base: Any, start: int, stop: int, buffer: Any) -> Any:

@@ -19,6 +19,7 @@ from evoopt.data.outcomes import Outcomes
 from evoopt.merge.merger import Merger, pick_device
 from evoopt.study.config import MINIMIZE, StudyConfig
 from evoopt.study.evaluator import Evaluator, calibration_file
+from evoopt.study.fitness import PRECISION_CHECK_VERSION
 from evoopt.study.kinds.parameter import ParameterKind
 from evoopt.study.space import Sources, fixed_recipe
 from evoopt.study.storage import best_index, better
@@ -46,8 +47,6 @@ def score_baselines(config: StudyConfig, sources: Sources, *, progress: Progress
 # bfloat16 is taken where it keeps the sources' dev results: this share of examples unchanged, and no
 # task's score moved by more than this (accuracy: points / 100; losses: relative)
 AGREEMENT, LARGEST_CHANGE = 0.99, 0.01
-# 2: lm-eval objectives really scored under bfloat16 in the check (before, lm-eval switched the autocast off)
-CHECK_VERSION = 2
 
 
 def precision_verdict(checks: list[tuple[float, float, float, float]]) -> dict[str, Any] | None:
@@ -57,8 +56,8 @@ def precision_verdict(checks: list[tuple[float, float, float, float]]) -> dict[s
         return None
     agreement, change = min(c[0] for c in checks), max(c[1] for c in checks)
     holds = agreement >= AGREEMENT and change <= LARGEST_CHANGE
-    return {"precision": "bfloat16" if holds else "float32", "version": CHECK_VERSION, "agreement": round(agreement, 5),
-            "largest_change": round(change, 5), "sources": len(checks),
+    return {"precision": "bfloat16" if holds else "float32", "version": PRECISION_CHECK_VERSION,
+            "agreement": round(agreement, 5), "largest_change": round(change, 5), "sources": len(checks),
             "speedup": round(sum(c[2] for c in checks) / sum(c[3] for c in checks), 2),
             "rule": f"agreement >= {AGREEMENT} and largest change <= {LARGEST_CHANGE}"}
 

@@ -26,6 +26,9 @@ from evoopt.study.storage import BASELINE_OUTCOMES_ATTR, baseline_outcomes
 
 ESTIMATOR_ATTR = "evoopt:estimator"
 PRECISION_ATTR = "evoopt:precision"  # the bfloat16 check on the sources (objective.precision: auto)
+# the check's version: 2 where lm-eval objectives were really scored under bfloat16 (before, lm-eval switched
+# the autocast off, so an lm-eval study's check compared float32 with float32)
+PRECISION_CHECK_VERSION = 2
 _log = logging.getLogger(__name__)
 
 
@@ -106,6 +109,6 @@ def study_autocast(config: StudyConfig, study: optuna.Study | None) -> bool:
     if check is None:
         check = {"precision": "float32", "reason": "no bfloat16 check on the sources before the first trial"}
         study._storage.set_study_system_attr(study._study_id, PRECISION_ATTR, check)
-    if config.objective.kind == "lm-eval" and check.get("version", 1) < 2:
+    if config.objective.kind == "lm-eval" and check.get("version", 1) < PRECISION_CHECK_VERSION:
         return False  # its check compared float32 with float32, and its trials were scored in float32: kept so
     return bool(check["precision"] == "bfloat16")

@@ -254,8 +254,9 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
 def worker_env(workers: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of one of ``workers`` local worker processes: the machine's cores shared between them
     (torch's and numba's threads), unless ``OMP_NUM_THREADS`` is set. Each would take every core otherwise, and
-    OpenMP threads that wait by spinning slow each other down (measured with two one-thread benchmark workers on 2
-    cores that ran on two threads each: 30 s per SmolLM2 candidate instead of 10)."""
+    OpenMP threads that wait by spinning slow each other down (the same oversubscription, two one-thread
+    benchmark jobs on 2 cores running on two threads each, measured 25 to 46 s per SmolLM2 candidate instead of
+    9 to 10; local workers' throughput itself is not measured)."""
     env = dict(os.environ if environ is None else environ)
     if "OMP_NUM_THREADS" not in env:
         share = str(max(1, len(os.sched_getaffinity(0)) // workers))

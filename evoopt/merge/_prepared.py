@@ -401,21 +401,16 @@ def _fused_kernel() -> Any:
     """Compile (once per process, cached on disk by numba) the fused merge pass."""
     global _KERNEL
     if _KERNEL is None:
+        import numba
+
+        # numba's OpenMP pool, launched here once per process, sets the process's OpenMP thread count to numba's,
+        # which torch reads as its own: torch's is kept (measured: a study worker given one torch thread scored
+        # every trial after its first merge on two, beside another such worker on 2 cores)
+        torch_threads = torch.get_num_threads()
         _KERNEL = _compile()
-        _start_numba_threads()
-    return _KERNEL
-
-
-def _start_numba_threads() -> None:
-    """Start numba's OpenMP pool, once per process, keeping torch's thread count: the pool's launch sets the
-    process's OpenMP thread count to numba's, which torch reads as its own (measured: a study worker given one
-    torch thread scored every trial after its first merge on two, beside another such worker on 2 cores)."""
-    import numba
-
-    torch_threads = torch.get_num_threads()
-    numba.get_num_threads()  # (launches the pool)
-    if torch.get_num_threads() != torch_threads:
+        numba.get_num_threads()  # (launches the pool)
         torch.set_num_threads(torch_threads)
+    return _KERNEL
 
 
 def _base_block(base: Any, start: int, stop: int, buffer: Any) -> Any:

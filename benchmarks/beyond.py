@@ -3,12 +3,14 @@
 Per setting (``--settings``, default minilm-cross-task: per-task heads, where fixed TIES leaves room):
 
 - fixed merges, one evaluation each, with their usual settings: TIES and DARE-TIES (weight 1, density .5),
-  DELLA (density .5, epsilon .1), SCE (mergekit's defaults), TSV-M and Iso-CTS (weight 1, as their papers);
+  DELLA (density .5, epsilon .1), SCE (mergekit's defaults), TSV-M and Iso-CTS (weight 1, FusionBench's
+  default; the Iso-CTS authors tune the scale on validation data);
   beside the average of the experts and the task-specific experts (each on its own task);
 - searches, each given ``--evaluations`` trials scored on the whole dev set, ``--seeds`` seeds: the method
   search (evoopt's CMA-ES, one per method, methods raced), layer-wise TIES with evoopt's CMA-ES,
   TIES_Evolver, M2N2 (archive ``--archive``), from the experts and with their TIES merge as one more
-  first member (``space.seeds``), and TSV-M's per-model weights searched from the paper's weight 1; each
+  first member (``space.seeds``), and TSV-M's and Iso-CTS's per-model weights searched (first at weight 1,
+  Iso-CTS's bounds up to 6 so that the weights also act as its scale); each
   answer (the best trial, the Evolver's population answer, M2N2's best member by dev) is scored on test after
   its search, for reporting only.
 
@@ -62,9 +64,16 @@ SEARCHES: dict[str, dict[str, Any]] = {
     "M2N2 + TIES seed": {"space": {"kind": "m2n2", "seeds": ["ties"]}, "sampler": {"name": "M2N2Sampler",
                                                                                  "options": {}}},
     # TSV-M's per-model weights searched (its basis is cached, so a candidate costs what TIES does): the method
-    # search with TSV-M alone, first at the paper's weight 1, then evoopt's CMA-ES around it
+    # search with TSV-M alone, first at the paper's weight 1, then evoopt's CMA-ES from the middle of its bounds
     "TSV-M, weights searched": {
         "space": {"kind": "methods", "methods": {"tsv": {"search": {"weight": [0.0, 1.5]}, "start": {"weight": 1.0}}}},
+        "sampler": {"name": "EvoCmaSampler", "options": {"sigma0": 0.1667}}},
+    # Iso-CTS's per-model weights searched: its flat spectrum sits at the mean singular value, far below the top
+    # ones, so it wants a larger scale than task arithmetic's (the authors tune it on validation data); the
+    # weights scale the spectrum, so bounds up to 6 let them act as that scale too. First the paper's weight 1.
+    "Iso-CTS, weights searched": {
+        "space": {"kind": "methods", "methods": {"iso_cts": {"search": {"weight": [0.0, 6.0]},
+                                                             "start": {"weight": 1.0}}}},
         "sampler": {"name": "EvoCmaSampler", "options": {"sigma0": 0.1667}}},
 }
 
@@ -169,7 +178,7 @@ def goals(rows: list[dict[str, Any]], sign: float) -> list[str]:
     by = {r["name"]: r for r in rows}
     searches = [r for r in rows if r["test_range"] is not None]
     lines = []
-    for new in ("M2N2", "M2N2 + TIES seed", "method search", "TSV-M, weights searched"):
+    for new in ("M2N2", "M2N2 + TIES seed", "method search", "TSV-M, weights searched", "Iso-CTS, weights searched"):
         if new not in by:
             continue
         others = [r for r in searches if r["name"] != new]
@@ -197,7 +206,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     settings = list(results)
     figure, axes = plt.subplots(len(settings), 2, figsize=(13, 4.6 * len(settings)), squeeze=False)
-    colours = dict(zip(SEARCHES, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")))
+    colours = dict(zip(SEARCHES, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown",
+                                    "tab:olive")))
     for (left, right), setting in zip(axes, settings):
         result = results[setting]
         for search, colour in colours.items():

@@ -10,12 +10,14 @@ for ``--seeds`` study seeds (the sampler's and the estimator's subset):
 - ``raced``: every trial scored stage by stage (``objective.fidelities``: ``--fidelities`` examples per
   task) and stopped once a paired test on the same examples finds it worse at level 0.05: the racing
   pruner against the best complete trial (CMA-ES), the paired selection rule against its target
-  (TIES_Evolver).
+  (TIES_Evolver). lm-eval objectives (smollm2-tasks) report no per-example stages, so there the raced arm
+  is left out; there the TIES_Evolver, with two experts, mutates as the authors' released code does.
 
 Each run is stopped ``--stages`` times along its budget; at each stop its answer (the best trial, or
 the Evolver's population answer) is scored on the whole dev set and on test, for reporting only, and
 the dev examples its trials have scored so far are counted (from their stored per-example outcomes).
-The arms of one seed run one after the other (full, anchor, raced), so the machine's load falls on all.
+The arms of one seed run one after the other (full, anchor, raced), so the machine's load falls on all;
+with ``--jobs N``, N runs at a time, each in its own process on one CPU thread.
 
 Printed and written: a table per search and arm (trials, dev examples scored, answer's test score:
 median, min and max over seeds, beside fixed TIES and the best source) and a plot of the answer's
@@ -24,8 +26,10 @@ of fitness_cost.py in the same ``--workdir`` (made here when missing) and copied
 pays for them; a rerun resumes every finished run from its database.
 
     python benchmarks/fitness_search.py [--settings minilm-cross-task] [--budget 300] [--seeds 3]
-        [--fraction 0.2] [--fidelities 50 100 200] [--stages 3] [--workdir out/fitness_cost]
+        [--fraction 0.2] [--fidelities 50 100 200] [--stages 3] [--jobs 1] [--workdir out/fitness_cost]
         [--out benchmarks/results]
+
+A setting's results replace its own entry in ``fitness_search.json``; the other settings' are kept.
 """
 
 from __future__ import annotations
@@ -35,16 +39,18 @@ import json
 import statistics
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import optuna
 import transformers
-from fitness_cost import study_config
+from fitness_cost import OBJECTIVES, evolver_strategy, study_config
 
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import trial_outcomes
-from evoopt.study.fitness import PRECISION_ATTR
+from evoopt.study.fitness import PRECISION_ATTR, study_autocast
 from evoopt.study.run import open_study, report_best, run_baselines, run_study
 from evoopt.study.storage import ANSWER_ATTR, BASELINE_OUTCOMES_ATTR, FINISHED, best_trial
 
@@ -59,6 +65,12 @@ SEARCHES: dict[str, dict[str, Any]] = {
 }
 ARMS = ("full", "anchor", "raced")
 MANY = 1_000_000  # trials: the budget is time
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def reference(folder: Path, setting: str) -> optuna.Study:
@@ -90,12 +102,28 @@ def answer(study: optuna.Study) -> dict[str, Any] | None:
     return None if best is None else study.user_attrs.get("evoopt:test", {}).get(str(best.number))
 
 
-def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, base: optuna.Study,
-            args: argparse.Namespace) -> dict[str, Any]:
+def arms(setting: str) -> tuple[str, ...]:
+    """The arms a setting runs: racing needs per-example stages (``objective.fidelities``), which lm-eval
+    objectives do not report, so smollm2-tasks has no raced arm."""
+    return tuple(a for a in ARMS if a != "raced" or OBJECTIVES[setting].get("kind") != "lm-eval")
+
+
+def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: argparse.Namespace,
+            threads: int | None = None) -> dict[str, Any]:
+    """One search, arm and seed; ``threads``: the torch threads of a worker process (``--jobs`` > 1)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        quiet()
+    reference_config = study_config(folder, setting, "layerwise-cma", 1, **SEARCHES["layerwise-cma"])
+    base = open_study(reference_config)
     name = f"{search}-{arm}-seed{seed}"
-    objective: dict[str, Any] = {"precision": base._storage.get_study_system_attrs(base._study_id)
-                                 .get(PRECISION_ATTR, {}).get("precision", "float32")}
-    overrides = dict(SEARCHES[search])
+    # the precision the reference study's trials were scored in (its bfloat16 check, as `auto` reads it)
+    objective: dict[str, Any] = {"precision": "bfloat16" if study_autocast(reference_config, base) else "float32"}
+    overrides = json.loads(json.dumps(SEARCHES[search]))
+    if search == "ties-evolver":  # the paper's mutation needs three experts; smollm2-tasks has two
+        overrides["sampler"]["options"]["strategy"] = evolver_strategy(setting)
     if arm == "anchor":
         objective["estimate"] = {"method": arm, "fraction": args.fraction}
     elif arm == "raced":
@@ -209,12 +237,15 @@ def main() -> None:
     parser.add_argument("--fidelities", type=int, nargs="+", default=[50, 100, 200],
                         help="examples per task at which the raced arm tests a trial")
     parser.add_argument("--stages", type=int, default=3, help="stops along the budget where the answer is scored")
+    parser.add_argument("--jobs", type=int, default=1, help=(
+        "runs at a time; above 1 each runs in its own process on one CPU thread (every arm alike, so each run's "
+        "budget is spent under the same load)"))
     parser.add_argument("--workdir", type=Path, default=Path("out/fitness_cost"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.jobs < 1:
+        parser.error(f"--jobs: at least 1, got {args.jobs}")
+    quiet()
     results: dict[str, Any] = {}
     for setting in args.settings:
         folder = args.workdir / setting
@@ -222,9 +253,15 @@ def main() -> None:
         rows = {r["name"]: r for r in base.user_attrs["evoopt:baselines"]}
         sources = [r["test_value"] for r in rows.values() if r.get("kind") == "source" and "dev" in r and r["dev"]]
         references = {"ties (fixed)": rows["ties (fixed)"]["test_value"], "best source": max(sources)}
-        runs = [one_run(folder, setting, search, arm, seed, base, args)
-                for seed in range(args.seeds) for search in args.searches for arm in ARMS]
-        results[setting] = {"budget": args.budget, "fraction": args.fraction, "references": references,
+        jobs = [(folder, setting, search, arm, seed, args) for seed in range(args.seeds) for search in args.searches
+                for arm in arms(setting)]
+        if args.jobs == 1:
+            runs = [one_run(*job) for job in jobs]
+        else:
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+                runs = [f.result() for f in [pool.submit(one_run, *job, threads=1) for job in jobs]]
+        results[setting] = {"budget": args.budget, "fraction": args.fraction, "jobs": args.jobs,
+                            "references": references,
                             "runs": runs, "summary": summarise(runs)}
         print(f"\n{setting}: {args.budget:.0f} s per run, {args.seeds} seeds; test: fixed TIES "
               f"{references['ties (fixed)']:.4f}, best source {references['best source']:.4f}")
@@ -235,7 +272,9 @@ def main() -> None:
             print(f"{row['search']:<15}{row['arm']:<8}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
                   f"{row['dev']:>12.4f}{row['test']:>13.4f}{f'{low:.4f}-{high:.4f}':>16}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fitness_search.json").write_text(json.dumps(results, indent=2) + "\n")
+    path = args.out / "fitness_search.json"
+    results = {**(json.loads(path.read_text()) if path.exists() else {}), **results}  # other settings kept
+    path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "fitness_search.png")
     print(f"\nwrote {args.out / 'fitness_search.json'} and {args.out / 'fitness_search.png'}")
 

@@ -60,6 +60,8 @@ def test_the_method_space_names_each_methods_own_parameters() -> None:
         "weight": [0.7, 1.1], "density": [0.4, 0.6], "epsilon": [0.1, 0.1], "scale": 1.0, "normalize": True}
     assert space.params(recipe) == {k: v for k, v in params.items() if not k.startswith("tsv")}
     assert space.starts()[3] == {"method": "tsv", "tsv:m1.weight": 1.0, "tsv:m2.weight": 1.0}
+    # Iso-CTS's flat spectrum wants a larger scale: its weights reach 6 (the others' 1.5)
+    assert space.distributions["iso_cts:m1.weight"].high == 6.0 and space.distributions["tsv:m1.weight"].high == 1.5
 
 
 @pytest.mark.slow

@@ -149,6 +149,37 @@ def test_lm_eval_outcomes_are_its_per_sample_log(smol_tiny_family: list[Path], t
 
 
 @pytest.mark.slow
+def test_lm_eval_scores_stage_by_stage_as_in_one_run(smol_tiny_family: list[Path], tmp_path: Path) -> None:
+    """``stages``: one lm-eval run per stage on its new doc ids; the outcomes grow stage by stage and the last
+    stage's are those of one run on every example (multiple choice and generated text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evoopt.data.objective import LmEvalScorer
+    from evoopt.errors import ConfigError
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smol_tiny_family[0]))
+    model = AutoModelForCausalLM.from_pretrained(str(smol_tiny_family[1]))
+    whole = LmEvalScorer(tokenizer, split="dev", folder=tmp_path, corpora=["sms-spam", "trec-coarse"], limit=10,
+                         batch_size=4)
+    scores = whole.scores(model)
+    staged = LmEvalScorer(tokenizer, split="dev", folder=tmp_path / "staged", corpora=["sms-spam", "trec-coarse"],
+                          limit=10, batch_size=4, stages=[4, 7])
+    assert staged.stage_count == 3 and staged.stages[1]["evoopt_sms-spam_dev"] == [4, 5, 6]
+    seen = []
+    for n, stage_scores in staged.staged_scores(model):
+        assert staged.outcomes is not None and set(staged.outcomes.tasks) == set(scores)
+        seen.append((n, staged.outcomes.tasks["trec-coarse_gen"].ids.tolist()))
+        assert stage_scores == pytest.approx(staged.outcomes.scores())
+    assert seen == [(4, list(range(4))), (7, list(range(7))), (10, list(range(10)))]
+    assert stage_scores == pytest.approx(scores)
+    assert whole.outcomes is not None and staged.outcomes is not None
+    for task, found in whole.outcomes.tasks.items():
+        assert np.array_equal(staged.outcomes.tasks[task].values, found.values), task
+    with pytest.raises(ConfigError, match="stages need evoopt's own lm-eval tasks"):
+        LmEvalScorer(tokenizer, split="dev", folder=tmp_path / "named", tasks=["arc_easy"], stages=[4])
+
+
+@pytest.mark.slow
 def test_lm_eval_scores_under_bfloat16_when_asked(smol_tiny_family: list[Path], tmp_path: Path) -> None:
     """The study's bfloat16 reaches the model's forward passes through lm-eval (lm-eval switches off an
     autocast entered around it: the defect read 0.96 x the float32 time with identical results), and only

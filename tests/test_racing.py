@@ -108,3 +108,38 @@ def test_a_raced_study_records_each_decision(small_experts: Any, tmp_path: Any) 
         assert outcomes is not None
         assert outcomes.size == (2 * trial.user_attrs["pruned_at"] if pruned else 80)
         assert race["examples"] == (trial.user_attrs["pruned_at"] if pruned else 30)
+
+
+@pytest.mark.slow
+def test_a_raced_lm_eval_study_stops_trials_at_its_stages(smol_tiny_family: Any, tmp_path: Any) -> None:
+    """lm-eval objectives race too: a trial is scored through lm-eval stage by stage (4, then 8 examples of
+    each task) and a pruned one stops there, keeping the outcomes it was judged on; a finished one keeps all."""
+    from optuna.trial import TrialState
+
+    from evoopt.data.outcomes import trial_outcomes
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import run_study
+
+    base, *experts = smol_tiny_family
+    config = parse_config({
+        "name": "raced-lm-eval", "trials": 5, "baselines": [], "artifacts": str(tmp_path / "out"),
+        "sources": {"base": str(base), "models": [str(e) for e in experts], "tasks": ["sms-spam"]},
+        "space": {"kind": "global", "method": "linear", "search": {"weight": [0.0, 1.0]}},
+        "sampler": {"name": "RandomSampler"},
+        "objective": {"kind": "lm-eval", "limit": 12, "test_limit": 4, "batch_size": 8, "fidelities": [4, 8]},
+        "pruner": {"name": "RacingPruner", "options": {"alpha": 0.4, "min_examples": 4}}}, root=tmp_path)
+    trials = run_study(config, report=False).study.get_trials()
+    assert trials[0].state == TrialState.COMPLETE and "race" not in trials[0].user_attrs
+    assert {t.user_attrs.get("pruned_at") for t in trials[1:]} == {4, 8}  # stopped at either stage (seeded)
+    for trial in trials:
+        outcomes = trial_outcomes(trial)
+        assert outcomes is not None
+        pruned = trial.state == TrialState.PRUNED
+        assert outcomes.size == (trial.user_attrs["pruned_at"] if pruned else 12)
+        if trial.number > 0:
+            assert (trial.user_attrs["race"]["decided"] == "pruned") is pruned
+    assert parse_config({"name": "x", "sources": {"models": ["a", "b"], "tasks": ["sms-spam"]},
+                         "objective": {"kind": "lm-eval", "fidelities": [4]}}).objective.fidelities == [4]
+    with pytest.raises(ConfigError, match="lm-eval reports stages on evoopt's own tasks"):
+        parse_config({"name": "x", "sources": {"models": ["a", "b"]},
+                      "objective": {"kind": "lm-eval", "tasks": ["arc_easy"], "fidelities": [4]}})

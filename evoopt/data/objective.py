@@ -113,6 +113,10 @@ class ClassifierScorer:
     def size(self, task: str) -> int:
         return len(self.labels[task])
 
+    @property
+    def stage_count(self) -> int:
+        return max(len(stages) for stages in self.batches.values())
+
     def _metric(self, outputs: np.ndarray, labels: np.ndarray) -> float:
         if self.metric == "macro_f1":
             return macro_f1(outputs.argmax(-1), labels)
@@ -128,8 +132,7 @@ class ClassifierScorer:
         for m in models:
             m.eval()
         outputs = {t: np.zeros((self.size(t), 0), dtype=np.float32) for t in self.tasks}
-        stages = max(len(s) for s in self.batches.values())
-        for stage in range(stages):
+        for stage in range(self.stage_count):
             for task in self.tasks:
                 if stage >= len(self.batches[task]):
                     continue
@@ -180,16 +183,22 @@ class LmEvalScorer:
     """Causal-LM scores through lm-evaluation-harness on the in-memory model.
 
     ``corpora`` are written once as local tasks into ``folder``; ``tasks`` adds
-    registered tasks (or tasks of ``include_path``) by name.
+    registered tasks (or tasks of ``include_path``) by name. ``stages`` (growing numbers of
+    examples per task, the corpora's tasks only): :meth:`staged_scores` scores the examples
+    stage by stage, one lm-eval run per stage on the stage's new doc ids (lm-eval's ``samples``).
     """
 
     def __init__(self, tokenizer: Any, *, split: str, folder: Path, corpora: Sequence[str] = (),
                  tasks: Sequence[str] = (), include_path: str | None = None, limit: int | None = None,
-                 batch_size: int = 16, seed: int = 0, rows: Mapping[str, Sequence[int]] | None = None) -> None:
+                 batch_size: int = 16, seed: int = 0, rows: Mapping[str, Sequence[int]] | None = None,
+                 stages: Sequence[int] = ()) -> None:
         from lm_eval.tasks import TaskManager
 
         from evoopt.data.corpora import write_lm_eval_tasks
 
+        if stages and tasks:
+            raise ConfigError("objective.fidelities: stages need evoopt's own lm-eval tasks (the setting's corpora); "
+                              f"registered tasks {list(tasks)} have sizes unknown up front")
         self.tokenizer = tokenizer
         self.split = split
         self.limit = limit
@@ -205,6 +214,24 @@ class LmEvalScorer:
                                                   for n in self.names if _lm_eval_name(n, split) in rows}
         self.outcomes: Outcomes | None = None
         self.autocast = False  # bfloat16 autocast (lm-eval's own: see lm_eval_examples)
+        # per stage, the doc ids each task scores in it (one stage: every example, as scores() does)
+        self.stages: list[dict[str, list[int]]] = [{}]
+        if stages and rows is None:
+            sizes = {n: len(load_splits(_lm_eval_name(n, split).removesuffix("_gen"), seed=seed)[split])
+                     for n in self.names}
+            sizes = {n: min(size, limit or size) for n, size in sizes.items()}
+            cuts = {n: [0, *[s for s in stages if s < size], size] for n, size in sizes.items()}
+            self.stages = [{n: list(range(c[k], c[k + 1])) for n, c in cuts.items() if k + 1 < len(c)}
+                           for k in range(max(len(c) for c in cuts.values()) - 1)]
+
+    @property
+    def stage_count(self) -> int:
+        return len(self.stages)
+
+    def _outcomes(self, examples: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, TaskOutcomes]:
+        return {_lm_eval_name(name, self.split): TaskOutcomes(ids, values.astype(bool)
+                                                              if np.isin(values, (0, 1)).all() else values)
+                for name, (ids, values) in examples.items()}
 
     def scores(self, model: torch.nn.Module) -> Scores:
         from evoopt.data.lmeval import lm_eval_examples
@@ -212,11 +239,28 @@ class LmEvalScorer:
         results, examples = lm_eval_examples(model, self.tokenizer, self.names, self.manager,
                                              batch_size=self.batch_size, seed=self.seed, limit=self.limit,
                                              samples=self.samples, autocast=self.autocast)
-        self.outcomes = Outcomes("accuracy", {
-            _lm_eval_name(name, self.split): TaskOutcomes(ids, values.astype(bool) if np.isin(values, (0, 1)).all()
-                                                          else values)
-            for name, (ids, values) in examples.items()})
+        self.outcomes = Outcomes("accuracy", self._outcomes(examples))
         return {_lm_eval_name(name, self.split): score for name, score in results.items()}
+
+    def staged_scores(self, model: torch.nn.Module) -> Iterator[tuple[int, Scores]]:
+        """Scores after each stage: (examples per task so far, {task: mean of its examples so far}); after
+        the last, every example, as :meth:`scores` (lm-eval's metrics here are means over examples)."""
+        if len(self.stages) == 1:
+            yield max((len(ids) for ids in self.stages[0].values()), default=0), self.scores(model)
+            return
+        from evoopt.data.lmeval import lm_eval_examples
+
+        seen: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for stage in self.stages:
+            _, examples = lm_eval_examples(model, self.tokenizer, list(stage), self.manager,
+                                           batch_size=self.batch_size, seed=self.seed, samples=stage,
+                                           autocast=self.autocast)
+            for name, found in examples.items():
+                seen.setdefault(name, []).append(found)
+            self.outcomes = Outcomes("accuracy", self._outcomes(
+                {n: (np.concatenate([i for i, _ in parts]), np.concatenate([v for _, v in parts]))
+                 for n, parts in seen.items()}))
+            yield max(len(t.ids) for t in self.outcomes.tasks.values()), self.outcomes.scores()
 
 
 class PerplexityScorer:

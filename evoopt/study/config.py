@@ -280,8 +280,9 @@ def _problems(config: StudyConfig) -> list[str]:
             problems.append(f"objective.fidelities: must be increasing positive numbers, got {objective.fidelities}")
         elif objective.fidelities[-1] > limit:
             problems.append(f"objective.fidelities: {objective.fidelities[-1]} is more than objective.limit ({limit})")
-        if objective.kind == "lm-eval":
-            problems.append("objective.fidelities: only the dev objective reports intermediate scores")
+        if objective.kind == "lm-eval" and objective.tasks:
+            problems.append("objective.fidelities: lm-eval reports stages on evoopt's own tasks (the setting's "
+                            "corpora) only; drop objective.tasks or objective.fidelities")
     if objective.multi_objective and objective.fidelities:
         problems.append("objective.fidelities: Optuna prunes single-objective studies only")
     if objective.estimate is not None:

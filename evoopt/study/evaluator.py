@@ -90,7 +90,8 @@ class Evaluator:
                 scorer = LmEvalScorer(self.tokenizer, split=split, folder=folder,
                                       corpora=[] if o.tasks else self.sources.tasks, tasks=o.tasks,
                                       include_path=o.include_path, limit=limit, batch_size=o.batch_size,
-                                      seed=self.sources.data_seed, rows=rows)
+                                      seed=self.sources.data_seed, rows=rows,
+                                      stages=o.fidelities if search and not estimated else ())
             else:
                 scorer = ClassifierScorer(self.tokenizer, self.sources.tasks, split=split, limit=limit,
                                           stages=o.fidelities if search else (), batch_size=o.batch_size,
@@ -143,8 +144,8 @@ class Evaluator:
         without stages), keeping the outcomes scored so far on the trial. After each stage but the last,
         the trial stops (pruned, scoring nothing more) when its pruner says so, or, with a ``rival``, once
         the paired rule rejects it; at the last stage the paired rule accepts or rejects it (``selection``)."""
-        staged = isinstance(scorer, ClassifierScorer)
-        last = max(len(stages) for stages in scorer.batches.values()) - 1 if staged else 0
+        staged = hasattr(scorer, "staged_scores")  # classifiers and lm-eval; perplexity in one stage
+        last = scorer.stage_count - 1 if staged else 0
         results = scorer.staged_scores(model) if staged else iter([(0, scorer.scores(model))])
         maximize = self.config.directions[0] == "maximize"
         for stage, (n, scores) in enumerate(results):

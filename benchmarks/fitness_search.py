@@ -10,8 +10,8 @@ for ``--seeds`` study seeds (the sampler's and the estimator's subset):
 - ``raced``: every trial scored stage by stage (``objective.fidelities``: ``--fidelities`` examples per
   task) and stopped once a paired test on the same examples finds it worse at level 0.05: the racing
   pruner against the best complete trial (CMA-ES), the paired selection rule against its target
-  (TIES_Evolver). lm-eval objectives (smollm2-tasks) report no per-example stages, so there the raced arm
-  is left out; there the TIES_Evolver, with two experts, mutates as the authors' released code does.
+  (TIES_Evolver); on smollm2-tasks (100 dev examples per task, scored through lm-eval stage by stage) at
+  25 and 50. There the TIES_Evolver, with two experts, mutates as the authors' released code does.
 
 Each run is stopped ``--stages`` times along its budget; at each stop its answer (the best trial, or
 the Evolver's population answer) is scored on the whole dev set and on test, for reporting only, and
@@ -46,7 +46,7 @@ from typing import Any
 
 import optuna
 import transformers
-from fitness_cost import OBJECTIVES, evolver_strategy, study_config
+from fitness_cost import evolver_strategy, study_config
 
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import trial_outcomes
@@ -102,10 +102,7 @@ def answer(study: optuna.Study) -> dict[str, Any] | None:
     return None if best is None else study.user_attrs.get("evoopt:test", {}).get(str(best.number))
 
 
-def arms(setting: str) -> tuple[str, ...]:
-    """The arms a setting runs: racing needs per-example stages (``objective.fidelities``), which lm-eval
-    objectives do not report, so smollm2-tasks has no raced arm."""
-    return tuple(a for a in ARMS if a != "raced" or OBJECTIVES[setting].get("kind") != "lm-eval")
+FIDELITIES = {"smollm2-tasks": [25, 50]}  # examples per task where a raced trial is tested (it has 100 each)
 
 
 def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: argparse.Namespace,
@@ -127,7 +124,7 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
     if arm == "anchor":
         objective["estimate"] = {"method": arm, "fraction": args.fraction}
     elif arm == "raced":
-        objective["fidelities"] = args.fidelities
+        objective["fidelities"] = args.fidelities or FIDELITIES.get(setting, [50, 100, 200])
         if search == "ties-evolver":  # the paired rule replaces the greedy one
             sampler = overrides["sampler"]
             overrides["sampler"] = {**sampler, "options": {**sampler["options"], "selection": "paired", "alpha": 0.05}}
@@ -234,8 +231,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of search per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.2, help="share of dev the estimated arm scores")
-    parser.add_argument("--fidelities", type=int, nargs="+", default=[50, 100, 200],
-                        help="examples per task at which the raced arm tests a trial")
+    parser.add_argument("--fidelities", type=int, nargs="+", help=(
+        "examples per task at which the raced arm tests a trial (default 50 100 200; smollm2-tasks 25 50)"))
     parser.add_argument("--stages", type=int, default=3, help="stops along the budget where the answer is scored")
     parser.add_argument("--jobs", type=int, default=1, help=(
         "runs at a time; above 1 each runs in its own process on one CPU thread (every arm alike, so each run's "
@@ -254,7 +251,7 @@ def main() -> None:
         sources = [r["test_value"] for r in rows.values() if r.get("kind") == "source" and "dev" in r and r["dev"]]
         references = {"ties (fixed)": rows["ties (fixed)"]["test_value"], "best source": max(sources)}
         jobs = [(folder, setting, search, arm, seed, args) for seed in range(args.seeds) for search in args.searches
-                for arm in arms(setting)]
+                for arm in ARMS]
         if args.jobs == 1:
             runs = [one_run(*job) for job in jobs]
         else:

@@ -201,7 +201,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(setting, search) for setting in results for search in SEARCHES]
+    panels = [(setting, search) for setting in results for search in SEARCHES
+              if any(r["search"] == search for r in results[setting]["runs"])]
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green"}
     for ax, (setting, search) in zip(axes[0], panels):
@@ -217,7 +218,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
                         [100 * last["test"], 100 * last["confirmed_test"]], linestyle=":", marker="*",
                         markersize=10, color="tab:red", label="anchor + confirm (seeds)" if run["seed"] == 0 else None)
         ax.axhline(100 * result["references"]["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
-        ax.set(title=f"{setting}: {search}\n{result['budget']:.0f} s per run, stops at each third",
+        stops = max(len(r["stages"]) for r in result["runs"])
+        when = "one stop, at the end" if stops == 1 else f"{stops} stops along it"
+        ax.set(title=f"{setting}: {search}\n{result['budget']:.0f} s per run, {when}",
                xlabel="dev examples scored (thousands)", ylabel="answer's test score (%)")
         ax.legend(fontsize=8)
     figure.tight_layout()

@@ -34,7 +34,6 @@ import argparse
 import json
 import statistics
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 
 import optuna
 from fitness_cost import evolver_strategy, study_config
-from fitness_search import answer, copy_baselines
+from fitness_search import answer, copy_baselines, quiet, write_merged
 
 from evoopt.data.objective import combine
 from evoopt.study.fitness import PRECISION_ATTR
@@ -116,12 +115,9 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
     """One search, one seed, in a worker process of one thread; ``estimate``: the trials' fitness estimated
     from a few dev examples (``objective.estimate``, fitted on the baselines' dev outcomes)."""
     import torch
-    import transformers
 
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet()
     name = f"{search.replace(' ', '-').replace('_', '-').lower()}-seed{seed}"
     if estimate:
         name += f"-{estimate['method']}{round(100 * estimate['fraction'])}"
@@ -262,8 +258,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("out/beyond"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet()
     results: dict[str, Any] = {}
     for setting in args.settings:
         folder = args.workdir / setting
@@ -295,9 +290,7 @@ def main() -> None:
                   f"{100 * row['gap']:>11.1f}%")
         print("\n".join(["", "goals:", *results[setting]["goals"]]))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "beyond.json"
-    results = {**(json.loads(path.read_text()) if path.exists() else {}), **results}  # other settings kept
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_merged(args.out / "beyond.json", results)
     plot(results, args.out / "beyond.png")
     print(f"\nwrote {args.out / 'beyond.json'} and {args.out / 'beyond.png'}")
 

@@ -73,9 +73,21 @@ def quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def write_merged(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Write ``results`` (by setting) into the JSON at ``path``, the settings not run here kept; returns them all."""
+    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **results}
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
+def reference_config(folder: Path, setting: str) -> Any:
+    """The config of the setting's study holding the baselines (fitness_cost.py's first)."""
+    return study_config(folder, setting, "layerwise-cma", 1, **SEARCHES["layerwise-cma"])
+
+
 def reference(folder: Path, setting: str) -> optuna.Study:
     """The setting's study holding the baselines' scores and per-example dev outcomes (fitness_cost.py's first)."""
-    config = study_config(folder, setting, "layerwise-cma", 1, **SEARCHES["layerwise-cma"])
+    config = reference_config(folder, setting)
     study = open_study(config)
     if "evoopt:baselines" not in study.user_attrs:
         run_baselines(config, study=study)
@@ -113,11 +125,11 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
 
         torch.set_num_threads(threads)
         quiet()
-    reference_config = study_config(folder, setting, "layerwise-cma", 1, **SEARCHES["layerwise-cma"])
-    base = open_study(reference_config)
+    base_config = reference_config(folder, setting)
+    base = open_study(base_config)
     name = f"{search}-{arm}-seed{seed}"
     # the precision the reference study's trials were scored in (its bfloat16 check, as `auto` reads it)
-    objective: dict[str, Any] = {"precision": "bfloat16" if study_autocast(reference_config, base) else "float32"}
+    objective: dict[str, Any] = {"precision": "bfloat16" if study_autocast(base_config, base) else "float32"}
     overrides = json.loads(json.dumps(SEARCHES[search]))
     if search == "ties-evolver":  # the paper's mutation needs three experts; smollm2-tasks has two
         overrides["sampler"]["options"]["strategy"] = evolver_strategy(setting)
@@ -251,8 +263,9 @@ def main() -> None:
         folder = args.workdir / setting
         base = reference(folder, setting)
         rows = {r["name"]: r for r in base.user_attrs["evoopt:baselines"]}
-        sources = [r["test_value"] for r in rows.values() if r.get("kind") == "source" and "dev" in r and r["dev"]]
-        references = {"ties (fixed)": rows["ties (fixed)"]["test_value"], "best source": max(sources)}
+        # the best source as the baselines chose it: by dev, in the study's direction (never by test)
+        best_source = next(r for name, r in rows.items() if name.startswith("best source ("))
+        references = {"ties (fixed)": rows["ties (fixed)"]["test_value"], "best source": best_source["test_value"]}
         jobs = [(folder, setting, search, arm, seed, args) for seed in range(args.seeds) for search in args.searches
                 for arm in ARMS]
         if args.jobs == 1:
@@ -272,9 +285,7 @@ def main() -> None:
             print(f"{row['search']:<15}{row['arm']:<8}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
                   f"{row['dev']:>12.4f}{row['test']:>13.4f}{f'{low:.4f}-{high:.4f}':>16}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "fitness_search.json"
-    results = {**(json.loads(path.read_text()) if path.exists() else {}), **results}  # other settings kept
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_merged(args.out / "fitness_search.json", results)
     plot(results, args.out / "fitness_search.png")
     print(f"\nwrote {args.out / 'fitness_search.json'} and {args.out / 'fitness_search.png'}")
 

@@ -470,8 +470,7 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         return torch.linalg.svd(matrix, full_matrices=False)
     except torch.linalg.LinAlgError:
         pass
-    wide = matrix.shape[0] < matrix.shape[1]
-    m = (matrix.T if wide else matrix).double()
+    m, wide = _tall64(matrix)
     try:
         u, s, vt = torch.linalg.svd(m, full_matrices=False)
     except torch.linalg.LinAlgError:
@@ -483,9 +482,14 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return u.to(matrix.dtype), s.to(matrix.dtype), vt.to(matrix.dtype)
 
 
-def _polar_by_gram(matrix: torch.Tensor) -> torch.Tensor:
+def _tall64(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The matrix in float64, transposed if it is wide (so its Gram matrix is the smaller one), and whether it was."""
     wide = matrix.shape[0] < matrix.shape[1]
-    m = (matrix.T if wide else matrix).double()
+    return (matrix.T if wide else matrix).double(), wide
+
+
+def _polar_by_gram(matrix: torch.Tensor) -> torch.Tensor:
+    m, wide = _tall64(matrix)
     values, vectors = torch.linalg.eigh(m.T @ m)
     floor = values.max().clamp(min=0) * max(m.shape) * torch.finfo(torch.float64).eps
     inverse_root = torch.where(values > floor, values.clamp(min=floor).rsqrt(), 0.0)

@@ -24,7 +24,8 @@ fraction of one on the whole dev set); the answers are still scored on the whole
 results replace its own entry in ``beyond.json``; the other settings' are kept.
 
     python benchmarks/beyond.py [--settings minilm-cross-task] [--evaluations 30] [--seeds 3] [--jobs 2]
-        [--archive 8] [--estimate anchor --fraction 0.2] [--precision float32] [--workdir out/beyond]
+        [--archive 8] [--estimate anchor --fraction 0.2] [--precision float32] [--iso-scales 1 2 3 4 5 6]
+        [--workdir out/beyond]
         [--out benchmarks/results]
 """
 
@@ -147,6 +148,23 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
             "dev": combine(found["dev"]), "test": combine(found["test"])}
 
 
+def iso_scale(folder: str, setting: str, scale: float, precision: str) -> dict[str, Any]:
+    """Iso-CTS with every weight at ``scale`` (the weights scale its flat spectrum: the same as its scale), scored
+    on dev only: the first trial of a method-search study over Iso-CTS alone that starts there."""
+    import torch
+
+    torch.set_num_threads(1)
+    quiet()
+    name = f"iso-cts-scale-{scale:g}"
+    space = {"kind": "methods", "methods": {"iso_cts": {"search": {"weight": [0.0, max(6.0, scale)]},
+                                                        "start": {"weight": scale}}}}
+    defaults = study_config(Path(folder), setting, "x", 1).objective.model_dump(exclude={"estimate"})
+    config = study_config(Path(folder) / name, setting, name, 1, baselines=[], space=space,
+                          objective={**defaults, "precision": precision}, sampler={"name": "EvoCmaSampler"})
+    trial = run_study(config, baselines=False, report=False).study.trials[0]
+    return {"scale": scale, "dev": trial.value}
+
+
 def summarise(runs: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     low, high = refs["average of sources"]["test"], refs["task-specific experts"]["test"]
     rows = []
@@ -255,6 +273,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2, help="share of dev an estimated trial is scored on")
     parser.add_argument("--precision", choices=["float32", "bfloat16"],
                         help="the searches' precision (default: the baselines study's bfloat16 check)")
+    parser.add_argument("--iso-scales", type=float, nargs="*", default=[], help=(
+        "also score Iso-CTS on dev at these scales, one evaluation each (how its dev score depends on the scale "
+        "its authors tune on validation data), e.g. 1 2 3 4 5 6"))
     parser.add_argument("--workdir", type=Path, default=Path("out/beyond"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -269,6 +290,7 @@ def main() -> None:
         jobs = [(str(folder), setting, search, seed, args.evaluations, precision, args.archive, estimate)
                 for seed in range(args.seeds) for search in args.searches]
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            scales = [pool.submit(iso_scale, str(folder), setting, scale, precision) for scale in args.iso_scales]
             futures = [pool.submit(one_run, *job) for job in jobs]
             runs = []
             for future in futures:
@@ -276,9 +298,12 @@ def main() -> None:
                 last = runs[-1]
                 print(f"  {last['search']} seed {last['seed']}: {last['trials']} trials ({last['seconds']:.0f} s), "
                       f"answer dev {last['dev']:.4f} test {last['test']:.4f}", flush=True)
+        swept = [f.result() for f in scales]
+        for point in swept:
+            print(f"  Iso-CTS at scale {point['scale']:g}: dev {point['dev']:.4f}")
         summary = summarise(runs, refs)
         results[setting] = {"evaluations": args.evaluations, "archive": args.archive, "precision": precision,
-                            "estimate": estimate,
+                            "estimate": estimate, "iso_scales": swept,
                             "references": refs, "runs": runs, "summary": summary, "goals": goals(summary, sign)}
         scored = f"on {100 * args.fraction:.0f} % of dev, {args.estimate}-estimated" if estimate else "on the whole dev"
         print(f"\n{setting}: {args.evaluations} evaluations per search {scored}, {args.seeds} seeds "

@@ -1,8 +1,9 @@
 """Search outcome with cheap fitness: full-dev against estimated fitness at the same wall-clock budget.
 
 Per setting (``--settings``, default minilm-cross-task, where the candidates spread) and per search,
-layer-wise TIES with evoopt's CMA-ES and TIES_Evolver, two arms run for ``--budget`` seconds each,
-for ``--seeds`` study seeds (the sampler's and the estimator's subset):
+layer-wise TIES with evoopt's CMA-ES and TIES_Evolver (``--searches``: also global TIES with the same
+CMA-ES and the plain Evolver, for the issue's 60-minute goals), three arms (``--arms``) run for
+``--budget`` seconds each, for ``--seeds`` study seeds (the sampler's and the estimator's subset):
 
 - ``full``: every trial scored on the whole dev set (the searches as they were);
 - ``anchor``: every trial scored on ``--fraction`` of dev chosen by anchor points and its full-dev
@@ -26,10 +27,11 @@ of fitness_cost.py in the same ``--workdir`` (made here when missing) and copied
 pays for them; a rerun resumes every finished run from its database.
 
     python benchmarks/fitness_search.py [--settings minilm-cross-task] [--budget 300] [--seeds 3]
-        [--fraction 0.2] [--fidelities 50 100 200] [--stages 3] [--jobs 1] [--workdir out/fitness_cost]
-        [--out benchmarks/results]
+        [--searches layerwise-cma ties-evolver] [--arms full anchor raced] [--fraction 0.2]
+        [--fidelities 50 100 200] [--stages 3] [--jobs 1] [--workdir out/fitness_cost] [--out benchmarks/results]
+        [--name fitness_search]
 
-A setting's results replace its own entry in ``fitness_search.json``; the other settings' are kept.
+A setting's results replace its own entry in ``NAME.json``; the other settings' are kept.
 """
 
 from __future__ import annotations
@@ -62,7 +64,16 @@ SEARCHES: dict[str, dict[str, Any]] = {
     "ties-evolver": {
         "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
         "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
+    # the searches of the issue's 60-minute goals beside those two (--searches; not run by default)
+    "global-cma": {  # one TIES weight and density per expert (OptunaHub's evo_merge space), same sampler
+        "space": {"kind": "global", "method": "ties", "search": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
+        "sampler": {"name": "EvoCmaSampler", "options": {"x0": 0.5, "sigma0": 0.1667}}},
+    "evolver": {  # the plain Evolver: the experts' weights themselves, no merge method around them
+        "space": {"kind": "evolver", "method": "none"},
+        "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
 }
+DEFAULT_SEARCHES = ["layerwise-cma", "ties-evolver"]
+EVOLVERS = ("ties-evolver", "evolver")
 ARMS = ("full", "anchor", "raced")
 MANY = 1_000_000  # trials: the budget is time
 
@@ -131,13 +142,13 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
     # the precision the reference study's trials were scored in (its bfloat16 check, as `auto` reads it)
     objective: dict[str, Any] = {"precision": "bfloat16" if study_autocast(base_config, base) else "float32"}
     overrides = json.loads(json.dumps(SEARCHES[search]))
-    if search == "ties-evolver":  # the paper's mutation needs three experts; smollm2-tasks has two
+    if search in EVOLVERS:  # the paper's mutation needs three experts; smollm2-tasks has two
         overrides["sampler"]["options"]["strategy"] = evolver_strategy(setting)
     if arm == "anchor":
         objective["estimate"] = {"method": arm, "fraction": args.fraction}
     elif arm == "raced":
         objective["fidelities"] = args.fidelities or FIDELITIES.get(setting, [50, 100, 200])
-        if search == "ties-evolver":  # the paired rule replaces the greedy one
+        if search in EVOLVERS:  # the paired rule replaces the greedy one
             sampler = overrides["sampler"]
             overrides["sampler"] = {**sampler, "options": {**sampler["options"], "selection": "paired", "alpha": 0.05}}
         else:
@@ -164,7 +175,7 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
         print(f"  {name} stage {stage + 1}: {last['trials']} trials, {last['examples']} dev examples, answer "
               f"dev {last['dev'] or float('nan'):.4f} test {last['test'] or float('nan'):.4f}", flush=True)
     last = stages[-1]
-    if arm == "anchor" and search != "ties-evolver" and "confirmed_test" not in last:
+    if arm == "anchor" and search not in EVOLVERS and "confirmed_test" not in last:
         # runs made before estimate.confirm: the confirmation of the last stage, done now
         report_best(config, study)
         found = answer(study)
@@ -173,7 +184,28 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
                     confirmed_examples=scored_examples(study, study.get_trials(deepcopy=False, states=FINISHED)))
         study.set_user_attr("bench:stages", stages)
         print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
-    return {"search": search, "arm": arm, "seed": seed, "stages": stages}
+    return {"search": search, "arm": arm, "seed": seed, "stages": stages, "curve": curve(study)}
+
+
+def curve(study: optuna.Study) -> list[list[float]]:
+    """The run's best whole-dev score so far (its complete trials', in the study's direction) against the dev
+    examples scored so far, in trial order: a point where the best changes, and the last."""
+    better = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    points: list[list[float]] = []
+    examples, best = 0, None
+    trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
+    for i, trial in enumerate(trials):
+        outcomes = trial_outcomes(trial)
+        examples += 0 if outcomes is None else outcomes.size
+        if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None \
+                and "estimated" not in trial.user_attrs:  # estimated values are not whole-dev scores
+            found = trial.value if best is None else better(best, trial.value)
+            if found != best:
+                best = found
+                points.append([examples, best])
+        if i == len(trials) - 1 and best is not None and points[-1][0] != examples:
+            points.append([examples, best])
+    return points
 
 
 def scored_examples(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -215,8 +247,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     panels = [(setting, search) for setting in results for search in SEARCHES
               if any(r["search"] == search for r in results[setting]["runs"])]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    curves = any("curve" in r for setting in results for r in results[setting]["runs"])
+    figure, axes = plt.subplots(2 if curves else 1, len(panels), figsize=(5.5 * len(panels), 8.4 if curves else 4.2),
+                                squeeze=False)
     colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green"}
+    for ax, (setting, search) in zip(axes[-1] if curves else [], panels):  # the search's own view: dev
+        result = results[setting]
+        for run in (r for r in result["runs"] if r["search"] == search and r.get("curve")):
+            examples, best = zip(*run["curve"])
+            ax.step([e / 1000 for e in examples], [100 * b for b in best], where="post", color=colours[run["arm"]],
+                    alpha=0.8, label=f"{run['arm']} (seeds)" if run["seed"] == 0 else None)
+        dev = result.get("references_dev", {})
+        if "ties (fixed)" in dev:
+            ax.axhline(100 * dev["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
+        if search == "evolver" and "linear (fixed)" in dev:
+            ax.axhline(100 * dev["linear (fixed)"], color="black", linestyle=":", label="linear (fixed): averaging")
+        ax.set(title=f"{setting}: {search}, best whole-dev score so far", xlabel="dev examples scored (thousands)",
+               ylabel="best trial's dev score (%)")
+        ax.legend(fontsize=8)
     for ax, (setting, search) in zip(axes[0], panels):
         result = results[setting]
         for run in (r for r in result["runs"] if r["search"] == search):
@@ -230,6 +278,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
                         [100 * last["test"], 100 * last["confirmed_test"]], linestyle=":", marker="*",
                         markersize=10, color="tab:red", label="anchor + confirm (seeds)" if run["seed"] == 0 else None)
         ax.axhline(100 * result["references"]["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
+        if search == "evolver" and "linear (fixed)" in result["references"]:  # the plain Evolver's goal: averaging
+            ax.axhline(100 * result["references"]["linear (fixed)"], color="black", linestyle=":",
+                       label="linear (fixed): averaging")
         stops = max(len(r["stages"]) for r in result["runs"])
         when = "one stop, at the end" if stops == 1 else f"{stops} stops along it"
         ax.set(title=f"{setting}: {search}\n{result['budget']:.0f} s per run, {when}",
@@ -242,7 +293,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=["minilm-cross-task"])
-    parser.add_argument("--searches", nargs="+", default=list(SEARCHES), choices=list(SEARCHES))
+    parser.add_argument("--searches", nargs="+", default=DEFAULT_SEARCHES, choices=list(SEARCHES), help=(
+        "layerwise-cma and ties-evolver by default; global-cma (one weight and density per expert) and evolver "
+        "(the plain Evolver) for the issue's 60-minute goals"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of search per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.2, help="share of dev the estimated arm scores")
@@ -254,6 +308,8 @@ def main() -> None:
         "budget is spent under the same load)"))
     parser.add_argument("--workdir", type=Path, default=Path("out/fitness_cost"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="fitness_search", help=(
+        "the results' file names under --out (NAME.json, NAME.png): another name keeps runs at another budget apart"))
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs: at least 1, got {args.jobs}")
@@ -265,9 +321,11 @@ def main() -> None:
         rows = {r["name"]: r for r in base.user_attrs["evoopt:baselines"]}
         # the best source as the baselines chose it: by dev, in the study's direction (never by test)
         best_source = next(r for name, r in rows.items() if name.startswith("best source ("))
-        references = {"ties (fixed)": rows["ties (fixed)"]["test_value"], "best source": best_source["test_value"]}
+        references = {"ties (fixed)": rows["ties (fixed)"]["test_value"], "best source": best_source["test_value"],
+                      "linear (fixed)": rows["linear (fixed)"]["test_value"]}
+        references_dev = {name: rows[name]["dev_value"] for name in ("ties (fixed)", "linear (fixed)")}
         jobs = [(folder, setting, search, arm, seed, args) for seed in range(args.seeds) for search in args.searches
-                for arm in ARMS]
+                for arm in args.arms]
         if args.jobs == 1:
             runs = [one_run(*job) for job in jobs]
         else:
@@ -275,9 +333,11 @@ def main() -> None:
                 runs = [f.result() for f in [pool.submit(one_run, *job, threads=1) for job in jobs]]
         results[setting] = {"budget": args.budget, "fraction": args.fraction, "jobs": args.jobs,
                             "references": references,
+                            "references_dev": references_dev,
                             "runs": runs, "summary": summarise(runs)}
         print(f"\n{setting}: {args.budget:.0f} s per run, {args.seeds} seeds; test: fixed TIES "
-              f"{references['ties (fixed)']:.4f}, best source {references['best source']:.4f}")
+              f"{references['ties (fixed)']:.4f}, linear {references['linear (fixed)']:.4f}, best source "
+              f"{references['best source']:.4f}")
         print(f"{'search':<15}{'arm':<8}{'trials':>8}{'dev examples':>14}{'answer dev':>12}{'answer test':>13}"
               f"{'test min-max':>16}")
         for row in results[setting]["summary"]:
@@ -285,9 +345,9 @@ def main() -> None:
             print(f"{row['search']:<15}{row['arm']:<8}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
                   f"{row['dev']:>12.4f}{row['test']:>13.4f}{f'{low:.4f}-{high:.4f}':>16}")
     args.out.mkdir(parents=True, exist_ok=True)
-    results = write_merged(args.out / "fitness_search.json", results)
-    plot(results, args.out / "fitness_search.png")
-    print(f"\nwrote {args.out / 'fitness_search.json'} and {args.out / 'fitness_search.png'}")
+    results = write_merged(args.out / f"{args.name}.json", results)
+    plot(results, args.out / f"{args.name}.png")
+    print(f"\nwrote {args.out / args.name}.json and .png")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ pays for them; a rerun resumes every finished run from its database.
         [--fidelities 50 100 200] [--stages 3] [--jobs 1] [--workdir out/fitness_cost] [--out benchmarks/results]
         [--name fitness_search]
 
-A setting's results replace its own entry in ``NAME.json``; the other settings' are kept.
+A setting's results replace its own entry in ``NAME.json``, the other settings' kept; runs of the setting at
+the same budget and fraction that this call did not make (another search, arm or seed) are kept in it too.
 """
 
 from __future__ import annotations
@@ -184,7 +185,17 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
                     confirmed_examples=scored_examples(study, study.get_trials(deepcopy=False, states=FINISHED)))
         study.set_user_attr("bench:stages", stages)
         print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
-    return {"search": search, "arm": arm, "seed": seed, "stages": stages, "curve": curve(study)}
+    return {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study)}
+
+
+def kept_runs(path: Path, setting: str, args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The setting's runs already in the results file at the same budget and fraction that this call did not
+    run (another search, arm or seed, run on another day): kept beside this call's, so one file gathers them."""
+    stored = json.loads(path.read_text()).get(setting) if path.exists() else None
+    if not stored or stored["budget"] != args.budget or stored["fraction"] != args.fraction:
+        return []
+    ran = {(r["search"], r["arm"], r["seed"]) for r in runs}
+    return [r for r in stored["runs"] if (r["search"], r["arm"], r["seed"]) not in ran]
 
 
 def curve(study: optuna.Study) -> list[list[float]]:
@@ -331,8 +342,9 @@ def main() -> None:
         else:
             with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
                 runs = [f.result() for f in [pool.submit(one_run, *job, threads=1) for job in jobs]]
-        results[setting] = {"budget": args.budget, "fraction": args.fraction, "jobs": args.jobs,
-                            "references": references,
+        runs = kept_runs(args.out / f"{args.name}.json", setting, args, runs) + runs
+        runs.sort(key=lambda r: (list(SEARCHES).index(r["search"]), ARMS.index(r["arm"]), r["seed"]))
+        results[setting] = {"budget": args.budget, "fraction": args.fraction, "references": references,
                             "references_dev": references_dev,
                             "runs": runs, "summary": summarise(runs)}
         print(f"\n{setting}: {args.budget:.0f} s per run, {args.seeds} seeds; test: fixed TIES "

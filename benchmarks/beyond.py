@@ -47,7 +47,7 @@ from fitness_search import answer, copy_baselines, quiet, write_merged
 from evoopt.data.objective import combine
 from evoopt.study.fitness import PRECISION_ATTR
 from evoopt.study.run import open_study, run_baselines, run_study
-from evoopt.study.storage import FINISHED
+from evoopt.study.storage import FINISHED, best_trial
 
 FIXED = ["ties", "dare_ties", "della", "sce", "tsv", "iso_cts"]
 SEARCHES: dict[str, dict[str, Any]] = {
@@ -145,7 +145,15 @@ def one_run(folder: str, setting: str, search: str, seed: int, evaluations: int,
     return {"search": search, "seed": seed, "trials": len(trials), "seconds": round(search_seconds, 1),
             "run_seconds": round(seconds, 1),  # this call's: a resumed run's is only what was left
             "best_so_far": [(max if maximize else min)(values[: k + 1]) for k in range(len(values))],
-            "dev": combine(found["dev"]), "test": combine(found["test"])}
+            "dev": combine(found["dev"]), "test": combine(found["test"]), "weights": answer_weights(study, search)}
+
+
+def answer_weights(study: optuna.Study, search: str) -> dict[str, float] | None:
+    """The answer's searched coefficients, for the single-method searches (a handful: one weight per expert)."""
+    best = best_trial(study)
+    if not search.endswith("weights searched") or best is None or "evoopt:result" in study.user_attrs:
+        return None
+    return {name: round(value, 3) for name, value in best.params.items()}
 
 
 def iso_scale(folder: str, setting: str, scale: float, precision: str) -> dict[str, Any]:
@@ -297,7 +305,8 @@ def main() -> None:
                 runs.append(future.result())
                 last = runs[-1]
                 print(f"  {last['search']} seed {last['seed']}: {last['trials']} trials ({last['seconds']:.0f} s), "
-                      f"answer dev {last['dev']:.4f} test {last['test']:.4f}", flush=True)
+                      f"answer dev {last['dev']:.4f} test {last['test']:.4f}"
+                      + (f", weights {last['weights']}" if last.get("weights") else ""), flush=True)
         swept = [f.result() for f in scales]
         for point in swept:
             print(f"  Iso-CTS at scale {point['scale']:g}: dev {point['dev']:.4f}")

@@ -62,13 +62,13 @@ SEARCHES: dict[str, dict[str, Any]] = {
         "space": {"kind": "layerwise", "method": "ties", "layers_per_group": 2,
                   "search": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
         "sampler": {"name": "EvoCmaSampler", "options": {"x0": 0.5, "sigma0": 0.1667}}},
-    "ties-evolver": {
-        "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
-        "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
-    # the searches of the issue's 60-minute goals beside those two (--searches; not run by default)
+    # global-cma and evolver: the searches of the issue's 60-minute goals (--searches; not run by default)
     "global-cma": {  # one TIES weight and density per expert (OptunaHub's evo_merge space), same sampler
         "space": {"kind": "global", "method": "ties", "search": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
         "sampler": {"name": "EvoCmaSampler", "options": {"x0": 0.5, "sigma0": 0.1667}}},
+    "ties-evolver": {
+        "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
+        "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
     "evolver": {  # the plain Evolver: the experts' weights themselves, no merge method around them
         "space": {"kind": "evolver", "method": "none"},
         "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
@@ -185,7 +185,25 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
                     confirmed_examples=scored_examples(study, study.get_trials(deepcopy=False, states=FINISHED)))
         study.set_user_attr("bench:stages", stages)
         print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
-    return {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study)}
+    return {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study),
+            "decisions": decisions(study)}
+
+
+def decisions(study: optuna.Study) -> dict[str, Any]:
+    """How the run's trials were decided: counts of ``accepted``, ``rejected at N`` (the paired rule, N examples
+    per task), ``pruned at N`` (a pruner) and ``scored`` (complete, no rule), and the median paired difference
+    in points (offspring minus target, in the study's direction) of the paired rule's decisions."""
+    counts: dict[str, int] = {}
+    differences: dict[str, list[float]] = {}
+    for trial in study.get_trials(deepcopy=False, states=FINISHED):
+        record = trial.user_attrs.get("selection")
+        if record is not None:
+            key = record["decided"] if record["decided"] == "accepted" else f"rejected at {record['examples']}"
+            differences.setdefault(record["decided"], []).append(100 * record["difference"])
+        else:
+            key = f"pruned at {trial.user_attrs['pruned_at']}" if "pruned_at" in trial.user_attrs else "scored"
+        counts[key] = counts.get(key, 0) + 1
+    return {"counts": counts, "median_difference": {k: round(statistics.median(v), 2) for k, v in differences.items()}}
 
 
 def kept_runs(path: Path, setting: str, args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -273,7 +291,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.axhline(100 * dev["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
         if search == "evolver" and "linear (fixed)" in dev:
             ax.axhline(100 * dev["linear (fixed)"], color="black", linestyle=":", label="linear (fixed): averaging")
-        ax.set(title=f"{setting}: {search}, best whole-dev score so far", xlabel="dev examples scored (thousands)",
+        ax.set(title=f"{setting}: {search}\nbest whole-dev score so far", xlabel="dev examples scored (thousands)",
                ylabel="best trial's dev score (%)")
         ax.legend(fontsize=8)
     for ax, (setting, search) in zip(axes[0], panels):

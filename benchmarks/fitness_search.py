@@ -22,9 +22,11 @@ with ``--jobs N``, N runs at a time, each in its own process on one CPU thread.
 
 Printed and written: a table per search and arm (trials, dev examples scored, answer's test score:
 median, min and max over seeds, beside fixed TIES and the best source) and a plot of the answer's
-test score against dev examples scored. The baselines are scored once per setting, in the first study
-of fitness_cost.py in the same ``--workdir`` (made here when missing) and copied to every run, so no run
-pays for them; a rerun resumes every finished run from its database.
+test score against dev examples scored (and, below it, each run's best whole-dev score so far). Each run's
+record in the JSON also counts how its trials were decided (accepted, rejected or pruned at N examples per task).
+The baselines are scored once per setting, in the first study of fitness_cost.py in the same
+``--workdir`` (made here when missing) and copied to every run, so no run pays for them;
+a rerun resumes every finished run from its database.
 
     python benchmarks/fitness_search.py [--settings minilm-cross-task] [--budget 300] [--seeds 3]
         [--searches layerwise-cma ties-evolver] [--arms full anchor raced] [--fraction 0.2]

@@ -71,15 +71,15 @@ SEARCHES: dict[str, dict[str, Any]] = {
     "ties-evolver": {
         "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
         "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
-    "ties-evolver-f0.1": {  # the TIES_Evolver with a tenth of the difference vector (F = 0.1): smaller moves
-        "space": {"kind": "evolver", "method": "ties", "fixed": {"weight": 1.0, "density": 0.5}},
-        "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.1, "Cr": 0.5}}},
     "evolver": {  # the plain Evolver: the experts' weights themselves, no merge method around them
         "space": {"kind": "evolver", "method": "none"},
         "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
 }
+SEARCHES["ties-evolver-f0.1"] = {  # the TIES_Evolver with a tenth of the difference vector (F = 0.1): smaller moves
+    **SEARCHES["ties-evolver"], "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.1,
+                                                                                  "Cr": 0.5}}}
 DEFAULT_SEARCHES = ["layerwise-cma", "ties-evolver"]
-EVOLVERS = tuple(name for name in SEARCHES if "evolver" in name)
+EVOLVERS = tuple(name for name, search in SEARCHES.items() if search["space"]["kind"] == "evolver")
 ARMS = ("full", "anchor", "raced")
 MANY = 1_000_000  # trials: the budget is time
 
@@ -242,6 +242,13 @@ def curve(study: optuna.Study) -> list[list[float]]:
     return points
 
 
+def reached(points: list[list[float]], target: float, maximize: bool) -> float | None:
+    """The dev examples a run had scored when its best whole-dev score (its ``curve``) first reached ``target``
+    in the study's direction (equal within float rounding counts); None if it never did."""
+    return next((examples for examples, best in points
+                 if (best >= target - 1e-9 if maximize else best <= target + 1e-9)), None)
+
+
 def scored_examples(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> int:
     """The dev examples a run has scored: its trials' (their stored outcomes) and the whole-dev scorings of the
     best estimates that ``objective.estimate.confirm`` made."""
@@ -379,6 +386,12 @@ def main() -> None:
             low, high = row["test_range"]
             print(f"{row['search']:<19}{row['arm']:<8}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
                   f"{row['dev']:>12.4f}{row['test']:>13.4f}{f'{low:.4f}-{high:.4f}':>16}")
+        maximize = base.direction == optuna.study.StudyDirection.MAXIMIZE
+        for run in (r for r in runs if r.get("curve")):  # how fast each run matched fixed TIES on dev
+            at = reached(run["curve"], references_dev["ties (fixed)"], maximize)
+            print(f"  {run['search']} {run['arm']} seed {run['seed']}: fixed TIES's dev score "
+                  f"{references_dev['ties (fixed)']:.4f} " + (f"reached after {at:,.0f} dev examples" if at is not None
+                                                               else "never reached"))
     args.out.mkdir(parents=True, exist_ok=True)
     results = write_merged(args.out / f"{args.name}.json", results)
     plot(results, args.out / f"{args.name}.png")

@@ -3,7 +3,8 @@
 # one JSON (gpu_check.json) beside the logs of its three parts:
 #   1. merge: the GPU path (state on the GPU, torch kernels) on 3 x 1.5B bfloat16 experts, TIES and DARE-TIES
 #      per candidate against the GPU's own measured copy bandwidth (benchmarks/merge_scale.py --device cuda);
-#   2. the main job's trials per hour and the trial overhead ratio on the GPU (benchmarks/trial_overhead.py);
+#   2. the main job's trials per hour and the trial overhead ratio on the GPU, its evaluation batches sized to the
+#      GPU (objective.batch_size: auto; benchmarks/trial_overhead.py);
 #   3. the lm-eval objective's throughput on SmolLM2-135M (dev examples per second, sms-spam and trec-coarse).
 # Each part has its own time limit; a part that fails or cannot run (a package or asset missing) is recorded
 # with its reason, and the others still run.
@@ -30,7 +31,8 @@ part() {  # part NAME SECONDS COMMAND...: run, record the exit status
 
 part merge 300 "$py" benchmarks/merge_scale.py --device cuda --configs "ties in memory" "dare_ties in memory" \
     --skip-mergekit --skip-trial --candidates 5 --workdir "$work/scale" --json "$out/merge.json"
-part overhead 120 "$py" benchmarks/trial_overhead.py --device cuda --trials 10 --repeats 1 --json "$out/overhead.json"
+part overhead 120 "$py" benchmarks/trial_overhead.py --device cuda --batch-size auto --trials 10 --repeats 1 \
+    --json "$out/overhead.json"
 part lm_eval 60 "$py" - "$out/lm_eval.json" <<'EOF'
 import json, sys, time
 import torch
@@ -68,6 +70,7 @@ result["summary"] = {
                              and "ratio_to_bound" in v} if "failed" not in merge else None,
     "trials_per_hour": 3600 / overhead["median_trial_wall_s"] if "failed" not in overhead else None,
     "trial_overhead_ratio": overhead.get("ratio"),
+    "eval_batch_size": overhead.get("batch_size"),
     "lm_eval_examples_per_s": result["lm_eval"].get("examples_per_s"),
 }
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")

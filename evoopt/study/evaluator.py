@@ -17,7 +17,7 @@ import optuna
 import torch
 
 from evoopt.data.estimate import Estimator
-from evoopt.data.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, combine
+from evoopt.data.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, auto_batch_size, combine
 from evoopt.data.outcomes import Outcomes, paired_decision, record_outcomes
 from evoopt.errors import EvaluationError
 from evoopt.study.config import StudyConfig
@@ -71,30 +71,44 @@ class Evaluator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.heads = task_heads(sources, device) if sources.per_task_heads else None
         self._scorers: dict[str, Any] = {}
+        self._batch_size: int | None = None
 
-    def scorer(self, split: str, *, estimated: bool = False) -> Any:
+    def batch_size(self, model: torch.nn.Module | list[torch.nn.Module] | None = None) -> int:
+        """``objective.batch_size``; ``auto`` is sized once per worker, against the first model scored (see
+        :func:`auto_batch_size`: on a GPU it depends on the device's free memory, so workers may differ)."""
+        o = self.config.objective
+        if o.batch_size != "auto":
+            return o.batch_size
+        if self._batch_size is None:
+            first = model[0] if isinstance(model, list) else model
+            self._batch_size = auto_batch_size(first, self.tokenizer, self.device, max_length=o.max_length)
+        return self._batch_size
+
+    def scorer(self, split: str, *, estimated: bool = False,
+               model: torch.nn.Module | list[torch.nn.Module] | None = None) -> Any:
         """The scorer of a split, built on first use (the test scorer only ever for reporting); ``estimated``:
-        the one of the estimator's examples."""
+        the one of the estimator's examples; ``model``: the one to size ``batch_size: auto`` against."""
         key = f"{split}:estimated" if estimated else split
         if key not in self._scorers:
             o = self.config.objective
+            batch_size = self.batch_size(model)
             folder = self.config.artifact_dir / ("tasks-estimated" if estimated else "tasks")
             search = split == o.split
             limit = o.limit if search else o.test_limit
             rows = self.estimator.rows if estimated and self.estimator is not None else None
             if self.sources.kind == "causal" and o.metric == "perplexity":
                 scorer: Any = PerplexityScorer(self.tokenizer, self.sources.tasks, split=split, limit=limit,
-                                               batch_size=o.batch_size, max_length=o.max_length,
+                                               batch_size=batch_size, max_length=o.max_length,
                                                seed=self.sources.data_seed, device=self.device, rows=rows)
             elif self.sources.kind == "causal" or o.kind == "lm-eval":
                 scorer = LmEvalScorer(self.tokenizer, split=split, folder=folder,
                                       corpora=[] if o.tasks else self.sources.tasks, tasks=o.tasks,
-                                      include_path=o.include_path, limit=limit, batch_size=o.batch_size,
+                                      include_path=o.include_path, limit=limit, batch_size=batch_size,
                                       seed=self.sources.data_seed, rows=rows,
                                       stages=o.fidelities if search and not estimated else ())
             else:
                 scorer = ClassifierScorer(self.tokenizer, self.sources.tasks, split=split, limit=limit,
-                                          stages=o.fidelities if search else (), batch_size=o.batch_size,
+                                          stages=o.fidelities if search else (), batch_size=batch_size,
                                           max_length=o.max_length, metric=o.metric, seed=self.sources.data_seed,
                                           heads=self.heads, device=self.device, rows=rows)
             self._scorers[key] = scorer
@@ -121,7 +135,7 @@ class Evaluator:
         try:
             if trial is not None and split == self.config.objective.split and self._estimator() is not None:
                 return self._estimated(model, split, trial, autocast)
-            scorer = self.scorer(split)
+            scorer = self.scorer(split, model=model)
             scorer.autocast = autocast
             if trial is None:
                 result: Scores = scorer.scores(model)
@@ -172,7 +186,7 @@ class Evaluator:
         """Score the estimator's examples; the trial keeps their outcomes, the raw subset scores and how it
         was scored, and its scores are the estimated full-split ones."""
         assert self.estimator is not None
-        scorer = self.scorer(split, estimated=True)
+        scorer = self.scorer(split, estimated=True, model=model)
         scorer.autocast = autocast
         subset = scorer.scores(model)
         record_outcomes(trial, scorer.outcomes)

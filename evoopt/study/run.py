@@ -138,7 +138,7 @@ class Worker:
         raise AttributeError(name)
 
     def scorer(self, split: str) -> Any:
-        return self.evaluator.scorer(split)
+        return self.evaluator.scorer(split, model=self.model)
 
     def value(self, scores: Scores) -> float | list[float]:
         return self.evaluator.value(scores)

@@ -75,9 +75,10 @@ SEARCHES: dict[str, dict[str, Any]] = {
         "space": {"kind": "evolver", "method": "none"},
         "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
 }
+_TIES_EVOLVER = SEARCHES["ties-evolver"]
 SEARCHES["ties-evolver-f0.1"] = {  # the TIES_Evolver with a tenth of the difference vector (F = 0.1): smaller moves
-    **SEARCHES["ties-evolver"], "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.1,
-                                                                                  "Cr": 0.5}}}
+    **_TIES_EVOLVER, "sampler": {**_TIES_EVOLVER["sampler"], "options": {**_TIES_EVOLVER["sampler"]["options"],
+                                                                         "F": 0.1}}}
 DEFAULT_SEARCHES = ["layerwise-cma", "ties-evolver"]
 EVOLVERS = tuple(name for name, search in SEARCHES.items() if search["space"]["kind"] == "evolver")
 ARMS = ("full", "anchor", "raced")

@@ -86,10 +86,13 @@ def as_bfloat16(folder: Path, workdir: Path) -> Path:
     return rewritten(folder, workdir / f"{folder.name}-bfloat16", lambda _, t: t.to(torch.bfloat16))
 
 
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, device: str = "cpu") -> float:
-    """Bytes moved per second (read + write) by a large tensor copy on ``device``, median of repeats."""
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, device: str = "cpu",
+                   buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy on ``device``, median of repeats (into
+    ``buffers``, source and target, where given: allocated once by a caller that measures again and again)."""
+    src, dst = buffers if buffers is not None else (torch.ones(nbytes // 4, device=device), None)
+    dst = torch.empty_like(src) if dst is None else dst
+    nbytes = src.numel() * src.element_size()
     times = []
     for _ in range(repeats):
         if device != "cpu":

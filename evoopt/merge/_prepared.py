@@ -572,9 +572,9 @@ def _compile() -> Any:
                 total[j] = total[j] + y
         elif mode == 2:
             k_lo, k_hi, first = np.uint32(key & mask), np.uint32(key >> s32), np.uint32((start + 1) & mask)
+            # kept: u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
             below = np.uint32(threshold)
             for j in range(c.size):
-                # u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
                 v = _value(row, j)
                 v = v - base[j] if subtract else v  # loaded unconditionally: a select, not a branch
                 y = v * coef if _kept(first + np.uint32(j), k_lo, k_hi, below) else zero

@@ -628,18 +628,31 @@ def _compile() -> Any:
                                lows[m], highs[m], thresholds[m], keys[m], start + offset)
                 target = out[start:stop]  # (indexed from 0, so that the stores vectorise: see _base_block)
                 if consensus:
+                    # agree: c has the elected sign, + where the total is >= 0. The sums start from zero as in the
+                    # pure function; the first source's pass writes them (no pass that zeroes them) and the last
+                    # one's finishes and stores each entry (no pass that reads them back)
                     num, div = numerator[:size], divisor[:size]
-                    num[:] = zero
-                    div[:] = zero
-                    for m in range(models):
+                    for m in range(models - 1):
                         c, wm = contributions[m, :size], weights[m]
-                        for j in range(size):
-                            # agree: c has the elected sign, + where the total is >= 0
-                            agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
-                            num[j] = num[j] + (c[j] if agree else zero)
-                            div[j] = div[j] + (wm if agree else zero)
+                        if m == 0:
+                            for j in range(size):
+                                agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
+                                num[j] = zero + (c[j] if agree else zero)
+                                div[j] = zero + (wm if agree else zero)
+                        else:
+                            for j in range(size):
+                                agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
+                                num[j] = num[j] + (c[j] if agree else zero)
+                                div[j] = div[j] + (wm if agree else zero)
+                    c, wm = contributions[models - 1, :size], weights[models - 1]
+                    if models == 1:
+                        num[:] = zero
+                        div[:] = zero
                     for j in range(size):
-                        _store(target, j, base_block[j] + finish(num[j], div[j], normalize, scale))
+                        agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
+                        v = finish(num[j] + (c[j] if agree else zero), div[j] + (wm if agree else zero), normalize,
+                                   scale)
+                        _store(target, j, base_block[j] + v)
                 else:
                     for j in range(size):
                         _store(target, j, base_block[j] + finish(t[j], weight_sum, normalize, scale))

@@ -591,6 +591,11 @@ def _compile() -> Any:
                 total[j] = total[j] + y
 
     @numba.njit(inline="always")
+    def agrees(c, total):  # type: ignore[no-untyped-def]
+        """Whether a contribution has the elected sign: + where the total is >= 0 (a zero one never agrees)."""
+        return (c > zero) if total >= zero else (c < zero)
+
+    @numba.njit(inline="always")
     def finish(v, divisor, normalize, scale):  # type: ignore[no-untyped-def]
         """Normalise (a divisor of 0 counts as 1) and scale."""
         if normalize:
@@ -628,20 +633,19 @@ def _compile() -> Any:
                                lows[m], highs[m], thresholds[m], keys[m], start + offset)
                 target = out[start:stop]  # (indexed from 0, so that the stores vectorise: see _base_block)
                 if consensus:
-                    # agree: c has the elected sign, + where the total is >= 0. The sums start from zero as in the
-                    # pure function; the first source's pass writes them (no pass that zeroes them) and the last
-                    # one's finishes and stores each entry (no pass that reads them back)
+                    # the agreeing sums start from zero as in the pure function; the first source's pass writes them
+                    # (no pass that zeroes them) and the last one's finishes and stores each entry (no read-back)
                     num, div = numerator[:size], divisor[:size]
                     for m in range(models - 1):
                         c, wm = contributions[m, :size], weights[m]
                         if m == 0:
                             for j in range(size):
-                                agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
+                                agree = agrees(c[j], t[j])
                                 num[j] = zero + (c[j] if agree else zero)
                                 div[j] = zero + (wm if agree else zero)
                         else:
                             for j in range(size):
-                                agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
+                                agree = agrees(c[j], t[j])
                                 num[j] = num[j] + (c[j] if agree else zero)
                                 div[j] = div[j] + (wm if agree else zero)
                     c, wm = contributions[models - 1, :size], weights[models - 1]
@@ -649,7 +653,7 @@ def _compile() -> Any:
                         num[:] = zero
                         div[:] = zero
                     for j in range(size):
-                        agree = (c[j] > zero) if t[j] >= zero else (c[j] < zero)
+                        agree = agrees(c[j], t[j])
                         v = finish(num[j] + (c[j] if agree else zero), div[j] + (wm if agree else zero), normalize,
                                    scale)
                         _store(target, j, base_block[j] + v)

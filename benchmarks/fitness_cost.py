@@ -179,7 +179,8 @@ def hindsight(found: list[Outcomes], fraction: float, splits: int = 4) -> dict[s
         halves = [rng.permutation(y.shape[1])[: y.shape[1] // 2] for _ in range(10)]
         half_taus.append(statistics.median(float(kendalltau(y[test][:, p] @ w[p], full[test])[0]) for p in halves))
     return {"fraction": fraction, "examples": k, "tau": statistics.median(chosen_taus),
-            "random_50_tau": statistics.median(half_taus), "splits": splits}
+            "random_50_tau": statistics.median(half_taus), "splits": splits,
+            "contested_examples": int((y.std(axis=0) > 0).sum())}  # where the candidates do not all agree
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -268,7 +269,8 @@ def main() -> None:
         for row in result["hindsight"]:
             print(f"a ceiling: {row['examples']} examples ({100 * row['fraction']:.0f} %) chosen with hindsight to "
                   f"rank half of the other candidates, judged on the rest: tau {row['tau']:.2f} (random 50 % there "
-                  f"{row['random_50_tau']:.2f}; median of {row['splits']} splits)")
+                  f"{row['random_50_tau']:.2f}; median of {row['splits']} splits; the candidates disagree on "
+                  f"{row['contested_examples']} of {result['dev_examples']} dev examples)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "fitness_cost.json"  # the settings run here replace theirs; the others are kept
     results = {**(json.loads(path.read_text()) if path.exists() else {}), **results}

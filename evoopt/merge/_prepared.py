@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from evoopt.merge._methods import Sparsification
-from evoopt.merge._pieces import rank_window, stream_bits, stream_key
+from evoopt.merge._pieces import _FMIX1, _FMIX2, _GOLDEN32, rank_window, stream_bits, stream_key
 
 GRID_SIZE = 16_384
 CHUNK = 1 << 18  # entries widened to float32 at a time in the stored-dtype state (1 MiB per model)
@@ -481,11 +481,11 @@ def _compile() -> Any:
             def const(v):  # type: ignore[no-untyped-def]
                 return context.get_constant(types.uint32, v)
 
-            x = builder.xor(builder.add(builder.mul(i, const(0x9E3779B9)), lo), hi)
+            x = builder.xor(builder.add(builder.mul(i, const(_GOLDEN32)), lo), hi)
             x = builder.xor(x, builder.lshr(x, const(16)))
-            x = builder.mul(x, const(0x85EBCA6B))
+            x = builder.mul(x, const(_FMIX1))
             x = builder.xor(x, builder.lshr(x, const(13)))
-            x = builder.mul(x, const(0xC2B2AE35))
+            x = builder.mul(x, const(_FMIX2))
             x = builder.xor(x, builder.lshr(x, const(16)))
             return builder.icmp_unsigned("<", builder.lshr(x, const(8)), threshold)
 

@@ -591,16 +591,25 @@ def _compile() -> Any:
                 total[j] = total[j] + y
 
     @numba.njit(inline="always")
-    def agrees(c, total):  # type: ignore[no-untyped-def]
-        """Whether a contribution has the elected sign: + where the total is >= 0 (a zero one never agrees)."""
-        return (c > zero) if total >= zero else (c < zero)
+    def elect(total):  # type: ignore[no-untyped-def]
+        """The elected sign as a factor: +1 where the total is >= 0, else -1."""
+        return one if total >= zero else -one
+
+    @numba.njit(inline="always")
+    def agrees(c, sign):  # type: ignore[no-untyped-def]
+        """Whether a contribution has the elected sign (a zero one never agrees): c * sign is c or -c exactly, so this
+        is the pure function's (c > 0 where the total is >= 0, else c < 0) for every c, NaN included, in two
+        vector operations instead of that select's seven (counted in the compiled loop; the last source's loop went
+        from 70 instructions to 38 on AVX2)."""
+        return c * sign > zero
 
     @numba.njit(inline="always")
     def finish(v, divisor, normalize, scale):  # type: ignore[no-untyped-def]
-        """Normalise (a divisor of 0 counts as 1) and scale."""
+        """Normalise (a divisor of 0 counts as 1) and scale (always multiplied: by 1 it is exact, and a branch on it
+        in the loop kept LLVM from vectorising the divisor's load plainly)."""
         if normalize:
             v = v / (one if divisor == zero else divisor)
-        return v * scale if scale != one else v
+        return v * scale
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
@@ -629,18 +638,34 @@ def _compile() -> Any:
                 t[:] = zero
                 for m in range(models):
                     row = _source_row(deltas, m, start, stop)
-                    contribute(contributions[m, :size], consensus, t, row, base_block, subtract, coefs[m], mode,
-                               lows[m], highs[m], thresholds[m], keys[m], start + offset)
+                    # keep: a constant at each call, so that LLVM drops the branch in each inlined copy (with the
+                    # flag passed through, it predicated the store: a masked store, which on AVX2 made TIES 1.5 x
+                    # slower; always storing made linear merges up to 1.5 x slower)
+                    c, first = contributions[m, :size], start + offset
+                    if consensus:
+                        contribute(c, True, t, row, base_block, subtract, coefs[m], mode, lows[m], highs[m],
+                                   thresholds[m], keys[m], first)
+                    else:
+                        contribute(c, False, t, row, base_block, subtract, coefs[m], mode, lows[m], highs[m],
+                                   thresholds[m], keys[m], first)
                 target = out[start:stop]  # (indexed from 0, so that the stores vectorise: see _base_block)
                 if consensus:
-                    # the agreeing sums start from zero as in the pure function; the first source's pass writes them
-                    # (no pass that zeroes them) and the last one's finishes and stores each entry (no read-back)
+                    # the first source's pass replaces the total by the elected sign (the total only elects it) and
+                    # writes the agreeing sums (from zero, as in the pure function: no pass that zeroes them); the
+                    # last one's finishes and stores each entry (no read-back)
                     num, div = numerator[:size], divisor[:size]
+                    if models == 1:
+                        for j in range(size):
+                            t[j] = elect(t[j])
+                        num[:] = zero
+                        div[:] = zero
                     for m in range(models - 1):
                         c, wm = contributions[m, :size], weights[m]
                         if m == 0:
                             for j in range(size):
-                                agree = agrees(c[j], t[j])
+                                sign = elect(t[j])
+                                t[j] = sign
+                                agree = agrees(c[j], sign)
                                 num[j] = zero + (c[j] if agree else zero)
                                 div[j] = zero + (wm if agree else zero)
                         else:
@@ -649,9 +674,6 @@ def _compile() -> Any:
                                 num[j] = num[j] + (c[j] if agree else zero)
                                 div[j] = div[j] + (wm if agree else zero)
                     c, wm = contributions[models - 1, :size], weights[models - 1]
-                    if models == 1:
-                        num[:] = zero
-                        div[:] = zero
                     for j in range(size):
                         agree = agrees(c[j], t[j])
                         v = finish(num[j] + (c[j] if agree else zero), div[j] + (wm if agree else zero), normalize,

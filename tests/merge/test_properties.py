@@ -91,6 +91,27 @@ def test_prepared_fast_path_gives_the_same_bytes(seed: int, n: int, w: list[floa
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("count", [1, 2, 5])
+@pytest.mark.parametrize("state", ["float32", "bfloat16"])
+def test_the_kernels_sign_consensus_for_any_number_of_sources(count: int, state: str) -> None:
+    """The kernel elects the sign in the first source's pass (or a pass of its own for one source) and writes the
+    agreeing sums from there: the bytes of the pure function for 1, 2 and 5 sources, with negative weights (a sign
+    flipped) and exact zeros in a task vector (which never agree)."""
+    dtype = torch.bfloat16 if state == "bfloat16" else torch.float32
+    base, xs = _tensors(count, 5_000, count, dtype)
+    xs[0][::7] = base[::7]
+    w = [(-0.6 if m % 2 else 1.1) for m in range(count)]
+    prepared = PreparedTensor.build("layer.w", base, xs, magnitudes=True, keep_dtype=True)
+    for sparsification, normalize, scale in [("magnitude", True, 1.0), ("random", True, 0.8), ("none", False, 1.3)]:
+        kwargs = dict(weights=w, densities=[0.4] * count, sparsification=sparsification, consensus=True,
+                      normalize=normalize, scale=scale, seed=5)
+        expected = M.generalized_task_arithmetic(base.float(), [x.float() for x in xs], name="layer.w",
+                                                 **kwargs)  # type: ignore[arg-type]
+        out = torch.empty(base.numel(), dtype=dtype)
+        merge_prepared(prepared, out, **kwargs)  # type: ignore[arg-type]
+        assert torch.equal(out, expected.to(dtype)), (sparsification, count)
+
+
 def test_same_recipe_same_bytes() -> None:
     base, xs = _tensors(0, 500, 2)
     a = M.dare(base, xs, weights=[1.0, 1.0], densities=[0.3, 0.3], consensus=True, seed=11, name="n")

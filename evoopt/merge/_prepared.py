@@ -469,19 +469,31 @@ def _compile() -> Any:
         return types.uint32(types.float32), codegen
 
     @intrinsic
-    def _kept(typingctx, index, k_lo, k_hi, below):  # type: ignore[no-untyped-def]
-        """DARE's draw for entry ``index - 1`` (``uniform_stream``): whether its hash >> 8 is below ``below``, all
-        in 32-bit arithmetic (the stream is defined mod 2^32), so that a vector holds 16 lanes, not the 8 of
-        numba's 64-bit integers: ``x = (index * 0x9E3779B9 + k_lo) xor k_hi``, then MurmurHash3's fmix32."""
+    def _add32(typingctx, a, b):  # type: ignore[no-untyped-def]
+        """a + b mod 2^32 in 32-bit arithmetic (numba's own promotes to 64 bits, which a vectorised loop then carries
+        in twice the registers)."""
 
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
             i32 = context.get_value_type(types.uint32)
-            i, lo, hi, threshold = (builder.trunc(a, i32) if a.type != i32 else a for a in args)
+            return builder.add(*(builder.trunc(v, i32) if v.type != i32 else v for v in args))
+
+        return types.uint32(a, b), codegen
+
+    @intrinsic
+    def _kept(typingctx, h, k_hi, below):  # type: ignore[no-untyped-def]
+        """DARE's draw for entry ``index - 1`` (``uniform_stream``) from ``h = index * 0x9E3779B9 + k_lo`` (mod 2^32:
+        a loop carries it by adding the constant, one vector add where the product was a multiply): whether the hash
+        >> 8 is below ``below``, all in 32-bit arithmetic (the stream is defined mod 2^32), so that a vector holds 16
+        lanes, not the 8 of numba's 64-bit integers: ``x = h xor k_hi``, then MurmurHash3's fmix32."""
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            i32 = context.get_value_type(types.uint32)
+            x, hi, threshold = (builder.trunc(a, i32) if a.type != i32 else a for a in args)
 
             def const(v):  # type: ignore[no-untyped-def]
                 return context.get_constant(types.uint32, v)
 
-            x = builder.xor(builder.add(builder.mul(i, const(_GOLDEN32)), lo), hi)
+            x = builder.xor(x, hi)
             x = builder.xor(x, builder.lshr(x, const(16)))
             x = builder.mul(x, const(_FMIX1))
             x = builder.xor(x, builder.lshr(x, const(13)))
@@ -489,7 +501,7 @@ def _compile() -> Any:
             x = builder.xor(x, builder.lshr(x, const(16)))
             return builder.icmp_unsigned("<", builder.lshr(x, const(8)), threshold)
 
-        return types.boolean(index, k_lo, k_hi, below), codegen
+        return types.boolean(h, k_hi, below), codegen
 
     @overload(_store, inline="always")
     def _store_typed(out, i, value):  # type: ignore[no-untyped-def]
@@ -549,7 +561,7 @@ def _compile() -> Any:
             return lambda deltas: False
         return lambda deltas: True
 
-    mask, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+    mask, s32, golden = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint32(_GOLDEN32)
     zero, one = np.float32(0.0), np.float32(1.0)
     # entries per block: a worker's scratch (the base widened, a contribution row per source, the total, the TIES
     # numerator and divisor: 28 KB for 3 sources) then stays in a 32 KB L1 data cache (measured: 8192 entries, in
@@ -574,10 +586,12 @@ def _compile() -> Any:
             k_lo, k_hi, first = np.uint32(key & mask), np.uint32(key >> s32), np.uint32((start + 1) & mask)
             # kept: u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
             below = np.uint32(threshold)
-            for j in range(c.size):
+            h = np.uint32(first * golden + k_lo)  # (mod 2^32) carried through the loop in 32 bits: a vector add
+            for j in range(c.size):  # a step, where (first + j) * golden took a multiply and a 64-bit counter
                 v = _value(row, j)
                 v = v - base[j] if subtract else v  # loaded unconditionally: a select, not a branch
-                y = v * coef if _kept(first + np.uint32(j), k_lo, k_hi, below) else zero
+                y = v * coef if _kept(h, k_hi, below) else zero
+                h = _add32(h, golden)
                 if keep:
                     c[j] = y
                 total[j] = total[j] + y

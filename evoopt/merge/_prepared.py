@@ -625,6 +625,14 @@ def _compile() -> Any:
             v = v / (one if divisor == zero else divisor)
         return v * scale
 
+    @numba.njit(inline="always")
+    def close(target, base, num, div, c, sign, w, normalize, scale):  # type: ignore[no-untyped-def]
+        """The last source's agreeing terms added to the sums, each entry finished and stored with the base."""
+        for j in range(c.size):
+            agree = agrees(c[j], sign[j])
+            v = finish(num[j] + (c[j] if agree else zero), div[j] + (w if agree else zero), normalize, scale)
+            _store(target, j, base[j] + v)
+
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
                mode, consensus, normalize, scale, offset, threads):
@@ -688,11 +696,10 @@ def _compile() -> Any:
                                 num[j] = num[j] + (c[j] if agree else zero)
                                 div[j] = div[j] + (wm if agree else zero)
                     c, wm = contributions[models - 1, :size], weights[models - 1]
-                    for j in range(size):
-                        agree = agrees(c[j], t[j])
-                        v = finish(num[j] + (c[j] if agree else zero), div[j] + (wm if agree else zero), normalize,
-                                   scale)
-                        _store(target, j, base_block[j] + v)
+                    if normalize:  # (a constant at each call, as contribute's keep: no masked load of div)
+                        close(target, base_block, num, div, c, t, wm, True, scale)
+                    else:
+                        close(target, base_block, num, div, c, t, wm, False, scale)
                 else:
                     for j in range(size):
                         _store(target, j, base_block[j] + finish(t[j], weight_sum, normalize, scale))

@@ -619,8 +619,8 @@ def _compile() -> Any:
 
     @numba.njit(inline="always")
     def finish(v, divisor, normalize, scale):  # type: ignore[no-untyped-def]
-        """Normalise (a divisor of 0 counts as 1) and scale (always multiplied: by 1 it is exact, and a branch on it
-        in the loop kept LLVM from vectorising the divisor's load plainly)."""
+        """Normalise (a divisor of 0 counts as 1) and scale (always multiplied: by 1 it is exact, where a test of it
+        was a branch in every iteration of the compiled loop)."""
         if normalize:
             v = v / (one if divisor == zero else divisor)
         return v * scale
@@ -663,13 +663,13 @@ def _compile() -> Any:
                     # keep: a constant at each call, so that LLVM drops the branch in each inlined copy (with the
                     # flag passed through, it predicated the store: a masked store, which on AVX2 made TIES 1.5 x
                     # slower; always storing made linear merges up to 1.5 x slower)
-                    c, first = contributions[m, :size], start + offset
+                    c = contributions[m, :size]
                     if consensus:
                         contribute(c, True, t, row, base_block, subtract, coefs[m], mode, lows[m], highs[m],
-                                   thresholds[m], keys[m], first)
+                                   thresholds[m], keys[m], start + offset)
                     else:
                         contribute(c, False, t, row, base_block, subtract, coefs[m], mode, lows[m], highs[m],
-                                   thresholds[m], keys[m], first)
+                                   thresholds[m], keys[m], start + offset)
                 target = out[start:stop]  # (indexed from 0, so that the stores vectorise: see _base_block)
                 if consensus:
                     # the first source's pass replaces the total by the elected sign (the total only elects it) and

@@ -474,10 +474,9 @@ def _compile() -> Any:
         in twice the registers)."""
 
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            i32 = context.get_value_type(types.uint32)
-            return builder.add(*(builder.trunc(v, i32) if v.type != i32 else v for v in args))
+            return builder.add(*args)
 
-        return types.uint32(a, b), codegen
+        return types.uint32(types.uint32, types.uint32), codegen  # (numba casts the arguments to these)
 
     @intrinsic
     def _kept(typingctx, h, k_hi, below):  # type: ignore[no-untyped-def]
@@ -487,8 +486,7 @@ def _compile() -> Any:
         lanes, not the 8 of numba's 64-bit integers: ``x = h xor k_hi``, then MurmurHash3's fmix32."""
 
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            i32 = context.get_value_type(types.uint32)
-            x, hi, threshold = (builder.trunc(a, i32) if a.type != i32 else a for a in args)
+            x, hi, threshold = args
 
             def const(v):  # type: ignore[no-untyped-def]
                 return context.get_constant(types.uint32, v)
@@ -501,7 +499,7 @@ def _compile() -> Any:
             x = builder.xor(x, builder.lshr(x, const(16)))
             return builder.icmp_unsigned("<", builder.lshr(x, const(8)), threshold)
 
-        return types.boolean(h, k_hi, below), codegen
+        return types.boolean(types.uint32, types.uint32, types.uint32), codegen  # (arguments cast to these)
 
     @overload(_store, inline="always")
     def _store_typed(out, i, value):  # type: ignore[no-untyped-def]

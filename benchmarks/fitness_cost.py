@@ -149,8 +149,9 @@ def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fra
 def hindsight(found: list[Outcomes], fraction: float, splits: int = 4) -> dict[str, Any] | None:
     """A ceiling for any subset fitted from dev outcomes: the examples chosen by forward selection to rank half of
     the candidates (their own full-dev outcomes, far more than a study's references), judged on the other half,
-    beside a random 50 % subset on that half (median over random splits). Each chosen example counts with its
-    weight in the full-dev score, so only the choice is fitted. Correctness outcomes only (None otherwise)."""
+    beside a random 50 % of each task's examples on that half (median over random splits). Each chosen example
+    counts with its weight in the full-dev score, so only the choice is fitted. Correctness outcomes only (None
+    otherwise)."""
     tasks = list(found[0].tasks)
     if any(found[0].tasks[task].values.dtype != bool for task in tasks):
         return None
@@ -176,8 +177,8 @@ def hindsight(found: list[Outcomes], fraction: float, splits: int = 4) -> dict[s
             taken[best] = True
             estimate += y[:, best] * w[best]
         chosen_taus.append(float(kendalltau(estimate[test], full[test])[0]))
-        halves = [rng.permutation(y.shape[1])[: y.shape[1] // 2] for _ in range(10)]
-        half_taus.append(statistics.median(float(kendalltau(y[test][:, p] @ w[p], full[test])[0]) for p in halves))
+        judged = [found[i] for i in test]  # a random half of each task's examples, as the random estimator draws
+        half_taus.append(fidelity(judged, judged, "random", 0.5, draws=10)["tau"])
     return {"fraction": fraction, "examples": k, "tau": statistics.median(chosen_taus),
             "random_50_tau": statistics.median(half_taus), "splits": splits,
             "contested_examples": int((y.std(axis=0) > 0).sum())}  # where the candidates do not all agree

@@ -18,8 +18,9 @@ then computed from the stored outcomes, without scoring anything again:
 With ``--references N`` (default 20) every estimator is also fitted on the baselines and the first N
 candidates (``objective.estimate.references``: a study's first N trials scored on the whole dev set) and
 judged on the other candidates, beside a random 50 % subset on those same candidates. A ceiling for any
-subset (``hindsight``, 10 % and 20 %): the examples chosen by forward selection to rank half of those other
-candidates from their own full-dev outcomes, judged on the rest, beside a random 50 % subset there.
+subset counted at its own weights (``hindsight``, 10 % and 20 %; anchor points, which reweight, can pass it):
+the examples chosen by forward selection to rank half of those other candidates from their own full-dev
+outcomes, judged on the rest, beside a random 50 % subset there.
 A run of some settings replaces their figures in ``--out``/fitness_cost.json and keeps the others.
 
 The goal (issue 16): at 10 % of dev an estimator ranks candidates at least as well as a random 50 %
@@ -147,11 +148,11 @@ def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fra
 
 
 def hindsight(found: list[Outcomes], fraction: float, splits: int = 4) -> dict[str, Any] | None:
-    """A ceiling for any subset fitted from dev outcomes: the examples chosen by forward selection to rank half of
-    the candidates (their own full-dev outcomes, far more than a study's references), judged on the other half,
-    beside a random 50 % of each task's examples on that half (median over random splits). Each chosen example
-    counts with its weight in the full-dev score, so only the choice is fitted. Correctness outcomes only (None
-    otherwise)."""
+    """A ceiling for any subset fitted from dev outcomes and counted at its own weights: the examples chosen by
+    forward selection to rank half of the candidates (their own full-dev outcomes, far more than a study's
+    references), judged on the other half, beside a random 50 % of each task's examples on that half (median over
+    random splits). Each chosen example counts with its weight in the full-dev score, so only the choice is fitted.
+    Correctness outcomes only (None otherwise)."""
     tasks = list(found[0].tasks)
     if any(found[0].tasks[task].values.dtype != bool for task in tasks):
         return None
@@ -206,7 +207,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ceiling = result.get("hindsight")
         if ceiling:
             ax.plot([100 * r["fraction"] for r in ceiling], [r["tau"] for r in ceiling], "kx", markersize=9,
-                    label="chosen with hindsight (ceiling)")
+                    label="chosen with hindsight, own weights")
         ax.axhline(result["random_50"]["tau"], color="grey", linestyle="--", label="random 50 %")
         ax.axhline(result["split_half_tau"], color="black", linestyle=":", label="split halves of dev")
         ax.set(title=f"{setting}\n{result['candidates']} candidates, sd {result['spread_sd_points']:.1f} points",

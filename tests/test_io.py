@@ -284,3 +284,21 @@ def test_a_memory_budget_streams_the_sources_with_the_same_bytes(llama_family: l
             streamed.merge(recipe, seed=seed)
             for name, target in in_memory.targets.items():
                 assert torch.equal(streamed.targets[name], target), (method, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_finite_check_finds_every_nan_and_inf(dtype: torch.dtype) -> None:
+    """One NaN, inf or -inf anywhere (first, last, inside a vector's lanes, past a chunk) fails the check; large and
+    subnormal finite values, signed zeros and empty or non-contiguous tensors pass."""
+    from evoopt.models.io import _all_finite
+
+    base = torch.linspace(-1, 1, 100_003).to(dtype)
+    assert _all_finite(base) and _all_finite(torch.empty(0, dtype=dtype)) and _all_finite(base[::3])
+    info = torch.finfo(dtype)
+    assert _all_finite(torch.tensor([info.max, -info.max, info.tiny / 2, -0.0, 0.0], dtype=dtype))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for index in (0, 1, 7, 15, 16, 65_537, 100_002):
+            bad = base.clone()
+            bad[index] = value
+            assert not _all_finite(bad), (value, index)
+            assert not _all_finite(bad.reshape(-1, 1)[:, 0]) and not _all_finite(bad[index:index + 1])

@@ -17,8 +17,8 @@ then computed from the stored outcomes, without scoring anything again:
 
 With ``--references N`` (default 20) every estimator is also fitted on the baselines and the first N
 candidates (``objective.estimate.references``: a study's first N trials scored on the whole dev set) and
-judged on the other candidates, beside a random 50 % subset on those same candidates. A ceiling for any
-subset counted at its own weights (``hindsight``, 10 % and 20 %; anchor points, which reweight, can pass it):
+judged on the other candidates, beside a random 50 % subset on those same candidates. Examples chosen with
+hindsight (``hindsight``, 10 % and 20 %; greedy and at their own weights, so no bound: anchor points can pass it):
 the examples chosen by forward selection to rank half of those other candidates from their own full-dev
 outcomes, judged on the rest, beside a random 50 % subset there.
 A run of some settings replaces their figures in ``--out``/fitness_cost.json and keeps the others.
@@ -148,11 +148,11 @@ def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fra
 
 
 def hindsight(found: list[Outcomes], fraction: float, splits: int = 4) -> dict[str, Any] | None:
-    """A ceiling for any subset fitted from dev outcomes and counted at its own weights: the examples chosen by
-    forward selection to rank half of the candidates (their own full-dev outcomes, far more than a study's
-    references), judged on the other half, beside a random 50 % of each task's examples on that half (median over
-    random splits). Each chosen example counts with its weight in the full-dev score, so only the choice is fitted.
-    Correctness outcomes only (None otherwise)."""
+    """Examples chosen with hindsight (greedy, so no bound on every subset): those chosen by forward selection to
+    rank half of the candidates (their own full-dev outcomes, far more than a study's references), judged on the
+    other half, beside a random 50 % of each task's examples on that half (median over random splits). Each chosen
+    example counts with its weight in the full-dev score, so only the choice is fitted. Correctness outcomes only
+    (None otherwise)."""
     tasks = list(found[0].tasks)
     if any(found[0].tasks[task].values.dtype != bool for task in tasks):
         return None
@@ -204,9 +204,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 rows = [r for r in referenced["estimators"] if r["method"] == method]
                 ax.plot([100 * r["fraction"] for r in rows], [r["tau"] for r in rows], marker=marker,
                         linestyle="--", color=colour, label=f"{method} + first {referenced['trials']} trials")
-        ceiling = result.get("hindsight")
-        if ceiling:
-            ax.plot([100 * r["fraction"] for r in ceiling], [r["tau"] for r in ceiling], "kx", markersize=9,
+        chosen = result.get("hindsight")
+        if chosen:
+            ax.plot([100 * r["fraction"] for r in chosen], [r["tau"] for r in chosen], "kx", markersize=9,
                     label="chosen with hindsight, own weights")
         ax.axhline(result["random_50"]["tau"], color="grey", linestyle="--", label="random 50 %")
         ax.axhline(result["split_half_tau"], color="black", linestyle=":", label="split halves of dev")
@@ -269,7 +269,7 @@ def main() -> None:
                 print(f"{row['method']:<10}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
                       f"{ratio:>16.2f}{row['mae_points']:>14.2f}")
         for row in result["hindsight"]:
-            print(f"a ceiling: {row['examples']} examples ({100 * row['fraction']:.0f} %) chosen with hindsight to "
+            print(f"hindsight: {row['examples']} examples ({100 * row['fraction']:.0f} %) chosen with hindsight to "
                   f"rank half of the other candidates, judged on the rest: tau {row['tau']:.2f} (random 50 % there "
                   f"{row['random_50_tau']:.2f}; median of {row['splits']} splits; the candidates disagree on "
                   f"{row['contested_examples']} of {result['dev_examples']} dev examples)")

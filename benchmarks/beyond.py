@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--archive", type=int, default=8, help="M2N2's archive size")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
-    parser.add_argument("--estimate", choices=["anchor", "irt", "random"], help=(
+    parser.add_argument("--estimate", choices=["anchor", "strata", "irt", "random"], help=(
         "score the searches' trials on --fraction of dev and estimate the whole-dev score (objective.estimate, "
         "fitted on the baselines' dev outcomes; no confirmation: the answer is the best estimate, scored on the "
         "whole dev and test afterwards); default: the whole dev set"))

@@ -10,7 +10,8 @@ then computed from the stored outcomes, without scoring anything again:
 - the size of a trial's stored per-example outcomes (median JSON bytes);
 - the candidates' spread (standard deviation and range of their full-dev scores) and the split-half
   Kendall tau of dev itself (two random disjoint halves of each task's examples; median of 20);
-- per estimator (anchor points, IRT with p-IRT, a random subset) and share of dev (5 %, 10 %, 20 %;
+- per estimator (anchor points; strata: anchor points over the examples the references disagree on, the
+  others counted at their shared result; IRT with p-IRT; a random subset) and share of dev (5 %, 10 %, 20 %;
   random also 50 %): Kendall tau and mean absolute error of the estimated against the full-dev score
   over all candidates, each estimator fitted on the baselines' dev outcomes only (what a study does),
   median over ``--draws`` seeds of the subset.
@@ -64,7 +65,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "smollm2-tasks": {"kind": "lm-eval", "limit": 100, "test_limit": 200, "batch_size": 16},
 }
 FRACTIONS = (0.05, 0.1, 0.2)
-METHODS = ("anchor", "irt", "random")
+METHODS = ("anchor", "strata", "irt", "random")
 
 
 def study_config(folder: Path, setting: str, name: str, trials: int, **overrides: Any) -> StudyConfig:
@@ -195,7 +196,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         result = results[setting]
-        for (method, marker), colour in zip(zip(METHODS, "osd"), ("tab:blue", "tab:orange", "tab:green")):
+        for (method, marker), colour in zip(zip(METHODS, "o^sd"), ("tab:blue", "tab:red", "tab:orange", "tab:green")):
             rows = [r for r in result["estimators"] if r["method"] == method]
             ax.plot([100 * r["fraction"] for r in rows], [r["tau"] for r in rows], marker=marker, label=method,
                     color=colour)

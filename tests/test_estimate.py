@@ -37,6 +37,35 @@ def test_anchor_points_by_hand() -> None:
     assert candidate.score("t", weights) == pytest.approx(0.7)
 
 
+def test_strata_count_agreed_examples_and_sample_only_the_contested_by_hand() -> None:
+    """10 examples, two references: both right on 0-3, both wrong on 4-5, split on 6-9 (6, 7: the first right;
+    8, 9: the second). Known stratum: 6 examples, 4 of them right; 2 anchors among the 4 contested (patterns
+    (1, 0) and (0, 1), weight 2 each)."""
+    agreed = [True] * 4 + [False] * 2
+    first = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(10), agreed + [True, True, False, False])})
+    second = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(10), agreed + [False, False, True, True])})
+    estimator = fit_estimator("strata", [first, second], fraction=0.2, seed=0)
+    t = estimator.tasks["t"]
+    assert (t.known, t.known_count) == (4.0, 6)
+    assert len(t.ids) == 2 and set(t.ids.tolist()) <= {6, 7, 8, 9} and t.weights.tolist() == [2.0, 2.0]
+    assert {int(i) < 8 for i in t.ids} == {True, False}  # one anchor per pattern
+    # each reference: 4 known right + 2 x its one right anchor = 6 of 10, its true score
+    assert estimator.estimate(first.select(estimator.rows))["t"] == pytest.approx(0.6)
+    assert estimator.estimate(second.select(estimator.rows))["t"] == pytest.approx(0.6)
+    # a candidate right on both contested anchors: (4 + 2 + 2) / 10, whatever it scores where the references agree
+    both = Outcomes("accuracy", {"t": TaskOutcomes(t.ids, [True, True])})
+    assert estimator.estimate(both)["t"] == pytest.approx(0.8)
+    # stored and read back, as a study keeps it
+    again = Estimator.from_dict(estimator.to_dict())
+    assert again.estimate(both) == estimator.estimate(both) and again.rows == estimator.rows
+    # every reference alike everywhere: nothing contested, so it samples as anchor points do (no known stratum)
+    alike = fit_estimator("strata", [first, first], fraction=0.2, seed=0)
+    assert alike.tasks["t"].known_count == 0 and len(alike.tasks["t"].ids) == 2
+    # losses never agree exactly: no known stratum
+    loss = Outcomes("mse", {"t": TaskOutcomes(np.arange(10), np.zeros(10, dtype=np.float32))})
+    assert fit_estimator("strata", [loss, loss], fraction=0.2, seed=0).tasks["t"].known_count == 0
+
+
 def test_random_subset_is_the_plain_mean_of_its_examples() -> None:
     reference = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(10), np.arange(10) % 2 == 0)})
     estimator = fit_estimator("random", [reference], fraction=0.4, seed=3)

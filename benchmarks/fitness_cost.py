@@ -198,6 +198,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         result = results[setting]
         for (method, marker), colour in zip(zip(METHODS, "o^sd"), ("tab:blue", "tab:red", "tab:orange", "tab:green")):
             rows = [r for r in result["estimators"] if r["method"] == method]
+            if not rows:  # (a setting measured before the estimator existed)
+                continue
             ax.plot([100 * r["fraction"] for r in rows], [r["tau"] for r in rows], marker=marker, label=method,
                     color=colour)
             referenced = result.get("with_references")

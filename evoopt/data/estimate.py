@@ -34,8 +34,9 @@ scored on the chosen examples only. Three estimators:
     include a study's first trials (``references``), less so from a few baselines. Right-or-wrong
     outcomes only (with losses no two models agree exactly: ``anchor`` is used); where fewer
     examples are contested than the share, only those are scored. Measured on smollm2-tasks
-    (``benchmarks/fitness_cost.py``, 20 reference trials): tau 0.85 at 10 % of dev against
-    anchor points' 0.62 and a random half's 0.82.
+    (``benchmarks/fitness_cost.py``, 20 reference trials): tau 0.86 at 10 % of dev against
+    anchor points' 0.62 and a random half's 0.82; on minilm-cross-task, where the candidates
+    disagree on most examples, no gain (0.70 against 0.71).
 
 ``irt``
     Item response theory (tinyBenchmarks, Polo et al. 2024, Sec. 3.2-3.3): a two-parameter

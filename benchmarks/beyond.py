@@ -44,6 +44,7 @@ import optuna
 from fitness_cost import evolver_strategy, study_config
 from fitness_search import answer, copy_baselines, quiet, write_merged
 
+from evoopt.data.estimate import METHODS as ESTIMATORS
 from evoopt.data.objective import combine
 from evoopt.study.fitness import PRECISION_ATTR
 from evoopt.study.run import open_study, run_baselines, run_study
@@ -274,7 +275,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--archive", type=int, default=8, help="M2N2's archive size")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
-    parser.add_argument("--estimate", choices=["anchor", "strata", "irt", "random"], help=(
+    parser.add_argument("--estimate", choices=list(ESTIMATORS), help=(
         "score the searches' trials on --fraction of dev and estimate the whole-dev score (objective.estimate, "
         "fitted on the baselines' dev outcomes; no confirmation: the answer is the best estimate, scored on the "
         "whole dev and test afterwards); default: the whole dev set"))

@@ -47,6 +47,7 @@ import optuna
 import transformers
 from scipy.stats import kendalltau
 
+from evoopt.data.estimate import METHODS as ESTIMATORS
 from evoopt.data.estimate import fit_estimator
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, trial_outcomes
@@ -65,7 +66,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "smollm2-tasks": {"kind": "lm-eval", "limit": 100, "test_limit": 200, "batch_size": 16},
 }
 FRACTIONS = (0.05, 0.1, 0.2)
-METHODS = ("anchor", "strata", "irt", "random")
+METHODS = ESTIMATORS  # every estimator evoopt offers
 
 
 def study_config(folder: Path, setting: str, name: str, trials: int, **overrides: Any) -> StudyConfig:

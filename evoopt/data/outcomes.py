@@ -157,6 +157,15 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"))
 
 
+def pack_bits(values: np.ndarray) -> str:
+    """Right-or-wrong values, bit-packed and base64 (1,200 examples: 200 characters)."""
+    return _b64(np.packbits(np.asarray(values, dtype=bool)).tobytes())
+
+
+def unpack_bits(text: str, count: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(_unb64(text), dtype=np.uint8))[:count].astype(bool)
+
+
 def _encode_ids(ids: np.ndarray) -> str:
     if len(ids) and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
         return f"range:{int(ids[0])}:{int(ids[0]) + len(ids)}"  # the first n rows: the usual case
@@ -180,7 +189,7 @@ def encode(outcomes: Outcomes) -> dict[str, Any]:
     for task, t in outcomes.tasks.items():
         item = {"ids": _encode_ids(t.ids)}
         if t.values.dtype == np.bool_:
-            item["bits"] = _b64(np.packbits(t.values).tobytes())
+            item["bits"] = pack_bits(t.values)
         else:
             item["f16"] = _b64(t.values.astype(np.float16).tobytes())
         if t.weights is not None:
@@ -194,7 +203,7 @@ def decode(data: Mapping[str, Any]) -> Outcomes:
     for task, item in data["tasks"].items():
         ids = _decode_ids(item["ids"])
         if "bits" in item:
-            values = np.unpackbits(np.frombuffer(_unb64(item["bits"]), dtype=np.uint8))[: len(ids)].astype(bool)
+            values = unpack_bits(item["bits"], len(ids))
         else:
             values = np.frombuffer(_unb64(item["f16"]), dtype=np.float16).astype(np.float32)
         weights = (np.frombuffer(_unb64(item["tokens"]), dtype=np.uint16).astype(np.float64)

@@ -19,7 +19,9 @@ then computed from the stored outcomes, without scoring anything again:
 
 With ``--references N`` (default 20) every estimator is also fitted on the baselines and the first N
 candidates (``objective.estimate.references``: a study's first N trials scored on the whole dev set) and
-judged on the other candidates, beside a random 50 % subset on those same candidates. Examples chosen with
+judged on the other candidates, beside a random 50 % subset on those same candidates; and, for anchor points,
+strata and mixture at 10 % of dev, with the first 10, 20, 30 and 40 candidates as references
+(``references_sweep``: what more reference trials buy). Examples chosen with
 hindsight (``hindsight``, 10 % and 20 %; greedy and at their own weights, so no bound: anchor points can pass it):
 the examples chosen by forward selection to rank half of those other candidates from their own full-dev
 outcomes, judged on the rest, beside a random 50 % subset there.
@@ -150,6 +152,21 @@ def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fra
             "tau_spread": [min(taus), max(taus)], "mae_points": 100 * statistics.median(errors)}
 
 
+def references_sweep(references: list[Outcomes], found: list[Outcomes], draws: int,
+                     counts: tuple[int, ...] = (10, 20, 30, 40)) -> list[dict[str, Any]]:
+    """How the estimators at 10 % of dev gain from more reference trials: fitted on the baselines and the first N
+    candidates, judged on the others, beside a random 50 % subset on those same candidates."""
+    rows = []
+    for n in counts:
+        if n >= len(found) - 10:
+            break
+        fitted, judged = references + found[:n], found[n:]
+        rows.append({"trials": n, "candidates": len(judged),
+                     "random_50": fidelity(fitted, judged, "random", 0.5, draws),
+                     "estimators": [fidelity(fitted, judged, m, 0.1, draws) for m in ("anchor", "strata", "mixture")]})
+    return rows
+
+
 def hindsight(found: list[Outcomes], fraction: float, splits: int = 4) -> dict[str, Any] | None:
     """Examples chosen with hindsight (greedy, so no bound on every subset): those chosen by forward selection to
     rank half of the candidates (their own full-dev outcomes, far more than a study's references), judged on the
@@ -258,6 +275,7 @@ def main() -> None:
                 "estimators": [fidelity(references + early, rest, m, f, args.draws)
                                for m in METHODS for f in FRACTIONS],
                 "random_50": fidelity(references + early, rest, "random", 0.5, args.draws)}
+            result["references_sweep"] = references_sweep(references, found, args.draws)
         result["hindsight"] = [h for f in (0.1, 0.2) if (h := hindsight(found[args.references:], f))]
         results[setting] = result
         print(f"\n{setting}: {len(found)} candidates (dev {result['dev_examples']} examples; full-dev scores "
@@ -279,6 +297,12 @@ def main() -> None:
                 ratio = row["tau"] / r50["tau"] if r50["tau"] else float("nan")
                 print(f"{row['method']:<10}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
                       f"{ratio:>16.2f}{row['mae_points']:>14.2f}")
+        for sweep in result.get("references_sweep", []):
+            r50 = sweep["random_50"]["tau"]
+            print(f"with the first {sweep['trials']} candidates as references, at 10 % of dev on the other "
+                  f"{sweep['candidates']} (random 50 % there: tau {r50:.2f}): " + ", ".join(
+                      f"{row['method']} tau {row['tau']:.2f} ({row['tau'] / r50:.2f} x), MAE {row['mae_points']:.2f}"
+                      for row in sweep["estimators"]))
         for row in result["hindsight"]:
             print(f"hindsight: {row['examples']} examples ({100 * row['fraction']:.0f} %) chosen with hindsight to "
                   f"rank half of the other candidates, judged on the rest: tau {row['tau']:.2f} (random 50 % there "

@@ -54,8 +54,9 @@ scored on the chosen examples only. Five estimators:
     symmetric Dirichlet prior (0.05 pseudo-observations per reference, which shrinks the noisy fits of
     few examples toward the plain average), by EM (Dempster, Laird and Rubin 1977). Right-or-wrong
     outcomes only. Measured (``benchmarks/fitness_cost.py``, 20 reference trials) at 5 / 10 / 20 % of
-    dev: tau 0.68 / 0.86 / 0.94 on minilm-sentiment-domains (strata 0.60 / 0.83 / 0.92) and 0.73 / 0.80
-    / 0.85 on minilm-cross-task (strata 0.64 / 0.73 / 0.83), where a random half reaches 0.67 and 0.88.
+    dev: tau 0.68 / 0.86 / 0.94 on minilm-sentiment-domains (strata 0.60 / 0.83 / 0.92), 0.73 / 0.80
+    / 0.85 on minilm-cross-task (strata 0.64 / 0.73 / 0.83) and 0.58 / 0.87 / 0.91 on smollm2-tasks (strata
+    0.58 / 0.86 / 0.93), where a random half reaches 0.67, 0.88 and 0.82.
     From the 8 baselines alone it is no better than strata (0.61 and 0.70 at 10 %): a mixture of a
     few fixed merges predicts a search's candidates poorly.
 

@@ -152,18 +152,27 @@ def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fra
             "tau_spread": [min(taus), max(taus)], "mae_points": 100 * statistics.median(errors)}
 
 
-def references_sweep(references: list[Outcomes], found: list[Outcomes], draws: int,
+SWEPT = ("anchor", "strata", "mixture")  # the estimators of the references sweep, at 10 % of dev
+
+
+def references_sweep(references: list[Outcomes], found: list[Outcomes], draws: int, measured: dict[str, Any],
                      counts: tuple[int, ...] = (10, 20, 30, 40)) -> list[dict[str, Any]]:
     """How the estimators at 10 % of dev gain from more reference trials: fitted on the baselines and the first N
-    candidates, judged on the others, beside a random 50 % subset on those same candidates."""
+    candidates, judged on the others, beside a random 50 % subset on those same candidates. ``measured``: the
+    ``with_references`` figures, whose count is taken from them rather than computed again."""
     rows = []
     for n in counts:
         if n >= len(found) - 10:
             break
+        if n == measured["trials"]:
+            rows.append({"trials": n, "candidates": measured["candidates"], "random_50": measured["random_50"],
+                         "estimators": [r for r in measured["estimators"] if r["method"] in SWEPT
+                                        and r["fraction"] == 0.1]})
+            continue
         fitted, judged = references + found[:n], found[n:]
         rows.append({"trials": n, "candidates": len(judged),
                      "random_50": fidelity(fitted, judged, "random", 0.5, draws),
-                     "estimators": [fidelity(fitted, judged, m, 0.1, draws) for m in ("anchor", "strata", "mixture")]})
+                     "estimators": [fidelity(fitted, judged, m, 0.1, draws) for m in SWEPT]})
     return rows
 
 
@@ -275,7 +284,7 @@ def main() -> None:
                 "estimators": [fidelity(references + early, rest, m, f, args.draws)
                                for m in METHODS for f in FRACTIONS],
                 "random_50": fidelity(references + early, rest, "random", 0.5, args.draws)}
-            result["references_sweep"] = references_sweep(references, found, args.draws)
+            result["references_sweep"] = references_sweep(references, found, args.draws, result["with_references"])
         result["hindsight"] = [h for f in (0.1, 0.2) if (h := hindsight(found[args.references:], f))]
         results[setting] = result
         print(f"\n{setting}: {len(found)} candidates (dev {result['dev_examples']} examples; full-dev scores "

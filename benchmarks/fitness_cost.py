@@ -53,7 +53,7 @@ from scipy.stats import kendalltau
 from evoopt.data.estimate import METHODS as ESTIMATORS
 from evoopt.data.estimate import fit_estimator
 from evoopt.data.objective import combine
-from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, trial_outcomes
+from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, TaskOutcomes, trial_outcomes
 from evoopt.data.settings import get_setting
 from evoopt.models.io import atomic_write
 from evoopt.study.config import StudyConfig, parse_config
@@ -69,7 +69,9 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "smollm2-tasks": {"kind": "lm-eval", "limit": 100, "test_limit": 200, "batch_size": 16},
 }
 FRACTIONS = (0.05, 0.1, 0.2)
-METHODS = ESTIMATORS  # every estimator evoopt offers
+# every estimator evoopt offers, and mixture on right-or-wrong outcomes alone (margins dropped: what it is on
+# outcomes without them, lm-eval's, and what it was before margins were kept)
+METHODS = (*ESTIMATORS, "mixture-bits")
 
 
 def study_config(folder: Path, setting: str, name: str, trials: int, **overrides: Any) -> StudyConfig:
@@ -138,12 +140,21 @@ def split_half(candidates: list[Outcomes], draws: int) -> float:
     return statistics.median(taus)
 
 
+def _bits(outcomes: Outcomes) -> Outcomes:
+    """The outcomes without their margins."""
+    return Outcomes(outcomes.metric, {task: TaskOutcomes(t.ids, t.values, t.weights)
+                                      for task, t in outcomes.tasks.items()})
+
+
 def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fraction: float,
              draws: int) -> dict[str, Any]:
     full = [_value(c.scores()) for c in found]
+    fitted = method
+    if method == "mixture-bits":
+        references, found, fitted = [_bits(r) for r in references], [_bits(c) for c in found], "mixture"
     taus, errors, examples = [], [], 0
     for seed in range(draws):
-        estimator = fit_estimator(method, references, fraction=fraction, seed=seed)
+        estimator = fit_estimator(fitted, references, fraction=fraction, seed=seed)
         estimated = [_value(estimator.estimate(c.select(estimator.rows))) for c in found]
         taus.append(float(kendalltau(estimated, full)[0]))
         errors.append(float(np.mean(np.abs(np.asarray(estimated) - full))))
@@ -152,7 +163,7 @@ def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fra
             "tau_spread": [min(taus), max(taus)], "mae_points": 100 * statistics.median(errors)}
 
 
-SWEPT = ("anchor", "strata", "mixture")  # the estimators of the references sweep, at 10 % of dev
+SWEPT = ("anchor", "strata", "mixture", "mixture-bits")  # the estimators of the references sweep, at 10 % of dev
 
 
 def references_sweep(references: list[Outcomes], found: list[Outcomes], draws: int, measured: dict[str, Any],
@@ -221,7 +232,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(results)
-    styles = dict(zip(METHODS, zip("o^sdv", ("tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green"))))
+    styles = dict(zip(METHODS, zip("o^sdvP", ("tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green",
+                                               "tab:brown"))))
     assert len(styles) == len(METHODS), "a marker and a colour for every estimator"
     figure, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.8), squeeze=False)
     for ax, setting in zip(axes[0], settings):
@@ -292,10 +304,10 @@ def main() -> None:
               f"split-half tau of dev {result['split_half_tau']:.2f}; random 50 %: tau "
               f"{result['random_50']['tau']:.2f}, MAE {result['random_50']['mae_points']:.2f} points; a trial's "
               f"outcomes take {check['outcomes_bytes_per_trial']:.0f} bytes stored")
-        print(f"{'estimator':<10}{'share':>7}{'examples':>10}{'tau':>7}{'vs random 50 %':>16}{'MAE (points)':>14}")
+        print(f"{'estimator':<13}{'share':>7}{'examples':>10}{'tau':>7}{'vs random 50 %':>16}{'MAE (points)':>14}")
         for row in result["estimators"]:
             ratio = row["tau"] / result["random_50"]["tau"] if result["random_50"]["tau"] else float("nan")
-            print(f"{row['method']:<10}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
+            print(f"{row['method']:<13}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
                   f"{ratio:>16.2f}{row['mae_points']:>14.2f}")
         referenced = result.get("with_references")
         if referenced:
@@ -304,7 +316,7 @@ def main() -> None:
                   f"{referenced['candidates']} (random 50 % there: tau {r50['tau']:.2f}, MAE {r50['mae_points']:.2f})")
             for row in referenced["estimators"]:
                 ratio = row["tau"] / r50["tau"] if r50["tau"] else float("nan")
-                print(f"{row['method']:<10}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
+                print(f"{row['method']:<13}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
                       f"{ratio:>16.2f}{row['mae_points']:>14.2f}")
         for sweep in result.get("references_sweep", []):
             r50 = sweep["random_50"]["tau"]

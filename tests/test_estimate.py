@@ -16,8 +16,10 @@ from evoopt.data.estimate import (
     fit_ability,
     fit_estimator,
     fit_irt,
+    margin_mixture,
     mixture_weights,
     p_irt,
+    simplex_least_squares,
 )
 from evoopt.data.outcomes import Outcomes, TaskOutcomes
 from evoopt.errors import ConfigError
@@ -112,6 +114,66 @@ def test_mixture_observes_the_chosen_examples_and_predicts_the_rest_by_hand() ->
     losses = Outcomes("mse", {"t": TaskOutcomes(np.arange(4), np.zeros(4, dtype=np.float32))})
     with pytest.raises(ConfigError, match="mixture models right-or-wrong outcomes"):
         fit_estimator("mixture", [losses], fraction=0.5, seed=0)
+
+
+def test_simplex_least_squares_by_hand() -> None:
+    """Two references, b = 0.25 a_1 + 0.75 a_2 exactly: those weights. A target outside their hull lands on the
+    nearest vertex; where references outnumber the examples the ridge toward equal weights decides."""
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert simplex_least_squares(a, a @ [0.25, 0.75]) == pytest.approx([0.25, 0.75], abs=1e-5)
+    assert simplex_least_squares(a, np.array([2.0, -1.0, 1.0])) == pytest.approx([1.0, 0.0], abs=1e-6)
+    # min (w1 - w2 - 1)^2 + ... on the simplex: b = a_1 - a_2 reaches w = (1, 0)
+    assert simplex_least_squares(a, np.array([1.0, -1.0, 0.0])) == pytest.approx([1.0, 0.0], abs=1e-6)
+    twins = np.array([[0.5, 0.5], [-0.2, -0.2]])  # identical references: any split fits, the ridge picks equal
+    assert simplex_least_squares(twins, np.array([0.5, -0.2])) == pytest.approx([0.5, 0.5], abs=1e-4)
+
+
+def test_margin_mixture_by_hand() -> None:
+    """Two references' margins on 4 examples, the candidate scored on examples 0 and 1 with margins that are
+    exactly 0.25 A + 0.75 B: the fit is exact, so the error's scale is the floor (0.02), and examples 2 and 3
+    count with Phi(predicted margin / 0.02)."""
+    margins = np.array([[0.4, -0.4, 0.2, -0.01], [0.0, 0.4, 0.02, 0.1]])
+    observed = 0.25 * margins[0, :2] + 0.75 * margins[1, :2]  # 0.1, 0.2
+    predicted = 0.25 * margins[0, 2:] + 0.75 * margins[1, 2:]  # 0.065, 0.0725
+    phi = [0.5 * (1 + math.erf(m / (0.02 * math.sqrt(2)))) for m in predicted]
+    assert margin_mixture(margins, np.array([0, 1]), observed) == pytest.approx(sum(phi), abs=1e-4)
+    # a looser fit: the residual's scale over the free examples (2 examples, 1 reference used: 1 degree of freedom)
+    only_a = np.array([[0.4, -0.4, 0.3], [0.4, -0.4, -0.3]])
+    got = margin_mixture(only_a, np.array([0, 1]), np.array([0.5, -0.3]))
+    w = simplex_least_squares(only_a[:, :2].T, np.array([0.5, -0.3]))
+    residual = np.array([0.5, -0.3]) - only_a[:, :2].T @ w
+    sd = math.sqrt(residual @ residual / 1)
+    assert got == pytest.approx(0.5 * (1 + math.erf(float(w @ only_a[:, 2]) / (sd * math.sqrt(2)))), abs=1e-4)
+
+
+def test_mixture_fits_margins_where_every_model_keeps_them() -> None:
+    """With margins on the references and the candidate, mixture fits them (estimate = scored right answers plus
+    margin_mixture's expectation on the rest); without, it falls back to right-or-wrong; stored and read back the
+    same."""
+    rng = np.random.default_rng(0)
+    refs = rng.uniform(-1, 1, (3, 40))
+    references = [Outcomes("accuracy", {"t": TaskOutcomes(np.arange(40), m > 0, margins=m)}) for m in refs]
+    estimator = fit_estimator("mixture", references, fraction=0.25, seed=0)
+    t = estimator.tasks["t"]
+    assert t.margins is not None and t.margins.shape == (3, 40) and t.all_ids is not None
+    truth = 0.6 * refs[0] + 0.4 * refs[2]  # a candidate that is a mixture of two references
+    candidate = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(40), truth > 0, margins=truth)})
+    observed = candidate.select(estimator.rows)
+    index = np.searchsorted(np.arange(40), t.ids)
+    stored_margins = np.round(observed.tasks["t"].margins * 127) / 127  # what the estimate reads (int8 steps)
+    expected = (observed.tasks["t"].values.sum() + margin_mixture(t.margins, index, stored_margins)) / 40
+    assert estimator.estimate(observed)["t"] == pytest.approx(expected)
+    assert abs(estimator.estimate(observed)["t"] - candidate.score("t")) < 0.05  # close to its true score
+    again = Estimator.from_dict(estimator.to_dict())
+    assert again.estimate(observed) == pytest.approx(estimator.estimate(observed), abs=1e-12)
+    # the candidate without margins: the right-or-wrong mixture on the same examples
+    bits = Outcomes("accuracy", {"t": TaskOutcomes(observed.tasks["t"].ids, observed.tasks["t"].values)})
+    y = bits.tasks["t"].values
+    assert t.seen is not None and t.rest is not None
+    assert estimator.estimate(bits)["t"] == pytest.approx((y.sum() + mixture_weights(t.seen, y) @ t.rest) / 40)
+    # references without margins: none kept, as before
+    plain = [Outcomes("accuracy", {"t": TaskOutcomes(np.arange(40), m > 0)}) for m in refs]
+    assert fit_estimator("mixture", plain, fraction=0.25, seed=0).tasks["t"].margins is None
 
 
 def test_random_subset_is_the_plain_mean_of_its_examples() -> None:

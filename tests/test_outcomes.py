@@ -51,6 +51,19 @@ def test_storage_round_trip_is_exact_and_compact() -> None:
         assert np.array_equal(back.tasks[task].ids, t.ids) and np.array_equal(back.tasks[task].values, t.values)
     assert back.scores() == correct.scores()
 
+    margins = rng.uniform(-1, 1, 1200)
+    margins[:3] = [0.003, -0.003, 1.0]  # within half a step of 0: the sign is kept
+    with_margins = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(1200), margins > 0, margins=margins)})
+    stored = json.dumps(encode(with_margins))
+    assert len(stored) < 2200  # int8 margins: 1.2 kB raw, 1.6 kB in base64, beside the bits
+    back = decode(json.loads(stored))
+    assert back.tasks["t"].margins is not None
+    far = np.abs(margins) >= 1 / 127  # away from 0: to the nearest step
+    assert np.abs(back.tasks["t"].margins[far] - margins[far]).max() <= 0.5 / 127 + 1e-6
+    assert back.tasks["t"].margins[:2].tolist() == pytest.approx([1 / 127, -1 / 127])  # one step, not 0
+    assert np.array_equal(back.tasks["t"].margins > 0, margins > 0)
+    assert np.array_equal(back.select({"t": np.array([5, 2])}).tasks["t"].margins, back.tasks["t"].margins[[5, 2]])
+
     losses = rng.random(1200).astype(np.float32) * 5
     ids = np.sort(rng.choice(70000, 1200, replace=False))  # not a range, and past uint16: stored as uint32
     loss = Outcomes("perplexity", {"t": TaskOutcomes(ids, losses, rng.integers(1, 128, 1200).astype(np.float64))})
@@ -87,6 +100,9 @@ def test_classifier_outcomes_agree_with_its_scores_and_rows_pick_examples(classi
     assert full.outcomes is not None
     assert full.outcomes.scores() == pytest.approx(scores)
     assert [len(t.ids) for t in full.outcomes.tasks.values()] == [60, 60]
+    for t in full.outcomes.tasks.values():  # margins: positive exactly where right, in [-1, 1]
+        assert t.margins is not None and np.array_equal(t.margins > 0, t.values)
+        assert np.abs(t.margins).max() <= 1
     staged = list(full.staged_scores(model))  # after the first stage, the outcomes of the first 20 examples
     assert staged[-1][1] == pytest.approx(scores)
     chosen = {"vader-tweets": [50, 3, 17], "vader-nyt": [0, 59]}
@@ -201,6 +217,8 @@ def test_lm_eval_outcomes_are_its_per_sample_log(smol_tiny_family: list[Path], t
     assert full.outcomes is not None
     assert full.outcomes.tasks["sms-spam"].ids.tolist() == list(range(12))
     assert full.outcomes.scores() == pytest.approx(scores)
+    spam = full.outcomes.tasks["sms-spam"]  # multiple choice: margins from the choices' log-likelihoods
+    assert spam.margins is not None and np.array_equal(spam.margins > 0, spam.values)
     subset = LmEvalScorer(tokenizer, split="dev", folder=tmp_path / "subset", corpora=["sms-spam"], limit=12,
                           batch_size=4, rows={"sms-spam": [2, 7, 11]})
     subset.scores(model)
@@ -237,6 +255,10 @@ def test_lm_eval_scores_stage_by_stage_as_in_one_run(smol_tiny_family: list[Path
     assert whole.outcomes is not None and staged.outcomes is not None
     for task, found in whole.outcomes.tasks.items():
         assert np.array_equal(staged.outcomes.tasks[task].values, found.values), task
+        if found.margins is None:  # generated answers have none
+            assert task.endswith("_gen") and staged.outcomes.tasks[task].margins is None
+        else:  # multiple choice: the same margins, stage by stage
+            assert staged.outcomes.tasks[task].margins == pytest.approx(found.margins, abs=1e-4), task
     with pytest.raises(ConfigError, match="stages need evoopt's own lm-eval tasks"):
         LmEvalScorer(tokenizer, split="dev", folder=tmp_path / "named", tasks=["arc_easy"], stages=[4])
 

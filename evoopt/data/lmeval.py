@@ -23,9 +23,10 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, b
 def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, batch_size: int = 16,
                      seed: int = 0, limit: int | None = None, samples: dict[str, list[int]] | None = None,
                      autocast: bool = False,
-                     ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """The scores, and per task each example's ``doc_id`` and value of the scored metric (lm-eval's
-    per-sample log). ``samples`` scores only those doc ids of each task (instead of ``limit``).
+                     ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]]:
+    """The scores, and per task each example's ``doc_id``, value of the scored metric (lm-eval's
+    per-sample log) and, for multiple-choice accuracy, margin (:func:`_margin`; else None). ``samples`` scores
+    only those doc ids of each task (instead of ``limit``).
 
     ``autocast``: the forward passes and generation under bfloat16 autocast. It has to be lm-eval's own
     (``mixed_precision_dtype``): HFLM wraps every model call in ``torch.autocast(enabled=False)`` when that
@@ -47,11 +48,29 @@ def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any,
         key = key or next(k for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
         scores[name] = float(metrics[key])
         metric, _, filter_key = key.partition(",")
-        logged = sorted((s["doc_id"], float(s[metric])) for s in results["samples"][name]
-                        if s.get("filter", filter_key) == filter_key)
-        examples[name] = (np.asarray([d for d, _ in logged], dtype=np.int64),
-                          np.asarray([v for _, v in logged], dtype=np.float32))
+        logged = sorted((s["doc_id"], float(s[metric]), _margin(s) if metric == "acc" else None)
+                        for s in results["samples"][name] if s.get("filter", filter_key) == filter_key)
+        margins = [m for _, _, m in logged]
+        examples[name] = (np.asarray([d for d, _, _ in logged], dtype=np.int64),
+                          np.asarray([v for _, v, _ in logged], dtype=np.float32),
+                          None if not logged or any(m is None for m in margins) else np.asarray(margins, np.float32))
     return scores, examples
+
+
+def _margin(sample: dict[str, Any]) -> float | None:
+    """A multiple-choice example's margin (as evoopt's classifier scorer keeps it, :mod:`evoopt.data.outcomes`):
+    the softmax over the choices' log-likelihoods, the right choice's probability minus the largest other's;
+    positive exactly where ``acc`` is 1. None where the sample is not one (generated answers)."""
+    try:
+        lls = np.asarray([float(r[0]) for r in sample["filtered_resps"]], dtype=np.float64)
+        gold = int(sample["target"])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    if len(lls) < 2 or not 0 <= gold < len(lls):
+        return None
+    p = np.exp(lls - lls.max())
+    p /= p.sum()
+    return float(p[gold] - np.delete(p, gold).max())
 
 
 def evaluate_tasks(model: Any, tokenizer: Any, corpora: list[str], *, split: str, limit: int | None = None,

@@ -189,8 +189,9 @@ class ClassifierScorer:
                     outputs[task][rows] = out
             seen = {t: sum(len(r) for b in self.batches[t][: stage + 1] for _, r in b) for t in self.tasks}
             self.outcomes = Outcomes(self.metric, {
-                t: TaskOutcomes(self.ids[t][: seen[t]], self._per_example(outputs[t][: seen[t]],
-                                                                          self.labels[t][: seen[t]]))
+                t: TaskOutcomes(self.ids[t][: seen[t]],
+                                self._per_example(outputs[t][: seen[t]], self.labels[t][: seen[t]]),
+                                margins=self._margins(outputs[t][: seen[t]], self.labels[t][: seen[t]]))
                 for t in self.tasks})
             yield max(seen.values()), {t: self._metric(outputs[t][: seen[t]], self.labels[t][: seen[t]])
                                        for t in self.tasks}
@@ -200,6 +201,15 @@ class ClassifierScorer:
         if self.metric == "mse":
             return np.asarray((outputs[:, 0] - labels) ** 2)
         return np.asarray(outputs.argmax(-1) == labels)
+
+    def _margins(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """Each example's margin: the probability of its label minus the largest other (None for mse)."""
+        if self.metric == "mse":
+            return None
+        rows = np.arange(len(labels))
+        others = outputs.copy()
+        others[rows, labels] = -np.inf
+        return outputs[rows, labels] - others.max(-1)
 
     def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         with precision(self.autocast, self.device):
@@ -272,10 +282,12 @@ class LmEvalScorer:
     def stage_count(self) -> int:
         return len(self.stages)
 
-    def _outcomes(self, examples: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, TaskOutcomes]:
+    def _outcomes(self, examples: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                  ) -> dict[str, TaskOutcomes]:
         return {_lm_eval_name(name, self.split): TaskOutcomes(ids, values.astype(bool)
-                                                              if np.isin(values, (0, 1)).all() else values)
-                for name, (ids, values) in examples.items()}
+                                                              if np.isin(values, (0, 1)).all() else values,
+                                                              margins=margins)
+                for name, (ids, values, margins) in examples.items()}
 
     def scores(self, model: torch.nn.Module) -> Scores:
         from evoopt.data.lmeval import lm_eval_examples
@@ -294,7 +306,7 @@ class LmEvalScorer:
             return
         from evoopt.data.lmeval import lm_eval_examples
 
-        seen: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        seen: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
         for stage in self.stages:
             _, examples = lm_eval_examples(model, self.tokenizer, list(stage), self.manager,
                                            batch_size=self.batch_size, seed=self.seed, samples=stage,
@@ -302,7 +314,8 @@ class LmEvalScorer:
             for name, found in examples.items():
                 seen.setdefault(name, []).append(found)
             self.outcomes = Outcomes("accuracy", self._outcomes(
-                {n: (np.concatenate([i for i, _ in parts]), np.concatenate([v for _, v in parts]))
+                {n: (np.concatenate([i for i, _, _ in parts]), np.concatenate([v for _, v, _ in parts]),
+                     None if any(m is None for _, _, m in parts) else np.concatenate([m for _, _, m in parts]))
                  for n, parts in seen.items()}))
             yield max(len(t.ids) for t in self.outcomes.tasks.values()), self.outcomes.scores()
 

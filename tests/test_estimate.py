@@ -340,6 +340,10 @@ def test_reference_trials_join_the_baselines(small_experts: Any, tmp_path: Path)
     assert reference_trials(study, 3) is None  # only two trials were scored on the whole dev set
     references = baseline_outcomes(study)
     refit = fit_estimator("mixture", [references[n] for n in sorted(references)] + early, fraction=0.25, seed=0)
+    # the classifier scorer keeps margins, so the mixture is fitted on them (references x every dev example)
+    shapes = {t.margins.shape if t.margins is not None else None for t in stored.tasks.values()}
+    assert shapes == {(len(references) + 2, 40)}
+    assert all(t.margins is not None for t in trial_outcomes(trials[3]).tasks.values())  # type: ignore[union-attr]
     assert stored.rows == refit.rows and stored.to_dict() == refit.to_dict()
     assert trials[3].user_attrs["scores"] == pytest.approx(stored.estimate(trial_outcomes(trials[3])))
     # the answer: the best by whole dev of the confirmed estimates (2, 3) and the reference trials (0, 1)

@@ -327,9 +327,9 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 def simplex_least_squares(a: np.ndarray, b: np.ndarray, *, ridge: float = 1e-6, steps: int = 5000) -> np.ndarray:
     """``argmin_w |a w - b|^2 + ridge |w - 1/n|^2`` over the simplex (``w >= 0``, ``sum w = 1``): projected
     gradient with Nesterov's momentum (FISTA, Beck and Teboulle 2009), restarted whenever the momentum points
-    uphill (O'Donoghue and Candes, "Adaptive Restart for Accelerated Gradient Schemes", 2015, Sec. 3.2: about 7
-    x fewer steps here), and the Euclidean projection onto the simplex (Duchi et al., "Efficient Projections
-    onto the l1-Ball", ICML 2008, Fig. 1). The tiny ridge toward equal weights makes the minimiser unique
+    uphill (O'Donoghue and Candes, "Adaptive Restart for Accelerated Gradient Schemes", 2015, Sec. 3.2), and
+    the Euclidean projection onto the simplex (Duchi et al., "Efficient Projections onto the l1-Ball", ICML
+    2008, Fig. 1). The tiny ridge toward equal weights makes the minimiser unique
     where references outnumber the examples."""
     n = a.shape[1]
     gram = a.T @ a + ridge * np.eye(n)

@@ -15,7 +15,9 @@ then computed from the stored outcomes, without scoring anything again:
   references and the other examples predicted; IRT with p-IRT; a random subset) and share of dev (5 %, 10 %, 20 %;
   random also 50 %): Kendall tau and mean absolute error of the estimated against the full-dev score
   over all candidates, each estimator fitted on the baselines' dev outcomes only (what a study does),
-  median over ``--draws`` seeds of the subset.
+  median over ``--draws`` seeds of the subset; and what estimating costs: the estimator's fit (once per study)
+  and one trial's estimate (once per trial), each a median in milliseconds, against the median time a
+  candidate's whole-dev evaluation took (its trial's ``eval_seconds``, measured in the same run).
 
 With ``--references N`` (default 20) every estimator is also fitted on the baselines and the first N
 candidates (``objective.estimate.references``: a study's first N trials scored on the whole dev set) and
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -110,14 +113,16 @@ def candidates(folder: Path, setting: str, args: argparse.Namespace,
                                     "options": {"strategy": evolver_strategy(setting), "F": 0.5, "Cr": 0.5}},
                            baselines=[], objective=objective)
     second = run_study(evolver, report=False).study
-    found, stored = [], []
+    found, stored, seconds = [], [], []
     for study in (first, second):
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             outcomes = trial_outcomes(trial)
             if outcomes is not None:
                 found.append(outcomes)
                 stored.append(len(json.dumps(trial.system_attrs[OUTCOMES_ATTR])))  # what a trial keeps
-    check = {**check, "outcomes_bytes_per_trial": statistics.median(stored)}
+                seconds.append(trial.user_attrs.get("eval_seconds"))
+    check = {**check, "outcomes_bytes_per_trial": statistics.median(stored),
+             "eval_seconds_per_trial": statistics.median(s for s in seconds if s is not None) if any(seconds) else None}
     return [references[name] for name in sorted(references)], found, check
 
 
@@ -152,15 +157,22 @@ def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fra
     fitted = method
     if method == "mixture-bits":
         references, found, fitted = [_bits(r) for r in references], [_bits(c) for c in found], "mixture"
-    taus, errors, examples = [], [], 0
+    taus, errors, examples, fits, estimates = [], [], 0, [], []
     for seed in range(draws):
+        started = time.perf_counter()
         estimator = fit_estimator(fitted, references, fraction=fraction, seed=seed)
-        estimated = [_value(estimator.estimate(c.select(estimator.rows))) for c in found]
+        fits.append(time.perf_counter() - started)  # once per study, at its start
+        estimated = []
+        for candidate in found:  # once per trial: what estimation adds to scoring the trial's subset
+            started = time.perf_counter()
+            estimated.append(_value(estimator.estimate(candidate.select(estimator.rows))))
+            estimates.append(time.perf_counter() - started)
         taus.append(float(kendalltau(estimated, full)[0]))
         errors.append(float(np.mean(np.abs(np.asarray(estimated) - full))))
         examples = estimator.size
     return {"method": method, "fraction": fraction, "examples": examples, "tau": statistics.median(taus),
-            "tau_spread": [min(taus), max(taus)], "mae_points": 100 * statistics.median(errors)}
+            "tau_spread": [min(taus), max(taus)], "mae_points": 100 * statistics.median(errors),
+            "fit_ms": 1000 * statistics.median(fits), "estimate_ms": 1000 * statistics.median(estimates)}
 
 
 SWEPT = ("anchor", "strata", "mixture", "mixture-bits")  # the estimators of the references sweep, at 10 % of dev
@@ -318,6 +330,12 @@ def main() -> None:
                 ratio = row["tau"] / r50["tau"] if r50["tau"] else float("nan")
                 print(f"{row['method']:<13}{100 * row['fraction']:>6.0f}%{row['examples']:>10}{row['tau']:>7.2f}"
                       f"{ratio:>16.2f}{row['mae_points']:>14.2f}")
+        spent = check.get("eval_seconds_per_trial")
+        for row in (referenced or result)["estimators"]:  # what estimating costs beside scoring
+            if row["fraction"] == 0.1 and spent:
+                print(f"{row['method']} at 10 %: fitted once in {row['fit_ms']:.1f} ms; a trial's estimate takes "
+                      f"{row['estimate_ms']:.2f} ms, {100 * row['estimate_ms'] / 1000 / spent:.3f} % of a whole-dev "
+                      f"trial's evaluation ({spent:.2f} s, median)")
         for sweep in result.get("references_sweep", []):
             r50 = sweep["random_50"]["tau"]
             print(f"with the first {sweep['trials']} candidates as references, at 10 % of dev on the other "

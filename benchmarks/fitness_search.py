@@ -8,8 +8,9 @@ CMA-ES and the plain Evolver, for the issue's 60-minute goals), three arms (``--
 - ``full``: every trial scored on the whole dev set (the searches as they were);
 - ``anchor``: every trial scored on ``--fraction`` of dev chosen by anchor points and its full-dev
   score estimated (``objective.estimate``; fitted on the baselines' dev outcomes, never test);
-- ``mixture``: the first 20 trials scored on the whole dev set (``objective.estimate.references``), every
-  later one on ``--fraction`` of dev with the ``mixture`` estimator (fitted on the baselines and those 20);
+- ``mixture``: the first ``--references`` trials (20) scored on the whole dev set
+  (``objective.estimate.references``), every later one on ``--fraction`` of dev with the ``mixture`` estimator
+  (fitted on the baselines and those trials; with ``--references 0`` on the baselines alone);
 - ``raced``: every trial scored stage by stage (``objective.fidelities``: ``--fidelities`` examples per
   task) and stopped once a paired test on the same examples finds it worse at level 0.05: the racing
   pruner against the best complete trial (CMA-ES), the paired selection rule against its target
@@ -32,7 +33,8 @@ a rerun resumes every finished run from its database.
 
     python benchmarks/fitness_search.py [--settings minilm-cross-task] [--budget 300] [--seeds 3]
         [--searches layerwise-cma ties-evolver] [--arms full anchor raced] [--fraction 0.2]
-        [--fidelities 50 100 200] [--stages 3] [--jobs 1] [--workdir out/fitness_cost] [--out benchmarks/results]
+        [--fidelities 50 100 200] [--references 20] [--stages 3] [--jobs 1] [--workdir out/fitness_cost]
+        [--out benchmarks/results]
         [--name fitness_search]
 
 A setting's results replace its own entry in ``NAME.json``, the other settings' kept; runs of the setting at
@@ -148,7 +150,9 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
         quiet()
     base_config = reference_config(folder, setting)
     base = open_study(base_config)
-    name = f"{search}-{arm}-seed{seed}"
+    # a mixture arm with other than the default references is another study (its own name in --workdir)
+    other = arm == "mixture" and args.references != REFERENCES
+    name = f"{search}-{arm}{f'-r{args.references}' if other else ''}-seed{seed}"
     # the precision the reference study's trials were scored in (its bfloat16 check, as `auto` reads it)
     objective: dict[str, Any] = {"precision": "bfloat16" if study_autocast(base_config, base) else "float32"}
     overrides = json.loads(json.dumps(SEARCHES[search]))
@@ -157,7 +161,7 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
     if arm == "anchor":
         objective["estimate"] = {"method": arm, "fraction": args.fraction}
     elif arm == "mixture":  # it predicts from the study's own first trials: they are scored on the whole dev set
-        objective["estimate"] = {"method": arm, "fraction": args.fraction, "references": REFERENCES}
+        objective["estimate"] = {"method": arm, "fraction": args.fraction, "references": args.references}
     elif arm == "raced":
         objective["fidelities"] = args.fidelities or FIDELITIES.get(setting, [50, 100, 200])
         if search in EVOLVERS:  # the paired rule replaces the greedy one
@@ -196,8 +200,9 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
                     confirmed_examples=scored_examples(study, study.get_trials(deepcopy=False, states=FINISHED)))
         study.set_user_attr("bench:stages", stages)
         print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
-    return {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study),
-            "decisions": decisions(study)}
+    record = {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study),
+              "decisions": decisions(study)}
+    return {**record, "references": args.references} if arm == "mixture" else record
 
 
 def decisions(study: optuna.Study) -> dict[str, Any]:
@@ -349,6 +354,10 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2, help="share of dev the estimated arm scores")
     parser.add_argument("--fidelities", type=int, nargs="+", help=(
         "examples per task at which the raced arm tests a trial (default 50 100 200; smollm2-tasks 25 50)"))
+    parser.add_argument("--references", type=int, default=REFERENCES, help=(
+        "the mixture arm's first trials scored on the whole dev set (objective.estimate.references); 0: the "
+        "estimator fitted on the baselines alone. Another count is another study in --workdir: give it its own "
+        "--name"))
     parser.add_argument("--stages", type=int, default=3, help="stops along the budget where the answer is scored")
     parser.add_argument("--jobs", type=int, default=1, help=(
         "runs at a time; above 1 each runs in its own process on one CPU thread (every arm alike, so each run's "
@@ -360,6 +369,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs: at least 1, got {args.jobs}")
+    if args.references < 0:
+        parser.error(f"--references: 0 or more, got {args.references}")
     quiet()
     results: dict[str, Any] = {}
     for setting in args.settings:

@@ -291,6 +291,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def arm_label(run: dict[str, Any]) -> str:
+    """The run's arm as the plot's legend names it: a mixture arm with its reference trials."""
+    return f"{run['arm']}, {run['references']} references" if "references" in run else run["arm"]
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -308,7 +313,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for run in (r for r in result["runs"] if r["search"] == search and r.get("curve")):
             examples, best = zip(*run["curve"])
             ax.step([e / 1000 for e in examples], [100 * b for b in best], where="post", color=colours[run["arm"]],
-                    alpha=0.8, label=f"{run['arm']} (seeds)" if run["seed"] == 0 else None)
+                    alpha=0.8, label=f"{arm_label(run)} (seeds)" if run["seed"] == 0 else None)
         dev = result.get("references_dev", {})
         if "ties (fixed)" in dev:
             ax.axhline(100 * dev["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
@@ -321,7 +326,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         result = results[setting]
         for run in (r for r in result["runs"] if r["search"] == search):
             stages = [s for s in run["stages"] if s["test"] is not None]
-            label = f"{run['arm']} (seeds)" if run["seed"] == 0 else None
+            label = f"{arm_label(run)} (seeds)" if run["seed"] == 0 else None
             ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker="o",
                     color=colours[run["arm"]], alpha=0.8, label=label)
             last = run["stages"][-1]

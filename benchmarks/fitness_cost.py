@@ -120,9 +120,10 @@ def candidates(folder: Path, setting: str, args: argparse.Namespace,
             if outcomes is not None:
                 found.append(outcomes)
                 stored.append(len(json.dumps(trial.system_attrs[OUTCOMES_ATTR])))  # what a trial keeps
-                seconds.append(trial.user_attrs.get("eval_seconds"))
+                if "eval_seconds" in trial.user_attrs:
+                    seconds.append(trial.user_attrs["eval_seconds"])
     check = {**check, "outcomes_bytes_per_trial": statistics.median(stored),
-             "eval_seconds_per_trial": statistics.median(s for s in seconds if s is not None) if any(seconds) else None}
+             "eval_seconds_per_trial": statistics.median(seconds) if seconds else None}
     return [references[name] for name in sorted(references)], found, check
 
 

@@ -151,8 +151,8 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
     base_config = reference_config(folder, setting)
     base = open_study(base_config)
     # a mixture arm with other than the default references is another study (its own name in --workdir)
-    other = arm == "mixture" and args.references != REFERENCES
-    name = f"{search}-{arm}{f'-r{args.references}' if other else ''}-seed{seed}"
+    variant = f"-r{args.references}" if arm == "mixture" and args.references != REFERENCES else ""
+    name = f"{search}-{arm}{variant}-seed{seed}"
     # the precision the reference study's trials were scored in (its bfloat16 check, as `auto` reads it)
     objective: dict[str, Any] = {"precision": "bfloat16" if study_autocast(base_config, base) else "float32"}
     overrides = json.loads(json.dumps(SEARCHES[search]))

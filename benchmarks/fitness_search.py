@@ -2,8 +2,9 @@
 
 Per setting (``--settings``, default minilm-cross-task, where the candidates spread) and per search,
 layer-wise TIES with evoopt's CMA-ES and TIES_Evolver (``--searches``: also global TIES with the same
-CMA-ES and the plain Evolver, for the issue's 60-minute goals), three arms (``--arms``) run for
-``--budget`` seconds each, for ``--seeds`` study seeds (the sampler's and the estimator's subset):
+CMA-ES and the plain Evolver, for the issue's 60-minute goals; and the method search, where what a search finds
+holds on test), the arms (``--arms``) run for ``--budget`` seconds each, for ``--seeds`` study seeds (the
+sampler's and the estimator's subset):
 
 - ``full``: every trial scored on the whole dev set (the searches as they were);
 - ``anchor``: every trial scored on ``--fraction`` of dev chosen by anchor points and its full-dev
@@ -38,7 +39,8 @@ a rerun resumes every finished run from its database.
         [--name fitness_search]
 
 A setting's results replace its own entry in ``NAME.json``, the other settings' kept; runs of the setting at
-the same budget and fraction that this call did not make (another search, arm or seed) are kept in it too.
+the same budget and fraction that this call did not make (another search, arm, count of reference trials or
+seed) are kept in it too, and the table has a row per mixture arm's count.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ SEARCHES: dict[str, dict[str, Any]] = {
     "evolver": {  # the plain Evolver: the experts' weights themselves, no merge method around them
         "space": {"kind": "evolver", "method": "none"},
         "sampler": {"name": "EvolverSampler", "options": {"strategy": "paper", "F": 0.5, "Cr": 0.5}}},
+    # the method search (beyond.py's): one CMA-ES per merge method from its known-good start, methods raced by
+    # successive rejects; on minilm-cross-task it finds Iso-CTS's scale, 3 to 4 points of test above fixed TIES
+    "method-search": {"space": {"kind": "methods"},
+                      "sampler": {"name": "EvoCmaSampler", "options": {"sigma0": 0.1667}}},
 }
 _TIES_EVOLVER = SEARCHES["ties-evolver"]
 SEARCHES["ties-evolver-f0.1"] = {  # the TIES_Evolver with a tenth of the difference vector (F = 0.1): smaller moves
@@ -228,8 +234,13 @@ def kept_runs(path: Path, setting: str, args: argparse.Namespace, runs: list[dic
     stored = json.loads(path.read_text()).get(setting) if path.exists() else None
     if not stored or stored["budget"] != args.budget or stored["fraction"] != args.fraction:
         return []
-    ran = {(r["search"], r["arm"], r["seed"]) for r in runs}
-    return [r for r in stored["runs"] if (r["search"], r["arm"], r["seed"]) not in ran]
+    ran = {run_key(r) for r in runs}
+    return [r for r in stored["runs"] if run_key(r) not in ran]
+
+
+def run_key(run: dict[str, Any]) -> tuple[str, str, int | None, int]:
+    """What makes a run its own: search, arm, the mixture arm's reference trials (None for the other arms), seed."""
+    return run["search"], run["arm"], run.get("references"), run["seed"]
 
 
 def curve(study: optuna.Study) -> list[list[float]]:
@@ -270,30 +281,29 @@ def scored_examples(study: optuna.Study, trials: list[optuna.trial.FrozenTrial])
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row per search and arm (a mixture arm per count of reference trials): medians and range over seeds."""
     rows = []
-    for search in SEARCHES:
-        for arm in ARMS:
-            mine = [r["stages"][-1] for r in runs if r["search"] == search and r["arm"] == arm]
-            if not mine:
-                continue
-            tests = [s["test"] for s in mine if s["test"] is not None]
-            rows.append({"search": search, "arm": arm, "seeds": len(mine),
-                         "trials": statistics.median(s["trials"] for s in mine),
-                         "examples": statistics.median(s["examples"] for s in mine),
-                         "dev": statistics.median(s["dev"] for s in mine if s["dev"] is not None),
-                         "test": statistics.median(tests), "test_range": [min(tests), max(tests)]})
-            if all("confirmed_test" in s for s in mine):  # the answer after estimate.confirm
-                confirmed = [s["confirmed_test"] for s in mine]
-                rows.append({**rows[-1], "arm": f"{arm}+confirm",
-                             "examples": statistics.median(s["confirmed_examples"] for s in mine),
-                             "dev": statistics.median(s["confirmed_dev"] for s in mine),
-                             "test": statistics.median(confirmed), "test_range": [min(confirmed), max(confirmed)]})
+    for search, arm, references in dict.fromkeys(run_key(r)[:3] for r in runs):  # in the runs' order
+        mine = [r["stages"][-1] for r in runs if run_key(r)[:3] == (search, arm, references)]
+        tests = [s["test"] for s in mine if s["test"] is not None]
+        label = arm_label({"arm": arm, "references": references})
+        rows.append({"search": search, "arm": label, "seeds": len(mine),
+                     "trials": statistics.median(s["trials"] for s in mine),
+                     "examples": statistics.median(s["examples"] for s in mine),
+                     "dev": statistics.median(s["dev"] for s in mine if s["dev"] is not None),
+                     "test": statistics.median(tests), "test_range": [min(tests), max(tests)]})
+        if all("confirmed_test" in s for s in mine):  # the answer after estimate.confirm
+            confirmed = [s["confirmed_test"] for s in mine]
+            rows.append({**rows[-1], "arm": f"{label}+confirm",
+                         "examples": statistics.median(s["confirmed_examples"] for s in mine),
+                         "dev": statistics.median(s["confirmed_dev"] for s in mine),
+                         "test": statistics.median(confirmed), "test_range": [min(confirmed), max(confirmed)]})
     return rows
 
 
 def arm_label(run: dict[str, Any]) -> str:
     """The run's arm as the plot's legend names it: a mixture arm with its reference trials."""
-    return f"{run['arm']}, {run['references']} references" if "references" in run else run["arm"]
+    return run["arm"] if run.get("references") is None else f"{run['arm']}, {run['references']} references"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -352,7 +362,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["minilm-cross-task"])
     parser.add_argument("--searches", nargs="+", default=DEFAULT_SEARCHES, choices=list(SEARCHES), help=(
         "layerwise-cma and ties-evolver by default; global-cma (one weight and density per expert) and evolver "
-        "(the plain Evolver) for the issue's 60-minute goals; ties-evolver-f0.1: the TIES_Evolver with F = 0.1"))
+        "(the plain Evolver) for the issue's 60-minute goals; ties-evolver-f0.1: the TIES_Evolver with F = 0.1; "
+        "method-search: the merge method searched too (beyond.py's), a space where the search gains more than "
+        "dev's noise"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of search per run")
     parser.add_argument("--seeds", type=int, default=3)
@@ -361,8 +373,8 @@ def main() -> None:
         "examples per task at which the raced arm tests a trial (default 50 100 200; smollm2-tasks 25 50)"))
     parser.add_argument("--references", type=int, default=REFERENCES, help=(
         "the mixture arm's first trials scored on the whole dev set (objective.estimate.references); 0: the "
-        "estimator fitted on the baselines alone. Another count is another study in --workdir: give it its own "
-        "--name"))
+        "estimator fitted on the baselines alone. Another count is another study in --workdir and its own row in "
+        "the table"))
     parser.add_argument("--stages", type=int, default=3, help="stops along the budget where the answer is scored")
     parser.add_argument("--jobs", type=int, default=1, help=(
         "runs at a time; above 1 each runs in its own process on one CPU thread (every arm alike, so each run's "
@@ -395,18 +407,19 @@ def main() -> None:
             with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
                 runs = [f.result() for f in [pool.submit(one_run, *job, threads=1) for job in jobs]]
         runs = kept_runs(args.out / f"{args.name}.json", setting, args, runs) + runs
-        runs.sort(key=lambda r: (list(SEARCHES).index(r["search"]), ARMS.index(r["arm"]), r["seed"]))
+        runs.sort(key=lambda r: (list(SEARCHES).index(r["search"]), ARMS.index(r["arm"]), r.get("references") or 0,
+                                 r["seed"]))
         results[setting] = {"budget": args.budget, "fraction": args.fraction, "references": references,
                             "references_dev": references_dev,
                             "runs": runs, "summary": summarise(runs)}
         print(f"\n{setting}: {args.budget:.0f} s per run, {args.seeds} seeds; test: fixed TIES "
               f"{references['ties (fixed)']:.4f}, linear {references['linear (fixed)']:.4f}, best source "
               f"{references['best source']:.4f}")
-        print(f"{'search':<19}{'arm':<8}{'trials':>8}{'dev examples':>14}{'answer dev':>12}{'answer test':>13}"
+        print(f"{'search':<19}{'arm':<24}{'trials':>8}{'dev examples':>14}{'answer dev':>12}{'answer test':>13}"
               f"{'test min-max':>16}")
         for row in results[setting]["summary"]:
             low, high = row["test_range"]
-            print(f"{row['search']:<19}{row['arm']:<8}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
+            print(f"{row['search']:<19}{row['arm']:<24}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
                   f"{row['dev']:>12.4f}{row['test']:>13.4f}{f'{low:.4f}-{high:.4f}':>16}")
         maximize = base.direction == optuna.study.StudyDirection.MAXIMIZE
         for run in (r for r in runs if r.get("curve")):  # how fast each run matched fixed TIES on dev

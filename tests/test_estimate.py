@@ -17,6 +17,7 @@ from evoopt.data.estimate import (
     fit_estimator,
     fit_irt,
     margin_mixture,
+    nonnegative_least_squares,
     mixture_weights,
     p_irt,
     simplex_least_squares,
@@ -139,11 +140,35 @@ def test_margin_mixture_by_hand() -> None:
     assert margin_mixture(margins, np.array([0, 1]), observed) == pytest.approx(sum(phi), abs=1e-4)
     # a looser fit: the residual's scale over the free examples (2 examples, 1 reference used: 1 degree of freedom)
     only_a = np.array([[0.4, -0.4, 0.3], [0.4, -0.4, -0.3]])
-    got = margin_mixture(only_a, np.array([0, 1]), np.array([0.5, -0.3]))
+    got = margin_mixture(only_a, np.array([0, 1]), np.array([0.5, -0.3]), cone=False)
     w = simplex_least_squares(only_a[:, :2].T, np.array([0.5, -0.3]))
     residual = np.array([0.5, -0.3]) - only_a[:, :2].T @ w
     sd = math.sqrt(residual @ residual / 1)
     assert got == pytest.approx(0.5 * (1 + math.erf(float(w @ only_a[:, 2]) / (sd * math.sqrt(2)))), abs=1e-4)
+
+
+def test_nonnegative_least_squares_by_hand() -> None:
+    """The cone: weights >= 0 with a free sum. b = 0.5 a_1 + 2 a_2 exactly (outside the simplex): those weights.
+    b = (-1, 1, 0) = -a_1 + a_2 has a negative weight: with w_1 = 0 the residual (1, w_2 - 1, w_2) is least at
+    w_2 = 0.5, and the gradient in w_1 there, 2 (1 + 0.5) > 0, keeps w_1 at 0."""
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert nonnegative_least_squares(a, a @ [0.5, 2.0]) == pytest.approx([0.5, 2.0], abs=1e-5)
+    assert nonnegative_least_squares(a, np.array([-1.0, 1.0, 0.0])) == pytest.approx([0.0, 0.5], abs=1e-5)
+
+
+def test_margin_mixture_on_another_scale() -> None:
+    """A candidate less sure than its references (margins 0.3 x reference A's, as Iso-CTS's flat spectrum is):
+    the cone fits it exactly (w = (0.3, 0), the error's scale at the floor), so each unscored example counts
+    with Phi(0.3 A_j / 0.02), nearly A's own right answers (2 of the 3); forced onto the simplex the fit is
+    poor and the estimate misses them (2.64 here)."""
+    a = np.array([0.5, -0.4, 0.6, 0.3, 0.8, -0.2])
+    margins = np.stack([a, np.array([0.1, 0.2, -0.3, 0.1, -0.4, 0.5])])
+    index, observed = np.array([0, 1, 2]), 0.3 * a[:3]
+    expected = sum(0.5 * (1 + math.erf(0.3 * m / (0.02 * math.sqrt(2)))) for m in a[3:])  # 2 of the 3 right
+    assert margin_mixture(margins, index, observed) == pytest.approx(expected, abs=1e-3)
+    assert expected == pytest.approx(2.0, abs=0.01)
+    simplex = margin_mixture(margins, index, observed, cone=False)
+    assert abs(simplex - expected) > 0.5
 
 
 def test_mixture_fits_margins_where_every_model_keeps_them() -> None:
@@ -166,6 +191,13 @@ def test_mixture_fits_margins_where_every_model_keeps_them() -> None:
     assert abs(estimator.estimate(observed)["t"] - candidate.score("t")) < 0.05  # close to its true score
     again = Estimator.from_dict(estimator.to_dict())
     assert again.estimate(observed) == pytest.approx(estimator.estimate(observed), abs=1e-12)
+    assert estimator.combination == again.combination == "cone"
+    # an estimator stored before the cone (no "combination") keeps the simplex, so a resumed study replays it
+    stored = {k: v for k, v in estimator.to_dict().items() if k != "combination"}
+    old = Estimator.from_dict(stored)
+    assert old.combination == "simplex"
+    assert old.estimate(observed)["t"] == pytest.approx(
+        (observed.tasks["t"].values.sum() + margin_mixture(t.margins, index, stored_margins, cone=False)) / 40)
     # the candidate without margins: the right-or-wrong mixture on the same examples
     bits = Outcomes("accuracy", {"t": TaskOutcomes(observed.tasks["t"].ids, observed.tasks["t"].values)})
     y = bits.tasks["t"].values

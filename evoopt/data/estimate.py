@@ -58,11 +58,20 @@ scored on the chosen examples only. Five estimators:
     **On margins** (where the references and the candidate keep them: evoopt's classifier scorer does,
     :mod:`evoopt.data.outcomes`): a bit says only which side of the boundary an example fell on, a margin
     ``m`` (the right label's probability minus the largest other's) how far. The candidate's margins are
-    fitted as a mixture of the references' on the chosen examples, ``m_j ~ sum_i w_i M_ij + e_j`` with
-    ``w`` on the simplex by least squares (:func:`simplex_least_squares`) and ``e_j ~ N(0, sd^2)``, ``sd``
-    the fit's residual; an unscored example is right with probability ``Phi(sum_i w_i M_ij / sd)``, and
-    the estimate of a task is ``(sum_S y_j + sum_{j not in S} Phi(...)) / N`` (:func:`margin_mixture`).
-    The same mixture of the references, fitted on numbers instead of bits. Measured on minilm-cross-task
+    fitted as a combination of the references' on the chosen examples, ``m_j ~ sum_i w_i M_ij + e_j`` with
+    ``w >= 0`` by least squares (:func:`nonnegative_least_squares`) and ``e_j ~ N(0, sd^2)``, ``sd`` the
+    fit's residual; an unscored example is right with probability ``Phi(sum_i w_i M_ij / sd)``, and the
+    estimate of a task is ``(sum_S y_j + sum_{j not in S} Phi(...)) / N`` (:func:`margin_mixture`).
+    The same combination of the references, fitted on numbers instead of bits. The weights need not sum
+    to 1: a merge's margins need not lie on its references' scale. Iso-CTS's flat spectrum leaves it less
+    sure of its answers than any TIES-family merge (its weights sum to about 0.3 on minilm-cross-task),
+    unnormalised DARE-TIES surer (1.9). On the simplex (the first version, kept for estimators stored
+    without ``combination``) such a candidate fits badly, its error scale is large and its unscored
+    examples are pulled toward one half: from the 8 baselines alone at 20 % of dev, Iso-CTS candidates of
+    the method search were estimated 8.6 points low and the method search's 50 candidates ranked at tau
+    0.72 (a random 20 % subset: 0.86); with ``w >= 0``, -1.4 points and 0.89, and the layer-wise search's
+    158 candidates 0.89 within 0.53 points (0.88 within 0.65 on the simplex; both measured from
+    ``benchmarks/fitness_search.py``'s full-dev runs, 2026-12-05). Measured on minilm-cross-task
     (``benchmarks/fitness_cost.py``, the same 100 candidates, 20 reference trials) at 5 / 10 / 20 % of dev:
     tau 0.88 / 0.92 / 0.94 within 0.49 / 0.43 / 0.34 points on margins, against 0.73 / 0.80 / 0.85 within
     1.58 / 1.13 / 0.87 on right-or-wrong outcomes, where a random half reaches 0.88 (0.76 points); from the
@@ -95,7 +104,7 @@ study use the same.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +138,7 @@ class TaskEstimator:
 class Estimator:
     method: str
     tasks: dict[str, TaskEstimator] = field(default_factory=dict)
+    combination: str = "cone"  # mixture on margins: the weights w >= 0 ("cone") or on the simplex (stored before)
 
     @property
     def rows(self) -> dict[str, list[int]]:
@@ -151,7 +161,8 @@ class Estimator:
                 if t.margins is not None and got.margins is not None:
                     assert t.all_ids is not None
                     scores[task] = (float(y.sum()) + margin_mixture(t.margins, _positions(t.all_ids, t.ids),
-                                                                    _stored(got.margins))) / t.size
+                                                                    _stored(got.margins),
+                                                                    cone=self.combination == "cone")) / t.size
                 else:  # right-or-wrong only (references or candidate without margins)
                     scores[task] = (float(y.sum()) + float(mixture_weights(t.seen, y) @ t.rest)) / t.size
                 continue
@@ -172,7 +183,7 @@ class Estimator:
         return scores
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "tasks": {}}
+        out: dict[str, Any] = {"method": self.method, "combination": self.combination, "tasks": {}}
         for task, t in self.tasks.items():
             item: dict[str, Any] = {"ids": t.ids.tolist(), "weights": np.round(t.weights, 6).tolist(), "size": t.size}
             if t.alpha is not None and t.beta is not None and t.all_ids is not None:
@@ -200,7 +211,7 @@ class Estimator:
                 seen=np.stack([unpack_bits(row, len(item["ids"])) for row in item["seen"]]) if "seen" in item else None,
                 rest=np.asarray(item["rest"], dtype=np.float64) if "rest" in item else None,
                 margins=np.stack([unpack_margins(row) for row in item["margins"]]) if "margins" in item else None)
-        return cls(str(data["method"]), tasks)
+        return cls(str(data["method"]), tasks, str(data.get("combination", "simplex")))  # stored before: simplex
 
 
 # --- fitting ---------------------------------------------------------------------------------------------
@@ -300,18 +311,20 @@ def mixture_weights(seen: np.ndarray, y: np.ndarray, *, eps: float = 0.05, prior
     return weights
 
 
-def margin_mixture(margins: np.ndarray, index: np.ndarray, observed: np.ndarray, *, floor: float = 0.02) -> float:
+def margin_mixture(margins: np.ndarray, index: np.ndarray, observed: np.ndarray, *, floor: float = 0.02,
+                   cone: bool = True) -> float:
     """``mixture`` on margins: the expected number of the task's unscored examples a candidate gets right.
 
     ``margins``: each reference's margin on every example (references x examples); ``index``: the scored
     examples' positions among them; ``observed``: the candidate's margins there. The candidate's margins are
-    taken as a mixture of the references' (weights on the simplex, least squares on the scored examples,
-    :func:`simplex_least_squares`), plus a normal error whose scale is the fit's residual (its root mean
+    taken as a combination of the references' (weights ``w >= 0``, least squares on the scored examples,
+    :func:`nonnegative_least_squares`; with ``cone`` False on the simplex, :func:`simplex_least_squares`), plus
+    a normal error whose scale is the fit's residual (its root mean
     square over the scored examples less the references used, at least ``floor``); an unscored example
     ``j`` is then right with probability ``Phi(sum_i w_i m_ij / sd)``."""
     fitted = margins[:, index].T.astype(np.float64)
     y = np.asarray(observed, dtype=np.float64)
-    w = simplex_least_squares(fitted, y)
+    w = nonnegative_least_squares(fitted, y) if cone else simplex_least_squares(fitted, y)
     residual = y - fitted @ w
     free = max(1, len(y) - int(np.count_nonzero(w > 1e-9)))
     sd = max(math.sqrt(float(residual @ residual) / free), floor)
@@ -325,12 +338,24 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def simplex_least_squares(a: np.ndarray, b: np.ndarray, *, ridge: float = 1e-6, steps: int = 5000) -> np.ndarray:
-    """``argmin_w |a w - b|^2 + ridge |w - 1/n|^2`` over the simplex (``w >= 0``, ``sum w = 1``): projected
-    gradient with Nesterov's momentum (FISTA, Beck and Teboulle 2009), restarted whenever the momentum points
-    uphill (O'Donoghue and Candes, "Adaptive Restart for Accelerated Gradient Schemes", 2015, Sec. 3.2), and
-    the Euclidean projection onto the simplex (Duchi et al., "Efficient Projections onto the l1-Ball", ICML
-    2008, Fig. 1). The tiny ridge toward equal weights makes the minimiser unique
-    where references outnumber the examples."""
+    """``argmin_w |a w - b|^2 + ridge |w - 1/n|^2`` over the simplex (``w >= 0``, ``sum w = 1``), by
+    :func:`_projected_least_squares` with the Euclidean projection onto the simplex (Duchi et al., "Efficient
+    Projections onto the l1-Ball", ICML 2008, Fig. 1). The tiny ridge toward equal weights makes the minimiser
+    unique where references outnumber the examples."""
+    return _projected_least_squares(a, b, _onto_simplex, ridge=ridge, steps=steps)
+
+
+def nonnegative_least_squares(a: np.ndarray, b: np.ndarray, *, ridge: float = 1e-6, steps: int = 5000) -> np.ndarray:
+    """``argmin_w |a w - b|^2 + ridge |w - 1/n|^2`` over ``w >= 0`` (the cone: the weights' sum is free), by
+    :func:`_projected_least_squares` with the projection ``max(w, 0)``."""
+    return _projected_least_squares(a, b, lambda v: np.maximum(v, 0.0), ridge=ridge, steps=steps)
+
+
+def _projected_least_squares(a: np.ndarray, b: np.ndarray, project: Callable[[np.ndarray], np.ndarray], *,
+                             ridge: float, steps: int) -> np.ndarray:
+    """``argmin_w |a w - b|^2 + ridge |w - 1/n|^2`` over the convex set ``project`` maps onto: projected gradient
+    with Nesterov's momentum (FISTA, Beck and Teboulle 2009), restarted whenever the momentum points uphill
+    (O'Donoghue and Candes, "Adaptive Restart for Accelerated Gradient Schemes", 2015, Sec. 3.2)."""
     n = a.shape[1]
     gram = a.T @ a + ridge * np.eye(n)
     target = a.T @ b + ridge / n
@@ -338,7 +363,7 @@ def simplex_least_squares(a: np.ndarray, b: np.ndarray, *, ridge: float = 1e-6, 
     w = z = np.full(n, 1.0 / n)
     momentum = 1.0
     for _ in range(steps):
-        new = _onto_simplex(z - step * (gram @ z - target))
+        new = project(z - step * (gram @ z - target))
         if float((z - new) @ (new - w)) > 0:  # the momentum points uphill: restart it
             momentum = 1.0
         following = (1 + math.sqrt(1 + 4 * momentum**2)) / 2

@@ -17,8 +17,8 @@ from evoopt.data.estimate import (
     fit_estimator,
     fit_irt,
     margin_mixture,
-    nonnegative_least_squares,
     mixture_weights,
+    nonnegative_least_squares,
     p_irt,
     simplex_least_squares,
 )

@@ -73,9 +73,11 @@ scored on the chosen examples only. Five estimators:
     158 candidates 0.89 within 0.53 points (0.88 within 0.65 on the simplex; both measured from
     ``benchmarks/fitness_search.py``'s full-dev runs, 2026-12-05). Measured on minilm-cross-task
     (``benchmarks/fitness_cost.py``, the same 100 candidates, 20 reference trials) at 5 / 10 / 20 % of dev:
-    tau 0.88 / 0.92 / 0.94 within 0.49 / 0.43 / 0.34 points on margins, against 0.73 / 0.80 / 0.85 within
-    1.58 / 1.13 / 0.87 on right-or-wrong outcomes, where a random half reaches 0.88 (0.76 points); from the
-    8 baselines alone 0.84 at 10 % (1.09 points) against 0.70 on bits. On minilm-sentiment-domains 0.71 /
+    tau 0.88 / 0.92 / 0.94 within 0.49 / 0.43 / 0.34 points on margins (on the simplex), against 0.73 / 0.80 /
+    0.85 within 1.58 / 1.13 / 0.87 on right-or-wrong outcomes, where a random half reaches 0.88 (0.76 points); from
+    the 8 baselines alone 0.84 at 10 % (1.09 points) against 0.70 on bits. With ``w >= 0`` (rerun on another
+    machine, whose candidates differ): 0.91 / 0.93 / 0.95 within 0.40 / 0.34 / 0.28 points, a random half 0.86; from
+    the baselines alone 0.86 at 10 % (1.03 points). On minilm-sentiment-domains 0.71 /
     0.87 / 0.95 within 0.12 / 0.06 / 0.03 points (on bits 0.68 / 0.86 / 0.94 within 0.21 / 0.09 / 0.03; a random
     half 0.67).
 

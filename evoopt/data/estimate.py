@@ -68,10 +68,11 @@ scored on the chosen examples only. Five estimators:
     unnormalised DARE-TIES surer (1.9). On the simplex (the first version, kept for estimators stored
     without ``combination``) such a candidate fits badly, its error scale is large and its unscored
     examples are pulled toward one half: from the 8 baselines alone at 20 % of dev, Iso-CTS candidates of
-    the method search were estimated 8.6 points low and the method search's 50 candidates ranked at tau
-    0.72 (a random 20 % subset: 0.86); with ``w >= 0``, -1.4 points and 0.89, and the layer-wise search's
-    158 candidates 0.89 within 0.53 points (0.88 within 0.65 on the simplex; both measured from
-    ``benchmarks/fitness_search.py``'s full-dev runs, 2026-12-05). Measured on minilm-cross-task
+    the method search were estimated 7.9 points low and the method search's 97 candidates ranked at tau
+    0.73 (a random 20 % subset: 0.86); with ``w >= 0``, -1.3 points and 0.90, and the layer-wise search's
+    158 candidates 0.89 within 0.53 points (0.88 within 0.65 on the simplex; ``benchmarks/fitness_candidates.py``
+    on ``benchmarks/fitness_search.py``'s full-dev runs, 2026-12-05). A free sum is also closer to MERGE3's
+    linear combination of abilities than the simplex was. Measured on minilm-cross-task
     (``benchmarks/fitness_cost.py``, the same 100 candidates, 20 reference trials) at 5 / 10 / 20 % of dev:
     tau 0.88 / 0.92 / 0.94 within 0.49 / 0.43 / 0.34 points on margins (on the simplex), against 0.73 / 0.80 /
     0.85 within 1.58 / 1.13 / 0.87 on right-or-wrong outcomes, where a random half reaches 0.88 (0.76 points); from

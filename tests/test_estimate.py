@@ -437,3 +437,32 @@ def test_an_estimated_study_without_baselines_says_what_to_run(tmp_path: Path) -
                            "objective": {"estimate": {"method": "random"}}})
     with pytest.raises(ConfigError, match="has no baselines' results to fit the estimator on; run `evoopt baselines`"):
         run_study(config, baselines=False)
+
+
+def test_a_trial_confirmed_earlier_stays_the_answer_when_later_estimates_pass_it() -> None:
+    """estimate.confirm at a later report: trial 0 was confirmed earlier (whole dev .80), trials 1 and 2 now have
+    the best estimates (.90 and .85) and were confirmed too (.70 and .75). The answer stays trial 0, the best
+    whole-dev score of every trial confirmed so far, not the best of the current top two."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from evoopt.study.kinds.base import Kind
+    from evoopt.study.storage import ANSWER_ATTR, best_trial
+
+    study = optuna.create_study(direction="maximize")
+    for value in (0.78, 0.90, 0.85):
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"estimated": {"method": "mixture"}}))
+    dev = {"0": {"t": 0.80}, "1": {"t": 0.70}, "2": {"t": 0.75}}
+    study.set_user_attr(ANSWER_ATTR, {"trial": 0, "of": [0], "dev": dev})
+    kind = SimpleNamespace(config=SimpleNamespace(objective=SimpleNamespace(
+        estimate=SimpleNamespace(confirm=2), weights=None)))
+
+    def never(*_: Any) -> None:  # every top trial is confirmed already: nothing is scored again
+        raise AssertionError("scored again")
+
+    Kind._confirm(kind, study, never)  # type: ignore[arg-type]
+    answer = study.user_attrs[ANSWER_ATTR]
+    assert answer["of"] == [1, 2] and answer["trial"] == 0
+    best = best_trial(study)
+    assert best is not None and best.number == 0

@@ -142,8 +142,9 @@ class Kind(Generic[SpaceT]):
 
     def _confirm(self, study: optuna.Study, score: Score) -> None:
         """``objective.estimate.confirm``: score the best estimated trials on the whole dev set (each once) and
-        make the best of them by that score the study's answer (``evoopt:answer``), unless a trial scored on
-        the whole dev set from the start (a reference trial) is better still."""
+        make the best by that score of every trial confirmed so far the study's answer (``evoopt:answer``; a
+        trial confirmed at an earlier report stays a candidate when later estimates pass it), unless a trial
+        scored on the whole dev set from the start (a reference trial) is better still."""
         spec = self.config.objective.estimate
         if spec is None or not spec.confirm or len(study.directions) > 1:
             return
@@ -163,7 +164,7 @@ class Kind(Generic[SpaceT]):
             for trial in top:
                 if str(trial.number) not in dev:
                     dev[str(trial.number)] = score(self.trial_model(trial.params), self.config.objective.split)
-        whole = {t.number: combine(dev[str(t.number)], self.config.objective.weights) for t in top}
+        whole = {int(n): combine(d, self.config.objective.weights) for n, d in dev.items() if int(n) in values}
         whole.update({n: value for n, value in values.items() if "estimated" not in trials[n].user_attrs})
         numbers = sorted(whole)
         chosen = numbers[best_index([whole[n] for n in numbers], maximize=maximize)]

@@ -132,8 +132,8 @@ class EstimateSpec(_Strict):
         "tasks mixture gains about .03 of tau per 10 more)"))
     confirm: int = Field(5, ge=0, description=(
         "at the end of a run, the N best trials by estimated score are scored on the whole dev set and the "
-        "study's answer is the best of them by that score (the best estimate is often an overestimate: the "
-        "winner's curse); 0: the answer is the best estimate"))
+        "study's answer is the best by that score of every trial confirmed so far (the best estimate is often an "
+        "overestimate: the winner's curse); 0: the answer is the best estimate"))
 
 
 class ObjectiveSpec(_Strict):

@@ -21,15 +21,32 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from fitness_cost import fidelity
 from fitness_search import quiet, reference
 
+from evoopt.data.estimate import _positions, _stored, fit_estimator, nonnegative_least_squares
 from evoopt.data.outcomes import Outcomes, trial_outcomes
 from evoopt.study.storage import baseline_outcomes
 
 ESTIMATORS = ("mixture", "mixture-simplex", "strata", "random")
 REFERENCES = 20  # seed 0's first candidates as reference trials (objective.estimate.references' default)
+
+
+def weight_sums(references: list[Outcomes], found: list[tuple[int, int, str, Outcomes]]) -> dict[str, float]:
+    """Per merge method, the median sum of mixture's non-negative weights (20 % of dev, fitted on ``references``):
+    how sure of its answers a candidate is against its references (1: on their scale)."""
+    estimator, sums = fit_estimator("mixture", references, fraction=0.2, seed=0), {}
+    for _, _, method, outcomes in found:
+        for task, t in estimator.tasks.items():
+            if t.margins is None or t.all_ids is None:
+                continue
+            got = outcomes.select({task: t.ids}).tasks[task].margins
+            if got is not None:
+                w = nonnegative_least_squares(t.margins[:, _positions(t.all_ids, t.ids)].T.astype(float), _stored(got))
+                sums.setdefault(method, []).append(float(w.sum()))
+    return {method: round(float(np.median(v)), 2) for method, v in sorted(sums.items())}
 
 
 def candidates(folder: Path, search: str) -> list[tuple[int, int, str, Outcomes]]:
@@ -57,6 +74,7 @@ def judge(references: list[Outcomes], found: list[tuple[int, int, str, Outcomes]
                                 [c[2] for c in judged])
                        for method, fraction in (("mixture", 0.1), ("mixture-simplex", 0.1), ("random", 0.5))]
     return {"candidates": len(found), "seeds": sorted({c[0] for c in found}), "baselines_alone": rows,
+            "weight_sums": weight_sums(references, found),
             "with_references": {"trials": len(first), "candidates": len(judged), "estimators": with_references}}
 
 
@@ -88,6 +106,7 @@ def main() -> None:
             bias = ", ".join(f"{k} {v:+.1f}" for k, v in row["bias_points"].items())
             print(f"  {row['method'] + note:<26}{100 * row['fraction']:>4.0f} %  {row['tau']:.2f} "
                   f"({row['mae_points']:.2f})  {bias}")
+        print(f"  median sum of mixture's weights per method (20 %): {result['weight_sums']}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "fitness_candidates.json"
     path.write_text(json.dumps({args.setting: results}, indent=2) + "\n")

@@ -272,18 +272,25 @@ def _readable(tensor: torch.Tensor) -> np.ndarray | None:
 def _into(flat: torch.Tensor, kernel: Any, args: tuple[Any, ...]) -> None:
     """Run ``kernel(target, *args, threads)`` into a flat CPU tensor: float32 and bfloat16 (its bits, rounded in
     the kernel as torch rounds) directly, any other dtype through a float32 buffer, cast by torch. ``threads``:
-    numba's, among which the kernel splits the tensor's blocks (asked here: numba cannot cache a kernel that
-    asks itself)."""
+    numba's, at most torch's, among which the kernel splits the tensor's blocks (asked here: numba cannot cache a
+    kernel that asks itself). A process given fewer torch threads than cores shares the machine: numba's pool on
+    every core, where another process holds one, waits on it (measured: a SmolLM2-135M TIES candidate in 2.2 s
+    on two numba threads beside a busy core, 0.23 s on one)."""
     import numba
 
-    threads = numba.get_num_threads()
-    target = _readable(flat)
-    if target is not None:
-        kernel(target, *args, threads)
-        return
-    buffer = torch.empty(flat.numel())
-    kernel(buffer.numpy(), *args, threads)
-    flat.copy_(buffer)
+    numbas = numba.get_num_threads()
+    threads = min(numbas, torch.get_num_threads())
+    numba.set_num_threads(threads)  # (a prange over fewer workers still wakes the whole pool)
+    try:
+        target = _readable(flat)
+        if target is not None:
+            kernel(target, *args, threads)
+            return
+        buffer = torch.empty(flat.numel())
+        kernel(buffer.numpy(), *args, threads)
+        flat.copy_(buffer)
+    finally:
+        numba.set_num_threads(numbas)
 
 
 def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],

@@ -250,6 +250,25 @@ def test_the_kernel_keeps_torchs_thread_count() -> None:
     assert done.stdout.split()[-1] == "1", done.stdout + done.stderr
 
 
+def test_the_kernel_runs_on_at_most_torchs_threads() -> None:
+    """A process given one torch thread (a benchmark job, a worker beside others) merges on one numba thread:
+    numba's pool on every core waited on the core another process held (0.23 s a candidate became 2.2 s)."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread here")
+    seen: list[tuple[int, int]] = []
+    before, numbas = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        for torch_threads in [1, 2]:
+            torch.set_num_threads(torch_threads)
+            _prepared._into(torch.empty(4), lambda target, threads: seen.append((threads, numba.get_num_threads())), ())
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(1, 1), (min(2, numbas),) * 2]  # the pool itself narrowed: a prange over 1 still woke it all
+    assert numba.get_num_threads() == numbas  # and widened again
+
+
 def test_wide_vectors_are_asked_only_of_an_avx512_cpu() -> None:
     avx512 = {"avx2": True, "avx512f": True, "prefer-256-bit": True, "sse4a": False}
     assert _prepared.wide_vector_features(avx512) == "+avx2,+avx512f,-sse4a,-prefer-256-bit"

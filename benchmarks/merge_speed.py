@@ -12,7 +12,8 @@ tensor's standard deviation. Measured in one run, on this machine:
   (c) ``mergekit-yaml`` end to end with the same TIES recipe (merge to disk);
   (d) with ``--methods``, the same per-candidate figure for the newer methods (DELLA, SCE,
       TSV-M with its singular basis computed once, Iso-C, Iso-CTS: the SVD of the weighted
-      task sum depends on the coefficients, so it is paid per candidate);
+      task sum depends on the coefficients, so it is paid per candidate; Iso-C and Iso-CTS
+      also through LAPACK's SVDs alone, as before their Gram route, the same run's reference);
   (e) with ``--dtype bfloat16``, the three checkpoints stored in bfloat16: the fast path keeps
       them as they are (stored-dtype state); its state's size against the bfloat16 model, and
       TIES / DARE-TIES with the float32 state of before as the same run's reference;
@@ -247,6 +248,19 @@ def main() -> None:
             results[f"{method} (float32 state)"] = r
             timed.append(f"{method} (float32 state)")
         merger_module.STORED = stored  # type: ignore[assignment]
+    iso = [m for m in args.methods if m in ("iso_c", "iso_cts")]
+    if iso:  # the same run's reference: every singular vector from LAPACK's SVD, as before the Gram route
+        from evoopt.merge import _methods
+
+        leading, _methods._leading_svd = _methods._leading_svd, lambda *a, **k: None  # type: ignore[assignment]
+        for method in iso:
+            r = time_candidates(method, base, variants, args.candidates, args.dtype)
+            r["bound_s"] = (sources + 1) * r["params"] * width / bandwidth
+            r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
+            r["gram_speedup"] = r["median_s"] / results[method]["median_s"]  # type: ignore[index]
+            results[f"{method} (SVD route)"] = r
+            timed.append(f"{method} (SVD route)")
+        _methods._leading_svd = leading  # type: ignore[assignment]
     if args.stream:  # a budget of 1 KiB: the sources streamed from their files
         for method in ("ties", "dare_ties"):
             r = time_candidates(method, base, variants, args.candidates, args.dtype, budget=1e-6)
@@ -277,6 +291,8 @@ def main() -> None:
               f"bound {r['bound_s']:.3f} s, ratio to bound {r['ratio_to_bound']:.2f}x "  # type: ignore[index]
               f"(target <= 3x), {r['median_s'] / results['ties']['median_s']:.1f}x TIES; "  # type: ignore[index]
               f"one-time setup {r['setup_s']:.1f} s")  # type: ignore[index]
+        if "gram_speedup" in r:
+            print(f"{'':>10}  the Gram route is {r['gram_speedup']:.2f}x faster")  # type: ignore[index]
     if "mergekit" in results:
         mk = results["mergekit"]  # type: ignore[assignment]
         print(f"  mergekit: {mk['seconds']:.1f} s end to end, peak {mk['peak_bytes'] / 1e9:.2f} GB; "  # type: ignore[index]

@@ -7,7 +7,8 @@ fitted on those baselines. This reads the full arms' studies that ``fitness_sear
 (``--searches``), scores nothing again: per estimator and share of dev, fitted on the setting's 8 baselines alone
 (what ``--references 0`` does) and, at 10 %, also with seed 0's first 20 candidates as references (judged on the
 others), Kendall tau and mean absolute error against the whole-dev score (median of ``--draws`` subsets), and the
-mean signed error per merge method (``bias_points``: estimated minus whole-dev, in points). ``mixture-simplex`` is
+mean signed error per merge method (``bias_points``: estimated minus whole-dev, in points); and per merge method the
+median seconds a trial took to merge and to evaluate (``seconds``). ``mixture-simplex`` is
 ``mixture`` on margins with its weights on the simplex, as it was before they were allowed any non-negative sum.
 
     python benchmarks/fitness_candidates.py [--workdir out/fitness_cost] [--setting minilm-cross-task]
@@ -63,6 +64,22 @@ def candidates(folder: Path, search: str) -> list[tuple[int, int, str, Outcomes]
     return found
 
 
+def trial_seconds(folder: Path, search: str) -> dict[str, dict[str, float]]:
+    """Per merge method, the median ``merge_seconds`` and ``eval_seconds`` of the full arms' whole-dev trials (what
+    a candidate costs there, beside what its evaluation costs)."""
+    seconds: dict[str, dict[str, list[float]]] = {}
+    for path in sorted(folder.glob(f"{search}-full-seed*/evoopt.db")):
+        storage = f"sqlite:///{path}"
+        for name in optuna.get_all_study_names(storage):
+            for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+                if "merge_seconds" in trial.user_attrs and "eval_seconds" in trial.user_attrs:
+                    per = seconds.setdefault(str(trial.params.get("method", search)), {"merge": [], "eval": []})
+                    per["merge"].append(float(trial.user_attrs["merge_seconds"]))
+                    per["eval"].append(float(trial.user_attrs["eval_seconds"]))
+    return {method: {k: round(float(np.median(v)), 2) for k, v in per.items()} | {"trials": len(per["merge"])}
+            for method, per in sorted(seconds.items())}
+
+
 def judge(references: list[Outcomes], found: list[tuple[int, int, str, Outcomes]], draws: int) -> dict[str, Any]:
     outcomes, groups = [c[3] for c in found], [c[2] for c in found]
     rows = [fidelity(references, outcomes, method, fraction, draws, groups)
@@ -107,6 +124,9 @@ def main() -> None:
             print(f"  {row['method'] + note:<26}{100 * row['fraction']:>4.0f} %  {row['tau']:.2f} "
                   f"({row['mae_points']:.2f})  {bias}")
         print(f"  median sum of mixture's weights per method (20 %): {result['weight_sums']}")
+        result["seconds"] = trial_seconds(folder, search)
+        print("  a whole-dev trial's median seconds per method (merge, evaluation): " + ", ".join(
+            f"{method} {t['merge']:.1f} + {t['eval']:.1f} ({t['trials']})" for method, t in result["seconds"].items()))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "fitness_candidates.json"
     path.write_text(json.dumps({args.setting: results}, indent=2) + "\n")

@@ -140,7 +140,7 @@ def test_margin_mixture_by_hand() -> None:
     assert margin_mixture(margins, np.array([0, 1]), observed) == pytest.approx(sum(phi), abs=1e-4)
     # a looser fit: the residual's scale over the free examples (2 examples, 1 reference used: 1 degree of freedom)
     only_a = np.array([[0.4, -0.4, 0.3], [0.4, -0.4, -0.3]])
-    got = margin_mixture(only_a, np.array([0, 1]), np.array([0.5, -0.3]), cone=False)
+    got = margin_mixture(only_a, np.array([0, 1]), np.array([0.5, -0.3]), combination="simplex")
     w = simplex_least_squares(only_a[:, :2].T, np.array([0.5, -0.3]))
     residual = np.array([0.5, -0.3]) - only_a[:, :2].T @ w
     sd = math.sqrt(residual @ residual / 1)
@@ -167,7 +167,7 @@ def test_margin_mixture_on_another_scale() -> None:
     expected = sum(0.5 * (1 + math.erf(0.3 * m / (0.02 * math.sqrt(2)))) for m in a[3:])  # 2 of the 3 right
     assert margin_mixture(margins, index, observed) == pytest.approx(expected, abs=1e-3)
     assert expected == pytest.approx(2.0, abs=0.01)
-    simplex = margin_mixture(margins, index, observed, cone=False)
+    simplex = margin_mixture(margins, index, observed, combination="simplex")
     assert abs(simplex - expected) > 0.5
 
 
@@ -196,8 +196,10 @@ def test_mixture_fits_margins_where_every_model_keeps_them() -> None:
     stored = {k: v for k, v in estimator.to_dict().items() if k != "combination"}
     old = Estimator.from_dict(stored)
     assert old.combination == "simplex"
-    assert old.estimate(observed)["t"] == pytest.approx(
-        (observed.tasks["t"].values.sum() + margin_mixture(t.margins, index, stored_margins, cone=False)) / 40)
+    with pytest.raises(ValueError, match="combination 'ball'"):
+        Estimator.from_dict({**estimator.to_dict(), "combination": "ball"})
+    simplex = margin_mixture(t.margins, index, stored_margins, combination="simplex")
+    assert old.estimate(observed)["t"] == pytest.approx((observed.tasks["t"].values.sum() + simplex) / 40)
     # the candidate without margins: the right-or-wrong mixture on the same examples
     bits = Outcomes("accuracy", {"t": TaskOutcomes(observed.tasks["t"].ids, observed.tasks["t"].values)})
     y = bits.tasks["t"].values

@@ -165,7 +165,7 @@ class Estimator:
                     assert t.all_ids is not None
                     scores[task] = (float(y.sum()) + margin_mixture(t.margins, _positions(t.all_ids, t.ids),
                                                                     _stored(got.margins),
-                                                                    cone=self.combination == "cone")) / t.size
+                                                                    combination=self.combination)) / t.size
                 else:  # right-or-wrong only (references or candidate without margins)
                     scores[task] = (float(y.sum()) + float(mixture_weights(t.seen, y) @ t.rest)) / t.size
                 continue
@@ -214,7 +214,10 @@ class Estimator:
                 seen=np.stack([unpack_bits(row, len(item["ids"])) for row in item["seen"]]) if "seen" in item else None,
                 rest=np.asarray(item["rest"], dtype=np.float64) if "rest" in item else None,
                 margins=np.stack([unpack_margins(row) for row in item["margins"]]) if "margins" in item else None)
-        return cls(str(data["method"]), tasks, str(data.get("combination", "simplex")))  # stored before: simplex
+        combination = str(data.get("combination", "simplex"))  # stored before the cone: the simplex
+        if combination not in COMBINATIONS:
+            raise ValueError(f"estimator: combination {combination!r} is none of {sorted(COMBINATIONS)}")
+        return cls(str(data["method"]), tasks, combination)
 
 
 # --- fitting ---------------------------------------------------------------------------------------------
@@ -315,19 +318,19 @@ def mixture_weights(seen: np.ndarray, y: np.ndarray, *, eps: float = 0.05, prior
 
 
 def margin_mixture(margins: np.ndarray, index: np.ndarray, observed: np.ndarray, *, floor: float = 0.02,
-                   cone: bool = True) -> float:
+                   combination: str = "cone") -> float:
     """``mixture`` on margins: the expected number of the task's unscored examples a candidate gets right.
 
     ``margins``: each reference's margin on every example (references x examples); ``index``: the scored
     examples' positions among them; ``observed``: the candidate's margins there. The candidate's margins are
     taken as a combination of the references' (weights ``w >= 0``, least squares on the scored examples,
-    :func:`nonnegative_least_squares`; with ``cone`` False on the simplex, :func:`simplex_least_squares`), plus
-    a normal error whose scale is the fit's residual (its root mean
+    :func:`nonnegative_least_squares`; with ``combination`` "simplex" on the simplex,
+    :func:`simplex_least_squares`), plus a normal error whose scale is the fit's residual (its root mean
     square over the scored examples less the references used, at least ``floor``); an unscored example
     ``j`` is then right with probability ``Phi(sum_i w_i m_ij / sd)``."""
     fitted = margins[:, index].T.astype(np.float64)
     y = np.asarray(observed, dtype=np.float64)
-    w = nonnegative_least_squares(fitted, y) if cone else simplex_least_squares(fitted, y)
+    w = COMBINATIONS[combination](fitted, y)
     residual = y - fitted @ w
     free = max(1, len(y) - int(np.count_nonzero(w > 1e-9)))
     sd = max(math.sqrt(float(residual @ residual) / free), floor)
@@ -352,6 +355,11 @@ def nonnegative_least_squares(a: np.ndarray, b: np.ndarray, *, ridge: float = 1e
     """``argmin_w |a w - b|^2 + ridge |w - 1/n|^2`` over ``w >= 0`` (the cone: the weights' sum is free), by
     :func:`_projected_least_squares` with the projection ``max(w, 0)``."""
     return _projected_least_squares(a, b, lambda v: np.maximum(v, 0.0), ridge=ridge, steps=steps)
+
+
+# mixture on margins: the weights' constraint, by the name an estimator stores (``Estimator.combination``)
+COMBINATIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "cone": nonnegative_least_squares, "simplex": simplex_least_squares}
 
 
 def _projected_least_squares(a: np.ndarray, b: np.ndarray, project: Callable[[np.ndarray], np.ndarray], *,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,32 +51,34 @@ def weight_sums(references: list[Outcomes], found: list[tuple[int, int, str, Out
     return {method: round(float(np.median(v)), 2) for method, v in sorted(sums.items())}
 
 
-def candidates(folder: Path, search: str) -> list[tuple[int, int, str, Outcomes]]:
-    """(seed, trial number, merge method, whole-dev outcomes) of every scored trial of the search's full arms."""
-    found = []
+def full_trials(folder: Path, search: str) -> Iterator[tuple[int, optuna.trial.FrozenTrial]]:
+    """(seed, trial) of every trial of the search's full arms' studies in ``folder``."""
     for path in sorted(folder.glob(f"{search}-full-seed*/evoopt.db")):
-        seed = int(path.parent.name.rsplit("seed", 1)[1])
-        storage = f"sqlite:///{path}"
+        seed, storage = int(path.parent.name.rsplit("seed", 1)[1]), f"sqlite:///{path}"
         for name in optuna.get_all_study_names(storage):
             for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-                outcomes = trial_outcomes(trial)
-                if outcomes is not None and trial.value is not None and "estimated" not in trial.user_attrs:
-                    found.append((seed, trial.number, str(trial.params.get("method", search)), outcomes))
+                yield seed, trial
+
+
+def candidates(trials: list[tuple[int, optuna.trial.FrozenTrial]], search: str) -> list[tuple[int, int, str, Outcomes]]:
+    """(seed, trial number, merge method, whole-dev outcomes) of every scored trial of the search's full arms."""
+    found = []
+    for seed, trial in trials:
+        outcomes = trial_outcomes(trial)
+        if outcomes is not None and trial.value is not None and "estimated" not in trial.user_attrs:
+            found.append((seed, trial.number, str(trial.params.get("method", search)), outcomes))
     return found
 
 
-def trial_seconds(folder: Path, search: str) -> dict[str, dict[str, float]]:
+def trial_seconds(trials: list[tuple[int, optuna.trial.FrozenTrial]], search: str) -> dict[str, dict[str, float]]:
     """Per merge method, the median ``merge_seconds`` and ``eval_seconds`` of the full arms' whole-dev trials (what
     a candidate costs there, beside what its evaluation costs)."""
     seconds: dict[str, dict[str, list[float]]] = {}
-    for path in sorted(folder.glob(f"{search}-full-seed*/evoopt.db")):
-        storage = f"sqlite:///{path}"
-        for name in optuna.get_all_study_names(storage):
-            for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-                if "merge_seconds" in trial.user_attrs and "eval_seconds" in trial.user_attrs:
-                    per = seconds.setdefault(str(trial.params.get("method", search)), {"merge": [], "eval": []})
-                    per["merge"].append(float(trial.user_attrs["merge_seconds"]))
-                    per["eval"].append(float(trial.user_attrs["eval_seconds"]))
+    for _, trial in trials:
+        if "merge_seconds" in trial.user_attrs and "eval_seconds" in trial.user_attrs:
+            per = seconds.setdefault(str(trial.params.get("method", search)), {"merge": [], "eval": []})
+            per["merge"].append(float(trial.user_attrs["merge_seconds"]))
+            per["eval"].append(float(trial.user_attrs["eval_seconds"]))
     return {method: {k: round(float(np.median(v)), 2) for k, v in per.items()} | {"trials": len(per["merge"])}
             for method, per in sorted(seconds.items())}
 
@@ -109,7 +112,8 @@ def main() -> None:
     references = [stored[name] for name in sorted(stored)]
     results: dict[str, Any] = {}
     for search in args.searches:
-        found = candidates(folder, search)
+        trials = list(full_trials(folder, search))
+        found = candidates(trials, search)
         if not found:
             raise SystemExit(f"--searches: no full-arm studies of {search!r} under {folder}; run fitness_search.py "
                              f"--searches {search} --arms full there first")
@@ -124,7 +128,7 @@ def main() -> None:
             print(f"  {row['method'] + note:<26}{100 * row['fraction']:>4.0f} %  {row['tau']:.2f} "
                   f"({row['mae_points']:.2f})  {bias}")
         print(f"  median sum of mixture's weights per method (20 %): {result['weight_sums']}")
-        result["seconds"] = trial_seconds(folder, search)
+        result["seconds"] = trial_seconds(trials, search)
         print("  a whole-dev trial's median seconds per method (merge, evaluation): " + ", ".join(
             f"{method} {t['merge']:.1f} + {t['eval']:.1f} ({t['trials']})" for method, t in result["seconds"].items()))
     args.out.mkdir(parents=True, exist_ok=True)

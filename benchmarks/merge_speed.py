@@ -230,22 +230,23 @@ def main() -> None:
     sources = 1 + len(variants)
 
     results: dict[str, object] = {"model_bytes": model_bytes, "copy_bandwidth_GBps": bandwidth / 1e9}
-    timed = ["ties", "dare_ties", *args.methods]
-    for method in timed:
-        r = time_candidates(method, base, variants, args.candidates, args.dtype)
+
+    def measure(method: str, budget: float | None = None) -> dict[str, float]:
+        r = time_candidates(method, base, variants, args.candidates, args.dtype, budget=budget)
         moved = (sources + 1) * r["params"] * width  # base + experts read, target written, in the stored dtype
         r["bound_s"] = moved / bandwidth
         r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
-        results[method] = r
+        return r
+
+    timed = ["ties", "dare_ties", *args.methods]
+    for method in timed:
+        results[method] = measure(method)
     if args.dtype == "bfloat16":  # the same run's reference: the float32 state of before (STORED emptied)
         import evoopt.merge.merger as merger_module
 
         stored, merger_module.STORED = merger_module.STORED, ()  # type: ignore[assignment]
         for method in ("ties", "dare_ties"):
-            r = time_candidates(method, base, variants, args.candidates, args.dtype)
-            r["bound_s"] = (sources + 1) * r["params"] * width / bandwidth
-            r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
-            results[f"{method} (float32 state)"] = r
+            results[f"{method} (float32 state)"] = measure(method)
             timed.append(f"{method} (float32 state)")
         merger_module.STORED = stored  # type: ignore[assignment]
     iso = [m for m in args.methods if m in ("iso_c", "iso_cts")]
@@ -254,19 +255,14 @@ def main() -> None:
 
         leading, _methods._leading_svd = _methods._leading_svd, lambda *a, **k: None  # type: ignore[assignment]
         for method in iso:
-            r = time_candidates(method, base, variants, args.candidates, args.dtype)
-            r["bound_s"] = (sources + 1) * r["params"] * width / bandwidth
-            r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
+            r = measure(method)
             r["gram_speedup"] = r["median_s"] / results[method]["median_s"]  # type: ignore[index]
             results[f"{method} (SVD route)"] = r
             timed.append(f"{method} (SVD route)")
         _methods._leading_svd = leading  # type: ignore[assignment]
     if args.stream:  # a budget of 1 KiB: the sources streamed from their files
         for method in ("ties", "dare_ties"):
-            r = time_candidates(method, base, variants, args.candidates, args.dtype, budget=1e-6)
-            r["bound_s"] = (sources + 1) * r["params"] * width / bandwidth
-            r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
-            results[f"{method} (streamed)"] = r
+            results[f"{method} (streamed)"] = measure(method, budget=1e-6)
             timed.append(f"{method} (streamed)")
     evoopt_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results["evoopt_peak_bytes"] = evoopt_peak

@@ -474,9 +474,7 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     try:
         u, s, vt = torch.linalg.svd(m, full_matrices=False)
     except torch.linalg.LinAlgError:
-        values, vectors = torch.linalg.eigh(m.T @ m)  # ascending: flipped
-        s, vectors = values.flip(0).clamp(min=0).sqrt(), vectors.flip(1)
-        u, vt = m @ vectors / torch.where(s > 0, s, 1.0), vectors.T
+        return _svd_by_gram(matrix)
     if wide:
         u, vt = vt.T, u.T
     return u.to(matrix.dtype), s.to(matrix.dtype), vt.to(matrix.dtype)
@@ -488,28 +486,35 @@ def _tall64(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (matrix.T if wide else matrix).double(), wide
 
 
-def _leading_svd(matrix: torch.Tensor, count: int, *, precise: bool = True,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The leading ``count`` singular triples ``(U, S, V^T)`` of ``matrix`` from the eigendecomposition of its smaller
-    Gram matrix (one product and a small symmetric eigenproblem, 2 to 6 x faster than LAPACK's SVD on the tall
-    and wide matrices of a transformer), or None where the ``count``-th singular value is below 1e-6 of the first
-    (the directions of a rank-deficient matrix are not determined by its Gram matrix: the caller takes the SVD).
-
-    ``precise``: the Gram matrix in float64, whose eigenvectors are then at least as accurate as a float32 SVD's for
-    every direction above that floor (the error grows with (s_1 / s_i)^2 times float64's epsilon, against s_1 / s_i
-    times float32's); else in the matrix's own dtype, enough for directions near the top of the spectrum."""
-    m, wide = (matrix.T if matrix.shape[0] < matrix.shape[1] else matrix), matrix.shape[0] < matrix.shape[1]
-    work = m.double() if precise else m
-    values, vectors = torch.linalg.eigh((work.T @ work).double())
-    values, vectors = values.flip(0)[:count], vectors.flip(1)[:, :count]
-    if count == 0 or not values[-1] > values[0] * 1e-12:
-        return None
-    s = values.sqrt()
-    u = work @ (vectors / s).to(work.dtype)
-    vt = vectors.T
+def _svd_by_gram(matrix: torch.Tensor, count: int | None = None, *, precise: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``count`` (default all) singular triples ``(U, S, V^T)`` from the eigendecomposition of the
+    smaller Gram matrix: one product and a small symmetric eigenproblem. ``precise``: the Gram matrix in float64,
+    whose eigenvectors are then at least as accurate as a float32 SVD's for every direction above 1e-6 of the
+    first (the error grows with (s_1 / s_i)^2 times float64's epsilon, against s_1 / s_i times float32's); else in
+    the matrix's own dtype, enough for directions near the top of the spectrum. Directions of a zero singular
+    value get zero columns of U (the Gram matrix does not determine them)."""
+    work, wide = _tall64(matrix) if precise else ((matrix.T, True) if matrix.shape[0] < matrix.shape[1]
+                                                  else (matrix, False))
+    values, vectors = torch.linalg.eigh((work.T @ work).double())  # ascending: flipped
+    s, vectors = values.flip(0)[:count].clamp(min=0).sqrt(), vectors.flip(1)[:, :count]
+    u, vt = work @ (vectors / torch.where(s > 0, s, 1.0)).to(work.dtype), vectors.T
     if wide:
         u, vt = vt.T, u.T
     return u.to(matrix.dtype), s.to(matrix.dtype), vt.to(matrix.dtype)
+
+
+def _leading_svd(matrix: torch.Tensor, count: int, *, precise: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`_svd_by_gram`'s leading ``count`` triples, or None where the ``count``-th singular value is below 1e-6
+    of the first: a rank-deficient matrix's directions are not determined by its Gram matrix, and the caller takes
+    the SVD. Faster than LAPACK's SVD on tall and wide matrices, no faster on square ones (Iso-CTS per candidate
+    1.29 x faster on SmolLM2-135M, whose matrices are mostly square: ``benchmarks/merge_speed.py --methods
+    iso_cts``)."""
+    if count == 0:
+        return None
+    u, s, vt = _svd_by_gram(matrix, count, precise=precise)
+    return (u, s, vt) if s[-1] > s[0] * 1e-6 else None
 
 
 def _polar_by_gram(matrix: torch.Tensor) -> torch.Tensor:
@@ -631,7 +636,8 @@ def iso_merge(
     Computed (the same merge, within float32's rounding) from Gram matrices' eigendecompositions
     (:func:`_leading_svd`: M's in float64, only the s leading directions of each residual), with polar(U) as
     polar([U'_1 ... U'_T]) next to U_k (orthogonal to them), and for m <= n each residual as U_rest (U_rest^T c_t),
-    whose SVD is an (r - k) x n one's: 2.5 x faster than LAPACK's SVDs on MiniLM, with the SVDs kept where
+    whose SVD is an (r - k) x n one's: 2.5 x faster than LAPACK's SVDs on MiniLM (13.6 s -> 5.5 s a candidate;
+    ``benchmarks/fitness_candidates.py``), 1.29 x on SmolLM2 (``benchmarks/merge_speed.py``), with the SVDs kept where
     M is rank deficient.
     """
     _check_lengths(tensors, weights=weights)
@@ -645,17 +651,18 @@ def iso_merge(
         if not 0.0 < common_fraction <= 1.0:
             raise ValueError(f"common_fraction: must lie in (0, 1], got {common_fraction}")
         per_task = min(round((r - int(r * common_fraction)) / tasks), (r - 1) // tasks)
-    k, wide = r - tasks * per_task, base.shape[0] <= base.shape[1]
-    u, s, vt = _leading_svd(total, r if per_task == 0 or wide else k) or _svd(total)
+    # for m <= n, M's r left singular vectors are a basis of R^m (their complement of U_k is U_rest)
+    k, basis = r - tasks * per_task, base.shape[0] <= base.shape[1]
+    u, s, vt = _leading_svd(total, r if per_task == 0 or basis else k) or _svd(total)
     if per_task == 0:
         mixed = s.mean() * (u @ vt)
     else:
-        common_u = u[:, :k]
+        common_u, rest = u[:, :k], u[:, k:]
         u_parts, s_parts, v_parts = [], [], []
         for delta in deltas:
-            if wide:  # U is a basis of R^m: the residual is U_rest (U_rest^T tau_t), the SVD an (r - k) x n one's
-                ut, st, vtt = _leading_svd(small := u[:, k:].T @ delta, per_task) or _svd(small)
-                ut = u[:, k:] @ ut
+            if basis:  # the residual is U_rest (U_rest^T tau_t): the SVD of an (r - k) x n matrix
+                ut, st, vtt = _leading_svd(small := rest.T @ delta, per_task) or _svd(small)
+                ut = rest @ ut
             else:
                 residual = delta - common_u @ (common_u.T @ delta)
                 ut, st, vtt = _leading_svd(residual, per_task, precise=False) or _svd(residual)

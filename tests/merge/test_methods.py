@@ -362,8 +362,8 @@ def test_the_svd_has_routes_where_lapack_fails_to_converge(monkeypatch: pytest.M
 @pytest.mark.parametrize("shape", [(12, 12), (8, 20), (20, 8)])
 def test_iso_merges_from_the_gram_matrix_agree_with_lapacks_svd(monkeypatch: pytest.MonkeyPatch,
                                                                 shape: tuple[int, int]) -> None:
-    """Iso-C and Iso-CTS take their singular vectors from the Gram matrix's eigendecomposition (2.5 x faster on
-    MiniLM): the merge is that of the plain SVD route (the paper's), square, wide (each residual's SVD then an
+    """Iso-C and Iso-CTS take their singular vectors from the Gram matrix's eigendecomposition (faster on tall and
+    wide matrices): the merge is that of the plain SVD route (the paper's), square, wide (each residual's SVD then an
     (r - k) x n one's) and tall; and a rank-deficient task sum, whose zero directions the Gram matrix does not
     determine, takes the SVD route."""
     from evoopt.merge import _methods

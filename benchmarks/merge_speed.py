@@ -30,6 +30,8 @@ against (sources + 2) x model size.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -41,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numba  # noqa: E402,F401  (import the libraries before the runtime baseline is read)
@@ -202,6 +204,24 @@ def run_mergekit(base: Path, variants: list[Path], workdir: Path, dtype: str = "
     return {"seconds": elapsed, "peak_bytes": peak}
 
 
+BEFORE = {"iso_c": "SVD route", "iso_cts": "SVD route", "della": "torch formula"}  # the routes of before
+
+
+@contextlib.contextmanager
+def before(method: str) -> Iterator[None]:
+    """Merge ``method`` as before its faster route (``BEFORE``): Iso-C / Iso-CTS with every singular vector from
+    LAPACK's SVD (no Gram route), DELLA through its torch formula (no numba pass)."""
+    from evoopt.merge import _methods
+
+    name = "della" if method == "della" else "_leading_svd"
+    kept = getattr(_methods, name)
+    setattr(_methods, name, functools.partial(kept, fast=False) if method == "della" else lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        setattr(_methods, name, kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", type=int, default=7)
@@ -249,17 +269,12 @@ def main() -> None:
             results[f"{method} (float32 state)"] = measure(method)
             timed.append(f"{method} (float32 state)")
         merger_module.STORED = stored  # type: ignore[assignment]
-    iso = [m for m in args.methods if m in ("iso_c", "iso_cts")]
-    if iso:  # the same run's reference: every singular vector from LAPACK's SVD, as before the Gram route
-        from evoopt.merge import _methods
-
-        leading, _methods._leading_svd = _methods._leading_svd, lambda *a, **k: None  # type: ignore[assignment]
-        for method in iso:
+    for method in [m for m in args.methods if m in BEFORE]:  # the same run's reference: the route of before
+        with before(method):
             r = measure(method)
-            r["gram_speedup"] = r["median_s"] / results[method]["median_s"]  # type: ignore[index]
-            results[f"{method} (SVD route)"] = r
-            timed.append(f"{method} (SVD route)")
-        _methods._leading_svd = leading  # type: ignore[assignment]
+        r["speedup"] = r["median_s"] / results[method]["median_s"]  # type: ignore[index]
+        results[f"{method} ({BEFORE[method]})"] = r
+        timed.append(f"{method} ({BEFORE[method]})")
     if args.stream:  # a budget of 1 KiB: the sources streamed from their files
         for method in ("ties", "dare_ties"):
             results[f"{method} (streamed)"] = measure(method, budget=1e-6)
@@ -287,8 +302,8 @@ def main() -> None:
               f"bound {r['bound_s']:.3f} s, ratio to bound {r['ratio_to_bound']:.2f}x "  # type: ignore[index]
               f"(target <= 3x), {r['median_s'] / results['ties']['median_s']:.1f}x TIES; "  # type: ignore[index]
               f"one-time setup {r['setup_s']:.1f} s")  # type: ignore[index]
-        if "gram_speedup" in r:
-            print(f"{'':>10}  the Gram route is {r['gram_speedup']:.2f}x faster")  # type: ignore[index]
+        if "speedup" in r:
+            print(f"{'':>10}  {method.split()[0]}'s route now is {r['speedup']:.2f}x faster")  # type: ignore[index]
     if "mergekit" in results:
         mk = results["mergekit"]  # type: ignore[assignment]
         print(f"  mergekit: {mk['seconds']:.1f} s end to end, peak {mk['peak_bytes'] / 1e9:.2f} GB; "  # type: ignore[index]

@@ -370,6 +370,7 @@ def della(
     seed: int = 0,
     name: str = "",
     spreads: Sequence[torch.Tensor] | None = None,
+    fast: bool = True,
 ) -> torch.Tensor:
     """DELLA-Merging (Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
     Magnitude-Based Sampling", 2024, Sec. 3): Drop, Elect, Fuse.
@@ -387,8 +388,21 @@ def della(
     as the paper does (and as evoopt's DARE does), where mergekit rescales the whole tensor to its
     L1 norm before the drop. The keep probabilities agree with mergekit's (tested). ``spreads``: each
     model's :func:`magnitude_spread`, computed once (``prepare``): a candidate is then elementwise work.
+    Float32 CPU tensors are merged in one numba pass (:func:`~evoopt.merge._prepared.della_merge`), the same
+    bytes as this formula in torch (``fast=False``, and every other dtype and device).
     """
     _check_lengths(tensors, weights=weights, densities=densities, epsilons=epsilons)
+    for d, eps in zip(densities, epsilons):
+        if d < 1.0:
+            magprune_probabilities(base[:0], d, eps, spread=base[:0])  # (checks d and eps up front)
+    if fast and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (base, *tensors)):
+        from evoopt.merge._prepared import della_merge  # (numba; that module imports this one)
+
+        if spreads is None:
+            spreads = [magnitude_spread(delta) for delta in task_vectors(base, tensors)]
+        return della_merge(base, tensors, weights, densities, epsilons,
+                           [stream_key(seed, name, m) for m in range(len(tensors))], spreads,
+                           consensus=consensus, normalize=normalize, scale=scale)
     contributions = []
     for m, (delta, w, d, eps) in enumerate(zip(task_vectors(base, tensors), weights, densities, epsilons)):
         scaled = delta * torch.tensor(float(w), dtype=delta.dtype)

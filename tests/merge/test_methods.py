@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from evoopt import merge as M
-from evoopt.merge import get_method
+from evoopt.merge import _prepared, get_method
+from evoopt.merge._methods import della_spreads
 from tests.helpers.merge import run
 
 T = torch.tensor
@@ -216,6 +217,28 @@ def test_della_drops_by_magprune_and_rescales_by_keep_probability() -> None:
     experts = [expert, -0.5 * expert + 1.0]
     torch.testing.assert_close(get_method("della").apply(base, experts, {"weight": [0.6, 1.2]}),
                                get_method("ties").apply(base, experts, {"weight": [0.6, 1.2]}))
+
+
+@pytest.mark.parametrize(("consensus", "normalize", "scale"), [(True, True, 1.0), (False, False, 0.7),
+                                                                (True, False, 1.3), (False, True, 1.0)])
+def test_della_numba_pass_gives_the_torch_formulas_bytes(consensus: bool, normalize: bool, scale: float) -> None:
+    # the one-pass numba DELLA (float32 on the CPU) against the torch formula (fast=False), bit for bit: keep
+    # draws, 1 / p rescaling, election, disjoint mean, a model at density 1, exact zeros and negative zeros
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(37, 129, generator=g)
+    base[0, :8] = -0.0
+    experts = [base + 0.01 * torch.randn(37, 129, generator=g) for _ in range(3)]
+    experts[1][0, :4] = base[0, :4]  # zero task-vector entries
+    config = dict(weights=[0.7, 1.3, -0.4], densities=[0.5, 1.0, 0.3], epsilons=[0.1, 0.2, 0.29], seed=4,
+                  name="layer.weight", consensus=consensus, normalize=normalize, scale=scale)
+    fast, plain = M.della(base, experts, **config), M.della(base, experts, fast=False, **config)
+    assert _prepared._DELLA is not None  # (the numba pass did run)
+    assert torch.equal(fast.view(torch.int32), plain.view(torch.int32))  # (the signs of zeros too)
+    spreads = della_spreads(base, experts)
+    assert torch.equal(M.della(base, experts, spreads=spreads, **config), fast)
+    # other dtypes take the torch formula
+    half = M.della(base.double(), [e.double() for e in experts], **config)
+    assert half.dtype == torch.float64
 
 
 def test_sce_select_calculate_erase_by_hand() -> None:

@@ -12,8 +12,9 @@ tensor's standard deviation. Measured in one run, on this machine:
   (c) ``mergekit-yaml`` end to end with the same TIES recipe (merge to disk);
   (d) with ``--methods``, the same per-candidate figure for the newer methods (DELLA, SCE,
       TSV-M with its singular basis computed once, Iso-C, Iso-CTS: the SVD of the weighted
-      task sum depends on the coefficients, so it is paid per candidate; Iso-C and Iso-CTS
-      also through LAPACK's SVDs alone, as before their Gram route, the same run's reference);
+      task sum depends on the coefficients, so it is paid per candidate), each also by its routes
+      of before as the same run's references (``BEFORE``: Iso-C and Iso-CTS without the task
+      vectors' Gram matrix prepared, and through LAPACK's SVDs alone; DELLA in plain torch);
   (e) with ``--dtype bfloat16``, the three checkpoints stored in bfloat16: the fast path keeps
       them as they are (stored-dtype state); its state's size against the bfloat16 model, and
       TIES / DARE-TIES with the float32 state of before as the same run's reference;
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -204,22 +206,28 @@ def run_mergekit(base: Path, variants: list[Path], workdir: Path, dtype: str = "
     return {"seconds": elapsed, "peak_bytes": peak}
 
 
-BEFORE = {"iso_c": "SVD route", "iso_cts": "SVD route", "della": "torch formula"}  # the routes of before
+# the same run's references, the routes of before: Iso-C / Iso-CTS without the task vectors' Gram matrix prepared
+# (each candidate's Gram matrices from its own task sum and residuals), and with every singular vector from LAPACK's
+# SVD (the paper's route); DELLA through its torch formula (no numba pass)
+BEFORE = {"iso_c": ["unprepared", "SVD route"], "iso_cts": ["unprepared", "SVD route"], "della": ["torch formula"]}
 
 
 @contextlib.contextmanager
-def before(method: str) -> Iterator[None]:
-    """Merge ``method`` as before its faster route (``BEFORE``): Iso-C / Iso-CTS with every singular vector from
-    LAPACK's SVD (no Gram route), DELLA through its torch formula (no numba pass)."""
-    from evoopt.merge import _methods
+def before(method: str, route: str) -> Iterator[None]:
+    """Merge ``method`` by one of its routes of before (``BEFORE``)."""
+    from evoopt.merge import _methods, _registry
 
-    name = "della" if method == "della" else "_leading_svd"
-    kept = getattr(_methods, name)
-    setattr(_methods, name, functools.partial(kept, fast=False) if method == "della" else lambda *a, **k: None)
+    kept, registered = (_methods.della, _methods._leading_svd), _registry._REGISTRY[method]
+    if route == "torch formula":
+        _methods.della = functools.partial(kept[0], fast=False)  # type: ignore[assignment]
+    else:
+        _registry._REGISTRY[method] = dataclasses.replace(registered, prepare=None)
+        if route == "SVD route":
+            _methods._leading_svd = lambda *a, **k: None  # type: ignore[assignment]
     try:
         yield
     finally:
-        setattr(_methods, name, kept)
+        (_methods.della, _methods._leading_svd), _registry._REGISTRY[method] = kept, registered  # type: ignore[assignment]
 
 
 def main() -> None:
@@ -269,12 +277,13 @@ def main() -> None:
             results[f"{method} (float32 state)"] = measure(method)
             timed.append(f"{method} (float32 state)")
         merger_module.STORED = stored  # type: ignore[assignment]
-    for method in [m for m in args.methods if m in BEFORE]:  # the same run's reference: the route of before
-        with before(method):
-            r = measure(method)
-        r["speedup"] = r["median_s"] / results[method]["median_s"]  # type: ignore[index]
-        results[f"{method} ({BEFORE[method]})"] = r
-        timed.append(f"{method} ({BEFORE[method]})")
+    for method in [m for m in args.methods if m in BEFORE]:  # the same run's references: the routes of before
+        for route in BEFORE[method]:
+            with before(method, route):
+                r = measure(method)
+            r["speedup"] = r["median_s"] / results[method]["median_s"]  # type: ignore[index]
+            results[f"{method} ({route})"] = r
+            timed.append(f"{method} ({route})")
     if args.stream:  # a budget of 1 KiB: the sources streamed from their files
         for method in ("ties", "dare_ties"):
             results[f"{method} (streamed)"] = measure(method, budget=1e-6)
@@ -303,7 +312,7 @@ def main() -> None:
               f"(target <= 3x), {r['median_s'] / results['ties']['median_s']:.1f}x TIES; "  # type: ignore[index]
               f"one-time setup {r['setup_s']:.1f} s")  # type: ignore[index]
         if "speedup" in r:
-            print(f"{'':>10}  {method.split()[0]}'s route now is {r['speedup']:.2f}x faster")  # type: ignore[index]
+            print(f"{'':>10}  {method.split()[0]} now is {r['speedup']:.2f}x faster than this")  # type: ignore[index]
     if "mergekit" in results:
         mk = results["mergekit"]  # type: ignore[assignment]
         print(f"  mergekit: {mk['seconds']:.1f} s end to end, peak {mk['peak_bytes'] / 1e9:.2f} GB; "  # type: ignore[index]

@@ -618,6 +618,69 @@ def tsv_merge(
     return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
 
 
+def iso_grams(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Iso-C / Iso-CTS's coefficient-independent part of a tall matrix (m > n): the Gram matrix of the task vectors
+    side by side, G = [tau_1 ... tau_T]^T [tau_1 ... tau_T] (T n x T n, float64), from which every candidate's Gram
+    matrices are small products (:func:`_iso_from_grams`). Kept where it is no larger than one float32 task vector
+    (2 (T n)^2 <= m n: embeddings, whose SVDs dominate an Iso candidate), else None (the direct route)."""
+    if base.ndim != 2 or base.shape[0] <= base.shape[1] or 2 * (len(tensors) * base.shape[1]) ** 2 > base.numel():
+        return None
+    stacked = torch.cat(task_vectors(base, tensors), dim=1).double()
+    return stacked.T @ stacked
+
+
+def _iso_from_grams(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                    grams: torch.Tensor, per_task: int) -> torch.Tensor | None:
+    """Iso-C (``per_task`` 0) or Iso-CTS's merged direction ``sigma polar(U) polar(V)^T`` of a tall matrix from the
+    task vectors' Gram matrix (:func:`iso_grams`), the same merge as :func:`iso_merge`'s direct route (tested).
+
+    Every left singular vector there is a combination of the task vectors' columns, [tau_1 ... tau_T] C with a
+    T n-row coefficient matrix C, whose Gram matrix is C^T G C: so the eigendecompositions are of n x n matrices
+    (M^T M = L^T G L, L the blocks w_t I; each residual's tau_t^T (I - U_k U_k^T) tau_t = G_tt w_t^2 - P_t^T P_t,
+    P_t = U_k^T w_t tau_t) and of polar(U)'s T s x T s Gram matrix, all in float64, and the m-row products are
+    those of the result: one m x T n x n product (Iso-C: one m x n x n product, of the task sum). None where a
+    needed direction is not determined (a rank-deficient task sum or residual): the caller takes the direct route."""
+    tasks, (m, n) = len(tensors), base.shape
+    dtype = compute_dtype(base.dtype)
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    lift = torch.kron(w.reshape(-1, 1), torch.eye(n, dtype=torch.float64))  # L: T n x n, block t = w_t I
+    k = n - tasks * per_task
+    values, vectors = torch.linalg.eigh(lift.T @ grams @ lift)
+    s, v = values.flip(0).clamp(min=0).sqrt(), vectors.flip(1)
+    if s[k - 1] <= s[0] * 1e-6:
+        return None
+    if per_task == 0:  # Iso-C: mean(S) U V^T = M (mean(S) V S^-1 V^T), the task sum times an n x n matrix
+        deltas = _weighted_deltas(base, tensors, weights)
+        return sum(deltas[1:], deltas[0]) @ ((v / s) @ v.T * s.mean()).to(dtype)
+    common = lift @ (v[:, :k] / s[:k])  # U_k's coefficients
+    parts, s_parts, v_parts = [], [], []
+    for t in range(tasks):
+        rows = slice(t * n, (t + 1) * n)
+        projected = common.T @ grams[:, rows] * w[t]  # P_t = U_k^T (w_t tau_t): k x n
+        values, vectors = torch.linalg.eigh(grams[rows, rows] * w[t] ** 2 - projected.T @ projected)
+        st, vt = values.flip(0)[:per_task].clamp(min=0).sqrt(), vectors.flip(1)[:, :per_task]
+        if st[-1] <= st[0] * 1e-6:
+            return None
+        own = torch.zeros(tasks * n, per_task, dtype=torch.float64)
+        own[rows] = w[t] * vt
+        parts.append((own - common @ projected @ vt) / st)  # U'_t = (w_t tau_t - U_k P_t) V'_t S'_t^-1
+        s_parts.append(st)
+        v_parts.append(vt.T)
+    coefficients = torch.cat(parts, dim=1)
+    values, vectors = torch.linalg.eigh(coefficients.T @ grams @ coefficients)  # polar(U_parts) as in _polar_by_gram
+    floor = values.max().clamp(min=0) * m * torch.finfo(torch.float64).eps
+    coefficients = coefficients @ (vectors * torch.where(values > floor, values.clamp(min=floor).rsqrt(), 0.0)) \
+        @ vectors.T
+    v_cat = torch.cat([*v_parts, v[:, :k].T], dim=0).to(dtype)
+    sigma = torch.cat([*s_parts, s[:k]]).mean()
+    final = torch.cat([coefficients, common], dim=1).to(dtype) @ _polar(v_cat) * sigma.to(dtype)
+    stacked = torch.empty(m, tasks * n, dtype=dtype)  # [tau_1 ... tau_T], written in place: one product
+    base_c = base.to(dtype)
+    for t, tensor in enumerate(tensors):
+        torch.sub(tensor.to(dtype), base_c, out=stacked[:, t * n:(t + 1) * n])
+    return stacked @ final
+
+
 def iso_merge(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -625,6 +688,7 @@ def iso_merge(
     weights: Sequence[float],
     common_fraction: float | None = None,
     scale: float = 1.0,
+    grams: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Isotropic merging (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces", ICML 2025), per matrix, on the task-arithmetic matrix M = sum_t w_t tau_t
@@ -655,16 +719,19 @@ def iso_merge(
     M is rank deficient.
     """
     _check_lengths(tensors, weights=weights)
-    deltas = _weighted_deltas(base, tensors, weights)
     if base.ndim != 2:
-        return _mean_delta(base, deltas, scale)
-    tasks, r = len(deltas), min(base.shape)
-    total = sum(deltas[1:], deltas[0])
+        return _mean_delta(base, _weighted_deltas(base, tensors, weights), scale)
+    tasks, r = len(tensors), min(base.shape)
     per_task = 0
     if common_fraction is not None:
         if not 0.0 < common_fraction <= 1.0:
             raise ValueError(f"common_fraction: must lie in (0, 1], got {common_fraction}")
         per_task = min(round((r - int(r * common_fraction)) / tasks), (r - 1) // tasks)
+    mixed = _iso_from_grams(base, tensors, weights, grams, per_task) if grams is not None else None
+    if mixed is not None:
+        return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
+    deltas = _weighted_deltas(base, tensors, weights)
+    total = sum(deltas[1:], deltas[0])
     # for m <= n, M's r left singular vectors are a basis of R^m (their complement of U_k is U_rest)
     k, basis = r - tasks * per_task, base.shape[0] <= base.shape[1]
     u, s, vt = _leading_svd(total, r if per_task == 0 or basis else k) or _svd(total)

@@ -210,9 +210,11 @@ def _tsv(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], *,
 
 
 def _iso(task_specific: bool) -> Callable[..., torch.Tensor]:
-    def run(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], **_: Any) -> torch.Tensor:
+    def run(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], *,
+            prepared: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         fraction = c["common_fraction"] if task_specific else None
-        return m.iso_merge(base, tensors, weights=c["weight"], common_fraction=fraction, scale=c["scale"])
+        return m.iso_merge(base, tensors, weights=c["weight"], common_fraction=fraction, scale=c["scale"],
+                           grams=prepared)
 
     return run
 
@@ -222,6 +224,7 @@ _ISO = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Commo
 register(MergeMethod("tsv", "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, "
                      "CVPR 2025 (TSV-M)", _tsv, per_model={"weight": 1.0}, shared={"scale": 1.0},
                      prepare=m.tsv_basis))
-register(MergeMethod("iso_c", _ISO, _iso(False), per_model={"weight": 1.0}, shared={"scale": 1.0}))
+register(MergeMethod("iso_c", _ISO, _iso(False), per_model={"weight": 1.0}, shared={"scale": 1.0},
+                     prepare=m.iso_grams))
 register(MergeMethod("iso_cts", _ISO, _iso(True), per_model={"weight": 1.0},
-                     shared={"scale": 1.0, "common_fraction": 0.8}))
+                     shared={"scale": 1.0, "common_fraction": 0.8}, prepare=m.iso_grams))

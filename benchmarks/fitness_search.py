@@ -21,6 +21,8 @@ sampler's and the estimator's subset):
 Each run is stopped ``--stages`` times along its budget; at each stop its answer (the best trial, or
 the Evolver's population answer) is scored on the whole dev set and on test, for reporting only, and
 the dev examples its trials have scored so far are counted (from their stored per-example outcomes).
+A run's study kind (its sources, evaluation model and merge methods' preparation) is built once and kept
+across its stops, as one worker keeps it.
 The arms of one seed run one after the other (full, anchor, raced), so the machine's load falls on all;
 with ``--jobs N``, N runs at a time, each in its own process on one CPU thread.
 
@@ -62,6 +64,7 @@ from fitness_cost import evolver_strategy, study_config
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import trial_outcomes
 from evoopt.study.fitness import PRECISION_ATTR, study_autocast
+from evoopt.study.kinds import make_kind
 from evoopt.study.run import open_study, report_best, run_baselines, run_study
 from evoopt.study.storage import ANSWER_ATTR, BASELINE_OUTCOMES_ATTR, FINISHED, best_trial
 
@@ -181,10 +184,11 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
     study = open_study(config)
     copy_baselines(base, study)
     stages: list[dict[str, Any]] = study.user_attrs.get("bench:stages", [])
+    kind = make_kind(config) if len(stages) < args.stages else None  # kept across the stops, as by one worker
     for stage in range(len(stages), args.stages):
         started = time.perf_counter()
-        run_study(config, timeout=args.budget / args.stages, baselines=False)
-        seconds = time.perf_counter() - started  # the stage's trials, its kind build and the answer's report
+        run_study(config, timeout=args.budget / args.stages, baselines=False, kind=kind)
+        seconds = time.perf_counter() - started  # the stage's trials and the answer's report (and the first's build)
         trials = study.get_trials(deepcopy=False, states=FINISHED)
         examples = scored_examples(study, trials)
         found = answer(study)

@@ -86,7 +86,16 @@ def test_a_method_search_study_starts_from_known_settings_and_merges_each_method
     data = small_study_config(tmp_path, experts, name=f"methods-{sampler}", trials=7,
                               space={"kind": "methods", "methods": methods}, sampler={"name": sampler})
     config = parse_config(data, root=tmp_path)
-    study = run_study(config).study
+    # in two calls sharing one kind (as fitness_search.py's stops do): the methods' Mergers, with their
+    # preparation (TSV-M's basis, DELLA's ranks), are built once
+    kind = make_kind(config)
+    run_study(config.model_copy(update={"trials": 4}), report=False, kind=kind)
+    built = dict(kind.mergers)  # type: ignore[attr-defined]
+    assert set(built) == {"ties", "tsv", "della"}
+    study = run_study(config, kind=kind).study
+    assert all(kind.mergers[name] is merger for name, merger in built.items())  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="kind: built for study"):
+        run_study(config.model_copy(update={"name": "another"}), kind=kind)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 7
     assert [(t.params["method"], t.user_attrs.get("start")) for t in trials[:2]] == [("ties", "ties"),
@@ -96,7 +105,7 @@ def test_a_method_search_study_starts_from_known_settings_and_merges_each_method
     for trial in trials:
         assert trial.user_attrs["recipe"]["method"] == trial.params["method"]
         assert all(name == "method" or name.startswith(trial.params["method"] + ":") for name in trial.params)
-    kind = make_kind(config)
+    kind = make_kind(config)  # a fresh one: the model rebuilt from the parameters alone
     best = study.best_trial
     kind.built(study)
     model = kind.trial_model(best.params)

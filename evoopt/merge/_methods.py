@@ -642,8 +642,8 @@ def _iso_from_grams(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     needed direction is not determined (a rank-deficient task sum or residual): the caller takes the direct route."""
     tasks, (m, n) = len(tensors), base.shape
     dtype = compute_dtype(base.dtype)
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    lift = torch.kron(w.reshape(-1, 1), torch.eye(n, dtype=torch.float64))  # L: T n x n, block t = w_t I
+    w = torch.tensor([float(x) for x in weights], dtype=grams.dtype, device=grams.device)
+    lift = torch.kron(w.reshape(-1, 1), torch.eye(n, dtype=grams.dtype, device=grams.device))  # L: block t = w_t I
     k = n - tasks * per_task
     values, vectors = torch.linalg.eigh(lift.T @ grams @ lift)
     s, v = values.flip(0).clamp(min=0).sqrt(), vectors.flip(1)
@@ -661,7 +661,7 @@ def _iso_from_grams(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
         st, vt = values.flip(0)[:per_task].clamp(min=0).sqrt(), vectors.flip(1)[:, :per_task]
         if st[-1] <= st[0] * 1e-6:
             return None
-        own = torch.zeros(tasks * n, per_task, dtype=torch.float64)
+        own = grams.new_zeros(tasks * n, per_task)
         own[rows] = w[t] * vt
         parts.append((own - common @ projected @ vt) / st)  # U'_t = (w_t tau_t - U_k P_t) V'_t S'_t^-1
         s_parts.append(st)
@@ -674,7 +674,7 @@ def _iso_from_grams(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     v_cat = torch.cat([*v_parts, v[:, :k].T], dim=0).to(dtype)
     sigma = torch.cat([*s_parts, s[:k]]).mean()
     final = torch.cat([coefficients, common], dim=1).to(dtype) @ _polar(v_cat) * sigma.to(dtype)
-    stacked = torch.empty(m, tasks * n, dtype=dtype)  # [tau_1 ... tau_T], written in place: one product
+    stacked = torch.empty(m, tasks * n, dtype=dtype, device=base.device)  # [tau_1 ... tau_T], in place: one product
     base_c = base.to(dtype)
     for t, tensor in enumerate(tensors):
         torch.sub(tensor.to(dtype), base_c, out=stacked[:, t * n:(t + 1) * n])

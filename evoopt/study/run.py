@@ -109,7 +109,8 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True, kin
 # --- the worker -------------------------------------------------------------------------------------
 
 class Worker:
-    """The trial loop of one process: the kind's evaluation model and the evaluator, built once."""
+    """The trial loop of one process: the kind's evaluation model (unless the kind was built before) and the
+    evaluator, built once."""
 
     def __init__(self, config: StudyConfig, *, progress: Progress | None = None, study: optuna.Study | None = None,
                  kind: Kind | None = None) -> None:
@@ -117,7 +118,8 @@ class Worker:
         self.kind = kind or make_kind(config)
         self.sources: Sources = self.kind.sources
         self.device = pick_device(config.device)
-        self.model = self.kind.build(study, self.device, progress)
+        # a kind built before (run_study's ``kind``) is kept as it is, as by a worker that goes on
+        self.model = self.kind.model if self.kind.model is not None else self.kind.build(study, self.device, progress)
         assert self.kind.tokenizer_folder is not None
         self.tokenizer_folder = self.kind.tokenizer_folder
         estimator = study_estimator(config, study)
@@ -201,14 +203,20 @@ class RunReport:
 def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
               workers: int = 1, worker_index: int = 0, progress: Progress | None = None,
               on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-              baselines: bool = True, report: bool = True) -> RunReport:
+              baselines: bool = True, report: bool = True, kind: Kind | None = None) -> RunReport:
     """Create or resume the study and run it until it has ``config.trials`` finished trials.
 
     ``n_trials`` caps the trials this call runs; ``workers`` > 1 runs that many
     local worker processes on the same storage. At the end (unless ``report`` is
-    off) the best trial is scored on the test split, for reporting only.
+    off) the best trial is scored on the test split, for reporting only. ``kind``: the
+    study's kind built before (``make_kind(config)``), for a caller that runs one study in
+    several calls in one process: its sources, evaluation model and merge methods'
+    preparation (TSV-M's basis, DELLA's ranks, Iso's Gram matrices) are then built once.
     """
-    kind = make_kind(config)  # built once: the sampler's space and the worker's share it
+    if kind is not None and kind.config.name != config.name:
+        raise ConfigError(f"kind: built for study {kind.config.name!r}, not {config.name!r}; "
+                          "build it with make_kind(config)")
+    kind = kind if kind is not None else make_kind(config)  # built once: the sampler's space and the worker's share it
     study = open_study(config, worker=worker_index, kind=kind)
     started = time.perf_counter()
     run = RunReport(study)

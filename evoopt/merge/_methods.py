@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from evoopt.merge._numba import della_merge
 from evoopt.merge._pieces import (
     compute_dtype,
     dare_mask,
@@ -388,7 +389,7 @@ def della(
     as the paper does (and as evoopt's DARE does), where mergekit rescales the whole tensor to its
     L1 norm before the drop. The keep probabilities agree with mergekit's (tested). ``spreads``: each
     model's :func:`magnitude_spread`, computed once (``prepare``): a candidate is then elementwise work.
-    Float32 CPU tensors are merged in one numba pass (:func:`~evoopt.merge._prepared.della_merge`), the same
+    Float32 CPU tensors are merged in one numba pass (:func:`~evoopt.merge._numba.della_merge`), the same
     bytes as this formula in torch (``fast=False``, and every other dtype and device).
     """
     _check_lengths(tensors, weights=weights, densities=densities, epsilons=epsilons)
@@ -396,8 +397,6 @@ def della(
         if d < 1.0:
             magprune_probabilities(base[:0], d, eps, spread=base[:0])  # (checks d and eps up front)
     if fast and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (base, *tensors)):
-        from evoopt.merge._prepared import della_merge  # (numba; that module imports this one)
-
         if spreads is None:
             spreads = [magnitude_spread(delta) for delta in task_vectors(base, tensors)]
         return della_merge(base, tensors, weights, densities, epsilons,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evoopt import merge as M
-from evoopt.merge import _prepared, get_method
+from evoopt.merge import _numba, get_method
 from evoopt.merge._methods import della_spreads
 from tests.helpers.merge import run
 
@@ -232,7 +232,7 @@ def test_della_numba_pass_gives_the_torch_formulas_bytes(consensus: bool, normal
     config = dict(weights=[0.7, 1.3, -0.4], densities=[0.5, 1.0, 0.3], epsilons=[0.1, 0.2, 0.29], seed=4,
                   name="layer.weight", consensus=consensus, normalize=normalize, scale=scale)
     fast, plain = M.della(base, experts, **config), M.della(base, experts, fast=False, **config)
-    assert _prepared._DELLA is not None  # (the numba pass did run)
+    assert _numba._DELLA is not None  # (the numba pass did run)
     assert torch.equal(fast.view(torch.int32), plain.view(torch.int32))  # (the signs of zeros too)
     spreads = della_spreads(base, experts)
     assert torch.equal(M.della(base, experts, spreads=spreads, **config), fast)

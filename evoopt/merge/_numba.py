@@ -67,6 +67,21 @@ def _stream_intrinsics() -> tuple[Any, Any, Any]:
 
         return types.uint32(types.uint32, types.uint32), codegen  # (numba casts the arguments to these)
 
+    def hashed(context, builder, h, hi):  # type: ignore[no-untyped-def]
+        """The draw's integer (below 2^24) for ``h`` and ``k_hi`` in 32-bit IR: x = h xor k_hi, MurmurHash3's fmix32,
+        then >> 8."""
+
+        def const(v):  # type: ignore[no-untyped-def]
+            return context.get_constant(types.uint32, v)
+
+        x = builder.xor(h, hi)
+        x = builder.xor(x, builder.lshr(x, const(16)))
+        x = builder.mul(x, const(_FMIX1))
+        x = builder.xor(x, builder.lshr(x, const(13)))
+        x = builder.mul(x, const(_FMIX2))
+        x = builder.xor(x, builder.lshr(x, const(16)))
+        return builder.lshr(x, const(8))
+
     @intrinsic
     def _kept(typingctx, h, k_hi, below):  # type: ignore[no-untyped-def]
         """DARE's draw for entry ``index - 1`` (``uniform_stream``) from ``h = index * 0x9E3779B9 + k_lo`` (mod 2^32:
@@ -75,18 +90,8 @@ def _stream_intrinsics() -> tuple[Any, Any, Any]:
         lanes, not the 8 of numba's 64-bit integers: ``x = h xor k_hi``, then MurmurHash3's fmix32."""
 
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            x, hi, threshold = args
-
-            def const(v):  # type: ignore[no-untyped-def]
-                return context.get_constant(types.uint32, v)
-
-            x = builder.xor(x, hi)
-            x = builder.xor(x, builder.lshr(x, const(16)))
-            x = builder.mul(x, const(_FMIX1))
-            x = builder.xor(x, builder.lshr(x, const(13)))
-            x = builder.mul(x, const(_FMIX2))
-            x = builder.xor(x, builder.lshr(x, const(16)))
-            return builder.icmp_unsigned("<", builder.lshr(x, const(8)), threshold)
+            h, hi, threshold = args
+            return builder.icmp_unsigned("<", hashed(context, builder, h, hi), threshold)
 
         return types.boolean(types.uint32, types.uint32, types.uint32), codegen  # (arguments cast to these)
 
@@ -95,18 +100,7 @@ def _stream_intrinsics() -> tuple[Any, Any, Any]:
         """The draw itself, as ``_kept`` computes it: the hash >> 8, an integer below 2^24, as a float32 (exact)."""
 
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            x, hi = args
-
-            def const(v):  # type: ignore[no-untyped-def]
-                return context.get_constant(types.uint32, v)
-
-            x = builder.xor(x, hi)
-            x = builder.xor(x, builder.lshr(x, const(16)))
-            x = builder.mul(x, const(_FMIX1))
-            x = builder.xor(x, builder.lshr(x, const(13)))
-            x = builder.mul(x, const(_FMIX2))
-            x = builder.xor(x, builder.lshr(x, const(16)))
-            return builder.uitofp(builder.lshr(x, const(8)), context.get_value_type(types.float32))
+            return builder.uitofp(hashed(context, builder, *args), context.get_value_type(types.float32))
 
         return types.float32(types.uint32, types.uint32), codegen  # (arguments cast to these)
 

@@ -28,7 +28,7 @@ import optuna
 from fitness_cost import fidelity
 from fitness_search import quiet, reference
 
-from evoopt.data.estimate import _positions, _stored, fit_estimator, nonnegative_least_squares
+from evoopt.data.estimate import fit_estimator
 from evoopt.data.outcomes import Outcomes, trial_outcomes
 from evoopt.study.storage import baseline_outcomes
 
@@ -41,13 +41,8 @@ def weight_sums(references: list[Outcomes], found: list[tuple[int, int, str, Out
     how sure of its answers a candidate is against its references (1: on their scale)."""
     estimator, sums = fit_estimator("mixture", references, fraction=0.2, seed=0), {}
     for _, _, method, outcomes in found:
-        for task, t in estimator.tasks.items():
-            if t.margins is None or t.all_ids is None:
-                continue
-            got = outcomes.select({task: t.ids}).tasks[task].margins
-            if got is not None:
-                w = nonnegative_least_squares(t.margins[:, _positions(t.all_ids, t.ids)].T.astype(float), _stored(got))
-                sums.setdefault(method, []).append(float(w.sum()))
+        for w in estimator.weights(outcomes).values():
+            sums.setdefault(method, []).append(float(w.sum()))
     return {method: round(float(np.median(v)), 2) for method, v in sorted(sums.items())}
 
 

@@ -17,6 +17,7 @@ from evoopt.data.estimate import (
     fit_estimator,
     fit_irt,
     margin_mixture,
+    margin_weights,
     mixture_weights,
     nonnegative_least_squares,
     p_irt,
@@ -169,6 +170,9 @@ def test_margin_mixture_on_another_scale() -> None:
     assert expected == pytest.approx(2.0, abs=0.01)
     simplex = margin_mixture(margins, index, observed, combination="simplex")
     assert abs(simplex - expected) > 0.5
+    # the weights themselves: 0.3 on A (their sum: how sure the candidate is against its references), 0 on B
+    assert margin_weights(margins, index, observed) == pytest.approx([0.3, 0.0], abs=1e-4)
+    assert margin_weights(margins, index, observed, combination="simplex").sum() == pytest.approx(1.0)
 
 
 def test_mixture_fits_margins_where_every_model_keeps_them() -> None:
@@ -189,6 +193,9 @@ def test_mixture_fits_margins_where_every_model_keeps_them() -> None:
     expected = (observed.tasks["t"].values.sum() + margin_mixture(t.margins, index, stored_margins)) / 40
     assert estimator.estimate(observed)["t"] == pytest.approx(expected)
     assert abs(estimator.estimate(observed)["t"] - candidate.score("t")) < 0.05  # close to its true score
+    # the candidate's weights on the references, as the estimate fits them: about 0.6, 0 and 0.4
+    assert estimator.weights(observed)["t"] == pytest.approx(margin_weights(t.margins, index, stored_margins))
+    assert estimator.weights(observed)["t"] == pytest.approx([0.6, 0.0, 0.4], abs=0.02)
     again = Estimator.from_dict(estimator.to_dict())
     assert again.estimate(observed) == pytest.approx(estimator.estimate(observed), abs=1e-12)
     assert estimator.combination == again.combination == "cone"
@@ -205,6 +212,7 @@ def test_mixture_fits_margins_where_every_model_keeps_them() -> None:
     y = bits.tasks["t"].values
     assert t.seen is not None and t.rest is not None
     assert estimator.estimate(bits)["t"] == pytest.approx((y.sum() + mixture_weights(t.seen, y) @ t.rest) / 40)
+    assert estimator.weights(bits) == {}  # (no margins: no weights on them)
     # references without margins: none kept, as before
     plain = [Outcomes("accuracy", {"t": TaskOutcomes(np.arange(40), m > 0)}) for m in refs]
     assert fit_estimator("mixture", plain, fraction=0.25, seed=0).tasks["t"].margins is None

@@ -185,6 +185,17 @@ class Estimator:
             scores[task] = p_irt(y, theta, t.alpha[unseen], t.beta[unseen])
         return scores
 
+    def weights(self, outcomes: Outcomes) -> dict[str, np.ndarray]:
+        """``mixture`` on margins: per task, the candidate's weights on the references (:func:`margin_weights`, the
+        fit :meth:`estimate` predicts its unscored examples with); tasks without margins are left out."""
+        found = {}
+        for task, t in self.tasks.items():
+            got = outcomes.select({task: t.ids}).tasks[task]
+            if self.method == "mixture" and t.margins is not None and t.all_ids is not None and got.margins is not None:
+                found[task] = margin_weights(t.margins, _positions(t.all_ids, t.ids), _stored(got.margins),
+                                             combination=self.combination)
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "combination": self.combination, "tasks": {}}
         for task, t in self.tasks.items():
@@ -317,6 +328,15 @@ def mixture_weights(seen: np.ndarray, y: np.ndarray, *, eps: float = 0.05, prior
     return weights
 
 
+def margin_weights(margins: np.ndarray, index: np.ndarray, observed: np.ndarray, *,
+                   combination: str = "cone") -> np.ndarray:
+    """The weights of :func:`margin_mixture`'s combination of the references: least squares of the candidate's
+    margins ``observed`` on the references' at the scored examples' positions ``index``, with ``w >= 0`` ("cone")
+    or on the simplex. Their sum says how sure of its answers the candidate is against its references (1: on
+    their scale)."""
+    return COMBINATIONS[combination](margins[:, index].T.astype(np.float64), np.asarray(observed, dtype=np.float64))
+
+
 def margin_mixture(margins: np.ndarray, index: np.ndarray, observed: np.ndarray, *, floor: float = 0.02,
                    combination: str = "cone") -> float:
     """``mixture`` on margins: the expected number of the task's unscored examples a candidate gets right.
@@ -330,7 +350,7 @@ def margin_mixture(margins: np.ndarray, index: np.ndarray, observed: np.ndarray,
     ``j`` is then right with probability ``Phi(sum_i w_i m_ij / sd)``."""
     fitted = margins[:, index].T.astype(np.float64)
     y = np.asarray(observed, dtype=np.float64)
-    w = COMBINATIONS[combination](fitted, y)
+    w = margin_weights(margins, index, observed, combination=combination)
     residual = y - fitted @ w
     free = max(1, len(y) - int(np.count_nonzero(w > 1e-9)))
     sd = max(math.sqrt(float(residual @ residual) / free), floor)

@@ -121,7 +121,7 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
         _DELLA = _compile_della()
     flat = [t.contiguous().numpy().reshape(-1) for t in tensors]
     rank = [s.contiguous().numpy().reshape(-1) for s in spreads]
-    out = torch.empty_like(base)
+    out = torch.empty(base.shape, dtype=torch.float32)  # (contiguous, whatever the base's strides)
     _DELLA(out.numpy().reshape(-1), base.contiguous().numpy().reshape(-1), tuple(flat), tuple(rank),
            np.array(weights, dtype=np.float32), np.array([d < 1.0 for d in densities]),
            np.array([d - e for d, e in zip(densities, epsilons)], dtype=np.float32),

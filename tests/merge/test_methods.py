@@ -236,6 +236,10 @@ def test_della_numba_pass_gives_the_torch_formulas_bytes(consensus: bool, normal
     assert torch.equal(fast.view(torch.int32), plain.view(torch.int32))  # (the signs of zeros too)
     spreads = della_spreads(base, experts)
     assert torch.equal(M.della(base, experts, spreads=spreads, **config), fast)
+    # views with other strides (a transposed matrix) are read in their own element order, as the formula reads them
+    flipped = [base.T, *(e.T for e in experts)]
+    assert torch.equal(M.della(flipped[0], flipped[1:], **config), M.della(flipped[0], flipped[1:], fast=False,
+                                                                           **config))
     # other dtypes take the torch formula
     half = M.della(base.double(), [e.double() for e in experts], **config)
     assert half.dtype == torch.float64

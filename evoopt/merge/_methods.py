@@ -393,19 +393,21 @@ def della(
     as the paper does (and as evoopt's DARE does), where mergekit rescales the whole tensor to its
     L1 norm before the drop. The keep probabilities agree with mergekit's (tested). ``spreads``: each
     model's :func:`magnitude_spread`, computed once (``prepare``): a candidate is then elementwise work.
-    Float32 CPU tensors are merged in one numba pass (:func:`~evoopt.merge._numba.della_merge`), the same
-    bytes as this formula in torch (``fast=False``, and every other dtype and device).
+    On the CPU the merge is one numba pass in float32 (:func:`~evoopt.merge._numba.della_merge`; 16-bit tensors
+    widened first, as the formula widens them), the same bytes as this formula in torch (``fast=False``, and
+    float64 tensors and other devices).
     """
     _check_lengths(tensors, weights=weights, densities=densities, epsilons=epsilons)
     for d, eps in zip(densities, epsilons):
         if d < 1.0:
             _check_epsilon(d, eps)
-    if fast and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (base, *tensors)):
+    if fast and compute_dtype(base.dtype) == torch.float32 and all(t.device.type == "cpu" for t in (base, *tensors)):
         if spreads is None:
             spreads = [magnitude_spread(delta) for delta in task_vectors(base, tensors)]
-        return della_merge(base, tensors, weights, densities, epsilons,
+        wide = [t.to(torch.float32) for t in (base, *tensors)]  # (16-bit sources widened exactly, as the formula does)
+        return della_merge(wide[0], wide[1:], weights, densities, epsilons,
                            [stream_key(seed, name, m) for m in range(len(tensors))], spreads,
-                           consensus=consensus, normalize=normalize, scale=scale)
+                           consensus=consensus, normalize=normalize, scale=scale).to(base.dtype)
     contributions = []
     for m, (delta, w, d, eps) in enumerate(zip(task_vectors(base, tensors), weights, densities, epsilons)):
         scaled = delta * torch.tensor(float(w), dtype=delta.dtype)

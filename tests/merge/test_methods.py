@@ -240,9 +240,13 @@ def test_della_numba_pass_gives_the_torch_formulas_bytes(consensus: bool, normal
     flipped = [base.T, *(e.T for e in experts)]
     assert torch.equal(M.della(flipped[0], flipped[1:], **config), M.della(flipped[0], flipped[1:], fast=False,
                                                                            **config))
-    # other dtypes take the torch formula
-    half = M.della(base.double(), [e.double() for e in experts], **config)
-    assert half.dtype == torch.float64
+    # bfloat16 tensors are widened to float32 for the pass, as the formula widens them: the same bytes again
+    narrow = [base.bfloat16(), *(e.bfloat16() for e in experts)]
+    got = M.della(narrow[0], narrow[1:], **config)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16), M.della(narrow[0], narrow[1:], fast=False, **config).view(torch.int16))
+    # float64 takes the torch formula
+    assert M.della(base.double(), [e.double() for e in experts], **config).dtype == torch.float64
 
 
 def test_sce_select_calculate_erase_by_hand() -> None:

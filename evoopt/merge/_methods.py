@@ -536,12 +536,18 @@ def _leading_svd(matrix: torch.Tensor, count: int, *, precise: bool = True,
     return (u, s, vt) if s[-1] > s[0] * 1e-6 else None
 
 
+def _inverse_root(gram: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """G^(-1/2) of a float64 Gram matrix as its factors (V diag(lambda^(-1/2)), V), to be applied as M @ A @ V^T;
+    directions whose eigenvalue is below ``size`` float64 epsilons of the largest get 0 (zero columns stay zero)."""
+    values, vectors = torch.linalg.eigh(gram)
+    floor = values.max().clamp(min=0) * size * torch.finfo(torch.float64).eps
+    return vectors * torch.where(values > floor, values.clamp(min=floor).rsqrt(), 0.0), vectors
+
+
 def _polar_by_gram(matrix: torch.Tensor) -> torch.Tensor:
     m, wide = _tall64(matrix)
-    values, vectors = torch.linalg.eigh(m.T @ m)
-    floor = values.max().clamp(min=0) * max(m.shape) * torch.finfo(torch.float64).eps
-    inverse_root = torch.where(values > floor, values.clamp(min=floor).rsqrt(), 0.0)
-    polar = (m @ (vectors * inverse_root) @ vectors.T).to(matrix.dtype)
+    scaled, vectors = _inverse_root(m.T @ m, max(m.shape))
+    polar = (m @ scaled @ vectors.T).to(matrix.dtype)
     return polar.T if wide else polar
 
 
@@ -641,23 +647,24 @@ def _iso_from_grams(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
 
     Every left singular vector there is a combination of the task vectors' columns, [tau_1 ... tau_T] C with a
     T n-row coefficient matrix C, whose Gram matrix is C^T G C: so the eigendecompositions are of n x n matrices
-    (M^T M = L^T G L, L the blocks w_t I; each residual's tau_t^T (I - U_k U_k^T) tau_t = G_tt w_t^2 - P_t^T P_t,
-    P_t = U_k^T w_t tau_t) and of polar(U)'s T s x T s Gram matrix, all in float64, and the m-row products are
+    (M^T M = L^T G L = sum_ij w_i w_j G_ij, L the blocks w_t I; each residual's tau_t^T (I - U_k U_k^T) tau_t =
+    G_tt w_t^2 - P_t^T P_t, P_t = U_k^T w_t tau_t) and of polar(U)'s T s x T s Gram matrix, all in float64, and the
+    m-row products are
     those of the result: one m x T n x n product (Iso-C: one m x n x n product, of the task sum). None where a
     needed direction is not determined (a rank-deficient task sum or residual): the caller takes the direct route."""
     tasks, (m, n) = len(tensors), base.shape
     dtype = compute_dtype(base.dtype)
     w = torch.tensor([float(x) for x in weights], dtype=grams.dtype, device=grams.device)
-    lift = torch.kron(w.reshape(-1, 1), torch.eye(n, dtype=grams.dtype, device=grams.device))  # L: block t = w_t I
+    blocks = grams.view(tasks, n, tasks, n)  # G_ij = tau_i^T tau_j
     k = n - tasks * per_task
-    values, vectors = torch.linalg.eigh(lift.T @ grams @ lift)
+    values, vectors = torch.linalg.eigh(torch.einsum("i,iajb,j->ab", w, blocks, w))  # L^T G L = sum_ij w_i w_j G_ij
     s, v = values.flip(0).clamp(min=0).sqrt(), vectors.flip(1)
     if s[k - 1] <= s[0] * 1e-6:
         return None
     if per_task == 0:  # Iso-C: mean(S) U V^T = M (mean(S) V S^-1 V^T), the task sum times an n x n matrix
         deltas = _weighted_deltas(base, tensors, weights)
         return sum(deltas[1:], deltas[0]) @ ((v / s) @ v.T * s.mean()).to(dtype)
-    common = lift @ (v[:, :k] / s[:k])  # U_k's coefficients
+    common = (w.reshape(-1, 1, 1) * (v[:, :k] / s[:k])).reshape(tasks * n, k)  # U_k's coefficients, L V_k S_k^-1
     parts, s_parts, v_parts = [], [], []
     for t in range(tasks):
         rows = slice(t * n, (t + 1) * n)
@@ -672,10 +679,8 @@ def _iso_from_grams(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
         s_parts.append(st)
         v_parts.append(vt.T)
     coefficients = torch.cat(parts, dim=1)
-    values, vectors = torch.linalg.eigh(coefficients.T @ grams @ coefficients)  # polar(U_parts) as in _polar_by_gram
-    floor = values.max().clamp(min=0) * m * torch.finfo(torch.float64).eps
-    coefficients = coefficients @ (vectors * torch.where(values > floor, values.clamp(min=floor).rsqrt(), 0.0)) \
-        @ vectors.T
+    scaled, vectors = _inverse_root(coefficients.T @ grams @ coefficients, m)  # polar(U_parts), as _polar_by_gram
+    coefficients = coefficients @ scaled @ vectors.T
     v_cat = torch.cat([*v_parts, v[:, :k].T], dim=0).to(dtype)
     sigma = torch.cat([*s_parts, s[:k]]).mean()
     final = torch.cat([coefficients, common], dim=1).to(dtype) @ _polar(v_cat) * sigma.to(dtype)
@@ -722,7 +727,8 @@ def iso_merge(
     whose SVD is an (r - k) x n one's: 2.5 x faster than LAPACK's SVDs on MiniLM (13.6 s -> 5.5 s a candidate;
     ``benchmarks/fitness_candidates.py``), 1.29 x on SmolLM2 (``benchmarks/merge_speed.py``), with the SVDs kept where
     M is rank deficient. ``grams``: a tall matrix's :func:`iso_grams`, prepared once; the same merge is then computed
-    from it (:func:`_iso_from_grams`: 2.8 x faster on MiniLM's embedding, and closer to the merge in float64).
+    from it (:func:`_iso_from_grams`, closer to the merge in float64; a MiniLM cross-task Iso-CTS candidate 5.5 s ->
+    3.9 s in the method search's trials, ``benchmarks/fitness_candidates.py``; SmolLM2 1.13 x, ``merge_speed.py``).
     """
     _check_lengths(tensors, weights=weights)
     if base.ndim != 2:

@@ -43,12 +43,7 @@ import numpy as np
 import torch
 
 from evoopt.merge._methods import Sparsification
-from evoopt.merge._numba import (  # noqa: F401  (NUMBA_CPU_SETTINGS, wide_vector_features: found here before)
-    NUMBA_CPU_SETTINGS,
-    _prefer_wide_vectors,
-    _stream_intrinsics,
-    wide_vector_features,
-)
+from evoopt.merge._numba import _prefer_wide_vectors, _stream_intrinsics
 from evoopt.merge._pieces import _GOLDEN32, rank_window, stream_bits, stream_key
 
 GRID_SIZE = 16_384

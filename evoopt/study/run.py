@@ -118,8 +118,7 @@ class Worker:
         self.kind = kind or make_kind(config)
         self.sources: Sources = self.kind.sources
         self.device = pick_device(config.device)
-        # a kind built before (run_study's ``kind``) is kept as it is, as by a worker that goes on
-        self.model = self.kind.model if self.kind.model is not None else self.kind.build(study, self.device, progress)
+        self.model = self.kind.built(study, progress)  # (a kind built before, run_study's ``kind``, as it is)
         assert self.kind.tokenizer_folder is not None
         self.tokenizer_folder = self.kind.tokenizer_folder
         estimator = study_estimator(config, study)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evoopt import merge as M
-from evoopt.merge import PreparedTensor, _prepared, merge_prepared
+from evoopt.merge import PreparedTensor, _numba, _prepared, merge_prepared
 from tests.helpers.merge import run
 
 sizes = st.integers(min_value=1, max_value=64)
@@ -271,9 +271,9 @@ def test_the_kernel_runs_on_at_most_torchs_threads() -> None:
 
 def test_wide_vectors_are_asked_only_of_an_avx512_cpu() -> None:
     avx512 = {"avx2": True, "avx512f": True, "prefer-256-bit": True, "sse4a": False}
-    assert _prepared.wide_vector_features(avx512) == "+avx2,+avx512f,-sse4a,-prefer-256-bit"
-    assert _prepared.wide_vector_features({"avx2": True, "avx512f": False}) is None
-    assert _prepared.wide_vector_features({"avx2": True}) is None
+    assert _numba.wide_vector_features(avx512) == "+avx2,+avx512f,-sse4a,-prefer-256-bit"
+    assert _numba.wide_vector_features({"avx2": True, "avx512f": False}) is None
+    assert _numba.wide_vector_features({"avx2": True}) is None
 
 
 def test_the_kernel_is_compiled_for_wide_vectors_unless_numba_is_set_by_the_user(
@@ -285,10 +285,10 @@ def test_the_kernel_is_compiled_for_wide_vectors_unless_numba_is_set_by_the_user
     from numba.core.registry import cpu_target
 
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2")
-    _prepared._prefer_wide_vectors()
+    _numba._prefer_wide_vectors()
     assert os.environ["NUMBA_CPU_FEATURES"] == "+avx2"  # the user's, kept
     monkeypatch.undo()
-    expected = _prepared.wide_vector_features(llvm.get_host_cpu_features())
+    expected = _numba.wide_vector_features(llvm.get_host_cpu_features())
     if expected is None:
         pytest.skip("no AVX-512 here: nothing to widen")
     if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_ENABLE_AVX") or \

@@ -80,12 +80,13 @@ class Kind(Generic[SpaceT]):
         """The evaluation model, loaded once; sets ``model``, ``tokenizer_folder`` and ``device``."""
         raise NotImplementedError
 
-    def built(self, study: optuna.Study | None) -> torch.nn.Module:
-        """The evaluation model, built now if it was not (reports and exports build only when needed)."""
+    def built(self, study: optuna.Study | None, progress: Progress | None = None) -> torch.nn.Module:
+        """The evaluation model, built now if it was not (reports and exports build only when needed; a worker
+        given a kind built before goes on with it)."""
         if self.model is None:
             from evoopt.merge.merger import pick_device
 
-            return self.build(study, pick_device(self.config.device))
+            return self.build(study, pick_device(self.config.device), progress)
         return self.model
 
     def rival(self, trial: optuna.Trial) -> tuple[Outcomes, float] | None:

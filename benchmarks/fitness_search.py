@@ -12,6 +12,9 @@ sampler's and the estimator's subset):
 - ``mixture``: the first ``--references`` trials (20) scored on the whole dev set
   (``objective.estimate.references``), every later one on ``--fraction`` of dev with the ``mixture`` estimator
   (fitted on the baselines and those trials; with ``--references 0`` on the baselines alone);
+- ``mixture-paired``: the mixture arm with the paired answer rule (``objective.estimate.answer_level`` 0.05): a
+  later stop changes the answer only for a confirmed trial better than it by a paired test on whole dev; each
+  stop also records (and scores on test) the answer the same run has without the test, the best confirmed dev;
 - ``raced``: every trial scored stage by stage (``objective.fidelities``: ``--fidelities`` examples per
   task) and stopped once a paired test on the same examples finds it worse at level 0.05: the racing
   pruner against the best complete trial (CMA-ES), the paired selection rule against its target
@@ -34,7 +37,7 @@ The baselines are scored once per setting, in the first study of fitness_cost.py
 ``--workdir`` (made here when missing) and copied to every run, so no run pays for them;
 a rerun resumes every finished run from its database.
 
-    python benchmarks/fitness_search.py [--settings minilm-cross-task] [--budget 300] [--seeds 3]
+    python benchmarks/fitness_search.py [--settings minilm-cross-task] [--budget 300] [--seeds 3] [--first-seed 0]
         [--searches layerwise-cma ties-evolver] [--arms full anchor raced] [--fraction 0.2]
         [--fidelities 50 100 200] [--references 20] [--stages 3] [--jobs 1] [--workdir out/fitness_cost]
         [--out benchmarks/results]
@@ -63,6 +66,7 @@ from fitness_cost import evolver_strategy, study_config
 
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import trial_outcomes
+from evoopt.study.evaluator import Evaluator
 from evoopt.study.fitness import PRECISION_ATTR, study_autocast
 from evoopt.study.kinds import make_kind
 from evoopt.study.run import open_study, report_best, run_baselines, run_study
@@ -94,7 +98,8 @@ SEARCHES["ties-evolver-f0.1"] = {  # the TIES_Evolver with a tenth of the differ
                                                                          "F": 0.1}}}
 DEFAULT_SEARCHES = ["layerwise-cma", "ties-evolver"]
 EVOLVERS = tuple(name for name, search in SEARCHES.items() if search["space"]["kind"] == "evolver")
-ARMS = ("full", "anchor", "raced", "mixture")
+ARMS = ("full", "anchor", "raced", "mixture", "mixture-paired")  # mixture-paired: with the paired answer rule
+ANSWER_LEVEL = 0.05  # the mixture-paired arm's objective.estimate.answer_level
 REFERENCES = 20  # the mixture arm's first trials, scored on the whole dev set (objective.estimate.references)
 MANY = 1_000_000  # trials: the budget is time
 
@@ -160,7 +165,8 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
     base_config = reference_config(folder, setting)
     base = open_study(base_config)
     # a mixture arm with other than the default references is another study (its own name in --workdir)
-    variant = f"-r{args.references}" if arm == "mixture" and args.references != REFERENCES else ""
+    mixture = arm.startswith("mixture")
+    variant = f"-r{args.references}" if mixture and args.references != REFERENCES else ""
     name = f"{search}-{arm}{variant}-seed{seed}"
     # the precision the reference study's trials were scored in (its bfloat16 check, as `auto` reads it)
     objective: dict[str, Any] = {"precision": "bfloat16" if study_autocast(base_config, base) else "float32"}
@@ -169,8 +175,10 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
         overrides["sampler"]["options"]["strategy"] = evolver_strategy(setting)
     if arm == "anchor":
         objective["estimate"] = {"method": arm, "fraction": args.fraction}
-    elif arm == "mixture":  # it predicts from the study's own first trials: they are scored on the whole dev set
-        objective["estimate"] = {"method": arm, "fraction": args.fraction, "references": args.references}
+    elif mixture:  # it predicts from the study's own first trials: they are scored on the whole dev set
+        objective["estimate"] = {"method": "mixture", "fraction": args.fraction, "references": args.references}
+        if arm == "mixture-paired":
+            objective["estimate"]["answer_level"] = ANSWER_LEVEL
     elif arm == "raced":
         objective["fidelities"] = args.fidelities or FIDELITIES.get(setting, [50, 100, 200])
         if search in EVOLVERS:  # the paired rule replaces the greedy one
@@ -196,6 +204,8 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
                        "trial_seconds": sum(t.duration.total_seconds() for t in trials if t.duration),
                        "seconds": seconds, "dev": combine(found["dev"]) if found else None,
                        "test": combine(found["test"]) if found else None})
+        if arm == "mixture-paired":  # the same run's answer without the paired test, for comparison
+            stages[-1].update(without_test(config, study, kind))
         study.set_user_attr("bench:stages", stages)
         last = stages[-1]
         print(f"  {name} stage {stage + 1}: {last['trials']} trials, {last['examples']} dev examples, answer "
@@ -212,7 +222,30 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
         print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
     record = {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study),
               "decisions": decisions(study)}
-    return {**record, "references": args.references} if arm == "mixture" else record
+    return {**record, "references": args.references} if mixture else record
+
+
+def without_test(config: Any, study: optuna.Study, kind: Any) -> dict[str, Any]:
+    """The answer the mixture-paired run would have without its paired test (``answer_level`` unset): the best
+    whole-dev score of its confirmed and reference trials (the answer's ``best``). Its test score is that of the
+    study's report where the two agree, else scored here (float32, the whole test split, once per trial)."""
+    stored = study.user_attrs.get(ANSWER_ATTR)
+    if not stored:
+        return {}
+    number, answer_trial = stored["best"], stored["trial"]
+    reports = {**study.user_attrs.get("bench:without_test", {}), **study.user_attrs.get("evoopt:test", {})}
+    if str(number) not in reports:
+        trial = study.get_trials(deepcopy=False)[number]
+        kind.built(study)
+        evaluator = Evaluator(config, kind.sources, kind.tokenizer_folder, kind.device)
+        dev = stored["dev"].get(str(number)) or trial.user_attrs["scores"]  # confirmed, or a reference trial's
+        scored = {"dev": dev, "test": evaluator.score(kind.trial_model(trial.params), "test")}
+        study.set_user_attr("bench:without_test", {**study.user_attrs.get("bench:without_test", {}),
+                                                   str(number): scored})
+        reports[str(number)] = scored
+    found = reports[str(number)]
+    return {"answer_trial": answer_trial, "untested_trial": number, "untested_dev": combine(found["dev"]),
+            "untested_test": combine(found["test"])}
 
 
 def decisions(study: optuna.Study) -> dict[str, Any]:
@@ -296,6 +329,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "examples": statistics.median(s["examples"] for s in mine),
                      "dev": statistics.median(s["dev"] for s in mine if s["dev"] is not None),
                      "test": statistics.median(tests), "test_range": [min(tests), max(tests)]})
+        if all("untested_test" in s for s in mine):  # the same runs' answers without the paired answer rule
+            untested = [s["untested_test"] for s in mine]
+            rows.append({**rows[-1], "arm": f"{label} (answer: best confirmed dev)",
+                         "dev": statistics.median(s["untested_dev"] for s in mine),
+                         "test": statistics.median(untested), "test_range": [min(untested), max(untested)]})
         if all("confirmed_test" in s for s in mine):  # the answer after estimate.confirm
             confirmed = [s["confirmed_test"] for s in mine]
             rows.append({**rows[-1], "arm": f"{label}+confirm",
@@ -321,13 +359,23 @@ def plot(results: dict[str, Any], path: Path) -> None:
     curves = any("curve" in r for setting in results for r in results[setting]["runs"])
     figure, axes = plt.subplots(2 if curves else 1, len(panels), figsize=(5.5 * len(panels), 8.4 if curves else 4.2),
                                 squeeze=False)
-    colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green", "mixture": "tab:purple"}
+    colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green", "mixture": "tab:purple",
+               "mixture-paired": "tab:brown"}
+    named: set[tuple[Any, str]] = set()
+
+    def once(ax: Any, label: str) -> str | None:
+        """A legend entry once per panel (the first seed of each arm)."""
+        if (ax, label) in named:
+            return None
+        named.add((ax, label))
+        return label
+
     for ax, (setting, search) in zip(axes[-1] if curves else [], panels):  # the search's own view: dev
         result = results[setting]
         for run in (r for r in result["runs"] if r["search"] == search and r.get("curve")):
             examples, best = zip(*run["curve"])
             ax.step([e / 1000 for e in examples], [100 * b for b in best], where="post", color=colours[run["arm"]],
-                    alpha=0.8, label=f"{arm_label(run)} (seeds)" if run["seed"] == 0 else None)
+                    alpha=0.8, label=once(ax, f"{arm_label(run)} (seeds)"))
         dev = result.get("references_dev", {})
         if "ties (fixed)" in dev:
             ax.axhline(100 * dev["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
@@ -340,14 +388,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
         result = results[setting]
         for run in (r for r in result["runs"] if r["search"] == search):
             stages = [s for s in run["stages"] if s["test"] is not None]
-            label = f"{arm_label(run)} (seeds)" if run["seed"] == 0 else None
             ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker="o",
-                    color=colours[run["arm"]], alpha=0.8, label=label)
+                    color=colours[run["arm"]], alpha=0.8, label=once(ax, f"{arm_label(run)} (seeds)"))
+            if all("untested_test" in s for s in stages):  # the same run's answer without the paired answer rule
+                ax.plot([s["examples"] / 1000 for s in stages], [100 * s["untested_test"] for s in stages],
+                        marker="x", linestyle=":", color=colours[run["arm"]], alpha=0.6,
+                        label=once(ax, "its answer by best confirmed dev (seeds)"))
             last = run["stages"][-1]
             if "confirmed_test" in last:  # the answer after confirming the 5 best estimates on the whole dev set
                 ax.plot([last["examples"] / 1000, last["confirmed_examples"] / 1000],
                         [100 * last["test"], 100 * last["confirmed_test"]], linestyle=":", marker="*",
-                        markersize=10, color="tab:red", label="anchor + confirm (seeds)" if run["seed"] == 0 else None)
+                        markersize=10, color="tab:red", label=once(ax, "anchor + confirm (seeds)"))
         ax.axhline(100 * result["references"]["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
         if search == "evolver" and "linear (fixed)" in result["references"]:  # the plain Evolver's goal: averaging
             ax.axhline(100 * result["references"]["linear (fixed)"], color="black", linestyle=":",
@@ -372,6 +423,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of search per run")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help=(
+        "the first seed: runs with fresh seeds judge a rule chosen on earlier runs' (--first-seed 3 --seeds 3)"))
     parser.add_argument("--fraction", type=float, default=0.2, help="share of dev the estimated arm scores")
     parser.add_argument("--fidelities", type=int, nargs="+", help=(
         "examples per task at which the raced arm tests a trial (default 50 100 200; smollm2-tasks 25 50)"))
@@ -403,7 +456,8 @@ def main() -> None:
         references = {"ties (fixed)": rows["ties (fixed)"]["test_value"], "best source": best_source["test_value"],
                       "linear (fixed)": rows["linear (fixed)"]["test_value"]}
         references_dev = {name: rows[name]["dev_value"] for name in ("ties (fixed)", "linear (fixed)")}
-        jobs = [(folder, setting, search, arm, seed, args) for seed in range(args.seeds) for search in args.searches
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        jobs = [(folder, setting, search, arm, seed, args) for seed in seeds for search in args.searches
                 for arm in args.arms]
         if args.jobs == 1:
             runs = [one_run(*job) for job in jobs]
@@ -419,11 +473,12 @@ def main() -> None:
         print(f"\n{setting}: {args.budget:.0f} s per run, {args.seeds} seeds; test: fixed TIES "
               f"{references['ties (fixed)']:.4f}, linear {references['linear (fixed)']:.4f}, best source "
               f"{references['best source']:.4f}")
-        print(f"{'search':<19}{'arm':<24}{'trials':>8}{'dev examples':>14}{'answer dev':>12}{'answer test':>13}"
+        width = max(24, *(len(row["arm"]) + 2 for row in results[setting]["summary"]))
+        print(f"{'search':<19}{'arm':<{width}}{'trials':>8}{'dev examples':>14}{'answer dev':>12}{'answer test':>13}"
               f"{'test min-max':>16}")
         for row in results[setting]["summary"]:
             low, high = row["test_range"]
-            print(f"{row['search']:<19}{row['arm']:<24}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
+            print(f"{row['search']:<19}{row['arm']:<{width}}{row['trials']:>8.0f}{row['examples']:>14,.0f}"
                   f"{row['dev']:>12.4f}{row['test']:>13.4f}{f'{low:.4f}-{high:.4f}':>16}")
         maximize = base.direction == optuna.study.StudyDirection.MAXIMIZE
         for run in (r for r in runs if r.get("curve")):  # how fast each run matched fixed TIES on dev

@@ -274,7 +274,8 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     scores trials on a few examples fitted from the baselines (and the first
     `references` trials, scored on all of dev) and estimates the full dev
     score; the answer is the best of the `confirm` best estimates re-scored on
-    all of dev; pruner
+    all of dev (answer_level: 0.05, a later run changes it only for a trial
+    better by a paired test on all of dev); pruner
     RacingPruner with objective.fidelities stops a trial once a paired test on
     the same examples finds it worse than the best; objective.precision auto
     (default) scores trials in bfloat16 where the sources keep their results.

@@ -316,7 +316,7 @@ def test_an_estimated_study_scores_few_examples_the_same_ones_in_every_worker(sm
     from evoopt.study.config import parse_config
     from evoopt.study.fitness import stored_estimator
     from evoopt.study.run import run_study
-    from evoopt.study.storage import best_trial
+    from evoopt.study.storage import best_trial, confirmed_outcomes
     from tests.helpers.studies import small_study_config, write_study_config
 
     experts, _ = small_experts
@@ -349,6 +349,10 @@ def test_an_estimated_study_scores_few_examples_the_same_ones_in_every_worker(sm
     reported = study.user_attrs["evoopt:test"][str(best.number)]
     assert set(reported["dev"]) == {"vader-tweets", "vader-nyt"}  # the answer on the whole dev split
     assert reported["dev"] == answer["dev"][str(best.number)]  # scored once
+    # each confirmed trial keeps its whole-dev outcomes in the study: its confirmed scores, recomputed
+    kept = confirmed_outcomes(study)
+    assert sorted(kept) == sorted(answer["of"]) and {o.size for o in kept.values()} == {80}
+    assert all(kept[n].scores() == pytest.approx(answer["dev"][str(n)]) for n in kept)
     row = next(r for r in report.rows if r["name"].startswith("best found"))
     assert "estimated dev" in row["name"] and row["dev"] == pytest.approx(sum(reported["dev"].values()) / 2)
     assert isinstance(optuna.load_study(study_name="estimated", storage=config.storage_url), optuna.Study)
@@ -466,7 +470,7 @@ def test_a_trial_confirmed_earlier_stays_the_answer_when_later_estimates_pass_it
     dev = {"0": {"t": 0.80}, "1": {"t": 0.70}, "2": {"t": 0.75}}
     study.set_user_attr(ANSWER_ATTR, {"trial": 0, "of": [0], "dev": dev})
     kind = SimpleNamespace(config=SimpleNamespace(objective=SimpleNamespace(
-        estimate=SimpleNamespace(confirm=2), weights=None)))
+        split="dev", estimate=SimpleNamespace(confirm=2, answer_level=None), weights=None)))
 
     def never(*_: Any) -> None:  # every top trial is confirmed already: nothing is scored again
         raise AssertionError("scored again")
@@ -476,3 +480,54 @@ def test_a_trial_confirmed_earlier_stays_the_answer_when_later_estimates_pass_it
     assert answer["of"] == [1, 2] and answer["trial"] == 0
     best = best_trial(study)
     assert best is not None and best.number == 0
+
+
+def test_the_paired_answer_rule_keeps_the_answer_until_a_challenger_is_better_by_the_paired_test() -> None:
+    """estimate.answer_level: trial 0 is the answer of an earlier report (1,000 of 1,200 right). Trial 1, confirmed
+    next, gains 30 examples and loses 26: 4 more right, the best whole-dev score, but a paired z of about 0.53
+    (p_better about .30), so the answer stays trial 0. Trial 2 gains 60 and loses 10 (z about 6.0): it takes over."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from evoopt.study.kinds.base import Kind
+    from evoopt.study.storage import ANSWER_ATTR, best_trial, record_confirmed_outcomes
+
+    def outcomes(gained: int, lost: int) -> Outcomes:  # against trial 0: right on the first 1,000 of 1,200
+        right = np.arange(1200) < 1000
+        right[1000:1000 + gained] = True
+        right[:lost] = False
+        return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(1200), right)})
+
+    study = optuna.create_study(direction="maximize")
+    kind = Kind(SimpleNamespace(objective=SimpleNamespace(  # type: ignore[arg-type]
+        split="dev", weights={}, estimate=SimpleNamespace(confirm=1, answer_level=0.05))), None)  # type: ignore[arg-type]
+
+    def never(*_: Any) -> None:  # every top trial is confirmed already: nothing is scored again
+        raise AssertionError("scored again")
+
+    dev: dict[str, Any] = {}
+    for number, (estimate, gained, lost) in enumerate([(0.90, 0, 0), (0.95, 30, 26), (0.97, 60, 10)]):
+        study.add_trial(optuna.trial.create_trial(value=estimate, user_attrs={"estimated": {"method": "mixture"}}))
+        confirmed = outcomes(gained, lost)
+        dev[str(number)] = confirmed.scores()
+        record_confirmed_outcomes(study, number, confirmed)
+        study.set_user_attr(ANSWER_ATTR, {**study.user_attrs.get(ANSWER_ATTR, {}), "dev": dict(dev)})
+        kind._confirm(study, never)  # type: ignore[arg-type]
+        answer = study.user_attrs[ANSWER_ATTR]
+        assert answer["best"] == number  # the best whole-dev score: what the rule without the test would answer
+        assert answer["seen"] == list(range(number + 1))
+        if number == 0:  # the first report: the best score, nothing tested
+            assert answer["trial"] == 0 and answer["decisions"] == []
+        elif number == 1:  # 4 of 1,200 better, within dev's noise: the answer stays
+            (decision,) = answer["decisions"]
+            assert answer["trial"] == 0 and decision["challenger"] == 1 and decision["incumbent"] == 0
+            assert decision["decided"] == "rejected" and decision["difference"] == pytest.approx(4 / 1200, abs=1e-6)
+            z = (4 / 1200) / np.sqrt(np.var(np.r_[np.ones(30), -np.ones(26), np.zeros(1144)], ddof=1) / 1200)
+            assert decision["p_better"] == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)), abs=1e-6)
+            assert 0.25 < decision["p_better"] < 0.35
+        else:  # 50 of 1,200 better: decided
+            assert answer["trial"] == 2 and answer["decisions"][-1]["decided"] == "accepted"
+            assert answer["decisions"][-1]["incumbent"] == 0
+    best = best_trial(study)
+    assert best is not None and best.number == 2

@@ -134,6 +134,11 @@ class EstimateSpec(_Strict):
         "at the end of a run, the N best trials by estimated score are scored on the whole dev set and the "
         "study's answer is the best by that score of every trial confirmed so far (the best estimate is often an "
         "overestimate: the winner's curse); 0: the answer is the best estimate"))
+    answer_level: float | None = Field(None, gt=0, lt=0.5, description=(
+        "with confirm: the answer changes only when a newly confirmed trial is better than it by a one-sided "
+        "paired test on their whole-dev per-example outcomes at this level (e.g. 0.05), so that a later report "
+        "does not trade the answer for a trial a few dev examples better, which is dev's noise; default: the best "
+        "whole-dev score of every trial confirmed so far"))
 
 
 class ObjectiveSpec(_Strict):

@@ -34,6 +34,7 @@ import torch
 from optuna.trial import TrialState
 
 from evoopt.data.objective import Scores
+from evoopt.data.outcomes import Outcomes
 from evoopt.errors import ConfigError, EvaluationError, WorkerError
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
@@ -328,16 +329,24 @@ def report_best(config: StudyConfig, study: optuna.Study, worker: Worker | None 
     """Score the study's answer (its best trial, or the Evolver's population answer) on test, for reporting
     only; stored on the study. Builds the evaluation model only when there is something new to report."""
     kind = worker.kind if worker is not None else kind or make_kind(config)
-    evaluator = worker.evaluator if worker is not None else None
+    kind.report(study, _ReportScore(config, kind, worker.evaluator if worker is not None else None))
 
-    def score(model: torch.nn.Module, split: str) -> Scores:
-        nonlocal evaluator
-        if evaluator is None:
-            assert kind.tokenizer_folder is not None
-            evaluator = Evaluator(config, kind.sources, kind.tokenizer_folder, kind.device)
-        return evaluator.score(model, split)
 
-    kind.report(study, score)
+class _ReportScore:
+    """What :meth:`Kind.report` scores with (:class:`evoopt.study.kinds.base.Score`): the worker's evaluator, or
+    one made on first use (after the kind has built its model)."""
+
+    def __init__(self, config: StudyConfig, kind: Kind, evaluator: Evaluator | None) -> None:
+        self.config, self.kind, self.evaluator = config, kind, evaluator
+
+    def __call__(self, model: torch.nn.Module, split: str) -> Scores:
+        if self.evaluator is None:
+            assert self.kind.tokenizer_folder is not None
+            self.evaluator = Evaluator(self.config, self.kind.sources, self.kind.tokenizer_folder, self.kind.device)
+        return self.evaluator.score(model, split)
+
+    def outcomes(self, split: str) -> Outcomes | None:
+        return None if self.evaluator is None else self.evaluator.outcomes(split)
 
 
 def report_result(config: StudyConfig, study: optuna.Study, worker: Worker | None = None) -> None:

@@ -245,3 +245,19 @@ def baseline_outcomes(study: optuna.Study) -> dict[str, Outcomes]:
     stored = study._storage.get_study_system_attrs(study._study_id)
     return {key.removeprefix(BASELINE_OUTCOMES_ATTR): decode(value) for key, value in stored.items()
             if key.startswith(BASELINE_OUTCOMES_ATTR)}
+
+
+CONFIRMED_OUTCOMES_ATTR = "evoopt:confirmed:"  # + a trial number: its outcomes on the whole search split
+
+
+def record_confirmed_outcomes(study: optuna.Study, number: int, outcomes: Outcomes) -> None:
+    """Keep the whole-dev outcomes of a trial confirmed after it finished (``objective.estimate.confirm``): a
+    finished trial's own attributes cannot change, so they are the study's."""
+    study._storage.set_study_system_attr(study._study_id, f"{CONFIRMED_OUTCOMES_ATTR}{number}", encode(outcomes))
+
+
+def confirmed_outcomes(study: optuna.Study) -> dict[int, Outcomes]:
+    """The whole-dev outcomes of each confirmed trial, by trial number."""
+    stored = study._storage.get_study_system_attrs(study._study_id)
+    return {int(key.removeprefix(CONFIRMED_OUTCOMES_ATTR)): decode(value) for key, value in stored.items()
+            if key.startswith(CONFIRMED_OUTCOMES_ATTR)}

@@ -11,21 +11,37 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import optuna
 import torch
 
 from evoopt.data.objective import combine
-from evoopt.data.outcomes import Outcomes
+from evoopt.data.outcomes import Outcomes, paired_decision, trial_outcomes
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write
 from evoopt.study.config import StudyConfig
 from evoopt.study.space import Sources
-from evoopt.study.storage import ANSWER_ATTR, artifact_store, best_index, best_trial, get_trial
+from evoopt.study.storage import (
+    ANSWER_ATTR,
+    artifact_store,
+    best_index,
+    best_trial,
+    confirmed_outcomes,
+    get_trial,
+    record_confirmed_outcomes,
+)
 
 Progress = Callable[[str, int, int], None]
-Score = Callable[[torch.nn.Module, str], dict[str, float]]  # (model, split) -> per-task scores
+
+
+class Score(Protocol):
+    """How a report scores a model: ``score(model, split)``, its per-task scores on the whole split (float32);
+    ``score.outcomes(split)``, the per-example outcomes of the last model it scored there (None: not kept)."""
+
+    def __call__(self, model: torch.nn.Module, split: str) -> dict[str, float]: ...
+
+    def outcomes(self, split: str) -> Outcomes | None: ...
 
 
 SpaceT = TypeVar("SpaceT")
@@ -145,7 +161,9 @@ class Kind(Generic[SpaceT]):
         """``objective.estimate.confirm``: score the best estimated trials on the whole dev set (each once) and
         make the best by that score of every trial confirmed so far the study's answer (``evoopt:answer``; a
         trial confirmed at an earlier report stays a candidate when later estimates pass it), unless a trial
-        scored on the whole dev set from the start (a reference trial) is better still."""
+        scored on the whole dev set from the start (a reference trial) is better still. A confirmed trial's
+        whole-dev outcomes are kept in the study (:func:`confirmed_outcomes`). With ``answer_level``, a later
+        report changes the answer only by the paired rule of :meth:`_challenge`."""
         spec = self.config.objective.estimate
         if spec is None or not spec.confirm or len(study.directions) > 1:
             return
@@ -160,18 +178,61 @@ class Kind(Generic[SpaceT]):
             return
         stored = study.user_attrs.get(ANSWER_ATTR, {})
         dev = dict(stored.get("dev", {}))
+        split = self.config.objective.split
         if any(str(t.number) not in dev for t in top):
             self.built(study)
             for trial in top:
                 if str(trial.number) not in dev:
-                    dev[str(trial.number)] = score(self.trial_model(trial.params), self.config.objective.split)
+                    dev[str(trial.number)] = score(self.trial_model(trial.params), split)
+                    outcomes = score.outcomes(split)
+                    if outcomes is not None:
+                        record_confirmed_outcomes(study, trial.number, outcomes)
         whole = {int(n): combine(d, self.config.objective.weights) for n, d in dev.items() if int(n) in values}
         whole.update({n: value for n, value in values.items() if "estimated" not in trials[n].user_attrs})
         numbers = sorted(whole)
-        chosen = numbers[best_index([whole[n] for n in numbers], maximize=maximize)]
-        answer = {"trial": chosen, "of": [t.number for t in top], "dev": dev}
+        best = numbers[best_index([whole[n] for n in numbers], maximize=maximize)]
+        answer: dict[str, Any] = {"trial": best, "of": [t.number for t in top], "dev": dev}
+        if spec.answer_level is not None:
+            answer.update(self._challenge(study, stored, whole, best, spec.answer_level))
         if answer != stored:
             study.set_user_attr(ANSWER_ATTR, answer)
+
+    def _challenge(self, study: optuna.Study, stored: Mapping[str, Any], whole: dict[int, float], best: int,
+                   level: float) -> dict[str, Any]:
+        """The paired answer rule (``objective.estimate.answer_level``). The answer of the last report, the
+        incumbent, stays unless the best by whole-dev score of the trials seen since (newly confirmed, or
+        reference trials) is better than it by a one-sided paired z-test at ``level`` on their whole-dev
+        per-example outcomes: the test of the Evolver's paired rule (:func:`paired_decision`), as racing
+        (Birattari et al., 2002) keeps an incumbent until a paired test decides. The first report's answer is the
+        best whole-dev score; a trial without kept outcomes (confirmed before they were kept) is compared by score.
+
+        Returns the answer's fields: ``trial``; ``best``, the best whole-dev score's trial (the rule without the
+        test); ``seen``, the trials compared so far; ``decisions``, each test's challenger, incumbent, paired
+        difference and p-values."""
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        incumbent = stored.get("trial")
+        decisions = list(stored.get("decisions", []))
+        fields: dict[str, Any] = {"best": best, "seen": sorted(whole), "decisions": decisions}
+        if incumbent not in whole:  # the first report (or the incumbent is gone): the best score
+            return {**fields, "trial": best}
+        challengers = [n for n in sorted(whole) if n not in set(stored.get("seen", ())) | {incumbent}]
+        if not challengers:
+            return {**fields, "trial": incumbent}
+        challenger = challengers[best_index([whole[n] for n in challengers], maximize=maximize)]
+        outcomes = confirmed_outcomes(study)
+        trials = study.get_trials(deepcopy=False)
+        for n in (challenger, incumbent):
+            if n not in outcomes and "estimated" not in trials[n].user_attrs:  # a reference trial: its own
+                found = trial_outcomes(trials[n])
+                if found is not None:
+                    outcomes[n] = found
+        if challenger not in outcomes or incumbent not in outcomes:
+            better = whole[challenger] > whole[incumbent] if maximize else whole[challenger] < whole[incumbent]
+            return {**fields, "trial": challenger if better else incumbent}
+        decided, record = paired_decision(outcomes[challenger], outcomes[incumbent], maximize=maximize,
+                                          alpha=level, final=True, weights=self.config.objective.weights)
+        decisions.append({"challenger": challenger, "incumbent": incumbent, **record})
+        return {**fields, "trial": challenger if decided == "accepted" else incumbent}
 
     def best_text(self, study: optuna.Study) -> str:
         """What `evoopt best` prints: the best trial's value, scores and record."""

@@ -45,6 +45,7 @@ import json
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,26 +153,32 @@ def _bits(outcomes: Outcomes) -> Outcomes:
                                       for task, t in outcomes.tasks.items()})
 
 
+# the benchmark's variants of an evoopt estimator: (the estimator fitted, how every outcome is read first, the
+# weights' combination set on it); any other method is evoopt's own, as it is
+VARIANTS: dict[str, tuple[str, Callable[[Outcomes], Outcomes] | None, str | None]] = {
+    "mixture-bits": ("mixture", _bits, None),  # margins dropped: right-or-wrong alone
+    "mixture-simplex": ("mixture", None, "simplex"),  # on margins, the weights on the simplex: its first version
+}
+
+
 def fidelity(references: list[Outcomes], found: list[Outcomes], method: str, fraction: float,
              draws: int, groups: list[str] | None = None) -> dict[str, Any]:
-    """How ``method`` at ``fraction`` of dev ranks and errs on the candidates ``found``, fitted on ``references``
-    (median over ``draws`` seeds). ``mixture-bits``: mixture with the margins dropped; ``mixture-simplex``: mixture
-    on margins with the weights on the simplex (its first version). With ``groups`` (a label per candidate), also
-    each group's mean signed error in points (``bias_points``: estimated minus whole-dev, over the draws)."""
+    """How ``method`` (an evoopt estimator or one of ``VARIANTS``) at ``fraction`` of dev ranks and errs on the
+    candidates ``found``, fitted on ``references`` (median over ``draws`` seeds). With ``groups`` (a label per
+    candidate), also each group's mean signed error in points (``bias_points``: estimated minus whole-dev, over
+    the draws)."""
     full = [_value(c.scores()) for c in found]
-    fitted = method
-    if method == "mixture-bits":
-        references, found, fitted = [_bits(r) for r in references], [_bits(c) for c in found], "mixture"
-    elif method == "mixture-simplex":
-        fitted = "mixture"
+    fitted, read, combination = VARIANTS.get(method, (method, None, None))
+    if read is not None:
+        references, found = [read(r) for r in references], [read(c) for c in found]
     taus, errors, examples, fits, estimates = [], [], 0, [], []
     signed: dict[str, list[float]] = {}
     for seed in range(draws):
         started = time.perf_counter()
         estimator = fit_estimator(fitted, references, fraction=fraction, seed=seed)
         fits.append(time.perf_counter() - started)  # once per study, at its start
-        if method == "mixture-simplex":
-            estimator.combination = "simplex"
+        if combination is not None:
+            estimator.combination = combination
         estimated = []
         for candidate in found:  # once per trial: what estimation adds to scoring the trial's subset
             started = time.perf_counter()

@@ -352,7 +352,7 @@ def margin_mixture(margins: np.ndarray, index: np.ndarray, observed: np.ndarray,
     ``j`` is then right with probability ``Phi(sum_i w_i m_ij / sd)``."""
     fitted = margins[:, index].T.astype(np.float64)
     y = np.asarray(observed, dtype=np.float64)
-    w = margin_weights(margins, index, observed, combination=combination)
+    w = COMBINATIONS[combination](fitted, y)  # (margin_weights, with the scored examples' margins taken once)
     residual = y - fitted @ w
     free = max(1, len(y) - int(np.count_nonzero(w > 1e-9)))
     sd = max(math.sqrt(float(residual @ residual) / free), floor)

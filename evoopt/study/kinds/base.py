@@ -193,12 +193,12 @@ class Kind(Generic[SpaceT]):
         best = numbers[best_index([whole[n] for n in numbers], maximize=maximize)]
         answer: dict[str, Any] = {"trial": best, "of": [t.number for t in top], "dev": dev}
         if spec.answer_level is not None:
-            answer.update(self._challenge(study, stored, whole, best, spec.answer_level))
+            answer.update(self._challenge(study, trials, stored, whole, best, spec.answer_level, maximize=maximize))
         if answer != stored:
             study.set_user_attr(ANSWER_ATTR, answer)
 
-    def _challenge(self, study: optuna.Study, stored: Mapping[str, Any], whole: dict[int, float], best: int,
-                   level: float) -> dict[str, Any]:
+    def _challenge(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial], stored: Mapping[str, Any],
+                   whole: dict[int, float], best: int, level: float, *, maximize: bool) -> dict[str, Any]:
         """The paired answer rule (``objective.estimate.answer_level``). The answer of the last report, the
         incumbent, stays unless the best by whole-dev score of the trials seen since (newly confirmed, or
         reference trials) is better than it by a one-sided paired z-test at ``level`` on their whole-dev
@@ -209,7 +209,6 @@ class Kind(Generic[SpaceT]):
         Returns the answer's fields: ``trial``; ``best``, the best whole-dev score's trial (the rule without the
         test); ``seen``, the trials compared so far; ``decisions``, each test's challenger, incumbent, paired
         difference and p-values."""
-        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
         incumbent = stored.get("trial")
         decisions = list(stored.get("decisions", []))
         fields: dict[str, Any] = {"best": best, "seen": sorted(whole), "decisions": decisions}
@@ -220,7 +219,6 @@ class Kind(Generic[SpaceT]):
             return {**fields, "trial": incumbent}
         challenger = challengers[best_index([whole[n] for n in challengers], maximize=maximize)]
         outcomes = confirmed_outcomes(study)
-        trials = study.get_trials(deepcopy=False)
         for n in (challenger, incumbent):
             if n not in outcomes and "estimated" not in trials[n].user_attrs:  # a reference trial: its own
                 found = trial_outcomes(trials[n])

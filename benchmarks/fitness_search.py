@@ -51,6 +51,7 @@ seed) are kept in it too, and the table has a row per mixture arm's count.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -343,6 +344,31 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def equal_time(runs: list[dict[str, Any]], maximize: bool) -> list[dict[str, Any]]:
+    """Each other arm's run against the full arm's run of its search and seed at about equal total time. A stop's
+    ``seconds`` hold its search and its report (the confirmations and test scorings are outside ``--budget``), so
+    the run's stop whose elapsed seconds are nearest the full run's total is compared with the full run's end:
+    the difference of their answers' test scores in points, positive where the run is better in the study's
+    direction."""
+    full = {(r["search"], r["seed"]): r for r in runs if r["arm"] == "full"}
+    rows = []
+    for run in runs:
+        reference = full.get((run["search"], run["seed"]))
+        if run["arm"] == "full" or reference is None or \
+                not all("seconds" in s for s in run["stages"] + reference["stages"]):
+            continue
+        total = sum(s["seconds"] for s in reference["stages"])
+        elapsed = list(itertools.accumulate(s["seconds"] for s in run["stages"]))
+        stop = min(range(len(elapsed)), key=lambda k: abs(elapsed[k] - total))
+        mine, theirs = run["stages"][stop]["test"], reference["stages"][-1]["test"]
+        if mine is None or theirs is None:
+            continue
+        rows.append({"search": run["search"], "arm": arm_label(run), "seed": run["seed"], "stop": stop + 1,
+                     "seconds": round(elapsed[stop]), "full_seconds": round(total), "test": mine, "full_test": theirs,
+                     "gain_points": round(100 * (mine - theirs if maximize else theirs - mine), 2)})
+    return rows
+
+
 def arm_label(run: dict[str, Any]) -> str:
     """The run's arm as the plot's legend names it: a mixture arm with its reference trials."""
     return run["arm"] if run.get("references") is None else f"{run['arm']}, {run['references']} references"
@@ -486,6 +512,15 @@ def main() -> None:
             print(f"  {run['search']} {run['arm']} seed {run['seed']}: fixed TIES's dev score "
                   f"{references_dev['ties (fixed)']:.4f} " + (f"reached after {at:,.0f} dev examples" if at is not None
                                                                else "never reached"))
+        results[setting]["equal_time"] = matched = equal_time(runs, maximize)
+        for row in matched:
+            print(f"  {row['search']} {row['arm']} seed {row['seed']} at about equal total time: stop {row['stop']} "
+                  f"({row['seconds']} s) test {row['test']:.4f} against full's end ({row['full_seconds']} s) "
+                  f"{row['full_test']:.4f}: {row['gain_points']:+.2f} points")
+        for search, arm in dict.fromkeys((r["search"], r["arm"]) for r in matched):
+            gains = [r["gain_points"] for r in matched if (r["search"], r["arm"]) == (search, arm)]
+            print(f"  {search} {arm} at about equal total time: median {statistics.median(gains):+.2f} points "
+                  f"over {len(gains)} seeds")
     args.out.mkdir(parents=True, exist_ok=True)
     results = write_merged(args.out / f"{args.name}.json", results)
     plot(results, args.out / f"{args.name}.png")

@@ -293,7 +293,8 @@ def test_config_problems_of_estimated_fitness() -> None:
              ({"metric": "mse", "estimate": {"method": "irt"}}, "irt models right-or-wrong results"),
              ({"fidelities": [10], "estimate": {}}, "objective.estimate / objective.fidelities"),
              ({"estimate": {"fraction": 0}}, "objective.estimate.fraction"),
-             ({"estimate": {"method": "bayes"}}, "objective.estimate.method")]
+             ({"estimate": {"method": "bayes"}}, "objective.estimate.method"),
+             ({"estimate": {"promote_within": 0.0}, "multi_objective": True}, "promote_within: a promotion compares")]
     for objective, expected in cases:
         with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("(", r"\(")):
             parse_config({**base, "objective": objective})
@@ -399,6 +400,84 @@ def test_reference_trials_join_the_baselines(small_experts: Any, tmp_path: Path)
     assert answer["trial"] == max(sorted(whole), key=lambda n: whole[n])
 
 
+@pytest.mark.slow
+def test_promoted_trials_are_scored_on_the_whole_dev_set_during_the_search(small_experts: Any,
+                                                                          tmp_path: Path) -> None:
+    """estimate.promote_within: 0 with confirm: 0. The first estimated trial (no whole-dev trial yet) is scored on
+    the whole dev set at once; every later trial is, exactly when its estimate beats the best whole-dev value of
+    the trials before it. The answer is the best whole-dev trial, and nothing is scored after the run."""
+    from optuna.trial import TrialState
+
+    from evoopt.data.outcomes import trial_outcomes
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import run_study
+    from evoopt.study.storage import best_trial, confirmed_outcomes
+    from tests.helpers.studies import small_study_config
+
+    experts, _ = small_experts
+    data = small_study_config(tmp_path, experts, name="promoted", trials=5, baselines=["sources"],
+                              objective={"limit": 40, "test_limit": 40, "batch_size": 40, "max_length": 48,
+                                         "estimate": {"method": "random", "fraction": 0.25, "confirm": 0,
+                                                      "promote_within": 0.0}})
+    study = run_study(parse_config(data, root=tmp_path)).study
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 5 and "promoted" in trials[0].user_attrs and trials[0].user_attrs["promoted"]["best"] is None
+    assert {"promoted" in t.user_attrs for t in trials[1:]} == {True, False}  # both cases after the first
+    best: tuple[int, float] | None = None  # the best whole-dev trial before each one
+    for trial in trials:
+        outcomes = trial_outcomes(trial)
+        assert outcomes is not None
+        promoted = trial.user_attrs.get("promoted")
+        if promoted is None:  # estimated: its estimate did not beat the best whole-dev value before it
+            assert "estimated" in trial.user_attrs and outcomes.size == 20
+            assert best is not None and trial.value <= best[1]  # type: ignore[operator]
+            continue
+        assert "estimated" not in trial.user_attrs and outcomes.size == 80  # scored on the whole dev set
+        assert trial.user_attrs["scores"] == pytest.approx(outcomes.scores())
+        assert promoted["examples"] == 20 and promoted["of"] == 80
+        if best is not None:
+            assert promoted["best"] == best[0] and promoted["bar"] == pytest.approx(best[1])
+            assert promoted["estimate"] >= best[1]
+        if best is None or trial.value > best[1]:  # type: ignore[operator]
+            best = (trial.number, trial.value)  # type: ignore[assignment]
+    answer = study.user_attrs["evoopt:answer"]
+    assert best is not None and answer["trial"] == best[0] and answer["dev"] == {} and answer["of"] == []
+    assert confirmed_outcomes(study) == {}  # confirm: 0, nothing scored after the run
+    found = best_trial(study)
+    assert found is not None and found.number == best[0]
+    assert study.user_attrs["evoopt:test"][str(best[0])]["dev"] == found.user_attrs["scores"]
+
+
+def test_a_trial_is_promoted_when_its_estimate_reaches_the_best_whole_dev_value_less_the_margin() -> None:
+    """Evaluator._promotion on crafted trials: whole-dev trials of .80 and .78 and an estimated one of .95 (an
+    estimate is not a bar). With promote_within .01 the bar is .79: .79 and .85 are promoted, .789 is not; with
+    no whole-dev trial every estimate is. Minimised (perplexity), the bar is 5.0 + .01."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from evoopt.study.evaluator import Evaluator
+
+    def promotion(direction: str, trials: list[tuple[float, bool]], estimate: float) -> dict[str, Any] | None:
+        study = optuna.create_study(direction=direction)
+        for value, estimated in trials:
+            study.add_trial(optuna.trial.create_trial(
+                value=value, user_attrs={"estimated": {"method": "mixture"}} if estimated else {}))
+        evaluator = object.__new__(Evaluator)
+        evaluator.config = SimpleNamespace(  # type: ignore[assignment]
+            directions=[direction], objective=SimpleNamespace(estimate=SimpleNamespace(promote_within=0.01)))
+        return evaluator._promotion(study.ask(), estimate)
+
+    trials = [(0.80, False), (0.78, False), (0.95, True)]
+    assert promotion("maximize", trials, 0.79) == {"estimate": 0.79, "best": 0, "bar": 0.80}
+    assert promotion("maximize", trials, 0.85) is not None
+    assert promotion("maximize", trials, 0.789) is None
+    assert promotion("maximize", [(0.95, True)], 0.10) == {"estimate": 0.10, "best": None, "bar": None}
+    lowest = [(5.0, False), (6.0, False), (1.0, True)]
+    assert promotion("minimize", lowest, 5.01) == {"estimate": 5.01, "best": 0, "bar": 5.0}
+    assert promotion("minimize", lowest, 5.02) is None
+
+
 def test_bfloat16_is_taken_only_where_every_source_keeps_its_results() -> None:
     from evoopt.study.baselines import precision_verdict
 
@@ -470,7 +549,7 @@ def test_a_trial_confirmed_earlier_stays_the_answer_when_later_estimates_pass_it
     dev = {"0": {"t": 0.80}, "1": {"t": 0.70}, "2": {"t": 0.75}}
     study.set_user_attr(ANSWER_ATTR, {"trial": 0, "of": [0], "dev": dev})
     kind = SimpleNamespace(config=SimpleNamespace(objective=SimpleNamespace(
-        split="dev", estimate=SimpleNamespace(confirm=2, answer_level=None), weights=None)))
+        split="dev", estimate=SimpleNamespace(confirm=2, answer_level=None, promote_within=None), weights=None)))
 
     def never(*_: Any) -> None:  # every top trial is confirmed already: nothing is scored again
         raise AssertionError("scored again")
@@ -501,7 +580,7 @@ def test_the_paired_answer_rule_keeps_the_answer_until_a_challenger_is_better_by
 
     study = optuna.create_study(direction="maximize")
     kind = Kind(SimpleNamespace(objective=SimpleNamespace(  # type: ignore[arg-type]
-        split="dev", weights={}, estimate=SimpleNamespace(confirm=1, answer_level=0.05))), None)  # type: ignore[arg-type]
+        split="dev", weights={}, estimate=SimpleNamespace(confirm=1, answer_level=0.05, promote_within=None))), None)  # type: ignore[arg-type]
 
     def never(*_: Any) -> None:  # every top trial is confirmed already: nothing is scored again
         raise AssertionError("scored again")

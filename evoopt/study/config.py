@@ -139,6 +139,14 @@ class EstimateSpec(_Strict):
         "paired test on their whole-dev per-example outcomes at this level (e.g. 0.05), so that a later report "
         "does not trade the answer for a trial a few dev examples better, which is dev's noise; default: the best "
         "whole-dev score of every trial confirmed so far"))
+    promote_within: float | None = Field(None, ge=0, description=(
+        "confirm as the search goes: a trial whose estimate is better than the best whole-dev score of the "
+        "study's trials so far, or within this much of it (in the score's units: 0.005 is half a point of "
+        "accuracy), is scored on the whole dev set at once and that score is its value (the first estimated "
+        "trial, with none scored on the whole dev set yet, always is). The promotions are inside the run's "
+        "--timeout, the study's answer is the best whole-dev trial at every moment, and the sampler sees the "
+        "whole-dev values of the candidates that matter; with confirm: 0 nothing is scored after the run. "
+        "Default: off"))
 
 
 class ObjectiveSpec(_Strict):
@@ -309,6 +317,9 @@ def _problems(config: StudyConfig) -> list[str]:
         if objective.fidelities:
             problems.append("objective.estimate / objective.fidelities: a trial is scored on the estimator's "
                             "examples; use one or the other")
+        if objective.estimate.promote_within is not None and objective.multi_objective:
+            problems.append("objective.estimate.promote_within: a promotion compares one score; drop it or "
+                            "objective.multi_objective")
         if not config.baselines:
             problems.append("objective.estimate: the estimator is fitted on the baselines' results on dev; "
                             "give baselines (at least [sources])")

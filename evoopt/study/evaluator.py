@@ -22,6 +22,7 @@ from evoopt.data.outcomes import Outcomes, paired_decision, record_outcomes
 from evoopt.errors import EvaluationError
 from evoopt.study.config import StudyConfig
 from evoopt.study.space import Sources
+from evoopt.study.storage import best_index, better
 
 
 def task_heads(sources: Sources, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
@@ -184,13 +185,46 @@ class Evaluator:
     def _estimated(self, model: torch.nn.Module | list[torch.nn.Module], split: str, trial: optuna.Trial,
                    autocast: bool) -> Scores:
         """Score the estimator's examples; the trial keeps their outcomes, the raw subset scores and how it
-        was scored, and its scores are the estimated full-split ones."""
+        was scored, and its scores are the estimated full-split ones. A trial promoted by
+        ``objective.estimate.promote_within`` (:meth:`_promotion`) is then scored on the whole split: it keeps
+        those outcomes, its scores are the whole-split ones, and ``promoted`` records its estimate and the bar."""
         assert self.estimator is not None
         scorer = self.scorer(split, estimated=True, model=model)
         scorer.autocast = autocast
         subset = scorer.scores(model)
         record_outcomes(trial, scorer.outcomes)
         trial.set_user_attr("subset_scores", subset)
-        trial.set_user_attr("estimated", {"method": self.estimator.method, "examples": self.estimator.size,
-                                          "of": sum(t.size for t in self.estimator.tasks.values())})
-        return self.estimator.estimate(scorer.outcomes)
+        how = {"method": self.estimator.method, "examples": self.estimator.size,
+               "of": sum(t.size for t in self.estimator.tasks.values())}
+        estimated = self.estimator.estimate(scorer.outcomes)
+        promotion = self._promotion(trial, combine(estimated, self.config.objective.weights))
+        if promotion is None:
+            trial.set_user_attr("estimated", how)
+            return estimated
+        whole = self.scorer(split, model=model)
+        whole.autocast = autocast
+        scores: Scores = whole.scores(model)
+        record_outcomes(trial, whole.outcomes)
+        trial.set_user_attr("promoted", {**how, **promotion})
+        return scores
+
+    def _promotion(self, trial: optuna.Trial, estimate: float) -> dict[str, Any] | None:
+        """``objective.estimate.promote_within``: whether an estimated trial is scored on the whole split as well.
+        It is when its estimate is better than the best whole-split value of the study's complete trials so far
+        (reference, promoted, or scored before the estimator), or within ``promote_within`` of it; the first
+        estimated trial of a study with none always is. Returns the estimate and the best it was held against
+        (``best``, ``bar``: that trial's number and value), None when the trial is not promoted."""
+        spec = self.config.objective.estimate
+        if spec is None or spec.promote_within is None:
+            return None
+        maximize = self.config.directions[0] == "maximize"
+        whole = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                 if t.value is not None and "estimated" not in t.user_attrs]
+        if not whole:
+            return {"estimate": estimate, "best": None, "bar": None}
+        best = whole[best_index([float(t.value) for t in whole], maximize=maximize)]  # type: ignore[arg-type]
+        bar = float(best.value)  # type: ignore[arg-type]
+        reach = bar - spec.promote_within if maximize else bar + spec.promote_within
+        if estimate == reach or better(estimate, reach, maximize=maximize):
+            return {"estimate": estimate, "best": best.number, "bar": bar}
+        return None

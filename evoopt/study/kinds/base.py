@@ -163,9 +163,12 @@ class Kind(Generic[SpaceT]):
         trial confirmed at an earlier report stays a candidate when later estimates pass it), unless a trial
         scored on the whole dev set from the start (a reference trial) is better still. A confirmed trial's
         whole-dev outcomes are kept in the study (:func:`confirmed_outcomes`). With ``answer_level``, a later
-        report changes the answer only by the paired rule of :meth:`_challenge`."""
+        report changes the answer only by the paired rule of :meth:`_challenge`. With ``promote_within`` and
+        ``confirm: 0`` nothing is scored here: the answer is the best of the trials scored on the whole dev set
+        (promoted during the search, or reference trials)."""
         spec = self.config.objective.estimate
-        if spec is None or not spec.confirm or len(study.directions) > 1:
+        promoting = spec is not None and spec.promote_within is not None
+        if spec is None or not (spec.confirm or promoting) or len(study.directions) > 1:
             return
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
         trials = study.get_trials(deepcopy=False)
@@ -174,7 +177,7 @@ class Kind(Generic[SpaceT]):
         estimated = [n for n in values if "estimated" in trials[n].user_attrs]
         ranked = sorted(estimated, key=lambda n: (-values[n] if maximize else values[n], n))
         top = [trials[n] for n in ranked[: spec.confirm]]
-        if not top:
+        if not top and not (promoting and len(estimated) < len(values)):  # promote_within: the whole-dev trials
             return
         stored = study.user_attrs.get(ANSWER_ATTR, {})
         dev = dict(stored.get("dev", {}))

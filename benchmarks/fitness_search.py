@@ -15,6 +15,11 @@ sampler's and the estimator's subset):
 - ``mixture-paired``: the mixture arm with the paired answer rule (``objective.estimate.answer_level`` 0.05): a
   later stop changes the answer only for a confirmed trial better than it by a paired test on whole dev; each
   stop also records (and scores on test) the answer the same run has without the test, the best confirmed dev;
+- ``mixture-promote``: the mixture arm confirming as the search goes (``objective.estimate.promote_within`` 0,
+  ``confirm`` 0): a trial whose estimate beats the best whole-dev score so far is scored on the whole dev set at
+  once, inside the budget, and the answer is the best whole-dev trial; nothing is scored after the search.
+  With ``--answers``, every answer it (and the full arm) had is scored on test: the answer at every moment
+  against the dev examples scored, and the issue's "equal with a fifth of the examples" read off it;
 - ``raced``: every trial scored stage by stage (``objective.fidelities``: ``--fidelities`` examples per
   task) and stopped once a paired test on the same examples finds it worse at level 0.05: the racing
   pruner against the best complete trial (CMA-ES), the paired selection rule against its target
@@ -53,6 +58,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
 import warnings
@@ -71,7 +77,7 @@ from evoopt.study.evaluator import Evaluator
 from evoopt.study.fitness import PRECISION_ATTR, study_autocast
 from evoopt.study.kinds import make_kind
 from evoopt.study.run import open_study, report_best, run_baselines, run_study
-from evoopt.study.storage import ANSWER_ATTR, BASELINE_OUTCOMES_ATTR, FINISHED, best_trial
+from evoopt.study.storage import ANSWER_ATTR, BASELINE_OUTCOMES_ATTR, FINISHED, best_trial, better
 
 SEARCHES: dict[str, dict[str, Any]] = {
     "layerwise-cma": {
@@ -99,8 +105,9 @@ SEARCHES["ties-evolver-f0.1"] = {  # the TIES_Evolver with a tenth of the differ
                                                                          "F": 0.1}}}
 DEFAULT_SEARCHES = ["layerwise-cma", "ties-evolver"]
 EVOLVERS = tuple(name for name, search in SEARCHES.items() if search["space"]["kind"] == "evolver")
-ARMS = ("full", "anchor", "raced", "mixture", "mixture-paired")  # mixture-paired: with the paired answer rule
+ARMS = ("full", "anchor", "raced", "mixture", "mixture-paired", "mixture-promote")
 ANSWER_LEVEL = 0.05  # the mixture-paired arm's objective.estimate.answer_level
+PROMOTE_WITHIN = 0.0  # the mixture-promote arm's objective.estimate.promote_within (with confirm: 0)
 REFERENCES = 20  # the mixture arm's first trials, scored on the whole dev set (objective.estimate.references)
 MANY = 1_000_000  # trials: the budget is time
 
@@ -180,6 +187,8 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
         objective["estimate"] = {"method": "mixture", "fraction": args.fraction, "references": args.references}
         if arm == "mixture-paired":
             objective["estimate"]["answer_level"] = ANSWER_LEVEL
+        elif arm == "mixture-promote":  # confirmed as the search goes, inside the budget; nothing after it
+            objective["estimate"].update(confirm=0, promote_within=PROMOTE_WITHIN)
     elif arm == "raced":
         objective["fidelities"] = args.fidelities or FIDELITIES.get(setting, [50, 100, 200])
         if search in EVOLVERS:  # the paired rule replaces the greedy one
@@ -223,6 +232,8 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
         print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
     record = {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study),
               "decisions": decisions(study)}
+    if args.answers and arm in ("full", "mixture-promote"):  # their answer is the best whole-dev trial so far
+        record["answers"] = answers(config, study, kind or make_kind(config))
     return {**record, "references": args.references} if mixture else record
 
 
@@ -247,6 +258,60 @@ def without_test(config: Any, study: optuna.Study, kind: Any) -> dict[str, Any]:
     found = reports[str(number)]
     return {"answer_trial": answer_trial, "untested_trial": number, "untested_dev": combine(found["dev"]),
             "untested_test": combine(found["test"])}
+
+
+def answers(config: Any, study: optuna.Study, kind: Any) -> list[list[float]]:
+    """The run's answer at every moment, scored on test (reporting only): a point ``[examples, trial, dev, test]``
+    where its best whole-dev trial changes (the points of :func:`curve`), each answer rebuilt and scored on the
+    whole test split once (float32; kept in the study, ``bench:answers``). For the arms whose answer is that
+    trial: full-dev fitness, and the mixture with promotions (confirm: 0)."""
+    scored = dict(study.user_attrs.get("bench:answers", {}))
+    reports = study.user_attrs.get("evoopt:test", {})
+    trials = study.get_trials(deepcopy=False)
+    evaluator = None
+    points = []
+    for examples, number in curve(study, numbers=True):
+        key = str(int(number))
+        if key not in scored and key in reports:
+            scored[key] = combine(reports[key]["test"])
+        if key not in scored:
+            kind.built(study)
+            evaluator = evaluator or Evaluator(config, kind.sources, kind.tokenizer_folder, kind.device)
+            scored[key] = combine(evaluator.score(kind.trial_model(trials[int(number)].params), "test"))
+            study.set_user_attr("bench:answers", scored)
+        points.append([examples, int(number), float(trials[int(number)].value), scored[key]])  # type: ignore[arg-type]
+    return points
+
+
+def examples_scored(trial: optuna.trial.FrozenTrial) -> int:
+    """The dev examples a trial scored: its stored outcomes, and a promoted trial's estimator examples before."""
+    outcomes = trial_outcomes(trial)
+    return (0 if outcomes is None else outcomes.size) + trial.user_attrs.get("promoted", {}).get("examples", 0)
+
+
+def gain_points(mine: float, theirs: float, maximize: bool) -> float:
+    """How far ``mine`` is above ``theirs`` in points, in the study's direction."""
+    return round(100 * (mine - theirs if maximize else theirs - mine), 2)
+
+
+def fifth(runs: list[dict[str, Any]], maximize: bool) -> list[dict[str, Any]]:
+    """The issue's second way to pass, read off each run's answers (:func:`answers`): its answer once it had
+    scored a fifth of the dev examples of its seed's full run, and at its end, against the full run's final
+    answer on test (points, positive where the run is better in the study's direction)."""
+    full = {(r["search"], r["seed"]): r for r in runs if r["arm"] == "full"}
+    rows = []
+    for run in runs:
+        reference = full.get((run["search"], run["seed"]))
+        if run["arm"] == "full" or reference is None or not run.get("answers") or not reference.get("answers"):
+            continue
+        total, theirs = reference["stages"][-1]["examples"], reference["answers"][-1][3]
+        early = [p for p in run["answers"] if p[0] <= total / 5]
+        rows.append({"search": run["search"], "arm": arm_label(run), "seed": run["seed"], "full_examples": total,
+                     "full_test": theirs, "fifth_test": early[-1][3] if early else None,
+                     "fifth_gain_points": gain_points(early[-1][3], theirs, maximize) if early else None,
+                     "end_examples": run["stages"][-1]["examples"], "end_test": run["answers"][-1][3],
+                     "end_gain_points": gain_points(run["answers"][-1][3], theirs, maximize)})
+    return rows
 
 
 def decisions(study: optuna.Study) -> dict[str, Any]:
@@ -281,24 +346,23 @@ def run_key(run: dict[str, Any]) -> tuple[str, str, int | None, int]:
     return run["search"], run["arm"], run.get("references"), run["seed"]
 
 
-def curve(study: optuna.Study) -> list[list[float]]:
+def curve(study: optuna.Study, *, numbers: bool = False) -> list[list[float]]:
     """The run's best whole-dev score so far (its complete trials', in the study's direction) against the dev
-    examples scored so far, in trial order: a point where the best changes, and the last."""
-    better = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    examples scored so far, in trial order: a point where the best changes, and the last. ``numbers``: each
+    point's best trial's number instead of its score, and no point at the end."""
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     points: list[list[float]] = []
     examples, best = 0, None
     trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
     for i, trial in enumerate(trials):
-        outcomes = trial_outcomes(trial)
-        examples += 0 if outcomes is None else outcomes.size
+        examples += examples_scored(trial)
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None \
                 and "estimated" not in trial.user_attrs:  # estimated values are not whole-dev scores
-            found = trial.value if best is None else better(best, trial.value)
-            if found != best:
-                best = found
-                points.append([examples, best])
-        if i == len(trials) - 1 and best is not None and points[-1][0] != examples:
-            points.append([examples, best])
+            if best is None or better(trial.value, best.value, maximize=maximize):  # type: ignore[arg-type]
+                best = trial
+                points.append([examples, float(best.number if numbers else trial.value)])
+        if i == len(trials) - 1 and best is not None and points[-1][0] != examples and not numbers:
+            points.append([examples, float(best.value)])  # type: ignore[arg-type]
     return points
 
 
@@ -312,7 +376,7 @@ def reached(points: list[list[float]], target: float, maximize: bool) -> float |
 def scored_examples(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> int:
     """The dev examples a run has scored: its trials' (their stored outcomes) and the whole-dev scorings of the
     best estimates that ``objective.estimate.confirm`` made."""
-    examples = sum(o.size for o in map(trial_outcomes, trials) if o is not None)
+    examples = sum(map(examples_scored, trials))
     confirmed = study.user_attrs.get(ANSWER_ATTR, {}).get("dev", {})
     whole = next((t.user_attrs["estimated"]["of"] for t in trials if "estimated" in t.user_attrs), 0)
     return examples + len(confirmed) * whole
@@ -365,7 +429,7 @@ def equal_time(runs: list[dict[str, Any]], maximize: bool) -> list[dict[str, Any
             continue
         rows.append({"search": run["search"], "arm": arm_label(run), "seed": run["seed"], "stop": stop + 1,
                      "seconds": round(elapsed[stop]), "full_seconds": round(total), "test": mine, "full_test": theirs,
-                     "gain_points": round(100 * (mine - theirs if maximize else theirs - mine), 2)})
+                     "gain_points": gain_points(mine, theirs, maximize)})
     return rows
 
 
@@ -386,7 +450,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(2 if curves else 1, len(panels), figsize=(5.5 * len(panels), 8.4 if curves else 4.2),
                                 squeeze=False)
     colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green", "mixture": "tab:purple",
-               "mixture-paired": "tab:brown"}
+               "mixture-paired": "tab:brown", "mixture-promote": "tab:olive"}
     named: set[tuple[Any, str]] = set()
 
     def once(ax: Any, label: str) -> str | None:
@@ -414,6 +478,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         result = results[setting]
         for run in (r for r in result["runs"] if r["search"] == search):
             stages = [s for s in run["stages"] if s["test"] is not None]
+            if run.get("answers"):  # the answer at every moment (--answers), the stops as markers on it
+                moments = [p[0] / 1000 for p in run["answers"]] + [run["stages"][-1]["examples"] / 1000]
+                tests = [100 * p[3] for p in run["answers"]]
+                ax.step(moments, tests + tests[-1:], where="post", color=colours[run["arm"]], alpha=0.8,
+                        label=once(ax, f"{arm_label(run)}: answer at every moment (seeds)"))
+                ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker="o",
+                        linestyle="none", color=colours[run["arm"]], alpha=0.8)
+                continue
             ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker="o",
                     color=colours[run["arm"]], alpha=0.8, label=once(ax, f"{arm_label(run)} (seeds)"))
             if all("untested_test" in s for s in stages):  # the same run's answer without the paired answer rule
@@ -459,6 +531,10 @@ def main() -> None:
         "estimator fitted on the baselines alone. Another count is another study in --workdir and its own row in "
         "the table"))
     parser.add_argument("--stages", type=int, default=3, help="stops along the budget where the answer is scored")
+    parser.add_argument("--answers", action="store_true", help=(
+        "also score on test every answer the full and mixture-promote runs had (each change of their best whole-dev "
+        "trial), for their answer against dev examples scored at every moment, and print each mixture-promote run "
+        "at a fifth of its seed's full-run examples and at its end against the full run's end"))
     parser.add_argument("--jobs", type=int, default=1, help=(
         "runs at a time; above 1 each runs in its own process on one CPU thread (every arm alike, so each run's "
         "budget is spent under the same load)"))
@@ -521,6 +597,18 @@ def main() -> None:
             gains = [r["gain_points"] for r in matched if (r["search"], r["arm"]) == (search, arm)]
             print(f"  {search} {arm} at about equal total time: median {statistics.median(gains):+.2f} points "
                   f"over {len(gains)} seeds")
+        results[setting]["fifth"] = fifths = fifth(runs, maximize)
+        for row in fifths:
+            early = "no answer yet" if row["fifth_test"] is None else \
+                f"test {row['fifth_test']:.4f} ({row['fifth_gain_points']:+.2f} points)"
+            print(f"  {row['search']} {row['arm']} seed {row['seed']} against full's end ({row['full_examples']:,} "
+                  f"examples, test {row['full_test']:.4f}): at a fifth of them {early}; at its end "
+                  f"({row['end_examples']:,}) test {row['end_test']:.4f} ({row['end_gain_points']:+.2f} points)")
+        for search, arm in dict.fromkeys((r["search"], r["arm"]) for r in fifths):
+            mine = [r for r in fifths if (r["search"], r["arm"]) == (search, arm)]
+            gains = [r["fifth_gain_points"] if r["fifth_gain_points"] is not None else -math.inf for r in mine]
+            print(f"  {search} {arm}: median {statistics.median(gains):+.2f} points at a fifth of full's examples, "
+                  f"{statistics.median(r['end_gain_points'] for r in mine):+.2f} at its end, over {len(mine)} seeds")
     args.out.mkdir(parents=True, exist_ok=True)
     results = write_merged(args.out / f"{args.name}.json", results)
     plot(results, args.out / f"{args.name}.png")

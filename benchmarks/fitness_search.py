@@ -473,7 +473,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.axhline(100 * dev["linear (fixed)"], color="black", linestyle=":", label="linear (fixed): averaging")
         ax.set(title=f"{setting}: {search}\nbest whole-dev score so far", xlabel="dev examples scored (thousands)",
                ylabel="best trial's dev score (%)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, framealpha=0.6)
     for ax, (setting, search) in zip(axes[0], panels):
         result = results[setting]
         for run in (r for r in result["runs"] if r["search"] == search):
@@ -482,7 +482,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 moments = [p[0] / 1000 for p in run["answers"]] + [run["stages"][-1]["examples"] / 1000]
                 tests = [100 * p[3] for p in run["answers"]]
                 ax.step(moments, tests + tests[-1:], where="post", color=colours[run["arm"]], alpha=0.8,
-                        label=once(ax, f"{arm_label(run)}: answer at every moment (seeds)"))
+                        label=once(ax, f"{arm_label(run)} (seeds; dots: the stops)"))
                 ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker="o",
                         linestyle="none", color=colours[run["arm"]], alpha=0.8)
                 continue
@@ -498,6 +498,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
                         [100 * last["test"], 100 * last["confirmed_test"]], linestyle=":", marker="*",
                         markersize=10, color="tab:red", label=once(ax, "anchor + confirm (seeds)"))
         ax.axhline(100 * result["references"]["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
+        full = [r["stages"][-1]["examples"] for r in result["runs"] if r["search"] == search and r["arm"] == "full"
+                and r.get("answers")]
+        if full:  # the "equal with a fifth of the examples": where the cheap arms must be level by
+            ax.axvline(statistics.median(full) / 5000, color="black", linestyle=":",
+                       label="a fifth of full's examples")
         if search == "evolver" and "linear (fixed)" in result["references"]:  # the plain Evolver's goal: averaging
             ax.axhline(100 * result["references"]["linear (fixed)"], color="black", linestyle=":",
                        label="linear (fixed): averaging")
@@ -505,7 +510,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         when = "one stop, at the end" if stops == 1 else f"{stops} stops along it"
         ax.set(title=f"{setting}: {search}\n{result['budget']:.0f} s per run, {when}",
                xlabel="dev examples scored (thousands)", ylabel="answer's test score (%)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, framealpha=0.6)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -244,43 +244,45 @@ def without_test(config: Any, study: optuna.Study, kind: Any) -> dict[str, Any]:
     stored = study.user_attrs.get(ANSWER_ATTR)
     if not stored:
         return {}
-    number, answer_trial = stored["best"], stored["trial"]
-    reports = {**study.user_attrs.get("bench:without_test", {}), **study.user_attrs.get("evoopt:test", {})}
-    if str(number) not in reports:
-        trial = study.get_trials(deepcopy=False)[number]
-        kind.built(study)
-        evaluator = Evaluator(config, kind.sources, kind.tokenizer_folder, kind.device)
-        dev = stored["dev"].get(str(number)) or trial.user_attrs["scores"]  # confirmed, or a reference trial's
-        scored = {"dev": dev, "test": evaluator.score(kind.trial_model(trial.params), "test")}
-        study.set_user_attr("bench:without_test", {**study.user_attrs.get("bench:without_test", {}),
-                                                   str(number): scored})
-        reports[str(number)] = scored
-    found = reports[str(number)]
-    return {"answer_trial": answer_trial, "untested_trial": number, "untested_dev": combine(found["dev"]),
-            "untested_test": combine(found["test"])}
+    number = stored["best"]
+    dev = stored["dev"].get(str(number)) or study.get_trials(deepcopy=False)[number].user_attrs["scores"]
+    return {"answer_trial": stored["trial"], "untested_trial": number,
+            "untested_dev": combine(dev),  # confirmed, or a reference trial's own
+            "untested_test": test_score(config, study, kind, number)}
+
+
+_TEST_EVALUATORS: dict[str, Evaluator] = {}  # by study: one per run a process makes
+
+
+def test_score(config: Any, study: optuna.Study, kind: Any, number: int) -> float:
+    """A trial's test score (reporting only): the study's report of it where there is one, else its model rebuilt
+    and scored on the whole test split once (float32) and kept in the study (``bench:answers``; runs made before
+    kept them in ``bench:without_test``)."""
+    key = str(number)
+    reports = study.user_attrs.get("evoopt:test", {})
+    if key in reports:
+        return float(combine(reports[key]["test"]))
+    kept = study.user_attrs.get("bench:answers", {})
+    earlier = study.user_attrs.get("bench:without_test", {})
+    if key in kept or key in earlier:
+        return float(kept[key]) if key in kept else float(combine(earlier[key]["test"]))
+    kind.built(study)
+    if config.name not in _TEST_EVALUATORS:
+        _TEST_EVALUATORS[config.name] = Evaluator(config, kind.sources, kind.tokenizer_folder, kind.device)
+    model = kind.trial_model(study.get_trials(deepcopy=False)[number].params)
+    found = float(combine(_TEST_EVALUATORS[config.name].score(model, "test")))
+    study.set_user_attr("bench:answers", {**kept, key: found})
+    return found
 
 
 def answers(config: Any, study: optuna.Study, kind: Any) -> list[list[float]]:
     """The run's answer at every moment, scored on test (reporting only): a point ``[examples, trial, dev, test]``
-    where its best whole-dev trial changes (the points of :func:`curve`), each answer rebuilt and scored on the
-    whole test split once (float32; kept in the study, ``bench:answers``). For the arms whose answer is that
+    where its best whole-dev trial changes (:func:`best_so_far`), each answer scored on test once
+    (:func:`test_score`). For the arms whose answer is that
     trial: full-dev fitness, and the mixture with promotions (confirm: 0)."""
-    scored = dict(study.user_attrs.get("bench:answers", {}))
-    reports = study.user_attrs.get("evoopt:test", {})
-    trials = study.get_trials(deepcopy=False)
-    evaluator = None
-    points = []
-    for examples, number in curve(study, numbers=True):
-        key = str(int(number))
-        if key not in scored and key in reports:
-            scored[key] = combine(reports[key]["test"])
-        if key not in scored:
-            kind.built(study)
-            evaluator = evaluator or Evaluator(config, kind.sources, kind.tokenizer_folder, kind.device)
-            scored[key] = combine(evaluator.score(kind.trial_model(trials[int(number)].params), "test"))
-            study.set_user_attr("bench:answers", scored)
-        points.append([examples, int(number), float(trials[int(number)].value), scored[key]])  # type: ignore[arg-type]
-    return points
+    changes, _ = best_so_far(study)
+    return [[examples, trial.number, float(trial.value), test_score(config, study, kind, trial.number)]  # type: ignore[arg-type]
+            for examples, trial in changes]
 
 
 def examples_scored(trial: optuna.trial.FrozenTrial) -> int:
@@ -298,11 +300,9 @@ def fifth(runs: list[dict[str, Any]], maximize: bool) -> list[dict[str, Any]]:
     """The issue's second way to pass, read off each run's answers (:func:`answers`): its answer once it had
     scored a fifth of the dev examples of its seed's full run, and at its end, against the full run's final
     answer on test (points, positive where the run is better in the study's direction)."""
-    full = {(r["search"], r["seed"]): r for r in runs if r["arm"] == "full"}
     rows = []
-    for run in runs:
-        reference = full.get((run["search"], run["seed"]))
-        if run["arm"] == "full" or reference is None or not run.get("answers") or not reference.get("answers"):
+    for run, reference in against_full(runs):
+        if not run.get("answers") or not reference.get("answers"):
             continue
         total, theirs = reference["stages"][-1]["examples"], reference["answers"][-1][3]
         early = [p for p in run["answers"] if p[0] <= total / 5]
@@ -346,23 +346,29 @@ def run_key(run: dict[str, Any]) -> tuple[str, str, int | None, int]:
     return run["search"], run["arm"], run.get("references"), run["seed"]
 
 
-def curve(study: optuna.Study, *, numbers: bool = False) -> list[list[float]]:
-    """The run's best whole-dev score so far (its complete trials', in the study's direction) against the dev
-    examples scored so far, in trial order: a point where the best changes, and the last. ``numbers``: each
-    point's best trial's number instead of its score, and no point at the end."""
+def best_so_far(study: optuna.Study) -> tuple[list[tuple[int, optuna.trial.FrozenTrial]], int]:
+    """Each change of the run's best whole-dev trial (its complete trials' values, in the study's direction; an
+    estimated value is not a whole-dev score), in trial order, with the dev examples scored by then; and the dev
+    examples scored in all."""
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    points: list[list[float]] = []
-    examples, best = 0, None
-    trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
-    for i, trial in enumerate(trials):
+    changes: list[tuple[int, optuna.trial.FrozenTrial]] = []
+    examples = 0
+    for trial in sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number):
         examples += examples_scored(trial)
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None \
-                and "estimated" not in trial.user_attrs:  # estimated values are not whole-dev scores
-            if best is None or better(trial.value, best.value, maximize=maximize):  # type: ignore[arg-type]
-                best = trial
-                points.append([examples, float(best.number if numbers else trial.value)])
-        if i == len(trials) - 1 and best is not None and points[-1][0] != examples and not numbers:
-            points.append([examples, float(best.value)])  # type: ignore[arg-type]
+                and "estimated" not in trial.user_attrs \
+                and (not changes or better(trial.value, changes[-1][1].value, maximize=maximize)):  # type: ignore[arg-type]
+            changes.append((examples, trial))
+    return changes, examples
+
+
+def curve(study: optuna.Study) -> list[list[float]]:
+    """The run's best whole-dev score so far against the dev examples scored so far (:func:`best_so_far`): a point
+    where the best changes, and the last."""
+    changes, total = best_so_far(study)
+    points = [[examples, float(trial.value)] for examples, trial in changes]  # type: ignore[arg-type]
+    if points and points[-1][0] != total:
+        points.append([total, points[-1][1]])
     return points
 
 
@@ -408,18 +414,21 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def against_full(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each run of another arm with the full arm's run of its search and seed (runs without one left out)."""
+    full = {(r["search"], r["seed"]): r for r in runs if r["arm"] == "full"}
+    return [(r, full[r["search"], r["seed"]]) for r in runs if r["arm"] != "full" and (r["search"], r["seed"]) in full]
+
+
 def equal_time(runs: list[dict[str, Any]], maximize: bool) -> list[dict[str, Any]]:
     """Each other arm's run against the full arm's run of its search and seed at about equal total time. A stop's
     ``seconds`` hold its search and its report (the confirmations and test scorings are outside ``--budget``), so
     the run's stop whose elapsed seconds are nearest the full run's total is compared with the full run's end:
     the difference of their answers' test scores in points, positive where the run is better in the study's
     direction."""
-    full = {(r["search"], r["seed"]): r for r in runs if r["arm"] == "full"}
     rows = []
-    for run in runs:
-        reference = full.get((run["search"], run["seed"]))
-        if run["arm"] == "full" or reference is None or \
-                not all("seconds" in s for s in run["stages"] + reference["stages"]):
+    for run, reference in against_full(runs):
+        if not all("seconds" in s for s in run["stages"] + reference["stages"]):
             continue
         total = sum(s["seconds"] for s in reference["stages"])
         elapsed = list(itertools.accumulate(s["seconds"] for s in run["stages"]))

@@ -177,7 +177,7 @@ class Kind(Generic[SpaceT]):
         estimated = [n for n in values if "estimated" in trials[n].user_attrs]
         ranked = sorted(estimated, key=lambda n: (-values[n] if maximize else values[n], n))
         top = [trials[n] for n in ranked[: spec.confirm]]
-        if not top and not (promoting and len(estimated) < len(values)):  # promote_within: the whole-dev trials
+        if not top and not promoting:
             return
         stored = study.user_attrs.get(ANSWER_ATTR, {})
         dev = dict(stored.get("dev", {}))
@@ -192,6 +192,8 @@ class Kind(Generic[SpaceT]):
                         record_confirmed_outcomes(study, trial.number, outcomes)
         whole = {int(n): combine(d, self.config.objective.weights) for n, d in dev.items() if int(n) in values}
         whole.update({n: value for n, value in values.items() if "estimated" not in trials[n].user_attrs})
+        if not whole:  # promote_within, before any trial was scored on the whole dev set
+            return
         numbers = sorted(whole)
         best = numbers[best_index([whole[n] for n in numbers], maximize=maximize)]
         answer: dict[str, Any] = {"trial": best, "of": [t.number for t in top], "dev": dev}

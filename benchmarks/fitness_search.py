@@ -72,7 +72,7 @@ import transformers
 from fitness_cost import evolver_strategy, study_config
 
 from evoopt.data.objective import combine
-from evoopt.data.outcomes import trial_outcomes
+from evoopt.data.outcomes import challenge_in_turn, trial_outcomes
 from evoopt.study.evaluator import Evaluator
 from evoopt.study.fitness import PRECISION_ATTR, study_autocast
 from evoopt.study.kinds import make_kind
@@ -233,7 +233,10 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
     record = {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study),
               "decisions": decisions(study)}
     if args.answers and arm in ("full", "mixture-promote"):  # their answer is the best whole-dev trial so far
-        record["answers"] = answers(config, study, kind or make_kind(config))
+        kind = kind or make_kind(config)
+        record["answers"] = answers(config, study, kind)
+        if arm == "mixture-promote":  # the same run's answers had it set answer_level (the search is the same)
+            record["paired_answers"] = answers(config, study, kind, ANSWER_LEVEL)
     return {**record, "references": args.references} if mixture else record
 
 
@@ -275,12 +278,12 @@ def test_score(config: Any, study: optuna.Study, kind: Any, number: int) -> floa
     return found
 
 
-def answers(config: Any, study: optuna.Study, kind: Any) -> list[list[float]]:
+def answers(config: Any, study: optuna.Study, kind: Any, level: float | None = None) -> list[list[float]]:
     """The run's answer at every moment, scored on test (reporting only): a point ``[examples, trial, dev, test]``
-    where its best whole-dev trial changes (:func:`best_so_far`), each answer scored on test once
-    (:func:`test_score`). For the arms whose answer is that
-    trial: full-dev fitness, and the mixture with promotions (confirm: 0)."""
-    changes, _ = best_so_far(study)
+    where its answer changes (:func:`best_so_far`, with ``level`` by the paired answer rule), each answer scored on
+    test once (:func:`test_score`). For the arms whose answer is that trial: full-dev fitness, and the mixture
+    with promotions (confirm: 0)."""
+    changes, _ = best_so_far(study, level, config.objective.weights)
     return [[examples, trial.number, float(trial.value), test_score(config, study, kind, trial.number)]  # type: ignore[arg-type]
             for examples, trial in changes]
 
@@ -299,18 +302,22 @@ def gain_points(mine: float, theirs: float, maximize: bool) -> float:
 def fifth(runs: list[dict[str, Any]], maximize: bool) -> list[dict[str, Any]]:
     """The issue's second way to pass, read off each run's answers (:func:`answers`): its answer once it had
     scored a fifth of the dev examples of its seed's full run, and at its end, against the full run's final
-    answer on test (points, positive where the run is better in the study's direction)."""
+    answer on test (points, positive where the run is better in the study's direction). A run with
+    ``paired_answers`` (the same run's answers by the paired answer rule) has a second row for them."""
     rows = []
     for run, reference in against_full(runs):
-        if not run.get("answers") or not reference.get("answers"):
+        if not reference.get("answers"):
             continue
         total, theirs = reference["stages"][-1]["examples"], reference["answers"][-1][3]
-        early = [p for p in run["answers"] if p[0] <= total / 5]
-        rows.append({"search": run["search"], "arm": arm_label(run), "seed": run["seed"], "full_examples": total,
-                     "full_test": theirs, "fifth_test": early[-1][3] if early else None,
-                     "fifth_gain_points": gain_points(early[-1][3], theirs, maximize) if early else None,
-                     "end_examples": run["stages"][-1]["examples"], "end_test": run["answers"][-1][3],
-                     "end_gain_points": gain_points(run["answers"][-1][3], theirs, maximize)})
+        for key, label in (("answers", arm_label(run)), ("paired_answers", f"{arm_label(run)}, paired answer")):
+            if not run.get(key):
+                continue
+            early = [p for p in run[key] if p[0] <= total / 5]
+            rows.append({"search": run["search"], "arm": label, "seed": run["seed"], "full_examples": total,
+                         "full_test": theirs, "fifth_test": early[-1][3] if early else None,
+                         "fifth_gain_points": gain_points(early[-1][3], theirs, maximize) if early else None,
+                         "end_examples": run["stages"][-1]["examples"], "end_test": run[key][-1][3],
+                         "end_gain_points": gain_points(run[key][-1][3], theirs, maximize)})
     return rows
 
 
@@ -346,18 +353,35 @@ def run_key(run: dict[str, Any]) -> tuple[str, str, int | None, int]:
     return run["search"], run["arm"], run.get("references"), run["seed"]
 
 
-def best_so_far(study: optuna.Study) -> tuple[list[tuple[int, optuna.trial.FrozenTrial]], int]:
-    """Each change of the run's best whole-dev trial (its complete trials' values, in the study's direction; an
-    estimated value is not a whole-dev score), in trial order, with the dev examples scored by then; and the dev
-    examples scored in all."""
+def best_so_far(study: optuna.Study, level: float | None = None,
+                weights: dict[str, float] | None = None) -> tuple[list[tuple[int, optuna.trial.FrozenTrial]], int]:
+    """Each change of the run's answer among its whole-dev trials (complete trials' values; an estimated value is
+    not a whole-dev score), in trial order, with the dev examples scored by then; and the dev examples scored in
+    all. The answer is the best whole-dev trial so far in the study's direction; with ``level``, the paired answer
+    rule as a study with promotions applies it (``objective.estimate.answer_level``): each whole-dev trial
+    challenges the answer of its time (:func:`challenge_in_turn`), the first being the first answer (these runs
+    have no reference trials)."""
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     changes: list[tuple[int, optuna.trial.FrozenTrial]] = []
     examples = 0
     for trial in sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number):
         examples += examples_scored(trial)
-        if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None \
-                and "estimated" not in trial.user_attrs \
-                and (not changes or better(trial.value, changes[-1][1].value, maximize=maximize)):  # type: ignore[arg-type]
+        if trial.state != optuna.trial.TrialState.COMPLETE or trial.value is None or "estimated" in trial.user_attrs:
+            continue
+        if not changes:
+            changes.append((examples, trial))
+            continue
+        incumbent = changes[-1][1]
+        if level is None:
+            taken = better(trial.value, incumbent.value, maximize=maximize)  # type: ignore[arg-type]
+        else:
+            found = {t.number: trial_outcomes(t) for t in (trial, incumbent)}
+            kept = {n: o for n, o in found.items() if o is not None}
+            scores = {t.number: float(t.value) for t in (trial, incumbent)}  # type: ignore[arg-type]
+            winner, _ = challenge_in_turn(incumbent.number, [trial.number], kept, scores, maximize=maximize,
+                                          alpha=level, weights=weights)
+            taken = winner == trial.number
+        if taken:
             changes.append((examples, trial))
     return changes, examples
 

@@ -274,8 +274,9 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     scores trials on a few examples fitted from the baselines (and the first
     `references` trials, scored on all of dev) and estimates the full dev
     score; the answer is the best of the `confirm` best estimates re-scored on
-    all of dev (answer_level: 0.05, a later run changes it only for a trial
-    better by a paired test on all of dev; promote_within: 0, a trial whose
+    all of dev (answer_level: 0.05, a later run, or with promote_within a
+    later promoted trial, changes it only for a trial better by a paired
+    test on all of dev; promote_within: 0, a trial whose
     estimate beats the best all-of-dev score so far is scored on all of dev
     at once, inside --timeout, and confirm: 0 then scores nothing after the
     run); pruner

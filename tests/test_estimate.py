@@ -610,3 +610,100 @@ def test_the_paired_answer_rule_keeps_the_answer_until_a_challenger_is_better_by
             assert answer["decisions"][-1]["incumbent"] == 0
     best = best_trial(study)
     assert best is not None and best.number == 2
+
+
+def _right_against(gained: int, lost: int, *, also: tuple[int, int] = (0, 0)) -> Outcomes:
+    """Outcomes right on the first 1,000 of 1,200 examples, then ``gained`` more right after them and the first
+    ``lost`` wrong: a rival of the plain 1,000 by gained - lost examples. ``also`` (gained, lost): further changes
+    on other examples (from 1,100 on, and from 500 on), so that two such outcomes differ on those alone."""
+    correct = np.arange(1200) < 1000
+    correct[1000:1000 + gained] = True
+    correct[:lost] = False
+    correct[1100:1100 + also[0]] = True
+    correct[500:500 + also[1]] = False
+    return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(1200), correct)})
+
+
+def test_challengers_take_the_answer_in_turn_only_by_the_paired_test() -> None:
+    """challenge_in_turn by hand: the answer is trial 0 (1,000 of 1,200 right). Trial 1 gains 30 and loses 26 (4
+    better, p_better about .30): kept out. Trial 2 gains 60 and loses 10 (50 better): takes the place. Trial 3 is
+    trial 2 with 30 more right and 26 more wrong elsewhere: 54 better than trial 0, but it challenges trial 2, the
+    answer of its time, by 4 (p_better about .30 again): kept out. Trial 4 has no kept outcomes: by score, .90
+    against trial 2's .875, it takes over."""
+    from evoopt.data.outcomes import challenge_in_turn
+
+    outcomes = {0: _right_against(0, 0), 1: _right_against(30, 26), 2: _right_against(60, 10),
+                3: _right_against(60, 10, also=(30, 26))}
+    scores = {n: o.scores()["t"] for n, o in outcomes.items()} | {4: 0.90}
+    answer, records = challenge_in_turn(0, [1, 2, 3], outcomes, scores, maximize=True, alpha=0.05)
+    assert answer == 2
+    assert [(r["challenger"], r["incumbent"], r["decided"]) for r in records] == [
+        (1, 0, "rejected"), (2, 0, "accepted"), (3, 2, "rejected")]
+    assert records[2]["difference"] == pytest.approx(4 / 1200, abs=1e-6)
+    assert challenge_in_turn(0, [1, 2, 3, 4], outcomes, scores, maximize=True, alpha=0.05)[0] == 4
+    # minimised (an error rate): the same comparisons, read the other way round
+    errors = {n: Outcomes("accuracy", {"t": TaskOutcomes(np.arange(1200), ~o.tasks["t"].values)})
+              for n, o in outcomes.items()}
+    answer, records = challenge_in_turn(0, [1, 2, 3], errors, {n: 1 - s for n, s in scores.items()},
+                                        maximize=False, alpha=0.05)
+    assert answer == 2 and [r["decided"] for r in records] == ["rejected", "accepted", "rejected"]
+
+
+def test_with_promotions_each_promoted_trial_challenges_the_answer_of_its_time() -> None:
+    """answer_level with promote_within, one report at the end of a run: trial 0 was promoted first (the first
+    answer), trial 1 was estimated and not promoted, trial 2 was promoted 4 examples better than trial 0 (kept out)
+    and trial 3 50 better (takes the place). Before, the rule only acted between reports: a single run answered
+    with the best whole-dev score whatever the test. With a reference trial scored on the whole dev set from the
+    start, the best reference is the first answer."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from evoopt.data.outcomes import OUTCOMES_ATTR, encode
+    from evoopt.study.kinds.base import Kind
+    from evoopt.study.storage import ANSWER_ATTR, best_trial
+
+    def study_of(trials: list[tuple[str, Outcomes | None, float]]) -> optuna.Study:
+        study = optuna.create_study(direction="maximize")
+        for what, outcomes, value in trials:
+            attrs = {"promoted": {"estimate": value}} if what == "promoted" else \
+                {"estimated": {"method": "mixture"}} if what == "estimated" else {}
+            system = {OUTCOMES_ATTR: encode(outcomes)} if outcomes is not None else {}
+            study.add_trial(optuna.trial.create_trial(value=value, user_attrs=attrs, system_attrs=system))
+        return study
+
+    def whole(gained: int, lost: int) -> tuple[Outcomes, float]:
+        outcomes = _right_against(gained, lost)
+        return outcomes, outcomes.scores()["t"]
+
+    kind = Kind(SimpleNamespace(objective=SimpleNamespace(  # type: ignore[arg-type]
+        split="dev", weights={}, estimate=SimpleNamespace(confirm=0, answer_level=0.05, promote_within=0.0))), None)
+
+    def never(*_: Any) -> None:  # confirm: 0, nothing is scored after the run
+        raise AssertionError("scored after the run")
+
+    study = study_of([("promoted", *whole(0, 0)), ("estimated", None, 0.99), ("promoted", *whole(30, 26)),
+                      ("promoted", *whole(60, 10))])
+    kind._confirm(study, never)  # type: ignore[arg-type]
+    answer = study.user_attrs[ANSWER_ATTR]
+    assert answer["trial"] == 3 and answer["best"] == 3 and answer["seen"] == [0, 2, 3]
+    assert [(d["challenger"], d["incumbent"], d["decided"]) for d in answer["decisions"]] == [
+        (2, 0, "rejected"), (3, 0, "accepted")]
+    found = best_trial(study)
+    assert found is not None and found.number == 3
+    # stopped after trial 2: the answer stays trial 0 although trial 2 has the best whole-dev score
+    study = study_of([("promoted", *whole(0, 0)), ("estimated", None, 0.99), ("promoted", *whole(30, 26))])
+    kind._confirm(study, never)  # type: ignore[arg-type]
+    answer = study.user_attrs[ANSWER_ATTR]
+    assert answer["trial"] == 0 and answer["best"] == 2
+    # resumed: trial 3 arrives in a later run and challenges the answer stored by the first
+    study.add_trial(optuna.trial.create_trial(value=whole(60, 10)[1], user_attrs={"promoted": {}},
+                                              system_attrs={OUTCOMES_ATTR: encode(whole(60, 10)[0])}))
+    kind._confirm(study, never)  # type: ignore[arg-type]
+    answer = study.user_attrs[ANSWER_ATTR]
+    assert answer["trial"] == 3 and [d["challenger"] for d in answer["decisions"]] == [2, 3]
+    # two reference trials (whole dev from the start): the better one is the first answer, whatever its number
+    study = study_of([("reference", *whole(0, 20)), ("reference", *whole(0, 0)), ("promoted", *whole(30, 26))])
+    kind._confirm(study, never)  # type: ignore[arg-type]
+    answer = study.user_attrs[ANSWER_ATTR]
+    assert answer["trial"] == 1 and [(d["challenger"], d["incumbent"]) for d in answer["decisions"]] == [(2, 1)]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +155,28 @@ def paired_decision(candidate: Outcomes, rival: Outcomes, *, maximize: bool, alp
     decided = "rejected" if p_worse < alpha else ("accepted" if p_better < alpha else "rejected") if final else None
     return decided, {"decided": decided, "examples": shared, "difference": round(better, 6),
                      "p_worse": round(p_worse, 6), "p_better": round(p_better, 6), "alpha": alpha}
+
+
+def challenge_in_turn(incumbent: int, challengers: Sequence[int], outcomes: Mapping[int, Outcomes],
+                      scores: Mapping[int, float], *, maximize: bool, alpha: float,
+                      weights: dict[str, float] | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """The paired answer rule, challenger by challenger: each takes the incumbent's place only when it is better
+    by :func:`paired_decision` at its final stage (a one-sided paired test at level ``alpha``), and the next
+    challenges whichever holds the place then. Where either has no kept ``outcomes`` the better of ``scores``
+    holds it (no test). Returns the last incumbent and each test's record (``challenger``, ``incumbent``, then
+    :func:`paired_decision`'s)."""
+    records = []
+    for challenger in challengers:
+        if challenger in outcomes and incumbent in outcomes:
+            decided, record = paired_decision(outcomes[challenger], outcomes[incumbent], maximize=maximize,
+                                              alpha=alpha, final=True, weights=weights)
+            records.append({"challenger": challenger, "incumbent": incumbent, **record})
+            taken = decided == "accepted"
+        else:
+            taken = scores[challenger] > scores[incumbent] if maximize else scores[challenger] < scores[incumbent]
+        if taken:
+            incumbent = challenger
+    return incumbent, records
 
 
 # --- storage: JSON-safe and compact ------------------------------------------------------------------

@@ -137,7 +137,9 @@ class EstimateSpec(_Strict):
     answer_level: float | None = Field(None, gt=0, lt=0.5, description=(
         "with confirm: the answer changes only when a newly confirmed trial is better than it by a one-sided "
         "paired test on their whole-dev per-example outcomes at this level (e.g. 0.05), so that a later report "
-        "does not trade the answer for a trial a few dev examples better, which is dev's noise; default: the best "
+        "does not trade the answer for a trial a few dev examples better, which is dev's noise; with "
+        "promote_within each promoted trial challenges the answer of its time in turn, so the test holds at every "
+        "moment of a run (the first answer: the best reference trial, else the first promoted); default: the best "
         "whole-dev score of every trial confirmed so far"))
     promote_within: float | None = Field(None, ge=0, description=(
         "confirm as the search goes: a trial whose estimate is better than the best whole-dev score of the "

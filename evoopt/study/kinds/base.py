@@ -17,7 +17,7 @@ import optuna
 import torch
 
 from evoopt.data.objective import combine
-from evoopt.data.outcomes import Outcomes, paired_decision, trial_outcomes
+from evoopt.data.outcomes import Outcomes, challenge_in_turn, trial_outcomes
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write
 from evoopt.study.config import StudyConfig
@@ -163,7 +163,8 @@ class Kind(Generic[SpaceT]):
         trial confirmed at an earlier report stays a candidate when later estimates pass it), unless a trial
         scored on the whole dev set from the start (a reference trial) is better still. A confirmed trial's
         whole-dev outcomes are kept in the study (:func:`confirmed_outcomes`). With ``answer_level``, a later
-        report changes the answer only by the paired rule of :meth:`_challenge`. With ``promote_within`` and
+        report (or, with promotions, a later promoted trial) changes the answer only by the paired rule of
+        :meth:`_challenge`. With ``promote_within`` and
         ``confirm: 0`` nothing is scored here: the answer is the best of the trials scored on the whole dev set
         (promoted during the search, or reference trials)."""
         spec = self.config.objective.estimate
@@ -198,18 +199,24 @@ class Kind(Generic[SpaceT]):
         best = numbers[best_index([whole[n] for n in numbers], maximize=maximize)]
         answer: dict[str, Any] = {"trial": best, "of": [t.number for t in top], "dev": dev}
         if spec.answer_level is not None:
-            answer.update(self._challenge(study, trials, stored, whole, best, spec.answer_level, maximize=maximize))
+            answer.update(self._challenge(study, trials, stored, whole, best, spec.answer_level, maximize=maximize,
+                                              promoting=promoting))
         if answer != stored:
             study.set_user_attr(ANSWER_ATTR, answer)
 
     def _challenge(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial], stored: Mapping[str, Any],
-                   whole: dict[int, float], best: int, level: float, *, maximize: bool) -> dict[str, Any]:
+                   whole: dict[int, float], best: int, level: float, *, maximize: bool,
+                   promoting: bool) -> dict[str, Any]:
         """The paired answer rule (``objective.estimate.answer_level``). The answer of the last report, the
-        incumbent, stays unless the best by whole-dev score of the trials seen since (newly confirmed, or
-        reference trials) is better than it by a one-sided paired z-test at ``level`` on their whole-dev
-        per-example outcomes: the test of the Evolver's paired rule (:func:`paired_decision`), as racing
-        (Birattari et al., 2002) keeps an incumbent until a paired test decides. The first report's answer is the
-        best whole-dev score; a trial without kept outcomes (confirmed before they were kept) is compared by score.
+        incumbent, stays unless a trial seen since (newly confirmed, promoted, or a reference trial) is better than
+        it by a one-sided paired z-test at ``level`` on their whole-dev per-example outcomes: the test of the
+        Evolver's paired rule (:func:`challenge_in_turn`), as racing (Birattari et al., 2002) keeps an incumbent
+        until a paired test decides. Confirmed at the end of a run, the best by whole-dev score of the new trials
+        challenges. Promoted (``promote_within``), each new trial challenges in turn, by trial number, as they were
+        scored during the search: the answer then moves only by the test at every moment of the run, and the first
+        answer is the best reference trial, else the first trial promoted. Without promotions the first report's
+        answer is the best whole-dev score. A trial without kept outcomes (confirmed before they were kept) is
+        compared by score.
 
         Returns the answer's fields: ``trial``; ``best``, the best whole-dev score's trial (the rule without the
         test); ``seen``, the trials compared so far; ``decisions``, each test's challenger, incumbent, paired
@@ -217,25 +224,27 @@ class Kind(Generic[SpaceT]):
         incumbent = stored.get("trial")
         decisions = list(stored.get("decisions", []))
         fields: dict[str, Any] = {"best": best, "seen": sorted(whole), "decisions": decisions}
-        if incumbent not in whole:  # the first report (or the incumbent is gone): the best score
-            return {**fields, "trial": best}
-        challengers = [n for n in sorted(whole) if n not in set(stored.get("seen", ())) | {incumbent}]
+        new = [n for n in sorted(whole) if n not in set(stored.get("seen", ())) and n != incumbent]
+        if incumbent not in whole:  # the first report (or the incumbent is gone)
+            if not promoting:
+                return {**fields, "trial": best}
+            references = [n for n in new if not {"promoted", "estimated"} & trials[n].user_attrs.keys()]
+            incumbent = references[best_index([whole[n] for n in references], maximize=maximize)] \
+                if references else new[0]
+            new = [n for n in new if n != incumbent and n not in references]
+        challengers = new if promoting else \
+            [new[best_index([whole[n] for n in new], maximize=maximize)]] if new else []
         if not challengers:
             return {**fields, "trial": incumbent}
-        challenger = challengers[best_index([whole[n] for n in challengers], maximize=maximize)]
         outcomes = confirmed_outcomes(study)
-        for n in (challenger, incumbent):
-            if n not in outcomes and "estimated" not in trials[n].user_attrs:  # a reference trial: its own
+        for n in (*challengers, incumbent):
+            if n not in outcomes and "estimated" not in trials[n].user_attrs:  # reference or promoted: its own
                 found = trial_outcomes(trials[n])
                 if found is not None:
                     outcomes[n] = found
-        if challenger not in outcomes or incumbent not in outcomes:
-            better = whole[challenger] > whole[incumbent] if maximize else whole[challenger] < whole[incumbent]
-            return {**fields, "trial": challenger if better else incumbent}
-        decided, record = paired_decision(outcomes[challenger], outcomes[incumbent], maximize=maximize,
-                                          alpha=level, final=True, weights=self.config.objective.weights)
-        decisions.append({"challenger": challenger, "incumbent": incumbent, **record})
-        return {**fields, "trial": challenger if decided == "accepted" else incumbent}
+        answer, records = challenge_in_turn(incumbent, challengers, outcomes, whole, maximize=maximize, alpha=level,
+                                            weights=self.config.objective.weights)
+        return {**fields, "trial": answer, "decisions": decisions + records}
 
     def best_text(self, study: optuna.Study) -> str:
         """What `evoopt best` prints: the best trial's value, scores and record."""

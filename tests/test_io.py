@@ -302,3 +302,51 @@ def test_the_finite_check_finds_every_nan_and_inf(dtype: torch.dtype) -> None:
             bad[index] = value
             assert not _all_finite(bad), (value, index)
             assert not _all_finite(bad.reshape(-1, 1)[:, 0]) and not _all_finite(bad[index:index + 1])
+
+
+def _advised_for_huge_pages(tensor: torch.Tensor) -> bool:
+    """Whether the mapping holding ``tensor`` carries madvise(MADV_HUGEPAGE) (``hg`` in its smaps VmFlags)."""
+    address, mapping = tensor.data_ptr(), None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+            start, end = (int(x, 16) for x in head.split("-"))
+            mapping = start <= address < end
+        elif line.startswith("VmFlags:") and mapping:
+            return "hg" in line.split()[1:]
+    return False
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="madvise(MADV_HUGEPAGE): Linux only")
+def test_the_in_memory_state_is_advised_for_huge_pages(llama_family: list[Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """huge_page_empty: a writable tensor of the asked size in a private anonymous mapping advised for transparent
+    huge pages, alive as long as the tensor; below a huge page, an ordinary tensor. A Merger whose state is advised
+    (every store, with the threshold lowered for these small models) merges the same bytes as one whose is not."""
+    import gc
+
+    import evoopt.merge.merger as merger_module
+    from evoopt.merge.merger import huge_page_empty
+
+    state = huge_page_empty(3 * 2**20, torch.bfloat16)  # 6 MiB
+    assert state.shape == (3 * 2**20,) and state.dtype == torch.bfloat16 and state.is_contiguous()
+    gc.collect()  # the mapping's Python object is gone: the tensor holds the memory
+    state.copy_(torch.arange(state.numel(), dtype=torch.float32).to(torch.bfloat16))
+    assert state[-1].item() == float(torch.tensor(3 * 2**20 - 1, dtype=torch.bfloat16))
+    enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if enabled.exists() and "[never]" not in enabled.read_text():
+        assert _advised_for_huge_pages(state)
+    assert huge_page_empty(100, torch.float32).shape == (100,)
+    assert not _advised_for_huge_pages(huge_page_empty(100, torch.float32))
+
+    plain = Merger(_recipe(llama_family, "ties"))
+    monkeypatch.setattr(merger_module, "HUGE_PAGE", 1)
+    advised = Merger(_recipe(llama_family, "ties"))
+    assert advised.prepared is not None and not advised.streamed
+    if enabled.exists() and "[never]" not in enabled.read_text():
+        assert all(_advised_for_huge_pages(p.deltas) for p in advised.prepared.values())  # type: ignore[arg-type]
+    for seed in (0, 5):
+        plain.merge(seed=seed)
+        advised.merge(seed=seed)
+        for name, target in plain.targets.items():
+            assert torch.equal(advised.targets[name], target), name

@@ -131,10 +131,11 @@ class Merger:
                         state / 2**30)
         # All of one dtype's state in one allocation: no heap fragmentation from hundreds of tensors.
         models = len(self.sources)
+        sizes = {dtype: models * sum(t.numel() for n, t in self.targets.items() if dtypes[n] == dtype)
+                 for dtype in set(dtypes.values())}
         pinned = self.device.type == "cuda" and not on_device
-        stores = {dtype: (torch.empty(numel, dtype=dtype, pin_memory=True) if pinned else huge_page_empty(numel, dtype))
-                  for dtype in set(dtypes.values())
-                  for numel in [models * sum(t.numel() for n, t in self.targets.items() if dtypes[n] == dtype)]}
+        stores = {dtype: torch.empty(size, dtype=dtype, pin_memory=True) if pinned else huge_page_empty(size, dtype)
+                  for dtype, size in sizes.items()}
         offsets = dict.fromkeys(stores, 0)
         scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
         prepared = {}

@@ -226,7 +226,7 @@ class Kind(Generic[SpaceT]):
         fields: dict[str, Any] = {"best": best, "seen": sorted(whole), "decisions": decisions}
         new = [n for n in sorted(whole) if n not in set(stored.get("seen", ())) and n != incumbent]
         if incumbent not in whole:  # the first report (or the incumbent is gone)
-            if not promoting:
+            if not promoting or not new:
                 return {**fields, "trial": best}
             references = [n for n in new if not {"promoted", "estimated"} & trials[n].user_attrs.keys()]
             incumbent = references[best_index([whole[n] for n in references], maximize=maximize)] \

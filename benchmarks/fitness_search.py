@@ -358,30 +358,31 @@ def best_so_far(study: optuna.Study, level: float | None = None,
     """Each change of the run's answer among its whole-dev trials (complete trials' values; an estimated value is
     not a whole-dev score), in trial order, with the dev examples scored by then; and the dev examples scored in
     all. The answer is the best whole-dev trial so far in the study's direction; with ``level``, the paired answer
-    rule as a study with promotions applies it (``objective.estimate.answer_level``): each whole-dev trial
-    challenges the answer of its time (:func:`challenge_in_turn`), the first being the first answer (these runs
-    have no reference trials)."""
+    rule as a study with promotions applies it (``objective.estimate.answer_level``): the product's
+    :func:`challenge_in_turn` run once over the whole-dev trials, each challenging the answer of its time, the first
+    being the first answer (these runs have no reference trials)."""
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
+    whole = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
+             and "estimated" not in t.user_attrs]
+    taken: set[int] = set()
+    if level is not None and whole:
+        outcomes = {t.number: trial_outcomes(t) for t in whole}
+        kept = {n: o for n, o in outcomes.items() if o is not None}
+        if len(kept) < len(outcomes):  # compared by score, a challenge leaves no record to read the changes from
+            raise SystemExit(f"{study.study_name}: whole-dev trials without kept outcomes; the paired rule needs them")
+        _, records = challenge_in_turn(whole[0].number, [t.number for t in whole[1:]], kept,
+                                       {t.number: float(t.value) for t in whole},  # type: ignore[arg-type]
+                                       maximize=maximize, alpha=level, weights=weights)
+        taken = {r["challenger"] for r in records if r["decided"] == "accepted"}
+    numbers = {t.number for t in whole}
     changes: list[tuple[int, optuna.trial.FrozenTrial]] = []
     examples = 0
-    for trial in sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number):
+    for trial in trials:
         examples += examples_scored(trial)
-        if trial.state != optuna.trial.TrialState.COMPLETE or trial.value is None or "estimated" in trial.user_attrs:
-            continue
-        if not changes:
-            changes.append((examples, trial))
-            continue
-        incumbent = changes[-1][1]
-        if level is None:
-            taken = better(trial.value, incumbent.value, maximize=maximize)  # type: ignore[arg-type]
-        else:
-            found = {t.number: trial_outcomes(t) for t in (trial, incumbent)}
-            kept = {n: o for n, o in found.items() if o is not None}
-            scores = {t.number: float(t.value) for t in (trial, incumbent)}  # type: ignore[arg-type]
-            winner, _ = challenge_in_turn(incumbent.number, [trial.number], kept, scores, maximize=maximize,
-                                          alpha=level, weights=weights)
-            taken = winner == trial.number
-        if taken:
+        if trial.number in numbers and (
+                not changes or (trial.number in taken if level is not None
+                                else better(trial.value, changes[-1][1].value, maximize=maximize))):  # type: ignore[arg-type]
             changes.append((examples, trial))
     return changes, examples
 

@@ -261,7 +261,7 @@ def main() -> None:
             r["x_faster_than_mergekit"] = results["mergekit"]["seconds"] / r["median_s"]
         print(f"{name:>20}: per candidate {r['median_s']:.2f} s (median of {args.candidates}), bound "
               f"{r['bound_s']:.2f} s ({r['copy_bandwidth_GBps']:.1f} GB/s), {r['ratio_to_bound']:.2f} x the bound "
-              f"(target <= 3x; {r.get('ratio_to_small_page_bound', r['ratio_to_bound']):.2f} x against the copy in "
+              f"(target <= 3x; {r['ratio_to_small_page_bound']:.2f} x against the copy in "
               f"small pages); peak private memory {r['peak_private_bytes'] / 1e9:.2f} GB = "
               f"{r['private_x_model']:.2f} x one model (streamed target <= 1.5x); setup {r['setup_s']:.0f} s"
               + (f"; {r['x_faster_than_mergekit']:.0f}x faster than mergekit (target >= 20x)" if "mergekit" in results

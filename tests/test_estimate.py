@@ -561,6 +561,18 @@ def test_a_trial_confirmed_earlier_stays_the_answer_when_later_estimates_pass_it
     assert best is not None and best.number == 0
 
 
+def _right_against(gained: int, lost: int, *, also: tuple[int, int] = (0, 0)) -> Outcomes:
+    """Outcomes right on the first 1,000 of 1,200 examples, then ``gained`` more right after them and the first
+    ``lost`` wrong: a rival of the plain 1,000 by gained - lost examples. ``also`` (gained, lost): further changes
+    on other examples (from 1,100 on, and from 500 on), so that two such outcomes differ on those alone."""
+    correct = np.arange(1200) < 1000
+    correct[1000:1000 + gained] = True
+    correct[:lost] = False
+    correct[1100:1100 + also[0]] = True
+    correct[500:500 + also[1]] = False
+    return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(1200), correct)})
+
+
 def test_the_paired_answer_rule_keeps_the_answer_until_a_challenger_is_better_by_the_paired_test() -> None:
     """estimate.answer_level: trial 0 is the answer of an earlier report (1,000 of 1,200 right). Trial 1, confirmed
     next, gains 30 examples and loses 26: 4 more right, the best whole-dev score, but a paired z of about 0.53
@@ -572,12 +584,6 @@ def test_the_paired_answer_rule_keeps_the_answer_until_a_challenger_is_better_by
     from evoopt.study.kinds.base import Kind
     from evoopt.study.storage import ANSWER_ATTR, best_trial, record_confirmed_outcomes
 
-    def outcomes(gained: int, lost: int) -> Outcomes:  # against trial 0: right on the first 1,000 of 1,200
-        right = np.arange(1200) < 1000
-        right[1000:1000 + gained] = True
-        right[:lost] = False
-        return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(1200), right)})
-
     study = optuna.create_study(direction="maximize")
     kind = Kind(SimpleNamespace(objective=SimpleNamespace(  # type: ignore[arg-type]
         split="dev", weights={}, estimate=SimpleNamespace(confirm=1, answer_level=0.05, promote_within=None))), None)  # type: ignore[arg-type]
@@ -588,7 +594,7 @@ def test_the_paired_answer_rule_keeps_the_answer_until_a_challenger_is_better_by
     dev: dict[str, Any] = {}
     for number, (estimate, gained, lost) in enumerate([(0.90, 0, 0), (0.95, 30, 26), (0.97, 60, 10)]):
         study.add_trial(optuna.trial.create_trial(value=estimate, user_attrs={"estimated": {"method": "mixture"}}))
-        confirmed = outcomes(gained, lost)
+        confirmed = _right_against(gained, lost)  # against trial 0: right on the first 1,000 of 1,200
         dev[str(number)] = confirmed.scores()
         record_confirmed_outcomes(study, number, confirmed)
         study.set_user_attr(ANSWER_ATTR, {**study.user_attrs.get(ANSWER_ATTR, {}), "dev": dict(dev)})
@@ -610,18 +616,6 @@ def test_the_paired_answer_rule_keeps_the_answer_until_a_challenger_is_better_by
             assert answer["decisions"][-1]["incumbent"] == 0
     best = best_trial(study)
     assert best is not None and best.number == 2
-
-
-def _right_against(gained: int, lost: int, *, also: tuple[int, int] = (0, 0)) -> Outcomes:
-    """Outcomes right on the first 1,000 of 1,200 examples, then ``gained`` more right after them and the first
-    ``lost`` wrong: a rival of the plain 1,000 by gained - lost examples. ``also`` (gained, lost): further changes
-    on other examples (from 1,100 on, and from 500 on), so that two such outcomes differ on those alone."""
-    correct = np.arange(1200) < 1000
-    correct[1000:1000 + gained] = True
-    correct[:lost] = False
-    correct[1100:1100 + also[0]] = True
-    correct[500:500 + also[1]] = False
-    return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(1200), correct)})
 
 
 def test_challengers_take_the_answer_in_turn_only_by_the_paired_test() -> None:

@@ -259,7 +259,8 @@ def available_memory() -> float:
 def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised 1-D tensor in private anonymous memory that the kernel is asked to back with transparent huge
     pages (``madvise(MADV_HUGEPAGE)`` before the first touch; Linux, where THP is ``always`` or ``madvise``), so that
-    the fast path's passes over its state, gigabytes read per candidate, miss the TLB 512 x less often. torch's own
+    the fast path's passes over its state, gigabytes read per candidate, have 512 x fewer pages to translate (fewer
+    TLB misses). torch's own
     allocator does so only under ``THP_MEM_ALLOC_ENABLE=1``, read once per process. Measured on a 2-core AMD EPYC
     (Zen 4, THP ``madvise``), four rounds alternating with the state in small pages (``benchmarks/merge_speed.py
     --dtype bfloat16``, 3 x SmolLM2-135M): bfloat16 TIES 0.099-0.111 -> 0.090-0.093 s a candidate, DARE-TIES

@@ -253,7 +253,7 @@ def merge_prepared(
     if base is None or deltas is None:  # float16, or streamed sources of mixed dtypes
         _merge_stored(prepared, out, params, settings)
         return
-    _into(out.view(-1), _fused_kernel(), (base, deltas, *params, *settings, 0))
+    _into(out.view(-1), _fused_kernel(), (base, deltas, *_for_kernel(params), *settings, 0))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -309,7 +309,8 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
         chunk = deltas[: models * k].view(models, k)
         for m in range(models):
             chunk[m].copy_(prepared.deltas[m][start : start + k]).sub_(chunk_base)
-        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), *params, *settings, start))
+        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), *_for_kernel(params), *settings,
+                                                start))
 
 
 def _kernel_params(
@@ -339,6 +340,13 @@ def _kernel_params(
             lows[m], highs[m] = prepared.bounds(m, rank_window(prepared.numel, densities[m], gamma=gamma))
     weight_arr = np.asarray(weights, dtype=np.float32)
     return coefs, weight_arr, lows, highs, thresholds, keys
+
+
+def _for_kernel(params: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
+    """The fused kernel's parameters: the weights as a tuple of float32, so that the kernel is compiled once per
+    number of sources, with its loops over the sources of a constant count (``_compile``)."""
+    coefs, weights, *rest = params
+    return (coefs, tuple(weights), *rest)
 
 
 def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
@@ -537,8 +545,8 @@ def _compile() -> Any:
 
     mask, s32, golden = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint32(_GOLDEN32)
     zero, one = np.float32(0.0), np.float32(1.0)
-    # entries per block: a worker's scratch (the base widened, a contribution row per source, the total, the TIES
-    # numerator and divisor: 28 KB for 3 sources) then stays in a 32 KB L1 data cache (measured: 8192 entries, in
+    # entries per block: a worker's scratch (the base widened, a contribution row per source and the total: 20 KB
+    # for 3 sources) then stays in a 32 KB L1 data cache (measured: 8192 entries, in
     # L2, were up to 1.3 x slower for 16-bit states; benchmarks/kernel_speed.py)
     block = 1_024
 
@@ -600,12 +608,17 @@ def _compile() -> Any:
         return v * scale
 
     @numba.njit(inline="always")
-    def close(target, base, num, div, c, sign, w, normalize, scale):  # type: ignore[no-untyped-def]
-        """The last source's agreeing terms added to the sums, each entry finished and stored with the base."""
-        for j in range(c.size):
-            agree = agrees(c[j], sign[j])
-            v = finish(num[j] + (c[j] if agree else zero), div[j] + (w if agree else zero), normalize, scale)
-            _store(target, j, base[j] + v)
+    def close(target, base, total, contributions, weights, normalize, scale):  # type: ignore[no-untyped-def]
+        """Every source's agreeing terms added to the sums, each entry finished and stored with the base."""
+        for j in range(total.size):
+            sign = elect(total[j])
+            num, div = zero, zero
+            for m in range(len(weights)):
+                c = contributions[m, j]
+                agree = agrees(c, sign)
+                num = num + (c if agree else zero)
+                div = div + (weights[m] if agree else zero)
+            _store(target, j, base[j] + finish(num, div, normalize, scale))
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
@@ -624,8 +637,6 @@ def _compile() -> Any:
             base_buffer = np.empty(block, dtype=np.float32)
             contributions = np.empty((models, block), dtype=np.float32)
             total = np.empty(block, dtype=np.float32)
-            numerator = np.empty(block, dtype=np.float32)
-            divisor = np.empty(block, dtype=np.float32)
             for b in range(w * blocks // workers, (w + 1) * blocks // workers):
                 start, stop = b * block, min(n, (b + 1) * block)
                 size = stop - start
@@ -646,34 +657,14 @@ def _compile() -> Any:
                                    thresholds[m], keys[m], start + offset)
                 target = out[start:stop]  # (indexed from 0, so that the stores vectorise: see _base_block)
                 if consensus:
-                    # the first source's pass replaces the total by the elected sign (the total only elects it) and
-                    # writes the agreeing sums (from zero, as in the pure function: no pass that zeroes them); the
-                    # last one's finishes and stores each entry (no read-back)
-                    num, div = numerator[:size], divisor[:size]
-                    if models == 1:
-                        for j in range(size):
-                            t[j] = elect(t[j])
-                        num[:] = zero
-                        div[:] = zero
-                    for m in range(models - 1):
-                        c, wm = contributions[m, :size], weights[m]
-                        if m == 0:
-                            for j in range(size):
-                                sign = elect(t[j])
-                                t[j] = sign
-                                agree = agrees(c[j], sign)
-                                num[j] = zero + (c[j] if agree else zero)
-                                div[j] = zero + (wm if agree else zero)
-                        else:
-                            for j in range(size):
-                                agree = agrees(c[j], t[j])
-                                num[j] = num[j] + (c[j] if agree else zero)
-                                div[j] = div[j] + (wm if agree else zero)
-                    c, wm = contributions[models - 1, :size], weights[models - 1]
-                    if normalize:  # (a constant at each call, as contribute's keep: no masked load of div)
-                        close(target, base_block, num, div, c, t, wm, True, scale)
+                    # one pass over the entries for every source's agreeing terms (``weights`` a tuple: the loop over
+                    # the sources has a constant count, which LLVM unrolls, so that the pass over the entries
+                    # vectorises with the sums in registers): the elected sign, each source's contribution added
+                    # where it agrees, in the sources' order (as in the pure function), finished and stored
+                    if normalize:  # (a constant at each call, as contribute's keep)
+                        close(target, base_block, t, contributions, weights, True, scale)
                     else:
-                        close(target, base_block, num, div, c, t, wm, False, scale)
+                        close(target, base_block, t, contributions, weights, False, scale)
                 else:
                     for j in range(size):
                         _store(target, j, base_block[j] + finish(t[j], weight_sum, normalize, scale))

@@ -94,8 +94,8 @@ def test_prepared_fast_path_gives_the_same_bytes(seed: int, n: int, w: list[floa
 @pytest.mark.parametrize("count", [1, 2, 5])
 @pytest.mark.parametrize("state", ["float32", "bfloat16"])
 def test_the_kernels_sign_consensus_for_any_number_of_sources(count: int, state: str) -> None:
-    """The kernel elects the sign in the first source's pass (or a pass of its own for one source) and writes the
-    agreeing sums from there: the bytes of the pure function for 1, 2 and 5 sources, with negative weights (a sign
+    """The kernel elects the sign and sums the agreeing terms of every source in one pass, compiled per number of
+    sources: the bytes of the pure function for 1, 2 and 5 sources, with negative weights (a sign
     flipped) and exact zeros in a task vector (which never agree)."""
     dtype = torch.bfloat16 if state == "bfloat16" else torch.float32
     base, xs = _tensors(count, 5_000, count, dtype)

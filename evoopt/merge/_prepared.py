@@ -50,6 +50,9 @@ GRID_SIZE = 16_384
 CHUNK = 1 << 18  # entries widened to float32 at a time in the stored-dtype state (1 MiB per model)
 STORED = (torch.bfloat16, torch.float16)  # dtypes kept as they are stored
 TORCH_CHUNK = 1 << 22  # entries merged at a time by the torch path (the GPU's), a few float32 scratch tensors each
+# sources up to which the fused kernel unrolls its loops over them (measured on an AVX-512 Xeon: 8 and 10 sources
+# unrolled in every state and method, 12 not; see _for_kernel)
+UNROLLED = 8
 _MODES = {"none": 0, "magnitude": 1, "breadcrumbs": 1, "random": 2}
 
 
@@ -343,10 +346,13 @@ def _kernel_params(
 
 
 def _for_kernel(params: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
-    """The fused kernel's parameters: the weights as a tuple of float32, so that the kernel is compiled once per
-    number of sources, with its loops over the sources of a constant count (``_compile``)."""
-    coefs, weights, *rest = params
-    return (coefs, tuple(weights), *rest)
+    """The fused kernel's parameters: for up to UNROLLED sources as tuples, so that the kernel is compiled once per
+    number of sources and LLVM unrolls its loops over them (one pass over the entries for all sources, the sums in
+    registers); for more, the arrays (a pass per source: LLVM leaves a longer loop rolled, which then keeps the pass
+    over the entries from vectorising: measured 12 sources, 16 x slower)."""
+    if len(params[0]) > UNROLLED:
+        return params
+    return tuple(tuple(values) for values in params)
 
 
 def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
@@ -434,9 +440,11 @@ def _base_block(base: Any, start: int, stop: int, buffer: Any) -> Any:
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
-def _source_row(deltas: Any, m: int, start: int, stop: int) -> Any:
-    """Row ``m`` of entries start..stop as stored: a view of the float32 task vectors, of the sources kept in
-    bfloat16 (their bits), or of source ``m``'s file (typed per state by ``_compile``)."""
+def _merge_block(target: Any, base: Any, rows: Any, first: Any, contributions: Any, total: Any, num: Any, div: Any,
+                 subtract: Any, coefs: Any, weights: Any, lows: Any, highs: Any, thresholds: Any, keys: Any,
+                 mode: Any, consensus: Any, normalize: Any, scale: Any, weight_sum: Any, start: Any) -> None:
+    """One block of the fused pass: the sources unrolled in one pass over the entries where their parameters are
+    tuples, else a pass per source (typed by ``_compile``)."""
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
@@ -447,7 +455,7 @@ def _value(row: Any, j: int) -> Any:
 
 
 def _subtracts(deltas: Any) -> bool:
-    """Whether the rows of ``_source_row`` are the sources (the base to subtract) rather than task vectors: a
+    """Whether the kernel's rows are the sources (the base to subtract) rather than task vectors: a
     constant per type, so that the kernel's loops carry no branch (typed by ``_compile``)."""
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
@@ -522,13 +530,6 @@ def _compile() -> Any:
 
         return widen
 
-    @overload(_source_row, inline="always")
-    def _source_row_typed(deltas, m, start, stop):  # type: ignore[no-untyped-def]
-        if isinstance(deltas, types.BaseTuple):  # the streamed files' flat views
-            return lambda deltas, m, start, stop: deltas[m][start:stop]
-        # rows sliced as deltas[m, a:b] stay contiguous, which LLVM vectorises; deltas[:, a:b][m] does not
-        return lambda deltas, m, start, stop: deltas[m, start:stop]
-
     @overload(_value, inline="always")
     def _value_typed(row, j):  # type: ignore[no-untyped-def]
         if row.dtype == types.float32:
@@ -550,41 +551,59 @@ def _compile() -> Any:
     # L2, were up to 1.3 x slower for 16-bit states; benchmarks/kernel_speed.py)
     block = 1_024
 
-    # One small loop per sparsification mode, each branch-free so that LLVM vectorises it: the task vector's
-    # entries d (the row itself, or the source row minus the base: the same float32 subtraction as ``build``),
-    # their contributions c_m added to the running total (and kept for the sign consensus, where there is one).
+    # One loop over the entries per sparsification mode, each branch-free so that LLVM vectorises it, with the
+    # sources unrolled in it (their parameters are tuples: a constant count): the task vectors' entries d (the row
+    # itself, or the source row minus the base: the same float32 subtraction as ``build``), their contributions c_m
+    # summed in the sources' order into the total (from zero, or from the total so far where ``more``), and kept
+    # for the sign consensus, where there is one. ``rows``: indexed by source, then by entry ``first + j`` (unsigned:
+    # no negative-index check in the loop).
     @numba.njit(inline="always")
-    def contribute(c, keep, total, row, base, subtract, coef, mode, lo, hi, threshold, key, start):  # type: ignore[no-untyped-def]
+    def contribute(c, keep, total, rows, first, base, subtract, coefs, mode, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
+                   start, more):
+        models = len(coefs)
         if mode == 1:
-            for j in range(c.size):
-                v = _value(row, j)
-                x = v - base[j] if subtract else v
-                a = abs(x)
-                y = x * coef if (a >= lo) & (a <= hi) else zero
-                if keep:
-                    c[j] = y
-                total[j] = total[j] + y
+            for j in range(total.size):
+                b, i, tot = base[j], first + np.uint64(j), total[j]
+                tot = tot if more else zero
+                for m in range(models):
+                    v = _value(rows[m], i)
+                    x = v - b if subtract else v
+                    a = abs(x)
+                    y = x * coefs[m] if (a >= lows[m]) & (a <= highs[m]) else zero
+                    if keep:
+                        c[m, j] = y
+                    tot = tot + y
+                total[j] = tot
         elif mode == 2:
-            k_lo, k_hi, first = np.uint32(key & mask), np.uint32(key >> s32), np.uint32((start + 1) & mask)
-            # kept: u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
-            below = np.uint32(threshold)
-            h = np.uint32(first * golden + k_lo)  # (mod 2^32) carried through the loop in 32 bits: a vector add
-            for j in range(c.size):  # a step, where (first + j) * golden took a multiply and a 64-bit counter
-                v = _value(row, j)
-                v = v - base[j] if subtract else v  # loaded unconditionally: a select, not a branch
-                y = v * coef if _kept(h, k_hi, below) else zero
-                h = _add32(h, golden)
-                if keep:
-                    c[j] = y
-                total[j] = total[j] + y
+            # entry j's counter (start + 1 + j) * golden carried through the loop in 32 bits (mod 2^32: a vector add
+            # where the product was a multiply and a 64-bit counter), source m's h that plus its k_lo; kept where
+            # u = (x >> 8) / 2^24 < density  <=>  (x >> 8) < ceil(density * 2^24): exact, integer-only
+            g = np.uint32(np.uint32((start + 1) & mask) * golden)
+            for j in range(total.size):
+                b, i, tot = base[j], first + np.uint64(j), total[j]
+                tot = tot if more else zero
+                for m in range(models):
+                    key = keys[m]
+                    h = _add32(g, np.uint32(key & mask))
+                    v = _value(rows[m], i)
+                    v = v - b if subtract else v  # loaded unconditionally: a select, not a branch
+                    y = v * coefs[m] if _kept(h, np.uint32(key >> s32), np.uint32(thresholds[m])) else zero
+                    if keep:
+                        c[m, j] = y
+                    tot = tot + y
+                total[j] = tot
+                g = _add32(g, golden)
         else:
-            for j in range(c.size):
-                v = _value(row, j)
-                x = v - base[j] if subtract else v
-                y = x * coef
-                if keep:
-                    c[j] = y
-                total[j] = total[j] + y
+            for j in range(total.size):
+                b, i, tot = base[j], first + np.uint64(j), total[j]
+                tot = tot if more else zero
+                for m in range(models):
+                    v = _value(rows[m], i)
+                    y = (v - b if subtract else v) * coefs[m]
+                    if keep:
+                        c[m, j] = y
+                    tot = tot + y
+                total[j] = tot
 
     @numba.njit(inline="always")
     def elect(total):  # type: ignore[no-untyped-def]
@@ -608,17 +627,80 @@ def _compile() -> Any:
         return v * scale
 
     @numba.njit(inline="always")
-    def close(target, base, total, contributions, weights, normalize, scale):  # type: ignore[no-untyped-def]
-        """Every source's agreeing terms added to the sums, each entry finished and stored with the base."""
+    def agreeing(sign, contributions, weights, j, num, div):  # type: ignore[no-untyped-def]
+        """The sums with each source's agreeing term at entry j added, in the sources' order."""
+        for m in range(len(weights)):
+            c = contributions[m, j]
+            agree = agrees(c, sign)
+            num = num + (c if agree else zero)
+            div = div + (weights[m] if agree else zero)
+        return num, div
+
+    @numba.njit(inline="always")
+    def close(target, base, total, contributions, weights, normalize, scale, num, div, more):  # type: ignore[no-untyped-def]
+        """The elected sign, the sources' agreeing terms added to the sums (from zero, or from ``num`` and ``div``
+        where ``more``), each entry finished and stored with the base."""
         for j in range(total.size):
-            sign = elect(total[j])
-            num, div = zero, zero
-            for m in range(len(weights)):
-                c = contributions[m, j]
-                agree = agrees(c, sign)
-                num = num + (c if agree else zero)
-                div = div + (weights[m] if agree else zero)
-            _store(target, j, base[j] + finish(num, div, normalize, scale))
+            n, d = num[j], div[j]
+            n, d = agreeing(elect(total[j]), contributions, weights, j, n if more else zero, d if more else zero)
+            _store(target, j, base[j] + finish(n, d, normalize, scale))
+
+    @numba.njit(inline="always")
+    def agree(total, contributions, weights, num, div, more):  # type: ignore[no-untyped-def]
+        """``close`` for sources before the last, one by one: the sums written back."""
+        for j in range(total.size):
+            n, d = num[j], div[j]
+            num[j], div[j] = agreeing(elect(total[j]), contributions, weights, j, n if more else zero,
+                                      d if more else zero)
+
+    def merge_block(target, base, rows, first, contributions, total, num, div, subtract, coefs, weights, lows,  # type: ignore[no-untyped-def]
+                    highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum, start):
+        """One block: the contributions and their total, then the sign consensus or the total, finished and stored
+        with the base. ``keep`` and ``normalize`` are constants at each call, so that LLVM drops their branches in
+        each inlined copy (with the flag passed through, the store of ``keep`` was predicated: a masked store, which
+        on AVX2 made TIES 1.5 x slower; always storing made linear merges up to 1.5 x slower)."""
+        if consensus:
+            contribute(contributions, True, total, rows, first, base, subtract, coefs, mode, lows, highs, thresholds,
+                       keys, start, False)
+            if normalize:
+                close(target, base, total, contributions, weights, True, scale, num, div, False)
+            else:
+                close(target, base, total, contributions, weights, False, scale, num, div, False)
+        else:
+            contribute(contributions, False, total, rows, first, base, subtract, coefs, mode, lows, highs,
+                       thresholds, keys, start, False)
+            for j in range(total.size):
+                _store(target, j, base[j] + finish(total[j], weight_sum, normalize, scale))
+
+    def merge_block_by_source(target, base, rows, first, contributions, total, num, div, subtract, coefs, weights,  # type: ignore[no-untyped-def]
+                              lows, highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum, start):
+        """``merge_block`` for many sources (parameters as arrays): a pass over the entries per source (each a
+        one-source tuple), the total and the sums carried between them in memory."""
+        models = len(coefs)
+        for m in range(models):
+            c = contributions[m : m + 1]
+            if consensus:
+                contribute(c, True, total, (rows[m],), first, base, subtract, (coefs[m],), mode, (lows[m],),
+                           (highs[m],), (thresholds[m],), (keys[m],), start, m > 0)
+            else:
+                contribute(c, False, total, (rows[m],), first, base, subtract, (coefs[m],), mode, (lows[m],),
+                           (highs[m],), (thresholds[m],), (keys[m],), start, m > 0)
+        if consensus:
+            for m in range(models - 1):
+                agree(total, contributions[m : m + 1], (weights[m],), num, div, m > 0)
+            last = contributions[models - 1 : models]
+            if normalize:
+                close(target, base, total, last, (weights[models - 1],), True, scale, num, div, models > 1)
+            else:
+                close(target, base, total, last, (weights[models - 1],), False, scale, num, div, models > 1)
+        else:
+            for j in range(total.size):
+                _store(target, j, base[j] + finish(total[j], weight_sum, normalize, scale))
+
+    @overload(_merge_block, inline="always")
+    def _merge_block_typed(target, base, rows, first, contributions, total, num, div, subtract, coefs, weights,  # type: ignore[no-untyped-def]
+                           lows, highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum, start):
+        return merge_block if isinstance(coefs, types.BaseTuple) else merge_block_by_source
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
@@ -637,36 +719,15 @@ def _compile() -> Any:
             base_buffer = np.empty(block, dtype=np.float32)
             contributions = np.empty((models, block), dtype=np.float32)
             total = np.empty(block, dtype=np.float32)
+            numerator = np.empty(block, dtype=np.float32)  # (the sums between passes, for many sources only)
+            divisor = np.empty(block, dtype=np.float32)
             for b in range(w * blocks // workers, (w + 1) * blocks // workers):
                 start, stop = b * block, min(n, (b + 1) * block)
                 size = stop - start
                 base_block = _base_block(base, start, stop, base_buffer)
-                t = total[:size]
-                t[:] = zero
-                for m in range(models):
-                    row = _source_row(deltas, m, start, stop)
-                    # keep: a constant at each call, so that LLVM drops the branch in each inlined copy (with the
-                    # flag passed through, it predicated the store: a masked store, which on AVX2 made TIES 1.5 x
-                    # slower; always storing made linear merges up to 1.5 x slower)
-                    c = contributions[m, :size]
-                    if consensus:
-                        contribute(c, True, t, row, base_block, subtract, coefs[m], mode, lows[m], highs[m],
-                                   thresholds[m], keys[m], start + offset)
-                    else:
-                        contribute(c, False, t, row, base_block, subtract, coefs[m], mode, lows[m], highs[m],
-                                   thresholds[m], keys[m], start + offset)
                 target = out[start:stop]  # (indexed from 0, so that the stores vectorise: see _base_block)
-                if consensus:
-                    # one pass over the entries for every source's agreeing terms (``weights`` a tuple: the loop over
-                    # the sources has a constant count, which LLVM unrolls, so that the pass over the entries
-                    # vectorises with the sums in registers): the elected sign, each source's contribution added
-                    # where it agrees, in the sources' order (as in the pure function), finished and stored
-                    if normalize:  # (a constant at each call, as contribute's keep)
-                        close(target, base_block, t, contributions, weights, True, scale)
-                    else:
-                        close(target, base_block, t, contributions, weights, False, scale)
-                else:
-                    for j in range(size):
-                        _store(target, j, base_block[j] + finish(t[j], weight_sum, normalize, scale))
+                _merge_block(target, base_block, deltas, np.uint64(start), contributions, total[:size], numerator,
+                             divisor, subtract, coefs, weights, lows, highs, thresholds, keys, mode, consensus,
+                             normalize, scale, weight_sum, start + offset)
 
     return kernel

@@ -91,11 +91,11 @@ def test_prepared_fast_path_gives_the_same_bytes(seed: int, n: int, w: list[floa
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("count", [1, 2, 5])
+@pytest.mark.parametrize("count", [1, 2, 5, _prepared.UNROLLED + 1])
 @pytest.mark.parametrize("state", ["float32", "bfloat16"])
 def test_the_kernels_sign_consensus_for_any_number_of_sources(count: int, state: str) -> None:
     """The kernel elects the sign and sums the agreeing terms of every source in one pass, compiled per number of
-    sources: the bytes of the pure function for 1, 2 and 5 sources, with negative weights (a sign
+    sources (a pass per source above UNROLLED): the bytes of the pure function for 1, 2, 5 and 9 sources, with negative weights (a sign
     flipped) and exact zeros in a task vector (which never agree)."""
     dtype = torch.bfloat16 if state == "bfloat16" else torch.float32
     base, xs = _tensors(count, 5_000, count, dtype)
@@ -110,6 +110,28 @@ def test_the_kernels_sign_consensus_for_any_number_of_sources(count: int, state:
         out = torch.empty(base.numel(), dtype=dtype)
         merge_prepared(prepared, out, **kwargs)  # type: ignore[arg-type]
         assert torch.equal(out, expected.to(dtype)), (sparsification, count)
+
+
+@pytest.mark.parametrize("state", ["float32", "bfloat16", "streamed"])
+def test_more_sources_than_unrolled_merge_source_by_source(monkeypatch: pytest.MonkeyPatch, state: str) -> None:
+    """Above UNROLLED sources the kernel takes their parameters as arrays and makes a pass over the entries per
+    source, carrying the total and the agreeing sums in memory: the bytes of the pure function in every mode, with
+    and without the sign consensus, for sources in memory and streamed."""
+    monkeypatch.setattr(_prepared, "UNROLLED", 2)
+    dtype = torch.bfloat16 if state == "bfloat16" else torch.float32
+    base, xs = _tensors(7, 3_000, 3, dtype)
+    xs[1][::5] = base[::5]
+    prepared = (PreparedTensor.streamed("layer.w", base, xs, magnitudes=True) if state == "streamed" else
+                PreparedTensor.build("layer.w", base, xs, magnitudes=True, keep_dtype=True))
+    for sparsification in ("none", "magnitude", "random", "breadcrumbs"):
+        for consensus, normalize in [(True, True), (False, True), (True, False), (False, False)]:
+            kwargs = dict(weights=[0.9, -0.5, 1.2], densities=[0.4, 0.7, 0.5], gammas=[0.05, 0.0, 0.1],
+                          sparsification=sparsification, consensus=consensus, normalize=normalize, scale=0.8, seed=3)
+            expected = M.generalized_task_arithmetic(base.float(), [x.float() for x in xs], name="layer.w",
+                                                     **kwargs)  # type: ignore[arg-type]
+            out = torch.empty(base.numel(), dtype=dtype)
+            merge_prepared(prepared, out, **kwargs)  # type: ignore[arg-type]
+            assert torch.equal(out, expected.to(dtype)), (sparsification, consensus, normalize)
 
 
 def test_same_recipe_same_bytes() -> None:

@@ -95,8 +95,8 @@ def test_prepared_fast_path_gives_the_same_bytes(seed: int, n: int, w: list[floa
 @pytest.mark.parametrize("state", ["float32", "bfloat16"])
 def test_the_kernels_sign_consensus_for_any_number_of_sources(count: int, state: str) -> None:
     """The kernel elects the sign and sums the agreeing terms of every source in one pass, compiled per number of
-    sources (a pass per source above UNROLLED): the bytes of the pure function for 1, 2, 5 and 9 sources, with negative weights (a sign
-    flipped) and exact zeros in a task vector (which never agree)."""
+    sources (a pass per source above UNROLLED): the bytes of the pure function for 1, 2, 5 and 9 sources, with
+    negative weights (a sign flipped) and exact zeros in a task vector (which never agree)."""
     dtype = torch.bfloat16 if state == "bfloat16" else torch.float32
     base, xs = _tensors(count, 5_000, count, dtype)
     xs[0][::7] = base[::7]

@@ -627,7 +627,7 @@ def _compile() -> Any:
         return v * scale
 
     @numba.njit(inline="always")
-    def agreeing(sign, contributions, weights, j, num, div):  # type: ignore[no-untyped-def]
+    def add_agreeing(sign, contributions, weights, j, num, div):  # type: ignore[no-untyped-def]
         """The sums with each source's agreeing term at entry j added, in the sources' order."""
         for m in range(len(weights)):
             c = contributions[m, j]
@@ -642,16 +642,16 @@ def _compile() -> Any:
         where ``more``), each entry finished and stored with the base."""
         for j in range(total.size):
             n, d = num[j], div[j]
-            n, d = agreeing(elect(total[j]), contributions, weights, j, n if more else zero, d if more else zero)
+            n, d = add_agreeing(elect(total[j]), contributions, weights, j, n if more else zero, d if more else zero)
             _store(target, j, base[j] + finish(n, d, normalize, scale))
 
     @numba.njit(inline="always")
-    def agree(total, contributions, weights, num, div, more):  # type: ignore[no-untyped-def]
+    def sum_agreeing(total, contributions, weights, num, div, more):  # type: ignore[no-untyped-def]
         """``close`` for sources before the last, one by one: the sums written back."""
         for j in range(total.size):
             n, d = num[j], div[j]
-            num[j], div[j] = agreeing(elect(total[j]), contributions, weights, j, n if more else zero,
-                                      d if more else zero)
+            num[j], div[j] = add_agreeing(elect(total[j]), contributions, weights, j, n if more else zero,
+                                          d if more else zero)
 
     def merge_block(target, base, rows, first, contributions, total, num, div, subtract, coefs, weights, lows,  # type: ignore[no-untyped-def]
                     highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum, start):
@@ -687,7 +687,7 @@ def _compile() -> Any:
                            (highs[m],), (thresholds[m],), (keys[m],), start, m > 0)
         if consensus:
             for m in range(models - 1):
-                agree(total, contributions[m : m + 1], (weights[m],), num, div, m > 0)
+                sum_agreeing(total, contributions[m : m + 1], (weights[m],), num, div, m > 0)
             last = contributions[models - 1 : models]
             if normalize:
                 close(target, base, total, last, (weights[models - 1],), True, scale, num, div, models > 1)

@@ -18,12 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from evoopt.merge._numba import della_merge
 from evoopt.merge._pieces import (
+    Sparsification,
     compute_dtype,
     dare_mask,
     disjoint_sum,
@@ -33,8 +32,7 @@ from evoopt.merge._pieces import (
     task_vectors,
     uniform_stream,
 )
-
-Sparsification = Literal["none", "magnitude", "breadcrumbs", "random"]
+from evoopt.merge._prepared import della_merge
 
 
 def _check_lengths(tensors: Sequence[torch.Tensor], **per_model: Sequence[object] | None) -> None:
@@ -393,9 +391,9 @@ def della(
     as the paper does (and as evoopt's DARE does), where mergekit rescales the whole tensor to its
     L1 norm before the drop. The keep probabilities agree with mergekit's (tested). ``spreads``: each
     model's :func:`magnitude_spread`, computed once (``prepare``): a candidate is then elementwise work.
-    On the CPU the merge is one numba pass in float32 (:func:`~evoopt.merge._numba.della_merge`; 16-bit tensors
-    widened first, as the formula widens them), the same bytes as this formula in torch (``fast=False``, and
-    float64 tensors and other devices).
+    On the CPU the merge is the fused kernel's pass in float32 (:func:`~evoopt.merge._prepared.della_merge`;
+    bfloat16 read as stored and widened exactly where used, as the formula widens it), the same bytes as this
+    formula in torch (``fast=False``, and float64 tensors and other devices).
     """
     _check_lengths(tensors, weights=weights, densities=densities, epsilons=epsilons)
     for d, eps in zip(densities, epsilons):
@@ -404,8 +402,7 @@ def della(
     if fast and compute_dtype(base.dtype) == torch.float32 and all(t.device.type == "cpu" for t in (base, *tensors)):
         if spreads is None:
             spreads = [magnitude_spread(delta) for delta in task_vectors(base, tensors)]
-        wide = [t.to(torch.float32) for t in (base, *tensors)]  # (16-bit sources widened exactly, as the formula does)
-        return della_merge(wide[0], wide[1:], weights, densities, epsilons,
+        return della_merge(base, tensors, weights, densities, epsilons,
                            [stream_key(seed, name, m) for m in range(len(tensors))], spreads,
                            consensus=consensus, normalize=normalize, scale=scale).to(base.dtype)
     contributions = []

@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+
+Sparsification = Literal["none", "magnitude", "breadcrumbs", "random"]
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9

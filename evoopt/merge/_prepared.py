@@ -35,6 +35,7 @@ fraction is off by less than 1/65,536); smaller tensors are exact.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,9 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from evoopt.merge._methods import Sparsification
 from evoopt.merge._numba import _prefer_wide_vectors, _stream_intrinsics
-from evoopt.merge._pieces import _GOLDEN32, rank_window, stream_bits, stream_key
+from evoopt.merge._pieces import _GOLDEN32, Sparsification, rank_window, stream_bits, stream_key
 
 GRID_SIZE = 16_384
 CHUNK = 1 << 18  # entries widened to float32 at a time in the stored-dtype state (1 MiB per model)
@@ -256,7 +256,7 @@ def merge_prepared(
     if base is None or deltas is None:  # float16, or streamed sources of mixed dtypes
         _merge_stored(prepared, out, params, settings)
         return
-    _into(out.view(-1), _fused_kernel(), (base, deltas, *_for_kernel(params), *settings, 0))
+    _into(out.view(-1), _fused_kernel(), (base, deltas, None, *_for_kernel(params), *settings, 0))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -312,8 +312,8 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
         chunk = deltas[: models * k].view(models, k)
         for m in range(models):
             chunk[m].copy_(prepared.deltas[m][start : start + k]).sub_(chunk_base)
-        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), *_for_kernel(params), *settings,
-                                                start))
+        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), None,
+                                                *_for_kernel(params), *settings, start))
 
 
 def _kernel_params(
@@ -353,6 +353,32 @@ def _for_kernel(params: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
     if len(params[0]) > UNROLLED:
         return params
     return tuple(tuple(values) for values in params)
+
+
+def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                densities: Sequence[float], epsilons: Sequence[float], keys: Sequence[int],
+                spreads: Sequence[torch.Tensor], *, consensus: bool, normalize: bool, scale: float) -> torch.Tensor:
+    """:func:`evoopt.merge.della` for CPU tensors in the fused kernel's pass (its DELLA mode; the torch formula
+    makes a dozen passes, two of them int64 hashes). The same float32 operations in the same order: Drop (kept
+    where the draw of stream ``keys[m]`` is below p = (d - eps) + 2 eps spread, as w tau / p), Elect, Fuse, so the
+    same bytes (tested). Float32 and bfloat16 sources are read as they are (bfloat16 widened where each entry is
+    used, exactly), other dtypes widened first; the result is in the base's dtype where that is float32 or
+    bfloat16 (rounded as torch rounds), else float32. ``spreads``: each model's
+    :func:`~evoopt.merge.magnitude_spread`."""
+    flat = [t.contiguous().view(-1) for t in (base, *tensors)]
+    readable = [_readable(t) for t in flat]
+    if any(r is None for r in readable) or len({t.dtype for t in flat[1:]}) > 1:
+        readable = [t.to(torch.float32).numpy() for t in flat]
+    drops = [d < 1.0 for d in densities]
+    params = (np.array(weights, dtype=np.float32), np.array(weights, dtype=np.float32),
+              np.array([d - e if drop else 1.0 for d, e, drop in zip(densities, epsilons, drops)], dtype=np.float32),
+              np.array([2 * e if drop else 0.0 for e, drop in zip(epsilons, drops)], dtype=np.float32),
+              np.zeros(len(tensors), dtype=np.uint64), np.array(keys, dtype=np.uint64))
+    ranks = tuple(s.to(torch.float32).contiguous().view(-1).numpy() for s in spreads)
+    out = torch.empty(base.shape, dtype=base.dtype if base.dtype in (torch.float32, torch.bfloat16) else torch.float32)
+    _into(out.view(-1), _fused_kernel(), (readable[0], tuple(readable[1:]), ranks, *_for_kernel(params), 3,
+                                          consensus, normalize, np.float32(scale), 0))
+    return out
 
 
 def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.ndarray, ...],
@@ -440,11 +466,22 @@ def _base_block(base: Any, start: int, stop: int, buffer: Any) -> Any:
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
-def _merge_block(target: Any, base: Any, rows: Any, first: Any, contributions: Any, total: Any, num: Any, div: Any,
-                 subtract: Any, coefs: Any, weights: Any, lows: Any, highs: Any, thresholds: Any, keys: Any,
-                 mode: Any, consensus: Any, normalize: Any, scale: Any, weight_sum: Any, start: Any) -> None:
+def _merge_block(target: Any, base: Any, rows: Any, spreads: Any, first: Any, contributions: Any, total: Any,
+                 num: Any, div: Any, subtract: Any, coefs: Any, weights: Any, lows: Any, highs: Any, thresholds: Any,
+                 keys: Any, mode: Any, consensus: Any, normalize: Any, scale: Any, weight_sum: Any, start: Any) -> None:
     """One block of the fused pass: the sources unrolled in one pass over the entries where their parameters are
     tuples, else a pass per source (typed by ``_compile``)."""
+    raise NotImplementedError  # (numba only: see the overload in _compile)
+
+
+def _dropped_by_spread(*args: Any) -> None:
+    """DELLA's contributions (``contribute``'s mode 3) where the kernel has ``spreads``, else nothing (typed by
+    ``_compile``, so that a kernel without spreads carries no code for them)."""
+    raise NotImplementedError  # (numba only: see the overload in _compile)
+
+
+def _spread_of(spreads: Any, m: int) -> Any:
+    """Source ``m``'s spread as a one-source tuple, or None where the kernel has none (typed by ``_compile``)."""
     raise NotImplementedError  # (numba only: see the overload in _compile)
 
 
@@ -469,6 +506,7 @@ def _store(out: Any, i: int, value: Any) -> None:
 def _compile() -> Any:
     import numba
     from numba import types
+    from numba.core.errors import NumbaIRAssumptionWarning
     from numba.extending import intrinsic, overload
 
     bias, sixteen, nan16 = np.uint32(0x7FFF), np.uint32(16), np.uint16(0x7FC0)
@@ -491,7 +529,11 @@ def _compile() -> Any:
 
         return types.uint32(types.float32), codegen
 
-    _add32, _kept, _ = _stream_intrinsics()
+    _add32, _kept, _drawn = _stream_intrinsics()
+    # numba's SSA pass finds variables of DELLA's loop (inlined three levels deep) "not in scope" and then handles
+    # them: a NumbaIRAssumptionWarning per variable on the first compile, about this module's locals only (its
+    # bytes are the torch formula's: tested), so not shown to users
+    warnings.filterwarnings("ignore", message=".*_compile__locals_.*not in scope", category=NumbaIRAssumptionWarning)
 
     @overload(_store, inline="always")
     def _store_typed(out, i, value):  # type: ignore[no-untyped-def]
@@ -545,11 +587,55 @@ def _compile() -> Any:
         return lambda deltas: True
 
     mask, s32, golden = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint32(_GOLDEN32)
-    zero, one = np.float32(0.0), np.float32(1.0)
+    zero, one, two24 = np.float32(0.0), np.float32(1.0), np.float32(1 << 24)
     # entries per block: a worker's scratch (the base widened, a contribution row per source and the total: 20 KB
     # for 3 sources) then stays in a 32 KB L1 data cache (measured: 8192 entries, in
     # L2, were up to 1.3 x slower for 16-bit states; benchmarks/kernel_speed.py)
     block = 1_024
+
+    @numba.njit(inline="always")
+    def dropped_by_spread(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys, start,  # type: ignore[no-untyped-def]
+                          more):
+        """``contribute``'s DELLA mode (Deep et al. 2024, Sec. 3, as ``della`` computes it): v = d w, kept where
+        the draw / 2^24 is below p = low + width * spread (its integer below p 2^24: both exact in float32), as
+        v / p; a model not dropped has low 1 and width 0, so p = 1 (every draw is below 2^24 and v / 1 is v)."""
+        models = len(coefs)
+        g = np.uint32(np.uint32((start + 1) & mask) * golden)  # the stream's counter, as in the random mode
+        for j in range(total.size):
+            b, i, tot = base[j], first + np.uint64(j), total[j]
+            tot = tot if more else zero
+            for m in range(models):
+                key = keys[m]
+                v = _value(rows[m], i)
+                v = (v - b if subtract else v) * coefs[m]
+                p = lows[m] + highs[m] * spreads[m][i]
+                y = v / p if _drawn(_add32(g, np.uint32(key & mask)), np.uint32(key >> s32)) < p * two24 else zero
+                if keep:
+                    c[m, j] = y
+                tot = tot + y
+            total[j] = tot
+            g = _add32(g, golden)
+
+    @overload(_dropped_by_spread, inline="always")
+    def _dropped_by_spread_typed(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys,  # type: ignore[no-untyped-def]
+                                 start, more):
+        if not isinstance(spreads, types.NoneType):
+            def drop(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys, start, more):  # type: ignore[no-untyped-def]
+                dropped_by_spread(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys,
+                                  start, more)
+
+            return drop
+
+        def nothing(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys, start, more):  # type: ignore[no-untyped-def]
+            return None  # (no spreads, no DELLA: no code for it)
+
+        return nothing
+
+    @overload(_spread_of, inline="always")
+    def _spread_of_typed(spreads, m):  # type: ignore[no-untyped-def]
+        if isinstance(spreads, types.NoneType):
+            return lambda spreads, m: None
+        return lambda spreads, m: (spreads[m],)
 
     # One loop over the entries per sparsification mode, each branch-free so that LLVM vectorises it, with the
     # sources unrolled in it (their parameters are tuples: a constant count): the task vectors' entries d (the row
@@ -558,8 +644,8 @@ def _compile() -> Any:
     # for the sign consensus, where there is one. ``rows``: indexed by source, then by entry ``first + j`` (unsigned:
     # no negative-index check in the loop).
     @numba.njit(inline="always")
-    def contribute(c, keep, total, rows, first, base, subtract, coefs, mode, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
-                   start, more):
+    def contribute(c, keep, total, rows, spreads, first, base, subtract, coefs, mode, lows, highs, thresholds,  # type: ignore[no-untyped-def]
+                   keys, start, more):
         models = len(coefs)
         if mode == 1:
             for j in range(total.size):
@@ -593,6 +679,9 @@ def _compile() -> Any:
                     tot = tot + y
                 total[j] = tot
                 g = _add32(g, golden)
+        elif mode == 3:  # DELLA's (compiled only where there are spreads)
+            _dropped_by_spread(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys, start,
+                               more)
         else:
             for j in range(total.size):
                 b, i, tot = base[j], first + np.uint64(j), total[j]
@@ -653,38 +742,39 @@ def _compile() -> Any:
             num[j], div[j] = add_agreeing(elect(total[j]), contributions, weights, j, n if more else zero,
                                           d if more else zero)
 
-    def merge_block(target, base, rows, first, contributions, total, num, div, subtract, coefs, weights, lows,  # type: ignore[no-untyped-def]
-                    highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum, start):
+    def merge_block(target, base, rows, spreads, first, contributions, total, num, div, subtract, coefs,  # type: ignore[no-untyped-def]
+                    weights, lows, highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum, start):
         """One block: the contributions and their total, then the sign consensus or the total, finished and stored
         with the base. ``keep`` and ``normalize`` are constants at each call, so that LLVM drops their branches in
         each inlined copy (with the flag passed through, the store of ``keep`` was predicated: a masked store, which
         on AVX2 made TIES 1.5 x slower; always storing made linear merges up to 1.5 x slower)."""
         if consensus:
-            contribute(contributions, True, total, rows, first, base, subtract, coefs, mode, lows, highs, thresholds,
-                       keys, start, False)
+            contribute(contributions, True, total, rows, spreads, first, base, subtract, coefs, mode, lows, highs,
+                       thresholds, keys, start, False)
             if normalize:
                 close(target, base, total, contributions, weights, True, scale, num, div, False)
             else:
                 close(target, base, total, contributions, weights, False, scale, num, div, False)
         else:
-            contribute(contributions, False, total, rows, first, base, subtract, coefs, mode, lows, highs,
+            contribute(contributions, False, total, rows, spreads, first, base, subtract, coefs, mode, lows, highs,
                        thresholds, keys, start, False)
             for j in range(total.size):
                 _store(target, j, base[j] + finish(total[j], weight_sum, normalize, scale))
 
-    def merge_block_by_source(target, base, rows, first, contributions, total, num, div, subtract, coefs, weights,  # type: ignore[no-untyped-def]
-                              lows, highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum, start):
+    def merge_block_by_source(target, base, rows, spreads, first, contributions, total, num, div, subtract,  # type: ignore[no-untyped-def]
+                              coefs, weights, lows, highs, thresholds, keys, mode, consensus, normalize, scale,
+                              weight_sum, start):
         """``merge_block`` for many sources (parameters as arrays): a pass over the entries per source (each a
         one-source tuple), the total and the sums carried between them in memory."""
         models = len(coefs)
         for m in range(models):
             c = contributions[m : m + 1]
             if consensus:
-                contribute(c, True, total, (rows[m],), first, base, subtract, (coefs[m],), mode, (lows[m],),
-                           (highs[m],), (thresholds[m],), (keys[m],), start, m > 0)
+                contribute(c, True, total, (rows[m],), _spread_of(spreads, m), first, base, subtract, (coefs[m],),
+                           mode, (lows[m],), (highs[m],), (thresholds[m],), (keys[m],), start, m > 0)
             else:
-                contribute(c, False, total, (rows[m],), first, base, subtract, (coefs[m],), mode, (lows[m],),
-                           (highs[m],), (thresholds[m],), (keys[m],), start, m > 0)
+                contribute(c, False, total, (rows[m],), _spread_of(spreads, m), first, base, subtract, (coefs[m],),
+                           mode, (lows[m],), (highs[m],), (thresholds[m],), (keys[m],), start, m > 0)
         if consensus:
             for m in range(models - 1):
                 sum_agreeing(total, contributions[m : m + 1], (weights[m],), num, div, m > 0)
@@ -698,12 +788,13 @@ def _compile() -> Any:
                 _store(target, j, base[j] + finish(total[j], weight_sum, normalize, scale))
 
     @overload(_merge_block, inline="always")
-    def _merge_block_typed(target, base, rows, first, contributions, total, num, div, subtract, coefs, weights,  # type: ignore[no-untyped-def]
-                           lows, highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum, start):
+    def _merge_block_typed(target, base, rows, spreads, first, contributions, total, num, div, subtract,  # type: ignore[no-untyped-def]
+                           coefs, weights, lows, highs, thresholds, keys, mode, consensus, normalize, scale, weight_sum,
+                           start):
         return merge_block if isinstance(coefs, types.BaseTuple) else merge_block_by_source
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def kernel(out, base, deltas, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
+    def kernel(out, base, deltas, spreads, coefs, weights, lows, highs, thresholds, keys,  # type: ignore[no-untyped-def]
                mode, consensus, normalize, scale, offset, threads):
         models, n = len(deltas), base.size
         subtract = _subtracts(deltas)
@@ -726,8 +817,8 @@ def _compile() -> Any:
                 size = stop - start
                 base_block = _base_block(base, start, stop, base_buffer)
                 target = out[start:stop]  # (indexed from 0, so that the stores vectorise: see _base_block)
-                _merge_block(target, base_block, deltas, np.uint64(start), contributions, total[:size], numerator,
-                             divisor, subtract, coefs, weights, lows, highs, thresholds, keys, mode, consensus,
-                             normalize, scale, weight_sum, start + offset)
+                _merge_block(target, base_block, deltas, spreads, np.uint64(start), contributions, total[:size],
+                             numerator, divisor, subtract, coefs, weights, lows, highs, thresholds, keys, mode,
+                             consensus, normalize, scale, weight_sum, start + offset)
 
     return kernel

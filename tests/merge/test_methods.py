@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evoopt import merge as M
-from evoopt.merge import _numba, get_method
+from evoopt.merge import _prepared, get_method
 from evoopt.merge._methods import della_spreads
 from tests.helpers.merge import run
 
@@ -221,9 +221,14 @@ def test_della_drops_by_magprune_and_rescales_by_keep_probability() -> None:
 
 @pytest.mark.parametrize(("consensus", "normalize", "scale"), [(True, True, 1.0), (False, False, 0.7),
                                                                 (True, False, 1.3), (False, True, 1.0)])
-def test_della_numba_pass_gives_the_torch_formulas_bytes(consensus: bool, normalize: bool, scale: float) -> None:
-    # the one-pass numba DELLA (float32 on the CPU) against the torch formula (fast=False), bit for bit: keep
-    # draws, 1 / p rescaling, election, disjoint mean, a model at density 1, exact zeros and negative zeros
+def test_della_in_the_fused_kernel_gives_the_torch_formulas_bytes(monkeypatch: pytest.MonkeyPatch, consensus: bool,
+                                                                  normalize: bool, scale: float) -> None:
+    # DELLA in the fused kernel (float32 arithmetic on the CPU) against the torch formula (fast=False), bit for
+    # bit: keep draws, 1 / p rescaling, election, disjoint mean, a model at density 1, exact zeros and negative
+    # zeros, over several of the kernel's blocks
+    passes = []
+    into = _prepared._into
+    monkeypatch.setattr(_prepared, "_into", lambda *args: (passes.append(args[2][-5]), into(*args)))
     g = torch.Generator().manual_seed(1)
     base = torch.randn(37, 129, generator=g)
     base[0, :8] = -0.0
@@ -232,15 +237,18 @@ def test_della_numba_pass_gives_the_torch_formulas_bytes(consensus: bool, normal
     config = dict(weights=[0.7, 1.3, -0.4], densities=[0.5, 1.0, 0.3], epsilons=[0.1, 0.2, 0.29], seed=4,
                   name="layer.weight", consensus=consensus, normalize=normalize, scale=scale)
     fast, plain = M.della(base, experts, **config), M.della(base, experts, fast=False, **config)
-    assert _numba._DELLA is not None  # (the numba pass did run)
+    assert passes == [3]  # (the fused kernel ran, in its DELLA mode)
     assert torch.equal(fast.view(torch.int32), plain.view(torch.int32))  # (the signs of zeros too)
+    monkeypatch.setattr(_prepared, "UNROLLED", 2)  # more sources than the kernel unrolls: a pass per source
+    assert torch.equal(M.della(base, experts, **config).view(torch.int32), plain.view(torch.int32))
+    monkeypatch.undo()
     spreads = della_spreads(base, experts)
     assert torch.equal(M.della(base, experts, spreads=spreads, **config), fast)
     # views with other strides (a transposed matrix) are read in their own element order, as the formula reads them
     flipped = [base.T, *(e.T for e in experts)]
     assert torch.equal(M.della(flipped[0], flipped[1:], **config), M.della(flipped[0], flipped[1:], fast=False,
                                                                            **config))
-    # bfloat16 tensors are widened to float32 for the pass, as the formula widens them: the same bytes again
+    # bfloat16 tensors are read as stored and widened where used, as the formula widens them: the same bytes again
     narrow = [base.bfloat16(), *(e.bfloat16() for e in experts)]
     got = M.della(narrow[0], narrow[1:], **config)
     assert got.dtype == torch.bfloat16

@@ -53,6 +53,10 @@ TORCH_CHUNK = 1 << 22  # entries merged at a time by the torch path (the GPU's),
 # sources up to which the fused kernel unrolls its loops over them (measured on an AVX-512 Xeon: 8 and 10 sources
 # unrolled in every state and method, 12 not; see _for_kernel)
 UNROLLED = 8
+# numba's SSA pass finds variables of DELLA's loop in the kernel (inlined three levels deep) "not in scope" and then
+# handles them: a NumbaIRAssumptionWarning per variable when the kernel compiles, naming this module's locals only
+# (the bytes are the torch formula's: tested). Matched by message, so that numba is not imported here.
+warnings.filterwarnings("ignore", message=".*_compile__locals_.*not in scope")
 _MODES = {"none": 0, "magnitude": 1, "breadcrumbs": 1, "random": 2}
 
 
@@ -506,7 +510,6 @@ def _store(out: Any, i: int, value: Any) -> None:
 def _compile() -> Any:
     import numba
     from numba import types
-    from numba.core.errors import NumbaIRAssumptionWarning
     from numba.extending import intrinsic, overload
 
     bias, sixteen, nan16 = np.uint32(0x7FFF), np.uint32(16), np.uint16(0x7FC0)
@@ -530,10 +533,6 @@ def _compile() -> Any:
         return types.uint32(types.float32), codegen
 
     _add32, _kept, _drawn = _stream_intrinsics()
-    # numba's SSA pass finds variables of DELLA's loop (inlined three levels deep) "not in scope" and then handles
-    # them: a NumbaIRAssumptionWarning per variable on the first compile, about this module's locals only (its
-    # bytes are the torch formula's: tested), so not shown to users
-    warnings.filterwarnings("ignore", message=".*_compile__locals_.*not in scope", category=NumbaIRAssumptionWarning)
 
     @overload(_store, inline="always")
     def _store_typed(out, i, value):  # type: ignore[no-untyped-def]
@@ -593,7 +592,6 @@ def _compile() -> Any:
     # L2, were up to 1.3 x slower for 16-bit states; benchmarks/kernel_speed.py)
     block = 1_024
 
-    @numba.njit(inline="always")
     def dropped_by_spread(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys, start,  # type: ignore[no-untyped-def]
                           more):
         """``contribute``'s DELLA mode (Deep et al. 2024, Sec. 3, as ``della`` computes it): v = d w, kept where
@@ -620,11 +618,7 @@ def _compile() -> Any:
     def _dropped_by_spread_typed(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys,  # type: ignore[no-untyped-def]
                                  start, more):
         if not isinstance(spreads, types.NoneType):
-            def drop(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys, start, more):  # type: ignore[no-untyped-def]
-                dropped_by_spread(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys,
-                                  start, more)
-
-            return drop
+            return dropped_by_spread
 
         def nothing(c, keep, total, rows, spreads, first, base, subtract, coefs, lows, highs, keys, start, more):  # type: ignore[no-untyped-def]
             return None  # (no spreads, no DELLA: no code for it)

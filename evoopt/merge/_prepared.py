@@ -27,9 +27,13 @@ chunk by chunk from (pinned) host memory.
 The fused pass computes exactly the formula of
 :func:`evoopt.merge.generalized_task_arithmetic`, in the same float32 operation
 order, with the same counter-based random stream, so both give the same bytes.
-One documented approximation: for tensors of more than 65,536 entries the rank
-cut of trimming and breadcrumbs is rounded to a grid of 65,536 ranks (the kept
-fraction is off by less than 1/65,536); smaller tensors are exact.
+For up to :data:`UNROLLED` sources it reads every source's entry in one loop (the
+sources' parameters are tuples, so numba compiles it per number of sources and LLVM
+unrolls them), above that a loop per source. DELLA's drop is one of its modes
+(:func:`della_merge`). One documented approximation: for tensors of more than
+16,384 entries (:data:`GRID_SIZE`) the rank cut of trimming and breadcrumbs is
+rounded to a grid of that many ranks (the kept fraction is off by less than
+1/16,384); smaller tensors are exact.
 """
 
 from __future__ import annotations

@@ -380,9 +380,15 @@ def best_so_far(study: optuna.Study, level: float | None = None,
     examples = 0
     for trial in trials:
         examples += examples_scored(trial)
-        if trial.number in numbers and (
-                not changes or (trial.number in taken if level is not None
-                                else better(trial.value, changes[-1][1].value, maximize=maximize))):  # type: ignore[arg-type]
+        if trial.number not in numbers:
+            continue
+        if not changes:
+            taking = True
+        elif level is not None:
+            taking = trial.number in taken
+        else:
+            taking = better(trial.value, changes[-1][1].value, maximize=maximize)  # type: ignore[arg-type]
+        if taking:
             changes.append((examples, trial))
     return changes, examples
 

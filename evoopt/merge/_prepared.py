@@ -313,15 +313,15 @@ def _merge_stored(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.
     size = min(CHUNK, n)
     deltas, base = torch.empty(models * size), torch.empty(size)
     flat = out.view(-1)
-    kernel = _fused_kernel()
+    kernel, kernel_params = _fused_kernel(), _for_kernel(params)
     for start in range(0, n, size):
         k = min(size, n - start)
         chunk_base = base[:k].copy_(prepared.base[start : start + k])
         chunk = deltas[: models * k].view(models, k)
         for m in range(models):
             chunk[m].copy_(prepared.deltas[m][start : start + k]).sub_(chunk_base)
-        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), None,
-                                                *_for_kernel(params), *settings, start))
+        _into(flat[start : start + k], kernel, (chunk_base.numpy(), chunk.numpy(), None, *kernel_params, *settings,
+                                                start))
 
 
 def _kernel_params(
@@ -378,7 +378,8 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     if any(r is None for r in readable) or len({t.dtype for t in flat[1:]}) > 1:
         readable = [t.to(torch.float32).numpy() for t in flat]
     drops = [d < 1.0 for d in densities]
-    params = (np.array(weights, dtype=np.float32), np.array(weights, dtype=np.float32),
+    coefs = np.array(weights, dtype=np.float32)  # (DELLA's coefficient is the weight; p rescales the kept)
+    params = (coefs, coefs,
               np.array([d - e if drop else 1.0 for d, e, drop in zip(densities, epsilons, drops)], dtype=np.float32),
               np.array([2 * e if drop else 0.0 for e, drop in zip(epsilons, drops)], dtype=np.float32),
               np.zeros(len(tensors), dtype=np.uint64), np.array(keys, dtype=np.uint64))
@@ -733,6 +734,12 @@ def _compile() -> Any:
             _store(target, j, base[j] + finish(n, d, normalize, scale))
 
     @numba.njit(inline="always")
+    def store_total(target, base, total, weight_sum, normalize, scale):  # type: ignore[no-untyped-def]
+        """Without the sign consensus: each entry's total finished over the weights' sum and stored with the base."""
+        for j in range(total.size):
+            _store(target, j, base[j] + finish(total[j], weight_sum, normalize, scale))
+
+    @numba.njit(inline="always")
     def sum_agreeing(total, contributions, weights, num, div, more):  # type: ignore[no-untyped-def]
         """``close`` for sources before the last, one by one: the sums written back."""
         for j in range(total.size):
@@ -756,8 +763,7 @@ def _compile() -> Any:
         else:
             contribute(contributions, False, total, rows, spreads, first, base, subtract, coefs, mode, lows, highs,
                        thresholds, keys, start, False)
-            for j in range(total.size):
-                _store(target, j, base[j] + finish(total[j], weight_sum, normalize, scale))
+            store_total(target, base, total, weight_sum, normalize, scale)
 
     def merge_block_by_source(target, base, rows, spreads, first, contributions, total, num, div, subtract,  # type: ignore[no-untyped-def]
                               coefs, weights, lows, highs, thresholds, keys, mode, consensus, normalize, scale,
@@ -782,8 +788,7 @@ def _compile() -> Any:
             else:
                 close(target, base, total, last, (weights[models - 1],), False, scale, num, div, models > 1)
         else:
-            for j in range(total.size):
-                _store(target, j, base[j] + finish(total[j], weight_sum, normalize, scale))
+            store_total(target, base, total, weight_sum, normalize, scale)
 
     @overload(_merge_block, inline="always")
     def _merge_block_typed(target, base, rows, spreads, first, contributions, total, num, div, subtract,  # type: ignore[no-untyped-def]

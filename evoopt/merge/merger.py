@@ -258,15 +258,15 @@ def available_memory() -> float:
 
 def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised 1-D tensor in private anonymous memory that the kernel is asked to back with transparent huge
-    pages (``madvise(MADV_HUGEPAGE)`` before the first touch; Linux, where THP is ``always`` or ``madvise``), so that
-    the fast path's passes over its state, gigabytes read per candidate, have 512 x fewer pages to translate (fewer
-    TLB misses). torch's own
-    allocator does so only under ``THP_MEM_ALLOC_ENABLE=1``, read once per process. Measured on a 2-core AMD EPYC
-    (Zen 4, THP ``madvise``), four rounds alternating with the state in small pages (``benchmarks/merge_speed.py
-    --dtype bfloat16``, 3 x SmolLM2-135M): bfloat16 TIES 0.099-0.111 -> 0.090-0.093 s a candidate, DARE-TIES
-    0.098-0.100 -> 0.090-0.102 s; on 3 x 1.5B experts (``merge_scale.py``) TIES took 1.13 and 1.68 s in two
-    processes against 1.30 and 1.42 s, within that machine's spread between processes. Where the kernel refuses the
-    advice (or has no THP), it is the same memory in small pages; elsewhere (no ``madvise``) ``torch.empty``."""
+    pages (``madvise(MADV_HUGEPAGE)`` before the first touch; Linux, where THP is ``always`` or ``madvise``), so
+    that the fast path's passes over its state, gigabytes read per candidate, have 512 x fewer pages to translate
+    (fewer TLB misses). torch's own allocator does so only under ``THP_MEM_ALLOC_ENABLE=1``, read once per process.
+    Measured on a 2-core AMD EPYC (Zen 4, THP ``madvise``), four rounds alternating with the state in small pages
+    (``benchmarks/merge_speed.py --dtype bfloat16``, 3 x SmolLM2-135M): bfloat16 TIES 0.099-0.111 -> 0.090-0.093 s a
+    candidate, DARE-TIES 0.098-0.100 -> 0.090-0.102 s; on 3 x 1.5B experts (``merge_scale.py``) TIES took 1.13 and
+    1.68 s in two processes against 1.30 and 1.42 s, within that machine's spread between processes. Where the
+    kernel refuses the advice (or has no THP), it is the same memory in small pages; elsewhere (no ``madvise``)
+    ``torch.empty``."""
     nbytes = numel * dtype.itemsize
     if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < HUGE_PAGE:
         return torch.empty(numel, dtype=dtype)

@@ -196,8 +196,10 @@ class Merger:
                 if self.prepared is not None:
                     self._merge_fast(name, target, coefficients, seed)
                     continue
-                base = self.base.get(name, check=False).to(self.device) if self.base is not None else None
-                tensors = [s.get(name, check=False).to(self.device) for s in self.sources]
+                # The sources' memory-mapped views, not copies read anew for every candidate (the methods never
+                # write into their arguments: tested); checked for NaN and inf once, when the Merger was built.
+                base = _shaped(self.base, name).to(self.device) if self.base is not None else None
+                tensors = [_shaped(s, name).to(self.device) for s in self.sources]
                 stats = self.statistics.get(name) if self.statistics is not None else None
                 merged = self.method.apply(base, tensors, coefficients, seed=seed, name=name, statistics=stats,
                                            prepared=self.cached.get(name))
@@ -283,6 +285,11 @@ def _view(source: TensorSource, name: str) -> torch.Tensor:
     """A tensor's memory-mapped view where its format has one, else the tensor read into memory."""
     mapped = source.mapped(name)
     return mapped if mapped is not None else source.get(name, check=False)
+
+
+def _shaped(source: TensorSource, name: str) -> torch.Tensor:
+    """:func:`_view` in the tensor's own shape."""
+    return _view(source, name).view(source.shape(name))
 
 
 def calibration_batches(recipe: Recipe, tokenizer_folder: Path) -> list[dict[str, torch.Tensor]]:

@@ -141,6 +141,46 @@ def test_replay_follows_the_paired_rule_where_a_trial_recorded_it() -> None:
     assert merged.holders == [0, 0, 0]  # X_Evolver: every individual is judged by the merge's trial
 
 
+def test_a_trial_failed_on_its_score_is_rejected_not_retried() -> None:
+    """An offspring whose score is never finite: the objective fails its trial with NOT_FINITE, the slot is done
+    and the offspring rejected, and the generation goes on. Retried, it would draw the same move and fail again,
+    forever (seen: trials 6-19 all on one slot). A failed trial without the mark (a dead worker) is retried."""
+    from evoopt.errors import EvaluationError
+    from evoopt.search.evolver import NOT_FINITE, EvolverSampler
+
+    bad = replay([_trial(0, 0, 0, 0.6, target=0), _trial(1, 0, 1, 0.8, target=1), _trial(2, 0, 2, 0.7, target=2),
+                  _trial(3, 1, 0, 0.9, **_move(0, 11)), _trial(4, 1, 1, None, TrialState.FAIL, **_move(1, 12)),
+                  _trial(5, 1, 2, 0.75, **_move(2, 13))], size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
+    assert bad.generation == 1 and bad.taken == {0, 2}  # unmarked: slot 1 is free for a retry
+    marked = [_trial(0, 0, 0, 0.6, target=0), _trial(1, 0, 1, 0.8, target=1), _trial(2, 0, 2, 0.7, target=2),
+              _trial(3, 1, 0, 0.9, **_move(0, 11)), _trial(4, 1, 1, None, TrialState.FAIL, **_move(1, 12)),
+              _trial(5, 1, 2, 0.75, **_move(2, 13))]
+    marked[4].user_attrs[NOT_FINITE] = True
+    history = replay(marked, size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
+    assert history.generation == 2 and history.fitness == [0.9, 0.8, 0.75]
+
+    def objective(trial: optuna.Trial) -> float:
+        target = trial.suggest_int("target", 0, 3)
+        if trial.study._storage.get_trial_system_attrs(trial._trial_id)[ATTR]["generation"] == 0:
+            return float(target)
+        for name in ("F", "Cr"):
+            trial.suggest_float(name, 0.0, 2.0)
+        trial.suggest_int("seed", 0, 2**31 - 1)
+        for k in (1, 2, 3):
+            trial.suggest_int(f"donor_{k}", 0, 3)
+        if target == 2:  # this target's offspring never scores: as Worker.objective fails a non-finite score
+            trial.set_user_attr(NOT_FINITE, True)
+            raise EvaluationError("not finite")
+        return target + 0.5
+
+    sampler = EvolverSampler(population=4, seed=0, poll=0.01, wait_timeout=2)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study.optimize(objective, n_trials=16, catch=(EvaluationError,))
+    assert sampler.history(study).generation == 4  # 4 experts, then 3 generations of 4: none stalled
+    assert sum(t.state == TrialState.FAIL for t in study.trials) == 3
+
+
 def test_a_trial_holds_a_slot_only_with_a_heartbeat(tmp_path: Path) -> None:
     """A worker killed after its trial took a slot but before optuna's heartbeat thread first beat: the trial must
     still be failed as stale, or every other worker waits for its slot (seen in the kill test: an hour)."""

@@ -115,6 +115,10 @@ ATTR = "evoopt:evolver"  # trial system attribute: {"generation": g, "target": i
 PARAMS = ("target", "donor_1", "donor_2", "donor_3", "F", "Cr", "seed")
 _LIVE = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+# User attribute of a trial that ran and was failed on its own score (not finite): its slot is done and its
+# offspring rejected. A trial failed otherwise (its worker died, the budget was reached) frees its slot for a retry,
+# which draws the same move; retrying a candidate whose score is never finite would stall its generation forever.
+NOT_FINITE = "not_finite"
 # greedy: the paper's rule (the offspring replaces its target when it scores better); paired: only when a paired
 # test on the same dev examples finds it better at level alpha (the trial records the decision, "selection")
 SELECTIONS = ("greedy", "paired")
@@ -165,13 +169,23 @@ def move_of(params: dict[str, Any], strategy: str) -> Move:
     return Move(strategy, int(params["target"]), donors, float(params["F"]), float(params["Cr"]), int(params["seed"]))
 
 
+def rejected(trial: FrozenTrial) -> bool:
+    """Whether a trial failed on its own score (:data:`NOT_FINITE`): finished, and never better."""
+    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(NOT_FINITE))
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """Whether a trial's slot is decided: complete, pruned, or :func:`rejected`."""
+    return trial.state in _DONE or rejected(trial)
+
+
 def slot_trials(trials: Sequence[FrozenTrial], attr: str, key: str = "target",
                 exclude: int | None = None) -> dict[tuple[int, int], list[FrozenTrial]]:
     """The live trials of each slot (generation, index), by trial number (``exclude``: a trial number to ignore)."""
     by_slot: dict[tuple[int, int], list[FrozenTrial]] = {}
     for trial in sorted(trials, key=lambda t: t.number):
         slot = trial.system_attrs.get(attr)
-        if slot is not None and trial.number != exclude and trial.state in _LIVE:
+        if slot is not None and trial.number != exclude and (trial.state in _LIVE or rejected(trial)):
             by_slot.setdefault((int(slot["generation"]), int(slot[key])), []).append(trial)
     return by_slot
 
@@ -185,7 +199,7 @@ def replay(trials: Sequence[FrozenTrial], *, size: int, integrated: bool, maximi
     while True:
         g = history.generation
         found = {i: by_slot.get((g, i), []) for i in range(slots(g, size, integrated))}
-        done = {i: next((t for t in ts if t.state in _DONE), None) for i, ts in found.items()}
+        done = {i: next((t for t in ts if is_finished(t)), None) for i, ts in found.items()}
         finished = {i: t for i, t in done.items() if t is not None}
         if len(finished) < len(done):
             history.taken = {i for i, ts in found.items() if ts}

@@ -50,7 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.data.outcomes import Outcomes, trial_outcomes
 from evoopt.errors import ConfigError, EvaluationError
-from evoopt.search.evolver import SlotSampler, slot_trials
+from evoopt.search.evolver import SlotSampler, is_finished, slot_trials
 
 SLERP_FLOOR = 1e-6  # below this sin(Omega) the parents are (anti)parallel: interpolate linearly
 
@@ -139,7 +139,6 @@ def crossover(a: torch.Tensor, b: torch.Tensor, *, offset: int, split: int, rati
 
 ATTR = "evoopt:m2n2"  # trial system attribute: {"generation": g, "slot": i, "interpolation": "slerp" | "linear"}
 INTERPOLATIONS = ("slerp", "linear")
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass(frozen=True)
@@ -210,19 +209,20 @@ def replay(trials: Sequence[FrozenTrial], *, members: int, size: int, brood: int
            exclude: int | None = None) -> ArchiveHistory:
     """The archive's history from the study's trials (``exclude``: a trial number to ignore).
 
-    A child enters when its trial completed with per-example outcomes; a pruned or failed child does not.
+    A child enters when its trial completed with per-example outcomes; a pruned child, or one failed on its score
+    (:func:`~evoopt.search.evolver.rejected`), does not.
     """
     by_slot = slot_trials(trials, ATTR, "slot", exclude)
     history = ArchiveHistory(0, maximize=maximize)
     while True:
         g = history.generation
         found = {i: by_slot.get((g, i), []) for i in range(members if g == 0 else brood)}
-        finished = {i: next((t for t in ts if t.state in _DONE), None) for i, ts in found.items()}
-        if any(t is None for t in finished.values()):
+        done = {i: next((t for t in ts if is_finished(t)), None) for i, ts in found.items()}
+        if any(t is None for t in done.values()):
             history.taken = {i for i, ts in found.items() if ts}
             return history
         placed: list[tuple[Child, int]] = []
-        for i, trial in finished.items():
+        for i, trial in done.items():
             assert trial is not None
             outcomes = trial_outcomes(trial)
             if g == 0:

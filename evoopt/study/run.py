@@ -39,6 +39,7 @@ from evoopt.errors import ConfigError, EvaluationError, WorkerError
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write
+from evoopt.search.evolver import NOT_FINITE
 from evoopt.search.samplers import make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
 from evoopt.study.config import StudyConfig, same_study
@@ -163,6 +164,7 @@ class Worker:
         values = value if isinstance(value, list) else [value]
         if not all(math.isfinite(v) for v in values):
             trial.set_user_attr("fail_reason", f"the objective is not finite: {scores}")
+            trial.set_user_attr(NOT_FINITE, True)  # (the Evolver and M2N2 then reject it, rather than retry it)
             raise EvaluationError(f"trial {trial.number}: the score is not finite ({scores}); trial failed")
         return value
 

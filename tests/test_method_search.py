@@ -34,6 +34,10 @@ def test_method_search_config_errors_name_the_key_and_the_fix() -> None:
     assert "space.methods.ties.start.weight: not a searched coefficient of 'ties'" in message
     assert "space.search: not used by space.kind methods; give it per method in space.methods.<method>.search" in \
         _problems({"kind": "methods", "search": {"weight": [0, 2]}})
+    logs = _problems({"kind": "methods", "methods": {"ties": {"search": {"weight": [0, 1], "density": [0.1, 1]},
+                                                             "log": ["weight", "gamma"]}}})
+    assert "space.methods.ties.search.weight: a log-scale coefficient needs low > 0, got 0.0" in logs
+    assert "space.methods.ties.log: 'gamma' is not searched (space.methods.ties.search has weight, density)" in logs
     assert "space.methods: only for space.kind methods or methods-layerwise" in _problems(
         {"kind": "global", "methods": {"ties": {"search": {"weight": [0, 1]}}}})
     parse_config({"name": "k", "sources": SOURCES, "space": {"kind": "methods-layerwise", "layers_per_group": 2}})

@@ -41,6 +41,18 @@ def test_config_reports_every_problem_with_its_path() -> None:
         assert expected in text, text
     assert parse_config({"name": "x", "setting": "minilm-sentiment-domains",
                          "objective": {"split": "test", "allow_test": True}}).objective.split == "test"
+    # found only after the baselines before, with the config already stored in the study: now before any work
+    with pytest.raises(ConfigError) as error:
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "baselines": ["sources", "greedy-sop"],
+                      "space": {"fixed": {"densty": 0.3}},
+                      "objective": {"weights": {"vader-twets": 3.0, "vader-nyt": 0.0}}})
+    text = str(error.value)
+    for expected in ("baselines: unknown baseline 'greedy-sop'; known: sources, ensemble, greedy-soup, ",
+                     "space.fixed.densty: 'ties' has no coefficient 'densty'; allowed: density, ",
+                     "objective.weights.vader-twets: not a task of this study; its tasks: vader-",
+                     "objective.weights.vader-nyt: must be a finite number > 0, got 0.0"):
+        assert expected in text, text
+    assert "4 problem(s)" in text
 
 
 @pytest.mark.slow

@@ -187,7 +187,8 @@ class StudyConfig(_Strict):
     objective: ObjectiveSpec = Field(default_factory=lambda: ObjectiveSpec())
     pruner: PrunerSpec = Field(default_factory=lambda: PrunerSpec())
     trials: int = Field(30, gt=0, description="finished trials the study should have")
-    timeout: float | None = Field(None, gt=0, description="seconds for one `run`")
+    timeout: float | None = Field(None, gt=0, description=(
+        "seconds after which one `run` starts no new trial, counted after the baselines"))
     seed: int = Field(0, description=(
         "seeds the sampler and the merges' random draws (DARE's masks); dev and test are always the experts' "
         "own split (the setting's data seed), whatever this seed"))
@@ -278,8 +279,9 @@ def _problems(config: StudyConfig) -> list[str]:
             problems.append(f"space.search.{key}: a log-scale coefficient needs low > 0, got {low}")
     problems += [f"space.fixed.{key}: must be a finite number, got {value}"
                  for key, value in _numbers(config.space.fixed) if not math.isfinite(value)]
-    problems += [f"objective.weights.{task}: must be a finite number, got {weight}"
-                 for task, weight in config.objective.weights.items() if not math.isfinite(weight)]
+    problems += [f"objective.weights.{task}: must be a finite number > 0, got {weight}"
+                 for task, weight in config.objective.weights.items() if not (math.isfinite(weight) and weight > 0)]
+    problems += _baseline_problems(config.baselines) + _weight_problems(config)
     x0 = config.sampler.options.get("x0")
     problems += [f"sampler.options.x0{key and '.' + key}: must be a finite number, got {value}"
                  for key, value in _numbers(x0 if isinstance(x0, dict) else {"": x0}) if not math.isfinite(value)]
@@ -331,6 +333,29 @@ def _problems(config: StudyConfig) -> list[str]:
         if config.setting in SETTINGS and SETTINGS[config.setting].kind != "causal":
             problems.append("objective.metric: perplexity needs a causal LM setting")
     return problems
+
+
+BASELINE_NAMES = ("sources", "ensemble", "greedy-soup")  # besides the merge methods' names
+
+
+def _baseline_problems(baselines: list[str]) -> list[str]:
+    """Unknown baselines, named before any is scored (a typo found after an hour of baselines, with the config
+    already stored in the study, could not be corrected without a new study name)."""
+    from evoopt.merge import available_methods
+
+    known = [*BASELINE_NAMES, *available_methods()]
+    return [f"baselines: unknown baseline {name!r}; known: {', '.join(known)}" for name in baselines
+            if name not in known]
+
+
+def _weight_problems(config: StudyConfig) -> list[str]:
+    """objective.weights naming a task that is not scored (it would weigh nothing, silently)."""
+    try:
+        tasks = config.task_names
+    except ConfigError:  # an unknown setting: named by its own check
+        return []
+    return [f"objective.weights.{task}: not a task of this study; its tasks: {', '.join(tasks)}"
+            for task in config.objective.weights if task not in tasks]
 
 
 def changed_keys(space: SpaceSpec, *keys: str) -> list[str]:

@@ -144,6 +144,13 @@ class MethodsKind(ParameterKind):
                     problems.append(f"{where}.search.{key}: {name!r} has no per-model coefficient {key!r}; "
                                     f"allowed: {', '.join(sorted(method.per_model)) or 'none'}")
                 problems += bounds_problems(f"{where}.search.{key}", low, high)
+            for key in choice.log:
+                if key not in choice.search:
+                    problems.append(f"{where}.log: {key!r} is not searched ({where}.search has "
+                                    f"{', '.join(choice.search) or 'nothing'})")
+                elif choice.search[key][0] <= 0:
+                    problems.append(f"{where}.search.{key}: a log-scale coefficient needs low > 0, "
+                                    f"got {choice.search[key][0]}")
             for key in choice.fixed:
                 if key not in method.per_model and key not in method.shared:
                     problems.append(f"{where}.fixed.{key}: {name!r} has no coefficient {key!r}; allowed: "

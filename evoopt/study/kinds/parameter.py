@@ -38,8 +38,11 @@ class ParameterKind(Kind[Space]):
             return [*problems, f"space.method: {str(error).removeprefix('method: ')}"]
         allowed = set(method.per_model)
         allowed_text = ", ".join(sorted(allowed)) or "none"
-        return problems + [f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
-                           f"allowed: {allowed_text}" for key in space.search if key not in allowed]
+        problems += [f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
+                     f"allowed: {allowed_text}" for key in space.search if key not in allowed]
+        coefficients = ", ".join(sorted({*method.per_model, *method.shared})) or "none"
+        return problems + [f"space.fixed.{key}: {method.name!r} has no coefficient {key!r}; allowed: {coefficients}"
+                           for key in space.fixed if key not in method.per_model and key not in method.shared]
 
     def make_space(self, names: list[str] | None = None) -> Space:
         """One value per model and coefficient (global), or per model, coefficient and layer group of

@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from evoopt.display import Bars, TrialBar, print_expert_scores, print_summary
+
+if TYPE_CHECKING:
+    from evoopt.study.run import RunReport
 
 
 class _Seconds(click.ParamType):
@@ -185,7 +189,8 @@ def demo(ctx: click.Context, study: Path, out: Path) -> None:
     with Bars(Console(stderr=True)) as bars:
         build_setting(config.setting or "minilm-sentiment-domains", progress=bars, multitask=False)
         bars.echo(f"experts: ready in {time.perf_counter() - started:.1f} s")
-    ctx.invoke(run, study=study)
+    if ctx.invoke(run, study=study).interrupted:
+        return  # Ctrl-C: the finished trials are stored; the demo's next run resumes and exports
     export_trial(config, "best", out, overwrite=True)
     Console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
 
@@ -227,18 +232,20 @@ def _load_study_config(path: Path, root: Path | None = None, storage: str | None
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--n-trials", type=_COUNT, default=None, help="Run at most N trials now (default: up to the study's "
               "`trials` budget, counting the finished trials already stored).")
-@click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds.")
+@click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds, "
+              "counted after the baselines (first run), in every worker alike.")
 @click.option("--workers", type=_COUNT, default=1, show_default=True,
               help="Local worker processes sharing the study's storage and the machine's cores (each gets "
               "cores / N threads unless OMP_NUM_THREADS is set).")
 @click.option("--storage", default=None, help="An Optuna storage URL instead of the config's `storage` "
               "(postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH).")
 @click.option("--no-baselines", is_flag=True, help="Do not evaluate the baselines first.")
-@click.option("--quiet", is_flag=True, help="No progress bar and no table (used by worker processes).")
-@click.option("--worker-index", type=click.IntRange(min=0), default=0, hidden=True)
+@click.option("--quiet", is_flag=True, help="No progress bar and no table; the best trial is still scored on test "
+              "(see `evoopt status`).")
+@click.option("--worker-index", type=click.IntRange(min=0), default=None, hidden=True)
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
 def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, storage: str | None,
-        no_baselines: bool, quiet: bool, worker_index: int, root: Path | None) -> None:
+        no_baselines: bool, quiet: bool, worker_index: int | None, root: Path | None) -> RunReport:
     """Create or resume the study of STUDY (a YAML config) and run it.
 
     \b
@@ -297,10 +304,9 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     config = _load_study_config(study, root, storage)
     assert isinstance(config, StudyConfig)
     console = Console(stderr=True)
-    if quiet:
-        report = run_study(config, n_trials=n_trials, timeout=timeout, worker_index=worker_index,
-                           baselines=not no_baselines, report=worker_index == 0 and not quiet)
-        return
+    if quiet:  # a worker process of `--workers N` is given its --worker-index: its parent reports
+        return run_study(config, n_trials=n_trials, timeout=timeout, workers=workers, worker_index=worker_index or 0,
+                         baselines=not no_baselines, report=worker_index is None)
     with TrialBar(console, config) as bar:
         report = run_study(config, n_trials=n_trials, timeout=timeout, workers=workers, progress=bar.stage,
                            on_trial=bar.trial, baselines=not no_baselines)
@@ -308,6 +314,7 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     if report.interrupted:
         Console(stderr=True).print("[yellow]interrupted[/yellow]: finished trials are stored; run the same "
                                    "command again to continue.")
+    return report
 
 
 @main.command()

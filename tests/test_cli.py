@@ -89,6 +89,41 @@ def test_non_positive_counts_and_timeouts_are_refused_naming_the_option(args: li
     assert not (tmp_path / "out").exists()
 
 
+def test_quiet_run_keeps_its_workers_and_report_and_spawned_workers_leave_the_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--quiet` only hides the bar and the table: it dropped --workers and the test report before. A worker
+    process that `--workers N` spawns (given its --worker-index) leaves the report to its parent."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr("evoopt.study.run.run_study", lambda config, **kwargs: calls.append(kwargs))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "q", "setting": "minilm-sentiment-domains",
+                                     "artifacts": str(tmp_path / "out")}))
+    for args in (["--workers", "4", "--quiet"], ["--quiet", "--no-baselines", "--worker-index", "0"]):
+        result = CliRunner().invoke(main, ["run", str(study), *args])
+        assert result.exit_code == 0, result.output
+    assert (calls[0]["workers"], calls[0]["worker_index"], calls[0]["report"]) == (4, 0, True)
+    assert (calls[1]["workers"], calls[1]["worker_index"], calls[1]["report"]) == (1, 0, False)
+
+
+def test_an_interrupted_demo_exports_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the demo's run: it stops there (it went on to export, and failed without a finished trial)."""
+    import optuna
+
+    from evoopt.study.run import RunReport
+
+    exported: list[Any] = []
+    monkeypatch.setattr("evoopt.data.experts.build_setting", lambda *args, **kwargs: None)
+    monkeypatch.setattr("evoopt.study.run.run_study", lambda config, **kwargs: RunReport(
+        optuna.create_study(), interrupted=True))
+    monkeypatch.setattr("evoopt.study.run.export_trial", lambda *args, **kwargs: exported.append(args))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "d", "setting": "minilm-sentiment-domains",
+                                     "artifacts": str(tmp_path / "out")}))
+    result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(tmp_path / "best")])
+    assert result.exit_code == 0, result.output
+    assert "interrupted" in result.output and not exported
+
+
 @pytest.mark.parametrize("args", [["experts", "minilm-sentiment-domains", "--steps", "0"],
                                   ["experts", "minilm-sentiment-domains", "--limit-train", "-1"],
                                   ["dashboard", "study.yaml", "--port", "0"]])

@@ -208,8 +208,8 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
               baselines: bool = True, report: bool = True, kind: Kind | None = None) -> RunReport:
     """Create or resume the study and run it until it has ``config.trials`` finished trials.
 
-    ``n_trials`` caps the trials this call runs; ``workers`` > 1 runs that many
-    local worker processes on the same storage. At the end (unless ``report`` is
+    ``n_trials`` caps the trials this call runs; ``timeout``: seconds after the baselines past which no trial
+    starts (in each worker); ``workers`` > 1 runs that many local worker processes on the same storage. At the end (unless ``report`` is
     off) the best trial is scored on the test split, for reporting only. ``kind``: the
     study's kind built before (``make_kind(config)``), for a caller that runs one study in
     several calls in one process: its sources, evaluation model and merge methods'
@@ -220,13 +220,14 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
                           "build it with make_kind(config)")
     kind = kind if kind is not None else make_kind(config)  # built once: the sampler's space and the worker's share it
     study = open_study(config, worker=worker_index, kind=kind)
-    started = time.perf_counter()
     run = RunReport(study)
     if baselines and config.baselines and "evoopt:baselines" not in study.user_attrs and worker_index == 0:
         run_baselines(config, progress=progress, study=study, sources=kind.sources)
     if worker_index == 0:
         study_estimator(config, study, wait=0.0)  # fitted once, before any worker needs it
         kind.start(study)
+    started = time.perf_counter()  # the timeout counts from here: with one worker as with several, each of which
+    # is given all of it after the baselines (a worker's build of its model counts in its time)
     before = finished_trials(study)
     remaining = max(0, config.trials - before)
     if n_trials is not None:

@@ -76,6 +76,18 @@ def test_the_best_of_a_minimised_multi_objective_front_has_the_lowest_sum() -> N
     assert trial is not None and trial.values == [9.0, 2.0]
 
 
+def test_a_multi_objective_best_shows_its_mean_dev_beside_the_baselines_means() -> None:
+    """The best trial's dev row is the (weighted) mean of its tasks, as the baselines' rows and its test are (it
+    showed the sum: dev 3.42 beside a baseline's 0.85)."""
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    study.set_user_attr("evoopt:config", {"objective": {"weights": {"b": 3.0}}})
+    study.add_trial(optuna.trial.create_trial(values=[0.8, 0.6], user_attrs={"scores": {"a": 0.8, "b": 0.6}}))
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 0.5]))
+    assert summary_rows(study)[-1]["dev"] == pytest.approx((0.8 + 3 * 0.6) / 4)
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 0.9]))  # no per-task scores kept: the plain mean
+    assert summary_rows(study)[-1]["dev"] == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("maximize", [True, False])
 def test_summary_rows_report_the_best_trial_in_the_study_direction(maximize: bool) -> None:
     study = optuna.create_study(direction="maximize" if maximize else "minimize")

@@ -112,6 +112,24 @@ def test_compare_writes_plots_and_rows(compared: dict[str, Any]) -> None:
             assert stored.read() == png.read_bytes()
 
 
+def test_compare_shows_the_answers_dev_beside_its_test(tmp_path: Path) -> None:
+    """An estimated study: its answer is a confirmed trial (whole-dev 0.75), not the best estimate (0.9, the
+    winner's curse); "best (dev)" showed the estimate beside the answer's test."""
+    from evoopt.study.report import _row
+    from evoopt.study.storage import ANSWER_ATTR
+
+    config = make_config(tmp_path, "estimated", "RandomSampler")
+    study = open_study(config)
+    for number, value in enumerate((0.7, 0.9)):
+        trial = frozen(TrialState.COMPLETE, value, 10 * number, 10 * number + 5)
+        trial.user_attrs = {"estimated": True}
+        study.add_trial(trial)
+    study.set_user_attr(ANSWER_ATTR, {"trial": 0})
+    study.set_user_attr("evoopt:test", {"0": {"test": {"sms-spam": 0.85}, "dev": {"sms-spam": 0.75}}})
+    row = _row(config, study, best_so_far(study))
+    assert (row["best"], row["test"]) == (0.75, 0.85) and row["trials_to_99"] == 2
+
+
 def test_compare_refuses_missing_or_empty_studies(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no study 'nowhere'"):
         compare_studies([make_config(tmp_path, "nowhere", "TPESampler")], tmp_path / "out")

@@ -41,9 +41,10 @@ class Curve:
 
 
 def _value(trial: FrozenTrial) -> float:
-    """One number per trial; multi-objective studies sum their objectives, like `summary_rows`."""
+    """One number per trial: a multi-objective trial's mean over its tasks, on the scale of the baselines' dev and
+    of every test column (the best sum on the front is the best mean)."""
     values = trial.values or []
-    return float(values[0]) if len(values) == 1 else float(sum(values))
+    return float(values[0]) if len(values) == 1 else float(sum(values)) / max(1, len(values))
 
 
 def _cumulative(values: list[float], maximize: bool) -> list[float]:
@@ -69,18 +70,18 @@ def best_so_far(study: optuna.Study) -> Curve:
 
 def _row(config: StudyConfig, study: optuna.Study, curve: Curve) -> dict[str, Any]:
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-    best = study.best_value if len(study.directions) == 1 else curve.by_trial[-1]
-    margin = (1 - CONVERGED) * abs(best)
+    peak = curve.by_trial[-1]  # the best value the trials reached (an estimated study's: an estimate)
+    margin = (1 - CONVERGED) * abs(peak)
     reached = next(n for n, v in zip(curve.trials, curve.by_trial)
-                   if (v >= best - margin if maximize else v <= best + margin))
+                   if (v >= peak - margin if maximize else v <= peak + margin))
     trials = study.get_trials(deepcopy=False)
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
     ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
-    summary = summary_rows(study)[-1]  # the best trial's row comes last
+    summary = summary_rows(study)[-1]  # the answer's row comes last: its dev and test describe one model
     return {"name": study.study_name, "sampler": config.sampler.name,
             "space": make_kind(config).title(),
             "direction": "maximize" if maximize else "minimize",
-            "finished": len(study.get_trials(deepcopy=False, states=FINISHED)), "best": best,
+            "finished": len(study.get_trials(deepcopy=False, states=FINISHED)), "best": summary["dev"],
             "wall_seconds": (max(ends) - min(starts)).total_seconds(), "trials_to_99": reached,
             "test": summary["test"]}
 
@@ -178,7 +179,9 @@ def summary_rows(study: optuna.Study) -> list[dict[str, Any]]:
     trial = best_trial(study)
     if trial is not None:
         report = study.user_attrs.get("evoopt:test", {}).get(str(trial.number))
-        dev = trial.value if trial.values and len(trial.values) == 1 else float(sum(trial.values or [0.0]))
+        dev = _value(trial)
+        if len(trial.values or []) > 1 and "scores" in trial.user_attrs:  # weighted as the baselines' rows
+            dev = combine(trial.user_attrs["scores"], _weights(study))
         test, name = None, f"best found (trial {trial.number})"
         if report:
             test = combine(report["test"], _weights(study))

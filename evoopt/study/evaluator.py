@@ -20,6 +20,7 @@ from evoopt.data.estimate import Estimator
 from evoopt.data.objective import ClassifierScorer, LmEvalScorer, PerplexityScorer, Scores, auto_batch_size, combine
 from evoopt.data.outcomes import Outcomes, paired_decision, record_outcomes
 from evoopt.errors import EvaluationError
+from evoopt.models.io import atomic_write
 from evoopt.study.config import StudyConfig
 from evoopt.study.space import Sources
 from evoopt.study.storage import best_index, better
@@ -46,8 +47,7 @@ def calibration_file(config: StudyConfig, sources: Sources, per_task: int = 8) -
     lines = []
     for task in sources.tasks:
         lines += [" ".join(t.split()) for t in load_splits(task, seed=sources.data_seed)["train"]["text"][:per_task]]
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text("\n".join(lines) + "\n")
+    atomic_write(file, "\n".join(lines) + "\n")  # (workers rewrite it while others may read it)
     return str(file.resolve())
 
 

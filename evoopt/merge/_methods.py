@@ -324,17 +324,41 @@ def regmean(
     return merged_t.T.contiguous().to(tensors[0].dtype)
 
 
+@dataclass(frozen=True)
+class MagnitudeRanks:
+    """Each entry's magnitude rank within its row, r = 0 the smallest (ties in index order): DELLA's
+    coefficient-independent part of a task vector (its ``prepare``), kept in 16 bits an entry where the rows have at
+    most 65,536 entries (else 32), not as the float32 spread: half the memory, and half the bytes a candidate reads.
+    A 1-D tensor is one row; more dimensions are flattened to ``(shape[0], -1)``."""
+
+    ranks: torch.Tensor  # the delta's shape; int16 holding each rank's 16 bits, or int32
+    span: int  # the divisor of the spread: n - 1 (a row of one entry: its rank stored as 1 and the span 2)
+
+    @classmethod
+    def of(cls, delta: torch.Tensor) -> MagnitudeRanks:
+        rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
+        n = rows.shape[1]
+        dtype = torch.int16 if n <= 1 << 16 else torch.int32
+        if n == 1:
+            return cls(torch.ones(delta.shape, dtype=dtype), 2)
+        order = rows.abs().argsort(dim=1, stable=True)  # one sort; the ranks are scattered back, not sorted again
+        positions = torch.arange(n, dtype=torch.int32).to(dtype).expand(rows.shape[0], n)  # (>= 2^15: wrapped)
+        return cls(torch.empty(rows.shape, dtype=dtype).scatter_(1, order, positions).reshape(delta.shape), n - 1)
+
+    def unsigned(self) -> torch.Tensor:
+        """The ranks as int32 (the 16-bit ones read as unsigned)."""
+        return self.ranks.to(torch.int32) & 0xFFFF if self.ranks.dtype == torch.int16 else self.ranks
+
+    def spread(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """r / (n - 1) in [0, 1] in ``dtype`` (0.5 for a row of one entry): :func:`magnitude_spread`."""
+        return self.unsigned().to(dtype).div_(self.span)
+
+
 def magnitude_spread(delta: torch.Tensor) -> torch.Tensor:
     """Each entry's magnitude rank within its row, r / (n - 1) in [0, 1] (r = 0 the smallest; 0.5 for a row of
-    one entry; ties in index order). A 1-D tensor is one row; more dimensions are flattened to
-    ``(shape[0], -1)``. It does not depend on the coefficients: DELLA's ``prepare``."""
-    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
-    n = rows.shape[1]
-    if n == 1:
-        return torch.full(delta.shape, 0.5, dtype=compute_dtype(delta.dtype))
-    order = rows.abs().argsort(dim=1, stable=True)  # one sort; the ranks are scattered back, not sorted again
-    positions = torch.arange(n, dtype=compute_dtype(delta.dtype)).div_(n - 1).expand(rows.shape[0], n)
-    return torch.empty(rows.shape, dtype=positions.dtype).scatter_(1, order, positions).reshape(delta.shape)
+    one entry; ties in index order), in the delta's compute dtype. A 1-D tensor is one row; more dimensions are
+    flattened to ``(shape[0], -1)`` (:class:`MagnitudeRanks`, which DELLA keeps)."""
+    return MagnitudeRanks.of(delta).spread(compute_dtype(delta.dtype))
 
 
 def _check_epsilon(density: float, epsilon: float) -> None:
@@ -372,7 +396,7 @@ def della(
     scale: float = 1.0,
     seed: int = 0,
     name: str = "",
-    spreads: Sequence[torch.Tensor] | None = None,
+    ranks: Sequence[MagnitudeRanks] | None = None,
     fast: bool = True,
 ) -> torch.Tensor:
     """DELLA-Merging (Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
@@ -389,8 +413,8 @@ def della(
 
     Deliberate difference from mergekit 0.1.5: the kept entries are rescaled by 1 / p per entry,
     as the paper does (and as evoopt's DARE does), where mergekit rescales the whole tensor to its
-    L1 norm before the drop. The keep probabilities agree with mergekit's (tested). ``spreads``: each
-    model's :func:`magnitude_spread`, computed once (``prepare``): a candidate is then elementwise work.
+    L1 norm before the drop. The keep probabilities agree with mergekit's (tested). ``ranks``: each
+    model's :class:`MagnitudeRanks`, computed once (``prepare``): a candidate is then elementwise work.
     On the CPU the merge is the fused kernel's pass in float32 (:func:`~evoopt.merge._prepared.della_merge`;
     bfloat16 read as stored and widened exactly where used, as the formula widens it), the same bytes as this
     formula in torch (``fast=False``, and float64 tensors and other devices).
@@ -400,16 +424,17 @@ def della(
         if d < 1.0:
             _check_epsilon(d, eps)
     if fast and compute_dtype(base.dtype) == torch.float32 and all(t.device.type == "cpu" for t in (base, *tensors)):
-        if spreads is None:
-            spreads = [magnitude_spread(delta) for delta in task_vectors(base, tensors)]
+        if ranks is None:
+            ranks = della_ranks(base, tensors)
         return della_merge(base, tensors, weights, densities, epsilons,
-                           [stream_key(seed, name, m) for m in range(len(tensors))], spreads,
+                           [stream_key(seed, name, m) for m in range(len(tensors))], ranks,
                            consensus=consensus, normalize=normalize, scale=scale).to(base.dtype)
     contributions = []
     for m, (delta, w, d, eps) in enumerate(zip(task_vectors(base, tensors), weights, densities, epsilons)):
         scaled = delta * torch.tensor(float(w), dtype=delta.dtype)
         if d < 1.0:
-            p = magprune_probabilities(delta, d, eps, spread=spreads[m] if spreads is not None else None)
+            spread = ranks[m].spread(delta.dtype) if ranks is not None else None
+            p = magprune_probabilities(delta, d, eps, spread=spread)
             u = uniform_stream(stream_key(seed, name, m), delta.numel()).reshape(delta.shape).to(p.dtype)
             scaled = torch.where(u < p, scaled / p, 0.0)
         contributions.append(scaled)
@@ -768,6 +793,6 @@ def iso_merge(
     return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
 
 
-def della_spreads(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """DELLA's coefficient-independent part of one tensor: each model's magnitude ranks (:func:`magnitude_spread`)."""
-    return [magnitude_spread(delta) for delta in task_vectors(base, tensors)]
+def della_ranks(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[MagnitudeRanks]:
+    """DELLA's coefficient-independent part of one tensor: each model's :class:`MagnitudeRanks`."""
+    return [MagnitudeRanks.of(delta) for delta in task_vectors(base, tensors)]

@@ -42,13 +42,16 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from evoopt.merge._numba import _prefer_wide_vectors, _stream_intrinsics
 from evoopt.merge._pieces import _GOLDEN32, Sparsification, rank_window, stream_bits, stream_key
+
+if TYPE_CHECKING:
+    from evoopt.merge._methods import MagnitudeRanks
 
 GRID_SIZE = 16_384
 CHUNK = 1 << 18  # entries widened to float32 at a time in the stored-dtype state (1 MiB per model)
@@ -365,14 +368,15 @@ def _for_kernel(params: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
 
 def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                 densities: Sequence[float], epsilons: Sequence[float], keys: Sequence[int],
-                spreads: Sequence[torch.Tensor], *, consensus: bool, normalize: bool, scale: float) -> torch.Tensor:
+                ranks: Sequence[MagnitudeRanks], *, consensus: bool, normalize: bool, scale: float) -> torch.Tensor:
     """:func:`evoopt.merge.della` for CPU tensors in the fused kernel's pass (its DELLA mode; the torch formula
     makes a dozen passes, two of them int64 hashes). The same float32 operations in the same order: Drop (kept
     where the draw of stream ``keys[m]`` is below p = (d - eps) + 2 eps spread, as w tau / p), Elect, Fuse, so the
     same bytes (tested). Float32 and bfloat16 sources are read as they are (bfloat16 widened where each entry is
     used, exactly), other dtypes widened first; the result is in the base's dtype where that is float32 or
-    bfloat16 (rounded as torch rounds), else float32. ``spreads``: each model's
-    :func:`~evoopt.merge.magnitude_spread`."""
+    bfloat16 (rounded as torch rounds), else float32. ``ranks``: each model's
+    :class:`~evoopt.merge._methods.MagnitudeRanks` (the kernel divides each rank by the span in float32, as
+    ``MagnitudeRanks.spread`` does)."""
     flat = [t.contiguous().view(-1) for t in (base, *tensors)]
     readable = [_readable(t) for t in flat]
     if any(r is None for r in readable) or len({t.dtype for t in flat[1:]}) > 1:
@@ -383,9 +387,13 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
               np.array([d - e if drop else 1.0 for d, e, drop in zip(densities, epsilons, drops)], dtype=np.float32),
               np.array([2 * e if drop else 0.0 for e, drop in zip(epsilons, drops)], dtype=np.float32),
               np.zeros(len(tensors), dtype=np.uint64), np.array(keys, dtype=np.uint64))
-    ranks = tuple(s.to(torch.float32).contiguous().view(-1).numpy() for s in spreads)
+    rows = [r.ranks.contiguous().view(-1).numpy() for r in ranks]
+    rows = [r.view(np.uint16) for r in rows] if rows[0].dtype == np.int16 else rows
+    # The ranks, then the span (one shape: one span) as one more array of their dtype (numba's parallel loops take
+    # a tuple of arrays, not one nested in another tuple)
+    spreads = (*rows, np.array([ranks[0].span], dtype=rows[0].dtype))
     out = torch.empty(base.shape, dtype=base.dtype if base.dtype in (torch.float32, torch.bfloat16) else torch.float32)
-    _into(out.view(-1), _fused_kernel(), (readable[0], tuple(readable[1:]), ranks, *_for_kernel(params), 3,
+    _into(out.view(-1), _fused_kernel(), (readable[0], tuple(readable[1:]), spreads, *_for_kernel(params), 3,
                                           consensus, normalize, np.float32(scale), 0))
     return out
 
@@ -601,8 +609,11 @@ def _compile() -> Any:
                           more):
         """``contribute``'s DELLA mode (Deep et al. 2024, Sec. 3, as ``della`` computes it): v = d w, kept where
         the draw / 2^24 is below p = low + width * spread (its integer below p 2^24: both exact in float32), as
-        v / p; a model not dropped has low 1 and width 0, so p = 1 (every draw is below 2^24 and v / 1 is v)."""
+        v / p; a model not dropped has low 1 and width 0, so p = 1 (every draw is below 2^24 and v / 1 is v).
+        ``spreads``: each model's ranks, then the span: the spread is rank / span in float32, as
+        ``MagnitudeRanks.spread`` divides it."""
         models = len(coefs)
+        span = np.float32(spreads[-1][0])
         g = np.uint32(np.uint32((start + 1) & mask) * golden)  # the stream's counter, as in the random mode
         for j in range(total.size):
             b, i, tot = base[j], first + np.uint64(j), total[j]
@@ -611,7 +622,7 @@ def _compile() -> Any:
                 key = keys[m]
                 v = _value(rows[m], i)
                 v = (v - b if subtract else v) * coefs[m]
-                p = lows[m] + highs[m] * spreads[m][i]
+                p = lows[m] + highs[m] * (np.float32(spreads[m][i]) / span)  # the rank's spread
                 y = v / p if _drawn(_add32(g, np.uint32(key & mask)), np.uint32(key >> s32)) < p * two24 else zero
                 if keep:
                     c[m, j] = y
@@ -634,7 +645,7 @@ def _compile() -> Any:
     def _spread_of_typed(spreads, m):  # type: ignore[no-untyped-def]
         if isinstance(spreads, types.NoneType):
             return lambda spreads, m: None
-        return lambda spreads, m: (spreads[m],)
+        return lambda spreads, m: (spreads[m], spreads[-1])
 
     # One loop over the entries per sparsification mode, each branch-free so that LLVM vectorises it, with the
     # sources unrolled in it (their parameters are tuples: a constant count): the task vectors' entries d (the row

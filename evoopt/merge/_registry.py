@@ -182,10 +182,10 @@ register(MergeMethod("regmean", "Jin et al., Dataless Knowledge Fusion by Mergin
 
 def _della(consensus: bool) -> Callable[..., torch.Tensor]:
     def run(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], *, seed: int, name: str,
-            prepared: list[torch.Tensor] | None = None, **_: Any) -> torch.Tensor:
+            prepared: list[m.MagnitudeRanks] | None = None, **_: Any) -> torch.Tensor:
         return m.della(base, tensors, weights=c["weight"], densities=c["density"], epsilons=c["epsilon"],
                        consensus=consensus, normalize=c["normalize"], scale=c["scale"], seed=seed, name=name,
-                       spreads=prepared)
+                       ranks=prepared)
 
     return run
 
@@ -196,10 +196,10 @@ def _sce(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], **_
 
 _DELLA = "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling, 2024"
 register(MergeMethod("della", _DELLA, _della(True), per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
-                     shared={"scale": 1.0, "normalize": True}, prepare=m.della_spreads))
+                     shared={"scale": 1.0, "normalize": True}, prepare=m.della_ranks))
 register(MergeMethod("della_linear", _DELLA, _della(False),
                      per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
-                     shared={"scale": 1.0, "normalize": False}, prepare=m.della_spreads))
+                     shared={"scale": 1.0, "normalize": False}, prepare=m.della_ranks))
 register(MergeMethod("sce", "Wan et al., FuseChat: Knowledge Fusion of Chat Models, 2024 (SCE)", _sce,
                      per_model={"weight": 1.0}, shared={"select_topk": 1.0, "scale": 1.0}))
 

@@ -9,7 +9,7 @@ import torch
 
 from evoopt import merge as M
 from evoopt.merge import _prepared, get_method
-from evoopt.merge._methods import della_spreads
+from evoopt.merge._methods import della_ranks, magnitude_spread
 from tests.helpers.merge import run
 
 T = torch.tensor
@@ -242,8 +242,8 @@ def test_della_in_the_fused_kernel_gives_the_torch_formulas_bytes(monkeypatch: p
     monkeypatch.setattr(_prepared, "UNROLLED", 2)  # more sources than the kernel unrolls: a pass per source
     assert torch.equal(M.della(base, experts, **config).view(torch.int32), plain.view(torch.int32))
     monkeypatch.undo()
-    spreads = della_spreads(base, experts)
-    assert torch.equal(M.della(base, experts, spreads=spreads, **config), fast)
+    ranks = della_ranks(base, experts)
+    assert torch.equal(M.della(base, experts, ranks=ranks, **config), fast)
     # views with other strides (a transposed matrix) are read in their own element order, as the formula reads them
     flipped = [base.T, *(e.T for e in experts)]
     assert torch.equal(M.della(flipped[0], flipped[1:], **config), M.della(flipped[0], flipped[1:], fast=False,
@@ -255,6 +255,32 @@ def test_della_in_the_fused_kernel_gives_the_torch_formulas_bytes(monkeypatch: p
     assert torch.equal(got.view(torch.int16), M.della(narrow[0], narrow[1:], fast=False, **config).view(torch.int16))
     # float64 takes the torch formula
     assert M.della(base.double(), [e.double() for e in experts], **config).dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(2, 40_000), (70_000,), (6, 1)], ids=["16-bit ranks past 2^15",
+                                                                       "32-bit ranks", "rows of one entry"])
+def test_della_ranks_keep_the_spread_in_16_or_32_bits(shape: tuple[int, ...]) -> None:
+    """DELLA's prepared ranks: 16 bits an entry for rows of up to 2^16 entries (ranks of 2^15 and more stored
+    wrapped), 32 above; their spread is each entry's rank / (n - 1), and the fused kernel, which divides the
+    ranks itself, gives the torch formula's bytes."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(shape, generator=g)
+    experts = [base + 0.01 * torch.randn(shape, generator=g) for _ in range(2)]
+    ranks = della_ranks(base, experts)
+    delta = experts[0] - base
+    rows = delta.reshape(shape[0], -1) if len(shape) > 1 else delta.reshape(1, -1)
+    n = rows.shape[1]
+    assert ranks[0].ranks.dtype == (torch.int16 if n <= 1 << 16 else torch.int32)
+    if n > 1:
+        order = rows.abs().argsort(dim=1, stable=True)
+        assert torch.equal(ranks[0].unsigned().reshape(rows.shape).gather(1, order),
+                           torch.arange(n, dtype=torch.int32).expand(rows.shape[0], n))
+    expected = torch.full(rows.shape, 0.5) if n == 1 else ranks[0].unsigned().float().reshape(rows.shape) / (n - 1)
+    assert torch.equal(magnitude_spread(delta), expected.reshape(shape))
+    config = dict(weights=[0.7, 1.3], densities=[0.5, 0.3], epsilons=[0.1, 0.2], seed=4, name="w",
+                  consensus=True, normalize=True, scale=1.0)
+    fast = M.della(base, experts, ranks=ranks, **config)
+    assert torch.equal(fast.view(torch.int32), M.della(base, experts, fast=False, **config).view(torch.int32))
 
 
 def test_sce_select_calculate_erase_by_hand() -> None:

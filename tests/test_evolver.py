@@ -57,7 +57,7 @@ def test_donors_are_distinct_from_each_other_and_the_target(strategy: str) -> No
     rng = np.random.default_rng(0)
     for _ in range(200):
         target = int(rng.integers(5))
-        move = draw_move(rng, strategy, target=target, size=5, best=2)
+        move = draw_move(rng, strategy, target=target, size=5, best=2, best_other=3 if target == 2 else 2)
         others = move.donors[1:] if strategy in ("paper", "best1") else move.donors
         assert target not in others and len(set(others)) == len(others)
         if strategy == "paper":
@@ -78,6 +78,45 @@ def test_released_reference_is_random_early_and_best_late() -> None:
     late = [draw_move(rng, "released", target=0, size=6, best=5, generation=9, generations=10).donors[0]
             for _ in range(2000)]
     assert abs(np.mean(np.array(late) == 5) - 1 / 5) < 0.03
+    # the target is the fittest: the reference is the best of the others (4), as the authors' code has it
+    # (find_max_index_after_removing_idx), with p = 0.45 + 0.55 / 5; a random other would give 4 with p = 1 / 5
+    fittest = [draw_move(rng, "released", target=5, size=6, best=5, best_other=4, generation=0,
+                         generations=10).donors[0] for _ in range(4000)]
+    assert abs(np.mean(np.array(fittest) == 4) - (0.45 + 0.55 / 5)) < 0.03
+    with pytest.raises(ValueError, match="best_other: the fittest individual other than the target"):
+        draw_move(rng, "released", target=5, size=6, best=5)
+
+
+def test_released_reference_of_the_fittest_follows_the_study_direction() -> None:
+    """Minimising, individual 1 is the fittest and 3 the best of the others; offspring never win, so the
+    population stays. Every offspring of 1 takes as reference what draw_move gives with best_other 3."""
+    from evoopt.search.evolver import EvolverSampler, History
+
+    history = History(1, [0.4, 0.1, 0.3, 0.2], [0.5] * 4, [0.5] * 4, [[]], set(), maximize=False)
+    assert (history.best, history.fittest(exclude=1), history.fittest(exclude=2)) == (1, 3, 1)
+    history.maximize = True
+    assert (history.best, history.fittest(exclude=0), history.fittest(exclude=3)) == (0, 2, 0)
+
+    def objective(trial: optuna.Trial) -> float:
+        target = trial.suggest_int("target", 0, 3)
+        if trial.study._storage.get_trial_system_attrs(trial._trial_id)[ATTR]["generation"] == 0:
+            return [0.4, 0.1, 0.3, 0.2][target]
+        for name in ("F", "Cr"):
+            trial.suggest_float(name, 0.0, 2.0)
+        trial.suggest_int("seed", 0, 2**31 - 1)
+        trial.suggest_int("donor_1", 0, 3)
+        return 1.0
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="minimize", sampler=EvolverSampler(
+        population=4, strategy="released", generations=20, seed=0, poll=0.01, wait_timeout=2))
+    study.optimize(objective, n_trials=4 + 4 * 12)
+    drawn = [(t.system_attrs[ATTR]["generation"], t.params["donor_1"]) for t in study.trials
+             if t.params["target"] == 1 and "donor_1" in t.params]
+    expected = [draw_move(np.random.default_rng([0, g, 1]), "released", target=1, size=4, best=1, best_other=3,
+                          generation=g - 1, generations=20).donors[0] for g, _ in drawn]
+    assert len(drawn) == 12 and [d for _, d in drawn] == expected
+    assert sum(d == 3 for d in expected) > 6  # mostly the best other (a random other: 1 in 3)
 
 
 # --- replay: the population's history from trials, by hand ----------------------------------------------
@@ -412,6 +451,15 @@ def test_evolver_config_problems_are_named() -> None:
         assert expected in text, text
     with pytest.raises(ConfigError, match="go together"):
         parse_config({"name": "x", "setting": "minilm-sentiment-domains", "sampler": {"name": "EvolverSampler"}})
+    # a pruner compares an offspring with the study's best trial: it would replace the per-target selection
+    with pytest.raises(ConfigError, match=r"pruner.name: the Evolver selects each offspring against its own target.*"
+                                          r"got RacingPruner.*sampler.options.selection: paired"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver"},
+                      "sampler": {"name": "EvolverSampler"}, "objective": {"fidelities": [50]},
+                      "pruner": {"name": "RacingPruner"}})
+    parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver"},
+                  "sampler": {"name": "EvolverSampler", "options": {"selection": "paired"}},
+                  "objective": {"fidelities": [50]}})  # the Evolver's own early stop
     from evoopt.search.evolver import EvolverSampler
 
     with pytest.raises(ValueError, match="strategy 'paper' needs at least 3 individuals, got 2.*F: the differential"):

@@ -51,9 +51,14 @@ class Move:
     seed: int
 
 
-def draw_move(rng: np.random.Generator, strategy: str, *, target: int, size: int, best: int, f: float = 0.5,
-              cr: float = 0.5, generation: int = 0, generations: int = 1) -> Move:
-    """The donors of ``target``'s offspring, drawn from ``rng``; distinct from each other and the target."""
+def draw_move(rng: np.random.Generator, strategy: str, *, target: int, size: int, best: int,
+              best_other: int | None = None, f: float = 0.5, cr: float = 0.5, generation: int = 0,
+              generations: int = 1) -> Move:
+    """The donors of ``target``'s offspring, drawn from ``rng``; distinct from each other and the target.
+
+    ``best``: the fittest individual; ``best_other``: the fittest one but the target (``released``'s
+    reference; by default ``best``, which then must not be the target).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: one of {', '.join(STRATEGIES)}, got {strategy!r}")
     needed = {"released": 2, "paper": 3, "rand1": 4, "best1": 3 if best == target else 4}[strategy]
@@ -62,8 +67,13 @@ def draw_move(rng: np.random.Generator, strategy: str, *, target: int, size: int
     others = [j for j in range(size) if j != target]
     seed = int(rng.integers(2**31))
     if strategy == "released":
+        best_other = best if best_other is None else best_other
+        if best_other == target:
+            raise ValueError(f"best_other: the fittest individual other than the target, got the target {target} "
+                             "itself; pass best_other when the target is the fittest")
+        # the authors' mutate_and_crossover: a random other with p = 0.5 / (G - g) + 0.5, else
+        # find_max_index_after_removing_idx(score, idx), the best other
         random_ref = rng.uniform() < 0.5 / max(generations - generation, 1) + 0.5
-        best_other = best if best != target else int(rng.choice(others))
         return Move(strategy, target, (int(rng.choice(others)) if random_ref else best_other,), f, cr, seed)
     if strategy == "rand1":
         r0, r1, r2 = (int(j) for j in rng.choice(others, size=3, replace=False))
@@ -158,9 +168,13 @@ class History:
     @property
     def best(self) -> int:
         """The fittest individual (the lowest index among equals); 0 before any score."""
+        return self.fittest()
+
+    def fittest(self, exclude: int | None = None) -> int:
+        """The fittest individual but ``exclude``, by the study's direction (the lowest index among equals)."""
         sign = 1.0 if self.maximize else -1.0
         scores = [-math.inf if s is None else sign * s for s in self.fitness]
-        return int(np.argmax(scores))
+        return max((i for i in range(len(scores)) if i != exclude), key=lambda i: scores[i])
 
 
 def move_of(params: dict[str, Any], strategy: str) -> Move:
@@ -404,8 +418,9 @@ class EvolverSampler(SlotSampler):
         if self.adapt == "jde":  # Brest et al. 2006, tau1 = tau2 = 0.1, F in [Fl, Fl + Fu] = [0.1, 1]
             f = 0.1 + 0.9 * float(rng.uniform()) if rng.uniform() < 0.1 else f
             cr = float(rng.uniform()) if rng.uniform() < 0.1 else cr
-        move = draw_move(rng, self.strategy, target=target, size=self.population, best=history.best, f=f, cr=cr,
-                         generation=generation - 1, generations=self.generations)
+        move = draw_move(rng, self.strategy, target=target, size=self.population, best=history.best,
+                         best_other=history.fittest(exclude=target), f=f, cr=cr, generation=generation - 1,
+                         generations=self.generations)
         donors = {f"donor_{k}": d for k, d in enumerate(move.donors, start=1)}
         return {"target": target, **donors, "F": move.f, "Cr": move.cr, "seed": move.seed}
 

@@ -49,6 +49,10 @@ class EvolverKind(Kind[EvolverSpace]):
                             "give X's coefficients in space.fixed")
         if config.objective.multi_objective:
             problems.append("objective.multi_objective: the Evolver's greedy selection needs one objective")
+        if config.pruner.name != "NopPruner":  # a pruner compares with the study's best trial, not the target
+            problems.append(f"pruner.name: the Evolver selects each offspring against its own target, and a pruned "
+                            f"offspring counts as rejected; leave out the pruner (got {config.pruner.name}) and stop "
+                            "offspring early with sampler.options.selection: paired")
         if config.sampler.options.get("selection") == "paired" and config.objective.estimate is not None:
             problems.append("sampler.options.selection / objective.estimate: the paired rule compares offspring and "
                             "target on the same scored examples; use one or the other")

@@ -212,3 +212,24 @@ def test_branches_run_one_cma_es_per_choice_and_reject_the_worst_each_round() ->
     assert [t.params for t in run().trials] == [t.params for t in study.trials]
     with pytest.raises(Exception, match="branches: one categorical parameter"):
         EvoCmaSampler(branches={"m": {}})
+
+
+def test_branches_start_from_x0_of_their_own_parameters() -> None:
+    """x0 over the whole branched space (a recipe file gives the choice and that choice's parameters): each
+    choice's CMA-ES starts from x0's values of its own parameters, the others at the centre (0 in [-2, 2])."""
+    space, branches, objective = _branched({"a": 1.0, "b": 0.0})
+
+    def first_round(x0: dict[str, float | str]) -> dict[str, set[tuple[float, float]]]:
+        study = optuna.create_study(sampler=EvoCmaSampler(search_space=space, branches=branches, popsize=4, seed=0,
+                                                          x0=x0, sigma0=1e-9))
+        study.optimize(objective, n_trials=8)  # round 1: four trials of each choice
+        return {c: {(round(t.params[f"{c}:x"], 6), round(t.params[f"{c}:y"], 6)) for t in study.trials
+                    if t.params["m"] == c} for c in ("a", "b")}
+
+    assert first_round({"m": "a", "a:x": 1.0, "a:y": -1.0}) == {"a": {(1.0, -1.0)}, "b": {(0.0, 0.0)}}
+    assert first_round({"a:x": 1.0, "b:y": -1.5}) == {"a": {(1.0, 0.0)}, "b": {(0.0, -1.5)}}
+    for x0, error in (({"m": "a", "b:x": 1.0}, r"x0: no parameter\(s\) b:x in the searched parameters of m 'a'"),
+                      ({"m": "z"}, "x0.m: one of a, b, got 'z'"), ({"q": 1.0}, r"x0: no parameter\(s\) q in the"),
+                      ({"a:x": 3.0}, r"x0: a:x=3.0 is outside its distribution")):
+        with pytest.raises(ValueError, match=error):  # at once, not at the first trial of the branch
+            EvoCmaSampler(search_space=space, branches=branches, x0=x0)

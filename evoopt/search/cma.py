@@ -60,7 +60,10 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         search_space: the distributions to search from the first trial on (the study engine
             passes its space's); default: the intersection of the finished trials' spaces.
         x0: the initial mean in [0, 1] coordinates, one number for all parameters, or a
-            mapping from parameter names to values in their own units (others 0.5).
+            mapping from parameter names to values in their own units (others 0.5). With
+            ``branches``, the mapping may name a choice (``{"method": "ties", "ties:weight": ...}``,
+            as a recipe file gives it): its values then all belong to that choice; each choice's
+            CMA-ES starts from x0's values of its own parameters (the others' from 0.5).
         sigma0: the initial step size in [0, 1] coordinates.
         popsize: the population size (default the cmaes library's 4 + 3 ln d).
         restart: None, ``"ipop"`` (population grows by ``inc_popsize`` on each restart) or
@@ -86,7 +89,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         self,
         *,
         search_space: dict[str, BaseDistribution] | None = None,
-        x0: float | dict[str, float] = 0.5,
+        x0: float | dict[str, float | str] = 0.5,
         sigma0: float = 1 / 6,
         popsize: int | None = None,
         restart: Literal["ipop", "bipop"] | None = None,
@@ -107,6 +110,9 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         if isinstance(x0, dict):
             problems += [f"x0.{name}: must be a finite number, got {value}" for name, value in x0.items()
                          if isinstance(value, (int, float)) and not math.isfinite(value)]
+        branch = next(iter(branches.items())) if branches is not None and len(branches) == 1 else None
+        if isinstance(x0, dict) and search_space is not None:  # checked once, against every branch
+            problems += _x0_problems(x0, search_space, branch)
         if isinstance(x0, (int, float)) and not 0 <= x0 <= 1:
             problems.append(f"x0: a number is a point in [0, 1] coordinates, got {x0}")
         if not 0 < sigma0 <= 1:
@@ -139,7 +145,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         self._states: dict[tuple[int, tuple[str, ...]], _State] = {}
         self._encoded: dict[tuple[int, tuple[str, ...]], dict[int, np.ndarray | None]] = {}
         self._lock = threading.Lock()
-        self._branches = next(iter(branches.items())) if branches else None
+        self._branches = branch
 
     # --- Optuna's sampler interface ---------------------------------------------------------------
 
@@ -295,18 +301,13 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         return CMA(mean, sigma, bounds=bounds, seed=seed, population_size=popsize, cov=cov)
 
     def _mean(self, names: tuple[str, ...], dists: list[BaseDistribution]) -> np.ndarray:
+        """x0 over ``names`` (with branches, one choice's parameters): x0's values of them, 0.5 elsewhere."""
         if not isinstance(self._x0, dict):
             return np.full(len(names), float(self._x0))
-        unknown = sorted(set(self._x0) - set(names))
-        if unknown:
-            raise ConfigError(f"x0: no parameter(s) {', '.join(unknown)} in the searched space")
-        mean = np.full(len(names), 0.5)
-        for i, (name, d) in enumerate(zip(names, dists)):
-            if name in self._x0:
-                if not d._contains(d.to_internal_repr(self._x0[name])):  # type: ignore[arg-type]
-                    raise ConfigError(f"x0: {name}={self._x0[name]} is outside its distribution {d}")
-                mean[i] = _encode(float(self._x0[name]), d)
-        return mean
+        if self._search_space is None and (problems := _x0_problems(self._x0, dict(zip(names, dists)), None)):
+            raise ConfigError("; ".join(problems))  # (the space is known only now: the finished trials')
+        return np.array([_encode(float(self._x0[name]), d) if name in self._x0 else 0.5
+                         for name, d in zip(names, dists)])
 
     def _restart_optimizer(self, state: _State, names: tuple[str, ...], dists: list[BaseDistribution]) -> None:
         """IPOP: a bigger population from a random mean; BIPOP: alternate large and small regimes."""
@@ -340,6 +341,24 @@ def _single_objective(study: optuna.Study) -> None:
     if len(study.directions) > 1:
         raise ConfigError("EvoCmaSampler: CMA-ES optimises one objective; use NSGAIISampler for multi-objective "
                           "studies")
+
+
+def _x0_problems(x0: dict[str, float | str], space: dict[str, BaseDistribution],
+                 branch: tuple[str, dict[str, list[str]]] | None) -> list[str]:
+    """What is wrong with a mapping x0 over ``space``: names of no searched parameter, values outside their
+    distributions; with a branch key in x0, a choice that is not one, or parameters of another choice."""
+    searched = {name for name, d in space.items() if _searchable(d)}
+    key, choices = branch if branch is not None else (None, {})
+    where = "the searched space"
+    if key in x0:
+        if x0[key] not in choices:
+            return [f"x0.{key}: one of {', '.join(choices)}, got {x0[key]!r}"]
+        searched &= set(choices[str(x0[key])])
+        where = f"the searched parameters of {key} {x0[key]!r} (x0.{key})"
+    if unknown := sorted(set(x0) - searched - {key}):
+        return [f"x0: no parameter(s) {', '.join(unknown)} in {where}"]
+    return [f"x0: {name}={x0[name]} is outside its distribution {space[name]}" for name in sorted(set(x0) - {key})
+            if not space[name]._contains(space[name].to_internal_repr(x0[name]))]  # type: ignore[arg-type]
 
 
 def _searchable(d: BaseDistribution) -> bool:

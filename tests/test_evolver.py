@@ -460,6 +460,12 @@ def test_evolver_config_problems_are_named() -> None:
     parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver"},
                   "sampler": {"name": "EvolverSampler", "options": {"selection": "paired"}},
                   "objective": {"fidelities": [50]}})  # the Evolver's own early stop
+    for space, message in (({"method": "ties", "fixed": {"densty": 0.5}}, "space.fixed.densty: 'ties' has no "
+                                                                         "coefficient 'densty'; allowed: density"),
+                           ({"method": "none", "fixed": {"weight": 1.0}}, "space.fixed: the plain Evolver")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver", **space},
+                          "sampler": {"name": "EvolverSampler"}})
     from evoopt.search.evolver import EvolverSampler
 
     with pytest.raises(ValueError, match="strategy 'paper' needs at least 3 individuals, got 2.*F: the differential"):

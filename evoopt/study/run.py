@@ -209,11 +209,11 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
     """Create or resume the study and run it until it has ``config.trials`` finished trials.
 
     ``n_trials`` caps the trials this call runs; ``timeout``: seconds after the baselines past which no trial
-    starts (in each worker); ``workers`` > 1 runs that many local worker processes on the same storage. At the end (unless ``report`` is
-    off) the best trial is scored on the test split, for reporting only. ``kind``: the
-    study's kind built before (``make_kind(config)``), for a caller that runs one study in
-    several calls in one process: its sources, evaluation model and merge methods'
-    preparation (TSV-M's basis, DELLA's ranks, Iso's Gram matrices) are then built once.
+    starts (in each worker); ``workers`` > 1 runs that many local worker processes on the same storage. At the
+    end (unless ``report`` is off) the best trial is scored on the test split, for reporting only. ``kind``: the
+    study's kind built before (``make_kind(config)``), for a caller that runs one study in several calls in one
+    process: its sources, evaluation model and merge methods' preparation (TSV-M's basis, DELLA's ranks, Iso's
+    Gram matrices) are then built once.
     """
     if kind is not None and kind.config.name != config.name:
         raise ConfigError(f"kind: built for study {kind.config.name!r}, not {config.name!r}; "

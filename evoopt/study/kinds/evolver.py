@@ -41,9 +41,16 @@ class EvolverKind(Kind[EvolverSpace]):
             return problems
         if space.method != "none":
             try:
-                get_method(space.method)
+                method = get_method(space.method)
             except ValueError as error:
                 problems.append(f"space.method: {str(error).removeprefix('method: ')}; or 'none' for the plain Evolver")
+            else:
+                allowed = ", ".join(sorted({*method.per_model, *method.shared})) or "none"
+                problems += [f"space.fixed.{key}: {method.name!r} has no coefficient {key!r}; allowed: {allowed}"
+                             for key in space.fixed if key not in method.per_model and key not in method.shared]
+        elif space.fixed:
+            problems.append("space.fixed: the plain Evolver (space.method none) merges nothing; drop it, or name X "
+                            "in space.method")
         if changed_keys(space, "search", "log"):
             problems.append("space.search / space.log: the Evolver searches the weights themselves; "
                             "give X's coefficients in space.fixed")

@@ -62,6 +62,36 @@ def test_corrupt_safetensors_are_refused(llama_family: list[Path], tmp_path: Pat
         open_source(folder)
 
 
+def test_every_safetensors_dtype_reads_as_itself(tmp_path: Path) -> None:
+    """Float8, unsigned and complex tensors keep their dtype, shape and bytes through dtype(), get() and mapped()
+    (an unmapped dtype was once read as float32: mapped() reinterpreted 16 float8 bytes as 4 floats)."""
+    state = {
+        "f8_e4m3": torch.linspace(-2, 2, 16).reshape(4, 4).to(torch.float8_e4m3fn),
+        "f8_e5m2": torch.linspace(-2, 2, 6).to(torch.float8_e5m2),
+        "u16": torch.arange(8, dtype=torch.int32).to(torch.uint16),
+        "u32": torch.arange(5, dtype=torch.int64).to(torch.uint32),
+        "u64": torch.arange(3, dtype=torch.int64).to(torch.uint64),
+        "c64": torch.tensor([1 + 2j, -3j], dtype=torch.complex64),
+        "f32": torch.randn(3),
+    }
+    save_file(state, tmp_path / "model.safetensors")
+    source = open_source(tmp_path / "model.safetensors")
+    for name, tensor in state.items():
+        assert source.dtype(name) == tensor.dtype, name
+        mapped, read = source.mapped(name), source.get(name)  # get() checks that the float8 values are finite
+        assert mapped is not None and mapped.dtype == read.dtype == tensor.dtype, name
+        assert torch.equal(mapped.view(torch.uint8), tensor.flatten().view(torch.uint8)), name
+        assert torch.equal(read.view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_an_unknown_safetensors_dtype_is_named(tmp_path: Path) -> None:
+    # float4 is packed two values a byte: its header shape counts values, so no torch view of its bytes is right
+    file = tmp_path / "model.safetensors"
+    save_file({"ok": torch.ones(2), "packed": torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}, file)
+    with pytest.raises(ModelSourceError, match=r"model\.safetensors: tensor 'packed' has dtype F4.*Convert"):
+        open_source(file)
+
+
 def test_nan_weights_are_named(llama_family: list[Path], tmp_path: Path) -> None:
     folder = tmp_path / "nan"
     shutil.copytree(llama_family[1], folder)

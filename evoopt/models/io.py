@@ -137,14 +137,22 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     here, where isfinite chunk by chunk read 0.8 and took 22 of the 37 s that building a 3 x 1.5B Merger took."""
     if tensor.numel() == 0:
         return True
+    if tensor.element_size() == 1:  # the float8 types: torch has no aminmax for them
+        tensor = tensor.float()
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+# safetensors' dtype names -> torch's, for the types this torch has. Packed sub-byte types (F4, F6_*) are left
+# out: their header shape counts elements, not torch's packed ones, so a view of their bytes would mislead.
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    name: getattr(torch, dtype) for name, dtype in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+        "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+        "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    }.items() if hasattr(torch, dtype)
 }
 
 
@@ -188,6 +196,17 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
     return config
 
 
+def _torch_dtype(file: Path, name: str, dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; an unknown one is an error, never a guess (a wrong dtype would
+    reinterpret the tensor's bytes)."""
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ModelSourceError(
+            f"{file}: tensor {name!r} has dtype {dtype}, which this torch ({torch.__version__}) cannot hold; "
+            f"known: {', '.join(_SAFETENSORS_DTYPES)}. Convert the checkpoint to one of them (e.g. F32 or BF16)"
+        )
+    return _SAFETENSORS_DTYPES[dtype]
+
+
 def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
                       config: dict[str, Any] | None = None) -> TensorSource:
     from safetensors import SafetensorError, safe_open
@@ -201,7 +220,7 @@ def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
                 for name in handle.keys():
                     piece = handle.get_slice(name)
                     shapes[name] = tuple(piece.get_shape())
-                    dtypes[name] = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.float32)
+                    dtypes[name] = _torch_dtype(file, name, piece.get_dtype())
                     location[name] = file
         except (SafetensorError, OSError) as error:
             raise ModelSourceError(
@@ -298,7 +317,10 @@ def atomic_write(path: Path, content: str | Callable[[Path], None]) -> Path:
     ``content``: the text, or a function that writes the file it is given (a plot, a table).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # created with the umask's mode
+    # A text's temporary name ends in .tmp, so that a reader globbing the folder (lm-eval indexes **/*.yaml) never
+    # finds it; a writer function gets the suffix, by which it may pick the format (matplotlib does).
+    tail = ".tmp" if isinstance(content, str) else f".tmp{path.suffix}"
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{tail}")  # created with the umask's mode
     try:
         if isinstance(content, str):
             tmp.write_text(content)

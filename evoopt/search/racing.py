@@ -11,7 +11,9 @@ once): with per-example differences ``d = candidate - incumbent`` on task ``t`` 
 the loss), the objective's difference is estimated by ``D = sum_t w_t mean(d_t)`` with variance
 ``V = sum_t w_t^2 var(d_t) / n_t`` (``w_t`` the task weights, normalised); the trial is pruned when
 the one-sided p-value ``P(Z >= z)``, ``z = D / sqrt(V)`` signed so that positive is worse for the
-study's direction, is below ``alpha``. Normal approximation: tests start at ``min_examples`` per task.
+study's direction, is below ``alpha``. Normal approximation: tests start at ``min_examples`` per task. A task
+with fewer than 2 shared examples is left out; where the differences have no variance, an exact sign test
+decides (p = 2^-n for n differences all one way; :func:`evoopt.data.outcomes.paired_test`).
 
 Use it with ``objective.fidelities`` (the growing numbers of examples per task at which the trial is
 tested; evoopt keeps the outcomes scored so far on the trial before each test). Every tested trial

@@ -167,7 +167,8 @@ class ObjectiveSpec(_Strict):
     max_length: int = Field(128, gt=0)
     multi_objective: bool = Field(False, description="one objective per task (for NSGA-II and friends)")
     tasks: list[str] = Field(default_factory=list, description=(
-        "lm-eval: registered task names or tasks of include_path; default the setting's local tasks"))
+        "lm-eval: registered task names or tasks of include_path, scored on disjoint seeded halves of their "
+        "documents for dev and test; default the setting's local tasks"))
     include_path: str | None = None
     weights: dict[str, float] = Field(default_factory=dict, description="task weights of the score (default 1)")
     precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(

@@ -19,12 +19,15 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from evoopt.data.outcomes import LOSSES
 from evoopt.errors import ConfigError, problems, read_yaml, schema_problems
+
+if TYPE_CHECKING:
+    from evoopt.merge import MergeMethod
 
 # what may change between runs of one study without making it a different study
 RUNTIME_KEYS = ("trials", "timeout", "device", "storage", "artifacts", "heartbeat_interval", "grace_period",
@@ -276,8 +279,7 @@ def _problems(config: StudyConfig) -> list[str]:
         problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
     for key, (low, high) in config.space.search.items():
         problems += bounds_problems(f"space.search.{key}", low, high)
-        if key in config.space.log and low <= 0:
-            problems.append(f"space.search.{key}: a log-scale coefficient needs low > 0, got {low}")
+    problems += log_problems("space", config.space.search, config.space.log)
     problems += [f"space.fixed.{key}: must be a finite number, got {value}"
                  for key, value in _numbers(config.space.fixed) if not math.isfinite(value)]
     problems += [f"objective.weights.{task}: must be a finite number > 0, got {weight}"
@@ -286,9 +288,6 @@ def _problems(config: StudyConfig) -> list[str]:
     x0 = config.sampler.options.get("x0")
     problems += [f"sampler.options.x0{key and '.' + key}: must be a finite number, got {value}"
                  for key, value in _numbers(x0 if isinstance(x0, dict) else {"": x0}) if not math.isfinite(value)]
-    for key in config.space.log:
-        if key not in config.space.search:
-            problems.append(f"space.log: {key!r} is not searched (space.search has {', '.join(config.space.search)})")
     if not _known(config.sampler.name, optuna.samplers) and config.sampler.name not in SAMPLERS:
         known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler")] + list(SAMPLERS))
         problems.append(f"sampler.name: unknown sampler {config.sampler.name!r}; known: {', '.join(known)}")
@@ -372,6 +371,24 @@ def bounds_problems(key: str, low: float, high: float) -> list[str]:
     if not low < high:
         return [f"{key}: bounds must be [low, high] with low < high, got [{low}, {high}]"]
     return []
+
+
+def log_problems(where: str, search: dict[str, tuple[float, float]], log: list[str]) -> list[str]:
+    """Log-scale coefficients of the space at ``where`` that are not searched, or whose low bound is not > 0."""
+    problems, searched = [], ", ".join(search) or "nothing"
+    for key in log:
+        if key not in search:
+            problems.append(f"{where}.log: {key!r} is not searched ({where}.search has {searched})")
+        elif search[key][0] <= 0:
+            problems.append(f"{where}.search.{key}: a log-scale coefficient needs low > 0, got {search[key][0]}")
+    return problems
+
+
+def fixed_problems(where: str, method: MergeMethod, fixed: dict[str, Any]) -> list[str]:
+    """Keys of ``fixed`` (at ``where``) that are none of ``method``'s coefficients."""
+    allowed = {*method.per_model, *method.shared}
+    return [f"{where}.fixed.{key}: {method.name!r} has no coefficient {key!r}; allowed: "
+            f"{', '.join(sorted(allowed)) or 'none'}" for key in fixed if key not in allowed]
 
 
 def _numbers(values: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:

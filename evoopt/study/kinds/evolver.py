@@ -19,7 +19,7 @@ from evoopt.merge.recipe import Recipe
 from evoopt.models.io import card_header
 from evoopt.search.evolver import EvolverSampler, History
 from evoopt.search.population import Population
-from evoopt.study.config import StudyConfig, changed_keys
+from evoopt.study.config import StudyConfig, changed_keys, fixed_problems
 from evoopt.study.kinds.base import Kind, Progress, Score
 from evoopt.study.space import Candidate, EvolverSpace
 from evoopt.study.storage import get_trial
@@ -45,9 +45,7 @@ class EvolverKind(Kind[EvolverSpace]):
             except ValueError as error:
                 problems.append(f"space.method: {str(error).removeprefix('method: ')}; or 'none' for the plain Evolver")
             else:
-                allowed = ", ".join(sorted({*method.per_model, *method.shared})) or "none"
-                problems += [f"space.fixed.{key}: {method.name!r} has no coefficient {key!r}; allowed: {allowed}"
-                             for key in space.fixed if key not in method.per_model and key not in method.shared]
+                problems += fixed_problems("space", method, space.fixed)
         elif space.fixed:
             problems.append("space.fixed: the plain Evolver (space.method none) merges nothing; drop it, or name X "
                             "in space.method")

@@ -28,7 +28,7 @@ from evoopt.merge import get_method
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe, RecipeError
 from evoopt.models.io import open_source, resolve_path
-from evoopt.study.config import MethodChoice, StudyConfig, bounds_problems, changed_keys
+from evoopt.study.config import MethodChoice, StudyConfig, bounds_problems, changed_keys, fixed_problems, log_problems
 from evoopt.study.kinds.base import Progress
 from evoopt.study.kinds.parameter import ParameterKind
 from evoopt.study.space import Sources, Space, fixed_recipe, layer_units
@@ -144,17 +144,7 @@ class MethodsKind(ParameterKind):
                     problems.append(f"{where}.search.{key}: {name!r} has no per-model coefficient {key!r}; "
                                     f"allowed: {', '.join(sorted(method.per_model)) or 'none'}")
                 problems += bounds_problems(f"{where}.search.{key}", low, high)
-            for key in choice.log:
-                if key not in choice.search:
-                    problems.append(f"{where}.log: {key!r} is not searched ({where}.search has "
-                                    f"{', '.join(choice.search) or 'nothing'})")
-                elif choice.search[key][0] <= 0:
-                    problems.append(f"{where}.search.{key}: a log-scale coefficient needs low > 0, "
-                                    f"got {choice.search[key][0]}")
-            for key in choice.fixed:
-                if key not in method.per_model and key not in method.shared:
-                    problems.append(f"{where}.fixed.{key}: {name!r} has no coefficient {key!r}; allowed: "
-                                    f"{', '.join(sorted({*method.per_model, *method.shared}))}")
+            problems += log_problems(where, choice.search, choice.log) + fixed_problems(where, method, choice.fixed)
             for key, value in choice.start.items():
                 low, high = choice.search.get(key, (value, value))
                 if key not in choice.search:

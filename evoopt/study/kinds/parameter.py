@@ -15,7 +15,7 @@ from evoopt.merge import get_method
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import open_source, resolve_path
-from evoopt.study.config import StudyConfig, changed_keys
+from evoopt.study.config import StudyConfig, changed_keys, fixed_problems
 from evoopt.study.kinds.base import Kind, Progress
 from evoopt.study.space import Sources, Space, fixed_recipe, layer_units
 from evoopt.study.storage import get_trial
@@ -40,9 +40,7 @@ class ParameterKind(Kind[Space]):
         allowed_text = ", ".join(sorted(allowed)) or "none"
         problems += [f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
                      f"allowed: {allowed_text}" for key in space.search if key not in allowed]
-        coefficients = ", ".join(sorted({*method.per_model, *method.shared})) or "none"
-        return problems + [f"space.fixed.{key}: {method.name!r} has no coefficient {key!r}; allowed: {coefficients}"
-                           for key in space.fixed if key not in method.per_model and key not in method.shared]
+        return problems + fixed_problems("space", method, space.fixed)
 
     def make_space(self, names: list[str] | None = None) -> Space:
         """One value per model and coefficient (global), or per model, coefficient and layer group of

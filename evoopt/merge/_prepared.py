@@ -42,16 +42,13 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from evoopt.merge._numba import _prefer_wide_vectors, _stream_intrinsics
-from evoopt.merge._pieces import _GOLDEN32, Sparsification, rank_window, stream_bits, stream_key
-
-if TYPE_CHECKING:
-    from evoopt.merge._methods import MagnitudeRanks
+from evoopt.merge._pieces import _GOLDEN32, MagnitudeRanks, Sparsification, rank_window, stream_bits, stream_key
 
 GRID_SIZE = 16_384
 CHUNK = 1 << 18  # entries widened to float32 at a time in the stored-dtype state (1 MiB per model)
@@ -375,7 +372,7 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     same bytes (tested). Float32 and bfloat16 sources are read as they are (bfloat16 widened where each entry is
     used, exactly), other dtypes widened first; the result is in the base's dtype where that is float32 or
     bfloat16 (rounded as torch rounds), else float32. ``ranks``: each model's
-    :class:`~evoopt.merge._methods.MagnitudeRanks` (the kernel divides each rank by the span in float32, as
+    :class:`~evoopt.merge._pieces.MagnitudeRanks` (the kernel divides each rank by the span in float32, as
     ``MagnitudeRanks.spread`` does)."""
     flat = [t.contiguous().view(-1) for t in (base, *tensors)]
     readable = [_readable(t) for t in flat]

@@ -78,6 +78,10 @@ def test_released_reference_is_random_early_and_best_late() -> None:
     late = [draw_move(rng, "released", target=0, size=6, best=5, generation=9, generations=10).donors[0]
             for _ in range(2000)]
     assert abs(np.mean(np.array(late) == 5) - 1 / 5) < 0.03
+    # merge-integrated (the individuals have no scores): always a random other, as the authors' code with a merger
+    unscored = [draw_move(rng, "released", target=0, size=6, best=5, generation=0, generations=10,
+                          scored=False).donors[0] for _ in range(4000)]
+    assert abs(np.mean(np.array(unscored) == 5) - 1 / 5) < 0.03
     # the target is the fittest: the reference is the best of the others (4), as the authors' code has it
     # (find_max_index_after_removing_idx), with p = 0.45 + 0.55 / 5; a random other would give 4 with p = 1 / 5
     fittest = [draw_move(rng, "released", target=5, size=6, best=5, best_other=4, generation=0,
@@ -121,7 +125,7 @@ def test_released_reference_of_the_fittest_follows_the_study_direction() -> None
 
 # --- replay: the population's history from trials, by hand ----------------------------------------------
 
-def _trial(number: int, generation: int, slot: int, value: float | None, state: Any = None,
+def _trial(number: int, generation: int, slot: int, value: float | None, state: Any = None, rule: bool = False,
            **params: Any) -> FrozenTrial:
     from optuna.distributions import FloatDistribution, IntDistribution
 
@@ -131,7 +135,7 @@ def _trial(number: int, generation: int, slot: int, value: float | None, state: 
     trial = optuna.trial.create_trial(state=state, value=value if finished else None, params=params,
                                       distributions=dists,
                                       system_attrs={ATTR: {"generation": generation, "target": slot,
-                                                           "strategy": "paper"}})
+                                                           "strategy": "paper", **({"rule": 2} if rule else {})}})
     trial.number = number
     return trial
 
@@ -178,6 +182,84 @@ def test_replay_follows_the_paired_rule_where_a_trial_recorded_it() -> None:
     assert [[m.target for m in moves] for moves in history.accepted] == [[], [0]]
     merged = replay([_trial(0, 0, 0, 0.7, target=0)], size=3, integrated=True, maximize=True, f=0.5, cr=0.5)
     assert merged.holders == [0, 0, 0]  # X_Evolver: every individual is judged by the merge's trial
+
+
+def test_integrated_replay_keeps_one_score_the_merge_of_the_population_by_hand() -> None:
+    """X_Evolver: every offspring is compared with X(P), the one score of the population. One winner: P takes it
+    and X(P) is its score. Several: slot N scores them together, and P takes them all if that beats the best
+    alone, else the best alone. The old rule compared an offspring with its target's last winning score: after
+    generation 1 below, offspring 2 of generation 2 (0.82) beat its target (0.6) but not X(P) (0.85)."""
+    from evoopt.errors import ConfigError
+
+    def merged(*trials: FrozenTrial, maximize: bool = True) -> Any:
+        return replay(trials, size=3, integrated=True, maximize=maximize, f=0.5, cr=0.5)
+
+    first = [_trial(0, 0, 0, 0.7, rule=True, target=0),
+             _trial(1, 1, 0, 0.75, rule=True, **_move(0, 11)), _trial(2, 1, 1, 0.8, rule=True, **_move(1, 12)),
+             _trial(3, 1, 2, 0.6, rule=True, **_move(2, 13))]
+    waiting = merged(*first)
+    assert waiting.generation == 1 and waiting.open == [3] and waiting.taken == set()
+    assert [m.target for m in waiting.together[1].moves] == [1, 0] and waiting.together[1].trials == (2, 1)
+    running = merged(*first, _trial(4, 1, 3, None, TrialState.RUNNING, rule=True, target=3))
+    assert running.open == [3] and running.taken == {3}
+    both = merged(*first, _trial(4, 1, 3, 0.85, rule=True, target=3),
+                  _trial(5, 2, 0, 0.84, rule=True, **_move(0, 21)), _trial(6, 2, 1, 0.5, rule=True, **_move(1, 22)),
+                  _trial(7, 2, 2, 0.82, rule=True, **_move(2, 23)))
+    assert [[m.target for m in moves] for moves in both.accepted] == [[], [1, 0], []]
+    assert both.generation == 3 and both.fitness == [0.85] * 3 and both.holders == [4] * 3 and both.open is None
+    best_alone = merged(*first, _trial(4, 1, 3, 0.78, rule=True, target=3))
+    assert [[m.target for m in moves] for moves in best_alone.accepted] == [[], [1]]
+    assert best_alone.fitness == [0.8] * 3 and best_alone.holders == [2] * 3
+    one = merged(*first[:2], _trial(2, 1, 1, 0.7, rule=True, **_move(1, 12)), first[3])  # a tie keeps X(P)
+    assert [[m.target for m in moves] for moves in one.accepted] == [[], [0]] and one.fitness == [0.75] * 3
+    assert one.holders == [1] * 3 and one.together == {}
+    low = merged(*first, maximize=False)  # minimising, only offspring 2 (0.6) beats 0.7
+    assert [[m.target for m in moves] for moves in low.accepted] == [[], [2]] and low.fitness == [0.6] * 3
+    old = [_trial(0, 0, 0, 0.7, target=0), *(_trial(t.number, 1, t.system_attrs[ATTR]["target"], t.value, **t.params)
+                                             for t in first[1:])]
+    with pytest.raises(ConfigError, match="older rule.*under a new study name"):
+        merged(*old)
+
+
+def test_integrated_sampler_scores_the_winners_together_before_the_next_generation() -> None:
+    """With the real sampler: offspring 0 and 1 of generation 1 beat X(P_0) (0.5); the next trial claims slot 3,
+    the two together, and generation 2 is drawn from P_1 with both. Released: the reference is a random other
+    (the individuals have no scores of their own), and best1 is refused."""
+    from evoopt.errors import ConfigError
+    from evoopt.search.evolver import EvolverSampler
+
+    def objective(trial: optuna.Trial) -> float:
+        target = trial.suggest_int("target", 0, 3)
+        generation = trial.study._storage.get_trial_system_attrs(trial._trial_id)[ATTR]["generation"]
+        if generation == 0:
+            return 0.5
+        if target == 3:
+            return 0.9
+        for name in ("F", "Cr"):
+            trial.suggest_float(name, 0.0, 2.0)
+        trial.suggest_int("seed", 0, 2**31 - 1)
+        trial.suggest_int("donor_1", 0, 2)
+        return [0.6, 0.7, 0.4][target] if generation == 1 else 0.1
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    sampler = EvolverSampler(population=3, integrated=True, strategy="released", generations=1000, seed=0,
+                             poll=0.01, wait_timeout=2)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    study.optimize(objective, n_trials=1 + 3 + 1 + 3)
+    slots = [(t.system_attrs[ATTR]["generation"], t.system_attrs[ATTR]["target"]) for t in study.trials]
+    assert slots == [(0, 0), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2)]
+    assert study.trials[4].params == {"target": 3}
+    history = sampler.history(study)
+    assert history.generation == 3 and [[m.target for m in moves] for moves in history.accepted] == [[], [1, 0], []]
+    assert history.fitness == [0.9] * 3 and history.holders == [4] * 3
+    # released, merge-integrated: x_ref = rng.choice(others) whatever the schedule says (p = 0.5005 here)
+    for trial in study.trials[5:]:
+        target = trial.params["target"]
+        rng = np.random.default_rng([0, 2, target])
+        rng.integers(2**31), rng.uniform()  # (the draws of draw_move before the reference's)
+        assert trial.params["donor_1"] == int(rng.choice([j for j in range(3) if j != target]))
+    with pytest.raises(ConfigError, match="'best1' mutates around the fittest individual"):
+        EvolverSampler(population=4, integrated=True, strategy="best1")
 
 
 def test_a_trial_failed_on_its_score_is_rejected_not_retried() -> None:
@@ -307,6 +389,10 @@ def test_integrated_candidate_is_the_merge_with_the_offspring_in_place(tmp_path:
     population.write(out, Move("paper", 1, (1, 0, 2), 0.5, 1.0, 0))
     # offspring of 1: x1 + .5 (x0 - x2) = [-.5,-1,-1.5,-2]; X = x0 + u + x2 = [2.5,5,7.5,10]
     assert torch.equal(out["w"], torch.tensor([2.5, 5.0, 7.5, 10.0]))
+    both = (Move("paper", 1, (1, 0, 2), 0.5, 1.0, 0), Move("paper", 2, (2, 1, 0), 1.0, 1.0, 0))
+    population.write(out, together=both)  # u_1 as above; u_2 = x2 + (x1 - x0) = x2 - x0 = x0; X = x0 + u_1 + u_2
+    assert torch.equal(out["w"], torch.tensor([1.5, 3.0, 4.5, 6.0]))
+    assert torch.equal(population.tensors("w")[2], X[2])  # the population is as it was
     with pytest.raises(ValueError, match="per-model data statistics"):
         Population(experts, ["w"], dtype=torch.float32, method=get_method("fisher"))
 
@@ -345,6 +431,32 @@ def test_four_workers_reach_the_same_population(llama_family: list[Path], tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
 
 
+@pytest.mark.slow
+def test_x_evolver_workers_reach_the_same_population_with_winners_scored_together(llama_family: list[Path],
+                                                                                  tmp_path: Path) -> None:
+    """X_Evolver (task arithmetic): one process and three workers reach the same population, with the extra slot
+    that scores a generation's winners together; the score of X(P) never falls."""
+    from tests.helpers.evolver import tiny_study
+
+    paths = [str(p) for p in llama_family]
+    one, many = f"sqlite:///{tmp_path}/one.db", f"sqlite:///{tmp_path}/many.db"
+    tiny_study(one, paths, trials=25, method="task_arithmetic")
+    optuna.create_study(study_name="tiny-evolver", storage=many, direction="maximize")
+    workers = [in_process(many, llama_family, 25, sleep=0.2, method="task_arithmetic") for _ in range(3)]
+    assert [w.wait() for w in workers] == [0, 0, 0]
+    trials = optuna.load_study(study_name="tiny-evolver", storage=one).get_trials()
+    generation = max(t.system_attrs[ATTR]["generation"] for t in trials) - 1
+    reference = population_after(one, paths, generation, integrated=True)
+    history, population = population_after(many, paths, generation, integrated=True)
+    assert history.together, "no generation had several winners: the test no longer covers them"
+    assert any(len(moves) > 1 for moves in history.accepted)
+    assert history.accepted == reference[0].accepted and history.fitness == reference[0].fitness
+    assert all(torch.equal(a, b) for a, b in zip(population, reference[1]))
+    scores = [replay([t for t in trials if t.system_attrs[ATTR]["generation"] <= g], size=3, integrated=True,
+                     maximize=True, f=0.8, cr=0.6).fitness[0] for g in range(generation + 1)]
+    assert scores == sorted(scores) and scores[-1] > scores[0]
+
+
 # --- the study engine: Evolver and TIES_Evolver on real MiniLM experts ----------------------------------------
 
 @pytest.mark.slow
@@ -376,7 +488,11 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
     trials = study.get_trials()
     generations = [t.user_attrs["generation"] for t in trials]
     initial = 2 if method == "none" else 1  # the experts, or their merge
-    assert generations == [0] * initial + [1, 1] + [2] * (5 - initial - 2)
+    if method != "none" and all(t.value > trials[0].value for t in trials[1:3]):  # both won: scored together
+        assert generations == [0, 1, 1, 1, 2] and trials[3].params["target"] == 2
+        assert trials[3].user_attrs["together"] == sorted([1, 2], key=lambda n: -trials[n].value)
+    else:
+        assert generations == [0] * initial + [1, 1] + [2] * (5 - initial - 2)
     if method == "none":  # greedy selection: the answer is at least the better expert, on dev
         assert max(t.value for t in trials) >= max(t.value for t in trials[:2])
 
@@ -395,7 +511,8 @@ def test_evolver_study_on_real_experts_selects_on_dev_and_exports_its_answer(
         tmp_path, experts, name=f"evolver-{method}", space=space, trials=5,
         sampler={"name": "EvolverSampler", "options": {"strategy": "released", "generations": 2}})))])
     assert printed.exit_code == 0, printed.output
-    assert "fittest: individual" in printed.output and "answer of generation" in printed.output
+    assert ("fittest: individual" if method == "none" else f"{method} of it scores (dev)") in printed.output
+    assert "answer of generation" in printed.output
 
     out = export_trial(config, "best", tmp_path / "answer")
     assert "accepted" in (out / "evoopt_recipe.yaml").read_text()

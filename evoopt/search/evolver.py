@@ -9,13 +9,24 @@ Strategies (the mutant ``v`` of target ``x_i``):
 - ``paper``: ``v = x_i + F (x_r1 - x_r2)``, the paper's text;
 - ``released``: ``v = x_i + F (x_ref - x_i)``, the authors' released code: ``x_ref`` a random
   other individual with probability ``0.5 / (G - g) + 0.5`` at generation g of G, else the
-  best other;
+  best other (merge-integrated, always a random other: the individuals have no scores of their own);
 - ``rand1``: ``v = x_r0 + F (x_r1 - x_r2)`` (classic DE/rand/1);
 - ``best1``: ``v = x_best + F (x_r1 - x_r2)`` (DE/best/1).
 
 Crossover, per element k: ``u[k] = v[k]`` if ``rand_k < Cr`` else ``x_i[k]``; the uniform
 draws come from a generator seeded by (move seed, tensor index), so an offspring is rebuilt
 exactly from its move and the population.
+
+Selection. Plain Evolver: an offspring replaces its target when it scores better than the target.
+Merge-integrated (X_Evolver): the population has one score, that of X(P), the merge of the current
+population. The authors' code (``evolve_with_merger``) takes the offspring one at a time, in a random
+order, and keeps one when X of the population with it in its target's place scores better than the
+current X(P), which it then becomes. evoopt scores a generation's offspring in parallel, all against
+X(P_{g-1}) (a deliberate difference: workers need not wait for each other, and a run replays the
+same whatever their number). When one offspring wins, X(P_g) is its own candidate, already scored;
+when several win, one more trial scores them together (slot ``N`` of the generation), and P_g takes
+them all if that scores better than the best of them alone, else only the best. So every accepted
+step raises the score of X(P), and the answer X(P_last) is the best candidate scored.
 """
 
 from __future__ import annotations
@@ -53,11 +64,13 @@ class Move:
 
 def draw_move(rng: np.random.Generator, strategy: str, *, target: int, size: int, best: int,
               best_other: int | None = None, f: float = 0.5, cr: float = 0.5, generation: int = 0,
-              generations: int = 1) -> Move:
+              generations: int = 1, scored: bool = True) -> Move:
     """The donors of ``target``'s offspring, drawn from ``rng``; distinct from each other and the target.
 
     ``best``: the fittest individual; ``best_other``: the fittest one but the target (``released``'s
-    reference; by default ``best``, which then must not be the target).
+    reference; by default ``best``, which then must not be the target). ``scored``: whether the
+    individuals have scores of their own; merge-integrated they have not, and ``released`` always
+    takes a random other (the authors' ``mutate_and_crossover`` with a merger).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -73,7 +86,7 @@ def draw_move(rng: np.random.Generator, strategy: str, *, target: int, size: int
                              "itself; pass best_other when the target is the fittest")
         # the authors' mutate_and_crossover: a random other with p = 0.5 / (G - g) + 0.5, else
         # find_max_index_after_removing_idx(score, idx), the best other
-        random_ref = rng.uniform() < 0.5 / max(generations - generation, 1) + 0.5
+        random_ref = rng.uniform() < 0.5 / max(generations - generation, 1) + 0.5 or not scored
         return Move(strategy, target, (int(rng.choice(others)) if random_ref else best_other,), f, cr, seed)
     if strategy == "rand1":
         r0, r1, r2 = (int(j) for j in rng.choice(others, size=3, replace=False))
@@ -139,21 +152,42 @@ def slots(generation: int, size: int, integrated: bool) -> int:
     return 1 if generation == 0 and integrated else size
 
 
+@dataclass(frozen=True)
+class Together:
+    """X_Evolver, a generation in which several offspring beat X of the population: they are scored together.
+
+    Attributes:
+        moves: the winning offspring, the best first.
+        trials: their trials, in the same order.
+    """
+
+    moves: tuple[Move, ...]
+    trials: tuple[int, ...]
+
+
 @dataclass
 class History:
     """What the finished trials say about the population.
 
     Generation 0 scores the experts (or, merge-integrated, their merge); generation g >= 1 holds one
-    offspring per target, built from the population P_{g-1}; P_g keeps each target or its offspring,
-    whichever scored better (synchronous greedy selection, ties keep the parent).
+    offspring per target, built from the population P_{g-1}. Plain Evolver: P_g keeps each target or its
+    offspring, whichever scored better (synchronous greedy selection, ties keep the parent).
+    Merge-integrated: every offspring is compared with X(P_{g-1}), and P_g takes the winner, or the winners
+    together when a trial of them together (slot N of the generation) scores better than the best alone
+    (see the module's text).
 
     Attributes:
         generation: the first generation whose trials are not all finished.
-        fitness: each individual's score in P_{generation-1} (None before generation 0 is done).
+        fitness: each individual's score in P_{generation-1} (None before generation 0 is done);
+            merge-integrated, every entry is the score of X(P_{generation-1}).
         f, cr: each individual's F and Cr (jDE adapts them; otherwise the configured values).
         accepted: accepted[g] = the offspring that replaced their targets in generation g.
-        taken: targets of ``generation`` that a live trial already holds.
-        holders: each individual's trial (whose per-example outcomes a paired selection compares with).
+        taken: slots of ``generation`` that a live trial already holds.
+        holders: each individual's trial (whose per-example outcomes a paired selection compares with);
+            merge-integrated, the trial that scored X(P_{generation-1}).
+        together: merge-integrated, the generations whose winners were (or are to be) scored together.
+        open: the slots of ``generation`` that can be claimed now (None: all of them); ``[N]`` while its
+            winners wait to be scored together.
     """
 
     generation: int
@@ -164,6 +198,8 @@ class History:
     taken: set[int]
     maximize: bool = True
     holders: list[int | None] = field(default_factory=list)
+    together: dict[int, Together] = field(default_factory=dict)
+    open: list[int] | None = None
 
     @property
     def best(self) -> int:
@@ -204,6 +240,20 @@ def slot_trials(trials: Sequence[FrozenTrial], attr: str, key: str = "target",
     return by_slot
 
 
+# Slot record key of a merge-integrated trial selected by the rule of this module (one score, X of the population).
+# Before it, each X_Evolver offspring was compared with the score its target held since it last won, and several
+# could be accepted together unscored; such a study's trials cannot be replayed by this rule.
+RULE = "rule"
+
+
+def wins(trial: FrozenTrial, rival: float | None, sign: float) -> bool:
+    """Whether a finished trial beats the score ``rival`` (the paired rule's decision, where it recorded one)."""
+    if trial.state != TrialState.COMPLETE or trial.value is None:
+        return False
+    decided = trial.user_attrs.get("selection")
+    return decided["decided"] == "accepted" if decided else rival is None or sign * trial.value > sign * rival
+
+
 def replay(trials: Sequence[FrozenTrial], *, size: int, integrated: bool, maximize: bool, f: float, cr: float,
            exclude: int | None = None) -> History:
     """The population's history from the study's trials (``exclude``: a trial number to ignore)."""
@@ -223,19 +273,37 @@ def replay(trials: Sequence[FrozenTrial], *, size: int, integrated: bool, maximi
             history.fitness = values * size if integrated else values
             numbers = [t.number for t in finished.values()]
             history.holders = list(numbers * size if integrated else numbers)
+            history.generation += 1
+            continue
+        winners = [(t, move_of(t.params, t.system_attrs[ATTR]["strategy"])) for i, t in finished.items()
+                   if wins(t, history.fitness[i], sign)]
+        if integrated:
+            if any(RULE not in t.system_attrs[ATTR] for t in finished.values()):
+                raise ConfigError("space.kind evolver: this X_Evolver study was run by an evoopt that selected "
+                                  "offspring by an older rule, and its trials cannot be replayed by the current "
+                                  "one (one score, X of the population); start it again under a new study name")
+            winners.sort(key=lambda w: (-sign * (w[0].value or 0.0), w[1].target))  # (a winner has a value)
+            scored = winners[:1]
+            if len(winners) > 1:
+                history.together[g] = Together(tuple(m for _, m in winners), tuple(t.number for t, _ in winners))
+                held = by_slot.get((g, size), [])
+                both = next((t for t in held if is_finished(t)), None)
+                if both is None:
+                    history.open, history.taken = [size], {size} if held else set()
+                    return history
+                if wins(both, winners[0][0].value, sign):
+                    scored = [(both, m) for _, m in winners]
+            for _, move in scored:
+                history.f[move.target], history.cr[move.target] = move.f, move.cr
+            if scored:
+                history.fitness, history.holders = [scored[0][0].value] * size, [scored[0][0].number] * size
         else:
-            accepted = []
-            for i, trial in finished.items():
-                parent = history.fitness[i]
-                decided = trial.user_attrs.get("selection")  # the paired rule's decision, where it was used
-                if trial.state == TrialState.COMPLETE and trial.value is not None and (
-                        decided["decided"] == "accepted" if decided else
-                        parent is None or sign * trial.value > sign * parent):
-                    move = move_of(trial.params, trial.system_attrs[ATTR]["strategy"])
-                    accepted.append(move)
-                    history.fitness[i], history.f[i], history.cr[i] = trial.value, move.f, move.cr
-                    history.holders[i] = trial.number
-            history.accepted.append(accepted)
+            for trial, move in winners:
+                history.fitness[move.target], history.f[move.target], history.cr[move.target] = \
+                    trial.value, move.f, move.cr
+                history.holders[move.target] = trial.number
+            scored = winners
+        history.accepted.append([m for _, m in scored])
         history.generation += 1
 
 
@@ -269,6 +337,10 @@ class SlotSampler(optuna.samplers.BaseSampler):
     def slots(self, generation: int) -> int:
         raise NotImplementedError
 
+    def open_slots(self, history: Any) -> Sequence[int]:
+        """The slots of the history's current generation that can be claimed now (taken or not)."""
+        return range(self.slots(history.generation))
+
     def slot(self, generation: int, index: int) -> dict[str, Any]:
         """The slot's record (a trial system attribute)."""
         return {"generation": generation, self.key: index}
@@ -286,7 +358,7 @@ class SlotSampler(optuna.samplers.BaseSampler):
         while True:
             history = self.history(study, exclude=trial.number)
             g = history.generation
-            free = [i for i in range(self.slots(g)) if i not in history.taken]
+            free = [i for i in self.open_slots(history) if i not in history.taken]
             if free:
                 if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
                     # optuna's heartbeat thread may not have beaten yet: a worker killed now would leave a trial
@@ -333,8 +405,10 @@ class EvolverSampler(SlotSampler):
     Args:
         population: the number of individuals N (the study engine passes the number of experts).
         integrated: merge-integrated Evolver (X_Evolver): generation 0 is one trial, the merge
-            of the initial population.
-        strategy: ``paper``, ``released``, ``rand1`` or ``best1`` (see :mod:`evoopt.search.evolver`).
+            of the initial population; a generation whose offspring beat it more than once has one
+            more trial, target ``population``, that scores the winners together.
+        strategy: ``paper``, ``released``, ``rand1`` or ``best1`` (see :mod:`evoopt.search.evolver`;
+            ``best1`` needs the individuals' own scores, which merge-integrated they have not).
         F, Cr: the differential weight and crossover rate (the paper: 0.5 and 0.5).
         adapt: ``jde`` for self-adaptive F and Cr per individual (Brest et al. 2006): with
             probability 0.1 each, an offspring draws F in [0.1, 1] and Cr in [0, 1] and its
@@ -365,6 +439,9 @@ class EvolverSampler(SlotSampler):
             problems.append(f"alpha: a test level in (0, 1), got {alpha}")
         if strategy not in STRATEGIES:
             problems.append(f"strategy: one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        elif strategy == "best1" and integrated:
+            problems.append("strategy: 'best1' mutates around the fittest individual, and X_Evolver scores only the "
+                            "merge of the population; use paper, rand1 or released")
         elif population < (needed := {"released": 2, "paper": 3, "rand1": 4, "best1": 4}[strategy]):
             problems.append(f"population: strategy {strategy!r} needs at least {needed} individuals, got {population}")
         if not 0 < F <= 2:
@@ -385,8 +462,11 @@ class EvolverSampler(SlotSampler):
     def slots(self, generation: int) -> int:
         return slots(generation, self.population, self.integrated)
 
+    def open_slots(self, history: History) -> Sequence[int]:
+        return history.open if history.open is not None else super().open_slots(history)
+
     def slot(self, generation: int, index: int) -> dict[str, Any]:
-        return {**super().slot(generation, index), "strategy": self.strategy}
+        return {**super().slot(generation, index), "strategy": self.strategy, **({RULE: 2} if self.integrated else {})}
 
     def history(self, study: optuna.Study, exclude: int | None = None) -> History:
         """The population's history as the study's trials say it now."""
@@ -399,7 +479,9 @@ class EvolverSampler(SlotSampler):
             raise ConfigError("EvolverSampler: greedy selection needs one objective; "
                               "set objective.multi_objective false")
         last = self.population - 1
-        return {"target": IntDistribution(0, last), **{f"donor_{k}": IntDistribution(0, last) for k in (1, 2, 3)},
+        # (merge-integrated, target N is the trial that scores a generation's winners together)
+        return {"target": IntDistribution(0, last + self.integrated),
+                **{f"donor_{k}": IntDistribution(0, last) for k in (1, 2, 3)},
                 "F": FloatDistribution(0.0, 2.0), "Cr": FloatDistribution(0.0, 1.0),
                 "seed": IntDistribution(0, 2**31 - 1)}
 
@@ -411,7 +493,7 @@ class EvolverSampler(SlotSampler):
             return {}
         generation, target, history = self._claim(study, trial)
         self._claimed[trial.number] = history
-        if generation == 0:
+        if generation == 0 or target == self.population:
             return {"target": target}
         rng = np.random.default_rng([self.seed, generation, target])
         f, cr = history.f[target], history.cr[target]
@@ -420,7 +502,7 @@ class EvolverSampler(SlotSampler):
             cr = float(rng.uniform()) if rng.uniform() < 0.1 else cr
         move = draw_move(rng, self.strategy, target=target, size=self.population, best=history.best,
                          best_other=history.fittest(exclude=target), f=f, cr=cr, generation=generation - 1,
-                         generations=self.generations)
+                         generations=self.generations, scored=not self.integrated)
         donors = {f"donor_{k}": d for k, d in enumerate(move.donors, start=1)}
         return {"target": target, **donors, "F": move.f, "Cr": move.cr, "seed": move.seed}
 

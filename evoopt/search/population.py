@@ -113,32 +113,37 @@ class Population:
             self.generation = g
 
     def write(self, targets: Mapping[str, torch.Tensor], move: Move | None = None, *,
-              individual: int | None = None) -> None:
+              individual: int | None = None, together: Sequence[Move] = ()) -> None:
         """Write a candidate into ``targets`` (the evaluation model's tensors), tensor by tensor.
 
         Plain Evolver: the offspring of ``move``, or ``individual`` as it is. Merge-integrated: X of
-        the population, with the offspring in its target's place when a move is given.
+        the population, with the offspring in its target's place when a move is given (or the offspring
+        of every move of ``together`` in their targets' places: all built from the current population).
         """
-        statistics, offspring = self.statistics, None
-        if self.estimate is not None and move is not None:  # the offspring's own statistics first
+        moves = [move] if move is not None else list(together)
+        if self.method is None and len(moves) > 1:
+            raise ValueError("together: the plain Evolver's candidate is one individual or one offspring")
+        statistics, offspring = self.statistics, {}
+        if self.estimate is not None and moves:  # the offspring's own statistics first
             with torch.no_grad():
-                offspring = {n: offspring_tensor(move, self.tensors(n), i) for i, n in enumerate(self.names)}
-            statistics = [self.estimate(offspring) if j == move.target else s for j, s in enumerate(statistics)]
+                offspring = {m.target: {n: offspring_tensor(m, self.tensors(n), i) for i, n in enumerate(self.names)}
+                             for m in moves}
+            statistics = [self.estimate(offspring[j]) if j in offspring else s for j, s in enumerate(statistics)]
         with torch.no_grad():
             for index, name in enumerate(self.names):
                 tensors = self.tensors(name)
-                if self.method is None and move is not None and targets[name].shape == tensors[0].shape \
+                if self.method is None and moves and targets[name].shape == tensors[0].shape \
                         and targets[name].device == tensors[0].device:
-                    offspring_tensor(move, tensors, index, out=targets[name])  # straight into the model
+                    offspring_tensor(moves[0], tensors, index, out=targets[name])  # straight into the model
                     continue
-                child = offspring[name] if offspring is not None else (
-                    offspring_tensor(move, tensors, index) if move is not None else None)
+                children = {m.target: offspring[m.target][name] if offspring else offspring_tensor(m, tensors, index)
+                            for m in moves}
                 if self.method is None:
-                    picked = child if child is not None else tensors[individual if individual is not None else 0]
+                    picked = children[moves[0].target] if moves else \
+                        tensors[individual if individual is not None else 0]
                     targets[name].copy_(picked.reshape(targets[name].shape))
                     continue
-                if child is not None and move is not None:
-                    tensors = [child if j == move.target else t for j, t in enumerate(tensors)]
+                tensors = [children.get(j, t) for j, t in enumerate(tensors)]
                 base = self.base[name] if self.base is not None else None
                 stats = [s[name] for s in statistics] if statistics and all(name in s for s in statistics) else None
                 merged = self.method.apply(base, tensors, self.coefficients(name, len(tensors)), seed=self.seed,

@@ -190,7 +190,8 @@ class Space:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One Evolver trial: generation 0 scores an initial individual (or their merge), later ones an offspring."""
+    """One Evolver trial: generation 0 scores an initial individual (or their merge), later ones an offspring,
+    or (X_Evolver, ``target`` = the population's size, no move) the generation's winning offspring together."""
 
     generation: int
     target: int
@@ -233,13 +234,13 @@ class EvolverSpace:
 
     def suggest(self, trial: optuna.Trial) -> Candidate:
         """Read the trial's move (the sampler chose it when the first parameter was asked for)."""
-        target = trial.suggest_int("target", 0, self.size - 1)
+        target = trial.suggest_int("target", 0, self.size - (self.method is None))  # (X_Evolver: N, together)
         slot = trial.study._storage.get_trial_system_attrs(trial._trial_id).get(ATTR)
         if slot is None:
             raise ConfigError("space.kind evolver: the trial has no generation; sampler.name must be EvolverSampler")
         generation = int(slot["generation"])
-        if generation == 0:
-            return Candidate(0, target, None)
+        if generation == 0 or target == self.size:
+            return Candidate(generation, target, None)
         donors = 1 if slot["strategy"] == "released" else 3
         params: dict[str, Any] = {"target": target, "F": trial.suggest_float("F", 0.0, 2.0),
                                   "Cr": trial.suggest_float("Cr", 0.0, 1.0),
@@ -259,8 +260,9 @@ class EvolverSpace:
         if slot is None:
             raise ConfigError(f"trial {trial.number} is not an Evolver trial (it has no {ATTR!r} attribute)")
         generation = int(slot["generation"])
-        move = move_of(trial.params, slot["strategy"]) if generation else None
-        return Candidate(generation, int(trial.params.get("target", 0)), move)
+        target = int(trial.params.get("target", 0))
+        move = move_of(trial.params, slot["strategy"]) if generation and target < self.size else None
+        return Candidate(generation, target, move)
 
 
 class DfsSpace:

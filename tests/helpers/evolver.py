@@ -22,11 +22,14 @@ GENERATIONS = 4  # after generation 0 (three experts) and four generations of th
 ROOT = Path(__file__).resolve().parents[2]  # the repository: `tests.helpers` imports from there
 
 
-def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.0) -> None:
+def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.0, method: str = "none") -> None:
     """An Evolver study over three tiny Llama experts; fitness: closeness of the candidate to the experts' mean.
 
     The fitness is real and cheap (no data): the same evolution code as a study's, another objective.
+    ``method``: ``task_arithmetic`` for X_Evolver: X(P) is the population's mean, and the goal the first expert
+    (offspring moved towards it win).
     """
+    from evoopt.merge import get_method
     from evoopt.models.io import open_source
     from evoopt.search.population import Population
     from evoopt.search.samplers import make_sampler
@@ -36,7 +39,7 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
 
     config = parse_config({"name": "tiny-evolver", "sources": {"base": paths[0], "models": paths[1:],
                                                                "tasks": ["vader-tweets"]},
-                           "space": {"kind": "evolver", "method": "none"},
+                           "space": {"kind": "evolver", "method": method},
                            "sampler": {"name": "EvolverSampler", "options": {"poll": 0.05, "F": 0.8, "Cr": 0.6,
                                                                            "strategy": "released"}},
                            "trials": trials, "seed": 3})
@@ -46,14 +49,20 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
     sampler = make_sampler(config.sampler, config.seed, lambda: space)
     experts = [open_source(Path(p)) for p in paths[1:]]
     names = sorted(experts[0].keys())
-    goal = {n: sum(e.get(n) for e in experts) / 3 for n in names}
-    population = Population(experts, names, dtype=torch.float32)
+    goal = {n: sum(e.get(n) for e in experts) / 3 if method == "none" else experts[0].get(n) for n in names}
+    x = {"method": get_method(method), "base": open_source(Path(paths[0])),
+         "coefficients": lambda name, n: {"weight": [1 / n] * n, "scale": 1.0}} if method != "none" else {}
+    population = Population(experts, names, dtype=torch.float32, **x)
     out = {n: torch.empty(experts[0].shape(n)) for n in names}
 
     def objective(trial: optuna.Trial) -> float:
         candidate = space.suggest(trial)
-        population.advance(sampler.history(trial.study), max(candidate.generation - 1, 0))  # type: ignore[attr-defined]
-        population.write(out, candidate.move, individual=candidate.target)
+        history = sampler.history(trial.study)  # type: ignore[attr-defined]
+        population.advance(history, max(candidate.generation - 1, 0))
+        if candidate.target == 3:  # X_Evolver: the generation's winners together
+            population.write(out, together=history.together[candidate.generation].moves)
+        else:
+            population.write(out, candidate.move, individual=candidate.target)
         time.sleep(sleep)
         return -float(sum(((out[n] - goal[n]) ** 2).sum() for n in names))
 
@@ -74,14 +83,15 @@ def run_until(storage: str, name: str, sampler: optuna.samplers.BaseSampler, obj
         study.optimize(objective, n_trials=left, callbacks=[optuna.study.MaxTrialsCallback(trials, states=done)])
 
 
-def population_after(storage: str, paths: list[str], generation: int) -> tuple[Any, list[torch.Tensor]]:
+def population_after(storage: str, paths: list[str], generation: int, *,
+                     integrated: bool = False) -> tuple[Any, list[torch.Tensor]]:
     """The history up to ``generation`` and the population P_generation it gives, from the stored trials."""
     from evoopt.models.io import open_source
     from evoopt.search.population import Population
 
     study = optuna.load_study(study_name="tiny-evolver", storage=storage)
     trials = [t for t in study.get_trials() if t.system_attrs.get(ATTR, {}).get("generation", 99) <= generation]
-    history = replay(trials, size=3, integrated=False, maximize=True, f=0.8, cr=0.6)
+    history = replay(trials, size=3, integrated=integrated, maximize=True, f=0.8, cr=0.6)
     assert history.generation == generation + 1, "the study did not finish the generations compared"
     experts = [open_source(Path(p)) for p in paths[1:]]
     population = Population(experts, sorted(experts[0].keys()), dtype=torch.float32)
@@ -89,8 +99,8 @@ def population_after(storage: str, paths: list[str], generation: int) -> tuple[A
     return history, [torch.cat([t.flatten() for t in population.tensors(n)]) for n in population.names]
 
 
-def in_process(storage: str, paths: list[Path], trials: int, sleep: float = 0.0) -> Any:
+def in_process(storage: str, paths: list[Path], trials: int, sleep: float = 0.0, method: str = "none") -> Any:
     """``tiny_study`` in a fresh Python process (a Popen)."""
     code = (f"from tests.helpers.evolver import tiny_study; tiny_study({storage!r}, {[str(p) for p in paths]!r}, "
-            f"trials={trials}, sleep={sleep})")
+            f"trials={trials}, sleep={sleep}, method={method!r})")
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)

@@ -128,8 +128,11 @@ class EvolverKind(Kind[EvolverSpace]):
         sampler = trial.study.sampler  # it replayed the history to claim this slot: no second replay
         history = sampler.claimed(trial.number) if isinstance(sampler, EvolverSampler) else None
         history = history or self.history(trial.study)  # (a retried trial keeps its slot without a claim)
+        together = history.together.get(candidate.generation) if candidate.target == self.space.size else None
+        if together is not None:  # X_Evolver: the generation's winners together, against the best of them
+            trial.set_user_attr("together", list(together.trials))
         if _paired(sampler) and candidate.generation > 0:  # the trial its offspring is compared with
-            trial.set_user_attr("target_trial", history.holders[candidate.target])
+            trial.set_user_attr("target_trial", together.trials[0] if together else history.holders[candidate.target])
         begun = time.perf_counter()
         return self._write(history, candidate), begun
 
@@ -146,9 +149,16 @@ class EvolverKind(Kind[EvolverSpace]):
         return outcomes, sampler.alpha
 
     def _write(self, history: History, candidate: Candidate) -> torch.nn.Module:
-        """Bring the population to P_{g-1} and write the candidate (an offspring, or an initial individual)."""
+        """Bring the population to P_{g-1} and write the candidate (an offspring, an initial individual, or
+        X_Evolver's winners of a generation together)."""
         self.population.advance(history, max(candidate.generation - 1, 0))
-        self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
+        if candidate.target == self.space.size:
+            if candidate.generation not in history.together:
+                raise ConfigError(f"trial: generation {candidate.generation} has no winners to score together")
+            together = history.together[candidate.generation].moves
+            self.population.write(self.merger.targets, together=together)
+        else:
+            self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
         assert self.model is not None
         return self.model
 
@@ -193,10 +203,15 @@ class EvolverKind(Kind[EvolverSpace]):
         history = self.history(study)
         if history.generation == 0:
             raise ConfigError(f"trial: study {study.study_name!r} has not scored its initial population yet")
-        fitness = ", ".join("-" if f is None else f"{f:.4f}" for f in history.fitness)
         accepted = sum(len(moves) for moves in history.accepted)
-        lines = [f"# population after generation {history.generation - 1}: fitness (dev) {fitness}; "
-                 f"{accepted} offspring accepted; fittest: individual {history.best}"]
+        if self.config.space.method == "none":
+            fitness = ", ".join("-" if f is None else f"{f:.4f}" for f in history.fitness)
+            lines = [f"# population after generation {history.generation - 1}: fitness (dev) {fitness}; "
+                     f"{accepted} offspring accepted; fittest: individual {history.best}"]
+        else:
+            score = "-" if history.fitness[0] is None else f"{history.fitness[0]:.4f}"
+            lines = [f"# population after generation {history.generation - 1}: {self.config.space.method} of it "
+                     f"scores (dev) {score}, trial {history.holders[0]}; {accepted} offspring accepted"]
         return "\n".join([*lines, *answer_lines(study, self.config.name)]) + "\n"
 
     def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
@@ -216,8 +231,11 @@ class EvolverKind(Kind[EvolverSpace]):
         else:
             candidate = self.space.candidate(get_trial(study, which))
             self._write(history, candidate)
-            kind = "offspring of individual" if candidate.move else "initial individual"
-            what = f"trial {which}: generation {candidate.generation}, {kind} {candidate.target}"
+            if candidate.target == self.space.size:
+                what = f"trial {which}: generation {candidate.generation}, its winning offspring together"
+            else:
+                kind = "offspring of individual" if candidate.move else "initial individual"
+                what = f"trial {which}: generation {candidate.generation}, {kind} {candidate.target}"
         rebuild: dict[str, Any] = {
             "study": self.config.name, "evolver": what, "seed": self.config.seed, "method": self.config.space.method,
             "experts": list(self.sources.models), "fitness": history.fitness,

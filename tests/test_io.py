@@ -112,6 +112,31 @@ def test_shape_and_vocabulary_mismatches_list_tensors(llama_family: list[Path], 
     assert "vocabulary sizes differ" in text and "96 rows" in text and "99" in text
 
 
+def test_source_tensors_the_base_lacks_are_named(llama_family: list[Path], tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """An expert with a fine-tuned head that the base has not: no merge reads it, and the log says so, once per
+    source, unless the recipe excludes it. Integer tensors (no weights) are not named."""
+    import logging
+
+    folder = tmp_path / "headed"
+    shutil.copytree(llama_family[1], folder)
+    state = load_file(folder / "model.safetensors")
+    state.update({"score.weight": torch.ones(3, 32), "score.bias": torch.zeros(3), "ids": torch.arange(3)})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="evoopt.merge.merger"):
+        Merger(_recipe([llama_family[0], folder, llama_family[2]]))
+    warned = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
+    assert warned == ["merge: models[0] has 2 floating-point tensors that base lacks: 'score.bias', 'score.weight'; "
+                      "no merge reads them and the merged model has none (list them in the recipe's exclude to say "
+                      "so and silence this)"]
+    caplog.clear()
+    recipe = _recipe([llama_family[0], folder, llama_family[2]])
+    recipe.exclude = ["score.*"]  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="evoopt.merge.merger"):
+        Merger(recipe)
+    assert not [r for r in caplog.records if "lacks" in r.getMessage()]
+
+
 def test_architecture_mismatch(llama_family: list[Path], bert_family: list[Path]) -> None:
     sources = {"a": open_source(llama_family[0]), "b": open_source(bert_family[0])}
     with pytest.raises(ModelSourceError, match="architectures differ"):

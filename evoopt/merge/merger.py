@@ -31,6 +31,7 @@ from evoopt.models.io import (
     merge_targets,
     open_source,
     resolve_path,
+    unmerged,
 )
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class Merger:
         labelled: dict[str, TensorSource] = {"base": self.base} if self.base else {}
         labelled.update({f"models[{i}]": s for i, s in enumerate(self.sources)})
         check_compatible(labelled, list(self.targets))
+        for line in unmerged(labelled, "base" if self.base else "models[0]", recipe.excluded):
+            logger.warning("merge: %s; no merge reads them and the merged model has none (list them in the "
+                           "recipe's exclude to say so and silence this)", line)
         self.structure = structure
         self.statistics = self._estimate_statistics() if self.method.statistic else None
         self.streamed = False  # the fast path's state is memory-mapped views of the sources (set by _prepare)

@@ -411,6 +411,20 @@ def check_compatible(sources: Mapping[str, TensorSource], names: list[str]) -> N
         raise ModelSourceError("sources cannot be merged:\n  - " + "\n  - ".join(problems))
 
 
+def unmerged(sources: Mapping[str, TensorSource], structure: str,
+             excluded: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """Each source's floating-point tensors that the source labelled ``structure`` (the merged model's
+    checkpoint) lacks and that are not ``excluded``, one line per source that has any: no merge reads them,
+    and the merged model has no place for them (a fine-tuned head that the base has not, say)."""
+    lines = []
+    for label, source in sources.items():
+        names = [n for n in source.keys() if n not in sources[structure] and not excluded(n)
+                 and source.dtype(n).is_floating_point]
+        if names and label != structure:
+            lines.append(f"{label} has {len(names)} floating-point tensors that {structure} lacks: {_listed(names)}")
+    return lines
+
+
 def _listed(names: list[str]) -> str:
     head = ", ".join(repr(n) for n in names[:_MAX_LISTED])
     return head + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")

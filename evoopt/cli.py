@@ -216,6 +216,11 @@ def methods() -> None:
 
 # --- studies ----------------------------------------------------------------------------------------
 
+_STORAGE = click.option("--storage", default=None, help="An Optuna storage URL instead of the config's `storage` "
+                        "(postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH): the one the study "
+                        "was run on with `run --storage` or `worker --storage`.")
+
+
 def _load_study_config(path: Path, root: Path | None = None, storage: str | None = None) -> object:
     """The study config of ``path``; ``storage`` replaces its storage URL (a run-time key: same study)."""
     from evoopt.study.config import load_config
@@ -237,8 +242,7 @@ def _load_study_config(path: Path, root: Path | None = None, storage: str | None
 @click.option("--workers", type=_COUNT, default=1, show_default=True,
               help="Local worker processes sharing the study's storage and the machine's cores (each gets "
               "cores / N threads unless OMP_NUM_THREADS is set).")
-@click.option("--storage", default=None, help="An Optuna storage URL instead of the config's `storage` "
-              "(postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH).")
+@_STORAGE
 @click.option("--no-baselines", is_flag=True, help="Do not evaluate the baselines first.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table; the best trial is still scored on test "
               "(see `evoopt status`).")
@@ -354,7 +358,8 @@ def worker(study: Path, storage: str | None, n_trials: int | None, timeout: floa
 
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
-def baselines(study: Path) -> None:
+@_STORAGE
+def baselines(study: Path, storage: str | None) -> None:
     """Score and record the baselines of STUDY: each source, their average and best, the logit
     ensemble, greedy soup, and fixed merges (linear, task arithmetic, TIES, DARE-TIES, Fisher,
     RegMean), on dev and test."""
@@ -364,7 +369,7 @@ def baselines(study: Path) -> None:
     from evoopt.study.report import summary_rows
     from evoopt.study.run import open_study, run_baselines
 
-    config = _load_study_config(study)
+    config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
     opened = open_study(config)  # once: the rows are stored on it and the table read from it
     with Bars(Console(stderr=True)) as bars:
@@ -374,27 +379,29 @@ def baselines(study: Path) -> None:
 
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
-def status(study: Path) -> None:
+@_STORAGE
+def status(study: Path, storage: str | None) -> None:
     """Show the trials of STUDY by state, the baselines and the best so far."""
     from evoopt.study.report import summary_rows
 
-    config, opened = _existing_study(study)
+    config, opened = _existing_study(study, storage)
     print_summary(config, opened, summary_rows(opened))  # type: ignore[arg-type]
 
 
-def _existing_study(path: Path) -> tuple[object, object]:
+def _existing_study(path: Path, storage: str | None = None) -> tuple[object, object]:
     """The config of PATH and its study, which must exist in the storage: read only (no sampler, no model)."""
     from evoopt.study.config import StudyConfig
     from evoopt.study.storage import load_study
 
-    config = _load_study_config(path)
+    config = _load_study_config(path, storage=storage)
     assert isinstance(config, StudyConfig)
     return config, load_study(config.name, config.storage_url)
 
 
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
-def best(study: Path) -> None:
+@_STORAGE
+def best(study: Path, storage: str | None) -> None:
     """Print the best trial of STUDY: its value, per-task scores and its merge recipe (YAML).
 
     An Evolver study: each individual's fitness, the fittest, and the answer's scores.
@@ -405,7 +412,7 @@ def best(study: Path) -> None:
     from evoopt.study.config import StudyConfig
     from evoopt.study.kinds import make_kind
 
-    config, opened = _existing_study(study)
+    config, opened = _existing_study(study, storage)
     assert isinstance(config, StudyConfig) and isinstance(opened, optuna.Study)
     click.echo(make_kind(config).best_text(opened), nl=False)
 
@@ -418,7 +425,8 @@ def best(study: Path) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the Hugging Face model (per-task heads: one sub-folder per task).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is written).")
-def export(study: Path, which: str, out: Path, overwrite: bool) -> None:
+@_STORAGE
+def export(study: Path, which: str, out: Path, overwrite: bool, storage: str | None) -> None:
     """Rebuild a trial's merged model from STUDY and save it with its recipe and model card.
 
     A data-flow study's model is saved with its layers in path order and a small modeling
@@ -428,7 +436,7 @@ def export(study: Path, which: str, out: Path, overwrite: bool) -> None:
     from evoopt.study.config import StudyConfig
     from evoopt.study.run import export_trial
 
-    config = _load_study_config(study)
+    config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
     if which != "best" and not which.isdigit():
         raise click.BadParameter("give 'best' or a trial number", param_hint="--trial")
@@ -473,7 +481,8 @@ def compare(studies: tuple[Path, ...], out: Path) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; the default is reachable from this machine only.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
-def dashboard(study: Path, host: str, port: int) -> None:
+@_STORAGE
+def dashboard(study: Path, host: str, port: int, storage: str | None) -> None:
     """Serve optuna-dashboard on STUDY's storage and artifact store (Ctrl-C stops it).
 
     Every trial shows its merge recipe, per-task scores and timings (user attributes);
@@ -483,7 +492,7 @@ def dashboard(study: Path, host: str, port: int) -> None:
     from evoopt.study.config import StudyConfig
     from evoopt.study.report import dashboard_command, serve_dashboard
 
-    config = _load_study_config(study)
+    config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
     click.echo(f"serving {config.storage_url} on http://{host}:{port}  (same as: "
                f"{' '.join(dashboard_command(config, host, port))})")

@@ -105,6 +105,34 @@ def test_quiet_run_keeps_its_workers_and_report_and_spawned_workers_leave_the_re
     assert (calls[1]["workers"], calls[1]["worker_index"], calls[1]["report"]) == (1, 0, False)
 
 
+def test_the_read_commands_take_the_storage_the_study_was_run_on(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study run with `run --storage URL` (or workers on a database): status, best, export, baselines and the
+    dashboard read it with the same `--storage` (the README says export reads the study from the database)."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    optuna.create_study(study_name="s", storage=url, direction="maximize").add_trial(
+        optuna.trial.create_trial(value=0.5))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "setting": "minilm-sentiment-domains",
+                                     "artifacts": str(tmp_path / "out")}))
+    missing = CliRunner().invoke(main, ["status", str(study)])
+    assert missing.exit_code != 0 and "'s'" in missing.output  # the config's own storage has no such study
+    shown = CliRunner().invoke(main, ["status", str(study), "--storage", url])
+    assert shown.exit_code == 0 and "1/" in shown.output, shown.output
+    seen: list[str] = []
+    monkeypatch.setattr("evoopt.study.run.export_trial", lambda config, *args, **kwargs: seen.append(config.storage_url))
+    monkeypatch.setattr("evoopt.study.report.serve_dashboard", lambda config, **kwargs: seen.append(config.storage_url))
+    monkeypatch.setattr("evoopt.study.run.run_baselines", lambda config, **kwargs: seen.append(config.storage_url))
+    for command in (["export", str(study), "--out", str(tmp_path / "m")], ["dashboard", str(study)],
+                    ["baselines", str(study)]):
+        result = CliRunner().invoke(main, [*command, "--storage", url])
+        assert result.exit_code == 0, result.output
+    assert seen == [url] * 3
+
+
 def test_an_interrupted_demo_exports_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C during the demo's run: it stops there (it went on to export, and failed without a finished trial)."""
     import optuna

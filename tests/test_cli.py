@@ -123,9 +123,12 @@ def test_the_read_commands_take_the_storage_the_study_was_run_on(tmp_path: Path,
     shown = CliRunner().invoke(main, ["status", str(study), "--storage", url])
     assert shown.exit_code == 0 and "1/" in shown.output, shown.output
     seen: list[str] = []
-    monkeypatch.setattr("evoopt.study.run.export_trial", lambda config, *args, **kwargs: seen.append(config.storage_url))
-    monkeypatch.setattr("evoopt.study.report.serve_dashboard", lambda config, **kwargs: seen.append(config.storage_url))
-    monkeypatch.setattr("evoopt.study.run.run_baselines", lambda config, **kwargs: seen.append(config.storage_url))
+    def record(config: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append(config.storage_url)
+
+    for name in ("evoopt.study.run.export_trial", "evoopt.study.report.serve_dashboard",
+                 "evoopt.study.run.run_baselines"):
+        monkeypatch.setattr(name, record)
     for command in (["export", str(study), "--out", str(tmp_path / "m")], ["dashboard", str(study)],
                     ["baselines", str(study)]):
         result = CliRunner().invoke(main, [*command, "--storage", url])

@@ -267,7 +267,8 @@ def test_excluded_heads_keep_the_base_and_skip_shape_checks(bert_family: list[Pa
 
 
 @pytest.mark.parametrize("method", ["tsv", "iso_cts", "della", "sce"])
-def test_newer_methods_merge_models_as_their_pure_functions(llama_family: list[Path], method: str) -> None:
+def test_newer_methods_merge_models_as_their_pure_functions(llama_family: list[Path], method: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Through a Merger (TSV-M: its basis computed once, DELLA: its magnitude ranks) every tensor equals
     the pure function's, for weights that include 0 and a negative one."""
     from evoopt.merge import get_method
@@ -279,7 +280,15 @@ def test_newer_methods_merge_models_as_their_pure_functions(llama_family: list[P
                            "models": [{"model": str(e), "parameters": p} for e, p in zip(experts, per_model)]})
     merger = Merger(recipe)
     assert bool(merger.cached) == (method in ("tsv", "della"))  # their coefficient-independent parts, once
+    written: list[torch.Tensor] = []
+    if method == "della":  # DELLA's kernel writes straight into the model's tensors (no copy after it)
+        from evoopt.merge import _methods
+
+        kernel = _methods.della_merge
+        monkeypatch.setattr(_methods, "della_merge", lambda *a, **k: written.append(kernel(*a, **k)) or written[-1])
     merger.merge()
+    if method == "della":
+        assert len(written) == len(merger.targets) and all(w is t for w, t in zip(written, merger.targets.values()))
     sources = [open_source(p) for p in llama_family]
     for name, target in merger.targets.items():
         expected = get_method(method).apply(sources[0].get(name), [s.get(name) for s in sources[1:]],

@@ -369,6 +369,7 @@ def della(
     name: str = "",
     ranks: Sequence[MagnitudeRanks] | None = None,
     fast: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DELLA-Merging (Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
     Magnitude-Based Sampling", 2024, Sec. 3): Drop, Elect, Fuse.
@@ -388,7 +389,9 @@ def della(
     model's :class:`MagnitudeRanks`, computed once (``prepare``): a candidate is then elementwise work.
     On the CPU the merge is the fused kernel's pass in float32 (:func:`~evoopt.merge._prepared.della_merge`;
     bfloat16 read as stored and widened exactly where used, as the formula widens it), the same bytes as this
-    formula in torch (``fast=False``, and float64 tensors and other devices).
+    formula in torch (``fast=False``, and float64 tensors and other devices). ``out``: a contiguous tensor of
+    the result's shape and dtype (the model's own) that the kernel writes into, returned then; else (or on
+    the torch formula's route) a new tensor.
     """
     _check_lengths(tensors, weights=weights, densities=densities, epsilons=epsilons)
     for d, eps in zip(densities, epsilons):
@@ -399,7 +402,7 @@ def della(
             ranks = della_ranks(base, tensors)
         return della_merge(base, tensors, weights, densities, epsilons,
                            [stream_key(seed, name, m) for m in range(len(tensors))], ranks,
-                           consensus=consensus, normalize=normalize, scale=scale).to(base.dtype)
+                           consensus=consensus, normalize=normalize, scale=scale, out=out).to(base.dtype)
     contributions = []
     for m, (delta, w, d, eps) in enumerate(zip(task_vectors(base, tensors), weights, densities, epsilons)):
         scaled = delta * torch.tensor(float(w), dtype=delta.dtype)

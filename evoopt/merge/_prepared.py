@@ -365,7 +365,8 @@ def _for_kernel(params: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
 
 def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                 densities: Sequence[float], epsilons: Sequence[float], keys: Sequence[int],
-                ranks: Sequence[MagnitudeRanks], *, consensus: bool, normalize: bool, scale: float) -> torch.Tensor:
+                ranks: Sequence[MagnitudeRanks], *, consensus: bool, normalize: bool, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`evoopt.merge.della` for CPU tensors in the fused kernel's pass (its DELLA mode; the torch formula
     makes a dozen passes, two of them int64 hashes). The same float32 operations in the same order: Drop (kept
     where the draw of stream ``keys[m]`` is below p = (d - eps) + 2 eps spread, as w tau / p), Elect, Fuse, so the
@@ -373,7 +374,8 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     used, exactly), other dtypes widened first; the result is in the base's dtype where that is float32 or
     bfloat16 (rounded as torch rounds), else float32. ``ranks``: each model's
     :class:`~evoopt.merge._pieces.MagnitudeRanks` (the kernel divides each rank by the span in float32, as
-    ``MagnitudeRanks.spread`` does)."""
+    ``MagnitudeRanks.spread`` does). ``out``: the tensor to write into (the model's own), used when it is
+    contiguous, on the CPU, of the result's dtype and of the base's number of entries."""
     flat = [t.contiguous().view(-1) for t in (base, *tensors)]
     readable = [_readable(t) for t in flat]
     if any(r is None for r in readable) or len({t.dtype for t in flat[1:]}) > 1:
@@ -389,7 +391,10 @@ def della_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Se
     # The ranks, then the span (one shape: one span) as one more array of their dtype (numba's parallel loops take
     # a tuple of arrays, not one nested in another tuple)
     spreads = (*rows, np.array([ranks[0].span], dtype=rows[0].dtype))
-    out = torch.empty(base.shape, dtype=base.dtype if base.dtype in (torch.float32, torch.bfloat16) else torch.float32)
+    dtype = base.dtype if base.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    if out is None or not (out.is_contiguous() and out.device.type == "cpu" and out.dtype == dtype
+                           and out.numel() == base.numel()):
+        out = torch.empty(base.shape, dtype=dtype)
     _into(out.view(-1), _fused_kernel(), (readable[0], tuple(readable[1:]), spreads, *_for_kernel(params), 3,
                                           consensus, normalize, np.float32(scale), 0))
     return out

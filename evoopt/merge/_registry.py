@@ -34,6 +34,8 @@ class MergeMethod:
         prepare: ``(base, tensors)`` -> the method's coefficient-independent part of one tensor (TSV-M's
             orthogonalised singular vectors), computed once by a :class:`~evoopt.merge.merger.Merger` and
             handed to ``function`` as ``prepared`` on every merge.
+        writes_into: ``function`` takes ``out=``, a tensor of the result's shape (the model's own) to write the
+            merge into where it can, returning it then (a copy less per candidate); else a new tensor.
     """
 
     name: str
@@ -47,6 +49,7 @@ class MergeMethod:
     statistic: Statistic | None = None
     task_arithmetic: Mapping[str, Any] | None = None
     prepare: Callable[[torch.Tensor, list[torch.Tensor]], Any] | None = None
+    writes_into: bool = False
 
     def apply(
         self,
@@ -58,11 +61,13 @@ class MergeMethod:
         name: str = "",
         statistics: Sequence[torch.Tensor] | None = None,
         prepared: Any = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Merge one tensor. ``coefficients`` maps per-model names to lists, shared names to values.
 
         Coefficients left out take the method's defaults; unknown names are an error. ``prepared``: what
         ``prepare`` returned for these tensors (without it, the method's function computes what it needs).
+        ``out``: where a method that ``writes_into`` may write the result (it then returns ``out``).
         """
         unknown = set(coefficients) - set(self.per_model) - set(self.shared)
         if unknown:
@@ -75,6 +80,8 @@ class MergeMethod:
             resolved[key] = [default] * len(tensors)
         resolved.update(coefficients)
         extra = {"prepared": prepared} if prepared is not None else {}
+        if out is not None and self.writes_into:
+            extra["out"] = out
         return self.function(base, list(tensors), resolved, seed=seed, name=name, statistics=statistics, **extra)
 
 
@@ -182,10 +189,11 @@ register(MergeMethod("regmean", "Jin et al., Dataless Knowledge Fusion by Mergin
 
 def _della(consensus: bool) -> Callable[..., torch.Tensor]:
     def run(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], *, seed: int, name: str,
-            prepared: list[m.MagnitudeRanks] | None = None, **_: Any) -> torch.Tensor:
+            prepared: list[m.MagnitudeRanks] | None = None, out: torch.Tensor | None = None,
+            **_: Any) -> torch.Tensor:
         return m.della(base, tensors, weights=c["weight"], densities=c["density"], epsilons=c["epsilon"],
                        consensus=consensus, normalize=c["normalize"], scale=c["scale"], seed=seed, name=name,
-                       ranks=prepared)
+                       ranks=prepared, out=out)
 
     return run
 
@@ -196,10 +204,10 @@ def _sce(base: torch.Tensor, tensors: list[torch.Tensor], c: dict[str, Any], **_
 
 _DELLA = "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling, 2024"
 register(MergeMethod("della", _DELLA, _della(True), per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
-                     shared={"scale": 1.0, "normalize": True}, prepare=m.della_ranks))
+                     shared={"scale": 1.0, "normalize": True}, prepare=m.della_ranks, writes_into=True))
 register(MergeMethod("della_linear", _DELLA, _della(False),
                      per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
-                     shared={"scale": 1.0, "normalize": False}, prepare=m.della_ranks))
+                     shared={"scale": 1.0, "normalize": False}, prepare=m.della_ranks, writes_into=True))
 register(MergeMethod("sce", "Wan et al., FuseChat: Knowledge Fusion of Chat Models, 2024 (SCE)", _sce,
                      per_model={"weight": 1.0}, shared={"select_topk": 1.0, "scale": 1.0}))
 

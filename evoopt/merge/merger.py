@@ -206,8 +206,9 @@ class Merger:
                 tensors = [_shaped(s, name).to(self.device) for s in self.sources]
                 stats = self.statistics.get(name) if self.statistics is not None else None
                 merged = self.method.apply(base, tensors, coefficients, seed=seed, name=name, statistics=stats,
-                                           prepared=self.cached.get(name))
-                target.copy_(merged.reshape(target.shape))
+                                           prepared=self.cached.get(name), out=target)
+                if merged is not target:  # (a method that writes_into the model returns it: nothing to copy)
+                    target.copy_(merged.reshape(target.shape))
         self._progress("merging", len(self.targets), len(self.targets))
         return self.model
 

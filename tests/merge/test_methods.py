@@ -255,6 +255,14 @@ def test_della_in_the_fused_kernel_gives_the_torch_formulas_bytes(monkeypatch: p
     assert torch.equal(got.view(torch.int16), M.della(narrow[0], narrow[1:], fast=False, **config).view(torch.int16))
     # float64 takes the torch formula
     assert M.della(base.double(), [e.double() for e in experts], **config).dtype == torch.float64
+    # written straight into a given tensor (the model's own) when it can hold the result; else a new one
+    into_model = torch.full((37, 129), float("nan"))
+    assert M.della(base, experts, out=into_model, **config) is into_model
+    assert torch.equal(into_model.view(torch.int32), plain.view(torch.int32))
+    for unfit in (torch.empty(129, 37).T, torch.empty(37, 129, dtype=torch.bfloat16)):  # strided; another dtype
+        got = M.della(base, experts, out=unfit, **config)
+        assert got is not unfit and torch.equal(got.view(torch.int32), plain.view(torch.int32))
+    assert M.della(base, experts, out=into_model, fast=False, **config) is not into_model
 
 
 @pytest.mark.parametrize("shape", [(2, 40_000), (70_000,), (6, 1)], ids=["16-bit ranks past 2^15",

@@ -102,29 +102,44 @@ def run_references(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
 
 
 def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, seed: int) -> dict[str, Any]:
+    """One Evolver study, run generation by generation until ``--generations`` are finished (X_Evolver: a
+    generation may hold one more trial, its winners scored together), then its answer reported."""
     from evoopt.data.experts import get_setting
+    from evoopt.search.evolver import ATTR, is_finished, replay, slot_trials, slots
+    from evoopt.study.baselines import _BASELINE_RECIPES
     from evoopt.study.config import parse_config
-    from evoopt.study.run import _BASELINE_RECIPES, run_study
+    from evoopt.study.run import open_study, report_result, run_study
 
     shared, per_model = _BASELINE_RECIPES.get(method, ({}, {}))
-    size = len(get_setting(args.setting).tasks)
-    initial = size if method == "none" else 1
+    size, integrated = len(get_setting(args.setting).tasks), method != "none"
     config = parse_config(base_config(
         args, work, f"{label}-seed{seed}", baselines=[],
         space={"kind": "evolver", "method": method, "fixed": {**shared, **per_model}},
         sampler={"name": "EvolverSampler", "options": {"strategy": args.strategy, "seed": seed}},
-        trials=initial + size * args.generations))
-    study = run_study(config, baselines=False).study  # a rerun with the same --workdir resumes it
+        trials=(1 if integrated else size) + (size + integrated) * args.generations))  # (room for every generation)
+    while True:  # a rerun with the same --workdir resumes
+        trials = open_study(config).get_trials()
+        history = replay(trials, size=size, integrated=integrated, maximize=True, f=0.5, cr=0.5)
+        if history.generation > args.generations:
+            break
+        g, held = history.generation, slot_trials(trials, ATTR)
+        open_slots = history.open if history.open is not None else range(slots(g, size, integrated))
+        pending = sum(1 for i in open_slots if not any(is_finished(t) for t in held.get((g, i), [])))
+        run_study(config, n_trials=pending, baselines=False, report=False)
+    study = open_study(config)
+    report_result(config, study)
     result = study.user_attrs["evoopt:result"]
     trials = [t for t in study.get_trials() if t.value is not None]
     # the trials' own durations (sampling, merge, statistics, scoring), so that a resumed run counts right
     seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                   if t.datetime_complete and t.datetime_start)
-    accepted = sum(1 for t in trials if t.user_attrs.get("generation", 0) > 0)
+    accepted = sum(len(moves) for moves in history.accepted)
     print(f"{label} seed {seed}: dev {in_domain(result['dev']):.4f} test {in_domain(result['test']):.4f} "
-          f"({seconds:.0f} s, {len(trials)} evaluations, best trial dev {study.best_value:.4f})", flush=True)
+          f"({seconds:.0f} s, {len(trials)} evaluations, {accepted} offspring accepted, "
+          f"best trial dev {study.best_value:.4f})", flush=True)
     return {"name": label, "seed": seed, "dev": result["dev"], "test": result["test"], "seconds": round(seconds, 1),
-            "evaluations": len(trials), "offspring": accepted, "best_trial_dev": study.best_value}
+            "evaluations": len(trials), "accepted": accepted, "together": len(history.together),
+            "best_trial_dev": study.best_value}
 
 
 def table(rows: list[dict[str, Any]], evolver: dict[str, list[dict[str, Any]]]) -> str:

@@ -132,3 +132,16 @@ def test_lm_eval_scores_each_choice_as_the_causal_experts_were_trained(tmp_path:
                                                    for doc, i in zip(docs, list(range(len(labels))) * 3)]
     gen = tasks["evoopt_trec-coarse_gen_dev"]
     assert gen.config.target_delimiter == " "  # lm-eval's default where the model generates the answer
+
+
+def test_the_study_value_of_equal_means_is_one_float() -> None:
+    """(.70 + .70 + .70 + .72) / 4 and (.70 + .70 + .71 + .71) / 4 differ in their last bit as plain floating point
+    (0.7049999999999998 and 0.705): a tie the Evolver's greedy rule would break. The study's value is one float."""
+    from evoopt.data.objective import combine
+
+    tasks = ("a", "b", "c", "d")
+    assert sum((0.70, 0.70, 0.70, 0.72)) / 4 != sum((0.70, 0.70, 0.71, 0.71)) / 4
+    assert combine(dict(zip(tasks, (0.70, 0.70, 0.70, 0.72)))) == combine(dict(zip(tasks, (0.70, 0.70, 0.71, 0.71))))
+    assert combine(dict(zip(tasks, (0.70, 0.70, 0.71, 0.71)))) == 0.705
+    assert combine({"a": 0.5, "b": 0.8}, {"a": 3.0}) == (3 * 0.5 + 0.8) / 4  # weighted
+    assert combine({"a": 0.822500000003}) == 0.822500000003  # (12 significant digits: real differences stay)

@@ -11,6 +11,7 @@ lm-evaluation-harness (evoopt's local multiple-choice tasks, or any task by name
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -91,10 +92,14 @@ def auto_batch_size(model: torch.nn.Module | None, tokenizer: Any, device: torch
 
 
 def combine(scores: Scores, weights: dict[str, float] | None = None) -> float:
-    """The study's value: the (weighted) mean of the per-task scores."""
+    """The study's value: the (weighted) mean of the per-task scores, to 12 significant digits.
+
+    Equal means of different task scores are then one float: (.70 + .70 + .70 + .72) / 4 is 0.7049999999999998
+    in floating point and (.70 + .70 + .71 + .71) / 4 is 0.705, a last-bit difference that would break a tie
+    (the Evolver keeps the parent on one; a best trial is the first among equals)."""
     weights = weights or {}
-    total = sum(weights.get(t, 1.0) for t in scores)
-    return sum(weights.get(t, 1.0) * s for t, s in scores.items()) / total
+    total = math.fsum(weights.get(t, 1.0) for t in scores)
+    return float(f"{math.fsum(weights.get(t, 1.0) * s for t, s in scores.items()) / total:.12g}")
 
 
 def _chosen(task: str, split: str, size: int, limit: int | None, rows: Mapping[str, Sequence[int]] | None,

@@ -416,11 +416,12 @@ def unmerged(sources: Mapping[str, TensorSource], structure: str,
     """Each source's floating-point tensors that the source labelled ``structure`` (the merged model's
     checkpoint) lacks and that are not ``excluded``, one line per source that has any: no merge reads them,
     and the merged model has no place for them (a fine-tuned head that the base has not, say)."""
-    lines = []
+    lines, merged = [], sources[structure]
     for label, source in sources.items():
-        names = [n for n in source.keys() if n not in sources[structure] and not excluded(n)
-                 and source.dtype(n).is_floating_point]
-        if names and label != structure:
+        if label == structure:
+            continue
+        names = [n for n in source.keys() if n not in merged and not excluded(n) and source.dtype(n).is_floating_point]
+        if names:
             lines.append(f"{label} has {len(names)} floating-point tensors that {structure} lacks: {_listed(names)}")
     return lines
 

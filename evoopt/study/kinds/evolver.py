@@ -235,7 +235,7 @@ class EvolverKind(Kind[EvolverSpace]):
         else:
             candidate = self.space.candidate(get_trial(study, which))
             self._write(history, candidate)
-            if candidate.target == self.space.size:
+            if self._together(history, candidate) is not None:
                 what = f"trial {which}: generation {candidate.generation}, its winning offspring together"
             else:
                 kind = "offspring of individual" if candidate.move else "initial individual"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -134,6 +135,10 @@ def test_the_read_commands_take_the_storage_the_study_was_run_on(tmp_path: Path,
         result = CliRunner().invoke(main, [*command, "--storage", url])
         assert result.exit_code == 0, result.output
     assert seen == [url] * 3
+    monkeypatch.setattr("evoopt.study.kinds.make_kind", lambda config: SimpleNamespace(
+        best_text=lambda opened: f"{len(opened.trials)} trials in {config.storage_url}\n"))
+    best = CliRunner().invoke(main, ["best", str(study), "--storage", url])
+    assert best.exit_code == 0 and f"1 trials in {url}" in best.output, best.output
 
 
 def test_an_interrupted_demo_exports_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,8 +106,10 @@ def test_lm_eval_task_files_are_replaced_whole_and_only_when_they_change(tmp_pat
     files = sorted([f"{n}.yaml" for n in names] + ["trec-coarse_dev.jsonl"])
     assert sorted(replaced) == files
     replaced.clear()
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert data.write_lm_eval_tasks(["trec-coarse"], tmp_path, split="dev", limit=12) == names
-    assert replaced == []  # the same content: nothing written
+    assert replaced == []  # the same content: nothing written, by a rename or otherwise
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
     data.write_lm_eval_tasks(["trec-coarse"], tmp_path, split="dev", limit=10)
     assert replaced == ["trec-coarse_dev.jsonl"]  # fewer rows: the data changes, the task configs do not
     assert len((tmp_path / "trec-coarse_dev.jsonl").read_text().splitlines()) == 10

@@ -139,13 +139,14 @@ def test_margin_mixture_by_hand() -> None:
     predicted = 0.25 * margins[0, 2:] + 0.75 * margins[1, 2:]  # 0.065, 0.0725
     phi = [0.5 * (1 + math.erf(m / (0.02 * math.sqrt(2)))) for m in predicted]
     assert margin_mixture(margins, np.array([0, 1]), observed) == pytest.approx(sum(phi), abs=1e-4)
-    # a looser fit: the residual's scale over the free examples (2 examples, 1 reference used: 1 degree of freedom)
-    only_a = np.array([[0.4, -0.4, 0.3], [0.4, -0.4, -0.3]])
-    got = margin_mixture(only_a, np.array([0, 1]), np.array([0.5, -0.3]), combination="simplex")
-    w = simplex_least_squares(only_a[:, :2].T, np.array([0.5, -0.3]))
-    residual = np.array([0.5, -0.3]) - only_a[:, :2].T @ w
-    sd = math.sqrt(residual @ residual / 1)
-    assert got == pytest.approx(0.5 * (1 + math.erf(float(w @ only_a[:, 2]) / (sd * math.sqrt(2)))), abs=1e-4)
+    # a looser fit: two references equal on the scored examples, so the ridge weighs them 0.5 each (both used); the
+    # fitted margins 0.4, -0.4 against 0.5, -0.3 leave residuals 0.1, 0.1: sd = sqrt(0.02 / (2 examples - 2 used,
+    # at least 1)) = 0.1414; example 2 is predicted 0.5 * 0.3 + 0.5 * 0.1 = 0.2, right with Phi(0.2 / 0.1414) =
+    # 0.9214 (the floor alone would give 1.0000, 2 degrees of freedom Phi(2) = 0.9772)
+    twins = np.array([[0.4, -0.4, 0.3], [0.4, -0.4, 0.1]])
+    got = margin_mixture(twins, np.array([0, 1]), np.array([0.5, -0.3]), combination="simplex")
+    assert got == pytest.approx(0.5 * (1 + math.erf(0.2 / (math.sqrt(0.02) * math.sqrt(2)))), abs=1e-4)
+    assert got == pytest.approx(0.9214, abs=1e-4)
 
 
 def test_nonnegative_least_squares_by_hand() -> None:
@@ -207,6 +208,15 @@ def test_mixture_fits_margins_where_every_model_keeps_them() -> None:
         Estimator.from_dict({**estimator.to_dict(), "combination": "ball"})
     simplex = margin_mixture(t.margins, index, stored_margins, combination="simplex")
     assert old.estimate(observed)["t"] == pytest.approx((observed.tasks["t"].values.sum() + simplex) / 40)
+    # a candidate off the simplex (less sure than its references: weights summing to 0.3) tells the fits apart
+    faint = 0.3 * truth
+    observed_faint = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(40), faint > 0, margins=faint)}).select(
+        estimator.rows)
+    stored_faint = np.round(observed_faint.tasks["t"].margins * 127) / 127
+    right = observed_faint.tasks["t"].values.sum()
+    assert old.estimate(observed_faint)["t"] == pytest.approx(
+        (right + margin_mixture(t.margins, index, stored_faint, combination="simplex")) / 40)
+    assert old.estimate(observed_faint)["t"] != pytest.approx(estimator.estimate(observed_faint)["t"], abs=1e-3)
     # the candidate without margins: the right-or-wrong mixture on the same examples
     bits = Outcomes("accuracy", {"t": TaskOutcomes(observed.tasks["t"].ids, observed.tasks["t"].values)})
     y = bits.tasks["t"].values

@@ -476,11 +476,22 @@ def test_iso_merges_from_the_gram_matrix_agree_with_lapacks_svd(monkeypatch: pyt
     settings: list[dict[str, object]] = [{"weight": [0.6, 1.0, 0.3]}, {"common_fraction": 0.5},
                                          {"common_fraction": 0.2, "weight": [1.0, 0.5, 0.8]}]
     methods = ["iso_c", "iso_cts", "iso_cts"]
-    gram = [get_method(m).apply(base, experts, c) for m, c in zip(methods, settings)]
+    leading, found = _methods._leading_svd, []
+
+    def counted(*args: object, **kwargs: object) -> object:  # the Gram route, recording whether it answered
+        result = leading(*args, **kwargs)
+        found.append(result is not None)
+        return result
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_methods, "_leading_svd", counted)
+        gram = [get_method(m).apply(base, experts, c) for m, c in zip(methods, settings)]
+    assert found and all(found)  # every merge took its singular vectors from the Gram matrix
     with monkeypatch.context() as patched:
         patched.setattr(_methods, "_leading_svd", lambda *a, **k: None)
         plain = [get_method(m).apply(base, experts, c) for m, c in zip(methods, settings)]
     for got, want in zip(gram, plain):
+        assert not torch.equal(got, want)  # (another route)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
     # a task sum of rank 1: only its first direction is known from the Gram matrix

@@ -108,7 +108,8 @@ def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, s
     from evoopt.search.evolver import ATTR, is_finished, replay, slot_trials, slots
     from evoopt.study.baselines import _BASELINE_RECIPES
     from evoopt.study.config import parse_config
-    from evoopt.study.run import open_study, report_result, run_study
+    from evoopt.study.kinds import make_kind
+    from evoopt.study.run import open_study, report_best, run_study
 
     shared, per_model = _BASELINE_RECIPES.get(method, ({}, {}))
     size, integrated = len(get_setting(args.setting).tasks), method != "none"
@@ -117,6 +118,7 @@ def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, s
         space={"kind": "evolver", "method": method, "fixed": {**shared, **per_model}},
         sampler={"name": "EvolverSampler", "options": {"strategy": args.strategy, "seed": seed}},
         trials=(1 if integrated else size) + (size + integrated) * args.generations))  # (room for every generation)
+    kind = make_kind(config)  # the experts, the evaluation model and the data loaded once for every generation
     while True:  # a rerun with the same --workdir resumes
         trials = open_study(config).get_trials()
         history = replay(trials, size=size, integrated=integrated, maximize=config.directions[0] == "maximize",
@@ -126,9 +128,9 @@ def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, s
         g, held = history.generation, slot_trials(trials, ATTR)
         open_slots = history.open if history.open is not None else range(slots(g, size, integrated))
         pending = sum(1 for i in open_slots if not any(is_finished(t) for t in held.get((g, i), [])))
-        run_study(config, n_trials=pending, baselines=False, report=False)
+        run_study(config, n_trials=pending, baselines=False, report=False, kind=kind)
     study = open_study(config)
-    report_result(config, study)
+    report_best(config, study, kind=kind)
     result = study.user_attrs["evoopt:result"]
     trials = [t for t in study.get_trials() if t.value is not None]
     # the trials' own durations (sampling, merge, statistics, scoring), so that a resumed run counts right

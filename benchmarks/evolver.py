@@ -105,7 +105,7 @@ def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, s
     """One Evolver study, run generation by generation until ``--generations`` are finished (X_Evolver: a
     generation may hold one more trial, its winners scored together), then its answer reported."""
     from evoopt.data.experts import get_setting
-    from evoopt.search.evolver import ATTR, is_finished, replay, slot_trials, slots
+    from evoopt.search.evolver import ATTR, EvolverSampler, is_finished, slot_trials
     from evoopt.study.baselines import _BASELINE_RECIPES
     from evoopt.study.config import parse_config
     from evoopt.study.kinds import make_kind
@@ -119,17 +119,14 @@ def run_evolver(args: argparse.Namespace, work: Path, label: str, method: str, s
         sampler={"name": "EvolverSampler", "options": {"strategy": args.strategy, "seed": seed}},
         trials=(1 if integrated else size) + (size + integrated) * args.generations))  # (room for every generation)
     kind = make_kind(config)  # the experts, the evaluation model and the data loaded once for every generation
-    while True:  # a rerun with the same --workdir resumes
-        trials = open_study(config).get_trials()
-        history = replay(trials, size=size, integrated=integrated, maximize=config.directions[0] == "maximize",
-                         f=0.5, cr=0.5)
-        if history.generation > args.generations:
-            break
-        g, held = history.generation, slot_trials(trials, ATTR)
-        open_slots = history.open if history.open is not None else range(slots(g, size, integrated))
-        pending = sum(1 for i in open_slots if not any(is_finished(t) for t in held.get((g, i), [])))
+    study = open_study(config, kind=kind)  # a rerun with the same --workdir resumes
+    sampler = study.sampler
+    assert isinstance(sampler, EvolverSampler)
+    while (history := sampler.history(study)).generation <= args.generations:  # its replay, in its direction
+        held = slot_trials(study.get_trials(deepcopy=False), ATTR)
+        pending = sum(1 for i in sampler.open_slots(history)
+                      if not any(is_finished(t) for t in held.get((history.generation, i), [])))
         run_study(config, n_trials=pending, baselines=False, report=False, kind=kind)
-    study = open_study(config)
     report_best(config, study, kind=kind)
     result = study.user_attrs["evoopt:result"]
     trials = [t for t in study.get_trials() if t.value is not None]

@@ -55,6 +55,7 @@ import transformers  # noqa: E402,F401
 import yaml
 
 import evoopt.merge.merger  # noqa: E402,F401
+from evoopt.merge._pieces import MagnitudeRanks  # noqa: E402
 from evoopt.merge.merger import Merger  # noqa: E402
 from evoopt.merge.recipe import parse_recipe  # noqa: E402
 from evoopt.models.io import convert_gguf, resolve_path  # noqa: E402
@@ -174,6 +175,8 @@ def time_candidates(method: str, base: Path, variants: list[Path], candidates: i
         merger.merge(recipe, seed=c)
         times.append(time.perf_counter() - t0)
     params = sum(t.numel() for t in merger.targets.values())
+    ranks = sum(r.ranks.nbytes for cached in merger.cached.values() if isinstance(cached, list)  # DELLA's, read
+                for r in cached if isinstance(r, MagnitudeRanks))                               # each candidate
     state = 0 if merger.streamed else sum(p.base.nbytes + p.deltas.nbytes  # type: ignore[union-attr]
                                           for p in (merger.prepared or {}).values())  # the fast path's state
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -181,7 +184,7 @@ def time_candidates(method: str, base: Path, variants: list[Path], candidates: i
     del merger
     gc.collect()  # transformers models hold reference cycles; free before the next method
     return {"setup_s": setup, "median_s": statistics.median(times), "min_s": min(times), "params": params,
-            "state_bytes": state, "private_bytes": private, "streamed": streamed,
+            "state_bytes": state, "ranks_bytes": ranks, "private_bytes": private, "streamed": streamed,
             "peak_bytes_so_far": peak}
 
 
@@ -265,8 +268,8 @@ def main() -> None:
         moved = (sources + 1) * r["params"] * width  # base + experts read, target written, in the stored dtype
         r["bound_s"] = moved / bandwidth
         r["ratio_to_bound"] = r["median_s"] / r["bound_s"]
-        if method == "della":  # it also reads each expert's magnitude ranks, 16 bits an entry (rows <= 65,536)
-            r["own_bound_s"] = (moved + len(variants) * r["params"] * 2) / bandwidth
+        if r["ranks_bytes"]:  # DELLA also reads each expert's magnitude ranks
+            r["own_bound_s"] = (moved + r["ranks_bytes"]) / bandwidth
             r["ratio_to_own_bound"] = r["median_s"] / r["own_bound_s"]
         return r
 

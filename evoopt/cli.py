@@ -171,7 +171,7 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
               default=Path("studies/minilm-sentiment-domains.yaml"), show_default=True,
               help="The study config to run.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo-best"),
-              show_default=True, help="Where to export the best merged model.")
+              show_default=True, help="Where to export the best merged model (replaced if it exists).")
 @click.pass_context
 def demo(ctx: click.Context, study: Path, out: Path) -> None:
     """The main job: build the MiniLM sentiment-domain experts, search their TIES merge, export the best.
@@ -399,7 +399,7 @@ def _existing_study(path: Path, storage: str | None = None) -> tuple[object, obj
 
     config = _load_study_config(path, storage=storage)
     assert isinstance(config, StudyConfig)
-    return config, load_study(config.name, config.storage_url)
+    return config, load_study(config)
 
 
 @main.command()
@@ -496,7 +496,7 @@ def dashboard(study: Path, host: str, port: int, storage: str | None) -> None:
     from evoopt.study.config import StudyConfig
     from evoopt.study.report import dashboard_command, serve_dashboard
 
-    config = _load_study_config(study, storage=storage)
+    config, _ = _existing_study(study, storage)  # checked before it says it serves
     assert isinstance(config, StudyConfig)
     click.echo(f"serving {config.storage_url} on http://{host}:{port}  (same as: "
                f"{' '.join(dashboard_command(config, host, port))})")

@@ -10,6 +10,8 @@ so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+import collections.abc
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,10 @@ class StorageError(ConfigError):
 
 class ModelSourceError(EvooptError, ValueError):
     """A model file or folder is missing, unreadable, or incompatible with the others."""
+
+
+class OutputError(EvooptError, OSError):
+    """The output cannot be written where it was asked for: a file in its path, or a folder without write access."""
 
 
 class OutputExistsError(EvooptError, FileExistsError):
@@ -63,12 +69,44 @@ def schema_problems(error: Any, top: str) -> list[str]:
 
 
 def read_yaml(path: Path, error: type[EvooptError], what: str) -> Any:
-    """The YAML file's data; a missing file or invalid YAML is ``error``, naming the file."""
+    """The YAML file's data; a missing, unreadable, empty or non-UTF-8 file, invalid YAML or a key given twice
+    in one mapping (YAML keeps the last silently) is ``error``, naming the file."""
     import yaml
 
     if not path.is_file():
         raise error(f"{path}: {what} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # a SafeLoader
+    except UnicodeDecodeError as problem:
+        raise error(f"{path}: not UTF-8 text ({problem}); save the {what} as UTF-8") from None
+    except OSError as problem:
+        raise error(f"{path}: cannot read the {what} ({problem.strerror or problem})") from None
     except yaml.YAMLError as problem:
         raise error(f"{path}: not valid YAML ({problem})") from None
+    if data is None:
+        raise error(f"{path}: the {what} is empty; write its keys (see the README)")
+    return data
+
+
+@functools.cache
+def _unique_key_loader() -> Any:
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key given twice in one mapping."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # ``<<: *anchor``: its keys may be given again, on purpose
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, collections.abc.Hashable):
+                    continue  # the safe loader's own error names it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader

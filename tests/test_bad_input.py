@@ -135,6 +135,29 @@ def _no_psycopg(s: Stored, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     open_study(_study(s, storage="postgresql://nobody@127.0.0.1:1/none"))
 
 
+def _text(file: Path) -> str:
+    file.write_text("notes, not a database\n")
+    return f"sqlite:///{file}"
+
+
+def _other_db(tmp: Path) -> str:
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp / "theirs.db")) as db:
+        db.execute("CREATE TABLE inventory (item TEXT)")
+        db.commit()
+    return f"sqlite:///{tmp / 'theirs.db'}"
+
+
+def _tables(file: Path) -> list[str]:
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True)) as db:
+        return [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+
+
 def _full_disk(s: Stored, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def half_then_full(tensors: Any, filename: Any, metadata: Any = None) -> None:
         Path(filename).write_bytes(b"\0" * 1024)  # part of the file is written, then the disk is full
@@ -187,6 +210,24 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
     ("study name reused with another config", lambda s, t, m: open_study(_study(s, seed=7)),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
     ("full disk during export", _full_disk, OSError, "No space left on device"),
+    ("a trial exported through an edited config", lambda s, t, m: export_trial(_study(s, seed=7), "best", t / "out"),
+     ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
+    ("searched density out of its range", lambda s, t, m: _study(s, **{
+        "space.search": {"weight": [0.2, 1.2], "density": [0.2, 1.5]}}),
+     ValueError, r"space.search.density: must be in \(0, 1\], got 1.5; narrow the bounds"),
+    ("fixed density out of its range", lambda s, t, m: _study(s, **{
+        "space.search": {"weight": [0.2, 1.2]}, "space.fixed": {"density": {"layers.00": 0.5, "layers.01": 0.0}}}),
+     ValueError, r"space.fixed.density.layers.01: must be in \(0, 1\], got 0.0"),
+    ("unknown corpus", lambda s, t, m: _study(s, **{"sources.tasks": ["vader-tweets", "vader-nytimes"]}),
+     ValueError, r"sources.tasks\[1\]: unknown corpus 'vader-nytimes'; known: .*vader-nyt"),
+    ("unknown expert", lambda s, t, m: _study(s, **{"sources.models": ["expert:minilm-sentiment-domains/nyt",
+                                                                       str(s.llama[1])]}),
+     ValueError, r"sources.models\[0\]: expert:minilm-sentiment-domains/nyt: setting 'minilm-sentiment-domains' "
+                 r"has no 'nyt'; known: base, vader-tweets, vader-movies, vader-amazon, vader-nyt, mtl"),
+    ("a file that is no database as storage", lambda s, t, m: open_study(_study(s, storage=_text(t / "notes.db"))),
+     ValueError, r"storage: .*notes.db is not a SQLite database \(file is not a database\); give the storage URL"),
+    ("another program's SQLite database as storage", lambda s, t, m: open_study(_study(s, storage=_other_db(t))),
+     ValueError, r"storage: .*theirs.db is a SQLite database without Optuna's tables \(it has inventory\)"),
 ]
 
 
@@ -203,6 +244,46 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(name: str, action: Callabl
         assert after[1:] == before[1:]
     else:
         assert after == before
-    assert not (tmp_path / "merged").exists()  # no half-written merge
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "out").exists()  # no half-written output
+    if (tmp_path / "notes.db").exists():  # a storage refused is left as it was
+        assert (tmp_path / "notes.db").read_text() == "notes, not a database\n"
+    if (tmp_path / "theirs.db").exists():
+        assert _tables(tmp_path / "theirs.db") == ["inventory"]
     assert not [p for p in stored.exported.parent.iterdir() if p.name.startswith(".")]  # no temporary folder
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored: Stored, tmp_path: Path) -> None:
+    """A run that stored its config and then failed (a model path that does not exist) holds nothing: the corrected
+    config makes the study again instead of being refused as another config. Once a trial ran, the name is bound."""
+    from evoopt.errors import ConfigError, ModelSourceError
+
+    storage = f"sqlite:///{tmp_path / 'fresh.db'}"
+    good = small_study_config(stored.root, stored.experts, name="fresh", trials=1, storage=storage)
+    models = [str(tmp_path / "missing"), *good["sources"]["models"][1:]]
+    bad = {**good, "sources": {**good["sources"], "models": models}}
+    with pytest.raises(ModelSourceError, match="missing"):
+        run_study(parse_config(bad), report=False)
+    assert optuna.get_all_study_names(storage) == ["fresh"]  # the refused run had made the study
+    assert run_study(parse_config(good), report=False).ran == 1
+    with pytest.raises(ConfigError, match=r"(?s)made from another config.*sources.models"):
+        open_study(parse_config(bad))
+
+
+@pytest.mark.parametrize("command", ["best", "status", "export", "dashboard"])
+def test_read_commands_refuse_an_edited_config(stored: Stored, tmp_path: Path, command: str) -> None:
+    """``best``/``export`` through an edited config would rebuild another model than the trial scored."""
+    from click.testing import CliRunner
+
+    from evoopt.cli import main
+
+    file = tmp_path / "kept.yaml"
+    edited = small_study_config(stored.root, stored.experts, name="kept", trials=2)
+    edited["space"] = {**edited["space"], "method": "dare_ties"}
+    file.write_text(yaml.safe_dump(edited))
+    extra = {"export": ["--out", str(tmp_path / "out")], "dashboard": ["--port", "1"]}.get(command, [])
+    result = CliRunner().invoke(main, [command, str(file), *extra])
+    assert result.exit_code == 1, result.output
+    assert "was made from another config" in result.output and 'space.method: stored "ties", now "dare_ties"' in \
+        result.output
+    assert "serving" not in result.output and not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -230,6 +231,30 @@ def test_atomic_folder_success_and_failure(tmp_path: Path) -> None:
             (tmp / "f").write_text("x")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path) -> None:
+    from evoopt.errors import OutputError, OutputExistsError
+    from evoopt.models.io import check_writable
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    check_writable(tmp_path / "new" / "deeper", overwrite=False)  # made when written
+    check_writable(tmp_path / "full", overwrite=True)
+    with pytest.raises(OutputExistsError, match="already exists and is not empty; choose another --out or pass"):
+        check_writable(tmp_path / "full", overwrite=False)
+    with pytest.raises(OutputError, match=r"file/sub: .*file is a file, not a folder; choose another --out"):
+        check_writable(tmp_path / "file" / "sub", overwrite=False)
+    with pytest.raises(OutputError, match=r"file: is a file, not a folder"):
+        check_writable(tmp_path / "file", overwrite=True)
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if not os.access(tmp_path / "locked", os.W_OK):  # (root may write anywhere)
+        with pytest.raises(OutputError, match="locked: permission denied"):
+            check_writable(tmp_path / "locked" / "out", overwrite=False)
+    with pytest.raises(OutputError, match=r"file/sub: .*; choose another --out"):
+        with atomic_folder(tmp_path / "file" / "sub"):
+            pass
 
 
 def test_resolve_package_paths() -> None:

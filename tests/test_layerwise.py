@@ -58,7 +58,7 @@ def test_a_model_without_blocks_is_a_clear_error() -> None:
 
 def _layerwise(root: Path, paths: list[Path], **space: Any) -> Any:
     return parse_config({
-        "name": "lw", "sources": {"base": str(paths[0]), "models": [str(p) for p in paths[1:]], "tasks": ["x"]},
+        "name": "lw", "sources": {"base": str(paths[0]), "models": [str(p) for p in paths[1:]], "tasks": ["sms-spam"]},
         "space": {"kind": "layerwise", "method": "task_arithmetic", "search": {"weight": [0.0, 1.0]}, **space},
         "objective": {"kind": "dev", "metric": "perplexity"}, "artifacts": str(root)}, root=root)
 

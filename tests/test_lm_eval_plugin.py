@@ -128,20 +128,27 @@ def test_bad_model_args_say_what_to_fix(plugin: ModuleType, llama_family: list[P
     assert message in str(error.value)
 
 
-def test_the_cli_reports_bad_model_args(plugin: ModuleType, tasks: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("args", "task", "message"), [
+    ("study=nope", TASK, "evoopt lm-eval: error: study=nope: give storage=URL too"),
+    ("study=nope", "no_such_task", "evoopt lm-eval: error: --tasks: Tasks not found: no_such_task; list them with "
+                                   "`lm-eval ls tasks`"),
+], ids=["model args", "unknown task"])
+def test_the_cli_reports_bad_input_in_one_line(plugin: ModuleType, tasks: Path, capsys: pytest.CaptureFixture[str],
+                                               args: str, task: str, message: str) -> None:
     lm_logger = logging.getLogger("lm_eval")  # lm-eval's CLI configures it; put it back afterwards
     saved = lm_logger.level, list(lm_logger.handlers), lm_logger.propagate
     argv = list(sys.argv)
     try:
         with pytest.raises(SystemExit) as done:
-            plugin.main(["--model", "evoopt", "--model_args", "study=nope", "--tasks", TASK,
+            plugin.main(["--model", "evoopt", "--model_args", args, "--tasks", task,
                          "--include_path", str(tasks), "--device", "cpu"])
     finally:
         lm_logger.setLevel(saved[0])
         lm_logger.handlers[:] = saved[1]
         lm_logger.propagate = saved[2]
     assert done.value.code == 2
-    assert "evoopt lm-eval: error: study=nope: give storage=URL too" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert sys.argv == argv
 
 

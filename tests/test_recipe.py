@@ -91,3 +91,22 @@ def test_load_recipe_resolves_relative_to_file(tmp_path: Path) -> None:
         load_recipe(tmp_path / "bad.yaml")
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"", r"r.yaml: the recipe file is empty; write its keys"),
+    (b"method: linear\nmodels: []\nmethod: ties\n", r"not valid YAML \(key 'method' is given twice; keep one"),
+    (b"method: lin\xe9ar\n", r"r.yaml: not UTF-8 text .*; save the recipe file as UTF-8"),
+    (b"name: s\nsetting: minilm-sentiment-domains\nspace: {method: ties}\n",
+     r"this is a study config \(name, space, ...\), not a merge recipe; run it with `evoopt run STUDY`"),
+], ids=["empty", "key twice", "not UTF-8", "a study config"])
+def test_a_file_that_is_no_recipe_says_why(tmp_path: Path, text: bytes, message: str) -> None:
+    (tmp_path / "r.yaml").write_bytes(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_yaml_merge_keys_may_repeat_a_key_on_purpose(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("method: linear\nmodels:\n  - model: a\n    parameters: {<<: {weight: 0.5}, "
+                                     "weight: 0.7}\n")
+    assert load_recipe(tmp_path / "r.yaml").models[0].parameters == {"weight": 0.7}

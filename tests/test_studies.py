@@ -62,3 +62,16 @@ def _check_pool(config, path: Path) -> None:  # type: ignore[no-untyped-def]
 def test_there_are_studies_on_both_main_settings() -> None:
     settings = {yaml.safe_load(p.read_text()).get("setting") for p in STUDIES}
     assert {"minilm-sentiment-domains", "smollm2-tasks"} <= settings
+
+
+def test_a_recipe_and_a_study_config_given_to_each_other_name_the_right_command(tmp_path: Path) -> None:
+    from evoopt.errors import ConfigError, RecipeError
+
+    recipe = next(p for p in STUDIES if "method" in yaml.safe_load(p.read_text()))
+    study = next(p for p in STUDIES if "method" not in yaml.safe_load(p.read_text()))
+    with pytest.raises(ConfigError, match=r"this is a merge recipe \(method, models\), not a study config; merge it "
+                                          r"with `evoopt merge RECIPE --out DIR`"):
+        load_config(recipe)
+    with pytest.raises(RecipeError, match=r"this is a study config \(name, space, ...\), not a merge recipe; run it "
+                                          r"with `evoopt run STUDY`"):
+        load_recipe(study)

@@ -30,7 +30,14 @@ import torch
 
 from evoopt.data import corpora
 from evoopt.data.corpora import get_corpus, load_splits
-from evoopt.data.settings import HEAD_PATTERNS, SETTINGS, Setting, TrainConfig, get_setting  # noqa: F401  (re-exported)
+from evoopt.data.settings import (  # noqa: F401  (re-exported)
+    HEAD_PATTERNS,
+    SETTINGS,
+    Setting,
+    TrainConfig,
+    expert_problem,
+    get_setting,
+)
 from evoopt.data.training import evaluate_accuracy, finetune, finetune_causal, score_causal, train_loop  # noqa: F401
 from evoopt.errors import ModelSourceError
 from evoopt.models.io import atomic_folder, atomic_write, cache_dir, register_scheme, resolve_path
@@ -364,6 +371,8 @@ def _base_causal_scores(base: Path, setting: Setting) -> dict[str, dict[str, flo
 
 def resolve_expert(reference: str) -> Path:
     """``SETTING/TASK``, ``SETTING/base``, ``SETTING/mtl`` or ``SETTING/mtl/TASK`` to a model folder."""
+    if (problem := expert_problem(reference)) is not None:
+        raise ModelSourceError(problem)  # before anything trains
     name, _, member = reference.partition("/")
     # the multi-task model only when it is the one asked for: it trains for minutes, and a study of the
     # setting's experts (the main job) does not use it

@@ -59,6 +59,20 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 ]}
 
 
+def expert_problem(reference: str) -> str | None:
+    """What is wrong with an ``expert:SETTING/MEMBER`` reference (without ``expert:``), if anything, checked
+    before anything trains: the setting must be known and the member one of ``base``, its tasks, ``mtl`` or
+    ``mtl/TASK``."""
+    name, _, member = reference.partition("/")
+    if name not in SETTINGS:
+        return f"expert:{reference}: unknown benchmark setting {name!r}; known: {', '.join(sorted(SETTINGS))}"
+    tasks = SETTINGS[name].tasks
+    if member in ("base", "mtl", *tasks) or (member.startswith("mtl/") and member[4:] in tasks):
+        return None
+    return (f"expert:{reference}: setting {name!r} has no {member!r}; known: base, {', '.join(tasks)}, mtl"
+            + ("" if SETTINGS[name].shared_head else ", mtl/TASK"))
+
+
 def get_setting(name: str) -> Setting:
     if name not in SETTINGS:
         raise ConfigError(f"setting: unknown benchmark setting {name!r}; known: {', '.join(sorted(SETTINGS))}")

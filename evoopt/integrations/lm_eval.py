@@ -334,6 +334,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ModelArgsError, RecipeError, ModelSourceError) as error:
         print(f"evoopt lm-eval: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ValueError as error:
+        if not str(error).startswith("Tasks not found"):  # lm-eval's message for unknown --tasks; others are bugs
+            raise
+        print(f"evoopt lm-eval: error: --tasks: {error}; list them with `lm-eval ls tasks` (with --include_path DIR "
+              "for a folder of task YAML files)", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         sys.argv = saved
 

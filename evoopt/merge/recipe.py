@@ -50,6 +50,15 @@ _RANGES = {
 }
 
 
+def range_problem(path: str, key: str, value: float) -> str | None:
+    """The problem with coefficient ``key`` (at key path ``path``) set to ``value``, if it is out of its range."""
+    if key in _RANGES:
+        low, high, inclusive, text = _RANGES[key]
+        if not ((value >= low if inclusive else value > low) and value <= high):
+            return f"{path}: must be {text}, got {value}"
+    return None
+
+
 @functools.lru_cache(maxsize=65_536)  # called for every tensor of every candidate
 def tensor_group(name: str) -> str:
     """The group a tensor's coefficients are looked up under."""
@@ -215,10 +224,8 @@ def _problems(data: dict[str, Any]) -> list[str]:
                 if not math.isfinite(value):  # a NaN passes every range check below and merges into NaN weights
                     problems.append(f"{where}.{key}: must be a finite number, got {value}")
                     continue
-                if key in _RANGES:
-                    low, high, inclusive, text = _RANGES[key]
-                    if not ((value >= low if inclusive else value > low) and value <= high):
-                        problems.append(f"{where}.{key}: must be {text}, got {value}")
+                if (problem := range_problem(f"{where}.{key}", key, value)) is not None:
+                    problems.append(problem)
     for key, default in method.per_model.items():
         if default is None:
             for i, m in enumerate(models):
@@ -231,6 +238,9 @@ def parse_recipe(data: Any, *, root: Path | None = None, source: str = "recipe")
     """Validate a recipe mapping; every problem is reported at once, with its key path."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of recipe keys, got {type(data).__name__}")
+    if "name" in data and {"space", "setting", "sources"} & set(data) and "models" not in data:
+        raise RecipeError(f"{source}: this is a study config (name, space, ...), not a merge recipe; run it with "
+                          "`evoopt run STUDY`, or export a trial's recipe with `evoopt best STUDY`")
     lines = []
     recipe = None
     try:

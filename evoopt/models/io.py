@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from evoopt.errors import ModelSourceError, OutputExistsError
+from evoopt.errors import ModelSourceError, OutputError, OutputExistsError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -339,9 +339,20 @@ def card_header(title: str, tags: tuple[str, ...] = ()) -> list[str]:
 
 
 def check_writable(target: Path, *, overwrite: bool) -> None:
-    """Refuse an existing non-empty output unless ``overwrite``: callers check before long work."""
+    """Refuse an output folder that cannot be written: an existing non-empty one unless ``overwrite``, one under a
+    file, or one whose nearest existing folder is not writable. Callers check before long work."""
+    target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise OutputExistsError(f"{target}: already exists and is not empty; choose another --out or pass --overwrite")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: is a file, not a folder; choose another --out")
+    above = target.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise OutputError(f"{target}: {above} is a file, not a folder; choose another --out")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(f"{target}: cannot write in {above} (permission denied); choose another --out")
 
 
 @contextmanager
@@ -355,9 +366,13 @@ def atomic_folder(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     check_writable(target, overwrite=overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as error:
+        raise OutputError(f"{target}: cannot make its folder ({error.strerror or error}); "
+                          "choose another --out") from None
     try:
         yield tmp
         old = None

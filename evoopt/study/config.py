@@ -275,13 +275,15 @@ def _problems(config: StudyConfig) -> list[str]:
 
         if config.setting not in SETTINGS:
             problems.append(f"setting: unknown benchmark setting {config.setting!r}; known: {', '.join(SETTINGS)}")
-    if config.sources is not None and not config.sources.tasks and not config.objective.tasks:
-        problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
+    if config.sources is not None:
+        scored = not (config.objective.kind == "lm-eval" and config.objective.tasks)  # else lm-eval's tasks are
+        problems += _sources_problems(config.sources, scored)
+        if not config.sources.tasks and not config.objective.tasks:
+            problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
     for key, (low, high) in config.space.search.items():
         problems += bounds_problems(f"space.search.{key}", low, high)
     problems += log_problems("space", config.space.search, config.space.log)
-    problems += [f"space.fixed.{key}: must be a finite number, got {value}"
-                 for key, value in _numbers(config.space.fixed) if not math.isfinite(value)]
+    problems += fixed_range_problems("space", config.space.fixed)
     problems += [f"objective.weights.{task}: must be a finite number > 0, got {weight}"
                  for task, weight in config.objective.weights.items() if not (math.isfinite(weight) and weight > 0)]
     problems += _baseline_problems(config.baselines) + _weight_problems(config)
@@ -335,6 +337,22 @@ def _problems(config: StudyConfig) -> list[str]:
     return problems
 
 
+def _sources_problems(sources: SourcesSpec, scored: bool) -> list[str]:
+    """Unknown corpora in ``sources.tasks`` (where they are ``scored``) and malformed ``expert:`` references, found
+    before the study is made (or anything trains)."""
+    from evoopt.data.corpora import CORPORA
+    from evoopt.data.settings import expert_problem
+
+    problems = [f"sources.tasks[{i}]: unknown corpus {task!r}; known: {', '.join(sorted(CORPORA))}"
+                for i, task in enumerate(sources.tasks) if scored and task not in CORPORA]
+    references = [("sources.base", sources.base)] + [(f"sources.models[{i}]", m) for i, m in enumerate(sources.models)]
+    for where, reference in references:
+        if reference is not None and reference.startswith("expert:"):
+            if (problem := expert_problem(reference.removeprefix("expert:"))) is not None:
+                problems.append(f"{where}: {problem}")
+    return problems
+
+
 BASELINE_NAMES = ("sources", "ensemble", "greedy-soup")  # besides the merge methods' names
 
 
@@ -365,12 +383,32 @@ def changed_keys(space: SpaceSpec, *keys: str) -> list[str]:
 
 
 def bounds_problems(key: str, low: float, high: float) -> list[str]:
-    """The problem with a [low, high] pair of bounds, if any: not finite, or not low < high."""
+    """The problem with a [low, high] pair of bounds, if any: not finite, not low < high, or (a merge
+    coefficient's, ``...search.density``) reaching out of the coefficient's range, where a sampler may land."""
+    from evoopt.merge.recipe import range_problem
+
     if not (math.isfinite(low) and math.isfinite(high)):
         return [f"{key}: bounds must be finite numbers, got [{low}, {high}]"]
     if not low < high:
         return [f"{key}: bounds must be [low, high] with low < high, got [{low}, {high}]"]
-    return []
+    name = key.rpartition(".")[2]
+    return [f"{problem}; narrow the bounds" for value in (low, high)
+            if (problem := range_problem(key, name, value)) is not None]
+
+
+def fixed_range_problems(where: str, fixed: dict[str, Any]) -> list[str]:
+    """Fixed coefficients at ``where`` (``space``: ``space.fixed``) that are not finite or out of their range
+    (a number, or one per layer group: ``density: {layers.00: 0.5}``)."""
+    from evoopt.merge.recipe import range_problem
+
+    problems = []
+    for path, value in _numbers(fixed):
+        key = path.partition(".")[0]
+        if not math.isfinite(value):
+            problems.append(f"{where}.fixed.{path}: must be a finite number, got {value}")
+        elif (problem := range_problem(f"{where}.fixed.{path}", key, value)) is not None:
+            problems.append(problem)
+    return problems
 
 
 def log_problems(where: str, search: dict[str, tuple[float, float]], log: list[str]) -> list[str]:
@@ -411,6 +449,9 @@ def parse_config(data: Any, *, root: Path | None = None, source: str = "study") 
     """Validate a study config mapping; every problem is reported at once, with its key path."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of study keys, got {type(data).__name__}")
+    if "models" in data and "method" in data and not {"name", "space"} & set(data):
+        raise ConfigError(f"{source}: this is a merge recipe (method, models), not a study config; merge it with "
+                          "`evoopt merge RECIPE --out DIR`, or see the README for a study config's keys")
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as error:

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.data.objective import combine
 from evoopt.errors import ConfigError
-from evoopt.models.io import atomic_write
+from evoopt.models.io import atomic_write, check_writable
 from evoopt.study.config import StudyConfig
 from evoopt.study.kinds import Kind, make_kind
 from evoopt.study.storage import CONFIG_ATTR, FINISHED, artifact_store, best_trial, load_study, storage_from_url
@@ -87,7 +87,7 @@ def _row(config: StudyConfig, study: optuna.Study, curve: Curve) -> dict[str, An
 
 
 def _load(config: StudyConfig) -> optuna.Study:
-    study = load_study(config.name, config.storage_url)  # read only: no sampler, no space, no model
+    study = load_study(config)  # read only: no sampler, no space, no model
     if best_trial(study) is None:
         raise ConfigError(f"study {config.name!r} in {config.storage_url} has no completed trial; run it first")
     return study
@@ -162,6 +162,7 @@ def compare_studies(configs: list[StudyConfig], out: Path) -> tuple[list[dict[st
     curves = [best_so_far(s) for s in studies]
     rows = [_row(c, s, curve) for c, s, curve in zip(configs, studies, curves)]
     out = Path(out)
+    check_writable(out, overwrite=True)  # (its files are replaced one by one)
     out.mkdir(parents=True, exist_ok=True)
     files = [atomic_write(out / "compare.png", lambda f: _png(curves, f)),
              atomic_write(out / "compare.html", lambda f: _html(curves, rows, f))]

@@ -54,6 +54,7 @@ from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.stu
     best_index,
     best_trial,
     better,
+    check_config,
     finished_trials,
     get_trial,
     load_study,
@@ -83,10 +84,10 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True, kin
     To read a study without building anything, use :func:`evoopt.study.storage.load_study`.
     """
     kind = kind or make_kind(config)
-    storage = open_storage(config, kind)
     seed = config.seed if kind.one_seed else config.seed + worker
-    sampler = make_sampler(config.sampler, seed, lambda: kind.space)
+    sampler = make_sampler(config.sampler, seed, lambda: kind.space)  # (bad options refused before any storage)
     pruner = make_pruner(config.pruner.name, config.pruner.options)
+    storage = open_storage(config, kind)
     if not create:
         try:
             return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
@@ -95,17 +96,29 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True, kin
     study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
                                 directions=config.directions, load_if_exists=True)
     stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is not None and _unused(study) and same_study(stored, config):
+        # a run refused before it did anything (an unknown expert, a model that does not load): the study holds
+        # nothing of its config, so the corrected config makes it again, directions included, instead of being
+        # refused as another config
+        optuna.delete_study(study_name=config.name, storage=storage)
+        study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                                    directions=config.directions)
+        stored = None
     if stored is None:
         study.set_user_attr(CONFIG_ATTR, config.identity())
         study.set_user_attr("evoopt:root", str(config.root))
-    elif changed := same_study(stored, config):
-        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made from another config; "
-                          "give this one a new name, or restore the old values:\n  - " + "\n  - ".join(changed))
+    else:
+        check_config(study, config)
     if study.metric_names != config.metric_names:  # new studies, and studies made before evoopt named them
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(config.metric_names)
     return study
+
+
+def _unused(study: optuna.Study) -> bool:
+    """Nothing run yet: no trial (enqueued ones included) and no attribute but the config's own."""
+    return not study.get_trials(deepcopy=False) and set(study.user_attrs) <= {CONFIG_ATTR, "evoopt:root"}
 
 
 # --- the worker -------------------------------------------------------------------------------------
@@ -363,4 +376,4 @@ def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite:
 
     check_writable(out, overwrite=overwrite)
     kind = make_kind(on_cpu(config))
-    return kind.export(load_study(config.name, config.storage_url), which, out, overwrite=overwrite)
+    return kind.export(load_study(config), which, out, overwrite=overwrite)

@@ -39,6 +39,8 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
     path = storage_file(url)
     if path is not None and not create and not path.is_file():
         raise StorageError(f"storage: no such file {path}; give the storage URL the study was run with")
+    if path is not None and not journal and (problem := _sqlite_problem(path, create)) is not None:
+        raise StorageError(f"storage: {path} {problem}; give the storage URL the study was run with, or a new file")
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,25 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
     except ArgumentError as error:
         raise StorageError(f"storage: {shown} is not a storage URL SQLAlchemy knows ({error}); use sqlite:///FILE, "
                            "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH") from None
+
+
+def _sqlite_problem(path: Path, create: bool) -> str | None:
+    """What makes an existing file no Optuna SQLite database, if anything, read without writing: Optuna would
+    otherwise add its tables to someone else's database (or fail with SQLAlchemy's traceback on a file that is
+    no database). An empty file, or one without tables, is fine only where the study is to be made."""
+    import contextlib
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None if create or not path.is_file() else "is empty: it holds no study"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        return f"is not a SQLite database ({error})"
+    if tables and "studies" not in tables:
+        return f"is a SQLite database without Optuna's tables (it has {', '.join(sorted(tables)[:5])})"
+    return None if tables or create else "holds no tables: it holds no study"
 
 
 def storage_file(url: str) -> Path | None:
@@ -147,17 +168,32 @@ def _rdb_storage(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.
     raise AssertionError("unreachable")
 
 
-def load_study(name: str, url: str) -> optuna.Study:
-    """A stored study, opened to read it: no sampler or search space is built (``status``, ``best``, ``compare``)."""
+def load_study(config: StudyConfig) -> optuna.Study:
+    """The study ``config`` names, opened to read it: no sampler or search space is built (``status``,
+    ``best``, ``export``, ``compare``). It must have been made from ``config``: read through an edited config,
+    its trials' parameters would rebuild other models than the ones they scored."""
+    name, url = config.name, config.storage_url
     file = storage_file(url)
     if file is not None and not file.is_file():
         raise ConfigError(f"name: no study {name!r} in {url} (the file does not exist); run it first, or give the "
                           "storage URL it was run with")
     storage = storage_from_url(url, create=False)
     try:
-        return optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+        study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
     except KeyError:
         raise ConfigError(f"name: no study {name!r} in {url}; run it first") from None
+    check_config(study, config)
+    return study
+
+
+def check_config(study: optuna.Study, config: StudyConfig) -> None:
+    """Refuse ``config`` for a study made from another one, naming the keys that differ."""
+    from evoopt.study.config import same_study
+
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is not None and (changed := same_study(stored, config)):
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made from another config; "
+                          "give this one a new name, or restore the old values:\n  - " + "\n  - ".join(changed))
 
 
 def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:

@@ -143,12 +143,12 @@ def pool_folders(space: DfsSpace, study: optuna.Study | None = None) -> list[Pat
         other = load_config(resolve_path(ref.removeprefix("study:"), config.root))
         opened = None
         if ref not in pinned:
-            opened = load_study(other.name, other.storage_url)
+            opened = load_study(other)
             pinned[ref] = get_trial(opened, "best").number
         folder = config.artifact_dir / "pool" / f"{other.name}-trial-{pinned[ref]}"
         if not folder.exists():
             try:
-                opened = opened or load_study(other.name, other.storage_url)
+                opened = opened or load_study(other)
                 make_kind(on_cpu(other)).export(opened, pinned[ref], folder)
             except (FileExistsError, OSError):
                 if not folder.exists():  # (another worker exporting the same folder at once is fine)

@@ -28,7 +28,15 @@ from evoopt.merge import get_method
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe, RecipeError
 from evoopt.models.io import open_source, resolve_path
-from evoopt.study.config import MethodChoice, StudyConfig, bounds_problems, changed_keys, fixed_problems, log_problems
+from evoopt.study.config import (
+    MethodChoice,
+    StudyConfig,
+    bounds_problems,
+    changed_keys,
+    fixed_problems,
+    fixed_range_problems,
+    log_problems,
+)
 from evoopt.study.kinds.base import Progress
 from evoopt.study.kinds.parameter import ParameterKind
 from evoopt.study.space import Sources, Space, fixed_recipe, layer_units
@@ -145,6 +153,7 @@ class MethodsKind(ParameterKind):
                                     f"allowed: {', '.join(sorted(method.per_model)) or 'none'}")
                 problems += bounds_problems(f"{where}.search.{key}", low, high)
             problems += log_problems(where, choice.search, choice.log) + fixed_problems(where, method, choice.fixed)
+            problems += fixed_range_problems(where, choice.fixed)
             for key, value in choice.start.items():
                 low, high = choice.search.get(key, (value, value))
                 if key not in choice.search:

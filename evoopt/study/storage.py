@@ -87,10 +87,12 @@ def _sqlite_problem(path: Path, create: bool) -> str | None:
     if not path.is_file() or path.stat().st_size == 0:
         return None if create or not path.is_file() else "is empty: it holds no study"
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as error:
-        return f"is not a SQLite database ({error})"
+        if "not a database" in str(error):
+            return f"is not a SQLite database ({error})"
+        return None  # locked by a writer for a minute, or the like: Optuna's own connection says what is wrong
     if tables and "studies" not in tables:
         return f"is a SQLite database without Optuna's tables (it has {', '.join(sorted(tables)[:5])})"
     return None if tables or create else "holds no tables: it holds no study"

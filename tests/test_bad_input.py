@@ -254,8 +254,8 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(name: str, action: Callabl
 
 
 def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored: Stored, tmp_path: Path) -> None:
-    """A run that stored its config and then failed (a model path that does not exist) holds nothing: the corrected
-    config makes the study again instead of being refused as another config. Once a trial ran, the name is bound."""
+    """A run that made its study and then failed (a model path that does not exist) takes the study back: the
+    corrected config is not refused as another config. Once a trial ran, the name is bound."""
     from evoopt.errors import ConfigError, ModelSourceError
 
     storage = f"sqlite:///{tmp_path / 'fresh.db'}"
@@ -264,7 +264,7 @@ def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored:
     bad = {**good, "sources": {**good["sources"], "models": models}}
     with pytest.raises(ModelSourceError, match="missing"):
         run_study(parse_config(bad), report=False)
-    assert optuna.get_all_study_names(storage) == ["fresh"]  # the refused run had made the study
+    assert optuna.get_all_study_names(storage) == []  # the refused run took back the study it had made
     assert run_study(parse_config(good), report=False).ran == 1
     with pytest.raises(ConfigError, match=r"(?s)made from another config.*sources.models"):
         open_study(parse_config(bad))

@@ -35,14 +35,14 @@ from optuna.trial import TrialState
 
 from evoopt.data.objective import Scores
 from evoopt.data.outcomes import Outcomes
-from evoopt.errors import ConfigError, EvaluationError, WorkerError
+from evoopt.errors import ConfigError, EvaluationError, EvooptError, WorkerError
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write
 from evoopt.search.evolver import NOT_FINITE
 from evoopt.search.samplers import make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
-from evoopt.study.config import StudyConfig, same_study
+from evoopt.study.config import StudyConfig
 from evoopt.study.evaluator import Evaluator
 from evoopt.study.fitness import PRECISION_ATTR, study_autocast, study_estimator
 from evoopt.study.kinds import Kind, make_kind, on_cpu
@@ -83,27 +83,29 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True, kin
     The sampler is given the kind's space (built once, and only for samplers that take it).
     To read a study without building anything, use :func:`evoopt.study.storage.load_study`.
     """
+    return _open_study(config, worker=worker, create=create, kind=kind)[0]
+
+
+def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
+                kind: Kind | None = None) -> tuple[optuna.Study, bool]:
+    """:func:`open_study`, and whether this call made the study."""
     kind = kind or make_kind(config)
     seed = config.seed if kind.one_seed else config.seed + worker
     sampler = make_sampler(config.sampler, seed, lambda: kind.space)  # (bad options refused before any storage)
     pruner = make_pruner(config.pruner.name, config.pruner.options)
     storage = open_storage(config, kind)
-    if not create:
-        try:
-            return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
-        except KeyError:
+    try:
+        study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
+        made = False
+    except KeyError:
+        if not create:
             raise ConfigError(f"name: no study {config.name!r} in {config.storage_url}; run it first") from None
-    study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
-                                directions=config.directions, load_if_exists=True)
-    stored = study.user_attrs.get(CONFIG_ATTR)
-    if stored is not None and _unused(study) and same_study(stored, config):
-        # a run refused before it did anything (an unknown expert, a model that does not load): the study holds
-        # nothing of its config, so the corrected config makes it again, directions included, instead of being
-        # refused as another config
-        optuna.delete_study(study_name=config.name, storage=storage)
         study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
-                                    directions=config.directions)
-        stored = None
+                                    directions=config.directions, load_if_exists=True)  # (a worker beside may win)
+        made = True
+    if not create:
+        return study, made
+    stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:
         study.set_user_attr(CONFIG_ATTR, config.identity())
         study.set_user_attr("evoopt:root", str(config.root))
@@ -113,7 +115,7 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True, kin
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(config.metric_names)
-    return study
+    return study, made
 
 
 def _unused(study: optuna.Study) -> bool:
@@ -232,7 +234,21 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
         raise ConfigError(f"kind: built for study {kind.config.name!r}, not {config.name!r}; "
                           "build it with make_kind(config)")
     kind = kind if kind is not None else make_kind(config)  # built once: the sampler's space and the worker's share it
-    study = open_study(config, worker=worker_index, kind=kind)
+    study, made = _open_study(config, worker=worker_index, kind=kind)
+    try:
+        return _run(config, study, kind, n_trials=n_trials, timeout=timeout, workers=workers,
+                    worker_index=worker_index, progress=progress, on_trial=on_trial, baselines=baselines, report=report)
+    except EvooptError:
+        if made and _unused(study):  # refused before it did anything (a model path that does not exist, say): the
+            # study it made is taken back, so that the corrected config can have the name
+            optuna.delete_study(study_name=config.name, storage=open_storage(config, kind))
+        raise
+
+
+def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int | None, timeout: float | None,
+         workers: int, worker_index: int, progress: Progress | None,
+         on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None, baselines: bool,
+         report: bool) -> RunReport:
     run = RunReport(study)
     if baselines and config.baselines and "evoopt:baselines" not in study.user_attrs and worker_index == 0:
         run_baselines(config, progress=progress, study=study, sources=kind.sources)

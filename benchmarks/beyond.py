@@ -154,7 +154,8 @@ def answer_weights(study: optuna.Study, search: str) -> dict[str, float] | None:
     best = best_trial(study)
     if not search.endswith("weights searched") or best is None or "evoopt:result" in study.user_attrs:
         return None
-    return {name: round(value, 3) for name, value in best.params.items()}
+    return {name: round(value, 3) for name, value in best.params.items() if isinstance(value, float)}  # (not the
+    # method search's choice of method, a string, which a one-method search has too)
 
 
 def iso_scale(folder: str, setting: str, scale: float, precision: str) -> dict[str, Any]:

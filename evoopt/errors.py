@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def schema_problems(error: Any, top: str) -> list[str]:
 
 def read_yaml(path: Path, error: type[EvooptError], what: str) -> Any:
     """The YAML file's data; a missing, unreadable, empty or non-UTF-8 file, invalid YAML or a key given twice
-    in one mapping (YAML keeps the last silently) is ``error``, naming the file."""
+    in one mapping (YAML keeps the last silently) is ``error``, naming the file. ``1e-4`` is a number (YAML 1.2)."""
     import yaml
 
     if not path.is_file():
@@ -109,4 +110,8 @@ def _unique_key_loader() -> Any:
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.2's floats: PyYAML (YAML 1.1) reads 1e-4, 1e3 or 1.5e3 (no dot, or no exponent sign) as text, which a
+    # sampler option or a count then gets as text
+    UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
     return UniqueKeyLoader

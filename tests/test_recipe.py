@@ -110,3 +110,17 @@ def test_yaml_merge_keys_may_repeat_a_key_on_purpose(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("method: linear\nmodels:\n  - model: a\n    parameters: {<<: {weight: 0.5}, "
                                      "weight: 0.7}\n")
     assert load_recipe(tmp_path / "r.yaml").models[0].parameters == {"weight": 0.7}
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads 5e-1 and 1.5e0 as text; a recipe, and a study config's options, read them as YAML 1.2
+    does."""
+    (tmp_path / "r.yaml").write_text("method: linear\nmodels:\n  - {model: a, parameters: {weight: 5e-1}}\n"
+                                     "  - {model: b, parameters: {weight: 1.5e0}}\n  - {model: c, parameters: "
+                                     "{weight: '5e-1'}}\n")
+    with pytest.raises(RecipeError, match=r"^[^\n]*1 problem\(s\):\n  - models\[2\]\.parameters\.weight: expected a "
+                                          r"number, got '5e-1'$"):
+        load_recipe(tmp_path / "r.yaml")  # quoted: text, as the user wrote it
+    (tmp_path / "r.yaml").write_text("method: linear\nmodels:\n  - {model: a, parameters: {weight: 5e-1}}\n"
+                                     "  - {model: b, parameters: {weight: 1.5e0}}\n")
+    assert [m.parameters["weight"] for m in load_recipe(tmp_path / "r.yaml").models] == [0.5, 1.5]

@@ -40,6 +40,20 @@ def test_bad_recipe_fails_cleanly_and_writes_nothing(llama_family: list[Path], t
     assert not (tmp_path / "out").exists()
 
 
+def test_every_model_that_cannot_be_opened_is_named_at_once(llama_family: list[Path], tmp_path: Path) -> None:
+    recipe = _write(tmp_path, {"method": "linear", "base": str(tmp_path / "no-base"),
+                               "models": [{"model": str(tmp_path / "no-such")}, {"model": str(llama_family[1])},
+                                          {"model": "expert:minilm-sentiment-domains/nyt"}]})
+    result = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0] == "Error: 3 models cannot be opened:"
+    assert lines[1].startswith("  - models[0].model: ") and "no-such" in lines[1]
+    assert lines[2].startswith("  - models[2].model: expert:minilm-sentiment-domains/nyt: setting ")
+    assert lines[3].startswith("  - base: ") and "no-base" in lines[3]
+    assert not (tmp_path / "out").exists()
+
+
 def test_mismatched_models_fail_cleanly(llama_family: list[Path], bert_family: list[Path], tmp_path: Path) -> None:
     recipe = _write(tmp_path, {"method": "linear", "models": [{"model": str(llama_family[0])},
                                                               {"model": str(bert_family[0])}]})

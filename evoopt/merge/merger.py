@@ -68,9 +68,7 @@ class Merger:
         self.recipe = recipe
         self.method = recipe.merge_method
         self._progress = progress or (lambda stage, done, total: None)
-        root = recipe.root
-        self.sources = [open_source(resolve_path(s.model, root)) for s in recipe.models]
-        self.base = open_source(resolve_path(recipe.base, root)) if recipe.base else None
+        self.sources, self.base = _open_sources(recipe)
         structure = self.base or self.sources[0]
         self.device = pick_device(recipe.device)
         self.dtype = self._decide_dtype(structure)
@@ -334,3 +332,21 @@ def model_card(recipe: Recipe) -> str:
     lines += [f"- `{s.model}`" for s in recipe.models]
     lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _open_sources(recipe: Recipe) -> tuple[list[TensorSource], TensorSource | None]:
+    """The recipe's models and base, opened; every one that cannot be is named at once (``models[1].model: ...``)."""
+    opened: dict[str, TensorSource] = {}
+    problems = []
+    references = [(f"models[{i}].model", s.model) for i, s in enumerate(recipe.models)]
+    for where, reference in references + ([("base", recipe.base)] if recipe.base else []):
+        try:
+            opened[where] = open_source(resolve_path(reference, recipe.root))
+        except ModelSourceError as error:
+            problems.append((where, str(error)))
+    if len(problems) == 1:
+        raise ModelSourceError(problems[0][1])
+    if problems:
+        raise ModelSourceError(f"{len(problems)} models cannot be opened:\n  - "
+                               + "\n  - ".join(f"{where}: {error}" for where, error in problems))
+    return [opened[where] for where, _ in references], opened.get("base")

@@ -270,6 +270,19 @@ def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored:
         open_study(parse_config(bad))
 
 
+def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_path: Path) -> None:
+    """The process that made a study takes it back on a refusal only while no other has opened it: a worker
+    started beside it may still be loading its models."""
+    from evoopt.study.run import _open_study, _unused
+
+    config = parse_config(small_study_config(stored.root, stored.experts, name="shared", trials=1,
+                                             storage=f"sqlite:///{tmp_path / 'shared.db'}"))
+    study, made = _open_study(config)
+    assert made and _unused(study)
+    assert _open_study(config)[1] is False  # a worker beside it
+    assert not _unused(study)
+
+
 @pytest.mark.parametrize("command", ["best", "status", "export", "dashboard"])
 def test_read_commands_refuse_an_edited_config(stored: Stored, tmp_path: Path, command: str) -> None:
     """``best``/``export`` through an edited config would rebuild another model than the trial scored."""

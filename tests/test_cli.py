@@ -204,7 +204,9 @@ def test_resolving_an_expert_builds_the_multitask_model_only_when_asked(monkeypa
     for reference, message in [("minilm-sentiment-domains/nyt", "has no 'nyt'; known: base, vader-tweets"),
                                ("minilm-sentiment/base", "unknown benchmark setting 'minilm-sentiment'; known: "),
                                ("minilm-cross-task/mtl/nope", "has no 'mtl/nope'; known: base, sms-spam, trec-coarse, "
-                                                              "bbc-news, rotten-tomatoes, mtl, mtl/TASK")]:
+                                                              "bbc-news, rotten-tomatoes, mtl, mtl/TASK"),
+                               ("minilm-sentiment-domains/mtl/vader-nyt", "has no 'mtl/vader-nyt'; known: base, "
+                                "vader-tweets, vader-movies, vader-amazon, vader-nyt, mtl")]:  # (one shared head)
         with pytest.raises(experts.ModelSourceError, match=f"^expert:{re.escape(reference)}: .*{re.escape(message)}"):
             experts.resolve_expert(reference)  # a typo is refused before the setting trains
     assert asked == [False, False, True]

@@ -233,7 +233,8 @@ def test_atomic_folder_success_and_failure(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
-def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path) -> None:
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from evoopt.errors import OutputError, OutputExistsError
     from evoopt.models.io import check_writable
 
@@ -248,10 +249,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path: P
         check_writable(tmp_path / "file" / "sub", overwrite=False)
     with pytest.raises(OutputError, match=r"file: is a file, not a folder"):
         check_writable(tmp_path / "file", overwrite=True)
-    (tmp_path / "locked").mkdir(mode=0o500)
-    if not os.access(tmp_path / "locked", os.W_OK):  # (root may write anywhere)
-        with pytest.raises(OutputError, match="locked: permission denied"):
-            check_writable(tmp_path / "locked" / "out", overwrite=False)
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "mine").mkdir()
+    access = os.access  # root may write anywhere: the folder's permission as a user without write access sees it
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked" and access(path, mode))
+    with pytest.raises(OutputError, match=r"cannot write in .*locked \(permission denied\)"):
+        check_writable(tmp_path / "locked" / "out", overwrite=False)
+    check_writable(tmp_path / "locked" / "mine", overwrite=True, inside=True)  # written inside: its own access counts
+    monkeypatch.undo()
     with pytest.raises(OutputError, match=r"file/sub: .*; choose another --out"):
         with atomic_folder(tmp_path / "file" / "sub"):
             pass

@@ -67,10 +67,11 @@ def expert_problem(reference: str) -> str | None:
     if name not in SETTINGS:
         return f"expert:{reference}: unknown benchmark setting {name!r}; known: {', '.join(sorted(SETTINGS))}"
     tasks = SETTINGS[name].tasks
-    if member in ("base", "mtl", *tasks) or (member.startswith("mtl/") and member[4:] in tasks):
+    per_task = not SETTINGS[name].shared_head  # a multi-task model with a head per task: one folder each
+    if member in ("base", "mtl", *tasks) or (per_task and member.startswith("mtl/") and member[4:] in tasks):
         return None
     return (f"expert:{reference}: setting {name!r} has no {member!r}; known: base, {', '.join(tasks)}, mtl"
-            + ("" if SETTINGS[name].shared_head else ", mtl/TASK"))
+            + (", mtl/TASK" if per_task else ""))
 
 
 def get_setting(name: str) -> Setting:

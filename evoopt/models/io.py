@@ -338,15 +338,17 @@ def card_header(title: str, tags: tuple[str, ...] = ()) -> list[str]:
             f"# {title}", ""]
 
 
-def check_writable(target: Path, *, overwrite: bool) -> None:
+def check_writable(target: Path, *, overwrite: bool, inside: bool = False) -> None:
     """Refuse an output folder that cannot be written: an existing non-empty one unless ``overwrite``, one under a
-    file, or one whose nearest existing folder is not writable. Callers check before long work."""
+    file, or one whose nearest existing folder is not writable: its parent's for a folder written beside it and
+    renamed into place (:func:`atomic_folder`), or (``inside``) its own for one whose files are written in it.
+    Callers check before long work."""
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise OutputExistsError(f"{target}: already exists and is not empty; choose another --out or pass --overwrite")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: is a file, not a folder; choose another --out")
-    above = target.absolute().parent
+    above = target.absolute() if inside else target.absolute().parent
     while not above.exists():
         above = above.parent
     if not above.is_dir():

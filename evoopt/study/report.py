@@ -162,7 +162,7 @@ def compare_studies(configs: list[StudyConfig], out: Path) -> tuple[list[dict[st
     curves = [best_so_far(s) for s in studies]
     rows = [_row(c, s, curve) for c, s, curve in zip(configs, studies, curves)]
     out = Path(out)
-    check_writable(out, overwrite=True)  # (its files are replaced one by one)
+    check_writable(out, overwrite=True, inside=True)  # (its files are replaced one by one)
     out.mkdir(parents=True, exist_ok=True)
     files = [atomic_write(out / "compare.png", lambda f: _png(curves, f)),
              atomic_write(out / "compare.html", lambda f: _html(curves, rows, f))]

@@ -16,6 +16,7 @@ that differ.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -100,11 +101,17 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
     except KeyError:
         if not create:
             raise ConfigError(f"name: no study {config.name!r} in {config.storage_url}; run it first") from None
-        study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
-                                    directions=config.directions, load_if_exists=True)  # (a worker beside may win)
-        made = True
+        try:
+            study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                                        directions=config.directions)
+            made = True
+        except optuna.exceptions.DuplicatedStudyError:  # a worker beside made it first
+            study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
+            made = False
     if not create:
         return study, made
+    if not made:  # so that the process that made it never takes it back from under this one (see run_study)
+        study._storage.set_study_system_attr(study._study_id, JOINED_ATTR, True)
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:
         study.set_user_attr(CONFIG_ATTR, config.identity())
@@ -118,9 +125,15 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
     return study, made
 
 
+JOINED_ATTR = "evoopt:joined"  # a study system attribute: another process has opened the study
+
+
 def _unused(study: optuna.Study) -> bool:
-    """Nothing run yet: no trial (enqueued ones included) and no attribute but the config's own."""
-    return not study.get_trials(deepcopy=False) and set(study.user_attrs) <= {CONFIG_ATTR, "evoopt:root"}
+    """Nothing run yet: no trial (enqueued ones included), no attribute but the config's own, no baseline's
+    outcomes, and no other process has opened it (:data:`JOINED_ATTR`; it may still be loading its models)."""
+    system = study._storage.get_study_system_attrs(study._study_id)
+    return (not study.get_trials(deepcopy=False) and set(study.user_attrs) <= {CONFIG_ATTR, "evoopt:root"}
+            and set(system) <= {"study:metric_names"})
 
 
 # --- the worker -------------------------------------------------------------------------------------
@@ -239,9 +252,11 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
         return _run(config, study, kind, n_trials=n_trials, timeout=timeout, workers=workers,
                     worker_index=worker_index, progress=progress, on_trial=on_trial, baselines=baselines, report=report)
     except EvooptError:
-        if made and _unused(study):  # refused before it did anything (a model path that does not exist, say): the
-            # study it made is taken back, so that the corrected config can have the name
-            optuna.delete_study(study_name=config.name, storage=open_storage(config, kind))
+        # refused before it did anything (a model path that does not exist, say): the study this process made is
+        # taken back, so that the corrected config can have the name; not once another process has opened it
+        if made and _unused(study):
+            with contextlib.suppress(KeyError):  # (taken back already)
+                optuna.delete_study(study_name=config.name, storage=open_storage(config, kind))
         raise
 
 

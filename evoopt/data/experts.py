@@ -376,17 +376,14 @@ def resolve_expert(reference: str) -> Path:
     name, _, member = reference.partition("/")
     # the multi-task model only when it is the one asked for: it trains for minutes, and a study of the
     # setting's experts (the main job) does not use it
-    experts = build_setting(name, multitask=member == "mtl" or member.startswith("mtl/"))
+    multitask = member == "mtl" or member.startswith("mtl/")
+    experts = build_setting(name, multitask=multitask)
     if member == "base":
         return next(iter(experts.base.values()))
-    if member == "mtl" and experts.multitask is not None:
-        return experts.multitask
-    if member.startswith("mtl/") and experts.multitask is not None and (experts.multitask / member[4:]).is_dir():
-        return experts.multitask / member[4:]  # per-task-head MTL: one folder per task
-    if member in experts.experts:
-        return experts.experts[member]
-    known = ["base", *experts.experts, *(["mtl"] if experts.multitask else [])]
-    raise ModelSourceError(f"expert:{reference}: setting {name!r} has no {member!r}; known: {', '.join(known)}")
+    if multitask:
+        assert experts.multitask is not None  # built: it was asked for
+        return experts.multitask / member[4:]  # "mtl/TASK": a per-task-head MTL's folder for the task
+    return experts.experts[member]
 
 
 register_scheme("expert", resolve_expert)  # expert:SETTING/TASK references, for every model path

@@ -256,7 +256,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
         # taken back, so that the corrected config can have the name; not once another process has opened it
         if made and _unused(study):
             with contextlib.suppress(KeyError):  # (taken back already)
-                optuna.delete_study(study_name=config.name, storage=open_storage(config, kind))
+                optuna.delete_study(study_name=config.name, storage=study._storage)
         raise
 
 

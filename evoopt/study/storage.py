@@ -7,7 +7,9 @@ with its sampler; :func:`load_study` opens one only to read it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +19,7 @@ from optuna.trial import TrialState
 
 from evoopt.data.outcomes import Outcomes, decode, encode
 from evoopt.errors import ConfigError, StorageError
+from evoopt.study.config import same_study
 
 if TYPE_CHECKING:
     from evoopt.study.config import StudyConfig
@@ -81,9 +84,6 @@ def _sqlite_problem(path: Path, create: bool) -> str | None:
     """What makes an existing file no Optuna SQLite database, if anything, read without writing: Optuna would
     otherwise add its tables to someone else's database (or fail with SQLAlchemy's traceback on a file that is
     no database). An empty file, or one without tables, is fine only where the study is to be made."""
-    import contextlib
-    import sqlite3
-
     if not path.is_file() or path.stat().st_size == 0:
         return None if create or not path.is_file() else "is empty: it holds no study"
     try:
@@ -190,8 +190,6 @@ def load_study(config: StudyConfig) -> optuna.Study:
 
 def check_config(study: optuna.Study, config: StudyConfig) -> None:
     """Refuse ``config`` for a study made from another one, naming the keys that differ."""
-    from evoopt.study.config import same_study
-
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is not None and (changed := same_study(stored, config)):
         raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made from another config; "

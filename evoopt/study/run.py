@@ -110,7 +110,8 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
             made = False
     if not create:
         return study, made
-    if not made:  # so that the process that made it never takes it back from under this one (see run_study)
+    if not made and JOINED_ATTR not in study._storage.get_study_system_attrs(study._study_id):  # written once: so
+        # that the process that made it never takes it back from under this one (see run_study)
         study._storage.set_study_system_attr(study._study_id, JOINED_ATTR, True)
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:

@@ -55,6 +55,30 @@ def test_config_reports_every_problem_with_its_path() -> None:
     assert "4 problem(s)" in text
 
 
+def test_schema_errors_come_with_the_other_problems_but_none_about_refused_keys() -> None:
+    def problems_of(data: dict[str, Any]) -> list[str]:
+        with pytest.raises(ConfigError) as error:
+            parse_config({"name": "x", "setting": "minilm-sentiment-domains", **data})
+        return [line.removeprefix("  - ") for line in str(error.value).splitlines()[1:]]
+
+    # a schema error no longer hides the problems of the keys it does not touch
+    lines = problems_of({"trials": -1, "objective": {"batch_size": 0, "split": "test"},
+                         "baselines": ["ties", "tyes"], "sampler": {"name": "TPE"}})
+    assert [line.split(":")[0] for line in lines] == [
+        "objective.batch_size.constrained-int", "objective.batch_size.literal['auto']", "trials",  # the schema's
+        "baselines", "sampler.name", "objective.split"], lines
+    # nothing is said from a refused value's default: objective.kind dev would ask for sources.tasks
+    lines = problems_of({"setting": None, "sources": {"models": ["a", "b"]}, "objective": {"kind": "lmeval"},
+                         "pruner": {"name": "Nope"}})
+    assert [line.split(":")[0] for line in lines] == ["objective.kind", "pruner.name"], lines
+    # nor from the defaults beside an unknown key, which may have meant one of them: the default search has no
+    # 'alpha' for space.log; space.kind, given, is still read
+    lines = problems_of({"space": {"kind": "layerwis", "serach": {"alpha": [0, 1]}, "log": ["alpha"]}})
+    assert [line.split(":")[0] for line in lines] == ["space.serach", "space.kind"], lines
+    # a missing required key: nothing to rebuild, the schema's problems alone
+    with pytest.raises(ConfigError, match=r"1 problem\(s\):\n  - sources.models: Field required$"):
+        parse_config({"name": "x", "sources": {"base": "b"}, "sampler": {"name": "Nope"}})
+
 @pytest.mark.slow
 def test_unreachable_storage_is_a_clear_error_before_any_work(small_experts: Any, tmp_path: Path) -> None:
     experts, _ = small_experts

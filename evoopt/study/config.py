@@ -258,16 +258,30 @@ class StudyConfig(_Strict):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
 
 
-def _problems(config: StudyConfig) -> list[str]:
-    import optuna
+def _problems(config: StudyConfig, *, unread: bool = False) -> list[str]:
+    """Every problem of a config that passed its schema, check by check (the kinds' own checks first).
 
-    from evoopt.search.samplers import PRUNERS, SAMPLERS
-
+    With ``unread`` (a config rebuilt from one that failed its schema, its refused keys standing as
+    :class:`_Unread`), a check that fails on reading one says nothing: its verdict would be about a key the user
+    did not give as read."""
     problems: list[str] = []
+    for check in (_kind_problems, *dict.fromkeys(KIND_CHECKS.values()), *_CHECKS):
+        try:
+            problems += check(config)
+        except Exception:
+            if not unread:
+                raise
+    return problems
+
+
+def _kind_problems(config: StudyConfig) -> list[str]:
     if config.space.kind not in KIND_CHECKS:
-        problems.append(f"space.kind: unknown kind {config.space.kind!r}; known: {', '.join(KIND_CHECKS)}")
-    for check in dict.fromkeys(KIND_CHECKS.values()):
-        problems += check(config)
+        return [f"space.kind: unknown kind {config.space.kind!r}; known: {', '.join(KIND_CHECKS)}"]
+    return []
+
+
+def _setting_problems(config: StudyConfig) -> list[str]:
+    problems = []
     if (config.setting is None) == (config.sources is None):
         problems.append("setting / sources: give exactly one (a benchmark setting name, or sources: base + models)")
     if config.setting is not None:
@@ -280,26 +294,48 @@ def _problems(config: StudyConfig) -> list[str]:
         problems += _sources_problems(config.sources, scored)
         if not config.sources.tasks and not config.objective.tasks:
             problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
+    return problems
+
+
+def _space_problems(config: StudyConfig) -> list[str]:
+    problems = []
     for key, (low, high) in config.space.search.items():
         problems += bounds_problems(f"space.search.{key}", low, high)
     problems += log_problems("space", config.space.search, config.space.log)
-    problems += fixed_range_problems("space", config.space.fixed)
-    problems += [f"objective.weights.{task}: must be a finite number > 0, got {weight}"
-                 for task, weight in config.objective.weights.items() if not (math.isfinite(weight) and weight > 0)]
-    problems += _baseline_problems(config.baselines) + _weight_problems(config)
+    return problems + fixed_range_problems("space", config.space.fixed)
+
+
+def _sampler_problems(config: StudyConfig) -> list[str]:
+    import optuna
+
+    from evoopt.search.samplers import SAMPLERS
+
     x0 = config.sampler.options.get("x0")
-    problems += [f"sampler.options.x0{key and '.' + key}: must be a finite number, got {value}"
-                 for key, value in _numbers(x0 if isinstance(x0, dict) else {"": x0}) if not math.isfinite(value)]
+    problems = [f"sampler.options.x0{key and '.' + key}: must be a finite number, got {value}"
+                for key, value in _numbers(x0 if isinstance(x0, dict) else {"": x0}) if not math.isfinite(value)]
     if not _known(config.sampler.name, optuna.samplers) and config.sampler.name not in SAMPLERS:
         known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler")] + list(SAMPLERS))
         problems.append(f"sampler.name: unknown sampler {config.sampler.name!r}; known: {', '.join(known)}")
+    return problems
+
+
+def _pruner_problems(config: StudyConfig) -> list[str]:
+    import optuna
+
+    from evoopt.search.samplers import PRUNERS
+
+    problems = []
     if not _known(config.pruner.name, optuna.pruners) and config.pruner.name not in PRUNERS:
         known = sorted([n for n in dir(optuna.pruners) if n.endswith("Pruner") and n != "BasePruner"] + list(PRUNERS))
         problems.append(f"pruner.name: unknown pruner {config.pruner.name!r}; known: {', '.join(known)}")
     if config.pruner.name == "RacingPruner" and not config.objective.fidelities:
         problems.append("pruner.name: RacingPruner tests a trial at objective.fidelities (growing numbers of "
                         "examples per task); give them, e.g. [50, 100, 200]")
-    objective = config.objective
+    return problems
+
+
+def _objective_problems(config: StudyConfig) -> list[str]:
+    objective, problems = config.objective, []
     if objective.split == "test" and not objective.allow_test:
         problems.append("objective.split: 'test' is for reporting, not search; use 'dev' "
                         "(or set objective.allow_test: true if you really mean it)")
@@ -314,27 +350,39 @@ def _problems(config: StudyConfig) -> list[str]:
                             "corpora) only; drop objective.tasks or objective.fidelities")
     if objective.multi_objective and objective.fidelities:
         problems.append("objective.fidelities: Optuna prunes single-objective studies only")
-    if objective.estimate is not None:
-        if objective.metric == "macro_f1":
-            problems.append("objective.estimate: macro-F1 is not a mean over examples; use accuracy")
-        elif objective.estimate.method == "irt" and objective.metric in MINIMIZE:
-            problems.append(f"objective.estimate.method: irt models right-or-wrong results; use anchor or random "
-                            f"with metric {objective.metric}")
-        if objective.fidelities:
-            problems.append("objective.estimate / objective.fidelities: a trial is scored on the estimator's "
-                            "examples; use one or the other")
-        if objective.estimate.promote_within is not None and objective.multi_objective:
-            problems.append("objective.estimate.promote_within: a promotion compares one score; drop it or "
-                            "objective.multi_objective")
-        if not config.baselines:
-            problems.append("objective.estimate: the estimator is fitted on the baselines' results on dev; "
-                            "give baselines (at least [sources])")
     if objective.kind == "dev" and objective.metric == "perplexity" and config.setting is not None:
         from evoopt.data.settings import SETTINGS
 
         if config.setting in SETTINGS and SETTINGS[config.setting].kind != "causal":
             problems.append("objective.metric: perplexity needs a causal LM setting")
     return problems
+
+
+def _estimate_problems(config: StudyConfig) -> list[str]:
+    problems: list[str]
+    objective, problems = config.objective, []
+    if objective.estimate is None:
+        return problems
+    if objective.metric == "macro_f1":
+        problems.append("objective.estimate: macro-F1 is not a mean over examples; use accuracy")
+    elif objective.estimate.method == "irt" and objective.metric in MINIMIZE:
+        problems.append(f"objective.estimate.method: irt models right-or-wrong results; use anchor or random "
+                        f"with metric {objective.metric}")
+    if objective.fidelities:
+        problems.append("objective.estimate / objective.fidelities: a trial is scored on the estimator's "
+                        "examples; use one or the other")
+    if objective.estimate.promote_within is not None and objective.multi_objective:
+        problems.append("objective.estimate.promote_within: a promotion compares one score; drop it or "
+                        "objective.multi_objective")
+    if not config.baselines:
+        problems.append("objective.estimate: the estimator is fitted on the baselines' results on dev; "
+                        "give baselines (at least [sources])")
+    return problems
+
+
+def _task_weight_problems(config: StudyConfig) -> list[str]:
+    return [f"objective.weights.{task}: must be a finite number > 0, got {weight}"
+            for task, weight in config.objective.weights.items() if not (math.isfinite(weight) and weight > 0)]
 
 
 def _sources_problems(sources: SourcesSpec, scored: bool) -> list[str]:
@@ -374,6 +422,86 @@ def _weight_problems(config: StudyConfig) -> list[str]:
         return []
     return [f"objective.weights.{task}: not a task of this study; its tasks: {', '.join(tasks)}"
             for task in config.objective.weights if task not in tasks]
+
+
+_CHECKS: tuple[Check, ...] = (
+    _setting_problems, _space_problems, _task_weight_problems, lambda config: _baseline_problems(config.baselines),
+    _weight_problems, _sampler_problems, _pruner_problems, _objective_problems, _estimate_problems)
+
+
+class _Unread:
+    """Stands, in a config rebuilt after its schema refused some keys, for each refused value, and for every key
+    left at its default beside a key the schema did not know (a misspelling of one of them, perhaps): comparing,
+    iterating, hashing or reading it fails, so the checks that need it say nothing."""
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a key the schema refused")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __iter__ = __len__ = __contains__ = _fail
+    __getattr__ = __getitem__ = __hash__ = __str__ = __format__ = __float__ = __int__ = __index__ = _fail  # type: ignore
+
+
+def _beside_schema(data: dict[str, Any], error: ValidationError) -> list[str]:
+    """The other problems of a config its schema refused: the checks of the config rebuilt without the refused
+    keys, each check that reads a refused key (or a defaulted key beside an unknown one) left out. None when a
+    required key is missing (nothing to rebuild)."""
+    import copy
+    import warnings
+
+    rebuilt = copy.deepcopy(data)
+    refused: list[list[Any]] = []
+    unknown: list[list[Any]] = []
+    for item in error.errors():
+        parent: Any = data
+        path: list[Any] = []
+        for key in item["loc"]:
+            if not isinstance(parent, dict) or (key not in parent and not path):
+                break
+            if key not in parent:
+                return []  # a required key is missing
+            path.append(key)
+            if not isinstance(parent[key], dict):
+                break
+            parent = parent[key]
+        if not path:
+            return []
+        _drop(rebuilt, path)
+        (unknown if item["type"] == "extra_forbidden" else refused).append(path)
+    try:
+        config = StudyConfig.model_validate(rebuilt)
+    except ValidationError:
+        return []
+    for path in refused:
+        _place(config, path)
+    for path in unknown:
+        holder = _walk(config, path[:-1])
+        if isinstance(holder, BaseModel):
+            for name, field in type(holder).model_fields.items():
+                if name not in holder.model_fields_set and field.get_default(call_default_factory=True) is not None:
+                    object.__setattr__(holder, name, _Unread())
+    with warnings.catch_warnings():  # pydantic warns when a check dumps an _Unread
+        warnings.simplefilter("ignore")
+        return _problems(config, unread=True)
+
+
+def _drop(data: dict[str, Any], path: list[Any]) -> None:
+    for key in path[:-1]:
+        data = data[key]
+    data.pop(path[-1], None)
+
+
+def _walk(config: Any, path: list[Any]) -> Any:
+    for key in path:
+        config = config.get(key) if isinstance(config, dict) else getattr(config, str(key), None)
+    return config
+
+
+def _place(config: StudyConfig, path: list[Any]) -> None:
+    holder = _walk(config, path[:-1])
+    if isinstance(holder, dict):
+        holder[path[-1]] = _Unread()
+    elif isinstance(holder, BaseModel) and path[-1] in type(holder).model_fields:
+        object.__setattr__(holder, path[-1], _Unread())
 
 
 def changed_keys(space: SpaceSpec, *keys: str) -> list[str]:
@@ -455,7 +583,7 @@ def parse_config(data: Any, *, root: Path | None = None, source: str = "study") 
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as error:
-        raise problems(ConfigError, source, schema_problems(error, "(study)")) from None
+        raise problems(ConfigError, source, schema_problems(error, "(study)") + _beside_schema(data, error)) from None
     lines = _problems(config)
     if lines:
         raise problems(ConfigError, source, lines)

@@ -59,9 +59,9 @@ class WorkerError(EvooptError, RuntimeError):
 
 # --- files of keys (recipes, study configs): every problem at once, with its key path -------------------
 
-def problems(error: type[EvooptError], source: str, lines: list[str]) -> EvooptError:
-    """One error listing every problem: ``{source}: N problem(s):`` and a line each."""
-    return error(f"{source}: {len(lines)} problem(s):\n  - " + "\n  - ".join(lines))
+def problems(error: type[EvooptError], source: str, lines: list[str], heading: str | None = None) -> EvooptError:
+    """One error listing every problem: ``{source}: N problem(s):`` (or ``heading:``) and a line each."""
+    return error(f"{heading or f'{source}: {len(lines)} problem(s)'}:\n  - " + "\n  - ".join(lines))
 
 
 def schema_problems(error: Any, top: str) -> list[str]:

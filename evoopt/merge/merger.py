@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from evoopt.errors import problems
 from evoopt.merge import PreparedTensor, merge_prepared
 from evoopt.merge._prepared import STORED
 from evoopt.merge.recipe import Recipe, RecipeError
@@ -337,16 +338,16 @@ def model_card(recipe: Recipe) -> str:
 def _open_sources(recipe: Recipe) -> tuple[list[TensorSource], TensorSource | None]:
     """The recipe's models and base, opened; every one that cannot be is named at once (``models[1].model: ...``)."""
     opened: dict[str, TensorSource] = {}
-    problems = []
+    unopened = []
     references = [(f"models[{i}].model", s.model) for i, s in enumerate(recipe.models)]
     for where, reference in references + ([("base", recipe.base)] if recipe.base else []):
         try:
             opened[where] = open_source(resolve_path(reference, recipe.root))
         except ModelSourceError as error:
-            problems.append((where, str(error)))
-    if len(problems) == 1:
-        raise ModelSourceError(problems[0][1])
-    if problems:
-        raise ModelSourceError(f"{len(problems)} models cannot be opened:\n  - "
-                               + "\n  - ".join(f"{where}: {error}" for where, error in problems))
+            unopened.append((where, str(error)))
+    if len(unopened) == 1:
+        raise ModelSourceError(unopened[0][1])
+    if unopened:
+        raise problems(ModelSourceError, "recipe", [f"{where}: {error}" for where, error in unopened],
+                       heading=f"{len(unopened)} models cannot be opened")
     return [opened[where] for where, _ in references], opened.get("base")

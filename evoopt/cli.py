@@ -520,7 +520,10 @@ def lm_eval_command(ctx: click.Context) -> None:
     """
     from evoopt.integrations.lm_eval import main as lm_eval_main
 
-    lm_eval_main(list(ctx.args))
+    if ctx.args in ([], ["-h"], ["--help"]):  # evoopt's usage first, then lm-eval's own
+        click.echo(ctx.get_help() + "\n\nlm-eval's own help follows (`evoopt lm-eval run --help`: every option of "
+                   "a run).\n")
+    lm_eval_main(list(ctx.args) or ["--help"])
 
 
 if __name__ == "__main__":

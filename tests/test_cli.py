@@ -72,6 +72,14 @@ def test_help_explains() -> None:
     assert result.exit_code == 0 and "--overwrite" in result.output and "pkg:" in result.output
 
 
+@pytest.mark.parametrize("args", [["--help"], []], ids=["--help", "nothing"])
+def test_lm_eval_help_shows_evoopts_model_args_then_lm_evals_own(args: list[str]) -> None:
+    result = CliRunner().invoke(main, ["lm-eval", *args])
+    assert result.exit_code == 0, result.output
+    ours, theirs = result.output.index("--model_args recipe=RECIPE.yaml"), result.output.index("usage: lm-eval")
+    assert ours < theirs
+
+
 def test_experts_help_names_every_setting() -> None:
     from evoopt.data.settings import SETTINGS
 

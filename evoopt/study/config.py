@@ -438,7 +438,7 @@ class _Unread:
         raise ValueError("a key the schema refused")
 
     __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __iter__ = __len__ = __contains__ = _fail
-    __getattr__ = __getitem__ = __hash__ = __str__ = __format__ = __float__ = __int__ = __index__ = _fail  # type: ignore
+    __getattr__ = __getitem__ = __hash__ = __repr__ = __str__ = __format__ = __float__ = __int__ = __index__ = _fail  # type: ignore
 
 
 def _beside_schema(data: dict[str, Any], error: ValidationError) -> list[str]:

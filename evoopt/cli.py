@@ -371,12 +371,12 @@ def baselines(study: Path, storage: str | None) -> None:
 
     from evoopt.study.config import StudyConfig
     from evoopt.study.report import summary_rows
-    from evoopt.study.run import open_study, run_baselines
+    from evoopt.study.run import run_baselines, taken_back_if_refused
 
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
-    opened = open_study(config)  # once: the rows are stored on it and the table read from it
-    with Bars(Console(stderr=True)) as bars:
+    # opened once: the rows are stored on it and the table read from it; a new study refused is taken back
+    with taken_back_if_refused(config) as opened, Bars(Console(stderr=True)) as bars:
         run_baselines(config, progress=bars, study=opened)
     print_summary(config, opened, summary_rows(opened))
 

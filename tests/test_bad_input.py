@@ -273,14 +273,74 @@ def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored:
 def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_path: Path) -> None:
     """The process that made a study takes it back on a refusal only while no other has opened it: a worker
     started beside it may still be loading its models."""
+    from evoopt.errors import ConfigError
     from evoopt.study.run import _open_study, _unused
 
     config = parse_config(small_study_config(stored.root, stored.experts, name="shared", trials=1,
                                              storage=f"sqlite:///{tmp_path / 'shared.db'}"))
     study, made = _open_study(config)
     assert made and _unused(study)
+    with pytest.raises(ConfigError, match="made from another config"):  # refused: it has not joined
+        _open_study(config.model_copy(update={"seed": 7}))
+    assert _unused(study)
     assert _open_study(config)[1] is False  # a worker beside it
     assert not _unused(study)
+
+
+def test_taking_back_and_joining_always_see_each_other(stored: Stored, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The maker marks its study withdrawn and then reads whether anyone joined; a joiner marks joined and then
+    reads withdrawn. Every order of the two leaves the joiner with a study that stays."""
+    from evoopt.study import run
+    from evoopt.study.run import JOINED_ATTR, WITHDRAWN_ATTR, _joined, _open_study, _take_back
+
+    config = parse_config(small_study_config(stored.root, stored.experts, name="race", trials=1,
+                                             storage=f"sqlite:///{tmp_path / 'race.db'}"))
+    # the joiner marks and reads between the maker's mark and its read: it waits, and the maker keeps the study
+    made, _ = _open_study(config)
+    joiner = optuna.load_study(study_name="race", storage=config.storage_url)
+    seen = []
+    unused = run._unused
+    monkeypatch.setattr(run, "_unused", lambda study: (seen.append(_joined(joiner, give_up=False)), unused(study))[1])
+    _take_back(made)
+    assert seen == [False]  # it saw the withdrawal and opens again
+    system = made._storage.get_study_system_attrs(made._study_id)
+    assert system[JOINED_ATTR] and not system[WITHDRAWN_ATTR]  # the maker saw it joined and kept the study
+    assert _joined(joiner, give_up=False)
+    monkeypatch.setattr(run, "_unused", unused)
+    # the maker takes its study back after the joiner loaded it: the joiner makes it anew, with no traceback
+    optuna.delete_study(study_name="race", storage=config.storage_url)
+    made, _ = _open_study(config)
+    load = optuna.load_study
+
+    def load_then_taken_back(**kwargs: Any) -> optuna.Study:
+        study = load(**kwargs)
+        _take_back(made)
+        return study
+
+    monkeypatch.setattr(optuna, "load_study", load_then_taken_back)
+    again, made_again = _open_study(config)
+    assert made_again and again.study_name == "race"
+    # run --workers' own processes do not join (their parent waits for them), so it can still take it back
+    monkeypatch.setattr(optuna, "load_study", load)
+    monkeypatch.setenv(run._LOCAL_WORKER_ENV, "1")
+    assert _open_study(config)[1] is False and run._unused(again)
+
+
+def test_a_failing_take_back_never_hides_the_error_that_caused_it(stored: Stored, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from evoopt.study.run import _open_study, _take_back
+
+    config = parse_config(small_study_config(stored.root, stored.experts, name="failing", trials=1,
+                                             storage=f"sqlite:///{tmp_path / 'failing.db'}"))
+    study, _ = _open_study(config)
+
+    def broken(*args: Any) -> None:
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(study._storage, "set_study_system_attr", broken)
+    with pytest.warns(UserWarning, match="could not be taken back: disk I/O error"):
+        _take_back(study)
 
 
 @pytest.mark.parametrize("command", ["best", "status", "export", "dashboard"])

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,36 +89,44 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True, kin
 
 def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
                 kind: Kind | None = None) -> tuple[optuna.Study, bool]:
-    """:func:`open_study`, and whether this call made the study."""
+    """:func:`open_study`, and whether this call made the study.
+
+    A process that loads a study another one made joins it (:data:`JOINED_ATTR`), once its config is found to be
+    the study's, and then checks that its maker is not taking it back (:func:`_take_back`); if it is, it opens
+    the study again (made anew, or kept by its maker)."""
     kind = kind or make_kind(config)
     seed = config.seed if kind.one_seed else config.seed + worker
     sampler = make_sampler(config.sampler, seed, lambda: kind.space)  # (bad options refused before any storage)
     pruner = make_pruner(config.pruner.name, config.pruner.options)
     storage = open_storage(config, kind)
-    try:
-        study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
-        made = False
-    except KeyError:
-        if not create:
-            raise ConfigError(f"name: no study {config.name!r} in {config.storage_url}; run it first") from None
+    patience = time.monotonic() + 10.0
+    while True:
         try:
-            study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
-                                        directions=config.directions)
-            made = True
-        except optuna.exceptions.DuplicatedStudyError:  # a worker beside made it first
             study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner)
             made = False
-    if not create:
-        return study, made
-    if not made and JOINED_ATTR not in study._storage.get_study_system_attrs(study._study_id):  # written once: so
-        # that the process that made it never takes it back from under this one (see run_study)
-        study._storage.set_study_system_attr(study._study_id, JOINED_ATTR, True)
-    stored = study.user_attrs.get(CONFIG_ATTR)
-    if stored is None:
-        study.set_user_attr(CONFIG_ATTR, config.identity())
-        study.set_user_attr("evoopt:root", str(config.root))
-    else:
-        check_config(study, config)
+        except KeyError:
+            if not create:
+                raise ConfigError(f"name: no study {config.name!r} in {config.storage_url}; run it first") from None
+            try:
+                study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                                            directions=config.directions)
+                made = True
+            except optuna.exceptions.DuplicatedStudyError:  # a worker beside made it first
+                continue
+        if not create:
+            return study, made
+        try:
+            stored = study.user_attrs.get(CONFIG_ATTR)
+            if stored is None:
+                study.set_user_attr(CONFIG_ATTR, config.identity())
+                study.set_user_attr("evoopt:root", str(config.root))
+            else:
+                check_config(study, config)
+            if made or os.environ.get(_LOCAL_WORKER_ENV) or _joined(study, give_up=time.monotonic() > patience):
+                break
+        except KeyError:  # taken back by its maker after this process loaded it
+            pass
+        time.sleep(0.1)
     if study.metric_names != config.metric_names:  # new studies, and studies made before evoopt named them
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -127,6 +135,40 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
 
 
 JOINED_ATTR = "evoopt:joined"  # a study system attribute: another process has opened the study
+WITHDRAWN_ATTR = "evoopt:withdrawn"  # ... and: the process that made it is taking it back
+_LOCAL_WORKER_ENV = "EVOOPT_LOCAL_WORKER"  # set for run --workers' processes: their parent waits for them
+
+
+def _joined(study: optuna.Study, *, give_up: bool) -> bool:
+    """Mark the study as opened by this process, then whether its maker is not taking it back: each write and read
+    is one storage transaction, and :func:`_take_back` does the same the other way round (marks, then reads), so
+    one of the two always sees the other. ``give_up``: a withdrawal that has lasted this long is a maker that died
+    in the middle of it; the mark is cleared."""
+    storage, study_id = study._storage, study._study_id
+    if JOINED_ATTR not in storage.get_study_system_attrs(study_id):  # written once, not on every open
+        storage.set_study_system_attr(study_id, JOINED_ATTR, True)
+    if storage.get_study_system_attrs(study_id).get(WITHDRAWN_ATTR) and not give_up:
+        return False
+    if give_up:
+        storage.set_study_system_attr(study_id, WITHDRAWN_ATTR, False)
+    return True
+
+
+def _take_back(study: optuna.Study) -> None:
+    """Delete the study this process made, if nothing has been done in it (:func:`_unused`), so that a corrected
+    config can have its name. The study is marked withdrawn before it is read; a failure to take it back is
+    logged, never raised over the error that caused it."""
+    storage, study_id = study._storage, study._study_id
+    try:
+        storage.set_study_system_attr(study_id, WITHDRAWN_ATTR, True)
+        if _unused(study):
+            optuna.delete_study(study_name=study.study_name, storage=storage)
+        else:
+            storage.set_study_system_attr(study_id, WITHDRAWN_ATTR, False)
+    except KeyError:
+        pass  # taken back already
+    except Exception as error:  # the storage failing too: the error that brought us here is the one to show
+        warnings.warn(f"study {study.study_name!r} could not be taken back: {error}", stacklevel=2)
 
 
 def _unused(study: optuna.Study) -> bool:
@@ -134,7 +176,22 @@ def _unused(study: optuna.Study) -> bool:
     outcomes, and no other process has opened it (:data:`JOINED_ATTR`; it may still be loading its models)."""
     system = study._storage.get_study_system_attrs(study._study_id)
     return (not study.get_trials(deepcopy=False) and set(study.user_attrs) <= {CONFIG_ATTR, "evoopt:root"}
-            and set(system) <= {"study:metric_names"})
+            and set(system) <= {"study:metric_names", WITHDRAWN_ATTR})
+
+
+@contextlib.contextmanager
+def taken_back_if_refused(config: StudyConfig, *, worker: int = 0, kind: Kind | None = None
+                          ) -> Iterator[optuna.Study]:
+    """:func:`open_study` for a command that may be refused before it does anything (a model path that does not
+    exist, say): the study this call made is then taken back, so that the corrected config can have the name;
+    not once another process has opened it, nor once anything has been done in it."""
+    study, made = _open_study(config, worker=worker, kind=kind)
+    try:
+        yield study
+    except (EvooptError, KeyboardInterrupt):
+        if made:
+            _take_back(study)
+        raise
 
 
 # --- the worker -------------------------------------------------------------------------------------
@@ -248,17 +305,9 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
         raise ConfigError(f"kind: built for study {kind.config.name!r}, not {config.name!r}; "
                           "build it with make_kind(config)")
     kind = kind if kind is not None else make_kind(config)  # built once: the sampler's space and the worker's share it
-    study, made = _open_study(config, worker=worker_index, kind=kind)
-    try:
+    with taken_back_if_refused(config, worker=worker_index, kind=kind) as study:
         return _run(config, study, kind, n_trials=n_trials, timeout=timeout, workers=workers,
                     worker_index=worker_index, progress=progress, on_trial=on_trial, baselines=baselines, report=report)
-    except EvooptError:
-        # refused before it did anything (a model path that does not exist, say): the study this process made is
-        # taken back, so that the corrected config can have the name; not once another process has opened it
-        if made and _unused(study):
-            with contextlib.suppress(KeyError):  # (taken back already)
-                optuna.delete_study(study_name=config.name, storage=study._storage)
-        raise
 
 
 def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int | None, timeout: float | None,
@@ -330,7 +379,8 @@ def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: flo
                "--no-baselines", "--quiet", "--n-trials", str(remaining)]
     if timeout is not None:
         command += ["--timeout", str(timeout)]
-    processes = [subprocess.Popen([*command, "--worker-index", str(i)], env=worker_env(workers))
+    env = {**worker_env(workers), _LOCAL_WORKER_ENV: "1"}  # they do not join: this process waits for them
+    processes = [subprocess.Popen([*command, "--worker-index", str(i)], env=env)
                  for i in range(workers)]
     seen: set[int] = set()
     try:

@@ -150,6 +150,16 @@ def _other_db(tmp: Path) -> str:
     return f"sqlite:///{tmp / 'theirs.db'}"
 
 
+def _damaged(tmp: Path) -> str:
+    """An Optuna SQLite database whose first page (after its header) was overwritten."""
+    file = tmp / "damaged.db"
+    optuna.storages.RDBStorage(f"sqlite:///{file}").engine.dispose()
+    data = bytearray(file.read_bytes())
+    data[100:4096] = b"\xff" * 3996
+    file.write_bytes(bytes(data))
+    return f"sqlite:///{file}"
+
+
 def _tables(file: Path) -> list[str]:
     import contextlib
     import sqlite3
@@ -228,6 +238,9 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
      ValueError, r"storage: .*notes.db is not a SQLite database \(file is not a database\); give the storage URL"),
     ("another program's SQLite database as storage", lambda s, t, m: open_study(_study(s, storage=_other_db(t))),
      ValueError, r"storage: .*theirs.db is a SQLite database without Optuna's tables \(it has inventory\)"),
+    ("a damaged SQLite database as storage", lambda s, t, m: open_study(_study(s, storage=_damaged(t))),
+     ValueError, r"storage: .*damaged.db is a damaged SQLite database \(database disk image is malformed\): "
+                 r"restore it from a copy; give the storage URL"),
 ]
 
 
@@ -249,6 +262,8 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(name: str, action: Callabl
         assert (tmp_path / "notes.db").read_text() == "notes, not a database\n"
     if (tmp_path / "theirs.db").exists():
         assert _tables(tmp_path / "theirs.db") == ["inventory"]
+    if (tmp_path / "damaged.db").exists():
+        assert (tmp_path / "damaged.db").read_bytes()[100:4096] == b"\xff" * 3996
     assert not [p for p in stored.exported.parent.iterdir() if p.name.startswith(".")]  # no temporary folder
     assert torch.get_default_dtype() == torch.float32
 

@@ -89,10 +89,14 @@ def _sqlite_problem(path: Path, create: bool) -> str | None:
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error) or "busy" in str(error):
+            return None  # locked by a writer for a minute: Optuna's own connection waits or says so
+        return f"cannot be read as a SQLite database ({error})"
     except sqlite3.DatabaseError as error:
         if "not a database" in str(error):
             return f"is not a SQLite database ({error})"
-        return None  # locked by a writer for a minute, or the like: Optuna's own connection says what is wrong
+        return f"is a damaged SQLite database ({error}): restore it from a copy"
     if tables and "studies" not in tables:
         return f"is a SQLite database without Optuna's tables (it has {', '.join(sorted(tables)[:5])})"
     return None if tables or create else "holds no tables: it holds no study"

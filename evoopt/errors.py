@@ -113,5 +113,5 @@ def _unique_key_loader() -> Any:
     # YAML 1.2's floats: PyYAML (YAML 1.1) reads 1e-4, 1e3 or 1.5e3 (no dot, or no exponent sign) as text, which a
     # sampler option or a count then gets as text
     UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+        r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
     return UniqueKeyLoader

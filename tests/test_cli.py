@@ -54,6 +54,21 @@ def test_every_model_that_cannot_be_opened_is_named_at_once(llama_family: list[P
     assert not (tmp_path / "out").exists()
 
 
+def test_once_a_model_fails_to_open_no_expert_is_built_for_the_rest(llama_family: list[Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import evoopt.data.experts as experts
+
+    built: list[str] = []
+    monkeypatch.setattr(experts, "build_setting", lambda name, **kwargs: built.append(name))
+    (tmp_path / "damaged.safetensors").write_bytes(b"\x00" * 64)
+    recipe = _write(tmp_path, {"method": "linear", "base": str(llama_family[0]),
+                               "models": [{"model": str(tmp_path / "damaged.safetensors")},
+                                          {"model": "expert:minilm-sentiment-domains/vader-nyt"}]})
+    result = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "damaged.safetensors" in result.output, result.output
+    assert built == []  # it would train the setting's experts (minutes) before the error
+
+
 def test_mismatched_models_fail_cleanly(llama_family: list[Path], bert_family: list[Path], tmp_path: Path) -> None:
     recipe = _write(tmp_path, {"method": "linear", "models": [{"model": str(llama_family[0])},
                                                               {"model": str(bert_family[0])}]})
@@ -212,7 +227,9 @@ def test_resolving_an_expert_builds_the_multitask_model_only_when_asked(monkeypa
     for reference, message in [("minilm-sentiment-domains/nyt", "has no 'nyt'; known: base, vader-tweets"),
                                ("minilm-sentiment/base", "unknown benchmark setting 'minilm-sentiment'; known: "),
                                ("minilm-cross-task/mtl/nope", "has no 'mtl/nope'; known: base, sms-spam, trec-coarse, "
-                                                              "bbc-news, rotten-tomatoes, mtl, mtl/TASK"),
+                                                              "bbc-news, rotten-tomatoes, mtl/TASK (its multi-task "
+                                                              "model has a head per task: name the task)"),
+                               ("minilm-cross-task/mtl", "has no 'mtl'; known: base, sms-spam, "),  # (no model there)
                                ("minilm-sentiment-domains/mtl/vader-nyt", "has no 'mtl/vader-nyt'; known: base, "
                                 "vader-tweets, vader-movies, vader-amazon, vader-nyt, mtl")]:  # (one shared head)
         with pytest.raises(experts.ModelSourceError, match=f"^expert:{re.escape(reference)}: .*{re.escape(message)}"):

@@ -124,3 +124,8 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("method: linear\nmodels:\n  - {model: a, parameters: {weight: 5e-1}}\n"
                                      "  - {model: b, parameters: {weight: 1.5e0}}\n")
     assert [m.parameters["weight"] for m in load_recipe(tmp_path / "r.yaml").models] == [0.5, 1.5]
+    # text that only looks like a number stays text (it raised float's ValueError)
+    (tmp_path / "r.yaml").write_text("method: linear\nmodels:\n  - {model: a, parameters: {weight: ._e3}}\n"
+                                     "  - {model: b, parameters: {weight: .5e0}}\n")
+    with pytest.raises(RecipeError, match=r"models\[0\]\.parameters\.weight: expected a number, got '\._e3'$"):
+        load_recipe(tmp_path / "r.yaml")

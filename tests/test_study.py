@@ -75,6 +75,13 @@ def test_schema_errors_come_with_the_other_problems_but_none_about_refused_keys(
     # 'alpha' for space.log; space.kind, given, is still read
     lines = problems_of({"space": {"kind": "layerwis", "serach": {"alpha": [0, 1]}, "log": ["alpha"]}})
     assert [line.split(":")[0] for line in lines] == ["space.serach", "space.kind"], lines
+    # a union's member tag in the key path; a typo beside expert references, which do not depend on it
+    lines = problems_of({"setting": "nosuch", "objective": {"batch_size": {"a": 1}}})
+    assert lines[-1].startswith("setting: unknown benchmark setting 'nosuch'"), lines
+    lines = problems_of({"setting": None, "sources": {"models": ["expert:nosuch/a", "b"], "tasks": ["nosuch"]},
+                         "objective": {"metirc": "accuracy", "fidelities": 5, "split": "test", "allow_test": False}})
+    assert [line.split(":")[0] for line in lines] == [
+        "objective.fidelities", "objective.metirc", "sources.models[0]", "objective.split"], lines
     # a missing required key: nothing to rebuild, the schema's problems alone
     with pytest.raises(ConfigError, match=r"1 problem\(s\):\n  - sources.models: Field required$"):
         parse_config({"name": "x", "sources": {"base": "b"}, "sampler": {"name": "Nope"}})

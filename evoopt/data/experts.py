@@ -386,4 +386,4 @@ def resolve_expert(reference: str) -> Path:
     return experts.experts[member]
 
 
-register_scheme("expert", resolve_expert)  # expert:SETTING/TASK references, for every model path
+register_scheme("expert", resolve_expert, expert_problem)  # expert:SETTING/TASK references, for every model path

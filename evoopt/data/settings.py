@@ -68,10 +68,11 @@ def expert_problem(reference: str) -> str | None:
         return f"expert:{reference}: unknown benchmark setting {name!r}; known: {', '.join(sorted(SETTINGS))}"
     tasks = SETTINGS[name].tasks
     per_task = not SETTINGS[name].shared_head  # a multi-task model with a head per task: one folder each
-    if member in ("base", "mtl", *tasks) or (per_task and member.startswith("mtl/") and member[4:] in tasks):
+    if member in ("base", *tasks) or (member == "mtl" and not per_task) or (
+            per_task and member.startswith("mtl/") and member[4:] in tasks):
         return None
-    return (f"expert:{reference}: setting {name!r} has no {member!r}; known: base, {', '.join(tasks)}, mtl"
-            + (", mtl/TASK" if per_task else ""))
+    return (f"expert:{reference}: setting {name!r} has no {member!r}; known: base, {', '.join(tasks)}, "
+            + ("mtl/TASK (its multi-task model has a head per task: name the task)" if per_task else "mtl"))
 
 
 def get_setting(name: str) -> Setting:

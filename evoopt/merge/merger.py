@@ -23,6 +23,7 @@ from evoopt.merge import PreparedTensor, merge_prepared
 from evoopt.merge._prepared import STORED
 from evoopt.merge.recipe import Recipe, RecipeError
 from evoopt.models.io import (
+    SCHEMES,
     ModelSourceError,
     TensorSource,
     card_header,
@@ -31,6 +32,7 @@ from evoopt.models.io import (
     load_target,
     merge_targets,
     open_source,
+    reference_problem,
     resolve_path,
     unmerged,
 )
@@ -336,11 +338,18 @@ def model_card(recipe: Recipe) -> str:
 
 
 def _open_sources(recipe: Recipe) -> tuple[list[TensorSource], TensorSource | None]:
-    """The recipe's models and base, opened; every one that cannot be is named at once (``models[1].model: ...``)."""
+    """The recipe's models and base, opened; every one that cannot be is named at once (``models[1].model: ...``):
+    first what is found without building anything (a path that does not exist, an unknown expert), then what
+    opening finds (a damaged file), the models a scheme would build (an expert trains) no longer opened once one
+    has failed."""
     opened: dict[str, TensorSource] = {}
-    unopened = []
     references = [(f"models[{i}].model", s.model) for i, s in enumerate(recipe.models)]
-    for where, reference in references + ([("base", recipe.base)] if recipe.base else []):
+    every = references + ([("base", recipe.base)] if recipe.base else [])
+    unopened = [(where, problem) for where, reference in every
+                if (problem := reference_problem(reference, recipe.root)) is not None]
+    for where, reference in every if not unopened else []:
+        if unopened and reference.partition(":")[0] in SCHEMES:
+            continue
         try:
             opened[where] = open_source(resolve_path(reference, recipe.root))
         except ModelSourceError as error:

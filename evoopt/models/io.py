@@ -40,13 +40,32 @@ _MAX_LISTED = 8
 
 # reference schemes (``SCHEME:rest``) other layers own, registered by them: expert: by evoopt.data.experts
 SCHEMES: dict[str, Callable[[str], Path]] = {}
+SCHEME_CHECKS: dict[str, Callable[[str], str | None]] = {}
 
 
-def register_scheme(scheme: str, resolve: Callable[[str], Path]) -> None:
-    """Let ``SCHEME:rest`` references resolve through ``resolve(rest)``; a scheme is registered once."""
+def register_scheme(scheme: str, resolve: Callable[[str], Path], check: Callable[[str], str | None] | None = None
+                    ) -> None:
+    """Let ``SCHEME:rest`` references resolve through ``resolve(rest)`` (which may build the model: an expert
+    trains); ``check(rest)``, what is wrong with a reference, found without building anything. A scheme is
+    registered once."""
     if scheme in SCHEMES and SCHEMES[scheme] is not resolve:
         raise RuntimeError(f"reference scheme {scheme!r} is registered already, by {SCHEMES[scheme].__module__}")
     SCHEMES[scheme] = resolve
+    if check is not None:
+        SCHEME_CHECKS[scheme] = check
+
+
+def reference_problem(reference: str, relative_to: Path | None = None) -> str | None:
+    """What is wrong with a model reference, found without building or converting anything: a scheme's own
+    check, or a path (``pkg:`` ones included) that does not exist."""
+    scheme, colon, rest = reference.partition(":")
+    if colon and scheme in SCHEMES:
+        return SCHEME_CHECKS[scheme](rest) if scheme in SCHEME_CHECKS else None
+    try:
+        path = resolve_path(reference, relative_to)
+    except ModelSourceError as error:
+        return str(error)
+    return None if path.exists() else f"{path}: no such file or folder; check the path in the recipe"
 
 
 def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = None) -> Path:

@@ -289,11 +289,36 @@ def _setting_problems(config: StudyConfig) -> list[str]:
 
         if config.setting not in SETTINGS:
             problems.append(f"setting: unknown benchmark setting {config.setting!r}; known: {', '.join(SETTINGS)}")
-    if config.sources is not None:
-        scored = not (config.objective.kind == "lm-eval" and config.objective.tasks)  # else lm-eval's tasks are
-        problems += _sources_problems(config.sources, scored)
-        if not config.sources.tasks and not config.objective.tasks:
-            problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
+    return problems
+
+
+def _reference_problems(config: StudyConfig) -> list[str]:
+    """Malformed ``expert:`` references in ``sources``, found before the study is made (or anything trains)."""
+    from evoopt.data.settings import expert_problem
+
+    if config.sources is None:
+        return []
+    sources, problems = config.sources, []
+    references = [("sources.base", sources.base)] + [(f"sources.models[{i}]", m) for i, m in enumerate(sources.models)]
+    for where, reference in references:
+        if reference is not None and reference.startswith("expert:"):
+            if (problem := expert_problem(reference.removeprefix("expert:"))) is not None:
+                problems.append(f"{where}: {problem}")
+    return problems
+
+
+def _corpus_problems(config: StudyConfig) -> list[str]:
+    """Unknown corpora in ``sources.tasks`` (unless lm-eval scores ``objective.tasks``), or none to score on."""
+    from evoopt.data.corpora import CORPORA
+
+    if config.sources is None:
+        return []
+    problems = []
+    if not (config.objective.kind == "lm-eval" and config.objective.tasks):  # else lm-eval's tasks are scored
+        problems += [f"sources.tasks[{i}]: unknown corpus {task!r}; known: {', '.join(sorted(CORPORA))}"
+                     for i, task in enumerate(config.sources.tasks) if task not in CORPORA]
+    if not config.sources.tasks and not config.objective.tasks:
+        problems.append("sources.tasks: name the corpora to score on (or objective.tasks for lm-eval)")
     return problems
 
 
@@ -334,33 +359,41 @@ def _pruner_problems(config: StudyConfig) -> list[str]:
     return problems
 
 
-def _objective_problems(config: StudyConfig) -> list[str]:
-    objective, problems = config.objective, []
-    if objective.split == "test" and not objective.allow_test:
-        problems.append("objective.split: 'test' is for reporting, not search; use 'dev' "
-                        "(or set objective.allow_test: true if you really mean it)")
-    limit = objective.limit or float("inf")
-    if objective.fidelities:
-        if sorted(set(objective.fidelities)) != objective.fidelities or objective.fidelities[0] <= 0:
-            problems.append(f"objective.fidelities: must be increasing positive numbers, got {objective.fidelities}")
-        elif objective.fidelities[-1] > limit:
-            problems.append(f"objective.fidelities: {objective.fidelities[-1]} is more than objective.limit ({limit})")
-        if objective.kind == "lm-eval" and objective.tasks:
-            problems.append("objective.fidelities: lm-eval reports stages on evoopt's own tasks (the setting's "
-                            "corpora) only; drop objective.tasks or objective.fidelities")
-    if objective.multi_objective and objective.fidelities:
+def _split_problems(config: StudyConfig) -> list[str]:
+    if config.objective.split == "test" and not config.objective.allow_test:
+        return ["objective.split: 'test' is for reporting, not search; use 'dev' "
+                "(or set objective.allow_test: true if you really mean it)"]
+    return []
+
+
+def _fidelity_problems(config: StudyConfig) -> list[str]:
+    objective, problems = config.objective, list[str]()
+    if not objective.fidelities:
+        return problems
+    if sorted(set(objective.fidelities)) != objective.fidelities or objective.fidelities[0] <= 0:
+        problems.append(f"objective.fidelities: must be increasing positive numbers, got {objective.fidelities}")
+    elif objective.fidelities[-1] > (limit := objective.limit or float("inf")):
+        problems.append(f"objective.fidelities: {objective.fidelities[-1]} is more than objective.limit ({limit})")
+    if objective.kind == "lm-eval" and objective.tasks:
+        problems.append("objective.fidelities: lm-eval reports stages on evoopt's own tasks (the setting's "
+                        "corpora) only; drop objective.tasks or objective.fidelities")
+    if objective.multi_objective:
         problems.append("objective.fidelities: Optuna prunes single-objective studies only")
+    return problems
+
+
+def _perplexity_problems(config: StudyConfig) -> list[str]:
+    objective = config.objective
     if objective.kind == "dev" and objective.metric == "perplexity" and config.setting is not None:
         from evoopt.data.settings import SETTINGS
 
         if config.setting in SETTINGS and SETTINGS[config.setting].kind != "causal":
-            problems.append("objective.metric: perplexity needs a causal LM setting")
-    return problems
+            return ["objective.metric: perplexity needs a causal LM setting"]
+    return []
 
 
 def _estimate_problems(config: StudyConfig) -> list[str]:
-    problems: list[str]
-    objective, problems = config.objective, []
+    objective, problems = config.objective, list[str]()
     if objective.estimate is None:
         return problems
     if objective.metric == "macro_f1":
@@ -374,31 +407,19 @@ def _estimate_problems(config: StudyConfig) -> list[str]:
     if objective.estimate.promote_within is not None and objective.multi_objective:
         problems.append("objective.estimate.promote_within: a promotion compares one score; drop it or "
                         "objective.multi_objective")
-    if not config.baselines:
-        problems.append("objective.estimate: the estimator is fitted on the baselines' results on dev; "
-                        "give baselines (at least [sources])")
     return problems
+
+
+def _estimate_baseline_problems(config: StudyConfig) -> list[str]:
+    if config.objective.estimate is not None and not config.baselines:
+        return ["objective.estimate: the estimator is fitted on the baselines' results on dev; "
+                "give baselines (at least [sources])"]
+    return []
 
 
 def _task_weight_problems(config: StudyConfig) -> list[str]:
     return [f"objective.weights.{task}: must be a finite number > 0, got {weight}"
             for task, weight in config.objective.weights.items() if not (math.isfinite(weight) and weight > 0)]
-
-
-def _sources_problems(sources: SourcesSpec, scored: bool) -> list[str]:
-    """Unknown corpora in ``sources.tasks`` (where they are ``scored``) and malformed ``expert:`` references, found
-    before the study is made (or anything trains)."""
-    from evoopt.data.corpora import CORPORA
-    from evoopt.data.settings import expert_problem
-
-    problems = [f"sources.tasks[{i}]: unknown corpus {task!r}; known: {', '.join(sorted(CORPORA))}"
-                for i, task in enumerate(sources.tasks) if scored and task not in CORPORA]
-    references = [("sources.base", sources.base)] + [(f"sources.models[{i}]", m) for i, m in enumerate(sources.models)]
-    for where, reference in references:
-        if reference is not None and reference.startswith("expert:"):
-            if (problem := expert_problem(reference.removeprefix("expert:"))) is not None:
-                problems.append(f"{where}: {problem}")
-    return problems
 
 
 BASELINE_NAMES = ("sources", "ensemble", "greedy-soup")  # besides the merge methods' names
@@ -425,8 +446,9 @@ def _weight_problems(config: StudyConfig) -> list[str]:
 
 
 _CHECKS: tuple[Check, ...] = (
-    _setting_problems, _space_problems, _task_weight_problems, lambda config: _baseline_problems(config.baselines),
-    _weight_problems, _sampler_problems, _pruner_problems, _objective_problems, _estimate_problems)
+    _setting_problems, _reference_problems, _corpus_problems, _space_problems, _task_weight_problems,
+    lambda config: _baseline_problems(config.baselines), _weight_problems, _sampler_problems, _pruner_problems,
+    _split_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems, _perplexity_problems)
 
 
 class _Unread:
@@ -443,20 +465,24 @@ class _Unread:
 
 def _beside_schema(data: dict[str, Any], error: ValidationError) -> list[str]:
     """The other problems of a config its schema refused: the checks of the config rebuilt without the refused
-    keys, each check that reads a refused key (or a defaulted key beside an unknown one) left out. None when a
-    required key is missing (nothing to rebuild)."""
+    keys, each check that reads a refused key (or a key left at its default beside an unknown one: a misspelling
+    of it, perhaps) left out. A key whose default is None stays None: it reads as absent, which it is. None when
+    a required key is missing or refused (nothing to rebuild)."""
     import copy
     import warnings
 
-    rebuilt = copy.deepcopy(data)
+    try:
+        rebuilt = copy.deepcopy(data)
+    except Exception:  # (from Python: a value that cannot be copied) the schema's problems alone
+        return []
     refused: list[list[Any]] = []
     unknown: list[list[Any]] = []
     for item in error.errors():
         parent: Any = data
         path: list[Any] = []
         for key in item["loc"]:
-            if not isinstance(parent, dict) or (key not in parent and not path):
-                break
+            if not isinstance(parent, dict) or (key not in parent and path and item["type"] != "missing"):
+                break  # into a list, or a union's member tag (objective.batch_size.constrained-int)
             if key not in parent:
                 return []  # a required key is missing
             path.append(key)

@@ -495,12 +495,15 @@ def dashboard(study: Path, host: str, port: int, storage: str | None) -> None:
     """
     from evoopt.study.config import StudyConfig
     from evoopt.study.report import dashboard_command, serve_dashboard
+    from evoopt.study.storage import load_study, read_storage
 
-    config, _ = _existing_study(study, storage)  # checked before it says it serves
+    config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
+    opened = read_storage(config)  # once: checked, then served
+    load_study(config, opened)  # the study exists and was made from this config, before it says it serves
     click.echo(f"serving {config.storage_url} on http://{host}:{port}  (same as: "
                f"{' '.join(dashboard_command(config, host, port))})")
-    serve_dashboard(config, host=host, port=port)
+    serve_dashboard(config, host=host, port=port, storage=opened)
 
 
 @main.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},

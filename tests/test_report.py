@@ -154,7 +154,7 @@ def get(url: str) -> tuple[bytes, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["serve_dashboard", "cli"])
+@pytest.mark.parametrize("how", ["serve_dashboard", "cli", "evoopt dashboard"])
 def test_dashboard_serves_studies_note_and_artifacts(compared: dict[str, Any], how: str) -> None:
     config = compared["configs"][0]
     port = free_port()
@@ -163,6 +163,9 @@ def test_dashboard_serves_studies_note_and_artifacts(compared: dict[str, Any], h
     assert command[command.index("--artifact-dir") + 1] == str(config.artifact_dir / "artifacts")
     if how == "cli":
         command[0] = str(Path(sys.executable).parent / "optuna-dashboard")
+    elif how == "evoopt dashboard":  # the storage opened once: checked, then served
+        command = [str(Path(sys.executable).parent / "evoopt"), "dashboard",
+                   str(write_config(compared["tmp"], config)), "--port", str(port)]
     else:
         code = ("import sys; from evoopt.study.config import load_config; "
                 "from evoopt.study.report import serve_dashboard; "

@@ -233,9 +233,11 @@ def dashboard_command(config: StudyConfig, host: str = "127.0.0.1", port: int = 
             "--host", host, "--port", str(port)]
 
 
-def serve_dashboard(config: StudyConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Run optuna-dashboard on the study's storage and artifact store until interrupted."""
+def serve_dashboard(config: StudyConfig, host: str = "127.0.0.1", port: int = 8080,
+                    storage: optuna.storages.BaseStorage | None = None) -> None:
+    """Run optuna-dashboard on the study's storage (``storage``: opened before) and artifact store until
+    interrupted."""
     from optuna_dashboard import run_server
 
-    run_server(storage_from_url(config.storage_url, create=False), host=host, port=port,
+    run_server(storage or storage_from_url(config.storage_url, create=False), host=host, port=port,
                artifact_store=artifact_store(config))

@@ -174,16 +174,23 @@ def _rdb_storage(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.
     raise AssertionError("unreachable")
 
 
-def load_study(config: StudyConfig) -> optuna.Study:
+def read_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
+    """The config's storage, opened to read a study in it: a storage file that does not exist is an error (not
+    an empty file made)."""
+    file = storage_file(config.storage_url)
+    if file is not None and not file.is_file():
+        raise ConfigError(f"name: no study {config.name!r} in {config.storage_url} (the file does not exist); run "
+                          "it first, or give the storage URL it was run with")
+    return storage_from_url(config.storage_url, create=False)
+
+
+def load_study(config: StudyConfig, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """The study ``config`` names, opened to read it: no sampler or search space is built (``status``,
     ``best``, ``export``, ``compare``). It must have been made from ``config``: read through an edited config,
-    its trials' parameters would rebuild other models than the ones they scored."""
+    its trials' parameters would rebuild other models than the ones they scored. ``storage``: the config's,
+    opened before by :func:`read_storage`."""
     name, url = config.name, config.storage_url
-    file = storage_file(url)
-    if file is not None and not file.is_file():
-        raise ConfigError(f"name: no study {name!r} in {url} (the file does not exist); run it first, or give the "
-                          "storage URL it was run with")
-    storage = storage_from_url(url, create=False)
+    storage = storage or read_storage(config)
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
     except KeyError:

@@ -82,9 +82,11 @@ def test_schema_errors_come_with_the_other_problems_but_none_about_refused_keys(
                          "objective": {"metirc": "accuracy", "fidelities": 5, "split": "test", "allow_test": False}})
     assert [line.split(":")[0] for line in lines] == [
         "objective.fidelities", "objective.metirc", "sources.models[0]", "objective.split"], lines
-    # a missing required key: nothing to rebuild, the schema's problems alone
-    with pytest.raises(ConfigError, match=r"1 problem\(s\):\n  - sources.models: Field required$"):
-        parse_config({"name": "x", "sources": {"base": "b"}, "sampler": {"name": "Nope"}})
+    # a required key missing or refused stands as a placeholder, read as refused
+    lines = problems_of({"setting": None, "sources": {"base": "b"}, "sampler": {"name": "Nope"}})
+    assert [line.split(":")[0] for line in lines] == ["sources.models", "sources.tasks", "sampler.name"], lines
+    lines = problems_of({"name": "", "setting": None, "sources": {"models": ["a"], "tasks": ["nosuch"]}})
+    assert [line.split(":")[0] for line in lines] == ["name", "sources.models", "sources.tasks[0]"], lines
 
 @pytest.mark.slow
 def test_unreachable_storage_is_a_clear_error_before_any_work(small_experts: Any, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ split as the objective) is reported at once, with the key path of each.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable
@@ -466,9 +467,8 @@ class _Unread:
 def _beside_schema(data: dict[str, Any], error: ValidationError) -> list[str]:
     """The other problems of a config its schema refused: the checks of the config rebuilt without the refused
     keys, each check that reads a refused key (or a key left at its default beside an unknown one: a misspelling
-    of it, perhaps) left out. A key whose default is None stays None: it reads as absent, which it is. None when
-    a required key is missing or refused (nothing to rebuild)."""
-    import copy
+    of it, perhaps) left out. A key whose default is None stays None: it reads as absent, which it is. A required
+    key refused or missing is given a placeholder that validates, read as refused."""
     import warnings
 
     try:
@@ -481,11 +481,11 @@ def _beside_schema(data: dict[str, Any], error: ValidationError) -> list[str]:
         parent: Any = data
         path: list[Any] = []
         for key in item["loc"]:
-            if not isinstance(parent, dict) or (key not in parent and path and item["type"] != "missing"):
+            if not isinstance(parent, dict) or (key not in parent and item["type"] != "missing"):
                 break  # into a list, or a union's member tag (objective.batch_size.constrained-int)
-            if key not in parent:
-                return []  # a required key is missing
             path.append(key)
+            if key not in parent:  # a required key missing: it stands as a placeholder, as a refused one does
+                break
             if not isinstance(parent[key], dict):
                 break
             parent = parent[key]
@@ -493,9 +493,7 @@ def _beside_schema(data: dict[str, Any], error: ValidationError) -> list[str]:
             return []
         _drop(rebuilt, path)
         (unknown if item["type"] == "extra_forbidden" else refused).append(path)
-    try:
-        config = StudyConfig.model_validate(rebuilt)
-    except ValidationError:
+    if (config := _rebuilt(rebuilt, refused)) is None:
         return []
     for path in refused:
         _place(config, path)
@@ -508,6 +506,29 @@ def _beside_schema(data: dict[str, Any], error: ValidationError) -> list[str]:
     with warnings.catch_warnings():  # pydantic warns when a check dumps an _Unread
         warnings.simplefilter("ignore")
         return _problems(config, unread=True)
+
+
+_PLACEHOLDERS: tuple[Any, ...] = ("?", ["?", "?"], {})  # a required key refused stands as the first its field takes
+
+
+def _rebuilt(data: dict[str, Any], refused: list[list[Any]]) -> StudyConfig | None:
+    """``data`` (the refused keys left out) validated, a required key among them given a placeholder (read as
+    :class:`_Unread` after); None where that is not enough."""
+    tried: dict[tuple[Any, ...], int] = {}
+    while True:
+        try:
+            return StudyConfig.model_validate(data)
+        except ValidationError as error:
+            for item in error.errors():
+                path = next((p for p in refused if list(item["loc"][: len(p)]) == p), None)
+                if path is None or tried.get(tuple(path), -1) + 1 >= len(_PLACEHOLDERS):
+                    return None  # a problem the schema did not report, or no placeholder fits
+                tried[tuple(path)] = tried.get(tuple(path), -1) + 1
+                holder = data
+                for key in path[:-1]:
+                    holder = holder[key]
+                holder[path[-1]] = copy.deepcopy(_PLACEHOLDERS[tried[tuple(path)]])
+                break  # one at a time: the others may go with it
 
 
 def _drop(data: dict[str, Any], path: list[Any]) -> None:

@@ -150,7 +150,7 @@ def _other_db(tmp: Path) -> str:
     return f"sqlite:///{tmp / 'theirs.db'}"
 
 
-def _damaged(tmp: Path) -> str:
+def _damaged_db(tmp: Path) -> str:
     """An Optuna SQLite database whose first page (after its header) was overwritten."""
     file = tmp / "damaged.db"
     optuna.storages.RDBStorage(f"sqlite:///{file}").engine.dispose()
@@ -238,7 +238,7 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
      ValueError, r"storage: .*notes.db is not a SQLite database \(file is not a database\); give the storage URL"),
     ("another program's SQLite database as storage", lambda s, t, m: open_study(_study(s, storage=_other_db(t))),
      ValueError, r"storage: .*theirs.db is a SQLite database without Optuna's tables \(it has inventory\)"),
-    ("a damaged SQLite database as storage", lambda s, t, m: open_study(_study(s, storage=_damaged(t))),
+    ("a damaged SQLite database as storage", lambda s, t, m: open_study(_study(s, storage=_damaged_db(t))),
      ValueError, r"storage: .*damaged.db is a damaged SQLite database \(database disk image is malformed\): "
                  r"restore it from a copy; give the storage URL"),
 ]

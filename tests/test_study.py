@@ -55,6 +55,28 @@ def test_config_reports_every_problem_with_its_path() -> None:
     assert "4 problem(s)" in text
 
 
+def test_a_storage_opened_while_another_process_stamps_its_schema_opens_again(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run and a command reading its new SQLite study at once (CI saw it): both make Optuna's tables, and the
+    loser's version stamp hits the winner's row. It crashed the run; the loser now opens the storage again."""
+    from sqlalchemy.exc import IntegrityError
+
+    from evoopt.study.storage import storage_from_url
+
+    rdb, calls = optuna.storages.RDBStorage, []
+
+    def racing(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
+        calls.append(url)
+        if len(calls) == 1:
+            rdb(url, **kwargs)  # the winner (another process, in the race) makes and stamps the schema meanwhile
+            raise IntegrityError("INSERT INTO alembic_version", {},
+                                 Exception("UNIQUE constraint failed: alembic_version.version_num"))
+        return rdb(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    assert storage_from_url(f"sqlite:///{tmp_path / 'race.db'}").get_all_studies() == [] and len(calls) == 2
+
+
 def test_schema_errors_come_with_the_other_problems_but_none_about_refused_keys() -> None:
     def problems_of(data: dict[str, Any]) -> list[str]:
         with pytest.raises(ConfigError) as error:

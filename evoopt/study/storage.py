@@ -159,15 +159,16 @@ def _shown(url: str) -> str:
 
 
 def _rdb_storage(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.storages.RDBStorage:
-    """Workers started together on an empty database race to create Optuna's tables: the losers,
-    refused with a duplicate table or type, open it again once the winner has made them."""
+    """Workers started together on an empty database (or a worker and a command reading it) race to create
+    Optuna's tables and stamp their version: the losers, refused with a duplicate table, type or version row,
+    open it again once the winner has made them."""
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
         except (IntegrityError, ProgrammingError) as error:
-            if attempt == attempts - 1 or "already exists" not in str(error):
+            if attempt == attempts - 1 or not ("already exists" in str(error) or "alembic_version" in str(error)):
                 raise
             logger.info("storage: another worker is creating the schema; opening again")
             time.sleep(0.5 * (attempt + 1))

@@ -11,8 +11,11 @@ so ``except ValueError`` keeps working.
 from __future__ import annotations
 
 import collections.abc
+import difflib
 import functools
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +67,36 @@ def problems(error: type[EvooptError], source: str, lines: list[str], heading: s
     return error(f"{heading or f'{source}: {len(lines)} problem(s)'}:\n  - " + "\n  - ".join(lines))
 
 
-def schema_problems(error: Any, top: str) -> list[str]:
-    """A pydantic ``ValidationError``'s problems, each with its key path (``top`` for the whole mapping)."""
-    return [f"{'.'.join(str(p) for p in item['loc']) or top}: {item['msg']}" for item in error.errors()]
+def schema_problems(error: Any, top: str, model: Any = None) -> list[str]:
+    """A pydantic ``ValidationError``'s problems, each with its key path (``top`` for the whole mapping); an unknown
+    key of ``model`` (the validated class) with the known key it most looks like, or the known keys."""
+    lines = []
+    for item in error.errors():
+        message = item["msg"]
+        if item["type"] == "extra_forbidden" and (known := _keys_at(model, item["loc"][:-1])):
+            close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.6)
+            message = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; known: {', '.join(known)}"
+        lines.append(f"{'.'.join(str(p) for p in item['loc']) or top}: {message}")
+    return lines
+
+
+def _keys_at(model: Any, path: tuple[Any, ...]) -> list[str]:
+    """The keys of the pydantic model reached from ``model`` by ``path`` (through fields, optional ones, mappings
+    and lists of models); [] where the path leads to no model."""
+    current = model
+    for key in (*path, None):
+        while typing.get_origin(current) in (typing.Union, types.UnionType):  # X | None: the X
+            current = next((a for a in typing.get_args(current) if a is not type(None)), None)
+        fields = getattr(current, "model_fields", None)
+        if key is None:
+            return list(fields) if isinstance(fields, dict) else []
+        if isinstance(fields, dict) and isinstance(current, type):
+            current = fields[key].annotation if key in fields else None
+        elif typing.get_origin(current) in (dict, list):  # a mapping's value, a list's item
+            current = typing.get_args(current)[-1]
+        else:
+            return []
+    return []
 
 
 def read_yaml(path: Path, error: type[EvooptError], what: str) -> Any:

@@ -24,7 +24,9 @@ def test_all_problems_reported_at_once() -> None:
             "colour": "blue",
         })
     text = str(error.value)
-    for expected in ("dtype:", "colour: Extra inputs are not permitted",
+    with pytest.raises(RecipeError, match=r"models\.1\.paramters: unknown key; did you mean 'parameters'\?"):
+        parse_recipe({"method": "linear", "models": [{"model": "a"}, {"model": "b", "paramters": {"weight": 1}}]})
+    for expected in ("dtype:", "colour: unknown key; known: method, base, models, parameters, dtype, ",
                      "models[0].parameters.weigth",
                      "models[0].parameters.density: must be in (0, 1], got 1.5",
                      "base: method 'ties' needs a base"):

@@ -97,6 +97,7 @@ def test_schema_errors_come_with_the_other_problems_but_none_about_refused_keys(
     # 'alpha' for space.log; space.kind, given, is still read
     lines = problems_of({"space": {"kind": "layerwis", "serach": {"alpha": [0, 1]}, "log": ["alpha"]}})
     assert [line.split(":")[0] for line in lines] == ["space.serach", "space.kind"], lines
+    assert lines[0] == "space.serach: unknown key; did you mean 'search'?"  # (pydantic: "Extra inputs are not ...")
     # a union's member tag in the key path; a typo beside expert references, which do not depend on it
     lines = problems_of({"setting": "nosuch", "objective": {"batch_size": {"a": 1}}})
     assert lines[-1].startswith("setting: unknown benchmark setting 'nosuch'"), lines

@@ -246,7 +246,7 @@ def parse_recipe(data: Any, *, root: Path | None = None, source: str = "recipe")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        lines = schema_problems(error, "(recipe)")
+        lines = schema_problems(error, "(recipe)", Recipe)
     lines += _problems(data)
     if lines or recipe is None:
         raise problems(RecipeError, source, lines)

@@ -630,7 +630,8 @@ def parse_config(data: Any, *, root: Path | None = None, source: str = "study") 
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as error:
-        raise problems(ConfigError, source, schema_problems(error, "(study)") + _beside_schema(data, error)) from None
+        lines = schema_problems(error, "(study)", StudyConfig) + _beside_schema(data, error)
+        raise problems(ConfigError, source, lines) from None
     lines = _problems(config)
     if lines:
         raise problems(ConfigError, source, lines)

@@ -83,20 +83,25 @@ def schema_problems(error: Any, top: str, model: Any = None) -> list[str]:
 def _keys_at(model: Any, path: tuple[Any, ...]) -> list[str]:
     """The keys of the pydantic model reached from ``model`` by ``path`` (through fields, optional ones, mappings
     and lists of models); [] where the path leads to no model."""
-    current = model
-    for key in (*path, None):
-        while typing.get_origin(current) in (typing.Union, types.UnionType):  # X | None: the X
-            current = next((a for a in typing.get_args(current) if a is not type(None)), None)
+    current = _optional_removed(model)
+    for key in path:
         fields = getattr(current, "model_fields", None)
-        if key is None:
-            return list(fields) if isinstance(fields, dict) else []
         if isinstance(fields, dict) and isinstance(current, type):
             current = fields[key].annotation if key in fields else None
         elif typing.get_origin(current) in (dict, list):  # a mapping's value, a list's item
             current = typing.get_args(current)[-1]
         else:
             return []
-    return []
+        current = _optional_removed(current)
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if isinstance(fields, dict) else []
+
+
+def _optional_removed(annotation: Any) -> Any:
+    """``X | None``'s X (an annotation as it is otherwise)."""
+    while typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), None)
+    return annotation
 
 
 def read_yaml(path: Path, error: type[EvooptError], what: str) -> Any:

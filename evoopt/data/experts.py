@@ -382,7 +382,8 @@ def resolve_expert(reference: str) -> Path:
         return next(iter(experts.base.values()))
     if multitask:
         assert experts.multitask is not None  # built: it was asked for
-        return experts.multitask / member[4:]  # "mtl/TASK": a per-task-head MTL's folder for the task
+        return experts.multitask / member.removeprefix("mtl").lstrip("/")  # "mtl/TASK": a per-task-head MTL's
+        # folder for the task; "mtl": the shared-head MTL itself
     return experts.experts[member]
 
 

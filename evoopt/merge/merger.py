@@ -23,7 +23,6 @@ from evoopt.merge import PreparedTensor, merge_prepared
 from evoopt.merge._prepared import STORED
 from evoopt.merge.recipe import Recipe, RecipeError
 from evoopt.models.io import (
-    SCHEMES,
     ModelSourceError,
     TensorSource,
     card_header,
@@ -33,6 +32,7 @@ from evoopt.models.io import (
     merge_targets,
     open_source,
     reference_problem,
+    registered_scheme,
     resolve_path,
     unmerged,
 )
@@ -348,7 +348,7 @@ def _open_sources(recipe: Recipe) -> tuple[list[TensorSource], TensorSource | No
     unopened = [(where, problem) for where, reference in every
                 if (problem := reference_problem(reference, recipe.root)) is not None]
     for where, reference in every if not unopened else []:
-        if unopened and reference.partition(":")[0] in SCHEMES:
+        if unopened and registered_scheme(reference) is not None:
             continue
         try:
             opened[where] = open_source(resolve_path(reference, recipe.root))

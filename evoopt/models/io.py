@@ -55,12 +55,18 @@ def register_scheme(scheme: str, resolve: Callable[[str], Path], check: Callable
         SCHEME_CHECKS[scheme] = check
 
 
+def registered_scheme(reference: str | os.PathLike[str]) -> str | None:
+    """The registered scheme of a ``SCHEME:rest`` reference (whose model it may build), else None."""
+    scheme, colon, _ = str(reference).partition(":")
+    return scheme if colon and scheme in SCHEMES else None
+
+
 def reference_problem(reference: str, relative_to: Path | None = None) -> str | None:
     """What is wrong with a model reference, found without building or converting anything: a scheme's own
     check, or a path (``pkg:`` ones included) that does not exist."""
-    scheme, colon, rest = reference.partition(":")
-    if colon and scheme in SCHEMES:
-        return SCHEME_CHECKS[scheme](rest) if scheme in SCHEME_CHECKS else None
+    if (scheme := registered_scheme(reference)) is not None:
+        check = SCHEME_CHECKS.get(scheme)
+        return check(reference.partition(":")[2]) if check is not None else None
     try:
         path = resolve_path(reference, relative_to)
     except ModelSourceError as error:
@@ -78,9 +84,8 @@ def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = N
     relative paths are taken relative to ``relative_to`` (the recipe's folder).
     """
     text = str(reference)
-    scheme, colon, rest = text.partition(":")
-    if colon and scheme in SCHEMES:
-        return SCHEMES[scheme](rest)
+    if (scheme := registered_scheme(text)) is not None:
+        return SCHEMES[scheme](text.partition(":")[2])
     if text.startswith("expert:"):
         raise ModelSourceError(f"{text}: the expert: scheme is registered by evoopt.data.experts; import it first "
                                "(the command line and the study engine do)")

@@ -491,7 +491,7 @@ def _beside_schema(data: dict[str, Any], error: ValidationError) -> list[str]:
             parent = parent[key]
         if not path:
             return []
-        _drop(rebuilt, path)
+        _walk(rebuilt, path[:-1]).pop(path[-1], None)
         (unknown if item["type"] == "extra_forbidden" else refused).append(path)
     if (config := _rebuilt(rebuilt, refused)) is None:
         return []
@@ -519,25 +519,18 @@ def _rebuilt(data: dict[str, Any], refused: list[list[Any]]) -> StudyConfig | No
         try:
             return StudyConfig.model_validate(data)
         except ValidationError as error:
-            for item in error.errors():
-                path = next((p for p in refused if list(item["loc"][: len(p)]) == p), None)
-                if path is None or tried.get(tuple(path), -1) + 1 >= len(_PLACEHOLDERS):
-                    return None  # a problem the schema did not report, or no placeholder fits
-                tried[tuple(path)] = tried.get(tuple(path), -1) + 1
-                holder = data
-                for key in path[:-1]:
-                    holder = holder[key]
-                holder[path[-1]] = copy.deepcopy(_PLACEHOLDERS[tried[tuple(path)]])
-                break  # one at a time: the others may go with it
-
-
-def _drop(data: dict[str, Any], path: list[Any]) -> None:
-    for key in path[:-1]:
-        data = data[key]
-    data.pop(path[-1], None)
+            item = error.errors()[0]  # one at a time: the others may go with it
+            path = next((p for p in refused if list(item["loc"][: len(p)]) == p), None)
+            if path is None:
+                return None  # a problem the schema did not report
+            tried[tuple(path)] = attempt = tried.get(tuple(path), -1) + 1
+            if attempt == len(_PLACEHOLDERS):
+                return None  # no placeholder fits
+            _walk(data, path[:-1])[path[-1]] = copy.deepcopy(_PLACEHOLDERS[attempt])
 
 
 def _walk(config: Any, path: list[Any]) -> Any:
+    """What ``path`` reaches in a config: its data (mappings) or its model (fields and mappings)."""
     for key in path:
         config = config.get(key) if isinstance(config, dict) else getattr(config, str(key), None)
     return config

@@ -168,6 +168,13 @@ def _tables(file: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
 
 
+def _other_data_rules(s: Stored, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evoopt.data import corpora
+
+    monkeypatch.setattr(corpora, "EVAL_VERSION", corpora.EVAL_VERSION + 1)  # as an evoopt whose dev rows changed
+    open_study(_study(s))
+
+
 def _full_disk(s: Stored, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def half_then_full(tensors: Any, filename: Any, metadata: Any = None) -> None:
         Path(filename).write_bytes(b"\0" * 1024)  # part of the file is written, then the disk is full
@@ -219,6 +226,9 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
      "Invalid value for '--timeout': '0' is not a positive, finite number of seconds"),
     ("study name reused with another config", lambda s, t, m: open_study(_study(s, seed=7)),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
+    ("a study resumed by an evoopt that makes other dev rows", _other_data_rules, ValueError,
+     r"name: study '.*' in .* was scored on rows of evoopt's corpora made by other rules \(\{'split': 2, 'eval': 1, "
+     r"'tasks': 3\}; this evoopt makes \{'split': 2, 'eval': 2, 'tasks': 3\}\); .* give the study a new name"),
     ("full disk during export", _full_disk, OSError, "No space left on device"),
     ("a trial exported through an edited config", lambda s, t, m: export_trial(_study(s, seed=7), "best", t / "out"),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
@@ -283,6 +293,25 @@ def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored:
     assert run_study(parse_config(good), report=False).ran == 1
     with pytest.raises(ConfigError, match=r"(?s)made from another config.*sources.models"):
         open_study(parse_config(bad))
+
+
+def test_a_study_made_before_its_data_rules_were_recorded_warns_when_resumed(
+        stored: Stored, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A study made from the same config by an evoopt that did not record its data rules opens with a warning (its
+    earlier trials may have been scored on other dev rows); one without trials opens silently."""
+    from evoopt.study.storage import DATA_ATTR
+
+    config = parse_config(small_study_config(stored.root, stored.experts, name="older", trials=1,
+                                             storage=f"sqlite:///{tmp_path / 'older.db'}"))
+    study = open_study(config)
+    assert study.user_attrs[DATA_ATTR] == {"split": 2, "eval": 1, "tasks": 3}
+    study.set_user_attr(DATA_ATTR, None)
+    with caplog.at_level("WARNING", logger="evoopt"):
+        open_study(config)
+        assert "data rules" not in caplog.text
+        study.enqueue_trial({})
+        open_study(config)
+    assert "made before evoopt recorded its data rules" in caplog.text
 
 
 def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_path: Path) -> None:

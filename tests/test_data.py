@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evoopt.data import corpora as data
-from evoopt.data.corpora import CORPORA, MissingPackageError, load_splits, read_corpus, split_examples
+from evoopt.data.corpora import CORPORA, MissingPackageError, _near, load_splits, read_corpus, split_examples
 
 
 @pytest.fixture(autouse=True)
@@ -20,13 +21,31 @@ def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyP
 def test_splits_are_disjoint_deterministic_and_labelled(name: str) -> None:
     splits = load_splits(name)
     assert set(splits) == {"train", "dev", "test"}
-    texts = {s: {t.strip().lower() for t in splits[s]["text"]} for s in splits}
+    texts = {s: {_near(t) for t in splits[s]["text"]} for s in splits}  # case, punctuation and spacing apart
     assert not texts["train"] & texts["dev"] and not texts["train"] & texts["test"] and not texts["dev"] & texts["test"]
     assert len(splits["dev"]) > 100
     labels = set(splits["train"]["label"])
     assert labels == set(range(len(CORPORA[name].labels)))
     again = split_examples(read_corpus(name), seed=0)
     assert [t for t, _ in again["dev"]] == splits["dev"]["text"]
+
+
+def test_near_duplicates_are_left_out_of_later_splits() -> None:
+    """Ten texts and their echoes (another case, punctuation, spacing): train is the 70 % cut as it falls; dev keeps
+    a text only if train lacks its echo, test only if train and the dev kept lack it."""
+    texts = [f"text number {i}" for i in range(10)]
+    examples = [(t, 0) for t in texts] + [(f" {t.upper().replace(' ', '  ')}!!", 1) for t in texts]
+    assert len({_near(t) for t, _ in examples}) == 10 and _near(":)") != _near(":(")
+    order = np.random.default_rng(0).permutation(20)
+    cut = {"train": order[:14], "dev": order[14:17], "test": order[17:]}
+    splits = split_examples(examples, seed=0)
+    assert splits["train"] == [examples[i] for i in cut["train"]]
+    seen = {i % 10 for i in cut["train"]}
+    for split in ("dev", "test"):
+        kept = [i for i in cut[split] if i % 10 not in seen]
+        assert splits[split] == [examples[i] for i in kept]
+        seen |= {i % 10 for i in kept}
+    assert len(splits["dev"]) + len(splits["test"]) < 6  # (14 of 20 in train: some echo is met)
 
 
 def test_vader_label_rule() -> None:

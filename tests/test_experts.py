@@ -129,6 +129,64 @@ def test_new_lm_eval_tasks_give_the_causal_experts_new_folders(monkeypatch: pyte
     assert after[0] != before[0] and after[1:] == before[1:]
 
 
+def _stale(folder: Path) -> dict[str, object]:
+    """Make ``folder``'s expert.json look written before the dev and test rules it has (bogus scores, no
+    eval_version); returns what it held."""
+    meta: dict[str, object] = json.loads((folder / "expert.json").read_text())
+    stale = {k: v for k, v in meta.items() if k != "eval_version"}
+    stale["scores"] = {task: {"dev": -1.0, "test": -1.0} for task in meta["scores"]}  # type: ignore[attr-defined]
+    (folder / "expert.json").write_text(json.dumps(stale))
+    return meta
+
+
+@pytest.mark.slow
+def test_new_dev_and_test_rules_score_the_experts_anew_without_training(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A rule that changes dev or test but not train (corpora.EVAL_VERSION) keeps each expert's folder and weights
+    and takes its scores anew: the same as when it was trained on the same rows. The same for a multi-task model
+    with a model per task in folder/<task>."""
+    from evoopt.data import corpora
+    from evoopt.data.experts import _scored_anew
+
+    experts, root = built
+    copy = tmp_path / "experts"
+    shutil.copytree(root, copy)
+    folder = copy / experts.experts["vader-nyt"].name
+    meta = _stale(folder)
+    assert meta["eval_version"] == corpora.EVAL_VERSION
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    rebuilt = build_setting(SMALL, root=copy, limit_train=400, multitask=False)
+    assert rebuilt.experts["vader-nyt"] == folder
+    assert json.loads((folder / "expert.json").read_text()) == meta
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+    per_task = tmp_path / "mtl"  # the two experts as the heads of a per-task-head multi-task model
+    for task, expert in experts.experts.items():
+        shutil.copytree(expert, per_task / task)
+    scores = {task: json.loads((expert / "expert.json").read_text())["scores"][task]
+              for task, expert in experts.experts.items()}
+    (per_task / "expert.json").write_text(json.dumps({"heads": "per task", "scores": {}}))
+    _scored_anew(per_task, SMALL, SMALL.train)
+    assert json.loads((per_task / "expert.json").read_text())["scores"] == scores
+
+
+@pytest.mark.slow
+def test_a_causal_expert_is_scored_anew_through_lm_eval(smol_tiny_family: list[Path], tmp_path: Path) -> None:
+    """A causal model's scores are lm-eval's on the setting's tasks, dev and test, taken again from its folder."""
+    from evoopt.data import corpora
+    from evoopt.data.experts import _scored_anew
+    from evoopt.data.settings import Setting
+
+    causal = Setting("causal-test", "tiny", str(smol_tiny_family[0]), ("sms-spam",), kind="causal", eval_limit=8)
+    folder = tmp_path / "expert"
+    shutil.copytree(smol_tiny_family[1], folder)
+    (folder / "expert.json").write_text(json.dumps({"scores": {"sms-spam": {"dev": -1.0, "test": -1.0}}}))
+    _scored_anew(folder, causal, causal.train)
+    meta = json.loads((folder / "expert.json").read_text())
+    assert meta["eval_version"] == corpora.EVAL_VERSION
+    assert set(meta["scores"]) == {"sms-spam"} and set(meta["scores"]["sms-spam"]) == {"dev", "test"}
+    assert all(0.0 <= score <= 1.0 for score in meta["scores"]["sms-spam"].values())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_statistic_merges_on_real_experts(built, tmp_path: Path, method: str) -> None:  # type: ignore[no-untyped-def]

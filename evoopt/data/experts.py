@@ -5,7 +5,8 @@ for, and the training recipe. :func:`build_setting` fine-tunes the experts (and 
 multi-task reference model) into a content-addressed cache: a folder's name is a
 hash of everything that determines its weights, it is written atomically, and an
 existing complete folder is reused. Each folder is a Hugging Face model with an
-``expert.json`` holding the training settings and dev/test scores.
+``expert.json`` holding the training settings and dev/test scores (scored anew, the
+weights kept, when evoopt's dev or test rows change: :func:`_scored_anew`).
 
 Encoder settings start every expert from the same *base*: the pretrained encoder
 plus a classification head drawn from an explicit seeded generator, saved once.
@@ -179,7 +180,7 @@ def _write_meta(folder: Path, setting: Setting, tasks: tuple[str, ...], identity
             "base": str(resolve_path(setting.base)), "base_identity": identity, **extra, "train": asdict(train),
             "train_examples": examples, "limit_train": limit_train,
             "split_version": corpora.SPLIT_VERSION, "train_seconds": round(seconds, 1),
-            "scores": scores}
+            "eval_version": corpora.EVAL_VERSION, "scores": scores}
     (folder / "expert.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -205,7 +206,7 @@ def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, .
                     train: TrainConfig, limit_train: int | None, report: Progress) -> Path:
     if (folder / "expert.json").exists():
         check_expert(folder, resolve_path(setting.base))
-        return folder
+        return _scored_anew(folder, setting, train)
     _clear_stale(folder)
     if setting.kind == "causal":
         return _train_causal(folder, base, identity, tasks, setting, train, limit_train, report)
@@ -225,13 +226,42 @@ def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, .
     started = time.perf_counter()
     finetune(model, tokenizer, texts, labels, train, progress=lambda d, n: report(f"training {label}", d, n))
     seconds = time.perf_counter() - started
-    scores = {
-        t: {split: evaluate_accuracy(model, tokenizer, load_splits(t, seed=setting.data_seed)[split],
-                                     train) for split in ("dev", "test")}
-        for t in setting.tasks if len(get_corpus(t).labels) == model.config.num_labels
-    }
+    scores = {t: _accuracies(model, tokenizer, t, setting, train)
+              for t in setting.tasks if len(get_corpus(t).labels) == model.config.num_labels}
     return _save_trained(folder, model, tokenizer, setting, tasks, identity, train, examples=len(texts),
                          limit_train=limit_train, seconds=seconds, scores=scores, start=str(base))
+
+
+def _accuracies(model: Any, tokenizer: Any, task: str, setting: Setting, train: TrainConfig) -> dict[str, float]:
+    """A classifier's accuracy on a task's dev and test rows."""
+    splits = load_splits(task, seed=setting.data_seed)
+    return {split: evaluate_accuracy(model, tokenizer, splits[split], train) for split in ("dev", "test")}
+
+
+def _scored_anew(folder: Path, setting: Setting, train: TrainConfig) -> Path:
+    """A cached model whose scores were taken on other dev or test rows (:data:`~evoopt.data.corpora.EVAL_VERSION`:
+    a rule that changed them but not train) scored again; its weights stand. Returns ``folder``."""
+    meta = _read_meta(folder)
+    if meta.get("eval_version", 0) == corpora.EVAL_VERSION:
+        return folder
+    logger.info("scoring %s anew: evoopt's dev and test rows changed since it was trained", folder.name)
+    if setting.kind == "causal":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        scores = score_causal(model, AutoTokenizer.from_pretrained(str(folder)), setting)
+    else:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        scores = {}
+        for t in setting.tasks:  # (a per-task-head multi-task model keeps a model per task in folder/<task>)
+            path = folder / t if meta.get("heads") == "per task" else folder
+            model = AutoModelForSequenceClassification.from_pretrained(str(path))
+            if len(get_corpus(t).labels) == model.config.num_labels:
+                scores[t] = _accuracies(model, AutoTokenizer.from_pretrained(str(path)), t, setting, train)
+    atomic_write(folder / "expert.json", json.dumps({**meta, "eval_version": corpora.EVAL_VERSION,
+                                                     "scores": scores}, indent=2))
+    return folder
 
 
 class _SharedEncoder(torch.nn.Module):
@@ -258,7 +288,7 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
     """
     if (folder / "expert.json").exists():
         check_expert(folder, resolve_path(setting.base))
-        return folder
+        return _scored_anew(folder, setting, train)
     _clear_stale(folder)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -288,8 +318,7 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
     train_loop(_SharedEncoder(models), train, len(rows), make_batch,
            lambda d, n: report("training multi-task (per-task heads)", d, n))
     seconds = time.perf_counter() - started
-    scores = {t: {split: evaluate_accuracy(models[t], tokenizer, load_splits(t, seed=setting.data_seed)[split],
-                                           train) for split in ("dev", "test")} for t in setting.tasks}
+    scores = {t: _accuracies(models[t], tokenizer, t, setting, train) for t in setting.tasks}
     with atomic_folder(folder) as tmp:
         for t, model in models.items():
             model.save_pretrained(tmp / t)
@@ -330,7 +359,7 @@ def cross_scores(experts: ExpertSet, split: str = "dev") -> dict[str, dict[str, 
 
     The diagonal is each expert on its own domain; the off-diagonal is the
     specialisation a merge has to reconcile. ``split`` is 'dev' or 'test'. Expert
-    scores come from their expert.json (computed once, after training).
+    scores come from their expert.json (taken after training, and again when the dev or test rows change).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -358,7 +387,7 @@ def _base_causal_scores(base: Path, setting: Setting) -> dict[str, dict[str, flo
     """lm-eval scores of the untouched base, cached beside the experts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = _key(str(base), setting.tasks, setting.eval_limit, *_data(setting))
+    key = _key(str(base), setting.tasks, setting.eval_limit, *_data(setting), corpora.EVAL_VERSION)
     file = cache_dir() / "experts" / f"base-scores-{setting.name}-{key}.json"
     if file.exists():
         scores: dict[str, dict[str, float]] = json.loads(file.read_text())

@@ -51,11 +51,14 @@ from evoopt.study.report import summary_rows, update_note
 from evoopt.study.space import Sources
 from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.study.run users found them)
     CONFIG_ATTR,
+    DATA_ATTR,
     FINISHED,
     best_index,
     best_trial,
     better,
     check_config,
+    check_data,
+    data_rules,
     finished_trials,
     get_trial,
     load_study,
@@ -119,9 +122,11 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
             stored = study.user_attrs.get(CONFIG_ATTR)
             if stored is None:
                 study.set_user_attr(CONFIG_ATTR, config.identity())
+                study.set_user_attr(DATA_ATTR, data_rules())
                 study.set_user_attr("evoopt:root", str(config.root))
             else:
                 check_config(study, config)
+                check_data(study, config)
             if made or os.environ.get(_LOCAL_WORKER_ENV) or _joined(study, give_up=time.monotonic() > patience):
                 break
         except KeyError:  # taken back by its maker after this process loaded it
@@ -175,7 +180,7 @@ def _unused(study: optuna.Study) -> bool:
     """Nothing run yet: no trial (enqueued ones included), no attribute but the config's own, no baseline's
     outcomes, and no other process has opened it (:data:`JOINED_ATTR`; it may still be loading its models)."""
     system = study._storage.get_study_system_attrs(study._study_id)
-    return (not study.get_trials(deepcopy=False) and set(study.user_attrs) <= {CONFIG_ATTR, "evoopt:root"}
+    return (not study.get_trials(deepcopy=False) and set(study.user_attrs) <= {CONFIG_ATTR, DATA_ATTR, "evoopt:root"}
             and set(system) <= {"study:metric_names", WITHDRAWN_ATTR})
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONFIG_ATTR = "evoopt:config"
+DATA_ATTR = "evoopt:data"  # the rules of the corpora's rows the study's trials were scored on (data_rules)
 
 
 def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
@@ -206,6 +207,29 @@ def check_config(study: optuna.Study, config: StudyConfig) -> None:
     if stored is not None and (changed := same_study(stored, config)):
         raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made from another config; "
                           "give this one a new name, or restore the old values:\n  - " + "\n  - ".join(changed))
+
+
+def data_rules() -> dict[str, int]:
+    """The versions of the rules that make evoopt's train, dev and test rows and its lm-eval tasks."""
+    from evoopt.data import corpora
+
+    return {"split": corpora.SPLIT_VERSION, "eval": corpora.EVAL_VERSION, "tasks": corpora.TASK_VERSION}
+
+
+def check_data(study: optuna.Study, config: StudyConfig) -> None:
+    """Refuse to add trials to a study scored on other rows of evoopt's corpora than this evoopt makes: its scores
+    would not compare, and the examples its per-example outcomes name would be other texts. (Only where the
+    objective reads those corpora: ``dev``, or lm-eval on the setting's own tasks.)"""
+    if config.objective.kind == "lm-eval" and config.objective.tasks:
+        return
+    stored = study.user_attrs.get(DATA_ATTR)
+    if stored is None and study.get_trials(deepcopy=False):
+        logger.warning("study %r was made before evoopt recorded its data rules: its earlier trials may have been "
+                       "scored on other dev rows than its new ones will be", config.name)
+    elif stored is not None and stored != data_rules():
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was scored on rows of evoopt's corpora "
+                          f"made by other rules ({stored}; this evoopt makes {data_rules()}); its trials and new ones "
+                          "would not compare: give the study a new name to search again")
 
 
 def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:

@@ -77,7 +77,7 @@ from evoopt.study.evaluator import Evaluator
 from evoopt.study.fitness import PRECISION_ATTR, study_autocast
 from evoopt.study.kinds import make_kind
 from evoopt.study.run import open_study, report_best, run_baselines, run_study
-from evoopt.study.storage import ANSWER_ATTR, BASELINE_OUTCOMES_ATTR, FINISHED, best_trial, better
+from evoopt.study.storage import ANSWER_ATTR, BASELINE_OUTCOMES_ATTR, FINISHED, best_trial, better, data_rules
 
 SEARCHES: dict[str, dict[str, Any]] = {
     "layerwise-cma": {
@@ -339,10 +339,13 @@ def decisions(study: optuna.Study) -> dict[str, Any]:
 
 
 def kept_runs(path: Path, setting: str, args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The setting's runs already in the results file at the same budget and fraction that this call did not
-    run (another search, arm or seed, run on another day): kept beside this call's, so one file gathers them."""
+    """The setting's runs already in the results file at the same budget and fraction, on rows made by the same
+    data rules, that this call did not run (another search, arm or seed, run on another day): kept beside this
+    call's, so one file gathers them."""
     stored = json.loads(path.read_text()).get(setting) if path.exists() else None
     if not stored or stored["budget"] != args.budget or stored["fraction"] != args.fraction:
+        return []
+    if stored.get("data") != data_rules():  # (runs before 2026-12-06 have none: dev held near-duplicates of train)
         return []
     ran = {run_key(r) for r in runs}
     return [r for r in stored["runs"] if run_key(r) not in ran]
@@ -614,7 +617,8 @@ def main() -> None:
         runs = kept_runs(args.out / f"{args.name}.json", setting, args, runs) + runs
         runs.sort(key=lambda r: (list(SEARCHES).index(r["search"]), ARMS.index(r["arm"]), r.get("references") or 0,
                                  r["seed"]))
-        results[setting] = {"budget": args.budget, "fraction": args.fraction, "references": references,
+        results[setting] = {"budget": args.budget, "fraction": args.fraction, "data": data_rules(),
+                            "references": references,
                             "references_dev": references_dev,
                             "runs": runs, "summary": summarise(runs)}
         print(f"\n{setting}: {args.budget:.0f} s per run, {args.seeds} seeds; test: fixed TIES "

@@ -150,8 +150,9 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
               smollm2-tasks (SmolLM2-135M-Instruct, SMS spam and TREC as answer text,
               scored through lm-eval; about 15 min on 2 CPU cores).
     Models are cached under $EVOOPT_CACHE/experts (default ~/.cache/evoopt) in
-    content-addressed folders, so a second run is instant. Accuracy on dev (used
-    for search) and test (reporting only) is printed for every model.
+    content-addressed folders, so a second run reuses them (scoring them again, not
+    training, when evoopt's dev or test rows changed). Accuracy on dev (used for
+    search) and test (reporting only) is printed for every model.
     """
     from dataclasses import replace
 

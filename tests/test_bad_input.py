@@ -228,7 +228,8 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
     ("a study resumed by an evoopt that makes other dev rows", _other_data_rules, ValueError,
      r"name: study '.*' in .* was scored on rows of evoopt's corpora made by other rules \(\{'split': 2, 'eval': 1, "
-     r"'tasks': 3\}; this evoopt makes \{'split': 2, 'eval': 2, 'tasks': 3\}\); .* give the study a new name"),
+     r"'corpora': \{'rotten-tomatoes': 1\}\}; this evoopt makes \{'split': 2, 'eval': 2, .*\}\): .* give the study a "
+     r"new name to search again \(reading it still works\)"),
     ("full disk during export", _full_disk, OSError, "No space left on device"),
     ("a trial exported through an edited config", lambda s, t, m: export_trial(_study(s, seed=7), "best", t / "out"),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
@@ -295,23 +296,27 @@ def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored:
         open_study(parse_config(bad))
 
 
-def test_a_study_made_before_its_data_rules_were_recorded_warns_when_resumed(
-        stored: Stored, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A study made from the same config by an evoopt that did not record its data rules opens with a warning (its
-    earlier trials may have been scored on other dev rows); one without trials opens silently."""
-    from evoopt.study.storage import DATA_ATTR
+def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_holds_anything(
+        stored: Stored, tmp_path: Path) -> None:
+    """A study made by an evoopt that did not record the rules of its corpora's rows: given them while it holds
+    nothing, refused once it holds a trial (its results may name other rows). The lm-eval tasks' version does not
+    matter to a dev objective."""
+    from evoopt.errors import ConfigError
+    from evoopt.study.storage import DATA_ATTR, data_rules
 
     config = parse_config(small_study_config(stored.root, stored.experts, name="older", trials=1,
                                              storage=f"sqlite:///{tmp_path / 'older.db'}"))
     study = open_study(config)
-    assert study.user_attrs[DATA_ATTR] == {"split": 2, "eval": 1, "tasks": 3}
+    assert study.user_attrs[DATA_ATTR] == data_rules() == {"split": 2, "eval": 1, "tasks": 3,
+                                                           "corpora": {"rotten-tomatoes": 1}}
     study.set_user_attr(DATA_ATTR, None)
-    with caplog.at_level("WARNING", logger="evoopt"):
+    assert open_study(config).user_attrs[DATA_ATTR] == data_rules()
+    study.set_user_attr(DATA_ATTR, {**data_rules(), "tasks": 2})
+    open_study(config)
+    study.set_user_attr(DATA_ATTR, None)
+    study.enqueue_trial({})
+    with pytest.raises(ConfigError, match="was made before evoopt recorded the rules of its corpora's rows"):
         open_study(config)
-        assert "data rules" not in caplog.text
-        study.enqueue_trial({})
-        open_study(config)
-    assert "made before evoopt recorded its data rules" in caplog.text
 
 
 def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Nothing breaks for users: a study database written by main before the architecture change
-(tests/data/made-by-main-b96d5a6, made by its make_db.py with that version's code) opens, resumes
-and is shown by today's code, and the first plan's public imports still work."""
+(tests/data/made-by-main-b96d5a6, made by its make_db.py with that version's code) opens and is shown
+by today's code (resuming it is refused: its dev rows have changed since), and the first plan's public imports still
+work."""
 
 from __future__ import annotations
 
@@ -26,21 +27,26 @@ def old_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder / "study.yaml"
 
 
-def test_a_database_made_by_the_previous_main_opens_and_resumes(old_study: Path) -> None:
-    from evoopt.study.fitness import PRECISION_ATTR, study_autocast
+def test_a_database_made_by_the_previous_main_opens_and_is_refused_on_resume(old_study: Path) -> None:
+    """It reads as it was; resuming it is refused by name, as its trials were scored on sms-spam's dev rows before
+    dev left out the near-duplicates of training texts (2026-12-06), and nothing is written to it."""
+    from evoopt.errors import ConfigError
     from evoopt.study.report import summary_rows
     from evoopt.study.run import open_study
+    from evoopt.study.storage import load_study
 
     config = load_config(old_study)
-    study = open_study(config)  # resumed: the stored config is the same study; today's keys take defaults
+    study = load_study(config)  # read: the stored config is the same study; today's keys take defaults
     assert [t.value for t in study.trials] == [41.5, 39.25, 40.0]
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
-    assert study.metric_names == ["dev perplexity"]  # named on resume
     assert summary_rows(study)[-1] == {"name": "best found (trial 1)", "dev": 39.25, "test": None}
-    # made before the bfloat16 check: its later trials stay in float32 too, and so does every other worker
-    assert study_autocast(config, study) is False
-    assert study_autocast(config, open_study(config)) is False
-    assert study._storage.get_study_system_attrs(study._study_id)[PRECISION_ATTR]["precision"] == "float32"
+    attrs = (dict(study.user_attrs), study._storage.get_study_system_attrs(study._study_id))
+    with pytest.raises(ConfigError, match=r"was made before evoopt recorded the rules of its corpora's rows.*"
+                                          r"give the study a new name"):
+        open_study(config)
+    again = load_study(config)
+    assert (dict(again.user_attrs), again._storage.get_study_system_attrs(again._study_id)) == attrs
+    assert len(again.trials) == 3
 
 
 def test_status_and_best_read_it_without_building_models(old_study: Path) -> None:

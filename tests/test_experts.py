@@ -129,6 +129,32 @@ def test_new_lm_eval_tasks_give_the_causal_experts_new_folders(monkeypatch: pyte
     assert after[0] != before[0] and after[1:] == before[1:]
 
 
+def test_a_revised_corpus_gives_its_settings_experts_new_folders(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """A corpus whose reader changed the texts it holds (Corpus.revision) gives the settings that read it new
+    expert folders, and no other setting; a corpus never revised adds nothing to the keys, so those made before
+    revisions existed stand."""
+    from dataclasses import replace
+
+    from evoopt.data import corpora
+    from evoopt.data import experts as module
+    from evoopt.data.settings import Setting
+
+    monkeypatch.setattr(module, "_ensure_base", lambda *args: tmp_path / "base")
+    monkeypatch.setattr(module, "_ensure_trained", lambda folder, *args: folder)
+    cross = Setting("cross-test", "with rotten tomatoes", SMALL.base, ("vader-nyt", "rotten-tomatoes"))
+
+    def folders(setting: Setting) -> list[str]:
+        return [folder.name for folder in build_setting(setting, root=tmp_path, multitask=False).experts.values()]
+
+    before = {setting.name: folders(setting) for setting in (cross, SMALL)}
+    assert module._data(SMALL) == [0, corpora.SPLIT_VERSION]
+    assert module._data(cross) == [0, corpora.SPLIT_VERSION, "rotten-tomatoes revision 1"]
+    monkeypatch.setitem(corpora.CORPORA, "rotten-tomatoes", replace(corpora.CORPORA["rotten-tomatoes"], revision=2))
+    assert folders(SMALL) == before[SMALL.name]
+    assert not set(folders(cross)) & set(before[cross.name])
+
+
 def _stale(folder: Path) -> dict[str, object]:
     """Make ``folder``'s expert.json look written before the dev and test rules it has (bogus scores, no
     eval_version); returns what it held."""
@@ -172,8 +198,11 @@ def test_new_dev_and_test_rules_score_the_experts_anew_without_training(built, t
 @pytest.mark.slow
 def test_a_causal_expert_is_scored_anew_through_lm_eval(smol_tiny_family: list[Path], tmp_path: Path) -> None:
     """A causal model's scores are lm-eval's on the setting's tasks, dev and test, taken again from its folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from evoopt.data import corpora
-    from evoopt.data.experts import _scored_anew
+    from evoopt.data.experts import _scored_anew, score_causal
     from evoopt.data.settings import Setting
 
     causal = Setting("causal-test", "tiny", str(smol_tiny_family[0]), ("sms-spam",), kind="causal", eval_limit=8)
@@ -183,8 +212,9 @@ def test_a_causal_expert_is_scored_anew_through_lm_eval(smol_tiny_family: list[P
     _scored_anew(folder, causal, causal.train)
     meta = json.loads((folder / "expert.json").read_text())
     assert meta["eval_version"] == corpora.EVAL_VERSION
-    assert set(meta["scores"]) == {"sms-spam"} and set(meta["scores"]["sms-spam"]) == {"dev", "test"}
-    assert all(0.0 <= score <= 1.0 for score in meta["scores"]["sms-spam"].values())
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    assert meta["scores"] == score_causal(model, AutoTokenizer.from_pretrained(str(folder)), causal)
+    assert set(meta["scores"]["sms-spam"]) == {"dev", "test"}
 
 
 @pytest.mark.slow

@@ -140,8 +140,11 @@ def build_setting(name: str | Setting, *, root: Path | None = None, progress: Pr
 def _data(setting: Setting) -> list[object]:
     """What a setting's models learn from and are scored on, for their cache keys: the splits' seed and rules
     (:data:`~evoopt.data.corpora.SPLIT_VERSION`: new rules move examples between train, dev and test, and an expert
-    trained before would have seen what is now dev or test) and, for causal models, :func:`_answers`."""
-    return [setting.data_seed, corpora.SPLIT_VERSION, *_answers(setting)]
+    trained before would have seen what is now dev or test), the revisions of its corpora that have one (a corpus
+    never revised adds nothing: the keys made before revisions existed stand) and, for causal models,
+    :func:`_answers`."""
+    revised = [f"{t} revision {get_corpus(t).revision}" for t in setting.tasks if get_corpus(t).revision]
+    return [setting.data_seed, corpora.SPLIT_VERSION, *revised, *_answers(setting)]
 
 
 def _answers(setting: Setting) -> list[object]:
@@ -206,7 +209,7 @@ def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, .
                     train: TrainConfig, limit_train: int | None, report: Progress) -> Path:
     if (folder / "expert.json").exists():
         check_expert(folder, resolve_path(setting.base))
-        return _scored_anew(folder, setting, train)
+        return _scored_anew(folder, setting, train, report)
     _clear_stale(folder)
     if setting.kind == "causal":
         return _train_causal(folder, base, identity, tasks, setting, train, limit_train, report)
@@ -238,13 +241,15 @@ def _accuracies(model: Any, tokenizer: Any, task: str, setting: Setting, train: 
     return {split: evaluate_accuracy(model, tokenizer, splits[split], train) for split in ("dev", "test")}
 
 
-def _scored_anew(folder: Path, setting: Setting, train: TrainConfig) -> Path:
+def _scored_anew(folder: Path, setting: Setting, train: TrainConfig, report: Progress | None = None) -> Path:
     """A cached model whose scores were taken on other dev or test rows (:data:`~evoopt.data.corpora.EVAL_VERSION`:
     a rule that changed them but not train) scored again; its weights stand. Returns ``folder``."""
     meta = _read_meta(folder)
     if meta.get("eval_version", 0) == corpora.EVAL_VERSION:
         return folder
     logger.info("scoring %s anew: evoopt's dev and test rows changed since it was trained", folder.name)
+    if report:
+        report(f"scoring {folder.name} anew (dev and test rows changed)", 0, 1)
     if setting.kind == "causal":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -253,12 +258,17 @@ def _scored_anew(folder: Path, setting: Setting, train: TrainConfig) -> Path:
     else:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        scores = {}
-        for t in setting.tasks:  # (a per-task-head multi-task model keeps a model per task in folder/<task>)
-            path = folder / t if meta.get("heads") == "per task" else folder
+        def load(path: Path) -> tuple[Any, Any]:
             model = AutoModelForSequenceClassification.from_pretrained(str(path))
+            return model, AutoTokenizer.from_pretrained(str(path))
+
+        per_task = meta.get("heads") == "per task"  # (_ensure_multihead: a model per task in folder/<task>)
+        shared = None if per_task else load(folder)
+        scores = {}
+        for t in setting.tasks:
+            model, tokenizer = shared or load(folder / t)
             if len(get_corpus(t).labels) == model.config.num_labels:
-                scores[t] = _accuracies(model, AutoTokenizer.from_pretrained(str(path)), t, setting, train)
+                scores[t] = _accuracies(model, tokenizer, t, setting, train)
     atomic_write(folder / "expert.json", json.dumps({**meta, "eval_version": corpora.EVAL_VERSION,
                                                      "scores": scores}, indent=2))
     return folder
@@ -288,7 +298,7 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
     """
     if (folder / "expert.json").exists():
         check_expert(folder, resolve_path(setting.base))
-        return _scored_anew(folder, setting, train)
+        return _scored_anew(folder, setting, train, report)
     _clear_stale(folder)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

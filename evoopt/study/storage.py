@@ -209,27 +209,38 @@ def check_config(study: optuna.Study, config: StudyConfig) -> None:
                           "give this one a new name, or restore the old values:\n  - " + "\n  - ".join(changed))
 
 
-def data_rules() -> dict[str, int]:
+def data_rules() -> dict[str, Any]:
     """The versions of the rules that make evoopt's train, dev and test rows and its lm-eval tasks."""
     from evoopt.data import corpora
 
-    return {"split": corpora.SPLIT_VERSION, "eval": corpora.EVAL_VERSION, "tasks": corpora.TASK_VERSION}
+    return {"split": corpora.SPLIT_VERSION, "eval": corpora.EVAL_VERSION, "tasks": corpora.TASK_VERSION,
+            "corpora": {c.name: c.revision for c in corpora.CORPORA.values() if c.revision}}
 
 
 def check_data(study: optuna.Study, config: StudyConfig) -> None:
-    """Refuse to add trials to a study scored on other rows of evoopt's corpora than this evoopt makes: its scores
-    would not compare, and the examples its per-example outcomes name would be other texts. (Only where the
-    objective reads those corpora: ``dev``, or lm-eval on the setting's own tasks.)"""
+    """Refuse to add trials to a study scored on rows of evoopt's corpora that this evoopt makes otherwise: its scores
+    would not compare with new ones, and its per-example outcomes, baselines and estimator name examples by their
+    place in dev, now other texts. Only where the objective reads those corpora (``dev``, or lm-eval on the
+    setting's own tasks; the lm-eval tasks' version only for the latter). A study made before the rules were
+    recorded is refused once it holds anything, else given them."""
     if config.objective.kind == "lm-eval" and config.objective.tasks:
         return
     stored = study.user_attrs.get(DATA_ATTR)
-    if stored is None and study.get_trials(deepcopy=False):
-        logger.warning("study %r was made before evoopt recorded its data rules: its earlier trials may have been "
-                       "scored on other dev rows than its new ones will be", config.name)
-    elif stored is not None and stored != data_rules():
+    if stored is None:
+        if study.get_trials(deepcopy=False) or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, "evoopt:root"}:
+            raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made before evoopt recorded "
+                              "the rules of its corpora's rows, and they have changed since (2026-12-06: dev and test "
+                              "leave out near-duplicates of training texts): its results name other rows than new "
+                              "ones would; give the study a new name to search again (reading it still works)")
+        study.set_user_attr(DATA_ATTR, data_rules())
+        return
+    now = data_rules()
+    if config.objective.kind != "lm-eval":
+        stored, now = ({k: v for k, v in rules.items() if k != "tasks"} for rules in (stored, now))
+    if stored != now:
         raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was scored on rows of evoopt's corpora "
-                          f"made by other rules ({stored}; this evoopt makes {data_rules()}); its trials and new ones "
-                          "would not compare: give the study a new name to search again")
+                          f"made by other rules ({stored}; this evoopt makes {now}): its results name other rows "
+                          "than new ones would; give the study a new name to search again (reading it still works)")
 
 
 def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:

@@ -135,9 +135,12 @@ def main() -> None:
         if "path" in r:
             print(f"{r['name']}: {r['path']}")
     if args.json is not None:
+        from evoopt.models.io import atomic_write
+        from evoopt.study.storage import data_rules
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if k not in ("workdir", "json")}
-        args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+        atomic_write(args.json, json.dumps({"settings": settings, "data": data_rules(), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -227,9 +227,10 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
     ("study name reused with another config", lambda s, t, m: open_study(_study(s, seed=7)),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
     ("a study resumed by an evoopt that makes other dev rows", _other_data_rules, ValueError,
-     r"name: study '.*' in .* was scored on rows of evoopt's corpora made by other rules \(\{'split': 2, 'eval': 1, "
-     r"'corpora': \{'rotten-tomatoes': 1\}\}; this evoopt makes \{'split': 2, 'eval': 2, .*\}\): .* give the study a "
-     r"new name to search again \(reading it still works\)"),
+     r"name: study '.*' in .* was scored on rows of evoopt's corpora made by other rules \(\{'split': 2, 'tasks': 3, "
+     r"'corpora': \{\}, 'eval': 1\}; this evoopt makes \{'split': 2, 'tasks': 3, 'corpora': \{\}, 'eval': 2\}\): .* "
+     r"give the study a new name \(a benchmark: a new work folder\) to search again; status, best and export still "
+     r"read it"),
     ("full disk during export", _full_disk, OSError, "No space left on device"),
     ("a trial exported through an edited config", lambda s, t, m: export_trial(_study(s, seed=7), "best", t / "out"),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
@@ -299,9 +300,10 @@ def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored:
 def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_holds_anything(
         stored: Stored, tmp_path: Path) -> None:
     """A study made by an evoopt that did not record the rules of its corpora's rows: given them while it holds
-    nothing, refused once it holds a trial (its results may name other rows). The lm-eval tasks' version does not
-    matter to a dev objective."""
+    nothing, refused once it holds a trial or a precision check (its results may name other rows). A revision of
+    a corpus it does not read does not matter; the lm-eval tasks' version does."""
     from evoopt.errors import ConfigError
+    from evoopt.study.fitness import PRECISION_ATTR
     from evoopt.study.storage import DATA_ATTR, data_rules
 
     config = parse_config(small_study_config(stored.root, stored.experts, name="older", trials=1,
@@ -311,12 +313,35 @@ def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_hol
                                                            "corpora": {"rotten-tomatoes": 1}}
     study.set_user_attr(DATA_ATTR, None)
     assert open_study(config).user_attrs[DATA_ATTR] == data_rules()
-    study.set_user_attr(DATA_ATTR, {**data_rules(), "tasks": 2})
+    study.set_user_attr(DATA_ATTR, {**data_rules(), "corpora": {}})  # before Rotten Tomatoes' revision: not read
     open_study(config)
+    study.set_user_attr(DATA_ATTR, {**data_rules(), "tasks": 2})
+    with pytest.raises(ConfigError, match="made by other rules"):
+        open_study(config)
     study.set_user_attr(DATA_ATTR, None)
+    study._storage.set_study_system_attr(study._study_id, PRECISION_ATTR, {"precision": "float32"})
+    with pytest.raises(ConfigError, match="was made before evoopt recorded the rules of its corpora's rows"):
+        open_study(config)
     study.enqueue_trial({})
     with pytest.raises(ConfigError, match="was made before evoopt recorded the rules of its corpora's rows"):
         open_study(config)
+
+
+def test_the_data_rules_a_study_depends_on(stored: Stored) -> None:
+    """Scored on evoopt's dev rows: every rule and the revisions of its corpora; lm-eval's own tasks on experts of a
+    setting: the rules that make those experts, not dev's; lm-eval's own tasks on models of the user's: none."""
+    from evoopt.study.storage import _rules_read, data_rules
+
+    config = parse_config(small_study_config(stored.root, stored.experts, name="rules", trials=1))
+    assert _rules_read(data_rules(), config) == {"split": 2, "tasks": 3, "corpora": {}, "eval": 1}
+    cross = config.model_copy(update={"sources": config.sources.model_copy(update={"tasks": ["rotten-tomatoes"]})})
+    assert _rules_read(data_rules(), cross)["corpora"] == {"rotten-tomatoes": 1}
+    own = config.model_copy(update={"objective": config.objective.model_copy(update={"kind": "lm-eval",
+                                                                                     "tasks": ["arc_easy"]})})
+    assert _rules_read(data_rules(), own) == {}
+    experts = own.model_copy(update={"sources": own.sources.model_copy(update={
+        "models": ["expert:minilm-cross-task/sms-spam", "expert:minilm-cross-task/rotten-tomatoes"]})})
+    assert _rules_read(data_rules(), experts) == {"split": 2, "tasks": 3, "corpora": {"rotten-tomatoes": 1}}
 
 
 def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_path: Path) -> None:

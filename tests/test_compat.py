@@ -49,6 +49,25 @@ def test_a_database_made_by_the_previous_main_opens_and_is_refused_on_resume(old
     assert len(again.trials) == 3
 
 
+def test_it_resumes_once_its_rows_are_known_to_be_todays(old_study: Path) -> None:
+    """Its other upgrades on resume, as for a study whose data rules are today's (stamped here: resuming it as it
+    is, is refused above): its metric named, and, made before the bfloat16 check, its later trials in float32."""
+    from evoopt.study.fitness import PRECISION_ATTR, study_autocast
+    from evoopt.study.report import summary_rows
+    from evoopt.study.run import open_study
+    from evoopt.study.storage import DATA_ATTR, data_rules, load_study
+
+    config = load_config(old_study)
+    load_study(config).set_user_attr(DATA_ATTR, data_rules())
+    study = open_study(config)  # resumed: the stored config is the same study; today's keys take defaults
+    assert [t.value for t in study.trials] == [41.5, 39.25, 40.0]
+    assert study.metric_names == ["dev perplexity"]  # named on resume
+    assert summary_rows(study)[-1] == {"name": "best found (trial 1)", "dev": 39.25, "test": None}
+    assert study_autocast(config, study) is False
+    assert study_autocast(config, open_study(config)) is False
+    assert study._storage.get_study_system_attrs(study._study_id)[PRECISION_ATTR]["precision"] == "float32"
+
+
 def test_status_and_best_read_it_without_building_models(old_study: Path) -> None:
     status = CliRunner().invoke(main, ["status", str(old_study)])
     assert status.exit_code == 0, status.output

@@ -271,6 +271,8 @@ def _scored_anew(folder: Path, setting: Setting, train: TrainConfig, report: Pro
                 scores[t] = _accuracies(model, tokenizer, t, setting, train)
     atomic_write(folder / "expert.json", json.dumps({**meta, "eval_version": corpora.EVAL_VERSION,
                                                      "scores": scores}, indent=2))
+    if report:
+        report(f"scoring {folder.name} anew (dev and test rows changed)", 1, 1)
     return folder
 
 

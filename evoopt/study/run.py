@@ -53,6 +53,8 @@ from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.stu
     CONFIG_ATTR,
     DATA_ATTR,
     FINISHED,
+    JOINED_ATTR,
+    WITHDRAWN_ATTR,
     best_index,
     best_trial,
     better,
@@ -61,6 +63,7 @@ from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.stu
     data_rules,
     finished_trials,
     get_trial,
+    holds_results,
     load_study,
     record_baseline_outcomes,
     storage_from_url,
@@ -139,8 +142,6 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
     return study, made
 
 
-JOINED_ATTR = "evoopt:joined"  # a study system attribute: another process has opened the study
-WITHDRAWN_ATTR = "evoopt:withdrawn"  # ... and: the process that made it is taking it back
 _LOCAL_WORKER_ENV = "EVOOPT_LOCAL_WORKER"  # set for run --workers' processes: their parent waits for them
 
 
@@ -177,11 +178,9 @@ def _take_back(study: optuna.Study) -> None:
 
 
 def _unused(study: optuna.Study) -> bool:
-    """Nothing run yet: no trial (enqueued ones included), no attribute but the config's own, no baseline's
-    outcomes, and no other process has opened it (:data:`JOINED_ATTR`; it may still be loading its models)."""
-    system = study._storage.get_study_system_attrs(study._study_id)
-    return (not study.get_trials(deepcopy=False) and set(study.user_attrs) <= {CONFIG_ATTR, DATA_ATTR, "evoopt:root"}
-            and set(system) <= {"study:metric_names", WITHDRAWN_ATTR})
+    """Nothing run yet (:func:`holds_results`), and no other process has opened it (:data:`JOINED_ATTR`; it may
+    still be loading its models)."""
+    return not holds_results(study) and JOINED_ATTR not in study._storage.get_study_system_attrs(study._study_id)
 
 
 @contextlib.contextmanager

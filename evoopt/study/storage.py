@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONFIG_ATTR = "evoopt:config"
 DATA_ATTR = "evoopt:data"  # the rules of the corpora's rows the study's trials were scored on (data_rules)
+JOINED_ATTR = "evoopt:joined"  # a study system attribute: another process has opened the study
+WITHDRAWN_ATTR = "evoopt:withdrawn"  # ... and: the process that made it is taking it back
 
 
 def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
@@ -210,37 +212,63 @@ def check_config(study: optuna.Study, config: StudyConfig) -> None:
 
 
 def data_rules() -> dict[str, Any]:
-    """The versions of the rules that make evoopt's train, dev and test rows and its lm-eval tasks."""
+    """The versions of the rules that make evoopt's train, dev and test rows and its lm-eval tasks, and the
+    revisions of the corpora that have one."""
     from evoopt.data import corpora
 
     return {"split": corpora.SPLIT_VERSION, "eval": corpora.EVAL_VERSION, "tasks": corpora.TASK_VERSION,
             "corpora": {c.name: c.revision for c in corpora.CORPORA.values() if c.revision}}
 
 
+def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
+    """The part of ``rules`` a study depends on: none if nothing of it comes from evoopt's corpora; else the split
+    rules, the lm-eval tasks' version and the revisions of the corpora it reads (its experts' training data and
+    its dev rows), and the dev and test rules if it is scored on their rows (``dev``, or lm-eval on the
+    setting's own tasks)."""
+    from evoopt.data.settings import get_setting
+
+    scored_on_rows = config.objective.kind != "lm-eval" or not config.objective.tasks
+    read = set(config.task_names) if scored_on_rows else set()
+    references = [config.sources.base or "", *config.sources.models] if config.sources else []
+    settings = {config.setting} | {r.removeprefix("expert:").partition("/")[0] for r in references
+                                   if r.startswith("expert:")}
+    read |= {task for name in settings - {None} for task in get_setting(str(name)).tasks}
+    if not read:
+        return {}
+    part = {"split": rules.get("split"), "tasks": rules.get("tasks"),
+            "corpora": {name: v for name, v in (rules.get("corpora") or {}).items() if name in read}}
+    return {**part, "eval": rules.get("eval")} if scored_on_rows else part
+
+
+def holds_results(study: optuna.Study) -> bool:
+    """Whether anything was recorded in the study beyond what making and opening it writes: a trial (an enqueued
+    one too), baselines, their outcomes, the precision check."""
+    system = study._storage.get_study_system_attrs(study._study_id)
+    return bool(study.get_trials(deepcopy=False)
+                or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, "evoopt:root"}
+                or set(system) - {"study:metric_names", JOINED_ATTR, WITHDRAWN_ATTR})
+
+
 def check_data(study: optuna.Study, config: StudyConfig) -> None:
-    """Refuse to add trials to a study scored on rows of evoopt's corpora that this evoopt makes otherwise: its scores
-    would not compare with new ones, and its per-example outcomes, baselines and estimator name examples by their
-    place in dev, now other texts. Only where the objective reads those corpora (``dev``, or lm-eval on the
-    setting's own tasks; the lm-eval tasks' version only for the latter). A study made before the rules were
-    recorded is refused once it holds anything, else given them."""
-    if config.objective.kind == "lm-eval" and config.objective.tasks:
-        return
+    """Refuse to add trials to a study whose results came from rows of evoopt's corpora, or experts trained on them,
+    that this evoopt makes otherwise (:func:`_rules_read`): its scores would not compare with new ones, and its
+    per-example outcomes, baselines and estimator name examples by their place in dev, now other texts. A study
+    made before the rules were recorded is refused once it holds anything (:func:`holds_results`), else given
+    them."""
     stored = study.user_attrs.get(DATA_ATTR)
+    now = _rules_read(data_rules(), config)
+    advice = ("give the study a new name (a benchmark: a new work folder) to search again; status, best and export "
+              "still read it")
+    if stored is None and now and holds_results(study):
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made before evoopt recorded the "
+                          "rules of its corpora's rows, which may have changed since (2026-12-06: dev and test leave "
+                          f"out near-duplicates of training texts): its results may name other rows; {advice}")
     if stored is None:
-        if study.get_trials(deepcopy=False) or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, "evoopt:root"}:
-            raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made before evoopt recorded "
-                              "the rules of its corpora's rows, and they have changed since (2026-12-06: dev and test "
-                              "leave out near-duplicates of training texts): its results name other rows than new "
-                              "ones would; give the study a new name to search again (reading it still works)")
         study.set_user_attr(DATA_ATTR, data_rules())
-        return
-    now = data_rules()
-    if config.objective.kind != "lm-eval":
-        stored, now = ({k: v for k, v in rules.items() if k != "tasks"} for rules in (stored, now))
-    if stored != now:
+    elif _rules_read(stored, config) != now:
         raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was scored on rows of evoopt's corpora "
-                          f"made by other rules ({stored}; this evoopt makes {now}): its results name other rows "
-                          "than new ones would; give the study a new name to search again (reading it still works)")
+                          f"made by other rules ({_rules_read(stored, config)}; this evoopt makes {now}): its results "
+                          f"name other rows than new ones would; {advice}")
 
 
 def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:

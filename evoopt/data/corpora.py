@@ -62,7 +62,8 @@ class Corpus:
     labels: tuple[str, ...]
     description: str
     reader: Callable[[Path], Examples]
-    # bump when the reader changes which texts the corpus holds: its splits are rebuilt, its experts retrained
+    # bump when the reader changes which texts the corpus holds: its splits are rebuilt, its experts retrained (and
+    # with a corpus whose reader reads this one's texts: rotten-tomatoes leaves out vader-movies')
     revision: int = 0
 
     def root(self) -> Path:

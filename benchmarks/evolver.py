@@ -274,8 +274,12 @@ def main() -> None:
           f"{args.generations} generations, strategy {args.strategy}, {args.seeds} seeds\n")
     print(table(rows, evolver))
     if args.json:
+        from evoopt.models.io import atomic_write
+        from evoopt.study.storage import data_rules
+
         settings = {k: v for k, v in vars(args).items() if k != "workdir"}  # (a machine's own path)
-        Path(args.json).write_text(json.dumps({"args": settings, "rows": rows, "evolver": evolver}, indent=1))
+        atomic_write(Path(args.json), json.dumps({"args": settings, "data": data_rules(), "rows": rows,
+                                                  "evolver": evolver}, indent=1))
 
 
 if __name__ == "__main__":

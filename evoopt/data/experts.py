@@ -248,8 +248,9 @@ def _scored_anew(folder: Path, setting: Setting, train: TrainConfig, report: Pro
     if meta.get("eval_version", 0) == corpora.EVAL_VERSION:
         return folder
     logger.info("scoring %s anew: evoopt's dev and test rows changed since it was trained", folder.name)
-    if report:
-        report(f"scoring {folder.name} anew (dev and test rows changed)", 0, 1)
+    stage = f"scoring {folder.name} anew (dev and test rows changed)"
+    report = report or (lambda stage, done, total: None)
+    report(stage, 0, 1)
     if setting.kind == "causal":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -271,8 +272,7 @@ def _scored_anew(folder: Path, setting: Setting, train: TrainConfig, report: Pro
                 scores[t] = _accuracies(model, tokenizer, t, setting, train)
     atomic_write(folder / "expert.json", json.dumps({**meta, "eval_version": corpora.EVAL_VERSION,
                                                      "scores": scores}, indent=2))
-    if report:
-        report(f"scoring {folder.name} anew (dev and test rows changed)", 1, 1)
+    report(stage, 1, 1)
     return folder
 
 

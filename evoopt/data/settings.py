@@ -59,6 +59,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 ]}
 
 
+def expert_setting(reference: str) -> str | None:
+    """The setting an ``expert:SETTING/MEMBER`` reference names; None for any other reference."""
+    return reference.removeprefix("expert:").partition("/")[0] if reference.startswith("expert:") else None
+
+
 def expert_problem(reference: str) -> str | None:
     """What is wrong with an ``expert:SETTING/MEMBER`` reference (without ``expert:``), if anything, checked
     before anything trains: the setting must be known and the member one of ``base``, its tasks, ``mtl`` or

@@ -198,7 +198,7 @@ def _study_trial(study: str | None, storage: str | None, trial: str | int | None
                  config: str | None) -> tuple[Any, Any, Any, str]:
     """(config, study, trial, storage URL) that study= or config= (with trial=) name."""
     from evoopt.study.config import StudyConfig, load_config, parse_config, same_study
-    from evoopt.study.run import CONFIG_ATTR, get_trial
+    from evoopt.study.run import CONFIG_ATTR, ROOT_ATTR, get_trial
 
     which = _which(trial)
     loaded: StudyConfig | None = None
@@ -219,7 +219,7 @@ def _study_trial(study: str | None, storage: str | None, trial: str | int | None
         raise ModelArgsError(f"study={name}: the study in {url} was not made by evoopt (it has no {CONFIG_ATTR!r} "
                              "attribute); give recipe= for a fixed merge")
     if loaded is None:
-        root = Path(found.user_attrs.get("evoopt:root") or Path.cwd())
+        root = Path(found.user_attrs.get(ROOT_ATTR) or Path.cwd())
         loaded = parse_config(stored, root=root, source=f"study {name!r} (its stored config)")
     elif changed := same_study(stored, loaded):
         raise ModelArgsError(f"config={config}: study {name!r} in {url} was made from another config; restore "

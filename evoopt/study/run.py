@@ -54,6 +54,7 @@ from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.stu
     DATA_ATTR,
     FINISHED,
     JOINED_ATTR,
+    ROOT_ATTR,
     WITHDRAWN_ATTR,
     best_index,
     best_trial,
@@ -126,7 +127,7 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
             if stored is None:
                 study.set_user_attr(CONFIG_ATTR, config.identity())
                 study.set_user_attr(DATA_ATTR, data_rules())
-                study.set_user_attr("evoopt:root", str(config.root))
+                study.set_user_attr(ROOT_ATTR, str(config.root))
             else:
                 check_config(study, config)
                 check_data(study, config)

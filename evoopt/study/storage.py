@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
+from evoopt.data import corpora
 from evoopt.data.outcomes import Outcomes, decode, encode
+from evoopt.data.settings import expert_setting, get_setting
 from evoopt.errors import ConfigError, StorageError
 from evoopt.study.config import same_study
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONFIG_ATTR = "evoopt:config"
+ROOT_ATTR = "evoopt:root"  # the folder the study's config was read from (its relative paths)
 DATA_ATTR = "evoopt:data"  # the rules of the corpora's rows the study's trials were scored on (data_rules)
 JOINED_ATTR = "evoopt:joined"  # a study system attribute: another process has opened the study
 WITHDRAWN_ATTR = "evoopt:withdrawn"  # ... and: the process that made it is taking it back
@@ -214,8 +217,6 @@ def check_config(study: optuna.Study, config: StudyConfig) -> None:
 def data_rules() -> dict[str, Any]:
     """The versions of the rules that make evoopt's train, dev and test rows and its lm-eval tasks, and the
     revisions of the corpora that have one."""
-    from evoopt.data import corpora
-
     return {"split": corpora.SPLIT_VERSION, "eval": corpora.EVAL_VERSION, "tasks": corpora.TASK_VERSION,
             "corpora": {c.name: c.revision for c in corpora.CORPORA.values() if c.revision}}
 
@@ -225,14 +226,11 @@ def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
     rules, the lm-eval tasks' version and the revisions of the corpora it reads (its experts' training data and
     its dev rows), and the dev and test rules if it is scored on their rows (``dev``, or lm-eval on the
     setting's own tasks)."""
-    from evoopt.data.settings import get_setting
-
     scored_on_rows = config.objective.kind != "lm-eval" or not config.objective.tasks
     read = set(config.task_names) if scored_on_rows else set()
     references = [config.sources.base or "", *config.sources.models] if config.sources else []
-    settings = {config.setting} | {r.removeprefix("expert:").partition("/")[0] for r in references
-                                   if r.startswith("expert:")}
-    read |= {task for name in settings - {None} for task in get_setting(str(name)).tasks}
+    for setting in {config.setting, *map(expert_setting, references)} - {None}:
+        read |= set(get_setting(str(setting)).tasks)
     if not read:
         return {}
     part = {"split": rules.get("split"), "tasks": rules.get("tasks"),
@@ -245,7 +243,7 @@ def holds_results(study: optuna.Study) -> bool:
     one too), baselines, their outcomes, the precision check."""
     system = study._storage.get_study_system_attrs(study._study_id)
     return bool(study.get_trials(deepcopy=False)
-                or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, "evoopt:root"}
+                or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, ROOT_ATTR}
                 or set(system) - {"study:metric_names", JOINED_ATTR, WITHDRAWN_ATTR})
 
 
@@ -259,16 +257,17 @@ def check_data(study: optuna.Study, config: StudyConfig) -> None:
     now = _rules_read(data_rules(), config)
     advice = ("give the study a new name (a benchmark: a new work folder) to search again; status, best and export "
               "still read it")
-    if stored is None and now and holds_results(study):
-        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made before evoopt recorded the "
-                          "rules of its corpora's rows, which may have changed since (2026-12-06: dev and test leave "
-                          f"out near-duplicates of training texts): its results may name other rows; {advice}")
     if stored is None:
+        if now and holds_results(study):
+            raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made before evoopt recorded "
+                              "the rules of its corpora's rows, which may have changed since (2026-12-06: dev and "
+                              "test leave out near-duplicates of training texts): its results may name other rows; "
+                              f"{advice}")
         study.set_user_attr(DATA_ATTR, data_rules())
-    elif _rules_read(stored, config) != now:
+    elif (then := _rules_read(stored, config)) != now:
         raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was scored on rows of evoopt's corpora "
-                          f"made by other rules ({_rules_read(stored, config)}; this evoopt makes {now}): its results "
-                          f"name other rows than new ones would; {advice}")
+                          f"made by other rules ({then}; this evoopt makes {now}): its results name other rows than "
+                          f"new ones would; {advice}")
 
 
 def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:

@@ -327,6 +327,31 @@ def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_hol
         open_study(config)
 
 
+def test_a_resumed_study_is_refused_before_its_sources_are_resolved(stored: Stored, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolving a study's sources may train or rescore experts for minutes: a study that its config or the data
+    rules refuse is refused before, and a new one gets to them."""
+    from evoopt.errors import ConfigError
+    from evoopt.study import run as run_module
+    from evoopt.study.storage import DATA_ATTR, data_rules
+
+    config = parse_config(small_study_config(stored.root, stored.experts, name="early", trials=1,
+                                             storage=f"sqlite:///{tmp_path / 'early.db'}"))
+    study = open_study(config)
+
+    def resolved(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the sources were resolved")
+
+    monkeypatch.setattr(run_module, "make_kind", resolved)
+    study.set_user_attr(DATA_ATTR, {**data_rules(), "eval": 0})
+    with pytest.raises(ConfigError, match="made by other rules"):
+        run_study(config, n_trials=1)
+    with pytest.raises(ConfigError, match="made from another config"):
+        run_study(config.model_copy(update={"seed": 7}), n_trials=1)
+    with pytest.raises(AssertionError, match="the sources were resolved"):
+        run_study(config.model_copy(update={"name": "new"}), n_trials=1)
+
+
 def test_the_data_rules_a_study_depends_on(stored: Stored) -> None:
     """Scored on evoopt's dev rows: every rule and the revisions of its corpora; lm-eval's own tasks on experts of a
     setting: the rules that make those experts, not dev's; lm-eval's own tasks on models of the user's: none."""

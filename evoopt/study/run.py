@@ -61,6 +61,7 @@ from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.stu
     better,
     check_config,
     check_data,
+    check_stored,
     data_rules,
     finished_trials,
     get_trial,
@@ -309,7 +310,9 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
     if kind is not None and kind.config.name != config.name:
         raise ConfigError(f"kind: built for study {kind.config.name!r}, not {config.name!r}; "
                           "build it with make_kind(config)")
-    kind = kind if kind is not None else make_kind(config)  # built once: the sampler's space and the worker's share it
+    if kind is None:
+        check_stored(config)  # before the sources: their experts may be trained or rescored first
+        kind = make_kind(config)  # built once: the sampler's space and the worker's share it
     with taken_back_if_refused(config, worker=worker_index, kind=kind) as study:
         return _run(config, study, kind, n_trials=n_trials, timeout=timeout, workers=workers,
                     worker_index=worker_index, progress=progress, on_trial=on_trial, baselines=baselines, report=report)

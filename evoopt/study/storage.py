@@ -270,6 +270,23 @@ def check_data(study: optuna.Study, config: StudyConfig) -> None:
                           f"new ones would; {advice}")
 
 
+def check_stored(config: StudyConfig) -> None:
+    """The checks of resuming a study (:func:`check_config`, :func:`check_data`), made before its sources are
+    resolved, which may train or rescore experts for minutes: a study that will be refused is refused first.
+    Nothing is made where the storage file or the study does not exist yet."""
+    file = storage_file(config.storage_url)
+    if file is not None and not file.is_file():
+        return
+    try:
+        study = optuna.load_study(study_name=config.name, storage=storage_from_url(config.storage_url),
+                                  sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        return
+    if study.user_attrs.get(CONFIG_ATTR) is not None:  # (else being made by a worker beside: checked on opening)
+        check_config(study, config)
+        check_data(study, config)
+
+
 def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:
     """The study's artifact store (recipes, plots), the folder optuna-dashboard is pointed at."""
     from optuna.artifacts import FileSystemArtifactStore

@@ -227,10 +227,10 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
     ("study name reused with another config", lambda s, t, m: open_study(_study(s, seed=7)),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
     ("a study resumed by an evoopt that makes other dev rows", _other_data_rules, ValueError,
-     r"name: study '.*' in .* was scored on rows of evoopt's corpora made by other rules \(\{'split': 2, 'tasks': 3, "
-     r"'corpora': \{\}, 'eval': 1\}; this evoopt makes \{'split': 2, 'tasks': 3, 'corpora': \{\}, 'eval': 2\}\): .* "
-     r"give the study a new name \(a benchmark: a new work folder\) to search again; status, best and export still "
-     r"read it"),
+     r"name: study '.*' in .* was scored on rows of evoopt's corpora made by other rules \(\{'split': 2, 'corpora': "
+     r"\{\}, 'eval': 1\}; this evoopt makes \{'split': 2, 'corpora': \{\}, 'eval': 2\}\): .* give the study a new "
+     r"name \(a benchmark: a new work folder\) to search again; status and best still read it, export too unless "
+     r"its experts changed"),
     ("full disk during export", _full_disk, OSError, "No space left on device"),
     ("a trial exported through an edited config", lambda s, t, m: export_trial(_study(s, seed=7), "best", t / "out"),
      ValueError, r"(?s)made from another config.*seed: stored 0, now 7"),
@@ -301,7 +301,8 @@ def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_hol
         stored: Stored, tmp_path: Path) -> None:
     """A study made by an evoopt that did not record the rules of its corpora's rows: given them while it holds
     nothing, refused once it holds a trial or a precision check (its results may name other rows). A revision of
-    a corpus it does not read does not matter; the lm-eval tasks' version does."""
+    a corpus it does not read does not matter, nor the lm-eval tasks' version to a study lm-eval does not score;
+    the split rules do."""
     from evoopt.errors import ConfigError
     from evoopt.study.fitness import PRECISION_ATTR
     from evoopt.study.storage import DATA_ATTR, data_rules
@@ -316,6 +317,8 @@ def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_hol
     study.set_user_attr(DATA_ATTR, {**data_rules(), "corpora": {}})  # before Rotten Tomatoes' revision: not read
     open_study(config)
     study.set_user_attr(DATA_ATTR, {**data_rules(), "tasks": 2})
+    open_study(config)
+    study.set_user_attr(DATA_ATTR, {**data_rules(), "split": 1})
     with pytest.raises(ConfigError, match="made by other rules"):
         open_study(config)
     study.set_user_attr(DATA_ATTR, None)
@@ -327,46 +330,92 @@ def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_hol
         open_study(config)
 
 
-def test_a_resumed_study_is_refused_before_its_sources_are_resolved(stored: Stored, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Resolving a study's sources may train or rescore experts for minutes: a study that its config or the data
-    rules refuse is refused before, and a new one gets to them."""
+def test_a_resumed_study_is_refused_before_its_sources_are_resolved(stored: Stored, tmp_path: Path) -> None:
+    """Resolving a study's sources (a sampler's space, the kind's model) may train or rescore experts for minutes:
+    a study that its config or the data rules refuse is refused before, here with its sources gone."""
     from evoopt.errors import ConfigError
-    from evoopt.study import run as run_module
     from evoopt.study.storage import DATA_ATTR, data_rules
 
-    config = parse_config(small_study_config(stored.root, stored.experts, name="early", trials=1,
-                                             storage=f"sqlite:///{tmp_path / 'early.db'}"))
-    study = open_study(config)
-
-    def resolved(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the sources were resolved")
-
-    monkeypatch.setattr(run_module, "make_kind", resolved)
+    data = small_study_config(stored.root, stored.experts, name="early", trials=1, sampler={"name": "EvoCmaSampler"},
+                              storage=f"sqlite:///{tmp_path / 'early.db'}")
+    data["space"].update(kind="layerwise", layers_per_group=2)  # (its space reads the sources' layers)
+    copies = tmp_path / "sources"
+    for i, model in enumerate([data["sources"]["base"], *data["sources"]["models"]]):
+        shutil.copytree(model, copies / str(i))
+    data["sources"].update(base=str(copies / "0"), models=[str(copies / str(i + 1))
+                                                          for i in range(len(data["sources"]["models"]))])
+    config = parse_config(data)
+    study = open_study(config)  # (the sampler takes the space: the sources are read)
     study.set_user_attr(DATA_ATTR, {**data_rules(), "eval": 0})
+    shutil.rmtree(copies)
     with pytest.raises(ConfigError, match="made by other rules"):
         run_study(config, n_trials=1)
+    with pytest.raises(ConfigError, match="made by other rules"):
+        open_study(config)  # (as `evoopt baselines` opens it)
     with pytest.raises(ConfigError, match="made from another config"):
         run_study(config.model_copy(update={"seed": 7}), n_trials=1)
-    with pytest.raises(AssertionError, match="the sources were resolved"):
+    with pytest.raises(Exception, match="sources/0"):  # a new study gets to its sources
         run_study(config.model_copy(update={"name": "new"}), n_trials=1)
 
 
+def test_a_trial_is_rebuilt_only_on_the_experts_it_was_scored_with(stored: Stored) -> None:
+    """Export and lm-eval rebuild a trial on the study's experts: refused when this evoopt would train them on
+    other rows (another split, a revised corpus, for causal experts another lm-eval tasks' version); not for
+    the dev and test rules, nor for a study over the user's own models."""
+    from evoopt.errors import ConfigError
+    from evoopt.integrations.lm_eval import ModelArgsError, _study_trial
+    from evoopt.study.storage import CONFIG_ATTR, DATA_ATTR, ROOT_ATTR, check_experts, data_rules
+
+    config = parse_config(small_study_config(stored.root, stored.experts, name="rebuilt", trials=1))
+    cross = config.model_copy(update={"setting": "minilm-cross-task", "sources": None})
+    causal = config.model_copy(update={"setting": "smollm2-tasks", "sources": None})
+    study = optuna.create_study()
+    for rules in [{**data_rules(), "eval": 0}, {**data_rules(), "tasks": 2}, {**data_rules(), "split": 1}, None]:
+        study.set_user_attr(DATA_ATTR, rules)
+        check_experts(study, config)  # the user's models: nothing to retrain
+    study.set_user_attr(DATA_ATTR, {**data_rules(), "eval": 0, "tasks": 2})
+    check_experts(study, cross)
+    with pytest.raises(ConfigError, match=r"trained on rows made by other rules \({'split': 2, 'corpora': {}, "
+                                          r"'tasks': 2}"):
+        check_experts(study, causal)
+    study.set_user_attr(DATA_ATTR, None)  # made before any corpus was revised
+    check_experts(study, causal)
+    with pytest.raises(ConfigError, match=r"\{'split': 2, 'corpora': \{\}\}; this evoopt trains them under "
+                                          r"\{'split': 2, 'corpora': \{'rotten-tomatoes': 1\}\}"):
+        check_experts(study, cross)
+    storage = f"sqlite:///{stored.root / 'rebuilt.db'}"
+    made = optuna.create_study(study_name="cross", storage=storage)
+    made.set_user_attr(CONFIG_ATTR, cross.model_copy(update={"name": "cross"}).identity())
+    made.set_user_attr(ROOT_ATTR, str(stored.root))
+    made.set_user_attr(DATA_ATTR, {**data_rules(), "split": 1})
+    with pytest.raises(ModelArgsError, match="searched over experts trained on rows made by other rules"):
+        _study_trial("cross", storage, "best", None)
+
+
 def test_the_data_rules_a_study_depends_on(stored: Stored) -> None:
-    """Scored on evoopt's dev rows: every rule and the revisions of its corpora; lm-eval's own tasks on experts of a
-    setting: the rules that make those experts, not dev's; lm-eval's own tasks on models of the user's: none."""
+    """Scored on evoopt's dev rows: the split and dev rules and the revisions of its corpora, the lm-eval tasks'
+    version where lm-eval scores them or made causal experts; lm-eval's own tasks on experts of a setting: the rules
+    that make those experts, not dev's; on models of the user's: none, unless its calibration texts come from
+    evoopt's corpora."""
     from evoopt.study.storage import _rules_read, data_rules
 
     config = parse_config(small_study_config(stored.root, stored.experts, name="rules", trials=1))
-    assert _rules_read(data_rules(), config) == {"split": 2, "tasks": 3, "corpora": {}, "eval": 1}
+    assert _rules_read(data_rules(), config) == {"split": 2, "corpora": {}, "eval": 1}
     cross = config.model_copy(update={"sources": config.sources.model_copy(update={"tasks": ["rotten-tomatoes"]})})
     assert _rules_read(data_rules(), cross)["corpora"] == {"rotten-tomatoes": 1}
     own = config.model_copy(update={"objective": config.objective.model_copy(update={"kind": "lm-eval",
-                                                                                     "tasks": ["arc_easy"]})})
+                                                                                     "tasks": ["arc_easy"]}),
+                                    "sources": config.sources.model_copy(update={"tasks": []})})
     assert _rules_read(data_rules(), own) == {}
+    calibrated = own.model_copy(update={"sources": own.sources.model_copy(update={"tasks": ["rotten-tomatoes"]})})
+    assert _rules_read(data_rules(), calibrated) == {"split": 2, "corpora": {"rotten-tomatoes": 1}}
     experts = own.model_copy(update={"sources": own.sources.model_copy(update={
         "models": ["expert:minilm-cross-task/sms-spam", "expert:minilm-cross-task/rotten-tomatoes"]})})
-    assert _rules_read(data_rules(), experts) == {"split": 2, "tasks": 3, "corpora": {"rotten-tomatoes": 1}}
+    assert _rules_read(data_rules(), experts) == {"split": 2, "corpora": {"rotten-tomatoes": 1}}
+    causal = config.model_copy(update={"setting": "smollm2-tasks", "sources": None})
+    assert _rules_read(data_rules(), causal) == {"split": 2, "corpora": {}, "tasks": 3, "eval": 1}
+    lm_eval = causal.model_copy(update={"objective": causal.objective.model_copy(update={"kind": "lm-eval"})})
+    assert _rules_read(data_rules(), lm_eval) == _rules_read(data_rules(), causal)
 
 
 def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_path: Path) -> None:

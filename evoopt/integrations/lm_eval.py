@@ -197,8 +197,8 @@ def _check_lm(model: Any, source: str) -> None:
 def _study_trial(study: str | None, storage: str | None, trial: str | int | None,
                  config: str | None) -> tuple[Any, Any, Any, str]:
     """(config, study, trial, storage URL) that study= or config= (with trial=) name."""
-    from evoopt.study.config import StudyConfig, load_config, parse_config, same_study
-    from evoopt.study.run import CONFIG_ATTR, ROOT_ATTR, get_trial
+    from evoopt.study.config import ConfigError, StudyConfig, load_config, parse_config, same_study
+    from evoopt.study.run import CONFIG_ATTR, ROOT_ATTR, check_experts, get_trial
 
     which = _which(trial)
     loaded: StudyConfig | None = None
@@ -224,6 +224,10 @@ def _study_trial(study: str | None, storage: str | None, trial: str | int | None
     elif changed := same_study(stored, loaded):
         raise ModelArgsError(f"config={config}: study {name!r} in {url} was made from another config; restore "
                              "the old values or give study=NAME,storage=URL:\n  - " + "\n  - ".join(changed))
+    try:
+        check_experts(found, loaded)
+    except ConfigError as error:
+        raise ModelArgsError(str(error)) from None
     return loaded, found, get_trial(found, which), url
 
 

@@ -61,6 +61,7 @@ from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.stu
     better,
     check_config,
     check_data,
+    check_experts,
     check_stored,
     data_rules,
     finished_trials,
@@ -101,7 +102,10 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
 
     A process that loads a study another one made joins it (:data:`JOINED_ATTR`), once its config is found to be
     the study's, and then checks that its maker is not taking it back (:func:`_take_back`); if it is, it opens
-    the study again (made anew, or kept by its maker)."""
+    the study again (made anew, or kept by its maker). A stored study is checked before anything is built
+    (:func:`check_stored`): a sampler's space resolves the sources, which may train or rescore experts first."""
+    if create:
+        check_stored(config)
     kind = kind or make_kind(config)
     seed = config.seed if kind.one_seed else config.seed + worker
     sampler = make_sampler(config.sampler, seed, lambda: kind.space)  # (bad options refused before any storage)
@@ -310,9 +314,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
     if kind is not None and kind.config.name != config.name:
         raise ConfigError(f"kind: built for study {kind.config.name!r}, not {config.name!r}; "
                           "build it with make_kind(config)")
-    if kind is None:
-        check_stored(config)  # before the sources: their experts may be trained or rescored first
-        kind = make_kind(config)  # built once: the sampler's space and the worker's share it
+    kind = kind if kind is not None else make_kind(config)  # built once: the sampler's space and the worker's share it
     with taken_back_if_refused(config, worker=worker_index, kind=kind) as study:
         return _run(config, study, kind, n_trials=n_trials, timeout=timeout, workers=workers,
                     worker_index=worker_index, progress=progress, on_trial=on_trial, baselines=baselines, report=report)
@@ -466,4 +468,6 @@ def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite:
 
     check_writable(out, overwrite=overwrite)
     kind = make_kind(on_cpu(config))
-    return kind.export(load_study(config), which, out, overwrite=overwrite)
+    study = load_study(config)
+    check_experts(study, config)  # (before the sources: new rules would train other experts)
+    return kind.export(study, which, out, overwrite=overwrite)

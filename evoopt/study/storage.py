@@ -221,20 +221,41 @@ def data_rules() -> dict[str, Any]:
             "corpora": {c.name: c.revision for c in corpora.CORPORA.values() if c.revision}}
 
 
+def _settings(config: StudyConfig) -> list[Any]:
+    """The settings whose experts the study merges (``setting``, or ``expert:SETTING/...`` sources)."""
+    references = [config.sources.base or "", *config.sources.models] if config.sources else []
+    names = {config.setting, *map(expert_setting, references)} - {None}
+    return [get_setting(str(name)) for name in sorted(map(str, names))]
+
+
+def _experts_rules(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
+    """The part of ``rules`` that made the study's experts, their weights and recorded scores: the split rules and
+    the revisions of their corpora, and the lm-eval tasks' version for causal ones; none without experts."""
+    settings = _settings(config)
+    if not settings:
+        return {}
+    read = {t for s in settings for t in s.tasks}
+    part = {"split": rules.get("split"),
+            "corpora": {name: v for name, v in (rules.get("corpora") or {}).items() if name in read}}
+    return {**part, "tasks": rules.get("tasks")} if any(s.kind == "causal" for s in settings) else part
+
+
 def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
     """The part of ``rules`` a study depends on: none if nothing of it comes from evoopt's corpora; else the split
-    rules, the lm-eval tasks' version and the revisions of the corpora it reads (its experts' training data and
-    its dev rows), and the dev and test rules if it is scored on their rows (``dev``, or lm-eval on the
-    setting's own tasks)."""
+    rules and the revisions of the corpora it reads (its experts' training data, its calibration texts and its dev
+    rows), the dev and test rules if it is scored on their rows (``dev``, or lm-eval on the setting's own tasks),
+    and the lm-eval tasks' version if lm-eval scores them or made its experts' scores (:func:`_experts_rules`)."""
     scored_on_rows = config.objective.kind != "lm-eval" or not config.objective.tasks
     read = set(config.task_names) if scored_on_rows else set()
-    references = [config.sources.base or "", *config.sources.models] if config.sources else []
-    for setting in {config.setting, *map(expert_setting, references)} - {None}:
-        read |= set(get_setting(str(setting)).tasks)
+    if config.sources:  # (Fisher's and RegMean's calibration texts are their training rows)
+        read |= set(config.sources.tasks) & set(corpora.CORPORA)
+    read |= {t for s in _settings(config) for t in s.tasks}
     if not read:
         return {}
-    part = {"split": rules.get("split"), "tasks": rules.get("tasks"),
+    part = {**_experts_rules(rules, config), "split": rules.get("split"),
             "corpora": {name: v for name, v in (rules.get("corpora") or {}).items() if name in read}}
+    if config.objective.kind == "lm-eval" and scored_on_rows:
+        part["tasks"] = rules.get("tasks")
     return {**part, "eval": rules.get("eval")} if scored_on_rows else part
 
 
@@ -255,8 +276,8 @@ def check_data(study: optuna.Study, config: StudyConfig) -> None:
     them."""
     stored = study.user_attrs.get(DATA_ATTR)
     now = _rules_read(data_rules(), config)
-    advice = ("give the study a new name (a benchmark: a new work folder) to search again; status, best and export "
-              "still read it")
+    advice = ("give the study a new name (a benchmark: a new work folder) to search again; status and best still read "
+              "it, export too unless its experts changed (check_experts)")
     if stored is None:
         if now and holds_results(study):
             raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made before evoopt recorded "
@@ -280,11 +301,25 @@ def check_stored(config: StudyConfig) -> None:
     try:
         study = optuna.load_study(study_name=config.name, storage=storage_from_url(config.storage_url),
                                   sampler=optuna.samplers.RandomSampler())
-    except KeyError:
+        if study.user_attrs.get(CONFIG_ATTR) is not None:  # (else being made by a worker beside: checked on opening)
+            check_config(study, config)
+            check_data(study, config)
+    except KeyError:  # none, or taken back by its maker meanwhile (:func:`evoopt.study.run._take_back`)
         return
-    if study.user_attrs.get(CONFIG_ATTR) is not None:  # (else being made by a worker beside: checked on opening)
-        check_config(study, config)
-        check_data(study, config)
+
+
+def check_experts(study: optuna.Study, config: StudyConfig) -> None:
+    """Refuse to rebuild a trial's model (export, lm-eval) when this evoopt would train the study's experts on
+    other rows (:func:`_experts_rules`): the trial's coefficients would be put on experts it never scored. A study
+    made before the rules were recorded was made before any corpus had a revision."""
+    now = _experts_rules(data_rules(), config)
+    stored = study.user_attrs.get(DATA_ATTR)
+    then = _experts_rules(stored, config) if stored is not None else {**now, "corpora": {}} if now else {}
+    if then != now:
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} searched over experts trained on "
+                          f"rows made by other rules ({then}; this evoopt trains them under {now}): its trials "
+                          "would be rebuilt on new experts they were never scored with; rebuild them with the "
+                          "evoopt that ran the study")
 
 
 def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:

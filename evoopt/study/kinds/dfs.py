@@ -18,7 +18,7 @@ from evoopt.models.paths import LayerPath, export_path, path_model, path_paramet
 from evoopt.study.config import StudyConfig, bounds_problems, changed_keys
 from evoopt.study.kinds.base import Kind, Progress
 from evoopt.study.space import DfsSpace
-from evoopt.study.storage import get_trial, load_study
+from evoopt.study.storage import check_experts, get_trial, load_study
 
 
 class DfsKind(Kind[DfsSpace]):
@@ -149,6 +149,7 @@ def pool_folders(space: DfsSpace, study: optuna.Study | None = None) -> list[Pat
         if not folder.exists():
             try:
                 opened = opened or load_study(other)
+                check_experts(opened, other)
                 make_kind(on_cpu(other)).export(opened, pinned[ref], folder)
             except (FileExistsError, OSError):
                 if not folder.exists():  # (another worker exporting the same folder at once is fine)

@@ -35,8 +35,10 @@ import optuna
 import transformers
 
 from evoopt.data.objective import combine
+from evoopt.models.io import atomic_write
 from evoopt.study.config import StudyConfig, parse_config
 from evoopt.study.run import run_baselines, run_study
+from evoopt.study.storage import data_rules
 
 SETTING = "minilm-sentiment-domains"
 SEARCH = {"weight": [0.0, 1.0], "density": [0.1, 1.0]}
@@ -156,8 +158,8 @@ def main() -> None:
                 print(f"(c) evaluations to reach {r['label'][4:]}'s final {target:.4f}: "
                       f"{reach(ours['curves'], target)} of {args.trials}")
     plot(results, args.out / "ps_search.png", args.trials)
-    (args.out / "ps_search.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                         "results": results}, indent=1))
+    atomic_write(args.out / "ps_search.json", json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                          "data": data_rules(), "results": results}, indent=1))
     print(f"plot: {args.out / 'ps_search.png'}; data: {args.out / 'ps_search.json'}")
 
 

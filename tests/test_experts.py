@@ -180,10 +180,14 @@ def test_new_dev_and_test_rules_score_the_experts_anew_without_training(built, t
     meta = _stale(folder)
     assert meta["eval_version"] == corpora.EVAL_VERSION
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    current = sorted(p for p in copy.glob("*/expert.json") if p.parent != folder)  # scored under today's rules
+    assert current
+    stamps = [p.stat().st_mtime_ns for p in current]
     rebuilt = build_setting(SMALL, root=copy, limit_train=400, multitask=False)
     assert rebuilt.experts["vader-nyt"] == folder
     assert json.loads((folder / "expert.json").read_text()) == meta
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.stat().st_mtime_ns for p in current] == stamps  # not scored again
 
     per_task = tmp_path / "mtl"  # the two experts as the heads of a per-task-head multi-task model
     for task, expert in experts.experts.items():

@@ -233,6 +233,48 @@ def test_atomic_folder_success_and_failure(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+def test_a_cache_folder_another_process_finished_meanwhile_is_kept(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache (``done``): a complete folder written meanwhile by another process, which may be reading it, is kept
+    and this one dropped, also where it comes between the check and the rename; an incomplete one is replaced."""
+    target = tmp_path / "cache"
+
+    def done(folder: Path) -> bool:
+        return (folder / "done").exists()
+
+    def theirs() -> None:
+        target.mkdir()
+        (target / "theirs").write_text("b")
+        (target / "done").write_text("")
+
+    with atomic_folder(target, done=done) as tmp:
+        (tmp / "done").write_text("")
+        theirs()  # finished while this one was being written
+    assert sorted(p.name for p in target.iterdir()) == ["done", "theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # nothing left beside it
+    shutil.rmtree(target)
+    rename = Path.rename
+
+    def theirs_first(self: Path, to: Path) -> Path:  # theirs arrives after the check, just before the rename
+        if Path(to) == target and not target.exists():
+            theirs()
+        return rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", theirs_first)
+    with atomic_folder(target, done=done) as tmp:
+        (tmp / "done").write_text("")
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.iterdir()) == ["done", "theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    shutil.rmtree(target)
+    target.mkdir()
+    (target / "partial").write_text("")  # a killed run's
+    with atomic_folder(target, done=done) as tmp:
+        (tmp / "done").write_text("")
+    assert [p.name for p in target.iterdir()] == ["done"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from evoopt.errors import OutputError, OutputExistsError

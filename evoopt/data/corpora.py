@@ -218,8 +218,9 @@ def load_splits(name: str, *, seed: int = 0) -> DatasetDict:
         split: Dataset.from_dict({"text": [t for t, _ in rows], "label": [lab for _, lab in rows]}, features=features)
         for split, rows in splits.items()
     })
-    # a folder without dataset_dict.json was left by a killed run: rebuilt, replaced once complete
-    with atomic_folder(folder, overwrite=True) as tmp:
+    # a folder without dataset_dict.json was left by a killed run: rebuilt, replaced once complete; one another
+    # process finished meanwhile holds the same rows and is kept
+    with atomic_folder(folder, done=lambda f: (f / "dataset_dict.json").exists()) as tmp:
         data.save_to_disk(str(tmp))
     return load_from_disk(str(folder))
 

@@ -167,7 +167,7 @@ def _ensure_base(pretrained: Path, identity: str, labels: int, seed: int, root: 
         model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=g) * 0.02)
         model.classifier.bias.zero_()
     _clear_stale(folder)
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, done=_trained) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(pretrained)).save_pretrained(tmp)
         meta = {"kind": "base", "base": str(pretrained), "base_identity": identity, "num_labels": labels,
@@ -189,11 +189,17 @@ def _write_meta(folder: Path, setting: Setting, tasks: tuple[str, ...], identity
 
 def _save_trained(folder: Path, model: Any, tokenizer: Any, *meta: Any, **extra: Any) -> Path:
     """A trained model, its tokenizer and its expert.json (:func:`_write_meta`), written atomically."""
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, done=_trained) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_meta(tmp, *meta, **extra)
     return folder
+
+
+def _trained(folder: Path) -> bool:
+    """Whether a model's folder is complete: another process that trained the same model (the same seeds and rows)
+    may have finished it while this one trained; it is kept."""
+    return (folder / "expert.json").exists()
 
 
 def _clear_stale(folder: Path) -> None:
@@ -331,7 +337,7 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
            lambda d, n: report("training multi-task (per-task heads)", d, n))
     seconds = time.perf_counter() - started
     scores = {t: _accuracies(models[t], tokenizer, t, setting, train) for t in setting.tasks}
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, done=_trained) as tmp:
         for t, model in models.items():
             model.save_pretrained(tmp / t)
             tokenizer.save_pretrained(tmp / t)

@@ -382,16 +382,20 @@ def check_writable(target: Path, *, overwrite: bool, inside: bool = False) -> No
 
 
 @contextmanager
-def atomic_folder(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(target: Path, *, overwrite: bool = False,
+                  done: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it becomes ``target``.
 
     On any error the temporary folder is removed and ``target`` is untouched, so a
     folder at ``target`` is always complete. An existing non-empty ``target`` is
     an error unless ``overwrite``, in which case it is replaced only after the new
-    one is fully written.
+    one is fully written. ``done``: for a cache whose content does not depend on who
+    writes it: a ``target`` that ``done`` finds complete, finished meanwhile by another
+    process (which may be reading it), is kept and this one dropped; one it finds
+    incomplete (left by a killed run of an older layout) is replaced.
     """
     target = Path(target)
-    check_writable(target, overwrite=overwrite)
+    check_writable(target, overwrite=overwrite or done is not None)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -401,11 +405,17 @@ def atomic_folder(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
                           "choose another --out") from None
     try:
         yield tmp
+        if done is not None and done(target):
+            return
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             target.rename(old)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)  # (refused where a non-empty folder is there: never replaces one that came meanwhile)
+        except OSError:
+            if done is None or not done(target):
+                raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

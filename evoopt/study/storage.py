@@ -298,14 +298,17 @@ def check_stored(config: StudyConfig) -> None:
     file = storage_file(config.storage_url)
     if file is not None and not file.is_file():
         return
+    storage = storage_from_url(config.storage_url)
     try:
-        study = optuna.load_study(study_name=config.name, storage=storage_from_url(config.storage_url),
-                                  sampler=optuna.samplers.RandomSampler())
+        study = optuna.load_study(study_name=config.name, storage=storage, sampler=optuna.samplers.RandomSampler())
         if study.user_attrs.get(CONFIG_ATTR) is not None:  # (else being made by a worker beside: checked on opening)
             check_config(study, config)
             check_data(study, config)
     except KeyError:  # none, or taken back by its maker meanwhile (:func:`evoopt.study.run._take_back`)
         return
+    finally:
+        if isinstance(storage, optuna.storages.RDBStorage):  # (its connections, not left to the collector)
+            storage.engine.dispose()
 
 
 def check_experts(study: optuna.Study, config: StudyConfig) -> None:

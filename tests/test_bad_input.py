@@ -360,8 +360,9 @@ def test_a_resumed_study_is_refused_before_its_sources_are_resolved(stored: Stor
 
 def test_a_trial_is_rebuilt_only_on_the_experts_it_was_scored_with(stored: Stored) -> None:
     """Export and lm-eval rebuild a trial on the study's experts: refused when this evoopt would train them on
-    other rows (another split, a revised corpus, for causal experts another lm-eval tasks' version); not for
-    the dev and test rules, nor for a study over the user's own models."""
+    other rows (another split, a revised corpus, for causal experts another lm-eval tasks' version), or calibrate
+    an X_Evolver's Fisher merge on other rows; not for the dev and test rules, nor for a study over the user's own
+    models without calibration."""
     from evoopt.errors import ConfigError
     from evoopt.integrations.lm_eval import ModelArgsError, _study_trial
     from evoopt.study.storage import CONFIG_ATTR, DATA_ATTR, ROOT_ATTR, check_experts, data_rules
@@ -375,20 +376,27 @@ def test_a_trial_is_rebuilt_only_on_the_experts_it_was_scored_with(stored: Store
         check_experts(study, config)  # the user's models: nothing to retrain
     study.set_user_attr(DATA_ATTR, {**data_rules(), "eval": 0, "tasks": 2})
     check_experts(study, cross)
-    with pytest.raises(ConfigError, match=r"trained on rows made by other rules \({'split': 2, 'corpora': {}, "
-                                          r"'tasks': 2}"):
+    with pytest.raises(ConfigError, match=r"made from rows of evoopt's corpora under other rules \({'split': 2, "
+                                          r"'corpora': {}, 'tasks': 2}"):
         check_experts(study, causal)
     study.set_user_attr(DATA_ATTR, None)  # made before any corpus was revised
     check_experts(study, causal)
-    with pytest.raises(ConfigError, match=r"\{'split': 2, 'corpora': \{\}\}; this evoopt trains them under "
+    with pytest.raises(ConfigError, match=r"\{'split': 2, 'corpora': \{\}\}; this evoopt makes them under "
                                           r"\{'split': 2, 'corpora': \{'rotten-tomatoes': 1\}\}"):
         check_experts(study, cross)
+    evolver = config.space.model_copy(update={"kind": "evolver", "method": "fisher"})
+    fisher = config.model_copy(update={"space": evolver, "sources": config.sources.model_copy(update={
+        "tasks": ["rotten-tomatoes"]})})  # the user's models, calibrated on Rotten Tomatoes' training rows
+    with pytest.raises(ConfigError, match="calibration texts"):
+        check_experts(study, fisher)
+    check_experts(study, fisher.model_copy(update={"space": evolver.model_copy(update={"method": "ties"})}))
     storage = f"sqlite:///{stored.root / 'rebuilt.db'}"
     made = optuna.create_study(study_name="cross", storage=storage)
     made.set_user_attr(CONFIG_ATTR, cross.model_copy(update={"name": "cross"}).identity())
     made.set_user_attr(ROOT_ATTR, str(stored.root))
     made.set_user_attr(DATA_ATTR, {**data_rules(), "split": 1})
-    with pytest.raises(ModelArgsError, match="searched over experts trained on rows made by other rules"):
+    with pytest.raises(ModelArgsError, match=r"^study=cross: study 'cross' in sqlite:///.*rebuilt\.db searched over "
+                                             "models made from rows of evoopt's corpora under other rules"):
         _study_trial("cross", storage, "best", None)
 
 

@@ -236,7 +236,8 @@ def test_atomic_folder_success_and_failure(tmp_path: Path) -> None:
 def test_a_cache_folder_another_process_finished_meanwhile_is_kept(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache (``done``): a complete folder written meanwhile by another process, which may be reading it, is kept
-    and this one dropped, also where it comes between the check and the rename; an incomplete one is replaced."""
+    and this one dropped, also where it comes just before the rename or just after the check; an incomplete one is
+    replaced, also where another process sets it aside first."""
     target = tmp_path / "cache"
 
     def done(folder: Path) -> bool:
@@ -267,10 +268,38 @@ def test_a_cache_folder_another_process_finished_meanwhile_is_kept(tmp_path: Pat
     assert sorted(p.name for p in target.iterdir()) == ["done", "theirs"]
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
     shutil.rmtree(target)
+    checks = []
+
+    def arriving(folder: Path) -> bool:  # theirs finishes just after this one's check
+        if not checks:
+            theirs()
+        checks.append(folder)
+        return len(checks) > 1 and done(folder)
+
+    with atomic_folder(target, done=arriving) as tmp:
+        (tmp / "done").write_text("")
+    assert sorted(p.name for p in target.iterdir()) == ["done", "theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    shutil.rmtree(target)
     target.mkdir()
     (target / "partial").write_text("")  # a killed run's
     with atomic_folder(target, done=done) as tmp:
         (tmp / "done").write_text("")
+    assert [p.name for p in target.iterdir()] == ["done"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    shutil.rmtree(target)
+    target.mkdir()
+    (target / "partial").write_text("")
+
+    def set_aside_first(self: Path, to: Path) -> Path:  # another process sets the killed run's folder aside first
+        if self == target and (target / "partial").exists():
+            shutil.rmtree(target)
+        return rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", set_aside_first)
+    with atomic_folder(target, done=done) as tmp:
+        (tmp / "done").write_text("")
+    monkeypatch.undo()
     assert [p.name for p in target.iterdir()] == ["done"]
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
 

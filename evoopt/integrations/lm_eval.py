@@ -225,9 +225,10 @@ def _study_trial(study: str | None, storage: str | None, trial: str | int | None
         raise ModelArgsError(f"config={config}: study {name!r} in {url} was made from another config; restore "
                              "the old values or give study=NAME,storage=URL:\n  - " + "\n  - ".join(changed))
     try:
-        check_experts(found, loaded)
+        check_experts(found, loaded.model_copy(update={"storage": url}))
     except ConfigError as error:
-        raise ModelArgsError(str(error)) from None
+        given = f"config={config}" if config is not None else f"study={name}"
+        raise ModelArgsError(f"{given}: {str(error).removeprefix('name: ')}") from None
     return loaded, found, get_trial(found, which), url
 
 

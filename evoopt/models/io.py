@@ -410,7 +410,18 @@ def atomic_folder(target: Path, *, overwrite: bool = False,
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
+            try:
+                target.rename(old)
+            except FileNotFoundError:
+                if done is None:
+                    raise
+                old = None  # (an incomplete one another process set aside first)
+            if old is not None and done is not None and done(old):  # a complete one came after the check: back
+                try:
+                    old.rename(target)
+                except OSError:  # (yet another one came in: kept)
+                    shutil.rmtree(old, ignore_errors=True)
+                return
         try:
             tmp.rename(target)  # (refused where a non-empty folder is there: never replaces one that came meanwhile)
         except OSError:

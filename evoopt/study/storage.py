@@ -228,13 +228,25 @@ def _settings(config: StudyConfig) -> list[Any]:
     return [get_setting(str(name)) for name in sorted(map(str, names))]
 
 
+def _calibrated(config: StudyConfig) -> set[str]:
+    """The corpora whose training rows an X_Evolver's merge reads as calibration texts (Fisher's and RegMean's
+    statistics, :func:`evoopt.study.evaluator.calibration_file`): its sources' tasks; none for other studies."""
+    from evoopt.merge import get_method
+
+    name = config.space.method if config.space.kind == "evolver" else "none"
+    if name == "none" or not get_method(name).statistic or not config.sources:
+        return set()
+    return set(config.sources.tasks) & set(corpora.CORPORA)
+
+
 def _experts_rules(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
-    """The part of ``rules`` that made the study's experts, their weights and recorded scores: the split rules and
-    the revisions of their corpora, and the lm-eval tasks' version for causal ones; none without experts."""
+    """The part of ``rules`` that makes the study's models: the split rules and the revisions of the corpora its
+    experts are trained on or its merge is calibrated on (:func:`_calibrated`), and the lm-eval tasks' version for
+    causal experts; none where neither comes from evoopt's corpora."""
     settings = _settings(config)
-    if not settings:
+    read = {t for s in settings for t in s.tasks} | _calibrated(config)
+    if not read:
         return {}
-    read = {t for s in settings for t in s.tasks}
     part = {"split": rules.get("split"),
             "corpora": {name: v for name, v in (rules.get("corpora") or {}).items() if name in read}}
     return {**part, "tasks": rules.get("tasks")} if any(s.kind == "causal" for s in settings) else part
@@ -312,17 +324,18 @@ def check_stored(config: StudyConfig) -> None:
 
 
 def check_experts(study: optuna.Study, config: StudyConfig) -> None:
-    """Refuse to rebuild a trial's model (export, lm-eval) when this evoopt would train the study's experts on
-    other rows (:func:`_experts_rules`): the trial's coefficients would be put on experts it never scored. A study
-    made before the rules were recorded was made before any corpus had a revision."""
+    """Refuse to rebuild a trial's model (export, lm-eval) when this evoopt would train the study's experts, or
+    draw its merge's calibration texts, from other rows (:func:`_experts_rules`): the trial's coefficients would be
+    put on experts or statistics it was never scored with. A study made before the rules were recorded was made
+    before any corpus had a revision."""
     now = _experts_rules(data_rules(), config)
     stored = study.user_attrs.get(DATA_ATTR)
     then = _experts_rules(stored, config) if stored is not None else {**now, "corpora": {}} if now else {}
     if then != now:
-        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} searched over experts trained on "
-                          f"rows made by other rules ({then}; this evoopt trains them under {now}): its trials "
-                          "would be rebuilt on new experts they were never scored with; rebuild them with the "
-                          "evoopt that ran the study")
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} searched over models made from rows "
+                          f"of evoopt's corpora under other rules ({then}; this evoopt makes them under {now}): its "
+                          "trials would be rebuilt on experts or calibration texts they were never scored with; "
+                          "rebuild them with the evoopt that ran the study")
 
 
 def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactStore:

@@ -231,10 +231,9 @@ def _settings(config: StudyConfig) -> list[Any]:
 def _calibrated(config: StudyConfig) -> set[str]:
     """The corpora whose training rows an X_Evolver's merge reads as calibration texts (Fisher's and RegMean's
     statistics, :func:`evoopt.study.evaluator.calibration_file`): its sources' tasks; none for other studies."""
-    from evoopt.merge import get_method
+    from evoopt.study.kinds import KINDS  # (the kinds read this module)
 
-    name = config.space.method if config.space.kind == "evolver" else "none"
-    if name == "none" or not get_method(name).statistic or not config.sources:
+    if not config.sources or not KINDS[config.space.kind].calibrated(config):
         return set()
     return set(config.sources.tasks) & set(corpora.CORPORA)
 

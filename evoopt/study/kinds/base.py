@@ -72,6 +72,12 @@ class Kind(Generic[SpaceT]):
         checks its own keys in its own studies and refuses them in the other kinds' studies."""
         return []
 
+    @classmethod
+    def calibrated(cls, config: StudyConfig) -> bool:
+        """Whether this kind's models read calibration texts (the training rows of ``sources.tasks``, for Fisher's
+        and RegMean's statistics): their rules then make the models (:func:`evoopt.study.storage.check_experts`)."""
+        return False
+
     @functools.cached_property
     def space(self) -> SpaceT:
         """The search space (built once): its ``sampler_options()`` are given to samplers that take them."""

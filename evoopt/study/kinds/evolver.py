@@ -31,6 +31,11 @@ class EvolverKind(Kind[EvolverSpace]):
     one_seed = True  # every worker draws the moves of one run (its generators are keyed by generation and target)
 
     @classmethod
+    def calibrated(cls, config: StudyConfig) -> bool:
+        """X_Evolver with Fisher or RegMean: X is calibrated on the sources' tasks' training rows."""
+        return config.space.method != "none" and get_method(config.space.method).statistic is not None
+
+    @classmethod
     def problems(cls, config: StudyConfig) -> list[str]:
         """The Evolver's space and sampler go together; its X must be a method of the weights alone."""
         space, problems = config.space, []
@@ -93,8 +98,7 @@ class EvolverKind(Kind[EvolverSpace]):
     def _population(self) -> Population:
         from evoopt.study.evaluator import calibration_file
 
-        method = self.space.method and get_method(self.space.method)
-        calibration = calibration_file(self.config, self.sources) if method and method.statistic else None
+        calibration = calibration_file(self.config, self.sources) if self.calibrated(self.config) else None
         x = self.space.merge_recipe(calibration)
         folder = scratch_folder(self, "population-") if self.config.space.population == "mmap" else None
         return Population(self.merger.sources, list(self.merger.targets), dtype=self.merger.dtype, folder=folder,

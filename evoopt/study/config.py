@@ -40,6 +40,8 @@ Check = Callable[["StudyConfig"], list[str]]
 # imports first, so the checks are registered whenever this module is used. Every kind's check runs on
 # every config (a kind also refuses its keys in another kind's study).
 KIND_CHECKS: dict[str, Check] = {}
+# space.kind -> whether its models read calibration texts (Kind.calibrated), filled the same way
+KIND_CALIBRATED: dict[str, Callable[[StudyConfig], bool]] = {}
 
 
 class _Strict(BaseModel):

@@ -21,7 +21,7 @@ from evoopt.data import corpora
 from evoopt.data.outcomes import Outcomes, decode, encode
 from evoopt.data.settings import expert_setting, get_setting
 from evoopt.errors import ConfigError, StorageError
-from evoopt.study.config import same_study
+from evoopt.study.config import KIND_CALIBRATED, same_study
 
 if TYPE_CHECKING:
     from evoopt.study.config import StudyConfig
@@ -231,9 +231,7 @@ def _settings(config: StudyConfig) -> list[Any]:
 def _calibrated(config: StudyConfig) -> set[str]:
     """The corpora whose training rows an X_Evolver's merge reads as calibration texts (Fisher's and RegMean's
     statistics, :func:`evoopt.study.evaluator.calibration_file`): its sources' tasks; none for other studies."""
-    from evoopt.study.kinds import KINDS  # (the kinds read this module)
-
-    if not config.sources or not KINDS[config.space.kind].calibrated(config):
+    if not config.sources or not KIND_CALIBRATED[config.space.kind](config):
         return set()
     return set(config.sources.tasks) & set(corpora.CORPORA)
 

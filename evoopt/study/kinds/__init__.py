@@ -7,7 +7,7 @@ Registering a kind also registers its config check (:meth:`Kind.problems`) with
 
 from __future__ import annotations
 
-from evoopt.study.config import KIND_CHECKS, StudyConfig
+from evoopt.study.config import KIND_CALIBRATED, KIND_CHECKS, StudyConfig
 from evoopt.study.kinds.base import Kind
 from evoopt.study.kinds.dfs import DfsKind
 from evoopt.study.kinds.evolver import EvolverKind
@@ -28,6 +28,7 @@ def register(kind: type[Kind]) -> type[Kind]:
             raise RuntimeError(f"space.kind {name!r} is registered twice ({KINDS[name].__name__}, {kind.__name__})")
         KINDS[name] = kind
         KIND_CHECKS[name] = kind.problems
+        KIND_CALIBRATED[name] = kind.calibrated
     return kind
 
 

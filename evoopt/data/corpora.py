@@ -203,6 +203,11 @@ def split_examples(examples: Examples, seed: int) -> dict[str, Examples]:
     return splits
 
 
+def _saved(folder: Path) -> bool:
+    """Whether a splits folder is complete (``datasets`` writes dataset_dict.json last)."""
+    return (folder / "dataset_dict.json").exists()
+
+
 def load_splits(name: str, *, seed: int = 0) -> DatasetDict:
     """Train / dev / test of a corpus as a ``datasets.DatasetDict`` (columns text, label), cached."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
@@ -210,7 +215,7 @@ def load_splits(name: str, *, seed: int = 0) -> DatasetDict:
     corpus = get_corpus(name)
     key = hashlib.sha256(f"{name}|{seed}|{SPLIT_VERSION}|{EVAL_VERSION}|{corpus.revision}".encode()).hexdigest()[:12]
     folder = cache_dir() / "data" / f"{name}-{key}"
-    if (folder / "dataset_dict.json").exists():
+    if _saved(folder):
         return load_from_disk(str(folder))
     features = Features({"text": Value("string"), "label": ClassLabel(names=list(corpus.labels))})
     splits = split_examples(read_corpus(name), seed)
@@ -220,7 +225,7 @@ def load_splits(name: str, *, seed: int = 0) -> DatasetDict:
     })
     # a folder without dataset_dict.json was left by a killed run: rebuilt, replaced once complete; one another
     # process finished meanwhile holds the same rows and is kept
-    with atomic_folder(folder, done=lambda f: (f / "dataset_dict.json").exists()) as tmp:
+    with atomic_folder(folder, done=_saved) as tmp:
         data.save_to_disk(str(tmp))
     return load_from_disk(str(folder))
 

@@ -71,7 +71,7 @@ class ExpertSet:
     def scores(self) -> dict[str, dict[str, Any]]:
         """expert.json of every model, by label: base@<labels>, each task, mtl."""
         # a causal setting's base is the converted pretrained model, which has no expert.json
-        rows = {f"base@{k}": _read_meta(p) for k, p in self.base.items() if (p / "expert.json").exists()}
+        rows = {f"base@{k}": _read_meta(p) for k, p in self.base.items() if _trained(p)}
         rows.update({task: _read_meta(p) for task, p in self.experts.items()})
         if self.multitask is not None:
             rows["mtl"] = _read_meta(self.multitask)
@@ -157,7 +157,7 @@ def _answers(setting: Setting) -> list[object]:
 
 def _ensure_base(pretrained: Path, identity: str, labels: int, seed: int, root: Path) -> Path:
     folder = root / f"base-{labels}-{_key(identity, labels, seed)}"
-    if (folder / "expert.json").exists():
+    if _trained(folder):
         return folder
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -199,21 +199,21 @@ def _save_trained(folder: Path, model: Any, tokenizer: Any, *meta: Any, **extra:
 def _trained(folder: Path) -> bool:
     """Whether a model's folder is complete: another process that trained the same model (the same seeds and rows)
     may have finished it while this one trained; it is kept."""
-    return (folder / "expert.json").exists()
+    return (folder / "expert.json").exists()  # (written last, inside the folder renamed into place)
 
 
 def _clear_stale(folder: Path) -> None:
     """A folder without expert.json was left by a killed run of an older layout: remove it."""
     import shutil
 
-    if folder.exists() and not (folder / "expert.json").exists():
+    if folder.exists() and not _trained(folder):
         logger.warning("removing incomplete model folder %s", folder)
         shutil.rmtree(folder)
 
 
 def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, ...], setting: Setting,
                     train: TrainConfig, limit_train: int | None, report: Progress) -> Path:
-    if (folder / "expert.json").exists():
+    if _trained(folder):
         check_expert(folder, resolve_path(setting.base))
         return _scored_anew(folder, setting, train, report)
     _clear_stale(folder)
@@ -304,7 +304,7 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
     Saved as one Hugging Face model per task (the shared encoder with that task's
     head) in ``folder/<task>``, and the scores of all of them in ``folder/expert.json``.
     """
-    if (folder / "expert.json").exists():
+    if _trained(folder):
         check_expert(folder, resolve_path(setting.base))
         return _scored_anew(folder, setting, train, report)
     _clear_stale(folder)

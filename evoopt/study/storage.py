@@ -264,11 +264,12 @@ def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
     read = set(config.task_names) if scored_on_rows else set()
     if config.sources:  # (Fisher's and RegMean's calibration texts are their training rows)
         read |= set(config.sources.tasks) & set(corpora.CORPORA)
-    read |= {t for s in _settings(config) for t in s.tasks}
+    settings = _settings(config)
+    read |= {t for s in settings for t in s.tasks}  # (a superset of what :func:`_experts_rules` reads)
     if not read:
         return {}
-    part = {**_experts_rules(rules, config), **_split_part(rules, read)}
-    if config.objective.kind == "lm-eval" and scored_on_rows:
+    part = _split_part(rules, read)
+    if any(s.kind == "causal" for s in settings) or (config.objective.kind == "lm-eval" and scored_on_rows):
         part["tasks"] = rules.get("tasks")
     return {**part, "eval": rules.get("eval")} if scored_on_rows else part
 

@@ -52,8 +52,8 @@ DEFAULT_METHODS: dict[str, dict[str, Any]] = {
               "start": {"weight": 1.0, "density": 0.5}},
     # TSV-M (Gargiulo et al. 2025) and Iso-CTS (Marczak et al. 2025): alpha 1 as in FusionBench. Iso-CTS's
     # spectrum is flat at the mean singular value and its authors tune alpha on validation data; the weights
-    # scale it, and on minilm-cross-task's dev set alpha 1 scored .67, 2 .80, 3 .86, 4 to 6 .870 to .872 (TIES
-    # .85; benchmarks/beyond.py --iso-scales), so its bounds reach 6 (CMA-ES starts from their middle)
+    # scale it, and on minilm-cross-task's dev set alpha 1 scored .70, 2 .81, 3 .86, 4 .88, 5 and 6 .89 (TIES
+    # .73; benchmarks/beyond.py --iso-scales), so its bounds reach 6 (CMA-ES starts from their middle)
     "tsv": {"search": {"weight": (0.0, 1.5)}, "start": {"weight": 1.0}},
     "iso_cts": {"search": {"weight": (0.0, 6.0)}, "start": {"weight": 1.0}},
 }

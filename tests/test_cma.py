@@ -143,6 +143,30 @@ def test_every_finished_trial_is_told_under_parallel_workers() -> None:
     assert set(state.told) == complete and len(complete) == 40
 
 
+@pytest.mark.parametrize("consider", [True, False])
+def test_pruned_trials_are_told_so_a_mostly_pruned_search_still_moves(consider: bool) -> None:
+    """Every trial starts worse than the pruner's bar: told their last report (the default), CMA-ES moves and
+    converges; left out, it never finishes a generation and samples its first distribution for the whole run."""
+    def objective(trial: optuna.Trial) -> float:
+        value = sphere(trial)
+        trial.report(value, 1)  # as evoopt's objectives do: the score so far, the same quantity on fewer examples
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+        return value
+
+    space = {f"x{i}": optuna.distributions.FloatDistribution(-5, 5) for i in range(5)}
+    sampler = EvoCmaSampler(search_space=space, x0=0.9, seed=0,  # x = 4 in every dimension: sphere 80
+                            **({} if consider else {"consider_pruned_trials": False}))
+    study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.ThresholdPruner(upper=30.0))
+    study.optimize(objective, n_trials=150)
+    generation = max(t.system_attrs["evoopt:cma"]["generation"] for t in study.trials)
+    complete = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if consider:  # popsize 8: 150 trials are 18 generations
+        assert generation == 18 and len(complete) > 100 and min(complete) < 1.0
+    else:
+        assert generation == 0 and len(complete) < 10 and min(complete, default=30.0) > 5.0
+
+
 _RUN = textwrap.dedent("""
     import sys, optuna
     from evoopt.search.cma import EvoCmaSampler

@@ -73,6 +73,7 @@ from fitness_cost import evolver_strategy, study_config
 
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import challenge_in_turn, trial_outcomes
+from evoopt.search.cma import CMA_ATTR
 from evoopt.study.evaluator import Evaluator
 from evoopt.study.fitness import PRECISION_ATTR, study_autocast
 from evoopt.study.kinds import make_kind
@@ -231,7 +232,7 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
         study.set_user_attr("bench:stages", stages)
         print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
     record = {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study),
-              "decisions": decisions(study)}
+              "decisions": decisions(study), "cma_generations": cma_generations(study)}
     if args.answers and arm in ("full", "mixture-promote"):  # their answer is the best whole-dev trial so far
         kind = kind or make_kind(config)
         record["answers"] = answers(config, study, kind)
@@ -336,6 +337,14 @@ def decisions(study: optuna.Study) -> dict[str, Any]:
             key = f"pruned at {trial.user_attrs['pruned_at']}" if "pruned_at" in trial.user_attrs else "scored"
         counts[key] = counts.get(key, 0) + 1
     return {"counts": counts, "median_difference": {k: round(statistics.median(v), 2) for k, v in differences.items()}}
+
+
+def cma_generations(study: optuna.Study) -> int | None:
+    """The generations CMA-ES had finished when it sampled the run's last trial (the largest ``generation`` its
+    trials record, restarts aside); None for runs of other samplers."""
+    found = [t.system_attrs[CMA_ATTR]["generation"] for t in study.get_trials(deepcopy=False)
+             if CMA_ATTR in t.system_attrs]
+    return max(found) if found else None
 
 
 def kept_runs(path: Path, setting: str, args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -634,9 +643,11 @@ def main() -> None:
         maximize = base.direction == optuna.study.StudyDirection.MAXIMIZE
         for run in (r for r in runs if r.get("curve")):  # how fast each run matched fixed TIES on dev
             at = reached(run["curve"], references_dev["ties (fixed)"], maximize)
+            generations = run.get("cma_generations")
             print(f"  {run['search']} {run['arm']} seed {run['seed']}: fixed TIES's dev score "
                   f"{references_dev['ties (fixed)']:.4f} " + (f"reached after {at:,.0f} dev examples" if at is not None
-                                                               else "never reached"))
+                                                               else "never reached")
+                  + (f"; CMA-ES generations {generations}" if generations is not None else ""))
         results[setting]["equal_time"] = matched = equal_time(runs, maximize)
         for row in matched:
             print(f"  {row['search']} {row['arm']} seed {row['seed']} at about equal total time: stop {row['stop']} "

@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evoopt.errors import ConfigError
 
 Optimizer: TypeAlias = CMA | SepCMA | CMAwM
-_ATTR = "evoopt:cma"  # per trial: restart, generation, popsize; x, the continuous sample (with margin)
+CMA_ATTR = "evoopt:cma"  # per trial: restart, generation, popsize; x, the continuous sample (with margin)
 
 
 @dataclass
@@ -197,7 +197,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
                                     "popsize": state.optimizer.population_size}
         if x_tell is not None:  # CMA with margin is told the continuous sample, not the grid value
             info["x"] = {n: float(v) for n, v in zip(names, x_tell)}
-        study._storage.set_trial_system_attr(trial._trial_id, _ATTR, info)  # one storage write
+        study._storage.set_trial_system_attr(trial._trial_id, CMA_ATTR, info)  # one storage write
         for name, value in zip(names, x):
             params[name] = _decode(float(value), numeric[name])
         return params
@@ -405,7 +405,7 @@ def _encode_trial(trial: FrozenTrial, names: tuple[str, ...], dists: list[BaseDi
     """A trial's point in [0, 1] coordinates, or None when it lacks a parameter or lies outside."""
     if any(name not in trial.params for name in names):
         return None
-    told = trial.system_attrs.get(_ATTR, {}).get("x")
+    told = trial.system_attrs.get(CMA_ATTR, {}).get("x")
     if isinstance(told, dict) and all(name in told for name in names):
         return np.array([told[name] for name in names], dtype=float)
     x = []

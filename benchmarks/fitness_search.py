@@ -73,7 +73,7 @@ from fitness_cost import evolver_strategy, study_config
 
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import challenge_in_turn, trial_outcomes
-from evoopt.search.cma import CMA_ATTR
+from evoopt.search.cma import finished_generations
 from evoopt.study.evaluator import Evaluator
 from evoopt.study.fitness import PRECISION_ATTR, study_autocast
 from evoopt.study.kinds import make_kind
@@ -340,11 +340,9 @@ def decisions(study: optuna.Study) -> dict[str, Any]:
 
 
 def cma_generations(study: optuna.Study) -> int | None:
-    """The generations CMA-ES had finished when it sampled the run's last trial (the largest ``generation`` its
-    trials record, restarts aside); None for runs of other samplers."""
-    found = [t.system_attrs[CMA_ATTR]["generation"] for t in study.get_trials(deepcopy=False)
-             if CMA_ATTR in t.system_attrs]
-    return max(found) if found else None
+    """The generations CMA-ES had finished when it sampled the run's last trial, restarts included (the method
+    search, one CMA-ES per method and no restarts: the method furthest on); None for runs of other samplers."""
+    return finished_generations(study.get_trials(deepcopy=False))
 
 
 def kept_runs(path: Path, setting: str, args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import optuna
@@ -14,7 +17,7 @@ import pytest
 from cmaes import CMAwM
 from optuna.testing.pytest_samplers import BasicSamplerTestCase, RelativeSamplerTestCase, SingleOnlySamplerTestCase
 
-from evoopt.search.cma import EvoCmaSampler
+from evoopt.search.cma import EvoCmaSampler, finished_generations
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -88,9 +91,27 @@ def test_ipop_restarts_grow_the_population() -> None:
     infos = [t.system_attrs["evoopt:cma"] for t in study.trials if "evoopt:cma" in t.system_attrs]
     assert max(i["restart"] for i in infos) >= 1
     assert {i["popsize"] for i in infos if i["restart"] == 1} == {12}
+    # trials run one at a time: each generation of a restart is exactly its popsize of trials, so a restart
+    # with k trials that was restarted from finished k / popsize generations, the last one (k - 1) // popsize
+    counts = Counter(i["restart"] for i in infos)
+    counts[0] += len(study.trials) - len(infos)  # trial 0, sampled before CMA-ES, is told with generation 0
+    sizes = {i["restart"]: i["popsize"] for i in infos}
+    last = max(counts)
+    expected = sum(k // sizes[r] if r != last else (k - 1) // sizes[r] for r, k in counts.items())
+    assert finished_generations(study.trials) == expected > max(i["generation"] for i in infos)
     plain = optuna.create_study(sampler=EvoCmaSampler(seed=0, popsize=6))
     plain.optimize(flat, n_trials=100)
     assert {t.system_attrs["evoopt:cma"]["restart"] for t in plain.trials[1:]} == {0}
+
+
+def test_finished_generations_add_up_over_restarts() -> None:
+    """By hand: restart 0 sampled generations 0 to 2 and was restarted (3 finished), restart 1 is sampling its
+    generation 1 (1 finished): 4, where the largest recorded generation says 2."""
+    recorded = [(0, 0), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 1)]
+    trials = [SimpleNamespace(system_attrs={"evoopt:cma": {"restart": r, "generation": g, "popsize": 2}})
+              for r, g in recorded] + [SimpleNamespace(system_attrs={})]  # a trial of another sampler
+    assert finished_generations(cast(Any, trials)) == 4
+    assert finished_generations(cast(Any, trials[:4])) == 2 and finished_generations([]) is None
 
 
 def test_bipop_alternates_population_sizes() -> None:

@@ -344,6 +344,22 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         state.pending = []
 
 
+def finished_generations(trials: Sequence[FrozenTrial]) -> int | None:
+    """The generations CMA-ES had finished when it sampled the last of these trials (one search space), restarts
+    included: each trial records its restart and the generation it was sampled in, and a restart begins only once
+    its predecessor's last generation was told, so an earlier restart finished its largest recorded generation
+    plus one and the last restart its largest recorded generation. None when no trial came from EvoCmaSampler."""
+    largest: dict[int, int] = {}
+    for trial in trials:
+        info = trial.system_attrs.get(CMA_ATTR)
+        if info is not None:
+            largest[info["restart"]] = max(largest.get(info["restart"], 0), info["generation"])
+    if not largest:
+        return None
+    last = max(largest)
+    return sum(generation + (restart != last) for restart, generation in largest.items())
+
+
 def _single_objective(study: optuna.Study) -> None:
     if len(study.directions) > 1:
         raise ConfigError("EvoCmaSampler: CMA-ES optimises one objective; use NSGAIISampler for multi-objective "

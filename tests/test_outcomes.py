@@ -183,6 +183,44 @@ def test_classifier_outcomes_agree_with_its_scores_and_rows_pick_examples(classi
         ClassifierScorer(tokenizer, ["vader-nyt"], split="dev", rows={"vader-nyt": [0, 100000]})
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "mse"])
+def test_an_ensemble_from_its_members_outputs_is_the_ensemble_scored(classifier: tuple, metric: str) -> None:
+    """The baselines' logit ensemble is taken from the sources' outputs, kept when each was scored: the same
+    scores, outcomes and margins, to the bit, as the three models scored together, batch by batch."""
+    from transformers import BertForSequenceClassification
+
+    from evoopt.data.objective import ClassifierScorer
+    from tests.helpers.models import tiny_bert_config
+
+    model, tokenizer = classifier
+    members = [model]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        members.append(BertForSequenceClassification(tiny_bert_config(
+            vocab_size=len(tokenizer), num_labels=1 if metric == "mse" else 2, max_position_embeddings=128)).eval())
+    if metric == "mse":
+        members[0] = members[1]  # (one-output heads: the fixture's has two)
+    tasks = ["vader-tweets", "vader-nyt"]
+    scorer = ClassifierScorer(tokenizer, tasks, split="dev", limit=60, stages=[20], batch_size=16, max_length=32,
+                              metric=metric)
+    outputs = []
+    for m in members:
+        scorer.scores(m)
+        outputs.append(scorer.outputs)
+    assert not np.array_equal(outputs[1]["vader-nyt"], outputs[2]["vader-nyt"])
+    together = scorer.scores(members)
+    direct, direct_outputs = scorer.outcomes, scorer.outputs
+    assert scorer.ensemble_scores(outputs) == together
+    assert direct is not None and scorer.outcomes is not None
+    for task in tasks:
+        assert np.array_equal(scorer.outputs[task], direct_outputs[task])
+        mine, theirs = scorer.outcomes.tasks[task], direct.tasks[task]
+        assert np.array_equal(mine.ids, theirs.ids) and np.array_equal(mine.values, theirs.values)
+        assert (mine.margins is None) == (metric == "mse") and np.array_equal(mine.margins, theirs.margins)
+    mean = (outputs[0]["vader-tweets"] + outputs[1]["vader-tweets"] + outputs[2]["vader-tweets"]) / 3
+    assert np.allclose(scorer.outputs["vader-tweets"], mean, rtol=1e-6)  # the mean of the members, by hand
+
+
 def test_largest_batch_doubles_until_one_does_not_fit() -> None:
     from evoopt.data.objective import largest_batch
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -119,6 +120,56 @@ def test_unreachable_storage_is_a_clear_error_before_any_work(small_experts: Any
     config = parse_config(small_study_config(tmp_path, experts, storage=f"sqlite:///{blocker}/sub/x.db"))
     with pytest.raises(ConfigError, match="storage: cannot open"):
         run_study(config)
+
+
+@pytest.mark.slow
+def test_baselines_score_each_model_once_and_match_scoring_them_alone(small_experts: Any, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logit ensemble comes from the sources' outputs, greedy soup takes its candidates' dev scores, and a
+    recipe scored once is not scored again (the soup of every source is linear): the same rows, to the bit, as
+    each baseline scored on its own, with fewer passes over the data."""
+    from evoopt.study.baselines import score_baselines
+    from evoopt.study.evaluator import Evaluator
+    from evoopt.study.space import study_sources
+
+    experts, _ = small_experts
+    calls: list[tuple[str, bool]] = []
+    real = Evaluator.score
+
+    def counted(self: Evaluator, model: Any, split: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append((split, bool(kwargs.get("autocast"))))
+        return real(self, model, split, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "score", counted)
+
+    def scored(name: str, baselines: list[str]) -> Any:
+        config = parse_config(small_study_config(tmp_path, experts, name=name, baselines=baselines), root=tmp_path)
+        calls.clear()
+        return score_baselines(config, study_sources(config))
+
+    together = scored("together", ["sources", "ensemble", "greedy-soup", "linear"])
+    rows = {r["name"]: r for r in together.rows}
+    soup = next(name for name in rows if name.startswith("greedy soup"))
+    # each source on dev, test and dev in bfloat16 (the precision check); the two-source soup on dev, which is
+    # linear's recipe; then on test once, for the soup if it took both sources (linear is then that soup), else
+    # for linear (the soup of one source is that source)
+    assert sorted(calls) == sorted([("dev", False), ("test", False), ("dev", True)] * 2
+                                   + [("dev", False), ("test", False)]), calls
+    if ", " in soup:
+        assert (rows[soup]["dev"], rows[soup]["test"]) == (rows["linear (fixed)"]["dev"],
+                                                           rows["linear (fixed)"]["test"])
+    else:
+        source = next(r for name, r in rows.items() if name == soup.replace("greedy soup (", "source ")[:-1])
+        assert (rows[soup]["dev"], rows[soup]["test"]) == (source["dev"], source["test"])
+    for name, alone in (("logit ensemble", ["ensemble"]), ("linear (fixed)", ["linear"])):
+        single = scored(name.split()[0], alone)
+        assert calls == [("dev", False), ("test", False)]  # scored: the models loaded, or merged by Merger
+        (row,) = single.rows
+        assert (row["dev"], row["test"]) == (rows[name]["dev"], rows[name]["test"])
+        mine, theirs = together.outcomes[name], single.outcomes[name]
+        for task in theirs.tasks:
+            assert np.array_equal(mine.tasks[task].values, theirs.tasks[task].values)
+            assert np.array_equal(mine.tasks[task].margins, theirs.tasks[task].margins)
 
 
 @pytest.fixture(scope="module")

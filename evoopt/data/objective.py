@@ -123,7 +123,8 @@ class ClassifierScorer:
     The splits are already a seeded shuffle, so the first ``limit`` rows are a fixed
     random subset. ``heads`` maps a task to the head tensors written into the model
     before it is scored on that task (settings with per-task heads). After each stage,
-    ``outcomes`` holds the per-example results of the examples scored so far.
+    ``outcomes`` holds the per-example results of the examples scored so far, and ``outputs``
+    the model's outputs (probabilities; mse: values) by task, one row per example.
     """
 
     def __init__(self, tokenizer: Any, tasks: Sequence[str], *, split: str, limit: int | None = None,
@@ -137,6 +138,7 @@ class ClassifierScorer:
         self.labels: dict[str, np.ndarray] = {}
         self.ids: dict[str, np.ndarray] = {}
         self.outcomes: Outcomes | None = None
+        self.outputs: dict[str, np.ndarray] = {}
         self.autocast = False  # bfloat16 autocast (see precision())
         # per task, per stage: batches (input tensors, positions of its rows)
         self.batches: dict[str, list[list[tuple[dict[str, torch.Tensor], np.ndarray]]]] = {}
@@ -189,18 +191,29 @@ class ClassifierScorer:
                 for m in models:
                     self._use_head(m, task)
                 for inputs, rows in self.batches[task][stage]:
-                    out = torch.stack([self._forward(m, inputs) for m in models]).mean(0).float().cpu().numpy()
+                    out = _mean([self._forward(m, inputs).float() for m in models]).cpu().numpy()
                     if outputs[task].shape[1] == 0:
                         outputs[task] = np.zeros((self.size(task), out.shape[1]), dtype=np.float32)
                     outputs[task][rows] = out
             seen = {t: sum(len(r) for b in self.batches[t][: stage + 1] for _, r in b) for t in self.tasks}
-            self.outcomes = Outcomes(self.metric, {
-                t: TaskOutcomes(self.ids[t][: seen[t]],
-                                self._per_example(outputs[t][: seen[t]], self.labels[t][: seen[t]]),
-                                margins=self._margins(outputs[t][: seen[t]], self.labels[t][: seen[t]]))
-                for t in self.tasks})
-            yield max(seen.values()), {t: self._metric(outputs[t][: seen[t]], self.labels[t][: seen[t]])
-                                       for t in self.tasks}
+            yield max(seen.values()), self._scored(outputs, seen)
+
+    def ensemble_scores(self, members: Sequence[Mapping[str, np.ndarray]]) -> Scores:
+        """The ensemble of models already scored here, from their ``outputs`` (each taken after its
+        :meth:`scores`), with no forward pass: the mean :meth:`staged_scores` takes of a sequence of models,
+        the same to the bit. ``outcomes`` and ``outputs`` are then the ensemble's."""
+        outputs = {t: _mean([torch.from_numpy(m[t]) for m in members]).numpy() for t in self.tasks}
+        return self._scored(outputs, {t: self.size(t) for t in self.tasks})
+
+    def _scored(self, outputs: dict[str, np.ndarray], seen: dict[str, int]) -> Scores:
+        """Keep the outputs and outcomes of the first ``seen`` examples of each task; their scores."""
+        self.outputs = outputs
+        self.outcomes = Outcomes(self.metric, {
+            t: TaskOutcomes(self.ids[t][: seen[t]],
+                            self._per_example(outputs[t][: seen[t]], self.labels[t][: seen[t]]),
+                            margins=self._margins(outputs[t][: seen[t]], self.labels[t][: seen[t]]))
+            for t in self.tasks})
+        return {t: self._metric(outputs[t][: seen[t]], self.labels[t][: seen[t]]) for t in self.tasks}
 
     def _per_example(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Each example's squared error (mse) or whether it was right (every other metric)."""
@@ -232,6 +245,11 @@ class ClassifierScorer:
     def scores(self, model: torch.nn.Module | Sequence[torch.nn.Module]) -> Scores:
         *_, (_, last) = self.staged_scores(model)
         return last
+
+
+def _mean(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The members' mean, element by element in member order (an ensemble's probabilities)."""
+    return torch.stack(list(outputs)).mean(0)
 
 
 def registered_docs(tasks: Sequence[str], manager: Any, *, split: str, seed: int) -> dict[str, list[int]]:

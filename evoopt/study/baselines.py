@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import Outcomes
 from evoopt.merge.merger import Merger, pick_device
+from evoopt.merge.recipe import Recipe
 from evoopt.study.config import MINIMIZE, StudyConfig
 from evoopt.study.evaluator import Evaluator, calibration_file
 from evoopt.study.fitness import PRECISION_CHECK_VERSION
@@ -73,21 +75,43 @@ class _Baselines:
         self.evaluator = Evaluator(config, sources, self.kind.tokenizer_folder, self.kind.device)
         self.weights = config.objective.weights
         self.maximize = config.directions[0] == "maximize"  # perplexity and mse: lower is better
+        self.split = config.objective.split
+        # what each recipe scored, by its JSON: {split: scores, "outcomes": on the search split}; a recipe is
+        # scored once (greedy soup's candidates, its answer, a soup of one source, linear = the soup of all)
+        self.known: dict[str, dict[str, Any]] = {}
+        self.members: dict[str, list[Any]] = {}  # the sources' outputs by split, for the logit ensemble
 
-    def _row(self, name: str, model: Any, started: float, **extra: Any) -> dict[str, Any]:
-        scoring = time.perf_counter()
-        dev = self.evaluator.score(model, self.config.objective.split)
-        scoring = time.perf_counter() - scoring
-        kept = self.evaluator.outcomes(self.config.objective.split)
-        if kept is not None:
-            self.scored.outcomes[name] = kept
-            if extra.get("kind") == "source" and self.config.objective.precision == "auto":
-                self._check_precision(model, dev, kept, scoring)
-        test = self.evaluator.score(model, "test")
+    def _row(self, name: str, build: Callable[[], Any], started: float, *, made_by: Recipe | None = None,
+             known: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        """A baseline's row, scored on dev and test; ``build`` makes its model when a split is still to score
+        (``made_by``: its recipe, whose scores are kept and taken again; ``known``: scores already there)."""
+        if known is None:
+            known = self.known.setdefault(made_by.model_dump_json(), {}) if made_by is not None else {}
+        model = None
+        for split in (self.split, "test"):
+            if split not in known:
+                model = build() if model is None else model
+                self._score(model, split, known, source=extra.get("kind") == "source")
+        if known.get("outcomes") is not None:
+            self.scored.outcomes[name] = known["outcomes"]
+        dev, test = dict(known[self.split]), dict(known["test"])
         row = {"name": name, "dev": dev, "test": test, "dev_value": combine(dev, self.weights),
                "test_value": combine(test, self.weights), "seconds": round(time.perf_counter() - started, 2), **extra}
         self.rows.append(row)
         return row
+
+    def _score(self, model: Any, split: str, known: dict[str, Any], *, source: bool = False) -> None:
+        """Score ``model`` on ``split`` into ``known``; a source's outputs are kept for the ensemble, and on the
+        search split its precision is checked (``objective.precision: auto``)."""
+        started = time.perf_counter()
+        known[split] = scores = self.evaluator.score(model, split)
+        seconds = time.perf_counter() - started
+        if source:
+            self.members.setdefault(split, []).append(getattr(self.evaluator.scorer(split), "outputs", None))
+        if split == self.split:
+            known["outcomes"] = kept = self.evaluator.outcomes(split)
+            if source and kept is not None and self.config.objective.precision == "auto":
+                self._check_precision(model, scores, kept, seconds)
 
     def _check_precision(self, model: Any, dev: dict[str, float], reference: Outcomes, seconds: float) -> None:
         """Score the source on dev again under bfloat16 autocast; compare with its float32 results."""
@@ -103,9 +127,8 @@ class _Baselines:
         change = max(abs(lower[t] - dev[t]) / (abs(dev[t]) if relative else 1.0) for t in dev)
         self.checks.append((float(same.mean()), float(change), seconds, took))
 
-    def _linear(self, weights: list[float]) -> Any:
-        recipe = fixed_recipe(self.sources, "linear", {}, [{"weight": w} for w in weights], config=self.config)
-        return self.kind.merged(recipe)
+    def _linear(self, weights: list[float]) -> Recipe:
+        return fixed_recipe(self.sources, "linear", {}, [{"weight": w} for w in weights], config=self.config)
 
     def run(self) -> None:
         wanted = self.config.baselines
@@ -118,8 +141,9 @@ class _Baselines:
             for i, label in enumerate(self.sources.labels):
                 self.progress("baselines: sources", done, steps)
                 started = time.perf_counter()
-                sources.append(self._row(f"source {label}", self._linear([float(i == j) for j in range(n)]),
-                                         started, kind="source"))
+                recipe = self._linear([float(i == j) for j in range(n)])
+                sources.append(self._row(f"source {label}", partial(self.kind.merged, recipe), started,
+                                         made_by=recipe, kind="source"))
                 done += 1
             if "sources" in wanted:
                 for name, pick in (("average of sources", None), ("best source (by dev)", "best")):
@@ -143,15 +167,28 @@ class _Baselines:
             if name == "ensemble":
                 if self.sources.kind == "causal" or self.sources.per_task_heads:
                     continue  # logit ensembles of classifiers that share a head only
-                models = self._load_sources()
-                self._row("logit ensemble", models, started, kind="ensemble")
-                del models
+                self._ensemble(started)
             elif name == "greedy-soup":
                 self._greedy_soup(sources, started)
             else:
                 self._merge(name, started)
         self.progress("baselines", steps, steps)
         self.scored.precision = precision_verdict(self.checks)
+
+    def _ensemble(self, started: float) -> None:
+        """The sources' logit ensemble (mean of their probabilities); from the outputs the sources' own rows
+        kept, when every source was scored by a classifier scorer (no forward pass), else scored."""
+        n = len(self.sources.models)
+        splits = (self.split, "test")
+        if all(len(self.members.get(s, [])) == n and None not in self.members[s] for s in splits):
+            known: dict[str, Any] = {}
+            for split in splits:
+                known[split] = self.evaluator.scorer(split).ensemble_scores(self.members[split])
+                if split == self.split:
+                    known["outcomes"] = self.evaluator.outcomes(split)
+            self._row("logit ensemble", list, started, known=known, kind="ensemble")
+            return
+        self._row("logit ensemble", self._load_sources, started, kind="ensemble")
 
     def _load_sources(self) -> list[torch.nn.Module]:
         from evoopt.models.io import load_target, open_source, resolve_path
@@ -161,13 +198,17 @@ class _Baselines:
 
     def _greedy_soup(self, sources: list[dict[str, Any]], started: float) -> None:
         def score(members: list[int]) -> float:
-            weights = [float(j in members) for j in range(len(sources))]
-            return combine(self.evaluator.score(self._linear(weights), self.config.objective.split), self.weights)
+            recipe = self._linear([float(j in members) for j in range(len(sources))])
+            known = self.known.setdefault(recipe.model_dump_json(), {})
+            if self.split not in known:
+                self._score(self.kind.merged(recipe), self.split, known)
+            return combine(known[self.split], self.weights)
 
         soup = greedy_soup([r["dev_value"] for r in sources], score, maximize=self.maximize)
         labels = [self.sources.labels[i] for i in soup]
-        self._row(f"greedy soup ({', '.join(labels)})", self._linear([float(j in soup) for j in
-                                                                      range(len(sources))]), started, kind="soup")
+        recipe = self._linear([float(j in soup) for j in range(len(sources))])  # scored on dev above (or a source)
+        self._row(f"greedy soup ({', '.join(labels)})", partial(self.kind.merged, recipe), started, made_by=recipe,
+                  kind="soup")
 
     def _merge(self, method: str, started: float) -> None:
         params, per_model = _BASELINE_RECIPES.get(method, ({}, {}))
@@ -178,14 +219,16 @@ class _Baselines:
             calibration = calibration_file(self.config, self.sources)
         recipe = fixed_recipe(self.sources, method, params, [dict(per_model)] * len(self.sources.models),
                               config=self.config, calibration=calibration)
-        merger = Merger(recipe)
-        merged = merger.merge()
-        own = self.kind.merger.model
-        with torch.no_grad():  # score through the worker's model (its head handling and device)
-            own.load_state_dict(merged.state_dict())
-        self._row(f"{method} (fixed)", own, started, kind="merge", recipe=recipe.model_dump(
-            mode="json", exclude_defaults=True))
-        del merger, merged
+
+        def build() -> torch.nn.Module:  # (not at all for linear after greedy soup of every source: the same recipe)
+            merged = Merger(recipe).merge()
+            own = self.kind.merger.model
+            with torch.no_grad():  # score through the worker's model (its head handling and device)
+                own.load_state_dict(merged.state_dict())
+            return own
+
+        self._row(f"{method} (fixed)", build, started, made_by=recipe, kind="merge",
+                  recipe=recipe.model_dump(mode="json", exclude_defaults=True))
 
 
 def greedy_soup(scores: list[float], score: Callable[[list[int]], float], *, maximize: bool) -> list[int]:

@@ -368,7 +368,10 @@ def worker(study: Path, storage: str | None, n_trials: int | None, timeout: floa
 def baselines(study: Path, storage: str | None) -> None:
     """Score and record the baselines of STUDY: each source, their average and best, the logit
     ensemble, greedy soup, and fixed merges (linear, task arithmetic, TIES, DARE-TIES, Fisher,
-    RegMean), on dev and test."""
+    RegMean), on dev and test.
+
+    Each model is scored once: the ensemble is taken from the sources' outputs, and greedy soup,
+    its candidates and linear (the soup of every source) share their scores by recipe."""
     from rich.console import Console
 
     from evoopt.study.config import StudyConfig

@@ -186,7 +186,7 @@ class _Baselines:
                 known[split] = self.evaluator.scorer(split).ensemble_scores(self.members[split])
                 if split == self.split:
                     known["outcomes"] = self.evaluator.outcomes(split)
-            self._row("logit ensemble", list, started, known=known, kind="ensemble")
+            self._row("logit ensemble", list, started, known=known, kind="ensemble")  # (nothing left to build)
             return
         self._row("logit ensemble", self._load_sources, started, kind="ensemble")
 

@@ -41,12 +41,12 @@ def baselines(code: Path, config: dict[str, Any], folder: Path) -> tuple[float, 
     """Run ``evoopt baselines`` from ``code`` on a fresh storage in ``folder``: its wall seconds and rows."""
     folder.mkdir(parents=True)
     path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump({**config, "artifacts": str(folder / "artifacts")}))
     storage = f"sqlite:///{folder / 'study.db'}"
     env = {**os.environ, "PYTHONPATH": str(code)}
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "evoopt.cli", "baselines", str(path), "--storage", storage],
-                   check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+                   check=True, env=env, cwd=code, stdout=subprocess.DEVNULL)  # (-m: cwd first on sys.path)
     seconds = time.perf_counter() - started
     study = optuna.load_study(study_name=config["name"], storage=storage)
     return seconds, study.user_attrs["evoopt:baselines"]
@@ -88,9 +88,10 @@ def main() -> None:
                                                for _, rows in found) for name in names}
                for label, found in runs.items()}
     totals = {label: statistics.median(s for s, _ in found) for label, found in runs.items()}
-    print(f"\n{'row':<44}{'reference s':>13}{'this s':>10}{'dev':>9}{'test':>9}")
+    width = max(len(name) for name in names) + 2
+    print(f"\n{'row':<{width}}{'reference s':>13}{'this s':>10}{'dev':>9}{'test':>9}")
     for name, dev, test in first["reference"]:
-        print(f"{name:<44}{seconds['reference'][name]:>13.1f}{seconds['this checkout'][name]:>10.1f}"
+        print(f"{name:<{width}}{seconds['reference'][name]:>13.1f}{seconds['this checkout'][name]:>10.1f}"
               f"{dev:>9.4f}{test:>9.4f}")
     ratio = totals["this checkout"] / totals["reference"]
     print(f"\n`evoopt baselines` wall time, median of {args.repeats}: reference {args.reference} "

@@ -502,6 +502,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     colours = {"full": "tab:blue", "anchor": "tab:orange", "raced": "tab:green", "mixture": "tab:purple",
                "mixture-paired": "tab:brown", "mixture-promote": "tab:olive"}
     named: set[tuple[Any, str]] = set()
+    markers, dashes = "osD^vP", ["-", "--", ":", "-."]  # one per seed (by its place among the seeds run)
+    seeds = sorted({r["seed"] for setting in results for r in results[setting]["runs"]})
+
+    def seed_style(run: dict[str, Any]) -> tuple[str, str]:
+        place = seeds.index(run["seed"])
+        return markers[place % len(markers)], dashes[place % len(dashes)]
 
     def once(ax: Any, label: str) -> str | None:
         """A legend entry once per panel (the first seed of each arm)."""
@@ -515,7 +521,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for run in (r for r in result["runs"] if r["search"] == search and r.get("curve")):
             examples, best = zip(*run["curve"])
             ax.step([e / 1000 for e in examples], [100 * b for b in best], where="post", color=colours[run["arm"]],
-                    alpha=0.8, label=once(ax, f"{arm_label(run)} (seeds)"))
+                    alpha=0.8, linestyle=seed_style(run)[1], label=once(ax, f"{arm_label(run)} (line: seed)"))
+            ax.annotate(f"seed {run['seed']}", (examples[-1] / 1000, 100 * best[-1]), fontsize=6,
+                        xytext=(2, 2), textcoords="offset points", color=colours[run["arm"]])
         dev = result.get("references_dev", {})
         if "ties (fixed)" in dev:
             ax.axhline(100 * dev["ties (fixed)"], color="grey", linestyle="--", label="ties (fixed)")
@@ -536,8 +544,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker="o",
                         linestyle="none", color=colours[run["arm"]], alpha=0.8)
                 continue
-            ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker="o",
-                    color=colours[run["arm"]], alpha=0.8, label=once(ax, f"{arm_label(run)} (seeds)"))
+            marker, dash = seed_style(run)
+            ax.plot([s["examples"] / 1000 for s in stages], [100 * s["test"] for s in stages], marker=marker,
+                    linestyle=dash, color=colours[run["arm"]], alpha=0.8,
+                    label=once(ax, f"{arm_label(run)} (marker: seed)"))
+            if stages:
+                ax.annotate(f"seed {run['seed']}", (stages[-1]["examples"] / 1000, 100 * stages[-1]["test"]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points", color=colours[run["arm"]])
             if all("untested_test" in s for s in stages):  # the same run's answer without the paired answer rule
                 ax.plot([s["examples"] / 1000 for s in stages], [100 * s["untested_test"] for s in stages],
                         marker="x", linestyle=":", color=colours[run["arm"]], alpha=0.6,

@@ -231,8 +231,9 @@ def one_run(folder: Path, setting: str, search: str, arm: str, seed: int, args: 
                     confirmed_examples=scored_examples(study, study.get_trials(deepcopy=False, states=FINISHED)))
         study.set_user_attr("bench:stages", stages)
         print(f"  {name} confirmed: answer dev {last['confirmed_dev']:.4f} test {last['confirmed_test']:.4f}")
+    # cma_generations: None for other samplers; the method search (one CMA-ES per method, no restarts): the furthest
     record = {"search": search, "arm": arm, "seed": seed, "jobs": args.jobs, "stages": stages, "curve": curve(study),
-              "decisions": decisions(study), "cma_generations": cma_generations(study)}
+              "decisions": decisions(study), "cma_generations": finished_generations(study.get_trials(deepcopy=False))}
     if args.answers and arm in ("full", "mixture-promote"):  # their answer is the best whole-dev trial so far
         kind = kind or make_kind(config)
         record["answers"] = answers(config, study, kind)
@@ -337,12 +338,6 @@ def decisions(study: optuna.Study) -> dict[str, Any]:
             key = f"pruned at {trial.user_attrs['pruned_at']}" if "pruned_at" in trial.user_attrs else "scored"
         counts[key] = counts.get(key, 0) + 1
     return {"counts": counts, "median_difference": {k: round(statistics.median(v), 2) for k, v in differences.items()}}
-
-
-def cma_generations(study: optuna.Study) -> int | None:
-    """The generations CMA-ES had finished when it sampled the run's last trial, restarts included (the method
-    search, one CMA-ES per method and no restarts: the method furthest on); None for runs of other samplers."""
-    return finished_generations(study.get_trials(deepcopy=False))
 
 
 def kept_runs(path: Path, setting: str, args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

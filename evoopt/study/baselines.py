@@ -86,7 +86,7 @@ class _Baselines:
         """A baseline's row, scored on dev and test; ``build`` makes its model when a split is still to score
         (``made_by``: its recipe, whose scores are kept and taken again; ``known``: scores already there)."""
         if known is None:
-            known = self.known.setdefault(made_by.model_dump_json(), {}) if made_by is not None else {}
+            known = self._known(made_by) if made_by is not None else {}
         model = None
         for split in (self.split, "test"):
             if split not in known:
@@ -99,6 +99,10 @@ class _Baselines:
                "test_value": combine(test, self.weights), "seconds": round(time.perf_counter() - started, 2), **extra}
         self.rows.append(row)
         return row
+
+    def _known(self, recipe: Recipe) -> dict[str, Any]:
+        """What ``recipe`` has scored so far (filled in by :meth:`_score`)."""
+        return self.known.setdefault(recipe.model_dump_json(), {})
 
     def _score(self, model: Any, split: str, known: dict[str, Any], *, source: bool = False) -> None:
         """Score ``model`` on ``split`` into ``known``; a source's outputs are kept for the ensemble, and on the
@@ -115,11 +119,10 @@ class _Baselines:
 
     def _check_precision(self, model: Any, dev: dict[str, float], reference: Outcomes, seconds: float) -> None:
         """Score the source on dev again under bfloat16 autocast; compare with its float32 results."""
-        split = self.config.objective.split
         started = time.perf_counter()
-        lower = self.evaluator.score(model, split, autocast=True)
+        lower = self.evaluator.score(model, self.split, autocast=True)
         took = time.perf_counter() - started
-        fast = self.evaluator.outcomes(split)
+        fast = self.evaluator.outcomes(self.split)
         assert fast is not None
         same = np.concatenate([np.isclose(fast.tasks[t].values, reference.tasks[t].values, rtol=1e-2, atol=1e-3)
                                for t in reference.tasks])  # per example, over every task
@@ -199,7 +202,7 @@ class _Baselines:
     def _greedy_soup(self, sources: list[dict[str, Any]], started: float) -> None:
         def score(members: list[int]) -> float:
             recipe = self._linear([float(j in members) for j in range(len(sources))])
-            known = self.known.setdefault(recipe.model_dump_json(), {})
+            known = self._known(recipe)
             if self.split not in known:
                 self._score(self.kind.merged(recipe), self.split, known)
             return combine(known[self.split], self.weights)

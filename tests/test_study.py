@@ -172,6 +172,34 @@ def test_baselines_score_each_model_once_and_match_scoring_them_alone(small_expe
             assert np.array_equal(mine.tasks[task].margins, theirs.tasks[task].margins)
 
 
+@pytest.mark.slow
+def test_a_fixed_merge_after_another_keeps_each_tasks_own_head(small_experts: Any, tmp_path: Path) -> None:
+    """With per-task heads, a scored task's head is swapped into the worker's model; a later fixed merge copied
+    its merged model (whose head is the base's) over that tensor, so the last task's head was lost for every
+    baseline after the first (measured on minilm-cross-task: rotten-tomatoes' head changed). The heads stay
+    as they were, and a merge scored after another scores as it does alone."""
+    import dataclasses
+
+    from evoopt.study.baselines import _Baselines, Scored
+    from evoopt.study.space import study_sources
+
+    experts, _ = small_experts
+    config = parse_config(small_study_config(tmp_path, experts, baselines=["linear", "task_arithmetic"]),
+                          root=tmp_path)
+    sources = dataclasses.replace(study_sources(config), per_task_heads=True)  # each expert's head its task's
+    together = _Baselines(config, sources, Scored(), lambda *_: None)
+    heads = {task: {n: t.clone() for n, t in head.items()} for task, head in together.evaluator.heads.items()}
+    together.run()
+    for task, head in together.evaluator.heads.items():
+        for name, tensor in head.items():
+            assert torch.equal(tensor, heads[task][name]), (task, name)
+    alone = _Baselines(config.model_copy(update={"baselines": ["task_arithmetic"]}), sources,
+                       Scored(), lambda *_: None)
+    alone.run()
+    (row,) = alone.rows
+    assert (row["dev"], row["test"]) == (together.rows[1]["dev"], together.rows[1]["test"])
+
+
 @pytest.fixture(scope="module")
 def finished(small_experts: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, optuna.Study]:
     experts, _ = small_experts

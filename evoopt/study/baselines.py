@@ -225,9 +225,12 @@ class _Baselines:
 
         def build() -> torch.nn.Module:  # (not at all for linear after greedy soup of every source: the same recipe)
             merged = Merger(recipe).merge()
-            own = self.kind.merger.model
-            with torch.no_grad():  # score through the worker's model (its head handling and device)
-                own.load_state_dict(merged.state_dict())
+            own = self.kind.merger.model  # scored through the worker's model (its head handling and device)
+            mine = own.state_dict()
+            with torch.no_grad():  # not the excluded per-task heads: after a task is scored, the model's head
+                for name, tensor in merged.state_dict().items():  # is that task's own tensor (swapped in), and a
+                    if not recipe.excluded(name):                 # copy into it would overwrite that task's head
+                        mine[name].copy_(tensor)
             return own
 
         self._row(f"{method} (fixed)", build, started, made_by=recipe, kind="merge",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import parse_recipe
+from evoopt.errors import ConfigError
 from evoopt.study.config import parse_config
 from evoopt.study.run import Worker, export_trial, open_study, run_study
 from tests.helpers.models import save_family, tiny_llama_config
@@ -516,3 +519,35 @@ def test_read_commands_refuse_an_edited_config(stored: Stored, tmp_path: Path, c
     assert "was made from another config" in result.output and 'space.method: stored "ties", now "dare_ties"' in \
         result.output
     assert "serving" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("setting", "objective", "message"), [
+    ("minilm-sentiment-domains", {"kind": "lm-eval"}, "objective.kind: lm-eval scores causal language models; "
+     "minilm-sentiment-domains's experts are encoder classifiers: use kind: dev"),
+    ("smollm2-tasks", {"kind": "lm-eval", "metric": "mse"},
+     "objective.metric: lm-eval tasks are scored by accuracy, not mse; use metric: accuracy"),
+    ("smollm2-tasks", {"kind": "lm-eval", "metric": "perplexity"}, "use metric: accuracy (or kind: dev for perplexity)"),
+    ("smollm2-tasks", {"metric": "macro_f1"},
+     "objective.metric: smollm2-tasks is scored by accuracy (its lm-eval tasks) or perplexity, not macro_f1"),
+    ("minilm-cross-task", {"metric": "mse"}, "objective.metric: mse needs regression heads (one output); "
+     "minilm-cross-task's tasks are classification: use accuracy or macro_f1"),
+    ("minilm-cross-task", {"metric": "perplexity"}, "objective.metric: perplexity needs a causal LM setting"),
+])
+def test_a_metric_its_scorer_does_not_compute_is_refused(setting: str, objective: dict[str, Any],
+                                                         message: str) -> None:
+    """lm-eval scored accuracy whatever the metric, so metric: mse searched for the worst model (minimised)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"name": "m", "setting": setting, "objective": objective})
+    for fine in ({"kind": "lm-eval"}, {"metric": "perplexity"}, {}):
+        assert parse_config({"name": "m", "setting": "smollm2-tasks", "objective": fine})
+    assert parse_config({"name": "m", "setting": "minilm-cross-task", "objective": {"metric": "macro_f1"}})
+
+
+def test_mse_on_a_classifier_is_refused_when_scored() -> None:
+    from evoopt.data.objective import ClassifierScorer
+    from evoopt.errors import EvaluationError
+
+    scorer = ClassifierScorer.__new__(ClassifierScorer)
+    scorer.metric = "mse"
+    with pytest.raises(EvaluationError, match="mse needs regression heads .*the model gives 2"):
+        scorer._per_example(np.zeros((3, 2), np.float32), np.zeros(3))

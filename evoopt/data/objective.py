@@ -218,6 +218,9 @@ class ClassifierScorer:
     def _per_example(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Each example's squared error (mse) or whether it was right (every other metric)."""
         if self.metric == "mse":
+            if outputs.shape[-1] != 1:  # a classifier's first logit is no prediction of the label
+                raise EvaluationError(f"objective.metric: mse needs regression heads (one output); the model gives "
+                                      f"{outputs.shape[-1]}: use accuracy or macro_f1")
             return np.asarray((outputs[:, 0] - labels) ** 2)
         return np.asarray(outputs.argmax(-1) == labels)
 

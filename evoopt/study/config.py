@@ -385,13 +385,28 @@ def _fidelity_problems(config: StudyConfig) -> list[str]:
     return problems
 
 
-def _perplexity_problems(config: StudyConfig) -> list[str]:
-    objective = config.objective
-    if objective.kind == "dev" and objective.metric == "perplexity" and config.setting is not None:
-        from evoopt.data.settings import SETTINGS
+def _metric_problems(config: StudyConfig) -> list[str]:
+    """A metric its scorer computes: lm-eval tasks (and a causal LM setting's own tasks) are scored by
+    accuracy, perplexity by evoopt's own scoring of a causal LM, mse on regression heads (one output)."""
+    from evoopt.data.settings import SETTINGS
 
-        if config.setting in SETTINGS and SETTINGS[config.setting].kind != "causal":
-            return ["objective.metric: perplexity needs a causal LM setting"]
+    objective = config.objective
+    setting = SETTINGS.get(config.setting) if config.setting is not None else None
+    causal = setting is not None and setting.kind == "causal"
+    if objective.kind == "lm-eval" and setting is not None and not causal:
+        return [f"objective.kind: lm-eval scores causal language models; {config.setting}'s experts are encoder "
+                "classifiers: use kind: dev"]
+    if objective.kind == "lm-eval" and objective.metric != "accuracy":
+        return [f"objective.metric: lm-eval tasks are scored by accuracy, not {objective.metric}; use metric: "
+                "accuracy" + (" (or kind: dev for perplexity)" if objective.metric == "perplexity" else "")]
+    if objective.metric == "perplexity" and setting is not None and not causal:
+        return ["objective.metric: perplexity needs a causal LM setting"]
+    if causal and objective.metric in ("mse", "macro_f1"):
+        return [f"objective.metric: {config.setting} is scored by accuracy (its lm-eval tasks) or perplexity, "
+                f"not {objective.metric}"]
+    if objective.metric == "mse" and setting is not None:
+        return [f"objective.metric: mse needs regression heads (one output); {config.setting}'s tasks are "
+                "classification: use accuracy or macro_f1"]
     return []
 
 
@@ -451,7 +466,7 @@ def _weight_problems(config: StudyConfig) -> list[str]:
 _CHECKS: tuple[Check, ...] = (
     _setting_problems, _reference_problems, _corpus_problems, _space_problems, _task_weight_problems,
     lambda config: _baseline_problems(config.baselines), _weight_problems, _sampler_problems, _pruner_problems,
-    _split_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems, _perplexity_problems)
+    _split_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems, _metric_problems)
 
 
 class _Unread:

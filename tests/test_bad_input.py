@@ -25,9 +25,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from evoopt.errors import ConfigError
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import parse_recipe
-from evoopt.errors import ConfigError
 from evoopt.study.config import parse_config
 from evoopt.study.run import Worker, export_trial, open_study, run_study
 from tests.helpers.models import save_family, tiny_llama_config
@@ -526,7 +526,8 @@ def test_read_commands_refuse_an_edited_config(stored: Stored, tmp_path: Path, c
      "minilm-sentiment-domains's experts are encoder classifiers: use kind: dev"),
     ("smollm2-tasks", {"kind": "lm-eval", "metric": "mse"},
      "objective.metric: lm-eval tasks are scored by accuracy, not mse; use metric: accuracy"),
-    ("smollm2-tasks", {"kind": "lm-eval", "metric": "perplexity"}, "use metric: accuracy (or kind: dev for perplexity)"),
+    ("smollm2-tasks", {"kind": "lm-eval", "metric": "perplexity"},
+     "use metric: accuracy (or kind: dev for perplexity)"),
     ("smollm2-tasks", {"metric": "macro_f1"},
      "objective.metric: smollm2-tasks is scored by accuracy (its lm-eval tasks) or perplexity, not macro_f1"),
     ("minilm-cross-task", {"metric": "mse"}, "objective.metric: mse needs regression heads (one output); "

@@ -180,7 +180,7 @@ def test_a_fixed_merge_after_another_keeps_each_tasks_own_head(small_experts: An
     as they were, and a merge scored after another scores as it does alone."""
     import dataclasses
 
-    from evoopt.study.baselines import _Baselines, Scored
+    from evoopt.study.baselines import Scored, _Baselines
     from evoopt.study.space import study_sources
 
     experts, _ = small_experts

@@ -122,6 +122,23 @@ def test_unreachable_storage_is_a_clear_error_before_any_work(small_experts: Any
         run_study(config)
 
 
+@pytest.mark.parametrize("sampler", ["RandomSampler", "TPESampler"])
+def test_a_resumed_study_draws_anew_and_a_replay_draws_the_same(tmp_path: Path, sampler: str) -> None:
+    """Optuna's samplers draw from their seed alone: a study resumed in a fresh process drew its first run's
+    parameters again (TPE's ten start-up trials, every trial of RandomSampler)."""
+    def run(storage: str) -> list[float]:
+        config = parse_config({"name": "resumed", "storage": storage, "artifacts": str(tmp_path),
+                               "sources": {"base": "X", "models": ["A", "B"], "tasks": ["sms-spam"]},
+                               "sampler": {"name": sampler}})
+        for _ in range(2):  # run, then resumed (open_study is what a new process calls)
+            open_study(config).optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=3)
+        return [t.params["x"] for t in open_study(config).trials]
+
+    drawn = run(f"sqlite:///{tmp_path / 'a.db'}")
+    assert len(set(drawn)) == 6, drawn
+    assert run(f"sqlite:///{tmp_path / 'b.db'}") == drawn
+
+
 @pytest.mark.slow
 def test_baselines_score_each_model_once_and_match_scoring_them_alone(small_experts: Any, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
@@ -41,7 +42,7 @@ from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write
 from evoopt.search.evolver import NOT_FINITE
-from evoopt.search.samplers import make_pruner, make_sampler
+from evoopt.search.samplers import SAMPLERS, make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
 from evoopt.study.config import StudyConfig
 from evoopt.study.evaluator import Evaluator
@@ -141,6 +142,12 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
         except KeyError:  # taken back by its maker after this process loaded it
             pass
         time.sleep(0.1)
+    held = 0 if made or config.sampler.name in SAMPLERS else len(study._storage.get_all_trials(
+        study._study_id, deepcopy=False))
+    if held:  # Optuna's samplers draw from their seed alone: resumed, they repeated the first run's draws (TPE's
+        # start-up trials, every trial of RandomSampler); evoopt's draw each trial from (seed, trial number)
+        resumed = int(np.random.SeedSequence([seed, held]).generate_state(1)[0])  # a replay resumes the same
+        study.sampler = make_sampler(config.sampler, resumed, lambda: kind.space)
     if study.metric_names != config.metric_names:  # new studies, and studies made before evoopt named them
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -286,6 +286,12 @@ def test_a_trial_failed_on_its_score_is_rejected_not_retried() -> None:
     marked[4].user_attrs[NOT_FINITE] = True
     history = replay(marked, size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
     assert history.generation == 2 and history.fitness == [0.9, 0.8, 0.75]
+    # an expert whose own score was not finite holds no trial: a paired selection of its offspring compares with
+    # none (it read that failed trial, and its ConfigError stopped the run, again on every resume)
+    marked[1] = _trial(1, 0, 1, None, TrialState.FAIL, target=1)
+    marked[1].user_attrs[NOT_FINITE] = True
+    history = replay(marked[:3], size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
+    assert history.fitness == [0.6, None, 0.7] and history.holders == [0, None, 2]
 
     def objective(trial: optuna.Trial) -> float:
         target = trial.suggest_int("target", 0, 3)

@@ -183,7 +183,8 @@ class History:
         f, cr: each individual's F and Cr (jDE adapts them; otherwise the configured values).
         accepted: accepted[g] = the offspring that replaced their targets in generation g.
         taken: slots of ``generation`` that a live trial already holds.
-        holders: each individual's trial (whose per-example outcomes a paired selection compares with);
+        holders: each individual's trial (whose per-example outcomes a paired selection compares with; None
+            for an expert whose score was not finite);
             merge-integrated, the trial that scored X(P_{generation-1}).
         together: merge-integrated, the generations whose winners were (or are to be) scored together.
         open: the slots of ``generation`` that can be claimed now (None: all of them); ``[N]`` while its
@@ -271,7 +272,8 @@ def replay(trials: Sequence[FrozenTrial], *, size: int, integrated: bool, maximi
         if g == 0:
             values = [t.value if t.state == TrialState.COMPLETE else None for t in finished.values()]
             history.fitness = values * size if integrated else values
-            numbers = [t.number for t in finished.values()]
+            numbers = [t.number if t.state == TrialState.COMPLETE else None for t in finished.values()]  # (a
+            # score never finite: no trial to compare its offspring with; the first complete one replaces it)
             history.holders = list(numbers * size if integrated else numbers)
             history.generation += 1
             continue

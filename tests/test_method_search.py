@@ -32,6 +32,9 @@ def test_method_search_config_errors_name_the_key_and_the_fix() -> None:
     assert "space.methods.ties.fixed.gamma: 'ties' has no coefficient 'gamma'" in message
     assert "space.methods.ties.start.density: 2.0 lies outside the search bounds [1.0, 0.0]" in message
     assert "space.methods.ties.start.weight: not a searched coefficient of 'ties'" in message
+    assert "space.methods.ties.start: no value for density; give every searched coefficient a start, or no start" \
+        in _problems({"kind": "methods", "methods": {"ties": {"search": {"weight": [0, 1.5], "density": [0.1, 1]},
+                                                              "start": {"weight": 1.0}}}})
     assert "space.search: not used by space.kind methods; give it per method in space.methods.<method>.search" in \
         _problems({"kind": "methods", "search": {"weight": [0, 2]}})
     logs = _problems({"kind": "methods", "methods": {"ties": {"search": {"weight": [0, 1], "density": [0.1, 1]},

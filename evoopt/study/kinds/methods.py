@@ -160,6 +160,10 @@ class MethodsKind(ParameterKind):
                     problems.append(f"{where}.start.{key}: not a searched coefficient of {name!r}")
                 elif not low <= value <= high:
                     problems.append(f"{where}.start.{key}: {value} lies outside the search bounds [{low}, {high}]")
+            missing = [key for key in choice.search if key in method.per_model and key not in choice.start]
+            if choice.start and missing:  # (the start trial is enqueued whole, before the first trial)
+                problems.append(f"{where}.start: no value for {', '.join(missing)}; give every searched "
+                                "coefficient a start, or no start")
         return problems
 
     def title(self) -> str:

@@ -590,6 +590,14 @@ def test_evolver_config_problems_are_named() -> None:
     parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver"},
                   "sampler": {"name": "EvolverSampler", "options": {"selection": "paired"}},
                   "objective": {"fidelities": [50]}})  # the Evolver's own early stop
+    # the paired tests compare right-or-wrong per example: a study of macro-F1 would select on accuracy
+    with pytest.raises(ConfigError, match="sampler.options.selection: the paired rule compares right-or-wrong"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver"},
+                      "sampler": {"name": "EvolverSampler", "options": {"selection": "paired"}},
+                      "objective": {"metric": "macro_f1"}})
+    with pytest.raises(ConfigError, match="pruner.name: RacingPruner tests right-or-wrong per example"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "objective": {
+            "metric": "macro_f1", "fidelities": [50]}, "pruner": {"name": "RacingPruner"}})
     for space, message in (({"method": "ties", "fixed": {"densty": 0.5}}, "space.fixed.densty: 'ties' has no "
                                                                          "coefficient 'densty'; allowed: density"),
                            ({"method": "none", "fixed": {"weight": 1.0}}, "space.fixed: the plain Evolver")):

@@ -359,6 +359,9 @@ def _pruner_problems(config: StudyConfig) -> list[str]:
     if config.pruner.name == "RacingPruner" and not config.objective.fidelities:
         problems.append("pruner.name: RacingPruner tests a trial at objective.fidelities (growing numbers of "
                         "examples per task); give them, e.g. [50, 100, 200]")
+    if config.pruner.name == "RacingPruner" and config.objective.metric == "macro_f1":
+        problems.append("pruner.name: RacingPruner tests right-or-wrong per example, and macro-F1 is not a mean "
+                        "of those; use metric accuracy, or MedianPruner")
     return problems
 
 

@@ -66,6 +66,9 @@ class EvolverKind(Kind[EvolverSpace]):
         if config.sampler.options.get("selection") == "paired" and config.objective.estimate is not None:
             problems.append("sampler.options.selection / objective.estimate: the paired rule compares offspring and "
                             "target on the same scored examples; use one or the other")
+        if config.sampler.options.get("selection") == "paired" and config.objective.metric == "macro_f1":
+            problems.append("sampler.options.selection: the paired rule compares right-or-wrong per example, and "
+                            "macro-F1 is not a mean of those; use metric accuracy, or selection greedy")
         return problems
 
     def make_space(self) -> EvolverSpace:

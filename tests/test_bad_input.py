@@ -205,6 +205,9 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
      "space.method: unknown merge method 'tie'; known methods: breadcrumbs"),
     ("unknown sampler", lambda s, t, m: _study(s, **{"sampler.name": "CMA"}), ValueError,
      "sampler.name: unknown sampler 'CMA'; known: .*EvoCmaSampler"),
+    ("a pruner option out of its range", lambda s, t, m: _study(s, pruner={
+        "name": "MedianPruner", "options": {"n_startup_trials": -1}}), ValueError,
+     r"pruner.options: MedianPruner does not accept these options \(Number of startup trials cannot be negative"),
     ("inverted bounds", lambda s, t, m: _study(s, **{"space.search": {"weight": [1.0, 0.2]}}), ValueError,
      r"space.search.weight: bounds must be \[low, high\] with low < high"),
     ("unreachable storage server", lambda s, t, m: open_study(_study(s, storage="postgresql://nobody@127.0.0.1:1/none")),

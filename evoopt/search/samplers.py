@@ -75,6 +75,6 @@ PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {"RacingPruner": RacingPru
 def make_pruner(name: str, options: dict[str, Any]) -> optuna.pruners.BasePruner:
     try:
         pruner: optuna.pruners.BasePruner = (PRUNERS.get(name) or getattr(optuna.pruners, name))(**options)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"pruner.options: {name} does not accept these options ({error})") from None
     return pruner

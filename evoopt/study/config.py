@@ -350,12 +350,17 @@ def _sampler_problems(config: StudyConfig) -> list[str]:
 def _pruner_problems(config: StudyConfig) -> list[str]:
     import optuna
 
-    from evoopt.search.samplers import PRUNERS
+    from evoopt.search.samplers import PRUNERS, make_pruner
 
     problems = []
     if not _known(config.pruner.name, optuna.pruners) and config.pruner.name not in PRUNERS:
         known = sorted([n for n in dir(optuna.pruners) if n.endswith("Pruner") and n != "BasePruner"] + list(PRUNERS))
         problems.append(f"pruner.name: unknown pruner {config.pruner.name!r}; known: {', '.join(known)}")
+    elif isinstance(config.pruner.options, dict):
+        try:  # its options, checked with the config (a pruner is cheap to make)
+            make_pruner(config.pruner.name, config.pruner.options)
+        except ConfigError as error:
+            problems.append(str(error))
     if config.pruner.name == "RacingPruner" and not config.objective.fidelities:
         problems.append("pruner.name: RacingPruner tests a trial at objective.fidelities (growing numbers of "
                         "examples per task); give them, e.g. [50, 100, 200]")

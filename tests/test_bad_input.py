@@ -547,6 +547,13 @@ def test_a_metric_its_scorer_does_not_compute_is_refused(setting: str, objective
     assert parse_config({"name": "m", "setting": "minilm-cross-task", "objective": {"metric": "macro_f1"}})
 
 
+def test_a_grace_period_within_one_heartbeat_is_refused() -> None:
+    """Every running trial would be failed as dead by another worker, and retried."""
+    with pytest.raises(ConfigError, match=re.escape("grace_period: must be longer than heartbeat_interval (60 s), "
+                                                    "got 5 s; a few heartbeats, e.g. 360")):
+        parse_config({"name": "m", "setting": "minilm-cross-task", "heartbeat_interval": 60, "grace_period": 5})
+
+
 def test_mse_on_a_classifier_is_refused_when_scored() -> None:
     from evoopt.data.objective import ClassifierScorer
     from evoopt.errors import EvaluationError

@@ -370,6 +370,13 @@ def _pruner_problems(config: StudyConfig) -> list[str]:
     return problems
 
 
+def _heartbeat_problems(config: StudyConfig) -> list[str]:
+    if config.grace_period <= config.heartbeat_interval:  # every running trial would be found dead, and retried
+        return [f"grace_period: must be longer than heartbeat_interval ({config.heartbeat_interval} s), got "
+                f"{config.grace_period} s; a few heartbeats, e.g. {6 * config.heartbeat_interval}"]
+    return []
+
+
 def _split_problems(config: StudyConfig) -> list[str]:
     if config.objective.split == "test" and not config.objective.allow_test:
         return ["objective.split: 'test' is for reporting, not search; use 'dev' "
@@ -474,7 +481,7 @@ def _weight_problems(config: StudyConfig) -> list[str]:
 _CHECKS: tuple[Check, ...] = (
     _setting_problems, _reference_problems, _corpus_problems, _space_problems, _task_weight_problems,
     lambda config: _baseline_problems(config.baselines), _weight_problems, _sampler_problems, _pruner_problems,
-    _split_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems, _metric_problems)
+    _split_problems, _heartbeat_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems, _metric_problems)
 
 
 class _Unread:

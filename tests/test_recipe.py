@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,22 @@ def test_slerp_takes_one_model_and_fisher_needs_calibration() -> None:
         parse_recipe({"method": "slerp", "base": "b", "models": [{"model": "a"}, {"model": "c"}]})
     with pytest.raises(RecipeError, match="calibration"):
         parse_recipe({"method": "fisher", "models": [{"model": "a"}, {"model": "c"}]})
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: None, "texts.txt does not exist"),
+    (lambda p: p.mkdir(), "texts.txt is a folder; give a text file, one text a line"),
+    (lambda p: p.write_bytes("caf\xe9 au lait\n".encode("latin-1")), "texts.txt is not UTF-8 text .* at byte 3"),
+    (lambda p: p.write_text("\n  \n"), "texts.txt holds no non-empty lines"),
+])
+def test_calibration_texts_that_cannot_be_read_say_why(tmp_path: Path, make: Any, message: str) -> None:
+    from evoopt.merge.merger import calibration_batches
+
+    make(tmp_path / "texts.txt")
+    recipe = parse_recipe({"method": "fisher", "models": [{"model": "a"}, {"model": "c"}],
+                           "calibration": {"texts": "texts.txt"}}, root=tmp_path)
+    with pytest.raises(RecipeError, match=f"calibration.texts: .*{message}"):
+        calibration_batches(recipe, tmp_path)
 
 
 def test_per_group_coefficients() -> None:

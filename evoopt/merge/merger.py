@@ -307,8 +307,13 @@ def calibration_batches(recipe: Recipe, tokenizer_folder: Path) -> list[dict[str
         raise RecipeError(f"calibration: {recipe.method!r} needs calibration texts (calibration.texts)")
     path = resolve_path(calibration.texts, recipe.root)
     if not path.is_file():
-        raise RecipeError(f"calibration.texts: {path} does not exist")
-    texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise RecipeError(f"calibration.texts: {path} " + ("is a folder; give a text file, one text a line"
+                                                           if path.is_dir() else "does not exist"))
+    try:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"calibration.texts: {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                          "save it as UTF-8") from None
     texts = texts[: calibration.max_examples]
     if not texts:
         raise RecipeError(f"calibration.texts: {path} holds no non-empty lines")

@@ -168,17 +168,20 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
     print_expert_scores(built, cross_scores if chosen.shared_head else None)
 
 
+DEMO_STUDY = Path("studies/minilm-sentiment-domains.yaml")
+
+
 @main.command()
 @click.option("--study", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("studies/minilm-sentiment-domains.yaml"), show_default=True,
-              help="The study config to run.")
+              default=DEMO_STUDY, show_default=True, help="The study config to run.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo-best"),
               show_default=True, help="Where to export the best merged model (replaced if it exists).")
 @click.pass_context
 def demo(ctx: click.Context, study: Path, out: Path) -> None:
     """The main job: build the MiniLM sentiment-domain experts, search their TIES merge, export the best.
 
-    Fine-tunes one expert per VADER domain (cached after the first run), runs the
+    Fine-tunes one expert per VADER domain (cached after the first run; with --study,
+    the experts of its setting, none for a study of your own sources), runs the
     default study on the embedded SQLite storage (out/studies/NAME/evoopt.db; a
     second run resumes it), prints baselines vs the best merge found on dev and
     test, and exports the best merged model to --out.
@@ -189,12 +192,16 @@ def demo(ctx: click.Context, study: Path, out: Path) -> None:
     from evoopt.study.config import StudyConfig
     from evoopt.study.run import export_trial
 
+    if not study.exists() and study == DEMO_STUDY:
+        raise click.UsageError(f"{study}: not found here; run the demo from the repository's root folder, or give "
+                               "--study CONFIG")
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
     started = time.perf_counter()
-    with Bars(Console(stderr=True)) as bars:
-        build_setting(config.setting or "minilm-sentiment-domains", progress=bars, multitask=False)
-        bars.echo(f"experts: ready in {time.perf_counter() - started:.1f} s")
+    if config.setting is not None:  # (a study of the user's own sources has no experts to build)
+        with Bars(Console(stderr=True)) as bars:
+            build_setting(config.setting, progress=bars, multitask=False)
+            bars.echo(f"experts: ready in {time.perf_counter() - started:.1f} s")
     if ctx.invoke(run, study=study).interrupted:
         return  # Ctrl-C: the finished trials are stored; the demo's next run resumes and exports
     export_trial(config, "best", out, overwrite=True)

@@ -197,6 +197,29 @@ def test_an_interrupted_demo_exports_nothing(tmp_path: Path, monkeypatch: pytest
     assert "interrupted" in result.output and not exported
 
 
+def test_the_demo_builds_only_its_settings_experts_and_says_where_to_run_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study of the user's own sources trained the four MiniLM experts first; outside the repository, the
+    demo's default config was only 'not found'."""
+    import optuna
+
+    from evoopt.study.run import RunReport
+
+    built: list[Any] = []
+    monkeypatch.setattr("evoopt.data.experts.build_setting", lambda *args, **kwargs: built.append(args))
+    monkeypatch.setattr("evoopt.study.run.run_study", lambda config, **kwargs: RunReport(
+        optuna.create_study(), interrupted=True))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "d", "artifacts": str(tmp_path / "out"),
+                                     "sources": {"base": "b", "models": ["m1", "m2"], "tasks": ["sms-spam"]}}))
+    result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(tmp_path / "best")])
+    assert result.exit_code == 0 and not built, result.output
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 2 and "run the demo from the repository's root folder, or give --study" in \
+        result.output
+
+
 @pytest.mark.parametrize("args", [["experts", "minilm-sentiment-domains", "--steps", "0"],
                                   ["experts", "minilm-sentiment-domains", "--limit-train", "-1"],
                                   ["dashboard", "study.yaml", "--port", "0"]])

@@ -547,6 +547,20 @@ def test_a_metric_its_scorer_does_not_compute_is_refused(setting: str, objective
     assert parse_config({"name": "m", "setting": "minilm-cross-task", "objective": {"metric": "macro_f1"}})
 
 
+def test_a_method_the_sources_cannot_feed_is_refused_before_anything_is_scored() -> None:
+    """No base for TIES, four experts for SLERP: each was found when its recipe was made, after the sources'
+    baselines had been scored."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"name": "m", "sources": {"models": ["a", "b"], "tasks": ["sms-spam"]},
+                      "space": {"method": "ties"}, "baselines": ["sources", "linear", "dare_ties"]})
+    assert str(caught.value).splitlines()[1:] == [
+        "  - space.method: 'ties' needs a base (pretrained) model; give sources.base, or choose another method",
+        "  - baselines: 'dare_ties' needs a base (pretrained) model; give sources.base, or leave it out of baselines"]
+    with pytest.raises(ConfigError, match=re.escape("baselines: 'slerp' takes at least 1 and at most 1 models, the "
+                                                    "study has 4; leave it out of baselines")):
+        parse_config({"name": "m", "setting": "minilm-cross-task", "baselines": ["ties", "slerp"]})
+
+
 def test_a_grace_period_within_one_heartbeat_is_refused() -> None:
     """Every running trial would be failed as dead by another worker, and retried."""
     with pytest.raises(ConfigError, match=re.escape("grace_period: must be longer than heartbeat_interval (60 s), "

@@ -512,7 +512,8 @@ def _weight_problems(config: StudyConfig) -> list[str]:
 
 _CHECKS: tuple[Check, ...] = (
     _setting_problems, _reference_problems, _corpus_problems, _space_problems, _task_weight_problems,
-    lambda config: _baseline_problems(config.baselines), _method_source_problems, _weight_problems, _sampler_problems, _pruner_problems,
+    lambda config: _baseline_problems(config.baselines), _method_source_problems, _weight_problems,
+    _sampler_problems, _pruner_problems,
     _split_problems, _heartbeat_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems,
     _metric_problems)
 

@@ -29,7 +29,7 @@ from evoopt.errors import ConfigError
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import parse_recipe
 from evoopt.study.config import parse_config
-from evoopt.study.run import Worker, export_trial, open_study, run_study
+from evoopt.study.run import Worker, export_trial, open_study, run_baselines, run_study
 from tests.helpers.models import save_family, tiny_llama_config
 from tests.helpers.studies import small_study_config
 
@@ -559,6 +559,18 @@ def test_a_method_the_sources_cannot_feed_is_refused_before_anything_is_scored()
     with pytest.raises(ConfigError, match=re.escape("baselines: 'slerp' takes at least 1 and at most 1 models, the "
                                                     "study has 4; leave it out of baselines")):
         parse_config({"name": "m", "setting": "minilm-cross-task", "baselines": ["ties", "slerp"]})
+
+
+def test_missing_source_paths_are_named_by_their_study_keys_before_anything_is_made(tmp_path: Path) -> None:
+    config = parse_config({"name": "m", "artifacts": str(tmp_path), "baselines": ["linear"],
+                           "sources": {"base": "nobase", "models": ["a", "b"], "tasks": ["sms-spam"]}}, root=tmp_path)
+    for call in (run_study, run_baselines):
+        with pytest.raises(ConfigError) as caught:
+            call(config)
+        assert str(caught.value).splitlines() == ["study: 3 problem(s):"] + [
+            f"  - sources.{key}: {tmp_path / name}: no such file or folder; check the path in the study config"
+            for key, name in (("base", "nobase"), ("models[0]", "a"), ("models[1]", "b"))]
+    assert not (tmp_path / "m").exists()  # no study, no storage
 
 
 def test_a_grace_period_within_one_heartbeat_is_refused() -> None:

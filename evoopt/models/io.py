@@ -61,9 +61,9 @@ def registered_scheme(reference: str | os.PathLike[str]) -> str | None:
     return scheme if colon and scheme in SCHEMES else None
 
 
-def reference_problem(reference: str, relative_to: Path | None = None) -> str | None:
+def reference_problem(reference: str, relative_to: Path | None = None, *, where: str = "the recipe") -> str | None:
     """What is wrong with a model reference, found without building or converting anything: a scheme's own
-    check, or a path (``pkg:`` ones included) that does not exist."""
+    check, or a path (``pkg:`` ones included) that does not exist (``where``: the file that names it)."""
     if (scheme := registered_scheme(reference)) is not None:
         check = SCHEME_CHECKS.get(scheme)
         return check(reference.partition(":")[2]) if check is not None else None
@@ -71,7 +71,7 @@ def reference_problem(reference: str, relative_to: Path | None = None) -> str | 
         path = resolve_path(reference, relative_to)
     except ModelSourceError as error:
         return str(error)
-    return None if path.exists() else f"{path}: no such file or folder; check the path in the recipe"
+    return None if path.exists() else f"{path}: no such file or folder; check the path in {where}"
 
 
 def resolve_path(reference: str | os.PathLike[str], relative_to: Path | None = None) -> Path:

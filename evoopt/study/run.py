@@ -37,10 +37,10 @@ from optuna.trial import TrialState
 
 from evoopt.data.objective import Scores
 from evoopt.data.outcomes import Outcomes
-from evoopt.errors import ConfigError, EvaluationError, EvooptError, WorkerError
+from evoopt.errors import ConfigError, EvaluationError, EvooptError, WorkerError, problems
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
-from evoopt.models.io import atomic_write
+from evoopt.models.io import atomic_write, reference_problem
 from evoopt.search.evolver import NOT_FINITE
 from evoopt.search.samplers import SAMPLERS, make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
@@ -95,6 +95,21 @@ def open_study(config: StudyConfig, *, worker: int = 0, create: bool = True, kin
     To read a study without building anything, use :func:`evoopt.study.storage.load_study`.
     """
     return _open_study(config, worker=worker, create=create, kind=kind)[0]
+
+
+def check_sources(config: StudyConfig) -> None:
+    """The paths of a study's own sources, checked before anything is built, stored or scored, and named by their
+    keys in the study config (they were found when the baselines' first recipe opened them, as ``models[0].model``
+    of a recipe the user never wrote). ``expert:`` references are the config's own check."""
+    if config.sources is None:
+        return
+    named = [("sources.base", config.sources.base)] + [(f"sources.models[{i}]", m)
+                                                      for i, m in enumerate(config.sources.models)]
+    found = [f"{key}: {problem}" for key, reference in named
+             if reference is not None and not reference.startswith("expert:")
+             and (problem := reference_problem(reference, config.root, where="the study config")) is not None]
+    if found:
+        raise problems(ConfigError, "study", found)
 
 
 def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
@@ -321,6 +336,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
     if kind is not None and kind.config.name != config.name:
         raise ConfigError(f"kind: built for study {kind.config.name!r}, not {config.name!r}; "
                           "build it with make_kind(config)")
+    check_sources(config)
     kind = kind if kind is not None else make_kind(config)  # built once: the sampler's space and the worker's share it
     with taken_back_if_refused(config, worker=worker_index, kind=kind) as study:
         return _run(config, study, kind, n_trials=n_trials, timeout=timeout, workers=workers,
@@ -427,6 +443,7 @@ def run_baselines(config: StudyConfig, *, progress: Progress | None = None, stud
     the study (made if it is new) and in its note."""
     from evoopt.study.space import study_sources
 
+    check_sources(config)
     study = study or open_study(config)
     scored = score_baselines(config, sources or study_sources(config), progress=progress)
     for name, kept in scored.outcomes.items():

@@ -70,14 +70,27 @@ def problems(error: type[EvooptError], source: str, lines: list[str], heading: s
 def schema_problems(error: Any, top: str, model: Any = None) -> list[str]:
     """A pydantic ``ValidationError``'s problems, each with its key path (``top`` for the whole mapping); an unknown
     key of ``model`` (the validated class) with the known key it most looks like, or the known keys."""
-    lines = []
-    for item in error.errors():
-        message = item["msg"]
-        if item["type"] == "extra_forbidden" and (known := _keys_at(model, item["loc"][:-1])):
-            close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.6)
+    lines: dict[str, str] = {}
+    items = error.errors()
+    for item in items:
+        loc, message = item["loc"], item["msg"]
+        if item["type"] == "extra_forbidden" and (known := _keys_at(model, loc[:-1])):
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
             message = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; known: {', '.join(known)}"
-        lines.append(f"{'.'.join(str(p) for p in item['loc']) or top}: {message}")
-    return lines
+        elif item["type"] in ("tuple_type", "too_long", "too_short") or item["type"] == "missing" and loc and \
+                isinstance(loc[-1], int):  # (every tuple of the schemas is a pair of bounds)
+            loc, message = loc[:-1] if item["type"] == "missing" else loc, \
+                f"expected bounds [low, high], got {item['input']!r}"
+        elif item["type"] in ("model_type", "dict_type") and (known := _keys_at(model, loc)):
+            message = f"expected a mapping (keys: {', '.join(known)}), got {item['input']!r}"
+        union = [i for i in items if i["loc"][:-1] == loc[:-1] and i["input"] == item["input"]]
+        if loc and len({i["msg"] for i in union}) > 1 and not {i["loc"][-1] for i in union} & set(
+                _keys_at(model, loc[:-1])):  # a union's members (not keys) each refused the value: one line
+            loc = loc[:-1]
+            message = f"got {item['input']!r}; expected " + " or ".join(
+                dict.fromkeys(i["msg"].removeprefix("Input should be ").split(",")[0] for i in union))
+        lines.setdefault(f"{'.'.join(str(p) for p in loc) or top}", message)
+    return [f"{where}: {message}" for where, message in lines.items()]
 
 
 def _keys_at(model: Any, path: tuple[Any, ...]) -> list[str]:

@@ -468,36 +468,39 @@ def _baseline_problems(baselines: list[str]) -> list[str]:
             if name not in known]
 
 
-def _method_source_problems(config: StudyConfig) -> list[str]:
-    """Merge methods the study's sources cannot feed (a base they lack; more or fewer models than a method takes),
-    named before anything is scored: each was found when its recipe was made, after the sources' baselines."""
-    from evoopt.merge import available_methods, get_method
+def method_source_problems(config: StudyConfig, where: str, name: str) -> list[str]:
+    """What keeps a merge method from the study's sources (a base they lack; more or fewer models than it takes),
+    named before anything is scored: each was found when its recipe was made, after the sources' baselines.
+    ``where``: the key naming it (a kind's check passes ``space.method``)."""
+    from evoopt.data.settings import SETTINGS
+    from evoopt.merge import get_method
 
     if config.sources is not None:
         has_base, n, fix = config.sources.base is not None, len(config.sources.models), "give sources.base"
-    else:
-        from evoopt.data.settings import SETTINGS
-
-        if config.setting not in SETTINGS:  # (named by its own check)
-            return []
+    elif config.setting in SETTINGS:
         has_base, n, fix = True, len(SETTINGS[config.setting].tasks), ""
-    used = [("baselines", name) for name in config.baselines if name in available_methods()]
-    if config.space.kind in ("global", "layerwise"):
-        used.insert(0, ("space.method", config.space.method))
+    else:  # (an unknown setting: named by its own check)
+        return []
+    try:
+        method = get_method(name)
+    except ValueError:  # (named by its own check)
+        return []
+    leave = "leave it out of baselines" if where == "baselines" else "choose another method"
     problems = []
-    for where, name in used:
-        try:
-            method = get_method(name)
-        except ValueError:  # named by the space's own check
-            continue
-        leave = "leave it out of baselines" if where == "baselines" else "choose another method"
-        if method.needs_base and not has_base:
-            problems.append(f"{where}: {name!r} needs a base (pretrained) model; {fix}, or {leave}")
-        if n < method.min_models or (method.max_models is not None and n > method.max_models):
-            most = "" if method.max_models is None else f" and at most {method.max_models}"
-            problems.append(f"{where}: {name!r} takes at least {method.min_models}{most} models, the study has {n}; "
-                            f"{leave}")
+    if method.needs_base and not has_base:
+        problems.append(f"{where}: {name!r} needs a base (pretrained) model; {fix}, or {leave}")
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        most = "" if method.max_models is None else f" and at most {method.max_models}"
+        problems.append(f"{where}: {name!r} takes at least {method.min_models}{most} models, the study has {n}; "
+                        f"{leave}")
     return problems
+
+
+def _baseline_source_problems(config: StudyConfig) -> list[str]:
+    from evoopt.merge import available_methods
+
+    return [problem for name in config.baselines if name in available_methods()
+            for problem in method_source_problems(config, "baselines", name)]
 
 
 def _weight_problems(config: StudyConfig) -> list[str]:
@@ -512,7 +515,7 @@ def _weight_problems(config: StudyConfig) -> list[str]:
 
 _CHECKS: tuple[Check, ...] = (
     _setting_problems, _reference_problems, _corpus_problems, _space_problems, _task_weight_problems,
-    lambda config: _baseline_problems(config.baselines), _method_source_problems, _weight_problems,
+    lambda config: _baseline_problems(config.baselines), _baseline_source_problems, _weight_problems,
     _sampler_problems, _pruner_problems,
     _split_problems, _heartbeat_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems,
     _metric_problems)

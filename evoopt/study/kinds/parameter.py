@@ -15,7 +15,7 @@ from evoopt.merge import get_method
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import open_source, resolve_path
-from evoopt.study.config import StudyConfig, changed_keys, fixed_problems
+from evoopt.study.config import StudyConfig, changed_keys, fixed_problems, method_source_problems
 from evoopt.study.kinds.base import Kind, Progress
 from evoopt.study.space import Sources, Space, fixed_recipe, layer_units
 from evoopt.study.storage import get_trial
@@ -40,6 +40,7 @@ class ParameterKind(Kind[Space]):
         allowed_text = ", ".join(sorted(allowed)) or "none"
         problems += [f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
                      f"allowed: {allowed_text}" for key in space.search if key not in allowed]
+        problems += method_source_problems(config, "space.method", space.method)
         return problems + fixed_problems("space", method, space.fixed)
 
     def make_space(self, names: list[str] | None = None) -> Space:

@@ -573,6 +573,17 @@ def test_missing_source_paths_are_named_by_their_study_keys_before_anything_is_m
     assert not (tmp_path / "m").exists()  # no study, no storage
 
 
+def test_lm_eval_keys_are_for_lm_eval_and_its_include_path_is_read_from_the_configs_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("objective.tasks: only for objective.kind lm-eval; set kind: "
+                                                    "lm-eval, or drop it")):
+        parse_config({"name": "m", "setting": "minilm-cross-task", "objective": {"tasks": ["hellaswag"]}})
+    objective = {"kind": "lm-eval", "tasks": ["mine"], "include_path": "tasks"}
+    with pytest.raises(ConfigError, match=re.escape(f"objective.include_path: {tmp_path / 'tasks'} is not a folder")):
+        parse_config({"name": "m", "setting": "smollm2-tasks", "objective": objective}, root=tmp_path)
+    (tmp_path / "tasks").mkdir()
+    assert parse_config({"name": "m", "setting": "smollm2-tasks", "objective": objective}, root=tmp_path)
+
+
 def test_a_grace_period_within_one_heartbeat_is_refused() -> None:
     """Every running trial would be failed as dead by another worker, and retried."""
     with pytest.raises(ConfigError, match=re.escape("grace_period: must be longer than heartbeat_interval (60 s), "

@@ -401,6 +401,21 @@ def _registered_task(folder: Path, documents: int) -> str:
     return "spam_registered"
 
 
+def test_an_unknown_lm_eval_task_is_a_clear_error(tmp_path: Path) -> None:
+    """It was lm-eval's KeyError, a traceback after the models had loaded."""
+    from lm_eval.tasks import TaskManager
+
+    from evoopt.data.objective import registered_docs
+    from evoopt.errors import ConfigError
+
+    task = _registered_task(tmp_path / "registered", 10)
+    manager = TaskManager(include_path=str(tmp_path / "registered"), include_defaults=False)
+    with pytest.raises(ConfigError, match=r"objective.tasks: 'spam_registerd' is not a registered lm-eval task \(did "
+                                          r"you mean 'spam_registered'\?\); `lm-eval ls tasks` lists them"):
+        registered_docs([task, "spam_registerd"], manager, split="dev", seed=0)
+    assert len(registered_docs([task], manager, split="dev", seed=0)[task]) == 5
+
+
 def test_registered_lm_eval_tasks_score_disjoint_dev_and_test_documents(tmp_path: Path) -> None:
     """A registered lm-eval task has one evaluation split: dev and test are the halves of a permutation of its
     documents seeded by (data seed, task name), the same in every scorer; limit and test_limit take from their

@@ -11,6 +11,7 @@ lm-evaluation-harness (evoopt's local multiple-choice tasks, or any task by name
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -267,6 +268,12 @@ def registered_docs(tasks: Sequence[str], manager: Any, *, split: str, seed: int
 
     if split not in ("dev", "test"):
         raise ValueError(f"split: registered lm-eval tasks have a dev and a test part, got {split!r}")
+    unknown = [name for name in tasks if name not in manager.all_tasks and not Path(name).is_file()]
+    if unknown:
+        close = {n: difflib.get_close_matches(n, manager.all_tasks, n=1) for n in unknown}
+        raise ConfigError("objective.tasks: " + "; ".join(
+            f"{n!r} is not a registered lm-eval task" + (f" (did you mean {close[n][0]!r}?)" if close[n] else "")
+            for n in unknown) + "; `lm-eval ls tasks` lists them (objective.include_path adds a folder of your own)")
     loaded = get_task_dict(list(tasks), manager)
     parts = {}
     for name in tasks:

@@ -400,6 +400,19 @@ def _fidelity_problems(config: StudyConfig) -> list[str]:
     return problems
 
 
+def _lm_eval_task_problems(config: StudyConfig) -> list[str]:
+    """lm-eval's own keys given to evoopt's scoring (they were ignored), and an include_path that is no folder."""
+    objective = config.objective
+    if objective.kind != "lm-eval":
+        given = [key for key in ("tasks", "include_path") if getattr(objective, key)]
+        return [f"objective.{key}: only for objective.kind lm-eval; set kind: lm-eval, or drop it"
+                for key in given]
+    if objective.include_path is not None and not (config.root / objective.include_path).is_dir():
+        return [f"objective.include_path: {config.root / objective.include_path} is not a folder (of lm-eval task "
+                "YAML files); a relative path is read from the study config's folder"]
+    return []
+
+
 def _metric_problems(config: StudyConfig) -> list[str]:
     """A metric its scorer computes: lm-eval tasks (and a causal LM setting's own tasks) are scored by
     accuracy, perplexity by evoopt's own scoring of a causal LM, mse on regression heads (one output)."""
@@ -518,7 +531,7 @@ _CHECKS: tuple[Check, ...] = (
     lambda config: _baseline_problems(config.baselines), _baseline_source_problems, _weight_problems,
     _sampler_problems, _pruner_problems,
     _split_problems, _heartbeat_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems,
-    _metric_problems)
+    _metric_problems, _lm_eval_task_problems)
 
 
 class _Unread:
@@ -694,10 +707,10 @@ def parse_config(data: Any, *, root: Path | None = None, source: str = "study") 
     except ValidationError as error:
         lines = schema_problems(error, "(study)", StudyConfig) + _beside_schema(data, error)
         raise problems(ConfigError, source, lines) from None
+    config._root = root or Path.cwd()  # (relative paths are checked against it)
     lines = _problems(config)
     if lines:
         raise problems(ConfigError, source, lines)
-    config._root = root or Path.cwd()
     return config
 
 

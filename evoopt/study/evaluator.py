@@ -104,7 +104,8 @@ class Evaluator:
             elif self.sources.kind == "causal" or o.kind == "lm-eval":
                 scorer = LmEvalScorer(self.tokenizer, split=split, folder=folder,
                                       corpora=[] if o.tasks else self.sources.tasks, tasks=o.tasks,
-                                      include_path=o.include_path, limit=limit, batch_size=batch_size,
+                                      include_path=o.include_path and str(self.config.root / o.include_path),
+                                      limit=limit, batch_size=batch_size,
                                       seed=self.sources.data_seed, rows=rows,
                                       stages=o.fidelities if search and not estimated else ())
             else:

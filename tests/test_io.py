@@ -233,6 +233,27 @@ def test_atomic_folder_success_and_failure(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+def test_an_overwrite_whose_last_rename_fails_puts_the_old_folder_back(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old folder was set aside first; the new one's rename failing (say, a full or read-only parent) left no
+    folder at the target, the old one hidden beside it."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "f").write_text("old")
+    real = Path.rename
+
+    def rename(self: Path, to: Path) -> Path:
+        if ".tmp-" in self.name:
+            raise OSError(30, "Read-only file system")
+        return real(self, to)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="Read-only"):
+        with atomic_folder(target, overwrite=True) as tmp:
+            (tmp / "f").write_text("new")
+    assert (target / "f").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_a_cache_folder_another_process_finished_meanwhile_is_kept(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache (``done``): a complete folder written meanwhile by another process, which may be reading it, is kept

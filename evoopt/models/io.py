@@ -426,6 +426,8 @@ def atomic_folder(target: Path, *, overwrite: bool = False,
             tmp.rename(target)  # (refused where a non-empty folder is there: never replaces one that came meanwhile)
         except OSError:
             if done is None or not done(target):
+                if old is not None and not target.exists():
+                    old.rename(target)  # the replaced one back: target untouched
                 raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

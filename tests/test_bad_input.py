@@ -584,6 +584,13 @@ def test_lm_eval_keys_are_for_lm_eval_and_its_include_path_is_read_from_the_conf
     assert parse_config({"name": "m", "setting": "smollm2-tasks", "objective": objective}, root=tmp_path)
 
 
+def test_fidelities_of_a_perplexity_study_are_refused() -> None:
+    """Perplexity is scored in one pass: a pruner given fidelities never saw a report, silently."""
+    with pytest.raises(ConfigError, match="objective.fidelities: perplexity is scored in one pass"):
+        parse_config({"name": "m", "setting": "smollm2-tasks", "objective": {"metric": "perplexity",
+                                                                            "fidelities": [20, 50]}})
+
+
 def test_a_grace_period_within_one_heartbeat_is_refused() -> None:
     """Every running trial would be failed as dead by another worker, and retried."""
     with pytest.raises(ConfigError, match=re.escape("grace_period: must be longer than heartbeat_interval (60 s), "

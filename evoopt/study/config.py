@@ -397,6 +397,9 @@ def _fidelity_problems(config: StudyConfig) -> list[str]:
                         "corpora) only; drop objective.tasks or objective.fidelities")
     if objective.multi_objective:
         problems.append("objective.fidelities: Optuna prunes single-objective studies only")
+    if objective.metric == "perplexity":  # (it scores every text in one pass: nothing would be reported)
+        problems.append("objective.fidelities: perplexity is scored in one pass, with no stages to prune at; drop "
+                        "objective.fidelities")
     return problems
 
 

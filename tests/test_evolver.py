@@ -590,6 +590,8 @@ def test_evolver_config_problems_are_named() -> None:
     parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver"},
                   "sampler": {"name": "EvolverSampler", "options": {"selection": "paired"}},
                   "objective": {"fidelities": [50]}})  # the Evolver's own early stop
+    with pytest.raises(ConfigError, match=r"space.population: only for space.kind evolver or m2n2"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"population": "mmap"}})
     # the paired tests compare right-or-wrong per example: a study of macro-F1 would select on accuracy
     with pytest.raises(ConfigError, match="sampler.options.selection: the paired rule compares right-or-wrong"):
         parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver"},

@@ -40,6 +40,7 @@ def test_config_reports_every_problem_with_its_path() -> None:
                      "space.search.gamma: 'ties' has no per-model coefficient", "objective.split: 'test' is for "
                      "reporting", "pruner.name: unknown pruner 'Sometimes'"):
         assert expected in text, text
+    assert "BaseSampler" not in text and "PartialFixedSampler" not in text  # (not made from a config)
     assert parse_config({"name": "x", "setting": "minilm-sentiment-domains",
                          "objective": {"split": "test", "allow_test": True}}).objective.split == "test"
     # found only after the baselines before, with the config already stored in the study: now before any work

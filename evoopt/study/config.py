@@ -342,7 +342,8 @@ def _sampler_problems(config: StudyConfig) -> list[str]:
     problems = [f"sampler.options.x0{key and '.' + key}: must be a finite number, got {value}"
                 for key, value in _numbers(x0 if isinstance(x0, dict) else {"": x0}) if not math.isfinite(value)]
     if not _known(config.sampler.name, optuna.samplers) and config.sampler.name not in SAMPLERS:
-        known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler")] + list(SAMPLERS))
+        known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler") and not n.startswith("Base")
+                        and n != "PartialFixedSampler"] + list(SAMPLERS))  # (those a config cannot make)
         problems.append(f"sampler.name: unknown sampler {config.sampler.name!r}; known: {', '.join(known)}")
     return problems
 

@@ -42,6 +42,8 @@ class EvolverKind(Kind[EvolverSpace]):
         if (space.kind == "evolver") != (config.sampler.name == "EvolverSampler"):
             problems.append("space.kind / sampler.name: space.kind evolver and sampler EvolverSampler go together "
                             f"(got {space.kind} and {config.sampler.name})")
+        if space.kind not in (*cls.names, "m2n2") and changed_keys(space, "population"):  # (M2N2's archive too)
+            problems.append("space.population: only for space.kind evolver or m2n2 (the weights they keep)")
         if space.kind not in cls.names:
             return problems
         if space.method != "none":

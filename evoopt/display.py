@@ -181,5 +181,6 @@ def print_summary(config: object, study: object, rows: list[dict[str, object]]) 
     trials = study.get_trials(deepcopy=False)  # type: ignore[attr-defined]
     states = {s.name.lower(): sum(t.state == s for t in trials) for s in {t.state for t in trials}}
     done = sum(t.state in FINISHED for t in trials)
-    console.print(f"{done}/{config.trials} trials finished ({', '.join(f'{n} {k}' for k, n in states.items())}); "  # type: ignore[attr-defined]
+    counts = f" ({', '.join(f'{n} {k}' for k, n in states.items())})" if states else ""
+    console.print(f"{done}/{config.trials} trials finished{counts}; "  # type: ignore[attr-defined]
                   f"storage {config.storage_url}", soft_wrap=True)  # type: ignore[attr-defined]

@@ -130,6 +130,15 @@ def test_unreachable_storage_is_a_clear_error_before_any_work(small_experts: Any
         run_study(config)
 
 
+def test_a_trial_of_a_study_without_trials_is_named_as_such(tmp_path: Path) -> None:
+    from evoopt.study.storage import get_trial
+
+    empty = parse_config({"name": "empty", "storage": f"sqlite:///{tmp_path / 'e.db'}", "artifacts": str(tmp_path),
+                          "sources": {"base": "X", "models": ["A", "B"], "tasks": ["sms-spam"]}})
+    with pytest.raises(ConfigError, match="trial: study 'empty' has no trials yet, so no trial 5"):  # (was 0..-1)
+        get_trial(open_study(empty), 5)
+
+
 @pytest.mark.parametrize("sampler", ["RandomSampler", "TPESampler"])
 def test_a_resumed_study_draws_anew_and_a_replay_draws_the_same(tmp_path: Path, sampler: str) -> None:
     """Optuna's samplers draw from their seed alone: a study resumed in a fresh process drew its first run's

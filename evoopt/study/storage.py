@@ -391,6 +391,8 @@ def get_trial(study: optuna.Study, which: str | int) -> optuna.trial.FrozenTrial
         return trial
     number = int(which)
     trials = study.get_trials(deepcopy=False)
+    if not trials:
+        raise ConfigError(f"trial: study {study.study_name!r} has no trials yet, so no trial {number}")
     if not 0 <= number < len(trials):
         raise ConfigError(f"trial: study {study.study_name!r} has trials 0..{len(trials) - 1}, not {number}")
     if trials[number].state != TrialState.COMPLETE:

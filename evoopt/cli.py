@@ -294,19 +294,17 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     search, the methods raced by successive rejects).
     Fitness: every trial keeps its per-example dev results. objective.estimate
     {method: anchor|strata|mixture|irt|random, fraction: 0.1, references: 20,
-    confirm: 5}
-    scores trials on a few examples fitted from the baselines (and the first
-    `references` trials, scored on all of dev) and estimates the full dev
-    score; the answer is the best of the `confirm` best estimates re-scored on
-    all of dev (answer_level: 0.05, a later run, or with promote_within a
-    later promoted trial, changes it only for a trial better by a paired
-    test on all of dev; promote_within: 0, a trial whose
-    estimate beats the best all-of-dev score so far is scored on all of dev
-    at once, inside --timeout, and confirm: 0 then scores nothing after the
-    run); pruner
-    RacingPruner with objective.fidelities stops a trial once a paired test on
-    the same examples finds it worse than the best; objective.precision auto
-    (default) scores trials in bfloat16 where the sources keep their results.
+    confirm: 5} scores trials on a few examples fitted from the baselines (and
+    the first `references` trials, scored on all of dev) and estimates the full
+    dev score; the answer is the best of the `confirm` best estimates re-scored
+    on all of dev (answer_level: 0.05, a later run, or with promote_within a
+    later promoted trial, changes it only for a trial better by a paired test on
+    all of dev; promote_within: 0, a trial whose estimate beats the best
+    all-of-dev score so far is scored on all of dev at once, inside --timeout,
+    and confirm: 0 then scores nothing after the run). pruner RacingPruner with
+    objective.fidelities stops a trial once a paired test on the same examples
+    finds it worse than the best; objective.precision auto (default) scores
+    trials in bfloat16 where the sources keep their results.
     \b
     Example:  evoopt run studies/minilm-sentiment-domains.yaml --n-trials 10
               evoopt run studies/minilm-sentiment-layerwise.yaml --workers 2

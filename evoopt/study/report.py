@@ -17,14 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from evoopt.data.objective import combine
 from evoopt.errors import ConfigError
 from evoopt.models.io import atomic_write, check_writable
 from evoopt.study.config import StudyConfig
 from evoopt.study.kinds import Kind, make_kind
-from evoopt.study.storage import CONFIG_ATTR, FINISHED, artifact_store, best_trial, load_study, storage_from_url
+from evoopt.study.storage import (
+    FINISHED,
+    artifact_store,
+    best_trial,
+    load_study,
+    storage_from_url,
+    study_weights,
+    trial_value,
+)
 
 CONVERGED = 0.99  # a study has converged once its best so far is within 1% of its final best
 
@@ -38,13 +46,6 @@ class Curve:
     by_trial: list[float]
     seconds: list[float]  # since the study's first trial started
     by_time: list[float]
-
-
-def _value(trial: FrozenTrial) -> float:
-    """One number per trial: a multi-objective trial's mean over its tasks, on the scale of the baselines' dev and
-    of every test column (the best sum on the front is the best mean)."""
-    values = trial.values or []
-    return float(values[0]) if len(values) == 1 else float(sum(values)) / max(1, len(values))
 
 
 def _cumulative(values: list[float], maximize: bool) -> list[float]:
@@ -62,10 +63,11 @@ def best_so_far(study: optuna.Study) -> Curve:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]  # in number order
     ends = {t.number: t.datetime_complete or start for t in complete}
     timed = sorted(complete, key=lambda t: ends[t.number])  # in the order they finished
+    weights = study_weights(study)
     return Curve(name=study.study_name, trials=[t.number + 1 for t in complete],
-                 by_trial=_cumulative([_value(t) for t in complete], maximize),
+                 by_trial=_cumulative([trial_value(t, weights) for t in complete], maximize),
                  seconds=[(ends[t.number] - start).total_seconds() for t in timed],
-                 by_time=_cumulative([_value(t) for t in timed], maximize))
+                 by_time=_cumulative([trial_value(t, weights) for t in timed], maximize))
 
 
 def _row(config: StudyConfig, study: optuna.Study, curve: Curve) -> dict[str, Any]:
@@ -180,28 +182,20 @@ def summary_rows(study: optuna.Study) -> list[dict[str, Any]]:
     trial = best_trial(study)
     if trial is not None:
         report = study.user_attrs.get("evoopt:test", {}).get(str(trial.number))
-        dev = _value(trial)
-        if len(trial.values or []) > 1 and "scores" in trial.user_attrs:  # weighted as the baselines' rows
-            dev = combine(trial.user_attrs["scores"], _weights(study))
+        dev = trial_value(trial, study_weights(study))  # (several objectives: weighted as the baselines' rows)
         test, name = None, f"best found (trial {trial.number})"
         if report:
-            test = combine(report["test"], _weights(study))
+            test = combine(report["test"], study_weights(study))
             if "estimated" in trial.user_attrs and report["dev"]:  # chosen by its estimate, shown by its whole dev
                 name = f"best found (trial {trial.number}, estimated dev {dev:.4f})"
-                dev = combine(report["dev"], _weights(study))
+                dev = combine(report["dev"], study_weights(study))
         rows.append({"name": name, "dev": dev, "test": test})
     if result := study.user_attrs.get("evoopt:result"):
-        weights = _weights(study)
+        weights = study_weights(study)
         what = "fittest individual" if result.get("method") == "none" else f"{result.get('method')} of the population"
         rows.append({"name": result.get("name") or f"Evolver result ({what}, generation {result['generation']})",
                      "dev": combine(result["dev"], weights), "test": combine(result["test"], weights)})
     return rows
-
-
-def _weights(study: optuna.Study) -> dict[str, float]:
-    config = study.user_attrs.get(CONFIG_ATTR, {})
-    weights: dict[str, float] = config.get("objective", {}).get("weights", {})
-    return weights
 
 
 def update_note(config: StudyConfig, study: optuna.Study, kind: Kind | None = None) -> None:

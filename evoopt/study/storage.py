@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evoopt.data import corpora
+from evoopt.data.objective import combine
 from evoopt.data.outcomes import Outcomes, decode, encode
 from evoopt.data.settings import expert_setting, get_setting
 from evoopt.errors import ConfigError, StorageError
@@ -368,15 +369,33 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return best_by_value(study)
 
 
+def study_weights(study: optuna.Study) -> dict[str, float]:
+    """The stored config's task weights (objective.weights; none: every task weighs 1)."""
+    weights: dict[str, float] = study.user_attrs.get(CONFIG_ATTR, {}).get("objective", {}).get("weights", {})
+    return weights
+
+
+def trial_value(trial: optuna.trial.FrozenTrial, weights: dict[str, float]) -> float:
+    """One number per trial: its value; for one objective per task, the (weighted) mean of its tasks' scores, as
+    the baselines' rows (the plain mean of its values where it kept no scores)."""
+    values = trial.values or []
+    if len(values) == 1:
+        return float(values[0])
+    if "scores" in trial.user_attrs:
+        return combine(trial.user_attrs["scores"], weights)
+    return float(sum(values)) / max(1, len(values))
+
+
 def best_by_value(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The trial with the best value so far (the best sum on the front for several objectives): what the
-    progress line shows after each trial, with no read of the study's attributes."""
-    if len(study.directions) > 1:  # one objective per task, all in one direction: the best sum on the front
+    """The trial with the best value so far (for several objectives, the best weighted mean of the front, the
+    number the baselines' rows show): what the progress line shows after each trial."""
+    if len(study.directions) > 1:  # one objective per task, all in one direction: the best mean on the front
         front = study.best_trials
         if not front:
             return None
         maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-        return front[best_index([float(sum(t.values)) for t in front], maximize=maximize)]
+        weights = study_weights(study)
+        return front[best_index([trial_value(t, weights) for t in front], maximize=maximize)]
     try:
         return study.best_trial
     except ValueError:

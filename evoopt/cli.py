@@ -462,13 +462,15 @@ def export(study: Path, which: str, out: Path, overwrite: bool, storage: str | N
 @click.argument("studies", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/compare"),
               show_default=True, help="Folder for compare.png and compare.html.")
-def compare(studies: tuple[Path, ...], out: Path) -> None:
+@_STORAGE
+def compare(studies: tuple[Path, ...], out: Path, storage: str | None) -> None:
     """Put several STUDIES side by side (e.g. one merge searched by TPE, CMA-ES and random).
 
-    Prints a table (best value, test score of the best trial, trials to reach 99 % of
-    the best, wall time) and writes best-so-far plots against trials and against
-    wall time to --out (PNG and self-contained HTML); both are also attached to each
-    study as artifacts, which optuna-dashboard shows.
+    Prints a table (best value, test score of the best trial, trials until the best
+    so far came within 1 % of the final best, wall time) and writes best-so-far plots
+    against trials and against wall time to --out (PNG and self-contained HTML); both
+    are also attached to each study as artifacts, which optuna-dashboard shows (a
+    later compare replaces them). The studies must score one metric.
     """
     from rich.console import Console
     from rich.table import Table
@@ -476,10 +478,11 @@ def compare(studies: tuple[Path, ...], out: Path) -> None:
     from evoopt.study.config import StudyConfig
     from evoopt.study.report import compare_studies
 
-    configs = [_load_study_config(p) for p in studies]
+    configs = [_load_study_config(p, storage=storage) for p in studies]  # (--storage: one for every study)
     rows, files = compare_studies([c for c in configs if isinstance(c, StudyConfig)], out)
     table = Table(title="evoopt compare")
-    for column in ("study", "sampler", "space", "finished", "best (dev)", "test", "trials to 99 %", "wall time"):
+    for column in ("study", "sampler", "space", "finished", "best (dev)", "test", "trials to within 1 %",
+                   "wall time"):
         table.add_column(column, justify="left" if column in ("study", "sampler", "space") else "right")
     for row in rows:
         test = "-" if row["test"] is None else f"{row['test']:.4f}"

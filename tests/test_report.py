@@ -18,6 +18,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from evoopt.errors import ConfigError
 from evoopt.study.config import StudyConfig, parse_config
 from evoopt.study.report import best_so_far, compare_studies, dashboard_command
 from evoopt.study.run import open_study
@@ -64,7 +65,8 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     save_note(tpe, NOTE)
     handmade(configs[1])
     open_study(configs[2]).optimize(lambda t: (t.suggest_float("x", -1.0, 1.0) - 0.3) ** 2, n_trials=10)
-    rows, files = compare_studies(configs, tmp / "compare")
+    rows, files = compare_studies(configs[:2], tmp / "compare")
+    rows += compare_studies(configs[2:], tmp / "compare-mse")[0]  # (another metric: compared on its own)
     return {"tmp": tmp, "configs": configs, "rows": rows, "files": files}
 
 
@@ -76,7 +78,8 @@ def test_compare_writes_plots_and_rows(compared: dict[str, Any]) -> None:
     assert png.name == "compare.png" and png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert page.name == "compare.html"
     text = page.read_text()
-    assert "tpe-quadratic" in text and "random-handmade" in text and "random-mse" in text
+    assert "tpe-quadratic" in text and "random-handmade" in text and "best accuracy (higher is better)" in text
+    assert "best mse (lower is better)" in (png.parent.parent / "compare-mse" / "compare.html").read_text()
     assert "<script src=" not in text and "Plotly" in text  # plotly.js inline: opens offline
     assert not [f for f in png.parent.iterdir() if f.name.startswith(".")]  # no temporary files left
 
@@ -103,7 +106,11 @@ def test_compare_writes_plots_and_rows(compared: dict[str, Any]) -> None:
             assert values[-1] == study.best_value
         assert curve.seconds == sorted(curve.seconds) and curve.seconds[0] >= 0
 
-    for config, study in zip(configs, studies):
+    compare_studies(configs[:2], compared["tmp"] / "compare")  # again: the artifacts replaced, not added
+    with pytest.raises(ConfigError, match=r"compare: the studies score different metrics \(tpe-quadratic: "
+                                          r"accuracy, random-mse: mse\); compare studies of one metric"):
+        compare_studies([configs[0], configs[2]], compared["tmp"] / "mixed")
+    for config, study in zip(configs[:2], studies):
         metas = optuna.artifacts.get_all_artifact_meta(study, storage=study._storage)
         assert sorted(m.filename for m in metas) == ["compare.html", "compare.png"]
         store = optuna.artifacts.FileSystemArtifactStore(str(config.artifact_dir / "artifacts"))

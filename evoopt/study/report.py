@@ -27,6 +27,7 @@ from evoopt.study.kinds import Kind, make_kind
 from evoopt.study.storage import (
     FINISHED,
     artifact_store,
+    attach,
     best_trial,
     load_study,
     storage_from_url,
@@ -95,9 +96,10 @@ def _load(config: StudyConfig) -> optuna.Study:
     return study
 
 
-def _png(curves: list[Curve], file: Path) -> None:
+def _png(curves: list[Curve], label: str, file: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(12, 4.5), layout="constrained")
     FigureCanvasAgg(figure)  # the Agg backend, without touching pyplot's global one
@@ -105,16 +107,17 @@ def _png(curves: list[Curve], file: Path) -> None:
     for c in curves:
         by_trial.step(c.trials, c.by_trial, where="post", marker=".", label=c.name)
         by_time.step(c.seconds, c.by_time, where="post", marker=".", label=c.name)
-    by_trial.set(title="Best so far by trial", xlabel="trial", ylabel="best value")
+    by_trial.set(title="Best so far by trial", xlabel="trial", ylabel=label)
+    by_trial.xaxis.set_major_locator(MaxNLocator(integer=True))  # (trials are whole)
     by_time.set(title="Best so far by wall-clock time", xlabel="seconds since the first trial started",
-                ylabel="best value")
+                ylabel=label)
     for axes in (by_trial, by_time):
         axes.grid(alpha=0.3)
         axes.legend()
     figure.savefig(file, format="png", dpi=100)
 
 
-def _html(curves: list[Curve], rows: list[dict[str, Any]], file: Path) -> None:
+def _html(curves: list[Curve], rows: list[dict[str, Any]], label: str, file: Path) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -127,7 +130,7 @@ def _html(curves: list[Curve], rows: list[dict[str, Any]], file: Path) -> None:
         figure.add_trace(go.Scatter(x=c.seconds, y=c.by_time, showlegend=False, **style), row=1, col=2)
     figure.update_xaxes(title_text="trial", row=1, col=1)
     figure.update_xaxes(title_text="seconds since the first trial started", row=1, col=2)
-    figure.update_yaxes(title_text="best value")
+    figure.update_yaxes(title_text=label)
     keys = list(rows[0])
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(_text(r[k]))}</td>" for k in keys) + "</tr>" for r in rows)
     table = f"<table><tr>{''.join(f'<th>{html.escape(k)}</th>' for k in keys)}</tr>{cells}</table>"
@@ -143,14 +146,6 @@ def _text(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _upload(config: StudyConfig, study: optuna.Study, files: list[Path]) -> None:
-    from optuna.artifacts import upload_artifact
-
-    store = artifact_store(config)
-    for file in files:
-        upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=study, storage=study._storage)
-
-
 def compare_studies(configs: list[StudyConfig], out: Path) -> tuple[list[dict[str, Any]], list[Path]]:
     """Compare studies: a row each, ``out/compare.png`` and ``out/compare.html``, uploaded to every study.
 
@@ -160,16 +155,23 @@ def compare_studies(configs: list[StudyConfig], out: Path) -> tuple[list[dict[st
     """
     if not configs:
         raise ConfigError("compare: give at least one study")
+    if len({c.objective.metric for c in configs}) > 1:  # (one axis: a best accuracy beside a best perplexity)
+        raise ConfigError("compare: the studies score different metrics ("
+                          + ", ".join(f"{c.name}: {c.objective.metric}" for c in configs)
+                          + "); compare studies of one metric")
+    metric = configs[0].objective.metric
+    label = f"best {metric} ({'lower' if configs[0].directions[0] == 'minimize' else 'higher'} is better)"
     studies = [_load(c) for c in configs]
     curves = [best_so_far(s) for s in studies]
     rows = [_row(c, s, curve) for c, s, curve in zip(configs, studies, curves)]
     out = Path(out)
     check_writable(out, overwrite=True, inside=True)  # (its files are replaced one by one)
     out.mkdir(parents=True, exist_ok=True)
-    files = [atomic_write(out / "compare.png", lambda f: _png(curves, f)),
-             atomic_write(out / "compare.html", lambda f: _html(curves, rows, f))]
+    files = [atomic_write(out / "compare.png", lambda f: _png(curves, label, f)),
+             atomic_write(out / "compare.html", lambda f: _html(curves, rows, label, f))]
     for config, study in zip(configs, studies):
-        _upload(config, study, files)
+        for file in files:
+            attach(config, study, file)
     return rows, files
 
 

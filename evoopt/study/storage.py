@@ -351,6 +351,20 @@ def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactSt
     return FileSystemArtifactStore(str(folder))
 
 
+def attach(config: StudyConfig, study: optuna.Study, file: Path) -> None:
+    """``file`` as an artifact of the study, which optuna-dashboard shows: the content of an earlier one of the
+    same name replaced (each `compare` and report added another copy before)."""
+    from optuna.artifacts import get_all_artifact_meta, upload_artifact
+
+    store = artifact_store(config)
+    earlier = [m for m in get_all_artifact_meta(study) if m.filename == file.name]
+    if not earlier:
+        upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=study, storage=study._storage)
+        return
+    with open(file, "rb") as content:
+        store.write(earlier[0].artifact_id, content)
+
+
 def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 

@@ -24,7 +24,7 @@ from evoopt.study.config import StudyConfig
 from evoopt.study.space import Sources
 from evoopt.study.storage import (
     ANSWER_ATTR,
-    artifact_store,
+    attach,
     best_index,
     best_trial,
     confirmed_outcomes,
@@ -260,8 +260,5 @@ class Kind(Generic[SpaceT]):
 
     def _upload(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """The trial's record, as an artifact optuna-dashboard shows."""
-        from optuna.artifacts import upload_artifact
-
         file = atomic_write(self.config.artifact_dir / f"best-trial-{trial.number}.yaml", self.record(trial))
-        upload_artifact(artifact_store=artifact_store(self.config), file_path=str(file), study_or_trial=study,
-                        storage=study._storage)
+        attach(self.config, study, file)

@@ -183,4 +183,4 @@ def print_summary(config: object, study: object, rows: list[dict[str, object]]) 
     done = sum(t.state in FINISHED for t in trials)
     counts = f" ({', '.join(f'{n} {k}' for k, n in states.items())})" if states else ""
     console.print(f"{done}/{config.trials} trials finished{counts}; "  # type: ignore[attr-defined]
-                  f"storage {config.storage_url}", soft_wrap=True)  # type: ignore[attr-defined]
+                  f"storage {config.storage_shown}", soft_wrap=True)  # type: ignore[attr-defined]

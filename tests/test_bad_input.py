@@ -591,6 +591,13 @@ def test_fidelities_of_a_perplexity_study_are_refused() -> None:
                                                                             "fidelities": [20, 50]}})
 
 
+def test_a_storage_password_is_masked_in_what_is_printed() -> None:
+    config = parse_config({"name": "m", "setting": "minilm-cross-task", "storage": "postgresql://u:s3cret@db/evo"})
+    assert config.storage_shown == "postgresql://u:***@db/evo" and "s3cret" in config.storage_url
+    journal = parse_config({"name": "m", "setting": "minilm-cross-task", "storage": "journal:runs/evo.log"})
+    assert journal.storage_shown == journal.storage_url  # (not a URL: as given)
+
+
 def test_a_grace_period_within_one_heartbeat_is_refused() -> None:
     """Every running trial would be failed as dead by another worker, and retried."""
     with pytest.raises(ConfigError, match=re.escape("grace_period: must be longer than heartbeat_interval (60 s), "

@@ -230,6 +230,13 @@ class StudyConfig(_Strict):
         return f"sqlite:///{(self.artifact_dir / 'evoopt.db').as_posix()}"
 
     @property
+    def storage_shown(self) -> str:
+        """The storage URL for what is printed: its password masked."""
+        from evoopt.study.storage import shown_url
+
+        return shown_url(self.storage_url)
+
+    @property
     def directions(self) -> list[Literal["minimize", "maximize"]]:
         minimize = self.objective.metric in MINIMIZE
         direction: Literal["minimize", "maximize"] = "minimize" if minimize else "maximize"

@@ -92,7 +92,7 @@ def _row(config: StudyConfig, study: optuna.Study, curve: Curve) -> dict[str, An
 def _load(config: StudyConfig) -> optuna.Study:
     study = load_study(config)  # read only: no sampler, no space, no model
     if best_trial(study) is None:
-        raise ConfigError(f"study {config.name!r} in {config.storage_url} has no completed trial; run it first")
+        raise ConfigError(f"study {config.name!r} in {config.storage_shown} has no completed trial; run it first")
     return study
 
 

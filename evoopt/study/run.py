@@ -134,7 +134,7 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
             made = False
         except KeyError:
             if not create:
-                raise ConfigError(f"name: no study {config.name!r} in {config.storage_url}; run it first") from None
+                raise ConfigError(f"name: no study {config.name!r} in {config.storage_shown}; run it first") from None
             try:
                 study = optuna.create_study(study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
                                             directions=config.directions)

@@ -155,15 +155,20 @@ def database_url(url: str) -> str:
                        f"{_DRIVER_HINTS[dialect]}")
 
 
-def _shown(url: str) -> str:
-    """The URL for messages, its password masked."""
+def shown_url(url: str) -> str:
+    """A storage URL for what is printed, its password masked (``postgresql://u:***@host/db``)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return repr(make_url(url).render_as_string(hide_password=True))
-    except ArgumentError:  # not a URL: as given
-        return repr(url)
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL (a journal path): as given
+        return url
+
+
+def _shown(url: str) -> str:
+    """The URL for messages, quoted, its password masked."""
+    return repr(shown_url(url))
 
 
 def _rdb_storage(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.storages.RDBStorage:
@@ -188,7 +193,7 @@ def read_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
     an empty file made)."""
     file = storage_file(config.storage_url)
     if file is not None and not file.is_file():
-        raise ConfigError(f"name: no study {config.name!r} in {config.storage_url} (the file does not exist); run "
+        raise ConfigError(f"name: no study {config.name!r} in {config.storage_shown} (the file does not exist); run "
                           "it first, or give the storage URL it was run with")
     return storage_from_url(config.storage_url, create=False)
 
@@ -212,7 +217,7 @@ def check_config(study: optuna.Study, config: StudyConfig) -> None:
     """Refuse ``config`` for a study made from another one, naming the keys that differ."""
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is not None and (changed := same_study(stored, config)):
-        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made from another config; "
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_shown} was made from another config; "
                           "give this one a new name, or restore the old values:\n  - " + "\n  - ".join(changed))
 
 
@@ -296,15 +301,15 @@ def check_data(study: optuna.Study, config: StudyConfig) -> None:
               "it, export too unless its experts changed")
     if stored is None:
         if now and holds_results(study):
-            raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was made before evoopt recorded "
+            raise ConfigError(f"name: study {config.name!r} in {config.storage_shown} was made before evoopt recorded "
                               "the rules of its corpora's rows, which may have changed since (2026-12-06: dev and "
                               "test leave out near-duplicates of training texts): its results may name other rows; "
                               f"{advice}")
         study.set_user_attr(DATA_ATTR, data_rules())
     elif (then := _rules_read(stored, config)) != now:
-        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} was scored on rows of evoopt's corpora "
-                          f"made by other rules ({then}; this evoopt makes {now}): its results name other rows than "
-                          f"new ones would; {advice}")
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_shown} was scored on rows of evoopt's "
+                          f"corpora made by other rules ({then}; this evoopt makes {now}): its results name other rows "
+                          f"than new ones would; {advice}")
 
 
 def check_stored(config: StudyConfig) -> None:
@@ -336,7 +341,7 @@ def check_experts(study: optuna.Study, config: StudyConfig) -> None:
     stored = study.user_attrs.get(DATA_ATTR)
     then = _experts_rules(stored, config) if stored is not None else {**now, "corpora": {}} if now else {}
     if then != now:
-        raise ConfigError(f"name: study {config.name!r} in {config.storage_url} searched over models made from rows "
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_shown} searched over models made from rows "
                           f"of evoopt's corpora under other rules ({then}; this evoopt makes them under {now}): its "
                           "trials would be rebuilt on experts or calibration texts they were never scored with; "
                           "rebuild them with the evoopt that ran the study")

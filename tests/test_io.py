@@ -52,6 +52,28 @@ def test_folder_without_weights(tmp_path: Path) -> None:
         open_source(tmp_path)
 
 
+def test_checkpoints_that_are_no_state_dict_and_bad_indexes_are_named(tmp_path: Path) -> None:
+    """Each was a raw AttributeError, KeyError or JSONDecodeError; several GGUF files, one taken silently."""
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 1}, tmp_path / "x.pt")
+    with pytest.raises(ModelSourceError, match=r"x.pt: not a state dict of tensors \(it holds 'state_dict' \(dict\), "
+                                               r"'epoch' \(int\)\); save the model's state_dict\(\) itself"):
+        open_source(tmp_path / "x.pt")
+    for text in ("{}", "{not json", '{"weight_map": 3}'):
+        folder = tmp_path / f"index-{len(text)}"
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(ModelSourceError, match="model.safetensors.index.json: not a safetensors index with a "
+                                                   "weight_map"):
+            open_source(folder)
+    quantised = tmp_path / "gguf"
+    quantised.mkdir()
+    for name in ("m.Q4_K_M.gguf", "m.Q8_0.gguf"):
+        (quantised / name).write_bytes(b"GGUF")
+    with pytest.raises(ModelSourceError, match=r"holds 2 GGUF files \(m.Q4_K_M.gguf, m.Q8_0.gguf\); name the file"):
+        open_source(quantised)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_safetensors_are_refused(llama_family: list[Path], tmp_path: Path, damage: str) -> None:
     folder = tmp_path / "broken"

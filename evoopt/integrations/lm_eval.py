@@ -46,8 +46,8 @@ from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
 
 import evoopt.data.experts  # noqa: F401  (registers the expert: references a recipe may use)
-from evoopt.merge.recipe import Recipe, RecipeError, load_recipe
-from evoopt.models.io import ModelSourceError
+from evoopt.errors import EvooptError
+from evoopt.merge.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [saved[0] if saved else "lm-eval", *(saved[1:] if argv is None else argv)]
     try:
         cli_evaluate()  # reads sys.argv
-    except (ModelArgsError, RecipeError, ModelSourceError) as error:
+    except (ModelArgsError, EvooptError) as error:  # (model args, a recipe, a source, a missing package...)
         print(f"evoopt lm-eval: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as error:

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "spiece.model",
+    "spm.model", "sentencepiece.bpe.model", "source.spm", "target.spm", "bpe.codes",  # DeBERTa-v3, XLM-R, Marian
 )
 _EMBEDDING_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "output.weight")
 _MAX_LISTED = 8
@@ -195,7 +196,11 @@ def open_source(path: Path) -> TensorSource:
     config = _read_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ModelSourceError(f"{index}: not a safetensors index with a weight_map ({type(error).__name__}: "
+                                   f"{error}); write it again, or remove it with the shards it names") from None
         return _open_safetensors(path, files, folder=path, config=config)
     files = sorted(path.glob("*.safetensors"))
     if files:
@@ -287,6 +292,11 @@ def _open_bin(path: Path, files: list[Path], *, folder: Path | None,
             state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
         except Exception as error:
             raise ModelSourceError(f"{file}: not a readable PyTorch checkpoint ({error})") from None
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):  # e.g. {"state_dict": ..., "epoch": 1}
+        found = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(state.items())[:_MAX_LISTED]
+                          if not isinstance(v, torch.Tensor))
+        raise ModelSourceError(f"{path}: not a state dict of tensors (it holds {found}); save the model's "
+                               "state_dict() itself, or the model with save_pretrained")
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     dtypes = {k: v.dtype for k, v in state.items()}
     return TensorSource(path, folder, config, shapes, dtypes, state.__getitem__)
@@ -296,6 +306,9 @@ def _gguf_in(folder: Path) -> Path | None:
     if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
         return None
     found = sorted(folder.glob("*.gguf"))
+    if len(found) > 1:  # (several quantisations side by side: which one is meant)
+        raise ModelSourceError(f"{folder}: holds {len(found)} GGUF files ({', '.join(f.name for f in found)}); "
+                               "name the file itself")
     return found[0] if found else None
 
 
@@ -329,7 +342,7 @@ def convert_gguf(path: Path) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]  # the weights are plain float32 now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, done=lambda t: (t / "config.json").exists()) as tmp:  # (another worker's kept)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

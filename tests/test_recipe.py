@@ -68,6 +68,23 @@ def test_calibration_texts_that_cannot_be_read_say_why(tmp_path: Path, make: Any
         calibration_batches(recipe, tmp_path)
 
 
+def test_coefficients_in_range_alone_but_not_together_are_refused_with_the_recipe() -> None:
+    """Each was a raw ValueError from the merge, after the sources' preprocessing."""
+    two = [{"model": "a", "parameters": {"density": 0.9}}, {"model": "c", "parameters": {"density": {"*": 0.5}}}]
+    with pytest.raises(RecipeError, match=r"models\[0\].parameters: density 0.9 \+- epsilon 0.15 must stay in "
+                                          r"\(0, 1\)") as caught:
+        parse_recipe({"method": "della", "base": "b", "models": two})
+    assert "models[1]" not in str(caught.value)
+    with pytest.raises(RecipeError, match=r"parameters.common_fraction: must be in \(0, 1\], got 0"):
+        parse_recipe({"method": "iso_cts", "base": "b", "models": two[1:] * 2,
+                      "parameters": {"common_fraction": 0}})
+    with pytest.raises(RecipeError, match="models: the weights sum to 0, and normalize: true divides by their sum"):
+        parse_recipe({"method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                                     {"model": "c", "parameters": {"weight": -1}}]})
+    parse_recipe({"method": "linear", "parameters": {"normalize": False}, "models": [
+        {"model": "a", "parameters": {"weight": 1}}, {"model": "c", "parameters": {"weight": -1}}]})
+
+
 def test_per_group_coefficients() -> None:
     recipe = parse_recipe({
         "method": "ties", "base": "b",

@@ -47,6 +47,7 @@ _RANGES = {
     "gamma": (0.0, 1.0, True, "in [0, 1)"),
     "t": (0.0, 1.0, True, "in [0, 1]"),
     "alpha": (0.0, 1.0, True, "in [0, 1]"),
+    "common_fraction": (0.0, 1.0, False, "in (0, 1]"),
 }
 
 
@@ -226,11 +227,36 @@ def _problems(data: dict[str, Any]) -> list[str]:
                     continue
                 if (problem := range_problem(f"{where}.{key}", key, value)) is not None:
                     problems.append(problem)
+    problems += _method_problems(method, recipe_params, models)
     for key, default in method.per_model.items():
         if default is None:
             for i, m in enumerate(models):
                 if key not in (m.get("parameters") or {}) and key not in recipe_params:
                     problems.append(f"models[{i}].parameters.{key}: required by {method.name!r}")
+    return problems
+
+
+def _method_problems(method: Any, shared: dict[str, Any], models: list[dict[str, Any]]) -> list[str]:
+    """Coefficients that are each in range but not together: DELLA's density +- epsilon must stay in (0, 1)
+    (Deep et al. 2024, eq. 2: the keep probabilities), and a normalised average needs weights of nonzero sum."""
+    def values(where: dict[str, Any], key: str) -> list[float]:
+        raw = (where.get("parameters") or {}).get(key, shared.get(key, method.per_model.get(key)))
+        found = list(raw.values()) if isinstance(raw, dict) else [raw]
+        return [float(v) for v in found if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    problems = []
+    if "epsilon" in method.per_model:
+        for i, model in enumerate(models):
+            for density in values(model, "density"):
+                for epsilon in values(model, "epsilon"):
+                    if density < 1.0 and not (0.0 < density - epsilon and density + epsilon < 1.0):
+                        problems.append(f"models[{i}].parameters: density {density} +- epsilon {epsilon} must stay "
+                                        "in (0, 1); lower epsilon, or move the density")
+    if method.name == "linear" and shared.get("normalize", method.shared.get("normalize")) is True:
+        weights = [values(model, "weight") for model in models]
+        if all(len(w) == 1 for w in weights) and weights and abs(math.fsum(w[0] for w in weights)) < 1e-8:
+            problems.append("models: the weights sum to 0, and normalize: true divides by their sum; give weights "
+                            "of nonzero sum, or normalize: false")
     return problems
 
 

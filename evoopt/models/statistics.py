@@ -1,7 +1,7 @@
 """Data statistics some merge methods need: diagonal Fisher and RegMean Gram matrices.
 
 Both run a model forward (and backward, for Fisher) on a small calibration set
-drawn from the dev split, never the test split.
+of training texts, never dev or test.
 """
 
 from __future__ import annotations
@@ -14,18 +14,24 @@ from evoopt.errors import RecipeError
 
 
 def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Log-likelihood loss of the model's own prediction (causal LM: the text itself)."""
+    """Log-likelihood loss of the model's own prediction (causal LM: the text itself; a label per token, as token
+    classifiers and masked LMs give: the mean over the text's tokens)."""
     outputs = model(**batch)
     logits = outputs.logits
-    if getattr(model.config, "is_decoder", False) or logits.ndim == 3:
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    generates = getattr(model, "can_generate", None)
+    if getattr(model.config, "is_decoder", False) or logits.ndim == 3 and callable(generates) and generates():
         labels = batch["input_ids"][:, 1:]
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))[:, 1:].bool()
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         picked = logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        return -(picked * mask).sum() / mask.sum().clamp(min=1)
-    # classifier: the empirical Fisher at the model's predicted label (Matena & Raffel 2022, sec. 2.2)
+        return -(picked * mask[:, 1:]).sum() / mask[:, 1:].sum().clamp(min=1)
+    # the empirical Fisher at the model's predicted label (Matena & Raffel 2022, sec. 2.2); it took every 3-D
+    # output for a causal LM's and read the text's token ids as labels of a token classifier's few classes
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return -logprobs.gather(-1, logprobs.argmax(-1, keepdim=True)).sum()
+    picked = logprobs.gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+    if logits.ndim == 3:
+        return -(picked * mask).sum() / mask.sum().clamp(min=1)
+    return -picked.sum()
 
 
 def estimate_fisher(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

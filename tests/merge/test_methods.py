@@ -499,3 +499,22 @@ def test_iso_merges_from_the_gram_matrix_agree_with_lapacks_svd(monkeypatch: pyt
     assert _methods._leading_svd(low - base, 2) is None
     u, s, vt = torch.linalg.svd(low - base, full_matrices=False)  # its other directions: LAPACK's completion
     torch.testing.assert_close(get_method("iso_c").apply(base, [low, base, base], {}), base + s.mean() * (u @ vt))
+
+
+def test_fisher_of_a_token_classifier_is_its_predicted_labels_not_the_next_token() -> None:
+    """3-D logits were taken for a causal LM's: a token classifier's 3 classes were indexed by token ids up to the
+    vocabulary's 96 (an index error). Now each token's predicted label, by hand on one token: the loss is minus
+    its largest log-probability."""
+    from transformers import BertForTokenClassification
+
+    from evoopt.models.statistics import _loss, estimate_fisher
+    from tests.helpers.models import tiny_bert_config
+
+    torch.manual_seed(0)
+    model = BertForTokenClassification(tiny_bert_config()).eval()
+    batch = {"input_ids": torch.tensor([[5, 90, 17, 3]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    fisher = estimate_fisher(model, [batch])
+    assert all(torch.isfinite(f).all() for f in fisher.values()) and fisher["classifier.weight"].abs().sum() > 0
+    one = {"input_ids": batch["input_ids"][:, :1], "attention_mask": batch["attention_mask"][:, :1]}
+    logprobs = torch.log_softmax(model(**one).logits.float(), -1)[0, 0]
+    assert float(_loss(model, one)) == pytest.approx(-float(logprobs.max()))

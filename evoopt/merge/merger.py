@@ -86,6 +86,7 @@ class Merger:
                            "recipe's exclude to say so and silence this)", line)
         self.structure = structure
         self.statistics = self._estimate_statistics() if self.method.statistic else None
+        self.in_out: set[str] = _in_out_weights(self.model) if self.method.statistic == "gram" else set()
         self.streamed = False  # the fast path's state is memory-mapped views of the sources (set by _prepare)
         self.prepared = self._prepare() if self.method.task_arithmetic is not None else None
         self.cached = self._prepare_method() if self.method.prepare is not None else {}
@@ -206,8 +207,12 @@ class Merger:
                 base = _shaped(self.base, name).to(self.device) if self.base is not None else None
                 tensors = [_shaped(s, name).to(self.device) for s in self.sources]
                 stats = self.statistics.get(name) if self.statistics is not None else None
+                flipped = name in self.in_out  # RegMean solves for (out, in) weights: a Conv1D's, transposed
+                if flipped:
+                    base, tensors = None if base is None else base.T, [t.T for t in tensors]
                 merged = self.method.apply(base, tensors, coefficients, seed=seed, name=name, statistics=stats,
-                                           prepared=self.cached.get(name), out=target)
+                                           prepared=self.cached.get(name), out=None if flipped else target)
+                merged = merged.T if flipped else merged
                 if merged is not target:  # (a method that writes_into the model returns it: nothing to copy)
                     target.copy_(merged.reshape(target.shape))
         self._progress("merging", len(self.targets), len(self.targets))
@@ -251,6 +256,13 @@ class Merger:
             self.model, out, tokenizer_from=self.structure.folder, recipe_yaml=recipe_yaml,
             model_card=card_text, overwrite=overwrite,
         )
+
+
+def _in_out_weights(model: torch.nn.Module) -> set[str]:
+    """The weights stored (in, out): GPT-2's Conv1D layers (y = x W), where nn.Linear stores (out, in)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
 
 
 def available_memory() -> float:

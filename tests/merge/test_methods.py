@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -518,3 +519,40 @@ def test_fisher_of_a_token_classifier_is_its_predicted_labels_not_the_next_token
     one = {"input_ids": batch["input_ids"][:, :1], "attention_mask": batch["attention_mask"][:, :1]}
     logprobs = torch.log_softmax(model(**one).logits.float(), -1)[0, 0]
     assert float(_loss(model, one)) == pytest.approx(-float(logprobs.max()))
+
+
+@pytest.mark.slow  # (SmolLM2's tokenizer: its GGUF converted once a session)
+def test_regmean_solves_gpt2s_conv1d_weights_stored_in_out(smol_tiny_family: list[Path], tmp_path: Path) -> None:
+    """GPT-2's Conv1D stores W as (in, out), y = x W: RegMean's solve (for (out, in) weights) raised on c_attn's
+    (32, 96) and silently transposed the math of the square c_proj. By hand on c_proj: W* = (sum G~)^-1 sum G~ W_m,
+    G~ = alpha G + (1 - alpha) diag(G) (Jin et al. 2023, eq. 2, for y = x W)."""
+    import shutil
+
+    from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+
+    from evoopt.merge.merger import Merger
+    from evoopt.merge.recipe import parse_recipe
+    from evoopt.models.io import TOKENIZER_FILES
+
+    vocab = AutoConfig.from_pretrained(str(smol_tiny_family[0])).vocab_size
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=4)
+    paths = []
+    for i in range(3):
+        torch.manual_seed(i)
+        path = tmp_path / f"gpt2-{i}"
+        GPT2LMHeadModel(config).save_pretrained(path)
+        for name in TOKENIZER_FILES:
+            if (smol_tiny_family[0] / name).exists():
+                shutil.copy2(smol_tiny_family[0] / name, path / name)
+        paths.append(path)
+    texts = tmp_path / "calibration.txt"
+    texts.write_text("the cat sat on the mat\nmerging models without training\nspam or ham\n")
+    merger = Merger(parse_recipe({"method": "regmean", "models": [{"model": str(p)} for p in paths],
+                                  "calibration": {"texts": str(texts)}}))
+    name = "transformer.h.0.attn.c_proj.weight"
+    assert merger.statistics is not None and "transformer.h.0.attn.c_attn.weight" in merger.in_out
+    merged = dict(merger.merge().named_parameters())
+    shrunk = [0.9 * g.double() + 0.1 * torch.diag(torch.diagonal(g.double())) for g in merger.statistics[name]]
+    weights = [GPT2LMHeadModel.from_pretrained(p).state_dict()[name].double() for p in paths]
+    expected = torch.linalg.solve(sum(shrunk), sum(g @ w for g, w in zip(shrunk, weights)))
+    torch.testing.assert_close(merged[name].double(), expected, rtol=1e-4, atol=1e-5)

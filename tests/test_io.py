@@ -200,6 +200,24 @@ def test_tied_embeddings_export(tied_llama_family: list[Path], tmp_path: Path) -
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_excluding_one_name_of_tied_weights_keeps_both_from_the_base(tied_llama_family: list[Path],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The tied pair is one target, under the embeddings' name: excluding lm_head.weight merged it anyway."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(tied_llama_family[0] / "model.safetensors"))["model.embed_tokens.weight"]
+    for pattern in ("lm_head.weight", "model.embed_tokens.*"):
+        recipe = _recipe(tied_llama_family, method="task_arithmetic")
+        recipe.exclude = [pattern]
+        with caplog.at_level("WARNING", logger="evoopt.merge.merger"):
+            merger = Merger(recipe)
+        assert "model.embed_tokens.weight" not in merger.targets
+        assert "(tied weights): both are kept from the base" in caplog.text
+        model = merger.merge()
+        assert torch.equal(model.lm_head.weight, base) and torch.equal(model.model.embed_tokens.weight, base)
+        caplog.clear()
+
+
 def test_task_arithmetic_merge_matches_pure_function(llama_family: list[Path]) -> None:
     from evoopt.merge import ties
 

@@ -34,6 +34,7 @@ from evoopt.models.io import (
     reference_problem,
     registered_scheme,
     resolve_path,
+    tied_names,
     unmerged,
 )
 
@@ -76,8 +77,9 @@ class Merger:
         self.device = pick_device(recipe.device)
         self.dtype = self._decide_dtype(structure)
         self.model = model if model is not None else load_target(structure, dtype=self.dtype, device=self.device)
+        tied = tied_names(self.model)
         self.targets = {name: tensor for name, tensor in merge_targets(self.model, structure).items()
-                        if not recipe.excluded(name)}
+                        if not _excluded(recipe, tied.get(name, [name]))}
         labelled: dict[str, TensorSource] = {"base": self.base} if self.base else {}
         labelled.update({f"models[{i}]": s for i, s in enumerate(self.sources)})
         check_compatible(labelled, list(self.targets))
@@ -256,6 +258,16 @@ class Merger:
             self.model, out, tokenizer_from=self.structure.folder, recipe_yaml=recipe_yaml,
             model_card=card_text, overwrite=overwrite,
         )
+
+
+def _excluded(recipe: Recipe, names: list[str]) -> bool:
+    """Whether a weight is left out of the merge: any of its names (tied weights have several) excluded; one
+    name of a tied pair excluded keeps both from the base (it merged both, or froze both, silently)."""
+    excluded = [n for n in names if recipe.excluded(n)]
+    if excluded and len(excluded) < len(names):
+        logger.warning("merge: exclude names %s, which shares its tensor with %s (tied weights): both are kept "
+                       "from the base", ", ".join(excluded), ", ".join(n for n in names if n not in excluded))
+    return bool(excluded)
 
 
 def _in_out_weights(model: torch.nn.Module) -> set[str]:

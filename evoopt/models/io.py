@@ -532,6 +532,16 @@ def load_target(source: TensorSource, *, dtype: torch.dtype, device: torch.devic
     return model
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each floating-point weight's names: every name of a tensor the model ties (embeddings and head), by each."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        if tensor.is_floating_point():
+            aliases.setdefault(id(tensor), []).append(name)
+    return {name: names for names in aliases.values() for name in names}
+
+
 def merge_targets(model: torch.nn.Module, source: TensorSource) -> dict[str, torch.Tensor]:
     """The model's floating-point weights by the name they have in the source files.
 

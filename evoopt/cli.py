@@ -508,13 +508,13 @@ def dashboard(study: Path, host: str, port: int, storage: str | None) -> None:
     """
     from evoopt.study.config import StudyConfig
     from evoopt.study.report import dashboard_command, serve_dashboard
-    from evoopt.study.storage import load_study, read_storage, shown_url
+    from evoopt.study.storage import load_study, read_storage
 
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
     opened = read_storage(config)  # once: checked, then served
     load_study(config, opened)  # the study exists and was made from this config, before it says it serves
-    shown = shown_url(config.storage_url)  # (the password masked in what is printed)
+    shown = config.storage_shown  # (the password masked in what is printed)
     click.echo(f"serving {shown} on http://{host}:{port}  (same as: "
                f"{' '.join(dashboard_command(config, host, port)).replace(config.storage_url, shown)})")
     serve_dashboard(config, host=host, port=port, storage=opened)

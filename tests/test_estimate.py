@@ -534,10 +534,12 @@ def test_an_estimated_study_without_baselines_says_what_to_run(tmp_path: Path) -
     from evoopt.study.config import parse_config
     from evoopt.study.run import run_study
 
+    for name in ("b", "m1", "m2"):
+        (tmp_path / name).mkdir()  # (paths that exist: their models are never read before this error)
     config = parse_config({"name": "no-references", "sources": {"base": "b", "models": ["m1", "m2"],
                                                                 "tasks": ["vader-tweets"]},
                            "baselines": ["sources"], "artifacts": str(tmp_path),
-                           "objective": {"estimate": {"method": "random"}}})
+                           "objective": {"estimate": {"method": "random"}}}, root=tmp_path)
     with pytest.raises(ConfigError, match="has no baselines' results to fit the estimator on; run `evoopt baselines`"):
         run_study(config, baselines=False)
 

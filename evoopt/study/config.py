@@ -185,6 +185,17 @@ class ObjectiveSpec(_Strict):
         "baselines' per-example results on dev (needs baselines), stored in the study"))
 
 
+def shown_url(url: str) -> str:
+    """A storage URL for what is printed, its password masked (``postgresql://u:***@host/db``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL (a journal path): as given
+        return url
+
+
 class StudyConfig(_Strict):
     name: str = Field(min_length=1)
     setting: str | None = Field(None, description="a benchmark setting of `evoopt experts`")
@@ -232,8 +243,6 @@ class StudyConfig(_Strict):
     @property
     def storage_shown(self) -> str:
         """The storage URL for what is printed: its password masked."""
-        from evoopt.study.storage import shown_url
-
         return shown_url(self.storage_url)
 
     @property

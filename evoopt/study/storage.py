@@ -22,7 +22,7 @@ from evoopt.data.objective import combine
 from evoopt.data.outcomes import Outcomes, decode, encode
 from evoopt.data.settings import expert_setting, get_setting
 from evoopt.errors import ConfigError, StorageError
-from evoopt.study.config import KIND_CALIBRATED, same_study
+from evoopt.study.config import KIND_CALIBRATED, same_study, shown_url
 
 if TYPE_CHECKING:
     from evoopt.data.settings import Setting
@@ -153,17 +153,6 @@ def database_url(url: str) -> str:
     names = " or ".join(module for _, module in _DRIVERS[dialect])
     raise StorageError(f"storage: the database driver of {_shown(url)} is not installed (no {names}); "
                        f"{_DRIVER_HINTS[dialect]}")
-
-
-def shown_url(url: str) -> str:
-    """A storage URL for what is printed, its password masked (``postgresql://u:***@host/db``)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # not a URL (a journal path): as given
-        return url
 
 
 def _shown(url: str) -> str:

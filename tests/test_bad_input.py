@@ -287,15 +287,17 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(name: str, action: Callabl
 
 
 def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored: Stored, tmp_path: Path) -> None:
-    """A run that made its study and then failed (a model path that does not exist) takes the study back: the
-    corrected config is not refused as another config. Once a trial ran, the name is bound."""
+    """A run that made its study and then failed (a model folder without weights; a path that does not exist is
+    refused before the study is made) takes the study back: the corrected config is not refused as another config.
+    Once a trial ran, the name is bound."""
     from evoopt.errors import ConfigError, ModelSourceError
 
     storage = f"sqlite:///{tmp_path / 'fresh.db'}"
     good = small_study_config(stored.root, stored.experts, name="fresh", trials=1, storage=storage)
-    models = [str(tmp_path / "missing"), *good["sources"]["models"][1:]]
+    (tmp_path / "empty").mkdir()
+    models = [str(tmp_path / "empty"), *good["sources"]["models"][1:]]
     bad = {**good, "sources": {**good["sources"], "models": models}}
-    with pytest.raises(ModelSourceError, match="missing"):
+    with pytest.raises(ModelSourceError, match="empty: no model weights found"):
         run_study(parse_config(bad), report=False)
     assert optuna.get_all_study_names(storage) == []  # the refused run took back the study it had made
     assert run_study(parse_config(good), report=False).ran == 1

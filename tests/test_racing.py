@@ -141,7 +141,7 @@ def test_a_raced_lm_eval_study_stops_trials_at_its_stages(tmp_path: Any) -> None
         assert outcomes.size == (trial.user_attrs["pruned_at"] if pruned else 12)
         if trial.number > 0:
             assert (trial.user_attrs["race"]["decided"] == "pruned") is pruned
-    assert parse_config({"name": "x", "sources": {"models": ["a", "b"], "tasks": ["sms-spam"]},
+    assert parse_config({"name": "x", "sources": {"base": "c", "models": ["a", "b"], "tasks": ["sms-spam"]},
                          "objective": {"kind": "lm-eval", "fidelities": [4]}}).objective.fidelities == [4]
     with pytest.raises(ConfigError, match="lm-eval reports stages on evoopt's own tasks"):
         parse_config({"name": "x", "sources": {"models": ["a", "b"]},

@@ -109,6 +109,7 @@ def check_sources(config: StudyConfig) -> None:
              if reference is not None and not reference.startswith("expert:")
              and (problem := reference_problem(reference, config.root, where="the study config")) is not None]
     if found:
+        check_stored(config)  # (a stored study that will be refused anyway, by its config or data rules, says so)
         raise problems(ConfigError, "study", found)
 
 

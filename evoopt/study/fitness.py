@@ -75,9 +75,9 @@ def study_estimator(config: StudyConfig, study: optuna.Study | None, *, wait: fl
     known = [references[name] for name in sorted(references)] + early
     # fitting is deterministic (the references by name and trial number, the study's seed): workers racing
     # here store one estimator
-    estimator = fit_estimator(spec.method, known, fraction=spec.fraction, seed=config.seed)
-    study._storage.set_study_system_attr(study._study_id, ESTIMATOR_ATTR, estimator.to_dict())
-    return estimator
+    stored = fit_estimator(spec.method, known, fraction=spec.fraction, seed=config.seed).to_dict()
+    study._storage.set_study_system_attr(study._study_id, ESTIMATOR_ATTR, stored)
+    return Estimator.from_dict(stored)  # as every other worker and a resumed run read it (rounded when stored)
 
 
 def reference_trials(study: optuna.Study, count: int) -> list[Outcomes] | None:

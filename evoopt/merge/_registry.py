@@ -51,6 +51,13 @@ class MergeMethod:
     prepare: Callable[[torch.Tensor, list[torch.Tensor]], Any] | None = None
     writes_into: bool = False
 
+    def count_problem(self, n: int) -> str | None:
+        """What is wrong with merging ``n`` non-base models by this method (None: nothing)."""
+        if self.min_models <= n and (self.max_models is None or n <= self.max_models):
+            return None
+        most = "" if self.max_models is None else f" and at most {self.max_models}"
+        return f"{self.name!r} takes at least {self.min_models}{most} models"
+
     def apply(
         self,
         base: torch.Tensor | None,

@@ -200,9 +200,8 @@ def _problems(data: dict[str, Any]) -> list[str]:
     n = len(models)
     if method.needs_base and data.get("base") is None:
         problems.append(f"base: method {method.name!r} needs a base (pretrained) model")
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        most = "" if method.max_models is None else f" and at most {method.max_models}"
-        problems.append(f"models: {method.name!r} takes at least {method.min_models}{most} models, got {n}")
+    if (count := method.count_problem(n)) is not None:
+        problems.append(f"models: {count}, got {n}")
     if method.statistic and data.get("calibration") is None:
         problems.append(f"calibration: {method.name!r} estimates {method.statistic} statistics from data; "
                         "give calibration.texts")

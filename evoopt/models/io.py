@@ -532,14 +532,19 @@ def load_target(source: TensorSource, *, dtype: torch.dtype, device: torch.devic
     return model
 
 
-def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Each floating-point weight's names: every name of a tensor the model ties (embeddings and head), by each."""
-    aliases: dict[int, list[str]] = {}
+def _float_tensors(model: torch.nn.Module) -> list[tuple[torch.Tensor, list[str]]]:
+    """The model's floating-point parameters and buffers, each once with all its names (tied ones have several)."""
+    found: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False),
                          *model.named_buffers(remove_duplicate=False)]:
         if tensor.is_floating_point():
-            aliases.setdefault(id(tensor), []).append(name)
-    return {name: names for names in aliases.values() for name in names}
+            found.setdefault(id(tensor), (tensor, []))[1].append(name)
+    return list(found.values())
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each floating-point weight's names: every name of a tensor the model ties (embeddings and head), by each."""
+    return {name: names for _, names in _float_tensors(model) for name in names}
 
 
 def merge_targets(model: torch.nn.Module, source: TensorSource) -> dict[str, torch.Tensor]:
@@ -550,25 +555,18 @@ def merge_targets(model: torch.nn.Module, source: TensorSource) -> dict[str, tor
     BERT's ``position_ids``, which carry no weights and are reported in the log.
     """
     targets: dict[str, torch.Tensor] = {}
-    aliases: dict[int, list[str]] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    for name, tensor in [*model.named_parameters(remove_duplicate=False),
-                         *model.named_buffers(remove_duplicate=False)]:
-        if not tensor.is_floating_point():
-            continue
-        aliases.setdefault(id(tensor), []).append(name)
-        tensors[id(tensor)] = tensor
+    groups = _float_tensors(model)
     persistent = set(model.state_dict().keys())
-    for key, names in aliases.items():
+    for tensor, names in groups:
         present = [n for n in names if n in source]
         if present:
-            targets[present[0]] = tensors[key]
-        elif isinstance(tensors[key], torch.nn.Parameter) and any(n in persistent for n in names):
+            targets[present[0]] = tensor
+        elif isinstance(tensor, torch.nn.Parameter) and any(n in persistent for n in names):
             raise ModelSourceError(
                 f"{source.path}: the model has weight {names[0]!r} but the checkpoint lacks it; "
                 "the checkpoint does not match its config.json"
             )
-    known = {n for names in aliases.values() for n in names}
+    known = {n for _, names in groups for n in names}
     extra = [n for n in source.keys() if n not in known]
     float_extra = [n for n in extra if source.dtype(n).is_floating_point]
     if float_extra:

@@ -225,11 +225,14 @@ class _Baselines:
 
         def build() -> torch.nn.Module:  # (not at all for linear after greedy soup of every source: the same recipe)
             merged = Merger(recipe).merge()
-            own = self.kind.merger.model  # scored through the worker's model (its head handling and device)
+            # scored through the worker's model (its head handling and device). Not its excluded per-task heads:
+            # after a task is scored, the model's head is that task's own tensor (swapped in), and a copy into it
+            # would overwrite that task's head.
+            own = self.kind.merger.model
             mine = own.state_dict()
-            with torch.no_grad():  # not the excluded per-task heads: after a task is scored, the model's head
-                for name, tensor in merged.state_dict().items():  # is that task's own tensor (swapped in), and a
-                    if not recipe.excluded(name):                 # copy into it would overwrite that task's head
+            with torch.no_grad():
+                for name, tensor in merged.state_dict().items():
+                    if not recipe.excluded(name):
                         mine[name].copy_(tensor)
             return own
 

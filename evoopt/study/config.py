@@ -55,6 +55,11 @@ class SourcesSpec(_Strict):
     models: list[str] = Field(min_length=2)
     tasks: list[str] = Field(default_factory=list, description="corpora to score on (evoopt.data.corpora names)")
 
+    def references(self) -> list[tuple[str, str]]:
+        """Each model reference given, with its key (``sources.base``, ``sources.models[i]``)."""
+        named = [("sources.base", self.base)] + [(f"sources.models[{i}]", m) for i, m in enumerate(self.models)]
+        return [(key, reference) for key, reference in named if reference is not None]
+
 
 class MethodChoice(_Strict):
     """One method of a method search (``space.kind: methods``): its searched coefficients and fixed ones."""
@@ -317,10 +322,9 @@ def _reference_problems(config: StudyConfig) -> list[str]:
 
     if config.sources is None:
         return []
-    sources, problems = config.sources, []
-    references = [("sources.base", sources.base)] + [(f"sources.models[{i}]", m) for i, m in enumerate(sources.models)]
-    for where, reference in references:
-        if reference is not None and reference.startswith("expert:"):
+    problems = []
+    for where, reference in config.sources.references():
+        if reference.startswith("expert:"):
             if (problem := expert_problem(reference.removeprefix("expert:"))) is not None:
                 problems.append(f"{where}: {problem}")
     return problems
@@ -522,10 +526,8 @@ def method_source_problems(config: StudyConfig, where: str, name: str) -> list[s
     problems = []
     if method.needs_base and not has_base:
         problems.append(f"{where}: {name!r} needs a base (pretrained) model; {fix}, or {leave}")
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        most = "" if method.max_models is None else f" and at most {method.max_models}"
-        problems.append(f"{where}: {name!r} takes at least {method.min_models}{most} models, the study has {n}; "
-                        f"{leave}")
+    if (count := method.count_problem(n)) is not None:
+        problems.append(f"{where}: {count}, the study has {n}; {leave}")
     return problems
 
 

@@ -182,18 +182,18 @@ def summary_rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = [{"name": r["name"], "dev": r["dev_value"], "test": r["test_value"]}
             for r in study.user_attrs.get("evoopt:baselines", [])]
     trial = best_trial(study)
+    weights = study_weights(study)
     if trial is not None:
         report = study.user_attrs.get("evoopt:test", {}).get(str(trial.number))
-        dev = trial_value(trial, study_weights(study))  # (several objectives: weighted as the baselines' rows)
+        dev = trial_value(trial, weights)  # (several objectives: weighted as the baselines' rows)
         test, name = None, f"best found (trial {trial.number})"
         if report:
-            test = combine(report["test"], study_weights(study))
+            test = combine(report["test"], weights)
             if "estimated" in trial.user_attrs and report["dev"]:  # chosen by its estimate, shown by its whole dev
                 name = f"best found (trial {trial.number}, estimated dev {dev:.4f})"
-                dev = combine(report["dev"], study_weights(study))
+                dev = combine(report["dev"], weights)
         rows.append({"name": name, "dev": dev, "test": test})
     if result := study.user_attrs.get("evoopt:result"):
-        weights = study_weights(study)
         what = "fittest individual" if result.get("method") == "none" else f"{result.get('method')} of the population"
         rows.append({"name": result.get("name") or f"Evolver result ({what}, generation {result['generation']})",
                      "dev": combine(result["dev"], weights), "test": combine(result["test"], weights)})

@@ -103,10 +103,8 @@ def check_sources(config: StudyConfig) -> None:
     of a recipe the user never wrote). ``expert:`` references are the config's own check."""
     if config.sources is None:
         return
-    named = [("sources.base", config.sources.base)] + [(f"sources.models[{i}]", m)
-                                                      for i, m in enumerate(config.sources.models)]
-    found = [f"{key}: {problem}" for key, reference in named
-             if reference is not None and not reference.startswith("expert:")
+    found = [f"{key}: {problem}" for key, reference in config.sources.references()
+             if not reference.startswith("expert:")
              and (problem := reference_problem(reference, config.root, where="the study config")) is not None]
     if found:
         check_stored(config)  # (a stored study that will be refused anyway, by its config or data rules, says so)
@@ -158,8 +156,7 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
         except KeyError:  # taken back by its maker after this process loaded it
             pass
         time.sleep(0.1)
-    held = 0 if made or config.sampler.name in SAMPLERS else len(study._storage.get_all_trials(
-        study._study_id, deepcopy=False))
+    held = 0 if made or config.sampler.name in SAMPLERS else study._storage.get_n_trials(study._study_id)
     if held:  # Optuna's samplers draw from their seed alone: resumed, they repeated the first run's draws (TPE's
         # start-up trials, every trial of RandomSampler); evoopt's draw each trial from (seed, trial number)
         resumed = int(np.random.SeedSequence([seed, held]).generate_state(1)[0])  # a replay resumes the same

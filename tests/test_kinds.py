@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,7 +12,7 @@ import pytest
 from evoopt.errors import ConfigError
 from evoopt.study import config as config_module
 from evoopt.study import kinds
-from evoopt.study.config import KIND_CHECKS, StudyConfig, parse_config
+from evoopt.study.config import KIND_CHECKS, KIND_KEYS, StudyConfig, parse_config
 
 PACKAGE = Path(__file__).parent.parent / "evoopt"
 SOURCES = {"base": "b", "models": ["m1", "m2"], "tasks": ["vader-tweets"]}
@@ -29,8 +30,8 @@ def test_an_unknown_kind_names_the_registered_ones() -> None:
 
 
 def test_each_kind_checks_its_own_keys_and_refuses_them_elsewhere() -> None:
-    assert "space.layers_per_group / space.split_blocks: only for space.kind layerwise" in _problems(
-        {"kind": "global", "layers_per_group": 2})
+    assert ("space.layers_per_group / space.split_blocks: only for space.kind layerwise or methods-layerwise"
+            in _problems({"kind": "global", "layers_per_group": 2, "split_blocks": True}))
     assert "space.repeats: only for space.kind dfs" in _problems({"kind": "layerwise", "repeats": 2})
     assert "space.kind evolver and sampler EvolverSampler go together (got global and EvolverSampler)" in _problems(
         {"kind": "global"}, sampler={"name": "EvolverSampler"})
@@ -43,9 +44,13 @@ def test_a_new_kind_is_one_class_and_one_registration(monkeypatch: pytest.Monkey
     monkeypatch.setattr(kinds, "KINDS", dict(kinds.KINDS))
     monkeypatch.setattr(kinds, "KIND_CHECKS", checks)
     monkeypatch.setattr(config_module, "KIND_CHECKS", checks)
+    keys = dict(KIND_KEYS)
+    monkeypatch.setattr(kinds, "KIND_KEYS", keys)
+    monkeypatch.setattr(config_module, "KIND_KEYS", keys)
 
     class ToyKind(kinds.Kind[None]):
         names: ClassVar[tuple[str, ...]] = ("toy",)
+        keys: ClassVar[Mapping[str, tuple[str, ...]]] = {"toy": ("repeats",)}
 
         @classmethod
         def problems(cls, config: StudyConfig) -> list[str]:
@@ -56,6 +61,9 @@ def test_a_new_kind_is_one_class_and_one_registration(monkeypatch: pytest.Monkey
     config = parse_config({"name": "k", "sources": SOURCES, "space": {"kind": "toy"}})
     assert isinstance(kinds.make_kind(config), ToyKind)
     assert "space.fixed: a toy study fixes nothing" in _problems({"kind": "toy", "fixed": {"lambda": 1.0}})
+    # its keys are refused where no kind reads them, with every kind that reads them named
+    assert "space.repeats: only for space.kind dfs or toy" in _problems({"kind": "global", "repeats": 2})
+    assert "space.repeats" not in _problems({"kind": "toy", "repeats": 2, "fixed": {"lambda": 1.0}})
     with pytest.raises(RuntimeError, match="registered twice"):
         kinds.register(ToyKind)
 

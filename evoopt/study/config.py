@@ -42,6 +42,8 @@ Check = Callable[["StudyConfig"], list[str]]
 KIND_CHECKS: dict[str, Check] = {}
 # space.kind -> whether its models read calibration texts (Kind.calibrated), filled the same way
 KIND_CALIBRATED: dict[str, Callable[[StudyConfig], bool]] = {}
+# space.kind -> the space keys that kind alone (with the others naming them) reads (Kind.keys), filled the same way
+KIND_KEYS: dict[str, tuple[str, ...]] = {}
 
 
 class _Strict(BaseModel):
@@ -301,7 +303,22 @@ def _problems(config: StudyConfig, *, unread: bool = False) -> list[str]:
 def _kind_problems(config: StudyConfig) -> list[str]:
     if config.space.kind not in KIND_CHECKS:
         return [f"space.kind: unknown kind {config.space.kind!r}; known: {', '.join(KIND_CHECKS)}"]
-    return []
+    return _owned_key_problems(config)
+
+
+def _owned_key_problems(config: StudyConfig) -> list[str]:
+    """The space keys given in a study whose kind does not read them (:attr:`Kind.keys`), grouped by the kinds
+    that do: ``space.pool / space.repeats: only for space.kind dfs``."""
+    owners: dict[str, list[str]] = {}
+    for kind, keys in KIND_KEYS.items():
+        for key in keys:
+            owners.setdefault(key, []).append(kind)
+    given: dict[tuple[str, ...], list[str]] = {}
+    for key in changed_keys(config.space, *owners):
+        if key not in KIND_KEYS[config.space.kind]:
+            given.setdefault(tuple(owners[key]), []).append(key)
+    return [f"space.{' / space.'.join(keys)}: only for space.kind {' or '.join(kinds)}"
+            for kinds, keys in given.items()]
 
 
 def _setting_problems(config: StudyConfig) -> list[str]:

@@ -7,7 +7,7 @@ Registering a kind also registers its config check (:meth:`Kind.problems`) with
 
 from __future__ import annotations
 
-from evoopt.study.config import KIND_CALIBRATED, KIND_CHECKS, StudyConfig
+from evoopt.study.config import KIND_CALIBRATED, KIND_CHECKS, KIND_KEYS, StudyConfig
 from evoopt.study.kinds.base import Kind
 from evoopt.study.kinds.dfs import DfsKind
 from evoopt.study.kinds.evolver import EvolverKind
@@ -22,13 +22,15 @@ KINDS: dict[str, type[Kind]] = {}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
-    """Serve ``kind.names`` as ``space.kind`` values, and check every study config with ``kind.problems``."""
+    """Serve ``kind.names`` as ``space.kind`` values, check every study config with ``kind.problems``, and
+    refuse ``kind.keys`` in the studies of the kinds that do not read them."""
     for name in kind.names:
         if name in KINDS:
             raise RuntimeError(f"space.kind {name!r} is registered twice ({KINDS[name].__name__}, {kind.__name__})")
         KINDS[name] = kind
         KIND_CHECKS[name] = kind.problems
         KIND_CALIBRATED[name] = kind.calibrated
+        KIND_KEYS[name] = kind.keys.get(name, ())
     return kind
 
 

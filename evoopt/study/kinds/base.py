@@ -55,6 +55,9 @@ class Kind(Generic[SpaceT]):
     """
 
     names: ClassVar[tuple[str, ...]]  # the space.kind values it serves
+    # space.kind value -> the space keys only it reads (with other kinds that name them): given in another
+    # kind's study, they are refused there, with the kinds that read them named
+    keys: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     retry_failed: ClassVar[bool] = True  # a trial of a dead worker is retried with the same parameters
     one_seed: ClassVar[bool] = False  # every worker's sampler draws from the study's seed (not seed + worker)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import torch
@@ -23,14 +23,14 @@ from evoopt.study.storage import check_experts, get_trial, load_study
 
 class DfsKind(Kind[DfsSpace]):
     names = ("dfs",)
+    keys: ClassVar[Mapping[str, tuple[str, ...]]] = {"dfs": ("pool", "repeats", "scaling", "scales", "binary")}
 
     @classmethod
     def problems(cls, config: StudyConfig) -> list[str]:
         """A data-flow space searches paths through causal LMs; its keys belong to it alone."""
+        if config.space.kind not in cls.names:
+            return []
         space, problems = config.space, []
-        given = changed_keys(space, "pool", "repeats", "scaling", "scales", "binary")
-        if space.kind not in cls.names:
-            return [f"space.{' / space.'.join(given)}: only for space.kind dfs"] if given else []
         if changed_keys(space, "search", "log", "method"):
             problems.append("space.search / space.log / space.method: a data-flow space searches the path and its "
                             "scales, not merge coefficients; remove them")

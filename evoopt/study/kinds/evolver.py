@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import torch
@@ -27,6 +27,7 @@ from evoopt.study.storage import get_trial
 
 class EvolverKind(Kind[EvolverSpace]):
     names = ("evolver",)
+    keys: ClassVar[Mapping[str, tuple[str, ...]]] = {"evolver": ("population",)}
     retry_failed = False  # a dead offspring frees its slot and the next trial takes it with the same move
     one_seed = True  # every worker draws the moves of one run (its generators are keyed by generation and target)
 
@@ -42,8 +43,6 @@ class EvolverKind(Kind[EvolverSpace]):
         if (space.kind == "evolver") != (config.sampler.name == "EvolverSampler"):
             problems.append("space.kind / sampler.name: space.kind evolver and sampler EvolverSampler go together "
                             f"(got {space.kind} and {config.sampler.name})")
-        if space.kind not in (*cls.names, "m2n2") and changed_keys(space, "population"):  # (M2N2's archive too)
-            problems.append("space.population: only for space.kind evolver or m2n2 (the weights they keep)")
         if space.kind not in cls.names:
             return problems
         if space.method != "none":

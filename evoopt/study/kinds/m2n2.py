@@ -6,9 +6,10 @@ member with the best plain dev score, reported on test after the search."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import torch
@@ -90,6 +91,7 @@ class M2N2Space:
 
 class M2N2Kind(Kind[M2N2Space]):
     names = ("m2n2",)
+    keys: ClassVar[Mapping[str, tuple[str, ...]]] = {"m2n2": ("population", "seeds")}
     retry_failed = False  # a dead child frees its slot and the next trial takes it with the same draw
     one_seed = True  # every worker draws the children of one run (keyed by generation and slot)
 
@@ -100,8 +102,6 @@ class M2N2Kind(Kind[M2N2Space]):
             problems.append("space.kind / sampler.name: space.kind m2n2 and sampler M2N2Sampler go together "
                             f"(got {space.kind} and {config.sampler.name})")
         if space.kind not in cls.names:
-            if space.seeds:
-                problems.append("space.seeds: the first archive's merges are for space.kind m2n2 only")
             return problems
         if changed := changed_keys(space, "method", "search", "fixed", "log"):
             problems.append(f"space.{' / space.'.join(changed)}: M2N2 evolves the weights themselves by crossover; "

@@ -19,7 +19,7 @@ family and TSV-M keep their preprocessed state, in memory, for the whole run).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import optuna
 import torch
@@ -126,12 +126,14 @@ class MethodsKind(ParameterKind):
     """``space.kind: methods`` / ``methods-layerwise``: the method searched with its coefficients."""
 
     names = ("methods", "methods-layerwise")
+    keys: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "methods": ("methods",), "methods-layerwise": ("methods", "layers_per_group", "split_blocks")}
 
     @classmethod
     def problems(cls, config: StudyConfig) -> list[str]:
+        if config.space.kind not in cls.names:
+            return []
         space, problems = config.space, []
-        if space.kind not in cls.names:
-            return ["space.methods: only for space.kind methods or methods-layerwise"] if space.methods else []
         for key in changed_keys(space, "method", "search", "fixed", "log"):
             problems.append(f"space.{key}: not used by space.kind {space.kind}; give it per method in "
                             f"space.methods.<method>.{key}")

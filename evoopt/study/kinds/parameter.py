@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import torch
@@ -15,7 +15,7 @@ from evoopt.merge import get_method
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import open_source, resolve_path
-from evoopt.study.config import StudyConfig, changed_keys, fixed_problems, method_source_problems
+from evoopt.study.config import StudyConfig, fixed_problems, method_source_problems
 from evoopt.study.kinds.base import Kind, Progress
 from evoopt.study.space import Sources, Space, fixed_recipe, layer_units
 from evoopt.study.storage import get_trial
@@ -23,22 +23,20 @@ from evoopt.study.storage import get_trial
 
 class ParameterKind(Kind[Space]):
     names = ("global", "layerwise")
+    keys: ClassVar[Mapping[str, tuple[str, ...]]] = {"layerwise": ("layers_per_group", "split_blocks")}
 
     @classmethod
     def problems(cls, config: StudyConfig) -> list[str]:
-        space, problems = config.space, []
-        if not space.kind.endswith("layerwise") and changed_keys(space, "layers_per_group", "split_blocks"):
-            problems.append("space.layers_per_group / space.split_blocks: only for space.kind layerwise "
-                            "(or methods-layerwise)")
-        if space.kind not in cls.names:
-            return problems
+        if config.space.kind not in cls.names:
+            return []
+        space = config.space
         try:
             method = get_method(space.method)
         except ValueError as error:
-            return [*problems, f"space.method: {str(error).removeprefix('method: ')}"]
+            return [f"space.method: {str(error).removeprefix('method: ')}"]
         allowed = set(method.per_model)
         allowed_text = ", ".join(sorted(allowed)) or "none"
-        problems += [f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
+        problems = [f"space.search.{key}: {method.name!r} has no per-model coefficient {key!r}; "
                      f"allowed: {allowed_text}" for key in space.search if key not in allowed]
         problems += method_source_problems(config, "space.method", space.method)
         return problems + fixed_problems("space", method, space.fixed)

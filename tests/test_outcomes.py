@@ -140,6 +140,11 @@ def test_storage_round_trip_is_exact_and_compact() -> None:
     assert np.allclose(back.tasks["t"].values, losses, rtol=1e-3)  # float16
     assert back.score("t") == pytest.approx(loss.score("t"), rel=1e-3)
 
+    # a summed loss past float16's 65504 (a long text under a poor candidate) is kept, as float32
+    losses[:2] = [70000.0, 1e6]
+    back = decode(json.loads(json.dumps(encode(loss))))
+    assert np.array_equal(back.tasks["t"].values, losses) and back.score("t") == loss.score("t")
+
 
 @pytest.fixture(scope="module")
 def classifier() -> tuple[torch.nn.Module, object]:

@@ -10,9 +10,9 @@ tasks). Values by metric:
 
 - ``accuracy``, ``macro_f1``, lm-eval tasks: correct or not (bit-packed when stored; an lm-eval
   metric that is not 0/1 per example is kept as a float);
-- ``mse``: the squared error (float16 when stored);
-- ``perplexity``: the example's summed token negative log-likelihood (float16) and its token
-  count (uint16), so the perplexity of any subset is ``exp(sum nll / sum tokens)``.
+- ``mse``: the squared error (float16 when stored; float32 where a value is past float16's 65504);
+- ``perplexity``: the example's summed token negative log-likelihood (float16 or, past 65504, float32)
+  and its token count (uint16), so the perplexity of any subset is ``exp(sum nll / sum tokens)``.
 
 Beside correctness, evoopt's classifier scorer keeps each example's **margin**: the probability of the
 right label minus the largest other label's, in [-1, 1], positive exactly where the example is right. It
@@ -249,14 +249,17 @@ def _decode_ids(text: str) -> np.ndarray:
 
 
 def encode(outcomes: Outcomes) -> dict[str, Any]:
-    """A JSON-safe form: correctness bit-packed, losses as float16, token counts as uint16."""
+    """A JSON-safe form: correctness bit-packed, losses as float16 (float32 where one would overflow float16:
+    a long text's summed loss under a poor candidate), token counts as uint16."""
     tasks: dict[str, Any] = {}
     for task, t in outcomes.tasks.items():
         item = {"ids": _encode_ids(t.ids)}
         if t.values.dtype == np.bool_:
             item["bits"] = pack_bits(t.values)
+        elif np.isfinite(half := t.values.astype(np.float16)).sum() == np.isfinite(t.values).sum():
+            item["f16"] = _b64(half.tobytes())
         else:
-            item["f16"] = _b64(t.values.astype(np.float16).tobytes())
+            item["f32"] = _b64(t.values.astype(np.float32).tobytes())
         if t.weights is not None:
             item["tokens"] = _b64(np.minimum(t.weights, 2**16 - 1).astype(np.uint16).tobytes())
         if t.margins is not None:
@@ -272,7 +275,9 @@ def decode(data: Mapping[str, Any]) -> Outcomes:
         if "bits" in item:
             values = unpack_bits(item["bits"], len(ids))
         else:
-            values = np.frombuffer(_unb64(item["f16"]), dtype=np.float16).astype(np.float32)
+            half = "f16" in item
+            values = np.frombuffer(_unb64(item["f16" if half else "f32"]),
+                                   dtype=np.float16 if half else np.float32).astype(np.float32)
         weights = (np.frombuffer(_unb64(item["tokens"]), dtype=np.uint16).astype(np.float64)
                    if "tokens" in item else None)
         tasks[task] = TaskOutcomes(ids, values, weights, unpack_margins(item["margins"]) if "margins" in item else None)

@@ -103,6 +103,18 @@ def test_the_best_of_a_weighted_multi_objective_front_has_the_best_weighted_mean
     assert trial is not None and trial.number == 0
     assert summary_rows(study)[-1] == {"name": "best found (trial 0)", "dev": pytest.approx(sign * 0.8), "test": None}
     assert best_so_far(study).by_trial == pytest.approx([sign * 0.8, sign * 0.8])
+    # the progress line after a trial shows the same number (it printed the front's values as a list)
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from evoopt.display import TrialBar
+
+    out = io.StringIO()
+    with TrialBar(Console(file=out), SimpleNamespace(trials=2)) as bar:
+        bar.trial(study, study.trials[-1])
+    assert f"2/2 finished; best mean {sign * 0.8:.4f} (#0)" in out.getvalue(), out.getvalue()
 
 
 @pytest.mark.parametrize("maximize", [True, False])

@@ -188,6 +188,25 @@ def test_classifier_outcomes_agree_with_its_scores_and_rows_pick_examples(classi
         ClassifierScorer(tokenizer, ["vader-nyt"], split="dev", rows={"vader-nyt": [0, 100000]})
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
+def test_a_model_whose_outputs_are_not_finite_gets_nothing_right(classifier: tuple, metric: str) -> None:
+    """NaN outputs predict no label (argmax named the first class: such a model scored label 0's share)."""
+    import copy
+
+    from evoopt.data.objective import ClassifierScorer
+
+    model, tokenizer = classifier
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.classifier.bias.fill_(float("nan"))
+    scorer = ClassifierScorer(tokenizer, ["vader-tweets"], split="dev", limit=40, batch_size=16, max_length=32,
+                              metric=metric)
+    assert scorer.scores(broken) == {"vader-tweets": 0.0}
+    assert scorer.outcomes is not None
+    outcomes = scorer.outcomes.tasks["vader-tweets"]
+    assert not outcomes.values.any() and outcomes.margins is not None and (outcomes.margins == -1).all()
+
+
 @pytest.mark.parametrize("metric", ["accuracy", "mse"])
 def test_an_ensemble_from_its_members_outputs_is_the_ensemble_scored(classifier: tuple, metric: str) -> None:
     """The baselines' logit ensemble is taken from the sources' outputs, kept when each was scored: the same

@@ -39,6 +39,12 @@ def macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(f1))
 
 
+def _predicted(outputs: np.ndarray) -> np.ndarray:
+    """Each example's predicted label; -1 (no label, so wrong) where the model's outputs are not finite (argmax
+    would name the first class: a model that gives NaN scored the first label's share)."""
+    return np.where(np.isfinite(outputs).all(-1), outputs.argmax(-1), -1)
+
+
 def precision(autocast: bool, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bfloat16 autocast for scoring, or nothing. The weight cache is off: with it, a weight swapped in place
     (a task's own head, ``params[name].data = head``) would be scored through the previous weight's
@@ -172,7 +178,7 @@ class ClassifierScorer:
 
     def _metric(self, outputs: np.ndarray, labels: np.ndarray) -> float:
         if self.metric == "macro_f1":
-            return macro_f1(outputs.argmax(-1), labels)
+            return macro_f1(_predicted(outputs), labels)
         return float(np.mean(self._per_example(outputs, labels)))  # accuracy, mse
 
     @torch.no_grad()
@@ -223,7 +229,7 @@ class ClassifierScorer:
                 raise EvaluationError(f"objective.metric: mse needs regression heads (one output); the model gives "
                                       f"{outputs.shape[-1]}: use accuracy or macro_f1")
             return np.asarray((outputs[:, 0] - labels) ** 2)
-        return np.asarray(outputs.argmax(-1) == labels)
+        return np.asarray(_predicted(outputs) == labels)
 
     def _margins(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
         """Each example's margin: the probability of its label minus the largest other (None for mse)."""
@@ -232,7 +238,7 @@ class ClassifierScorer:
         rows = np.arange(len(labels))
         others = outputs.copy()
         others[rows, labels] = -np.inf
-        return outputs[rows, labels] - others.max(-1)
+        return np.where(np.isfinite(outputs).all(-1), outputs[rows, labels] - others.max(-1), -1.0)
 
     def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         with precision(self.autocast, self.device):

@@ -365,8 +365,11 @@ def test_population_applies_a_generation_from_the_same_parents(tmp_path: Path) -
     for i, x in enumerate(X):
         paths.append(tmp_path / f"m{i}.safetensors")
         save_file({"w": x}, str(paths[-1]))
-    sources = [open_source(p) for p in paths]
-    for folder in (None, tmp_path / "mapped"):
+    (tmp_path / "bin").mkdir()  # a PyTorch checkpoint: its source hands out its own tensors, memory-mapped
+    torch.save({"w": X[0].clone()}, tmp_path / "bin" / "pytorch_model.bin")
+    safetensors = [open_source(p) for p in paths]
+    with_bin = [open_source(tmp_path / "bin"), *safetensors[1:]]
+    for folder, sources in ((None, safetensors), (tmp_path / "mapped", safetensors), (None, with_bin)):
         population = Population(sources, ["w"], dtype=torch.float32, folder=folder)
         a, b = Move("paper", 0, (0, 1, 2), 0.5, 1.0, 1), Move("paper", 1, (1, 2, 0), 0.5, 1.0, 2)
         history = replay([], size=3, integrated=False, maximize=True, f=0.5, cr=0.5)
@@ -379,6 +382,9 @@ def test_population_applies_a_generation_from_the_same_parents(tmp_path: Path) -
         out = {"w": torch.empty(4)}
         population.write(out, individual=1)
         assert torch.equal(out["w"], 0.5 * X[0])
+        assert torch.equal(sources[0].get("w"), X[0])  # the experts themselves are not evolved
+        population.reset()
+        assert torch.equal(population.tensors("w")[0], X[0])
 
 
 def test_integrated_candidate_is_the_merge_with_the_offspring_in_place(tmp_path: Path) -> None:

@@ -79,7 +79,10 @@ class Population:
         """Back to P_0, the experts."""
         self.individuals = []
         for i, source in enumerate(self.sources):
-            tensors = {n: source.get(n, check=False).to(self.device, self.dtype).contiguous() for n in self.names}
+            # (a copy: a .bin source's tensors are its own, memory-mapped copy-on-write; evolving them in place
+            # changed the experts for the merger and for the next reset)
+            tensors = {n: source.get(n, check=False).to(self.device, self.dtype, copy=True).contiguous()
+                       for n in self.names}
             if self.folder is not None:
                 tensors = memory_mapped(tensors, self.folder / f"individual-{i}.safetensors")
             self.individuals.append(tensors)

@@ -259,6 +259,23 @@ def test_branches_run_one_cma_es_per_choice_and_reject_the_worst_each_round() ->
         EvoCmaSampler(branches={"m": {}})
 
 
+def test_branches_drop_the_same_choices_with_trials_in_flight() -> None:
+    """Two workers (a trial always running while the next is asked for): the same successive rejects, c dropped
+    after round 1 and a after round 2 (the race ran round-robin while any trial ran: c got a third of them)."""
+    space, branches, objective = _branched({"a": 1.0, "b": 0.0, "c": 3.0})
+    study = optuna.create_study(sampler=EvoCmaSampler(search_space=space, branches=branches, popsize=4, seed=3))
+    running: list[tuple[optuna.Trial, float]] = []
+    for _ in range(40):
+        trial = study.ask()
+        running.append((trial, objective(trial)))  # (its parameters drawn as it starts)
+        if len(running) == 2:
+            study.tell(*running.pop(0))
+    order = [t.params["m"] for t in study.trials]
+    assert order.count("c") == 4  # round 1 only
+    assert order.count("a") <= 9  # round 1 and 2, and at most one started before round 2's drop
+    assert set(order[22:]) == {"b"}
+
+
 def test_branches_start_from_x0_of_their_own_parameters() -> None:
     """x0 over the whole branched space (a recipe file gives the choice and that choice's parameters): each
     choice's CMA-ES starts from x0's values of its own parameters, the others at the centre (0 in [-2, 2])."""

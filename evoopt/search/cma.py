@@ -86,8 +86,8 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
             CMA-ES per choice over that choice's parameters, and the choices race by successive rejects
             (Audibert & Bubeck 2010): each round, every remaining choice runs one generation (its
             population size), then the one whose best value is worst is dropped, until one is left.
-            A round's drop waits until its trials have finished (with several workers, trials of the
-            next round start meanwhile).
+            A round's drop waits until its trials have finished and counts them alone (with several
+            workers, trials of the next round start meanwhile).
         seed: seeds every draw; trial n's sample comes from a generator seeded by (seed, n).
         independent_sampler: for parameters outside the searched space (default random).
     """
@@ -213,27 +213,38 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
 
     def _branch(self, study: optuna.Study, trial: FrozenTrial, key: str, branches: dict[str, list[str]]) -> str:
         """The choice of ``key`` for this trial: successive rejects over the trials so far (see ``branches``);
-        ``branches``: each choice's searched parameters, whose count sets its CMA-ES population size."""
+        ``branches``: each choice's searched parameters, whose count sets its CMA-ES population size.
+
+        Round r counts each remaining choice's first r generations of trials (by trial number) and is decided once
+        they have all finished, on their best values alone: a trial of a later round, running or finished, never
+        holds up or changes a drop, so the drops are the same whatever the number of workers and whenever a
+        worker asks (with several workers it waited for every running trial, and gave the next trial to a choice
+        already dropped meanwhile: the race ran round-robin)."""
         choices = list(branches)
         sizes = {c: self._popsize or 4 + math.floor(3 * math.log(max(1, len(branches[c])))) for c in choices}
-        others = [t for t in study._get_trials(deepcopy=False, use_cache=True)
-                  if t.number != trial.number and t.params.get(key) in sizes]
-        assigned = {c: sum(1 for t in others if t.params[key] == c) for c in choices}
+        trials: dict[str, list[FrozenTrial]] = {c: [] for c in choices}  # each choice's, by number
+        for t in sorted(study._get_trials(deepcopy=False, use_cache=True), key=lambda t: t.number):
+            if t.number != trial.number and t.params.get(key) in sizes:
+                trials[t.params[key]].append(t)
         sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-        best = {c: math.inf for c in choices}  # to minimise
-        for t in others:
-            if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
-                best[t.params[key]] = min(best[t.params[key]], sign * t.value)
-        settled = all(t.state.is_finished() for t in others)
+
+        def least_run(among: list[str]) -> str:
+            return min(among, key=lambda c: (len(trials[c]) / sizes[c], choices.index(c)))
+
         survivors, round_ = choices, 1
-        while True:
-            behind = [c for c in survivors if assigned[c] < round_ * sizes[c]]
-            if behind or len(survivors) == 1 or not settled:
-                waiting = behind or survivors
-                return min(waiting, key=lambda c: (assigned[c] / sizes[c], choices.index(c)))
+        while len(survivors) > 1:
+            counted = {c: trials[c][: round_ * sizes[c]] for c in survivors}
+            if behind := [c for c in survivors if len(counted[c]) < round_ * sizes[c]]:
+                return least_run(behind)
+            if not all(t.state.is_finished() for c in survivors for t in counted[c]):
+                return least_run(survivors)  # the next round's trials start while this round's finish
+            best = {c: min((sign * t.value for t in counted[c] if t.state == TrialState.COMPLETE
+                            and t.value is not None and math.isfinite(t.value)), default=math.inf)
+                    for c in survivors}
             worst = max(survivors, key=lambda c: (best[c], choices.index(c)))
             survivors = [c for c in survivors if c != worst]
             round_ += 1
+        return survivors[0]
 
     # --- the distribution, rebuilt from the finished trials ---------------------------------------------
 

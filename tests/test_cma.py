@@ -104,6 +104,22 @@ def test_ipop_restarts_grow_the_population() -> None:
     assert {t.system_attrs["evoopt:cma"]["restart"] for t in plain.trials[1:]} == {0}
 
 
+def test_a_restart_is_not_told_the_trials_of_the_run_before_it() -> None:
+    """Two workers: the trial still running when CMA-ES restarts was sampled from the converged run; the new run's
+    first generation is its own popsize of trials (telling the straggler filled it one trial early, pulling the
+    new mean back to the old basin). A trial is asked while one runs, so generation 0 is asked popsize + 1 times."""
+    study = optuna.create_study(sampler=EvoCmaSampler(seed=0, restart="ipop", popsize=6))
+    running: list[tuple[optuna.Trial, float]] = []
+    for _ in range(400):
+        trial = study.ask()
+        running.append((trial, flat(trial)))
+        if len(running) == 2:
+            study.tell(*running.pop(0))
+    infos = [t.system_attrs["evoopt:cma"] for t in study.trials if "evoopt:cma" in t.system_attrs]
+    first = Counter(i["restart"] for i in infos if i["generation"] == 0 and i["restart"] > 0)
+    assert first == {1: 12 + 1, 2: 24 + 1}
+
+
 def test_finished_generations_add_up_over_restarts() -> None:
     """By hand: restart 0 sampled generations 0 to 2 and was restarted (3 finished), restart 1 is sampling its
     generation 1 (1 finished): 4, where the largest recorded generation says 2."""

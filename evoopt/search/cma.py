@@ -6,10 +6,12 @@ restarts included. So
 
 - a study resumes in a fresh process with the same distribution (it is rebuilt from storage);
 - parallel workers never corrupt anything (there is no shared mutable state to write), and
-  every finished trial is told, whichever distribution it was sampled from: none is thrown
-  away, unlike Optuna's ``CmaEsSampler`` under parallelism;
+  every finished trial is told, whichever generation it was sampled in: none is thrown
+  away, unlike Optuna's ``CmaEsSampler`` under parallelism (after a restart, as there, the
+  previous run's trials that finish late are not told to the new run);
 - each trial's sample is drawn from a generator seeded by (seed, trial number): a study
-  replays exactly.
+  replays exactly with one worker (with several, the distribution a trial is drawn from
+  depends on which trials had finished, which the workers' timing decides).
 
 Each process caches the optimizer and tells it only the trials that finished since; the
 cache is rebuilt when the order it saw is not a prefix of the stored one.
@@ -251,13 +253,15 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
     def _state(self, study: optuna.Study, names: tuple[str, ...], dists: list[BaseDistribution]) -> _State:
         key = (study._study_id, names)
         solutions = self._solutions(study, self._encoded.setdefault(key, {}), names, dists)
-        numbers = [number for number, _, _ in solutions]
+        numbers = [number for number, *_ in solutions]
         state = self._states.get(key)
         if state is None or numbers[: len(state.told)] != state.told:
             state = _State(self._initial(study, names, dists))
             self._states[key] = state
-        for number, x, y in solutions[len(state.told):]:
+        for number, x, y, restart in solutions[len(state.told):]:
             state.told.append(number)
+            if restart != state.restarts:  # sampled before the restart (another worker's): not the new run's
+                continue
             state.pending.append((x, y))
             if len(state.pending) == state.optimizer.population_size:
                 state.optimizer.tell(state.pending)
@@ -267,8 +271,9 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         return state
 
     def _solutions(self, study: optuna.Study, encoded: dict[int, np.ndarray | None], names: tuple[str, ...],
-                   dists: list[BaseDistribution]) -> list[tuple[int, np.ndarray, float]]:
-        """(number, x in [0, 1] coordinates, value to minimise) of every finished trial, in finishing order.
+                   dists: list[BaseDistribution]) -> list[tuple[int, np.ndarray, float, int]]:
+        """(number, x in [0, 1] coordinates, value to minimise, the restart it was sampled in: 0 where CMA-ES did
+        not sample it) of every finished trial, in finishing order.
 
         ``encoded`` caches each finished trial's point (finished trials do not change).
         """
@@ -287,9 +292,10 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
             x = encoded[trial.number]
             if x is None or value is None or not math.isfinite(value):
                 continue
-            out.append((trial.datetime_complete, trial.number, x, sign * value))
+            restart = trial.system_attrs.get(CMA_ATTR, {}).get("restart", 0)
+            out.append((trial.datetime_complete, trial.number, x, sign * value, restart))
         out.sort(key=lambda s: (s[0], s[1]))
-        return [(number, x, y) for _, number, x, y in out]
+        return [(number, x, y, restart) for _, number, x, y, restart in out]
 
     def _initial(self, study: optuna.Study, names: tuple[str, ...], dists: list[BaseDistribution]) -> Optimizer:
         mean = self._mean(names, dists)

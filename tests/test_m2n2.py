@@ -199,6 +199,9 @@ def test_sampler_config_problems_are_named() -> None:
         parse_config({"name": "x", "setting": "minilm-sentiment-domains",
                       "space": {"kind": "m2n2", "method": "dare", "seeds": ["ties", "slerp"]},
                       "sampler": {"name": "M2N2Sampler"}, "pruner": {"name": "MedianPruner"}})
+    with pytest.raises(ConfigError, match="space.seeds: 'ties' needs a base .*; give sources.base"):
+        parse_config({"name": "x", "sources": {"models": ["m1", "m2"], "tasks": ["vader-tweets"]},
+                      "space": {"kind": "m2n2", "seeds": ["ties"]}, "sampler": {"name": "M2N2Sampler"}})
     with pytest.raises(ConfigError, match="space.seeds: only for space.kind m2n2"):
         parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"seeds": ["ties"]}})
 

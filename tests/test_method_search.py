@@ -44,6 +44,12 @@ def test_method_search_config_errors_name_the_key_and_the_fix() -> None:
     assert "space.methods: only for space.kind methods or methods-layerwise" in _problems(
         {"kind": "global", "methods": {"ties": {"search": {"weight": [0, 1]}}}})
     parse_config({"name": "k", "sources": SOURCES, "space": {"kind": "methods-layerwise", "layers_per_group": 2}})
+    # sources without a base: every method that needs one is named before the baselines (it failed after them)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"name": "k", "sources": {"models": ["m1", "m2"], "tasks": ["vader-tweets"]},
+                      "space": {"kind": "methods"}})
+    assert "space.methods.ties: 'ties' needs a base (pretrained) model; give sources.base" in str(caught.value)
+    assert "space.methods.iso_cts: 'iso_cts' needs a base" in str(caught.value)
 
 
 def test_the_method_space_names_each_methods_own_parameters() -> None:

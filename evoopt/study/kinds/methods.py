@@ -36,6 +36,7 @@ from evoopt.study.config import (
     fixed_problems,
     fixed_range_problems,
     log_problems,
+    method_source_problems,
 )
 from evoopt.study.kinds.base import Progress
 from evoopt.study.kinds.parameter import ParameterKind
@@ -144,6 +145,7 @@ class MethodsKind(ParameterKind):
             except ValueError as error:
                 problems.append(f"{where}: {str(error).removeprefix('method: ')}")
                 continue
+            problems += method_source_problems(config, where, name)
             if method.statistic:
                 problems.append(f"{where}: {name} needs data statistics ({method.statistic}); the method search "
                                 "takes data-free methods")

@@ -71,6 +71,27 @@ def test_the_child_replaces_the_least_fit_when_it_is_not_the_least_fit_itself() 
     assert replaced(S, np.array([0, 0, 0])) is None
 
 
+def test_several_tasks_compete_by_their_weights_not_their_sizes() -> None:
+    """Task a has 1000 examples, b 100. X gets .8 and .2 right, Y .7 and .6: the study's value (the mean of the
+    tasks) prefers Y (.65 against .50), and so does the competition at alpha 0 (pooled, X had 820 right, Y 760);
+    with b weighing 3, (.8 + .6) / 4 = .35 against (.7 + 1.8) / 4 = .625."""
+    def member(a: float, b: float) -> Outcomes:
+        return Outcomes("accuracy", {"a": TaskOutcomes(np.arange(1000), np.arange(1000) < a * 1000),
+                                     "b": TaskOutcomes(np.arange(100), np.arange(100) < b * 100)})
+
+    x, y = member(0.8, 0.2), member(0.7, 0.6)
+    scores, weights = resources([x, y])
+    assert competition_fitness(scores, 0.0, weights) == pytest.approx([0.50, 0.65])
+    assert competition_fitness(scores, 0.0).tolist() == [820, 760]  # (pooled: 820 and 760 of 1100 right)
+    scores, weights = resources([x, y], {"b": 3.0})
+    assert competition_fitness(scores, 0.0, weights) == pytest.approx([0.35, 0.625])
+    # Y as a child of an archive holding X replaces it (pooled, 820 against 760 right: the child was the least fit)
+    assert replaced(scores[:1], scores[1], 0.0, weights) == 0
+    assert replaced(scores[:1], scores[1], 0.0) is None
+    # attraction to Y from X at alpha 1: b's examples 20..59, Y right and X wrong (z = 1), each weighing 3/4 / 100
+    assert attraction(scores, 0, 1.0, weights).tolist() == pytest.approx([0.0, 40 * 0.0075])
+
+
 def test_crossover_at_a_split_by_hand() -> None:
     a, b = torch.zeros(4), torch.ones(4)
     # split 2, w = 0.25: v = [.25, .25, .75, .75]; linear: (1 - v) a + v b = v
@@ -124,11 +145,13 @@ def test_resources_are_the_examples_every_member_scored() -> None:
     a = Outcomes("accuracy", {"t": TaskOutcomes(np.array([0, 1, 2]), np.array([True, False, True])),
                               "u": TaskOutcomes(np.array([5]), np.array([True]))})
     b = Outcomes("accuracy", {"t": TaskOutcomes(np.array([2, 1]), np.array([False, True]))})
-    assert resources([a, b]).tolist() == [[0.0, 1.0], [1.0, 0.0]]  # task t, examples 1 and 2; u only in a
+    scores, weights = resources([a, b])
+    assert scores.tolist() == [[0.0, 1.0], [1.0, 0.0]]  # task t, examples 1 and 2; u only in a
+    assert weights.tolist() == [0.5, 0.5]  # task t's weight, shared between its two examples
     # perplexity: an example's per-token likelihood, exp(-nll / tokens)
     p = Outcomes("perplexity", {"t": TaskOutcomes(np.array([0, 1]), np.array([2.0, 0.0], dtype=np.float32),
                                                   np.array([4.0, 3.0]))})
-    np.testing.assert_allclose(resources([p]), [[math.exp(-0.5), 1.0]])
+    np.testing.assert_allclose(resources([p])[0], [[math.exp(-0.5), 1.0]])
 
 
 def test_replay_places_children_by_joining_then_competing_by_hand() -> None:

@@ -9,6 +9,10 @@ Read from the authors' released code (github.com/SakanaAI/natural_niches, ``natu
   F[i, j] = S[i, j] / z_j^alpha and f_i = sum_j F[i, j]. An example that few members solve is worth more
   to each of them, so members that solve what others cannot survive. alpha = 1 (the code's default);
   alpha = 0 is plain accuracy. Where z_j = 0 the divisor is 1 (the code; the paper writes z + eps).
+  Deliberate extension for several tasks (the paper has one): each example's share is weighted by
+  c_j = (w_t / sum w) / n_t for its task t of n_t examples (``objective.weights``, else 1), so that at
+  alpha = 0 the fitness is the study's own value, the (weighted) mean of the tasks' scores, and a large
+  task does not outweigh the others by its size.
 - **Attraction** (:func:`pick_parents`): the first parent A is drawn with probability f_A / sum f; the
   second, B, with probability proportional to g_B = sum_j max(0, S[B, j] - S[A, j]) / z_j^alpha, its
   strength where A is weak. Deliberate addition: where A is at least as good as every member on every
@@ -37,7 +41,7 @@ example's likelihood in (0, 1]: exp(-nll / tokens) for perplexity, exp(-squared 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any
@@ -55,25 +59,24 @@ from evoopt.search.evolver import SlotSampler, is_finished, slot_trials
 SLERP_FLOOR = 1e-6  # below this sin(Omega) the parents are (anti)parallel: interpolate linearly
 
 
-def _shares(scores: np.ndarray, alpha: float) -> np.ndarray:
-    """F[i, j] = S[i, j] / z_j^alpha, z_j = sum_k S[k, j] (1 where it is 0)."""
-    scores = np.asarray(scores, dtype=float)
+def _divisor(scores: np.ndarray, alpha: float, weights: np.ndarray | None) -> np.ndarray:
+    """z_j^alpha / c_j: z_j = sum_k S[k, j] (1 where it is 0), c_j the example's weight (1 without weights)."""
     total = scores.sum(axis=0)
     divisor = np.where(total > 0, total, 1.0) ** alpha
-    return np.asarray(scores / divisor)
+    return divisor if weights is None else divisor / np.asarray(weights, dtype=float)
 
 
-def competition_fitness(scores: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """Each member's share of the examples' resources (M2N2's fitness), from S (members x examples)."""
-    return np.asarray(_shares(scores, alpha).sum(axis=1))
-
-
-def attraction(scores: np.ndarray, first: int, alpha: float = 1.0) -> np.ndarray:
-    """g_B = sum_j max(0, S[B, j] - S[A, j]) / z_j^alpha for every member B, A = ``first`` (g_A = 0)."""
+def competition_fitness(scores: np.ndarray, alpha: float = 1.0, weights: np.ndarray | None = None) -> np.ndarray:
+    """Each member's share of the examples' resources (M2N2's fitness), from S (members x examples):
+    f_i = sum_j c_j S[i, j] / z_j^alpha (``weights`` c: each example's, from :func:`resources`; default 1)."""
     scores = np.asarray(scores, dtype=float)
-    total = scores.sum(axis=0)
-    divisor = np.where(total > 0, total, 1.0) ** alpha
-    return np.asarray((np.maximum(0.0, scores - scores[first]) / divisor).sum(axis=1))
+    return np.asarray((scores / _divisor(scores, alpha, weights)).sum(axis=1))
+
+
+def attraction(scores: np.ndarray, first: int, alpha: float = 1.0, weights: np.ndarray | None = None) -> np.ndarray:
+    """g_B = sum_j c_j max(0, S[B, j] - S[A, j]) / z_j^alpha for every member B, A = ``first`` (g_A = 0)."""
+    scores = np.asarray(scores, dtype=float)
+    return np.asarray((np.maximum(0.0, scores - scores[first]) / _divisor(scores, alpha, weights)).sum(axis=1))
 
 
 def _draw(weights: np.ndarray, rng: np.random.Generator) -> int:
@@ -83,25 +86,26 @@ def _draw(weights: np.ndarray, rng: np.random.Generator) -> int:
     return int(rng.choice(len(weights), p=weights / weights.sum()))
 
 
-def pick_parents(scores: np.ndarray, rng: np.random.Generator, *, alpha: float = 1.0,
-                 attract: bool = True) -> tuple[int, int]:
+def pick_parents(scores: np.ndarray, rng: np.random.Generator, *, alpha: float = 1.0, attract: bool = True,
+                 weights: np.ndarray | None = None) -> tuple[int, int]:
     """Parents A (by competition fitness) and B (by attraction to A; without ``attract``, by fitness too,
-    with replacement, as the code's ``--no_matchmaker``)."""
-    fitness = competition_fitness(scores, alpha)
+    with replacement, as the code's ``--no_matchmaker``); ``weights``: each example's (:func:`resources`)."""
+    fitness = competition_fitness(scores, alpha, weights)
     first = _draw(fitness, rng)
     if not attract:
         return first, _draw(fitness, rng)
-    pull = attraction(scores, first, alpha)
+    pull = attraction(scores, first, alpha, weights)
     if pull.sum() <= 0:  # A is at least as good everywhere: fall back to fitness among the others
         pull = np.where(np.arange(len(fitness)) == first, 0.0, np.maximum(fitness, 1e-12))
     return first, _draw(pull, rng)
 
 
-def replaced(scores: np.ndarray, child: np.ndarray, alpha: float = 1.0) -> int | None:
+def replaced(scores: np.ndarray, child: np.ndarray, alpha: float = 1.0,
+             weights: np.ndarray | None = None) -> int | None:
     """The archive member the child replaces (the least fit, fitness recomputed with the child among them),
     or None when the child is strictly the least fit."""
     together = np.vstack([np.asarray(scores, dtype=float), np.asarray(child, dtype=float)[None, :]])
-    fitness = competition_fitness(together, alpha)
+    fitness = competition_fitness(together, alpha, weights)
     weakest = int(np.argmin(fitness[:-1]))
     return None if fitness[-1] < fitness[weakest] else weakest
 
@@ -155,13 +159,20 @@ def child_of(params: dict[str, Any]) -> Child:
     return Child(int(params["parent_a"]), int(params["parent_b"]), float(params["split"]), float(params["ratio"]))
 
 
-def resources(outcomes: Sequence[Outcomes]) -> np.ndarray:
+def resources(outcomes: Sequence[Outcomes],
+              task_weights: Mapping[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """S (members x examples): each member's result on the examples all of them scored, in [0, 1], higher
-    better (correctness; the likelihood of an example for the losses)."""
+    better (correctness; the likelihood of an example for the losses); and each example's weight c_j =
+    (w_t / sum w) / n_t, its task's weight (``task_weights``, else 1) shared among the task's n_t examples."""
     tasks = sorted(set.intersection(*(set(o.tasks) for o in outcomes))) if outcomes else []
     rows: list[list[np.ndarray]] = [[] for _ in outcomes]
+    given = task_weights or {}
+    total = sum(given.get(t, 1.0) for t in tasks) or 1.0
+    weights: list[np.ndarray] = []
     for task in tasks:
         shared = reduce(np.intersect1d, [o.tasks[task].ids for o in outcomes])
+        if len(shared):
+            weights.append(np.full(len(shared), given.get(task, 1.0) / total / len(shared)))
         for row, o in zip(rows, outcomes):
             t = o.tasks[task].select(shared)
             values = t.values.astype(np.float64)
@@ -171,7 +182,8 @@ def resources(outcomes: Sequence[Outcomes]) -> np.ndarray:
             elif o.metric == "mse":
                 values = np.exp(-values)
             row.append(values)
-    return np.vstack([np.concatenate(r) if r else np.zeros(0) for r in rows]) if rows else np.zeros((0, 0))
+    scores = np.vstack([np.concatenate(r) if r else np.zeros(0) for r in rows]) if rows else np.zeros((0, 0))
+    return scores, np.concatenate(weights) if weights else np.zeros(0)
 
 
 @dataclass
@@ -194,9 +206,11 @@ class ArchiveHistory:
     placed: list[list[tuple[Child, int]]] = field(default_factory=lambda: [[]])
     taken: set[int] = field(default_factory=set)
     maximize: bool = True
+    task_weights: Mapping[str, float] | None = None
 
-    def scores(self) -> np.ndarray:
-        return resources(self.outcomes)
+    def scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """S and each example's weight (:func:`resources`) of the archive's members."""
+        return resources(self.outcomes, self.task_weights)
 
     @property
     def best(self) -> int:
@@ -206,14 +220,15 @@ class ArchiveHistory:
 
 
 def replay(trials: Sequence[FrozenTrial], *, members: int, size: int, brood: int, alpha: float, maximize: bool,
-           exclude: int | None = None) -> ArchiveHistory:
-    """The archive's history from the study's trials (``exclude``: a trial number to ignore).
+           exclude: int | None = None, task_weights: Mapping[str, float] | None = None) -> ArchiveHistory:
+    """The archive's history from the study's trials (``exclude``: a trial number to ignore; ``task_weights``:
+    the study's ``objective.weights``, for the competition).
 
     A child enters when its trial completed with per-example outcomes; a pruned child, or one failed on its score
     (:func:`~evoopt.search.evolver.rejected`), does not.
     """
     by_slot = slot_trials(trials, ATTR, "slot", exclude)
-    history = ArchiveHistory(0, maximize=maximize)
+    history = ArchiveHistory(0, maximize=maximize, task_weights=task_weights)
     while True:
         g = history.generation
         found = {i: by_slot.get((g, i), []) for i in range(members if g == 0 else brood)}
@@ -237,8 +252,8 @@ def replay(trials: Sequence[FrozenTrial], *, members: int, size: int, brood: int
                 continue
             place: int | None = len(history.holders)  # joins while the archive is not full
             if len(history.holders) >= size:
-                together = resources([*history.outcomes, outcomes])
-                place = replaced(together[:-1], together[-1], alpha)
+                together, weights = resources([*history.outcomes, outcomes], task_weights)
+                place = replaced(together[:-1], together[-1], alpha, weights)
             if place is None:
                 continue
             if place == len(history.holders):
@@ -272,9 +287,11 @@ class M2N2Sampler(SlotSampler):
             full, then replace the least fit when fitter.
         brood: children per generation, drawn from the same archive (1: the paper's steady state; more lets
             as many workers run at once).
-        alpha: the competition's exponent (1: the paper; 0: plain accuracy).
+        alpha: the competition's exponent (1: the paper; 0: the study's value, the tasks' (weighted) mean).
         attract: draw the second parent by attraction (False: by fitness, the paper's ablation).
         interpolation: ``slerp`` (the code's) or ``linear``.
+        task_weights: the tasks' weights in the competition (the study engine passes ``objective.weights``;
+            a task not named weighs 1).
         seed, poll, wait_timeout: as the Evolver's.
     """
 
@@ -282,8 +299,8 @@ class M2N2Sampler(SlotSampler):
     key = "slot"
 
     def __init__(self, *, members: int, archive: int | None = None, brood: int = 1, alpha: float = 1.0,
-                 attract: bool = True, interpolation: str = "slerp", seed: int | None = None, poll: float = 0.5,
-                 wait_timeout: float = 3600.0) -> None:
+                 attract: bool = True, interpolation: str = "slerp", task_weights: Mapping[str, float] | None = None,
+                 seed: int | None = None, poll: float = 0.5, wait_timeout: float = 3600.0) -> None:
         size = members if archive is None else archive
         problems = []
         if members < 2:
@@ -301,6 +318,7 @@ class M2N2Sampler(SlotSampler):
         super().__init__(seed=seed, poll=poll, wait_timeout=wait_timeout)
         self.members, self.size, self.brood, self.alpha = members, size, brood, alpha
         self.attract, self.interpolation = attract, interpolation
+        self.task_weights = dict(task_weights or {})
 
     def slots(self, generation: int) -> int:
         return self.members if generation == 0 else self.brood
@@ -311,7 +329,7 @@ class M2N2Sampler(SlotSampler):
     def history(self, study: optuna.Study, exclude: int | None = None) -> ArchiveHistory:
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
         return replay(study.get_trials(deepcopy=False), members=self.members, size=self.size, brood=self.brood,
-                      alpha=self.alpha, maximize=maximize, exclude=exclude)
+                      alpha=self.alpha, maximize=maximize, exclude=exclude, task_weights=self.task_weights)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if len(study.directions) > 1:
@@ -330,7 +348,8 @@ class M2N2Sampler(SlotSampler):
         if generation == 0:
             return {"member": index}
         rng = np.random.default_rng([self.seed, generation, index])
-        first, second = pick_parents(history.scores(), rng, alpha=self.alpha, attract=self.attract)
+        scores, weights = history.scores()
+        first, second = pick_parents(scores, rng, alpha=self.alpha, attract=self.attract, weights=weights)
         return {"parent_a": first, "parent_b": second, "split": float(rng.uniform()), "ratio": float(rng.uniform())}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,

@@ -31,7 +31,7 @@ SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCm
                                                           "EvolverSampler": EvolverSampler,
                                                           "M2N2Sampler": M2N2Sampler}
 # what a space tells the samplers that take it (its sampler_options)
-_FROM_SPACE = {"search_space", "population", "integrated", "branches", "members"}
+_FROM_SPACE = {"search_space", "population", "integrated", "branches", "members", "task_weights"}
 
 
 def make_sampler(spec: SamplerSpec, seed: int,

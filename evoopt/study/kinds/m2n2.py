@@ -48,7 +48,7 @@ class M2N2Space:
         self.size = int(config.sampler.options.get("archive") or self.members)
 
     def sampler_options(self) -> dict[str, Any]:
-        return {"members": self.members}
+        return {"members": self.members, "task_weights": self.config.objective.weights}
 
     def default(self) -> Recipe:
         """The evaluation model's recipe: a plain average, which needs no preprocessing."""

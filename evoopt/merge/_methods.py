@@ -110,7 +110,7 @@ def generalized_task_arithmetic(
         if sparsification == "none" or density >= 1.0:
             keep = None
         elif sparsification == "random":
-            keep = dare_mask(delta.shape, density, stream_key(seed, name, m))
+            keep = dare_mask(delta.shape, density, stream_key(seed, name, m), device=delta.device)
             coef = float(w) / density
         else:
             gamma = gammas[m] if (gammas is not None and sparsification == "breadcrumbs") else 0.0
@@ -279,7 +279,7 @@ def fisher(
     for t, f, w in zip(tensors, fishers, weights):
         if f.shape != t.shape:
             raise ValueError(f"fishers: shape {tuple(f.shape)} does not match tensor {tuple(t.shape)}")
-        wf = w * (f.to(dtype) + epsilon)
+        wf = w * (f.to(t.device, dtype) + epsilon)  # (the statistics are estimated on the CPU)
         numerator = numerator + wf * t.to(dtype)
         denominator = denominator + wf
     return (numerator / denominator).to(tensors[0].dtype)
@@ -308,15 +308,16 @@ def regmean(
         raise ValueError(f"alpha: must lie in [0, 1], got {alpha}")
     dtype = torch.float64  # the solve is ill-conditioned in float32 for small alpha
     width = tensors[0].shape[-1]
-    total_gram = torch.zeros(width, width, dtype=dtype)
-    total_rhs = torch.zeros(width, tensors[0].shape[0], dtype=dtype)
+    device = tensors[0].device  # (the Gram matrices are estimated on the CPU)
+    total_gram = torch.zeros(width, width, dtype=dtype, device=device)
+    total_rhs = torch.zeros(width, tensors[0].shape[0], dtype=dtype, device=device)
     for w, g in zip(tensors, grams):
         if w.ndim != 2 or g.shape != (w.shape[1], w.shape[1]) or w.shape != tensors[0].shape:
             raise ValueError(
                 f"grams: need an (in, in) = {(w.shape[-1], w.shape[-1])} Gram matrix for a weight of "
                 f"shape {tuple(w.shape)}, got {tuple(g.shape)}"
             )
-        g = g.to(dtype)
+        g = g.to(device, dtype)
         shrunk = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
         rhs = shrunk @ w.to(dtype).T
         total_gram = total_gram + shrunk
@@ -409,7 +410,8 @@ def della(
         if d < 1.0:
             spread = ranks[m].spread(delta.dtype) if ranks is not None else None
             p = magprune_probabilities(delta, d, eps, spread=spread)
-            u = uniform_stream(stream_key(seed, name, m), delta.numel()).reshape(delta.shape).to(p.dtype)
+            u = uniform_stream(stream_key(seed, name, m), delta.numel(), device=delta.device)
+            u = u.reshape(delta.shape).to(p.dtype)
             scaled = torch.where(u < p, scaled / p, 0.0)
         contributions.append(scaled)
     return _fuse(base, contributions, weights, consensus=consensus, normalize=normalize, scale=scale)
@@ -577,9 +579,9 @@ def tsv_basis(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> SingularBa
     deltas = task_vectors(base, tensors)
     dtype, r = deltas[0].dtype, min(base.shape)
     k = r // len(deltas)
-    u_cat = torch.zeros(base.shape[0], r, dtype=dtype)
-    s_cat = torch.zeros(r, dtype=dtype)
-    v_cat = torch.zeros(r, base.shape[1], dtype=dtype)
+    u_cat = torch.zeros(base.shape[0], r, dtype=dtype, device=base.device)
+    s_cat = torch.zeros(r, dtype=dtype, device=base.device)
+    v_cat = torch.zeros(r, base.shape[1], dtype=dtype, device=base.device)
     if k == 0:
         return SingularBasis(u_cat, s_cat, v_cat, 0)
     for t, delta in enumerate(deltas):

@@ -39,8 +39,8 @@ def stream_key(seed: int, name: str, model_index: int = 0) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def uniform_stream(key: int, numel: int, *, start: int = 0) -> torch.Tensor:
-    """Uniform draws in [0, 1) for elements ``start .. start+numel-1`` of stream ``key``.
+def uniform_stream(key: int, numel: int, *, start: int = 0, device: torch.device | None = None) -> torch.Tensor:
+    """Uniform draws in [0, 1) for elements ``start .. start+numel-1`` of stream ``key``, made on ``device``.
 
     A counter-based generator: with k_lo, k_hi the halves of the 64-bit key,
     x = ((i+1) * 0x9E3779B9 + k_lo) xor k_hi (mod 2^32), then MurmurHash3's fmix32
@@ -49,7 +49,7 @@ def uniform_stream(key: int, numel: int, *, start: int = 0) -> torch.Tensor:
     CPU kernel and this reference produce the same masks; 32-bit arithmetic keeps the
     kernel vectorised. Streams hold up to 2^32 elements.
     """
-    return stream_bits(key, numel, start=start).to(torch.float32) * (1.0 / (1 << 24))
+    return stream_bits(key, numel, start=start, device=device).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def stream_bits(key: int, numel: int, *, start: int = 0, device: torch.device | None = None) -> torch.Tensor:
@@ -125,13 +125,14 @@ def sparsify_mask(
     return (magnitude >= lo) & (magnitude <= hi)
 
 
-def dare_mask(shape: torch.Size | tuple[int, ...], density: float, key: int) -> torch.Tensor:
-    """DARE's random keep-mask (Yu et al. 2024): keep each entry with probability density."""
+def dare_mask(shape: torch.Size | tuple[int, ...], density: float, key: int,
+              device: torch.device | None = None) -> torch.Tensor:
+    """DARE's random keep-mask (Yu et al. 2024): keep each entry with probability density (made on ``device``)."""
     numel = math.prod(shape)
     if density >= 1.0:
-        return torch.ones(shape, dtype=torch.bool)
+        return torch.ones(shape, dtype=torch.bool, device=device)
     threshold = torch.tensor(density, dtype=torch.float32)
-    return (uniform_stream(key, numel) < threshold).reshape(shape)
+    return (uniform_stream(key, numel, device=device) < threshold).reshape(shape)
 
 
 def elect_sign(contributions: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -188,10 +189,11 @@ class MagnitudeRanks:
         n = rows.shape[1]
         dtype = torch.int16 if n <= 1 << 16 else torch.int32
         if n == 1:
-            return cls(torch.ones(delta.shape, dtype=dtype), 2)
+            return cls(torch.ones(delta.shape, dtype=dtype, device=delta.device), 2)
         order = rows.abs().argsort(dim=1, stable=True)  # one sort; the ranks are scattered back, not sorted again
-        positions = torch.arange(n, dtype=torch.int32).to(dtype).expand(rows.shape[0], n)  # (>= 2^15: wrapped)
-        return cls(torch.empty(rows.shape, dtype=dtype).scatter_(1, order, positions).reshape(delta.shape), n - 1)
+        positions = torch.arange(n, dtype=torch.int32, device=delta.device).to(dtype).expand(rows.shape[0], n)
+        ranks = torch.empty(rows.shape, dtype=dtype, device=delta.device)  # (positions >= 2^15: wrapped to int16)
+        return cls(ranks.scatter_(1, order, positions).reshape(delta.shape), n - 1)
 
     def unsigned(self) -> torch.Tensor:
         """The ranks as int32 (the 16-bit ones read as unsigned)."""

@@ -416,8 +416,8 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
     if abs(weight_sum) < np.float32(1e-8):
         weight_sum = np.float32(1.0)
 
-    def scalar(value: Any) -> torch.Tensor:  # float32 on the device, made once per call (a copy there each)
-        return torch.tensor(float(value), dtype=torch.float32, device=device)
+    def scalar(value: Any) -> float:  # a float32 value as a Python number: applied in float32 to float32 tensors,
+        return float(np.float32(value))  # the same bytes, with no copy to the device (each one synchronises a GPU)
 
     coef_t, weight_t = [scalar(c) for c in coefs], [scalar(w) for w in weights]
     scale_t, weight_sum_t = scalar(scale), scalar(weight_sum)
@@ -444,12 +444,12 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
         if consensus:
             positive = total >= 0
             numerator = torch.zeros_like(total)
-            divisor = torch.zeros_like(total)
+            agreeing = torch.zeros_like(total)
             for c, w in zip(contributions, weight_t):
                 agree = torch.where(positive, c > 0, c < 0)
                 numerator = numerator + torch.where(agree, c, 0.0)
-                divisor = divisor + torch.where(agree, w, 0.0)
-            divisor = torch.where(divisor == 0, 1.0, divisor)
+                agreeing = agreeing + torch.where(agree, w, 0.0)
+            divisor: torch.Tensor | float = torch.where(agreeing == 0, 1.0, agreeing)
         else:
             numerator, divisor = total, weight_sum_t
         if normalize:

@@ -556,3 +556,18 @@ def test_regmean_solves_gpt2s_conv1d_weights_stored_in_out(smol_tiny_family: lis
     weights = [GPT2LMHeadModel.from_pretrained(p).state_dict()[name].double() for p in paths]
     expected = torch.linalg.solve(sum(shrunk), sum(g @ w for g, w in zip(shrunk, weights)))
     torch.testing.assert_close(merged[name].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear", "fisher", "tsv"])
+def test_merges_make_their_tensors_on_the_inputs_device(name: str) -> None:
+    """On the GPU the merges got masks, random draws, ranks and bases made on the CPU (a device mismatch: DARE,
+    DELLA, TSV-M; Fisher's statistics are estimated on the CPU). The meta device refuses a CPU tensor beside it as
+    CUDA does, so the merges run here on meta tensors (the methods whose steps read values cannot: on the GPU check)."""
+    method = get_method(name)
+    meta = torch.device("meta")
+    base, experts = torch.randn(6, 5).to(meta), [torch.randn(6, 5).to(meta) for _ in range(3)]
+    coefficients = {k: [{"weight": 1.0, "epsilon": 0.1}.get(k, 0.5)] * 3 for k in method.per_model}
+    fishers = [torch.rand(6, 5) for _ in range(3)] if method.statistic == "fisher" else None  # (on the CPU)
+    prepared = method.prepare(base, experts) if method.prepare else None
+    merged = method.apply(base, experts, coefficients, name="w", statistics=fishers, prepared=prepared)
+    assert merged.device == meta and merged.shape == (6, 5)

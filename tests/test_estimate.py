@@ -50,6 +50,17 @@ def test_anchor_points_by_hand() -> None:
     assert candidate.score("t", weights) == pytest.approx(0.7)
 
 
+def test_anchor_points_share_every_slot_when_k_means_leaves_a_cluster_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k-means drops an empty cluster, returning fewer clusters than asked: the slots go to those it kept (the
+    missing cluster's spread was NaN, and slot sharing stopped at one anchor a cluster, 2 of 6 here)."""
+    from evoopt.data import estimate
+
+    embedding = np.array([[1, 1]] * 6 + [[1, 0]] * 3 + [[0, 0]] * 3, dtype=float)
+    monkeypatch.setattr(estimate, "_kmeans", lambda points, weights, k, rng: (points[:, 1] > 0).astype(int))
+    chosen, weights = anchors(embedding, 6, np.random.default_rng(0))
+    assert len(chosen) == 6 and weights.sum() == pytest.approx(12)
+
+
 def test_strata_count_agreed_examples_and_sample_only_the_contested_by_hand() -> None:
     """10 examples, two references: both right on 0-3, both wrong on 4-5, split on 6-9 (6, 7: the first right;
     8, 9: the second). Known stratum: 6 examples, 4 of them right; 2 anchors among the 4 contested (patterns

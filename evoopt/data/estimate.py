@@ -422,8 +422,8 @@ def anchors(embedding: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np
     n = len(embedding)
     patterns, inverse, counts = np.unique(embedding, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    centres = min(k, len(patterns))
-    labels_of_pattern = _kmeans(patterns, counts.astype(np.float64), centres, rng)
+    labels_of_pattern = _kmeans(patterns, counts.astype(np.float64), min(k, len(patterns)), rng)
+    centres = int(labels_of_pattern.max()) + 1  # (k-means may leave a cluster empty: it is dropped)
     label = labels_of_pattern[inverse]
     sizes = np.bincount(label, minlength=centres)
     spread = np.array([embedding[label == c].std(0).mean() for c in range(centres)])

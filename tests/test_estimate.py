@@ -755,3 +755,20 @@ def test_the_worker_that_fits_the_estimator_scores_as_every_other_worker(method:
     right = rng.random(300) < 0.75
     candidate = Outcomes("accuracy", {"t": TaskOutcomes(np.arange(300), right, margins=np.where(right, .5, -.5))})
     assert fitted.estimate(candidate) == stored.estimate(candidate)
+    # another worker fitting at the same moment writes after this one: this one scores with what is stored
+    other = optuna.create_study()
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        if key != "evoopt:estimator":
+            other._storage.set_study_system_attr(other._study_id, key, value)
+    other.set_user_attr("evoopt:baselines", [])
+    write = other._storage.set_study_system_attr
+    theirs = stored.to_dict()
+    theirs["tasks"]["t"]["weights"][0] += 1.0  # (told apart by a weight)
+
+    def raced(study_id: int, key: str, value: object) -> None:
+        write(study_id, key, value)
+        if key == "evoopt:estimator":
+            write(study_id, key, theirs)
+
+    other._storage.set_study_system_attr = raced  # type: ignore[method-assign]
+    assert study_estimator(config, other).to_dict() == Estimator.from_dict(theirs).to_dict()  # type: ignore[union-attr]

@@ -68,6 +68,17 @@ def test_the_pruner_stops_a_trial_surely_worse_than_the_incumbent(scored: list[i
         assert race["decided"] == ("pruned" if pruned else "go on") and (race["p"] < 0.05) is pruned
 
 
+def test_a_task_smaller_than_min_examples_is_tested_once_whole() -> None:
+    """A task of 12 dev examples with min_examples 20: the test waits for all 12 (it never tested: no pruning)."""
+    study = optuna.create_study(direction="maximize", pruner=RacingPruner(alpha=0.05, min_examples=20))
+    study.add_trial(optuna.trial.create_trial(value=1.0, system_attrs={OUTCOMES_ATTR: encode(_right([1] * 12))}))
+    trial = study.ask()
+    record_outcomes(trial, _right([0] * 6))
+    assert trial.should_prune() is False  # 6 of 12: not yet
+    record_outcomes(trial, _right([0] * 12))
+    assert trial.should_prune() is True  # wrong on all 12 where the incumbent is right: p = 2^-12
+
+
 def test_the_pruner_follows_the_direction_and_needs_outcomes() -> None:
     study = optuna.create_study(direction="minimize", pruner=RacingPruner(min_examples=5))
     losses = Outcomes("mse", {"t": TaskOutcomes(np.arange(40), np.full(40, 0.1, np.float32))})

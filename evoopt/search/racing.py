@@ -35,7 +35,7 @@ class RacingPruner(optuna.pruners.BasePruner):
     """Prune a trial that a paired test on the examples scored so far finds worse than the best complete trial.
 
     ``alpha``: the test's level (lower prunes later and more surely); ``min_examples``: examples per task
-    before the first test. Single-objective studies; any sampler.
+    before the first test (a task with fewer: all of them). Single-objective studies; any sampler.
     """
 
     def __init__(self, *, alpha: float = 0.05, min_examples: int = 30) -> None:
@@ -53,7 +53,8 @@ class RacingPruner(optuna.pruners.BasePruner):
         weights = _weights(study)
         p, better, shared = paired_test(candidate, incumbent[1], maximize=study.direction.name == "MAXIMIZE",
                                         weights=weights)
-        if shared < self.min_examples:
+        # (a task smaller than min_examples is whole at its size: waiting for more would never test at all)
+        if shared < min(self.min_examples, *(len(t.ids) for t in incumbent[1].tasks.values())):
             return False
         pruned = p < self.alpha
         record: dict[str, Any] = {"against": incumbent[0].number, "examples": shared, "difference": round(better, 6),

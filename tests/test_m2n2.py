@@ -15,6 +15,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, TaskOutcomes, encode, trial_outcomes
+from evoopt.errors import EvooptError
 from evoopt.search.m2n2 import (
     ATTR,
     attraction,
@@ -171,6 +172,11 @@ def test_replay_places_children_by_joining_then_competing_by_hand() -> None:
     assert history.best == 0
     # the same trials, minimised: the best is the lowest plain score (the first of the ties)
     assert replay(trials, members=2, size=3, brood=2, alpha=1.0, maximize=False).best == 1
+    # an expert whose score was not finite: said so (it was "kept no per-example outcomes")
+    broken = _trial(1, 0, 1, [0, 0, 1, 0], {"member": 1}, TrialState.FAIL)
+    broken.user_attrs = {"not_finite": True, "fail_reason": "the objective is not finite: {'t': nan}"}
+    with pytest.raises(EvooptError, match="expert 1's score is not finite .*'t': nan"):
+        replay([trials[0], broken], members=2, size=3, brood=2, alpha=1.0, maximize=True)
 
 
 def test_archive_builds_a_generation_from_the_archive_before_it(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.data.outcomes import Outcomes, trial_outcomes
 from evoopt.errors import ConfigError, EvaluationError
-from evoopt.search.evolver import SlotSampler, is_finished, slot_trials
+from evoopt.search.evolver import SlotSampler, is_finished, rejected, slot_trials
 
 SLERP_FLOOR = 1e-6  # below this sin(Omega) the parents are (anti)parallel: interpolate linearly
 
@@ -241,6 +241,11 @@ def replay(trials: Sequence[FrozenTrial], *, members: int, size: int, brood: int
             assert trial is not None
             outcomes = trial_outcomes(trial)
             if g == 0:
+                if rejected(trial):
+                    raise EvaluationError(f"M2N2: expert {i}'s score is not finite (trial {trial.number}: "
+                                          f"{trial.user_attrs.get('fail_reason', 'no reason kept')}); the archive "
+                                          "starts from every expert: check that expert, or score in float32 "
+                                          "(dtype, objective.precision)")
                 if outcomes is None or trial.state != TrialState.COMPLETE:
                     raise EvaluationError(f"M2N2: expert {i}'s trial {trial.number} kept no per-example outcomes; "
                                           "the competition needs every member's")

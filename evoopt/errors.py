@@ -77,8 +77,9 @@ def schema_problems(error: Any, top: str, model: Any = None) -> list[str]:
         if item["type"] == "extra_forbidden" and (known := _keys_at(model, loc[:-1])):
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
             message = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; known: {', '.join(known)}"
-        elif item["type"] in ("tuple_type", "too_long", "too_short") or item["type"] == "missing" and loc and \
-                isinstance(loc[-1], int):  # (every tuple of the schemas is a pair of bounds)
+        elif item["type"] == "tuple_type" or item["type"] in ("too_long", "too_short") and message.startswith(
+                "Tuple") or item["type"] == "missing" and loc and isinstance(loc[-1], int):
+            # (every tuple of the schemas is a pair of bounds; a list too short or long keeps pydantic's words)
             loc, message = loc[:-1] if item["type"] == "missing" else loc, \
                 f"expected bounds [low, high], got {item['input']!r}"
         elif item["type"] in ("model_type", "dict_type") and (known := _keys_at(model, loc)):

@@ -96,6 +96,9 @@ def test_schema_errors_come_with_the_other_problems_but_none_about_refused_keys(
         "space.search.weight: expected bounds [low, high], got 0.5",
         "space.search.density: expected bounds [low, high], got [0.1]",
         "sampler: expected a mapping (keys: name, options), got 'TPESampler'"]
+    # a list that is too short is no pair of bounds (it read "expected bounds [low, high], got ['a']")
+    assert problems_of({"setting": None, "sources": {"base": "c", "models": ["a"], "tasks": ["sms-spam"]}}) == [
+        "sources.models: List should have at least 2 items after validation, not 1"]
     # nothing is said from a refused value's default: objective.kind dev would ask for sources.tasks
     lines = problems_of({"setting": None, "sources": {"base": "c", "models": ["a", "b"]},
                          "objective": {"kind": "lmeval"},

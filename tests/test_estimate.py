@@ -586,6 +586,41 @@ def test_a_trial_confirmed_earlier_stays_the_answer_when_later_estimates_pass_it
     assert best is not None and best.number == 0
 
 
+def test_confirmed_trials_are_scored_in_the_trials_precision() -> None:
+    """A confirmation is compared with reference and promoted trials (scored under the study's bfloat16) by value
+    and by a paired test on outcomes: it is scored like them (it was scored in float32), while a report's own
+    scores stay float32."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from evoopt.study.kinds.base import Kind
+    from evoopt.study.run import _ReportScore
+    from evoopt.study.storage import ANSWER_ATTR
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"estimated": {"method": "mixture"}}))
+    asked: list[bool] = []
+
+    def score(model: object, split: str, *, like_trials: bool = False) -> dict[str, float]:
+        asked.append(like_trials)
+        return {"t": 0.8}
+
+    kind = SimpleNamespace(config=SimpleNamespace(objective=SimpleNamespace(
+        split="dev", estimate=SimpleNamespace(confirm=1, answer_level=None, promote_within=None), weights=None)),
+        built=lambda study: None, trial_model=lambda params: None)
+    score.outcomes = lambda split: None  # type: ignore[attr-defined]
+    Kind._confirm(kind, study, score)  # type: ignore[arg-type]
+    assert asked == [True] and study.user_attrs[ANSWER_ATTR]["dev"] == {"0": {"t": 0.8}}
+    # the report's scorer: the trials' autocast where asked for, float32 otherwise
+    calls: list[object] = []
+    evaluator = SimpleNamespace(score=lambda model, split, autocast=None: calls.append(autocast) or {"t": 0.8})
+    report = _ReportScore(SimpleNamespace(), SimpleNamespace(), evaluator, True)  # type: ignore[arg-type]
+    report(None, "dev", like_trials=True)  # type: ignore[arg-type]
+    report(None, "test")  # type: ignore[arg-type]
+    assert calls == [True, False]
+
+
 def _right_against(gained: int, lost: int, *, also: tuple[int, int] = (0, 0)) -> Outcomes:
     """Outcomes right on the first 1,000 of 1,200 examples, then ``gained`` more right after them and the first
     ``lost`` wrong: a rival of the plain 1,000 by gained - lost examples. ``also`` (gained, lost): further changes

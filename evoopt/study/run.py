@@ -461,21 +461,22 @@ def report_best(config: StudyConfig, study: optuna.Study, worker: Worker | None 
     """Score the study's answer (its best trial, or the Evolver's population answer) on test, for reporting
     only; stored on the study. Builds the evaluation model only when there is something new to report."""
     kind = worker.kind if worker is not None else kind or make_kind(config)
-    kind.report(study, _ReportScore(config, kind, worker.evaluator if worker is not None else None))
+    kind.report(study, _ReportScore(config, kind, worker.evaluator if worker is not None else None,
+                                    study_autocast(config, study)))
 
 
 class _ReportScore:
     """What :meth:`Kind.report` scores with (:class:`evoopt.study.kinds.base.Score`): the worker's evaluator, or
     one made on first use (after the kind has built its model)."""
 
-    def __init__(self, config: StudyConfig, kind: Kind, evaluator: Evaluator | None) -> None:
-        self.config, self.kind, self.evaluator = config, kind, evaluator
+    def __init__(self, config: StudyConfig, kind: Kind, evaluator: Evaluator | None, autocast: bool) -> None:
+        self.config, self.kind, self.evaluator, self.autocast = config, kind, evaluator, autocast
 
-    def __call__(self, model: torch.nn.Module, split: str) -> Scores:
+    def __call__(self, model: torch.nn.Module, split: str, *, like_trials: bool = False) -> Scores:
         if self.evaluator is None:
             assert self.kind.tokenizer_folder is not None
             self.evaluator = Evaluator(self.config, self.kind.sources, self.kind.tokenizer_folder, self.kind.device)
-        return self.evaluator.score(model, split)
+        return self.evaluator.score(model, split, autocast=self.autocast and like_trials)
 
     def outcomes(self, split: str) -> Outcomes | None:
         return None if self.evaluator is None else self.evaluator.outcomes(split)

@@ -36,10 +36,12 @@ Progress = Callable[[str, int, int], None]
 
 
 class Score(Protocol):
-    """How a report scores a model: ``score(model, split)``, its per-task scores on the whole split (float32);
-    ``score.outcomes(split)``, the per-example outcomes of the last model it scored there (None: not kept)."""
+    """How a report scores a model: ``score(model, split)``, its per-task scores on the whole split (float32;
+    ``like_trials``: in the precision the study's trials are scored in, for a score that selection compares with
+    theirs); ``score.outcomes(split)``, the per-example outcomes of the last model it scored there (None: not
+    kept)."""
 
-    def __call__(self, model: torch.nn.Module, split: str) -> dict[str, float]: ...
+    def __call__(self, model: torch.nn.Module, split: str, *, like_trials: bool = False) -> dict[str, float]: ...
 
     def outcomes(self, split: str) -> Outcomes | None: ...
 
@@ -196,7 +198,8 @@ class Kind(Generic[SpaceT]):
             self.built(study)
             for trial in top:
                 if str(trial.number) not in dev:
-                    dev[str(trial.number)] = score(self.trial_model(trial.params), split)
+                    # (compared with reference and promoted trials' scores and outcomes: in their precision)
+                    dev[str(trial.number)] = score(self.trial_model(trial.params), split, like_trials=True)
                     outcomes = score.outcomes(split)
                     if outcomes is not None:
                         record_confirmed_outcomes(study, trial.number, outcomes)

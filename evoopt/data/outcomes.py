@@ -139,30 +139,49 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
     tested task's differences are all equal (no variance: one example each, or all the same), the normal
     approximation has nothing to go by and an exact sign test decides instead: of the ``n`` non-zero differences,
     ``k`` favour the candidate; under no difference ``k ~ Binomial(n, 1/2)``, so p(worse) = P(K <= k) and
-    p(better) = P(K >= k) (``n`` all one way: 2^-n). No non-zero difference: undecided (0.5)."""
-    pairs = {task: (c, b) for task, (c, b) in paired(candidate, incumbent).items() if len(c) >= 2}
-    if not pairs:
+    p(better) = P(K >= k) (``n`` all one way: 2^-n). No non-zero difference: undecided (0.5).
+
+    Perplexity: the study's value is the mean of the tasks' perplexities exp(sum nll / T), not of the examples'
+    summed losses, so each example's difference of summed losses is scaled to its share of its task's perplexity
+    difference (the delta method around the incumbent, d ppl_t = ppl_t d(sum nll) / T_t): by ppl_t n_t / T_t on
+    the shared examples. Unscaled, a task of high perplexity counted as little per nat as one of low perplexity,
+    and a candidate worse by the study's value could test better."""
+    scales = _perplexity_scales(candidate, incumbent) if incumbent.metric == "perplexity" else {}
+    differences = {task: (c - b) * scales.get(task, 1.0) for task, (c, b) in paired(candidate, incumbent).items()
+                   if len(c) >= 2}
+    if not differences:
         return 0.5, 0.5, 0.0, 0
     given = weights or {}
-    total = sum(given.get(t, 1.0) for t in pairs)
+    total = sum(given.get(t, 1.0) for t in differences)
     difference, variance = 0.0, 0.0
-    for task, (c, b) in pairs.items():
+    for task, d in differences.items():
         w = given.get(task, 1.0) / total
-        d = c - b
         difference += w * float(d.mean())
         variance += w**2 * float(d.var(ddof=1)) / len(d)
     better = difference if maximize else -difference
-    shared = min(len(c) for c, _ in pairs.values())
+    shared = min(len(d) for d in differences.values())
     if variance > 0.0:
         z = -better / math.sqrt(variance)  # positive: worse
         p_worse = 0.5 * math.erfc(z / math.sqrt(2))  # P(Z >= z)
         return p_worse, 1.0 - p_worse, better, shared
-    signs = np.sign(np.concatenate([c - b for c, b in pairs.values()])) * (1 if maximize else -1)
+    signs = np.sign(np.concatenate(list(differences.values()))) * (1 if maximize else -1)
     n, k = int(np.count_nonzero(signs)), int(np.sum(signs > 0))
     if n == 0:
         return 0.5, 0.5, better, shared
     tail = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(K = i)
     return sum(tail[: k + 1]), sum(tail[k:]), better, shared
+
+
+def _perplexity_scales(candidate: Outcomes, incumbent: Outcomes) -> dict[str, float]:
+    """Per task, ppl_t n_t / T_t of the incumbent on the examples both scored (see :func:`_paired_tails`)."""
+    scales = {}
+    for task in candidate.tasks.keys() & incumbent.tasks.keys():
+        ids = candidate.tasks[task].ids
+        shared = incumbent.tasks[task].select(ids[np.isin(ids, incumbent.tasks[task].ids)])
+        tokens = float(np.sum(shared.weights)) if shared.weights is not None else 0.0
+        if tokens > 0:
+            scales[task] = math.exp(float(np.sum(shared.values, dtype=np.float64)) / tokens) * len(shared.ids) / tokens
+    return scales
 
 
 def paired_decision(candidate: Outcomes, rival: Outcomes, *, maximize: bool, alpha: float, final: bool,

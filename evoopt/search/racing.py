@@ -8,7 +8,8 @@ on the examples both have scored, so the per-example noise shared by the two can
 
 The test (a deliberate difference from the paper's Friedman test, which ranks many candidates at
 once): with per-example differences ``d = candidate - incumbent`` on task ``t`` (correct 1/0, or
-the loss), the objective's difference is estimated by ``D = sum_t w_t mean(d_t)`` with variance
+the loss; perplexity: the summed loss's difference scaled to the task's perplexity, see
+:func:`evoopt.data.outcomes.paired_test`), the objective's difference is estimated by ``D = sum_t w_t mean(d_t)`` with variance
 ``V = sum_t w_t^2 var(d_t) / n_t`` (``w_t`` the task weights, normalised); the trial is pruned when
 the one-sided p-value ``P(Z >= z)``, ``z = D / sqrt(V)`` signed so that positive is worse for the
 study's direction, is below ``alpha``. Normal approximation: tests start at ``min_examples`` per task. A task

@@ -668,9 +668,10 @@ def test_the_paired_answer_rule_keeps_the_answer_until_a_challenger_is_better_by
             (decision,) = answer["decisions"]
             assert answer["trial"] == 0 and decision["challenger"] == 1 and decision["incumbent"] == 0
             assert decision["decided"] == "rejected" and decision["difference"] == pytest.approx(4 / 1200, abs=1e-6)
-            z = (4 / 1200) / np.sqrt(np.var(np.r_[np.ones(30), -np.ones(26), np.zeros(1144)], ddof=1) / 1200)
-            assert decision["p_better"] == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)), abs=1e-6)
-            assert 0.25 < decision["p_better"] < 0.35
+            # McNemar's exact test: 56 disagreements, 30 for the challenger: P(K >= 30), K ~ Binomial(56, 1/2)
+            exact = sum(math.comb(56, i) for i in range(30, 57)) / 2**56
+            assert decision["p_better"] == pytest.approx(exact, abs=1e-6)
+            assert 0.3 < decision["p_better"] < 0.4
         else:  # 50 of 1,200 better: decided
             assert answer["trial"] == 2 and answer["decisions"][-1]["decided"] == "accepted"
             assert answer["decisions"][-1]["incumbent"] == 0

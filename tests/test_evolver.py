@@ -341,16 +341,18 @@ def test_paired_rule_by_hand() -> None:
         return Outcomes("accuracy", {"t": TaskOutcomes(np.arange(len(values)), np.asarray(values, bool))})
 
     target = right([1] * 30 + [0] * 30)
-    # worse on 10 of the first 40 examples, better on none: d mean -0.25, z = 0.25 / sqrt(0.1923 / 40) = 3.61
+    # worse on 10 of the first 40 examples, better on none: McNemar's exact p_worse = 2^-10
     decided, record = paired_decision(right([1] * 20 + [0] * 20), target, maximize=True, alpha=0.05, final=False)
-    assert decided == "rejected" and record["p_worse"] < 0.001 and record["examples"] == 40
-    # better on 2 of 60, worse on none: p_better = P(Z >= 0.0333 / sqrt(0.0328 / 60)) = P(Z >= 1.43) = 0.077
-    better = right([1] * 32 + [0] * 28)
+    assert decided == "rejected" and record["p_worse"] == pytest.approx(2**-10, abs=1e-6) and record["examples"] == 40
+    # better on 4 of 60, worse on none: p_better = 2^-4 = .0625
+    better = right([1] * 34 + [0] * 26)
     assert paired_decision(better, target, maximize=True, alpha=0.05, final=False)[0] is None  # score more
     decided, record = paired_decision(better, target, maximize=True, alpha=0.05, final=True)
-    assert decided == "rejected" and record["p_better"] == pytest.approx(0.0768, abs=1e-3)  # not sure enough
+    assert decided == "rejected" and record["p_better"] == pytest.approx(0.0625)  # not sure enough
     decided, _ = paired_decision(better, target, maximize=True, alpha=0.1, final=True)
     assert decided == "accepted"  # at level 0.1 it is
+    # better on 2 of 60: 2^-2 = .25, not even at 0.1 (the normal approximation said .077)
+    assert paired_decision(right([1] * 32 + [0] * 28), target, maximize=True, alpha=0.1, final=True)[0] == "rejected"
     decided, _ = paired_decision(right([1] * 40 + [0] * 20), target, maximize=True, alpha=0.05, final=True)
     assert decided == "accepted"  # better on 10 of 60
 

@@ -96,13 +96,23 @@ def test_without_variance_an_exact_sign_test_decides() -> None:
     loss = Outcomes("mse", {"t": TaskOutcomes(np.arange(5), np.full(5, 0.25, np.float32))})
     more = Outcomes("mse", {"t": TaskOutcomes(np.arange(5), np.full(5, 0.75, np.float32))})
     assert decide(loss, more, maximize=False) == ("accepted", 1.0, 0.03125)
-    # each task constant, in opposite directions: 3 better (task a), 2 worse (task b), n = 5, k = 3:
-    # P(K <= 3) = (1 + 5 + 10 + 10) / 32 = .8125, P(K >= 3) = (10 + 5 + 1) / 32 = .5
+    # two tasks, in opposite directions: 3 better (task a, 3 examples), 2 worse (task b, 2): an example weighs
+    # c_a = 1/2 / 3 and c_b = 1/2 / 2, not one weight: D = 3/6 - 2/4 = 0, null variance 3/36 + 2/16 = .2083,
+    # continuity correction c_a: p = Phi((0 + 1/6) / .4564) = .6425 each way (a pooled sign test, ignoring the
+    # tasks' weights, said P(K <= 3) = .8125 and P(K >= 3) = .5)
     mixed = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(3), np.ones(3, bool)),
                                   "b": TaskOutcomes(np.arange(2), np.zeros(2, bool))})
     flipped = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(3), np.zeros(3, bool)),
                                     "b": TaskOutcomes(np.arange(2), np.ones(2, bool))})
-    assert decide(mixed, flipped) == ("rejected", 0.8125, 0.5)
+    decided, p_worse, p_better = decide(mixed, flipped)
+    assert decided == "rejected" and p_worse == p_better == pytest.approx(0.6425, abs=1e-4)
+    # equal tasks (3 examples each, weight 1): one weight per example, exact on the pooled disagreements: task a
+    # 3 of 3 for the candidate, task b 2 of 3: n = 6, k = 5, P(K <= 5) = 63/64, P(K >= 5) = 7/64
+    even = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(3), np.array([1, 1, 1], bool)),
+                                 "b": TaskOutcomes(np.arange(3), np.array([0, 1, 1], bool))})
+    other = Outcomes("accuracy", {"a": TaskOutcomes(np.arange(3), np.zeros(3, bool)),
+                                  "b": TaskOutcomes(np.arange(3), np.array([1, 0, 0], bool))})
+    assert decide(even, other) == ("rejected", pytest.approx(63 / 64), pytest.approx(7 / 64))
     # no non-zero difference: undecided
     assert decide(_right(ids, [1] * 5), _right(ids, [1] * 5)) == ("rejected", 0.5, 0.5)
 

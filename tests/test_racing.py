@@ -19,13 +19,18 @@ def _right(values: list[int], start: int = 0) -> Outcomes:
 
 
 def test_paired_test_by_hand() -> None:
-    # d = candidate - incumbent = [0, -1, 0, -1]: mean -0.5, sample variance 1/3, variance of the mean 1/12;
-    # z = 0.5 / sqrt(1/12) = 1.7321, P(Z >= z) = 0.041632
+    # right or wrong: d = candidate - incumbent = [0, -1, 0, -1], 2 disagreements, both for the incumbent: McNemar's
+    # exact p = 2^-2 = .25 (the normal approximation on the sample variance said z = 1.7321, p = .0416: pruned on
+    # two examples)
     p, better, shared = paired_test(_right([1, 0, 1, 0]), _right([1, 1, 1, 1]), maximize=True)
-    assert (better, shared) == (-0.5, 4)
-    assert p == pytest.approx(0.5 * math.erfc(0.5 / math.sqrt(1 / 12) / math.sqrt(2)))
+    assert (better, shared, p) == (-0.5, 4, 0.25)
+    # losses: d = [0, -1, 0, -1]: mean -0.5, sample variance 1/3, variance of the mean 1/12;
+    # z = 0.5 / sqrt(1/12) = 1.7321, P(Z >= z) = 0.041632; the same numbers minimised: the candidate is better
+    as_losses = [Outcomes("mse", {"t": TaskOutcomes(np.arange(4), np.asarray(v, np.float32) * 2)})
+                 for v in ([1, 0, 1, 0], [1, 1, 1, 1])]
+    p, better, _ = paired_test(*as_losses, maximize=True)
+    assert better == -1.0 and p == pytest.approx(0.5 * math.erfc(0.5 / math.sqrt(1 / 12) / math.sqrt(2)))
     assert p == pytest.approx(0.041632, abs=1e-6)
-    # the same numbers as losses of a minimised score: the candidate is better, far from pruned
     losses = [Outcomes("mse", {"t": TaskOutcomes(np.arange(4), np.asarray(v, np.float32))})
               for v in ([1, 0, 1, 0], [1, 1, 1, 1])]
     p, better, _ = paired_test(*losses, maximize=False)

@@ -135,11 +135,19 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
     number of shared examples per task.
 
     A task with fewer than 2 shared examples is left out (no variance to estimate); the weights of the others are
-    normalised among them. Nothing left: undecided, both p-values 0.5, difference 0, 0 examples. Where every
-    tested task's differences are all equal (no variance: one example each, or all the same), the normal
-    approximation has nothing to go by and an exact sign test decides instead: of the ``n`` non-zero differences,
-    ``k`` favour the candidate; under no difference ``k ~ Binomial(n, 1/2)``, so p(worse) = P(K <= k) and
-    p(better) = P(K >= k) (``n`` all one way: 2^-n). No non-zero difference: undecided (0.5).
+    normalised among them. Nothing left: undecided, both p-values 0.5, difference 0, 0 examples.
+
+    Right-or-wrong outcomes (0/1): only the examples the two disagree on say anything, and with few of them the
+    normal approximation on the sample variance is far too sure (3 disagreements all one way: p = .036 where the
+    exact test gives .125). McNemar's test instead, conditional on the disagreements: under no difference each
+    one favours either side with probability 1/2. Where every task with disagreements weighs the same per example
+    (one task; or equal sizes and weights), exactly: of the ``n`` disagreements ``k`` favour the candidate,
+    ``K ~ Binomial(n, 1/2)``, p(worse) = P(K <= k) and p(better) = P(K >= k) (``n`` all one way: 2^-n); else
+    D = sum_t c_t (k_t - (n_t - k_t)) with c_t = w_t / (shared examples of t), normal with the null variance
+    sum_t c_t^2 n_t and a continuity correction of half the smallest step (min c_t). No disagreement: undecided.
+
+    Losses: the normal approximation ``z = D / sqrt(V)`` above; where every tested task's differences are all
+    equal (no variance), an exact sign test on the non-zero differences, as for right-or-wrong outcomes.
 
     Perplexity: the study's value is the mean of the tasks' perplexities exp(sum nll / T), not of the examples'
     summed losses, so each example's difference of summed losses is scaled to its share of its task's perplexity
@@ -147,8 +155,8 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
     the shared examples. Unscaled, a task of high perplexity counted as little per nat as one of low perplexity,
     and a candidate worse by the study's value could test better."""
     scales = _perplexity_scales(candidate, incumbent) if incumbent.metric == "perplexity" else {}
-    differences = {task: (c - b) * scales.get(task, 1.0) for task, (c, b) in paired(candidate, incumbent).items()
-                   if len(c) >= 2}
+    pairs = {task: (c, b) for task, (c, b) in paired(candidate, incumbent).items() if len(c) >= 2}
+    differences = {task: (c - b) * scales.get(task, 1.0) for task, (c, b) in pairs.items()}
     if not differences:
         return 0.5, 0.5, 0.0, 0
     given = weights or {}
@@ -160,16 +168,42 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
         variance += w**2 * float(d.var(ddof=1)) / len(d)
     better = difference if maximize else -difference
     shared = min(len(d) for d in differences.values())
+    if candidate.metric not in LOSSES and all(np.isin(c, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()
+                                              for c, b in pairs.values()):
+        per_example = {task: given.get(task, 1.0) / total / len(d) for task, d in differences.items()}
+        return (*_mcnemar(differences, per_example, maximize=maximize), better, shared)
     if variance > 0.0:
         z = -better / math.sqrt(variance)  # positive: worse
         p_worse = 0.5 * math.erfc(z / math.sqrt(2))  # P(Z >= z)
         return p_worse, 1.0 - p_worse, better, shared
     signs = np.sign(np.concatenate(list(differences.values()))) * (1 if maximize else -1)
-    n, k = int(np.count_nonzero(signs)), int(np.sum(signs > 0))
+    return (*_binomial_tails(int(np.count_nonzero(signs)), int(np.sum(signs > 0))), better, shared)
+
+
+def _binomial_tails(n: int, k: int) -> tuple[float, float]:
+    """P(K <= k) and P(K >= k) for K ~ Binomial(n, 1/2); (0.5, 0.5) for n = 0 (undecided)."""
     if n == 0:
-        return 0.5, 0.5, better, shared
-    tail = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(K = i)
-    return sum(tail[: k + 1]), sum(tail[k:]), better, shared
+        return 0.5, 0.5
+    log_half = n * math.log(0.5)
+    pmf = [math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + log_half) for i in range(n + 1)]
+    return min(1.0, math.fsum(pmf[: k + 1])), min(1.0, math.fsum(pmf[k:]))
+
+
+def _mcnemar(differences: Mapping[str, np.ndarray], per_example: Mapping[str, float], *,
+             maximize: bool) -> tuple[float, float]:
+    """McNemar's test of right-or-wrong outcomes, weighted by task (see :func:`_paired_tails`): p(worse),
+    p(better)."""
+    sign = 1.0 if maximize else -1.0
+    counts = {task: (int(np.count_nonzero(d)), int(np.sum(sign * d > 0))) for task, d in differences.items()}
+    steps = {per_example[task] for task, (n, _) in counts.items() if n}
+    if len(steps) <= 1:  # one weight per example: exact
+        return _binomial_tails(sum(n for n, _ in counts.values()), sum(k for _, k in counts.values()))
+    favour = sum(per_example[task] * (2 * k - n) for task, (n, k) in counts.items())
+    deviation = math.sqrt(sum(per_example[task] ** 2 * n for task, (n, _) in counts.items()))
+    half_step = min(steps)
+    p_worse = 0.5 * math.erfc(-(favour + half_step) / deviation / math.sqrt(2))  # P(S <= favour)
+    p_better = 0.5 * math.erfc((favour - half_step) / deviation / math.sqrt(2))  # P(S >= favour)
+    return min(1.0, p_worse), min(1.0, p_better)
 
 
 def _perplexity_scales(candidate: Outcomes, incumbent: Outcomes) -> dict[str, float]:

@@ -7,14 +7,14 @@ candidates are trials, and the comparison is with the incumbent (the best comple
 on the examples both have scored, so the per-example noise shared by the two cancels out.
 
 The test (a deliberate difference from the paper's Friedman test, which ranks many candidates at
-once): with per-example differences ``d = candidate - incumbent`` on task ``t`` (correct 1/0, or
-the loss; perplexity: the summed loss's difference scaled to the task's perplexity, see
-:func:`evoopt.data.outcomes.paired_test`), the objective's difference is estimated by ``D = sum_t w_t mean(d_t)`` with variance
-``V = sum_t w_t^2 var(d_t) / n_t`` (``w_t`` the task weights, normalised); the trial is pruned when
-the one-sided p-value ``P(Z >= z)``, ``z = D / sqrt(V)`` signed so that positive is worse for the
-study's direction, is below ``alpha``. Normal approximation: tests start at ``min_examples`` per task. A task
-with fewer than 2 shared examples is left out; where the differences have no variance, an exact sign test
-decides (p = 2^-n for n differences all one way; :func:`evoopt.data.outcomes.paired_test`).
+once) compares the candidate with the incumbent alone, on the examples both scored, one-sided, at level
+``alpha``, in the study's direction (:func:`evoopt.data.outcomes.paired_test`). Right-or-wrong outcomes:
+McNemar's test on the examples the two disagree on (exact where every task weighs the same per example;
+else normal with a continuity correction). Losses: with per-example differences ``d = candidate -
+incumbent`` on task ``t`` (perplexity: the summed loss's difference scaled to the task's perplexity), the
+objective's difference ``D = sum_t w_t mean(d_t)`` with variance ``V = sum_t w_t^2 var(d_t) / n_t``
+(``w_t`` the task weights, normalised), ``z = D / sqrt(V)``. Tests start at ``min_examples`` per task; a
+task with fewer than 2 shared examples is left out.
 
 Use it with ``objective.fidelities`` (the growing numbers of examples per task at which the trial is
 tested; evoopt keeps the outcomes scored so far on the trial before each test). Every tested trial

@@ -221,7 +221,7 @@ class Kind(Generic[SpaceT]):
                    promoting: bool) -> dict[str, Any]:
         """The paired answer rule (``objective.estimate.answer_level``). The answer of the last report, the
         incumbent, stays unless a trial seen since (newly confirmed, promoted, or a reference trial) is better than
-        it by a one-sided paired z-test at ``level`` on their whole-dev per-example outcomes: the test of the
+        it by a one-sided paired test at ``level`` on their whole-dev per-example outcomes: the test of the
         Evolver's paired rule (:func:`challenge_in_turn`), as racing (Birattari et al., 2002) keeps an incumbent
         until a paired test decides. Confirmed at the end of a run, the best by whole-dev score of the new trials
         challenges. Promoted (``promote_within``), each new trial challenges in turn, by trial number, as they were

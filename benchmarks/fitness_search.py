@@ -622,8 +622,9 @@ def main() -> None:
                       "linear (fixed)": rows["linear (fixed)"]["test_value"]}
         references_dev = {name: rows[name]["dev_value"] for name in ("ties (fixed)", "linear (fixed)")}
         seeds = range(args.first_seed, args.first_seed + args.seeds)
+        # (the answer rules choose among trials; an Evolver's answer is its population's: refused there)
         jobs = [(folder, setting, search, arm, seed, args) for seed in seeds for search in args.searches
-                for arm in args.arms]
+                for arm in args.arms if not (search in EVOLVERS and arm in ("mixture-paired", "mixture-promote"))]
         if args.jobs == 1:
             runs = [one_run(*job) for job in jobs]
         else:

@@ -589,6 +589,12 @@ def test_evolver_config_problems_are_named() -> None:
         assert expected in text, text
     with pytest.raises(ConfigError, match="go together"):
         parse_config({"name": "x", "setting": "minilm-sentiment-domains", "sampler": {"name": "EvolverSampler"}})
+    # the answer rules of estimated fitness choose among trials: the Evolver's answer is its population's
+    with pytest.raises(ConfigError, match=r"objective.estimate.answer_level: they choose the answer among the "
+                                          r"trials; the Evolver's answer is its last population's"):
+        parse_config({"name": "x", "setting": "minilm-sentiment-domains", "space": {"kind": "evolver"},
+                      "sampler": {"name": "EvolverSampler"},
+                      "objective": {"estimate": {"method": "anchor", "answer_level": 0.05}}})
     # a pruner compares an offspring with the study's best trial: it would replace the per-target selection
     with pytest.raises(ConfigError, match=r"pruner.name: the Evolver selects each offspring against its own target.*"
                                           r"got RacingPruner.*sampler.options.selection: paired"):

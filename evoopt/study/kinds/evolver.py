@@ -19,7 +19,7 @@ from evoopt.merge.recipe import Recipe
 from evoopt.models.io import card_header
 from evoopt.search.evolver import EvolverSampler, History, Together
 from evoopt.search.population import Population
-from evoopt.study.config import StudyConfig, changed_keys, fixed_problems
+from evoopt.study.config import StudyConfig, answer_rule_problems, changed_keys, fixed_problems
 from evoopt.study.kinds.base import Kind, Progress, Score
 from evoopt.study.space import Candidate, EvolverSpace
 from evoopt.study.storage import get_trial
@@ -67,6 +67,7 @@ class EvolverKind(Kind[EvolverSpace]):
         if config.sampler.options.get("selection") == "paired" and config.objective.estimate is not None:
             problems.append("sampler.options.selection / objective.estimate: the paired rule compares offspring and "
                             "target on the same scored examples; use one or the other")
+        problems += answer_rule_problems(config, "the Evolver's")
         if config.sampler.options.get("selection") == "paired" and config.objective.metric == "macro_f1":
             problems.append("sampler.options.selection: the paired rule compares right-or-wrong per example, and "
                             "macro-F1 is not a mean of those; use metric accuracy, or selection greedy")

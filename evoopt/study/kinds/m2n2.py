@@ -20,7 +20,7 @@ from evoopt.merge.recipe import Recipe
 from evoopt.models.io import card_header
 from evoopt.search.archive import Archive
 from evoopt.search.m2n2 import ATTR, ArchiveHistory, Child, M2N2Sampler, child_of
-from evoopt.study.config import StudyConfig, changed_keys, method_source_problems
+from evoopt.study.config import StudyConfig, answer_rule_problems, changed_keys, method_source_problems
 from evoopt.study.kinds.base import Kind, Progress, Score
 from evoopt.study.kinds.evolver import answer_lines, scratch_folder
 from evoopt.study.kinds.methods import DEFAULT_METHODS
@@ -112,6 +112,7 @@ class M2N2Kind(Kind[M2N2Space]):
             problems.append(f"space.seeds: {', '.join(map(repr, unknown))} not among {', '.join(DEFAULT_METHODS)}")
         for seed in dict.fromkeys(space.seeds):
             problems += method_source_problems(config, "space.seeds", seed)
+        problems += answer_rule_problems(config, "M2N2's")
         if config.pruner.name != "NopPruner":
             problems.append(f"pruner.name: M2N2's competition compares every member on the same examples, so a "
                             f"child is scored whole; leave out the pruner (got {config.pruner.name})")

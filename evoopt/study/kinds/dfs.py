@@ -71,6 +71,11 @@ class DfsKind(Kind[DfsSpace]):
         self.model, self.tokenizer_folder, self.device = self.pool[0], opened[0].folder, device
         return self.model
 
+    def start(self, study: optuna.Study) -> None:
+        """Pin (and export) the pool's ``study:`` models before any other worker starts: each worker pinned the
+        other study's best trial as it built, and one still running could give two workers two different pools."""
+        pool_folders(self.space, study)
+
     def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
         try:
             path = self.space.suggest(trial)

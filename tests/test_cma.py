@@ -120,6 +120,34 @@ def test_a_restart_is_not_told_the_trials_of_the_run_before_it() -> None:
     assert first == {1: 12 + 1, 2: 24 + 1}
 
 
+def test_trials_whose_score_is_not_finite_are_told_as_the_worst() -> None:
+    """A region where merges diverge (x > .6: the score is not finite, the trial fails with ``not_finite``): its
+    trials are told, worse than every value before them, so CMA-ES learns to leave it; a crash is not told."""
+    space = {n: optuna.distributions.FloatDistribution(0, 1) for n in ("x", "y")}
+
+    def objective(trial: optuna.Trial) -> float:
+        x, y = trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
+        if trial.number == 5:
+            raise RuntimeError("a crash")
+        if x > 0.6:
+            trial.set_user_attr("not_finite", True)
+            raise ValueError("the score is not finite")
+        return (x - 0.5) ** 2 + (y - 0.5) ** 2
+
+    sampler = EvoCmaSampler(search_space=space, seed=0, popsize=4)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(objective, n_trials=40, catch=(ValueError, RuntimeError))
+    failed = {t.number for t in study.trials if t.user_attrs.get("not_finite")}
+    (state,) = sampler._states.values()
+    first = min(t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert failed and {n for n in failed if n > first} <= set(state.told) and 5 not in state.told
+    solutions = dict((n, y) for n, _, y, _ in sampler._solutions(study, {}, ("x", "y"), list(space.values())))
+    for n in failed - {m for m in failed if m < first}:  # each told worse than every finite value before it
+        before = [y for m, y in solutions.items() if m not in failed and study.trials[m].datetime_complete
+                  <= study.trials[n].datetime_complete]
+        assert solutions[n] > max(before)
+
+
 def test_finished_generations_add_up_over_restarts() -> None:
     """By hand: restart 0 sampled generations 0 to 2 and was restarted (3 finished), restart 1 is sampling its
     generation 1 (1 finished): 4, where the largest recorded generation says 2."""

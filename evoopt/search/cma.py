@@ -36,6 +36,7 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import FrozenTrial, TrialState
 
 from evoopt.errors import ConfigError
+from evoopt.search.evolver import rejected
 
 Optimizer: TypeAlias = CMA | SepCMA | CMAwM
 CMA_ATTR = "evoopt:cma"  # per trial: restart, generation, popsize; x, the continuous sample (with margin)
@@ -275,14 +276,22 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         """(number, x in [0, 1] coordinates, value to minimise, the restart it was sampled in: 0 where CMA-ES did
         not sample it) of every finished trial, in finishing order.
 
-        ``encoded`` caches each finished trial's point (finished trials do not change).
+        ``encoded`` caches each finished trial's point (finished trials do not change). A trial that failed on its
+        own score (not finite: a diverged merge, :func:`~evoopt.search.evolver.rejected`) is told as worse than
+        every value told before it, so that the distribution learns to leave that region (left out, each such
+        sample cost an evaluation and taught nothing); one before any finite value is left out.
         """
-        states = (TrialState.COMPLETE, TrialState.PRUNED) if self._consider_pruned else (TrialState.COMPLETE,)
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) if self._consider_pruned else (
+            TrialState.COMPLETE, TrialState.FAIL)
         sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         out = []
         for trial in study._get_trials(deepcopy=False, states=states, use_cache=True):
             if trial.state == TrialState.COMPLETE:
                 value = trial.value
+            elif trial.state == TrialState.FAIL:
+                if not rejected(trial):  # (a crash: retried, or nothing to learn from)
+                    continue
+                value = math.inf
             elif trial.intermediate_values:
                 value = trial.intermediate_values[max(trial.intermediate_values)]
             else:
@@ -290,12 +299,22 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
             if trial.number not in encoded:
                 encoded[trial.number] = _encode_trial(trial, names, dists)
             x = encoded[trial.number]
-            if x is None or value is None or not math.isfinite(value):
+            if x is None or value is None or math.isnan(value) or math.isinf(value) and trial.state != TrialState.FAIL:
                 continue
             restart = trial.system_attrs.get(CMA_ATTR, {}).get("restart", 0)
-            out.append((trial.datetime_complete, trial.number, x, sign * value, restart))
+            out.append((trial.datetime_complete, trial.number, x, math.inf if math.isinf(value) else sign * value,
+                        restart))
         out.sort(key=lambda s: (s[0], s[1]))
-        return [(number, x, y, restart) for _, number, x, y, restart in out]
+        solutions, worst = [], None  # (the worst finite value so far)
+        for _, number, x, y, restart in out:
+            if math.isinf(y):  # not finite: worse than every value told before it
+                if worst is None:
+                    continue
+                solutions.append((number, x, worst + max(1.0, abs(worst)), restart))
+                continue
+            worst = y if worst is None else max(worst, y)
+            solutions.append((number, x, y, restart))
+        return solutions
 
     def _initial(self, study: optuna.Study, names: tuple[str, ...], dists: list[BaseDistribution]) -> Optimizer:
         mean = self._mean(names, dists)

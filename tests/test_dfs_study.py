@@ -85,6 +85,18 @@ def test_dfs_config_problems_are_named(family: list[Path], tmp_path: Path) -> No
             parse_config({**base, **extra}, root=tmp_path)
 
 
+def test_a_pool_refuses_another_data_flow_study(tmp_path: Path) -> None:
+    """study:OTHER.yaml of a data-flow study: its answer is a path of its own length (the layer count was read
+    from its first source, a wrong count or a failed build)."""
+    from evoopt.study.space import pool_layers
+
+    other = {"name": "other", "sources": {"models": ["a", "b"], "tasks": ["sms-spam"]},
+             "space": {"kind": "dfs", "repeats": 2}, "objective": {"kind": "lm-eval"}, "baselines": []}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(ConfigError, match="study:other.yaml is a data-flow study"):
+        pool_layers("study:other.yaml", tmp_path)
+
+
 def test_export_reloads_with_transformers_and_identical_logits(family: list[Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 

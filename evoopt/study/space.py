@@ -357,6 +357,10 @@ def pool_layers(reference: str, root: Path) -> int:
         from evoopt.study.config import load_config
 
         other = load_config(resolve_path(reference.removeprefix("study:"), root))
+        if other.space.kind == "dfs":  # (its answer is a path, of its own number of layers, that loads by remote code)
+            raise ConfigError(f"space.pool: {reference} is a data-flow study, whose answer is a path of its own "
+                              "length through its pool, not a model of its sources' layers; a pool takes model "
+                              "folders or a parameter-space study (PS+DFS)")
         return pool_layers(study_sources(other).models[0], other.root)
     config = open_source(resolve_path(reference, root)).config or {}
     if "num_hidden_layers" not in config:

@@ -284,6 +284,11 @@ def _placement(device: str | None, dtype: Any) -> tuple[dict[str, str], torch.de
         if target.type == "cuda" and not torch.cuda.is_available():
             logger.info("device=%s: no CUDA device is visible; merging and scoring on the CPU", device)
             target = torch.device("cpu")
+        if target.type == "cuda" and target.index is not None:  # cuda:N: merge there too (recipes say cuda)
+            if target.index >= (count := torch.cuda.device_count()):
+                raise ModelArgsError(f"device={device}: this machine has {count} CUDA device(s); use cuda:0 to "
+                                     f"cuda:{count - 1}, or auto")
+            torch.cuda.set_device(target)
         updates["device"] = "cuda" if target.type == "cuda" else "cpu"
     return updates, target
 

@@ -254,3 +254,17 @@ def test_registering_again_or_reloading_is_safe(plugin: ModuleType) -> None:
     assert _get_model() is plugin.EvooptLM
     importlib.reload(plugin)  # a new class object under the same name
     assert _get_model() is plugin.EvooptLM
+
+
+def test_model_arguments_and_lm_eval_command_line_settings_do_not_clash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's command line always passes batch_size and device (default cuda:0); model arguments naming them too
+    gave lm-eval's own constructor the keys twice (a TypeError). The model arguments win; the others are added."""
+    from evoopt.integrations.lm_eval import EvooptLM
+
+    given: list[dict[str, Any]] = []
+    monkeypatch.setattr(EvooptLM, "__init__", lambda self, **kwargs: given.append(kwargs))
+    cli = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
+    EvooptLM.create_from_arg_obj({"recipe": "r.yaml", "device": "cpu", "batch_size": 8}, cli)
+    EvooptLM.create_from_arg_string("recipe=r.yaml,dtype=bfloat16", cli)
+    assert given == [{"recipe": "r.yaml", "device": "cpu", "batch_size": 8},
+                     {"recipe": "r.yaml", "dtype": "bfloat16", "batch_size": 1, "device": "cuda:0"}]

@@ -448,6 +448,20 @@ def test_an_unknown_lm_eval_task_is_a_clear_error(tmp_path: Path) -> None:
                                           r"you mean 'spam_registered'\?\); `lm-eval ls tasks` lists them"):
         registered_docs([task, "spam_registerd"], manager, split="dev", seed=0)
     assert len(registered_docs([task], manager, split="dev", seed=0)[task]) == 5
+    # a task file by its path: lm-eval keys it by its task's name (it read "not one lm-eval task (a group?)")
+    with pytest.raises(ConfigError, match="a task file; put its folder in objective.include_path"):
+        registered_docs([str(next((tmp_path / "registered").glob("*.yaml")))], manager, split="dev", seed=0)
+    # a metric lm-eval computes over the whole task (mcc: a per-example pair) is refused before any trial
+    config = next((tmp_path / "registered").glob("*.yaml"))
+    text = config.read_text()
+    assert "metric: acc" in text
+    (tmp_path / "mcc").mkdir()
+    (tmp_path / "mcc" / "mcc.yaml").write_text(text.replace("task: spam_registered", "task: spam_mcc")
+                                               .replace("metric: acc\n  aggregation: mean",
+                                                        "metric: mcc\n  aggregation: matthews_corrcoef"))
+    manager = TaskManager(include_path=[str(tmp_path / "registered"), str(tmp_path / "mcc")], include_defaults=False)
+    with pytest.raises(ConfigError, match="'spam_mcc' scores mcc, which lm-eval computes over the whole task"):
+        registered_docs(["spam_mcc"], manager, split="dev", seed=0)
 
 
 def test_registered_lm_eval_tasks_score_disjoint_dev_and_test_documents(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any,
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    if samples:  # (lm-eval walks a task's docs in order and names the k-th one samples[k]: sorted, each once)
+        samples = {task: sorted(set(ids)) for task, ids in samples.items()}
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               mixed_precision_dtype=torch.bfloat16 if autocast else None)
     results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=None if samples else limit,

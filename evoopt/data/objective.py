@@ -274,7 +274,10 @@ def registered_docs(tasks: Sequence[str], manager: Any, *, split: str, seed: int
 
     if split not in ("dev", "test"):
         raise ValueError(f"split: registered lm-eval tasks have a dev and a test part, got {split!r}")
-    unknown = [name for name in tasks if name not in manager.all_tasks and not Path(name).is_file()]
+    if files := [name for name in tasks if Path(name).is_file()]:  # (lm-eval keys a task file by its task's name)
+        raise ConfigError(f"objective.tasks: {', '.join(map(repr, files))}: a task file; put its folder in "
+                          "objective.include_path and name its task")
+    unknown = [name for name in tasks if name not in manager.all_tasks]
     if unknown:
         close = {n: difflib.get_close_matches(n, manager.all_tasks, n=1) for n in unknown}
         raise ConfigError("objective.tasks: " + "; ".join(
@@ -287,12 +290,30 @@ def registered_docs(tasks: Sequence[str], manager: Any, *, split: str, seed: int
         if not isinstance(task, Task):
             raise ConfigError(f"objective.tasks: {name!r} is not one lm-eval task (a group?); name its tasks one by "
                               "one")
+        if problem := _metric_problem(name, task):
+            raise ConfigError(f"objective.tasks: {problem}")
         count = len(task.eval_docs)
         if count < 2:
             raise ConfigError(f"objective.tasks: {name!r} has too few documents ({count}) to split into dev and test")
         order = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(count)
         parts[name] = [int(i) for i in (order[: count // 2] if split == "dev" else order[count // 2 :])]
     return parts
+
+
+def _metric_problem(name: str, task: Any) -> str | None:
+    """Why evoopt cannot take a task's scored metric (acc, else its first): one lm-eval aggregates over the whole task
+    (mcc, f1, bleu, word_perplexity: a per-example pair, not a score), or one lower-is-better (evoopt maximises an
+    lm-eval objective). None where it can."""
+    aggregation, higher = task.aggregation(), task.higher_is_better()
+    metric = next((m for m in ("acc", "acc_norm") if m in aggregation), next(iter(aggregation), None))
+    if metric is None:
+        return None
+    if getattr(aggregation[metric], "__name__", "") != "mean":
+        return (f"{name!r} scores {metric}, which lm-eval computes over the whole task, not as a mean of per-example "
+                "scores as evoopt's fitness needs; choose a task scored by acc or exact_match")
+    if not higher.get(metric, True):
+        return f"{name!r} scores {metric}, lower-is-better; evoopt maximises an lm-eval objective"
+    return None
 
 
 def _lm_eval_name(task: str, split: str) -> str:

@@ -24,8 +24,10 @@ model_args, with exactly one of ``recipe``, ``study`` and ``config``:
   through the pool's models, built in memory (no weight copied). An exported data-flow model
   is an ordinary folder for lm-eval's ``hf`` model with ``trust_remote_code=True``.
 - ``tokenizer=PATH``: default the tokenizer in the merged model's base folder.
-- ``device``, ``dtype``: where and in which dtype to merge and score (default: the recipe's).
-- the HFLM arguments that apply to a loaded model: ``batch_size``, ``max_length``, ``add_bos_token``...
+- ``device``, ``dtype``: where and in which dtype to merge and score (default: the recipe's; lm-eval's command
+  line always passes its ``--device``, default cuda:0, which a ``device`` in the model arguments overrides).
+- the HFLM arguments that apply to a loaded model: ``batch_size``, ``max_length``, ``add_bos_token``... (a
+  ``batch_size`` in the model arguments overrides ``--batch_size``).
 
 The model is merged once, in memory; nothing is written to disk. Results record the recipe
 (``config.evoopt_recipe``) and where it came from (``config.evoopt_source``).
@@ -82,6 +84,10 @@ class EvooptLM(HFLM):
             config is None) else None  # (anything else: resolve_recipe names the problem)
         built: Recipe | None = None
         if chosen is not None:  # a study's trial, built by its kind (a merge, or a data-flow path)
+            if selected := list(chosen[0].objective.tasks):
+                logger.warning("the study chose its trials on a seeded half of %s (objective.tasks): scored here on "
+                               "every document, those tasks include the ones that chose the trial; its test half "
+                               "is scored beside the answer in `evoopt best`", ", ".join(selected))
             model, folder, source, info, built = _trial_model(*chosen, device, dtype)
             loaded = _load_tokenizer(tokenizer, folder, model)
         else:
@@ -107,6 +113,20 @@ class EvooptLM(HFLM):
         self.recipe = built  # the merge recipe, or None (a data-flow path, evolved weights)
         self.info = info  # what lm-eval records: evoopt_recipe, or the kind's own record (evoopt_path, ...)
         self.source = source
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> EvooptLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None,
+                            ) -> EvooptLM:
+        """The model arguments, and lm-eval's command-line settings (``batch_size``, ``max_batch_size``, ``device``)
+        that they do not name: given both, lm-eval's own passed the key twice (a TypeError)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     def get_model_info(self) -> dict[str, Any]:
         """What lm-eval records about the model: the recipe instead of a Hub revision."""
@@ -336,12 +356,13 @@ def main(argv: list[str] | None = None) -> None:
     """lm-eval's CLI with the ``evoopt`` model: ``python -m evoopt.integrations.lm_eval --model evoopt ...``."""
     from lm_eval.__main__ import cli_evaluate
 
-    importlib.import_module(_MODULE)  # registers the model, also when this file runs as __main__
+    module = importlib.import_module(_MODULE)  # registers the model, also when this file runs as __main__
     saved = list(sys.argv)
     sys.argv = [saved[0] if saved else "lm-eval", *(saved[1:] if argv is None else argv)]
     try:
         cli_evaluate()  # reads sys.argv
-    except (ModelArgsError, EvooptError) as error:  # (model args, a recipe, a source, a missing package...)
+    except (module.ModelArgsError, EvooptError) as error:  # (model args, a recipe, a source, a missing package...;
+        # the registered model's class: run as __main__, this file's own ModelArgsError is another class)
         print(f"evoopt lm-eval: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as error:

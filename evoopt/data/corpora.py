@@ -239,6 +239,15 @@ def mc_prompt(name: str, text: str) -> str:
 _MAX_CHARS = 1500
 
 
+GENERATIVE = {"trec-coarse": "trec-coarse_gen"}  # corpora with a generative lm-eval task beside their choices
+
+
+def lm_eval_scored(names: list[str]) -> list[str]:
+    """The scores' task names of :func:`write_lm_eval_tasks`'s tasks: each corpus, and its generative task where it
+    has one (``trec-coarse_gen``): what an lm-eval objective on the local tasks averages."""
+    return [scored for name in names for scored in (name, GENERATIVE.get(name)) if scored is not None]
+
+
 def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 0,
                         limit: int | None = None) -> list[str]:
     """Write lm-eval task YAMLs (and their JSONL data) for causal LMs into ``out``.
@@ -279,8 +288,8 @@ def write_lm_eval_tasks(names: list[str], out: Path, *, split: str, seed: int = 
         }
         _write_unless_same(out / f"{task}.yaml", yaml.safe_dump(config, sort_keys=False))
         tasks.append(task)
-        if name == "trec-coarse":
-            gen: dict[str, Any] = dict(config, task=f"evoopt_{name}_gen_{split}", output_type="generate_until")
+        if name in GENERATIVE:
+            gen: dict[str, Any] = dict(config, task=f"evoopt_{GENERATIVE[name]}_{split}", output_type="generate_until")
             del gen["doc_to_choice"], gen["target_delimiter"]  # generated text: lm-eval's default delimiter
             gen["doc_to_text"] = ("Classify the question as one of " + ", ".join(corpus.labels)
                                   + ".\nQuestion: {{text}}\nType:")

@@ -253,10 +253,20 @@ class StudyConfig(_Strict):
         return shown_url(self.storage_url)
 
     @property
+    def scored_tasks(self) -> list[str]:
+        """The tasks a trial's scores name: :attr:`task_names`, and with lm-eval on the local tasks each corpus's
+        generative task beside its choices (``trec-coarse_gen``), which its mean takes too."""
+        if self.objective.kind == "lm-eval" and not self.objective.tasks:
+            from evoopt.data.corpora import lm_eval_scored
+
+            return lm_eval_scored(self.task_names)
+        return self.task_names
+
+    @property
     def directions(self) -> list[Literal["minimize", "maximize"]]:
         minimize = self.objective.metric in MINIMIZE
         direction: Literal["minimize", "maximize"] = "minimize" if minimize else "maximize"
-        return [direction] * (len(self.task_names) if self.objective.multi_objective else 1)
+        return [direction] * (len(self.scored_tasks) if self.objective.multi_objective else 1)
 
     @property
     def metric_names(self) -> list[str]:
@@ -264,8 +274,8 @@ class StudyConfig(_Strict):
         o = self.objective
         metric = f"{o.split} {o.metric}"
         if o.multi_objective:
-            return [f"{metric} {task}" for task in sorted(self.task_names)]  # the order of Worker.value
-        tasks = len(self.task_names)
+            return [f"{metric} {task}" for task in sorted(self.scored_tasks)]  # the order of Worker.value
+        tasks = len(self.scored_tasks)
         mean = "weighted mean" if o.weights else "mean"
         return [f"{metric} ({mean} of {tasks} tasks)" if tasks > 1 else metric]
 
@@ -558,7 +568,7 @@ def _baseline_source_problems(config: StudyConfig) -> list[str]:
 def _weight_problems(config: StudyConfig) -> list[str]:
     """objective.weights naming a task that is not scored (it would weigh nothing, silently)."""
     try:
-        tasks = config.task_names
+        tasks = config.scored_tasks
     except ConfigError:  # an unknown setting: named by its own check
         return []
     return [f"objective.weights.{task}: not a task of this study; its tasks: {', '.join(tasks)}"

@@ -356,8 +356,10 @@ def pool_layers(reference: str, root: Path) -> int:
     if reference.startswith("study:"):
         from evoopt.study.config import load_config
 
+        from evoopt.study.kinds import KINDS
+
         other = load_config(resolve_path(reference.removeprefix("study:"), root))
-        if other.space.kind == "dfs":  # (its answer is a path, of its own number of layers, that loads by remote code)
+        if not KINDS[other.space.kind].in_pools:
             raise ConfigError(f"space.pool: {reference} is a data-flow study, whose answer is a path of its own "
                               "length through its pool, not a model of its sources' layers; a pool takes model "
                               "folders or a parameter-space study (PS+DFS)")

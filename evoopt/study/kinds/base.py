@@ -62,6 +62,8 @@ class Kind(Generic[SpaceT]):
     keys: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     retry_failed: ClassVar[bool] = True  # a trial of a dead worker is retried with the same parameters
     one_seed: ClassVar[bool] = False  # every worker's sampler draws from the study's seed (not seed + worker)
+    # its answer is a model of its sources' layers, which a data-flow pool may take (study:NAME.yaml)
+    in_pools: ClassVar[bool] = True
 
     def __init__(self, config: StudyConfig, sources: Sources) -> None:
         self.config, self.sources = config, sources

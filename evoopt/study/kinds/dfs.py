@@ -23,6 +23,7 @@ from evoopt.study.storage import check_experts, get_trial, load_study
 
 class DfsKind(Kind[DfsSpace]):
     names = ("dfs",)
+    in_pools = False  # its answer is a path of its own length through its pool
     keys: ClassVar[Mapping[str, tuple[str, ...]]] = {"dfs": ("pool", "repeats", "scaling", "scales", "binary")}
 
     @classmethod

@@ -56,6 +56,10 @@ class EvaluationError(EvooptError, RuntimeError):
     """A candidate could not be scored (out of memory, a non-finite score): its trial fails, the worker goes on."""
 
 
+class TimeUp(EvaluationError):
+    """The run's time ended while a trial waited to begin (for a generation running elsewhere): it fails unrun."""
+
+
 class WorkerError(EvooptError, RuntimeError):
     """A worker cannot go on: worker processes failed, or a generation run elsewhere never ends."""
 

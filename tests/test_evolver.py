@@ -660,3 +660,26 @@ def test_paired_selection_on_real_experts_records_each_decision(small_experts: A
     accepted = {(g, m.target) for g, moves in enumerate(history.accepted) for m in moves}
     assert accepted == {(t.user_attrs["generation"], t.params["target"]) for t in offspring
                         if t.user_attrs["selection"]["decided"] == "accepted"}
+
+
+def test_a_trial_waiting_for_a_generation_stops_with_the_runs_time() -> None:
+    """Every slot of the generation is held by other workers' trials: a trial waited up to wait_timeout (an hour)
+    past the run's --timeout, then ended its worker; now it fails unrun, with an error the run catches, once the
+    run's time ends."""
+    import time
+    from types import SimpleNamespace
+
+    import optuna
+
+    from evoopt.errors import EvaluationError, TimeUp
+    from evoopt.search.evolver import EvolverSampler
+
+    sampler = EvolverSampler(population=3, seed=0, poll=0.01)
+    sampler.history = lambda study, exclude=None: SimpleNamespace(  # type: ignore[method-assign]
+        generation=1, taken={0, 1, 2}, open=None)
+    study = optuna.create_study()
+    trial = study.ask()
+    sampler.deadline = time.monotonic() + 0.05
+    with pytest.raises(TimeUp, match="the run's time ended while it waited for generation 1"):
+        sampler._claim(study, study._storage.get_trial(trial._trial_id))
+    assert issubclass(TimeUp, EvaluationError)  # (the run's catch: the trial fails, the worker goes on)

@@ -111,6 +111,15 @@ def test_a_method_search_study_starts_from_known_settings_and_merges_each_method
         run_study(config.model_copy(update={"name": "another"}), kind=kind)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 7
+    # the starts are enqueued once each: a start missing (another worker's first trials came before, or a crash
+    # mid-enqueue) is enqueued; one among the trials is not again (it enqueued only into an empty study)
+    import optuna
+
+    partial = optuna.create_study(direction="maximize")
+    partial.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"start": "ties"}))
+    for _ in range(2):
+        kind.start(partial)
+        assert [t.user_attrs.get("start") for t in partial.get_trials(states=(TrialState.WAITING,))] == ["tsv"]
     assert [(t.params["method"], t.user_attrs.get("start")) for t in trials[:2]] == [("ties", "ties"),
                                                                                        ("tsv", "tsv")]
     labels = [name for name in space_labels(config)]

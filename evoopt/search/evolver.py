@@ -45,7 +45,7 @@ from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from evoopt.errors import ConfigError, WorkerError
+from evoopt.errors import ConfigError, TimeUp, WorkerError
 
 STRATEGIES = ("paper", "released", "rand1", "best1")
 
@@ -324,6 +324,7 @@ class SlotSampler(optuna.samplers.BaseSampler):
     def __init__(self, *, seed: int | None, poll: float, wait_timeout: float) -> None:
         self.seed: int = int(np.random.default_rng().integers(2**31)) if seed is None else seed
         self.poll, self.wait_timeout = poll, wait_timeout
+        self.deadline: float | None = None  # time.monotonic() at which the run's time ends (set by the run)
         self._claimed: dict[int, Any] = {}  # trial number -> the history its slot was claimed from
 
     def claimed(self, trial_number: int) -> Any:
@@ -375,6 +376,9 @@ class SlotSampler(optuna.samplers.BaseSampler):
                 storage.set_trial_system_attr(trial._trial_id, self.attr, None)
                 time.sleep(float(jitter.uniform(0, self.poll)))
                 continue
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise TimeUp(f"trial {trial.number}: the run's time ended while it waited for generation {g}, "
+                             "running in other trials; it did not run")
             if waited >= self.wait_timeout:
                 raise WorkerError(f"{type(self).__name__}: generation {g} has run for {waited:.0f} s in other trials; "
                                   "are its workers alive? (journal storages have no heartbeats to fail dead ones)")

@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +43,7 @@ from evoopt.errors import ConfigError, EvaluationError, EvooptError, WorkerError
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write, reference_problem
-from evoopt.search.evolver import NOT_FINITE
+from evoopt.search.evolver import NOT_FINITE, SlotSampler
 from evoopt.search.samplers import SAMPLERS, make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
 from evoopt.study.config import StudyConfig
@@ -144,6 +146,9 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
             return study, made
         try:
             stored = study.user_attrs.get(CONFIG_ATTR)
+            if stored is None and not made and time.monotonic() < patience:
+                time.sleep(0.1)  # its maker is writing its config: this one is checked against it, not written over
+                continue
             if stored is None:
                 study.set_user_attr(CONFIG_ATTR, config.identity())
                 study.set_user_attr(DATA_ATTR, data_rules())
@@ -168,7 +173,38 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
     return study, made
 
 
+_log = logging.getLogger(__name__)
 _LOCAL_WORKER_ENV = "EVOOPT_LOCAL_WORKER"  # set for run --workers' processes: their parent waits for them
+_TARGET_ENV = "EVOOPT_TRIAL_TARGET"  # run --workers' processes: the finished trials their parent allowed in all
+_IDLE_ROUNDS = 3  # rounds in a row without a finished trial (each failed) before a worker stops
+
+
+def _others_running(study: optuna.Study, config: StudyConfig, started: float, timeout: float | None) -> bool:
+    """After a round in which nothing finished: whether trials are still running (another worker's, or a dead
+    worker's not failed yet) that may yet leave budget to this worker. Waits for them (failing stale ones, the
+    heartbeat's job) at most until they are failed after ``grace_period``, or the run's timeout; True when some
+    left the running state meanwhile (the loop then goes on: a dead worker's trial counted against the budget)."""
+    def running() -> set[int]:
+        return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+    waiting = running()
+    if not waiting:
+        return False
+    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    deadline = time.perf_counter() + (config.grace_period + interval + 5 if interval else 0)
+    if timeout is not None:
+        deadline = min(deadline, started + timeout)
+    while time.perf_counter() < deadline:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        if waiting - running():
+            return True
+        time.sleep(1.0)
+    _log.warning("trial(s) %s still running (another worker's; or a dead worker's, failed after grace_period where "
+                 "the storage has heartbeats, never in a journal file: fail it there by hand); this worker stops",
+                 ", ".join(map(str, sorted(waiting))))
+    return False
 
 
 def _joined(study: optuna.Study, *, give_up: bool) -> bool:
@@ -233,6 +269,7 @@ class Worker:
     def __init__(self, config: StudyConfig, *, progress: Progress | None = None, study: optuna.Study | None = None,
                  kind: Kind | None = None) -> None:
         self.config = config
+        self.budget = config.trials  # the trials the study may hold now (run --workers N --n-trials: fewer)
         self.kind = kind or make_kind(config)
         self.sources: Sources = self.kind.sources
         self.device = pick_device(config.device)
@@ -295,11 +332,11 @@ class Worker:
         """
         live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
         before = sum(1 for t in trial.study.get_trials(deepcopy=False, states=live) if t.number < trial.number)
-        if before >= self.config.trials:
-            trial.set_user_attr("fail_reason", f"budget reached: the study had its {self.config.trials} trials "
+        if before >= self.budget:
+            trial.set_user_attr("fail_reason", f"budget reached: the study had its {self.budget} trials "
                                 "when this one began; it did not run")
             trial.study.stop()
-            raise BudgetReached(f"trial {trial.number}: the study has its budget of {self.config.trials} trials")
+            raise BudgetReached(f"trial {trial.number}: the study has its budget of {self.budget} trials")
 
     def merged(self, recipe: Recipe) -> torch.nn.Module:
         """A recipe over the sources written into the evaluation model (parameter-space kinds)."""
@@ -348,37 +385,46 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
          on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None, baselines: bool,
          report: bool) -> RunReport:
     run = RunReport(study)
+    if worker_index == 0:  # (before the baselines: workers that join meanwhile take the enqueued trials first)
+        kind.start(study)
     if baselines and config.baselines and "evoopt:baselines" not in study.user_attrs and worker_index == 0:
         run_baselines(config, progress=progress, study=study, sources=kind.sources)
     if worker_index == 0:
         study_estimator(config, study, wait=0.0)  # fitted once, before any worker needs it
-        kind.start(study)
     started = time.perf_counter()  # the timeout counts from here: with one worker as with several, each of which
     # is given all of it after the baselines (a worker's build of its model counts in its time)
     before = finished_trials(study)
-    remaining = max(0, config.trials - before)
+    # the study's budget now: config.trials, or (a local worker of run --workers N --n-trials M) the finished trials
+    # its parent allowed in all, shared by its workers (each one was given M: N x M ran)
+    budget = min(config.trials, int(os.environ.get(_TARGET_ENV) or config.trials))
+    remaining = max(0, budget - before)
     if n_trials is not None:
         remaining = min(remaining, n_trials)
     timeout = timeout if timeout is not None else config.timeout
     worker = None
     if remaining and workers > 1:
-        run.interrupted = _run_workers(config, workers, remaining, timeout, study, on_trial)
+        run.interrupted = _run_workers(config, workers, remaining, timeout, study, on_trial, target=before + remaining)
     elif remaining:
         worker = Worker(config, progress=progress, study=study, kind=kind)
-        callbacks = [optuna.study.MaxTrialsCallback(config.trials, states=FINISHED)]
+        worker.budget = budget
+        callbacks = [optuna.study.MaxTrialsCallback(budget, states=FINISHED)]
         if on_trial is not None:
             callbacks.append(on_trial)  # type: ignore[arg-type]
         try:
             # failed trials do not count towards the budget: go on while trials finish
+            idle = 0  # rounds in a row in which no trial finished
             while remaining > 0 and (timeout is None or time.perf_counter() - started < timeout):
                 done = finished_trials(study)
                 left = None if timeout is None else timeout - (time.perf_counter() - started)
+                if isinstance(study.sampler, SlotSampler):  # (its wait for a generation ends with the run's time)
+                    study.sampler.deadline = None if left is None else time.monotonic() + left
                 study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
                                catch=(EvaluationError, BudgetReached), gc_after_trial=False)
                 progress_made = finished_trials(study) - done
-                if progress_made == 0:
-                    break  # every trial of this round failed: stop rather than fail forever
-                remaining = min(remaining - progress_made, config.trials - finished_trials(study))
+                idle = 0 if progress_made else idle + 1
+                if progress_made == 0 and not _others_running(study, config, started, timeout) and idle >= _IDLE_ROUNDS:
+                    break  # no trial finished in a few rounds (each failed): stop rather than fail forever
+                remaining = min(remaining - progress_made, budget - finished_trials(study))
         except KeyboardInterrupt:
             run.interrupted = True  # Optuna has failed the running trial; everything finished is stored
     run.ran = finished_trials(study) - before
@@ -404,15 +450,17 @@ def worker_env(workers: int, environ: Mapping[str, str] | None = None) -> dict[s
 
 
 def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: float | None, study: optuna.Study,
-                 on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None) -> bool:
-    """Local worker processes on the study's storage; returns whether it was interrupted."""
+                 on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None, *, target: int) -> bool:
+    """Local worker processes on the study's storage, sharing a budget of ``target`` finished trials in all;
+    returns whether it was interrupted."""
     config_file = config.artifact_dir / "config.json"
     atomic_write(config_file, json.dumps({**config.model_dump(mode="json"), "storage": config.storage_url}))
     command = [sys.executable, "-m", "evoopt.cli", "run", str(config_file), "--root", str(config.root),
                "--no-baselines", "--quiet", "--n-trials", str(remaining)]
     if timeout is not None:
         command += ["--timeout", str(timeout)]
-    env = {**worker_env(workers), _LOCAL_WORKER_ENV: "1"}  # they do not join: this process waits for them
+    env = {**worker_env(workers), _LOCAL_WORKER_ENV: "1", _TARGET_ENV: str(target)}  # (they do not join: this
+    # process waits for them)
     processes = [subprocess.Popen([*command, "--worker-index", str(i)], env=env)
                  for i in range(workers)]
     seen: set[int] = set()
@@ -425,10 +473,15 @@ def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: flo
                     if on_trial is not None:
                         on_trial(study, trial)
     except KeyboardInterrupt:
+        for p in processes:  # each worker fails its running trial and exits (terminated, a trial stayed RUNNING)
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
         for p in processes:
-            p.terminate()  # each worker fails its running trial and exits
-        for p in processes:
-            p.wait()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                p.wait()
         return True
     failed = [p.returncode for p in processes if p.returncode]
     if failed:

@@ -200,7 +200,10 @@ class MethodsKind(ParameterKind):
         return merger.merge(recipe)
 
     def start(self, study: optuna.Study) -> None:
-        """A new study scores each method at its known-good start first."""
-        if not study.get_trials(deepcopy=False):
-            for params in cast(MethodSpace, self.space).starts():
+        """The study scores each method at its known-good start (enqueued once each: a start already among the
+        trials, run or waiting, is not enqueued again; one missing after a crash or another worker's first trials
+        is)."""
+        enqueued = {t.user_attrs.get("start") for t in study.get_trials(deepcopy=False)}
+        for params in cast(MethodSpace, self.space).starts():
+            if params[CHOICE] not in enqueued:
                 study.enqueue_trial(params, user_attrs={"start": params[CHOICE]})

@@ -355,7 +355,6 @@ def pool_layers(reference: str, root: Path) -> int:
 
     if reference.startswith("study:"):
         from evoopt.study.config import load_config
-
         from evoopt.study.kinds import KINDS
 
         other = load_config(resolve_path(reference.removeprefix("study:"), root))

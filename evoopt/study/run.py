@@ -176,7 +176,7 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
 _log = logging.getLogger(__name__)
 _LOCAL_WORKER_ENV = "EVOOPT_LOCAL_WORKER"  # set for run --workers' processes: their parent waits for them
 _TARGET_ENV = "EVOOPT_TRIAL_TARGET"  # run --workers' processes: the finished trials their parent allowed in all
-_IDLE_ROUNDS = 3  # rounds in a row without a finished trial (each failed) before a worker stops
+_IDLE_TRIALS = 3  # trials in a row that failed, none finishing, before a worker stops
 
 
 def _others_running(study: optuna.Study, config: StudyConfig, started: float, timeout: float | None) -> bool:
@@ -412,18 +412,18 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
             callbacks.append(on_trial)  # type: ignore[arg-type]
         try:
             # failed trials do not count towards the budget: go on while trials finish
-            idle = 0  # rounds in a row in which no trial finished
+            idle = 0  # trials in a row that did not finish (failed), over rounds in which none finished
             while remaining > 0 and (timeout is None or time.perf_counter() - started < timeout):
-                done = finished_trials(study)
+                done, held = finished_trials(study), len(study.get_trials(deepcopy=False))
                 left = None if timeout is None else timeout - (time.perf_counter() - started)
                 if isinstance(study.sampler, SlotSampler):  # (its wait for a generation ends with the run's time)
                     study.sampler.deadline = None if left is None else time.monotonic() + left
                 study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
                                catch=(EvaluationError, BudgetReached), gc_after_trial=False)
                 progress_made = finished_trials(study) - done
-                idle = 0 if progress_made else idle + 1
-                if progress_made == 0 and not _others_running(study, config, started, timeout) and idle >= _IDLE_ROUNDS:
-                    break  # no trial finished in a few rounds (each failed): stop rather than fail forever
+                idle = 0 if progress_made else idle + max(1, len(study.get_trials(deepcopy=False)) - held)
+                if progress_made == 0 and not _others_running(study, config, started, timeout) and idle >= _IDLE_TRIALS:
+                    break  # trials keep failing, none finishing: stop rather than fail forever
                 remaining = min(remaining - progress_made, budget - finished_trials(study))
         except KeyboardInterrupt:
             run.interrupted = True  # Optuna has failed the running trial; everything finished is stored

@@ -102,6 +102,19 @@ def test_a_task_smaller_than_min_examples_is_tested_once_whole() -> None:
     assert trial.should_prune() is False  # 6 of 12: not yet
     record_outcomes(trial, _right([0] * 12))
     assert trial.should_prune() is True  # wrong on all 12 where the incumbent is right: p = 2^-12
+    # beside a task of 1,000 examples, the large one still waits for its min_examples (the smallest task's size
+    # was everyone's threshold)
+    two = optuna.create_study(direction="maximize", pruner=RacingPruner(alpha=0.05, min_examples=20))
+    whole = Outcomes("accuracy", {"small": TaskOutcomes(np.arange(12), np.ones(12, bool)),
+                                  "large": TaskOutcomes(np.arange(1000), np.ones(1000, bool))})
+    two.add_trial(optuna.trial.create_trial(value=1.0, system_attrs={OUTCOMES_ATTR: encode(whole)}))
+    trial = two.ask()
+    record_outcomes(trial, Outcomes("accuracy", {"small": TaskOutcomes(np.arange(12), np.zeros(12, bool)),
+                                                 "large": TaskOutcomes(np.arange(12), np.zeros(12, bool))}))
+    assert trial.should_prune() is False  # large: 12 of its 20
+    record_outcomes(trial, Outcomes("accuracy", {"small": TaskOutcomes(np.arange(12), np.zeros(12, bool)),
+                                                 "large": TaskOutcomes(np.arange(20), np.zeros(20, bool))}))
+    assert trial.should_prune() is True
 
 
 def test_the_pruner_follows_the_direction_and_needs_outcomes() -> None:

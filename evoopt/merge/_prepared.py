@@ -420,7 +420,8 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
         return float(np.float32(value))  # the same bytes, with no copy to the device (each one synchronises a GPU)
 
     coef_t, weight_t = [scalar(c) for c in coefs], [scalar(w) for w in weights]
-    scale_t, weight_sum_t = scalar(scale), scalar(weight_sum)
+    # (the divisor on the device, made once: CUDA divides by a host scalar as a product with its reciprocal, a bit off)
+    scale_t, weight_sum_t = scalar(scale), torch.tensor(scalar(weight_sum), dtype=torch.float32, device=device)
     chunk = TORCH_CHUNK
     in_place = out.is_contiguous()
     target = out.view(-1) if in_place else torch.empty(n, dtype=out.dtype, device=device)

@@ -49,6 +49,7 @@ class _State:
     optimizer: Optimizer
     told: list[int] = field(default_factory=list)
     pending: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    worst: float | None = None  # the worst finite value told so far (a not-finite one is told beyond it)
     restarts: int = 0
     large_restarts: int = 0
     small_budget: int = 0  # BIPOP: evaluations spent in the regimes
@@ -265,11 +266,20 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
                 continue
             state.pending.append((x, y))
             if len(state.pending) == state.optimizer.population_size:
-                state.optimizer.tell(state.pending)
-                state.pending = []
+                self._tell(state)
                 if self._restart and state.optimizer.should_stop():
                     self._restart_optimizer(state, names, dists)
         return state
+
+    @staticmethod
+    def _tell(state: _State) -> None:
+        """Tell a generation; a not-finite value (inf) is told as the worst finite one of the generation and of the
+        values told before it, plus max(1, its size): ranked last, whenever it finished."""
+        finite = [y for _, y in state.pending if math.isfinite(y)]
+        worst = max([*finite, *([state.worst] if state.worst is not None else [])], default=0.0)
+        state.optimizer.tell([(x, y if math.isfinite(y) else worst + max(1.0, abs(worst))) for x, y in state.pending])
+        state.worst = worst if finite or state.worst is not None else None
+        state.pending = []
 
     def _solutions(self, study: optuna.Study, encoded: dict[int, np.ndarray | None], names: tuple[str, ...],
                    dists: list[BaseDistribution]) -> list[tuple[int, np.ndarray, float, int]]:
@@ -277,9 +287,9 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         not sample it) of every finished trial, in finishing order.
 
         ``encoded`` caches each finished trial's point (finished trials do not change). A trial that failed on its
-        own score (not finite: a diverged merge, :func:`~evoopt.search.evolver.rejected`) is told as worse than
-        every value told before it, so that the distribution learns to leave that region (left out, each such
-        sample cost an evaluation and taught nothing); one before any finite value is left out.
+        own score (not finite: a diverged merge, :func:`~evoopt.search.evolver.rejected`) has the value inf here,
+        and is told (:meth:`_tell`) as worse than every finite value of its generation and before it, so that the
+        distribution learns to leave that region (left out, each such sample cost an evaluation and taught nothing).
         """
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) if self._consider_pruned else (
             TrialState.COMPLETE, TrialState.FAIL)
@@ -305,16 +315,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
             out.append((trial.datetime_complete, trial.number, x, math.inf if math.isinf(value) else sign * value,
                         restart))
         out.sort(key=lambda s: (s[0], s[1]))
-        solutions, worst = [], None  # (the worst finite value so far)
-        for _, number, x, y, restart in out:
-            if math.isinf(y):  # not finite: worse than every value told before it
-                if worst is None:
-                    continue
-                solutions.append((number, x, worst + max(1.0, abs(worst)), restart))
-                continue
-            worst = y if worst is None else max(worst, y)
-            solutions.append((number, x, y, restart))
-        return solutions
+        return [(number, x, y, restart) for _, number, x, y, restart in out]
 
     def _initial(self, study: optuna.Study, names: tuple[str, ...], dists: list[BaseDistribution]) -> Optimizer:
         mean = self._mean(names, dists)

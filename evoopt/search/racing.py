@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evoopt.data.outcomes import Outcomes, paired_test, trial_outcomes
+from evoopt.data.outcomes import Outcomes, paired, paired_test, trial_outcomes
 from evoopt.errors import ConfigError
 
 
@@ -54,8 +54,10 @@ class RacingPruner(optuna.pruners.BasePruner):
         weights = _weights(study)
         p, better, shared = paired_test(candidate, incumbent[1], maximize=study.direction.name == "MAXIMIZE",
                                         weights=weights)
-        # (a task smaller than min_examples is whole at its size: waiting for more would never test at all)
-        if shared < min(self.min_examples, *(len(t.ids) for t in incumbent[1].tasks.values())):
+        # each task tested from min_examples on, or a smaller task once whole (waiting for more never tested at all)
+        tasks, pairs = incumbent[1].tasks, paired(candidate, incumbent[1])
+        if not pairs or not all(len(c) >= min(self.min_examples, len(tasks[task].ids))
+                                for task, (c, _) in pairs.items()):
             return False
         pruned = p < self.alpha
         record: dict[str, Any] = {"against": incumbent[0].number, "examples": shared, "difference": round(better, 6),

@@ -414,16 +414,26 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
             # failed trials do not count towards the budget: go on while trials finish
             idle = 0  # trials in a row that did not finish (failed), over rounds in which none finished
             while remaining > 0 and (timeout is None or time.perf_counter() - started < timeout):
-                done, held = finished_trials(study), len(study.get_trials(deepcopy=False))
+                done, first = finished_trials(study), len(study.get_trials(deepcopy=False))
                 left = None if timeout is None else timeout - (time.perf_counter() - started)
                 if isinstance(study.sampler, SlotSampler):  # (its wait for a generation ends with the run's time)
                     study.sampler.deadline = None if left is None else time.monotonic() + left
                 study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
                                catch=(EvaluationError, BudgetReached), gc_after_trial=False)
                 progress_made = finished_trials(study) - done
-                idle = 0 if progress_made else idle + max(1, len(study.get_trials(deepcopy=False)) - held)
-                if progress_made == 0 and not _others_running(study, config, started, timeout) and idle >= _IDLE_TRIALS:
-                    break  # trials keep failing, none finishing: stop rather than fail forever
+                if progress_made:
+                    idle = 0
+                else:  # this round's trials (numbered from ``first``) failed, or were refused by the budget
+                    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                              if t.number >= first]
+                    if not failed or any(str(t.user_attrs.get("fail_reason", "")).startswith("budget reached")
+                                         for t in failed):
+                        if not _others_running(study, config, started, timeout):  # (the budget held by trials
+                            break  # still running: waited for, and gone on where they failed)
+                    else:
+                        idle += len(failed)
+                        if idle >= _IDLE_TRIALS:
+                            break  # trials keep failing, none finishing: stop rather than fail forever
                 remaining = min(remaining - progress_made, budget - finished_trials(study))
         except KeyboardInterrupt:
             run.interrupted = True  # Optuna has failed the running trial; everything finished is stored
@@ -461,7 +471,9 @@ def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: flo
         command += ["--timeout", str(timeout)]
     env = {**worker_env(workers), _LOCAL_WORKER_ENV: "1", _TARGET_ENV: str(target)}  # (they do not join: this
     # process waits for them)
-    processes = [subprocess.Popen([*command, "--worker-index", str(i)], env=env)
+    # (their own sessions: a terminal's Ctrl-C reaches this process alone, which passes it on once; a second
+    # KeyboardInterrupt while a worker failed its trial left the trial running)
+    processes = [subprocess.Popen([*command, "--worker-index", str(i)], env=env, start_new_session=True)
                  for i in range(workers)]
     seen: set[int] = set()
     try:

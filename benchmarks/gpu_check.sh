@@ -32,7 +32,7 @@ part() {  # part NAME SECONDS COMMAND...: run, record the exit status
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit} s)"
-    timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" >"$logs/$name.log" 2>&1
     echo $? >"$logs/$name.rc"
     tail -n 5 "$logs/$name.log"
 }
@@ -51,17 +51,34 @@ except Exception as error:  # (the summary is written even so)
 for name in ("merge", "methods", "overhead", "lm_eval"):
     rc_file, data, log = logs / f"{name}.rc", logs / f"{name}.json", logs / f"{name}.log"
     rc = int(rc_file.read_text()) if rc_file.exists() else None
-    result[name] = json.loads(data.read_text()) if rc == 0 and data.exists() else {
-        "failed": "not run" if rc is None else rc, "log_tail": log.read_text()[-2000:] if log.exists() else ""}
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    try:
+        result[name] = json.loads(data.read_text()) if rc == 0 and data.exists() else {
+            "failed": "not run" if rc is None else rc, "log_tail": tail}
+    except ValueError as error:  # (a part's JSON cut short: said, and the summary still written)
+        result[name] = {"failed": f"unreadable JSON: {error}", "log_tail": tail}
 merge, methods, overhead = result["merge"], result["methods"], result["overhead"]
+
+
+def figure(read):  # one summary figure; None where its part failed or lacks it
+    try:
+        return read()
+    except Exception:
+        return None
+
+
 result["summary"] = {
-    "merge_ratio_to_bound": {k: v["ratio_to_bound"] for k, v in merge.items() if isinstance(v, dict)
-                             and "ratio_to_bound" in v} if "failed" not in merge else None,
-    "methods_failed_on_gpu": [k for k, v in methods.items() if not v.get("ok")] if "failed" not in methods else None,
-    "trials_per_hour": 3600 / overhead["median_trial_wall_s"] if "failed" not in overhead else None,
-    "trial_overhead_ratio": overhead.get("ratio"),
-    "eval_batch_size": overhead.get("batch_size"),
-    "lm_eval_examples_per_s": result["lm_eval"].get("examples_per_s"),
+    "merge_ratio_to_bound": figure(lambda: {k: v["ratio_to_bound"] for k, v in merge.items()
+                                            if isinstance(v, dict) and "ratio_to_bound" in v} if "failed" not in merge
+                                   else None),
+    "methods_failed_on_gpu": figure(lambda: [k for k, v in methods.items() if not v.get("ok")]
+                                    if "failed" not in methods else None),
+    "methods_max_difference_to_cpu": figure(lambda: max(v["max_abs_difference_to_cpu"] for v in methods.values()
+                                                        if v.get("ok"))),
+    "trials_per_hour": figure(lambda: 3600 / overhead["median_trial_wall_s"]),
+    "trial_overhead_ratio": figure(lambda: overhead["ratio"]),
+    "eval_batch_size": figure(lambda: overhead["batch_size"]),
+    "lm_eval_examples_per_s": figure(lambda: result["lm_eval"]["examples_per_s"]),
 }
 target.write_text(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result["summary"], indent=2))

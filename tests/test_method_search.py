@@ -120,6 +120,11 @@ def test_a_method_search_study_starts_from_known_settings_and_merges_each_method
     for _ in range(2):
         kind.start(partial)
         assert [t.user_attrs.get("start") for t in partial.get_trials(states=(TrialState.WAITING,))] == ["tsv"]
+    raced = optuna.create_study(direction="maximize")  # a method the race has trials of gets no start
+    raced.add_trial(optuna.trial.create_trial(value=0.5, params={"method": "tsv"}, distributions={
+        "method": optuna.distributions.CategoricalDistribution(["ties", "tsv", "della"])}))
+    kind.start(raced)
+    assert [t.user_attrs.get("start") for t in raced.get_trials(states=(TrialState.WAITING,))] == ["ties"]
     assert [(t.params["method"], t.user_attrs.get("start")) for t in trials[:2]] == [("ties", "ties"),
                                                                                        ("tsv", "tsv")]
     labels = [name for name in space_labels(config)]

@@ -200,10 +200,11 @@ class MethodsKind(ParameterKind):
         return merger.merge(recipe)
 
     def start(self, study: optuna.Study) -> None:
-        """The study scores each method at its known-good start (enqueued once each: a start already among the
-        trials, run or waiting, is not enqueued again; one missing after a crash or another worker's first trials
-        is)."""
-        enqueued = {t.user_attrs.get("start") for t in study.get_trials(deepcopy=False)}
+        """The study scores each method at its known-good start, enqueued once: unless the method has a trial
+        already (its start, run or waiting, or a trial of the race: a start left out by a crash or by another
+        worker's first trials is enqueued, never one for a method the race has moved past)."""
+        trials = study.get_trials(deepcopy=False)
+        had = {t.user_attrs.get("start") for t in trials} | {t.params.get(CHOICE) for t in trials}
         for params in cast(MethodSpace, self.space).starts():
-            if params[CHOICE] not in enqueued:
+            if params[CHOICE] not in had:
                 study.enqueue_trial(params, user_attrs={"start": params[CHOICE]})

@@ -182,7 +182,9 @@ def test_a_raced_lm_eval_study_stops_trials_at_its_stages(tmp_path: Any) -> None
         "pruner": {"name": "RacingPruner", "options": {"alpha": 0.4, "min_examples": 4}}}, root=tmp_path)
     trials = run_study(config, report=False).study.get_trials()
     assert trials[0].state == TrialState.COMPLETE and "race" not in trials[0].user_attrs
-    assert {4, 8} <= {t.user_attrs.get("pruned_at") for t in trials[1:]}  # stopped at either stage (seeded)
+    # tested at each stage (the last test's examples recorded), and stopped at one (seeded: at 4 here)
+    assert {4} <= {t.user_attrs.get("pruned_at") for t in trials[1:]}
+    assert {t.user_attrs["race"]["examples"] for t in trials[1:]} == {4, 8}
     for trial in trials:
         outcomes = trial_outcomes(trial)
         assert outcomes is not None

@@ -309,10 +309,13 @@ def encode(outcomes: Outcomes) -> dict[str, Any]:
         item = {"ids": _encode_ids(t.ids)}
         if t.values.dtype == np.bool_:
             item["bits"] = pack_bits(t.values)
-        elif np.isfinite(half := t.values.astype(np.float16)).sum() == np.isfinite(t.values).sum():
-            item["f16"] = _b64(half.tobytes())
         else:
-            item["f32"] = _b64(t.values.astype(np.float32).tobytes())
+            with np.errstate(over="ignore"):  # (a value past float16's range: inf here, kept as float32 then)
+                half = t.values.astype(np.float16)
+            if np.isfinite(half).sum() == np.isfinite(t.values).sum():
+                item["f16"] = _b64(half.tobytes())
+            else:
+                item["f32"] = _b64(t.values.astype(np.float32).tobytes())
         if t.weights is not None:
             item["tokens"] = _b64(np.minimum(t.weights, 2**16 - 1).astype(np.uint16).tobytes())
         if t.margins is not None:

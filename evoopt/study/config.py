@@ -44,6 +44,8 @@ KIND_CHECKS: dict[str, Check] = {}
 KIND_CALIBRATED: dict[str, Callable[[StudyConfig], bool]] = {}
 # space.kind -> the space keys that kind alone (with the others naming them) reads (Kind.keys), filled the same way
 KIND_KEYS: dict[str, tuple[str, ...]] = {}
+# space.kind -> whether its answer is a model a data-flow pool may take (Kind.in_pools), filled the same way
+KIND_IN_POOLS: dict[str, bool] = {}
 
 
 class _Strict(BaseModel):

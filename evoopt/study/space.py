@@ -354,11 +354,10 @@ def pool_layers(reference: str, root: Path) -> int:
     from evoopt.models.io import open_source, resolve_path
 
     if reference.startswith("study:"):
-        from evoopt.study.config import load_config
-        from evoopt.study.kinds import KINDS
+        from evoopt.study.config import KIND_IN_POOLS, load_config
 
         other = load_config(resolve_path(reference.removeprefix("study:"), root))
-        if not KINDS[other.space.kind].in_pools:
+        if not KIND_IN_POOLS.get(other.space.kind, True):
             raise ConfigError(f"space.pool: {reference} is a data-flow study, whose answer is a path of its own "
                               "length through its pool, not a model of its sources' layers; a pool takes model "
                               "folders or a parameter-space study (PS+DFS)")

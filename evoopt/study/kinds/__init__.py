@@ -7,7 +7,7 @@ Registering a kind also registers its config check (:meth:`Kind.problems`) with
 
 from __future__ import annotations
 
-from evoopt.study.config import KIND_CALIBRATED, KIND_CHECKS, KIND_KEYS, StudyConfig
+from evoopt.study.config import KIND_CALIBRATED, KIND_CHECKS, KIND_IN_POOLS, KIND_KEYS, StudyConfig
 from evoopt.study.kinds.base import Kind
 from evoopt.study.kinds.dfs import DfsKind
 from evoopt.study.kinds.evolver import EvolverKind
@@ -31,6 +31,7 @@ def register(kind: type[Kind]) -> type[Kind]:
         KIND_CHECKS[name] = kind.problems
         KIND_CALIBRATED[name] = kind.calibrated
         KIND_KEYS[name] = kind.keys.get(name, ())
+        KIND_IN_POOLS[name] = kind.in_pools
     return kind
 
 

@@ -530,6 +530,8 @@ def lm_eval_command(ctx: click.Context) -> None:
     Every lm_eval argument works; the evoopt model builds the merged model in memory:
       --model_args recipe=RECIPE.yaml
       --model_args config=STUDY.yaml,trial=best     (or study=NAME,storage=URL,trial=N)
+    evoopt's own option: --split test (or dev) scores, of the --tasks the study of config= searched on
+    (objective.tasks), only that half of their documents, as the study split them (lm-eval's --samples).
     Example:
       evoopt lm-eval --model evoopt --model_args recipe=r.yaml --tasks TASK --include_path DIR
     (lm-eval has no plugin discovery, so plain `lm_eval` does not know `--model evoopt`;

@@ -268,3 +268,30 @@ def test_model_arguments_and_lm_eval_command_line_settings_do_not_clash(monkeypa
     EvooptLM.create_from_arg_string("recipe=r.yaml,dtype=bfloat16", cli)
     assert given == [{"recipe": "r.yaml", "device": "cpu", "batch_size": 8},
                      {"recipe": "r.yaml", "dtype": "bfloat16", "batch_size": 1, "device": "cuda:0"}]
+
+
+def test_split_test_scores_the_test_half_the_study_never_selected_on(tmp_path: Path) -> None:
+    """`evoopt lm-eval ... --split test` with a study's config: lm-eval's --samples are the test half of the study's
+    objective.tasks, as the study split them (the plugin scored every document, dev's included)."""
+    from evoopt.data.objective import registered_docs
+    from evoopt.integrations.lm_eval import ModelArgsError, split_samples
+    from tests.test_outcomes import _registered_task
+
+    task = _registered_task(tmp_path / "tasks", 20)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "sources": {"base": "b", "models": ["m1", "m2"], "tasks": []},
+                                     "objective": {"kind": "lm-eval", "tasks": [task], "include_path": "tasks"}}))
+    args = ["--model", "evoopt", "--model_args", f"config={study},trial=best", "--tasks", f"{task},arc_easy"]
+    out = split_samples([*args, "--split", "test"])
+    assert out[:-2] == args and out[-2] == "--samples"
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    test = registered_docs([task], manager, split="test", seed=0)
+    assert json.loads(out[-1]) == test and not set(test[task]) & set(registered_docs([task], manager, split="dev",
+                                                                                     seed=0)[task])
+    assert split_samples(args) == args  # without --split: as given
+    with pytest.raises(ModelArgsError, match="--split: needs --model_args config="):
+        split_samples(["--model_args", "recipe=r.yaml", "--tasks", task, "--split", "test"])
+    with pytest.raises(ModelArgsError, match="leave out --samples and --limit"):
+        split_samples([*args, "--limit", "5", "--split", "dev"])

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import logging
 import sys
 from pathlib import Path
@@ -85,9 +86,9 @@ class EvooptLM(HFLM):
         built: Recipe | None = None
         if chosen is not None:  # a study's trial, built by its kind (a merge, or a data-flow path)
             if selected := list(chosen[0].objective.tasks):
-                logger.warning("the study chose its trials on a seeded half of %s (objective.tasks): scored here on "
-                               "every document, those tasks include the ones that chose the trial; its test half "
-                               "is scored beside the answer in `evoopt best`", ", ".join(selected))
+                logger.warning("the study chose its trials on a seeded half of %s (objective.tasks): scored on "
+                               "every document, those tasks include the ones that chose the trial; `evoopt lm-eval "
+                               "... --split test` scores their test half alone", ", ".join(selected))
             model, folder, source, info, built = _trial_model(*chosen, device, dtype)
             loaded = _load_tokenizer(tokenizer, folder, model)
         else:
@@ -352,13 +353,62 @@ def register() -> None:
         raise ValueError(f"lm-eval model name {NAME!r} is already taken by {current}")
 
 
+def split_samples(args: list[str]) -> list[str]:
+    """evoopt's ``--split dev|test`` among lm-eval's arguments, made lm-eval's ``--samples``: of the ``--tasks`` that
+    the study of ``--model_args config=STUDY.yaml`` searched on (``objective.tasks``), that part of their documents,
+    as the study split them (:func:`~evoopt.data.objective.registered_docs`: the test part was never seen by its
+    selection); other tasks whole. Without ``--split``, the arguments as they are."""
+    if "--split" not in args:
+        return args
+    at = args.index("--split")
+    split = args[at + 1] if at + 1 < len(args) else None
+    rest = args[:at] + args[at + 2:]
+    if split not in ("dev", "test"):
+        raise ModelArgsError(f"--split: dev or test, got {split!r}")
+    if {"--samples", "-E", "--limit", "-L"} & set(rest):
+        raise ModelArgsError("--split: it chooses the documents; leave out --samples and --limit")
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import simple_parse_args_string
+
+    from evoopt.data.objective import registered_docs
+    from evoopt.study.config import load_config
+    from evoopt.study.space import study_sources
+
+    def value(*names: str) -> str | None:
+        found = [i for i, a in enumerate(rest) if a in names]
+        return rest[found[0] + 1] if found and found[0] + 1 < len(rest) else None
+
+    model_args = simple_parse_args_string(value("--model_args", "-a") or "")
+    if "config" not in model_args:
+        raise ModelArgsError("--split: needs --model_args config=STUDY.yaml[,trial=...], the study that split its "
+                             "tasks into dev and test")
+    config = load_config(Path(str(model_args["config"])))
+    tasks = [t for t in (value("--tasks", "-t") or "").split(",") if t]
+    searched = [t for t in tasks if t in config.objective.tasks]
+    if not searched:
+        raise ModelArgsError(f"--split: none of --tasks ({', '.join(tasks) or 'none'}) is among the study's "
+                             f"objective.tasks ({', '.join(config.objective.tasks) or 'none'}); the others were never "
+                             "split: leave out --split")
+    paths = [str(config.root / config.objective.include_path)] if config.objective.include_path else None
+    manager = TaskManager(include_path=paths, include_defaults=False)  # (lm-eval's own index takes ~30 s)
+    if not set(searched) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=paths)
+    samples = registered_docs(searched, manager, split=split, seed=study_sources(config).data_seed)
+    return [*rest, "--samples", json.dumps(samples)]
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's CLI with the ``evoopt`` model: ``python -m evoopt.integrations.lm_eval --model evoopt ...``."""
     from lm_eval.__main__ import cli_evaluate
 
     module = importlib.import_module(_MODULE)  # registers the model, also when this file runs as __main__
     saved = list(sys.argv)
-    sys.argv = [saved[0] if saved else "lm-eval", *(saved[1:] if argv is None else argv)]
+    try:
+        args = module.split_samples(list(saved[1:] if argv is None else argv))
+    except (module.ModelArgsError, EvooptError) as error:
+        print(f"evoopt lm-eval: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.argv = [saved[0] if saved else "lm-eval", *args]
     try:
         cli_evaluate()  # reads sys.argv
     except (module.ModelArgsError, EvooptError) as error:  # (model args, a recipe, a source, a missing package...;

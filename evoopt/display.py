@@ -114,9 +114,10 @@ class TrialBar(Bars):
         assert isinstance(study, optuna.Study) and isinstance(trial, optuna.trial.FrozenTrial)
         best = best_by_value(study)
         text = ""
-        if best is not None:  # several objectives: the (weighted) mean of the best on the front, as best_by_value
-            mean = "" if len(best.values) == 1 else "mean "
-            text = f"best {mean}{trial_value(best, study_weights(study)):.4f} (#{best.number})"
+        if best is not None and len(best.values) == 1:
+            text = f"best {best.values[0]:.4f} (#{best.number})"
+        elif best is not None:  # several objectives: the (weighted) mean of the best on the front, as best_by_value
+            text = f"best mean {trial_value(best, study_weights(study)):.4f} (#{best.number})"
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         total = self.config.trials  # type: ignore[attr-defined]
         if self.trials is None:

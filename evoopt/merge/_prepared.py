@@ -420,8 +420,11 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
         return float(np.float32(value))  # the same bytes, with no copy to the device (each one synchronises a GPU)
 
     coef_t, weight_t = [scalar(c) for c in coefs], [scalar(w) for w in weights]
-    # (the divisor on the device, made once: CUDA divides by a host scalar as a product with its reciprocal, a bit off)
-    scale_t, weight_sum_t = scalar(scale), torch.tensor(scalar(weight_sum), dtype=torch.float32, device=device)
+    scale_t = scalar(scale)
+    # (the plain mean's divisor on the device, made once and only where it divides: CUDA divides by a host scalar as
+    # a product with its reciprocal, a bit off the kernel)
+    weight_sum_t = torch.tensor(scalar(weight_sum), dtype=torch.float32, device=device) if normalize and not consensus \
+        else scalar(weight_sum)
     chunk = TORCH_CHUNK
     in_place = out.is_contiguous()
     target = out.view(-1) if in_place else torch.empty(n, dtype=out.dtype, device=device)

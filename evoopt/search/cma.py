@@ -276,9 +276,10 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         """Tell a generation; a not-finite value (inf) is told as the worst finite one of the generation and of the
         values told before it, plus max(1, its size): ranked last, whenever it finished."""
         finite = [y for _, y in state.pending if math.isfinite(y)]
-        worst = max([*finite, *([state.worst] if state.worst is not None else [])], default=0.0)
+        if finite:
+            state.worst = max(finite) if state.worst is None else max(state.worst, *finite)
+        worst = 0.0 if state.worst is None else state.worst
         state.optimizer.tell([(x, y if math.isfinite(y) else worst + max(1.0, abs(worst))) for x, y in state.pending])
-        state.worst = worst if finite or state.worst is not None else None
         state.pending = []
 
     def _solutions(self, study: optuna.Study, encoded: dict[int, np.ndarray | None], names: tuple[str, ...],
@@ -296,24 +297,22 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         out = []
         for trial in study._get_trials(deepcopy=False, states=states, use_cache=True):
-            if trial.state == TrialState.COMPLETE:
-                value = trial.value
-            elif trial.state == TrialState.FAIL:
+            if trial.state == TrialState.FAIL:
                 if not rejected(trial):  # (a crash: retried, or nothing to learn from)
                     continue
-                value = math.inf
-            elif trial.intermediate_values:
-                value = trial.intermediate_values[max(trial.intermediate_values)]
+                y = math.inf
             else:
-                continue
+                value = trial.value if trial.state == TrialState.COMPLETE else (
+                    trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
+                if value is None or not math.isfinite(value):
+                    continue
+                y = sign * value
             if trial.number not in encoded:
                 encoded[trial.number] = _encode_trial(trial, names, dists)
-            x = encoded[trial.number]
-            if x is None or value is None or math.isnan(value) or math.isinf(value) and trial.state != TrialState.FAIL:
+            if (x := encoded[trial.number]) is None:
                 continue
             restart = trial.system_attrs.get(CMA_ATTR, {}).get("restart", 0)
-            out.append((trial.datetime_complete, trial.number, x, math.inf if math.isinf(value) else sign * value,
-                        restart))
+            out.append((trial.datetime_complete, trial.number, x, y, restart))
         out.sort(key=lambda s: (s[0], s[1]))
         return [(number, x, y, restart) for _, number, x, y, restart in out]
 

@@ -51,14 +51,13 @@ class RacingPruner(optuna.pruners.BasePruner):
         candidate = trial_outcomes(trial)
         if incumbent is None or candidate is None or incumbent[0].number == trial.number:
             return False
-        weights = _weights(study)
-        p, better, shared = paired_test(candidate, incumbent[1], maximize=study.direction.name == "MAXIMIZE",
-                                        weights=weights)
         # each task tested from min_examples on, or a smaller task once whole (waiting for more never tested at all)
         tasks, pairs = incumbent[1].tasks, paired(candidate, incumbent[1])
         if not pairs or not all(len(c) >= min(self.min_examples, len(tasks[task].ids))
                                 for task, (c, _) in pairs.items()):
             return False
+        p, better, shared = paired_test(candidate, incumbent[1], maximize=study.direction.name == "MAXIMIZE",
+                                        weights=_weights(study))
         pruned = p < self.alpha
         record: dict[str, Any] = {"against": incumbent[0].number, "examples": shared, "difference": round(better, 6),
                                   "p": round(p, 6), "alpha": self.alpha, "decided": "pruned" if pruned else "go on"}

@@ -677,17 +677,6 @@ def _place(config: StudyConfig, path: list[Any]) -> None:
         object.__setattr__(holder, path[-1], _Unread())
 
 
-def answer_rule_problems(config: StudyConfig, whose: str) -> list[str]:
-    """``objective.estimate``'s answer rules (``answer_level``, ``promote_within``) choose the answer among the trials;
-    a kind whose answer is its population's (``whose``) refuses them."""
-    spec = config.objective.estimate
-    given = [] if spec is None else [k for k in ("answer_level", "promote_within") if getattr(spec, k) is not None]
-    if not given:
-        return []
-    return [f"objective.estimate.{' / objective.estimate.'.join(given)}: they choose the answer among the trials; "
-            f"{whose} answer is its last population's (scored on the whole dev set when reported): leave them out"]
-
-
 def changed_keys(space: SpaceSpec, *keys: str) -> list[str]:
     """The keys whose values are not their defaults (a stored config spells every default out)."""
     values, defaults = space.model_dump(), SpaceSpec().model_dump()

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from evoopt.data.objective import Scores
@@ -190,14 +192,16 @@ def _others_running(study: optuna.Study, config: StudyConfig, started: float, ti
     waiting = running()
     if not waiting:
         return False
-    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    storage = study._storage
+    interval = storage.get_heartbeat_interval() if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(
+        storage) else None  # (a journal file has no heartbeats: nothing fails its dead trials)
     deadline = time.perf_counter() + (config.grace_period + interval + 5 if interval else 0)
     if timeout is not None:
         deadline = min(deadline, started + timeout)
     while time.perf_counter() < deadline:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+            fail_stale_trials(study)
         if waiting - running():
             return True
         time.sleep(1.0)
@@ -267,9 +271,10 @@ class Worker:
     evaluator, built once."""
 
     def __init__(self, config: StudyConfig, *, progress: Progress | None = None, study: optuna.Study | None = None,
-                 kind: Kind | None = None) -> None:
+                 kind: Kind | None = None, budget: int | None = None) -> None:
         self.config = config
-        self.budget = config.trials  # the trials the study may hold now (run --workers N --n-trials: fewer)
+        # the trials the study may hold now: config.trials (a local worker of run --workers N --n-trials: fewer)
+        self.budget = config.trials if budget is None else budget
         self.kind = kind or make_kind(config)
         self.sources: Sources = self.kind.sources
         self.device = pick_device(config.device)
@@ -405,8 +410,7 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
     if remaining and workers > 1:
         run.interrupted = _run_workers(config, workers, remaining, timeout, study, on_trial, target=before + remaining)
     elif remaining:
-        worker = Worker(config, progress=progress, study=study, kind=kind)
-        worker.budget = budget
+        worker = Worker(config, progress=progress, study=study, kind=kind, budget=budget)
         callbacks = [optuna.study.MaxTrialsCallback(budget, states=FINISHED)]
         if on_trial is not None:
             callbacks.append(on_trial)  # type: ignore[arg-type]
@@ -470,9 +474,8 @@ def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: flo
     if timeout is not None:
         command += ["--timeout", str(timeout)]
     env = {**worker_env(workers), _LOCAL_WORKER_ENV: "1", _TARGET_ENV: str(target)}  # (they do not join: this
-    # process waits for them)
-    # (their own sessions: a terminal's Ctrl-C reaches this process alone, which passes it on once; a second
-    # KeyboardInterrupt while a worker failed its trial left the trial running)
+    # process waits for them; in their own sessions a terminal's Ctrl-C reaches this process alone, which passes it
+    # on once: a second KeyboardInterrupt while a worker failed its trial left the trial running)
     processes = [subprocess.Popen([*command, "--worker-index", str(i)], env=env, start_new_session=True)
                  for i in range(workers)]
     seen: set[int] = set()

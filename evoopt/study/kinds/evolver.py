@@ -19,7 +19,7 @@ from evoopt.merge.recipe import Recipe
 from evoopt.models.io import card_header
 from evoopt.search.evolver import EvolverSampler, History, Together
 from evoopt.search.population import Population
-from evoopt.study.config import StudyConfig, answer_rule_problems, changed_keys, fixed_problems
+from evoopt.study.config import StudyConfig, changed_keys, fixed_problems
 from evoopt.study.kinds.base import Kind, Progress, Score
 from evoopt.study.space import Candidate, EvolverSpace
 from evoopt.study.storage import get_trial
@@ -258,6 +258,17 @@ class EvolverKind(Kind[EvolverSpace]):
                           f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.", "", "```yaml", text.rstrip(),
                           "```", ""])
         return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card))
+
+
+def answer_rule_problems(config: StudyConfig, whose: str) -> list[str]:
+    """``objective.estimate``'s answer rules (``answer_level``, ``promote_within``) choose the answer among the trials;
+    a kind whose answer is its population's (``whose``) refuses them."""
+    spec = config.objective.estimate
+    given = [] if spec is None else [k for k in ("answer_level", "promote_within") if getattr(spec, k) is not None]
+    if not given:
+        return []
+    return [f"objective.estimate.{' / objective.estimate.'.join(given)}: they choose the answer among the trials; "
+            f"{whose} answer is its last population's (scored on the whole dev set when reported): leave them out"]
 
 
 def answer_lines(study: optuna.Study, name: str) -> list[str]:

@@ -20,9 +20,9 @@ from evoopt.merge.recipe import Recipe
 from evoopt.models.io import card_header
 from evoopt.search.archive import Archive
 from evoopt.search.m2n2 import ATTR, ArchiveHistory, Child, M2N2Sampler, child_of
-from evoopt.study.config import StudyConfig, answer_rule_problems, changed_keys, method_source_problems
+from evoopt.study.config import StudyConfig, changed_keys, method_source_problems
 from evoopt.study.kinds.base import Kind, Progress, Score
-from evoopt.study.kinds.evolver import answer_lines, scratch_folder
+from evoopt.study.kinds.evolver import answer_lines, answer_rule_problems, scratch_folder
 from evoopt.study.kinds.methods import DEFAULT_METHODS
 from evoopt.study.space import Sources, fixed_recipe
 from evoopt.study.storage import get_trial

@@ -291,6 +291,11 @@ def test_split_test_scores_the_test_half_the_study_never_selected_on(tmp_path: P
     assert json.loads(out[-1]) == test and not set(test[task]) & set(registered_docs([task], manager, split="dev",
                                                                                      seed=0)[task])
     assert split_samples(args) == args  # without --split: as given
+    # lm-eval's argparse reads --name=value as --name value: so does --split
+    joined = ["--model", "evoopt", f"--model_args=config={study},trial=best", f"--tasks={task},arc_easy"]
+    assert split_samples([*joined, "--split=test"]) == out
+    with pytest.raises(ModelArgsError, match="leave out --samples and --limit"):
+        split_samples([*joined, "--limit=5", "--split=dev"])
     with pytest.raises(ModelArgsError, match="--split: needs --model_args config="):
         split_samples(["--model_args", "recipe=r.yaml", "--tasks", task, "--split", "test"])
     with pytest.raises(ModelArgsError, match="leave out --samples and --limit"):

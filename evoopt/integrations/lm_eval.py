@@ -357,9 +357,11 @@ def split_samples(args: list[str]) -> list[str]:
     """evoopt's ``--split dev|test`` among lm-eval's arguments, made lm-eval's ``--samples``: of the ``--tasks`` that
     the study of ``--model_args config=STUDY.yaml`` searched on (``objective.tasks``), that part of their documents,
     as the study split them (:func:`~evoopt.data.objective.registered_docs`: the test part was never seen by its
-    selection); other tasks whole. Without ``--split``, the arguments as they are."""
-    if "--split" not in args:
+    selection); other tasks whole. Without ``--split``, the arguments as they are. (``--name=value`` is read as
+    ``--name value``, as lm-eval's argparse reads it.)"""
+    if not any(a == "--split" or a.startswith("--split=") for a in args):
         return args
+    args = [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
     at = args.index("--split")
     split = args[at + 1] if at + 1 < len(args) else None
     rest = args[:at] + args[at + 2:]

@@ -108,15 +108,19 @@ class Outcomes:
         return {task: t.ids for task, t in self.tasks.items()}
 
 
-def paired(a: Outcomes, b: Outcomes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per task, the values of ``a`` and ``b`` on the examples both scored (in ``a``'s order)."""
+def _shared(a: Outcomes, b: Outcomes) -> dict[str, tuple[TaskOutcomes, TaskOutcomes]]:
+    """Per task, the outcomes of ``a`` and ``b`` on the examples both scored (in ``a``'s order)."""
     out = {}
     for task in a.tasks.keys() & b.tasks.keys():
         mine = a.tasks[task]
-        both = np.isin(mine.ids, b.tasks[task].ids)
-        out[task] = (mine.values[both].astype(np.float64),
-                     b.tasks[task].select(mine.ids[both]).values.astype(np.float64))
+        ids = mine.ids[np.isin(mine.ids, b.tasks[task].ids)]
+        out[task] = (mine.select(ids), b.tasks[task].select(ids))
     return out
+
+
+def paired(a: Outcomes, b: Outcomes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task, the values of ``a`` and ``b`` on the examples both scored (in ``a``'s order)."""
+    return {task: (x.values.astype(np.float64), y.values.astype(np.float64)) for task, (x, y) in _shared(a, b).items()}
 
 
 def paired_test(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
@@ -154,8 +158,10 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
     difference (the delta method around the incumbent, d ppl_t = ppl_t d(sum nll) / T_t): by ppl_t n_t / T_t on
     the shared examples. Unscaled, a task of high perplexity counted as little per nat as one of low perplexity,
     and a candidate worse by the study's value could test better."""
-    scales = _perplexity_scales(candidate, incumbent) if incumbent.metric == "perplexity" else {}
-    pairs = {task: (c, b) for task, (c, b) in paired(candidate, incumbent).items() if len(c) >= 2}
+    shared_outcomes = _shared(candidate, incumbent)
+    scales = _perplexity_scales(shared_outcomes) if incumbent.metric == "perplexity" else {}
+    pairs = {task: (c.values.astype(np.float64), b.values.astype(np.float64))
+             for task, (c, b) in shared_outcomes.items() if len(c.ids) >= 2}
     differences = {task: (c - b) * scales.get(task, 1.0) for task, (c, b) in pairs.items()}
     if not differences:
         return 0.5, 0.5, 0.0, 0
@@ -206,15 +212,15 @@ def _mcnemar(differences: Mapping[str, np.ndarray], per_example: Mapping[str, fl
     return min(1.0, p_worse), min(1.0, p_better)
 
 
-def _perplexity_scales(candidate: Outcomes, incumbent: Outcomes) -> dict[str, float]:
-    """Per task, ppl_t n_t / T_t of the incumbent on the examples both scored (see :func:`_paired_tails`)."""
+def _perplexity_scales(shared: Mapping[str, tuple[TaskOutcomes, TaskOutcomes]]) -> dict[str, float]:
+    """Per task, ppl_t n_t / T_t of the incumbent (the second) on the examples both scored (see
+    :func:`_paired_tails`)."""
     scales = {}
-    for task in candidate.tasks.keys() & incumbent.tasks.keys():
-        ids = candidate.tasks[task].ids
-        shared = incumbent.tasks[task].select(ids[np.isin(ids, incumbent.tasks[task].ids)])
-        tokens = float(np.sum(shared.weights)) if shared.weights is not None else 0.0
+    for task, (_, incumbent) in shared.items():
+        tokens = float(np.sum(incumbent.weights)) if incumbent.weights is not None else 0.0
         if tokens > 0:
-            scales[task] = math.exp(float(np.sum(shared.values, dtype=np.float64)) / tokens) * len(shared.ids) / tokens
+            scales[task] = (math.exp(float(np.sum(incumbent.values, dtype=np.float64)) / tokens)
+                            * len(incumbent.ids) / tokens)
     return scales
 
 

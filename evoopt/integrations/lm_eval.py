@@ -289,7 +289,9 @@ def _placed(recipe: Recipe, device: str | None, dtype: Any) -> tuple[Recipe, tor
 
 
 def _placement(device: str | None, dtype: Any) -> tuple[dict[str, str], torch.device | None]:
-    """``device`` and ``dtype`` checked: the recipe or study-config keys they set, and the device to use."""
+    """``device`` and ``dtype`` checked: the recipe or study-config keys they set, and the device to use. For
+    ``cuda:N`` it makes N the current CUDA device: recipes and study configs say ``cuda``, so the merge runs on N
+    too (the one side effect, before anything is merged)."""
     updates: dict[str, str] = {}
     if dtype is not None and str(dtype) != "auto":
         name = str(dtype).removeprefix("torch.")

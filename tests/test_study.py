@@ -375,6 +375,21 @@ def test_non_finite_score_fails_the_trial_and_the_study_goes_on(small_experts: A
     assert "not finite" in failed.user_attrs["fail_reason"]
 
 
+def test_a_study_whose_trials_all_fail_stops_after_three_in_a_row(small_experts: Any, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed trials do not count towards the budget, so a run whose every trial fails would go on forever: it
+    stops once 3 in a row failed (none finishing), each recorded with its reason. A round runs the budget's
+    trials: 2 fail, and the second round's 2 make 4."""
+    experts, _ = small_experts
+    config = parse_config(small_study_config(tmp_path, experts, name="all-nan", trials=2))
+    real = Worker.score
+    monkeypatch.setattr(Worker, "score", lambda self, model, split, trial=None: {
+        k: float("nan") for k in real(self, model, split, trial)})
+    study = run_study(config, report=False).study
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * 4
+    assert all("not finite" in t.user_attrs["fail_reason"] for t in study.get_trials())
+
+
 @pytest.mark.slow
 def test_killed_study_resumes_without_losing_trials(small_experts: Any, tmp_path: Path) -> None:
     """SIGKILL mid-study: the dead trial is detected by its stopped heartbeat and retried."""

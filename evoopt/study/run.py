@@ -425,19 +425,16 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
                 study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
                                catch=(EvaluationError, BudgetReached), gc_after_trial=False)
                 progress_made = finished_trials(study) - done
-                if progress_made:
-                    idle = 0
-                else:  # this round's trials (numbered from ``first``) failed, or were refused by the budget
-                    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                              if t.number >= first]
-                    if not failed or any(str(t.user_attrs.get("fail_reason", "")).startswith("budget reached")
-                                         for t in failed):
-                        if not _others_running(study, config, started, timeout):  # (the budget held by trials
-                            break  # still running: waited for, and gone on where they failed)
-                    else:
-                        idle += len(failed)
-                        if idle >= _IDLE_TRIALS:
-                            break  # trials keep failing, none finishing: stop rather than fail forever
+                # a round with nothing finished: its trials (numbered from ``first``) failed, or the budget refused
+                failed = [] if progress_made else [t for t in study.get_trials(deepcopy=False, states=(
+                    TrialState.FAIL,)) if t.number >= first]
+                refused = not progress_made and (not failed or any(
+                    str(t.user_attrs.get("fail_reason", "")).startswith("budget reached") for t in failed))
+                idle = 0 if progress_made else idle if refused else idle + len(failed)
+                if refused and not _others_running(study, config, started, timeout):
+                    break  # the budget is held by trials still running: waited for, gone on where they failed
+                if idle >= _IDLE_TRIALS:
+                    break  # trials keep failing, none finishing: stop rather than fail forever
                 remaining = min(remaining - progress_made, budget - finished_trials(study))
         except KeyboardInterrupt:
             run.interrupted = True  # Optuna has failed the running trial; everything finished is stored

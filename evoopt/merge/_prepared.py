@@ -173,9 +173,17 @@ class PreparedTensor:
         if hi <= lo:
             return math.inf, -math.inf
         values = self.grid_values[model]
-        last = values.size - 1
-        return float(values[min(round(lo / self.grid_stride), last)]), \
-            float(values[min(round((hi - 1) / self.grid_stride), last)])
+        return float(values[self._grid_index(lo, values.size - 1)]), \
+            float(values[self._grid_index(hi - 1, values.size - 1)])
+
+    def _grid_index(self, rank: int, last: int) -> int:
+        """The grid point nearest to ``rank``: ranks 0, s, 2s, ... and, last, n - 1 (appended where n - 1 is not a
+        multiple of s; rounding ``rank / s`` alone sent rank n - 1 to the point before it, and TIES lost each model's
+        largest entry)."""
+        index = min(round(rank / self.grid_stride), last)
+        if index >= last - 1 and rank - (last - 1) * self.grid_stride > self.numel - 1 - rank:
+            index = last
+        return index
 
 
 def stored_dtype(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.dtype | None:

@@ -202,6 +202,21 @@ def test_the_gpu_paths_torch_merge_gives_the_kernels_bytes(seed: int, n: int, w:
     assert torch.equal(strided, expected)
 
 
+@pytest.mark.parametrize("n", [960 * 960, 99_997, 320 * 960])
+def test_ties_keeps_each_models_largest_entry_at_any_size(n: int) -> None:
+    """The magnitude grid's last point is rank n - 1 (appended after s, 2s, ...): a window reaching the top must
+    end there. It ended at the point before where (n - 1) % s < s / 2, and TIES zeroed each model's largest entry
+    (SmolLM2-360M's 960 x 960 projections; MiniLM's embedding)."""
+    base, xs = _tensors(n, n, 1)
+    prepared = PreparedTensor.build("w", base, xs, magnitudes=True)
+    out = torch.empty(n)
+    merge_prepared(prepared, out, weights=[1.0], densities=[0.5], sparsification="magnitude")
+    delta = xs[0] - base
+    top = int(delta.abs().argmax())
+    assert out[top] - base[top] == pytest.approx(float(delta[top]), abs=1e-6)
+    assert prepared.bounds(0, (0, n))[1] == float(delta.abs().max())
+
+
 def test_a_bfloat16_model_is_written_rounded_as_torch_rounds() -> None:
     """The kernel writes a bfloat16 model itself: round to nearest even, as torch's conversion, at the halfway
     points between neighbours, overflow to infinity, subnormals, signed zeros, infinities and NaN."""

@@ -524,14 +524,14 @@ def _svd_by_gram(matrix: torch.Tensor, count: int | None = None, *, precise: boo
 def _leading_svd(matrix: torch.Tensor, count: int, *, precise: bool = True,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """:func:`_svd_by_gram`'s leading ``count`` triples, or None where the ``count``-th singular value is below 1e-6
-    of the first: a rank-deficient matrix's directions are not determined by its Gram matrix, and the caller takes
-    the SVD. Faster than LAPACK's SVD on tall and wide matrices, no faster on square ones (Iso-CTS per candidate
+    of the first (1e-3 unless ``precise``: a Gram matrix in float32 resolves no finer): a rank-deficient matrix's
+    directions are not determined by its Gram matrix, and the caller takes the SVD. Faster than LAPACK's SVD on tall and wide matrices, no faster on square ones (Iso-CTS per candidate
     1.29 x faster on SmolLM2-135M, whose matrices are mostly square: ``benchmarks/merge_speed.py --methods
     iso_cts``)."""
     if count == 0:
         return None
     u, s, vt = _svd_by_gram(matrix, count, precise=precise)
-    return (u, s, vt) if s[-1] > s[0] * 1e-6 else None
+    return (u, s, vt) if s[-1] > s[0] * (1e-6 if precise else 1e-3) else None
 
 
 def _inverse_root(gram: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -749,20 +749,28 @@ def iso_merge(
         mixed = s.mean() * (u @ vt)
     else:
         common_u, rest = u[:, :k], u[:, k:]
-        u_parts, s_parts, v_parts = [], [], []
+        u_parts, s_parts, v_parts, deficient = [], [], [], False
         for delta in deltas:
             if basis:  # the residual is U_rest (U_rest^T tau_t): the SVD of an (r - k) x n matrix
-                ut, st, vtt = _leading_svd(small := rest.T @ delta, per_task) or _svd(small)
+                leading = _leading_svd(small := rest.T @ delta, per_task)
+                ut, st, vtt = leading or _svd(small)
                 ut = rest @ ut
             else:
                 residual = delta - common_u @ (common_u.T @ delta)
-                ut, st, vtt = _leading_svd(residual, per_task, precise=False) or _svd(residual)
+                leading = _leading_svd(residual, per_task, precise=False)
+                ut, st, vtt = leading or _svd(residual)
+            deficient |= leading is None
             u_parts.append(ut[:, :per_task])
             s_parts.append(st[:per_task])
             v_parts.append(vtt[:per_task])
         # the tasks' directions are orthogonal to the common ones (they were projected out), so U's polar
-        # factor is theirs next to U_k: only their own (T s x T s) Gram matrix is needed
-        u_cat = torch.cat([_polar_by_gram(torch.cat(u_parts, dim=1)), common_u], dim=1)
+        # factor is theirs next to U_k: only their own (T s x T s) Gram matrix is needed. Not where a residual
+        # has fewer than s directions (a zero or low-rank task vector, a weight 0): LAPACK fills the rest with
+        # arbitrary vectors, neither orthogonal to U_k nor to the other tasks', and only the polar factor of
+        # the whole [U_1 ... U_T U_k] (as the authors compute it, always) keeps the merge isotropic
+        tasks_u = torch.cat(u_parts, dim=1)
+        u_cat = _polar(torch.cat([tasks_u, common_u], dim=1)) if deficient else \
+            torch.cat([_polar_by_gram(tasks_u), common_u], dim=1)
         v_cat = torch.cat([*v_parts, vt[:k]], dim=0)
         sigma = torch.cat([*s_parts, s[:k]]).mean()
         mixed = sigma * (u_cat @ _polar(v_cat))

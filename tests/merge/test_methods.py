@@ -375,6 +375,24 @@ def test_iso_cts_adds_each_tasks_own_directions() -> None:
         get_method("iso_cts").apply(base, experts, {"common_fraction": 0.0})
 
 
+@pytest.mark.parametrize("shape", [(20, 8), (8, 8), (8, 20)])
+@pytest.mark.parametrize("case", ["rank one", "zero", "weight 0"])
+def test_iso_cts_stays_isotropic_when_a_task_has_fewer_directions_than_its_share(shape: tuple[int, int],
+                                                                              case: str) -> None:
+    """Iso-CTS (Marczak et al. 2025, eq. 10-11): the merge's update has one singular value on every direction.
+    A task vector of lower rank than its share (a LoRA expert, a layer an expert never trained, a weight 0) leaves
+    LAPACK's arbitrary vectors in its slots: the polar factor of the whole [U_1 ... U_T U_k] keeps the spectrum
+    flat (its max / min was 2.5 for a rank-one task on a tall matrix, and a zero task's directions were lost)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(*shape, generator=g)
+    first = torch.randn(shape[0], 1, generator=g) @ torch.randn(1, shape[1], generator=g) if case == "rank one" \
+        else torch.zeros(shape) if case == "zero" else torch.randn(*shape, generator=g)
+    experts = [base + first, base + torch.randn(*shape, generator=g)]
+    weights = [0.0, 1.0] if case == "weight 0" else [1.0, 1.0]
+    values = torch.linalg.svdvals(M.iso_merge(base, experts, weights=weights, common_fraction=0.5) - base)
+    assert float(values.max() / values.min()) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_the_polar_factor_has_a_route_where_the_svd_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """LAPACK's SVD can fail on nearly orthonormal matrices (all singular values near 1): the Gram route gives
     the same factor, tall or wide; a zero column (an unused slot, whose polar column is arbitrary and meets a

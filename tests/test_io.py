@@ -485,6 +485,36 @@ def test_bfloat16_sources_keep_a_bfloat16_state_with_the_same_bytes(llama_family
     assert next(model.parameters()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("method", ["della", "tsv", "task_arithmetic_slow"])
+def test_bfloat16_sources_merged_into_a_float32_model_by_the_other_methods_keep_float32(
+        llama_family: list[Path], tmp_path: Path, method: str) -> None:
+    """Sources in bfloat16, the recipe's model in float32: the methods outside the fast path compute in float32 and
+    the model gets their float32 result (they returned the base's bfloat16, and 13 of 64 entries differed)."""
+    from transformers import AutoModelForCausalLM
+
+    from evoopt.merge import get_method
+
+    half = []
+    for path in llama_family:
+        half.append(tmp_path / path.name)
+        AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).save_pretrained(half[-1])
+    name = "della" if method == "della" else "tsv" if method == "tsv" else "linear"
+    per_model = {"weight": 0.7, "density": 0.6} if name == "della" else {"weight": 0.7}
+    models = [{"model": str(p), "parameters": per_model} for p in (half[1:] if name != "linear" else half)]
+    recipe = parse_recipe({"method": name, **({"base": str(half[0])} if name != "linear" else {}),
+                           "models": models, "dtype": "float32"})
+    merger = Merger(recipe)
+    assert merger.prepared is None
+    merger.merge()
+    sources = [open_source(p) for p in half]
+    for key, target in merger.targets.items():
+        tensors = [s.get(key).float() for s in sources]
+        base, rest = (None, tensors) if name == "linear" else (tensors[0], tensors[1:])
+        expected = get_method(name).apply(base, rest, recipe.coefficients(key, len(rest)), seed=recipe.seed, name=key)
+        assert target.dtype == torch.float32
+        torch.testing.assert_close(target, expected.reshape(target.shape), rtol=1e-6, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_memory_budget_streams_the_sources_with_the_same_bytes(llama_family: list[Path], tmp_path: Path,
                                                                  dtype: torch.dtype) -> None:

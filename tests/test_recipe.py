@@ -81,6 +81,13 @@ def test_coefficients_in_range_alone_but_not_together_are_refused_with_the_recip
     with pytest.raises(RecipeError, match="models: the weights sum to 0, and normalize: true divides by their sum"):
         parse_recipe({"method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
                                                      {"model": "c", "parameters": {"weight": -1}}]})
+    with pytest.raises(RecipeError, match="models: the weights sum to 0, and Fisher merging divides by their sum"):
+        parse_recipe({"method": "fisher", "models": [{"model": "a", "parameters": {"weight": 0}},
+                                                     {"model": "c", "parameters": {"weight": 0}}],
+                      "calibration": {"texts": "t.txt"}})
+    with pytest.raises(RecipeError, match=r"models\[0\].parameters.epsilon: must be >= 0, got -0.2"):
+        parse_recipe({"method": "della", "base": "b", "models": [{"model": "a", "parameters": {
+            "density": 0.5, "epsilon": -0.2}}]})
     parse_recipe({"method": "linear", "parameters": {"normalize": False}, "models": [
         {"model": "a", "parameters": {"weight": 1}}, {"model": "c", "parameters": {"weight": -1}}]})
 

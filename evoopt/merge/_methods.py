@@ -273,6 +273,8 @@ def fisher(
     fall back to the weighted average through epsilon.
     """
     _check_lengths(tensors, fishers=fishers, weights=weights)
+    if abs(math.fsum(weights)) < 1e-8:
+        raise ValueError(f"weights: sum to 0 ({list(weights)}); Fisher merging divides by the weighted Fishers")
     dtype = compute_dtype(tensors[0].dtype)
     numerator = torch.zeros_like(tensors[0], dtype=dtype)
     denominator = torch.zeros_like(tensors[0], dtype=dtype)
@@ -334,8 +336,8 @@ def magnitude_spread(delta: torch.Tensor) -> torch.Tensor:
 
 
 def _check_epsilon(density: float, epsilon: float) -> None:
-    if not (0.0 < density - epsilon and density + epsilon < 1.0):
-        raise ValueError(f"epsilon: density - epsilon and density + epsilon must lie in (0, 1); got density "
+    if not (epsilon >= 0.0 and 0.0 < density - epsilon and density + epsilon < 1.0):
+        raise ValueError(f"epsilon: >= 0, with density - epsilon and density + epsilon in (0, 1); got density "
                          f"{density} and epsilon {epsilon}")
 
 

@@ -48,6 +48,7 @@ _RANGES = {
     "t": (0.0, 1.0, True, "in [0, 1]"),
     "alpha": (0.0, 1.0, True, "in [0, 1]"),
     "common_fraction": (0.0, 1.0, False, "in (0, 1]"),
+    "epsilon": (0.0, math.inf, True, ">= 0"),  # (DELLA's: a negative one keeps small magnitudes more often)
 }
 
 
@@ -251,11 +252,13 @@ def _method_problems(method: Any, shared: dict[str, Any], models: list[dict[str,
                     if density < 1.0 and not (0.0 < density - epsilon and density + epsilon < 1.0):
                         problems.append(f"models[{i}].parameters: density {density} +- epsilon {epsilon} must stay "
                                         "in (0, 1); lower epsilon, or move the density")
-    if method.name == "linear" and shared.get("normalize", method.shared.get("normalize")) is True:
+    if method.name == "fisher" or method.name == "linear" and shared.get(
+            "normalize", method.shared.get("normalize")) is True:
         weights = [values(model, "weight") for model in models]
         if all(len(w) == 1 for w in weights) and weights and abs(math.fsum(w[0] for w in weights)) < 1e-8:
-            problems.append("models: the weights sum to 0, and normalize: true divides by their sum; give weights "
-                            "of nonzero sum, or normalize: false")
+            problems.append("models: the weights sum to 0, and " + (
+                "Fisher merging divides by their sum; give weights of nonzero sum" if method.name == "fisher" else
+                "normalize: true divides by their sum; give weights of nonzero sum, or normalize: false"))
     return problems
 
 

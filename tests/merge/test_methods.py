@@ -200,6 +200,10 @@ def test_magprune_probabilities_rank_magnitudes_per_row() -> None:
     assert M.magprune_probabilities(T([7.0]), 0.4, 0.1).tolist() == pytest.approx([0.4])  # one entry: d
     with pytest.raises(ValueError, match="epsilon"):
         M.magprune_probabilities(delta, 0.9, 0.15)  # d + eps >= 1
+    with pytest.raises(ValueError, match="epsilon: >= 0"):
+        M.magprune_probabilities(delta, 0.5, -0.2)  # would keep small magnitudes more often: [0.7, 0.5, 0.3]
+    with pytest.raises(ValueError, match="weights: sum to 0"):
+        M.fisher([delta, delta], fishers=[delta.abs(), delta.abs()], weights=[1.0, -1.0])  # was -inf and NaN
 
 
 def test_della_drops_by_magprune_and_rescales_by_keep_probability() -> None:

@@ -485,6 +485,27 @@ def test_bfloat16_sources_keep_a_bfloat16_state_with_the_same_bytes(llama_family
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_float64_sources_merge_in_float64(llama_family: list[Path], tmp_path: Path) -> None:
+    """A float64 model is merged by the pure function in float64 (the fast path computes in float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from evoopt.merge import get_method
+
+    wide = []
+    for path in llama_family:
+        wide.append(tmp_path / path.name)
+        AutoModelForCausalLM.from_pretrained(path).to(torch.float64).save_pretrained(wide[-1])
+    recipe = _recipe(wide, "ties")
+    merger = Merger(recipe)
+    assert merger.prepared is None
+    merger.merge()
+    base, sources = open_source(wide[0]), [open_source(p) for p in wide[1:]]
+    for name, target in merger.targets.items():
+        expected = get_method("ties").apply(base.get(name), [s.get(name) for s in sources],
+                                            recipe.coefficients(name, len(sources)), seed=recipe.seed, name=name)
+        assert target.dtype == torch.float64 and torch.equal(target, expected.reshape(target.shape)), name
+
+
 @pytest.mark.parametrize("method", ["della", "tsv", "task_arithmetic_slow"])
 def test_bfloat16_sources_merged_into_a_float32_model_by_the_other_methods_keep_float32(
         llama_family: list[Path], tmp_path: Path, method: str) -> None:

@@ -111,7 +111,7 @@ def generalized_task_arithmetic(
             keep = None
         elif sparsification == "random":
             keep = dare_mask(delta.shape, density, stream_key(seed, name, m), device=delta.device)
-            coef = float(w) / density
+            coef = float(w) / density if density > 0.0 else 0.0  # (density 0: nothing kept)
         else:
             gamma = gammas[m] if (gammas is not None and sparsification == "breadcrumbs") else 0.0
             keep = sparsify_mask(delta, density, gamma=gamma)
@@ -246,7 +246,9 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Te
     cosines = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
-            norms = (deltas[i].norm() * deltas[j].norm()).clamp(min=1e-6)
+            # (mergekit clamps the product at 1e-6, which shrinks the cosine of small deltas: 0.10 for deltas of
+            # 1e-4 whose cosine is 1; here only a zero norm, whose cosine is then 0, is kept from dividing by 0)
+            norms = (deltas[i].norm() * deltas[j].norm()).clamp(min=torch.finfo(deltas[i].dtype).tiny)
             cosines.append(((deltas[i] * deltas[j]).sum() / norms).clamp(-1.0, 1.0))
     cos = torch.stack(cosines).mean()
     k = len(tensors)
@@ -588,7 +590,12 @@ def tsv_basis(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> SingularBa
         return SingularBasis(u_cat, s_cat, v_cat, 0)
     for t, delta in enumerate(deltas):
         u, s, vt = _svd(delta)
-        u_cat[:, t * k:(t + 1) * k], s_cat[t * k:(t + 1) * k], v_cat[t * k:(t + 1) * k] = u[:, :k], s[:k], vt[:k]
+        # directions of a zero singular value (a zero or low-rank task vector) are LAPACK's arbitrary vectors: in
+        # the polar factor they would rotate the other tasks' directions, so their slots stay zero as unused ones
+        # (the authors' code keeps them; the Gram route gives zeros there too)
+        real = (s[:k] > s[0] * max(delta.shape) * torch.finfo(s.dtype).eps).to(u.dtype)  # (all 0 where s_1 is)
+        u_cat[:, t * k:(t + 1) * k], s_cat[t * k:(t + 1) * k] = u[:, :k] * real, s[:k]
+        v_cat[t * k:(t + 1) * k] = vt[:k] * real[:, None]
     return SingularBasis(_polar(u_cat), s_cat, _polar(v_cat), k)
 
 

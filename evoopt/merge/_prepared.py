@@ -351,7 +351,7 @@ def _kernel_params(
         if sparsification == "none" or densities[m] >= 1.0:
             continue
         if sparsification == "random":
-            coefs[m] = weights[m] / densities[m]
+            coefs[m] = weights[m] / densities[m] if densities[m] > 0.0 else 0.0  # (density 0: nothing kept)
             thresholds[m] = math.ceil(float(np.float32(densities[m])) * (1 << 24))
             keys[m] = stream_key(seed, prepared.name, m)
         else:

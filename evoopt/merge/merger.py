@@ -118,8 +118,8 @@ class Merger:
 
     def _prepare(self) -> dict[str, PreparedTensor] | None:
         settings = self.method.task_arithmetic
-        if settings is None or self.base is None:
-            return None
+        if settings is None or self.base is None or self.dtype == torch.float64:
+            return None  # (float64 models: the fast path computes in float32, the pure function in float64)
         magnitudes = settings["sparsification"] in ("magnitude", "breadcrumbs")
         base = self.base
         # The state's dtype per tensor: the sources' own where they and the base share a 16-bit one

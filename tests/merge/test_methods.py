@@ -146,6 +146,9 @@ def test_model_stock_hand_computed_angle() -> None:
     t = 2 * c / (1 + c)
     out = M.model_stock(torch.zeros(2), [T([1.0, 0.0]), T([1.0, 1.0])])
     torch.testing.assert_close(out, T([t * 1.0, t * 0.5]))
+    # the angle of small deltas is the same angle (the cosine's denominator was clamped at 1e-6: t = 0.10 here)
+    small = M.model_stock(torch.zeros(2), [T([1e-4, 0.0]), T([1e-4, 1e-4])])
+    torch.testing.assert_close(small, T([t * 1e-4, t * 0.5e-4]))
 
 
 def test_fisher_weighting() -> None:
@@ -329,6 +332,19 @@ def test_tsv_merge_of_orthogonal_rank_one_tasks_is_their_sum() -> None:
                                T([2.0, 1.0, 2.0]))
     # more tasks than the rank: the base, as in the authors' code
     assert torch.equal(get_method("tsv").apply(torch.zeros(2, 1), [torch.ones(2, 1)] * 2, {}), torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 4), (4, 6)])
+def test_tsv_merge_with_a_zero_task_vector_is_the_others_truncation(shape: tuple[int, int]) -> None:
+    """A task vector of rank below its k slots (zero here: an expert that never trained this matrix) adds nothing:
+    its slots stay empty instead of LAPACK's arbitrary vectors rotating the other task's (max difference 1.64)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(*shape, generator=g)
+    expert = base + torch.randn(*shape, generator=g)
+    merged = M.tsv_merge(base, [expert, base.clone()], weights=[1.0, 1.0])
+    u, s, vt = torch.linalg.svd(expert - base, full_matrices=False)
+    k = min(shape) // 2
+    torch.testing.assert_close(merged, base + u[:, :k] @ torch.diag(s[:k]) @ vt[:k], rtol=1e-5, atol=1e-5)
 
 
 def test_tsv_merge_agrees_with_the_eigendecomposition_route() -> None:

@@ -462,6 +462,15 @@ def test_an_unknown_lm_eval_task_is_a_clear_error(tmp_path: Path) -> None:
     manager = TaskManager(include_path=[str(tmp_path / "registered"), str(tmp_path / "mcc")], include_defaults=False)
     with pytest.raises(ConfigError, match="'spam_mcc' scores mcc, which lm-eval computes over the whole task"):
         registered_docs(["spam_mcc"], manager, split="dev", seed=0)
+    # few-shot examples drawn from the split it is scored on (no training or few-shot split): dev's prompts would
+    # show test documents with their answers (8 of 10 test documents in a 20-document task at 3 shots)
+    (tmp_path / "shots").mkdir()
+    (tmp_path / "shots" / "shots.yaml").write_text(text.replace("task: spam_registered", "task: spam_shots")
+                                                   + "num_fewshot: 3\n")
+    manager = TaskManager(include_path=[str(tmp_path / "registered"), str(tmp_path / "shots")], include_defaults=False)
+    with pytest.raises(ConfigError, match=r"'spam_shots' draws its 3 few-shot examples, with their answers, from the "
+                                          r"split it is scored on .*give the task a fewshot_split"):
+        registered_docs(["spam_shots"], manager, split="dev", seed=0)
 
 
 def test_registered_lm_eval_tasks_score_disjoint_dev_and_test_documents(tmp_path: Path) -> None:

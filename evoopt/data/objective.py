@@ -290,7 +290,7 @@ def registered_docs(tasks: Sequence[str], manager: Any, *, split: str, seed: int
         if not isinstance(task, Task):
             raise ConfigError(f"objective.tasks: {name!r} is not one lm-eval task (a group?); name its tasks one by "
                               "one")
-        if problem := _metric_problem(name, task):
+        if problem := _metric_problem(name, task) or _fewshot_problem(name, task):
             raise ConfigError(f"objective.tasks: {problem}")
         count = len(task.eval_docs)
         if count < 2:
@@ -314,6 +314,28 @@ def _metric_problem(name: str, task: Any) -> str | None:
     if not higher.get(metric, True):
         return f"{name!r} scores {metric}, lower-is-better; evoopt maximises an lm-eval objective"
     return None
+
+
+def _fewshot_problem(name: str, task: Any) -> str | None:
+    """Why a task's few-shot examples would leak its test half into dev: it shows ``num_fewshot`` > 0 examples,
+    with their answers, drawn from the split it is scored on (no ``fewshot_split``, no training split; lm-eval's
+    rule), which evoopt halves into dev and test. None where they come from elsewhere."""
+    config = task.config
+    if not (getattr(config, "num_fewshot", None) or 0) > 0:
+        return None
+    own = getattr(task, "fewshot_cfg", None)
+    fewshot = getattr(own, "split", None) or getattr(config, "fewshot_split", None)
+    if fewshot is None and getattr(config, "fewshot_config", None) is not None and getattr(own, "samples", None):
+        return None  # (fixed examples of its own)
+    if fewshot is None:
+        fewshot = config.training_split if task.has_training_docs() else \
+            config.validation_split if task.has_validation_docs() else config.test_split
+    scored = config.test_split if task.has_test_docs() else config.validation_split
+    if fewshot != scored:
+        return None
+    return (f"{name!r} draws its {config.num_fewshot} few-shot examples, with their answers, from the split it is "
+            f"scored on ({scored!r}), which evoopt halves into dev and test: test documents would be shown in dev's "
+            "prompts; give the task a fewshot_split (or training_split) of other documents, or num_fewshot: 0")
 
 
 def _lm_eval_name(task: str, split: str) -> str:

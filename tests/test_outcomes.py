@@ -340,6 +340,12 @@ def test_perplexity_outcomes_give_the_same_perplexity(smol_tiny_family: list[Pat
         expected = math.exp(float(model(**inputs, labels=inputs["input_ids"]).loss))
     alone = PerplexityScorer(tokenizer, ["sms-spam"], split="dev", rows={"sms-spam": [3]}, max_length=48)
     assert alone.scores(model)["sms-spam"] == pytest.approx(expected, rel=1e-4)
+    # a tokenizer that pads on the left (many chat models'): the scorer pads on the right, the side its mask reads,
+    # so the score does not depend on the batch size (the first real token was counted, predicted from a pad)
+    tokenizer.padding_side = "left"
+    one = PerplexityScorer(tokenizer, ["sms-spam"], split="dev", limit=8, batch_size=1, max_length=48)
+    eight = PerplexityScorer(tokenizer, ["sms-spam"], split="dev", limit=8, batch_size=8, max_length=48)
+    assert one.scores(model)["sms-spam"] == pytest.approx(eight.scores(model)["sms-spam"], rel=1e-5)
 
 
 @pytest.mark.slow

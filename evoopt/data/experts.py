@@ -327,7 +327,7 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
         for t in setting.tasks:
             chosen = [rows[i] for i in batch if rows[i][0] == t]
             if chosen:
-                inputs = tokenizer([text for _, text, _ in chosen], padding=True, truncation=True,
+                inputs = tokenizer([text for _, text, _ in chosen], padding=True, padding_side="right", truncation=True,
                                    max_length=train.max_length, return_tensors="pt")
                 parts.append((t, {**inputs, "labels": torch.tensor([label for _, _, label in chosen])}))
         return {"parts": parts}

@@ -85,7 +85,7 @@ def auto_batch_size(model: torch.nn.Module | None, tokenizer: Any, device: torch
     @torch.no_grad()
     def fits(size: int) -> bool:
         inputs = tokenizer(["evoopt " * max_length] * size, truncation=True, max_length=max_length,
-                           padding="max_length", return_tensors="pt")
+                           padding="max_length", padding_side="right", return_tensors="pt")
         try:
             model(**{k: v.to(where) for k, v in inputs.items()})
             return True
@@ -163,7 +163,7 @@ class ClassifierScorer:
                 stage = []
                 for start in range(0, len(order), batch_size):
                     chosen = np.asarray(order[start : start + batch_size])
-                    inputs = tokenizer([texts[i] for i in chosen], padding=True, truncation=True,
+                    inputs = tokenizer([texts[i] for i in chosen], padding=True, padding_side="right", truncation=True,
                                        max_length=max_length, return_tensors="pt")
                     stage.append(({k: v.to(self.device) for k, v in inputs.items()}, chosen))
                 staged.append(stage)
@@ -457,8 +457,8 @@ class PerplexityScorer:
             texts = split_rows.select(self.ids[task])["text"]
             self.batches[task] = [
                 {k: v.to(self.device) for k, v in tokenizer(list(texts[i : i + batch_size]), padding=True,
-                                                             truncation=True, max_length=max_length,
-                                                             return_tensors="pt").items()}
+                                                             padding_side="right", truncation=True,
+                                                             max_length=max_length, return_tensors="pt").items()}
                 for i in range(0, len(texts), batch_size)
             ]
 

@@ -77,7 +77,7 @@ def finetune(model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: l
     """Full fine-tuning of a sequence classifier."""
 
     def make_batch(batch: np.ndarray) -> dict[str, torch.Tensor]:
-        inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+        inputs = tokenizer([texts[i] for i in batch], padding=True, padding_side="right", truncation=True,
                            max_length=train.max_length, return_tensors="pt")
         return {**inputs, "labels": torch.tensor([labels[i] for i in batch])}
 
@@ -94,7 +94,7 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer: Any, rows: Any, train: 
     correct = 0
     for start in range(0, len(order), train.eval_batch_size):
         batch = order[start : start + train.eval_batch_size]
-        inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+        inputs = tokenizer([texts[i] for i in batch], padding=True, padding_side="right", truncation=True,
                            max_length=train.max_length, return_tensors="pt")
         predicted = model(**inputs).logits.argmax(-1)
         correct += int((predicted == torch.tensor([labels[i] for i in batch])).sum())

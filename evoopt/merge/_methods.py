@@ -529,9 +529,9 @@ def _leading_svd(matrix: torch.Tensor, count: int, *, precise: bool = True,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """:func:`_svd_by_gram`'s leading ``count`` triples, or None where the ``count``-th singular value is below 1e-6
     of the first (1e-3 unless ``precise``: a Gram matrix in float32 resolves no finer): a rank-deficient matrix's
-    directions are not determined by its Gram matrix, and the caller takes the SVD. Faster than LAPACK's SVD on tall and wide matrices, no faster on square ones (Iso-CTS per candidate
-    1.29 x faster on SmolLM2-135M, whose matrices are mostly square: ``benchmarks/merge_speed.py --methods
-    iso_cts``)."""
+    directions are not determined by its Gram matrix, and the caller takes the SVD. Faster than LAPACK's SVD on
+    tall and wide matrices, no faster on square ones (Iso-CTS per candidate 1.29 x faster on SmolLM2-135M, whose
+    matrices are mostly square: ``benchmarks/merge_speed.py --methods iso_cts``)."""
     if count == 0:
         return None
     u, s, vt = _svd_by_gram(matrix, count, precise=precise)

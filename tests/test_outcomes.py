@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -525,3 +526,23 @@ def test_lm_eval_scores_a_registered_task_on_its_part_only(smol_tiny_family: lis
         scored[split] = scorer.outcomes.tasks[task].ids.tolist()
         assert scored[split] == scorer.samples[task]
     assert len(scored["dev"]) == 8 and len(scored["test"]) == 5 and not set(scored["dev"]) & set(scored["test"])
+
+
+def test_the_paired_test_is_the_same_in_every_process() -> None:
+    """Its sums ran over a set of task names, whose order changes with Python's hash seed: the p-values and the
+    difference differed in their last bits from one process to the next."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from evoopt.data.outcomes import Outcomes, TaskOutcomes, paired_test\n"
+        "g = np.random.default_rng(0)\n"
+        "def make(shift):\n"
+        "    return Outcomes('mse', {f'task{t}': TaskOutcomes(np.arange(7), g.random(7).astype(np.float32) + shift)\n"
+        "                           for t in range(6)})\n"
+        "a, b = make(0.0), make(0.01)\n"
+        "print(repr(paired_test(a, b, maximize=False, weights={f'task{t}': 1 + t / 3 for t in range(6)})))\n")
+    seen = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(5)}
+    assert len(seen) == 1, seen

@@ -109,9 +109,10 @@ class Outcomes:
 
 
 def _shared(a: Outcomes, b: Outcomes) -> dict[str, tuple[TaskOutcomes, TaskOutcomes]]:
-    """Per task, the outcomes of ``a`` and ``b`` on the examples both scored (in ``a``'s order)."""
+    """Per task, the outcomes of ``a`` and ``b`` on the examples both scored (in ``a``'s order; the tasks too: a
+    set's order, and so the paired test's sums, changed with the process's hash seed)."""
     out = {}
-    for task in a.tasks.keys() & b.tasks.keys():
+    for task in [t for t in a.tasks if t in b.tasks]:
         mine = a.tasks[task]
         ids = mine.ids[np.isin(mine.ids, b.tasks[task].ids)]
         out[task] = (mine.select(ids), b.tasks[task].select(ids))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,14 +143,17 @@ def test_a_trial_of_a_study_without_trials_is_named_as_such(tmp_path: Path) -> N
         get_trial(open_study(empty), 5)
 
 
+@pytest.mark.parametrize("options", [{}, {"seed": 0}])
 @pytest.mark.parametrize("sampler", ["RandomSampler", "TPESampler"])
-def test_a_resumed_study_draws_anew_and_a_replay_draws_the_same(tmp_path: Path, sampler: str) -> None:
+def test_a_resumed_study_draws_anew_and_a_replay_draws_the_same(tmp_path: Path, sampler: str,
+                                                                 options: dict[str, Any]) -> None:
     """Optuna's samplers draw from their seed alone: a study resumed in a fresh process drew its first run's
-    parameters again (TPE's ten start-up trials, every trial of RandomSampler)."""
+    parameters again (TPE's ten start-up trials, every trial of RandomSampler); with a seed in the sampler's
+    options, it still did (the options' seed won over the resumed run's)."""
     def run(storage: str) -> list[float]:
         config = parse_config({"name": "resumed", "storage": storage, "artifacts": str(tmp_path),
                                "sources": {"base": "X", "models": ["A", "B"], "tasks": ["sms-spam"]},
-                               "sampler": {"name": sampler}})
+                               "sampler": {"name": sampler, "options": options}})
         for _ in range(2):  # run, then resumed (open_study is what a new process calls)
             open_study(config).optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=3)
         return [t.params["x"] for t in open_study(config).trials]
@@ -157,6 +161,43 @@ def test_a_resumed_study_draws_anew_and_a_replay_draws_the_same(tmp_path: Path, 
     drawn = run(f"sqlite:///{tmp_path / 'a.db'}")
     assert len(set(drawn)) == 6, drawn
     assert run(f"sqlite:///{tmp_path / 'b.db'}") == drawn
+
+
+def test_a_qmc_study_resumed_draws_the_sequence_of_one_run(tmp_path: Path) -> None:
+    """QMCSampler keeps its place in its scrambled sequence in the study, keyed by its seed: reseeded on resume (as
+    the other Optuna samplers are), a study of 4 + 4 trials drew a second sequence from its start."""
+    def run(name: str, rounds: list[int]) -> list[float]:
+        config = parse_config({"name": name, "storage": f"sqlite:///{tmp_path / name}.db", "artifacts": str(tmp_path),
+                               "sources": {"base": "X", "models": ["A", "B"], "tasks": ["sms-spam"]},
+                               "sampler": {"name": "QMCSampler", "options": {"scramble": True}}})
+        for n in rounds:  # each round a fresh open, as a new process
+            open_study(config).optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=n)
+        return [t.params["x"] for t in open_study(config).trials]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (QMCSampler is experimental)
+        assert run("split", [4, 4]) == run("whole", [8])
+
+
+def test_evoopts_samplers_take_the_study_seed_in_every_worker(tmp_path: Path) -> None:
+    """EvoCmaSampler draws each trial from (seed, trial number) and restarts from its seed: worker 1 got seed + 1,
+    so two workers' restarts (their means, BIPOP's population and step size) differed over the same trials.
+    Optuna's samplers draw from their seed alone: one each. A seed in the sampler's options is the base of both."""
+    from evoopt.search.samplers import base_seed
+    from evoopt.study.run import worker_seed
+
+    def config(name: str, options: dict[str, Any]) -> Any:
+        return parse_config({"name": "w", "storage": f"sqlite:///{tmp_path / 'w.db'}", "artifacts": str(tmp_path),
+                             "seed": 3, "sources": {"base": "X", "models": ["A", "B"], "tasks": ["sms-spam"]},
+                             "sampler": {"name": name, "options": options}})
+
+    assert [worker_seed(config("EvoCmaSampler", {}), w) for w in (0, 1, 2)] == [3, 3, 3]
+    assert [worker_seed(config("QMCSampler", {"seed": 7}), w) for w in (0, 1)] == [7, 7]
+    assert [worker_seed(config("RandomSampler", {}), w) for w in (0, 1)] == [3, 4]
+    assert [worker_seed(config("TPESampler", {"seed": 7}), w) for w in (0, 1)] == [7, 8]
+    assert worker_seed(config("TPESampler", {}), 1, one_seed=True) == 3
+    with pytest.raises(ConfigError, match="sampler.options.seed: an integer"):
+        base_seed(config("RandomSampler", {"seed": "5"}).sampler, 0)
 
 
 @pytest.mark.slow

@@ -34,9 +34,23 @@ SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCm
 _FROM_SPACE = {"search_space", "population", "integrated", "branches", "members", "task_weights"}
 
 
+# samplers that keep their place in a sequence in the study's storage, keyed by their seed (a scrambled QMC
+# sequence): every worker and every resumed run must draw from the same seed, or each starts a sequence anew
+SEQUENCE_SAMPLERS = {"QMCSampler"}
+
+
+def base_seed(spec: SamplerSpec, seed: int) -> int:
+    """The seed a study's samplers derive theirs from: ``sampler.options.seed`` where given, else the study's."""
+    given = spec.options.get("seed", seed)
+    if isinstance(given, bool) or not isinstance(given, int):
+        raise ConfigError(f"sampler.options.seed: an integer, got {given!r}")
+    return given
+
+
 def make_sampler(spec: SamplerSpec, seed: int,
                  space: Callable[[], SearchSpace] | None = None) -> optuna.samplers.BaseSampler:
-    """Instantiate a sampler; ``seed`` is passed when the sampler takes one and the options do not set it.
+    """Instantiate a sampler; ``seed`` is passed when the sampler takes one (over ``sampler.options.seed``, which
+    the caller derived it from: :func:`base_seed`, then per worker or per resumed run).
 
     A sampler that takes ``search_space`` (or, the Evolver's, ``population``) is given what the
     study's space says (``space()`` is only built then), so that it samples the first trial too;
@@ -46,7 +60,7 @@ def make_sampler(spec: SamplerSpec, seed: int,
     options: dict[str, Any] = dict(spec.options)
     accepted = inspect.signature(cls).parameters
     if "seed" in accepted:
-        options.setdefault("seed", seed)
+        options["seed"] = seed
     if space is None or not _FROM_SPACE & set(accepted):
         return _instantiate(spec, cls, options)
     built = space()

@@ -46,7 +46,7 @@ from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write, reference_problem
 from evoopt.search.evolver import NOT_FINITE, SlotSampler
-from evoopt.search.samplers import SAMPLERS, make_pruner, make_sampler
+from evoopt.search.samplers import SAMPLERS, SEQUENCE_SAMPLERS, base_seed, make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
 from evoopt.study.config import StudyConfig
 from evoopt.study.evaluator import Evaluator
@@ -115,6 +115,16 @@ def check_sources(config: StudyConfig) -> None:
         raise problems(ConfigError, "study", found)
 
 
+def worker_seed(config: StudyConfig, worker: int, *, one_seed: bool = False) -> int:
+    """The seed of worker ``worker``'s sampler: ``sampler.options.seed`` or the study's, plus the worker's index for
+    Optuna's samplers, which draw from their seed alone. evoopt's draw each trial from (seed, trial number) and
+    restart CMA-ES from the seed, and QMCSampler keeps its place in the study by its seed: one seed for all (with
+    one each, two workers' CMA-ES restarts differed over the same trials). ``one_seed``: the kind's say."""
+    base = base_seed(config.sampler, config.seed)
+    shared = one_seed or config.sampler.name in SAMPLERS or config.sampler.name in SEQUENCE_SAMPLERS
+    return base if shared else base + worker
+
+
 def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
                 kind: Kind | None = None) -> tuple[optuna.Study, bool]:
     """:func:`open_study`, and whether this call made the study.
@@ -126,7 +136,7 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
     if create:
         check_stored(config)
     kind = kind or make_kind(config)
-    seed = config.seed if kind.one_seed else config.seed + worker
+    seed = worker_seed(config, worker, one_seed=kind.one_seed)
     sampler = make_sampler(config.sampler, seed, lambda: kind.space)  # (bad options refused before any storage)
     pruner = make_pruner(config.pruner.name, config.pruner.options)
     storage = open_storage(config, kind)
@@ -163,7 +173,8 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
         except KeyError:  # taken back by its maker after this process loaded it
             pass
         time.sleep(0.1)
-    held = 0 if made or config.sampler.name in SAMPLERS else study._storage.get_n_trials(study._study_id)
+    held = 0 if made or config.sampler.name in SAMPLERS.keys() | SEQUENCE_SAMPLERS else \
+        study._storage.get_n_trials(study._study_id)
     if held:  # Optuna's samplers draw from their seed alone: resumed, they repeated the first run's draws (TPE's
         # start-up trials, every trial of RandomSampler); evoopt's draw each trial from (seed, trial number)
         resumed = int(np.random.SeedSequence([seed, held]).generate_state(1)[0])  # a replay resumes the same

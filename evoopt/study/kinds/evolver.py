@@ -83,9 +83,10 @@ class EvolverKind(Kind[EvolverSpace]):
         """The population's history, replayed from the study's trials (by the config's own sampler settings,
         so a study opened only to read it needs no EvolverSampler of its own)."""
         if not hasattr(self, "_sampler"):
-            from evoopt.search.samplers import make_sampler
+            from evoopt.search.samplers import base_seed, make_sampler
 
-            sampler = make_sampler(self.config.sampler, self.config.seed, lambda: self.space)
+            sampler = make_sampler(self.config.sampler, base_seed(self.config.sampler, self.config.seed),
+                                   lambda: self.space)
             if not isinstance(sampler, EvolverSampler):
                 raise ConfigError("sampler.name: space.kind evolver needs EvolverSampler")
             self._sampler = sampler

@@ -127,9 +127,10 @@ class M2N2Kind(Kind[M2N2Space]):
     def sampler(self) -> M2N2Sampler:
         """The config's own sampler (a study opened only to read its archive needs no M2N2Sampler of its own)."""
         if not hasattr(self, "_sampler"):
-            from evoopt.search.samplers import make_sampler
+            from evoopt.search.samplers import base_seed, make_sampler
 
-            sampler = make_sampler(self.config.sampler, self.config.seed, lambda: self.space)
+            sampler = make_sampler(self.config.sampler, base_seed(self.config.sampler, self.config.seed),
+                                   lambda: self.space)
             if not isinstance(sampler, M2N2Sampler):
                 raise ConfigError("sampler.name: space.kind m2n2 needs M2N2Sampler")
             self._sampler = sampler

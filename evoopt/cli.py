@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -238,11 +239,9 @@ def _load_study_config(path: Path, root: Path | None = None, storage: str | None
     """The study config of ``path``; ``storage`` replaces its storage URL (a run-time key: same study)."""
     from evoopt.study.config import load_config
 
-    config = load_config(path)
-    root = root or config.root
+    config = load_config(path, root=root)  # (a local worker's config.json: checked against the study's folder)
     if storage is not None:
-        config = config.model_copy(update={"storage": storage})
-    config._root = root
+        config = config.model_copy(update={"storage": storage})  # (keeps the root)
     return config
 
 
@@ -314,9 +313,11 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     from rich.console import Console
 
     from evoopt.study.config import StudyConfig
-    from evoopt.study.run import run_study
+    from evoopt.study.run import WORKER_STORAGE_ENV, run_study
 
-    config = _load_study_config(study, root, storage)
+    # a local worker of run --workers N is given the storage URL in its environment, not in the config file it
+    # reads (which would keep a database password on disk)
+    config = _load_study_config(study, root, storage or os.environ.get(WORKER_STORAGE_ENV))
     assert isinstance(config, StudyConfig)
     console = Console(stderr=True)
     if quiet:  # a worker process of `--workers N` is given its --worker-index: its parent reports

@@ -583,7 +583,18 @@ def test_lm_eval_keys_are_for_lm_eval_and_its_include_path_is_read_from_the_conf
     with pytest.raises(ConfigError, match=re.escape(f"objective.include_path: {tmp_path / 'tasks'} is not a folder")):
         parse_config({"name": "m", "setting": "smollm2-tasks", "objective": objective}, root=tmp_path)
     (tmp_path / "tasks").mkdir()
-    assert parse_config({"name": "m", "setting": "smollm2-tasks", "objective": objective}, root=tmp_path)
+    config = parse_config({"name": "m", "setting": "smollm2-tasks", "objective": objective,
+                           "artifacts": str(tmp_path / "out"),
+                           "storage": "postgresql://u:s3cret@db/evo"}, root=tmp_path)
+    # run --workers' processes read a copy in the study's folder, checked against the config's folder (--root): it
+    # was checked against its own folder, and every worker failed on include_path; the password stays off disk
+    from evoopt.cli import _load_study_config
+    from evoopt.study.run import worker_config
+
+    copy = worker_config(config)
+    assert copy.parent == tmp_path / "out" / "m" and "s3cret" not in copy.read_text()
+    loaded = _load_study_config(copy, tmp_path, config.storage_url)
+    assert loaded.root == tmp_path and loaded.storage_url == config.storage_url  # type: ignore[attr-defined]
 
 
 def test_fidelities_of_a_perplexity_study_are_refused() -> None:

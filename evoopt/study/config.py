@@ -765,9 +765,11 @@ def parse_config(data: Any, *, root: Path | None = None, source: str = "study") 
     return config
 
 
-def load_config(path: str | Path) -> StudyConfig:
+def load_config(path: str | Path, *, root: Path | None = None) -> StudyConfig:
+    """The study config in ``path``; its relative paths are checked against ``root`` (default: its folder)."""
     path = Path(path)
-    return parse_config(read_yaml(path, ConfigError, "study config"), root=path.resolve().parent, source=str(path))
+    return parse_config(read_yaml(path, ConfigError, "study config"), root=root or path.resolve().parent,
+                        source=str(path))
 
 
 def same_study(stored: dict[str, Any], config: StudyConfig) -> list[str]:

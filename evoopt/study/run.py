@@ -188,6 +188,7 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
 
 _log = logging.getLogger(__name__)
 _LOCAL_WORKER_ENV = "EVOOPT_LOCAL_WORKER"  # set for run --workers' processes: their parent waits for them
+WORKER_STORAGE_ENV = "EVOOPT_WORKER_STORAGE"  # run --workers' processes: the study's storage URL
 _TARGET_ENV = "EVOOPT_TRIAL_TARGET"  # run --workers' processes: the finished trials their parent allowed in all
 _IDLE_TRIALS = 3  # trials in a row that failed, none finishing, before a worker stops
 
@@ -471,17 +472,24 @@ def worker_env(workers: int, environ: Mapping[str, str] | None = None) -> dict[s
     return env
 
 
+def worker_config(config: StudyConfig) -> Path:
+    """The config file local workers read (with ``--root``, the study's folder): its storage as printed (the URL,
+    password and all, is given in their environment, :data:`WORKER_STORAGE_ENV`)."""
+    return atomic_write(config.artifact_dir / "config.json",
+                        json.dumps({**config.model_dump(mode="json"), "storage": config.storage_shown}))
+
+
 def _run_workers(config: StudyConfig, workers: int, remaining: int, timeout: float | None, study: optuna.Study,
                  on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None, *, target: int) -> bool:
     """Local worker processes on the study's storage, sharing a budget of ``target`` finished trials in all;
     returns whether it was interrupted."""
-    config_file = config.artifact_dir / "config.json"
-    atomic_write(config_file, json.dumps({**config.model_dump(mode="json"), "storage": config.storage_url}))
+    config_file = worker_config(config)
     command = [sys.executable, "-m", "evoopt.cli", "run", str(config_file), "--root", str(config.root),
                "--no-baselines", "--quiet", "--n-trials", str(remaining)]
     if timeout is not None:
         command += ["--timeout", str(timeout)]
-    env = {**worker_env(workers), _LOCAL_WORKER_ENV: "1", _TARGET_ENV: str(target)}  # (they do not join: this
+    env = {**worker_env(workers), _LOCAL_WORKER_ENV: "1", _TARGET_ENV: str(target),
+           WORKER_STORAGE_ENV: config.storage_url}  # (they do not join: this
     # process waits for them; in their own sessions a terminal's Ctrl-C reaches this process alone, which passes it
     # on once: a second KeyboardInterrupt while a worker failed its trial left the trial running)
     processes = [subprocess.Popen([*command, "--worker-index", str(i)], env=env, start_new_session=True)

@@ -33,8 +33,21 @@ class _Seconds(click.ParamType):
         return seconds
 
 
+class _Url(click.ParamType):
+    """A storage URL that is not blank (``--storage "$DB_URL"`` with the variable unset ran a private local study)."""
+
+    name = "url"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not str(value).strip():
+            self.fail("an empty storage URL (an unset variable?); give the URL, or leave the option out for the "
+                      "config's storage", param, ctx)
+        return str(value)
+
+
 _COUNT = click.IntRange(min=1)  # counts of trials, workers, examples, steps: zero or less is a mistake
 _SECONDS = _Seconds()
+_URL = _Url()
 
 
 class _Boundary(click.Group):
@@ -230,7 +243,7 @@ def methods() -> None:
 
 # --- studies ----------------------------------------------------------------------------------------
 
-_STORAGE = click.option("--storage", default=None, help="An Optuna storage URL instead of the config's `storage` "
+_STORAGE = click.option("--storage", type=_URL, default=None, help="An Optuna storage URL instead of the config's `storage` "
                         "(postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH): the one the study "
                         "was run on with `run --storage` or `worker --storage`.")
 
@@ -335,7 +348,7 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
 
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--storage", default=None, help="The shared Optuna storage URL (postgresql://USER@HOST/DB, "
+@click.option("--storage", type=_URL, default=None, help="The shared Optuna storage URL (postgresql://USER@HOST/DB, "
               "mysql://..., or journal:PATH on a shared file system); default: the config's `storage`.")
 @click.option("--n-trials", type=_COUNT, default=None, help="Run at most N trials in this worker.")
 @click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds.")

@@ -604,11 +604,32 @@ def test_fidelities_of_a_perplexity_study_are_refused() -> None:
                                                                             "fidelities": [20, 50]}})
 
 
-def test_a_storage_password_is_masked_in_what_is_printed() -> None:
+def test_a_storage_password_is_masked_in_what_is_printed(tmp_path: Path) -> None:
     config = parse_config({"name": "m", "setting": "minilm-cross-task", "storage": "postgresql://u:s3cret@db/evo"})
     assert config.storage_shown == "postgresql://u:***@db/evo" and "s3cret" in config.storage_url
     journal = parse_config({"name": "m", "setting": "minilm-cross-task", "storage": "journal:runs/evo.log"})
     assert journal.storage_shown == journal.storage_url  # (not a URL: as given)
+    # nor in a missing study's message (status, best, export, compare, dashboard)
+    from evoopt.study.storage import load_study
+
+    with pytest.raises(ConfigError, match=r"no study 'm' in postgresql://u:\*\*\*@db/evo; run it first"):
+        load_study(config, optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'm.db'}"))
+
+
+def test_a_blank_storage_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
+    """`evoopt worker X.yaml --storage "$DB_URL"` with the variable unset ran a private local study."""
+    with pytest.raises(ConfigError, match="storage"):
+        parse_config({"name": "m", "setting": "minilm-cross-task", "storage": " "})
+    from click.testing import CliRunner
+
+    from evoopt.cli import main
+
+    config = tmp_path / "s.yaml"
+    config.write_text("name: m\nsetting: minilm-cross-task\n")
+    for command in ("status", "worker"):
+        result = CliRunner().invoke(main, [command, str(config), "--storage", ""])
+        assert result.exit_code == 2 and "--storage" in result.output and "empty storage URL" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_grace_period_within_one_heartbeat_is_refused() -> None:

@@ -224,7 +224,8 @@ class StudyConfig(_Strict):
     memory_budget: float | None = Field(None, gt=0, description=(
         "GiB the merges' preprocessed state may take; larger, the sources are streamed from their files "
         "(default: the memory available when a worker starts)"))
-    storage: str | None = Field(None, description="an Optuna storage URL; default sqlite in the artifacts folder")
+    storage: str | None = Field(None, min_length=1, pattern=r"\S",
+                                description="an Optuna storage URL; default sqlite in the artifacts folder")
     artifacts: str = Field("out/studies", description="folder for the default storage, artifacts and plots")
     baselines: list[str] = Field(
         default_factory=lambda: ["sources", "ensemble", "greedy-soup", "linear", "task_arithmetic", "ties",

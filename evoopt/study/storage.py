@@ -192,7 +192,7 @@ def load_study(config: StudyConfig, storage: optuna.storages.BaseStorage | None 
     ``best``, ``export``, ``compare``). It must have been made from ``config``: read through an edited config,
     its trials' parameters would rebuild other models than the ones they scored. ``storage``: the config's,
     opened before by :func:`read_storage`."""
-    name, url = config.name, config.storage_url
+    name, url = config.name, config.storage_shown
     storage = storage or read_storage(config)
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())

@@ -183,15 +183,18 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
 
 
 DEMO_STUDY = Path("studies/minilm-sentiment-domains.yaml")
+DEMO_OUT = Path("out/demo-best")
 
 
 @main.command()
 @click.option("--study", type=click.Path(dir_okay=False, path_type=Path),
               default=DEMO_STUDY, show_default=True, help="The study config to run.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo-best"),
-              show_default=True, help="Where to export the best merged model (replaced if it exists).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEMO_OUT,
+              show_default=True, help="Where to export the best merged model (the default is replaced by each run; "
+              "another folder that exists only with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.pass_context
-def demo(ctx: click.Context, study: Path, out: Path) -> None:
+def demo(ctx: click.Context, study: Path, out: Path, overwrite: bool) -> None:
     """The main job: build the MiniLM sentiment-domain experts, search their TIES merge, export the best.
 
     Fine-tunes one expert per VADER domain (cached after the first run; with --study,
@@ -203,12 +206,15 @@ def demo(ctx: click.Context, study: Path, out: Path) -> None:
     from rich.console import Console
 
     from evoopt.data.experts import build_setting
+    from evoopt.models.io import check_writable
     from evoopt.study.config import StudyConfig
     from evoopt.study.run import export_trial
 
     if not study.exists() and study == DEMO_STUDY:
         raise click.UsageError(f"{study}: not found here; run the demo from the repository's root folder, or give "
                                "--study CONFIG")
+    overwrite = overwrite or out == DEMO_OUT  # (a folder of the user's is never replaced unasked)
+    check_writable(out, overwrite=overwrite)  # before the experts and the search
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
     started = time.perf_counter()
@@ -218,7 +224,7 @@ def demo(ctx: click.Context, study: Path, out: Path) -> None:
             bars.echo(f"experts: ready in {time.perf_counter() - started:.1f} s")
     if ctx.invoke(run, study=study).interrupted:
         return  # Ctrl-C: the finished trials are stored; the demo's next run resumes and exports
-    export_trial(config, "best", out, overwrite=True)
+    export_trial(config, "best", out, overwrite=overwrite)
     Console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
 
 

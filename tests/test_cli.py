@@ -214,6 +214,13 @@ def test_the_demo_builds_only_its_settings_experts_and_says_where_to_run_it(
                                      "sources": {"base": "b", "models": ["m1", "m2"], "tasks": ["sms-spam"]}}))
     result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(tmp_path / "best")])
     assert result.exit_code == 0 and not built, result.output
+    # a folder of the user's is not replaced unasked (--out studies deleted the study configs), refused before
+    # anything runs
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(tmp_path / "mine")])
+    assert result.exit_code == 1 and "already exists and is not empty" in result.output, result.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "out").exists()
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["demo"])
     assert result.exit_code == 2 and "run the demo from the repository's root folder, or give --study" in \

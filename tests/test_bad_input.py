@@ -616,6 +616,32 @@ def test_a_storage_password_is_masked_in_what_is_printed(tmp_path: Path) -> None
         load_study(config, optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'm.db'}"))
 
 
+def test_a_sqlite_url_ending_in_log_is_a_sqlite_file(tmp_path: Path) -> None:
+    """The .log / .journal suffix names a journal only for a bare path: sqlite:///runs.log was opened as a journal
+    (a UnicodeDecodeError on a real SQLite file; a run would have appended journal lines to it)."""
+    from optuna.storages import JournalStorage, RDBStorage
+
+    from evoopt.study.storage import storage_file, storage_from_url
+
+    assert isinstance(storage_from_url(f"sqlite:///{tmp_path / 'runs.log'}"), RDBStorage)
+    assert isinstance(storage_from_url(str(tmp_path / "other.log")), JournalStorage)
+    assert isinstance(storage_from_url(f"journal:{tmp_path / 'j.db'}"), JournalStorage)
+    assert storage_file(f"sqlite:///{tmp_path / 'runs.log'}") == tmp_path / "runs.log"
+
+
+def test_a_study_made_by_a_command_that_failed_on_anything_is_taken_back(tmp_path: Path) -> None:
+    """Only evoopt's own errors took it back: a library's (a tokenizer that will not load) left the study, and the
+    corrected config was then refused as another config under its name."""
+    from evoopt.study.run import taken_back_if_refused
+    from evoopt.study.storage import read_storage
+
+    config = parse_config({"name": "gone", "storage": f"sqlite:///{tmp_path / 'g.db'}", "artifacts": str(tmp_path),
+                           "sources": {"base": "X", "models": ["A", "B"], "tasks": ["sms-spam"]}})
+    with pytest.raises(RuntimeError, match="no tokenizer"), taken_back_if_refused(config):
+        raise RuntimeError("no tokenizer")
+    assert optuna.get_all_study_names(read_storage(config)) == []
+
+
 def test_a_blank_storage_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
     """`evoopt worker X.yaml --storage "$DB_URL"` with the variable unset ran a private local study."""
     with pytest.raises(ConfigError, match="storage"):

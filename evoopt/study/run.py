@@ -270,7 +270,7 @@ def taken_back_if_refused(config: StudyConfig, *, worker: int = 0, kind: Kind | 
     study, made = _open_study(config, worker=worker, kind=kind)
     try:
         yield study
-    except (EvooptError, KeyboardInterrupt):
+    except BaseException:  # (refused, interrupted, or a library's error: a model that will not load)
         if made:
             _take_back(study)
         raise

@@ -46,7 +46,7 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
     refuses a file storage that does not exist yet instead of making it. A server URL
     without a driver (``postgresql://``) gets the installed one (see :func:`database_url`).
     """
-    journal = url.startswith("journal:") or url.endswith((".log", ".journal"))
+    journal = _journal(url)
     path = storage_file(url)
     if path is not None and not create and not path.is_file():
         raise StorageError(f"storage: no such file {path}; give the storage URL the study was run with")
@@ -114,9 +114,14 @@ def storage_file(url: str) -> Path | None:
     """The file behind a file storage (``sqlite:///FILE``, ``journal:FILE``, a .log/.journal file); else None."""
     if url.startswith("sqlite:///"):
         return Path(url.removeprefix("sqlite:///"))
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+    if _journal(url):
         return Path(url.removeprefix("journal:"))
     return None
+
+
+def _journal(url: str) -> bool:
+    """``journal:PATH``, or a bare path ending in .log or .journal (``sqlite:///runs.log`` is a SQLite file)."""
+    return url.startswith("journal:") or "://" not in url and url.endswith((".log", ".journal"))
 
 
 # a server URL without +driver gets the first installed of these (SQLAlchemy's own default varies by version:

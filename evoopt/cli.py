@@ -401,11 +401,12 @@ def baselines(study: Path, storage: str | None) -> None:
 
     from evoopt.study.config import StudyConfig
     from evoopt.study.report import summary_rows
-    from evoopt.study.run import run_baselines, taken_back_if_refused
+    from evoopt.study.run import check_sources, run_baselines, taken_back_if_refused
 
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
     # opened once: the rows are stored on it and the table read from it; a new study refused is taken back
+    check_sources(config)  # (before the storage is made)
     with taken_back_if_refused(config) as opened, Bars(Console(stderr=True)) as bars:
         run_baselines(config, progress=bars, study=opened)
     print_summary(config, opened, summary_rows(opened))
@@ -472,7 +473,7 @@ def export(study: Path, which: str, out: Path, overwrite: bool, storage: str | N
 
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
-    if which != "best" and not which.isdigit():
+    if which != "best" and not (which.isascii() and which.isdigit()):  # ('²' is a digit to isdigit)
         raise click.BadParameter("give 'best' or a trial number", param_hint="--trial")
     export_trial(config, which, out, overwrite=overwrite)
     click.echo(f"exported trial {which} of {config.name} to {out}")
@@ -517,7 +518,7 @@ def compare(studies: tuple[Path, ...], out: Path, storage: str | None) -> None:
 @click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; the default is reachable from this machine only.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="The port to serve on.")
 @_STORAGE
 def dashboard(study: Path, host: str, port: int, storage: str | None) -> None:
     """Serve optuna-dashboard on STUDY's storage and artifact store (Ctrl-C stops it).
@@ -535,6 +536,14 @@ def dashboard(study: Path, host: str, port: int, storage: str | None) -> None:
     opened = read_storage(config)  # once: checked, then served
     load_study(config, opened)  # the study exists and was made from this config, before it says it serves
     shown = config.storage_shown  # (the password masked in what is printed)
+    import socket
+
+    try:  # a port taken or a host that does not resolve: said before "serving", not a traceback after it
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise click.ClickException(f"--host {host} --port {port}: cannot serve there ({error.strerror or error}); "
+                                   "choose another --port (or --host)") from None
     click.echo(f"serving {shown} on http://{host}:{port}  (same as: "
                f"{' '.join(dashboard_command(config, host, port)).replace(config.storage_url, shown)})")
     serve_dashboard(config, host=host, port=port, storage=opened)

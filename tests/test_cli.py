@@ -327,3 +327,30 @@ def test_user_errors_are_one_message_and_bugs_keep_their_traceback(llama_family:
     assert isinstance(result.exception, ValueError) and not isinstance(result.exception, EvooptError)
     assert "Error: a bug" not in result.output  # not passed off as a user error
     assert not (tmp_path / "out").exists()
+
+
+def test_commands_on_a_busy_port_an_odd_trial_and_missing_sources_say_so(tmp_path: Path) -> None:
+    """`dashboard` on a port taken printed "serving" and then a traceback; `export --trial ²` (a digit to
+    str.isdigit) a ValueError traceback; `baselines` on missing sources made the study's storage first."""
+    import socket
+
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import open_study
+
+    study = tmp_path / "s.yaml"
+    data = {"name": "s", "storage": f"sqlite:///{tmp_path / 's.db'}", "artifacts": str(tmp_path / "out"),
+            "sources": {"base": "X", "models": ["A", "B"], "tasks": ["sms-spam"]}}
+    study.write_text(yaml.safe_dump(data))
+    open_study(parse_config(data, root=tmp_path))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["dashboard", str(study), "--port", str(port)])
+    assert result.exit_code == 1 and f"--port {port}: cannot serve there" in result.output, result.output
+    assert "serving" not in result.output
+    result = CliRunner().invoke(main, ["export", str(study), "--trial", "²", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--trial" in result.output and "Traceback" not in result.output, result.output
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(yaml.safe_dump({**data, "name": "fresh", "storage": None, "artifacts": str(tmp_path / "art")}))
+    result = CliRunner().invoke(main, ["baselines", str(fresh)])
+    assert result.exit_code == 1 and "sources.base" in result.output, result.output
+    assert not (tmp_path / "art").exists()

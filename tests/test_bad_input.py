@@ -616,6 +616,18 @@ def test_a_storage_password_is_masked_in_what_is_printed(tmp_path: Path) -> None
         load_study(config, optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'm.db'}"))
 
 
+def test_a_lower_batch_size_resumes_the_same_study() -> None:
+    """A trial out of memory says to lower objective.batch_size; the resumed study was then refused as another
+    config. The batch size changes a score by floating-point rounding alone: a run-time key, the others not."""
+    from evoopt.study.config import same_study
+
+    data = {"name": "m", "setting": "minilm-cross-task", "objective": {"batch_size": 64}}
+    stored = parse_config(data).identity()
+    assert same_study(stored, parse_config({**data, "objective": {"batch_size": 16}})) == []
+    assert same_study(stored, parse_config({**data, "objective": {"batch_size": 64, "limit": 50}})) == [
+        "objective.limit: stored 300, now 50"]
+
+
 def test_a_sqlite_url_ending_in_log_is_a_sqlite_file(tmp_path: Path) -> None:
     """The .log / .journal suffix names a journal only for a bare path: sqlite:///runs.log was opened as a journal
     (a UnicodeDecodeError on a real SQLite file; a run would have appended journal lines to it)."""

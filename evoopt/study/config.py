@@ -293,8 +293,11 @@ class StudyConfig(_Strict):
         return list(get_setting(self.setting or "").tasks)
 
     def identity(self) -> dict[str, Any]:
-        """What makes two configs the same study: everything but the run-time keys."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
+        """What makes two configs the same study: everything but the run-time keys (and ``objective.batch_size``,
+        which a run out of memory lowers: it changes a score by floating-point rounding alone)."""
+        identity = {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_KEYS}
+        identity["objective"] = {k: v for k, v in identity["objective"].items() if k != "batch_size"}
+        return identity
 
 
 def _problems(config: StudyConfig, *, unread: bool = False) -> list[str]:

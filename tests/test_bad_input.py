@@ -616,6 +616,13 @@ def test_a_storage_password_is_masked_in_what_is_printed(tmp_path: Path) -> None
         load_study(config, optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'm.db'}"))
 
 
+@pytest.mark.parametrize("name", ["../x", " ", "a/b", "..", "a\\b", " padded"])
+def test_a_study_name_that_is_not_one_folder_is_refused(name: str) -> None:
+    """The name is the study's folder under artifacts: '../../etc' put its database outside them."""
+    with pytest.raises(ConfigError, match=r"name: .* names a folder under artifacts"):
+        parse_config({"name": name, "setting": "minilm-cross-task"})
+
+
 def test_a_lower_batch_size_resumes_the_same_study() -> None:
     """A trial out of memory says to lower objective.batch_size; the resumed study was then refused as another
     config. The batch size changes a score by floating-point rounding alone: a run-time key, the others not."""

@@ -581,8 +581,17 @@ def _weight_problems(config: StudyConfig) -> list[str]:
             for task in config.objective.weights if task not in tasks]
 
 
+def _name_problems(config: StudyConfig) -> list[str]:
+    """The name is a folder of the artifacts (its default storage, plots, exports): one plain folder name."""
+    name = config.name
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+        return [f"name: {name!r} names a folder under artifacts; give a name without slashes, '..' or spaces at "
+                "either end"]
+    return []
+
+
 _CHECKS: tuple[Check, ...] = (
-    _setting_problems, _reference_problems, _corpus_problems, _space_problems, _task_weight_problems,
+    _name_problems, _setting_problems, _reference_problems, _corpus_problems, _space_problems, _task_weight_problems,
     lambda config: _baseline_problems(config.baselines), _baseline_source_problems, _weight_problems,
     _sampler_problems, _pruner_problems,
     _split_problems, _heartbeat_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems,

@@ -11,6 +11,7 @@ import torch
 
 from evoopt.data.corpora import get_corpus, load_splits, mc_prompt
 from evoopt.data.experts import TrainConfig, finetune_causal
+from evoopt.errors import ConfigError
 from evoopt.models.io import convert_gguf, resolve_path
 from tests.helpers.models import tiny_llama_config
 
@@ -55,6 +56,11 @@ def test_answer_only_finetuning_learns_the_answers(tiny_lm) -> None:  # type: ig
     after = _answer_loss(model, tokenizer, prompts[:16], answers[:16])
     # ln(49152) = 10.8 nats at random init; a real drop means the answers are being learned
     assert after < before - 1.5, (before, after)
+    # a max_length the answer fills leaves no prompt: refused (prompt[-0:] kept all of it, past max_length)
+    answer = len(tokenizer(answers[0], add_special_tokens=False)["input_ids"]) + 1
+    with pytest.raises(ConfigError, match=r"train.max_length: .* leave no room for a prompt"):
+        finetune_causal(model, tokenizer, prompts[:8], answers[:8],
+                        TrainConfig(steps=1, batch_size=8, max_length=answer, learning_rate=3e-3))
 
 
 def test_lm_eval_scores_the_in_memory_model(tiny_lm) -> None:  # type: ignore[no-untyped-def]

@@ -541,6 +541,11 @@ def test_autocast_scores_each_task_with_its_own_head() -> None:
     lower = scorer.scores(model)
     for task in heads:
         assert abs(lower[task] - reference[task]) <= 2 / 64, (task, lower, reference)
+    # a model in bfloat16 (objective.dtype) takes the float32 heads in its dtype (a matmul of mixed dtypes failed)
+    scorer.autocast = False
+    half = scorer.scores(model.to(torch.bfloat16))
+    for task in heads:
+        assert abs(half[task] - reference[task]) <= 4 / 64, (task, half, reference)
 
 
 def test_an_estimated_study_without_baselines_says_what_to_run(tmp_path: Path) -> None:

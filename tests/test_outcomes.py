@@ -546,3 +546,11 @@ def test_the_paired_test_is_the_same_in_every_process() -> None:
     seen = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(5)}
     assert len(seen) == 1, seen
+
+
+def test_only_evoopts_own_lm_eval_tasks_lose_their_split_suffix() -> None:
+    """A task of the user's named foo_dev was scored as foo on dev, and its objective.weights entry never found."""
+    from evoopt.data.objective import _lm_eval_name
+
+    assert _lm_eval_name("evoopt_sms-spam_dev", "dev") == "sms-spam"
+    assert _lm_eval_name("foo_dev", "dev") == "foo_dev" and _lm_eval_name("arc_easy", "test") == "arc_easy"

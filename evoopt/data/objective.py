@@ -250,7 +250,9 @@ class ClassifierScorer:
         if head:
             params = dict(model.named_parameters())
             for name, tensor in head.items():
-                params[name].data = tensor  # heads of different tasks differ in shape: swapped, not copied
+                # heads of different tasks differ in shape: swapped, not copied (in the model's dtype: a study
+                # scored in bfloat16 has float32 heads)
+                params[name].data = tensor.to(params[name].dtype)
 
     def scores(self, model: torch.nn.Module | Sequence[torch.nn.Module]) -> Scores:
         *_, (_, last) = self.staged_scores(model)
@@ -339,8 +341,8 @@ def _fewshot_problem(name: str, task: Any) -> str | None:
 
 
 def _lm_eval_name(task: str, split: str) -> str:
-    """evoopt_sms-spam_dev -> sms-spam; other tasks keep their names."""
-    return task.removeprefix("evoopt_").removesuffix(f"_{split}")
+    """evoopt_sms-spam_dev -> sms-spam; other tasks keep their names (a task of the user's named foo_dev too)."""
+    return task.removeprefix("evoopt_").removesuffix(f"_{split}") if task.startswith("evoopt_") else task
 
 
 class LmEvalScorer:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from evoopt.data.settings import Setting, TrainConfig
+from evoopt.errors import ConfigError
 
 
 def score_causal(model: Any, tokenizer: Any, setting: Setting) -> dict[str, dict[str, float]]:
@@ -60,7 +61,11 @@ def finetune_causal(model: torch.nn.Module, tokenizer: Any, prompts: list[str], 
         for i in batch:
             prompt = tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
             answer = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            prompt = prompt[-(train.max_length - len(answer)):]  # keep the end of long prompts
+            room = train.max_length - len(answer)
+            if room < 1:  # (prompt[-0:] kept the whole prompt, and a sequence ran past max_length)
+                raise ConfigError(f"train.max_length: {train.max_length} tokens leave no room for a prompt beside "
+                                  f"an answer of {len(answer)} (with its end token); raise it")
+            prompt = prompt[-room:]  # keep the end of long prompts
             rows.append((prompt + answer, [-100] * len(prompt) + answer))
         width = max(len(ids) for ids, _ in rows)
         return {

@@ -24,17 +24,18 @@ def test_paired_test_by_hand() -> None:
     # two examples)
     p, better, shared = paired_test(_right([1, 0, 1, 0]), _right([1, 1, 1, 1]), maximize=True)
     assert (better, shared, p) == (-0.5, 4, 0.25)
-    # losses: d = [0, -1, 0, -1]: mean -0.5, sample variance 1/3, variance of the mean 1/12;
-    # z = 0.5 / sqrt(1/12) = 1.7321, P(Z >= z) = 0.041632; the same numbers minimised: the candidate is better
+    # losses: d = [0, -1, 0, -1] (x 2): t = 1 / sqrt(4/3 / 4) = sqrt(3) on 3 degrees of freedom, whose tail is
+    # 1/2 - (atan(t / sqrt 3) + (t / sqrt 3) / (1 + t^2 / 3)) / pi = 1/2 - (pi/4 + 1/2) / pi = 0.090845 (the
+    # normal's, P(Z >= 1.7321) = 0.041632, was too sure on 4 examples); the same numbers minimised: better
     as_losses = [Outcomes("mse", {"t": TaskOutcomes(np.arange(4), np.asarray(v, np.float32) * 2)})
                  for v in ([1, 0, 1, 0], [1, 1, 1, 1])]
     p, better, _ = paired_test(*as_losses, maximize=True)
-    assert better == -1.0 and p == pytest.approx(0.5 * math.erfc(0.5 / math.sqrt(1 / 12) / math.sqrt(2)))
-    assert p == pytest.approx(0.041632, abs=1e-6)
+    assert better == -1.0 and p == pytest.approx(0.5 - (math.pi / 4 + 0.5) / math.pi, abs=1e-9)
+    assert p == pytest.approx(0.090845, abs=1e-6)
     losses = [Outcomes("mse", {"t": TaskOutcomes(np.arange(4), np.asarray(v, np.float32))})
               for v in ([1, 0, 1, 0], [1, 1, 1, 1])]
     p, better, _ = paired_test(*losses, maximize=False)
-    assert better == 0.5 and p == pytest.approx(1 - 0.041632, abs=1e-6)
+    assert better == 0.5 and p == pytest.approx(1 - 0.090845, abs=1e-6)
     # only the examples both scored count: the incumbent scored 0..5, the candidate 4..7
     p, better, shared = paired_test(_right([0, 0, 1, 1], start=4), _right([1, 1, 1, 1, 1, 1]), maximize=True)
     # wrong on both, no variance: the exact sign test, 2 of 2 worse, p = 2^-2 (the z-test said 0: surely worse)

@@ -151,8 +151,10 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
     D = sum_t c_t (k_t - (n_t - k_t)) with c_t = w_t / (shared examples of t), normal with the null variance
     sum_t c_t^2 n_t and a continuity correction of half the smallest step (min c_t). No disagreement: undecided.
 
-    Losses: the normal approximation ``z = D / sqrt(V)`` above; where every tested task's differences are all
-    equal (no variance), an exact sign test on the non-zero differences, as for right-or-wrong outcomes.
+    Losses: ``t = D / sqrt(V)`` with V = sum_t w_t^2 s_t^2 / n_t, against Student's t with Welch-Satterthwaite's
+    degrees of freedom V^2 / sum_t (w_t^2 s_t^2 / n_t)^2 / (n_t - 1) (the normal's tail was too sure on few
+    examples); where every tested task's differences are all equal (no variance), an exact sign test on the
+    non-zero differences, as for right-or-wrong outcomes.
 
     Perplexity: the study's value is the mean of the tasks' perplexities exp(sum nll / T), not of the examples'
     summed losses, so each example's difference of summed losses is scaled to its share of its task's perplexity
@@ -168,11 +170,13 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
         return 0.5, 0.5, 0.0, 0
     given = weights or {}
     total = sum(given.get(t, 1.0) for t in differences)
-    difference, variance = 0.0, 0.0
+    difference, variance, spread = 0.0, 0.0, 0.0
     for task, d in differences.items():
         w = given.get(task, 1.0) / total
+        term = w**2 * float(d.var(ddof=1)) / len(d)
         difference += w * float(d.mean())
-        variance += w**2 * float(d.var(ddof=1)) / len(d)
+        variance += term
+        spread += term**2 / (len(d) - 1)
     better = difference if maximize else -difference
     shared = min(len(d) for d in differences.values())
     if candidate.metric not in LOSSES and all(np.isin(c, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()
@@ -180,11 +184,44 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
         per_example = {task: given.get(task, 1.0) / total / len(d) for task, d in differences.items()}
         return (*_mcnemar(differences, per_example, maximize=maximize), better, shared)
     if variance > 0.0:
-        z = -better / math.sqrt(variance)  # positive: worse
-        p_worse = 0.5 * math.erfc(z / math.sqrt(2))  # P(Z >= z)
+        t = -better / math.sqrt(variance)  # positive: worse
+        p_worse = _student_sf(t, variance**2 / spread)  # Welch-Satterthwaite's degrees of freedom
         return p_worse, 1.0 - p_worse, better, shared
     signs = np.sign(np.concatenate(list(differences.values()))) * (1 if maximize else -1)
     return (*_binomial_tails(int(np.count_nonzero(signs)), int(np.sum(signs > 0))), better, shared)
+
+
+def _student_sf(t: float, df: float) -> float:
+    """P(T >= t) for Student's t with ``df`` degrees of freedom: 1/2 I_x(df/2, 1/2) at x = df / (df + t^2) for
+    t >= 0 (Abramowitz & Stegun 26.7.1 and 26.5.27). The normal's tail was too sure on few examples: 12 % of
+    equal candidates found worse at level 0.05 on 3 shared examples, 8 % on 5."""
+    tail = 0.5 * _beta_regularized(df / (df + t * t), df / 2.0, 0.5)
+    return tail if t >= 0 else 1.0 - tail
+
+
+def _beta_regularized(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz's method;
+    Numerical Recipes, 3rd ed., section 6.4), on the side of x where it converges fast."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _beta_regularized(1.0 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * fraction
 
 
 def _binomial_tails(n: int, k: int) -> tuple[float, float]:

@@ -13,7 +13,8 @@ McNemar's test on the examples the two disagree on (exact where every task weigh
 else normal with a continuity correction). Losses: with per-example differences ``d = candidate -
 incumbent`` on task ``t`` (perplexity: the summed loss's difference scaled to the task's perplexity), the
 objective's difference ``D = sum_t w_t mean(d_t)`` with variance ``V = sum_t w_t^2 var(d_t) / n_t``
-(``w_t`` the task weights, normalised), ``z = D / sqrt(V)``. Tests start at ``min_examples`` per task; a
+(``w_t`` the task weights, normalised), ``t = D / sqrt(V)`` against Student's t with Welch-Satterthwaite's
+degrees of freedom. Tests start at ``min_examples`` per task; a
 task with fewer than 2 shared examples is left out.
 
 Use it with ``objective.fidelities`` (the growing numbers of examples per task at which the trial is

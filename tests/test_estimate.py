@@ -272,6 +272,17 @@ def test_irt_fit_recovers_known_parameters() -> None:
     assert np.corrcoef(fitted_theta, theta)[0, 1] > 0.95
     assert np.corrcoef(fitted_beta, beta)[0, 1] > 0.9
     assert np.all(fitted_alpha > 0)
+    # on one thread whatever torch's thread count (workers fitting at once store the same bits), restored after
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        again = fit_irt(responses, seed=0)
+        assert torch.get_num_threads() == max(2, threads)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (fitted_alpha, fitted_beta, fitted_theta)))
 
 
 def test_estimators_track_candidates_from_a_known_model() -> None:

@@ -508,14 +508,19 @@ def fit_irt(responses: np.ndarray, *, seed: int = 0, steps: int = 600,
     log_alpha = torch.zeros(items, dtype=torch.float64, requires_grad=True)
     beta = torch.zeros(items, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([theta, log_alpha, beta], lr=0.05)
-    for _ in range(steps):
-        optimiser.zero_grad()
-        logits = log_alpha.exp()[None] * theta[:, None] - beta[None]
-        nll = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-        prior = (theta**2).sum() / 2 + (beta**2).sum() / (2 * 4.0) + (log_alpha**2).sum() / (2 * 0.25)
-        loss = (nll + prior) / (models * items)
-        loss.backward()
-        optimiser.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (a sum split over threads may round otherwise: every worker's fit the same bits)
+    try:
+        for _ in range(steps):
+            optimiser.zero_grad()
+            logits = log_alpha.exp()[None] * theta[:, None] - beta[None]
+            nll = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+            prior = (theta**2).sum() / 2 + (beta**2).sum() / (2 * 4.0) + (log_alpha**2).sum() / (2 * 0.25)
+            loss = (nll + prior) / (models * items)
+            loss.backward()
+            optimiser.step()
+    finally:
+        torch.set_num_threads(threads)
     return (log_alpha.exp().detach().numpy(), beta.detach().numpy(), theta.detach().numpy())
 
 

@@ -73,10 +73,12 @@ def study_estimator(config: StudyConfig, study: optuna.Study | None, *, wait: fl
         early = found_early
     references = baseline_outcomes(study)
     known = [references[name] for name in sorted(references)] + early
-    # fitting is deterministic (the references by name and trial number, the study's seed), but an IRT fit's
-    # last bits may follow a worker's thread count: each worker racing here scores with the estimator stored
-    # last, as read back after its own write (as every other worker and a resumed run read it, rounded)
+    # fitting is deterministic (the references by name and trial number, the study's seed; IRT on one thread), so
+    # workers racing here store the same estimator; one that finds it stored meanwhile takes it; each scores with
+    # it as read back (as every other worker and a resumed run read it, rounded)
     stored = fit_estimator(spec.method, known, fraction=spec.fraction, seed=config.seed).to_dict()
+    if (found := stored_estimator(study)) is not None:
+        return found
     study._storage.set_study_system_attr(study._study_id, ESTIMATOR_ATTR, stored)
     return stored_estimator(study) or Estimator.from_dict(stored)
 

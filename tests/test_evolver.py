@@ -683,3 +683,36 @@ def test_a_trial_waiting_for_a_generation_stops_with_the_runs_time() -> None:
     with pytest.raises(TimeUp, match="the run's time ended while it waited for generation 1"):
         sampler._claim(study, study._storage.get_trial(trial._trial_id))
     assert issubclass(TimeUp, EvaluationError)  # (the run's catch: the trial fails, the worker goes on)
+
+
+def test_an_individuals_fisher_does_not_depend_on_the_head_scored_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """X_Evolver with Fisher on per-task heads: the statistics were estimated with whichever task's head the last
+    scoring had swapped in, so a resumed run's X(P) differed from an uninterrupted one's."""
+    from types import SimpleNamespace
+
+    from transformers import BertForSequenceClassification
+
+    from evoopt.data.objective import ClassifierScorer
+    from evoopt.merge.recipe import parse_recipe
+    from evoopt.study.kinds.evolver import EvolverKind
+    from tests.helpers.models import tiny_bert_config
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=2)).eval()
+    targets = {n: p.data for n, p in model.named_parameters() if not n.startswith("classifier")}
+    batch = {"input_ids": torch.randint(5, 90, (3, 8), generator=torch.Generator().manual_seed(1)),
+             "attention_mask": torch.ones(3, 8, dtype=torch.long)}
+    monkeypatch.setattr("evoopt.merge.merger.calibration_batches", lambda recipe, folder: [batch])
+    kind = SimpleNamespace(merger=SimpleNamespace(structure=SimpleNamespace(folder=Path(".")), targets=targets),
+                           model=model, device=torch.device("cpu"))
+    recipe = parse_recipe({"method": "fisher", "models": [{"model": "a"}, {"model": "b"}],
+                           "calibration": {"texts": "t.txt"}})
+    statistics = EvolverKind._estimator(kind, recipe)  # type: ignore[arg-type]
+    weights = {n: t.clone() for n, t in targets.items()}
+    first = statistics(weights)
+    g = torch.Generator().manual_seed(2)
+    scorer = SimpleNamespace(heads={"other": {"classifier.weight": torch.randn(6, 32, generator=g),
+                                              "classifier.bias": torch.randn(6, generator=g)}})
+    ClassifierScorer._use_head(scorer, model, "other")  # type: ignore[arg-type]  # (what scoring leaves behind)
+    again = statistics(weights)
+    assert all(torch.equal(first[n], again[n]) for n in targets)

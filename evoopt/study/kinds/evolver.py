@@ -122,9 +122,16 @@ class EvolverKind(Kind[EvolverSpace]):
         batches = [{k: v.to(self.device) for k, v in b.items()}
                    for b in calibration_batches(recipe, self.merger.structure.folder)]
         estimate = estimate_fisher if recipe.merge_method.statistic == "fisher" else gram_matrices
+        # what no individual sets (a per-task head, swapped in by the scorer for each task it scores) as the model
+        # was built: put back before each estimate, so that an individual's statistics do not depend on the task
+        # scored last (X(P) of a resumed run differed from an uninterrupted one's)
+        fixed = {name: p.data for name, p in model.named_parameters() if name not in self.merger.targets}
 
         def statistics(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, tensor in fixed.items():
+                    params[name].data = tensor
                 for name, tensor in weights.items():
                     self.merger.targets[name].copy_(tensor)
             return estimate(model, batches)

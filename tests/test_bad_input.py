@@ -692,3 +692,18 @@ def test_mse_on_a_classifier_is_refused_when_scored() -> None:
     scorer.metric = "mse"
     with pytest.raises(EvaluationError, match="mse needs regression heads .*the model gives 2"):
         scorer._per_example(np.zeros((3, 2), np.float32), np.zeros(3))
+
+
+def test_a_storage_of_an_older_optuna_schema_says_how_to_upgrade_it(tmp_path: Path) -> None:
+    """It was Optuna's RuntimeError, a traceback."""
+    import sqlite3
+
+    from evoopt.errors import StorageError
+    from evoopt.study.storage import storage_from_url
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    optuna.create_study(study_name="old", storage=url)
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = 'v3.0.0.d'")
+    with pytest.raises(StorageError, match=r"made by another version of Optuna .*`optuna storage upgrade"):
+        storage_from_url(url)

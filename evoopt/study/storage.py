@@ -86,6 +86,11 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
     except ArgumentError as error:
         raise StorageError(f"storage: {shown} is not a storage URL SQLAlchemy knows ({error}); use sqlite:///FILE, "
                            "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH") from None
+    except RuntimeError as error:
+        if "storage upgrade" not in str(error):
+            raise
+        raise StorageError(f"storage: {shown} was made by another version of Optuna (its schema is older); "
+                           f"upgrade it with `optuna storage upgrade --storage URL` (back it up first)") from None
 
 
 def _sqlite_problem(path: Path, create: bool) -> str | None:

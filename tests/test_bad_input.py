@@ -707,3 +707,35 @@ def test_a_storage_of_an_older_optuna_schema_says_how_to_upgrade_it(tmp_path: Pa
         db.execute("UPDATE alembic_version SET version_num = 'v3.0.0.d'")
     with pytest.raises(StorageError, match=r"made by another version of Optuna .*`optuna storage upgrade"):
         storage_from_url(url)
+
+
+def test_an_artifact_replaced_by_a_failed_write_keeps_its_old_content(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compare` replaces its plot in the artifact store: the store's own write truncated the file in place."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    from evoopt.study import storage
+    from evoopt.study.storage import attach
+
+    config = parse_config({"name": "a", "storage": f"sqlite:///{tmp_path / 'a.db'}", "artifacts": str(tmp_path),
+                           "sources": {"base": "X", "models": ["A", "B"], "tasks": ["sms-spam"]}})
+    study = open_study(config)
+    plot = tmp_path / "compare.html"
+    plot.write_text("one")
+    attach(config, study, plot)
+    (meta,) = get_all_artifact_meta(study)
+    stored = tmp_path / "a" / "artifacts" / meta.artifact_id
+
+    def half(source: Any, target: Any) -> None:
+        Path(target).write_text("tw")
+        raise OSError("disk full")
+
+    plot.write_text("two")
+    monkeypatch.setattr(storage.shutil, "copyfile", half)
+    with pytest.raises(OSError, match="disk full"):
+        attach(config, study, plot)
+    assert stored.read_text() == "one"
+    monkeypatch.undo()
+    attach(config, study, plot)
+    assert stored.read_text() == "two" and len(get_all_artifact_meta(study)) == 1
+    assert sorted(p.name for p in stored.parent.iterdir()) == [meta.artifact_id]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -360,13 +361,17 @@ def attach(config: StudyConfig, study: optuna.Study, file: Path) -> None:
     same name replaced (each `compare` and report added another copy before)."""
     from optuna.artifacts import get_all_artifact_meta, upload_artifact
 
+    from evoopt.models.io import atomic_write
+
     store = artifact_store(config)
     earlier = [m for m in get_all_artifact_meta(study) if m.filename == file.name]
     if not earlier:
         upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=study, storage=study._storage)
         return
-    with open(file, "rb") as content:
-        store.write(earlier[0].artifact_id, content)
+    # replaced atomically (the store's own write truncates the file in place: a failed or concurrent write left
+    # half a plot where the dashboard reads it)
+    atomic_write(config.artifact_dir / "artifacts" / earlier[0].artifact_id,
+                 lambda tmp: shutil.copyfile(file, tmp))
 
 
 def finished_trials(study: optuna.Study) -> int:

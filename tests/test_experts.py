@@ -233,8 +233,9 @@ def test_statistic_merges_on_real_experts(built, tmp_path: Path, method: str) ->
 
     experts, _ = built
     calibration = tmp_path / "calibration.txt"
-    dev = list(load_splits("vader-tweets")["dev"]["text"]) + list(load_splits("vader-nyt")["dev"]["text"])
-    calibration.write_text("\n".join(t.replace("\n", " ") for t in dev[::50]))
+    # calibration texts from training data, never dev or test (as the README asks of users)
+    train = list(load_splits("vader-tweets")["train"]["text"]) + list(load_splits("vader-nyt")["train"]["text"])
+    calibration.write_text("\n".join(t.replace("\n", " ") for t in train[::200]))
     models = [{"model": str(p)} for p in experts.experts.values()]
     merger = Merger(parse_recipe({"method": method, "models": models,
                                   "calibration": {"texts": str(calibration), "max_examples": 24}}))

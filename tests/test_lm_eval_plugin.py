@@ -275,7 +275,7 @@ def test_split_test_scores_the_test_half_the_study_never_selected_on(tmp_path: P
     objective.tasks, as the study split them (the plugin scored every document, dev's included)."""
     from evoopt.data.objective import registered_docs
     from evoopt.integrations.lm_eval import ModelArgsError, split_samples
-    from tests.test_outcomes import _registered_task
+    from tests.helpers.lmeval import registered_task as _registered_task
 
     task = _registered_task(tmp_path / "tasks", 20)
     study = tmp_path / "study.yaml"

@@ -22,6 +22,7 @@ from evoopt.data.outcomes import (
     paired_test,
 )
 from evoopt.errors import EvooptError
+from tests.helpers.lmeval import registered_task as _registered_task
 
 
 def test_scores_from_outcomes_by_hand() -> None:
@@ -429,17 +430,6 @@ def test_lm_eval_scores_under_bfloat16_when_asked(smol_tiny_family: list[Path], 
     scorer.autocast = True
     scorer.scores(model)
     assert seen and set(seen) == {torch.bfloat16}
-
-
-def _registered_task(folder: Path, documents: int) -> str:
-    """evoopt's SMS-spam task under another name, as a registered lm-eval task (``include_path``) with one
-    evaluation split of ``documents`` documents."""
-    from evoopt.data.corpora import write_lm_eval_tasks
-
-    (written,) = write_lm_eval_tasks(["sms-spam"], folder, split="dev", limit=documents)
-    config = folder / f"{written}.yaml"
-    config.write_text(config.read_text().replace(f"task: {written}", "task: spam_registered"))
-    return "spam_registered"
 
 
 def test_an_unknown_lm_eval_task_is_a_clear_error(tmp_path: Path) -> None:

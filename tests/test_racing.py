@@ -78,7 +78,7 @@ def _study_with_incumbent(direction: str = "maximize") -> optuna.Study:
 
 @pytest.mark.parametrize(("scored", "pruned"), [
     ([1, 0] * 20, True),  # 50 % where the incumbent has 90 %, on 40 shared examples
-    ([1] * 39 + [0], False),  # one example worse of 40: z = 1, p = 0.16, not sure enough
+    ([1] * 39 + [0], False),  # one example worse of 40: McNemar's p = 1/2 (one disagreement), not sure enough
     ([0] * 10, False),  # worse, but fewer examples than min_examples: not tested yet
 ])
 def test_the_pruner_stops_a_trial_surely_worse_than_the_incumbent(scored: list[int], pruned: bool) -> None:

@@ -200,7 +200,7 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
     ("NaN weights", lambda s, t, m: _merge(s, t, _damaged(s, t, _nan)),
      ValueError, r"model\.layers\.1\.mlp\.up_proj\.weight.*NaN"),
     ("NaN/inf score", _nan_score, RuntimeError, r"not finite.*inf"),
-    ("empty dev set", lambda s, t, m: _study(s, **{"objective.limit": 0}), ValueError, "objective.limit"),
+    ("non-positive dev limit", lambda s, t, m: _study(s, **{"objective.limit": 0}), ValueError, "objective.limit"),
     ("unknown method", lambda s, t, m: _study(s, **{"space.method": "tie"}), ValueError,
      "space.method: unknown merge method 'tie'; known methods: breadcrumbs"),
     ("unknown sampler", lambda s, t, m: _study(s, **{"sampler.name": "CMA"}), ValueError,

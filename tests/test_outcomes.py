@@ -564,3 +564,15 @@ def test_the_paired_test_on_losses_holds_its_level_on_few_examples() -> None:
             b = Outcomes("mse", {"t": TaskOutcomes(np.arange(n), g.normal(size=n).astype(np.float32))})
             rejected += paired_test(a, b, maximize=False)[0] < 0.05
         assert rejected / 4000 <= 0.06, (n, rejected / 4000)
+
+
+def test_a_task_with_no_examples_to_score_is_a_clear_error() -> None:
+    """An empty split or no rows chosen: refused by name, not a division by zero in the mean."""
+    from evoopt.data.objective import _chosen
+    from evoopt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="objective: task 'sms-spam' has no examples in its dev split"):
+        _chosen("sms-spam", "dev", 0, None, None)
+    with pytest.raises(ConfigError, match="objective: task 'sms-spam' has no examples in its dev split"):
+        _chosen("sms-spam", "dev", 40, None, {"sms-spam": []})
+    assert list(_chosen("sms-spam", "dev", 40, 3, None)) == [0, 1, 2]

@@ -249,9 +249,9 @@ def methods() -> None:
 
 # --- studies ----------------------------------------------------------------------------------------
 
-_STORAGE = click.option("--storage", type=_URL, default=None, help="An Optuna storage URL instead of the config's `storage` "
-                        "(postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH): the one the study "
-                        "was run on with `run --storage` or `worker --storage`.")
+_STORAGE = click.option("--storage", type=_URL, default=None, help="An Optuna storage URL instead of the config's "
+                        "`storage` (postgresql://USER@HOST/DB, mysql://..., sqlite:///FILE, journal:PATH): the one "
+                        "the study was run on with `run --storage` or `worker --storage`.")
 
 
 def _load_study_config(path: Path, root: Path | None = None, storage: str | None = None) -> object:

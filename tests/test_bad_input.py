@@ -616,11 +616,12 @@ def test_a_storage_password_is_masked_in_what_is_printed(tmp_path: Path) -> None
         load_study(config, optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'm.db'}"))
 
 
-@pytest.mark.parametrize("name", ["../x", " ", "a/b", "..", "a\\b", " padded"])
-def test_a_study_name_that_is_not_one_folder_is_refused(name: str) -> None:
+@pytest.mark.parametrize("name", ["../x", " ", "a/../../b", "..", "/abs", "a\\..\\b", " padded"])
+def test_a_study_name_that_leaves_the_artifacts_folder_is_refused(name: str) -> None:
     """The name is the study's folder under artifacts: '../../etc' put its database outside them."""
     with pytest.raises(ConfigError, match=r"name: .* names a folder under artifacts"):
         parse_config({"name": name, "setting": "minilm-cross-task"})
+    assert parse_config({"name": "exp/a", "setting": "minilm-cross-task"})  # (a folder in a folder, as before)
 
 
 def test_a_lower_batch_size_resumes_the_same_study() -> None:
@@ -663,8 +664,9 @@ def test_a_study_made_by_a_command_that_failed_on_anything_is_taken_back(tmp_pat
 
 def test_a_blank_storage_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
     """`evoopt worker X.yaml --storage "$DB_URL"` with the variable unset ran a private local study."""
-    with pytest.raises(ConfigError, match="storage"):
-        parse_config({"name": "m", "setting": "minilm-cross-task", "storage": " "})
+    for blank in ("", " "):
+        with pytest.raises(ConfigError, match="storage: an empty storage URL"):
+            parse_config({"name": "m", "setting": "minilm-cross-task", "storage": blank})
     from click.testing import CliRunner
 
     from evoopt.cli import main
@@ -705,8 +707,17 @@ def test_a_storage_of_an_older_optuna_schema_says_how_to_upgrade_it(tmp_path: Pa
     optuna.create_study(study_name="old", storage=url)
     with sqlite3.connect(tmp_path / "old.db") as db:
         db.execute("UPDATE alembic_version SET version_num = 'v3.0.0.d'")
-    with pytest.raises(StorageError, match=r"made by another version of Optuna .*`optuna storage upgrade"):
+    with pytest.raises(StorageError, match=r"made by an older Optuna .*`optuna storage upgrade"):
         storage_from_url(url)
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = 'v99.0.0.a'")
+    with pytest.raises(StorageError, match=r"made by a newer Optuna than this one; upgrade Optuna"):
+        storage_from_url(url)
+    # a journal made through sqlite:///FILE.log (a journal until that named a SQLite file): named as one
+    journal = tmp_path / "runs.log"
+    optuna.create_study(study_name="j", storage=storage_from_url(str(journal)))
+    with pytest.raises(StorageError, match=r"is an Optuna journal file, not a SQLite database: give journal:PATH"):
+        storage_from_url(f"sqlite:///{journal}", create=False)
 
 
 def test_an_artifact_replaced_by_a_failed_write_keeps_its_old_content(tmp_path: Path,

@@ -472,6 +472,47 @@ def test_killed_study_resumes_without_losing_trials(small_experts: Any, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_fails_the_running_trial_and_keeps_everything_finished(small_experts: Any, tmp_path: Path,
+                                                                      workers: int) -> None:
+    """SIGINT (a terminal's Ctrl-C) mid-trial: the process says so and exits; the trials it finished are kept as they
+    were, none is left RUNNING (a dead worker's would wait out the grace period), and the same command continues to
+    the budget. With --workers 2, the parent passes it on to its workers (in their own sessions)."""
+    experts, _ = small_experts
+    path = write_study_config(tmp_path, small_study_config(tmp_path, experts, name=f"ctrl-c-{workers}", trials=6))
+    config = parse_config(yaml.safe_load(path.read_text()), root=tmp_path)
+    command = [sys.executable, "-m", "evoopt.cli", "run", str(path), "--no-baselines", "--workers", str(workers)]
+    process = subprocess.Popen(command, env=dict(os.environ), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = load_study(config).get_trials()
+            except Exception:  # noqa: BLE001  (the database may not exist yet)
+                continue
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and any(
+                    t.state == TrialState.RUNNING and "recipe" in t.user_attrs for t in trials):
+                break
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "interrupted" in err, err[-2000:]
+    trials = load_study(config).get_trials()
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    completed = {t.number: (t.params, t.value) for t in trials if t.state == TrialState.COMPLETE}
+    assert len(completed) >= 2
+    result = CliRunner().invoke(main, ["run", str(path), "--no-baselines"])
+    assert result.exit_code == 0, result.output
+    trials = open_study(config).get_trials()
+    assert {t.number: (t.params, t.value) for t in trials if t.number in completed} == completed
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 6
+
+
+@pytest.mark.slow
 def test_two_workers_share_one_study(small_experts: Any, tmp_path: Path) -> None:
     experts, _ = small_experts
     path = write_study_config(tmp_path, small_study_config(tmp_path, experts, name="workers", trials=5))

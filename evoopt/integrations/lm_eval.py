@@ -182,6 +182,7 @@ def _trial_recipe(study: str | None, storage: str | None, trial: str | int | Non
 
 def _recipe_of(loaded: Any, found: Any, frozen: Any, url: str) -> tuple[Recipe, str]:
     """A study trial's recipe, and where it came from."""
+    from evoopt.study.config import shown_url
     from evoopt.study.kinds import make_kind
 
     recipe = make_kind(loaded).recipe(frozen.params)
@@ -189,20 +190,21 @@ def _recipe_of(loaded: Any, found: Any, frozen: Any, url: str) -> tuple[Recipe, 
         raise ModelArgsError(f"study {loaded.name!r}: a {loaded.space.kind} trial is not a recipe; give study= or "
                              "config= to the evoopt model (it builds the trial), or export the trial and use "
                              "--model hf")
-    return recipe, f"study {loaded.name!r} trial {frozen.number} ({url})"
+    return recipe, f"study {loaded.name!r} trial {frozen.number} ({shown_url(url)})"
 
 
 def _trial_model(loaded: Any, found: Any, frozen: Any, url: str, device: str | None,
                  dtype: Any) -> tuple[Any, Path | None, str, dict[str, Any], Recipe | None]:
     """A study trial's model, built by the study's kind: (model, tokenizer folder, source line, what lm-eval
     records about it, its recipe if it has one)."""
+    from evoopt.study.config import shown_url
     from evoopt.study.kinds import make_kind
 
     updates, target = _placement(device, dtype)
     kind = make_kind(loaded.model_copy(update=updates))  # (model_copy keeps the config's root)
     kind.built(found)
     model = kind.trial_model(frozen.params)
-    source = f"study {loaded.name!r} trial {frozen.number} ({url})"
+    source = f"study {loaded.name!r} trial {frozen.number} ({shown_url(url)})"
     _check_lm(model, source)
     if target is not None:
         torch.nn.Module.to(model, target)
@@ -218,7 +220,7 @@ def _check_lm(model: Any, source: str) -> None:
 def _study_trial(study: str | None, storage: str | None, trial: str | int | None,
                  config: str | None) -> tuple[Any, Any, Any, str]:
     """(config, study, trial, storage URL) that study= or config= (with trial=) name."""
-    from evoopt.study.config import ConfigError, StudyConfig, load_config, parse_config, same_study
+    from evoopt.study.config import ConfigError, StudyConfig, load_config, parse_config, same_study, shown_url
     from evoopt.study.run import CONFIG_ATTR, ROOT_ATTR, check_experts, get_trial
 
     which = _which(trial)
@@ -237,14 +239,14 @@ def _study_trial(study: str | None, storage: str | None, trial: str | int | None
     found = _load_study(name, url)
     stored = found.user_attrs.get(CONFIG_ATTR)
     if not isinstance(stored, dict):
-        raise ModelArgsError(f"study={name}: the study in {url} was not made by evoopt (it has no {CONFIG_ATTR!r} "
-                             "attribute); give recipe= for a fixed merge")
+        raise ModelArgsError(f"study={name}: the study in {shown_url(url)} was not made by evoopt (it has no "
+                             f"{CONFIG_ATTR!r} attribute); give recipe= for a fixed merge")
     if loaded is None:
         root = Path(found.user_attrs.get(ROOT_ATTR) or Path.cwd())
         loaded = parse_config(stored, root=root, source=f"study {name!r} (its stored config)")
     elif changed := same_study(stored, loaded):
-        raise ModelArgsError(f"config={config}: study {name!r} in {url} was made from another config; restore "
-                             "the old values or give study=NAME,storage=URL:\n  - " + "\n  - ".join(changed))
+        raise ModelArgsError(f"config={config}: study {name!r} in {shown_url(url)} was made from another config; "
+                             "restore the old values or give study=NAME,storage=URL:\n  - " + "\n  - ".join(changed))
     try:
         check_experts(found, loaded.model_copy(update={"storage": url}))
     except ConfigError as error:
@@ -266,18 +268,19 @@ def _which(trial: str | int | None) -> str | int:
 def _load_study(name: str, url: str) -> Any:
     import optuna
 
-    from evoopt.study.config import ConfigError
+    from evoopt.study.config import ConfigError, shown_url
     from evoopt.study.run import storage_from_url
 
     try:
         storage = storage_from_url(url, create=False)
     except ConfigError as error:
-        raise ModelArgsError(f"storage={url}: {str(error).removeprefix('storage: ')}") from None
+        raise ModelArgsError(f"storage={shown_url(url)}: {str(error).removeprefix('storage: ')}") from None
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = optuna.get_all_study_names(storage)
-        raise ModelArgsError(f"study={name}: no such study in {url}; it has: {', '.join(names) or 'none'}") from None
+        raise ModelArgsError(f"study={name}: no such study in {shown_url(url)}; it has: "
+                             f"{', '.join(names) or 'none'}") from None
 
 
 def _placed(recipe: Recipe, device: str | None, dtype: Any) -> tuple[Recipe, torch.device | None]:

@@ -60,7 +60,7 @@ def linear(
         result = result + t.to(dtype) * w
     if normalize:
         total = math.fsum(weights)
-        if abs(total) < 1e-8:
+        if abs(total) <= 1e-12 * math.fsum(abs(w) for w in weights):  # (scale-free)
             raise ValueError(f"weights: sum to {total}; a normalized average needs a nonzero sum")
         result = result / torch.tensor(weights, dtype=dtype).sum()
     return result.to(tensors[0].dtype)
@@ -275,7 +275,7 @@ def fisher(
     fall back to the weighted average through epsilon.
     """
     _check_lengths(tensors, fishers=fishers, weights=weights)
-    if abs(math.fsum(weights)) < 1e-8:
+    if abs(math.fsum(weights)) <= 1e-12 * math.fsum(abs(w) for w in weights):  # (scale-free: [3e-9, 3e-9] is fine)
         raise ValueError(f"weights: sum to 0 ({list(weights)}); Fisher merging divides by the weighted Fishers")
     dtype = compute_dtype(tensors[0].dtype)
     numerator = torch.zeros_like(tensors[0], dtype=dtype)

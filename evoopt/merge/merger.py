@@ -208,14 +208,13 @@ class Merger:
                 # write into their arguments: tested); checked for NaN and inf once, when the Merger was built.
                 base = _shaped(self.base, name).to(self.device) if self.base is not None else None
                 tensors = [_shaped(s, name).to(self.device) for s in self.sources]
-                first = tensors[0] if base is None else base
-                if target.is_floating_point() and target.element_size() > first.element_size():
+                if target.is_floating_point():
                     # a model wider than the sources (bfloat16 sources, float32 model): the methods compute and
-                    # return in the dtype of the base (or the first model), so that one tensor is widened
-                    if base is None:
-                        tensors[0] = tensors[0].to(target.dtype)
-                    else:
-                        base = base.to(target.dtype)
+                    # return in their inputs' dtype (the base's for some, the first model's for others), so the
+                    # narrower inputs are widened, one tensor at a time
+                    wide = target.element_size()
+                    tensors = [t.to(target.dtype) if t.element_size() < wide else t for t in tensors]
+                    base = base.to(target.dtype) if base is not None and base.element_size() < wide else base
                 stats = self.statistics.get(name) if self.statistics is not None else None
                 flipped = name in self.in_out  # RegMean solves for (out, in) weights: a Conv1D's, transposed
                 if flipped:

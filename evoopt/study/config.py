@@ -224,8 +224,7 @@ class StudyConfig(_Strict):
     memory_budget: float | None = Field(None, gt=0, description=(
         "GiB the merges' preprocessed state may take; larger, the sources are streamed from their files "
         "(default: the memory available when a worker starts)"))
-    storage: str | None = Field(None, min_length=1, pattern=r"\S",
-                                description="an Optuna storage URL; default sqlite in the artifacts folder")
+    storage: str | None = Field(None, description="an Optuna storage URL; default sqlite in the artifacts folder")
     artifacts: str = Field("out/studies", description="folder for the default storage, artifacts and plots")
     baselines: list[str] = Field(
         default_factory=lambda: ["sources", "ensemble", "greedy-soup", "linear", "task_arithmetic", "ties",
@@ -582,12 +581,17 @@ def _weight_problems(config: StudyConfig) -> list[str]:
 
 
 def _name_problems(config: StudyConfig) -> list[str]:
-    """The name is a folder of the artifacts (its default storage, plots, exports): one plain folder name."""
-    name = config.name
-    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
-        return [f"name: {name!r} names a folder under artifacts; give a name without slashes, '..' or spaces at "
-                "either end"]
-    return []
+    """The name is a folder under the artifacts (its default storage, plots, exports): one that stays there; and a
+    storage is a URL, not blank (an unset variable ran a private default study)."""
+    name, problems = config.name, []
+    parts = name.replace("\\", "/").split("/")
+    if not name.strip() or name != name.strip() or name.startswith(("/", "\\")) or ".." in parts or "." in parts:
+        problems.append(f"name: {name!r} names a folder under artifacts; give a name without '..', a leading "
+                        "slash, or spaces at either end")
+    if config.storage is not None and not config.storage.strip():
+        problems.append("storage: an empty storage URL (an unset variable?); give the URL, or leave storage out for "
+                        "the default SQLite file in the artifacts folder")
+    return problems
 
 
 _CHECKS: tuple[Check, ...] = (

@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 
 from evoopt.data.objective import Scores
 from evoopt.data.outcomes import Outcomes
-from evoopt.errors import ConfigError, EvaluationError, EvooptError, WorkerError, problems
+from evoopt.errors import ConfigError, EvaluationError, WorkerError, problems
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write, reference_problem

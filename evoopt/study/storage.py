@@ -88,10 +88,13 @@ def storage_from_url(url: str, *, heartbeat_interval: int | None = None, grace_p
         raise StorageError(f"storage: {shown} is not a storage URL SQLAlchemy knows ({error}); use sqlite:///FILE, "
                            "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH") from None
     except RuntimeError as error:
-        if "storage upgrade" not in str(error):
-            raise
-        raise StorageError(f"storage: {shown} was made by another version of Optuna (its schema is older); "
-                           f"upgrade it with `optuna storage upgrade --storage URL` (back it up first)") from None
+        if "storage upgrade" in str(error):
+            raise StorageError(f"storage: {shown} was made by an older Optuna (its schema is older); upgrade it with "
+                               "`optuna storage upgrade --storage URL` (back it up first)") from None
+        if "no longer compatible" in str(error) or "updating optuna" in str(error).lower():
+            raise StorageError(f"storage: {shown} was made by a newer Optuna than this one; upgrade Optuna "
+                               "(pip install -U optuna)") from None
+        raise
 
 
 def _sqlite_problem(path: Path, create: bool) -> str | None:
@@ -109,6 +112,10 @@ def _sqlite_problem(path: Path, create: bool) -> str | None:
         return f"cannot be read as a SQLite database ({error})"
     except sqlite3.DatabaseError as error:
         if "not a database" in str(error):
+            with open(path, "rb") as head:
+                if head.read(1) == b"{":  # (a journal's JSON lines: made through sqlite:///FILE.log before that
+                    # named a SQLite file)
+                    return "is an Optuna journal file, not a SQLite database: give journal:PATH"
             return f"is not a SQLite database ({error})"
         return f"is a damaged SQLite database ({error}): restore it from a copy"
     if tables and "studies" not in tables:
@@ -370,8 +377,10 @@ def attach(config: StudyConfig, study: optuna.Study, file: Path) -> None:
         return
     # replaced atomically (the store's own write truncates the file in place: a failed or concurrent write left
     # half a plot where the dashboard reads it)
-    atomic_write(config.artifact_dir / "artifacts" / earlier[0].artifact_id,
-                 lambda tmp: shutil.copyfile(file, tmp))
+    def copy(tmp: Path) -> None:
+        shutil.copyfile(file, tmp)
+
+    atomic_write(config.artifact_dir / "artifacts" / earlier[0].artifact_id, copy)
 
 
 def finished_trials(study: optuna.Study) -> int:

@@ -32,7 +32,7 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
     from evoopt.merge import get_method
     from evoopt.models.io import open_source
     from evoopt.search.population import Population
-    from evoopt.search.samplers import make_sampler
+    from evoopt.search.samplers import base_seed, make_sampler
     from evoopt.study.config import parse_config
     from evoopt.study.kinds import make_kind
     from evoopt.study.space import EvolverSpace, study_sources
@@ -46,7 +46,7 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
     sources = study_sources(config)
     space = make_kind(config, sources).space
     assert isinstance(space, EvolverSpace)
-    sampler = make_sampler(config.sampler, config.seed, lambda: space)
+    sampler = make_sampler(config.sampler, base_seed(config.sampler, config.seed), lambda: space)
     experts = [open_source(Path(p)) for p in paths[1:]]
     names = sorted(experts[0].keys())
     goal = {n: sum(e.get(n) for e in experts) / 3 if method == "none" else experts[0].get(n) for n in names}

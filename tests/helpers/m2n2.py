@@ -33,7 +33,7 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
     when |p . (x - goal)| is below the experts' median on it (goal: their mean): real per-example outcomes."""
     from evoopt.data.outcomes import Outcomes, TaskOutcomes, record_outcomes
     from evoopt.search.archive import Archive
-    from evoopt.search.samplers import make_sampler
+    from evoopt.search.samplers import base_seed, make_sampler
     from evoopt.study.config import parse_config
     from evoopt.study.kinds import make_kind
 
@@ -42,7 +42,7 @@ def tiny_study(storage: str, paths: list[str], *, trials: int, sleep: float = 0.
                            "space": {"kind": "m2n2"}, "sampler": {"name": "M2N2Sampler", "options": OPTIONS},
                            "trials": trials, "seed": 5})
     kind = make_kind(config)
-    sampler = make_sampler(config.sampler, config.seed, lambda: kind.space)
+    sampler = make_sampler(config.sampler, base_seed(config.sampler, config.seed), lambda: kind.space)
     experts, names = _experts(paths)
     archive = Archive(experts, names, dtype=torch.float32)
     out = {n: torch.empty(experts[0].shape(n)) for n in names}

@@ -33,8 +33,6 @@ from evoopt.study.run import Worker, export_trial, open_study, run_baselines, ru
 from tests.helpers.models import save_family, tiny_llama_config
 from tests.helpers.studies import small_study_config
 
-pytestmark = pytest.mark.slow  # every case runs beside a study of real MiniLM experts (``stored``)
-
 
 @dataclass
 class Stored:
@@ -262,6 +260,7 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "action", "error", "message"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_a_clear_error_and_loses_nothing(name: str, action: Callable[..., Any], error: type,
                                                       message: str, stored: Stored, tmp_path: Path,
@@ -286,6 +285,7 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(name: str, action: Callabl
     assert torch.get_default_dtype() == torch.float32
 
 
+@pytest.mark.slow
 def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored: Stored, tmp_path: Path) -> None:
     """A run that made its study and then failed (a model folder without weights; a path that does not exist is
     refused before the study is made) takes the study back: the corrected config is not refused as another config.
@@ -305,6 +305,7 @@ def test_a_run_refused_before_it_did_anything_leaves_the_study_name_free(stored:
         open_study(parse_config(bad))
 
 
+@pytest.mark.slow
 def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_holds_anything(
         stored: Stored, tmp_path: Path) -> None:
     """A study made by an evoopt that did not record the rules of its corpora's rows: given them while it holds
@@ -338,6 +339,7 @@ def test_a_study_made_before_its_data_rules_were_recorded_is_refused_once_it_hol
         open_study(config)
 
 
+@pytest.mark.slow
 def test_a_resumed_study_is_refused_before_its_sources_are_resolved(stored: Stored, tmp_path: Path) -> None:
     """Resolving a study's sources (a sampler's space, the kind's model) may train or rescore experts for minutes:
     a study that its config or the data rules refuse is refused before, here with its sources gone."""
@@ -366,6 +368,7 @@ def test_a_resumed_study_is_refused_before_its_sources_are_resolved(stored: Stor
         run_study(config.model_copy(update={"name": "new"}), n_trials=1)
 
 
+@pytest.mark.slow
 def test_a_trial_is_rebuilt_only_on_the_experts_it_was_scored_with(stored: Stored) -> None:
     """Export and lm-eval rebuild a trial on the study's experts: refused when this evoopt would train them on
     other rows (another split, a revised corpus, for causal experts another lm-eval tasks' version), or calibrate
@@ -408,6 +411,7 @@ def test_a_trial_is_rebuilt_only_on_the_experts_it_was_scored_with(stored: Store
         _study_trial("cross", storage, "best", None)
 
 
+@pytest.mark.slow
 def test_the_data_rules_a_study_depends_on(stored: Stored) -> None:
     """Scored on evoopt's dev rows: the split and dev rules and the revisions of its corpora, the lm-eval tasks'
     version where lm-eval scores them or made causal experts; lm-eval's own tasks on experts of a setting: the rules
@@ -434,6 +438,7 @@ def test_the_data_rules_a_study_depends_on(stored: Stored) -> None:
     assert _rules_read(data_rules(), lm_eval) == _rules_read(data_rules(), causal)
 
 
+@pytest.mark.slow
 def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_path: Path) -> None:
     """The process that made a study takes it back on a refusal only while no other has opened it: a worker
     started beside it may still be loading its models."""
@@ -451,6 +456,7 @@ def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_
     assert not _unused(study)
 
 
+@pytest.mark.slow
 def test_taking_back_and_joining_always_see_each_other(stored: Stored, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The maker marks its study withdrawn and then reads whether anyone joined; a joiner marks joined and then
@@ -491,6 +497,7 @@ def test_taking_back_and_joining_always_see_each_other(stored: Stored, tmp_path:
     assert _open_study(config)[1] is False and run._unused(again)
 
 
+@pytest.mark.slow
 def test_a_failing_take_back_never_hides_the_error_that_caused_it(stored: Stored, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from evoopt.study.run import _open_study, _take_back
@@ -507,6 +514,7 @@ def test_a_failing_take_back_never_hides_the_error_that_caused_it(stored: Stored
         _take_back(study)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["best", "status", "export", "dashboard"])
 def test_read_commands_refuse_an_edited_config(stored: Stored, tmp_path: Path, command: str) -> None:
     """``best``/``export`` through an edited config would rebuild another model than the trial scored."""

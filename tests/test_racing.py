@@ -151,6 +151,8 @@ def test_a_raced_study_records_each_decision(small_experts: Any, tmp_path: Any) 
         pruner={"name": "RacingPruner", "options": {"alpha": 0.2, "min_examples": 10}}))
     trials = run_study(config, report=False).study.get_trials()
     assert "race" not in trials[0].user_attrs and trials[0].state == TrialState.COMPLETE  # nothing to race yet
+    # both branches below are taken (the seeded search prunes some trials and finishes others)
+    assert {t.state for t in trials[1:]} == {TrialState.COMPLETE, TrialState.PRUNED}, [t.state for t in trials]
     for trial in trials[1:]:
         race = trial.user_attrs["race"]
         pruned = trial.state == TrialState.PRUNED

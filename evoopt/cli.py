@@ -162,7 +162,8 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
     Settings: minilm-sentiment-domains (one expert per VADER domain, shared head),
               minilm-cross-task (SMS spam, TREC, BBC, Rotten Tomatoes; per-task heads),
               smollm2-tasks (SmolLM2-135M-Instruct, SMS spam and TREC as answer text,
-              scored through lm-eval; about 15 min on 2 CPU cores).
+              scored through lm-eval; on 2 CPU cores 43 min for its two experts beside
+              other work and 6 min for its multi-task model, measured).
     Models are cached under $EVOOPT_CACHE/experts (default ~/.cache/evoopt) in
     content-addressed folders, so a second run reuses them (scoring them again, not
     training, when evoopt's dev or test rows changed; trained anew in new folders when

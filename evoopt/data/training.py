@@ -36,7 +36,8 @@ def train_loop(model: torch.nn.Module, train: TrainConfig, examples: int,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, train.steps))
     model.train()
     order: np.ndarray = np.empty(0, dtype=np.int64)
-    with torch.random.fork_rng(devices=[]):
+    # (torch.manual_seed seeds the CUDA devices too: their states are restored with the CPU's)
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(train.seed)  # dropout masks; the caller's global RNG state is restored afterwards
         for step in range(train.steps):
             if order.size < train.batch_size:

@@ -6,6 +6,7 @@ here: every merge candidate is a different model.
 
 from __future__ import annotations
 
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,15 @@ def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any,
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               mixed_precision_dtype=torch.bfloat16 if autocast else None)
-    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=None if samples else limit,
-                              samples=samples, cache_requests=False, use_cache=None, log_samples=True,
-                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                              fewshot_random_seed=seed, verbosity="ERROR")
+    # lm-eval seeds Python's, NumPy's and torch's global generators: the caller's states are put back after
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=None if samples else limit,
+                                  samples=samples, cache_requests=False, use_cache=None, log_samples=True,
+                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                  fewshot_random_seed=seed, verbosity="ERROR")
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
     scores, examples = {}, {}
     for name in tasks:
         metrics = results["results"][name]

@@ -716,3 +716,29 @@ def test_an_individuals_fisher_does_not_depend_on_the_head_scored_last(monkeypat
     ClassifierScorer._use_head(scorer, model, "other")  # type: ignore[arg-type]  # (what scoring leaves behind)
     again = statistics(weights)
     assert all(torch.equal(first[n], again[n]) for n in targets)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "fisher"])
+def test_an_evolver_study_resumed_through_the_engine_is_the_uninterrupted_one(
+        method: str, small_experts: Any, tmp_path: Path) -> None:
+    """The resume tests of tests/helpers build their populations over sorted tensor names, outside the engine; the
+    engine orders them as the model does and derives crossover masks from that order, statistics from the model:
+    a study stopped after 3 trials and run again (a new kind, sampler and population, as a new process builds
+    them) gives the trials of one uninterrupted run, parameters and scores."""
+    from evoopt.study.config import parse_config
+    from evoopt.study.run import run_study
+    from tests.helpers.studies import small_study_config
+
+    experts, _ = small_experts
+
+    def config(name: str) -> Any:
+        return parse_config(small_study_config(
+            tmp_path, experts, name=name, trials=6, space={"kind": "evolver", "method": method},
+            sampler={"name": "EvolverSampler", "options": {"strategy": "released", "generations": 3}}))
+
+    whole = run_study(config("whole"), report=False).study
+    run_study(config("parts"), n_trials=3, report=False)
+    parts = run_study(config("parts"), report=False).study
+    assert len(whole.trials) == 6
+    assert [(t.params, t.value, t.state) for t in parts.trials] == [(t.params, t.value, t.state) for t in whole.trials]

@@ -152,7 +152,7 @@ def table(rows: list[dict[str, Any]], evolver: dict[str, list[dict[str, Any]]]) 
         devs = [in_domain(r["dev"]) for r in runs]
         lines.append(f"| **{label}** | **{statistics.median(tests):.4f}** ({min(tests):.4f}-{max(tests):.4f}) | "
                      f"{statistics.median(devs):.4f} | {statistics.median(r['seconds'] for r in runs):.0f} | "
-                     f"{runs[0]['evaluations']} |")
+                     f"{statistics.median(r['evaluations'] for r in runs):g} |")  # (seed 0's before 2026-12-07)
     return "\n".join(lines)
 
 

@@ -156,7 +156,9 @@ def child_merge(name: str, folders: list[Path], candidates: int, device: str = "
     weights = [0.4, 0.3, 0.3]
     # the copy that measures the bound runs before every candidate (the same buffers, allocated before the peak's
     # window): this machine's copy bandwidth read 17 to 53 GB/s at different moments of one process
-    copy = torch.ones(128 * 2**20, device=device), torch.empty(128 * 2**20, device=device)
+    # (both written now: an empty target's pages were first touched by the first copy, inside the window, and the
+    # peaks recorded before 2026-12-07 count its 0.54 GB, 0.17 x one 1.5B bfloat16 model)
+    copy = torch.ones(128 * 2**20, device=device), torch.zeros(128 * 2**20, device=device)
     # and in memory advised for huge pages, as the in-memory state is (on CPU): with 4 KiB pages the copy itself
     # is slowed by TLB misses on some machines (a 2-core Zen 4: 33 against 37 to 58 GB/s), so the bound is taken
     # from the faster of the two copies before each candidate

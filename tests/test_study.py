@@ -471,6 +471,26 @@ def test_killed_study_resumes_without_losing_trials(small_experts: Any, tmp_path
     assert "best found" in result.output
 
 
+def test_ctrl_c_between_trials_waits_for_the_next_trial_and_twice_stops_at_once() -> None:
+    """Optuna fails a trial that KeyboardInterrupt stops inside its objective; one raised while Optuna asks for a
+    trial or tells it left the trial RUNNING (seen with --workers 2: the next run waited out its grace period)."""
+    from evoopt.study.run import _Interrupt
+
+    interrupt = _Interrupt()
+    with interrupt.handled():
+        os.kill(os.getpid(), signal.SIGINT)  # between trials: noted, nothing raised
+        time.sleep(0.1)
+        assert interrupt.pending
+        with pytest.raises(KeyboardInterrupt):  # a second one: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+    fresh = _Interrupt()
+    with fresh.handled(), pytest.raises(KeyboardInterrupt), fresh.inside():  # inside a trial: at once
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own, put back
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_fails_the_running_trial_and_keeps_everything_finished(small_experts: Any, tmp_path: Path,
@@ -502,7 +522,7 @@ def test_ctrl_c_fails_the_running_trial_and_keeps_everything_finished(small_expe
             process.wait()
     assert "interrupted" in err, err[-2000:]
     trials = load_study(config).get_trials()
-    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], err[-4000:]
     completed = {t.number: (t.params, t.value) for t in trials if t.state == TrialState.COMPLETE}
     assert len(completed) >= 2
     result = CliRunner().invoke(main, ["run", str(path), "--no-baselines"])

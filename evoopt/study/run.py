@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -278,6 +279,44 @@ def taken_back_if_refused(config: StudyConfig, *, worker: int = 0, kind: Kind | 
 
 # --- the worker -------------------------------------------------------------------------------------
 
+class _Interrupt:
+    """Ctrl-C (SIGINT) in a run loop: inside a trial's objective it stops the trial (Optuna fails it and stores
+    everything finished); between trials, where Optuna is asking for or telling one (a trial stored as RUNNING
+    that nothing would fail until its heartbeat's grace period), it is kept until the next trial starts, which
+    then fails at once. A second Ctrl-C stops at once, wherever it lands."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._inside = False
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+
+    @contextlib.contextmanager
+    def handled(self) -> Iterator[None]:
+        """The handler, installed for the loop (only the main thread can: elsewhere Python's own)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._inside or self.pending:
+                raise KeyboardInterrupt
+            self.pending = True
+            _log.warning("interrupted: stopping once this step of the study is stored (Ctrl-C again: at once)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 class Worker:
     """The trial loop of one process: the kind's evaluation model (unless the kind was built before) and the
     evaluator, built once."""
@@ -287,6 +326,7 @@ class Worker:
         self.config = config
         # the trials the study may hold now: config.trials (a local worker of run --workers N --n-trials: fewer)
         self.budget = config.trials if budget is None else budget
+        self.interrupt = _Interrupt()
         self.kind = kind or make_kind(config)
         self.sources: Sources = self.kind.sources
         self.device = pick_device(config.device)
@@ -323,6 +363,12 @@ class Worker:
         return self.evaluator.score(model, split, trial, rival=None if trial is None else self.kind.rival(trial))
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
+        if self.interrupt.pending:  # (a Ctrl-C between trials: this trial fails at once, as one it would stop)
+            raise KeyboardInterrupt
+        with self.interrupt.inside():
+            return self._objective(trial)
+
+    def _objective(self, trial: optuna.Trial) -> float | list[float]:
         self._check_budget(trial)
         model, started = self.kind.candidate(trial)
         if self.kind.device.type == "cuda":  # (the merge's kernels run asynchronously: its time, not their launch)
@@ -423,31 +469,41 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
         run.interrupted = _run_workers(config, workers, remaining, timeout, study, on_trial, target=before + remaining)
     elif remaining:
         worker = Worker(config, progress=progress, study=study, kind=kind, budget=budget)
-        callbacks = [optuna.study.MaxTrialsCallback(budget, states=FINISHED)]
+        def stop_if_interrupted(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+            if worker is not None and worker.interrupt.pending:  # (Ctrl-C between trials: no next one asked)
+                study.stop()
+
+        callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
+            optuna.study.MaxTrialsCallback(budget, states=FINISHED), stop_if_interrupted]
         if on_trial is not None:
             callbacks.append(on_trial)  # type: ignore[arg-type]
         try:
-            # failed trials do not count towards the budget: go on while trials finish
-            idle = 0  # trials in a row that did not finish (failed), over rounds in which none finished
-            while remaining > 0 and (timeout is None or time.perf_counter() - started < timeout):
-                done, first = finished_trials(study), len(study.get_trials(deepcopy=False))
-                left = None if timeout is None else timeout - (time.perf_counter() - started)
-                if isinstance(study.sampler, SlotSampler):  # (its wait for a generation ends with the run's time)
-                    study.sampler.deadline = None if left is None else time.monotonic() + left
-                study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
-                               catch=(EvaluationError, BudgetReached), gc_after_trial=False)
-                progress_made = finished_trials(study) - done
-                # a round with nothing finished: its trials (numbered from ``first``) failed, or the budget refused
-                failed = [] if progress_made else [t for t in study.get_trials(deepcopy=False, states=(
-                    TrialState.FAIL,)) if t.number >= first]
-                refused = not progress_made and (not failed or any(
-                    str(t.user_attrs.get("fail_reason", "")).startswith("budget reached") for t in failed))
-                idle = 0 if progress_made else idle if refused else idle + len(failed)
-                if refused and not _others_running(study, config, started, timeout):
-                    break  # the budget is held by trials still running: waited for, gone on where they failed
-                if idle >= _IDLE_TRIALS:
-                    break  # trials keep failing, none finishing: stop rather than fail forever
-                remaining = min(remaining - progress_made, budget - finished_trials(study))
+            with worker.interrupt.handled():
+                # failed trials do not count towards the budget: go on while trials finish
+                idle = 0  # trials in a row that did not finish (failed), over rounds in which none finished
+                while remaining > 0 and (timeout is None or time.perf_counter() - started < timeout):
+                    done, first = finished_trials(study), len(study.get_trials(deepcopy=False))
+                    left = None if timeout is None else timeout - (time.perf_counter() - started)
+                    if worker.interrupt.pending:
+                        break
+                    if isinstance(study.sampler, SlotSampler):  # (its wait for a generation ends with the run's
+                        study.sampler.deadline = None if left is None else time.monotonic() + left
+                    study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
+                                   catch=(EvaluationError, BudgetReached), gc_after_trial=False)
+                    progress_made = finished_trials(study) - done
+                    # a round with nothing finished: its trials (numbered from ``first``) failed, or the budget
+                    # refused
+                    failed = [] if progress_made else [t for t in study.get_trials(deepcopy=False, states=(
+                        TrialState.FAIL,)) if t.number >= first]
+                    refused = not progress_made and (not failed or any(
+                        str(t.user_attrs.get("fail_reason", "")).startswith("budget reached") for t in failed))
+                    idle = 0 if progress_made else idle if refused else idle + len(failed)
+                    if refused and not _others_running(study, config, started, timeout):
+                        break  # the budget is held by trials still running: waited for, gone on where they failed
+                    if idle >= _IDLE_TRIALS:
+                        break  # trials keep failing, none finishing: stop rather than fail forever
+                    remaining = min(remaining - progress_made, budget - finished_trials(study))
+            run.interrupted = worker.interrupt.pending  # (kept until a trial that never started: none is RUNNING)
         except KeyboardInterrupt:
             run.interrupted = True  # Optuna has failed the running trial; everything finished is stored
     run.ran = finished_trials(study) - before

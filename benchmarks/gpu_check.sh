@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (issue: scale): one short script for a machine with one CUDA GPU, under 8 minutes (its parts' limits
-# add up to 465 s), writing two files into OUT_DIR whatever happens to its parts (on exit): gpu_check.json, and
+# The GPU check (issue: scale): one short script for a machine with one CUDA GPU, at most 8.5 minutes (its parts'
+# limits add up to 465 s, 505 s with the 10 s each is given to stop; through gpu_bundle.sh's run.sh, its install and
+# the experts' training beside parts 1 and 2, at most about 9.5 minutes, inside one 10-minute call), writing two files into OUT_DIR whatever happens to its parts (on exit): gpu_check.json, and
 # logs.tar.gz with each part's log (the parts' files stay out of OUT_DIR: a lent GPU machine sends back at most 8).
 #   1. merge: the GPU path (state on the GPU, torch kernels) on 3 x 1.5B bfloat16 experts, TIES and DARE-TIES
 #      per candidate against the GPU's own measured copy bandwidth (benchmarks/merge_scale.py --device cuda);

@@ -128,7 +128,9 @@ def main() -> None:
             f"{method} {t['merge']:.1f} + {t['eval']:.1f} ({t['trials']})" for method, t in result["seconds"].items()))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "fitness_candidates.json"
-    path.write_text(json.dumps({args.setting: results}, indent=2) + "\n")
+    from evoopt.models.io import atomic_write
+
+    atomic_write(path, json.dumps({args.setting: results}, indent=2) + "\n")
     print(f"\nwrote {path}")
 
 

@@ -122,7 +122,9 @@ def quiet() -> None:
 def write_merged(path: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Write ``results`` (by setting) into the JSON at ``path``, the settings not run here kept; returns them all."""
     merged = {**(json.loads(path.read_text()) if path.exists() else {}), **results}
-    path.write_text(json.dumps(merged, indent=2) + "\n")
+    from evoopt.models.io import atomic_write
+
+    atomic_write(path, json.dumps(merged, indent=2) + "\n")  # (it gathers runs over days)
     return merged
 
 

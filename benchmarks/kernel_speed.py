@@ -74,7 +74,9 @@ def main() -> None:
             print(f"{state:<22}{method:<11}{median:>10.3f}s{row['ns_per_entry_source']:>21.2f}"
                   f"{row['ratio_to_bound']:>13.2f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        from evoopt.models.io import atomic_write
+
+        atomic_write(args.json, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -332,7 +332,9 @@ def main() -> None:
           f"{(evoopt_peak - runtime) / 1e9:.2f} GB = {(evoopt_peak - runtime) / model_bytes:.2f} x "
           f"(target <= {sources + 2} x = {budget / 1e9:.2f} GB)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        from evoopt.models.io import atomic_write
+
+        atomic_write(args.json, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -266,7 +266,9 @@ def main() -> None:
           f"{100 * r['engine_share']:.1f} % of the plain evaluation (less noisy than the ratio: no second "
           "evaluation in it)")
     if args.json:
-        args.json.write_text(json.dumps(r, indent=2))
+        from evoopt.models.io import atomic_write
+
+        atomic_write(args.json, json.dumps(r, indent=2))
 
 
 if __name__ == "__main__":

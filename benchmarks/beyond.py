@@ -218,7 +218,8 @@ def goals(rows: list[dict[str, Any]], sign: float) -> list[str]:
     # the best answer chosen on dev (in the study's direction), its test reported: never chosen by its test score
     best = max((r for r in rows if "task-specific" not in r["name"]), key=lambda r: sign * r["dev"])
     lines.append(f"best answer by dev, {best['name']}, closes {100 * best['gap']:.1f} % of the gap between the average "
-                 f"of the experts and the task-specific experts (goal 90 %): {'met' if best['gap'] >= 0.9 else 'not met'}")
+                 "of the experts and the task-specific experts (goal 90 %): "
+                 f"{'met' if best['gap'] >= 0.9 else 'not met'}")
     return lines
 
 

@@ -354,3 +354,24 @@ def test_commands_on_a_busy_port_an_odd_trial_and_missing_sources_say_so(tmp_pat
     result = CliRunner().invoke(main, ["baselines", str(fresh)])
     assert result.exit_code == 1 and "sources.base" in result.output, result.output
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.slow
+def test_the_demo_and_baselines_commands_run_a_real_study_end_to_end(small_experts: Any, tmp_path: Path) -> None:
+    """The demo and baselines commands were tested only with the study engine stubbed: here on real experts, the
+    demo runs, exports its best model (replaced by the next run, which resumes), and baselines prints its table."""
+    from tests.helpers.studies import small_study_config, write_study_config
+
+    experts, _ = small_experts
+    study = write_study_config(tmp_path, small_study_config(tmp_path, experts, name="cli-demo", trials=2))
+    out = tmp_path / "best"
+    for run in range(2):
+        result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(out), "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert "best merged model written to" in result.output  # (rich wraps the path)
+        assert (out / "config.json").is_file() and (out / "evoopt_recipe.yaml").is_file()
+    other = write_study_config(tmp_path, small_study_config(tmp_path, experts, name="cli-baselines", trials=1,
+                                                            baselines=["sources"]))
+    result = CliRunner().invoke(main, ["baselines", str(other)])
+    assert result.exit_code == 0, result.output
+    assert all(f"source {task}" in result.output for task in experts.experts), result.output

@@ -365,7 +365,7 @@ def test_the_demo_and_baselines_commands_run_a_real_study_end_to_end(small_exper
     experts, _ = small_experts
     study = write_study_config(tmp_path, small_study_config(tmp_path, experts, name="cli-demo", trials=2))
     out = tmp_path / "best"
-    for run in range(2):
+    for _ in range(2):  # (the second resumes the study and replaces the export)
         result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(out), "--overwrite"])
         assert result.exit_code == 0, result.output
         assert "best merged model written to" in result.output  # (rich wraps the path)

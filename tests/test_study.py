@@ -416,6 +416,37 @@ def test_non_finite_score_fails_the_trial_and_the_study_goes_on(small_experts: A
     assert "not finite" in failed.user_attrs["fail_reason"]
 
 
+def test_a_sampled_recipe_no_merge_takes_fails_its_trial_not_the_run(small_experts: Any, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe the merge refuses for the coefficients drawn (weights of zero sum, a DELLA density too close to 1
+    for its epsilon) stopped the whole run with a traceback: that trial fails, with its reason, and the run goes
+    on. A config's own problem still stops the run."""
+    from evoopt.errors import ConfigError, RecipeError
+    from evoopt.study.kinds.parameter import ParameterKind
+
+    experts, _ = small_experts
+    real = ParameterKind.candidate
+
+    def refused(self: ParameterKind, trial: Any) -> Any:
+        if trial.number == 1:
+            raise RecipeError("models: the weights sum to 0")
+        return real(self, trial)
+
+    monkeypatch.setattr(ParameterKind, "candidate", refused)
+    study = run_study(parse_config(small_study_config(tmp_path, experts, name="refused", trials=3)),
+                      report=False).study
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE], states
+    assert "its recipe is refused: models: the weights sum to 0" in study.trials[1].user_attrs["fail_reason"]
+
+    def broken(self: ParameterKind, trial: Any) -> Any:
+        raise ConfigError("space: a problem of the config")
+
+    monkeypatch.setattr(ParameterKind, "candidate", broken)
+    with pytest.raises(ConfigError, match="a problem of the config"):
+        run_study(parse_config(small_study_config(tmp_path, experts, name="refused-config", trials=2)), report=False)
+
+
 def test_a_study_whose_trials_all_fail_stops_after_three_in_a_row(small_experts: Any, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Failed trials do not count towards the budget, so a run whose every trial fails would go on forever: it

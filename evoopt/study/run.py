@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 
 from evoopt.data.objective import Scores
 from evoopt.data.outcomes import Outcomes
-from evoopt.errors import ConfigError, EvaluationError, WorkerError, problems
+from evoopt.errors import ConfigError, EvaluationError, RecipeError, WorkerError, problems
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write, reference_problem
@@ -370,7 +370,13 @@ class Worker:
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:
         self._check_budget(trial)
-        model, started = self.kind.candidate(trial)
+        try:
+            model, started = self.kind.candidate(trial)
+        except RecipeError as error:  # a sampled recipe no merge can take (weights of zero sum, say): this trial
+            if isinstance(error, ConfigError):  # fails, not the run; a config's own problem stops the run
+                raise
+            trial.set_user_attr("fail_reason", f"its recipe is refused: {error}")
+            raise EvaluationError(f"trial {trial.number}: its recipe is refused ({error}); trial failed") from None
         if self.kind.device.type == "cuda":  # (the merge's kernels run asynchronously: its time, not their launch)
             torch.cuda.synchronize(self.kind.device)
         merged = time.perf_counter()

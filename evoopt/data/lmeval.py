@@ -6,13 +6,14 @@ here: every merge candidate is a different model.
 
 from __future__ import annotations
 
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from evoopt.data.training import global_generators_kept
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, batch_size: int = 16,
@@ -41,15 +42,11 @@ def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any,
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               mixed_precision_dtype=torch.bfloat16 if autocast else None)
-    # lm-eval seeds Python's, NumPy's and torch's global generators: the caller's states are put back after
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+    with global_generators_kept():  # (lm-eval seeds them: the caller's states are put back after)
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=None if samples else limit,
                                   samples=samples, cache_requests=False, use_cache=None, log_samples=True,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                   fewshot_random_seed=seed, verbosity="ERROR")
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
     scores, examples = {}, {}
     for name in tasks:
         metrics = results["results"][name]

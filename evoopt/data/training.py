@@ -3,7 +3,9 @@ causal LMs (answer-only loss), accuracy, and lm-eval scores of a setting's tasks
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -11,6 +13,17 @@ import torch
 
 from evoopt.data.settings import Setting, TrainConfig
 from evoopt.errors import ConfigError
+
+
+@contextlib.contextmanager
+def global_generators_kept() -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators (the CPU's and every CUDA device's) as they were, afterwards:
+    for code that seeds them (torch.manual_seed seeds the CUDA devices too; lm-eval seeds all three)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
 
 
 def score_causal(model: Any, tokenizer: Any, setting: Setting) -> dict[str, dict[str, float]]:
@@ -36,8 +49,7 @@ def train_loop(model: torch.nn.Module, train: TrainConfig, examples: int,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, train.steps))
     model.train()
     order: np.ndarray = np.empty(0, dtype=np.int64)
-    # (torch.manual_seed seeds the CUDA devices too: their states are restored with the CPU's)
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+    with global_generators_kept():
         torch.manual_seed(train.seed)  # dropout masks; the caller's global RNG state is restored afterwards
         for step in range(train.steps):
             if order.size < train.batch_size:

@@ -46,6 +46,12 @@ def _check_lengths(tensors: Sequence[torch.Tensor], **per_model: Sequence[object
             )
 
 
+def sums_to_zero(weights: Sequence[float]) -> bool:
+    """Whether weights a merge divides by their sum (a normalized linear merge, Fisher's) sum to 0: relative to their
+    magnitudes (scale-free: [3e-9, 3e-9] is fine, [1, -1] is not; all zero is)."""
+    return abs(math.fsum(weights)) <= 1e-12 * math.fsum(abs(w) for w in weights)
+
+
 def linear(
     tensors: Sequence[torch.Tensor], *, weights: Sequence[float], normalize: bool = True
 ) -> torch.Tensor:
@@ -60,7 +66,7 @@ def linear(
         result = result + t.to(dtype) * w
     if normalize:
         total = math.fsum(weights)
-        if abs(total) <= 1e-12 * math.fsum(abs(w) for w in weights):  # (scale-free)
+        if sums_to_zero(weights):
             raise ValueError(f"weights: sum to {total}; a normalized average needs a nonzero sum")
         result = result / torch.tensor(weights, dtype=dtype).sum()
     return result.to(tensors[0].dtype)
@@ -275,7 +281,7 @@ def fisher(
     fall back to the weighted average through epsilon.
     """
     _check_lengths(tensors, fishers=fishers, weights=weights)
-    if abs(math.fsum(weights)) <= 1e-12 * math.fsum(abs(w) for w in weights):  # (scale-free: [3e-9, 3e-9] is fine)
+    if sums_to_zero(weights):
         raise ValueError(f"weights: sum to 0 ({list(weights)}); Fisher merging divides by the weighted Fishers")
     dtype = compute_dtype(tensors[0].dtype)
     numerator = torch.zeros_like(tensors[0], dtype=dtype)

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from evoopt.errors import RecipeError, problems, read_yaml, schema_problems
 from evoopt.merge import get_method
+from evoopt.merge._methods import sums_to_zero
 from evoopt.merge._registry import MergeMethod
 
 Coefficient = float | dict[str, float]
@@ -255,8 +256,7 @@ def _method_problems(method: Any, shared: dict[str, Any], models: list[dict[str,
     if method.name == "fisher" or method.name == "linear" and shared.get(
             "normalize", method.shared.get("normalize")) is True:
         weights = [values(model, "weight") for model in models]
-        if all(len(w) == 1 for w in weights) and weights and abs(math.fsum(w[0] for w in weights)) <= 1e-12 * \
-                math.fsum(abs(w[0]) for w in weights):  # (scale-free: tiny weights of one sign are fine)
+        if all(len(w) == 1 for w in weights) and weights and sums_to_zero([w[0] for w in weights]):
             problems.append("models: the weights sum to 0, and " + (
                 "Fisher merging divides by their sum; give weights of nonzero sum" if method.name == "fisher" else
                 "normalize: true divides by their sum; give weights of nonzero sum, or normalize: false"))

@@ -34,9 +34,11 @@ SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {"EvoCmaSampler": EvoCm
 _FROM_SPACE = {"search_space", "population", "integrated", "branches", "members", "task_weights"}
 
 
-# samplers that keep their place in a sequence in the study's storage, keyed by their seed (a scrambled QMC
-# sequence): every worker and every resumed run must draw from the same seed, or each starts a sequence anew
-SEQUENCE_SAMPLERS = {"QMCSampler"}
+# samplers that every worker and every resumed run give the study's one seed: evoopt's, which draw each trial from
+# (seed, trial number) and restart CMA-ES from the seed, and those that keep their place in a sequence in the
+# study's storage keyed by their seed (a scrambled QMC sequence: another seed starts a sequence anew). Optuna's
+# others draw from their seed alone: one per worker, and a new one per resumed run
+SHARED_SEED = frozenset({*SAMPLERS, "QMCSampler"})
 
 
 def base_seed(spec: SamplerSpec, seed: int) -> int:

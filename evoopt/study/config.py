@@ -581,21 +581,26 @@ def _weight_problems(config: StudyConfig) -> list[str]:
 
 
 def _name_problems(config: StudyConfig) -> list[str]:
-    """The name is a folder under the artifacts (its default storage, plots, exports): one that stays there; and a
-    storage is a URL, not blank (an unset variable ran a private default study)."""
-    name, problems = config.name, []
+    """The name is a folder under the artifacts (its default storage, plots, exports): one that stays there."""
+    name = config.name
     parts = name.replace("\\", "/").split("/")
     if not name.strip() or name != name.strip() or name.startswith(("/", "\\")) or ".." in parts or "." in parts:
-        problems.append(f"name: {name!r} names a folder under artifacts; give a name without '..', a leading "
-                        "slash, or spaces at either end")
+        return [f"name: {name!r} names a folder under artifacts; give a name without '..', a leading slash, or "
+                "spaces at either end"]
+    return []
+
+
+def _storage_problems(config: StudyConfig) -> list[str]:
+    """A storage is a URL, not blank (an unset variable ran a private default study)."""
     if config.storage is not None and not config.storage.strip():
-        problems.append("storage: an empty storage URL (an unset variable?); give the URL, or leave storage out for "
-                        "the default SQLite file in the artifacts folder")
-    return problems
+        return ["storage: an empty storage URL (an unset variable?); give the URL, or leave storage out for the "
+                "default SQLite file in the artifacts folder"]
+    return []
 
 
 _CHECKS: tuple[Check, ...] = (
-    _name_problems, _setting_problems, _reference_problems, _corpus_problems, _space_problems, _task_weight_problems,
+    _name_problems, _storage_problems, _setting_problems, _reference_problems, _corpus_problems, _space_problems,
+    _task_weight_problems,
     lambda config: _baseline_problems(config.baselines), _baseline_source_problems, _weight_problems,
     _sampler_problems, _pruner_problems,
     _split_problems, _heartbeat_problems, _fidelity_problems, _estimate_problems, _estimate_baseline_problems,

@@ -47,7 +47,7 @@ from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write, reference_problem
 from evoopt.search.evolver import NOT_FINITE, SlotSampler
-from evoopt.search.samplers import SAMPLERS, SEQUENCE_SAMPLERS, base_seed, make_pruner, make_sampler
+from evoopt.search.samplers import SHARED_SEED, base_seed, make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
 from evoopt.study.config import StudyConfig
 from evoopt.study.evaluator import Evaluator
@@ -117,13 +117,11 @@ def check_sources(config: StudyConfig) -> None:
 
 
 def worker_seed(config: StudyConfig, worker: int, *, one_seed: bool = False) -> int:
-    """The seed of worker ``worker``'s sampler: ``sampler.options.seed`` or the study's, plus the worker's index for
-    Optuna's samplers, which draw from their seed alone. evoopt's draw each trial from (seed, trial number) and
-    restart CMA-ES from the seed, and QMCSampler keeps its place in the study by its seed: one seed for all (with
-    one each, two workers' CMA-ES restarts differed over the same trials). ``one_seed``: the kind's say."""
+    """The seed of worker ``worker``'s sampler: ``sampler.options.seed`` or the study's, plus the worker's index
+    except for the samplers of :data:`~evoopt.search.samplers.SHARED_SEED` (with one each, two workers' CMA-ES
+    restarts differed over the same trials). ``one_seed``: the kind's say."""
     base = base_seed(config.sampler, config.seed)
-    shared = one_seed or config.sampler.name in SAMPLERS or config.sampler.name in SEQUENCE_SAMPLERS
-    return base if shared else base + worker
+    return base if one_seed or config.sampler.name in SHARED_SEED else base + worker
 
 
 def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
@@ -174,8 +172,7 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
         except KeyError:  # taken back by its maker after this process loaded it
             pass
         time.sleep(0.1)
-    held = 0 if made or config.sampler.name in SAMPLERS.keys() | SEQUENCE_SAMPLERS else \
-        study._storage.get_n_trials(study._study_id)
+    held = 0 if made or config.sampler.name in SHARED_SEED else study._storage.get_n_trials(study._study_id)
     if held:  # Optuna's samplers draw from their seed alone: resumed, they repeated the first run's draws (TPE's
         # start-up trials, every trial of RandomSampler); evoopt's draw each trial from (seed, trial number)
         resumed = int(np.random.SeedSequence([seed, held]).generate_state(1)[0])  # a replay resumes the same
@@ -475,8 +472,10 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
         run.interrupted = _run_workers(config, workers, remaining, timeout, study, on_trial, target=before + remaining)
     elif remaining:
         worker = Worker(config, progress=progress, study=study, kind=kind, budget=budget)
+        interrupt = worker.interrupt
+
         def stop_if_interrupted(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
-            if worker is not None and worker.interrupt.pending:  # (Ctrl-C between trials: no next one asked)
+            if interrupt.pending:  # (Ctrl-C between trials: no next one asked)
                 study.stop()
 
         callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
@@ -484,14 +483,13 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
         if on_trial is not None:
             callbacks.append(on_trial)  # type: ignore[arg-type]
         try:
-            with worker.interrupt.handled():
+            with interrupt.handled():
                 # failed trials do not count towards the budget: go on while trials finish
                 idle = 0  # trials in a row that did not finish (failed), over rounds in which none finished
-                while remaining > 0 and (timeout is None or time.perf_counter() - started < timeout):
+                while remaining > 0 and not interrupt.pending and (timeout is None or
+                                                                   time.perf_counter() - started < timeout):
                     done, first = finished_trials(study), len(study.get_trials(deepcopy=False))
                     left = None if timeout is None else timeout - (time.perf_counter() - started)
-                    if worker.interrupt.pending:
-                        break
                     if isinstance(study.sampler, SlotSampler):  # (its wait for a generation ends with the run's
                         study.sampler.deadline = None if left is None else time.monotonic() + left
                     study.optimize(worker.objective, n_trials=remaining, timeout=left, callbacks=callbacks,
@@ -509,7 +507,7 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
                     if idle >= _IDLE_TRIALS:
                         break  # trials keep failing, none finishing: stop rather than fail forever
                     remaining = min(remaining - progress_made, budget - finished_trials(study))
-            run.interrupted = worker.interrupt.pending  # (kept until a trial that never started: none is RUNNING)
+            run.interrupted = interrupt.pending  # (kept until a trial that never started: none is RUNNING)
         except KeyboardInterrupt:
             run.interrupted = True  # Optuna has failed the running trial; everything finished is stored
     run.ran = finished_trials(study) - before

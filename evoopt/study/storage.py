@@ -358,9 +358,13 @@ def artifact_store(config: StudyConfig) -> optuna.artifacts.FileSystemArtifactSt
     """The study's artifact store (recipes, plots), the folder optuna-dashboard is pointed at."""
     from optuna.artifacts import FileSystemArtifactStore
 
+    return FileSystemArtifactStore(str(_artifact_folder(config)))
+
+
+def _artifact_folder(config: StudyConfig) -> Path:
     folder = config.artifact_dir / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(folder))
+    return folder
 
 
 def attach(config: StudyConfig, study: optuna.Study, file: Path) -> None:
@@ -380,7 +384,7 @@ def attach(config: StudyConfig, study: optuna.Study, file: Path) -> None:
     def copy(tmp: Path) -> None:
         shutil.copyfile(file, tmp)
 
-    atomic_write(config.artifact_dir / "artifacts" / earlier[0].artifact_id, copy)
+    atomic_write(_artifact_folder(config) / earlier[0].artifact_id, copy)
 
 
 def finished_trials(study: optuna.Study) -> int:

@@ -6,14 +6,26 @@ here: every merge candidate is a different model.
 
 from __future__ import annotations
 
+import contextlib
+import random
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from evoopt.data.training import global_generators_kept
+
+@contextlib.contextmanager
+def global_generators_kept() -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators (the CPU's and every CUDA device's) as they were, afterwards:
+    for code that seeds them (torch.manual_seed seeds the CUDA devices too; lm-eval seeds all three)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, batch_size: int = 16,

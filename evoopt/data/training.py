@@ -3,27 +3,15 @@ causal LMs (answer-only loss), accuracy, and lm-eval scores of a setting's tasks
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from evoopt.data.lmeval import global_generators_kept
 from evoopt.data.settings import Setting, TrainConfig
 from evoopt.errors import ConfigError
-
-
-@contextlib.contextmanager
-def global_generators_kept() -> Iterator[None]:
-    """Python's, NumPy's and torch's global generators (the CPU's and every CUDA device's) as they were, afterwards:
-    for code that seeds them (torch.manual_seed seeds the CUDA devices too; lm-eval seeds all three)."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-        yield
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
 
 
 def score_causal(model: Any, tokenizer: Any, setting: Setting) -> dict[str, dict[str, float]]:

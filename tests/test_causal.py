@@ -15,8 +15,6 @@ from evoopt.errors import ConfigError
 from evoopt.models.io import convert_gguf, resolve_path
 from tests.helpers.models import tiny_llama_config
 
-pytestmark = pytest.mark.slow  # SmolLM2's GGUF converted for its tokenizer; training, lm-eval
-
 
 @pytest.fixture(scope="module")
 def tiny_lm():  # type: ignore[no-untyped-def]
@@ -44,6 +42,7 @@ def _answer_loss(model, tokenizer, prompts: list[str], answers: list[str]) -> fl
     return total / len(prompts)
 
 
+@pytest.mark.slow  # SmolLM2's GGUF converted for its tokenizer; training, lm-eval
 def test_answer_only_finetuning_learns_the_answers(tiny_lm) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = tiny_lm
     rows = load_splits("sms-spam")["train"].select(range(64))
@@ -63,6 +62,7 @@ def test_answer_only_finetuning_learns_the_answers(tiny_lm) -> None:  # type: ig
                         TrainConfig(steps=1, batch_size=8, max_length=answer, learning_rate=3e-3))
 
 
+@pytest.mark.slow  # SmolLM2's GGUF converted for its tokenizer; training, lm-eval
 def test_lm_eval_scores_the_in_memory_model(tiny_lm) -> None:  # type: ignore[no-untyped-def]
     from evoopt.data.lmeval import evaluate_tasks
 

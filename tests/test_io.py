@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +41,60 @@ def test_formats_read_the_same_tensors(llama_family: list[Path], tmp_path: Path)
         assert sorted(source.keys()) == sorted(reference.keys()), path
         for name in reference.keys():
             assert torch.equal(source.get(name), reference.get(name)), (path, name)
+
+
+def test_a_folder_is_read_as_transformers_reads_it(llama_family: list[Path], tmp_path: Path) -> None:
+    """The files from_pretrained loads, and only those: every *.safetensors was read before, a name in two files
+    taken from the later one (an EMA copy beside the model was merged), and shards were read beside a full file."""
+    from transformers import AutoModelForCausalLM
+
+    model_file = llama_family[1] / "model.safetensors"
+    state = load_file(model_file)
+    other = {name: torch.full_like(t, 7.0) for name, t in state.items()}
+
+    def expected(folder: Path) -> dict[str, torch.Tensor]:
+        return dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
+
+    def read(folder: Path) -> dict[str, torch.Tensor]:
+        source = open_source(folder)
+        return {name: source.get(name) for name in source.keys()}
+
+    beside = tmp_path / "ema"  # the model and an EMA copy of it
+    shutil.copytree(llama_family[1], beside)
+    save_file(other, beside / "zz_model_ema.safetensors", metadata={"format": "pt"})
+    # an index with shards beside the full file: from_pretrained takes the full file
+    AutoModelForCausalLM.from_pretrained(llama_family[2]).save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    both = tmp_path / "both"
+    shutil.copytree(tmp_path / "sharded", both)
+    shutil.copy2(model_file, both / "model.safetensors")
+    for folder in (beside, both):
+        read_here, loaded = read(folder), expected(folder)
+        for name, tensor in read_here.items():
+            if name in loaded:
+                assert torch.equal(tensor, loaded[name]), (folder, name)
+        assert torch.equal(read_here["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+    # with an index, each tensor from the file it names (a stray copy in another shard is not the model's)
+    stray = tmp_path / "sharded"
+    shard = sorted(stray.glob("model-*.safetensors"))[0]
+    index = json.loads((stray / "model.safetensors.index.json").read_text())
+    name = next(n for n, f in index["weight_map"].items() if f != shard.name)
+    save_file({**load_file(shard), name: torch.full_like(state[name], 7.0)}, shard, metadata={"format": "pt"})
+    assert torch.equal(read(stray)[name], expected(stray)[name])
+    del index["weight_map"][name]  # an index that names a tensor no shard holds is refused
+    index["weight_map"]["model.missing"] = shard.name
+    (stray / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelSourceError, match=r"index names 1 tensor\(s\) its shards lack \('model.missing'"):
+        open_source(stray)
+    shards = tmp_path / "unindexed"  # shards without an index that both hold a tensor: which is the model
+    shards.mkdir()
+    save_file(state, shards / "a.safetensors")
+    save_file({"model.norm.weight": state["model.norm.weight"]}, shards / "b.safetensors")
+    with pytest.raises(ModelSourceError, match="tensor 'model.norm.weight' is in both a.safetensors and "
+                                               "b.safetensors"):
+        open_source(shards)
+    legacy = tmp_path / "legacy.bin"  # torch's pre-zip format cannot be memory-mapped: read it whole
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(open_source(legacy).get("model.norm.weight"), state["model.norm.weight"])
 
 
 def test_missing_path_is_named(tmp_path: Path) -> None:

@@ -193,25 +193,42 @@ def open_source(path: Path) -> TensorSource:
         if path.suffix in (".bin", ".pt", ".pth"):
             return _open_bin(path, [path], folder=None)
         raise ModelSourceError(f"{path}: unsupported file type; give a .safetensors, .bin or .gguf file or a folder")
+    # the files transformers' from_pretrained reads, in its order: the model it loads is the one merged
     config = _read_config(path)
+    if (path / "model.safetensors").exists():
+        return _open_safetensors(path, [path / "model.safetensors"], folder=path, config=config)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ModelSourceError(f"{index}: not a safetensors index with a weight_map ({type(error).__name__}: "
-                                   f"{error}); write it again, or remove it with the shards it names") from None
-        return _open_safetensors(path, files, folder=path, config=config)
-    files = sorted(path.glob("*.safetensors"))
+        weight_map = _weight_map(index)
+        return _open_safetensors(path, sorted({path / f for f in weight_map.values()}), folder=path, config=config,
+                                 weight_map=weight_map)
+    files = sorted(path.glob("*.safetensors"))  # shards without an index
     if files:
         return _open_safetensors(path, files, folder=path, config=config)
-    files = sorted(path.glob("pytorch_model*.bin"))
+    files = [path / "pytorch_model.bin"] if (path / "pytorch_model.bin").exists() else sorted(
+        path.glob("pytorch_model*.bin"))
     if files:
         return _open_bin(path, files, folder=path, config=config)
     raise ModelSourceError(
         f"{path}: no model weights found (looked for *.safetensors, model.safetensors.index.json, "
         "pytorch_model*.bin, *.gguf)"
     )
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise TypeError("its names and files must be strings")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelSourceError(f"{index}: not a safetensors index with a weight_map ({type(error).__name__}: "
+                               f"{error}); write it again, or remove it with the shards it names") from None
+    return dict(weight_map)
+
+
+def _twice(path: Path, name: str, files: tuple[Path, Path]) -> ModelSourceError:
+    return ModelSourceError(f"{path}: tensor {name!r} is in both {files[0].name} and {files[1].name}; which one is "
+                            "the model is unclear: keep the model's own files in the folder (or name the file)")
 
 
 def _read_config(folder: Path) -> dict[str, Any] | None:
@@ -236,8 +253,9 @@ def _torch_dtype(file: Path, name: str, dtype: str) -> torch.dtype:
     return _SAFETENSORS_DTYPES[dtype]
 
 
-def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
-                      config: dict[str, Any] | None = None) -> TensorSource:
+def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None, config: dict[str, Any] | None = None,
+                      weight_map: dict[str, str] | None = None) -> TensorSource:
+    """``files``' tensors; with an index's ``weight_map``, exactly the tensors it names, each from its file."""
     from safetensors import SafetensorError, safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -247,6 +265,10 @@ def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
+                    if weight_map is not None and weight_map.get(name) != file.name:
+                        continue
+                    if name in location:
+                        raise _twice(path, name, (location[name], file))
                     piece = handle.get_slice(name)
                     shapes[name] = tuple(piece.get_shape())
                     dtypes[name] = _torch_dtype(file, name, piece.get_dtype())
@@ -256,6 +278,11 @@ def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
                 f"{file}: not a readable safetensors file ({error}); it is truncated or corrupt, "
                 "copy or export it again"
             ) from None
+    missing = sorted(set(weight_map or {}) - set(location))
+    if missing:
+        raise ModelSourceError(f"{path}: its index names {len(missing)} tensor(s) its shards lack ({missing[0]!r}, in "
+                               f"{weight_map[missing[0]] if weight_map else ''}); copy the shards again")
+
     def read(name: str) -> torch.Tensor:
         # A fresh handle per read: the mapping is dropped afterwards, so pages of
         # sources already merged do not stay in the process's resident memory.
@@ -287,11 +314,22 @@ def _open_safetensors(path: Path, files: list[Path], *, folder: Path | None,
 def _open_bin(path: Path, files: list[Path], *, folder: Path | None,
               config: dict[str, Any] | None = None) -> TensorSource:
     state: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
     for file in files:
         try:
-            state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+            try:
+                loaded = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as error:  # a checkpoint of torch's legacy (non-zip) format cannot be mapped
+                if "mmap" not in str(error):
+                    raise
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:
             raise ModelSourceError(f"{file}: not a readable PyTorch checkpoint ({error})") from None
+        for name in loaded:
+            if name in where:
+                raise _twice(path, name, (where[name], file))
+            where[name] = file
+        state.update(loaded)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):  # e.g. {"state_dict": ..., "epoch": 1}
         found = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(state.items())[:_MAX_LISTED]
                           if not isinstance(v, torch.Tensor))

@@ -140,7 +140,11 @@ def test_gpt2_paths_match_a_materialised_model_with_and_without_cache(tmp_path: 
         cached = model.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
         assert torch.equal(cached, model.generate(IDS, max_new_tokens=6, do_sample=False, use_cache=False,
                                                   pad_token_id=0))
+    # the source's generation settings go with it (several end tokens: a generative task stopped elsewhere)
+    pool[0].generation_config.eos_token_id = [2, 7]
+    pool[0].generation_config.do_sample, pool[0].generation_config.temperature = True, 0.3
     out = export_path(pool, PATH, tmp_path / "gpt2", tokenizer_from=None, card="", info={})
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+    assert reloaded.generation_config.eos_token_id == [2, 7] and reloaded.generation_config.temperature == 0.3

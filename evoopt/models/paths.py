@@ -248,6 +248,8 @@ def export_path(pool: Sequence[torch.nn.Module], path: LayerPath, out: Any, *, t
     materialised: Any = cls(config)
     materialised.load_state_dict(state, strict=True)  # copies: a layer on the path twice is stored twice
     materialised.to(next(pool[0].parameters()).dtype).eval()
+    if getattr(pool[0], "generation_config", None) is not None:  # (its end tokens: what a generative task stops on)
+        materialised.generation_config = copy.deepcopy(pool[0].generation_config)
     with atomic_folder(Path(out), overwrite=overwrite) as tmp:
         materialised.save_pretrained(tmp, max_shard_size="2GB")
         saved = json.loads((tmp / "config.json").read_text())

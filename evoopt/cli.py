@@ -167,7 +167,7 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
     Models are cached under $EVOOPT_CACHE/experts (default ~/.cache/evoopt) in
     content-addressed folders, so a second run reuses them (scoring them again, not
     training, when evoopt's dev or test rows changed; trained anew in new folders when
-    their training rows changed). Accuracy on dev (used for
+    their training rows or the base's files changed). Accuracy on dev (used for
     search) and test (reporting only) is printed for every model.
     """
     from dataclasses import replace

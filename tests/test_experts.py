@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from evoopt.data.corpora import load_splits
-from evoopt.data.experts import build_setting, check_expert, get_setting
+from evoopt.data.experts import build_setting, get_setting
 from tests.helpers.small import SMALL
 
 
@@ -66,14 +66,59 @@ def test_half_written_expert_is_rebuilt_never_loaded(built, tmp_path: Path) -> N
     assert json.loads((rebuilt.experts["vader-nyt"] / "expert.json").read_text())["kind"] == "expert"
 
 
-@pytest.mark.slow
-def test_expert_from_another_base_is_refused(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    experts, _ = built
+def test_the_cache_knows_a_base_by_its_content_and_adopts_folders_of_the_old_keys(monkeypatch: pytest.MonkeyPatch,
+                                                                                   tmp_path: Path) -> None:
+    """A base rewritten in place with other weights of the same size (a package updated, a model fine-tuned again)
+    gives new folders: names and sizes were hashed, and experts of the old weights were kept. Two bases of one
+    architecture no longer share a folder. A folder of the old key is adopted where the base is older than it, and
+    trained anew where the base changed after it (no training here: the trainers record the folders asked for)."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from evoopt.data import experts as module
+    from evoopt.data.settings import Setting
     from tests.helpers.models import save_family, tiny_bert_config
 
-    other = save_family(tmp_path, tiny_bert_config(), experts=0, seed=0, model_class="BertForSequenceClassification")[0]
-    with pytest.raises(ValueError, match="fine-tuned from another base model"):
-        check_expert(experts.experts["vader-tweets"], other)
+    base, other = save_family(tmp_path / "bases", tiny_bert_config(), experts=1, seed=0,
+                              model_class="BertForSequenceClassification")
+    monkeypatch.setattr(module, "_ensure_base", lambda pretrained, identity, *args: tmp_path / identity)
+    monkeypatch.setattr(module, "_ensure_trained", lambda folder, *args: folder)
+    root = tmp_path / "cache"
+
+    def built(path: Path) -> list[str]:
+        setting = Setting("identity-test", "no training", str(path), ("vader-tweets",))
+        made = build_setting(setting, root=root, multitask=False)
+        return [p.name for p in (*made.base.values(), *made.experts.values())]
+
+    first, beside = built(base), built(other)
+    assert (base / "model.safetensors").stat().st_size == (other / "model.safetensors").stat().st_size
+    assert not set(first) & set(beside)  # (the same names and sizes: one key before)
+    assert built(base) == first
+    state = load_file(base / "model.safetensors")
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})  # the same size, other weights
+    assert not set(built(base)) & set(first)
+
+    # a folder made under the old key (names and sizes) after the base was written: adopted, not trained anew
+    name = lambda identity: f"vader-tweets-{identity}"  # noqa: E731
+    legacy = root / name(module._legacy_identity(other))
+    legacy.mkdir(parents=True)
+    torch.save({}, legacy / "weights.pt")
+    (legacy / "expert.json").write_text(json.dumps({"kind": "expert", "base_identity": "old"}))
+    identity = module._base_identity(other)
+    folder = module._cached(root, name, identity, other)
+    assert folder == root / name(identity) and not legacy.exists() and (folder / "weights.pt").exists()
+    assert json.loads((folder / "expert.json").read_text()) == {"kind": "expert", "base_identity": identity}
+    # ... but where the base changed after it, the old folder is left and the model trained anew
+    shutil.rmtree(folder)
+    legacy.mkdir()
+    (legacy / "expert.json").write_text("{}")
+    later = (legacy / "expert.json").stat().st_mtime_ns + 10**9
+    os.utime(other / "model.safetensors", ns=(later, later))
+    assert module._cached(root, name, identity, other) == folder
+    assert legacy.exists() and not folder.exists()
 
 
 def test_unknown_setting_lists_known() -> None:
@@ -218,7 +263,15 @@ def test_a_causal_expert_is_scored_anew_through_lm_eval(smol_tiny_family: list[P
     assert meta["eval_version"] == corpora.EVAL_VERSION
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     assert meta["scores"] == score_causal(model, AutoTokenizer.from_pretrained(str(folder)), causal)
-    assert set(meta["scores"]["sms-spam"]) == {"dev", "test"}
+    assert set(meta["scores"]["sms-spam"]) == {"dev", "test"} and meta["eval_limit"] == 8
+    stamp = (folder / "expert.json").stat().st_mtime_ns
+    _scored_anew(folder, causal, causal.train)
+    assert (folder / "expert.json").stat().st_mtime_ns == stamp  # the same examples: not scored again
+    fewer = Setting("causal-test", "tiny", str(smol_tiny_family[0]), ("sms-spam",), kind="causal", eval_limit=4)
+    _scored_anew(folder, fewer, fewer.train)  # other examples: its scores were on 8 of each, the base's now on 4
+    again = json.loads((folder / "expert.json").read_text())
+    assert again["eval_limit"] == 4 and again["scores"] == score_causal(model, AutoTokenizer.from_pretrained(
+        str(folder)), fewer)
 
 
 @pytest.mark.slow

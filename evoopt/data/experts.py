@@ -41,7 +41,7 @@ from evoopt.data.settings import (  # noqa: F401  (re-exported)
 )
 from evoopt.data.training import evaluate_accuracy, finetune, finetune_causal, score_causal, train_loop  # noqa: F401
 from evoopt.errors import ModelSourceError
-from evoopt.models.io import atomic_folder, atomic_write, cache_dir, register_scheme, resolve_path
+from evoopt.models.io import atomic_folder, atomic_write, cache_dir, model_digest, register_scheme, resolve_path
 
 logger = logging.getLogger(__name__)
 _VERSION = 1
@@ -53,9 +53,38 @@ def _key(*parts: object) -> str:
 
 
 def _base_identity(path: Path) -> str:
-    """Identity of a pretrained checkpoint: hash of its weight files' names and sizes."""
+    """Identity of a pretrained checkpoint by content (:func:`~evoopt.models.io.model_digest`): a base updated in
+    place, of the same size, trains new experts (names and sizes were hashed before, and old experts were kept)."""
+    return _key(model_digest(path))
+
+
+def _legacy_identity(path: Path) -> str:
+    """The identity cache keys were made of before 2026-12-07: the base's weight files' names and sizes."""
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     return _key([(f.name, f.stat().st_size) for f in files])
+
+
+def _cached(root: Path, name: Callable[[str], str], identity: str, pretrained: Path) -> Path:
+    """The folder ``root / name(identity)``; a folder of the same model keyed by the base's legacy identity is
+    adopted (renamed into place, its expert.json given the new identity) where the base's files are older than its
+    training, i.e. the base it was trained from is the one there now; else the model is trained anew."""
+    folder = root / name(identity)
+    legacy = root / name(_legacy_identity(pretrained))
+    if _trained(folder) or not _trained(legacy):
+        return folder
+    files = [pretrained] if pretrained.is_file() else [f for f in pretrained.iterdir() if f.is_file()]
+    trained_at = (legacy / "expert.json").stat().st_mtime_ns
+    if any(f.stat().st_mtime_ns >= trained_at for f in files):
+        logger.warning("%s was trained from an earlier %s (its files changed since): training anew", legacy.name,
+                       pretrained)
+        return folder
+    atomic_write(legacy / "expert.json", json.dumps({**_read_meta(legacy), "base_identity": identity}, indent=2))
+    try:
+        legacy.rename(folder)
+        logger.info("cache folder %s keyed by its base's content now: %s", legacy.name, folder.name)
+    except OSError:  # (another process adopted it meanwhile, or made the folder)
+        pass
+    return folder
 
 
 @dataclass
@@ -81,17 +110,6 @@ class ExpertSet:
 def _read_meta(folder: Path) -> dict[str, Any]:
     meta: dict[str, Any] = json.loads((folder / "expert.json").read_text())
     return meta
-
-
-def check_expert(folder: Path, base: Path) -> None:
-    """Refuse an expert folder trained from a different base model."""
-    meta = _read_meta(folder)
-    expected = _base_identity(base)
-    if meta.get("base_identity") != expected:
-        raise ModelSourceError(
-            f"{folder}: this expert was fine-tuned from another base model ({meta.get('base')}, identity "
-            f"{meta.get('base_identity')}), not {base} ({expected}); rebuild it with `evoopt experts`"
-        )
 
 
 def build_setting(name: str | Setting, *, root: Path | None = None, progress: Progress | None = None,
@@ -121,14 +139,15 @@ def build_setting(name: str | Setting, *, root: Path | None = None, progress: Pr
     for i, task in enumerate(setting.tasks):
         report(f"expert {task}", i, len(setting.tasks))
         base = bases[0] if setting.kind == "causal" else bases[len(get_corpus(task).labels)]
-        key = _key(setting.name, identity, task, asdict(train), limit_train, *_data(setting))
-        experts[task] = _ensure_trained(root / f"{task}-{key}", base, identity, (task,), setting, train,
-                                        limit_train, report)
+        folder = _cached(root, lambda ident, task=task: f"{task}-" + _key(  # type: ignore[misc]
+            setting.name, ident, task, asdict(train), limit_train, *_data(setting)), identity, pretrained)
+        experts[task] = _ensure_trained(folder, base, identity, (task,), setting, train, limit_train, report)
     mtl = None
     if multitask:
-        key = _key(setting.name, identity, "mtl", setting.tasks, asdict(train), limit_train, *_data(setting))
         mtl_train = TrainConfig(**{**asdict(train), "steps": train.steps * len(setting.tasks)})
-        folder = root / f"mtl-{setting.name}-{key}"
+        folder = _cached(root, lambda ident: f"mtl-{setting.name}-" + _key(
+            setting.name, ident, "mtl", setting.tasks, asdict(train), limit_train, *_data(setting)), identity,
+            pretrained)
         if setting.shared_head:
             mtl = _ensure_trained(folder, bases[label_counts[0]], identity, setting.tasks, setting, mtl_train,
                                   limit_train, report)
@@ -156,7 +175,7 @@ def _answers(setting: Setting) -> list[object]:
 
 
 def _ensure_base(pretrained: Path, identity: str, labels: int, seed: int, root: Path) -> Path:
-    folder = root / f"base-{labels}-{_key(identity, labels, seed)}"
+    folder = _cached(root, lambda ident: f"base-{labels}-{_key(ident, labels, seed)}", identity, pretrained)
     if _trained(folder):
         return folder
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -183,7 +202,7 @@ def _write_meta(folder: Path, setting: Setting, tasks: tuple[str, ...], identity
             "base": str(resolve_path(setting.base)), "base_identity": identity, **extra, "train": asdict(train),
             "train_examples": examples, "limit_train": limit_train,
             "split_version": corpora.SPLIT_VERSION, "train_seconds": round(seconds, 1),
-            "eval_version": corpora.EVAL_VERSION, "scores": scores}
+            "eval_version": corpora.EVAL_VERSION, "eval_limit": setting.eval_limit, "scores": scores}
     (folder / "expert.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -214,7 +233,6 @@ def _clear_stale(folder: Path) -> None:
 def _ensure_trained(folder: Path, base: Path, identity: str, tasks: tuple[str, ...], setting: Setting,
                     train: TrainConfig, limit_train: int | None, report: Progress) -> Path:
     if _trained(folder):
-        check_expert(folder, resolve_path(setting.base))
         return _scored_anew(folder, setting, train, report)
     _clear_stale(folder)
     if setting.kind == "causal":
@@ -251,9 +269,12 @@ def _scored_anew(folder: Path, setting: Setting, train: TrainConfig, report: Pro
     """A cached model whose scores were taken on other dev or test rows (:data:`~evoopt.data.corpora.EVAL_VERSION`:
     a rule that changed them but not train) scored again; its weights stand. Returns ``folder``."""
     meta = _read_meta(folder)
-    if meta.get("eval_version", 0) == corpora.EVAL_VERSION:
+    # a causal model's scores are lm-eval's on the setting's eval_limit examples (not recorded before: once anew)
+    other_limit = setting.kind == "causal" and meta.get("eval_limit", "unrecorded") != setting.eval_limit
+    if meta.get("eval_version", 0) == corpora.EVAL_VERSION and not other_limit:
         return folder
-    logger.info("scoring %s anew: evoopt's dev and test rows changed since it was trained", folder.name)
+    logger.info("scoring %s anew: evoopt's dev and test rows, or the examples scored, changed since it was trained",
+                folder.name)
     stage = f"scoring {folder.name} anew (dev and test rows changed)"
     report = report or (lambda stage, done, total: None)
     report(stage, 0, 1)
@@ -277,7 +298,7 @@ def _scored_anew(folder: Path, setting: Setting, train: TrainConfig, report: Pro
             if len(get_corpus(t).labels) == model.config.num_labels:
                 scores[t] = _accuracies(model, tokenizer, t, setting, train)
     atomic_write(folder / "expert.json", json.dumps({**meta, "eval_version": corpora.EVAL_VERSION,
-                                                     "scores": scores}, indent=2))
+                                                     "eval_limit": setting.eval_limit, "scores": scores}, indent=2))
     report(stage, 1, 1)
     return folder
 
@@ -305,7 +326,6 @@ def _ensure_multihead(folder: Path, bases: dict[int, Path], identity: str, setti
     head) in ``folder/<task>``, and the scores of all of them in ``folder/expert.json``.
     """
     if _trained(folder):
-        check_expert(folder, resolve_path(setting.base))
         return _scored_anew(folder, setting, train, report)
     _clear_stale(folder)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

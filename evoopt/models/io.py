@@ -355,6 +355,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EVOOPT_CACHE", Path.home() / ".cache" / "evoopt"))
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def file_digest(file: Path) -> str:
+    """sha256 of a file's bytes, remembered in the cache by its path, size, mtime and inode: a model's files are
+    read once per change (about 1 s a GB), not on every call."""
+    real, stat = file.resolve(), file.stat()
+    seen = [str(real), stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    memo = cache_dir() / "digests" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:24]}.json"
+    try:
+        known = json.loads(memo.read_text())
+        if known["file"] == seen:
+            return str(known["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = hashlib.sha256()
+    with real.open("rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    try:
+        atomic_write(memo, json.dumps({"file": seen, "sha256": digest.hexdigest()}))
+    except OSError:  # (a read-only cache: computed again next time)
+        pass
+    return digest.hexdigest()
+
+
+def model_digest(path: Path) -> str:
+    """A model's identity by content: the names and bytes of its weight files, config.json and tokenizer files
+    (a file, or those directly in a folder; notes beside them, such as evoopt's expert.json, are left out)."""
+    files = [path] if path.is_file() else sorted(
+        f for f in path.iterdir()
+        if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json" or f.name in TOKENIZER_FILES))
+    return hashlib.sha256(json.dumps([[f.name, file_digest(f)] for f in files]).encode()).hexdigest()
+
+
 def convert_gguf(path: Path) -> Path:
     """De-quantise a GGUF model to a float32 safetensors folder, cached by file identity.
 

@@ -157,6 +157,25 @@ def test_trials_whose_score_is_not_finite_are_told_as_the_worst(monkeypatch: pyt
         assert all(y > max(finite, default=-math.inf) for y in generation if y > values[-1])
 
 
+def test_parameters_outside_the_search_are_not_drawn_again_by_a_resumed_study() -> None:
+    """A parameter CMA-ES does not search (outside the intersection space) is drawn for its trial alone: one
+    RandomSampler seeded once restarted its sequence when the study resumed, so trials 4-7 repeated 0-3's draws."""
+    def objective(trial: optuna.Trial) -> float:
+        return trial.suggest_float("x", -1, 1) ** 2 + trial.suggest_float(f"z{trial.number % 3}", 0, 1)
+
+    straight = optuna.create_study(sampler=EvoCmaSampler(seed=0))
+    straight.optimize(objective, n_trials=8)
+    storage = optuna.storages.InMemoryStorage()
+    resumed = optuna.create_study(storage=storage, study_name="r", sampler=EvoCmaSampler(seed=0))
+    resumed.optimize(objective, n_trials=4)
+    resumed = optuna.load_study(storage=storage, study_name="r", sampler=EvoCmaSampler(seed=0))
+    resumed.optimize(objective, n_trials=4)
+    draws = [[t.params for t in study.trials] for study in (straight, resumed)]
+    assert draws[0] == draws[1]
+    z = [v for params in draws[0] for name, v in params.items() if name.startswith("z")]
+    assert len(set(z)) == 8
+
+
 def test_finished_generations_add_up_over_restarts() -> None:
     """By hand: restart 0 sampled generations 0 to 2 and was restarted (3 finished), restart 1 is sampling its
     generation 1 (1 finished): 4, where the largest recorded generation says 2."""
@@ -310,6 +329,26 @@ def test_branches_run_one_cma_es_per_choice_and_reject_the_worst_each_round() ->
     assert [t.params for t in run().trials] == [t.params for t in study.trials]
     with pytest.raises(Exception, match="branches: one categorical parameter"):
         EvoCmaSampler(branches={"m": {}})
+
+
+def test_branches_restart_from_means_of_their_own() -> None:
+    """Two choices of as many parameters restarted from the same mean (the restart's seed named no choice); a
+    single search keeps the restart means it had."""
+    from evoopt.search.cma import _State
+
+    space, branches, _ = _branched({"a": 0.0, "b": 0.0})
+    sampler = EvoCmaSampler(search_space=space, branches=branches, popsize=4, seed=3, restart="ipop")
+    means = []
+    for choice in ("a", "b"):
+        names = tuple(branches["m"][choice])
+        state = _State(sampler._optimizer(np.full(2, 0.5), 0.3, 4, None, [space[n] for n in names], seed=0))
+        sampler._restart_optimizer(state, names, [space[n] for n in names])
+        means.append(state.optimizer.mean)
+    assert not np.allclose(means[0], means[1])
+    single = EvoCmaSampler(search_space={"x": space["a:x"], "y": space["a:y"]}, popsize=4, seed=3, restart="ipop")
+    state = _State(single._optimizer(np.full(2, 0.5), 0.3, 4, None, [space["a:x"]] * 2, seed=0))
+    single._restart_optimizer(state, ("x", "y"), [space["a:x"]] * 2)
+    np.testing.assert_allclose(state.optimizer.mean, np.random.default_rng([3, 7919, 1]).uniform(0.0, 1.0, 2))
 
 
 def test_branches_drop_the_same_choices_with_trials_in_flight() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -151,7 +152,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         self._warm_start = (warm_start_study, warm_start_storage, warm_start_gamma)
         self._consider_pruned = consider_pruned_trials
         self._seed: int = int(np.random.SeedSequence().entropy) if seed is None else seed  # type: ignore[arg-type]
-        self._independent = independent_sampler or optuna.samplers.RandomSampler(seed=seed)
+        self._independent = independent_sampler  # (None: a seeded draw per trial and parameter)
         self._intersection = IntersectionSearchSpace()
         self._states: dict[tuple[int, tuple[str, ...]], _State] = {}
         self._encoded: dict[tuple[int, tuple[str, ...]], dict[int, np.ndarray | None]] = {}
@@ -161,7 +162,8 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
     # --- Optuna's sampler interface ---------------------------------------------------------------
 
     def reseed_rng(self) -> None:
-        self._independent.reseed_rng()
+        if self._independent is not None:
+            self._independent.reseed_rng()
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         _single_objective(study)
@@ -209,11 +211,18 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
         _single_objective(study)
-        return self._independent.sample_independent(study, trial, param_name, param_distribution)
+        if self._independent is not None:
+            return self._independent.sample_independent(study, trial, param_name, param_distribution)
+        # a parameter outside the searched space: drawn from a generator of its own (seed, trial, name), so that a
+        # resumed study or another worker never repeats the draws (one RandomSampler's sequence restarted with them)
+        seed = zlib.crc32(f"{self._seed}|{trial.number}|{param_name}".encode())
+        return optuna.samplers.RandomSampler(seed=seed).sample_independent(study, trial, param_name,
+                                                                            param_distribution)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
-        self._independent.after_trial(study, trial, state, values)
+        if self._independent is not None:
+            self._independent.after_trial(study, trial, state, values)
 
     def _branch(self, study: optuna.Study, trial: FrozenTrial, key: str, branches: dict[str, list[str]]) -> str:
         """The choice of ``key`` for this trial: successive rejects over the trials so far (see ``branches``);
@@ -355,7 +364,10 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
     def _restart_optimizer(self, state: _State, names: tuple[str, ...], dists: list[BaseDistribution]) -> None:
         """IPOP: a bigger population from a random mean; BIPOP: alternate large and small regimes."""
         state.restarts += 1
-        rng = np.random.default_rng([self._seed, 7919, state.restarts])
+        # with branches, each choice's restarts from means of their own (two choices of as many parameters restarted
+        # from the same ones); a single search keeps the seed it had
+        branch = [zlib.crc32("|".join(names).encode())] if self._branches is not None else []
+        rng = np.random.default_rng([self._seed, 7919, state.restarts, *branch])
         mean = rng.uniform(0.0, 1.0, len(names))
         base = self._popsize or 4 + math.floor(3 * math.log(len(names)))
         spent = state.optimizer.population_size * state.optimizer.generation

@@ -60,6 +60,18 @@ def main() -> None:
         except Exception as error:  # (recorded: the next method still runs)
             result[name] = {"ok": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         print(name, result[name], flush=True)
+    try:  # RegMean at alpha 1 on a singular Gram matrix (64 examples of 1536 features): one answer on every device
+        from evoopt.merge._methods import regmean
+
+        inputs = [torch.randn(64, 1536, generator=gen) for _ in range(3)]
+        grams = [x.T @ x for x in inputs]
+        answers = [regmean([e["w"].to(where) for e in experts], grams=grams, alpha=1.0).cpu()
+                   for where in ("cpu", args.device)]
+        result["regmean singular"] = {"ok": True, "max_abs_difference_to_cpu": float((answers[0] - answers[1]).abs()
+                                                                                      .max())}
+    except Exception as error:
+        result["regmean singular"] = {"ok": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+    print("regmean singular", result["regmean singular"], flush=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -168,6 +168,22 @@ def test_regmean_equal_grams_average_and_alpha_zero_is_diagonal() -> None:
     torch.testing.assert_close(out, T([[2.5, 4.0]]))
 
 
+def test_regmean_solves_a_singular_system_by_its_minimum_norm_answer() -> None:
+    """A feature no example activates (or alpha 1 with fewer examples than features): the Gram matrix is singular.
+    The answer is the minimum-norm least-squares one, the same on every device (torch's lstsq takes a full-rank
+    driver on CUDA). By hand: grams diag(1, 0) and diag(3, 0), weights [[1, 2]] and [[3, 6]]: column 0 is the
+    Gram-weighted mean (1 + 9) / 4 = 2.5; column 1 is seen by no example, so 0."""
+    out = M.regmean([T([[1.0, 2.0]]), T([[3.0, 6.0]])], grams=[T([[1.0, 0.0], [0.0, 0.0]]),
+                                                             T([[3.0, 0.0], [0.0, 0.0]])], alpha=1.0)
+    torch.testing.assert_close(out, T([[2.5, 0.0]]))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, generator=g, dtype=torch.float64)  # 3 examples of 6 features: rank 3
+    weights = [torch.randn(4, 6, generator=g) for _ in range(2)]
+    gram = x.T @ x
+    expected = torch.linalg.lstsq(2 * gram, gram @ (weights[0] + weights[1]).T.double(), driver="gelsd").solution
+    torch.testing.assert_close(M.regmean(weights, grams=[gram, gram], alpha=1.0), expected.T.float())
+
+
 def test_registry_refuses_duplicates_and_lists_known() -> None:
     with pytest.raises(ValueError, match="already registered"):
         M.register(get_method("ties"))

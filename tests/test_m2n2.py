@@ -108,6 +108,26 @@ def test_crossover_at_a_split_by_hand() -> None:
     torch.testing.assert_close(crossover(a, b, offset=0, split=1, ratio=0.0, omega=omega), torch.tensor([1.0, 1.0]))
 
 
+def test_the_slerp_angle_is_the_same_bits_whatever_the_number_of_threads() -> None:
+    """`run --workers N` gives each worker fewer threads than one process: a plain sum of 5 M products rounded
+    differently with 1 and 2 threads, so a child's coefficients could differ in their last bits."""
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(5_000_003, generator=g)]  # parents close to each other, as merges of one base are
+    b = [a[0] + 0.01 * torch.randn(5_000_003, generator=g)]
+    threads = torch.get_num_threads()
+    try:
+        angles = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            angles.append(slerp_angle(a, b))
+    finally:
+        torch.set_num_threads(threads)
+    assert angles[0] == angles[1] == angles[2]
+    x, y = a[0].double(), b[0].double()
+    dot = float((x * y).sum()) / float(x.norm() * y.norm())
+    assert angles[0] == pytest.approx(math.acos(dot), rel=1e-6)  # (acos near 1 magnifies the rounding of dot)
+
+
 def test_crossover_tensor_by_tensor_equals_the_flat_parameter_vector() -> None:
     g = torch.Generator().manual_seed(0)
     first = [torch.randn(3, generator=g), torch.randn(2, 2, generator=g)]
@@ -153,6 +173,14 @@ def test_resources_are_the_examples_every_member_scored() -> None:
     p = Outcomes("perplexity", {"t": TaskOutcomes(np.array([0, 1]), np.array([2.0, 0.0], dtype=np.float32),
                                                   np.array([4.0, 3.0]))})
     np.testing.assert_allclose(resources([p])[0], [[math.exp(-0.5), 1.0]])
+    # mse: exp(-error / the task's mean error over the members), by hand: errors [900, 1800] and [2700, 0], mean
+    # 1350; at errors of hundreds exp(-error) was 0.0 for every member, so no member was fitter than another
+    # and every child replaced member 0, the best one here included
+    m = [Outcomes("mse", {"t": TaskOutcomes(np.array([0, 1]), np.array(e, dtype=np.float32))})
+         for e in ([900.0, 1800.0], [2700.0, 0.0], [2000.0, 2000.0])]
+    np.testing.assert_allclose(resources(m[:2])[0], np.exp(-np.array([[900.0, 1800.0], [2700.0, 0.0]]) / 1350))
+    scores, weights = resources(m)  # the third (errors 2000, 2000) is the least fit of the three: kept out
+    assert scores.min() > 0 and replaced(scores[:2], scores[2], weights=weights) is None
 
 
 def test_replay_places_children_by_joining_then_competing_by_hand() -> None:

@@ -35,7 +35,8 @@ trial's parameters), so a study resumes in a fresh process and several workers s
 
 Scores for the competition (:func:`resources`) are the trials' per-example outcomes on dev, on the examples
 every member scored: correctness as 0/1 (the paper's accuracy); a deliberate extension for the losses, the
-example's likelihood in (0, 1]: exp(-nll / tokens) for perplexity, exp(-squared error) for mse.
+example's likelihood in (0, 1]: exp(-nll / tokens) for perplexity, exp(-squared error / its mean over the members
+and the task's examples) for mse (scale-free: the task's units may be any).
 """
 
 from __future__ import annotations
@@ -110,11 +111,20 @@ def replaced(scores: np.ndarray, child: np.ndarray, alpha: float = 1.0,
     return None if fitness[-1] < fitness[weakest] else weakest
 
 
+def _sum(x: torch.Tensor, chunk: int = 1 << 15) -> float:
+    """The sum of ``x``'s entries in float64, the same bits whatever the number of threads: rows of ``chunk``
+    entries each summed by one thread, the row sums added exactly (a plain sum split over threads rounds by their
+    count: ``run --workers`` gives each worker fewer threads than one process has)."""
+    flat = x.double().flatten()
+    rows = torch.nn.functional.pad(flat, (0, -flat.numel() % chunk)).view(-1, chunk).sum(dim=1)
+    return math.fsum(rows.tolist())
+
+
 def slerp_angle(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> float:
     """Omega between two parents, each a sequence of tensors (their parameters in order), as whole vectors."""
-    dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(first, second))
-    norm_a = math.sqrt(sum(float(a.double().square().sum()) for a in first))
-    norm_b = math.sqrt(sum(float(b.double().square().sum()) for b in second))
+    dot = math.fsum(_sum(a.double() * b.double()) for a, b in zip(first, second))
+    norm_a = math.sqrt(math.fsum(_sum(a.double().square()) for a in first))
+    norm_b = math.sqrt(math.fsum(_sum(b.double().square()) for b in second))
     if norm_a == 0.0 or norm_b == 0.0:
         return 0.0
     return math.acos(max(-1.0, min(1.0, dot / (norm_a * norm_b))))
@@ -179,9 +189,14 @@ def resources(outcomes: Sequence[Outcomes],
             if o.metric == "perplexity":
                 assert t.weights is not None
                 values = np.exp(-values / np.maximum(t.weights, 1.0))
-            elif o.metric == "mse":
-                values = np.exp(-values)
             row.append(values)
+        if outcomes and outcomes[0].metric == "mse":  # squared errors, in the task's own units: the scale is its
+            # mean over the members (exp(-error) was 0.0 for every member at errors of 30: no signal, every child
+            # then replaced member 0)
+            errors = np.vstack([r[-1] for r in rows])
+            scale = float(errors.mean()) if errors.size and errors.mean() > 0 else 1.0
+            for r in rows:
+                r[-1] = np.exp(-r[-1] / scale)
     scores = np.vstack([np.concatenate(r) if r else np.zeros(0) for r in rows]) if rows else np.zeros((0, 0))
     return scores, np.concatenate(weights) if weights else np.zeros(0)
 

@@ -68,7 +68,7 @@ def test_donors_are_distinct_from_each_other_and_the_target(strategy: str) -> No
         draw_move(rng, "rand1", target=0, size=3, best=0)
 
 
-def test_released_reference_is_random_early_and_best_late() -> None:
+def test_released_reference_is_often_the_best_early_and_random_late() -> None:
     """P(random other) = 0.5 / (G - g) + 0.5: 0.5 + 0.5/10 at g = 0 of 10, 1 at the last generation."""
     rng = np.random.default_rng(0)
     early = [draw_move(rng, "released", target=0, size=6, best=5, generation=0, generations=10).donors[0]
@@ -624,6 +624,8 @@ def test_evolver_config_problems_are_named() -> None:
 
     with pytest.raises(ValueError, match="strategy 'paper' needs at least 3 individuals, got 2.*F: the differential"):
         EvolverSampler(population=2, F=3.0)
+    with pytest.raises(ValueError, match=r"Cr: the crossover rate must be in \(0, 1\], got 0"):
+        EvolverSampler(population=4, Cr=0)  # (no entry from the mutant: every offspring its target's copy)
 
 
 @pytest.mark.slow

@@ -452,8 +452,8 @@ class EvolverSampler(SlotSampler):
             problems.append(f"population: strategy {strategy!r} needs at least {needed} individuals, got {population}")
         if not 0 < F <= 2:
             problems.append(f"F: the differential weight must be in (0, 2], got {F}")
-        if not 0 <= Cr <= 1:
-            problems.append(f"Cr: the crossover rate must be in [0, 1], got {Cr}")
+        if not 0 < Cr <= 1:  # (0: no entry from the mutant, every offspring its target's copy, every trial wasted)
+            problems.append(f"Cr: the crossover rate must be in (0, 1], got {Cr}")
         if adapt not in (None, "jde"):
             problems.append(f"adapt: None or 'jde', got {adapt!r}")
         if generations < 1:

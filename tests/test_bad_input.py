@@ -583,6 +583,40 @@ def test_missing_source_paths_are_named_by_their_study_keys_before_anything_is_m
     assert not (tmp_path / "m").exists()  # no study, no storage
 
 
+def test_sources_the_objective_cannot_score_are_named_before_anything_is_made(tmp_path: Path) -> None:
+    """A language model scored as a classifier, a classifier scored as a language model, mse on a two-label head:
+    each failed with a traceback (a broadcast error, lm-eval's TypeError, an IndexError) after the baselines had
+    run, and the study it left kept the corrected config from the name."""
+    from tests.helpers.models import tiny_bert_config
+
+    llama = save_family(tmp_path / "llama", tiny_llama_config(), experts=2, seed=0)
+    bert = save_family(tmp_path / "bert", tiny_bert_config(), experts=2, seed=0,
+                       model_class="BertForSequenceClassification")
+    cases = [(llama, {"kind": "dev"}, "is a LlamaForCausalLM, a language model; objective.metric accuracy scores a "
+                                      "classification head: use metric perplexity"),
+             (llama, {"kind": "dev", "metric": "mse"}, "objective.metric mse scores a classification head"),
+             (bert, {"kind": "lm-eval"}, "is a BertForSequenceClassification, a classifier; objective.kind lm-eval "
+                                         "scores language models"),
+             (bert, {"kind": "dev", "metric": "perplexity"}, "objective.metric perplexity scores language models"),
+             (bert, {"kind": "dev", "metric": "mse"}, "has 3 outputs; objective.metric mse needs regression heads")]
+    for family, objective, message in cases:
+        base, *models = family
+        sources = {"base": str(base), "models": [str(m) for m in models], "tasks": ["sms-spam"]}
+        config = parse_config({"name": "m", "artifacts": str(tmp_path / "out"), "baselines": ["linear"],
+                               "objective": objective, "sources": sources}, root=tmp_path)
+        for call in (run_study, run_baselines):
+            with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+                call(config)
+            assert "\n  - sources.models[0]: " in str(caught.value) and "\n  - sources.models[1]: " in str(caught.value)
+        assert not (tmp_path / "out").exists()  # no study, no storage
+    fitting = parse_config({"name": "m", "artifacts": str(tmp_path / "out"), "objective": {"metric": "perplexity"},
+                            "sources": {"base": str(llama[0]), "models": [str(m) for m in llama[1:]],
+                                        "tasks": ["sms-spam"]}}, root=tmp_path)
+    from evoopt.study.run import check_sources
+
+    check_sources(fitting)  # (a language model scored by perplexity: nothing to say)
+
+
 def test_lm_eval_keys_are_for_lm_eval_and_its_include_path_is_read_from_the_configs_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape("objective.tasks: only for objective.kind lm-eval; set kind: "
                                                     "lm-eval, or drop it")):

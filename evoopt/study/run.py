@@ -111,9 +111,52 @@ def check_sources(config: StudyConfig) -> None:
     found = [f"{key}: {problem}" for key, reference in config.sources.references()
              if not reference.startswith("expert:")
              and (problem := reference_problem(reference, config.root, where="the study config")) is not None]
+    if not found:  # (the kind of model each one is, read from its config.json: a mismatch failed after the baselines)
+        found = [f"{key}: {problem}" for key, reference in config.sources.references()
+                 if not reference.startswith("expert:")
+                 and (problem := _model_problem(config, reference, base=key == "sources.base")) is not None]
     if found:
         check_stored(config)  # (a stored study that will be refused anyway, by its config or data rules, says so)
         raise problems(ConfigError, "study", found)
+
+
+def _model_problem(config: StudyConfig, reference: str, *, base: bool) -> str | None:
+    """A source that cannot be scored by the study's objective, by the architecture its config.json names (a GGUF
+    file is a language model): a language model scored as a classifier (kind dev with accuracy, macro_f1 or mse),
+    a classifier scored as a language model (lm-eval, perplexity), or mse on a head of more than one output.
+    Nothing is said where the config names no architecture of either kind (a bare encoder as the base)."""
+    from transformers.models.auto import modeling_auto
+
+    from evoopt.models.io import resolve_path
+
+    def names(mapping: Mapping[str, Any]) -> set[str]:
+        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+
+    path = resolve_path(reference, config.root)
+    folder = path if path.is_dir() else path.parent
+    if path.suffix == ".gguf" or path.is_dir() and not (folder / "config.json").exists() and any(folder.glob("*.gguf")):
+        architectures, labels = ["a GGUF language model"], None
+    else:
+        try:
+            model_config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # (a bare weights file, or a config the model's loading names)
+        architectures = [str(a) for a in model_config.get("architectures") or []]
+        labels = len(model_config.get("id2label") or {}) or model_config.get("num_labels")
+    causal = any(a in names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or "GGUF" in a for a in architectures)
+    classifier = any(a in names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) for a in architectures)
+    objective, kind = config.objective, ", ".join(architectures)
+    if (objective.kind == "lm-eval" or objective.metric == "perplexity") and classifier and not causal:
+        scored = "objective.kind lm-eval" if objective.kind == "lm-eval" else "objective.metric perplexity"
+        return (f"{reference} is a {kind}, a classifier; {scored} scores language models: use objective.kind dev "
+                "with metric accuracy, macro_f1 or mse")
+    if objective.kind == "dev" and objective.metric != "perplexity" and causal and not classifier:
+        return (f"{reference} is a {kind}, a language model; objective.metric {objective.metric} scores a "
+                "classification head: use metric perplexity, or objective.kind lm-eval (accuracy on lm-eval tasks)")
+    if objective.metric == "mse" and classifier and not base and labels not in (None, 1):
+        return (f"{reference} has {labels} outputs; objective.metric mse needs regression heads (one output): use "
+                "metric accuracy or macro_f1, or models fine-tuned for regression")
+    return None
 
 
 def worker_seed(config: StudyConfig, worker: int, *, one_seed: bool = False) -> int:
@@ -308,10 +351,19 @@ class _Interrupt:
             _log.warning("interrupted: stopping once this step of the study is stored (Ctrl-C again: at once)")
 
         previous = signal.signal(signal.SIGINT, handler)
+        optuna_log = logging.getLogger("optuna.study._optimize")  # (its "Trial N failed" with the interrupt's
+        optuna_log.addFilter(_not_interrupted)  # traceback, dozens of lines that read as a crash: the run says it)
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+            optuna_log.removeFilter(_not_interrupted)
+
+
+def _not_interrupted(record: logging.LogRecord) -> bool:
+    """Whether a log record is anything but a trial failed by Ctrl-C."""
+    return not (record.exc_info and record.exc_info[0] is not None
+                and issubclass(record.exc_info[0], KeyboardInterrupt))
 
 
 class Worker:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from evoopt.display import Bars, TrialBar, print_expert_scores, print_summary
+from evoopt.display import Bars, TrialBar, console, print_expert_scores, print_summary
 
 if TYPE_CHECKING:
     from evoopt.study.run import RunReport
@@ -147,7 +147,7 @@ def merge(recipe: Path, out: Path, overwrite: bool, device: str | None) -> None:
     table.add_row("dtype / device", f"{str(merger.dtype).removeprefix('torch.')} / {merger.device}")
     table.add_row("time", f"{time.perf_counter() - started:.1f} s")
     table.add_row("output", str(out))
-    Console().print(table)
+    console().print(table)
 
 
 @main.command()
@@ -226,26 +226,25 @@ def demo(ctx: click.Context, study: Path, out: Path, overwrite: bool) -> None:
     if ctx.invoke(run, study=study).interrupted:
         return  # Ctrl-C: the finished trials are stored; the demo's next run resumes and exports
     export_trial(config, "best", out, overwrite=overwrite)
-    Console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
+    console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
 
 
 @main.command()
 def methods() -> None:
     """List the merge methods, their coefficients and papers."""
-    from rich.console import Console
     from rich.table import Table
 
     from evoopt.merge import available_methods, get_method
 
     table = Table(title="merge methods")
     for column in ("name", "per-model coefficients", "shared coefficients", "base", "paper"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # (on a narrow terminal: a name or value wrapped, never cut)
     for name in available_methods():
         method = get_method(name)
         per_model = ", ".join(f"{k}={v}" for k, v in method.per_model.items())
         shared = ", ".join(f"{k}={v}" for k, v in method.shared.items())
         table.add_row(name, per_model, shared, "yes" if method.needs_base else "no", method.paper)
-    Console().print(table)
+    console().print(table)
 
 
 # --- studies ----------------------------------------------------------------------------------------
@@ -494,7 +493,6 @@ def compare(studies: tuple[Path, ...], out: Path, storage: str | None) -> None:
     are also attached to each study as artifacts, which optuna-dashboard shows (a
     later compare replaces them). The studies must score one metric.
     """
-    from rich.console import Console
     from rich.table import Table
 
     from evoopt.study.config import StudyConfig
@@ -505,14 +503,15 @@ def compare(studies: tuple[Path, ...], out: Path, storage: str | None) -> None:
     table = Table(title="evoopt compare")
     for column in ("study", "sampler", "space", "finished", "best (dev)", "test", "trials to within 1 %",
                    "wall time"):
-        table.add_column(column, justify="left" if column in ("study", "sampler", "space") else "right")
+        table.add_column(column, justify="left" if column in ("study", "sampler", "space") else "right",
+                         overflow="fold")
     for row in rows:
         test = "-" if row["test"] is None else f"{row['test']:.4f}"
         table.add_row(row["name"], row["sampler"], row["space"], str(row["finished"]), f"{row['best']:.4f}", test,
                       str(row["trials_to_99"]), f"{row['wall_seconds']:.0f} s")
-    console = Console()
-    console.print(table)
-    console.print("plots: " + ", ".join(str(f) for f in files))
+    shown = console()
+    shown.print(table)
+    shown.print("plots: " + ", ".join(str(f) for f in files))
 
 
 @main.command()

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from typing import Any
+
+LOG_WIDTH = 200  # the width of tables written to a pipe or a log file (rich's 80 cut names and values short)
+
+
+def console() -> Any:
+    """A rich console for standard output: a terminal's width on a terminal; elsewhere (a pipe, a log file)
+    :data:`LOG_WIDTH` columns unless $COLUMNS says otherwise."""
+    from rich.console import Console
+
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=LOG_WIDTH if wide else None)
 
 
 class Bars:
@@ -135,13 +149,12 @@ class TrialBar(Bars):
 
 
 def print_expert_scores(built: object, cross: object) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from evoopt.data.experts import ExpertSet
 
     assert isinstance(built, ExpertSet)
-    console = Console()
+    out = console()
     tasks = built.setting.tasks
     for split in ("dev", "test"):
         table = Table(title=f"{built.setting.name}: accuracy on {split}" +
@@ -159,13 +172,12 @@ def print_expert_scores(built: object, cross: object) -> None:
                 if "scores" in meta:
                     table.add_row(model, *[f"{meta['scores'][t][split]:.3f}" if t in meta["scores"] else "-"
                                            for t in tasks])
-        console.print(table)
+        out.print(table)
     seconds = [m.get("train_seconds", 0.0) for m in built.scores().values()]
-    console.print(f"training time of the models in this table: {sum(seconds):.0f} s")
+    out.print(f"training time of the models in this table: {sum(seconds):.0f} s")
 
 
 def print_summary(config: object, study: object, rows: list[dict[str, object]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from evoopt.study.run import FINISHED
@@ -178,11 +190,11 @@ def print_summary(config: object, study: object, rows: list[dict[str, object]]) 
         test = row["test"]
         style = "bold" if str(row["name"]).startswith("best found") else None
         table.add_row(str(row["name"]), f"{row['dev']:.4f}", "-" if test is None else f"{test:.4f}", style=style)
-    console = Console()
-    console.print(table)
+    out = console()
+    out.print(table)
     trials = study.get_trials(deepcopy=False)  # type: ignore[attr-defined]
     states = {s.name.lower(): sum(t.state == s for t in trials) for s in {t.state for t in trials}}
     done = sum(t.state in FINISHED for t in trials)
     counts = f" ({', '.join(f'{n} {k}' for k, n in states.items())})" if states else ""
-    console.print(f"{done}/{config.trials} trials finished{counts}; "  # type: ignore[attr-defined]
+    out.print(f"{done}/{config.trials} trials finished{counts}; "  # type: ignore[attr-defined]
                   f"storage {config.storage_shown}", soft_wrap=True)  # type: ignore[attr-defined]

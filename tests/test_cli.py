@@ -77,9 +77,21 @@ def test_mismatched_models_fail_cleanly(llama_family: list[Path], bert_family: l
     assert not (tmp_path / "out").exists()
 
 
-def test_methods_lists_registry() -> None:
+def test_methods_lists_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every name and default whole, in a pipe (rich's 80 columns cut them: breadcrumbs_ti…) and on an 80-column
+    terminal (wrapped there)."""
+    from evoopt.merge import available_methods, get_method
+
+    monkeypatch.delenv("COLUMNS", raising=False)
     result = CliRunner().invoke(main, ["methods"])
-    assert result.exit_code == 0 and "model_stock" in result.output and "regmean" in result.output
+    assert result.exit_code == 0 and "…" not in result.output
+    for name in available_methods():
+        assert f"│ {name} " in result.output
+        assert all(f"{k}={v}" in result.output for k, v in get_method(name).per_model.items())
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = CliRunner().invoke(main, ["methods"])
+    assert narrow.exit_code == 0 and "…" not in narrow.output and "model_stock" in narrow.output
+    assert max(len(line) for line in narrow.output.splitlines()) <= 80
 
 
 def test_help_explains() -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from evoopt.display import Bars, TrialBar, console, print_expert_scores, print_summary
+from evoopt.display import Bars, TrialBar, print_expert_scores, print_summary, stdout_console
 
 if TYPE_CHECKING:
     from evoopt.study.run import RunReport
@@ -147,7 +147,7 @@ def merge(recipe: Path, out: Path, overwrite: bool, device: str | None) -> None:
     table.add_row("dtype / device", f"{str(merger.dtype).removeprefix('torch.')} / {merger.device}")
     table.add_row("time", f"{time.perf_counter() - started:.1f} s")
     table.add_row("output", str(out))
-    console().print(table)
+    stdout_console().print(table)
 
 
 @main.command()
@@ -226,7 +226,7 @@ def demo(ctx: click.Context, study: Path, out: Path, overwrite: bool) -> None:
     if ctx.invoke(run, study=study).interrupted:
         return  # Ctrl-C: the finished trials are stored; the demo's next run resumes and exports
     export_trial(config, "best", out, overwrite=overwrite)
-    console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
+    stdout_console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
 
 
 @main.command()
@@ -244,7 +244,7 @@ def methods() -> None:
         per_model = ", ".join(f"{k}={v}" for k, v in method.per_model.items())
         shared = ", ".join(f"{k}={v}" for k, v in method.shared.items())
         table.add_row(name, per_model, shared, "yes" if method.needs_base else "no", method.paper)
-    console().print(table)
+    stdout_console().print(table)
 
 
 # --- studies ----------------------------------------------------------------------------------------
@@ -509,7 +509,7 @@ def compare(studies: tuple[Path, ...], out: Path, storage: str | None) -> None:
         test = "-" if row["test"] is None else f"{row['test']:.4f}"
         table.add_row(row["name"], row["sampler"], row["space"], str(row["finished"]), f"{row['best']:.4f}", test,
                       str(row["trials_to_99"]), f"{row['wall_seconds']:.0f} s")
-    shown = console()
+    shown = stdout_console()
     shown.print(table)
     shown.print("plots: " + ", ".join(str(f) for f in files))
 

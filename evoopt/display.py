@@ -10,7 +10,7 @@ from typing import Any
 LOG_WIDTH = 200  # the width of tables written to a pipe or a log file (rich's 80 cut names and values short)
 
 
-def console() -> Any:
+def stdout_console() -> Any:
     """A rich console for standard output: a terminal's width on a terminal; elsewhere (a pipe, a log file)
     :data:`LOG_WIDTH` columns unless $COLUMNS says otherwise."""
     from rich.console import Console
@@ -154,7 +154,7 @@ def print_expert_scores(built: object, cross: object) -> None:
     from evoopt.data.experts import ExpertSet
 
     assert isinstance(built, ExpertSet)
-    out = console()
+    out = stdout_console()
     tasks = built.setting.tasks
     for split in ("dev", "test"):
         table = Table(title=f"{built.setting.name}: accuracy on {split}" +
@@ -190,7 +190,7 @@ def print_summary(config: object, study: object, rows: list[dict[str, object]]) 
         test = row["test"]
         style = "bold" if str(row["name"]).startswith("best found") else None
         table.add_row(str(row["name"]), f"{row['dev']:.4f}", "-" if test is None else f"{test:.4f}", style=style)
-    out = console()
+    out = stdout_console()
     out.print(table)
     trials = study.get_trials(deepcopy=False)  # type: ignore[attr-defined]
     states = {s.name.lower(): sum(t.state == s for t in trials) for s in {t.state for t in trials}}

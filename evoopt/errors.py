@@ -94,8 +94,16 @@ def schema_problems(error: Any, top: str, model: Any = None) -> list[str]:
             loc = loc[:-1]
             message = f"got {item['input']!r}; expected " + " or ".join(
                 dict.fromkeys(i["msg"].removeprefix("Input should be ").split(",")[0] for i in union))
-        lines.setdefault(f"{'.'.join(str(p) for p in loc) or top}", message)
+        lines.setdefault(key_path(loc) or top, message)
     return [f"{where}: {message}" for where, message in lines.items()]
+
+
+def key_path(loc: collections.abc.Sequence[Any]) -> str:
+    """A key path as the messages write it: ``sources.models[1]`` (pydantic's is ``sources.models.1``)."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
 
 
 def _keys_at(model: Any, path: tuple[Any, ...]) -> list[str]:

@@ -566,7 +566,7 @@ def test_a_method_the_sources_cannot_feed_is_refused_before_anything_is_scored()
     assert str(caught.value).splitlines()[1:] == [
         "  - space.method: 'ties' needs a base (pretrained) model; give sources.base, or choose another method",
         "  - baselines: 'dare_ties' needs a base (pretrained) model; give sources.base, or leave it out of baselines"]
-    with pytest.raises(ConfigError, match=re.escape("baselines: 'slerp' takes at least 1 and at most 1 models, the "
+    with pytest.raises(ConfigError, match=re.escape("baselines: 'slerp' takes exactly 1 model besides its base, the "
                                                     "study has 4; leave it out of baselines")):
         parse_config({"name": "m", "setting": "minilm-cross-task", "baselines": ["ties", "slerp"]})
 

@@ -74,7 +74,7 @@ def test_status_and_best_read_it_without_building_models(old_study: Path) -> Non
     assert "best found (trial 1)" in status.output and "3 complete" in status.output
     best = CliRunner().invoke(main, ["best", str(old_study)])  # the models do not exist: nothing is loaded
     assert best.exit_code == 0, best.output
-    assert "# trial 1: value [39.25]" in best.output and "method: task_arithmetic" in best.output
+    assert "# trial 1: value 39.25;" in best.output and "method: task_arithmetic" in best.output
     assert "weight: 0.9" in best.output and "weight: 0.1" in best.output
 
 

@@ -55,8 +55,11 @@ class MergeMethod:
         """What is wrong with merging ``n`` non-base models by this method (None: nothing)."""
         if self.min_models <= n and (self.max_models is None or n <= self.max_models):
             return None
+        beside = " besides its base" if self.needs_base else ""
+        if self.min_models == self.max_models:
+            return f"{self.name!r} takes exactly {self.min_models} model{'s' * (self.min_models > 1)}{beside}"
         most = "" if self.max_models is None else f" and at most {self.max_models}"
-        return f"{self.name!r} takes at least {self.min_models}{most} models"
+        return f"{self.name!r} takes at least {self.min_models}{most} models{beside}"
 
     def apply(
         self,

@@ -391,7 +391,7 @@ def _open_sources(recipe: Recipe) -> tuple[list[TensorSource], TensorSource | No
         except ModelSourceError as error:
             unopened.append((where, str(error)))
     if len(unopened) == 1:
-        raise ModelSourceError(unopened[0][1])
+        raise ModelSourceError(f"{unopened[0][0]}: {unopened[0][1]}")
     if unopened:
         raise problems(ModelSourceError, "recipe", [f"{where}: {error}" for where, error in unopened],
                        heading=f"{len(unopened)} models cannot be opened")

@@ -263,7 +263,8 @@ class Kind(Generic[SpaceT]):
     def best_text(self, study: optuna.Study) -> str:
         """What `evoopt best` prints: the best trial's value, scores and record."""
         trial = get_trial(study, "best")
-        return (f"# trial {trial.number}: value {trial.values}; dev scores {trial.user_attrs.get('scores')}\n"
+        value = trial.values[0] if len(trial.values) == 1 else trial.values  # (a list only for several objectives)
+        return (f"# trial {trial.number}: value {value}; dev scores {trial.user_attrs.get('scores')}\n"
                 + self.record(trial))
 
     def _upload(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

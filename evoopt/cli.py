@@ -65,6 +65,7 @@ class _Boundary(click.Group):
 
 @click.group(cls=_Boundary, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
+@click.version_option(package_name="evoopt", message="%(prog)s %(version)s")
 def main(verbose: bool) -> None:
     """evoopt: evolutionary model merging as Optuna studies.
 

@@ -94,6 +94,13 @@ def test_methods_lists_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert max(len(line) for line in narrow.output.splitlines()) <= 80
 
 
+def test_version_is_printed() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip().endswith(version("evoopt"))
+
+
 def test_help_explains() -> None:
     result = CliRunner().invoke(main, ["merge", "--help"])
     assert result.exit_code == 0 and "--overwrite" in result.output and "pkg:" in result.output

@@ -617,6 +617,35 @@ def test_sources_the_objective_cannot_score_are_named_before_anything_is_made(tm
     check_sources(fitting)  # (a language model scored by perplexity: nothing to say)
 
 
+def test_a_study_whose_source_models_changed_is_neither_resumed_nor_exported(tmp_path: Path) -> None:
+    """A source fine-tuned again in place (the same names and sizes): resuming added trials scored on other weights
+    beside the old ones, and export put a trial's coefficients on weights it was never scored with. A study made
+    before the fingerprints were kept is given them when next opened."""
+    from evoopt.study.storage import SOURCES_ATTR
+
+    family = save_family(tmp_path / "models", tiny_llama_config(), experts=2, seed=0)
+    config = parse_config({"name": "fp", "artifacts": str(tmp_path / "out"), "objective": {"metric": "perplexity"},
+                           "sources": {"base": str(family[0]), "models": [str(m) for m in family[1:]],
+                                       "tasks": ["sms-spam"]}}, root=tmp_path)
+    study = open_study(config)
+    kept = study.user_attrs[SOURCES_ATTR]
+    assert set(kept) == {"sources.base", "sources.models[0]", "sources.models[1]"}
+    open_study(config)  # the same weights: resumed
+    study._storage.set_study_user_attr(study._study_id, SOURCES_ATTR, None)
+    assert open_study(config).user_attrs[SOURCES_ATTR] == kept  # (an older study: given them)
+    weights = family[2] / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v * 1.01 for k, v in state.items()}, weights, metadata={"format": "pt"})  # the same size
+    for call in (lambda: open_study(config), lambda: export_trial(config, "best", tmp_path / "exported")):
+        with pytest.raises(ConfigError, match=re.escape("searched over models whose weights have changed since: "
+                                                        f"sources.models[1] ({family[2]}); its trials were scored "
+                                                        "on the earlier weights: restore them")):
+            call()
+    assert not (tmp_path / "exported").exists()
+    save_file(state, weights, metadata={"format": "pt"})  # restored
+    open_study(config)
+
+
 def test_lm_eval_keys_are_for_lm_eval_and_its_include_path_is_read_from_the_configs_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape("objective.tasks: only for objective.kind lm-eval; set kind: "
                                                     "lm-eval, or drop it")):

@@ -390,6 +390,24 @@ def model_digest(path: Path) -> str:
     return hashlib.sha256(json.dumps([[f.name, file_digest(f)] for f in files]).encode()).hexdigest()
 
 
+def model_fingerprint(path: Path, *, blocks: int = 16, block: int = 1 << 16) -> str:
+    """A quick identity of a model's weights: each weight file's name, size, first 64 KiB (a safetensors header
+    names every tensor, shape and dtype) and ``blocks`` blocks of ``block`` bytes spread evenly through it; about a
+    megabyte read a file, whatever its size. A model fine-tuned again in place changes it; a change confined to a
+    few tensors may fall between the blocks (:func:`model_digest` reads every byte)."""
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir()
+                                                  if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}|{size}|".encode())
+        with file.open("rb") as handle:
+            for offset in [0, *((size - block) * k // max(1, blocks - 1) for k in range(blocks))]:
+                handle.seek(max(0, offset))
+                digest.update(handle.read(block))
+    return digest.hexdigest()
+
+
 def convert_gguf(path: Path) -> Path:
     """De-quantise a GGUF model to a float32 safetensors folder, cached by file identity.
 

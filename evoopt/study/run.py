@@ -68,6 +68,7 @@ from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.stu
     check_config,
     check_data,
     check_experts,
+    check_source_weights,
     check_stored,
     data_rules,
     finished_trials,
@@ -210,6 +211,7 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
             else:
                 check_config(study, config)
                 check_data(study, config)
+            check_source_weights(study, config)  # (made: recorded)
             if made or os.environ.get(_LOCAL_WORKER_ENV) or _joined(study, give_up=time.monotonic() > patience):
                 break
         except KeyError:  # taken back by its maker after this process loaded it
@@ -692,4 +694,5 @@ def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite:
     study = load_study(config)
     check_experts(study, config)  # (before the sources: new rules would train other experts)
     check_sources(config)  # (named by their study keys, not as a recipe's the user never wrote)
+    check_source_weights(study, config)
     return kind.export(study, which, out, overwrite=overwrite)

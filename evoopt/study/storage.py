@@ -34,6 +34,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONFIG_ATTR = "evoopt:config"
 ROOT_ATTR = "evoopt:root"  # the folder the study's config was read from (its relative paths)
 DATA_ATTR = "evoopt:data"  # the rules of the corpora's rows the study's trials were scored on (data_rules)
+SOURCES_ATTR = "evoopt:sources"  # each source model's fingerprint when the study was made (check_source_weights)
 JOINED_ATTR = "evoopt:joined"  # a study system attribute: another process has opened the study
 WITHDRAWN_ATTR = "evoopt:withdrawn"  # ... and: the process that made it is taking it back
 
@@ -319,6 +320,38 @@ def check_data(study: optuna.Study, config: StudyConfig) -> None:
                           f"than new ones would; {advice}")
 
 
+def source_fingerprints(config: StudyConfig) -> dict[str, str]:
+    """The fingerprint (:func:`~evoopt.models.io.model_fingerprint`) of each of the study's own source models, by
+    its key in the config; ``expert:`` models are known by their data rules (:func:`check_experts`)."""
+    from evoopt.models.io import model_fingerprint, reference_problem, resolve_path
+
+    if config.sources is None:
+        return {}
+    return {key: model_fingerprint(resolve_path(reference, config.root))
+            for key, reference in config.sources.references()
+            if not reference.startswith("expert:")
+            and reference_problem(reference, config.root) is None}  # (a missing one: named by check_sources)
+
+
+def check_source_weights(study: optuna.Study, config: StudyConfig) -> None:
+    """Refuse to add trials to, or rebuild a trial of, a study whose source models changed since it was made (a
+    model fine-tuned again in place): its trials' coefficients were scored on the earlier weights. A study made
+    before evoopt recorded them is given them now."""
+    stored = study.user_attrs.get(SOURCES_ATTR)
+    now = source_fingerprints(config)
+    if stored is None:
+        study.set_user_attr(SOURCES_ATTR, now)
+        return
+    changed = [key for key in now if key in stored and stored[key] != now[key]]
+    if changed:
+        assert config.sources is not None
+        references = dict(config.sources.references())
+        raise ConfigError(f"name: study {config.name!r} in {config.storage_shown} searched over models whose "
+                          "weights have changed since: " + ", ".join(f"{k} ({references[k]})" for k in changed)
+                          + "; its trials were scored on the earlier weights: restore them, or give the study a new "
+                          "name to search the new ones")
+
+
 def check_stored(config: StudyConfig) -> None:
     """The checks of resuming a study (:func:`check_config`, :func:`check_data`), made before its sources are
     resolved, which may train or rescore experts for minutes: a study that will be refused is refused first.
@@ -332,6 +365,8 @@ def check_stored(config: StudyConfig) -> None:
         if study.user_attrs.get(CONFIG_ATTR) is not None:  # (else being made by a worker beside: checked on opening)
             check_config(study, config)
             check_data(study, config)
+            if study.user_attrs.get(SOURCES_ATTR) is not None:
+                check_source_weights(study, config)
     except KeyError:  # none, or taken back by its maker meanwhile (:func:`evoopt.study.run._take_back`)
         return
     finally:

@@ -240,6 +240,14 @@ def test_merge_writes_in_place_and_export_reloads(llama_family: list[Path], tmp_
     torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
     assert "ties" in (out / "README.md").read_text()
     assert parse_recipe(__import__("yaml").safe_load((out / "evoopt_recipe.yaml").read_text())).method == "ties"
+    # the tokenizer's files go with it, a chat template saved apart (older saves) and Mistral's among them
+    base = tmp_path / "base"
+    shutil.copytree(llama_family[0], base)
+    for name in ("chat_template.json", "tekken.json"):
+        (base / name).write_text('{"chat_template": "{{ messages }}"}')
+    out = Merger(_recipe([base, *llama_family[1:]])).export(tmp_path / "with-template")
+    assert (out / "chat_template.json").read_text() == (base / "chat_template.json").read_text()
+    assert (out / "tekken.json").exists()
 
 
 def test_tied_embeddings_export(tied_llama_family: list[Path], tmp_path: Path) -> None:

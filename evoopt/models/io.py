@@ -34,6 +34,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "spiece.model",
     "spm.model", "sentencepiece.bpe.model", "source.spm", "target.spm", "bpe.codes",  # DeBERTa-v3, XLM-R, Marian
+    "chat_template.json", "tokenizer.model.v3", "tekken.json",  # chat templates of older saves, Mistral's
 )
 _EMBEDDING_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "output.weight")
 _MAX_LISTED = 8

@@ -621,12 +621,14 @@ def test_a_study_whose_source_models_changed_is_neither_resumed_nor_exported(tmp
     """A source fine-tuned again in place (the same names and sizes): resuming added trials scored on other weights
     beside the old ones, and export put a trial's coefficients on weights it was never scored with. A study made
     before the fingerprints were kept is given them when next opened."""
+    from evoopt.integrations.lm_eval import ModelArgsError, _study_trial
     from evoopt.study.storage import SOURCES_ATTR
 
     family = save_family(tmp_path / "models", tiny_llama_config(), experts=2, seed=0)
-    config = parse_config({"name": "fp", "artifacts": str(tmp_path / "out"), "objective": {"metric": "perplexity"},
-                           "sources": {"base": str(family[0]), "models": [str(m) for m in family[1:]],
-                                       "tasks": ["sms-spam"]}}, root=tmp_path)
+    data = {"name": "fp", "artifacts": str(tmp_path / "out"), "objective": {"metric": "perplexity"},
+            "sources": {"base": str(family[0]), "models": [str(m) for m in family[1:]], "tasks": ["sms-spam"]}}
+    (tmp_path / "fp.yaml").write_text(yaml.safe_dump(data))
+    config = parse_config(data, root=tmp_path)
     study = open_study(config)
     kept = study.user_attrs[SOURCES_ATTR]
     assert set(kept) == {"sources.base", "sources.models[0]", "sources.models[1]"}
@@ -641,6 +643,9 @@ def test_a_study_whose_source_models_changed_is_neither_resumed_nor_exported(tmp
                                                         f"sources.models[1] ({family[2]}); its trials were scored "
                                                         "on the earlier weights: restore them")):
             call()
+    with pytest.raises(ModelArgsError, match=r"fp.yaml: study 'fp' in .* searched over models whose weights have "
+                                             r"changed since: sources.models\[1\]"):  # lm-eval's model
+        _study_trial(None, None, "best", str(tmp_path / "fp.yaml"))
     assert not (tmp_path / "exported").exists()
     save_file(state, weights, metadata={"format": "pt"})  # restored
     open_study(config)

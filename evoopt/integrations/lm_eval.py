@@ -221,7 +221,7 @@ def _study_trial(study: str | None, storage: str | None, trial: str | int | None
                  config: str | None) -> tuple[Any, Any, Any, str]:
     """(config, study, trial, storage URL) that study= or config= (with trial=) name."""
     from evoopt.study.config import ConfigError, StudyConfig, load_config, parse_config, same_study, shown_url
-    from evoopt.study.run import CONFIG_ATTR, ROOT_ATTR, check_experts, get_trial
+    from evoopt.study.run import CONFIG_ATTR, ROOT_ATTR, check_experts, check_source_weights, get_trial
 
     which = _which(trial)
     loaded: StudyConfig | None = None
@@ -249,6 +249,7 @@ def _study_trial(study: str | None, storage: str | None, trial: str | int | None
                              "restore the old values or give study=NAME,storage=URL:\n  - " + "\n  - ".join(changed))
     try:
         check_experts(found, loaded.model_copy(update={"storage": url}))
+        check_source_weights(found, loaded.model_copy(update={"storage": url}), record=False)
     except ConfigError as error:
         given = f"config={config}" if config is not None else f"study={name}"
         raise ModelArgsError(f"{given}: {str(error).removeprefix('name: ')}") from None

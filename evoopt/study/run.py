@@ -694,5 +694,5 @@ def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite:
     study = load_study(config)
     check_experts(study, config)  # (before the sources: new rules would train other experts)
     check_sources(config)  # (named by their study keys, not as a recipe's the user never wrote)
-    check_source_weights(study, config)
+    check_source_weights(study, config, record=False)
     return kind.export(study, which, out, overwrite=overwrite)

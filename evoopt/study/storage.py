@@ -333,15 +333,16 @@ def source_fingerprints(config: StudyConfig) -> dict[str, str]:
             and reference_problem(reference, config.root) is None}  # (a missing one: named by check_sources)
 
 
-def check_source_weights(study: optuna.Study, config: StudyConfig) -> None:
+def check_source_weights(study: optuna.Study, config: StudyConfig, *, record: bool = True) -> None:
     """Refuse to add trials to, or rebuild a trial of, a study whose source models changed since it was made (a
     model fine-tuned again in place): its trials' coefficients were scored on the earlier weights. A study made
-    before evoopt recorded them is given them now."""
+    before evoopt recorded them is given them now (``record``: by a command that adds trials, not one that reads)."""
     stored = study.user_attrs.get(SOURCES_ATTR)
-    now = source_fingerprints(config)
     if stored is None:
-        study.set_user_attr(SOURCES_ATTR, now)
+        if record:
+            study.set_user_attr(SOURCES_ATTR, source_fingerprints(config))
         return
+    now = source_fingerprints(config)
     changed = [key for key in now if key in stored and stored[key] != now[key]]
     if changed:
         assert config.sources is not None
@@ -365,8 +366,7 @@ def check_stored(config: StudyConfig) -> None:
         if study.user_attrs.get(CONFIG_ATTR) is not None:  # (else being made by a worker beside: checked on opening)
             check_config(study, config)
             check_data(study, config)
-            if study.user_attrs.get(SOURCES_ATTR) is not None:
-                check_source_weights(study, config)
+            check_source_weights(study, config, record=False)
     except KeyError:  # none, or taken back by its maker meanwhile (:func:`evoopt.study.run._take_back`)
         return
     finally:

@@ -332,17 +332,21 @@ def regmean(
         rhs = shrunk @ w.to(dtype).T
         total_gram = total_gram + shrunk
         total_rhs = total_rhs + rhs
-    return _symmetric_solve(total_gram, total_rhs).T.contiguous().to(tensors[0].dtype)
+    # (the Gram matrices' own precision sets what is zero: float32 ones, as evoopt estimates them, leave their null
+    # directions at about 1e-4 of the largest, which float64's eps would take for signal, 1e3-size weights)
+    eps = max(torch.finfo(g.dtype).eps if g.dtype.is_floating_point else 0.0 for g in grams)
+    return _symmetric_solve(total_gram, total_rhs, eps=eps).T.contiguous().to(tensors[0].dtype)
 
 
-def _symmetric_solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def _symmetric_solve(gram: torch.Tensor, rhs: torch.Tensor, *, eps: float) -> torch.Tensor:
     """The minimum-norm least-squares X of gram X = rhs for a symmetric positive semi-definite ``gram``, by its
-    eigendecomposition, eigenvalues below width x eps x the largest taken as 0: the same answer on every device.
+    eigendecomposition, eigenvalues below width x ``eps`` (the precision ``gram`` was computed in) x the largest
+    taken as 0: the same answer on every device.
     (``torch.linalg.lstsq`` takes the gelsy driver on the CPU and gels, which assumes full rank, on CUDA: a Gram
     matrix of a feature never active, or alpha 1 with fewer examples than features, gave entries 5.6e3 on one and
     1.68 on the other.) A full-rank system's answer is the solve's, to float64 rounding."""
     values, vectors = torch.linalg.eigh(gram)
-    cutoff = values.abs().max() * gram.shape[-1] * torch.finfo(gram.dtype).eps
+    cutoff = values.abs().max() * gram.shape[-1] * eps
     inverse = torch.where(values > cutoff, 1.0 / values, torch.zeros_like(values))
     return vectors @ (inverse[:, None] * (vectors.T @ rhs))
 

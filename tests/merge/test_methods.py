@@ -182,6 +182,17 @@ def test_regmean_solves_a_singular_system_by_its_minimum_norm_answer() -> None:
     gram = x.T @ x
     expected = torch.linalg.lstsq(2 * gram, gram @ (weights[0] + weights[1]).T.double(), driver="gelsd").solution
     torch.testing.assert_close(M.regmean(weights, grams=[gram, gram], alpha=1.0), expected.T.float())
+    # float32 Gram matrices, as evoopt estimates them (16 examples of 256 features a model): their null directions
+    # are rounding noise at about 1e-4 of the largest eigenvalue, and a float64 cutoff inverted them (weights of
+    # size 1e3 from weights of size 1); the minimum-norm answer stays the size of the weights
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        grams = [(x.T @ x) for x in (torch.randn(16, 256, generator=g) for _ in range(3))]
+        weights = [torch.randn(8, 256, generator=g) for _ in range(3)]
+        exact = torch.linalg.lstsq(sum(m.double() for m in grams),
+                                   sum(m.double() @ w.double().T for m, w in zip(grams, weights)),
+                                   driver="gelsd", rcond=1e-5).solution.T
+        torch.testing.assert_close(M.regmean(weights, grams=grams, alpha=1.0), exact.float(), atol=1e-3, rtol=1e-3)
 
 
 def test_registry_refuses_duplicates_and_lists_known() -> None:

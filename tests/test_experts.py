@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from evoopt.data.corpora import load_splits
 from evoopt.data.experts import build_setting, get_setting
@@ -162,7 +163,11 @@ def test_new_lm_eval_tasks_give_the_causal_experts_new_folders(monkeypatch: pyte
 
     monkeypatch.setattr(module, "_ensure_base", lambda *args: tmp_path / "base")
     monkeypatch.setattr(module, "_ensure_trained", lambda folder, *args: folder)
-    causal = Setting("causal-test", "no training", str(tmp_path), ("sms-spam",), kind="causal")
+    from safetensors.torch import save_file
+
+    (tmp_path / "base").mkdir()
+    save_file({"w": torch.zeros(2)}, tmp_path / "base" / "model.safetensors")  # (a base is known by its weights)
+    causal = Setting("causal-test", "no training", str(tmp_path / "base"), ("sms-spam",), kind="causal")
 
     def folders() -> list[str]:
         built = [build_setting(setting, root=tmp_path, multitask=False) for setting in (causal, SMALL)]

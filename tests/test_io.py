@@ -92,6 +92,20 @@ def test_a_folder_is_read_as_transformers_reads_it(llama_family: list[Path], tmp
     with pytest.raises(ModelSourceError, match="tensor 'model.norm.weight' is in both a.safetensors and "
                                                "b.safetensors"):
         open_source(shards)
+    # pytorch_model.bin beside a stray *.safetensors: from_pretrained loads the .bin, and so does evoopt
+    binary = tmp_path / "binary"
+    AutoModelForCausalLM.from_pretrained(llama_family[1]).save_pretrained(binary, safe_serialization=False)
+    save_file(other, binary / "extra.safetensors", metadata={"format": "pt"})
+    assert torch.equal(read(binary)["model.norm.weight"], expected(binary)["model.norm.weight"])
+    # a model's identity is its weight files': a Trainer checkpoint's optimizer state beside it is not the model
+    from evoopt.models.io import model_digest, model_fingerprint
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(llama_family[1], checkpoint)
+    before = model_fingerprint(checkpoint), model_digest(checkpoint)
+    torch.save({"step": 1}, checkpoint / "optimizer.pt")
+    (checkpoint / "training_args.bin").write_bytes(b"args")
+    assert (model_fingerprint(checkpoint), model_digest(checkpoint)) == before
     legacy = tmp_path / "legacy.bin"  # torch's pre-zip format cannot be memory-mapped: read it whole
     torch.save(state, legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(open_source(legacy).get("model.norm.weight"), state["model.norm.weight"])

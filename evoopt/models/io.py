@@ -194,22 +194,32 @@ def open_source(path: Path) -> TensorSource:
         if path.suffix in (".bin", ".pt", ".pth"):
             return _open_bin(path, [path], folder=None)
         raise ModelSourceError(f"{path}: unsupported file type; give a .safetensors, .bin or .gguf file or a folder")
-    # the files transformers' from_pretrained reads, in its order: the model it loads is the one merged
-    config = _read_config(path)
-    if (path / "model.safetensors").exists():
-        return _open_safetensors(path, [path / "model.safetensors"], folder=path, config=config)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _weight_map(index)
-        return _open_safetensors(path, sorted({path / f for f in weight_map.values()}), folder=path, config=config,
-                                 weight_map=weight_map)
-    files = sorted(path.glob("*.safetensors"))  # shards without an index
-    if files:
-        return _open_safetensors(path, files, folder=path, config=config)
-    files = [path / "pytorch_model.bin"] if (path / "pytorch_model.bin").exists() else sorted(
-        path.glob("pytorch_model*.bin"))
-    if files:
-        return _open_bin(path, files, folder=path, config=config)
+    kind, files, weight_map = weight_files(path)
+    if kind == "safetensors":
+        return _open_safetensors(path, files, folder=path, config=_read_config(path), weight_map=weight_map)
+    return _open_bin(path, files, folder=path, config=_read_config(path))
+
+
+def weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
+    """The files a model is read from, (format, files, the index's weight_map or None): a file itself; in a
+    folder, those transformers' from_pretrained reads, in its order (model.safetensors, its index,
+    pytorch_model.bin, its index), then shards without an index, then a GGUF file. What is merged is the model
+    transformers loads, and a model's identity (:func:`model_fingerprint`, :func:`model_digest`) is these files'
+    alone (a Trainer checkpoint's optimizer.pt, a copy saved beside the model, are not the model)."""
+    if path.is_file():
+        return path.suffix.lstrip("."), [path], None
+    for name, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
+        if (path / name).exists():
+            return kind, [path / name], None
+        if (index := path / f"{name}.index.json").exists():
+            weight_map = _weight_map(index)
+            return kind, sorted({path / f for f in weight_map.values()}), weight_map if kind == "safetensors" else None
+    if files := sorted(path.glob("*.safetensors")):  # shards without an index
+        return "safetensors", files, None
+    if files := sorted(path.glob("pytorch_model*.bin")):
+        return "bin", files, None
+    if (gguf := _gguf_in(path)) is not None:
+        return "gguf", [gguf], None
     raise ModelSourceError(
         f"{path}: no model weights found (looked for *.safetensors, model.safetensors.index.json, "
         "pytorch_model*.bin, *.gguf)"
@@ -356,9 +366,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EVOOPT_CACHE", Path.home() / ".cache" / "evoopt"))
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
 def file_digest(file: Path) -> str:
     """sha256 of a file's bytes, remembered in the cache by its path, size, mtime and inode: a model's files are
     read once per change (about 1 s a GB), not on every call."""
@@ -383,11 +390,10 @@ def file_digest(file: Path) -> str:
 
 
 def model_digest(path: Path) -> str:
-    """A model's identity by content: the names and bytes of its weight files, config.json and tokenizer files
-    (a file, or those directly in a folder; notes beside them, such as evoopt's expert.json, are left out)."""
-    files = [path] if path.is_file() else sorted(
-        f for f in path.iterdir()
-        if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json" or f.name in TOKENIZER_FILES))
+    """A model's identity by content: the names and bytes of its weight files (:func:`weight_files`), config.json
+    and tokenizer files (notes beside them, such as evoopt's expert.json, are left out)."""
+    files = weight_files(path)[1] + ([] if path.is_file() else sorted(
+        f for f in path.iterdir() if f.is_file() and (f.name == "config.json" or f.name in TOKENIZER_FILES)))
     return hashlib.sha256(json.dumps([[f.name, file_digest(f)] for f in files]).encode()).hexdigest()
 
 
@@ -396,8 +402,7 @@ def model_fingerprint(path: Path, *, blocks: int = 16, block: int = 1 << 16) -> 
     names every tensor, shape and dtype) and ``blocks`` blocks of ``block`` bytes spread evenly through it; about a
     megabyte read a file, whatever its size. A model fine-tuned again in place changes it; a change confined to a
     few tensors may fall between the blocks (:func:`model_digest` reads every byte)."""
-    files = [path] if path.is_file() else sorted(f for f in path.iterdir()
-                                                  if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    files = weight_files(path)[1]
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size

@@ -74,6 +74,7 @@ def test_the_cache_knows_a_base_by_its_content_and_adopts_folders_of_the_old_key
     architecture no longer share a folder. A folder of the old key is adopted where the base is older than it, and
     trained anew where the base changed after it (no training here: the trainers record the folders asked for)."""
     import os
+    import time
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -105,19 +106,27 @@ def test_the_cache_knows_a_base_by_its_content_and_adopts_folders_of_the_old_key
     # a folder made under the old key (names and sizes) after the base was written: adopted, not trained anew
     name = lambda identity: f"vader-tweets-{identity}"  # noqa: E731
     legacy = root / name(module._legacy_identity(other))
+    time.sleep(0.02)  # (trained after the base was written, on any file system's clock)
     legacy.mkdir(parents=True)
     torch.save({}, legacy / "weights.pt")
-    (legacy / "expert.json").write_text(json.dumps({"kind": "expert", "base_identity": "old"}))
     identity = module._base_identity(other)
+    # one trained from another base path (a second setting of the same architecture and size) is not adopted
+    (legacy / "expert.json").write_text(json.dumps({"kind": "expert", "base": str(base), "base_identity": "old"}))
     folder = module._cached(root, name, identity, other)
-    assert folder == root / name(identity) and not legacy.exists() and (folder / "weights.pt").exists()
-    assert json.loads((folder / "expert.json").read_text()) == {"kind": "expert", "base_identity": identity}
-    # ... but where the base changed after it, the old folder is left and the model trained anew
+    assert legacy.exists() and not folder.exists()
+    (legacy / "expert.json").write_text(json.dumps({"kind": "expert", "base": str(other), "base_identity": "old"}))
+    assert module._cached(root, name, identity, other) == folder
+    assert not legacy.exists() and (folder / "weights.pt").exists()
+    assert json.loads((folder / "expert.json").read_text()) == {"kind": "expert", "base": str(other),
+                                                                "base_identity": identity}
+    # ... but where the base changed after it (its mtime set back by a copy that keeps mtimes: its ctime is
+    # later), the old folder is left and the model trained anew
     shutil.rmtree(folder)
     legacy.mkdir()
-    (legacy / "expert.json").write_text("{}")
-    later = (legacy / "expert.json").stat().st_mtime_ns + 10**9
-    os.utime(other / "model.safetensors", ns=(later, later))
+    (legacy / "expert.json").write_text(json.dumps({"base": str(other)}))
+    time.sleep(0.01)
+    earlier = (legacy / "expert.json").stat().st_mtime_ns - 10**9
+    os.utime(other / "model.safetensors", ns=(earlier, earlier))  # (the change itself sets its ctime to now)
     assert module._cached(root, name, identity, other) == folder
     assert legacy.exists() and not folder.exists()
 

@@ -106,6 +106,14 @@ def test_a_folder_is_read_as_transformers_reads_it(llama_family: list[Path], tmp
     torch.save({"step": 1}, checkpoint / "optimizer.pt")
     (checkpoint / "training_args.bin").write_bytes(b"args")
     assert (model_fingerprint(checkpoint), model_digest(checkpoint)) == before
+    # the digest keys the expert cache: its formula is pinned (files by name, then each one's sha256), or every
+    # cached expert would be trained again
+    import hashlib
+
+    named = sorted(f for f in checkpoint.iterdir() if f.name in ("model.safetensors", "config.json")
+                   or f.name.startswith(("tokenizer", "special_tokens")))
+    pinned = [[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in named]
+    assert model_digest(checkpoint) == hashlib.sha256(json.dumps(pinned).encode()).hexdigest()
     legacy = tmp_path / "legacy.bin"  # torch's pre-zip format cannot be memory-mapped: read it whole
     torch.save(state, legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(open_source(legacy).get("model.norm.weight"), state["model.norm.weight"])

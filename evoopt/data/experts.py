@@ -66,24 +66,29 @@ def _legacy_identity(path: Path) -> str:
 
 def _cached(root: Path, name: Callable[[str], str], identity: str, pretrained: Path) -> Path:
     """The folder ``root / name(identity)``; a folder of the same model keyed by the base's legacy identity is
-    adopted (renamed into place, its expert.json given the new identity) where the base's files are older than its
-    training, i.e. the base it was trained from is the one there now; else the model is trained anew."""
+    adopted (renamed into place, its expert.json given the new identity) where it was trained from this base path
+    and the base's files are older than its training (their mtime and ctime: a copy that kept old mtimes is not),
+    i.e. the base it was trained from is the one there now; else the model is trained anew."""
     folder = root / name(identity)
     legacy = root / name(_legacy_identity(pretrained))
     if _trained(folder) or not _trained(legacy):
         return folder
-    files = [pretrained] if pretrained.is_file() else [f for f in pretrained.iterdir() if f.is_file()]
-    trained_at = (legacy / "expert.json").stat().st_mtime_ns
-    if any(f.stat().st_mtime_ns >= trained_at for f in files):
-        logger.warning("%s was trained from an earlier %s (its files changed since): training anew", legacy.name,
-                       pretrained)
-        return folder
-    atomic_write(legacy / "expert.json", json.dumps({**_read_meta(legacy), "base_identity": identity}, indent=2))
     try:
-        legacy.rename(folder)
-        logger.info("cache folder %s keyed by its base's content now: %s", legacy.name, folder.name)
-    except OSError:  # (another process adopted it meanwhile, or made the folder)
-        pass
+        meta = _read_meta(legacy)
+        trained_at = (legacy / "expert.json").stat().st_mtime_ns
+    except (OSError, ValueError):  # (another process adopted it meanwhile)
+        return folder
+    files = [pretrained] if pretrained.is_file() else [f for f in pretrained.iterdir() if f.is_file()]
+    if meta.get("base") != str(pretrained) or any(
+            max(f.stat().st_mtime_ns, f.stat().st_ctime_ns) >= trained_at for f in files):
+        logger.warning("%s was trained from another or an earlier %s: training anew", legacy.name, pretrained)
+        return folder
+    try:
+        legacy.rename(folder)  # (one process wins; the others find the folder in place)
+    except OSError:
+        return folder
+    atomic_write(folder / "expert.json", json.dumps({**meta, "base_identity": identity}, indent=2))
+    logger.info("cache folder %s keyed by its base's content now: %s", legacy.name, folder.name)
     return folder
 
 

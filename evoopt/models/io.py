@@ -392,8 +392,8 @@ def file_digest(file: Path) -> str:
 def model_digest(path: Path) -> str:
     """A model's identity by content: the names and bytes of its weight files (:func:`weight_files`), config.json
     and tokenizer files (notes beside them, such as evoopt's expert.json, are left out)."""
-    files = weight_files(path)[1] + ([] if path.is_file() else sorted(
-        f for f in path.iterdir() if f.is_file() and (f.name == "config.json" or f.name in TOKENIZER_FILES)))
+    files = sorted({*weight_files(path)[1], *([] if path.is_file() else (
+        f for f in path.iterdir() if f.is_file() and (f.name == "config.json" or f.name in TOKENIZER_FILES)))})
     return hashlib.sha256(json.dumps([[f.name, file_digest(f)] for f in files]).encode()).hexdigest()
 
 

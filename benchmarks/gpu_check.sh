@@ -55,12 +55,18 @@ for name in ("merge", "methods", "overhead", "lm_eval"):
     rc_file, data, log = logs / f"{name}.rc", logs / f"{name}.json", logs / f"{name}.log"
     rc = int(rc_file.read_text()) if rc_file.exists() else None
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    try:
-        result[name] = json.loads(data.read_text()) if rc == 0 and data.exists() else {
-            "failed": "not run" if rc is None else rc, "log_tail": tail}
+    try:  # (a part cut short at its limit keeps what it wrote: merge_scale and the lm-eval part write as they go)
+        found = json.loads(data.read_text()) if data.exists() else None
     except ValueError as error:  # (a part's JSON cut short: said, and the summary still written)
-        result[name] = {"failed": f"unreadable JSON: {error}", "log_tail": tail}
-merge, methods, overhead = result["merge"], result["methods"], result["overhead"]
+        found, tail = None, f"unreadable JSON: {error}\n{tail}"
+    if rc == 0 and isinstance(found, dict):
+        result[name] = found
+    else:
+        result[name] = {"failed": "not run" if rc is None else rc, "log_tail": tail,
+                        **({"partial": found} if found is not None else {})}
+# each part's figures: its JSON, or what a part cut short had written (summary figures marked partial below)
+merge, methods, overhead, lm_eval = (result[n].get("partial") or result[n] for n in ("merge", "methods", "overhead",
+                                                                                      "lm_eval"))
 
 
 def figure(read):  # one summary figure; None where its part failed or lacks it
@@ -72,8 +78,7 @@ def figure(read):  # one summary figure; None where its part failed or lacks it
 
 result["summary"] = {
     "merge_ratio_to_bound": figure(lambda: {k: v["ratio_to_bound"] for k, v in merge.items()
-                                            if isinstance(v, dict) and "ratio_to_bound" in v} if "failed" not in merge
-                                   else None),
+                                            if isinstance(v, dict) and "ratio_to_bound" in v} or None),
     "methods_failed_on_gpu": figure(lambda: [k for k, v in methods.items() if not v.get("ok")]
                                     if "failed" not in methods else None),
     "methods_max_difference_to_cpu": figure(lambda: max(v["max_abs_difference_to_cpu"] for v in methods.values()
@@ -81,7 +86,8 @@ result["summary"] = {
     "trials_per_hour": figure(lambda: 3600 / overhead["median_trial_wall_s"]),
     "trial_overhead_ratio": figure(lambda: overhead["ratio"]),
     "eval_batch_size": figure(lambda: overhead["batch_size"]),
-    "lm_eval_examples_per_s": figure(lambda: result["lm_eval"]["examples_per_s"]),
+    "lm_eval_examples_per_s": figure(lambda: lm_eval["examples_per_s"]),
+    "partial": [n for n in ("merge", "methods", "overhead", "lm_eval") if "partial" in result[n]],
 }
 tmp = target.with_name(f".{target.name}.tmp")
 tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -98,7 +104,7 @@ finish() {  # the summary and the logs, whatever happened to the parts
 trap finish EXIT
 "$py" -c "import torch; print(torch.__version__, torch.version.cuda)" >"$logs/torch.txt" 2>&1
 
-part merge 240 "$py" benchmarks/merge_scale.py --device cuda --configs "ties in memory" "dare_ties in memory" \
+part merge 210 "$py" benchmarks/merge_scale.py --device cuda --configs "ties in memory" "dare_ties in memory" \
     --skip-mergekit --skip-trial --candidates 5 --workdir "$work/scale" --json "$logs/merge.json" \
     ${SMOLLM2_DIR:+--tokenizer "$SMOLLM2_DIR"}
 rm -rf "$work/scale"
@@ -109,7 +115,7 @@ if [ -n "${EXPERTS_DONE:-}" ]; then
 fi
 part overhead 120 "$py" benchmarks/trial_overhead.py --device cuda --batch-size auto --trials 10 --repeats 1 \
     --json "$logs/overhead.json"
-part lm_eval 60 "$py" - "$logs/lm_eval.json" <<'PY'
+part lm_eval 90 "$py" - "$logs/lm_eval.json" <<'PY'
 import importlib.util, json, os, sys, tempfile, time
 from pathlib import Path
 import torch
@@ -132,16 +138,18 @@ tasks, limit = ["sms-spam", "trec-coarse"], 200
 scorer = LmEvalScorer(tokenizer, split="dev", folder=Path(tempfile.mkdtemp()), corpora=tasks, limit=limit,
                       batch_size=64)
 scores = scorer.scores(model)  # warm-up (lm-eval's dataset build, CUDA kernels)
+examples = limit * len(scores)  # (every lm-eval task scored: trec-coarse has a generative task beside its choices)
 times = []
-for _ in range(3):
+for _ in range(3):  # the figures written after each timing (a part cut short at its limit keeps them)
     started = time.perf_counter()
     scores = scorer.scores(model)
     torch.cuda.synchronize()
     times.append(time.perf_counter() - started)
-seconds = sorted(times)[1]
-examples = limit * len(scores)  # (every lm-eval task scored: trec-coarse has a generative task beside its choices)
-json.dump({"examples": examples, "tasks": sorted(scores), "seconds_median_of_3": seconds,
-           "seconds": times, "examples_per_s": examples / seconds, "scores": scores, "weights": weights,
-           "dtype": "bfloat16", "batch_size": 64}, open(sys.argv[1], "w"), indent=2)
+    seconds = sorted(times)[(len(times) - 1) // 2]
+    figures = {"examples": examples, "tasks": sorted(scores), "seconds_median": seconds, "seconds": times,
+               "examples_per_s": examples / seconds, "scores": scores, "weights": weights, "dtype": "bfloat16",
+               "batch_size": 64}
+    Path(sys.argv[1] + ".tmp").write_text(json.dumps(figures, indent=2))
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 print(f"lm-eval on SmolLM2: {examples / seconds:.1f} dev examples per second over {len(scores)} tasks")
 PY

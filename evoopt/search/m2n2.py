@@ -116,8 +116,9 @@ def _sum(x: torch.Tensor, chunk: int = 1 << 15) -> float:
     entries each summed by one thread, the row sums added exactly (a plain sum split over threads rounds by their
     count: ``run --workers`` gives each worker fewer threads than one process has)."""
     flat = x.double().flatten()
-    rows = torch.nn.functional.pad(flat, (0, -flat.numel() % chunk)).view(-1, chunk).sum(dim=1)
-    return math.fsum(rows.tolist())
+    whole = flat.numel() - flat.numel() % chunk  # (the rows a view, the tail apart: no padded copy)
+    rows = flat[:whole].view(-1, chunk).sum(dim=1).tolist() if whole else []
+    return math.fsum([*rows, float(flat[whole:].sum())])
 
 
 def slerp_angle(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> float:

@@ -530,14 +530,18 @@ def test_ctrl_c_between_trials_waits_for_the_next_trial_and_twice_stops_at_once(
     log.addHandler(keep)
     try:
         with _Interrupt().handled():
-            for error in (KeyboardInterrupt, ValueError):
+            for number, error in enumerate((KeyboardInterrupt, ValueError)):
                 try:
                     raise error
                 except (KeyboardInterrupt, ValueError):
-                    log.warning(f"Trial failed: {error.__name__}", exc_info=True)
+                    log.warning(f"Trial {number} failed with parameters: {{}} because of the following error: "
+                                f"{error.__name__}().", exc_info=True)
+                log.warning(f"Trial {number} failed with value None.")
     finally:
         log.removeHandler(keep)
-    assert [r.getMessage() for r in records] == ["Trial failed: ValueError"]
+    assert [r.getMessage() for r in records] == [
+        "Trial 1 failed with parameters: {} because of the following error: ValueError().",
+        "Trial 1 failed with value None."]
 
 
 @pytest.mark.slow

@@ -354,18 +354,30 @@ class _Interrupt:
 
         previous = signal.signal(signal.SIGINT, handler)
         optuna_log = logging.getLogger("optuna.study._optimize")  # (its "Trial N failed" with the interrupt's
-        optuna_log.addFilter(_not_interrupted)  # traceback, dozens of lines that read as a crash: the run says it)
+        quiet = _QuietInterrupted()  # traceback, dozens of lines that read as a crash: the run says it)
+        optuna_log.addFilter(quiet)
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-            optuna_log.removeFilter(_not_interrupted)
+            optuna_log.removeFilter(quiet)
 
 
-def _not_interrupted(record: logging.LogRecord) -> bool:
-    """Whether a log record is anything but a trial failed by Ctrl-C."""
-    return not (record.exc_info and record.exc_info[0] is not None
-                and issubclass(record.exc_info[0], KeyboardInterrupt))
+class _QuietInterrupted(logging.Filter):
+    """Drops Optuna's two lines on a trial failed by Ctrl-C: "Trial N failed with parameters ... because of the
+    following error: KeyboardInterrupt()" with its traceback, then "Trial N failed with value None."."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trials: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        words = record.getMessage().split(" ", 2)
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            self.trials.add(words[1] if len(words) > 1 else "")
+            return False
+        return not (len(words) > 2 and words[0] == "Trial" and words[1] in self.trials
+                    and words[2].startswith("failed with value"))
 
 
 class Worker:

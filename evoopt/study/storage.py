@@ -22,7 +22,7 @@ from evoopt.data import corpora
 from evoopt.data.objective import combine
 from evoopt.data.outcomes import Outcomes, decode, encode
 from evoopt.data.settings import expert_setting, get_setting
-from evoopt.errors import ConfigError, StorageError
+from evoopt.errors import ConfigError, ModelSourceError, StorageError
 from evoopt.study.config import KIND_CALIBRATED, same_study, shown_url
 
 if TYPE_CHECKING:
@@ -293,7 +293,7 @@ def holds_results(study: optuna.Study) -> bool:
     one too), baselines, their outcomes, the precision check."""
     system = study._storage.get_study_system_attrs(study._study_id)
     return bool(study.get_trials(deepcopy=False)
-                or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, ROOT_ATTR}
+                or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, ROOT_ATTR, SOURCES_ATTR}
                 or set(system) - {"study:metric_names", JOINED_ATTR, WITHDRAWN_ATTR})
 
 
@@ -327,10 +327,15 @@ def source_fingerprints(config: StudyConfig) -> dict[str, str]:
 
     if config.sources is None:
         return {}
-    return {key: model_fingerprint(resolve_path(reference, config.root))
-            for key, reference in config.sources.references()
-            if not reference.startswith("expert:")
-            and reference_problem(reference, config.root) is None}  # (a missing one: named by check_sources)
+    found = {}
+    for key, reference in config.sources.references():
+        if reference.startswith("expert:") or reference_problem(reference, config.root) is not None:
+            continue  # (a missing one: named by check_sources)
+        try:
+            found[key] = model_fingerprint(resolve_path(reference, config.root))
+        except (ModelSourceError, OSError):  # (a folder without weights: named when the model is opened, and the
+            continue  # study this command made then taken back)
+    return found
 
 
 def check_source_weights(study: optuna.Study, config: StudyConfig, *, record: bool = True) -> None:

@@ -373,6 +373,9 @@ def test_export_reloads_with_identical_logits(finished: Any, tmp_path: Path) -> 
                               padding=True)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
+    # and against the search itself, not another rebuild: the exported model scored on dev gives the scores its
+    # trial recorded when it was searched
+    assert worker.score(reloaded, "dev") == pytest.approx(study.best_trial.user_attrs["scores"], abs=1e-12)
     assert (out / "evoopt_recipe.yaml").exists()
     with pytest.raises(FileExistsError):
         export_trial(config, "best", out)

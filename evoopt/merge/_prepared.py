@@ -431,8 +431,9 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
     scale_t = scalar(scale)
     # (the plain mean's divisor on the device, made once and only where it divides: CUDA divides by a host scalar as
     # a product with its reciprocal, a bit off the kernel)
-    weight_sum_t = torch.tensor(scalar(weight_sum), dtype=torch.float32, device=device) if normalize and not consensus \
-        else scalar(weight_sum)
+    # (torch.full: a fill on the device, queued; torch.tensor copied from the host and waited for it, every tensor)
+    weight_sum_t = torch.full((), scalar(weight_sum), dtype=torch.float32, device=device) \
+        if normalize and not consensus else scalar(weight_sum)
     chunk = TORCH_CHUNK
     in_place = out.is_contiguous()
     target = out.view(-1) if in_place else torch.empty(n, dtype=out.dtype, device=device)

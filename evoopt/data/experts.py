@@ -80,7 +80,7 @@ def _cached(root: Path, name: Callable[[str], str], identity: str, pretrained: P
         return folder
     files = [pretrained] if pretrained.is_file() else [f for f in pretrained.iterdir() if f.is_file()]
     if meta.get("base") != str(pretrained) or any(
-            max(f.stat().st_mtime_ns, f.stat().st_ctime_ns) >= trained_at for f in files):
+            max((seen := f.stat()).st_mtime_ns, seen.st_ctime_ns) >= trained_at for f in files):
         logger.warning("%s was trained from another or an earlier %s: training anew", legacy.name, pretrained)
         return folder
     try:

@@ -192,8 +192,8 @@ def resources(outcomes: Sequence[Outcomes],
                 values = np.exp(-values / np.maximum(t.weights, 1.0))
             row.append(values)
         if outcomes and outcomes[0].metric == "mse":  # squared errors, in the task's own units: the scale is its
-            # mean over the members (exp(-error) was 0.0 for every member at errors of 30: no signal, every child
-            # then replaced member 0)
+            # mean over the members (exp(-error) was 0.0 for every member at squared errors above about 745, errors
+            # of 30 and more: no signal, every child then replaced member 0)
             errors = np.vstack([r[-1] for r in rows])
             scale = float(errors.mean()) if errors.size and errors.mean() > 0 else 1.0
             for r in rows:

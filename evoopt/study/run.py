@@ -126,16 +126,17 @@ def _model_problem(config: StudyConfig, reference: str, *, base: bool) -> str | 
     file is a language model): a language model scored as a classifier (kind dev with accuracy, macro_f1 or mse),
     a classifier scored as a language model (lm-eval, perplexity), or mse on a head of more than one output.
     Nothing is said where the config names no architecture of either kind (a bare encoder as the base)."""
-    from transformers.models.auto import modeling_auto
-
-    from evoopt.models.io import resolve_path
-
-    def names(mapping: Mapping[str, Any]) -> set[str]:
-        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+    from evoopt.errors import ModelSourceError
+    from evoopt.models.io import resolve_path, weight_files
+    from evoopt.study.space import study_sources
 
     path = resolve_path(reference, config.root)
     folder = path if path.is_dir() else path.parent
-    if path.suffix == ".gguf" or path.is_dir() and not (folder / "config.json").exists() and any(folder.glob("*.gguf")):
+    try:
+        stored_as = weight_files(path)[0]
+    except ModelSourceError:
+        return None  # (no weights: the model's opening names it)
+    if stored_as == "gguf":
         architectures, labels = ["a GGUF language model"], None
     else:
         try:
@@ -144,20 +145,34 @@ def _model_problem(config: StudyConfig, reference: str, *, base: bool) -> str | 
             return None  # (a bare weights file, or a config the model's loading names)
         architectures = [str(a) for a in model_config.get("architectures") or []]
         labels = len(model_config.get("id2label") or {}) or model_config.get("num_labels")
-    causal = any(a in names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or "GGUF" in a for a in architectures)
-    classifier = any(a in names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) for a in architectures)
+    causal_names, classifier_names = _architecture_names()
+    causal = stored_as == "gguf" or any(a in causal_names for a in architectures)
+    classifier = any(a in classifier_names for a in architectures)
     objective, kind = config.objective, ", ".join(architectures)
-    if (objective.kind == "lm-eval" or objective.metric == "perplexity") and classifier and not causal:
+    scored_as_lm = study_sources(config).kind == "causal"  # (how the study scores its sources: its scorer's rule)
+    if scored_as_lm and classifier and not causal:
         scored = "objective.kind lm-eval" if objective.kind == "lm-eval" else "objective.metric perplexity"
         return (f"{reference} is a {kind}, a classifier; {scored} scores language models: use objective.kind dev "
                 "with metric accuracy, macro_f1 or mse")
-    if objective.kind == "dev" and objective.metric != "perplexity" and causal and not classifier:
+    if not scored_as_lm and causal and not classifier:
         return (f"{reference} is a {kind}, a language model; objective.metric {objective.metric} scores a "
                 "classification head: use metric perplexity, or objective.kind lm-eval (accuracy on lm-eval tasks)")
     if objective.metric == "mse" and classifier and not base and labels not in (None, 1):
         return (f"{reference} has {labels} outputs; objective.metric mse needs regression heads (one output): use "
                 "metric accuracy or macro_f1, or models fine-tuned for regression")
     return None
+
+
+@functools.cache
+def _architecture_names() -> tuple[frozenset[str], frozenset[str]]:
+    """transformers' causal-LM and sequence-classification class names."""
+    from transformers.models.auto import modeling_auto
+
+    def names(mapping: Mapping[str, Any]) -> frozenset[str]:
+        return frozenset(n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v))
+
+    return (names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+            names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES))
 
 
 def worker_seed(config: StudyConfig, worker: int, *, one_seed: bool = False) -> int:
@@ -211,8 +226,8 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
             else:
                 check_config(study, config)
                 check_data(study, config)
-            check_source_weights(study, config)  # (made: recorded)
             if made or os.environ.get(_LOCAL_WORKER_ENV) or _joined(study, give_up=time.monotonic() > patience):
+                check_source_weights(study, config)  # (once, not on every wait; made: recorded)
                 break
         except KeyError:  # taken back by its maker after this process loaded it
             pass

@@ -165,7 +165,7 @@ def experts(setting: str, limit_train: int | None, steps: int | None, no_multita
               smollm2-tasks (SmolLM2-135M-Instruct, SMS spam and TREC as answer text,
               scored through lm-eval; on 2 CPU cores 43 min for its two experts beside
               other work and 6 min for its multi-task model, measured).
-    Models are cached under $EVOOPT_CACHE/experts (default ~/.cache/evoopt) in
+    Models are cached under $EVOOPT_CACHE/experts ($EVOOPT_CACHE: ~/.cache/evoopt) in
     content-addressed folders, so a second run reuses them (scoring them again, not
     training, when evoopt's dev or test rows changed; trained anew in new folders when
     their training rows or the base's files changed). Accuracy on dev (used for
@@ -210,7 +210,7 @@ def demo(ctx: click.Context, study: Path, out: Path, overwrite: bool) -> None:
     from evoopt.data.experts import build_setting
     from evoopt.models.io import check_writable
     from evoopt.study.config import StudyConfig
-    from evoopt.study.run import export_trial
+    from evoopt.study.run import export_described
 
     if not study.exists() and study == DEMO_STUDY:
         raise click.UsageError(f"{study}: not found here; run the demo from the repository's root folder, or give "
@@ -226,8 +226,8 @@ def demo(ctx: click.Context, study: Path, out: Path, overwrite: bool) -> None:
             bars.echo(f"experts: ready in {time.perf_counter() - started:.1f} s")
     if ctx.invoke(run, study=study).interrupted:
         return  # Ctrl-C: the finished trials are stored; the demo's next run resumes and exports
-    export_trial(config, "best", out, overwrite=overwrite)
-    stdout_console().print(f"best merged model written to {out}; dashboard: evoopt dashboard {study}")
+    _, what = export_described(config, "best", out, overwrite=overwrite)
+    stdout_console().print(f"best merged model ({what}) written to {out}; dashboard: evoopt dashboard {study}")
 
 
 @main.command()
@@ -470,14 +470,14 @@ def export(study: Path, which: str, out: Path, overwrite: bool, storage: str | N
     trust_remote_code=True).
     """
     from evoopt.study.config import StudyConfig
-    from evoopt.study.run import export_trial
+    from evoopt.study.run import export_described
 
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
     if which != "best" and not (which.isascii() and which.isdigit()):  # ('²' is a digit to isdigit)
         raise click.BadParameter("give 'best' or a trial number", param_hint="--trial")
-    export_trial(config, which, out, overwrite=overwrite)
-    click.echo(f"exported trial {which} of {config.name} to {out}")
+    _, what = export_described(config, which, out, overwrite=overwrite)
+    click.echo(f"exported study {config.name} to {out}: {what}")
 
 
 @main.command()

@@ -572,12 +572,17 @@ def test_a_method_the_sources_cannot_feed_is_refused_before_anything_is_scored()
 
 
 def test_missing_source_paths_are_named_by_their_study_keys_before_anything_is_made(tmp_path: Path) -> None:
-    config = parse_config({"name": "m", "artifacts": str(tmp_path), "baselines": ["linear"],
-                           "sources": {"base": "nobase", "models": ["a", "b"], "tasks": ["sms-spam"]}}, root=tmp_path)
+    """Under the config file's name, as the config's own problems are (they were headed "study:")."""
+    from evoopt.study.config import load_config
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"name": "m", "artifacts": str(tmp_path), "baselines": ["linear"],
+                                    "sources": {"base": "nobase", "models": ["a", "b"], "tasks": ["sms-spam"]}}))
+    config = load_config(path)
     for call in (run_study, run_baselines):
         with pytest.raises(ConfigError) as caught:
             call(config)
-        assert str(caught.value).splitlines() == ["study: 3 problem(s):"] + [
+        assert str(caught.value).splitlines() == [f"{path}: 3 problem(s):"] + [
             f"  - sources.{key}: {tmp_path / name}: no such file or folder; check the path in the study config"
             for key, name in (("base", "nobase"), ("models[0]", "a"), ("models[1]", "b"))]
     assert not (tmp_path / "m").exists()  # no study, no storage

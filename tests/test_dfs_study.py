@@ -78,6 +78,9 @@ def test_dfs_config_problems_are_named(tmp_path: Path) -> None:
          "'study:' names a study config file"),
         ({"space": {"kind": "dfs", "pool": ["a"], "repeats": 1}, "objective": {"kind": "lm-eval"}},
          "one model laid out once"),
+        ({"space": {"kind": "dfs", "binary": True}, "objective": {"kind": "lm-eval"},
+          "sampler": {"name": "EvoCmaSampler", "options": {"separable": True}}},
+         "no separable form of"),  # (sep-CMA rounded the 0/1 indicators without margin, silently)
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):

@@ -633,6 +633,11 @@ def test_cli_status_best_compare_and_bad_trial(finished: Any, tmp_path: Path) ->
     compare = runner.invoke(main, ["compare", str(path), "--out", str(tmp_path / "compare")])
     assert compare.exit_code == 0, compare.output
     assert (tmp_path / "compare" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    good = runner.invoke(main, ["export", str(path), "--out", str(tmp_path / "best")])
+    assert good.exit_code == 0, good.output
+    best_trial = study.best_trial  # (the command names what it saved: the trial and its value, not "best")
+    assert f": trial {best_trial.number} (value {best_trial.value:.6g})" in good.output.replace("\n", "")
+    assert (tmp_path / "best" / "evoopt_recipe.yaml").is_file()
     bad = runner.invoke(main, ["export", str(path), "--trial", "first", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--trial" in bad.output and not (tmp_path / "x").exists()
     missing = runner.invoke(main, ["status", str(path).replace("study.yaml", "nope.yaml")])

@@ -233,11 +233,17 @@ class StudyConfig(_Strict):
     heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
     grace_period: int = Field(60, gt=0, description="seconds without heartbeat before a trial counts as dead")
     _root: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="study")
 
     @property
     def root(self) -> Path:
         """The config file's folder: relative source paths are relative to it."""
         return self._root
+
+    @property
+    def source(self) -> str:
+        """Where the config was read (its file's path as given), to head the problems found later."""
+        return self._source
 
     @property
     def artifact_dir(self) -> Path:
@@ -781,6 +787,7 @@ def parse_config(data: Any, *, root: Path | None = None, source: str = "study") 
         lines = schema_problems(error, "(study)", StudyConfig) + _beside_schema(data, error)
         raise problems(ConfigError, source, lines) from None
     config._root = root or Path.cwd()  # (relative paths are checked against it)
+    config._source = source
     lines = _problems(config)
     if lines:
         raise problems(ConfigError, source, lines)

@@ -118,7 +118,7 @@ def check_sources(config: StudyConfig) -> None:
                  and (problem := _model_problem(config, reference, base=key == "sources.base")) is not None]
     if found:
         check_stored(config)  # (a stored study that will be refused anyway, by its config or data rules, says so)
-        raise problems(ConfigError, "study", found)
+        raise problems(ConfigError, config.source, found)
 
 
 def _model_problem(config: StudyConfig, reference: str, *, base: bool) -> str | None:
@@ -714,6 +714,12 @@ def report_result(config: StudyConfig, study: optuna.Study, worker: Worker | Non
 
 def export_trial(config: StudyConfig, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
     """Rebuild a trial's model (``best``: the study's answer) from its parameters and save it, on the CPU."""
+    return export_described(config, which, out, overwrite=overwrite)[0]
+
+
+def export_described(config: StudyConfig, which: str | int, out: Path, *,
+                     overwrite: bool = False) -> tuple[Path, str]:
+    """:func:`export_trial`, and what it saved in words (``trial 12 (value 0.8632)``), for the command line."""
     from evoopt.models.io import check_writable
 
     check_writable(out, overwrite=overwrite)

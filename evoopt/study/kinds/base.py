@@ -148,8 +148,10 @@ class Kind(Generic[SpaceT]):
 
         return {f"evoopt_{self.config.space.kind}": yaml.safe_load(self.record(trial))}
 
-    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
-        """Save a trial's model (or, ``best``, the study's answer) as a Hugging Face folder."""
+    def export(self, study: optuna.Study, which: str | int, out: Path, *,
+               overwrite: bool = False) -> tuple[Path, str]:
+        """Save a trial's model (or, ``best``, the study's answer) as a Hugging Face folder; returns the folder
+        and what was saved, in words (``trial 12 (value 0.8632)``)."""
         raise NotImplementedError
 
     def report(self, study: optuna.Study, score: Score) -> None:
@@ -259,6 +261,12 @@ class Kind(Generic[SpaceT]):
         answer, records = challenge_in_turn(incumbent, challengers, outcomes, whole, maximize=maximize, alpha=level,
                                             weights=self.config.objective.weights)
         return {**fields, "trial": answer, "decisions": decisions + records}
+
+    @staticmethod
+    def trial_text(trial: optuna.trial.FrozenTrial) -> str:
+        """A trial named with its value, for what a command saved."""
+        value = f"{trial.values[0]:.6g}" if len(trial.values) == 1 else ", ".join(f"{v:.6g}" for v in trial.values)
+        return f"trial {trial.number} (value {value})"
 
     def best_text(self, study: optuna.Study) -> str:
         """What `evoopt best` prints: the best trial's value, scores and record."""

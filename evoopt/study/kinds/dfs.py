@@ -46,6 +46,10 @@ class DfsKind(Kind[DfsSpace]):
         for i, ref in enumerate(space.pool):
             if ref.startswith("study:") and not ref.removeprefix("study:").endswith((".yaml", ".yml")):
                 problems.append(f"space.pool[{i}]: 'study:' names a study config file (study:OTHER.yaml), got {ref!r}")
+        if space.binary and config.sampler.name == "EvoCmaSampler" and config.sampler.options.get("separable"):
+            problems.append("space.binary / sampler.options.separable: 0/1 indicators are searched by CMA-ES with "
+                            "margin, which the cmaes library has no separable form of (sep-CMA would round them "
+                            "without it); set separable: false, or binary: false")
         if len(space.pool) == 1 and space.repeats == 1:
             problems.append("space.pool / space.repeats: one model laid out once can only drop layers; "
                             "give a second model or repeats > 1")
@@ -107,7 +111,8 @@ class DfsKind(Kind[DfsSpace]):
 
         return yaml.safe_dump(self.path_record(trial), sort_keys=False)
 
-    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
+    def export(self, study: optuna.Study, which: str | int, out: Path, *,
+               overwrite: bool = False) -> tuple[Path, str]:
         """A trial's model: its layers in path order, the scales applied by a small modeling file."""
         import yaml
 
@@ -123,8 +128,8 @@ class DfsKind(Kind[DfsSpace]):
                           f"{len(path.hops)} layers, {path_parameters(self.pool, path):,} parameters. Load it with "
                           "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (a small modeling "
                           "file applies the scales).", "", "```yaml", text.rstrip(), "```", ""])
-        return Path(export_path(self.pool, path, out, tokenizer_from=self.tokenizer_folder, card=card, info=info,
-                                overwrite=overwrite))
+        return (Path(export_path(self.pool, path, out, tokenizer_from=self.tokenizer_folder, card=card, info=info,
+                                 overwrite=overwrite)), self.trial_text(trial))
 
 
 def pool_folders(space: DfsSpace, study: optuna.Study | None = None) -> list[Path]:

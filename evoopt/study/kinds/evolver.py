@@ -235,7 +235,8 @@ class EvolverKind(Kind[EvolverSpace]):
                      f"scores (dev) {score}, trial {history.holders[0]}; {accepted} offspring accepted"]
         return "\n".join([*lines, *answer_lines(study, self.config.name)]) + "\n"
 
-    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
+    def export(self, study: optuna.Study, which: str | int, out: Path, *,
+               overwrite: bool = False) -> tuple[Path, str]:
         """The answer (``best``: the fittest individual or X of the last population) or a trial's candidate,
         with the history that rebuilds it (YAML) in its model card."""
         import yaml
@@ -265,7 +266,7 @@ class EvolverKind(Kind[EvolverSpace]):
         card = "\n".join([*card_header(f"{self.config.name}: Evolver", ("evolver",)),
                           f"Evolved with evoopt's Evolver (Du et al. 2024), {what}.", "", "```yaml", text.rstrip(),
                           "```", ""])
-        return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card))
+        return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card)), what
 
 
 def answer_rule_problems(config: StudyConfig, whose: str) -> list[str]:

@@ -231,7 +231,8 @@ class M2N2Kind(Kind[M2N2Space]):
                  f"best: member {history.best} (trial {history.holders[history.best]})"]
         return "\n".join([*lines, *answer_lines(study, self.config.name)]) + "\n"
 
-    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
+    def export(self, study: optuna.Study, which: str | int, out: Path, *,
+               overwrite: bool = False) -> tuple[Path, str]:
         """The answer (``best``) or a trial's child, with the history that rebuilds it (YAML) in its model card."""
         import yaml
 
@@ -258,4 +259,4 @@ class M2N2Kind(Kind[M2N2Space]):
         card = "\n".join([*card_header(f"{self.config.name}: M2N2", ("m2n2",)),
                           f"Evolved with evoopt's M2N2 (Abrantes et al. 2025), {what}.", "", "```yaml",
                           text.rstrip(), "```", ""])
-        return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card))
+        return export_merged(self.merger, self.sources, out, overwrite=overwrite, card=(text, card)), what

@@ -83,10 +83,12 @@ class ParameterKind(Kind[Space]):
     def record(self, trial: optuna.trial.FrozenTrial) -> str:
         return self.recipe(trial.params).to_yaml()
 
-    def export(self, study: optuna.Study, which: str | int, out: Path, *, overwrite: bool = False) -> Path:
-        merger = Merger(self.recipe(get_trial(study, which).params))
+    def export(self, study: optuna.Study, which: str | int, out: Path, *,
+               overwrite: bool = False) -> tuple[Path, str]:
+        trial = get_trial(study, which)
+        merger = Merger(self.recipe(trial.params))
         merger.merge()
-        return export_merged(merger, self.sources, out, overwrite=overwrite)
+        return export_merged(merger, self.sources, out, overwrite=overwrite), self.trial_text(trial)
 
 
 def export_merged(merger: Merger, sources: Sources, out: Path, *, overwrite: bool = False,

@@ -648,6 +648,49 @@ def test_a_memory_budget_streams_the_sources_with_the_same_bytes(llama_family: l
                 assert torch.equal(streamed.targets[name], target), (method, name)
 
 
+def test_a_pinned_state_is_packed_in_power_of_two_blocks(llama_family: list[Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path's state in pinned host memory: torch's pinned allocator rounds every block up to a power of two,
+    so one block per dtype pinned up to twice the state. state_layout packs the tensors first-fit decreasing into
+    blocks that are powers of two (checked by hand); its views are disjoint; a Merger whose state is laid out so (on
+    the CPU the same blocks, unpinned) merges the same bytes, and streams when the state with its blocks' rounding
+    passes the memory budget."""
+    import evoopt.merge.merger as merger_module
+    from evoopt.merge.merger import state_layout, state_views
+
+    # slab 1024 entries: 2000 opens a block of 2048; 900 one of 1024, then 100 joins it (1000); 300 opens a third,
+    # 60 and 50 join it (410); each block cut to the power of two its tensors fill
+    assert state_layout([300, 100, 900, 50, 60, 2000], torch.float32, pinned=True, slab_bytes=4096) == (
+        [2048, 1024, 512], [(2, 0), (1, 900), (1, 0), (2, 360), (2, 300), (0, 0)])
+    assert state_layout([5, 3, 2], torch.bfloat16) == ([10], [(0, 0), (0, 5), (0, 8)])  # in memory: one block
+    numels = [int(n) for n in torch.randint(1, 700, (60,), generator=torch.Generator().manual_seed(0))]
+    layout = state_layout(numels, torch.float32, pinned=True, slab_bytes=2048)
+    assert all(size & (size - 1) == 0 for size in layout[0]) and sum(layout[0]) < 1.25 * sum(numels)
+    views = state_views(numels, layout, torch.float32)
+    for i, view in enumerate(views):
+        view.fill_(i)
+    assert [v.numel() for v in views] == numels and all(bool((v == i).all()) for i, v in enumerate(views))
+
+    plain = Merger(_recipe(llama_family, "dare_ties"))
+    def packed_layout(numels: list[int], dtype: torch.dtype, pinned: bool = False) -> merger_module.Layout:
+        return state_layout(numels, dtype, pinned=True, slab_bytes=2**12)
+
+    monkeypatch.setattr(merger_module, "state_layout", packed_layout)
+    packed = Merger(_recipe(llama_family, "dare_ties"))
+    assert packed.prepared is not None and not packed.streamed
+    for seed in (0, 5):
+        plain.merge(seed=seed)
+        packed.merge(seed=seed)
+        for name, target in plain.targets.items():
+            assert torch.equal(packed.targets[name], target), name
+    sizes = [2 * t.numel() for t in plain.targets.values()]  # (two experts' task vectors, float32)
+    state = 4 * 3 * sum(t.numel() for t in plain.targets.values())
+    rounded = 4 * (sum(packed_layout(sizes, torch.float32)[0]) - sum(sizes))
+    assert rounded > 0
+    between = _recipe(llama_family, "dare_ties").model_copy(update={"memory_budget": (state + rounded / 2) / 2**30})
+    assert Merger(between).streamed
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_the_finite_check_finds_every_nan_and_inf(dtype: torch.dtype) -> None:
     """One NaN, inf or -inf anywhere (first, last, inside a vector's lanes, past a chunk) fails the check; large and

@@ -8,6 +8,7 @@ model's parameters in place: no re-instantiation, no disk round trip.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 from collections import Counter
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GPU_SHARE = 0.75  # the share of the GPU's free memory the fast path's state may take (the rest: evaluation)
+PINNED_SLAB = 2**30  # bytes of a pinned block of the GPU path's state in host memory (:func:`state_layout`)
 HUGE_PAGE = 2**21  # bytes of a transparent huge page on x86-64 (and of the smallest state worth advising for them)
 
 
@@ -129,29 +131,27 @@ class Merger:
                   for name in self.targets}
         state = sum(t.numel() * dtypes[n].itemsize * (len(self.sources) + 1) for n, t in self.targets.items())
         budget = self.recipe.memory_budget * 2**30 if self.recipe.memory_budget else available_memory()
-        if state > budget:
-            return self._prepare_streamed(magnitudes, state, budget)
         # The GPU path: the state on the GPU when it fits in GPU_SHARE of its free memory (the rest is the
         # evaluation's), else in pinned host memory, copied to the GPU chunk by chunk for each candidate.
         on_device = self.device.type == "cuda" and state <= GPU_SHARE * torch.cuda.mem_get_info(self.device)[0]
-        if self.device.type == "cuda" and not on_device:
-            logger.info("merge: the preprocessed state (%.2f GiB) does not fit the GPU: kept in pinned host memory",
-                        state / 2**30)
-        # All of one dtype's state in one allocation: no heap fragmentation from hundreds of tensors.
-        models = len(self.sources)
-        sizes = {dtype: models * sum(t.numel() for n, t in self.targets.items() if dtypes[n] == dtype)
-                 for dtype in set(dtypes.values())}
         pinned = self.device.type == "cuda" and not on_device
-        stores = {dtype: torch.empty(size, dtype=dtype, pin_memory=True) if pinned else huge_page_empty(size, dtype)
-                  for dtype, size in sizes.items()}
-        offsets = dict.fromkeys(stores, 0)
-        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
+        models = len(self.sources)
+        names = {dtype: [n for n in self.targets if dtypes[n] == dtype] for dtype in set(dtypes.values())}
+        numels = {dtype: [models * self.targets[n].numel() for n in group] for dtype, group in names.items()}
+        layouts = {dtype: state_layout(numels[dtype], dtype, pinned=pinned) for dtype in names}
+        rounded = sum((sum(blocks) - sum(numels[dtype])) * dtype.itemsize for dtype, (blocks, _) in layouts.items())
+        if state + rounded > budget:  # (pinned blocks are powers of two: what they hold beyond the state counts)
+            return self._prepare_streamed(magnitudes, state + rounded, budget)
+        if pinned:
+            logger.info("merge: the preprocessed state (%.2f GiB) does not fit the GPU: kept in pinned host memory "
+                        "(%.2f GiB more pinned, its blocks being powers of two)", state / 2**30, rounded / 2**30)
+        views = {name: view for dtype, group in names.items()
+                 for name, view in zip(group, state_views(numels[dtype], layouts[dtype], dtype, pinned=pinned))}
+        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.uint64) if magnitudes else None
         prepared = {}
-        for done, (name, target) in enumerate(self.targets.items()):
+        for done, name in enumerate(self.targets):
             self._progress("preprocessing", done, len(self.targets))
-            dtype, offset = dtypes[name], offsets[dtypes[name]]
-            view = stores[dtype][models * offset : models * (offset + target.numel())].view(models, -1)
-            offsets[dtype] = offset + target.numel()
+            dtype, view = dtypes[name], views[name].view(models, -1)
             prepared[name] = PreparedTensor.build(
                 name, base.get(name), [s.get(name) for s in self.sources], magnitudes=magnitudes,
                 out=view, scratch=scratch, keep_dtype=dtype != torch.float32,
@@ -166,7 +166,7 @@ class Merger:
                     "sources from their files", state / 2**30, budget / 2**30)
         self.streamed = True
         self._check_finite()  # (the views are read as they are, unchecked, for every candidate)
-        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
+        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.uint64) if magnitudes else None
         prepared = {}
         for done, name in enumerate(self.targets):
             self._progress("preprocessing", done, len(self.targets))
@@ -316,6 +316,48 @@ def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     except OSError:  # THP off (never) or not built in: small pages
         pass
     return torch.frombuffer(region, dtype=dtype, count=numel)  # (the tensor keeps the mapping alive)
+
+
+Layout = tuple[list[int], list[tuple[int, int]]]  # blocks' sizes, and each tensor's (block, offset), in entries
+
+
+def state_layout(numels: list[int], dtype: torch.dtype, *, pinned: bool = False,
+                 slab_bytes: int = PINNED_SLAB) -> Layout:
+    """Where the fast path's state puts each tensor of one dtype (``numels`` entries each). In host memory: one
+    block, the tensors one after the other (no heap fragmentation from hundreds of tensors). Pinned (the GPU path
+    when the state does not fit the GPU): torch's caching host allocator rounds every pinned block up to the next
+    power of two (a 20.4 GiB block pins 32 GiB; ``torch.cuda.memory.host_memory_stats``), so one block would pin up
+    to twice the state; instead the tensors are packed first-fit decreasing into blocks of ``slab_bytes`` (or the
+    next power of two of a larger tensor, the rest of its block filled by smaller ones), each block then cut to the
+    power of two its tensors fill: what is pinned beyond the state is at most the last partly filled blocks."""
+    if not pinned:
+        return [sum(numels)], [(0, start) for start in itertools.accumulate(numels[:-1], initial=0)]
+    slab = max(1, slab_bytes // dtype.itemsize)
+    blocks: list[int] = []
+    used: list[int] = []
+    places: list[tuple[int, int]] = [(0, 0)] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        block = next((b for b, size in enumerate(blocks) if used[b] + numels[i] <= size), len(blocks))
+        if block == len(blocks):
+            blocks.append(max(slab, _power_of_two(numels[i])))
+            used.append(0)
+        places[i] = (block, used[block])
+        used[block] += numels[i]
+    return [_power_of_two(u) for u in used], places
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def state_views(numels: list[int], layout: Layout, dtype: torch.dtype, *, pinned: bool = False) -> list[torch.Tensor]:
+    """The flat views of :func:`state_layout`'s blocks, one per tensor: pinned blocks from torch's pinned allocator
+    (each a power of two: not rounded further), else in memory advised for huge pages."""
+    sizes, places = layout
+    blocks = [torch.empty(size, dtype=dtype, pin_memory=True) if pinned else huge_page_empty(size, dtype)
+              for size in sizes]
+    return [blocks[block][offset : offset + n] for (block, offset), n in zip(places, numels)]
 
 
 def _view(source: TensorSource, name: str) -> torch.Tensor:

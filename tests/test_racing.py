@@ -9,7 +9,15 @@ import numpy as np
 import optuna
 import pytest
 
-from evoopt.data.outcomes import OUTCOMES_ATTR, Outcomes, TaskOutcomes, encode, paired_test, record_outcomes
+from evoopt.data.outcomes import (
+    OUTCOMES_ATTR,
+    Outcomes,
+    TaskOutcomes,
+    encode,
+    paired_decision,
+    paired_test,
+    record_outcomes,
+)
 from evoopt.errors import ConfigError
 from evoopt.search.racing import RacingPruner
 
@@ -65,7 +73,63 @@ def test_perplexity_is_tested_as_the_mean_of_the_tasks_perplexities() -> None:
     p, better, shared = paired_test(candidate, incumbent, maximize=False)
     assert p < 0.001 and shared == 200
     expected = np.mean(list(incumbent.scores().values())) - np.mean(list(candidate.scores().values()))
-    assert better == pytest.approx(expected, rel=0.05)  # perplexity points, to first order
+    assert better == pytest.approx(expected, rel=1e-9)  # perplexity points, exactly (the secant)
+
+
+def test_perplexity_trading_between_tasks_is_tested_by_the_exact_difference() -> None:
+    """Both tasks at perplexity 10; the candidate loses .5 nat a token on a (16.5) and gains .6 on b (5.5): mean
+    11.0 against 10.0, worse. Scaled by the incumbent's slope alone (the delta method), exp's convexity made it
+    test better (p_worse 1.0, accepted); with the secant the difference is the perplexities' to rounding."""
+    rng = np.random.default_rng(1)
+    tokens = np.full(200, 20.0)
+    base = {task: 20 * math.log(10) + rng.normal(0, 0.5, 200) for task in ("a", "b")}
+    incumbent = Outcomes("perplexity", {t: TaskOutcomes(np.arange(200), v.astype(np.float32), tokens)
+                                        for t, v in base.items()})
+    candidate = Outcomes("perplexity", {t: TaskOutcomes(np.arange(200), (v + 20 * shift + rng.normal(0, 0.1, 200))
+                                                        .astype(np.float32), tokens)
+                                        for (t, v), shift in zip(base.items(), (0.5, -0.6))})
+    values = [np.mean(list(o.scores().values())) for o in (candidate, incumbent)]
+    assert values[0] > values[1] + 0.9
+    decided, record = paired_decision(candidate, incumbent, maximize=False, alpha=0.05, final=True)
+    assert decided == "rejected" and record["p_worse"] < 1e-6
+    assert record["difference"] == pytest.approx(values[1] - values[0], abs=1e-6)
+
+
+def test_constant_differences_are_weighed_by_their_size_and_task() -> None:
+    """mse: task a's 2 examples each 1.0 worse, task b's 50 each 0.01 better: the study's value is worse by .495.
+    An unweighted sign test counted 50 votes to 2 for the candidate (p_better 3e-13: accepted); each difference
+    now weighs w_t |d_t| / n_t, .25 against .0001: D = -.495, null sd .354, p_better .92."""
+    def mse(a: float, b: float) -> Outcomes:
+        return Outcomes("mse", {"a": TaskOutcomes(np.arange(2), np.full(2, a, np.float32)),
+                                "b": TaskOutcomes(np.arange(50), np.full(50, b, np.float32))})
+
+    decided, record = paired_decision(mse(1.0, 0.49), mse(0.0, 0.5), maximize=False, alpha=0.05, final=True)
+    assert decided == "rejected" and record["difference"] == pytest.approx(-0.495, abs=1e-6)
+    assert record["p_better"] == pytest.approx(0.9192, abs=1e-3)
+    assert record["p_worse"] == pytest.approx(0.0808, abs=1e-3)
+    # one task, equal differences: the exact binomial as before (5 of 5 better: 2^-5)
+    one = paired_decision(Outcomes("mse", {"t": TaskOutcomes(np.arange(5), np.full(5, 0.25, np.float32))}),
+                          Outcomes("mse", {"t": TaskOutcomes(np.arange(5), np.full(5, 0.75, np.float32))}),
+                          maximize=False, alpha=0.05, final=True)
+    assert one[0] == "accepted" and one[1]["p_better"] == 0.03125
+
+
+def test_a_non_finite_loss_decides_by_the_sign_of_the_difference() -> None:
+    """mse: a candidate 0.01 better on 99 examples and inf on one has an infinite mse: certainly worse (it was
+    accepted: inf made the variance NaN, and the unweighted sign test counted 99 to 1); the other way round,
+    certainly better; inf against inf on different examples is undefined, never better. Racing prunes it."""
+    values = np.random.default_rng(0).uniform(0, 1.1, 100).astype(np.float32)
+    broken = values - 0.01
+    broken[5] = np.inf
+    good, bad = (Outcomes("mse", {"t": TaskOutcomes(np.arange(100), v)}) for v in (values, broken))
+    assert paired_decision(bad, good, maximize=False, alpha=0.05, final=False)[0] == "rejected"
+    decided, record = paired_decision(good, bad, maximize=False, alpha=0.05, final=True)
+    assert decided == "accepted" and record["difference"] == math.inf
+    other = values.copy()
+    other[7] = np.inf
+    both = Outcomes("mse", {"t": TaskOutcomes(np.arange(100), other)})
+    assert paired_decision(both, bad, maximize=False, alpha=0.05, final=True)[1]["p_better"] == 1.0
+    assert paired_test(bad, good, maximize=False)[0] == 0.0  # (RacingPruner prunes below alpha)
 
 
 def _study_with_incumbent(direction: str = "maximize") -> optuna.Study:

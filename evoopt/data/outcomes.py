@@ -153,42 +153,65 @@ def _paired_tails(candidate: Outcomes, incumbent: Outcomes, *, maximize: bool,
 
     Losses: ``t = D / sqrt(V)`` with V = sum_t w_t^2 s_t^2 / n_t, against Student's t with Welch-Satterthwaite's
     degrees of freedom V^2 / sum_t (w_t^2 s_t^2 / n_t)^2 / (n_t - 1) (the normal's tail was too sure on few
-    examples); where every tested task's differences are all equal (no variance), an exact sign test on the
-    non-zero differences, as for right-or-wrong outcomes.
+    examples). Where every tested task's differences are constant (no variance), a sign test as for right-or-wrong
+    outcomes, each non-zero difference weighing w_t |d_t| / n_t, so that the side it favours is the side of D (an
+    unweighted count let two examples worse by 1.0 lose to fifty better by 0.01). A non-finite loss (an inf mse, a
+    perplexity past float64) decides by the sign of D alone: an infinite difference is certain, an undefined one
+    (inf - inf) is never better.
 
     Perplexity: the study's value is the mean of the tasks' perplexities exp(sum nll / T), not of the examples'
     summed losses, so each example's difference of summed losses is scaled to its share of its task's perplexity
-    difference (the delta method around the incumbent, d ppl_t = ppl_t d(sum nll) / T_t): by ppl_t n_t / T_t on
-    the shared examples. Unscaled, a task of high perplexity counted as little per nat as one of low perplexity,
-    and a candidate worse by the study's value could test better."""
-    shared_outcomes = _shared(candidate, incumbent)
-    scales = _perplexity_scales(shared_outcomes) if incumbent.metric == "perplexity" else {}
-    pairs = {task: (c.values.astype(np.float64), b.values.astype(np.float64))
-             for task, (c, b) in shared_outcomes.items() if len(c.ids) >= 2}
-    differences = {task: (c - b) * scales.get(task, 1.0) for task, (c, b) in pairs.items()}
-    if not differences:
+    difference: by n_t (ppl_c - ppl_b) / (S_c - S_b), the secant between the two summed losses S on the shared
+    examples (computed as n_t ppl_b expm1(dS / T) / dS; n_t ppl_b / T where dS = 0), so that D is exactly the
+    weighted difference of the tasks' perplexities. Unscaled, a task of high perplexity counted as little per nat
+    as one of low perplexity; scaled by the incumbent's slope alone (the delta method), exp's convexity overstated
+    a task that improved against one that got worse, and a candidate worse by the study's value could test
+    better."""
+    shared_outcomes = {task: pair for task, pair in _shared(candidate, incumbent).items() if len(pair[0].ids) >= 2}
+    if not shared_outcomes:
         return 0.5, 0.5, 0.0, 0
     given = weights or {}
-    total = sum(given.get(t, 1.0) for t in differences)
+    total = sum(given.get(t, 1.0) for t in shared_outcomes)
+    share = {task: given.get(task, 1.0) / total for task in shared_outcomes}
+    shared = min(len(c.ids) for c, _ in shared_outcomes.values())
+    perplexity = incumbent.metric == "perplexity"
+    with np.errstate(over="ignore", invalid="ignore"):
+        gaps = {task: _value(c, perplexity) - _value(b, perplexity) for task, (c, b) in shared_outcomes.items()}
+    if not all(math.isfinite(g) for g in gaps.values()):  # (an inf loss; sums of inf - inf are NaN: not better)
+        gap = math.fsum(share[task] * g for task, g in gaps.items())
+        better = gap if maximize else -gap
+        return (1.0, 0.0, better, shared) if better > 0 else (0.0, 1.0, better, shared) if better < 0 \
+            else (0.5, 1.0, better, shared)
+    pairs = {task: (c.values.astype(np.float64), b.values.astype(np.float64))
+             for task, (c, b) in shared_outcomes.items()}
+    scales = {task: _perplexity_scale(c, b) for task, (c, b) in shared_outcomes.items()} if perplexity else {}
+    differences = {task: (c - b) * scales.get(task, 1.0) for task, (c, b) in pairs.items()}
     difference, variance, spread = 0.0, 0.0, 0.0
     for task, d in differences.items():
-        w = given.get(task, 1.0) / total
-        term = w**2 * float(d.var(ddof=1)) / len(d)
-        difference += w * float(d.mean())
+        term = share[task] ** 2 * float(d.var(ddof=1)) / len(d)
+        difference += share[task] * float(d.mean())
         variance += term
         spread += term**2 / (len(d) - 1)
     better = difference if maximize else -difference
-    shared = min(len(d) for d in differences.values())
     if candidate.metric not in LOSSES and all(np.isin(c, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()
                                               for c, b in pairs.values()):
-        per_example = {task: given.get(task, 1.0) / total / len(d) for task, d in differences.items()}
+        per_example = {task: share[task] / len(d) for task, d in differences.items()}
         return (*_mcnemar(differences, per_example, maximize=maximize), better, shared)
     if variance > 0.0:
         t = -better / math.sqrt(variance)  # positive: worse
         p_worse = _student_sf(t, variance**2 / spread)  # Welch-Satterthwaite's degrees of freedom
         return p_worse, 1.0 - p_worse, better, shared
-    signs = np.sign(np.concatenate(list(differences.values()))) * (1 if maximize else -1)
-    return (*_binomial_tails(int(np.count_nonzero(signs)), int(np.sum(signs > 0))), better, shared)
+    per_example = {task: share[task] * abs(float(d[0])) / len(d) for task, d in differences.items()}
+    return (*_mcnemar(differences, per_example, maximize=maximize), better, shared)
+
+
+def _value(outcomes: TaskOutcomes, perplexity: bool) -> float:
+    """A task's value on some examples: the mean of their values, or the perplexity of their losses."""
+    values = outcomes.values.astype(np.float64)
+    if not perplexity:
+        return float(values.mean())
+    tokens = float(np.sum(outcomes.weights)) if outcomes.weights is not None else 0.0
+    return float(np.exp(values.sum() / tokens)) if tokens > 0 else 1.0  # (no token, no loss: as Outcomes.score)
 
 
 def _student_sf(t: float, df: float) -> float:
@@ -250,16 +273,17 @@ def _mcnemar(differences: Mapping[str, np.ndarray], per_example: Mapping[str, fl
     return min(1.0, p_worse), min(1.0, p_better)
 
 
-def _perplexity_scales(shared: Mapping[str, tuple[TaskOutcomes, TaskOutcomes]]) -> dict[str, float]:
-    """Per task, ppl_t n_t / T_t of the incumbent (the second) on the examples both scored (see
-    :func:`_paired_tails`)."""
-    scales = {}
-    for task, (_, incumbent) in shared.items():
-        tokens = float(np.sum(incumbent.weights)) if incumbent.weights is not None else 0.0
-        if tokens > 0:
-            scales[task] = (math.exp(float(np.sum(incumbent.values, dtype=np.float64)) / tokens)
-                            * len(incumbent.ids) / tokens)
-    return scales
+def _perplexity_scale(candidate: TaskOutcomes, incumbent: TaskOutcomes) -> float:
+    """n (ppl_c - ppl_b) / (S_c - S_b) on the examples both scored (see :func:`_paired_tails`); 1 without tokens."""
+    tokens = float(np.sum(incumbent.weights)) if incumbent.weights is not None else 0.0
+    if tokens <= 0:
+        return 1.0
+    n = len(incumbent.ids)
+    incumbent_ppl = math.exp(float(np.sum(incumbent.values, dtype=np.float64)) / tokens)
+    change = float(np.sum(candidate.values.astype(np.float64) - incumbent.values.astype(np.float64)))
+    if change == 0.0:
+        return n * incumbent_ppl / tokens
+    return n * incumbent_ppl * math.expm1(change / tokens) / change
 
 
 def paired_decision(candidate: Outcomes, rival: Outcomes, *, maximize: bool, alpha: float, final: bool,

@@ -28,10 +28,12 @@ from evoopt.merge._pieces import (
     dare_mask,
     disjoint_sum,
     elect_sign,
+    in_window,
     sparsify_mask,
     stream_key,
     task_vectors,
     uniform_stream,
+    window_bounds,
 )
 from evoopt.merge._prepared import della_merge
 
@@ -339,16 +341,25 @@ def regmean(
 
 
 def _symmetric_solve(gram: torch.Tensor, rhs: torch.Tensor, *, eps: float) -> torch.Tensor:
-    """The minimum-norm least-squares X of gram X = rhs for a symmetric positive semi-definite ``gram``, by its
-    eigendecomposition, eigenvalues below width x ``eps`` (the precision ``gram`` was computed in) x the largest
-    taken as 0: the same answer on every device.
+    """A least-squares X of gram X = rhs for a symmetric positive semi-definite ``gram``, the same on every device:
+    scaled to a unit diagonal first (Jacobi: S = D gram D with D = diag(gram)^-1/2, 1 where the diagonal is 0), then
+    the minimum-norm answer Y of S Y = D rhs by S's eigendecomposition, eigenvalues below width x ``eps`` (the
+    precision ``gram`` was computed in) x the largest taken as 0, and X = D Y. A full-rank system's answer is the
+    solve's, to float64 rounding; a feature no example activates gets 0.
     (``torch.linalg.lstsq`` takes the gelsy driver on the CPU and gels, which assumes full rank, on CUDA: a Gram
     matrix of a feature never active, or alpha 1 with fewer examples than features, gave entries 5.6e3 on one and
-    1.68 on the other.) A full-rank system's answer is the solve's, to float64 rounding."""
-    values, vectors = torch.linalg.eigh(gram)
+    1.68 on the other.) The scaling: a float32 Gram matrix's rounding is relative to each entry's own features, not
+    to its largest eigenvalue; unscaled, one input feature 150 x larger than the others (the outlier features of
+    language models) put every other direction under the cutoff, and the merge dropped nearly all its input columns
+    (width 576: a column's norm 4.4e-5 against 2.23)."""
+    diagonal = torch.diagonal(gram)
+    scale = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(),
+                        torch.ones_like(diagonal))
+    scaled = scale[:, None] * gram * scale[None, :]
+    values, vectors = torch.linalg.eigh(scaled)
     cutoff = values.abs().max() * gram.shape[-1] * eps
     inverse = torch.where(values > cutoff, 1.0 / values, torch.zeros_like(values))
-    return vectors @ (inverse[:, None] * (vectors.T @ rhs))
+    return scale[:, None] * (vectors @ (inverse[:, None] * (vectors.T @ (scale[:, None] * rhs))))
 
 
 def magnitude_spread(delta: torch.Tensor) -> torch.Tensor:
@@ -455,7 +466,7 @@ def sce(
     mergekit's method; the weights let a search scale each model).
 
         Select:    keep the entries whose variance across models, Var_m(c_m), is among the top
-                   ``select_topk`` share of the nonzero variances (ties at the cut are kept)
+                   ``select_topk`` share of the nonzero variances (ties at the cut by index)
         Calculate: lambda_m = mean(c_m^2) / sum_j mean(c_j^2)   (the matrix-level weights)
         Erase:     s = sign(sum_m c_m); drop the entries of c_m whose sign is not s
         theta = theta_base + scale * sum_m lambda_m c_m [sign c_m = s] / max(sum_m lambda_m [sign c_m = s], 1e-6)
@@ -470,11 +481,7 @@ def sce(
     if select_topk < 1.0:
         variance = stacked.var(dim=0, unbiased=False)
         k = int(int(torch.count_nonzero(variance)) * max(select_topk, 0.0))
-        if k == 0:
-            keep = torch.zeros_like(variance, dtype=torch.bool)
-        else:
-            cut = variance.flatten().kthvalue(variance.numel() - k + 1).values
-            keep = variance >= cut
+        keep = in_window(variance, window_bounds(variance, (variance.numel() - k, variance.numel())))
         stacked = torch.where(keep, stacked, 0.0)
     energy = stacked.square().reshape(len(tensors), -1).mean(dim=1)
     total = energy.sum()

@@ -95,34 +95,55 @@ def rank_window(numel: int, density: float, *, gamma: float = 0.0) -> tuple[int,
     return bottom, min(numel, bottom + keep)
 
 
-def window_bounds(magnitude: torch.Tensor, window: tuple[int, int]) -> tuple[float, float]:
-    """Magnitude bounds (lo, hi) so that lo <= |x| <= hi selects the rank window of ``magnitude``.
+Cut = tuple[float, int]  # an entry's (magnitude, flat index): a rank in the order of magnitude, ties by index
 
-    The bounds are order statistics found by selection (``kthvalue``, linear time), not by sorting:
-    the same values a sort would index, about 6 x faster on a 12M-entry tensor. Exact except when
-    magnitudes tie at a bound, where all tied entries are kept (mergekit keeps an arbitrary subset
-    of them). Ties at zero do not matter: a zero delta contributes nothing.
+
+def window_bounds(magnitude: torch.Tensor, window: tuple[int, int]) -> tuple[Cut, Cut]:
+    """The entries at ascending ranks ``lo`` and ``hi`` of ``window`` in the order of (magnitude, flat index):
+    ties ordered by their index, so that a window keeps exactly hi - lo entries whatever the ties
+    (:func:`in_window`). ``hi`` = n: (inf, 0), nothing above it. An empty window: lo's cut above every entry.
+
+    Found by selection (``kthvalue``, linear time) and the tied entries' positions, not by sorting: about 6 x
+    faster on a 12M-entry tensor. Ties matter: a bfloat16 model's task vectors take few distinct magnitudes, and
+    keeping every entry tied at the cut kept 0.327 of a 256 x 256 tensor at density 0.2 (a fine-tune's change of 1 %
+    of the weights; mergekit's ``topk`` keeps 0.200, its ties in an arbitrary order).
     """
     lo, hi = window
-    if hi <= lo:
-        return math.inf, -math.inf
     flat = magnitude.flatten()
-    top = float(flat.max()) if hi == flat.numel() else float(flat.kthvalue(hi).values)
-    return float(flat.kthvalue(lo + 1).values), top
+    n = flat.numel()
+    if hi <= lo:
+        return (math.inf, 0), (math.inf, 0)
+    return _cut(flat, lo), ((math.inf, 0) if hi >= n else _cut(flat, hi))
+
+
+def _cut(flat: torch.Tensor, rank: int) -> Cut:
+    """The entry at ascending ``rank`` of (value, index): the value by selection, then among its ties (in index
+    order) the one ``rank`` minus the count below it."""
+    value = flat.kthvalue(rank + 1).values
+    tied = torch.nonzero(flat == value).flatten()
+    return float(value), int(tied[rank - int(torch.count_nonzero(flat < value))])
+
+
+def in_window(magnitude: torch.Tensor, bounds: tuple[Cut, Cut]) -> torch.Tensor:
+    """Boolean mask of the entries at or above ``bounds[0]`` and below ``bounds[1]`` in (magnitude, index) order."""
+    (low, first), (high, stop) = bounds
+    index = torch.arange(magnitude.numel(), device=magnitude.device).view(magnitude.shape)
+    above = (magnitude > low) | ((magnitude == low) & (index >= first))
+    return above & ((magnitude < high) | ((magnitude == high) & (index < stop)))
 
 
 def sparsify_mask(
     delta: torch.Tensor, density: float, *, gamma: float = 0.0
 ) -> torch.Tensor:
-    """Boolean keep-mask of magnitude trimming (gamma=0) or breadcrumbs (gamma>0).
+    """Boolean keep-mask of magnitude trimming (gamma=0) or breadcrumbs (gamma>0): exactly the rank window's
+    entries, ties at its bounds by index (:func:`window_bounds`).
 
     density >= 1 keeps everything, as in the papers.
     """
     if density >= 1.0:
         return torch.ones_like(delta, dtype=torch.bool)
     magnitude = delta.abs()
-    lo, hi = window_bounds(magnitude, rank_window(delta.numel(), density, gamma=gamma))
-    return (magnitude >= lo) & (magnitude <= hi)
+    return in_window(magnitude, window_bounds(magnitude, rank_window(delta.numel(), density, gamma=gamma)))
 
 
 def dare_mask(shape: torch.Size | tuple[int, ...], density: float, key: int,

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,7 +48,15 @@ import numpy as np
 import torch
 
 from evoopt.merge._numba import _prefer_wide_vectors, _stream_intrinsics
-from evoopt.merge._pieces import _GOLDEN32, MagnitudeRanks, Sparsification, rank_window, stream_bits, stream_key
+from evoopt.merge._pieces import (
+    _GOLDEN32,
+    Cut,
+    MagnitudeRanks,
+    Sparsification,
+    rank_window,
+    stream_bits,
+    stream_key,
+)
 
 GRID_SIZE = 16_384
 CHUNK = 1 << 18  # entries widened to float32 at a time in the stored-dtype state (1 MiB per model)
@@ -74,9 +82,11 @@ class PreparedTensor:
         deltas: task vectors, float32, shape (models, numel); ``stored``: the sources themselves, flat,
             in the base's 16-bit dtype (their task vectors are computed per chunk, in float32);
             ``streamed``: a tuple of the sources' flat memory-mapped views (any dtype).
-        grid_stride: sorted magnitudes are kept at ranks 0, s, 2s, ... and n - 1.
-        grid_values: sorted |delta| at those ranks, shape (models, grid points),
-            or None when no magnitude sparsification is needed.
+        grid_stride: the entries sorted by (|delta|, index) are kept at ranks 0, s, 2s, ... and n - 1.
+        grid_values: |delta| at those ranks, shape (models, grid points), or None when no magnitude
+            sparsification is needed.
+        grid_indices: the entries' flat indices at those ranks (uint64, same shape), so that a rank cut
+            among tied magnitudes keeps exactly its count (:func:`evoopt.merge._pieces.window_bounds`).
     """
 
     name: str
@@ -84,6 +94,7 @@ class PreparedTensor:
     deltas: torch.Tensor | tuple[torch.Tensor, ...]
     grid_stride: int
     grid_values: np.ndarray | None
+    grid_indices: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -101,7 +112,7 @@ class PreparedTensor:
 
         ``out``, if given, is a (models, numel) view to hold the task vectors (float32; the state's
         dtype when stored), so that a caller can keep all of a model's state in one allocation;
-        ``scratch``, a float32 buffer of at least numel entries, is reused for sorting.
+        ``scratch``, a uint64 buffer of at least numel entries, is reused for sorting.
         ``keep_dtype``: keep the sources in their dtype where they and the base share one of ``STORED``.
         """
         if keep_dtype and stored_dtype(base, tensors) is not None:
@@ -117,7 +128,7 @@ class PreparedTensor:
             raise ValueError(f"out: need a float32 tensor of shape {shape}, got {tuple(deltas.shape)} {deltas.dtype}")
         for m, t in enumerate(tensors):
             torch.sub(t.reshape(-1).to(torch.float32), flat_base, out=deltas[m])
-        return cls(name, flat_base, deltas, _stride(flat_base.numel()), _grid(deltas, scratch) if magnitudes else None)
+        return cls(name, flat_base, deltas, _stride(flat_base.numel()), *_grid(deltas, scratch, magnitudes))
 
     @classmethod
     def _build_stored(cls, name: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], *, magnitudes: bool,
@@ -130,8 +141,8 @@ class PreparedTensor:
                              f"{sources.dtype}")
         for m, t in enumerate(tensors):
             sources[m].copy_(t.reshape(-1))
-        grid = _grid_of_sources(flat_base, list(sources), scratch) if magnitudes else None
-        return cls(name, flat_base, sources, _stride(shape[1]), grid)
+        return cls(name, flat_base, sources, _stride(shape[1]),
+                   *_grid_of_sources(flat_base, list(sources), scratch, magnitudes))
 
     @classmethod
     def streamed(cls, name: str, base: torch.Tensor, sources: Sequence[torch.Tensor], *, magnitudes: bool,
@@ -139,8 +150,8 @@ class PreparedTensor:
         """The state of a streamed merge: ``base`` and ``sources`` are flat views (memory-mapped files) kept as
         they are; only the magnitude grid is computed (one tensor's float32 task vector at a time)."""
         flat_base, flat = base.reshape(-1), tuple(t.reshape(-1) for t in sources)
-        grid = _grid_of_sources(flat_base, flat, scratch) if magnitudes else None
-        return cls(name, flat_base, flat, _stride(flat_base.numel()), grid)
+        return cls(name, flat_base, flat, _stride(flat_base.numel()),
+                   *_grid_of_sources(flat_base, flat, scratch, magnitudes))
 
     def to(self, device: torch.device) -> PreparedTensor:
         """The state on ``device`` (the GPU path keeps it there when it fits); streamed views stay mapped."""
@@ -165,16 +176,18 @@ class PreparedTensor:
         """The state holds the sources in their 16-bit dtype (task vectors computed per chunk)."""
         return self.base.dtype in STORED and not self.streamed_state
 
-    def bounds(self, model: int, window: tuple[int, int]) -> tuple[float, float]:
-        """Magnitude bounds of a rank window, with ranks rounded to the grid."""
-        if self.grid_values is None:
+    def bounds(self, model: int, window: tuple[int, int]) -> tuple[Cut, Cut]:
+        """:func:`~evoopt.merge._pieces.window_bounds` of a rank window, with its ranks rounded to the grid."""
+        if self.grid_values is None or self.grid_indices is None:
             raise ValueError(f"{self.name}: prepared without magnitudes; build with magnitudes=True")
         lo, hi = window
         if hi <= lo:
-            return math.inf, -math.inf
-        values = self.grid_values[model]
-        return float(values[self._grid_index(lo, values.size - 1)]), \
-            float(values[self._grid_index(hi - 1, values.size - 1)])
+            return (math.inf, 0), (math.inf, 0)
+        values, indices = self.grid_values[model], self.grid_indices[model]
+        low = self._grid_index(lo, values.size - 1)
+        high = None if hi >= self.numel else self._grid_index(hi, values.size - 1)
+        return (float(values[low]), int(indices[low])), \
+            (math.inf, 0) if high is None else (float(values[high]), int(indices[high]))
 
     def _grid_index(self, rank: int, last: int) -> int:
         """The grid point nearest to ``rank``: ranks 0, s, 2s, ... and, last, n - 1 (appended where n - 1 is not a
@@ -196,38 +209,68 @@ def _stride(n: int) -> int:
     return max(1, math.ceil(n / GRID_SIZE))
 
 
-def _ranked(rows: Sequence[Any], n: int, scratch: np.ndarray | None) -> np.ndarray:
-    """The magnitude grid of each row: ``rows[m](work)`` writes that row's |task vector| (float32, n entries)
-    into ``work``, which is then sorted in place and read at the grid's ranks."""
+Writer = Callable[[int, int, np.ndarray], None]  # writes |task vector| of entries start..stop into a float32 array
+
+
+def _ranked(rows: Sequence[Writer], n: int, scratch: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The magnitude grid of each row: ``rows[m](start, stop, out)`` writes that row's |task vector| (float32) of
+    entries start..stop into ``out``, :data:`CHUNK` at a time; each entry becomes one uint64 key, its magnitude's
+    bits then its index (for non-negative floats the bits' order is the values': the keys' order is that of
+    (magnitude, index)), sorted in ``scratch`` and read at the grid's ranks. Returns the grid's magnitudes and
+    indices."""
+    if n > 1 << 32:
+        raise ValueError(f"a tensor of {n} entries: the magnitude grid indexes at most 2^32")
     ranks = np.unique(np.append(np.arange(0, n, _stride(n)), n - 1))
-    grid = np.empty((len(rows), ranks.size), dtype=np.float32)
-    work = np.empty(n, dtype=np.float32) if scratch is None or scratch.size < n else scratch[:n]
+    values = np.empty((len(rows), ranks.size), dtype=np.float32)
+    indices = np.empty((len(rows), ranks.size), dtype=np.uint64)
+    keys = np.empty(n, dtype=np.uint64) if scratch is None or scratch.size < n else scratch[:n]
+    part = np.empty(min(CHUNK, n), dtype=np.float32)
     for m, write in enumerate(rows):
-        write(work)
-        work.sort()
-        grid[m] = work[ranks]
-    return grid
+        for start in range(0, n, CHUNK):
+            stop = min(n, start + CHUNK)
+            write(start, stop, part[: stop - start])
+            key = keys[start:stop]
+            key[:] = part[: stop - start].view(np.uint32)
+            key <<= np.uint64(32)
+            key |= np.arange(start, stop, dtype=np.uint64)
+        keys.sort()
+        picked = keys[ranks]
+        values[m] = (picked >> np.uint64(32)).astype(np.uint32).view(np.float32)
+        indices[m] = picked & np.uint64(0xFFFFFFFF)
+    return values, indices
 
 
-def _grid(deltas: torch.Tensor, scratch: np.ndarray | None) -> np.ndarray:
-    """The grid of float32 task vectors, shape (models, n)."""
-    return _ranked([lambda work, d=d: np.abs(d.numpy(), out=work) for d in deltas], deltas.shape[1], scratch)
+def _grid(deltas: torch.Tensor, scratch: np.ndarray | None,
+          magnitudes: bool) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """The grid of float32 task vectors, shape (models, n) (None, None without ``magnitudes``)."""
+    if not magnitudes:
+        return None, None
+    def writer(row: np.ndarray) -> Writer:
+        def write(start: int, stop: int, out: np.ndarray) -> None:
+            np.abs(row[start:stop], out=out)
+
+        return write
+
+    return _ranked([writer(d.numpy()) for d in deltas], deltas.shape[1], scratch)
 
 
-def _grid_of_sources(base: torch.Tensor, sources: Sequence[torch.Tensor], scratch: np.ndarray | None) -> np.ndarray:
+def _grid_of_sources(base: torch.Tensor, sources: Sequence[torch.Tensor], scratch: np.ndarray | None,
+                     magnitudes: bool) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
     """The grid of flat sources in any dtype (16-bit, memory-mapped): each |task vector| is written chunk by chunk,
     widened to float32 and subtracted as ``build`` does, so no tensor-sized temporary but the sorting buffer."""
-    n = base.numel()
-    wide = torch.empty(min(CHUNK, n))
+    if not magnitudes:
+        return None, None
+    wide = torch.empty(min(CHUNK, base.numel()))
 
-    def write(source: torch.Tensor, work: np.ndarray) -> None:
-        view = torch.from_numpy(work)
-        for start in range(0, n, CHUNK):
-            part = view[start : start + CHUNK]
-            part.copy_(source[start : start + CHUNK]).sub_(wide[: part.numel()].copy_(base[start : start + CHUNK]))
+    def writer(source: torch.Tensor) -> Writer:
+        def write(start: int, stop: int, out: np.ndarray) -> None:
+            part = torch.from_numpy(out)
+            part.copy_(source[start:stop]).sub_(wide[: stop - start].copy_(base[start:stop]))
             part.abs_()
 
-    return _ranked([lambda work, t=t: write(t, work) for t in sources], n, scratch)
+        return write
+
+    return _ranked([writer(t) for t in sources], base.numel(), scratch)
 
 
 def merge_prepared(
@@ -344,7 +387,9 @@ def _kernel_params(
     coefs = np.empty(models, dtype=np.float32)
     lows = np.full(models, -np.inf, dtype=np.float32)
     highs = np.full(models, np.inf, dtype=np.float32)
-    thresholds = np.full(models, 1 << 24, dtype=np.uint64)  # random mode: keep if draw * 2^24 < threshold
+    # random mode: keep if draw * 2^24 < threshold, the draws of stream keys[m]; magnitude mode: the indices where
+    # the ties at the low bound start being kept (thresholds) and at the high bound stop (keys): see window_bounds
+    thresholds = np.full(models, 1 << 24, dtype=np.uint64)
     keys = np.zeros(models, dtype=np.uint64)
     for m in range(models):
         coefs[m] = weights[m]
@@ -356,7 +401,8 @@ def _kernel_params(
             keys[m] = stream_key(seed, prepared.name, m)
         else:
             gamma = gammas[m] if sparsification == "breadcrumbs" else 0.0
-            lows[m], highs[m] = prepared.bounds(m, rank_window(prepared.numel, densities[m], gamma=gamma))
+            (lows[m], thresholds[m]), (highs[m], keys[m]) = prepared.bounds(
+                m, rank_window(prepared.numel, densities[m], gamma=gamma))
     weight_arr = np.asarray(weights, dtype=np.float32)
     return coefs, weight_arr, lows, highs, thresholds, keys
 
@@ -440,6 +486,7 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         base = prepared.base[start:stop].to(device, non_blocking=True).to(torch.float32)
+        index: torch.Tensor | None = None  # (magnitude mode: the entries' indices, for ties at the cuts)
         total = torch.zeros(stop - start, device=device)
         contributions = []
         for m in range(models):
@@ -447,8 +494,11 @@ def _merge_torch(prepared: PreparedTensor, out: torch.Tensor, params: tuple[np.n
             d = d.to(torch.float32) - base if direct else d
             c = d * coef_t[m]
             if mode == 1:
-                a = d.abs()
-                c = torch.where((a >= float(lows[m])) & (a <= float(highs[m])), c, 0.0)
+                index = torch.arange(start, stop, device=device) if index is None else index
+                a, low, high = d.abs(), float(lows[m]), float(highs[m])
+                inside = ((a > low) | ((a == low) & (index >= int(thresholds[m])))) \
+                    & ((a < high) | ((a == high) & (index < int(keys[m]))))
+                c = torch.where(inside, c, 0.0)
             elif mode == 2 and thresholds[m] < 1 << 24:
                 keep = stream_bits(int(keys[m]), stop - start, start=start, device=device) < int(thresholds[m])
                 c = torch.where(keep, c, 0.0)
@@ -673,14 +723,19 @@ def _compile() -> Any:
                    keys, start, more):
         models = len(coefs)
         if mode == 1:
+            # kept: at or above the low cut and below the high one in (magnitude, index) order (window_bounds)
             for j in range(total.size):
                 b, i, tot = base[j], first + np.uint64(j), total[j]
+                at = np.uint64(start) + np.uint64(j)  # the entry's index in the tensor
                 tot = tot if more else zero
                 for m in range(models):
                     v = _value(rows[m], i)
                     x = v - b if subtract else v
                     a = abs(x)
-                    y = x * coefs[m] if (a >= lows[m]) & (a <= highs[m]) else zero
+                    low, high = lows[m], highs[m]
+                    inside = ((a > low) | ((a == low) & (at >= thresholds[m]))) \
+                        & ((a < high) | ((a == high) & (at < keys[m])))
+                    y = x * coefs[m] if inside else zero
                     if keep:
                         c[m, j] = y
                     tot = tot + y

@@ -168,11 +168,20 @@ def test_regmean_equal_grams_average_and_alpha_zero_is_diagonal() -> None:
     torch.testing.assert_close(out, T([[2.5, 4.0]]))
 
 
+def _jacobi_gelsd(gram: torch.Tensor, rhs: torch.Tensor, **options: object) -> torch.Tensor:
+    """LAPACK's gelsd (minimum norm, by SVD) on the system scaled to a unit diagonal: X = D lstsq(D G D, D rhs)."""
+    d = torch.diagonal(gram)
+    d = torch.where(d > 0, d.rsqrt(), torch.ones_like(d))
+    return d[:, None] * torch.linalg.lstsq(d[:, None] * gram * d[None, :], d[:, None] * rhs, driver="gelsd",
+                                           **options).solution
+
+
 def test_regmean_solves_a_singular_system_by_its_minimum_norm_answer() -> None:
     """A feature no example activates (or alpha 1 with fewer examples than features): the Gram matrix is singular.
-    The answer is the minimum-norm least-squares one, the same on every device (torch's lstsq takes a full-rank
-    driver on CUDA). By hand: grams diag(1, 0) and diag(3, 0), weights [[1, 2]] and [[3, 6]]: column 0 is the
-    Gram-weighted mean (1 + 9) / 4 = 2.5; column 1 is seen by no example, so 0."""
+    The answer is the minimum-norm least-squares one of the system scaled to a unit diagonal, the same on every
+    device (torch's lstsq takes a full-rank driver on CUDA). By hand: grams diag(1, 0) and diag(3, 0), weights
+    [[1, 2]] and [[3, 6]]: column 0 is the Gram-weighted mean (1 + 9) / 4 = 2.5; column 1 is seen by no example,
+    so 0."""
     out = M.regmean([T([[1.0, 2.0]]), T([[3.0, 6.0]])], grams=[T([[1.0, 0.0], [0.0, 0.0]]),
                                                              T([[3.0, 0.0], [0.0, 0.0]])], alpha=1.0)
     torch.testing.assert_close(out, T([[2.5, 0.0]]))
@@ -180,7 +189,7 @@ def test_regmean_solves_a_singular_system_by_its_minimum_norm_answer() -> None:
     x = torch.randn(3, 6, generator=g, dtype=torch.float64)  # 3 examples of 6 features: rank 3
     weights = [torch.randn(4, 6, generator=g) for _ in range(2)]
     gram = x.T @ x
-    expected = torch.linalg.lstsq(2 * gram, gram @ (weights[0] + weights[1]).T.double(), driver="gelsd").solution
+    expected = _jacobi_gelsd(2 * gram, gram @ (weights[0] + weights[1]).T.double())
     torch.testing.assert_close(M.regmean(weights, grams=[gram, gram], alpha=1.0), expected.T.float())
     # float32 Gram matrices, as evoopt estimates them (16 examples of 256 features a model): their null directions
     # are rounding noise at about 1e-4 of the largest eigenvalue, and a float64 cutoff inverted them (weights of
@@ -189,10 +198,28 @@ def test_regmean_solves_a_singular_system_by_its_minimum_norm_answer() -> None:
         g = torch.Generator().manual_seed(seed)
         grams = [(x.T @ x) for x in (torch.randn(16, 256, generator=g) for _ in range(3))]
         weights = [torch.randn(8, 256, generator=g) for _ in range(3)]
-        exact = torch.linalg.lstsq(sum(m.double() for m in grams),
-                                   sum(m.double() @ w.double().T for m, w in zip(grams, weights)),
-                                   driver="gelsd", rcond=1e-5).solution.T
+        exact = _jacobi_gelsd(sum(m.double() for m in grams),
+                              sum(m.double() @ w.double().T for m, w in zip(grams, weights)), rcond=1e-5).T
         torch.testing.assert_close(M.regmean(weights, grams=grams, alpha=1.0), exact.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_regmean_keeps_every_direction_beside_an_outlier_feature() -> None:
+    """One input feature 1000 x larger than the others (language models' outlier features), float32 Gram matrices
+    at the default alpha 0.9: the system is full rank and its float32 Gram matrices resolve it (their float64
+    solve agrees with the exact Grams' to 1e-5). Unscaled, the cutoff (width x float32's eps x the largest
+    eigenvalue) zeroed every other direction: the merge differed from the solve by 50 and met the RegMean objective
+    no better than the plain average."""
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2048, 256, generator=g) for _ in range(2)]
+    for x in inputs:
+        x[:, 0] *= 1000.0
+    weights = [torch.randn(8, 256, generator=g) for _ in range(2)]
+    grams = [x.T @ x for x in inputs]  # float32
+    shrunk = [0.9 * m.double() + 0.1 * torch.diag(torch.diagonal(m.double())) for m in grams]
+    exact = torch.linalg.solve(sum(shrunk), sum(m @ w.double().T for m, w in zip(shrunk, weights))).T
+    merged = M.regmean(weights, grams=grams, alpha=0.9)
+    torch.testing.assert_close(merged.double(), exact, atol=1e-4, rtol=1e-4)
+    assert merged[:, 1:].norm() > 0.5 * exact[:, 1:].norm()
 
 
 def test_registry_refuses_duplicates_and_lists_known() -> None:
@@ -328,16 +355,18 @@ def test_della_ranks_keep_the_spread_in_16_or_32_bits(shape: tuple[int, ...]) ->
 
 def test_sce_select_calculate_erase_by_hand() -> None:
     # c_1 = [2, 0, -1, 4], c_2 = [0, 0, 1, 2] (base 0, weights 1)
-    # Select top 50 % of the nonzero variances: var = [1, 0, 1, 1] (three nonzero): int(3 * 0.5) = 1
-    # entry; ties at the cut are kept, so entries 0, 2, 3 stay.
-    # Calculate: mean squares 21/4 and 5/4 -> lambda = 21/26, 5/26
-    # Erase: sums [2, 0, 0, 6] -> signs +, +, +, +; entry 2: c_1 = -1 disagrees, c_2 = 1 agrees
-    # entry 0: (21/26 * 2) / (21/26) = 2; entry 2: (5/26 * 1) / (5/26) = 1;
-    # entry 3: (21/26 * 4 + 5/26 * 2) / 1 = 94/26
+    # Select top 50 % of the nonzero variances: var = [1, 0, 1, 1] (three nonzero): int(3 * 0.5) = 1 entry; the
+    # three tied at the cut are ranked by index, so entry 3 alone stays (keeping every tie kept 3 of 4)
+    # Calculate: mean squares of [0, 0, 0, 4] and [0, 0, 0, 2]: 16/4 and 4/4 -> lambda = 4/5, 1/5
+    # Erase: sum 6 at entry 3 -> +, both agree: (4/5 * 4 + 1/5 * 2) / 1 = 18/5
     base = torch.zeros(4)
     experts = [T([2.0, 0.0, -1.0, 4.0]), T([0.0, 0.0, 1.0, 2.0])]
     out = get_method("sce").apply(base, experts, {"select_topk": 0.5})
-    torch.testing.assert_close(out, T([2.0, 0.0, 1.0, 94 / 26]))
+    torch.testing.assert_close(out, T([0.0, 0.0, 0.0, 18 / 5]))
+    # two of three: entries 2 and 3; c = [0, 0, -1, 4] and [0, 0, 1, 2]: lambda 17/22, 5/22; entry 2: sum 0 -> +,
+    # c_2 agrees: 1; entry 3: (17/22 * 4 + 5/22 * 2) / 1 = 78/22
+    out = get_method("sce").apply(base, experts, {"select_topk": 0.7})
+    torch.testing.assert_close(out, T([0.0, 0.0, 1.0, 78 / 22]))
     # select_topk 1 keeps everything; scale multiplies the fused delta
     plain = get_method("sce").apply(base, experts, {"scale": 0.5})
     torch.testing.assert_close(plain, 0.5 * T([2.0, 0.0, 1.0, 94 / 26]))

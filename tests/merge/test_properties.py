@@ -21,11 +21,13 @@ weights = st.floats(min_value=0.05, max_value=2.0)
 densities = st.floats(min_value=0.01, max_value=1.0)
 
 
-def _tensors(seed: int, n: int, count: int,
-             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _tensors(seed: int, n: int, count: int, dtype: torch.dtype = torch.float32,
+             spread: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base and ``count`` sources, each the base plus normal noise of std ``spread`` (0.01 in a 16-bit dtype: task
+    vectors of a few steps of the dtype, their magnitudes heavily tied, as fine-tunes of bfloat16 models are)."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, generator=g)
-    return base.to(dtype), [(base + torch.randn(n, generator=g)).to(dtype) for _ in range(count)]
+    return base.to(dtype), [(base + spread * torch.randn(n, generator=g)).to(dtype) for _ in range(count)]
 
 
 @given(seed=seeds, n=sizes)
@@ -145,13 +147,14 @@ def test_same_recipe_same_bytes() -> None:
 @given(seed=seeds, n=st.integers(1, 3000), w=st.lists(weights, min_size=3, max_size=3),
        d=st.lists(densities, min_size=3, max_size=3), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
        mode=st.sampled_from([("none", False), ("magnitude", True), ("random", True), ("breadcrumbs", True)]),
-       normalize=st.booleans(), chunk=st.sampled_from([7, 64, 1 << 18]))
+       normalize=st.booleans(), chunk=st.sampled_from([7, 64, 1 << 18]), spread=st.sampled_from([1.0, 0.01]))
 def test_stored_dtype_state_gives_the_pure_functions_bytes(seed: int, n: int, w: list[float], d: list[float],
                                                            dtype: torch.dtype, mode: tuple[str, bool],
-                                                           normalize: bool, chunk: int) -> None:
+                                                           normalize: bool, chunk: int, spread: float) -> None:
     """16-bit sources kept as they are (half the state of float32 task vectors), widened chunk by chunk: the
-    same bytes as the pure function on the same 16-bit tensors, into a 16-bit and a float32 model."""
-    base, xs = _tensors(seed, n, 3, dtype)
+    same bytes as the pure function on the same 16-bit tensors, into a 16-bit and a float32 model; with task
+    vectors of a few steps of the dtype too (magnitudes tied at the cuts)."""
+    base, xs = _tensors(seed, n, 3, dtype, spread)
     sparsification, consensus = mode
     kwargs = dict(weights=w, densities=d, gammas=[0.05, 0.0, 0.1], sparsification=sparsification,
                   consensus=consensus, normalize=normalize, scale=1.0, seed=seed)
@@ -160,6 +163,7 @@ def test_stored_dtype_state_gives_the_pure_functions_bytes(seed: int, n: int, w:
     assert prepared.stored and prepared.deltas.dtype == dtype  # 2 bytes per entry and model
     float32 = PreparedTensor.build("layer.w", base, xs, magnitudes=True)
     assert not float32.stored and np.array_equal(prepared.grid_values, float32.grid_values)
+    assert np.array_equal(prepared.grid_indices, float32.grid_indices)
     out, wide, reference = torch.empty(n, dtype=dtype), torch.empty(n), torch.empty(n)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_prepared, "CHUNK", chunk)  # chunks that split the tensor, and one that does not
@@ -176,15 +180,16 @@ def test_stored_dtype_state_gives_the_pure_functions_bytes(seed: int, n: int, w:
        state=st.sampled_from(["float32", "bfloat16", "float16", "streamed"]),
        mode=st.sampled_from([("none", False), ("magnitude", True), ("random", True), ("random", False),
                              ("breadcrumbs", True)]),
-       normalize=st.booleans(), scale=st.sampled_from([1.0, 0.7]), chunk=st.sampled_from([7, 64, 1 << 22]))
+       normalize=st.booleans(), scale=st.sampled_from([1.0, 0.7]), chunk=st.sampled_from([7, 64, 1 << 22]),
+       spread=st.sampled_from([1.0, 0.01]))
 def test_the_gpu_paths_torch_merge_gives_the_kernels_bytes(seed: int, n: int, w: list[float], d: list[float],
                                                             state: str, mode: tuple[str, bool], normalize: bool,
-                                                            scale: float, chunk: int) -> None:
+                                                            scale: float, chunk: int, spread: float) -> None:
     """The GPU path merges in plain torch operations (no numba); here on CPU tensors, reached through an ``out``
     that is not contiguous: the same bytes as the fused kernel and as the pure function, for each kind of state
     and chunk sizes that split the tensor."""
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(state, torch.float32)
-    base, xs = _tensors(seed, n, 3, dtype)
+    base, xs = _tensors(seed, n, 3, dtype, spread)
     sparsification, consensus = mode
     kwargs = dict(weights=w, densities=d, gammas=[0.05, 0.0, 0.1], sparsification=sparsification,
                   consensus=consensus, normalize=normalize, scale=scale, seed=seed)
@@ -202,6 +207,43 @@ def test_the_gpu_paths_torch_merge_gives_the_kernels_bytes(seed: int, n: int, w:
     assert torch.equal(strided, expected)
 
 
+@pytest.mark.parametrize("n", [4096, 40_000])
+def test_a_cut_among_tied_magnitudes_keeps_exactly_its_count(n: int) -> None:
+    """bfloat16 task vectors take few distinct magnitudes: keeping every entry tied at the cut kept 0.327 of a 256 x
+    256 tensor at density 0.2 (mergekit's topk: 0.200). A cut is a rank in the order of (magnitude, index): the
+    window of ranks [lo, hi) is kept exactly, by hand against a stable sort, in the pure function and in the fast
+    path (exact below 16,384 entries, the rank rounded to the grid above: within its stride)."""
+    from evoopt.merge._pieces import rank_window
+
+    base, xs = _tensors(1, n, 2, torch.bfloat16, spread=0.01)
+    delta = xs[0].float() - base.float()
+    magnitude = delta.abs()
+    assert magnitude.unique().numel() < n // 10  # heavily tied
+    order = torch.argsort(magnitude, stable=True)
+    prepared = PreparedTensor.build("w", base, xs, magnitudes=True, keep_dtype=True)
+    for density, gamma in ((0.2, 0.0), (0.5, 0.0), (0.3, 0.05), (0.01, 0.0)):
+        lo, hi = rank_window(n, density, gamma=gamma)
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order[lo:hi]] = True
+        mask = M.sparsify_mask(delta, density, gamma=gamma)
+        assert torch.equal(mask, expected), (density, gamma)
+        out = torch.empty(n)
+        sparsification = "breadcrumbs" if gamma else "magnitude"
+        merge_prepared(prepared, out, weights=[1.0, 0.0], densities=[density, 1.0], gammas=[gamma, 0.0],
+                       sparsification=sparsification)
+        kept = (out - base.float()) != 0
+        if n <= _prepared.GRID_SIZE:
+            assert torch.equal(kept, expected & (delta != 0)), (density, gamma)
+        else:
+            assert abs(int(kept.sum()) - int((expected & (delta != 0)).sum())) <= 2 * prepared.grid_stride
+    # SCE's selection: the top share of variances, ties by index alike
+    a = M.sce(base, xs, weights=[1.0, 1.0], select_topk=0.3)
+    variance = torch.stack([x.float() - base.float() for x in xs]).var(dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(variance)) * 0.3)
+    assert int(((a.float() - base.float()) != 0).sum()) <= k < int((variance >= variance.flatten().kthvalue(n - k + 1)
+                                                                    .values).sum())
+
+
 @pytest.mark.parametrize("n", [960 * 960, 99_997, 320 * 960])
 def test_ties_keeps_each_models_largest_entry_at_any_size(n: int) -> None:
     """The magnitude grid's last point is rank n - 1 (appended after s, 2s, ...): a window reaching the top must
@@ -214,7 +256,7 @@ def test_ties_keeps_each_models_largest_entry_at_any_size(n: int) -> None:
     delta = xs[0] - base
     top = int(delta.abs().argmax())
     assert out[top] - base[top] == pytest.approx(float(delta[top]), abs=1e-6)
-    assert prepared.bounds(0, (0, n))[1] == float(delta.abs().max())
+    assert prepared.bounds(0, (n - 1, n)) == ((float(delta.abs().max()), top), (math.inf, 0))
 
 
 def test_a_bfloat16_model_is_written_rounded_as_torch_rounds() -> None:

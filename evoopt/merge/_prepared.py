@@ -112,7 +112,7 @@ class PreparedTensor:
 
         ``out``, if given, is a (models, numel) view to hold the task vectors (float32; the state's
         dtype when stored), so that a caller can keep all of a model's state in one allocation;
-        ``scratch``, a uint64 buffer of at least numel entries, is reused for sorting.
+        ``scratch``, a float32 buffer of at least numel entries, is reused for sorting.
         ``keep_dtype``: keep the sources in their dtype where they and the base share one of ``STORED``.
         """
         if keep_dtype and stored_dtype(base, tensors) is not None:
@@ -214,30 +214,86 @@ Writer = Callable[[int, int, np.ndarray], None]  # writes |task vector| of entri
 
 def _ranked(rows: Sequence[Writer], n: int, scratch: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The magnitude grid of each row: ``rows[m](start, stop, out)`` writes that row's |task vector| (float32) of
-    entries start..stop into ``out``, :data:`CHUNK` at a time; each entry becomes one uint64 key, its magnitude's
-    bits then its index (for non-negative floats the bits' order is the values': the keys' order is that of
-    (magnitude, index)), sorted in ``scratch`` and read at the grid's ranks. Returns the grid's magnitudes and
-    indices."""
+    entries start..stop into ``out``. The magnitudes are sorted in ``scratch`` and read at the grid's ranks; each
+    grid point's entry in the order of (magnitude, index) is then the (rank - first rank of its value)-th entry of
+    that value in index order, found in one more pass (:func:`_occurrences`): the sort of the magnitudes alone, on
+    few distinct values (a bfloat16 model's task vectors), took a fifth of a sort of (magnitude, index) keys.
+    Returns the grid's magnitudes and indices."""
     if n > 1 << 32:
         raise ValueError(f"a tensor of {n} entries: the magnitude grid indexes at most 2^32")
     ranks = np.unique(np.append(np.arange(0, n, _stride(n)), n - 1))
     values = np.empty((len(rows), ranks.size), dtype=np.float32)
     indices = np.empty((len(rows), ranks.size), dtype=np.uint64)
-    keys = np.empty(n, dtype=np.uint64) if scratch is None or scratch.size < n else scratch[:n]
+    work = np.empty(n, dtype=np.float32) if scratch is None or scratch.size < n else scratch[:n]
     part = np.empty(min(CHUNK, n), dtype=np.float32)
     for m, write in enumerate(rows):
         for start in range(0, n, CHUNK):
-            stop = min(n, start + CHUNK)
-            write(start, stop, part[: stop - start])
-            key = keys[start:stop]
-            key[:] = part[: stop - start].view(np.uint32)
-            key <<= np.uint64(32)
-            key |= np.arange(start, stop, dtype=np.uint64)
-        keys.sort()
-        picked = keys[ranks]
-        values[m] = (picked >> np.uint64(32)).astype(np.uint32).view(np.float32)
-        indices[m] = picked & np.uint64(0xFFFFFFFF)
+            write(start, min(n, start + CHUNK), work[start : start + CHUNK])
+        work.sort()
+        picked = work[ranks]
+        values[m] = picked
+        # per distinct grid value, the occurrences asked (ascending: the ranks are): rank - its value's first rank
+        distinct, group = np.unique(picked, return_inverse=True)
+        wanted = (ranks - np.searchsorted(work, picked, side="left")).astype(np.int64)
+        starts = np.searchsorted(group, np.arange(distinct.size + 1)).astype(np.int64)
+        buckets = _buckets(distinct)
+        counts, found = np.zeros(distinct.size, dtype=np.int64), np.empty(ranks.size, dtype=np.int64)
+        pointers = starts[:-1].copy()
+        for start in range(0, n, CHUNK):  # the magnitudes again, in index order
+            chunk = part[: min(CHUNK, n - start)]
+            write(start, start + chunk.size, chunk)
+            _occurrences()(chunk, chunk.view(np.uint32), start, distinct, buckets, starts, wanted, counts, pointers,
+                           found)
+        indices[m] = found
     return values, indices
+
+
+def _buckets(distinct: np.ndarray) -> np.ndarray:
+    """Where the sorted non-negative float32 ``distinct`` values of each bucket start (a bucket: the top 16 bits, sign,
+    exponent and 7 bits of mantissa), and one entry past the last bucket: bucket b's values are
+    ``distinct[buckets[b]:buckets[b + 1]]``."""
+    top = (distinct.view(np.uint32) >> np.uint32(16)).astype(np.int64)
+    return np.searchsorted(top, np.arange((1 << 16) + 1, dtype=np.int64), side="left").astype(np.int64)
+
+
+_OCCURRENCES: Any = None
+
+
+def _occurrences() -> Any:
+    """Compile (once per process, cached on disk by numba) the pass of :func:`_ranked` that finds, in index order,
+    the entries the grid asks for: ``occurrences(chunk, bits, offset, distinct, buckets, starts, wanted, counts,
+    pointers, found)``, for each entry of ``chunk`` (entries offset.. of the tensor; ``bits``: their float32 bits)
+    whose value is ``distinct[g]`` (found by its bucket, then a binary search), its occurrence number ``counts[g]``
+    answers the grid points ``starts[g]..starts[g + 1]`` whose ``wanted`` occurrence it is (``found``: its index)."""
+    global _OCCURRENCES
+    if _OCCURRENCES is None:
+        _prefer_wide_vectors()  # (before numba compiles anything: one target per process)
+        import numba
+
+        @numba.njit(cache=True, nogil=True)
+        def occurrences(chunk, bits, offset, distinct, buckets, starts, wanted, counts, pointers, found):  # type: ignore[no-untyped-def]
+            for j in range(chunk.size):
+                bucket = bits[j] >> 16
+                lo, hi = buckets[bucket], buckets[bucket + 1]
+                if lo == hi:
+                    continue
+                value, end = chunk[j], hi
+                while lo < hi:
+                    middle = (lo + hi) >> 1
+                    if distinct[middle] < value:
+                        lo = middle + 1
+                    else:
+                        hi = middle
+                if lo == end or distinct[lo] != value:
+                    continue
+                seen, point = counts[lo], pointers[lo]
+                while point < starts[lo + 1] and wanted[point] == seen:
+                    found[point] = offset + j
+                    point += 1
+                pointers[lo], counts[lo] = point, seen + 1
+
+        _OCCURRENCES = occurrences
+    return _OCCURRENCES
 
 
 def _grid(deltas: torch.Tensor, scratch: np.ndarray | None,

@@ -147,7 +147,7 @@ class Merger:
                         "(%.2f GiB more pinned, its blocks being powers of two)", state / 2**30, rounded / 2**30)
         views = {name: view for dtype, group in names.items()
                  for name, view in zip(group, state_views(numels[dtype], layouts[dtype], dtype, pinned=pinned))}
-        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.uint64) if magnitudes else None
+        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
         prepared = {}
         for done, name in enumerate(self.targets):
             self._progress("preprocessing", done, len(self.targets))
@@ -166,7 +166,7 @@ class Merger:
                     "sources from their files", state / 2**30, budget / 2**30)
         self.streamed = True
         self._check_finite()  # (the views are read as they are, unchecked, for every candidate)
-        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.uint64) if magnitudes else None
+        scratch = np.empty(max(t.numel() for t in self.targets.values()), dtype=np.float32) if magnitudes else None
         prepared = {}
         for done, name in enumerate(self.targets):
             self._progress("preprocessing", done, len(self.targets))

@@ -221,6 +221,12 @@ def test_a_cut_among_tied_magnitudes_keeps_exactly_its_count(n: int) -> None:
     assert magnitude.unique().numel() < n // 10  # heavily tied
     order = torch.argsort(magnitude, stable=True)
     prepared = PreparedTensor.build("w", base, xs, magnitudes=True, keep_dtype=True)
+    # the grid: each point the entry of a stable sort of the magnitudes (a sort of (magnitude, index))
+    stable = np.argsort(magnitude.numpy(), kind="stable")
+    ranks = np.unique(np.append(np.arange(0, n, prepared.grid_stride), n - 1))
+    assert prepared.grid_values is not None and prepared.grid_indices is not None
+    assert np.array_equal(prepared.grid_indices[0], stable[ranks])
+    assert np.array_equal(prepared.grid_values[0], magnitude.numpy()[stable[ranks]])
     for density, gamma in ((0.2, 0.0), (0.5, 0.0), (0.3, 0.05), (0.01, 0.0)):
         lo, hi = rank_window(n, density, gamma=gamma)
         expected = torch.zeros(n, dtype=torch.bool)

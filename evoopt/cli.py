@@ -360,7 +360,9 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
 @click.option("--n-trials", type=_COUNT, default=None, help="Run at most N trials in this worker.")
 @click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds.")
 @click.option("--index", type=click.IntRange(min=0), default=None,
-              help="This worker's number (seeds samplers that draw per process, e.g. TPE); default from the pid.")
+              help="This worker's number, which seeds samplers that draw per process (e.g. TPE); default: from the "
+              "host's name and the pid (containers often share a pid). 0 also does `evoopt run`'s first duties "
+              "(a method search's starts, the estimator's fit).")
 def worker(study: Path, storage: str | None, n_trials: int | None, timeout: float | None, index: int | None) -> None:
     """Run trials of STUDY as one of many workers on a shared storage.
 
@@ -376,15 +378,13 @@ def worker(study: Path, storage: str | None, n_trials: int | None, timeout: floa
     Example:  evoopt worker studies/minilm-sentiment-evolver.yaml \\
                   --storage postgresql://evoopt@db-host/evoopt
     """
-    import os
-
     from evoopt.study.config import StudyConfig
-    from evoopt.study.run import run_study
+    from evoopt.study.run import default_worker_index, run_study
 
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
     run = run_study(config, n_trials=n_trials, timeout=timeout, baselines=False, report=False,
-                    worker_index=os.getpid() if index is None else index)
+                    worker_index=default_worker_index() if index is None else index)
     click.echo(f"worker done: {run.ran} trials finished while it ran; the study has {len(run.study.trials)} trials")
 
 
@@ -408,7 +408,7 @@ def baselines(study: Path, storage: str | None) -> None:
     assert isinstance(config, StudyConfig)
     # opened once: the rows are stored on it and the table read from it; a new study refused is taken back
     check_sources(config)  # (before the storage is made)
-    with taken_back_if_refused(config) as opened, Bars(Console(stderr=True)) as bars:
+    with taken_back_if_refused(config) as (opened, _), Bars(Console(stderr=True)) as bars:
         run_baselines(config, progress=bars, study=opened)
     print_summary(config, opened, summary_rows(opened))
 

@@ -368,6 +368,25 @@ def test_branches_drop_the_same_choices_with_trials_in_flight() -> None:
     assert set(order[22:]) == {"b"}
 
 
+def test_a_crashed_trial_holds_no_slot_in_the_race() -> None:
+    """A trial failed without a score (a crash, Ctrl-C) counted as one of its choice's round: the round was decided
+    on popsize - 1 values (its retry spilling into the next round). Its slot is given again: c, crashed once, has
+    its 4 scored trials before it is dropped."""
+    space, branches, objective = _branched({"a": 1.0, "b": 0.0, "c": 3.0})
+    study = optuna.create_study(sampler=EvoCmaSampler(search_space=space, branches=branches, popsize=4, seed=3))
+    crashed = False
+    for _ in range(24):
+        trial = study.ask()
+        value = objective(trial)
+        if not crashed and trial.params["m"] == "c":
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            crashed = True
+        else:
+            study.tell(trial, value)
+    scored = [t.params["m"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert crashed and scored.count("c") == 4 and set(scored[12:]) <= {"a", "b"}
+
+
 def test_branches_start_from_x0_of_their_own_parameters() -> None:
     """x0 over the whole branched space (a recipe file gives the choice and that choice's parameters): each
     choice's CMA-ES starts from x0's values of its own parameters, the others at the centre (0 in [-2, 2])."""

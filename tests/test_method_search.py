@@ -77,6 +77,37 @@ def test_the_method_space_names_each_methods_own_parameters() -> None:
     assert space.distributions["iso_cts:m1.weight"].high == 6.0 and space.distributions["tsv:m1.weight"].high == 1.5
 
 
+def test_a_start_that_failed_unscored_is_enqueued_again_and_a_refused_run_takes_back_its_starts() -> None:
+    """A start trial failed without a score (Ctrl-C before it ran, the budget reached, a crash) counted as the
+    method's start: every later run took it for done, and the method was never scored at its start. One rejected
+    on its own score (not finite) counts. The enqueued starts (and a data-flow study's pinned pool) are what the
+    maker writes, not results: a run refused after them takes its study back (it kept it, refusing the corrected
+    config's name)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from evoopt.search.evolver import NOT_FINITE
+    from evoopt.study.kinds import make_kind
+    from evoopt.study.storage import holds_results
+
+    kind = make_kind(parse_config({"name": "k", "sources": SOURCES, "space": {"kind": "methods"}}))
+    study = optuna.create_study(direction="maximize")
+    kind.start(study)
+    starts = [t.user_attrs["start"] for t in study.trials]
+    assert len(starts) == 5 and not holds_results(study)
+    study.set_user_attr("evoopt:pool", {"study:ps.yaml": 3})
+    assert not holds_results(study)
+    trial = study.ask()  # the first start, failed unrun
+    study.tell(trial, state=TrialState.FAIL)
+    rejected = study.ask()  # the second, failed on its own score
+    study._storage.set_trial_user_attr(rejected._trial_id, NOT_FINITE, True)
+    study.tell(rejected, state=TrialState.FAIL)
+    assert holds_results(study)
+    kind.start(study)
+    again = [t.user_attrs["start"] for t in study.get_trials(states=(TrialState.WAITING,))]
+    assert again == [*starts[2:], starts[0]]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["TPESampler", "EvoCmaSampler"])
 def test_a_method_search_study_starts_from_known_settings_and_merges_each_method(
@@ -102,7 +133,9 @@ def test_a_method_search_study_starts_from_known_settings_and_merges_each_method
     # in two calls sharing one kind (as fitness_search.py's stops do): the methods' Mergers, with their
     # preparation (TSV-M's basis, DELLA's ranks), are built once
     kind = make_kind(config)
-    run_study(config.model_copy(update={"trials": 4}), report=False, kind=kind)
+    # the first call as a worker of another number (`evoopt worker` started before `evoopt run`): the process
+    # that makes the study enqueues the starts (only worker 0 did: the starts came once the budget was spent)
+    run_study(config.model_copy(update={"trials": 4}), report=False, kind=kind, worker_index=7)
     built = dict(kind.mergers)  # type: ignore[attr-defined]
     assert set(built) == {"ties", "tsv", "della"}
     study = run_study(config, kind=kind).study

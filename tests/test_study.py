@@ -605,6 +605,23 @@ def test_two_workers_share_one_study(small_experts: Any, tmp_path: Path) -> None
 
 
 
+def test_a_workers_default_number_is_its_hosts_and_pids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the pid alone, workers in containers (pid 1 each) had one number, so one seed: their samplers drew the
+    same trials. Never 0 (worker 0 has `evoopt run`'s first duties); the same in one process."""
+    import socket
+
+    from evoopt.study.run import default_worker_index
+
+    first = default_worker_index()
+    assert first == default_worker_index() and 0 < first < 2**24
+    numbers = set()
+    for host in ("worker-a", "worker-b", "worker-c"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        monkeypatch.setattr("os.getpid", lambda: 1)
+        numbers.add(default_worker_index())
+    assert len(numbers) == 3 and 0 not in numbers
+
+
 def test_local_workers_share_the_cores() -> None:
     """Each of N local workers gets cores / N of torch's and numba's threads (at least one), unless the user set
     OMP_NUM_THREADS; the rest of the environment passes through."""

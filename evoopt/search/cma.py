@@ -237,7 +237,8 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         sizes = {c: self._popsize or 4 + math.floor(3 * math.log(max(1, len(branches[c])))) for c in choices}
         trials: dict[str, list[FrozenTrial]] = {c: [] for c in choices}  # each choice's, by number
         for t in sorted(study._get_trials(deepcopy=False, use_cache=True), key=lambda t: t.number):
-            if t.number != trial.number and t.params.get(key) in sizes:
+            crashed = t.state == TrialState.FAIL and not rejected(t)  # (its retry, if any, takes its slot)
+            if t.number != trial.number and t.params.get(key) in sizes and not crashed:
                 trials[t.params[key]].append(t)
         sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
 

@@ -23,11 +23,13 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +175,13 @@ def _architecture_names() -> tuple[frozenset[str], frozenset[str]]:
 
     return (names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
             names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES))
+
+
+def default_worker_index() -> int:
+    """A worker's number when none is given: from the host's name and the process id, never 0 (worker 0 has
+    `evoopt run`'s first duties). The pid alone repeated across containers, whose first process is often pid 1:
+    their samplers drew the same trials."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % (2**24 - 1) + 1  # (seeds stay < 2^32)
 
 
 def worker_seed(config: StudyConfig, worker: int, *, one_seed: bool = False) -> int:
@@ -321,13 +330,13 @@ def _unused(study: optuna.Study) -> bool:
 
 @contextlib.contextmanager
 def taken_back_if_refused(config: StudyConfig, *, worker: int = 0, kind: Kind | None = None
-                          ) -> Iterator[optuna.Study]:
+                          ) -> Iterator[tuple[optuna.Study, bool]]:
     """:func:`open_study` for a command that may be refused before it does anything (a model path that does not
-    exist, say): the study this call made is then taken back, so that the corrected config can have the name;
-    not once another process has opened it, nor once anything has been done in it."""
+    exist, say), and whether this call made the study: it is then taken back, so that the corrected config can
+    have the name; not once another process has opened it, nor once anything has been done in it."""
     study, made = _open_study(config, worker=worker, kind=kind)
     try:
-        yield study
+        yield study, made
     except BaseException:  # (refused, interrupted, or a library's error: a model that will not load)
         if made:
             _take_back(study)
@@ -522,17 +531,20 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, timeout: floa
                           "build it with make_kind(config)")
     check_sources(config)
     kind = kind if kind is not None else make_kind(config)  # built once: the sampler's space and the worker's share it
-    with taken_back_if_refused(config, worker=worker_index, kind=kind) as study:
+    with taken_back_if_refused(config, worker=worker_index, kind=kind) as (study, made):
         return _run(config, study, kind, n_trials=n_trials, timeout=timeout, workers=workers,
-                    worker_index=worker_index, progress=progress, on_trial=on_trial, baselines=baselines, report=report)
+                    worker_index=worker_index, progress=progress, on_trial=on_trial, baselines=baselines, report=report,
+                    made=made)
 
 
 def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int | None, timeout: float | None,
          workers: int, worker_index: int, progress: Progress | None,
          on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None, baselines: bool,
-         report: bool) -> RunReport:
+         report: bool, made: bool = False) -> RunReport:
     run = RunReport(study)
-    if worker_index == 0:  # (before the baselines: workers that join meanwhile take the enqueued trials first)
+    # (before the baselines: workers that join meanwhile take the enqueued trials first; by the process that made
+    # the study too, a worker's when workers start before `evoopt run`: else the starts came after the budget)
+    if worker_index == 0 or made:
         kind.start(study)
     if baselines and config.baselines and "evoopt:baselines" not in study.user_attrs and worker_index == 0:
         run_baselines(config, progress=progress, study=study, sources=kind.sources)

@@ -288,12 +288,18 @@ def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
     return {**part, "eval": rules.get("eval")} if scored_on_rows else part
 
 
+POOL_ATTR = "evoopt:pool"  # a data-flow study's pinned trials of its pool's other studies
+
+
 def holds_results(study: optuna.Study) -> bool:
-    """Whether anything was recorded in the study beyond what making and opening it writes: a trial (an enqueued
-    one too), baselines, their outcomes, the precision check."""
+    """Whether anything was recorded in the study beyond what making and opening it writes (a kind's start too:
+    the method search's enqueued starts, a data-flow study's pinned pool): a trial (an enqueued one too, but for a
+    start), baselines, their outcomes, the precision check."""
     system = study._storage.get_study_system_attrs(study._study_id)
-    return bool(study.get_trials(deepcopy=False)
-                or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, ROOT_ATTR, SOURCES_ATTR}
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if not (t.state == TrialState.WAITING and "start" in t.user_attrs)]
+    return bool(trials
+                or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, ROOT_ATTR, SOURCES_ATTR, POOL_ATTR}
                 or set(system) - {"study:metric_names", JOINED_ATTR, WITHDRAWN_ATTR})
 
 

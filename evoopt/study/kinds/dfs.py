@@ -18,7 +18,7 @@ from evoopt.models.paths import LayerPath, export_path, path_model, path_paramet
 from evoopt.study.config import StudyConfig, bounds_problems, changed_keys
 from evoopt.study.kinds.base import Kind, Progress
 from evoopt.study.space import DfsSpace
-from evoopt.study.storage import check_experts, get_trial, load_study
+from evoopt.study.storage import POOL_ATTR, check_experts, get_trial, load_study
 
 
 class DfsKind(Kind[DfsSpace]):
@@ -122,7 +122,7 @@ class DfsKind(Kind[DfsSpace]):
         text = yaml.safe_dump(self.path_record(trial, path), sort_keys=False)
         info = {"study": self.config.name, "trial": trial.number,
                 "models": dict(zip(self.space.labels, self.space.pool)),
-                "pinned": study.user_attrs.get("evoopt:pool", {})}
+                "pinned": study.user_attrs.get(POOL_ATTR, {})}
         card = "\n".join([*card_header(f"{self.config.name}: data-flow-space merge", ("data-flow-space",)),
                           f"Trial {trial.number} of an evoopt data-flow study (Akiba et al. 2024): "
                           f"{len(path.hops)} layers, {path_parameters(self.pool, path):,} parameters. Load it with "
@@ -145,7 +145,7 @@ def pool_folders(space: DfsSpace, study: optuna.Study | None = None) -> list[Pat
     from evoopt.study.kinds import make_kind, on_cpu
 
     config = space.config
-    pinned: dict[str, int] = dict(study.user_attrs.get("evoopt:pool", {})) if study is not None else {}
+    pinned: dict[str, int] = dict(study.user_attrs.get(POOL_ATTR, {})) if study is not None else {}
     folders = []
     for ref in space.pool:
         if not ref.startswith("study:"):
@@ -166,6 +166,6 @@ def pool_folders(space: DfsSpace, study: optuna.Study | None = None) -> list[Pat
                 if not folder.exists():  # (another worker exporting the same folder at once is fine)
                     raise
         folders.append(folder)
-    if study is not None and pinned and pinned != study.user_attrs.get("evoopt:pool"):
-        study.set_user_attr("evoopt:pool", pinned)
+    if study is not None and pinned and pinned != study.user_attrs.get(POOL_ATTR):
+        study.set_user_attr(POOL_ATTR, pinned)
     return folders

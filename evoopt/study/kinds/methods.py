@@ -23,11 +23,13 @@ from typing import Any, ClassVar, cast
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from evoopt.merge import get_method
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe, RecipeError
 from evoopt.models.io import open_source, resolve_path
+from evoopt.search.evolver import rejected
 from evoopt.study.config import (
     MethodChoice,
     StudyConfig,
@@ -202,8 +204,10 @@ class MethodsKind(ParameterKind):
     def start(self, study: optuna.Study) -> None:
         """The study scores each method at its known-good start, enqueued once: unless the method has a trial
         already (its start, run or waiting, or a trial of the race: a start left out by a crash or by another
-        worker's first trials is enqueued, never one for a method the race has moved past)."""
-        trials = study.get_trials(deepcopy=False)
+        worker's first trials is enqueued, never one for a method the race has moved past). A trial that failed
+        without a score (Ctrl-C, the budget reached before it ran, a crash) does not count: its start was lost
+        for good when every later run took it for done."""
+        trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL or rejected(t)]
         had = {t.user_attrs.get("start") for t in trials} | {t.params.get(CHOICE) for t in trials}
         for params in cast(MethodSpace, self.space).starts():
             if params[CHOICE] not in had:

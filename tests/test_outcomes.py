@@ -6,6 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from evoopt.data.outcomes import (
     challenge_in_turn,
     decode,
     encode,
+    pack_margins,
     paired,
     paired_decision,
     paired_test,
+    unpack_margins,
 )
 from evoopt.errors import EvooptError
 from tests.helpers.lmeval import registered_task as _registered_task
@@ -435,8 +438,39 @@ def test_lm_eval_scores_under_bfloat16_when_asked(smol_tiny_family: list[Path], 
     assert seen and set(seen) == {torch.float32}
     seen.clear()
     scorer.autocast = True
-    scorer.scores(model)
+    log_softmax, taken = torch.nn.functional.log_softmax, []
+
+    def spied(*args: Any, **kwargs: Any) -> torch.Tensor:  # (lm-eval's own, recorded)
+        out = log_softmax(*args, **kwargs)
+        taken.append(out.dtype)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "log_softmax", spied)
+        scorer.scores(model)
     assert seen and set(seen) == {torch.bfloat16}
+    # the log-likelihoods from the bfloat16 logits in float32 (lm-eval took them in bfloat16: on its grid)
+    assert taken and set(taken) == {torch.float32}
+
+
+def test_a_tied_example_has_a_margin_of_its_correctness_sign() -> None:
+    """Two answers scored alike (bfloat16 rounds them together): argmax, and so correctness, takes the first; the
+    margin was 0 (neither right nor wrong) where the example counted as right. It now has the smallest float32 of
+    the sign of its correctness, for lm-eval's tasks and evoopt's classifiers, and keeps it when stored."""
+    from evoopt.data.lmeval import _margin
+    from evoopt.data.objective import ClassifierScorer, _predicted
+    from evoopt.data.outcomes import TIED
+
+    tied = {"filtered_resps": [(-1.5, False), (-1.5, False), (-3.0, False)]}
+    assert _margin({**tied, "target": 0}) == TIED > 0 and _margin({**tied, "target": 1}) == -TIED
+    assert _margin({**tied, "target": 2}) < -0.1
+    scorer = ClassifierScorer.__new__(ClassifierScorer)  # (its margins read the metric alone)
+    scorer.metric = "accuracy"
+    outputs = np.array([[0.5, 0.5], [0.5, 0.5], [0.2, 0.8], [np.nan, 0.1]])
+    margins = scorer._margins(outputs, np.array([0, 1, 1, 0]))
+    assert margins is not None and margins.tolist() == pytest.approx([TIED, -TIED, 0.6, -1.0], abs=1e-45)
+    assert np.array_equal(margins > 0, _predicted(outputs) == np.array([0, 1, 1, 0]))
+    assert unpack_margins(pack_margins(margins[:2])).tolist() == pytest.approx([1 / 127, -1 / 127])
 
 
 def test_an_unknown_lm_eval_task_is_a_clear_error(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from evoopt.data.outcomes import TIED
+
 
 @contextlib.contextmanager
 def global_generators_kept() -> Iterator[None]:
@@ -52,8 +54,11 @@ def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any,
     if samples:  # (lm-eval walks a task's docs in order and names the k-th one samples[k]: sorted, each once)
         samples = {task: sorted(set(ids)) for task, ids in samples.items()}
 
+    # (under autocast the logits are bfloat16: their log-softmax in float32, as evoopt's own scorers take it, else
+    # lm-eval's was bfloat16 too and every log-likelihood fell on bfloat16's grid)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              mixed_precision_dtype=torch.bfloat16 if autocast else None)
+              mixed_precision_dtype=torch.bfloat16 if autocast else None,
+              softmax_dtype=torch.float32 if autocast else None)
     with global_generators_kept():  # (lm-eval seeds them: the caller's states are put back after)
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=None if samples else limit,
                                   samples=samples, cache_requests=False, use_cache=None, log_samples=True,
@@ -78,7 +83,8 @@ def lm_eval_examples(model: Any, tokenizer: Any, tasks: list[str], manager: Any,
 def _margin(sample: dict[str, Any]) -> float | None:
     """A multiple-choice example's margin (as evoopt's classifier scorer keeps it, :mod:`evoopt.data.outcomes`):
     the softmax over the choices' log-likelihoods, the right choice's probability minus the largest other's;
-    positive exactly where ``acc`` is 1. None where the sample is not one (generated answers)."""
+    positive exactly where ``acc`` is 1 (a tie, as bfloat16 makes them: the smallest float32 of the sign of ``acc``,
+    whose argmax takes the first of tied choices). None where the sample is not one (generated answers)."""
     try:
         lls = np.asarray([float(r[0]) for r in sample["filtered_resps"]], dtype=np.float64)
         gold = int(sample["target"])
@@ -88,7 +94,8 @@ def _margin(sample: dict[str, Any]) -> float | None:
         return None
     p = np.exp(lls - lls.max())
     p /= p.sum()
-    return float(p[gold] - np.delete(p, gold).max())
+    margin = float(p[gold] - np.delete(p, gold).max())
+    return margin or (TIED if int(np.argmax(lls)) == gold else -TIED)
 
 
 def evaluate_tasks(model: Any, tokenizer: Any, corpora: list[str], *, split: str, limit: int | None = None,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from evoopt.data.corpora import load_splits
-from evoopt.data.outcomes import Outcomes, TaskOutcomes
+from evoopt.data.outcomes import TIED, Outcomes, TaskOutcomes
 from evoopt.errors import ConfigError, EvaluationError
 
 Scores = dict[str, float]
@@ -238,7 +238,9 @@ class ClassifierScorer:
         rows = np.arange(len(labels))
         others = outputs.copy()
         others[rows, labels] = -np.inf
-        return np.where(np.isfinite(outputs).all(-1), outputs[rows, labels] - others.max(-1), -1.0)
+        margins = outputs[rows, labels] - others.max(-1)  # (a tie: the sign of _predicted's answer, argmax's first)
+        margins = np.where(margins == 0, np.where(outputs.argmax(-1) == labels, TIED, -TIED), margins)
+        return np.where(np.isfinite(outputs).all(-1), margins, -1.0)
 
     def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         with precision(self.autocast, self.device):

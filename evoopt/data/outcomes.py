@@ -37,6 +37,7 @@ import optuna
 from evoopt.errors import EvooptError
 
 LOSSES = ("mse", "perplexity")  # per-example losses; every other metric keeps correctness
+TIED = float(np.finfo(np.float32).tiny)  # the margin of an example tied with another answer, signed as its correctness
 
 
 @dataclass

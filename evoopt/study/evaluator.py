@@ -146,8 +146,10 @@ class Evaluator:
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            raise EvaluationError("out of memory while scoring; lower objective.batch_size or "
-                                  "objective.max_length, or set dtype: bfloat16") from None
+            cut = "" if self.config.objective.kind == "lm-eval" else " or objective.max_length"  # (lm-eval: prompts
+            # are scored whole)
+            raise EvaluationError(f"out of memory while scoring; lower objective.batch_size{cut}, or set dtype: "
+                                  "bfloat16") from None
 
     def _estimator(self) -> Estimator | None:
         if self.estimator is None and self._pending is not None:

@@ -180,10 +180,11 @@ def test_the_read_commands_take_the_storage_the_study_was_run_on(tmp_path: Path,
     shown = CliRunner().invoke(main, ["status", str(study), "--storage", url])
     assert shown.exit_code == 0 and "1/" in shown.output, shown.output
     seen: list[str] = []
-    def record(config: Any, *args: Any, **kwargs: Any) -> None:
+    def record(config: Any, *args: Any, **kwargs: Any) -> tuple[Path, str]:
         seen.append(config.storage_url)
+        return tmp_path / "m", "trial 0 (value 0.5)"
 
-    for name in ("evoopt.study.run.export_trial", "evoopt.study.report.serve_dashboard",
+    for name in ("evoopt.study.run.export_described", "evoopt.study.report.serve_dashboard",
                  "evoopt.study.run.run_baselines"):
         monkeypatch.setattr(name, record)
     for command in (["export", str(study), "--out", str(tmp_path / "m")], ["dashboard", str(study)],
@@ -207,7 +208,7 @@ def test_an_interrupted_demo_exports_nothing(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr("evoopt.data.experts.build_setting", lambda *args, **kwargs: None)
     monkeypatch.setattr("evoopt.study.run.run_study", lambda config, **kwargs: RunReport(
         optuna.create_study(), interrupted=True))
-    monkeypatch.setattr("evoopt.study.run.export_trial", lambda *args, **kwargs: exported.append(args))
+    monkeypatch.setattr("evoopt.study.run.export_described", lambda *args, **kwargs: exported.append(args))
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({"name": "d", "setting": "minilm-sentiment-domains",
                                      "artifacts": str(tmp_path / "out")}))

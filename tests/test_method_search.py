@@ -137,7 +137,7 @@ def test_a_method_search_study_starts_from_known_settings_and_merges_each_method
     # that makes the study enqueues the starts (only worker 0 did: the starts came once the budget was spent)
     run_study(config.model_copy(update={"trials": 4}), report=False, kind=kind, worker_index=7)
     built = dict(kind.mergers)  # type: ignore[attr-defined]
-    assert set(built) == {"ties", "tsv", "della"}
+    assert {"ties", "tsv"} <= set(built)  # (the starts; worker 7's TPE seed may or may not draw della among 4)
     study = run_study(config, kind=kind).study
     assert all(kind.mergers[name] is merger for name, merger in built.items())  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="kind: built for study"):

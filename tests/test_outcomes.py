@@ -468,7 +468,8 @@ def test_a_tied_example_has_a_margin_of_its_correctness_sign() -> None:
     scorer.metric = "accuracy"
     outputs = np.array([[0.5, 0.5], [0.5, 0.5], [0.2, 0.8], [np.nan, 0.1]])
     margins = scorer._margins(outputs, np.array([0, 1, 1, 0]))
-    assert margins is not None and margins.tolist() == pytest.approx([TIED, -TIED, 0.6, -1.0], abs=1e-45)
+    assert margins is not None and margins[:2].tolist() == [TIED, -TIED]
+    assert margins[2:].tolist() == pytest.approx([0.6, -1.0])
     assert np.array_equal(margins > 0, _predicted(outputs) == np.array([0, 1, 1, 0]))
     assert unpack_margins(pack_margins(margins[:2])).tolist() == pytest.approx([1 / 127, -1 / 127])
 

@@ -289,6 +289,7 @@ def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
 
 
 POOL_ATTR = "evoopt:pool"  # a data-flow study's pinned trials of its pool's other studies
+START_ATTR = "start"  # the user attribute of a trial a kind enqueues at the study's start (the method search's)
 
 
 def holds_results(study: optuna.Study) -> bool:
@@ -297,7 +298,7 @@ def holds_results(study: optuna.Study) -> bool:
     start), baselines, their outcomes, the precision check."""
     system = study._storage.get_study_system_attrs(study._study_id)
     trials = [t for t in study.get_trials(deepcopy=False)
-              if not (t.state == TrialState.WAITING and "start" in t.user_attrs)]
+              if not (t.state == TrialState.WAITING and START_ATTR in t.user_attrs)]
     return bool(trials
                 or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, ROOT_ATTR, SOURCES_ATTR, POOL_ATTR}
                 or set(system) - {"study:metric_names", JOINED_ATTR, WITHDRAWN_ATTR})

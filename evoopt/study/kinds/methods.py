@@ -43,6 +43,7 @@ from evoopt.study.config import (
 from evoopt.study.kinds.base import Progress
 from evoopt.study.kinds.parameter import ParameterKind
 from evoopt.study.space import Sources, Space, fixed_recipe, layer_units
+from evoopt.study.storage import START_ATTR
 
 CHOICE = "method"  # the categorical parameter
 DEFAULT_METHODS: dict[str, dict[str, Any]] = {
@@ -208,7 +209,7 @@ class MethodsKind(ParameterKind):
         without a score (Ctrl-C, the budget reached before it ran, a crash) does not count: its start was lost
         for good when every later run took it for done."""
         trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL or rejected(t)]
-        had = {t.user_attrs.get("start") for t in trials} | {t.params.get(CHOICE) for t in trials}
+        had = {t.user_attrs.get(START_ATTR) for t in trials} | {t.params.get(CHOICE) for t in trials}
         for params in cast(MethodSpace, self.space).starts():
             if params[CHOICE] not in had:
-                study.enqueue_trial(params, user_attrs={"start": params[CHOICE]})
+                study.enqueue_trial(params, user_attrs={START_ATTR: params[CHOICE]})

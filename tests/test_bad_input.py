@@ -244,6 +244,19 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
     ("fixed density out of its range", lambda s, t, m: _study(s, **{
         "space.search": {"weight": [0.2, 1.2]}, "space.fixed": {"density": {"layers.00": 0.5, "layers.01": 0.0}}}),
      ValueError, r"space.fixed.density.layers.01: must be in \(0, 1\], got 0.0"),
+    ("fixed per layer group without a default", lambda s, t, m: _study(s, **{
+        "space.search": {"weight": [0.2, 1.2]}, "space.fixed": {"density": {"layers.0*": 0.5}}}),
+     ValueError, r"space.fixed.density: one value per layer group needs a '\*' entry, the value of every tensor no "
+                 r"other pattern names \(patterns given: 'layers.0\*'\)"),
+    ("a warm-start study that is not there", lambda s, t, m: open_study(_study(s, name="warm", sampler={
+        "name": "EvoCmaSampler", "options": {"warm_start_study": "kept-before"}})),
+     ValueError, r"sampler.options.warm_start_study: no study 'kept-before' in this study's storage"),
+    ("a misspelt sampler option", lambda s, t, m: _study(s, sampler={
+        "name": "EvoCmaSampler", "options": {"popsize": 8, "sigma": 0.2}}),
+     ValueError, r"sampler.options: EvoCmaSampler has no option 'sigma'; it takes .*sigma0"),
+    ("an x0 recipe file that is not there", lambda s, t, m: _study(s, sampler={
+        "name": "EvoCmaSampler", "options": {"x0": "start.yaml"}}),
+     ValueError, r"sampler.options.x0: .*start.yaml: no such file or folder; check the path in sampler.options.x0"),
     ("unknown corpus", lambda s, t, m: _study(s, **{"sources.tasks": ["vader-tweets", "vader-nytimes"]}),
      ValueError, r"sources.tasks\[1\]: unknown corpus 'vader-nytimes'; known: .*vader-nyt"),
     ("unknown expert", lambda s, t, m: _study(s, **{"sources.models": ["expert:minilm-sentiment-domains/nyt",

@@ -247,6 +247,28 @@ def test_the_demo_builds_only_its_settings_experts_and_says_where_to_run_it(
         result.output
 
 
+def test_the_demo_refuses_an_edited_config_of_a_stored_study_before_training_its_experts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    from evoopt.study.config import load_config
+    from evoopt.study.storage import CONFIG_ATTR, DATA_ATTR, data_rules, storage_from_url
+
+    built: list[Any] = []
+    monkeypatch.setattr("evoopt.data.experts.build_setting", lambda *args, **kwargs: built.append(args))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "d", "setting": "minilm-sentiment-domains", "seed": 7,
+                                     "artifacts": str(tmp_path / "out")}))
+    edited = load_config(study)
+    before = edited.model_copy(update={"seed": 0})  # the config the study was made from
+    stored = optuna.create_study(study_name="d", storage=storage_from_url(edited.storage_url))
+    stored.set_user_attr(CONFIG_ATTR, before.identity())
+    stored.set_user_attr(DATA_ATTR, data_rules())
+    result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(tmp_path / "best")])
+    assert result.exit_code == 1 and "made from another config" in result.output, result.output
+    assert "seed: stored 0, now 7" in result.output and not built
+
+
 @pytest.mark.parametrize("args", [["experts", "minilm-sentiment-domains", "--steps", "0"],
                                   ["experts", "minilm-sentiment-domains", "--limit-train", "-1"],
                                   ["dashboard", "study.yaml", "--port", "0"]])

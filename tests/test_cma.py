@@ -18,7 +18,10 @@ import pytest
 from cmaes import CMAwM
 from optuna.testing.pytest_samplers import BasicSamplerTestCase, RelativeSamplerTestCase, SingleOnlySamplerTestCase
 
+from evoopt.errors import ConfigError
 from evoopt.search.cma import EvoCmaSampler, finished_generations
+from evoopt.search.samplers import make_sampler
+from evoopt.study.config import SamplerSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -223,6 +226,31 @@ def test_warm_start_moves_the_initial_mean() -> None:
     with pytest.raises(ValueError, match="warm_start_study"):
         optuna.create_study(storage=storage, sampler=EvoCmaSampler(search_space=space, warm_start_study="target",
                                                                    warm_start_gamma=0.01)).ask(space)
+
+
+def test_a_warm_start_study_missing_or_too_small_is_refused_before_the_study_is_made() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    source = optuna.create_study(study_name="source", storage=storage)
+    source.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5)
+    EvoCmaSampler(warm_start_study="source", warm_start_gamma=0.2).check_warm_start(storage)  # 5 x 0.2 = 1 trial
+    with pytest.raises(ConfigError, match=r"sampler.options.warm_start_study: 'source' has 5 finished trial\(s\); "
+                                          r"warm_start_gamma=0.1 needs at least 10"):
+        EvoCmaSampler(warm_start_study="source").check_warm_start(storage)
+    with pytest.raises(ConfigError, match=r"sampler.options.warm_start_study: no study 'sourse' in this study's "
+                                          r"storage; give the name of a study there"):
+        EvoCmaSampler(warm_start_study="sourse").check_warm_start(storage)
+    EvoCmaSampler().check_warm_start(storage)  # (none asked: nothing read)
+
+
+def test_sampler_options_are_refused_before_the_space_is_built() -> None:
+    """The space may train its experts first (minutes): a misspelt option or a bad value is refused before."""
+    def space() -> Any:
+        raise AssertionError("the space was built")
+
+    with pytest.raises(ConfigError, match=r"sampler.options: EvoCmaSampler has no option 'sigma'; it takes .*sigma0"):
+        make_sampler(SamplerSpec(name="EvoCmaSampler", options={"popsize": 8, "sigma": 0.2}), 0, space)
+    with pytest.raises(ConfigError, match=r"sigma0: must be in \(0, 1\]"):
+        make_sampler(SamplerSpec(name="EvoCmaSampler", options={"sigma0": 2.0}), 0, space)
 
 
 def test_every_finished_trial_is_told_under_parallel_workers() -> None:

@@ -326,12 +326,39 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         out.sort(key=lambda s: (s[0], s[1]))
         return [(number, x, y, restart) for _, number, x, y, restart in out]
 
+    @property
+    def warm_start_storage(self) -> str | None:
+        """The storage URL of ``warm_start_study`` where it is not this study's."""
+        return self._warm_start[1]
+
+    def check_warm_start(self, storage: optuna.storages.BaseStorage) -> None:
+        """Refuse a ``warm_start_study`` that ``storage`` (this study's, or the caller's opening of
+        ``warm_start_storage``) does not hold, or whose finished trials are too few for ``warm_start_gamma``: before
+        the study is made, not at its first trial (whose parameters its trials are matched to then)."""
+        study_name, _, gamma = self._warm_start
+        if study_name is None:
+            return
+        source = self._warm_source(study_name, storage)
+        finished = len(source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if math.floor(finished * gamma) < 1:
+            raise ConfigError(f"sampler.options.warm_start_study: {study_name!r} has {finished} finished trial(s); "
+                              f"warm_start_gamma={gamma} needs at least {math.ceil(1 / gamma)}")
+
+    def _warm_source(self, study_name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
+        try:
+            return optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            where = "warm_start_storage" if self._warm_start[1] else "this study's storage"
+            raise ConfigError(f"sampler.options.warm_start_study: no study {study_name!r} in {where}; give the name "
+                              "of a study there (`optuna studies --storage URL` lists them), or its storage as "
+                              "warm_start_storage") from None
+
     def _initial(self, study: optuna.Study, names: tuple[str, ...], dists: list[BaseDistribution]) -> Optimizer:
         mean = self._mean(names, dists)
         sigma, cov = self._sigma0, None
         study_name, storage, gamma = self._warm_start
         if study_name is not None:
-            source = optuna.load_study(study_name=study_name, storage=storage or study._storage)
+            source = self._warm_source(study_name, storage or study._storage)
             sign = -1.0 if source.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
             found = [(x, sign * t.value) for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                      if t.value is not None and (x := _encode_trial(t, names, dists)) is not None]

@@ -65,6 +65,8 @@ def make_sampler(spec: SamplerSpec, seed: int,
         options["seed"] = seed
     if space is None or not _FROM_SPACE & set(accepted):
         return _instantiate(spec, cls, options)
+    if problems := option_problems(spec):  # (the space may train its experts first, for minutes)
+        raise ConfigError(problems[0])
     built = space()
     for key, value in built.sampler_options().items():
         if key in accepted:
@@ -75,6 +77,26 @@ def make_sampler(spec: SamplerSpec, seed: int,
 
         options["x0"] = built.params(load_recipe(resolve_path(options["x0"], built.sources.root)))
     return _instantiate(spec, cls, options)
+
+
+def option_problems(spec: SamplerSpec) -> list[str]:
+    """What one of evoopt's samplers refuses in ``spec.options`` that can be told before its space is built (which
+    may train the experts first): an option it does not take, or, where it needs nothing from the space, a value
+    (a recipe file as ``x0`` is read with the space). Optuna's samplers are made without the space, at once."""
+    cls = SAMPLERS.get(spec.name)
+    if cls is None:
+        return []
+    accepted = inspect.signature(cls).parameters
+    if unknown := sorted(set(spec.options) - set(accepted)):
+        return [f"sampler.options: {spec.name} has no option {', '.join(map(repr, unknown))}; it takes "
+                f"{', '.join(sorted(set(accepted) - {'seed'}))}"]
+    if any(p.default is p.empty and n not in spec.options for n, p in accepted.items() if p.kind == p.KEYWORD_ONLY):
+        return []  # (what it needs comes from the space: the Evolver's population, M2N2's members)
+    try:
+        cls(**{k: v for k, v in spec.options.items() if not (k == "x0" and isinstance(v, str))})
+    except (TypeError, ValueError) as error:
+        return [f"sampler.options: {spec.name} does not accept these options ({error})"]
+    return []
 
 
 def _instantiate(spec: SamplerSpec, cls: Any, options: dict[str, Any]) -> optuna.samplers.BaseSampler:

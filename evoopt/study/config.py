@@ -394,16 +394,21 @@ def _space_problems(config: StudyConfig) -> list[str]:
 def _sampler_problems(config: StudyConfig) -> list[str]:
     import optuna
 
-    from evoopt.search.samplers import SAMPLERS
+    from evoopt.search.samplers import SAMPLERS, option_problems
 
     x0 = config.sampler.options.get("x0")
     problems = [f"sampler.options.x0{key and '.' + key}: must be a finite number, got {value}"
                 for key, value in _numbers(x0 if isinstance(x0, dict) else {"": x0}) if not math.isfinite(value)]
+    if isinstance(x0, str):  # (a recipe file: read when the space is built, which may first train experts)
+        from evoopt.models.io import reference_problem
+
+        if (problem := reference_problem(x0, config.root, where="sampler.options.x0")) is not None:
+            problems.append(f"sampler.options.x0: {problem}")
     if not _known(config.sampler.name, optuna.samplers) and config.sampler.name not in SAMPLERS:
         known = sorted([n for n in dir(optuna.samplers) if n.endswith("Sampler") and not n.startswith("Base")
                         and n != "PartialFixedSampler"] + list(SAMPLERS))  # (those a config cannot make)
         problems.append(f"sampler.name: unknown sampler {config.sampler.name!r}; known: {', '.join(known)}")
-    return problems
+    return problems + ([] if problems else option_problems(config.sampler))
 
 
 def _pruner_problems(config: StudyConfig) -> list[str]:
@@ -727,10 +732,13 @@ def bounds_problems(key: str, low: float, high: float) -> list[str]:
 
 def fixed_range_problems(where: str, fixed: dict[str, Any]) -> list[str]:
     """Fixed coefficients at ``where`` (``space``: ``space.fixed``) that are not finite or out of their range
-    (a number, or one per layer group: ``density: {layers.00: 0.5}``)."""
+    (a number, or one per layer group: ``density: {layers.00: 0.5, '*': 0.7}``), or per group without a ``'*'``
+    default (the merge refused it at the first tensor no pattern named, after the baselines)."""
     from evoopt.merge.recipe import range_problem
 
-    problems = []
+    problems = [f"{where}.fixed.{key}: one value per layer group needs a '*' entry, the value of every tensor no "
+                f"other pattern names (patterns given: {', '.join(map(repr, value))})"
+                for key, value in fixed.items() if isinstance(value, dict) and "*" not in value]
     for path, value in _numbers(fixed):
         key = path.partition(".")[0]
         if not math.isfinite(value):

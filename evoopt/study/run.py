@@ -48,6 +48,7 @@ from evoopt.errors import ConfigError, EvaluationError, RecipeError, WorkerError
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write, reference_problem
+from evoopt.search.cma import EvoCmaSampler
 from evoopt.search.evolver import NOT_FINITE, SlotSampler
 from evoopt.search.samplers import SHARED_SEED, base_seed, make_pruner, make_sampler
 from evoopt.study.baselines import greedy_soup, score_baselines  # noqa: F401  (greedy_soup: for evoopt.study.run users)
@@ -207,6 +208,9 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
     sampler = make_sampler(config.sampler, seed, lambda: kind.space)  # (bad options refused before any storage)
     pruner = make_pruner(config.pruner.name, config.pruner.options)
     storage = open_storage(config, kind)
+    if create and isinstance(sampler, EvoCmaSampler):  # (else found at the first trial, after the baselines)
+        other = sampler.warm_start_storage
+        sampler.check_warm_start(storage if other is None else storage_from_url(other, create=False))
     patience = time.monotonic() + 10.0
     while True:
         try:

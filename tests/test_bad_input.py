@@ -452,6 +452,27 @@ def test_the_data_rules_a_study_depends_on(stored: Stored) -> None:
 
 
 @pytest.mark.slow
+def test_a_config_problem_found_by_the_first_trial_leaves_the_name_free(stored: Stored, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config's problem the first trial finds (an lm-eval task that is not there, found as its scorer is built)
+    stops the run; the study, holding only that failed trial, is taken back so the corrected config can have the
+    name (it was kept, and the fixed config then refused as another config under a used name)."""
+    from evoopt.errors import ConfigError
+    from evoopt.study.run import run_study
+
+    def refused(self: Any, model: Any, split: str, trial: Any = None) -> Any:
+        raise ConfigError("objective.tasks[0]: no lm-eval task 'arc_easyy'")
+
+    config = parse_config(small_study_config(stored.root, stored.experts, name="first", trials=2,
+                                             storage=f"sqlite:///{tmp_path / 'first.db'}"))
+    monkeypatch.setattr(Worker, "score", refused)
+    with pytest.raises(ConfigError, match="arc_easyy"):
+        run_study(config, baselines=False)
+    with pytest.raises(KeyError):
+        optuna.load_study(study_name="first", storage=config.storage_url)
+
+
+@pytest.mark.slow
 def test_a_study_another_process_opened_is_never_taken_back(stored: Stored, tmp_path: Path) -> None:
     """The process that made a study takes it back on a refusal only while no other has opened it: a worker
     started beside it may still be loading its models."""

@@ -22,10 +22,9 @@ from evoopt.data.estimate import Estimator, fit_estimator
 from evoopt.data.outcomes import Outcomes, trial_outcomes
 from evoopt.errors import ConfigError
 from evoopt.study.config import StudyConfig
-from evoopt.study.storage import BASELINE_OUTCOMES_ATTR, baseline_outcomes
+from evoopt.study.storage import BASELINE_OUTCOMES_ATTR, PRECISION_ATTR, baseline_outcomes
 
 ESTIMATOR_ATTR = "evoopt:estimator"
-PRECISION_ATTR = "evoopt:precision"  # the bfloat16 check on the sources (objective.precision: auto)
 # the check's version: 2 where lm-eval objectives were really scored under bfloat16 (before, lm-eval switched
 # the autocast off, so an lm-eval study's check compared float32 with float32)
 PRECISION_CHECK_VERSION = 2

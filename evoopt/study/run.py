@@ -60,6 +60,7 @@ from evoopt.study.report import summary_rows, update_note
 from evoopt.study.space import Sources
 from evoopt.study.storage import (  # noqa: F401  (re-exported: where evoopt.study.run users found them)
     CONFIG_ATTR,
+    CONFIG_ERROR_ATTR,
     DATA_ATTR,
     FINISHED,
     JOINED_ATTR,
@@ -329,7 +330,8 @@ def _take_back(study: optuna.Study) -> None:
 def _unused(study: optuna.Study) -> bool:
     """Nothing run yet (:func:`holds_results`), and no other process has opened it (:data:`JOINED_ATTR`; it may
     still be loading its models)."""
-    return not holds_results(study) and JOINED_ATTR not in study._storage.get_study_system_attrs(study._study_id)
+    return not holds_results(study, precision=False) and \
+        JOINED_ATTR not in study._storage.get_study_system_attrs(study._study_id)
 
 
 @contextlib.contextmanager
@@ -457,7 +459,11 @@ class Worker:
         if self.interrupt.pending:  # (a Ctrl-C between trials: this trial fails at once, as one it would stop)
             raise KeyboardInterrupt
         with self.interrupt.inside():
-            return self._objective(trial)
+            try:
+                return self._objective(trial)
+            except ConfigError:  # (found by the trial, e.g. an lm-eval task that is not there: the run stops, and a
+                trial.set_user_attr(CONFIG_ERROR_ATTR, True)  # study holding nothing else is taken back for the fix)
+                raise
 
     def _objective(self, trial: optuna.Trial) -> float | list[float]:
         self._check_budget(trial)

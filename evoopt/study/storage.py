@@ -290,18 +290,24 @@ def _rules_read(rules: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
 
 POOL_ATTR = "evoopt:pool"  # a data-flow study's pinned trials of its pool's other studies
 START_ATTR = "start"  # the user attribute of a trial a kind enqueues at the study's start (the method search's)
+PRECISION_ATTR = "evoopt:precision"  # the bfloat16 check on the sources (objective.precision: auto; study.fitness)
+CONFIG_ERROR_ATTR = "evoopt:config_error"  # a trial failed by the config's own problem (a task that is not there)
 
 
-def holds_results(study: optuna.Study) -> bool:
+def holds_results(study: optuna.Study, *, precision: bool = True) -> bool:
     """Whether anything was recorded in the study beyond what making and opening it writes (a kind's start too:
     the method search's enqueued starts, a data-flow study's pinned pool): a trial (an enqueued one too, but for a
-    start), baselines, their outcomes, the precision check."""
+    start; not one failed by the config's own problem, which stopped the run), baselines, their outcomes, the
+    precision check (``precision``: counted; it alone is remade by the next run, from the baselines or as the
+    float32 default)."""
     system = study._storage.get_study_system_attrs(study._study_id)
     trials = [t for t in study.get_trials(deepcopy=False)
-              if not (t.state == TrialState.WAITING and START_ATTR in t.user_attrs)]
+              if not (t.state == TrialState.WAITING and START_ATTR in t.user_attrs
+                      or t.state == TrialState.FAIL and CONFIG_ERROR_ATTR in t.user_attrs)]
     return bool(trials
                 or set(study.user_attrs) - {CONFIG_ATTR, DATA_ATTR, ROOT_ATTR, SOURCES_ATTR, POOL_ATTR}
-                or set(system) - {"study:metric_names", JOINED_ATTR, WITHDRAWN_ATTR})
+                or set(system) - {"study:metric_names", JOINED_ATTR, WITHDRAWN_ATTR,
+                                  *([] if precision else [PRECISION_ATTR])})
 
 
 def check_data(study: optuna.Study, config: StudyConfig) -> None:

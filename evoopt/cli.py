@@ -272,7 +272,7 @@ def _load_study_config(path: Path, root: Path | None = None, storage: str | None
 @click.option("--n-trials", type=_COUNT, default=None, help="Run at most N trials now (default: up to the study's "
               "`trials` budget, counting the finished trials already stored).")
 @click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds, "
-              "counted after the baselines (first run), in every worker alike.")
+              "counted after the baselines (first run), in every worker alike (default: the config's `timeout`).")
 @click.option("--workers", type=_COUNT, default=1, show_default=True,
               help="Local worker processes sharing the study's storage and the machine's cores (each gets "
               "cores / N threads unless OMP_NUM_THREADS is set).")
@@ -314,9 +314,10 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     --workers, IPOP/BIPOP, sep-CMA, margin; one CMA-ES per method in a method
     search, the methods raced by successive rejects).
     Fitness: every trial keeps its per-example dev results. objective.estimate
-    {method: anchor|strata|mixture|irt|random, fraction: 0.1, references: 20,
-    confirm: 5} scores trials on a few examples fitted from the baselines (and
-    the first `references` trials, scored on all of dev) and estimates the full
+    {method: anchor|strata|mixture|irt|random, fraction: 0.1, references: 0,
+    confirm: 5} (the defaults; references: 20 is a good start) scores trials on
+    a few examples fitted from the baselines (and the first `references`
+    trials, scored on all of dev) and estimates the full
     dev score; the answer is the best of the `confirm` best estimates re-scored
     on all of dev (answer_level: 0.05, a later run, or with promote_within a
     later promoted trial, changes it only for a trial better by a paired test on
@@ -360,7 +361,8 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
 @click.option("--storage", type=_URL, default=None, help="The shared Optuna storage URL (postgresql://USER@HOST/DB, "
               "mysql://..., or journal:PATH on a shared file system); default: the config's `storage`.")
 @click.option("--n-trials", type=_COUNT, default=None, help="Run at most N trials in this worker.")
-@click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds.")
+@click.option("--timeout", type=_SECONDS, default=None, help="Stop starting new trials after this many seconds "
+              "(default: the config's `timeout`).")
 @click.option("--index", type=click.IntRange(min=0), default=None,
               help="This worker's number, which seeds samplers that draw per process (e.g. TPE); default: from the "
               "host's name and the pid (containers often share a pid). 0 also does `evoopt run`'s first duties "
@@ -482,6 +484,16 @@ def export(study: Path, which: str, out: Path, overwrite: bool, storage: str | N
     click.echo(f"exported study {config.name} to {out}: {what}")
 
 
+def _needs(command: str, *modules: str) -> None:
+    """Refuse ``command`` at once where a package of the ``eval`` extra it imports is not installed (it failed
+    with a traceback after loading the studies, or after saying it serves)."""
+    import importlib.util
+
+    if missing := [m for m in modules if importlib.util.find_spec(m) is None]:
+        raise click.ClickException(f"evoopt {command} needs {', '.join(m.replace('_', '-') for m in missing)}, "
+                                   "not installed here: pip install 'evoopt[eval]'")
+
+
 @main.command()
 @click.argument("studies", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/compare"),
@@ -501,6 +513,7 @@ def compare(studies: tuple[Path, ...], out: Path, storage: str | None) -> None:
     from evoopt.study.config import StudyConfig
     from evoopt.study.report import compare_studies
 
+    _needs("compare", "matplotlib", "plotly")
     configs = [_load_study_config(p, storage=storage) for p in studies]  # (--storage: one for every study)
     rows, files = compare_studies([c for c in configs if isinstance(c, StudyConfig)], out)
     table = Table(title="evoopt compare")
@@ -534,6 +547,7 @@ def dashboard(study: Path, host: str, port: int, storage: str | None) -> None:
     from evoopt.study.report import dashboard_command, serve_dashboard
     from evoopt.study.storage import load_study, read_storage
 
+    _needs("dashboard", "optuna_dashboard")
     config = _load_study_config(study, storage=storage)
     assert isinstance(config, StudyConfig)
     opened = read_storage(config)  # once: checked, then served

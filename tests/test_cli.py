@@ -269,6 +269,21 @@ def test_the_demo_refuses_an_edited_config_of_a_stored_study_before_training_its
     assert "seed: stored 0, now 7" in result.output and not built
 
 
+@pytest.mark.parametrize(("command", "missing"), [("dashboard", "optuna_dashboard"), ("compare", "plotly")])
+def test_a_command_whose_optional_package_is_missing_says_how_to_install_it(
+        command: str, missing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It failed with an ImportError traceback, after loading the studies (compare) or after saying it serves
+    (dashboard)."""
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else found(name, *a))
+    result = CliRunner().invoke(main, [command, str(tmp_path / "nowhere.yaml")])
+    assert result.exit_code == 1, result.output
+    assert f"evoopt {command} needs {missing.replace('_', '-')}, not installed here: pip install 'evoopt[eval]'" \
+        in result.output
+
+
 @pytest.mark.parametrize("args", [["experts", "minilm-sentiment-domains", "--steps", "0"],
                                   ["experts", "minilm-sentiment-domains", "--limit-train", "-1"],
                                   ["dashboard", "study.yaml", "--port", "0"]])

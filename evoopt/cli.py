@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -336,11 +335,11 @@ def run(study: Path, n_trials: int | None, timeout: float | None, workers: int, 
     from rich.console import Console
 
     from evoopt.study.config import StudyConfig
-    from evoopt.study.run import WORKER_STORAGE_ENV, run_study
+    from evoopt.study.run import WORKER_STORAGE_ENV, from_parent, run_study
 
     # a local worker of run --workers N is given the storage URL in its environment, not in the config file it
     # reads (which would keep a database password on disk)
-    config = _load_study_config(study, root, storage or os.environ.get(WORKER_STORAGE_ENV))
+    config = _load_study_config(study, root, storage or from_parent(WORKER_STORAGE_ENV))
     assert isinstance(config, StudyConfig)
     console = Console(stderr=True)
     if quiet:  # a worker process of `--workers N` is given its --worker-index: its parent reports

@@ -143,3 +143,16 @@ def test_killed_five_times_at_random_moments_the_study_loses_nothing(llama_famil
 
 def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="tiny-evolver", storage=storage).get_trials()
+
+
+def test_the_workers_environment_is_read_only_by_run_workers_own_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EVOOPT_WORKER_STORAGE / EVOOPT_TRIAL_TARGET left in a user's shell redirected a plain run's storage, or
+    lowered its budget (or, not a number, failed with a ValueError)."""
+    from evoopt.study.run import _LOCAL_WORKER_ENV, _TARGET_ENV, WORKER_STORAGE_ENV, from_parent
+
+    monkeypatch.setenv(WORKER_STORAGE_ENV, "sqlite:///elsewhere.db")
+    monkeypatch.setenv(_TARGET_ENV, "abc")
+    monkeypatch.delenv(_LOCAL_WORKER_ENV, raising=False)
+    assert from_parent(WORKER_STORAGE_ENV) is None and from_parent(_TARGET_ENV) is None
+    monkeypatch.setenv(_LOCAL_WORKER_ENV, "1")
+    assert from_parent(WORKER_STORAGE_ENV) == "sqlite:///elsewhere.db"

@@ -262,6 +262,12 @@ _log = logging.getLogger(__name__)
 _LOCAL_WORKER_ENV = "EVOOPT_LOCAL_WORKER"  # set for run --workers' processes: their parent waits for them
 WORKER_STORAGE_ENV = "EVOOPT_WORKER_STORAGE"  # run --workers' processes: the study's storage URL
 _TARGET_ENV = "EVOOPT_TRIAL_TARGET"  # run --workers' processes: the finished trials their parent allowed in all
+
+
+def from_parent(name: str) -> str | None:
+    """What ``run --workers`` gave its worker processes in environment variable ``name``; None in any other process
+    (a variable left in a user's shell redirected a plain run's storage, or lowered its budget)."""
+    return os.environ.get(name) if os.environ.get(_LOCAL_WORKER_ENV) else None
 _IDLE_TRIALS = 3  # trials in a row that failed, none finishing, before a worker stops
 
 
@@ -565,7 +571,7 @@ def _run(config: StudyConfig, study: optuna.Study, kind: Kind, *, n_trials: int 
     before = finished_trials(study)
     # the study's budget now: config.trials, or (a local worker of run --workers N --n-trials M) the finished trials
     # its parent allowed in all, shared by its workers (each one was given M: N x M ran)
-    budget = min(config.trials, int(os.environ.get(_TARGET_ENV) or config.trials))
+    budget = min(config.trials, int(from_parent(_TARGET_ENV) or config.trials))
     remaining = max(0, budget - before)
     if n_trials is not None:
         remaining = min(remaining, n_trials)

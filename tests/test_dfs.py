@@ -113,6 +113,27 @@ def test_indicators_and_scaling_matrix_decode_to_a_path_by_hand() -> None:
         decode_path([1.0] * 8, scales[:4], [2, 2])
 
 
+def test_a_pool_of_other_layer_settings_is_refused() -> None:
+    """A path runs every layer with pool[0]'s config: models of one width but other layer shapes ran until the
+    export failed; other rotary or norm settings ran silently with pool[0]'s. GPT-2's per-index attention scale
+    moves with a layer's place on the path (and the export rebuilt it from the new index)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config()).eval()
+    for change in ({"intermediate_size": 48}, {"rms_norm_eps": 1e-5}, {"num_key_value_heads": 4}):
+        other = LlamaForCausalLM(tiny_llama_config(**change)).eval()
+        key = next(iter(change))
+        with pytest.raises(ValueError, match=rf"pool: the models' {key} differ \(pool\[0\]: .*, pool\[1\]: .*\); "
+                                             "a path runs every layer with the first model's settings"):
+            path_model([base, other], PATH)
+    path_model([base, LlamaForCausalLM(tiny_llama_config()).eval()], PATH)
+    scaled = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx is set"):
+        path_model([GPT2LMHeadModel(scaled).eval()] * 2, PATH)
+
+
 def test_gpt2_paths_match_a_materialised_model_with_and_without_cache(tmp_path: Path) -> None:
     """GPT-2 keeps its blocks in transformer.h and adds positions before them: the same path model works."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel

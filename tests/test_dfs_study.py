@@ -66,6 +66,24 @@ def test_the_space_starts_at_a_s_own_path_and_scales_only_changes_of_model(famil
     assert isinstance(binary.distributions["I.000"], optuna.distributions.IntDistribution)
 
 
+@pytest.mark.slow
+def test_a_path_with_no_layer_fails_as_never_better(family: list[Path], tmp_path: Path) -> None:
+    """An all-off sample has no model to score: it fails marked as never better, so CMA-ES is told it as the worst
+    and learns to leave the region (failed unmarked, it was a crash CMA-ES never heard of)."""
+    from evoopt.errors import EvaluationError
+    from evoopt.search.evolver import rejected
+
+    kind = make_kind(_config(family, tmp_path))
+    space = kind.space
+    study = optuna.create_study()
+    study.enqueue_trial({**space.identity(), **{n: -1.0 for n in space.distributions if n.startswith("I.")}})
+    trial = study.ask()
+    with pytest.raises(EvaluationError, match="no slot is on the path"):
+        kind.candidate(trial)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert rejected(study.trials[0])
+
+
 def test_dfs_config_problems_are_named(tmp_path: Path) -> None:
     base = {"name": "x", "sources": {"models": ["a", "b"], "tasks": ["sms-spam"]}}
     cases = [
@@ -81,6 +99,9 @@ def test_dfs_config_problems_are_named(tmp_path: Path) -> None:
         ({"space": {"kind": "dfs", "binary": True}, "objective": {"kind": "lm-eval"},
           "sampler": {"name": "EvoCmaSampler", "options": {"separable": True}}},
          "no separable form of"),  # (sep-CMA rounded the 0/1 indicators without margin, silently)
+        ({"space": {"kind": "dfs", "binary": True}, "objective": {"kind": "lm-eval"},
+          "sampler": {"name": "EvoCmaSampler", "options": {"with_margin": False}}},
+         "0/1 indicators need CMA-ES with margin"),  # (plain CMA-ES was told the rounded bits)
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):

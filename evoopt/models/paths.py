@@ -104,6 +104,12 @@ def decoder_layers(model: torch.nn.Module, label: str = "model") -> torch.nn.Mod
     return layers
 
 
+# a decoder layer's shapes and arithmetic, set by its model's config: pool models must agree on each
+LAYER_SETTINGS = ("model_type", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "hidden_act", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rope_scaling",
+                  "rope_parameters", "attention_bias", "mlp_bias", "scale_attn_by_inverse_layer_idx")
+
+
 def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
     """A model of ``pool[0]``'s class running ``path``; it shares every weight with the pool.
 
@@ -118,6 +124,14 @@ def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
     sizes = {i: c.hidden_size for i, c in enumerate(configs)}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"pool: hidden sizes differ ({sizes}); a path can only join models of one width")
+    for key in LAYER_SETTINGS:  # (the path model, and its export, are built from pool[0]'s config)
+        if len({repr(getattr(c, key, None)) for c in configs}) > 1:
+            found = ", ".join(f"pool[{i}]: {getattr(c, key, None)!r}" for i, c in enumerate(configs))
+            raise ValueError(f"pool: the models' {key} differ ({found}); a path runs every layer with the first "
+                             "model's settings: give models of one architecture")
+    if getattr(first.config, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("pool: scale_attn_by_inverse_layer_idx is set (GPT-2): a layer's attention scale depends "
+                         "on its index, which a path changes (and the exported model would rebuild)")
     for t, (m, layer) in enumerate(path.hops):
         if not 0 <= m < len(pool):
             raise ValueError(f"hops[{t}]: model {m} is not in the pool (0..{len(pool) - 1})")

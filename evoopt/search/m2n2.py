@@ -11,8 +11,9 @@ Read from the authors' released code (github.com/SakanaAI/natural_niches, ``natu
   alpha = 0 is plain accuracy. Where z_j = 0 the divisor is 1 (the code; the paper writes z + eps).
   Deliberate extension for several tasks (the paper has one): each example's share is weighted by
   c_j = (w_t / sum w) / n_t for its task t of n_t examples (``objective.weights``, else 1), so that at
-  alpha = 0 the fitness is the study's own value, the (weighted) mean of the tasks' scores, and a large
-  task does not outweigh the others by its size.
+  alpha = 0 the fitness is the (weighted) mean of the tasks' mean per-example results (the study's own value for
+  right-or-wrong outcomes; for perplexity the mean likelihood exp(-nll / tokens), not the token-weighted
+  perplexity; for macro-F1 the accuracy), and a large task does not outweigh the others by its size.
 - **Attraction** (:func:`pick_parents`): the first parent A is drawn with probability f_A / sum f; the
   second, B, with probability proportional to g_B = sum_j max(0, S[B, j] - S[A, j]) / z_j^alpha, its
   strength where A is weak. Deliberate addition: where A is at least as good as every member on every
@@ -199,6 +200,10 @@ def resources(outcomes: Sequence[Outcomes],
             for r in rows:
                 r[-1] = np.exp(-r[-1] / scale)
     scores = np.vstack([np.concatenate(r) if r else np.zeros(0) for r in rows]) if rows else np.zeros((0, 0))
+    if scores.size and not scores.min() >= 0:  # (a share of a negative result: fitness, and the draws, undefined)
+        raise ConfigError(f"objective: M2N2's competition shares each example among the members by their results, "
+                          f"which must be >= 0 (correctness, a likelihood, a score in [0, 1]); this metric gave "
+                          f"{scores.min():g}: use another metric, or another space.kind")
     return scores, np.concatenate(weights) if weights else np.zeros(0)
 
 
@@ -308,7 +313,8 @@ class M2N2Sampler(SlotSampler):
             full, then replace the least fit when fitter.
         brood: children per generation, drawn from the same archive (1: the paper's steady state; more lets
             as many workers run at once).
-        alpha: the competition's exponent (1: the paper; 0: the study's value, the tasks' (weighted) mean).
+        alpha: the competition's exponent (1: the paper; 0: the tasks' (weighted) mean of per-example results,
+            the study's value for accuracy).
         attract: draw the second parent by attraction (False: by fitness, the paper's ablation).
         interpolation: ``slerp`` (the code's) or ``linear``.
         task_weights: the tasks' weights in the competition (the study engine passes ``objective.weights``;

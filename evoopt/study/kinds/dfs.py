@@ -15,6 +15,7 @@ from evoopt.errors import ConfigError, EvaluationError
 from evoopt.merge.merger import DTYPES
 from evoopt.models.io import card_header
 from evoopt.models.paths import LayerPath, export_path, path_model, path_parameters
+from evoopt.search.evolver import NOT_FINITE
 from evoopt.study.config import StudyConfig, bounds_problems, changed_keys
 from evoopt.study.kinds.base import Kind, Progress
 from evoopt.study.space import DfsSpace
@@ -50,6 +51,11 @@ class DfsKind(Kind[DfsSpace]):
             problems.append("space.binary / sampler.options.separable: 0/1 indicators are searched by CMA-ES with "
                             "margin, which the cmaes library has no separable form of (sep-CMA would round them "
                             "without it); set separable: false, or binary: false")
+        elif space.binary and config.sampler.name == "EvoCmaSampler" and \
+                config.sampler.options.get("with_margin") is False:
+            problems.append("space.binary / sampler.options.with_margin: 0/1 indicators need CMA-ES with margin "
+                            "(without it, CMA-ES is told the rounded bits and its step size collapses on them); "
+                            "remove with_margin: false, or set binary: false")
         if len(space.pool) == 1 and space.repeats == 1:
             problems.append("space.pool / space.repeats: one model laid out once can only drop layers; "
                             "give a second model or repeats > 1")
@@ -84,8 +90,9 @@ class DfsKind(Kind[DfsSpace]):
     def candidate(self, trial: optuna.Trial) -> tuple[torch.nn.Module, float]:
         try:
             path = self.space.suggest(trial)
-        except ValueError as error:  # e.g. no slot on the path
-            trial.set_user_attr("fail_reason", str(error))
+        except ValueError as error:  # e.g. no slot on the path: never better, so told to CMA-ES as the worst (it
+            trial.set_user_attr("fail_reason", str(error))  # learns to leave the region; a crash teaches nothing)
+            trial.set_user_attr(NOT_FINITE, True)
             raise EvaluationError(f"trial {trial.number}: {error}") from None
         trial.set_user_attr("path", self.space.describe(path))
         trial.set_user_attr("path_length", len(path.hops))

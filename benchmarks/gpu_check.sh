@@ -5,7 +5,8 @@
 # logs.tar.gz with each part's log (the parts' files stay out of OUT_DIR: a lent GPU machine sends back at most 8).
 #   1. merge: the GPU path (state on the GPU, torch kernels) on 3 x 1.5B bfloat16 experts, TIES and DARE-TIES
 #      per candidate against the GPU's own measured copy bandwidth (benchmarks/merge_scale.py --device cuda);
-#   2. methods: every merge method once on CUDA tensors against the same merge on the CPU (benchmarks/gpu_methods.py);
+#   2. methods: every merge method once on CUDA tensors against the same merge on the CPU, and a trial's merge (the
+#      GPU path's merge_prepared, its grid sorted on the GPU) against the CPU's bytes (benchmarks/gpu_methods.py);
 #   3. the main job's trials per hour and the trial overhead ratio on the GPU, its evaluation batches sized to the
 #      GPU (objective.batch_size: auto; benchmarks/trial_overhead.py). Where EXPERTS_DONE names a file, this part
 #      first waits for it to exist (at most 300 s): gpu_bundle.sh's runner trains the experts beside parts 1 and 2;
@@ -79,10 +80,18 @@ def figure(read):  # one summary figure; None where its part failed or lacks it
 result["summary"] = {
     "merge_ratio_to_bound": figure(lambda: {k: v["ratio_to_bound"] for k, v in merge.items()
                                             if isinstance(v, dict) and "ratio_to_bound" in v} or None),
-    "methods_failed_on_gpu": figure(lambda: [k for k, v in methods.items() if not v.get("ok")]
+    "methods_failed_on_gpu": figure(lambda: [k for k, v in methods.items() if not v.get("ok")
+                                             and v.get("failed_on") != "cpu"] if "failed" not in methods else None),
+    "methods_failed_on_cpu": figure(lambda: [k for k, v in methods.items() if v.get("failed_on") == "cpu"]
                                     if "failed" not in methods else None),
     "methods_max_difference_to_cpu": figure(lambda: max(v["max_abs_difference_to_cpu"] for v in methods.values()
-                                                        if v.get("ok"))),
+                                                        if v.get("ok") and "max_abs_difference_to_cpu" in v)),
+    "methods_not_identical_to_cpu": figure(lambda: [k for k, v in methods.items() if v.get("ok")
+                                                    and v.get("identical_to_cpu") is False]),
+    "fast_path_identical_to_cpu": figure(lambda: {k.removeprefix("fast path "): v.get("ok") and all(
+        x is True for x in [v.get("grid_sorted_on_device_identical"),
+                            *(s.get("identical_to_cpu") for s in v.values() if isinstance(s, dict))])
+        for k, v in methods.items() if k.startswith("fast path ")} or None),
     "trials_per_hour": figure(lambda: 3600 / overhead["median_trial_wall_s"]),
     "trial_overhead_ratio": figure(lambda: overhead["ratio"]),
     "eval_batch_size": figure(lambda: overhead["batch_size"]),
@@ -108,14 +117,14 @@ part merge 210 "$py" benchmarks/merge_scale.py --device cuda --configs "ties in 
     --skip-mergekit --skip-trial --candidates 5 --workdir "$work/scale" --json "$logs/merge.json" \
     ${SMOLLM2_DIR:+--tokenizer "$SMOLLM2_DIR"}
 rm -rf "$work/scale"
-part methods 45 "$py" benchmarks/gpu_methods.py "$logs/methods.json"
+part methods 60 "$py" benchmarks/gpu_methods.py "$logs/methods.json"
 if [ -n "${EXPERTS_DONE:-}" ]; then
     for _ in $(seq 300); do [ -e "$EXPERTS_DONE" ] && break; sleep 1; done
     echo "experts: $(cat "$EXPERTS_DONE" 2>/dev/null || echo 'not done after 300 s')"
 fi
 part overhead 120 "$py" benchmarks/trial_overhead.py --device cuda --batch-size auto --trials 10 --repeats 1 \
     --json "$logs/overhead.json"
-part lm_eval 90 "$py" - "$logs/lm_eval.json" <<'PY'
+part lm_eval 75 "$py" - "$logs/lm_eval.json" <<'PY'
 import importlib.util, json, os, sys, tempfile, time
 from pathlib import Path
 import torch

@@ -27,6 +27,7 @@ from evoopt.merge._pieces import (
     compute_dtype,
     dare_mask,
     disjoint_sum,
+    divide,
     elect_sign,
     in_window,
     sparsify_mask,
@@ -70,7 +71,7 @@ def linear(
         total = math.fsum(weights)
         if sums_to_zero(weights):
             raise ValueError(f"weights: sum to {total}; a normalized average needs a nonzero sum")
-        result = result / torch.tensor(weights, dtype=dtype).sum()
+        result = divide(result, float(torch.tensor(weights, dtype=dtype).sum()))  # (on CUDA as on the CPU)
     return result.to(tensors[0].dtype)
 
 
@@ -588,7 +589,7 @@ def _weighted_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor],
 
 def _mean_delta(base: torch.Tensor, deltas: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
     """What the SVD methods do with tensors that are not matrices (biases, norms): the mean task vector."""
-    mixed = sum(deltas[1:], deltas[0]) / len(deltas)
+    mixed = divide(sum(deltas[1:], deltas[0]), len(deltas))
     return (base.to(mixed.dtype) + scale * mixed).to(base.dtype)
 
 

@@ -29,6 +29,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def divide(tensor: torch.Tensor, by: float) -> torch.Tensor:
+    """``tensor / by`` as the CPU computes it, on any device: CUDA divides by a host scalar as a product with its
+    reciprocal, a bit off the quotient; by a tensor on the device (filled there, no copy), it divides."""
+    return tensor / torch.full((), by, dtype=torch.promote_types(tensor.dtype, torch.float32), device=tensor.device)
+
+
 def stream_key(seed: int, name: str, model_index: int = 0) -> int:
     """A 64-bit key for the random stream of one (seed, tensor name, model) triple.
 
@@ -222,4 +228,4 @@ class MagnitudeRanks:
 
     def spread(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """r / (n - 1) in [0, 1] in ``dtype`` (0.5 for a row of one entry): :func:`magnitude_spread`."""
-        return self.unsigned().to(dtype).div_(self.span)
+        return divide(self.unsigned().to(dtype), self.span)  # (on CUDA too: DELLA's p, so its mask)

@@ -665,3 +665,38 @@ def test_merges_make_their_tensors_on_the_inputs_device(name: str) -> None:
     prepared = method.prepare(base, experts) if method.prepare else None
     merged = method.apply(base, experts, coefficients, name="w", statistics=fishers, prepared=prepared)
     assert merged.device == meta and merged.shape == (6, 5)
+
+
+def test_divisions_on_a_device_are_by_a_tensor_there() -> None:
+    """CUDA divides by a host scalar (a Python number, a CPU 0-dim tensor) as a product with its reciprocal, a bit
+    off the CPU's quotient: DELLA's drop probabilities, so its masks, the normalized linear merge and the SVD
+    methods' mean task vector differed from the CPU's. On meta tensors (no values), every division of a floating
+    tensor off the CPU is recorded: none may be by a host scalar. And ``divide`` is the CPU's division, byte for
+    byte."""
+    from torch.overrides import TorchFunctionMode
+
+    from evoopt.merge._pieces import divide
+
+    divisions = (torch.Tensor.div, torch.Tensor.div_, torch.Tensor.__truediv__, torch.div, torch.true_divide)
+
+    class HostDivisors(TorchFunctionMode):
+        found: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func in divisions and len(args) >= 2 and isinstance(args[0], torch.Tensor) and \
+                    args[0].device.type != "cpu" and args[0].is_floating_point() and \
+                    (not isinstance(args[1], torch.Tensor) or args[1].device.type == "cpu"):
+                self.found.append(f"{func.__name__} by {args[1]!r}")
+            return func(*args, **(kwargs or {}))
+
+    meta = torch.device("meta")
+    base, experts = torch.randn(6, 5).to(meta), [torch.randn(6, 5).to(meta) for _ in range(3)]
+    with HostDivisors() as mode:
+        M.linear(experts, weights=[0.5, 0.3, 0.4], normalize=True)
+        M.della(base, experts, weights=[1.0] * 3, densities=[0.5] * 3, epsilons=[0.1] * 3)
+        M.tsv_merge(base[0], [e[0] for e in experts], weights=[1.0] * 3)
+    assert mode.found == []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        t = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+        for by in (3.0, 7, 0.1):
+            assert divide(t, by).dtype == dtype and torch.equal(divide(t, by), t / by)

@@ -208,6 +208,22 @@ def test_the_gpu_paths_torch_merge_gives_the_kernels_bytes(seed: int, n: int, w:
 
 
 @pytest.mark.parametrize("n", [4096, 40_000])
+def test_the_gpu_paths_grid_sorted_by_torch_is_the_same_grid(n: int) -> None:
+    """The GPU path sorts each row's magnitudes on its device (``sort_on``: a stable sort, (magnitude, index) order
+    itself) where the CPU sorts the magnitudes alone and finds the tied entries' indices in one more pass: here on
+    CPU tensors, the same grid for the float32, stored and streamed states, on heavily tied bfloat16 task vectors."""
+    base, xs = _tensors(2, n, 3, torch.bfloat16, spread=0.01)
+    for build in (lambda **k: PreparedTensor.build("w", base, xs, magnitudes=True, **k),
+                  lambda **k: PreparedTensor.build("w", base, xs, magnitudes=True, keep_dtype=True, **k),
+                  lambda **k: PreparedTensor.streamed("w", base, xs, magnitudes=True, **k)):
+        numpy_sorted, torch_sorted = build(), build(sort_on=torch.device("cpu"))
+        assert torch_sorted.grid_values is not None and torch_sorted.grid_indices is not None
+        assert np.array_equal(torch_sorted.grid_values, numpy_sorted.grid_values)
+        assert np.array_equal(torch_sorted.grid_indices, numpy_sorted.grid_indices)
+        assert torch_sorted.grid_indices.dtype == numpy_sorted.grid_indices.dtype
+
+
+@pytest.mark.parametrize("n", [4096, 40_000])
 def test_a_cut_among_tied_magnitudes_keeps_exactly_its_count(n: int) -> None:
     """bfloat16 task vectors take few distinct magnitudes: keeping every entry tied at the cut kept 0.327 of a 256 x
     256 tensor at density 0.2 (mergekit's topk: 0.200). A cut is a rank in the order of (magnitude, index): the

@@ -89,7 +89,7 @@ def auto_batch_size(model: torch.nn.Module | None, tokenizer: Any, device: torch
         try:
             model(**{k: v.to(where) for k, v in inputs.items()})
             return True
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError itself from torch 2.5; this name since 1.13)
             return False
         finally:
             torch.cuda.empty_cache()

@@ -143,7 +143,7 @@ class Evaluator:
                 result: Scores = scorer.scores(model)
                 return result
             return self._staged(scorer, model, trial, rival)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError itself from torch 2.5; this name since 1.13)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             cut = "" if self.config.objective.kind == "lm-eval" else " or objective.max_length"  # (lm-eval: prompts

@@ -291,13 +291,36 @@ def answer_lines(study: optuna.Study, name: str) -> list[str]:
 
 
 def scratch_folder(kind: Kind, prefix: str) -> Path:
-    """A temporary folder in the study's artifacts folder, removed with the kind (memory-mapped individuals)."""
+    """A temporary folder in the study's artifacts folder, removed with the kind (memory-mapped individuals). Its
+    name says the host and process that made it: one a killed process left (N x the model's size on disk) is
+    removed by the next process on that host to make one (never another host's, on a shared folder)."""
+    import os
+    import shutil
+    import socket
     import tempfile
 
     kind.config.artifact_dir.mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.TemporaryDirectory(prefix=prefix, dir=kind.config.artifact_dir)
+    host = socket.gethostname().replace("-", "_")
+    for left in kind.config.artifact_dir.glob(f"{prefix}{host}-*-*"):
+        pid = left.name.removeprefix(f"{prefix}{host}-").partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    scratch = tempfile.TemporaryDirectory(prefix=f"{prefix}{host}-{os.getpid()}-", dir=kind.config.artifact_dir)
     kind._scratch = scratch  # type: ignore[attr-defined]  # (kept alive as long as the kind)
     return Path(scratch.name)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user's counts as running)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _paired(sampler: optuna.samplers.BaseSampler) -> EvolverSampler | None:

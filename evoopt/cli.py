@@ -209,7 +209,7 @@ def demo(ctx: click.Context, study: Path, out: Path, overwrite: bool) -> None:
     from evoopt.data.experts import build_setting
     from evoopt.models.io import check_writable
     from evoopt.study.config import StudyConfig
-    from evoopt.study.run import export_described
+    from evoopt.study.run import check_sources, export_described
     from evoopt.study.storage import check_stored
 
     if not study.exists() and study == DEMO_STUDY:
@@ -220,6 +220,7 @@ def demo(ctx: click.Context, study: Path, out: Path, overwrite: bool) -> None:
     config = _load_study_config(study)
     assert isinstance(config, StudyConfig)
     check_stored(config)  # (a stored study this config would be refused by: refused before the experts are trained)
+    check_sources(config)
     started = time.perf_counter()
     if config.setting is not None:  # (a study of the user's own sources has no experts to build)
         with Bars(Console(stderr=True)) as bars:

@@ -29,7 +29,7 @@ from evoopt.errors import ConfigError
 from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import parse_recipe
 from evoopt.study.config import parse_config
-from evoopt.study.run import Worker, export_trial, open_study, run_baselines, run_study
+from evoopt.study.run import Worker, check_sources, export_trial, open_study, run_baselines, run_study
 from tests.helpers.models import save_family, tiny_llama_config
 from tests.helpers.studies import small_study_config
 
@@ -257,6 +257,10 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException], str]] = [
     ("an x0 recipe file that is not there", lambda s, t, m: _study(s, sampler={
         "name": "EvoCmaSampler", "options": {"x0": "start.yaml"}}),
      ValueError, r"sampler.options.x0: .*start.yaml: no such file or folder; check the path in sampler.options.x0"),
+    ("a max_length beyond the models' positions", lambda s, t, m: check_sources(_study(s, name="long", **{
+        "objective.max_length": 100_000})),
+     ValueError, r"objective.max_length: 100000 tokens, but .* has \d+ positions \(max_position_embeddings\): set "
+                 r"objective.max_length to at most \d+"),
     ("unknown corpus", lambda s, t, m: _study(s, **{"sources.tasks": ["vader-tweets", "vader-nytimes"]}),
      ValueError, r"sources.tasks\[1\]: unknown corpus 'vader-nytimes'; known: .*vader-nyt"),
     ("unknown expert", lambda s, t, m: _study(s, **{"sources.models": ["expert:minilm-sentiment-domains/nyt",

@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 
 from evoopt.data.objective import Scores
 from evoopt.data.outcomes import Outcomes
-from evoopt.errors import ConfigError, EvaluationError, RecipeError, WorkerError, problems
+from evoopt.errors import ConfigError, EvaluationError, EvooptError, RecipeError, WorkerError, problems
 from evoopt.merge.merger import pick_device
 from evoopt.merge.recipe import Recipe
 from evoopt.models.io import atomic_write, reference_problem
@@ -111,6 +111,9 @@ def check_sources(config: StudyConfig) -> None:
     """The paths of a study's own sources, checked before anything is built, stored or scored, and named by their
     keys in the study config (they were found when the baselines' first recipe opened them, as ``models[0].model``
     of a recipe the user never wrote). ``expert:`` references are the config's own check."""
+    if (problem := _positions_problem(config)) is not None:
+        check_stored(config)
+        raise problems(ConfigError, config.source, [problem])
     if config.sources is None:
         return
     found = [f"{key}: {problem}" for key, reference in config.sources.references()
@@ -123,6 +126,35 @@ def check_sources(config: StudyConfig) -> None:
     if found:
         check_stored(config)  # (a stored study that will be refused anyway, by its config or data rules, says so)
         raise problems(ConfigError, config.source, found)
+
+
+def _positions_problem(config: StudyConfig) -> str | None:
+    """An ``objective.max_length`` beyond a source's positions (``max_position_embeddings``, GPT-2's
+    ``n_positions``), read from its config.json (an ``expert:`` model's: its setting's base): evoopt's scorer pads
+    and cuts texts to max_length, and a model of learned positions then failed with an IndexError while scoring."""
+    from evoopt.data.settings import SETTINGS, expert_setting
+    from evoopt.models.io import resolve_path
+
+    if config.objective.kind != "dev":  # (lm-eval scores whole prompts: max_length cuts nothing)
+        return None
+    references = [r for _, r in config.sources.references()] if config.sources is not None else []
+    if config.setting in SETTINGS:
+        references.append(SETTINGS[config.setting].base)
+    for reference in dict.fromkeys(references):
+        if (setting := expert_setting(reference)) is not None:
+            if setting not in SETTINGS:
+                continue  # (named by the config's own check)
+            reference = SETTINGS[setting].base
+        try:
+            path = resolve_path(reference, config.root)
+            settings = json.loads(((path if path.is_dir() else path.parent) / "config.json").read_text())
+        except (OSError, ValueError, EvooptError):
+            continue  # (a missing model, or no config: named elsewhere)
+        positions = settings.get("max_position_embeddings") or settings.get("n_positions")
+        if isinstance(positions, int) and config.objective.max_length > positions:
+            return (f"objective.max_length: {config.objective.max_length} tokens, but {reference} has {positions} "
+                    f"positions (max_position_embeddings): set objective.max_length to at most {positions}")
+    return None
 
 
 def _model_problem(config: StudyConfig, reference: str, *, base: bool) -> str | None:

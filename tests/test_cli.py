@@ -233,6 +233,10 @@ def test_the_demo_builds_only_its_settings_experts_and_says_where_to_run_it(
     study.write_text(yaml.safe_dump({"name": "d", "artifacts": str(tmp_path / "out"),
                                      "sources": {"base": "b", "models": ["m1", "m2"], "tasks": ["sms-spam"]}}))
     result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(tmp_path / "best")])
+    assert result.exit_code == 1 and "sources.base: " in result.output, result.output  # (checked before anything)
+    for name in ("b", "m1", "m2"):
+        (tmp_path / name).mkdir()
+    result = CliRunner().invoke(main, ["demo", "--study", str(study), "--out", str(tmp_path / "best")])
     assert result.exit_code == 0 and not built, result.output
     # a folder of the user's is not replaced unasked (--out studies deleted the study configs), refused before
     # anything runs

@@ -446,7 +446,7 @@ def convert_gguf(path: Path) -> Path:
 
 
 def atomic_write(path: Path, content: str | Callable[[Path], None]) -> Path:
-    """Write a file through a temporary one in the same folder, then rename: readers never see half a file.
+    """Write a file through a temporary one in the same folder, synced, then rename: readers never see half a file.
 
     ``content``: the text, or a function that writes the file it is given (a plot, a table).
     """
@@ -460,6 +460,8 @@ def atomic_write(path: Path, content: str | Callable[[Path], None]) -> Path:
             tmp.write_text(content)
         else:
             content(tmp)
+        with tmp.open("rb") as written:  # (on disk before the rename: a crash after it never leaves an empty file)
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from evoopt.errors import ModelSourceError
 from evoopt.merge.recipe import RecipeError, load_recipe, parse_recipe, tensor_group
 
 
@@ -66,6 +67,22 @@ def test_calibration_texts_that_cannot_be_read_say_why(tmp_path: Path, make: Any
                            "calibration": {"texts": "texts.txt"}}, root=tmp_path)
     with pytest.raises(RecipeError, match=f"calibration.texts: .*{message}"):
         calibration_batches(recipe, tmp_path)
+
+
+def test_missing_calibration_texts_are_named_before_any_source_is_opened(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The texts were read after the models were opened and the target loaded (an expert: trained first)."""
+    import evoopt.merge.merger as merger
+
+    opened: list[Any] = []
+    monkeypatch.setattr(merger, "open_source", lambda path: opened.append(path))
+    for name in ("a", "c"):
+        (tmp_path / name).mkdir()
+    recipe = parse_recipe({"method": "fisher", "models": [{"model": "a"}, {"model": "c"}],
+                           "calibration": {"texts": "texts.txt"}}, root=tmp_path)
+    with pytest.raises(ModelSourceError, match=r"calibration.texts: .*texts.txt does not exist"):
+        merger._open_sources(recipe)
+    assert not opened
 
 
 def test_coefficients_in_range_alone_but_not_together_are_refused_with_the_recipe() -> None:

@@ -432,6 +432,10 @@ def _open_sources(recipe: Recipe) -> tuple[list[TensorSource], TensorSource | No
     every = references + ([("base", recipe.base)] if recipe.base else [])
     unopened = [(where, problem) for where, reference in every
                 if (problem := reference_problem(reference, recipe.root)) is not None]
+    if recipe.calibration is not None and not (texts := resolve_path(recipe.calibration.texts, recipe.root)).is_file():
+        unopened.append(("calibration.texts", f"{texts} " + ("is a folder; give a text file, one text a line"
+                                                             if texts.is_dir() else "does not exist")))  # (read after
+        # the models were opened and the target loaded: an expert trained first)
     for where, reference in every if not unopened else []:
         if unopened and registered_scheme(reference) is not None:
             continue

@@ -67,11 +67,13 @@ class Merger:
         progress: called as ``progress(stage, done, total)`` during long steps.
         model: the model to merge into (another Merger's, over the same sources: a method search keeps
             one evaluation model for all its methods); default: loaded here.
+        gpu_share: on the GPU path, the share of the GPU's free memory the state may take (else it stays in
+            host memory); a method search's Mergers share :data:`GPU_SHARE` among them.
     """
 
     def __init__(self, recipe: Recipe, *, progress: Progress | None = None,
-                 model: PreTrainedModel | None = None) -> None:
-        self.recipe = recipe
+                 model: PreTrainedModel | None = None, gpu_share: float = GPU_SHARE) -> None:
+        self.recipe, self.gpu_share = recipe, gpu_share
         self.method = recipe.merge_method
         self._progress = progress or (lambda stage, done, total: None)
         self.sources, self.base = _open_sources(recipe)
@@ -137,9 +139,9 @@ class Merger:
                   for name in self.targets}
         state = sum(t.numel() * dtypes[n].itemsize * (len(self.sources) + 1) for n, t in self.targets.items())
         budget = self.recipe.memory_budget * 2**30 if self.recipe.memory_budget else available_memory()
-        # The GPU path: the state on the GPU when it fits in GPU_SHARE of its free memory (the rest is the
+        # The GPU path: the state on the GPU when it fits in gpu_share of its free memory (the rest is the
         # evaluation's), else in pinned host memory, copied to the GPU chunk by chunk for each candidate.
-        on_device = self.device.type == "cuda" and state <= GPU_SHARE * torch.cuda.mem_get_info(self.device)[0]
+        on_device = self.device.type == "cuda" and state <= self.gpu_share * torch.cuda.mem_get_info(self.device)[0]
         pinned = self.device.type == "cuda" and not on_device
         models = len(self.sources)
         names = {dtype: [n for n in self.targets if dtypes[n] == dtype] for dtype in set(dtypes.values())}

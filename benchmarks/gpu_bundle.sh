@@ -138,8 +138,11 @@ EOF
 chmod +x "$dir/run.sh"
 # what travels to the GPU machine: the tracked files and this folder, at most 64 MiB together
 bundle=$(du -sb "$dir" | cut -f1)
-tracked=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
-echo "$dir: $((bundle / 1000000)) MB; with the tracked files $(((bundle + tracked) / 1000000)) MB of the 67 MB (64 MiB) a call takes"
+# (tracked and untracked-not-ignored files, one du for them all; a tracked file deleted here is not counted)
+tracked=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 |
+          cut -f1 || true)
+tracked=${tracked:-0}
+echo "$dir: $((bundle / 1000000)) MB; with the working tree $(((bundle + tracked) / 1000000)) MB of the 67 MB (64 MiB) a call takes"
 if [ $((bundle + tracked)) -gt $((64 * 1024 * 1024)) ]; then
     echo "too large for one call: make the bundle smaller" >&2
     exit 1

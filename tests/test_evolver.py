@@ -748,27 +748,26 @@ def test_an_evolver_study_resumed_through_the_engine_is_the_uninterrupted_one(
 
 def test_a_killed_process_population_folder_is_removed_by_the_next_one(tmp_path: Path) -> None:
     """population: mmap keeps N individuals on disk in a temporary folder, removed at exit; a process killed
-    (SIGKILL, the OOM killer) left N x the model's size behind for good. The next process on the host removes the
-    folders of its processes that are gone, never a live one's or another host's."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    (SIGKILL, the OOM killer) left N x the model's size behind for good. Each process holds a lock in its folder:
+    the next one removes the folders whose lock it can take, never a live process's (locked) nor one without a
+    lock (being made, or another program's)."""
+    import fcntl
     from types import SimpleNamespace
 
     from evoopt.study.kinds.evolver import scratch_folder
 
-    host = socket.gethostname().replace("-", "_")
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    left = tmp_path / f"population-{host}-{gone}-abc123"
-    (left / "individuals").mkdir(parents=True)
-    (left / "individuals" / "0.safetensors").write_bytes(b"x" * 1000)
-    live = tmp_path / f"population-{host}-{os.getpid()}-def456"
-    elsewhere = tmp_path / f"population-otherhost-{gone}-ghi789"
-    live.mkdir()
-    elsewhere.mkdir()
-    kind = SimpleNamespace(config=SimpleNamespace(artifact_dir=tmp_path))
-    made = scratch_folder(kind, "population-")  # type: ignore[arg-type]
-    assert made.is_dir() and made.name.startswith(f"population-{host}-{os.getpid()}-")
-    assert not left.exists() and live.exists() and elsewhere.exists()
+    left, live, bare = (tmp_path / f"population-{name}" for name in ("left", "live", "bare"))
+    for folder in (left, live, bare):
+        folder.mkdir()
+        (folder / "0.safetensors").write_bytes(b"x" * 1000)
+    (left / ".lock").write_bytes(b"")  # its process is gone: nobody holds it
+    (live / ".lock").write_bytes(b"")
+    with (live / ".lock").open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        kind = SimpleNamespace(config=SimpleNamespace(artifact_dir=tmp_path))
+        made = scratch_folder(kind, "population-")  # type: ignore[arg-type]
+        assert not left.exists() and live.exists() and bare.exists()
+        assert made.is_dir() and (made / ".lock").exists()
+        other = SimpleNamespace(config=SimpleNamespace(artifact_dir=tmp_path))
+        again = scratch_folder(other, "population-")  # type: ignore[arg-type]
+        assert made.exists() and again.exists()  # (the first one's process, this one, holds its lock)

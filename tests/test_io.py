@@ -755,3 +755,18 @@ def test_the_in_memory_state_is_advised_for_huge_pages(llama_family: list[Path],
         advised.merge(seed=seed)
         for name, target in plain.targets.items():
             assert torch.equal(advised.targets[name], target), name
+
+
+def test_the_gpu_path_places_each_state_beside_the_evaluations_reserve_by_hand() -> None:
+    """A state goes on the GPU when it leaves the evaluation its reserve: the rest of GPU_SHARE (0.75) of what is
+    free when the first Merger places its state; a method search's later Mergers keep that reserve (each took 0.75
+    of what was free then, and two left the evaluation 6 % of the GPU)."""
+    from evoopt.merge.merger import GPU_SHARE, gpu_placement
+
+    assert GPU_SHARE == 0.75
+    free = 80 * 2**30
+    first, reserve = gpu_placement(12 * 2**30, free, None)
+    assert first and reserve == 20 * 2**30  # 12 GiB <= 80 - 20
+    assert gpu_placement(12 * 2**30, free - 12 * 2**30, reserve) == (True, reserve)  # 12 <= 68 - 20
+    assert gpu_placement(12 * 2**30, free - 60 * 2**30, reserve) == (False, reserve)  # 12 > 20 - 20: host memory
+    assert gpu_placement(61 * 2**30, free, None)[0] is False  # more than 0.75 of the free memory

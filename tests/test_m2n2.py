@@ -181,11 +181,12 @@ def test_resources_are_the_examples_every_member_scored() -> None:
     np.testing.assert_allclose(resources(m[:2])[0], np.exp(-np.array([[900.0, 1800.0], [2700.0, 0.0]]) / 1350))
     scores, weights = resources(m)  # the third (errors 2000, 2000) is the least fit of the three: kept out
     assert scores.min() > 0 and replaced(scores[:2], scores[2], weights=weights) is None
-    # an lm-eval metric kept as a float may be negative: a share of it is undefined (rng.choice then refused the
-    # probabilities, or the fitness hid a negative total), so it is refused with the metric named
+    # a result below 0 (no metric a study accepts gives one) or not a number: a share of it is undefined (rng.choice
+    # refused the probabilities, or the fitness hid a negative total), so it counts as 0
     n = Outcomes("accuracy", {"t": TaskOutcomes(np.array([0, 1]), np.array([0.5, -0.25]))})
-    with pytest.raises(EvooptError, match=r"M2N2's competition .* must be >= 0 .* this metric gave -0.25"):
-        resources([n, a])
+    scores, _ = resources([n, a])
+    assert scores.tolist() == [[0.5, 0.0], [1.0, 0.0]]
+    pick_parents(scores, np.random.default_rng(0))
 
 
 def test_replay_places_children_by_joining_then_competing_by_hand() -> None:

@@ -138,11 +138,8 @@ def test_a_method_search_study_starts_from_known_settings_and_merges_each_method
     run_study(config.model_copy(update={"trials": 4}), report=False, kind=kind, worker_index=7)
     built = dict(kind.mergers)  # type: ignore[attr-defined]
     assert {"ties", "tsv"} <= set(built)  # (the starts; worker 7's TPE seed may or may not draw della among 4)
-    from evoopt.merge.merger import GPU_SHARE
-
-    # on the GPU path each method's state may take a third of GPU_SHARE of the free memory (each took all of
-    # GPU_SHARE of what was free when it was built: the second left the evaluation 6 % of the GPU)
-    assert {m.gpu_share for m in built.values()} == {GPU_SHARE / 3}
+    # on the GPU path every method's Merger leaves the evaluation the first one's reserve (None on a CPU)
+    assert {m.gpu_reserve for m in built.values()} == {kind.merger.gpu_reserve}  # type: ignore[attr-defined]
     study = run_study(config, kind=kind).study
     assert all(kind.mergers[name] is merger for name, merger in built.items())  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="kind: built for study"):

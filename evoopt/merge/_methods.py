@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -259,12 +260,12 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Te
             # 1e-4 whose cosine is 1; here only a zero norm, whose cosine is then 0, is kept from dividing by 0)
             norms = (deltas[i].norm() * deltas[j].norm()).clamp(min=torch.finfo(deltas[i].dtype).tiny)
             cosines.append(((deltas[i] * deltas[j]).sum() / norms).clamp(-1.0, 1.0))
-    cos = torch.stack(cosines).mean()
+    cos = divide(sum(cosines[1:], cosines[0]), len(cosines))  # (in pair order, on any device as on the CPU)
     k = len(tensors)
     denominator = 1 + (k - 1) * cos
     t = torch.zeros_like(cos) if denominator.abs() < 1e-6 else k * cos / denominator
     dtype = cos.dtype
-    average = sum(x.to(dtype) for x in tensors) / k
+    average = divide(cast(torch.Tensor, sum(x.to(dtype) for x in tensors)), k)
     return (t * average + (1 - t) * base.to(dtype)).to(base.dtype)
 
 

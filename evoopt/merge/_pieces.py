@@ -31,8 +31,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def divide(tensor: torch.Tensor, by: float) -> torch.Tensor:
     """``tensor / by`` as the CPU computes it, on any device: CUDA divides by a host scalar as a product with its
-    reciprocal, a bit off the quotient; by a tensor on the device (filled there, no copy), it divides."""
-    return tensor / torch.full((), by, dtype=torch.promote_types(tensor.dtype, torch.float32), device=tensor.device)
+    reciprocal, a bit off the quotient; by a tensor on the device (filled there, no copy), it divides. A 16-bit
+    tensor is divided in float32 and rounded, as the CPU does with a number (a 0-dim float32 tensor would be cast
+    to the 16-bit dtype first: 0.1 as 0.10009765625 in bfloat16)."""
+    wide = torch.promote_types(tensor.dtype, torch.float32)
+    quotient = tensor.to(wide) / torch.full((), by, dtype=wide, device=tensor.device)
+    return quotient.to(tensor.dtype)
 
 
 def stream_key(seed: int, name: str, model_index: int = 0) -> int:

@@ -50,6 +50,15 @@ PINNED_SLAB = 2**30  # bytes of a pinned block of the GPU path's state in host m
 HUGE_PAGE = 2**21  # bytes of a transparent huge page on x86-64 (and of the smallest state worth advising for them)
 
 
+def gpu_placement(state: int, free: int, reserve: float | None) -> tuple[bool, float]:
+    """Whether a state of ``state`` bytes goes on a GPU with ``free`` bytes free, leaving ``reserve`` free for the
+    evaluation (None: the rest of :data:`GPU_SHARE` of ``free``); and the reserve, for the next Merger over the
+    same evaluation model (a method search: each method's state fits or not beside the ones placed before, the
+    evaluation keeping what it had when the first was placed)."""
+    reserve = (1 - GPU_SHARE) * free if reserve is None else reserve
+    return state <= free - reserve, reserve
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' is CUDA when present, else CPU."""
     if name == "auto":
@@ -67,13 +76,14 @@ class Merger:
         progress: called as ``progress(stage, done, total)`` during long steps.
         model: the model to merge into (another Merger's, over the same sources: a method search keeps
             one evaluation model for all its methods); default: loaded here.
-        gpu_share: on the GPU path, the share of the GPU's free memory the state may take (else it stays in
-            host memory); a method search's Mergers share :data:`GPU_SHARE` among them.
+        gpu_reserve: on the GPU path, the bytes of GPU memory the state must leave free for the evaluation
+            (else it stays in host memory); default: the rest of :data:`GPU_SHARE` of what is free when the state
+            is placed (:func:`gpu_placement`). A method search passes its first Merger's to the others.
     """
 
     def __init__(self, recipe: Recipe, *, progress: Progress | None = None,
-                 model: PreTrainedModel | None = None, gpu_share: float = GPU_SHARE) -> None:
-        self.recipe, self.gpu_share = recipe, gpu_share
+                 model: PreTrainedModel | None = None, gpu_reserve: float | None = None) -> None:
+        self.recipe, self.gpu_reserve = recipe, gpu_reserve
         self.method = recipe.merge_method
         self._progress = progress or (lambda stage, done, total: None)
         self.sources, self.base = _open_sources(recipe)
@@ -139,9 +149,12 @@ class Merger:
                   for name in self.targets}
         state = sum(t.numel() * dtypes[n].itemsize * (len(self.sources) + 1) for n, t in self.targets.items())
         budget = self.recipe.memory_budget * 2**30 if self.recipe.memory_budget else available_memory()
-        # The GPU path: the state on the GPU when it fits in gpu_share of its free memory (the rest is the
-        # evaluation's), else in pinned host memory, copied to the GPU chunk by chunk for each candidate.
-        on_device = self.device.type == "cuda" and state <= self.gpu_share * torch.cuda.mem_get_info(self.device)[0]
+        # The GPU path: the state on the GPU when it leaves the evaluation its reserve, else in pinned host
+        # memory, copied to the GPU chunk by chunk for each candidate.
+        on_device = False
+        if self.device.type == "cuda":
+            on_device, self.gpu_reserve = gpu_placement(state, torch.cuda.mem_get_info(self.device)[0],
+                                                        self.gpu_reserve)
         pinned = self.device.type == "cuda" and not on_device
         models = len(self.sources)
         names = {dtype: [n for n in self.targets if dtypes[n] == dtype] for dtype in set(dtypes.values())}
@@ -434,7 +447,8 @@ def _open_sources(recipe: Recipe) -> tuple[list[TensorSource], TensorSource | No
     every = references + ([("base", recipe.base)] if recipe.base else [])
     unopened = [(where, problem) for where, reference in every
                 if (problem := reference_problem(reference, recipe.root)) is not None]
-    if recipe.calibration is not None and not (texts := resolve_path(recipe.calibration.texts, recipe.root)).is_file():
+    if recipe.merge_method.statistic and recipe.calibration is not None and \
+            not (texts := resolve_path(recipe.calibration.texts, recipe.root)).is_file():
         unopened.append(("calibration.texts", f"{texts} " + ("is a folder; give a text file, one text a line"
                                                              if texts.is_dir() else "does not exist")))  # (read after
         # the models were opened and the target loaded: an expert trained first)

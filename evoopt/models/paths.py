@@ -19,6 +19,7 @@ slot of the layout repeated r times, and a scaling matrix.
 from __future__ import annotations
 
 import copy
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,8 +125,10 @@ def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
     sizes = {i: c.hidden_size for i, c in enumerate(configs)}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"pool: hidden sizes differ ({sizes}); a path can only join models of one width")
-    for key in LAYER_SETTINGS:  # (the path model, and its export, are built from pool[0]'s config)
-        if len({repr(getattr(c, key, None)) for c in configs}) > 1:
+    for key in LAYER_SETTINGS:  # (the path model, and its export, are built from pool[0]'s config; a setting left
+        # unset, None, is its model's default: compared only where set)
+        if len({json.dumps(v, sort_keys=True, default=str) for c in configs
+                if (v := getattr(c, key, None)) is not None}) > 1:
             found = ", ".join(f"pool[{i}]: {getattr(c, key, None)!r}" for i, c in enumerate(configs))
             raise ValueError(f"pool: the models' {key} differ ({found}); a path runs every layer with the first "
                              "model's settings: give models of one architecture")

@@ -150,6 +150,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         self._separable = separable
         self._with_margin = with_margin
         self._warm_start = (warm_start_study, warm_start_storage, warm_start_gamma)
+        self._warm_opened: optuna.storages.BaseStorage | None = None  # (check_warm_start's)
         self._consider_pruned = consider_pruned_trials
         self._seed: int = int(np.random.SeedSequence().entropy) if seed is None else seed  # type: ignore[arg-type]
         self._independent = independent_sampler  # (None: a seeded draw per trial and parameter)
@@ -338,6 +339,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         study_name, _, gamma = self._warm_start
         if study_name is None:
             return
+        self._warm_opened = storage  # (read again at the first trial, as opened here: journal files, drivers)
         source = self._warm_source(study_name, storage)
         finished = len(source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         if math.floor(finished * gamma) < 1:
@@ -358,7 +360,7 @@ class EvoCmaSampler(optuna.samplers.BaseSampler):
         sigma, cov = self._sigma0, None
         study_name, storage, gamma = self._warm_start
         if study_name is not None:
-            source = self._warm_source(study_name, storage or study._storage)
+            source = self._warm_source(study_name, self._warm_opened or storage or study._storage)
             sign = -1.0 if source.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
             found = [(x, sign * t.value) for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                      if t.value is not None and (x := _encode_trial(t, names, dists)) is not None]

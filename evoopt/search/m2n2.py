@@ -42,6 +42,7 @@ and the task's examples) for mse (scale-free: the task's units may be any).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from evoopt.data.outcomes import Outcomes, trial_outcomes
 from evoopt.errors import ConfigError, EvaluationError
 from evoopt.search.evolver import SlotSampler, is_finished, rejected, slot_trials
 
+logger = logging.getLogger(__name__)
 SLERP_FLOOR = 1e-6  # below this sin(Omega) the parents are (anti)parallel: interpolate linearly
 
 
@@ -200,10 +202,12 @@ def resources(outcomes: Sequence[Outcomes],
             for r in rows:
                 r[-1] = np.exp(-r[-1] / scale)
     scores = np.vstack([np.concatenate(r) if r else np.zeros(0) for r in rows]) if rows else np.zeros((0, 0))
-    if scores.size and not scores.min() >= 0:  # (a share of a negative result: fitness, and the draws, undefined)
-        raise ConfigError(f"objective: M2N2's competition shares each example among the members by their results, "
-                          f"which must be >= 0 (correctness, a likelihood, a score in [0, 1]); this metric gave "
-                          f"{scores.min():g}: use another metric, or another space.kind")
+    if scores.size and not scores.min() >= 0:  # (a share of a negative result: the fitness, and the draws from it,
+        # undefined. Every metric a study accepts is >= 0; said once, and taken as 0, not raised: this runs as a
+        # trial is asked for, and when a stored study is reported)
+        logger.warning("M2N2: per-example results below 0 or not numbers (lowest %s) count as 0 in the competition",
+                       scores.min())
+        scores = np.nan_to_num(np.maximum(scores, 0.0), nan=0.0)
     return scores, np.concatenate(weights) if weights else np.zeros(0)
 
 

@@ -738,7 +738,7 @@ def fixed_range_problems(where: str, fixed: dict[str, Any]) -> list[str]:
 
     problems = [f"{where}.fixed.{key}: one value per layer group needs a '*' entry, the value of every tensor no "
                 f"other pattern names (patterns given: {', '.join(map(repr, value))})"
-                for key, value in fixed.items() if isinstance(value, dict) and "*" not in value]
+                for key, value in fixed.items() if isinstance(value, dict) and not any(map(_matches_all, value))]
     for path, value in _numbers(fixed):
         key = path.partition(".")[0]
         if not math.isfinite(value):
@@ -746,6 +746,11 @@ def fixed_range_problems(where: str, fixed: dict[str, Any]) -> list[str]:
         elif (problem := range_problem(f"{where}.fixed.{path}", key, value)) is not None:
             problems.append(problem)
     return problems
+
+
+def _matches_all(pattern: str) -> bool:
+    """Whether a tensor-group pattern matches every name (``*``, ``?*``, ``**``: wildcards alone)."""
+    return bool(pattern) and set(pattern) <= {"*", "?"} and "*" in pattern
 
 
 def log_problems(where: str, search: dict[str, tuple[float, float]], log: list[str]) -> list[str]:

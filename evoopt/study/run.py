@@ -129,9 +129,10 @@ def check_sources(config: StudyConfig) -> None:
 
 
 def _positions_problem(config: StudyConfig) -> str | None:
-    """An ``objective.max_length`` beyond a source's positions (``max_position_embeddings``, GPT-2's
-    ``n_positions``), read from its config.json (an ``expert:`` model's: its setting's base): evoopt's scorer pads
-    and cuts texts to max_length, and a model of learned positions then failed with an IndexError while scoring."""
+    """An ``objective.max_length`` beyond a source's learned positions (``max_position_embeddings``, GPT-2's
+    ``n_positions``; RoBERTa's less the padding offset), read from its config.json (an ``expert:`` model's: its
+    setting's base): evoopt's scorer pads and cuts texts to max_length, and such a model then failed with an
+    IndexError while scoring. Rotary positions have no such table: not checked."""
     from evoopt.data.settings import SETTINGS, expert_setting
     from evoopt.models.io import resolve_path
 
@@ -150,7 +151,11 @@ def _positions_problem(config: StudyConfig) -> str | None:
             settings = json.loads(((path if path.is_dir() else path.parent) / "config.json").read_text())
         except (OSError, ValueError, EvooptError):
             continue  # (a missing model, or no config: named elsewhere)
+        if any(key in settings for key in ("rope_theta", "rope_parameters", "rope_scaling")):
+            continue  # (rotary positions: no table to run past)
         positions = settings.get("max_position_embeddings") or settings.get("n_positions")
+        if isinstance(positions, int) and "roberta" in str(settings.get("model_type", "")):
+            positions -= int(settings.get("pad_token_id") or 1) + 1  # (RoBERTa's positions start past its padding)
         if isinstance(positions, int) and config.objective.max_length > positions:
             return (f"objective.max_length: {config.objective.max_length} tokens, but {reference} has {positions} "
                     f"positions (max_position_embeddings): set objective.max_length to at most {positions}")
@@ -243,7 +248,11 @@ def _open_study(config: StudyConfig, *, worker: int = 0, create: bool = True,
     storage = open_storage(config, kind)
     if create and isinstance(sampler, EvoCmaSampler):  # (else found at the first trial, after the baselines)
         other = sampler.warm_start_storage
-        sampler.check_warm_start(storage if other is None else storage_from_url(other, create=False))
+        try:
+            warm = storage if other is None else storage_from_url(other, create=False)
+        except ConfigError as error:  # ("storage: ..." names this study's key: the warm start's instead)
+            raise ConfigError(f"sampler.options.warm_start_storage: {str(error).removeprefix('storage: ')}") from None
+        sampler.check_warm_start(warm)
     patience = time.monotonic() + 10.0
     while True:
         try:

@@ -696,7 +696,7 @@ def test_divisions_on_a_device_are_by_a_tensor_there() -> None:
         M.della(base, experts, weights=[1.0] * 3, densities=[0.5] * 3, epsilons=[0.1] * 3)
         M.tsv_merge(base[0], [e[0] for e in experts], weights=[1.0] * 3)
     assert mode.found == []
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        t = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
-        for by in (3.0, 7, 0.1):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        t = (100 * torch.randn(1000, generator=torch.Generator().manual_seed(0))).to(dtype)
+        for by in (3.0, 7, 0.1, 65535):
             assert divide(t, by).dtype == dtype and torch.equal(divide(t, by), t / by)

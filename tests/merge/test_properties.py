@@ -221,6 +221,14 @@ def test_the_gpu_paths_grid_sorted_by_torch_is_the_same_grid(n: int) -> None:
         assert np.array_equal(torch_sorted.grid_values, numpy_sorted.grid_values)
         assert np.array_equal(torch_sorted.grid_indices, numpy_sorted.grid_indices)
         assert torch_sorted.grid_indices.dtype == numpy_sorted.grid_indices.dtype
+    # out of memory on the device (a large embedding on a small GPU): the CPU's sort, the same grid
+    with pytest.MonkeyPatch.context() as patch:
+        def short_of_memory(*args: object, **kwargs: object) -> None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated on CPU tensors)")
+
+        patch.setattr(torch.Tensor, "sort", short_of_memory)
+        fallen_back = PreparedTensor.build("w", base, xs, magnitudes=True, sort_on=torch.device("cpu"))
+    assert np.array_equal(fallen_back.grid_indices, numpy_sorted.grid_indices)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("n", [4096, 40_000])

@@ -292,35 +292,30 @@ def answer_lines(study: optuna.Study, name: str) -> list[str]:
 
 def scratch_folder(kind: Kind, prefix: str) -> Path:
     """A temporary folder in the study's artifacts folder, removed with the kind (memory-mapped individuals). Its
-    name says the host and process that made it: one a killed process left (N x the model's size on disk) is
-    removed by the next process on that host to make one (never another host's, on a shared folder)."""
-    import os
+    process holds a lock on a file in it while it runs: one a killed process left (N x the model's size on disk)
+    is removed by the next process to make one, which takes its lock; never one whose process runs, on this host
+    or another sharing the folder (a lock, not a process number: containers repeat those)."""
+    import fcntl
     import shutil
-    import socket
     import tempfile
 
     kind.config.artifact_dir.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname().replace("-", "_")
-    for left in kind.config.artifact_dir.glob(f"{prefix}{host}-*-*"):
-        pid = left.name.removeprefix(f"{prefix}{host}-").partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(left, ignore_errors=True)
-    scratch = tempfile.TemporaryDirectory(prefix=f"{prefix}{host}-{os.getpid()}-", dir=kind.config.artifact_dir)
-    kind._scratch = scratch  # type: ignore[attr-defined]  # (kept alive as long as the kind)
+    for left in kind.config.artifact_dir.glob(f"{prefix}*"):
+        try:
+            with (left / _LOCK).open("rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held by a live process: OSError)
+                shutil.rmtree(left, ignore_errors=True)
+        except OSError:
+            continue
+    scratch = tempfile.TemporaryDirectory(prefix=prefix, dir=kind.config.artifact_dir)
+    lock = (Path(scratch.name) / f"{_LOCK}.new").open("wb")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (Path(scratch.name) / f"{_LOCK}.new").rename(Path(scratch.name) / _LOCK)  # (found by others only once held)
+    kind._scratch = (scratch, lock)  # type: ignore[attr-defined]  # (kept alive as long as the kind)
     return Path(scratch.name)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (one of another user's counts as running)."""
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_LOCK = ".lock"  # a scratch folder's lock file, held by its process
 
 
 def _paired(sampler: optuna.samplers.BaseSampler) -> EvolverSampler | None:

@@ -26,7 +26,7 @@ import torch
 from optuna.trial import TrialState
 
 from evoopt.merge import get_method
-from evoopt.merge.merger import GPU_SHARE, Merger
+from evoopt.merge.merger import Merger
 from evoopt.merge.recipe import Recipe, RecipeError
 from evoopt.models.io import open_source, resolve_path
 from evoopt.search.evolver import rejected
@@ -190,24 +190,19 @@ class MethodsKind(ParameterKind):
     def build(self, study: optuna.Study | None, device: torch.device,
               progress: Progress | None = None) -> torch.nn.Module:
         self._progress = progress
-        self.merger = Merger(self.space.default(), progress=progress, gpu_share=self.gpu_share)
+        self.merger = Merger(self.space.default(), progress=progress)
         self.mergers = {self.merger.recipe.method: self.merger}
         self.model, self.tokenizer_folder, self.device = self.merger.model, self.merger.structure.folder, device
         return self.model
-
-    @property
-    def gpu_share(self) -> float:
-        """Each method's Merger's share of the GPU's free memory (on the GPU path): :data:`GPU_SHARE` divided among
-        the methods, built one after another after the evaluation's batches were sized (each took GPU_SHARE of
-        what was free then: the second left the evaluation 6 % of the GPU)."""
-        return GPU_SHARE / len(cast(MethodSpace, self.space).spaces)
 
     def merged(self, recipe: Recipe) -> torch.nn.Module:
         """The recipe written into the shared evaluation model by its method's Merger (built on first use)."""
         merger = self.mergers.get(recipe.method)
         if merger is None:
+            # (on the GPU path, beside the evaluation's reserve set by the first: each Merger put its state in
+            # GPU_SHARE of what was free when built, after the evaluation's batches were sized: two left it 6 %)
             merger = self.mergers[recipe.method] = Merger(recipe, progress=self._progress, model=self.merger.model,
-                                                          gpu_share=self.gpu_share)
+                                                          gpu_reserve=self.merger.gpu_reserve)
         return merger.merge(recipe)
 
     def start(self, study: optuna.Study) -> None:

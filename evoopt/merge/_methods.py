@@ -260,7 +260,8 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Te
             # 1e-4 whose cosine is 1; here only a zero norm, whose cosine is then 0, is kept from dividing by 0)
             norms = (deltas[i].norm() * deltas[j].norm()).clamp(min=torch.finfo(deltas[i].dtype).tiny)
             cosines.append(((deltas[i] * deltas[j]).sum() / norms).clamp(-1.0, 1.0))
-    cos = divide(sum(cosines[1:], cosines[0]), len(cosines))  # (in pair order, on any device as on the CPU)
+    # (their mean on the CPU, on any device: a few numbers, and CUDA's mean multiplied by 1 / n)
+    cos = torch.stack(cosines).cpu().mean().to(cosines[0].device)
     k = len(tensors)
     denominator = 1 + (k - 1) * cos
     t = torch.zeros_like(cos) if denominator.abs() < 1e-6 else k * cos / denominator

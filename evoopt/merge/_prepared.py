@@ -237,17 +237,18 @@ def _ranked(rows: Sequence[Writer], n: int, scratch: np.ndarray | None,
         for start in range(0, n, CHUNK):
             write(start, min(n, start + CHUNK), work[start : start + CHUNK])
         if sort_on is not None:
+            device, ordered, order = sort_on, None, None
             try:
-                ordered, order = torch.from_numpy(work).to(sort_on).sort(stable=True)
-                at = torch.from_numpy(ranks).to(sort_on)
+                ordered, order = torch.from_numpy(work).to(device).sort(stable=True)
+                at = torch.from_numpy(ranks).to(device)
                 values[m], indices[m] = ordered[at].cpu().numpy(), order[at].cpu().numpy().astype(np.uint64)
-                del ordered, order
                 continue
             except torch.cuda.OutOfMemoryError:  # (about 20 bytes an entry beside the evaluation model: a large
                 sort_on = None  # embedding on a small GPU) the CPU's sort, for this row and the rest
             finally:
-                if sort_on is not None and sort_on.type == "cuda":
-                    torch.cuda.empty_cache()  # (not left cached: the state's placement reads the free memory)
+                ordered = order = None  # (freed, then not left cached: the state's placement reads the free memory)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         work.sort()
         picked = work[ranks]
         values[m] = picked

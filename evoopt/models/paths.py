@@ -111,6 +111,14 @@ LAYER_SETTINGS = ("model_type", "intermediate_size", "num_attention_heads", "num
                   "rope_parameters", "attention_bias", "mlp_bias", "scale_attn_by_inverse_layer_idx")
 
 
+def _layer_setting(config: Any, key: str) -> Any:
+    """A config's layer setting as the layers use it: ``head_dim`` unset (None) is hidden_size / heads."""
+    value = getattr(config, key, None)
+    if key == "head_dim" and value is None and getattr(config, "num_attention_heads", None):
+        return config.hidden_size // config.num_attention_heads
+    return value
+
+
 def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
     """A model of ``pool[0]``'s class running ``path``; it shares every weight with the pool.
 
@@ -125,11 +133,9 @@ def path_model(pool: Sequence[torch.nn.Module], path: LayerPath) -> Any:
     sizes = {i: c.hidden_size for i, c in enumerate(configs)}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"pool: hidden sizes differ ({sizes}); a path can only join models of one width")
-    for key in LAYER_SETTINGS:  # (the path model, and its export, are built from pool[0]'s config; a setting left
-        # unset, None, is its model's default: compared only where set)
-        if len({json.dumps(v, sort_keys=True, default=str) for c in configs
-                if (v := getattr(c, key, None)) is not None}) > 1:
-            found = ", ".join(f"pool[{i}]: {getattr(c, key, None)!r}" for i, c in enumerate(configs))
+    for key in LAYER_SETTINGS:  # (the path model, and its export, are built from pool[0]'s config)
+        if len({json.dumps(_layer_setting(c, key), sort_keys=True, default=str) for c in configs}) > 1:
+            found = ", ".join(f"pool[{i}]: {_layer_setting(c, key)!r}" for i, c in enumerate(configs))
             raise ValueError(f"pool: the models' {key} differ ({found}); a path runs every layer with the first "
                              "model's settings: give models of one architecture")
     if getattr(first.config, "scale_attn_by_inverse_layer_idx", False):

@@ -60,6 +60,7 @@ from evoopt.errors import ConfigError, EvaluationError
 from evoopt.search.evolver import SlotSampler, is_finished, rejected, slot_trials
 
 logger = logging.getLogger(__name__)
+_WARNED: list[bool] = []  # (the warning of a result below 0: once a process)
 SLERP_FLOOR = 1e-6  # below this sin(Omega) the parents are (anti)parallel: interpolate linearly
 
 
@@ -205,8 +206,10 @@ def resources(outcomes: Sequence[Outcomes],
     if scores.size and not scores.min() >= 0:  # (a share of a negative result: the fitness, and the draws from it,
         # undefined. Every metric a study accepts is >= 0; said once, and taken as 0, not raised: this runs as a
         # trial is asked for, and when a stored study is reported)
-        logger.warning("M2N2: per-example results below 0 or not numbers (lowest %s) count as 0 in the competition",
-                       scores.min())
+        if not _WARNED:
+            logger.warning("M2N2: per-example results below 0 or not numbers (lowest %s) count as 0 in the "
+                           "competition", scores.min())
+            _WARNED.append(True)
         scores = np.nan_to_num(np.maximum(scores, 0.0), nan=0.0)
     return scores, np.concatenate(weights) if weights else np.zeros(0)
 

@@ -738,7 +738,8 @@ def fixed_range_problems(where: str, fixed: dict[str, Any]) -> list[str]:
 
     problems = [f"{where}.fixed.{key}: one value per layer group needs a '*' entry, the value of every tensor no "
                 f"other pattern names (patterns given: {', '.join(map(repr, value))})"
-                for key, value in fixed.items() if isinstance(value, dict) and not any(map(_matches_all, value))]
+                for key, value in fixed.items()
+                if isinstance(value, dict) and not any(_matches_all(str(pattern)) for pattern in value)]
     for path, value in _numbers(fixed):
         key = path.partition(".")[0]
         if not math.isfinite(value):

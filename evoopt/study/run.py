@@ -154,8 +154,11 @@ def _positions_problem(config: StudyConfig) -> str | None:
         if any(key in settings for key in ("rope_theta", "rope_parameters", "rope_scaling")):
             continue  # (rotary positions: no table to run past)
         positions = settings.get("max_position_embeddings") or settings.get("n_positions")
-        if isinstance(positions, int) and "roberta" in str(settings.get("model_type", "")):
-            positions -= int(settings.get("pad_token_id") or 1) + 1  # (RoBERTa's positions start past its padding)
+        model_type = str(settings.get("model_type", ""))
+        offset = "roberta" in model_type or model_type in ("camembert", "longformer", "mpnet")
+        if isinstance(positions, int) and offset:
+            pad = settings.get("pad_token_id")  # (RoBERTa's positions start past its padding token's)
+            positions -= (1 if pad is None else int(pad)) + 1
         if isinstance(positions, int) and config.objective.max_length > positions:
             return (f"objective.max_length: {config.objective.max_length} tokens, but {reference} has {positions} "
                     f"positions (max_position_embeddings): set objective.max_length to at most {positions}")

@@ -296,21 +296,30 @@ def scratch_folder(kind: Kind, prefix: str) -> Path:
     is removed by the next process to make one, which takes its lock; never one whose process runs, on this host
     or another sharing the folder (a lock, not a process number: containers repeat those)."""
     import fcntl
+    import os
     import shutil
     import tempfile
 
     kind.config.artifact_dir.mkdir(parents=True, exist_ok=True)
     for left in kind.config.artifact_dir.glob(f"{prefix}*"):
-        try:
-            with (left / _LOCK).open("rb") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held by a live process: OSError)
-                shutil.rmtree(left, ignore_errors=True)
+        try:  # (open for writing, never made: NFS locks files open for writing; a folder without one is kept)
+            handle = os.open(left / _LOCK, os.O_WRONLY)
         except OSError:
             continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held by a live process: OSError)
+            shutil.rmtree(left, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(handle)
     scratch = tempfile.TemporaryDirectory(prefix=prefix, dir=kind.config.artifact_dir)
     lock = (Path(scratch.name) / f"{_LOCK}.new").open("wb")
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    (Path(scratch.name) / f"{_LOCK}.new").rename(Path(scratch.name) / _LOCK)  # (found by others only once held)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (Path(scratch.name) / f"{_LOCK}.new").rename(Path(scratch.name) / _LOCK)  # (found by others once held)
+    except OSError:  # (a file system without locks, some FUSE or Lustre mounts: the folder is still removed at
+        pass  # exit, only not by another process after a kill)
     kind._scratch = (scratch, lock)  # type: ignore[attr-defined]  # (kept alive as long as the kind)
     return Path(scratch.name)
 

@@ -201,8 +201,10 @@ class MethodsKind(ParameterKind):
         if merger is None:
             # (on the GPU path, beside the evaluation's reserve set by the first: each Merger put its state in
             # GPU_SHARE of what was free when built, after the evaluation's batches were sized: two left it 6 %)
+            reserve = next((m.gpu_reserve for m in self.mergers.values() if m.gpu_reserve is not None), None)
             merger = self.mergers[recipe.method] = Merger(recipe, progress=self._progress, model=self.merger.model,
-                                                          gpu_reserve=self.merger.gpu_reserve)
+                                                          gpu_reserve=reserve)  # (the first method may have none:
+            # no state, e.g. SLERP, Fisher)
         return merger.merge(recipe)
 
     def start(self, study: optuna.Study) -> None:

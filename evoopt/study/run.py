@@ -111,18 +111,16 @@ def check_sources(config: StudyConfig) -> None:
     """The paths of a study's own sources, checked before anything is built, stored or scored, and named by their
     keys in the study config (they were found when the baselines' first recipe opened them, as ``models[0].model``
     of a recipe the user never wrote). ``expert:`` references are the config's own check."""
-    if (problem := _positions_problem(config)) is not None:
-        check_stored(config)
-        raise problems(ConfigError, config.source, [problem])
-    if config.sources is None:
-        return
-    found = [f"{key}: {problem}" for key, reference in config.sources.references()
+    references = config.sources.references() if config.sources is not None else []
+    found = [f"{key}: {problem}" for key, reference in references
              if not reference.startswith("expert:")
              and (problem := reference_problem(reference, config.root, where="the study config")) is not None]
     if not found:  # (the kind of model each one is, read from its config.json: a mismatch failed after the baselines)
-        found = [f"{key}: {problem}" for key, reference in config.sources.references()
+        found = [f"{key}: {problem}" for key, reference in references
                  if not reference.startswith("expert:")
                  and (problem := _model_problem(config, reference, base=key == "sources.base")) is not None]
+        if (problem := _positions_problem(config)) is not None:
+            found.append(problem)
     if found:
         check_stored(config)  # (a stored study that will be refused anyway, by its config or data rules, says so)
         raise problems(ConfigError, config.source, found)
